@@ -1,0 +1,95 @@
+"""The dashboard's only door to the database: a cached engine and short-lived query results as DataFrames.
+
+Reads go through SQLAlchemy here; writes (enqueueing) go through `jobs.queue`, never straight to the tables.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+from sqlalchemy import select
+
+from db.migrate import check_schema
+from db.models import Evaluation, LayerMetric, Run
+from db.session import DatabaseError, database_url, session_scope
+from jobs import queue, specs
+
+RUN_COLUMNS = ["run_id", "job_id", "model", "method", "allocation", "target_flop_reduction",
+               "measured_flop_reduction", "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity",
+               "eval_tokens", "seq_len", "calib_tokens", "seconds", "created_at"]
+
+
+def url() -> str:
+    return database_url()
+
+
+def schema_problem() -> str | None:
+    """None when the database is ready, else the message to show."""
+    try:
+        check_schema(url())
+    except DatabaseError as exc:
+        return str(exc)
+    return None
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def runs(db_url: str) -> pd.DataFrame:
+    """One row per run with its held-out evaluation (the first one if several)."""
+    with session_scope(db_url) as session:
+        rows = session.execute(
+            select(Run, Evaluation).join(Evaluation, Evaluation.run_id == Run.id)
+            .where(Evaluation.split == "heldout").order_by(Run.id, Evaluation.id)
+        ).all()
+        records, seen = [], set()
+        for run, ev in rows:
+            if run.id in seen:
+                continue
+            seen.add(run.id)
+            records.append({
+                "run_id": run.id, "job_id": run.job_id, "model": run.model, "method": run.method,
+                "allocation": run.allocation, "target_flop_reduction": run.target_flop_reduction,
+                "measured_flop_reduction": ev.measured_flop_reduction,
+                "measured_flop_reduction_whole_model": ev.measured_flop_reduction_whole_model,
+                "perplexity": ev.perplexity, "dense_perplexity": ev.dense_perplexity, "eval_tokens": ev.tokens,
+                "seq_len": ev.seq_len, "calib_tokens": run.calib_tokens, "seconds": run.seconds,
+                "created_at": run.created_at,
+            })
+    return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def layer_metrics(db_url: str, run_id: int) -> pd.DataFrame:
+    with session_scope(db_url) as session:
+        rows = session.execute(select(LayerMetric).where(LayerMetric.run_id == run_id)).scalars().all()
+        return pd.DataFrame([{c: getattr(r, c) for c in ("layer", "module", "rank", "max_rank", "density",
+                                                          "recon_error", "flops_per_token")} for r in rows])
+
+
+@st.cache_data(ttl=1, show_spinner=False)
+def jobs(db_url: str, limit: int = 200) -> pd.DataFrame:
+    records = []
+    for job in queue.list_jobs(limit=limit, url=db_url):
+        p = job.payload
+        records.append({
+            "job": job.id, "status": job.status, "progress": job.progress, "message": job.message,
+            "model": p.get("model"), "method": p.get("method"), "budget": p.get("flop_reduction"),
+            "worker": job.worker, "run": job.run_id, "created": job.created_at, "error": job.error,
+        })
+    columns = ["job", "status", "progress", "message", "model", "method", "budget", "worker", "run", "created",
+               "error"]
+    return pd.DataFrame.from_records(records, columns=columns)
+
+
+def submit_compress(payload: dict) -> int:
+    """Enqueue; raises RanaError (shown to the user as one message) when the payload is invalid."""
+    job_id = queue.submit("compress", payload, url=url())
+    jobs.clear()
+    return job_id
+
+
+model_names = specs.model_names
+method_names = specs.method_names
+method_summaries = specs.method_summaries
+allocations = specs.allocations
+default_options = specs.default_compress_options
+MAX_FLOP_REDUCTION = specs.MAX_FLOP_REDUCTION

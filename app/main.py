@@ -1,0 +1,12 @@
+"""RaNA Studio's dashboard: navigation and the frame every page shares. Run with `rana app`."""
+
+import streamlit as st
+
+st.set_page_config(page_title="RaNA Studio", layout="wide")
+
+pages = [
+    st.Page("app_pages/new_run.py", title="New run", icon=":material/add_circle:", default=True),
+    st.Page("app_pages/job_list.py", title="Jobs", icon=":material/list:"),
+    st.Page("app_pages/pareto.py", title="Pareto", icon=":material/scatter_plot:"),
+]
+st.navigation(pages).run()

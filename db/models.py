@@ -1,0 +1,97 @@
+"""The schema: jobs (the queue and its single source of truth), runs, their evaluations and per-layer metrics.
+
+A run is what one compression job produced (one model, method, budget and configuration); an evaluation is one
+measurement of a run on one split and token count; layer metrics belong to the run's first evaluation.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))  # "compress"
+    status: Mapped[str] = mapped_column(String(16), default="queued")
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # higher runs first
+    payload: Mapped[dict] = mapped_column(JSON)
+    progress: Mapped[float] = mapped_column(Float, default=0.0)  # 0..1
+    message: Mapped[str] = mapped_column(Text, default="")
+    error: Mapped[str | None] = mapped_column(Text)
+    worker: Mapped[str | None] = mapped_column(String(200))  # "host:pid" of the claimant
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+    started_at: Mapped[datetime | None] = mapped_column(DateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime)
+
+    run: Mapped["Run | None"] = relationship(back_populates="job", uselist=False)
+
+    __table_args__ = (Index("ix_jobs_claim", "status", "priority", "id"),)
+
+
+class Run(Base):
+    __tablename__ = "runs"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), unique=True)  # one result per job
+    model: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(32))
+    allocation: Mapped[str] = mapped_column(String(32))
+    target_flop_reduction: Mapped[float] = mapped_column(Float)
+    calib_tokens: Mapped[int] = mapped_column(Integer)
+    seconds: Mapped[float] = mapped_column(Float)
+    config: Mapped[dict] = mapped_column(JSON)
+    environment: Mapped[dict] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+    job: Mapped[Job | None] = relationship(back_populates="run")
+    evaluations: Mapped[list["Evaluation"]] = relationship(back_populates="run", cascade="all, delete-orphan")
+    layers: Mapped[list["LayerMetric"]] = relationship(back_populates="run", cascade="all, delete-orphan")
+
+
+class Evaluation(Base):
+    __tablename__ = "evaluations"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    split: Mapped[str] = mapped_column(String(32))
+    tokens: Mapped[int] = mapped_column(Integer)
+    seq_len: Mapped[int] = mapped_column(Integer)
+    perplexity: Mapped[float] = mapped_column(Float)
+    dense_perplexity: Mapped[float] = mapped_column(Float)
+    measured_flop_reduction: Mapped[float] = mapped_column(Float)
+    measured_flop_reduction_whole_model: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+    run: Mapped[Run] = relationship(back_populates="evaluations")
+
+
+class LayerMetric(Base):
+    __tablename__ = "layer_metrics"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    layer: Mapped[int] = mapped_column(Integer)
+    module: Mapped[str] = mapped_column(String(16))  # qkv | gate | up | down
+    rank: Mapped[int] = mapped_column(Integer)
+    max_rank: Mapped[int] = mapped_column(Integer)
+    density: Mapped[float] = mapped_column(Float)
+    recon_error: Mapped[float | None] = mapped_column(Float)
+    flops_per_token: Mapped[float] = mapped_column(Float)
+    dense_flops_per_token: Mapped[float] = mapped_column(Float)
+
+    run: Mapped[Run] = relationship(back_populates="layers")
+
+    __table_args__ = (UniqueConstraint("run_id", "layer", "module"),)

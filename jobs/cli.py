@@ -1,0 +1,277 @@
+"""``rana``: one command line over the core, the queue and the dashboard.
+
+    rana compress --model smollm2-135m --method svd --flop-reduction 0.3 --json out.json   # in-process, no DB
+    rana submit   --model tiny --method svd --flop-reduction 0.3 --json                    # enqueue
+    rana worker   [--exit-when-idle]
+    rana jobs     [--json]
+    rana app      [--port 8501]
+    rana up       [--port 8501]        # upgrade the DB, start one worker and the app; Ctrl-C stops both
+    rana db upgrade | current
+
+Every command honours RANA_DB_URL, RANA_DATA_DIR and RANA_DEVICE. Bad input is one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from rana_core.errors import RanaError
+
+USAGE_ERROR = 2
+
+
+def _add_compress_options(parser: argparse.ArgumentParser) -> None:
+    from rana_core.config import CompressConfig
+
+    defaults = CompressConfig()
+    parser.add_argument("--model", default=defaults.model, help="bundled name, local folder or hub id")
+    parser.add_argument("--method", default=defaults.method, help="compression method (see `rana methods`)")
+    parser.add_argument("--flop-reduction", type=float, default=defaults.flop_reduction,
+                        help="target share of QKV+MLP FLOPs removed, in [0, 0.95)")
+    parser.add_argument("--allocation", default=defaults.allocation, help="how the budget is spread over layers")
+    parser.add_argument("--calib-tokens", type=int, default=defaults.calib_tokens)
+    parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"])
+
+
+def _config_payload(args) -> dict:
+    return {
+        "model": args.model, "method": args.method, "flop_reduction": args.flop_reduction,
+        "allocation": args.allocation, "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
+        "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
+        "device": os.environ.get("RANA_DEVICE", "cpu"),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rana", description="RaNA Studio: compression trade-offs of Transformers")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug details")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    compress = commands.add_parser("compress", help="compress and evaluate in this process (no database)")
+    _add_compress_options(compress)
+    compress.add_argument("--json", metavar="PATH", help="write the result as JSON ('-' for stdout)")
+
+    submit = commands.add_parser("submit", help="enqueue a compression job")
+    _add_compress_options(submit)
+    submit.add_argument("--priority", type=int, default=0, help="higher runs first")
+    submit.add_argument("--json", action="store_true", help='print {"job_id": N}')
+
+    worker = commands.add_parser("worker", help="process queued jobs")
+    worker.add_argument("--exit-when-idle", action="store_true", help="stop when the queue is empty")
+    worker.add_argument("--max-jobs", type=int, help="stop after this many jobs")
+    worker.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
+
+    jobs = commands.add_parser("jobs", help="list jobs")
+    jobs.add_argument("--json", action="store_true")
+    jobs.add_argument("--status", choices=["queued", "running", "done", "failed", "cancelled"])
+    jobs.add_argument("--limit", type=int, default=50)
+
+    commands.add_parser("methods", help="list the compression methods")
+
+    for name, text in (("app", "start the dashboard"), ("up", "upgrade the DB, start a worker and the dashboard")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--port", type=int, default=8501)
+        sub.add_argument("--address", default="127.0.0.1")
+
+    db = commands.add_parser("db", help="database schema")
+    db.add_argument("action", choices=["upgrade", "current"])
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    from db.session import DatabaseError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (RanaError, DatabaseError) as exc:
+        print(f"rana: error: {exc}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("rana: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.verbose:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"rana: error: {type(exc).__name__}: {first} (rerun with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+def cmd_compress(args) -> int:
+    from rana_core.config import CompressConfig
+
+    config = CompressConfig.from_dict(_config_payload(args)).validate()
+    if args.json and args.json != "-":
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before the work
+    from tqdm import tqdm
+
+    from rana_core.pipeline import compress
+
+    with tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
+              disable=None) as bar:
+        def progress(fraction: float, message: str) -> None:
+            bar.set_description_str(message[:60], refresh=False)
+            bar.update(round(fraction * 1000) - bar.n)
+
+        result = compress(config, progress=progress).to_json()
+    _print_summary(result, stream=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    elif args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _print_summary(result: dict, stream) -> None:
+    rows = [
+        ("model", result["model"]),
+        ("method", f"{result['method']} ({result['allocation']})"),
+        ("FLOP reduction target", f"{result['target_flop_reduction']:.3f}"),
+        ("FLOP reduction measured (QKV+MLP)", f"{result['measured_flop_reduction']:.3f}"),
+        ("FLOP reduction measured (whole model)", f"{result['measured_flop_reduction_whole_model']:.3f}"),
+        ("perplexity (dense)", f"{result['perplexity']:.3f} ({result['dense_perplexity']:.3f})"),
+        ("tokens calib / eval", f"{result['calib_tokens']} / {result['eval_tokens']}"),
+        ("seconds", f"{result['seconds']:.1f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}", file=stream)
+    by_module: dict[str, list[dict]] = {}
+    for row in result["layers"]:
+        by_module.setdefault(row["module"], []).append(row)
+    print(f"\n{'module':<8}{'mean rank':>12}{'density':>10}{'recon error':>14}", file=stream)
+    for module, rows_ in by_module.items():
+        mean = lambda key: sum(r[key] or 0.0 for r in rows_) / len(rows_)  # noqa: E731
+        print(f"{module:<8}{mean('rank'):>8.1f}/{rows_[0]['max_rank']:<3}{mean('density'):>10.3f}"
+              f"{mean('recon_error'):>14.4f}", file=stream)
+
+
+def cmd_submit(args) -> int:
+    from db.migrate import check_schema
+    from jobs.queue import submit
+
+    payload = _config_payload(args)
+    from jobs.specs import validate_payload
+
+    validate_payload("compress", payload)  # bad input fails before the database is touched
+    check_schema()
+    job_id = submit("compress", payload, priority=args.priority)
+    print(json.dumps({"job_id": job_id}) if args.json else job_id)
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from db.migrate import check_schema
+    from jobs.worker import Worker
+
+    check_schema()
+    worker = Worker(device=os.environ.get("RANA_DEVICE"), poll_seconds=args.poll)
+    worker.install_signal_handlers()
+    logging.getLogger("rana.worker").info("worker %s started", worker.name)
+    processed = worker.run(exit_when_idle=args.exit_when_idle, max_jobs=args.max_jobs)
+    logging.getLogger("rana.worker").info("worker %s stopped after %d job(s)", worker.name, processed)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from db.migrate import check_schema
+    from jobs.queue import list_jobs
+
+    check_schema()
+    jobs = list_jobs(limit=args.limit, status=args.status)
+    if args.json:
+        print(json.dumps([job.to_json() for job in jobs], indent=2))
+        return 0
+    print(f"{'id':>5}  {'status':<10}{'progress':>9}  {'run':>5}  {'worker':<22}{'model / method / budget':<40}")
+    for job in jobs:
+        p = job.payload
+        what = f"{p.get('model')} / {p.get('method')} / {p.get('flop_reduction')}"
+        print(f"{job.id:>5}  {job.status:<10}{job.progress:>8.0%}  {job.run_id or '':>5}  {job.worker or '':<22}"
+              f"{what:<40}")
+        if job.error:
+            print(f"{'':>7}error: {job.error}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from jobs.specs import method_summaries
+
+    for name, summary in method_summaries().items():
+        print(f"{name:<10}{summary}")
+    return 0
+
+
+def app_command(port: int, address: str) -> list[str]:
+    import importlib.util
+
+    entry = Path(importlib.util.find_spec("app").origin).with_name("main.py")  # located, not imported
+    return [sys.executable, "-m", "streamlit", "run", str(entry), "--server.address", address,
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+
+
+def cmd_app(args) -> int:
+    from db.migrate import check_schema
+
+    check_schema()
+    return subprocess.call(app_command(args.port, args.address))
+
+
+def cmd_up(args) -> int:
+    from db.migrate import upgrade
+
+    upgrade()
+    worker = subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker"])
+    app = subprocess.Popen(app_command(args.port, args.address))
+    print(f"RaNA Studio on http://{args.address}:{args.port} (one worker); Ctrl-C stops both", file=sys.stderr)
+    children = [worker, app]
+    try:
+        while all(child.poll() is None for child in children):
+            try:
+                children[1].wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGINT)
+        for child in children:
+            try:
+                child.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+    return 0
+
+
+def cmd_db(args) -> int:
+    from db.migrate import current_revision, head_revision, upgrade
+
+    if args.action == "upgrade":
+        upgrade()
+    print(f"database at revision {current_revision()} (head {head_revision()})")
+    return 0
+
+
+COMMANDS = {
+    "compress": cmd_compress, "submit": cmd_submit, "worker": cmd_worker, "jobs": cmd_jobs,
+    "methods": cmd_methods, "app": cmd_app, "up": cmd_up, "db": cmd_db,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

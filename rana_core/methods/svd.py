@@ -1,0 +1,48 @@
+"""Static SVD: every adaptable module replaced by its data-aware low-rank factors at the budget's rank (§8).
+
+No masking: every token pays for all r ranks. Modules whose low-rank form cannot be cheaper than dense at the
+budget (only at a zero budget) stay dense.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rana_core.adapters import MODULES, LowRankUnit, layer_members
+from rana_core.calibration import capture_input_stats
+from rana_core.decompose import low_rank_factors, output_basis, rank_for_budget
+from rana_core.flops import linear_flops, low_rank_flops
+
+# Modules sharing one input share one calibration capture.
+INPUT_OF = {"qkv": "self_attn.q_proj", "gate": "mlp.up_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
+
+
+def capture_module_inputs(loaded, calib_windows, progress):
+    """InputStats for every layer's distinct module inputs, keyed (layer, member path)."""
+    hooks = {}
+    for index, layer in enumerate(loaded.layers):
+        for path in set(INPUT_OF.values()):
+            hooks[f"{index}:{path}"] = layer.get_submodule(path)
+    return capture_input_stats(loaded.model, calib_windows, hooks, progress=progress)
+
+
+def build(loaded, calib_windows, config, progress):
+    p = config.flop_reduction
+    if p == 0:
+        return []
+    stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.6 * f, f"calibration {m}"))
+    units = []
+    n_layers = len(loaded.layers)
+    for index, layer in enumerate(loaded.layers):
+        for module in MODULES:
+            members = layer_members(layer, module)
+            weight = torch.cat([m.weight for m in members])
+            out_f, in_f = weight.shape
+            rank = rank_for_budget(out_f, in_f, p)
+            if low_rank_flops(out_f, in_f, rank) >= linear_flops(out_f, in_f):
+                continue
+            basis = output_basis(weight, stats[f"{index}:{INPUT_OF[module]}"].gram)
+            A, B = low_rank_factors(weight, basis, rank)
+            units.append(LowRankUnit(members, index, module, A, B))
+        progress(0.6 + 0.4 * (index + 1) / n_layers, f"decomposed layer {index + 1}/{n_layers}")
+    return units

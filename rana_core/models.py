@@ -1,0 +1,146 @@
+"""Load a causal language model and its tokenizer from a ModelSource, with no hub access for bundled names."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rana_core.errors import ModelNotFound
+from rana_core.model_names import GEMMA3_PACKAGE, ModelSource, resolve_model
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens, id 256 as end of text: deterministic and dependency-free, for the `tiny` model."""
+
+    vocab_size = 257
+    eos_id = 256
+    separator_ids = [256]
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the small interface the rest of rana_core uses."""
+
+    def __init__(self, tok):
+        self.hf = tok
+        self.vocab_size = len(tok)
+        self.eos_id = tok.eos_token_id
+        # Documents are joined by a blank line: it needs no special token the model may never have seen mid-text.
+        self.separator_ids = tok.encode("\n\n", add_special_tokens=False)
+
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False)
+
+    def decode(self, ids) -> str:
+        return self.hf.decode(list(ids), skip_special_tokens=True)
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: nn.Module
+    tokenizer: ByteTokenizer | HFTokenizer
+    source: ModelSource
+    weights_file: str | None = None  # the file the weights came from, for provenance hashes
+    info: dict = field(default_factory=dict)
+
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_decoder().layers
+
+
+def tiny_llama(seed: int = 0) -> nn.Module:
+    """A deterministic random two-layer Llama (GQA: 4 query, 2 KV heads) over the byte vocabulary."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=ByteTokenizer.vocab_size,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=ByteTokenizer.eos_id,
+        pad_token_id=ByteTokenizer.eos_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load `name` (a bundled name, a local folder or a hub id) in eval mode on `device`."""
+    if dtype not in DTYPES:
+        raise ModelNotFound(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
+    source = resolve_model(name)
+    torch_dtype = DTYPES[dtype]
+    weights_file = None
+    if source.kind == "tiny":
+        model, tokenizer = tiny_llama(), ByteTokenizer()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        location, gguf_file = source.location, source.gguf_file
+        if source.name == "gemma3-270m":
+            location, gguf_file = _assemble_gemma3()
+        kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+        # Bundled models and local folders must never reach for a hub, not even for a tokenizer file.
+        kwargs["local_files_only"] = source.kind != "hub"
+        try:
+            tok = AutoTokenizer.from_pretrained(location, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)
+        except OSError as exc:  # missing files, or a hub id on a machine with no hub
+            first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelNotFound(f"could not load model {name!r}: {first_line}") from exc
+        tokenizer = HFTokenizer(tok)
+        if gguf_file:
+            weights_file = str(Path(location) / gguf_file)
+    model = model.to(device=device, dtype=torch_dtype).eval()
+    model.requires_grad_(False)
+    n_params = sum(p.numel() for p in model.parameters())
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        weights_file=weights_file,
+        info={"parameters": n_params, "family": model.config.model_type, "dtype": dtype, "device": device},
+    )
+
+
+def _assemble_gemma3() -> tuple[str, str]:
+    import importlib
+
+    try:
+        package = importlib.import_module(GEMMA3_PACKAGE)
+        path = Path(package.assemble())
+    except Exception as exc:  # the package's own failures (disk, missing chunks) become one line
+        raise ModelNotFound(f"could not assemble gemma3-270m: {exc}") from exc
+    return str(path.parent), path.name
+
+
+def file_sha256(path: str, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
