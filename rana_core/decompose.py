@@ -3,7 +3,8 @@
 With calibration inputs X (n × T) and C = X Xᵀ, the outputs W X have covariance W C Wᵀ. Its eigenvectors U are the
 output directions the data actually uses, ordered by the energy they carry. A = U (m × r) and B = Uᵀ W (r × n)
 give A B x, the projection of W x on the top r directions. Everything is computed in float64 whatever the model's
-dtype; a tiny ridge on C keeps the basis complete when there are fewer tokens than features.
+dtype. C's eigenvalues are floored at a tiny share of their mean, so that directions the calibration data never
+visits (fewer tokens than features, or rounding below zero) still complete the basis, ranked last.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-RIDGE = 1e-8  # relative to the mean eigenvalue of C
+EIGEN_FLOOR = 1e-6  # relative to the mean eigenvalue of C
 
 
 @dataclass
@@ -24,10 +25,9 @@ class OutputBasis:
 def output_basis(weight: torch.Tensor, gram: torch.Tensor) -> OutputBasis:
     W = weight.detach().to(device="cpu", dtype=torch.float64)
     C = gram.to(dtype=torch.float64)
-    n = C.shape[0]
-    C = C + RIDGE * (torch.trace(C) / n + 1e-30) * torch.eye(n, dtype=torch.float64)
     eigvals, Q = torch.linalg.eigh(C)
-    root = Q * eigvals.clamp_min(0).sqrt()  # C = root rootᵀ
+    floor = EIGEN_FLOOR * max(eigvals.mean().item(), 1e-30)
+    root = Q * eigvals.clamp_min(floor).sqrt()  # C ≈ root rootᵀ
     U, S, _ = torch.linalg.svd(W @ root, full_matrices=False)
     return OutputBasis(U=U, energy=S.pow(2))
 

@@ -1,0 +1,157 @@
+"""Each dashboard page in Streamlit's AppTest on a seeded database: what it shows, not only that it renders."""
+
+from pathlib import Path
+
+import base64
+import json
+
+import numpy as np
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from db.session import session_scope
+from jobs import queue
+from jobs.results import store_compression
+
+PAGES = Path(__file__).resolve().parents[1] / "app" / "app_pages"
+MAIN = PAGES.parent / "main.py"
+
+SEEDED = [  # (model, method, target, measured, perplexity)
+    ("smollm2-135m", "dense", 0.0, 0.0, 39.8),
+    ("smollm2-135m", "svd", 0.2, 0.201, 120.0),
+    ("smollm2-135m", "svd", 0.3, 0.300, 337.8),
+    ("tiny", "svd", 0.3, 0.304, 253.1),
+]
+
+
+def fake_result(model, method, target, measured, ppl):
+    layers = [{"layer": i, "module": m, "rank": 10, "max_rank": 64, "density": 1.0, "recon_error": 0.1,
+               "flops_per_token": 100.0, "dense_flops_per_token": 200} for i in range(2)
+              for m in ("qkv", "gate", "up", "down")]
+    return {"model": model, "method": method, "allocation": "uniform", "target_flop_reduction": target,
+            "measured_flop_reduction": measured, "measured_flop_reduction_whole_model": measured / 2,
+            "dense_perplexity": 39.8 if model != "tiny" else 252.7, "perplexity": ppl, "calib_tokens": 8192,
+            "eval_tokens": 8192, "seq_len": 512, "seconds": 1.0, "layers": layers, "config": {}}
+
+
+@pytest.fixture
+def seeded(db_url):
+    job_ids = []
+    for row in SEEDED:
+        job_id = queue.submit("compress", {"model": "tiny", "flop_reduction": row[2]}, url=db_url)
+        claimed = queue.claim("seed-worker", url=db_url)
+        with session_scope(db_url) as session:
+            store_compression(session, fake_result(*row), job_id=claimed.id)
+            queue.mark_done(session, claimed.id, "seed-worker")
+        job_ids.append(job_id)
+    queued = queue.submit("compress", {"model": "tiny", "method": "svd", "flop_reduction": 0.5}, url=db_url)
+    return {"done": job_ids, "queued": queued}
+
+
+class Trace:
+    def __init__(self, spec):
+        self.name = spec.get("name")
+        self.x, self.y = _decode(spec.get("x")), _decode(spec.get("y"))
+
+
+def _decode(values):
+    """Plotly ships numeric arrays as base64 ("bdata") with a dtype; lists stay lists."""
+    if isinstance(values, dict) and "bdata" in values:
+        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"]).tolist()
+    return values
+
+
+def chart(at):
+    """The traces and layout of the page's first Plotly chart, as the browser would receive them."""
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    return [Trace(t) for t in spec["data"]], spec["layout"]
+
+
+def run_page(name):
+    at = AppTest.from_file(str(PAGES / name), default_timeout=30).run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_pareto_plots_every_run_of_the_chosen_model_and_the_dense_line(seeded):
+    at = run_page("pareto.py")
+    assert at.selectbox(key="pareto_model").value == "smollm2-135m"
+    data, layout = chart(at)
+    traces = {trace.name: trace for trace in data}
+    assert set(traces) == {"dense", "svd", "dense (reference)"}
+    assert list(traces["svd"].x) == [0.201, 0.300] and list(traces["svd"].y) == [120.0, 337.8]
+    assert list(traces["dense"].y) == [39.8]
+    assert set(traces["dense (reference)"].y) == {39.8}
+    assert layout["yaxis"]["type"] == "log"
+    table = at.dataframe[0].value
+    assert sorted(table["perplexity"]) == [39.8, 120.0, 337.8]
+
+    at.selectbox(key="pareto_model").set_value("tiny").run()
+    data, _ = chart(at)
+    assert [list(t.y) for t in data if t.name == "svd"] == [[253.1]]
+
+
+def test_pareto_without_runs_says_what_to_do(db_url):
+    at = run_page("pareto.py")
+    assert "No finished runs yet" in at.info[0].value
+    assert not at.get("plotly_chart")
+
+
+def test_jobs_page_lists_status_progress_and_runs(seeded):
+    at = run_page("job_list.py")
+    table = at.dataframe[0].value
+    assert len(table) == 5
+    queued = table[table["job"] == seeded["queued"]].iloc[0]
+    assert queued["status"] == "queued" and queued["progress"] == 0.0
+    done = table[table["status"] == "done"]
+    assert sorted(done["job"]) == sorted(seeded["done"]) and done["run"].notna().all()
+    assert "done: 4" in at.caption[0].value and "queued: 1" in at.caption[0].value
+
+
+def test_jobs_page_shows_the_error_of_a_failed_job(db_url):
+    job_id = queue.submit("compress", {"model": "tiny"}, url=db_url)
+    queue.claim("w", url=db_url)
+    queue.fail(job_id, "w", "ModelNotFound: boom", url=db_url)
+    at = run_page("job_list.py")
+    assert any("boom" in e.value for e in at.error)
+
+
+def test_new_run_queues_the_job_the_form_describes(db_url):
+    at = run_page("new_run.py")
+    at.selectbox(key="new_run_model").set_value("tiny")
+    at.selectbox(key="new_run_method").set_value("svd")
+    at.slider(key="new_run_budget").set_value(0.44)
+    at.number_input(key="new_run_calib").set_value(2048)
+    at.number_input(key="new_run_eval").set_value(1024)
+    at.number_input(key="new_run_seq_len").set_value(256)
+    at.button[0].click().run()
+    assert not at.error and "Queued job" in at.success[0].value
+    (job,) = queue.list_jobs(url=db_url)
+    assert job.status == "queued"
+    assert {k: job.payload[k] for k in ("model", "method", "flop_reduction", "calib_tokens", "eval_tokens",
+                                        "seq_len")} == {"model": "tiny", "method": "svd", "flop_reduction": 0.44,
+                                                        "calib_tokens": 2048, "eval_tokens": 1024, "seq_len": 256}
+
+
+def test_new_run_refuses_bad_input_with_a_message_and_no_row(db_url):
+    at = run_page("new_run.py")
+    at.selectbox(key="new_run_model").set_value("other: a local folder or hub id")
+    at.text_input(key="new_run_model_other").set_value("./not/here")
+    at.button[0].click().run()
+    assert "model folder not found" in at.error[0].value
+    assert not at.exception and queue.list_jobs(url=db_url) == []
+
+
+def test_pages_explain_a_database_without_schema(tmp_path, monkeypatch):
+    monkeypatch.setenv("RANA_DB_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    for page in ("new_run.py", "job_list.py", "pareto.py"):
+        at = run_page(page)
+        assert "rana db upgrade" in at.error[0].value
+
+
+def test_navigation_lists_the_three_pages(db_url):
+    at = AppTest.from_file(str(MAIN), default_timeout=30).run()
+    assert not at.exception
+    assert at.title[0].value == "New run"
+    at.switch_page("app_pages/pareto.py").run()
+    assert at.title[0].value == "Pareto"

@@ -1,0 +1,66 @@
+"""The bundled SmolLM2-135M as it ships: offline loading, a sane perplexity, generation, and folder loading."""
+
+import pytest
+import torch
+
+from rana_core.corpus import token_windows
+from rana_core.evaluate import perplexity
+from rana_core.models import load_model
+
+pytestmark = pytest.mark.bundled
+
+
+@pytest.fixture(scope="module")
+def smol():
+    return load_model("smollm2-135m")
+
+
+def test_loads_offline_with_the_documented_shape(smol):
+    config = smol.config
+    assert (config.hidden_size, config.intermediate_size, config.num_hidden_layers) == (576, 1536, 30)
+    assert (config.num_attention_heads, config.num_key_value_heads) == (9, 3)
+    assert 134e6 < smol.info["parameters"] < 135e6
+    text = "The Fulton County Grand Jury said Friday"
+    assert smol.tokenizer.decode(smol.tokenizer.encode(text)) == text
+
+
+def test_held_out_perplexity_is_that_of_a_real_language_model(smol):
+    windows = token_windows(smol.tokenizer, "heldout", 2048, 512)
+    ppl = perplexity(smol.model, windows).perplexity
+    assert 15 < ppl < 80  # a random model over 49k tokens would be near 49152
+
+
+def test_greedy_answer_to_a_factual_question(smol):
+    hf = smol.tokenizer.hf
+    prompt = hf.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = smol.model.generate(**prompt, max_new_tokens=16, do_sample=False)
+    answer = hf.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer
+
+
+def test_a_saved_folder_loads_to_the_same_model(smol, tmp_path):
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    config = copy.deepcopy(smol.config)
+    del config.quantization_config  # GGUF-loaded models refuse to save; a plain copy of the weights does not
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(smol.model.state_dict())
+    plain.save_pretrained(tmp_path)
+    smol.tokenizer.hf.save_pretrained(tmp_path)
+    again = load_model(str(tmp_path))
+    assert again.source.kind == "folder"
+    ids = torch.tensor([smol.tokenizer.encode("The jury further said in term-end presentments")])
+    with torch.no_grad():
+        assert torch.allclose(again.model(ids).logits, smol.model(ids).logits, atol=1e-4)
+
+
+def test_a_hub_id_without_a_hub_is_one_clear_error(monkeypatch, tmp_path):
+    from rana_core.errors import ModelNotFound
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(ModelNotFound, match="could not load model 'someone/some-model'"):
+        load_model("someone/some-model")

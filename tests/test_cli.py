@@ -1,0 +1,69 @@
+"""The `rana` command as a user runs it: real subprocesses, a temporary database, one-line errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+SMALL = ["--model", "tiny", "--calib-tokens", "1024", "--eval-tokens", "512", "--seq-len", "128"]
+
+
+def rana(*args, env=None, check=True):
+    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+@pytest.fixture
+def env(tmp_path):
+    return {**os.environ, "RANA_DATA_DIR": str(tmp_path), "RANA_DB_URL": f"sqlite:///{tmp_path / 'cli.db'}"}
+
+
+def test_compress_writes_json_and_a_table(tmp_path, env):
+    out = tmp_path / "out.json"
+    proc = rana("compress", *SMALL, "--method", "svd", "--flop-reduction", "0.3", "--json", str(out), env=env)
+    assert "FLOP reduction measured (QKV+MLP)" in proc.stdout
+    result = json.loads(out.read_text())
+    assert result["model"] == "tiny" and result["method"] == "svd"
+    assert abs(result["measured_flop_reduction"] - 0.3) <= 0.015
+    assert result["eval_tokens"] == 512 and result["calib_tokens"] == 1024
+    assert len(result["layers"]) == 8
+    assert not (tmp_path / "cli.db").exists()  # compress runs in-process, without the database
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--flop-reduction", "0.95"], "FLOP reduction must be in [0, 0.95)"),
+    (["--flop-reduction", "-0.2"], "FLOP reduction must be in [0, 0.95)"),
+    (["--model", "gpt-17"], "unknown model"),
+    (["--model", "./missing/folder"], "model folder not found"),
+    (["--eval-tokens", "0"], "eval tokens must be a positive integer"),
+])
+@pytest.mark.parametrize("command", ["compress", "submit"])
+def test_bad_input_is_one_line_and_stores_nothing(command, args, message, env, tmp_path):
+    rana("db", "upgrade", env=env)
+    proc = rana(command, *SMALL, *args, env=env, check=False)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rana: error:") and message in lines[0]
+    assert "Traceback" not in proc.stderr
+    assert json.loads(rana("jobs", "--json", env=env).stdout) == []
+
+
+def test_submit_worker_jobs_round_trip(env):
+    rana("db", "upgrade", env=env)
+    job_id = json.loads(rana("submit", *SMALL, "--flop-reduction", "0.25", "--json", env=env).stdout)["job_id"]
+    listed = json.loads(rana("jobs", "--json", env=env).stdout)
+    assert [(j["id"], j["status"], j["run_id"]) for j in listed] == [(job_id, "queued", None)]
+    rana("worker", "--exit-when-idle", env=env)
+    (job,) = json.loads(rana("jobs", "--json", env=env).stdout)
+    assert job["status"] == "done" and job["progress"] == 1.0 and job["run_id"] is not None
+    assert job["payload"]["flop_reduction"] == 0.25
+
+
+def test_commands_refuse_a_database_without_schema(env):
+    proc = rana("jobs", env=env, check=False)
+    assert proc.returncode == 2 and "rana db upgrade" in proc.stderr

@@ -1,0 +1,69 @@
+import torch
+
+from rana_core.adapters import MODULES, LowRankUnit, inject, installed_units, layer_members, unload
+from rana_core.calibration import capture_input_stats
+from rana_core.decompose import low_rank_factors, output_basis, rank_for_budget
+from rana_core.methods.svd import INPUT_OF
+
+
+def _grams(tiny, windows):
+    hooks = {f"{i}:{p}": layer.get_submodule(p) for i, layer in enumerate(tiny.layers) for p in set(INPUT_OF.values())}
+    return capture_input_stats(tiny.model, windows, hooks)
+
+
+def test_full_rank_reproduces_every_layer(tiny, tiny_windows):
+    stats = _grams(tiny, tiny_windows["train"])
+    for index, layer in enumerate(tiny.layers):
+        for module in MODULES:
+            weight = torch.cat([m.weight for m in layer_members(layer, module)]).double()
+            basis = output_basis(weight, stats[f"{index}:{INPUT_OF[module]}"].gram)
+            A, B = low_rank_factors(weight, basis, min(weight.shape))
+            assert torch.allclose(A @ B, weight, atol=1e-10), (index, module)
+            assert torch.allclose(A.T @ A, torch.eye(A.shape[1], dtype=A.dtype), atol=1e-10)
+
+
+def test_data_aware_basis_beats_plain_svd_on_the_data(tiny, tiny_windows):
+    stats = _grams(tiny, tiny_windows["train"])
+    layer, module = tiny.layers[1], "up"
+    weight = layer_members(layer, module)[0].weight.double()
+    gram = stats[f"1:{INPUT_OF[module]}"].gram
+    rank = 16
+    A, B = low_rank_factors(weight, output_basis(weight, gram), rank)
+    U = torch.linalg.svd(weight, full_matrices=False).U[:, :rank]
+    err = lambda approx: torch.trace((weight - approx) @ gram @ (weight - approx).T)  # noqa: E731
+    assert err(A @ B) < err(U @ U.T @ weight)
+
+
+def test_unit_at_full_rank_keeps_the_model_and_unload_restores_it(tiny, tiny_windows):
+    batch = tiny_windows["heldout"][:2]
+    with torch.no_grad():
+        before = tiny.model(batch).logits
+    stats = _grams(tiny, tiny_windows["train"])
+    units = []
+    for index, layer in enumerate(tiny.layers):
+        for module in MODULES:
+            members = layer_members(layer, module)
+            weight = torch.cat([m.weight for m in members])
+            A, B = low_rank_factors(weight, output_basis(weight, stats[f"{index}:{INPUT_OF[module]}"].gram),
+                                    min(weight.shape))
+            units.append(LowRankUnit(members, index, module, A, B))
+    inject(tiny.layers, units)
+    try:
+        assert len(installed_units(tiny.layers)) == len(units) == 8
+        with torch.no_grad():
+            adapted = tiny.model(batch).logits
+        assert torch.allclose(adapted, before, atol=1e-4)
+        qkv = next(u for u in units if u.module == "qkv")
+        tokens = batch.numel()
+        assert qkv.tokens == tokens  # q, k and v shared one computation
+        assert qkv.flops == tokens * 2 * qkv.static_rank() * (qkv.in_features + qkv.out_features)
+    finally:
+        assert unload(tiny.layers) == 2 * (3 + 1 + 1 + 1)
+    with torch.no_grad():
+        assert torch.equal(tiny.model(batch).logits, before)
+
+
+def test_rank_for_budget():
+    assert rank_for_budget(1536, 576, 0.3) == int(0.7 * 1536 * 576 // (1536 + 576))
+    assert 2 * rank_for_budget(960, 576, 0.5) * (960 + 576) <= 0.5 * 2 * 960 * 576
+    assert rank_for_budget(64, 64, 0.94) >= 1
