@@ -96,10 +96,14 @@ class Worker:
         config.validate()
         loaded = self._loaded_model(config)
         last = [0.0]
+        stage = [""]
 
         def progress(fraction: float, message: str) -> None:
             if self.stopping.is_set():
                 raise StopRequested()
+            if message.split(":")[0] != stage[0]:
+                stage[0] = message.split(":")[0]
+                log.info("job %s: %s (%.0f%%)", job.id, message, 100 * fraction)
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_SECONDS or fraction >= 1.0:
                 last[0] = now
