@@ -85,10 +85,12 @@ class LayerMetric(Base):
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
     layer: Mapped[int] = mapped_column(Integer)
     module: Mapped[str] = mapped_column(String(16))  # qkv | gate | up | down
+    adapter: Mapped[str | None] = mapped_column(String(16))  # dense | svd | rank | neuron | cats
     rank: Mapped[int] = mapped_column(Integer)
     max_rank: Mapped[int] = mapped_column(Integer)
     density: Mapped[float] = mapped_column(Float)
     recon_error: Mapped[float | None] = mapped_column(Float)
+    sparsity: Mapped[float | None] = mapped_column(Float)  # share of ranks carrying 90% of ‖z‖², per token
     flops_per_token: Mapped[float] = mapped_column(Float)
     dense_flops_per_token: Mapped[float] = mapped_column(Float)
 

@@ -9,8 +9,8 @@ from sqlalchemy import select
 
 from db.models import Evaluation, LayerMetric, Run
 
-LAYER_FIELDS = ("layer", "module", "rank", "max_rank", "density", "recon_error", "flops_per_token",
-                "dense_flops_per_token")
+LAYER_FIELDS = ("layer", "module", "adapter", "rank", "max_rank", "density", "recon_error", "sparsity",
+                "flops_per_token", "dense_flops_per_token")
 
 
 def store_compression(session, result: dict, job_id: int | None = None) -> int:
@@ -42,7 +42,7 @@ def store_compression(session, result: dict, job_id: int | None = None) -> int:
         )
     )
     for row in result["layers"]:
-        run.layers.append(LayerMetric(**{key: row[key] for key in LAYER_FIELDS}))
+        run.layers.append(LayerMetric(**{key: row.get(key) for key in LAYER_FIELDS}))
     session.add(run)
     session.flush()
     return run.id

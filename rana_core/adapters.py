@@ -1,14 +1,17 @@
-"""Adapters as wrappers around a layer's original linear modules, injected by name the way PEFT does.
+"""Adapters as wrappers around a layer's original modules, injected by name the way PEFT does.
 
 An *adaptable module* of a decoder layer is one function of one input: ``qkv`` (the query, key and value
 projections stacked into one matrix, so one decomposition and one mask serve all three), ``gate``, ``up`` and
-``down`` (the MLP's projections). An ``AdapterUnit`` computes the stacked output of its module's members; each
-member linear is replaced by an ``AdaptedSlot`` that keeps the original as ``base`` and returns its slice of the
-unit's output. The unit computes once per input (the attention calls q, k and v with the same tensor) and counts
-the tokens and FLOPs it spent, so FLOPs are measured, not assumed. With ``tracking`` on it also accumulates its
-reconstruction error against the dense stacked output on the same input.
+``down`` (the MLP's projections). Two kinds of wrapper replace them:
 
-``unload`` puts every original module back; the model is then exactly what it was.
+- an ``AdapterUnit`` computes the stacked output of one module's member linears; each member is replaced by an
+  ``AdaptedSlot`` that keeps the original as ``base`` and returns its slice. The unit computes once per input (the
+  attention calls q, k and v with the same tensor).
+- an ``MLPAdapter`` replaces a whole MLP (keeping it as ``base``) when its projections must share a mask or an
+  activation (CATS, RaNA's MLP), and runs its own units in plain Python.
+
+Every adapted module owns a ``Meter``: tokens seen, FLOPs spent (counted from the masks), active ranks, and, with
+``tracking`` on, its reconstruction error and rank-importance sparsity. ``unload`` puts the originals back.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from rana_core.errors import RanaError
 from rana_core.flops import linear_flops
+from rana_core.thresholds import ScoreHistogram
 
 # Member module paths of each adaptable module, relative to a decoder layer (Llama and Gemma 3 alike).
 MODULE_MEMBERS: dict[str, tuple[str, ...]] = {
@@ -28,18 +32,25 @@ MODULE_MEMBERS: dict[str, tuple[str, ...]] = {
     "down": ("mlp.down_proj",),
 }
 MODULES = tuple(MODULE_MEMBERS)
+SPARSITY_SHARE = 0.9  # rank-importance sparsity: share of ranks needed for this share of ‖z‖²
 
 
 def layer_members(layer: nn.Module, module: str) -> list[nn.Linear]:
     members = []
     for path in MODULE_MEMBERS[module]:
-        found = layer.get_submodule(path)
+        found = layer.get_submodule(_base_path(layer, path))
         if isinstance(found, AdaptedSlot):
             found = found.base
         if not isinstance(found, nn.Linear):
             raise RanaError(f"{path} is a {type(found).__name__}, not a Linear: this architecture is not supported")
         members.append(found)
     return members
+
+
+def _base_path(layer: nn.Module, path: str) -> str:
+    """The path of `path` inside `layer`, through an MLPAdapter's `base` when the MLP is wrapped."""
+    head, _, tail = path.partition(".")
+    return f"{head}.base.{tail}" if isinstance(getattr(layer, head), MLPAdapter) else path
 
 
 def module_shapes(layers: nn.ModuleList) -> dict[tuple[int, str], tuple[int, int]]:
@@ -52,10 +63,75 @@ def module_shapes(layers: nn.ModuleList) -> dict[tuple[int, str], tuple[int, int
     return shapes
 
 
-class AdapterUnit(nn.Module):
-    """Base of every adapter: stacked output of the members, computed once per input, with FLOP counting."""
+def top_share_count(scores: torch.Tensor, share: float = SPARSITY_SHARE) -> torch.Tensor:
+    """Per row of non-negative `scores`, how many of the largest entries reach `share` of the row's sum."""
+    ordered = scores.sort(dim=-1, descending=True).values
+    cumulative = ordered.cumsum(-1)
+    return (cumulative < share * cumulative[..., -1:]).sum(-1) + 1
 
-    def __init__(self, members: list[nn.Linear], layer: int, module: str):
+
+class Meter:
+    """What one adapted module spent, used and lost on the tokens it saw."""
+
+    def __init__(self, layer: int, module: str, out_features: int, in_features: int, static_rank: int,
+                 max_rank: int | None = None):
+        self.layer, self.module = layer, module
+        self.out_features, self.in_features = out_features, in_features
+        self.static_rank = static_rank  # ranks (or neurons) a token may use
+        self.max_rank = max_rank if max_rank is not None else min(out_features, in_features)
+        self.adapter = "dense"  # which adapter runs this module: svd | rank | neuron | cats
+        self.reset()
+
+    def reset(self) -> None:
+        self.tokens = 0
+        self.flops = 0.0
+        self.active = 0.0
+        self.err_sq = self.ref_sq = 0.0
+        self.sparsity_sum, self.sparsity_tokens = 0.0, 0
+
+    @property
+    def dense_flops_per_token(self) -> int:
+        return linear_flops(self.out_features, self.in_features)
+
+    def count(self, tokens: int, flops: float, active: float) -> None:
+        self.tokens += tokens
+        self.flops += float(flops)
+        self.active += float(active)
+
+    def track(self, output: torch.Tensor, reference: torch.Tensor) -> None:
+        self.err_sq += (output.double() - reference.double()).pow(2).sum().item()
+        self.ref_sq += reference.double().pow(2).sum().item()
+
+    def track_sparsity(self, scores: torch.Tensor) -> None:
+        rows = scores.reshape(-1, scores.shape[-1]).float()
+        self.sparsity_sum += (top_share_count(rows).double() / rows.shape[-1]).sum().item()
+        self.sparsity_tokens += rows.shape[0]
+
+    @property
+    def flops_per_token(self) -> float:
+        return self.flops / self.tokens if self.tokens else float("nan")
+
+    @property
+    def mean_active(self) -> float:
+        return self.active / self.tokens if self.tokens else float("nan")
+
+    @property
+    def recon_error(self) -> float:
+        """‖f(X) − f̂(X)‖² / ‖f(X)‖² over the tokens seen while tracking."""
+        return self.err_sq / self.ref_sq if self.ref_sq else float("nan")
+
+    @property
+    def sparsity(self) -> float:
+        return self.sparsity_sum / self.sparsity_tokens if self.sparsity_tokens else float("nan")
+
+
+class AdapterUnit(nn.Module):
+    """Base of the linear adapters: stacked output of the members, computed once per input, metered."""
+
+    adapter_name = "unit"
+
+    def __init__(self, members: list[nn.Linear], layer: int, module: str, static_rank: int,
+                 max_rank: int | None = None):
         super().__init__()
         self.layer, self.module = layer, module
         self.in_features = members[0].in_features
@@ -68,34 +144,16 @@ class AdapterUnit(nn.Module):
         self._cached_output = None
         self._served = 0
         self.tracking = False
-        self.reset_stats()
+        self.histogram: ScoreHistogram | None = None  # collects mask scores while thresholds are calibrated
+        self.meter = Meter(layer, module, self.out_features, self.in_features, static_rank, max_rank)
+        self.meter.adapter = self.adapter_name
 
-    # --- what a concrete adapter defines -------------------------------------------------------------------
-    def compute(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """(stacked output, FLOPs spent on these tokens)."""
+    def compute(self, x: torch.Tensor) -> torch.Tensor:
+        """The stacked output; concrete adapters also call self.meter.count and, if tracking, track_sparsity."""
         raise NotImplementedError
 
-    def static_rank(self) -> int:
-        raise NotImplementedError
-
-    def mean_active_rank(self) -> float:
-        """Mean number of ranks (or neurons) used per token; the static rank for a static adapter."""
-        return float(self.static_rank())
-
-    # --- shared machinery ----------------------------------------------------------------------------------
-    @property
-    def max_rank(self) -> int:
-        return min(self.in_features, self.out_features)
-
-    @property
-    def dense_flops_per_token(self) -> int:
-        return linear_flops(self.out_features, self.in_features)
-
-    def reset_stats(self) -> None:
-        self.tokens = 0
-        self.flops = 0.0
-        self.err_sq = 0.0
-        self.ref_sq = 0.0
+    def meters(self) -> list[Meter]:
+        return [self.meter]
 
     def dense_output(self, x: torch.Tensor) -> torch.Tensor:
         weight = torch.cat([m.weight for m in self._members])
@@ -103,33 +161,20 @@ class AdapterUnit(nn.Module):
         bias = torch.cat(biases) if all(b is not None for b in biases) else None
         return F.linear(x, weight, bias)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.compute(x)
+        if self.tracking:
+            self.meter.track(y, self.dense_output(x))
+        return y
+
     def member_output(self, x: torch.Tensor, index: int) -> torch.Tensor:
         if self._cached_input is not x:
-            self._cached_input, self._cached_output, self._served = x, self._run(x), 0
+            self._cached_input, self._cached_output, self._served = x, self(x), 0
         out = self._cached_output[..., self.offsets[index] : self.offsets[index + 1]]
         self._served += 1
         if self._served == len(self._members):  # every member has its slice: free the cache
             self._cached_input = self._cached_output = None
         return out
-
-    def _run(self, x: torch.Tensor) -> torch.Tensor:
-        y, flops = self.compute(x)
-        self.tokens += x.numel() // x.shape[-1]
-        self.flops += float(flops)
-        if self.tracking:
-            ref = self.dense_output(x).double()
-            self.err_sq += (y.double() - ref).pow(2).sum().item()
-            self.ref_sq += ref.pow(2).sum().item()
-        return y
-
-    @property
-    def flops_per_token(self) -> float:
-        return self.flops / self.tokens if self.tokens else float("nan")
-
-    @property
-    def recon_error(self) -> float:
-        """‖f(X) − f̂(X)‖² / ‖f(X)‖² over the tokens seen while tracking."""
-        return self.err_sq / self.ref_sq if self.ref_sq else float("nan")
 
 
 class AdaptedSlot(nn.Module):
@@ -143,45 +188,66 @@ class AdaptedSlot(nn.Module):
         return self.unit.member_output(x, self.index)
 
 
+class MLPAdapter(nn.Module):
+    """Base of the wrappers that replace a whole MLP; subclasses define forward and meters."""
+
+    def __init__(self, base: nn.Module, layer: int):
+        super().__init__()
+        self.base, self.layer = base, layer
+        self.tracking = False
+
+    def meters(self) -> list[Meter]:
+        raise NotImplementedError
+
+
 class LowRankUnit(AdapterUnit):
-    """Static low rank: y = A (B x) + b, A: out × r, B: r × in. Mergeable, but kept factored to save FLOPs."""
+    """Static low rank: y = A (B x) + b, A: out × r, B: r × in. Every token pays for all r ranks."""
+
+    adapter_name = "svd"
 
     def __init__(self, members, layer, module, A: torch.Tensor, B: torch.Tensor):
-        super().__init__(members, layer, module)
+        super().__init__(members, layer, module, static_rank=A.shape[1])
         dtype, device = members[0].weight.dtype, members[0].weight.device
         self.A = nn.Parameter(A.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
         self.B = nn.Parameter(B.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
         biases = [m.bias for m in members]
         self.bias = torch.cat(biases).detach() if all(b is not None for b in biases) else None
 
-    def static_rank(self) -> int:
-        return self.A.shape[1]
-
     def compute(self, x):
-        y = F.linear(F.linear(x, self.B), self.A, self.bias)
+        z = F.linear(x, self.B)
         tokens = x.numel() // x.shape[-1]
-        return y, tokens * 2 * self.static_rank() * (self.in_features + self.out_features)
+        rank = self.A.shape[1]
+        self.meter.count(tokens, tokens * 2 * rank * (self.in_features + self.out_features), tokens * rank)
+        if self.tracking:
+            self.meter.track_sparsity(z * z)
+        return F.linear(z, self.A, self.bias)
 
 
-def inject(layers: nn.ModuleList, units: list[AdapterUnit]) -> None:
-    """Put each unit's slots in place of its members. Fails loudly when a target is missing or already adapted."""
-    if not units:
-        return
-    for unit in units:
-        layer = layers[unit.layer]
-        for index, path in enumerate(MODULE_MEMBERS[unit.module]):
-            parent_path, _, child = path.rpartition(".")
+def inject(layers: nn.ModuleList, adapters: list[nn.Module]) -> None:
+    """Put each adapter in place. Fails loudly when a target is already adapted."""
+    for adapter in adapters:
+        layer = layers[adapter.layer]
+        if isinstance(adapter, MLPAdapter):
+            if isinstance(layer.mlp, MLPAdapter):
+                raise RanaError(f"layer {adapter.layer} MLP is already adapted")
+            layer.mlp = adapter
+            continue
+        for index, path in enumerate(MODULE_MEMBERS[adapter.module]):
+            parent_path, _, child = _base_path(layer, path).rpartition(".")
             parent = layer.get_submodule(parent_path)
             current = getattr(parent, child)
             if isinstance(current, AdaptedSlot):
-                raise RanaError(f"layer {unit.layer} {path} is already adapted")
-            setattr(parent, child, AdaptedSlot(unit, index, current))
+                raise RanaError(f"layer {adapter.layer} {path} is already adapted")
+            setattr(parent, child, AdaptedSlot(adapter, index, current))
 
 
 def unload(layers: nn.ModuleList) -> int:
-    """Restore every original module; returns how many slots were removed."""
+    """Restore every original module; returns how many wrappers were removed."""
     removed = 0
     for layer in layers:
+        if isinstance(layer.mlp, MLPAdapter):
+            layer.mlp = layer.mlp.base
+            removed += 1
         for path in [p for members in MODULE_MEMBERS.values() for p in members]:
             parent_path, _, child = path.rpartition(".")
             parent = layer.get_submodule(parent_path)
@@ -192,10 +258,26 @@ def unload(layers: nn.ModuleList) -> int:
     return removed
 
 
-def installed_units(layers: nn.ModuleList) -> list[AdapterUnit]:
-    seen: dict[int, AdapterUnit] = {}
+def installed_adapters(layers: nn.ModuleList) -> list[nn.Module]:
+    """Every AdapterUnit and MLPAdapter in the layers, each once (a unit is reached through several slots)."""
+    seen: dict[int, nn.Module] = {}
     for layer in layers:
         for module in layer.modules():
-            if isinstance(module, AdaptedSlot):
-                seen.setdefault(id(module.unit), module.unit)
+            if isinstance(module, MLPAdapter):
+                seen.setdefault(id(module), module)
+            elif isinstance(module, AdapterUnit):
+                seen.setdefault(id(module), module)
     return list(seen.values())
+
+
+def installed_meters(layers: nn.ModuleList) -> dict[tuple[int, str], Meter]:
+    meters = {}
+    for adapter in installed_adapters(layers):
+        for meter in adapter.meters():  # a unit inside an MLP adapter shares its meter with it
+            meters[(meter.layer, meter.module)] = meter
+    return meters
+
+
+def set_tracking(layers: nn.ModuleList, on: bool) -> None:
+    for adapter in installed_adapters(layers):
+        adapter.tracking = on

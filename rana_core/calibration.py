@@ -13,12 +13,23 @@ from rana_core.progress import ProgressFn, no_progress
 
 
 class InputStats:
-    def __init__(self, n_features: int):
+    """C = Σ x xᵀ over every token, and (if `row_stride`) every `row_stride`-th input row itself, in float32."""
+
+    def __init__(self, n_features: int, row_stride: int = 0):
         self.gram = torch.zeros(n_features, n_features, dtype=torch.float64)
         self.tokens = 0
+        self.row_stride = row_stride
+        self.kept: list[torch.Tensor] = []
+
+    @property
+    def rows(self) -> torch.Tensor:
+        return torch.cat(self.kept) if self.kept else torch.empty(0, self.gram.shape[0])
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1]).float()
+        if self.row_stride:
+            offset = (-self.tokens) % self.row_stride  # the stride runs on across batches
+            self.kept.append(rows[offset :: self.row_stride].cpu().clone())
         # One batch's product in float32 is accurate to ~1e-7 relative; the running sum across batches is float64.
         self.gram += (rows.T @ rows).to(device="cpu", dtype=torch.float64)
         self.tokens += rows.shape[0]
@@ -31,9 +42,10 @@ def capture_input_stats(
     modules: dict[str, nn.Linear],
     batch_size: int = 4,
     progress: ProgressFn = no_progress,
+    row_stride: int = 0,
 ) -> dict[str, InputStats]:
     """Run `windows` (n, seq_len) through `model` and return InputStats for every named linear module."""
-    stats = {name: InputStats(module.in_features) for name, module in modules.items()}
+    stats = {name: InputStats(module.in_features, row_stride) for name, module in modules.items()}
     handles = []
     for name, module in modules.items():
         def hook(_module, inputs, _name=name):

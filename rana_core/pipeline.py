@@ -14,7 +14,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from rana_core.adapters import MODULES, inject, installed_units, module_shapes, unload
+from rana_core.adapters import (MODULES, inject, installed_adapters, installed_meters, module_shapes, set_tracking,
+                                unload)
 from rana_core.config import CompressConfig
 from rana_core.corpus import token_windows
 from rana_core.evaluate import perplexity
@@ -22,18 +23,22 @@ from rana_core.flops import dense_profile
 from rana_core.methods import METHODS
 from rana_core.models import LoadedModel, load_model
 from rana_core.progress import ProgressFn, StagedProgress
+from rana_core.thresholds import Thresholded
 
-STAGES = {"load": 1.0, "data": 0.5, "dense eval": 3.0, "build": 3.0, "adapted eval": 4.0}
+STAGES = {"load": 1.0, "data": 0.5, "dense eval": 3.0, "build": 3.0, "thresholds": 3.0, "adapted eval": 4.0}
+THRESHOLD_PASSES = 2  # passes over the calibration windows that re-set every mask threshold on the adapted model
 
 
 @dataclass
 class LayerResult:
     layer: int
     module: str
-    rank: int  # static rank kept (max rank when dense)
+    adapter: str  # dense | svd | rank | neuron | cats
+    rank: int  # static rank kept (neurons for neuron-masked modules; max rank when dense)
     max_rank: int
     density: float  # mean active ranks / static rank on the evaluation tokens (1 for static adapters)
     recon_error: float  # ‖f(X) − f̂(X)‖² / ‖f(X)‖² on the evaluation tokens
+    sparsity: float  # share of ranks (neurons) carrying 90% of a token's ‖z‖², averaged over tokens
     flops_per_token: float
     dense_flops_per_token: int
 
@@ -98,13 +103,15 @@ def compress(
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
-            units = spec.load_builder()(loaded, calib, config, plan.stage("build"))
-        inject(layers, units)
-        for unit in units:
-            unit.reset_stats()
-            unit.tracking = True
+            adapters = spec.load_builder()(loaded, calib, config, plan.stage("build"))
+        inject(layers, adapters)
+        calibrate_thresholds(loaded.model, layers, calib, plan.stage("thresholds"))
+        meters = installed_meters(layers)
+        for meter in meters.values():
+            meter.reset()
+        set_tracking(layers, True)
         adapted = perplexity(loaded.model, held_out, progress=plan.stage("adapted eval"))
-        layer_rows = _layer_results(shapes, {(u.layer, u.module): u for u in installed_units(layers)})
+        layer_rows = _layer_results(shapes, meters)
     finally:
         unload(layers)
 
@@ -130,25 +137,42 @@ def compress(
     )
 
 
-def _layer_results(shapes, units) -> list[LayerResult]:
+def calibrate_thresholds(model, layers, windows, progress, passes: int = THRESHOLD_PASSES) -> None:
+    """Re-set every masked adapter's threshold from the scores it sees on the *adapted* model, so that budgets
+    set on dense-model inputs still hold once upstream layers are adapted. Each pass updates all thresholds."""
+    masked = [adapter for adapter in installed_adapters(layers) if isinstance(adapter, Thresholded)]
+    if not masked:
+        progress(1.0, "no masks")
+        return
+    for index in range(passes):
+        for adapter in masked:
+            adapter.begin_calibration()
+        perplexity(model, windows, progress=lambda f, m: progress((index + f) / passes, f"pass {index + 1}: {m}"))
+        for adapter in masked:
+            adapter.end_calibration()
+
+
+def _layer_results(shapes, meters) -> list[LayerResult]:
     rows = []
     for (layer, module), (out_f, in_f) in sorted(shapes.items(), key=lambda kv: (kv[0][0], MODULES.index(kv[0][1]))):
-        unit = units.get((layer, module))
+        meter = meters.get((layer, module))
         dense_flops = 2 * out_f * in_f
-        if unit is None:
+        if meter is None:
             full = min(out_f, in_f)
-            rows.append(LayerResult(layer, module, full, full, 1.0, 0.0, float(dense_flops), dense_flops))
+            rows.append(LayerResult(layer, module, "dense", full, full, 1.0, 0.0, float("nan"), float(dense_flops),
+                                    dense_flops))
             continue
-        rank = unit.static_rank()
         rows.append(
             LayerResult(
                 layer=layer,
                 module=module,
-                rank=rank,
-                max_rank=unit.max_rank,
-                density=unit.mean_active_rank() / rank if rank else 0.0,
-                recon_error=unit.recon_error,
-                flops_per_token=unit.flops_per_token,
+                adapter=meter.adapter,
+                rank=meter.static_rank,
+                max_rank=meter.max_rank,
+                density=meter.mean_active / meter.static_rank if meter.static_rank else 0.0,
+                recon_error=meter.recon_error,
+                sparsity=meter.sparsity,
+                flops_per_token=meter.flops_per_token,
                 dense_flops_per_token=dense_flops,
             )
         )

@@ -1,6 +1,6 @@
 import torch
 
-from rana_core.adapters import MODULES, LowRankUnit, inject, installed_units, layer_members, unload
+from rana_core.adapters import MODULES, LowRankUnit, inject, installed_adapters, layer_members, unload
 from rana_core.calibration import capture_input_stats
 from rana_core.decompose import low_rank_factors, output_basis, rank_for_budget
 from rana_core.methods.svd import INPUT_OF
@@ -49,14 +49,14 @@ def test_unit_at_full_rank_keeps_the_model_and_unload_restores_it(tiny, tiny_win
             units.append(LowRankUnit(members, index, module, A, B))
     inject(tiny.layers, units)
     try:
-        assert len(installed_units(tiny.layers)) == len(units) == 8
+        assert len(installed_adapters(tiny.layers)) == len(units) == 8
         with torch.no_grad():
             adapted = tiny.model(batch).logits
         assert torch.allclose(adapted, before, atol=1e-4)
         qkv = next(u for u in units if u.module == "qkv")
         tokens = batch.numel()
-        assert qkv.tokens == tokens  # q, k and v shared one computation
-        assert qkv.flops == tokens * 2 * qkv.static_rank() * (qkv.in_features + qkv.out_features)
+        assert qkv.meter.tokens == tokens  # q, k and v shared one computation
+        assert qkv.meter.flops == tokens * 2 * qkv.meter.static_rank * (qkv.in_features + qkv.out_features)
     finally:
         assert unload(tiny.layers) == 2 * (3 + 1 + 1 + 1)
     with torch.no_grad():

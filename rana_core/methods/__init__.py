@@ -34,3 +34,6 @@ def register(spec: MethodSpec) -> None:
 
 register(MethodSpec("dense", "the unmodified model (the budget is ignored)", "rana_core.methods.dense:build"))
 register(MethodSpec("svd", "data-aware static low rank at the budget's rank", "rana_core.methods.svd:build"))
+register(MethodSpec("cats", "MLP neurons skipped where |act(gate)| is small (CATS)", "rana_core.methods.cats:build"))
+register(MethodSpec("rana", "input-adaptive rank masks on QKV and up/gate, neuron masks on down (RaNA)",
+                    "rana_core.methods.rana:build", allocations=("uniform", "greedy")))

@@ -1,0 +1,107 @@
+"""RaNA (design §§1–4): a rank adapter on each layer's stacked QKV, and on each MLP rank adapters for up and
+gate with the neuron adapter on down, the MLP's budget split by the grid search on its output error.
+
+Allocation: ``uniform`` gives every module the same FLOP reduction (the paper); ``greedy`` spreads the model's
+budget over modules by their error curves on calibration rows (see rana_core.allocation). Thresholds are set
+here on calibration rows and corrected by the pipeline on the adapted model (see pipeline.calibrate_thresholds).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rana_core.adapters import layer_members
+from rana_core.allocation import Curve, greedy_allocation
+from rana_core.flops import linear_flops
+from rana_core.methods.svd import capture_module_inputs
+from rana_core.mlp_adapters import NeuronMaskedUnit, RaNAMLP
+from rana_core.profiles import MLPProfile, QKVProfile
+from rana_core.rank_adapter import RankMaskedUnit
+
+SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
+CURVE_KEEPS = [round(1.0 - 0.05 * i, 2) for i in range(17)]  # 1.0 .. 0.2
+
+
+def build(loaded, calib_windows, config, progress):
+    if config.flop_reduction == 0:
+        return []
+    stride = max(1, calib_windows.numel() // SEARCH_TOKENS)
+    stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.3 * f, f"calibration {m}"),
+                                  row_stride=stride)
+    layers = loaded.layers
+    qkv, mlp = {}, {}
+    for index, layer in enumerate(layers):
+        attn_in = stats.pop(f"{index}:self_attn.q_proj")
+        mlp_in = stats.pop(f"{index}:mlp.up_proj")
+        stats.pop(f"{index}:mlp.down_proj", None)
+        weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
+        qkv[index] = QKVProfile(weight, attn_in.gram, attn_in.rows)
+        mlp[index] = MLPProfile(layer.mlp, mlp_in.gram, None, mlp_in.rows)
+        progress(0.3 + 0.2 * (index + 1) / len(layers), f"profiled layer {index + 1}/{len(layers)}")
+
+    keeps = allocate(qkv, mlp, config.flop_reduction, config.allocation,
+                     lambda f, m: progress(0.5 + 0.4 * f, m))
+    adapters = []
+    for index, layer in enumerate(layers):
+        adapters.extend(_layer_adapters(layer, index, qkv[index], mlp[index], keeps[(index, "qkv")],
+                                        keeps[(index, "mlp")]))
+        mlp[index].release()
+        progress(0.9 + 0.1 * (index + 1) / len(layers), f"built layer {index + 1}/{len(layers)}")
+    return adapters
+
+
+def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progress) -> dict:
+    """Keep fraction per (layer, "qkv" | "mlp")."""
+    if allocation == "uniform":
+        return {(i, part): 1.0 - flop_reduction for i in qkv for part in ("qkv", "mlp")}
+    curves = {}
+    for i in qkv:
+        m, n = qkv[i].proj.shape
+        curves[(i, "qkv")] = Curve(linear_flops(m, n), CURVE_KEEPS, qkv[i].error)
+        profile = mlp[i]
+        dense = sum(linear_flops(*p.shape) for p in (profile.up, profile.gate)) + linear_flops(
+            *profile.down_weight.shape)
+        curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS, _cached(lambda keep, p=profile: p.best_split(keep).error))
+    done = [0]
+
+    def counted(curve_error):
+        def inner(keep):
+            done[0] += 1
+            progress(min(done[0] / (len(curves) * 8), 1.0), f"allocation: {done[0]} curve points")
+            return curve_error(keep)
+        return inner
+
+    for curve in curves.values():
+        curve.error = counted(curve.error)
+    return greedy_allocation(curves, flop_reduction)
+
+
+def _cached(function):
+    cache = {}
+
+    def inner(keep):
+        if keep not in cache:
+            cache[keep] = function(keep)
+        return cache[keep]
+
+    return inner
+
+
+def _layer_adapters(layer, index, qkv: QKVProfile, mlp: MLPProfile, qkv_keep: float, mlp_keep: float) -> list:
+    adapters = []
+    if qkv_keep < 1.0:
+        plan = qkv.proj.plan(qkv_keep)
+        A, B = qkv.proj.factors(plan.rank)
+        adapters.append(RankMaskedUnit(layer_members(layer, "qkv"), index, "qkv", A, B, plan))
+    if mlp_keep < 1.0:
+        choice = mlp.best_split(mlp_keep)
+        _, down_tau = mlp.error(choice.up, choice.gate, choice.down)
+        units = {}
+        for which in ("up", "gate"):
+            proj = getattr(mlp, which)
+            plan = proj.plan(getattr(choice, which))
+            A, B = proj.factors(plan.rank)
+            units[which] = RankMaskedUnit(layer_members(layer, which), index, which, A, B, plan)
+        down = NeuronMaskedUnit(layer.mlp.down_proj, index, choice.down, down_tau)
+        adapters.append(RaNAMLP(layer.mlp, index, units["up"], units["gate"], down))
+    return adapters

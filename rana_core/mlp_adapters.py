@@ -1,0 +1,109 @@
+"""Adapters of the gated MLP, h = act(W_gate x) ⊙ (W_up x), y = W_down h (SwiGLU in Llama, GeGLU in Gemma).
+
+- ``NeuronMaskedUnit``: RaNA's neuron adapter for W_down (design §2): neuron j is kept iff
+  |h_j| · ‖W_down[:, j]‖ ≥ τ, and a token pays 2·m per kept neuron.
+- ``RaNAMLP``: rank adapters on up and gate, the neuron adapter on down, h computed from the adapted up/gate.
+- ``CatsMLP``: CATS (design §8): gate stays dense; neuron j is kept iff |act(W_gate x)_j| ≥ τ, and the kept
+  neurons' rows of W_up and columns of W_down are the only ones computed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rana_core.adapters import AdapterUnit, Meter, MLPAdapter
+from rana_core.rank_adapter import RankMaskedUnit
+from rana_core.thresholds import Thresholded
+
+
+class NeuronMaskedUnit(Thresholded, AdapterUnit):
+    adapter_name = "neuron"
+
+    def __init__(self, down: nn.Linear, layer: int, keep: float, tau: float = 0.0):
+        super().__init__([down], layer, "down", static_rank=down.in_features, max_rank=down.in_features)
+        self.register_buffer("column_norms", down.weight.detach().float().norm(dim=0))
+        self.register_buffer("tau", torch.tensor(tau, dtype=torch.float32))
+        self.weight, self.bias = down.weight, down.bias
+        self.keep = keep
+        self.target_active = keep * down.in_features
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float().abs() * self.column_norms
+
+    def compute(self, h):
+        scores = self.scores(h)
+        self.observe(scores)
+        mask = scores >= self.tau
+        active = mask.sum().item()
+        tokens = h.numel() // h.shape[-1]
+        self.meter.count(tokens, 2 * self.out_features * active, active)
+        if self.tracking:
+            self.meter.track_sparsity(scores.square())
+        return F.linear(h * mask.to(h.dtype), self.weight, self.bias)
+
+
+class RaNAMLP(MLPAdapter):
+    def __init__(self, base: nn.Module, layer: int, up: RankMaskedUnit, gate: RankMaskedUnit,
+                 down: NeuronMaskedUnit):
+        super().__init__(base, layer)
+        self.up, self.gate, self.down = up, gate, down
+        self.act = base.act_fn
+
+    def forward(self, x):
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+    def meters(self) -> list[Meter]:
+        return [self.gate.meter, self.up.meter, self.down.meter]
+
+    @property
+    def tracking(self) -> bool:
+        return self.down.tracking
+
+    @tracking.setter
+    def tracking(self, on: bool) -> None:
+        for unit in (getattr(self, "up", None), getattr(self, "gate", None), getattr(self, "down", None)):
+            if unit is not None:
+                unit.tracking = on
+
+
+class CatsMLP(Thresholded, MLPAdapter):
+    def __init__(self, base: nn.Module, layer: int, keep: float, tau: float = 0.0):
+        super().__init__(base, layer)
+        self.gate_proj, self.up_proj, self.down_proj, self.act = base.gate_proj, base.up_proj, base.down_proj, base.act_fn
+        hidden, inner = self.gate_proj.in_features, self.gate_proj.out_features
+        self.register_buffer("tau", torch.tensor(tau, dtype=torch.float32))
+        self.keep = keep
+        self.target_active = keep * inner
+        self.histogram = None
+        self._meters = {name: Meter(layer, name, out_f, in_f, static_rank=inner, max_rank=inner)
+                        for name, out_f, in_f in (("gate", inner, hidden), ("up", inner, hidden),
+                                                  ("down", hidden, inner))}
+        for meter in self._meters.values():
+            meter.adapter = "cats"
+
+    def forward(self, x):
+        g = self.act(self.gate_proj(x))
+        scores = g.float().abs()
+        self.observe(scores)
+        mask = (scores >= self.tau).to(g.dtype)
+        active = mask.sum().item()
+        tokens = x.numel() // x.shape[-1]
+        hidden, inner = self.gate_proj.in_features, self.gate_proj.out_features
+        u = self.up_proj(x)  # only the kept rows would be computed by a kernel; the FLOPs count those alone
+        h = g * u * mask
+        y = self.down_proj(h)
+        meters = self._meters
+        meters["gate"].count(tokens, 2 * hidden * inner * tokens, inner * tokens)
+        meters["up"].count(tokens, 2 * hidden * active, active)
+        meters["down"].count(tokens, 2 * hidden * active, active)
+        if self.tracking:
+            meters["gate"].track(g, g)  # the gate runs dense: zero error, recorded as measured
+            meters["up"].track(u * mask, u)
+            meters["down"].track(y, self.down_proj(g * u))
+            meters["down"].track_sparsity(scores.square())
+        return y
+
+    def meters(self) -> list[Meter]:
+        return list(self._meters.values())

@@ -1,0 +1,155 @@
+"""What each module of a layer loses at each budget, measured on calibration rows: the raw material of both
+RaNA's within-MLP split search (design §2) and the allocation across layers (§4).
+
+- ``QKVProfile``: the stacked QKV rank adapter; its relative output error at keep fraction f is 1 − coverage.
+- ``MLPProfile``: rank adapters on up and gate, the neuron adapter on down. ``error(f_up, f_gate, f_down)`` runs
+  the adapted MLP on the calibration rows (down's threshold set on the *adapted* h) against the dense MLP.
+  ``best_split(f)`` searches the paper's grid of keep-ratio triples {3..9}/18 for the MLP keep fraction f.
+
+Rank plans are cached per keep fraction rounded to ``GRID``, so curves over many budgets reuse them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from rana_core.decompose import OutputBasis, output_basis
+from rana_core.rank_adapter import RankPlan, plan_rank_adapter
+
+GRID = 0.025  # keep fractions of up/gate plans are rounded to this step for caching
+SPLIT_PARTS = 18
+SPLIT_RANGE = range(3, 10)  # each projection's share of the MLP budget is 3/18 .. 9/18
+
+
+def split_triples() -> list[tuple[int, int, int]]:
+    """(up, gate, down) shares in eighteenths, summing to 18."""
+    return [(u, g, SPLIT_PARTS - u - g) for u in SPLIT_RANGE for g in SPLIT_RANGE
+            if SPLIT_PARTS - u - g in SPLIT_RANGE]
+
+
+def _round(keep: float) -> float:
+    return min(1.0, max(GRID, round(keep / GRID) * GRID))
+
+
+@dataclass
+class ProjectionFactors:
+    """One linear's data-aware basis, factors and calibration energies on the full basis."""
+
+    weight: torch.Tensor  # float32 (m, n)
+    basis: OutputBasis
+    B_full: torch.Tensor  # float32 (r_max, n) = Uᵀ W
+    energy: torch.Tensor  # float32 (T, r_max): z_i² of the calibration rows
+
+    @classmethod
+    def build(cls, weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor) -> "ProjectionFactors":
+        basis = output_basis(weight, gram)
+        B_full = (basis.U.T @ weight.detach().double().cpu()).float()
+        return cls(weight.detach().float().cpu(), basis, B_full, (rows @ B_full.T).square())
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.weight.shape)
+
+    def plan(self, keep: float) -> RankPlan:
+        return plan_rank_adapter(self.energy, keep, *self.shape)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) in float64 for a static rank."""
+        A = self.basis.U[:, :rank]
+        return A, self.B_full[:rank].double()
+
+    def adapted_output(self, rows: torch.Tensor, plan: RankPlan) -> torch.Tensor:
+        z = rows @ self.B_full[: plan.rank].T
+        z = z * (z.square() >= plan.tau)
+        return z @ self.basis.U[:, : plan.rank].T.float()
+
+
+class QKVProfile:
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor):
+        self.proj = ProjectionFactors.build(weight, gram, rows)
+
+    @lru_cache(maxsize=None)
+    def plan(self, keep: float) -> RankPlan:
+        return self.proj.plan(keep)
+
+    def error(self, keep: float) -> float:
+        return 1.0 - self.plan(_round(keep)).coverage if keep < 1 else 0.0
+
+
+@dataclass(frozen=True)
+class MLPChoice:
+    keep: float  # fraction of the MLP's dense FLOPs
+    up: float
+    gate: float
+    down: float  # per-projection keep fractions; their mean is `keep` (the three cost the same dense)
+    error: float  # relative MLP output error on the calibration rows
+
+
+class MLPProfile:
+    def __init__(self, mlp, gram: torch.Tensor, down_gram: torch.Tensor | None, rows: torch.Tensor):
+        self.rows = rows
+        self.act = mlp.act_fn
+        self.up = ProjectionFactors.build(mlp.up_proj.weight, gram, rows)
+        self.gate = ProjectionFactors.build(mlp.gate_proj.weight, gram, rows)
+        self.down_weight = mlp.down_proj.weight.detach().float().cpu()
+        self.column_norms = self.down_weight.norm(dim=0)
+        with torch.no_grad():
+            self.dense = mlp(rows.to(mlp.down_proj.weight.dtype)).float().cpu()
+        self.dense_energy = self.dense.square().sum().item()
+        self._outputs: dict[tuple[str, float], torch.Tensor] = {}
+        self._plans: dict[tuple[str, float], RankPlan] = {}
+
+    def plan(self, which: str, keep: float) -> RankPlan:
+        key = (which, _round(keep))
+        if key not in self._plans:
+            self._plans[key] = getattr(self, which).plan(key[1])
+        return self._plans[key]
+
+    def _output(self, which: str, keep: float) -> torch.Tensor:
+        key = (which, _round(keep))
+        if key not in self._outputs:
+            proj = getattr(self, which)
+            if key[1] >= 1.0:
+                self._outputs[key] = self.rows @ proj.weight.T
+            else:
+                self._outputs[key] = proj.adapted_output(self.rows, self.plan(which, keep))
+        return self._outputs[key]
+
+    def down_threshold(self, h: torch.Tensor, keep: float) -> float:
+        scores = h.abs() * self.column_norms
+        count = int(round(keep * scores.numel()))
+        if count >= scores.numel():
+            return 0.0
+        return scores.reshape(-1).topk(max(count, 1), sorted=False).values.min().item()
+
+    def error(self, up: float, gate: float, down: float) -> tuple[float, float]:
+        """(relative MLP output error, the down threshold that kept `down` of the neurons)."""
+        h = self.act(self._output("gate", gate)) * self._output("up", up)
+        tau = self.down_threshold(h, down)
+        mask = (h.abs() * self.column_norms) >= tau
+        y = (h * mask) @ self.down_weight.T
+        return (y - self.dense).square().sum().item() / self.dense_energy, tau
+
+    def best_split(self, keep: float) -> MLPChoice:
+        """Search the grid of triples for MLP keep fraction `keep`; dense when keep ≥ 1."""
+        if keep >= 1.0:
+            return MLPChoice(1.0, 1.0, 1.0, 1.0, 0.0)
+        best = None
+        for shares in split_triples():
+            fractions = [3 * keep * share / SPLIT_PARTS for share in shares]
+            if max(fractions) > 1.0:
+                continue
+            error, _ = self.error(*fractions)
+            if best is None or error < best.error:
+                best = MLPChoice(keep, *fractions, error)
+        if best is None:  # no triple fits under 1 per projection: only near-dense budgets, split evenly
+            error, _ = self.error(keep, keep, keep)
+            best = MLPChoice(keep, keep, keep, keep, error)
+        return best
+
+    def release(self) -> None:
+        """Drop cached outputs (tens of MB per layer) once the layer's choices are made."""
+        self._outputs.clear()

@@ -1,0 +1,94 @@
+"""RaNA's linear-layer rank adapter (design §1): data-aware factors, a static rank, and per-token rank masks.
+
+With the output basis U of the layer's calibration outputs, A = U[:, :r] (orthonormal columns) and B = Aᵀ W.
+For a token x, z = B x; rank i contributes exactly z_i² to ‖A z‖², so rank i is kept iff z_i² ≥ τ and
+y = A (z ⊙ mask) + b. A token pays 2·n·r for z and 2·m per active rank.
+
+For a budget of a fraction f of the dense FLOPs 2mn, a static rank r leaves k = (f·m·n − n·r) / m active ranks
+per token on average. ``plan_rank_adapter`` tries static ranks from full down, keeps for each the k·T largest
+z_i² over T calibration tokens, and picks the rank whose kept share of the output energy ("coverage") is largest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rana_core.adapters import AdapterUnit
+from rana_core.thresholds import Thresholded
+
+SEARCH_STEPS = 16  # static ranks tried on a coarse grid, then refined around the best
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    keep: float  # fraction of the dense FLOPs this adapter may spend
+    rank: int  # static rank r
+    active: float  # mean active ranks per token, k
+    tau: float  # threshold on z_i² that keeps k per token on the calibration tokens
+    coverage: float  # share of the output energy kept on the calibration tokens (1 − relative error)
+
+
+def active_for(keep: float, out_features: int, in_features: int, rank: int) -> float:
+    return (keep * out_features * in_features - in_features * rank) / out_features
+
+
+def plan_rank_adapter(energy: torch.Tensor, keep: float, out_features: int, in_features: int) -> RankPlan:
+    """`energy`: (T, r_max) values z_i² of T calibration tokens on the full basis, whose row sums are ‖W x‖²."""
+    tokens, max_rank = energy.shape
+    total = energy.sum().item()
+    if keep >= 1.0:
+        return RankPlan(1.0, max_rank, float(max_rank), 0.0, 1.0)
+
+    def score(rank: int) -> tuple[float, float, float]:
+        active = min(active_for(keep, out_features, in_features, rank), rank)
+        count = int(round(active * tokens))
+        if active <= 0 or count <= 0:
+            return -1.0, 0.0, active
+        kept = energy[:, :rank].reshape(-1).topk(count, sorted=False).values
+        return kept.sum().item() / total, kept.min().item(), active
+
+    step = max(1, max_rank // SEARCH_STEPS)
+    candidates = set(range(max_rank, 0, -step))
+    results = {rank: score(rank) for rank in candidates}
+    best = max(results, key=lambda r: results[r][0])
+    for rank in range(max(1, best - step + 1), min(max_rank, best + step - 1) + 1, max(1, step // 4)):
+        if rank not in results:
+            results[rank] = score(rank)
+    best = max(results, key=lambda r: results[r][0])
+    coverage, tau, active = results[best]
+    if coverage < 0:  # the budget cannot pay even for one static rank with one active rank
+        rank = max(1, int(keep * out_features * in_features / (in_features + out_features)))
+        return RankPlan(keep, rank, float(rank), 0.0, 0.0)
+    return RankPlan(keep, best, active, tau, coverage)
+
+
+class RankMaskedUnit(Thresholded, AdapterUnit):
+    adapter_name = "rank"
+
+    def __init__(self, members, layer, module, A: torch.Tensor, B: torch.Tensor, plan: RankPlan):
+        super().__init__(members, layer, module, static_rank=A.shape[1])
+        dtype, device = members[0].weight.dtype, members[0].weight.device
+        self.A = nn.Parameter(A.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        self.B = nn.Parameter(B.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        biases = [m.bias for m in members]
+        self.bias = torch.cat(biases).detach() if all(b is not None for b in biases) else None
+        self.register_buffer("tau", torch.tensor(plan.tau, dtype=torch.float32))
+        self.target_active = plan.active
+        self.plan = plan
+
+    def compute(self, x):
+        z = F.linear(x, self.B)
+        scores = z.float().square()
+        self.observe(scores)
+        mask = scores >= self.tau
+        active = mask.sum().item()
+        tokens = x.numel() // x.shape[-1]
+        rank = self.A.shape[1]
+        self.meter.count(tokens, 2 * tokens * self.in_features * rank + 2 * self.out_features * active, active)
+        if self.tracking:
+            self.meter.track_sparsity(scores)
+        return F.linear(z * mask.to(z.dtype), self.A, self.bias)
