@@ -40,6 +40,7 @@ def low_rank_factors(weight: torch.Tensor, basis: OutputBasis, rank: int) -> tup
 
 
 def rank_for_budget(out_features: int, in_features: int, flop_reduction: float) -> int:
-    """Largest static rank whose A B costs at most (1 − p) of the dense product: 2r(m+n) ≤ (1 − p) 2mn."""
-    rank = int((1.0 - flop_reduction) * out_features * in_features // (out_features + in_features))
+    """The static rank whose A B costs closest to (1 − p) of the dense product: 2r(m+n) ≈ (1 − p) 2mn.
+    Rounded to nearest, not down, so that small layers do not all overshoot the cut together."""
+    rank = round((1.0 - flop_reduction) * out_features * in_features / (out_features + in_features))
     return max(1, min(rank, min(out_features, in_features)))

@@ -64,3 +64,52 @@ def test_config_round_trips_and_rejects_unknown_keys():
     assert CompressConfig.from_dict(config.to_dict()) == config
     with pytest.raises(RanaError, match="unknown option"):
         CompressConfig.from_dict({"budget": 0.3})
+
+
+@pytest.mark.parametrize("method, allocation", [("svd", "uniform"), ("cats", "uniform"), ("rana", "uniform"),
+                                                ("rana", "greedy")])
+@pytest.mark.parametrize("budget", [0.3, 0.5])
+def test_every_method_hits_its_budget_on_held_out_tokens(tiny, method, allocation, budget):
+    result = compress(CompressConfig(method=method, allocation=allocation, flop_reduction=budget, **SMALL),
+                      loaded=tiny)
+    assert abs(result.measured_flop_reduction - budget) <= 0.015, result.measured_flop_reduction
+    adapters = {row.adapter for row in result.layers}
+    expected = {"svd": {"svd"}, "cats": {"cats", "dense"}, "rana": {"rank", "neuron"}}[method]
+    assert adapters == expected
+    if method == "rana":
+        assert all(0 < row.density < 1 for row in result.layers)  # masks are input-adaptive
+        assert all(0 < row.sparsity <= 1 for row in result.layers)
+
+
+def test_cats_refuses_a_budget_it_cannot_reach(tiny):
+    with pytest.raises(BudgetError, match="CATS can remove at most"):
+        compress(CompressConfig(method="cats", flop_reduction=0.9, **SMALL), loaded=tiny)
+
+
+def test_adapted_model_generates_with_a_kv_cache(tiny):
+    """Greedy decoding with the KV cache (one token per step through the masks) equals recomputing everything."""
+    import torch
+
+    from rana_core.adapters import inject, unload
+    from rana_core.corpus import token_windows
+    from rana_core.methods import METHODS
+    from rana_core.pipeline import calibrate_thresholds
+
+    config = CompressConfig(method="rana", flop_reduction=0.4, **SMALL)
+    calib = token_windows(tiny.tokenizer, "train", 2048, 128)
+    adapters = METHODS["rana"].load_builder()(tiny, calib, config, lambda f, m: None)
+    inject(tiny.layers, adapters)
+    try:
+        calibrate_thresholds(tiny.model, tiny.layers, calib, lambda f, m: None)
+        prompt = torch.tensor([tiny.tokenizer.encode("The jury said")])
+        cached = tiny.model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
+        uncached = tiny.model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)
+        assert cached.shape == (1, prompt.shape[1] + 12)
+        assert torch.equal(cached, uncached)
+        batch = calib[:3, :20]  # batched prefill: each row as if alone
+        with torch.no_grad():
+            together = tiny.model(batch).logits
+            alone = torch.cat([tiny.model(row[None]).logits for row in batch])
+        assert torch.allclose(together, alone, atol=1e-5)
+    finally:
+        unload(tiny.layers)

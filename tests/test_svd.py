@@ -64,6 +64,8 @@ def test_unit_at_full_rank_keeps_the_model_and_unload_restores_it(tiny, tiny_win
 
 
 def test_rank_for_budget():
-    assert rank_for_budget(1536, 576, 0.3) == int(0.7 * 1536 * 576 // (1536 + 576))
-    assert 2 * rank_for_budget(960, 576, 0.5) * (960 + 576) <= 0.5 * 2 * 960 * 576
+    assert rank_for_budget(1536, 576, 0.3) == round(0.7 * 1536 * 576 / (1536 + 576))  # 293.2 -> 293
+    assert rank_for_budget(160, 64, 0.5) == 23  # 22.86: rounded to nearest, not down
+    cost = 2 * rank_for_budget(960, 576, 0.5) * (960 + 576)
+    assert abs(cost - 0.5 * 2 * 960 * 576) <= (960 + 576)  # within half a rank of the budget
     assert rank_for_budget(64, 64, 0.94) >= 1
