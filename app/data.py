@@ -14,9 +14,14 @@ from db.models import Evaluation, LayerMetric, Run
 from db.session import DatabaseError, database_url, session_scope
 from jobs import queue, specs
 
-RUN_COLUMNS = ["run_id", "job_id", "model", "method", "allocation", "target_flop_reduction",
+RUN_COLUMNS = ["run_id", "job_id", "model", "method", "allocation", "series", "target_flop_reduction",
                "measured_flop_reduction", "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity",
                "eval_tokens", "seq_len", "calib_tokens", "seconds", "created_at"]
+
+
+def series_name(method: str, allocation: str) -> str:
+    """What the Pareto plot colours by: the method, with its allocation when it is not the paper's uniform."""
+    return method if allocation == "uniform" else f"{method}-{allocation}"
 
 
 def url() -> str:
@@ -47,7 +52,8 @@ def runs(db_url: str) -> pd.DataFrame:
             seen.add(run.id)
             records.append({
                 "run_id": run.id, "job_id": run.job_id, "model": run.model, "method": run.method,
-                "allocation": run.allocation, "target_flop_reduction": run.target_flop_reduction,
+                "allocation": run.allocation, "series": series_name(run.method, run.allocation),
+                "target_flop_reduction": run.target_flop_reduction,
                 "measured_flop_reduction": ev.measured_flop_reduction,
                 "measured_flop_reduction_whole_model": ev.measured_flop_reduction_whole_model,
                 "perplexity": ev.perplexity, "dense_perplexity": ev.dense_perplexity, "eval_tokens": ev.tokens,

@@ -27,6 +27,7 @@ class CompressConfig:
     seed: int = 0  # for any sampling a method does; the data split itself is fixed
     device: str = "cpu"
     dtype: str = "float32"
+    track_layers: bool = True  # measure each module's reconstruction error and sparsity (a second dense pass)
 
     def validate(self) -> "CompressConfig":
         """Raise a RanaError naming the first bad field; return self so calls chain."""

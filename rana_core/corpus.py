@@ -115,3 +115,10 @@ def token_windows(tokenizer, split: str, n_tokens: int, seq_len: int, root: str 
     all_windows = torch.tensor(stream[: available * seq_len], dtype=torch.long).view(available, seq_len)
     picks = torch.linspace(0, available - 1, n_windows).round().long()
     return all_windows[picks].clone()
+
+
+def windows_digest(windows) -> str:
+    """A short fingerprint of token windows, for cache keys."""
+    import hashlib
+
+    return hashlib.sha1(windows.numpy().tobytes()).hexdigest()[:16]

@@ -54,6 +54,14 @@ class LoadedModel:
     source: ModelSource
     weights_file: str | None = None  # the file the weights came from, for provenance hashes
     info: dict = field(default_factory=dict)
+    # Results that depend only on the weights and the data (dense perplexity, calibration profiles), kept while
+    # the model stays loaded so that sweeps and workers compute them once. Keys name the data they came from.
+    cache: dict = field(default_factory=dict)
+
+    def cached(self, key, compute):
+        if key not in self.cache:
+            self.cache[key] = compute()
+        return self.cache[key]
 
     @property
     def config(self):

@@ -17,7 +17,7 @@ import torch
 from rana_core.adapters import (MODULES, inject, installed_adapters, installed_meters, module_shapes, set_tracking,
                                 unload)
 from rana_core.config import CompressConfig
-from rana_core.corpus import token_windows
+from rana_core.corpus import token_windows, windows_digest
 from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
 from rana_core.methods import METHODS
@@ -94,7 +94,10 @@ def compress(
     held_out = token_windows(loaded.tokenizer, "heldout", config.eval_tokens, config.seq_len)
     report(1.0, f"{calib.numel()} calibration and {held_out.numel()} held-out tokens")
 
-    dense = perplexity(loaded.model, held_out, progress=plan.stage("dense eval"))
+    report = plan.stage("dense eval")
+    dense = loaded.cached(("dense perplexity", windows_digest(held_out)),
+                          lambda: perplexity(loaded.model, held_out, progress=report))
+    report(1.0, f"{dense.perplexity:.3f}")
 
     layers = loaded.layers
     shapes = module_shapes(layers)
@@ -109,7 +112,7 @@ def compress(
         meters = installed_meters(layers)
         for meter in meters.values():
             meter.reset()
-        set_tracking(layers, True)
+        set_tracking(layers, config.track_layers)
         adapted = perplexity(loaded.model, held_out, progress=plan.stage("adapted eval"))
         layer_rows = _layer_results(shapes, meters)
     finally:

@@ -101,6 +101,7 @@ class MLPProfile:
         self.dense_energy = self.dense.square().sum().item()
         self._outputs: dict[tuple[str, float], torch.Tensor] = {}
         self._plans: dict[tuple[str, float], RankPlan] = {}
+        self._splits: dict[float, MLPChoice] = {}
 
     def plan(self, which: str, keep: float) -> RankPlan:
         key = (which, _round(keep))
@@ -134,9 +135,14 @@ class MLPProfile:
         return (y - self.dense).square().sum().item() / self.dense_energy, tau
 
     def best_split(self, keep: float) -> MLPChoice:
-        """Search the grid of triples for MLP keep fraction `keep`; dense when keep ≥ 1."""
+        """Search the grid of triples for MLP keep fraction `keep`; dense when keep ≥ 1. Memoised."""
         if keep >= 1.0:
             return MLPChoice(1.0, 1.0, 1.0, 1.0, 0.0)
+        if keep not in self._splits:
+            self._splits[keep] = self._search_split(keep)
+        return self._splits[keep]
+
+    def _search_split(self, keep: float) -> MLPChoice:
         best = None
         for shares in split_triples():
             fractions = [3 * keep * share / SPLIT_PARTS for share in shares]

@@ -21,14 +21,15 @@ SEEDED = [  # (model, method, target, measured, perplexity)
     ("smollm2-135m", "svd", 0.2, 0.201, 120.0),
     ("smollm2-135m", "svd", 0.3, 0.300, 337.8),
     ("tiny", "svd", 0.3, 0.304, 253.1),
+    ("smollm2-135m", "rana", 0.3, 0.29, 59.7, "greedy"),
 ]
 
 
-def fake_result(model, method, target, measured, ppl):
+def fake_result(model, method, target, measured, ppl, allocation="uniform"):
     layers = [{"layer": i, "module": m, "rank": 10, "max_rank": 64, "density": 1.0, "recon_error": 0.1,
                "flops_per_token": 100.0, "dense_flops_per_token": 200} for i in range(2)
               for m in ("qkv", "gate", "up", "down")]
-    return {"model": model, "method": method, "allocation": "uniform", "target_flop_reduction": target,
+    return {"model": model, "method": method, "allocation": allocation, "target_flop_reduction": target,
             "measured_flop_reduction": measured, "measured_flop_reduction_whole_model": measured / 2,
             "dense_perplexity": 39.8 if model != "tiny" else 252.7, "perplexity": ppl, "calib_tokens": 8192,
             "eval_tokens": 8192, "seq_len": 512, "seconds": 1.0, "layers": layers, "config": {}}
@@ -78,13 +79,14 @@ def test_pareto_plots_every_run_of_the_chosen_model_and_the_dense_line(seeded):
     assert at.selectbox(key="pareto_model").value == "smollm2-135m"
     data, layout = chart(at)
     traces = {trace.name: trace for trace in data}
-    assert set(traces) == {"dense", "svd", "dense (reference)"}
+    assert set(traces) == {"dense", "svd", "rana-greedy", "dense (reference)"}
+    assert list(traces["rana-greedy"].y) == [59.7]
     assert list(traces["svd"].x) == [0.201, 0.300] and list(traces["svd"].y) == [120.0, 337.8]
     assert list(traces["dense"].y) == [39.8]
     assert set(traces["dense (reference)"].y) == {39.8}
     assert layout["yaxis"]["type"] == "log"
     table = at.dataframe[0].value
-    assert sorted(table["perplexity"]) == [39.8, 120.0, 337.8]
+    assert sorted(table["perplexity"]) == [39.8, 59.7, 120.0, 337.8]
 
     at.selectbox(key="pareto_model").set_value("tiny").run()
     data, _ = chart(at)
@@ -100,12 +102,12 @@ def test_pareto_without_runs_says_what_to_do(db_url):
 def test_jobs_page_lists_status_progress_and_runs(seeded):
     at = run_page("job_list.py")
     table = at.dataframe[0].value
-    assert len(table) == 5
+    assert len(table) == 6
     queued = table[table["job"] == seeded["queued"]].iloc[0]
     assert queued["status"] == "queued" and queued["progress"] == 0.0
     done = table[table["status"] == "done"]
     assert sorted(done["job"]) == sorted(seeded["done"]) and done["run"].notna().all()
-    assert "done: 4" in at.caption[0].value and "queued: 1" in at.caption[0].value
+    assert "done: 5" in at.caption[0].value and "queued: 1" in at.caption[0].value
 
 
 def test_jobs_page_shows_the_error_of_a_failed_job(db_url):
@@ -119,25 +121,28 @@ def test_jobs_page_shows_the_error_of_a_failed_job(db_url):
 def test_new_run_queues_the_job_the_form_describes(db_url):
     at = run_page("new_run.py")
     at.selectbox(key="new_run_model").set_value("tiny")
-    at.selectbox(key="new_run_method").set_value("svd")
+    at.selectbox(key="new_run_method").set_value("rana").run()
+    assert at.selectbox(key="new_run_allocation").options == ["uniform", "greedy"]
+    at.selectbox(key="new_run_allocation").set_value("greedy")
     at.slider(key="new_run_budget").set_value(0.44)
     at.number_input(key="new_run_calib").set_value(2048)
     at.number_input(key="new_run_eval").set_value(1024)
     at.number_input(key="new_run_seq_len").set_value(256)
-    at.button[0].click().run()
+    at.button(key="new_run_submit").click().run()
     assert not at.error and "Queued job" in at.success[0].value
     (job,) = queue.list_jobs(url=db_url)
     assert job.status == "queued"
-    assert {k: job.payload[k] for k in ("model", "method", "flop_reduction", "calib_tokens", "eval_tokens",
-                                        "seq_len")} == {"model": "tiny", "method": "svd", "flop_reduction": 0.44,
-                                                        "calib_tokens": 2048, "eval_tokens": 1024, "seq_len": 256}
+    assert {k: job.payload[k] for k in ("model", "method", "allocation", "flop_reduction", "calib_tokens",
+                                        "eval_tokens", "seq_len")} == {
+        "model": "tiny", "method": "rana", "allocation": "greedy", "flop_reduction": 0.44, "calib_tokens": 2048,
+        "eval_tokens": 1024, "seq_len": 256}
 
 
 def test_new_run_refuses_bad_input_with_a_message_and_no_row(db_url):
     at = run_page("new_run.py")
-    at.selectbox(key="new_run_model").set_value("other: a local folder or hub id")
+    at.selectbox(key="new_run_model").set_value("other: a local folder or hub id").run()
     at.text_input(key="new_run_model_other").set_value("./not/here")
-    at.button[0].click().run()
+    at.button(key="new_run_submit").click().run()
     assert "model folder not found" in at.error[0].value
     assert not at.exception and queue.list_jobs(url=db_url) == []
 

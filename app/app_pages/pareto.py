@@ -21,7 +21,7 @@ log_y = right.toggle("Log perplexity axis", value=True, key="pareto_log_y")
 shown = runs[runs["model"] == model]
 st.plotly_chart(charts.pareto_figure(shown, log_y=log_y), key="pareto_chart")
 st.dataframe(
-    shown[["run_id", "method", "allocation", "target_flop_reduction", "measured_flop_reduction",
+    shown[["run_id", "series", "target_flop_reduction", "measured_flop_reduction",
            "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity", "eval_tokens", "created_at"]],
     hide_index=True, width="stretch", key="pareto_table",
 )

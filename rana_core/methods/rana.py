@@ -12,6 +12,7 @@ import torch
 
 from rana_core.adapters import layer_members
 from rana_core.allocation import Curve, greedy_allocation
+from rana_core.corpus import windows_digest
 from rana_core.flops import linear_flops
 from rana_core.methods.svd import capture_module_inputs
 from rana_core.mlp_adapters import NeuronMaskedUnit, RaNAMLP
@@ -25,19 +26,9 @@ CURVE_KEEPS = [round(1.0 - 0.05 * i, 2) for i in range(17)]  # 1.0 .. 0.2
 def build(loaded, calib_windows, config, progress):
     if config.flop_reduction == 0:
         return []
-    stride = max(1, calib_windows.numel() // SEARCH_TOKENS)
-    stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.3 * f, f"calibration {m}"),
-                                  row_stride=stride)
     layers = loaded.layers
-    qkv, mlp = {}, {}
-    for index, layer in enumerate(layers):
-        attn_in = stats.pop(f"{index}:self_attn.q_proj")
-        mlp_in = stats.pop(f"{index}:mlp.up_proj")
-        stats.pop(f"{index}:mlp.down_proj", None)
-        weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
-        qkv[index] = QKVProfile(weight, attn_in.gram, attn_in.rows)
-        mlp[index] = MLPProfile(layer.mlp, mlp_in.gram, None, mlp_in.rows)
-        progress(0.3 + 0.2 * (index + 1) / len(layers), f"profiled layer {index + 1}/{len(layers)}")
+    qkv, mlp = loaded.cached(("rana profiles", windows_digest(calib_windows)),
+                             lambda: profile_layers(loaded, calib_windows, progress))
 
     keeps = allocate(qkv, mlp, config.flop_reduction, config.allocation,
                      lambda f, m: progress(0.5 + 0.4 * f, m))
@@ -48,6 +39,24 @@ def build(loaded, calib_windows, config, progress):
         mlp[index].release()
         progress(0.9 + 0.1 * (index + 1) / len(layers), f"built layer {index + 1}/{len(layers)}")
     return adapters
+
+
+def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
+    """QKV and MLP profiles of every layer from one calibration pass over the dense model."""
+    stride = max(1, calib_windows.numel() // SEARCH_TOKENS)
+    stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.3 * f, f"calibration {m}"),
+                                  row_stride=stride)
+    qkv, mlp = {}, {}
+    layers = loaded.layers
+    for index, layer in enumerate(layers):
+        attn_in = stats.pop(f"{index}:self_attn.q_proj")
+        mlp_in = stats.pop(f"{index}:mlp.up_proj")
+        stats.pop(f"{index}:mlp.down_proj", None)
+        weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
+        qkv[index] = QKVProfile(weight, attn_in.gram, attn_in.rows)
+        mlp[index] = MLPProfile(layer.mlp, mlp_in.gram, None, mlp_in.rows)
+        progress(0.3 + 0.2 * (index + 1) / len(layers), f"profiled layer {index + 1}/{len(layers)}")
+    return qkv, mlp
 
 
 def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progress) -> dict:
@@ -61,7 +70,7 @@ def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progr
         profile = mlp[i]
         dense = sum(linear_flops(*p.shape) for p in (profile.up, profile.gate)) + linear_flops(
             *profile.down_weight.shape)
-        curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS, _cached(lambda keep, p=profile: p.best_split(keep).error))
+        curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS, lambda keep, p=profile: p.best_split(keep).error)
     done = [0]
 
     def counted(curve_error):
@@ -74,17 +83,6 @@ def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progr
     for curve in curves.values():
         curve.error = counted(curve.error)
     return greedy_allocation(curves, flop_reduction)
-
-
-def _cached(function):
-    cache = {}
-
-    def inner(keep):
-        if keep not in cache:
-            cache[keep] = function(keep)
-        return cache[keep]
-
-    return inner
 
 
 def _layer_adapters(layer, index, qkv: QKVProfile, mlp: MLPProfile, qkv_keep: float, mlp_keep: float) -> list:
