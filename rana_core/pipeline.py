@@ -79,7 +79,6 @@ def compress(
     config.validate()
     started = time.perf_counter()
     plan = StagedProgress(progress, STAGES)
-    spec = METHODS[config.method]
     target = 0.0 if config.method == "dense" else config.flop_reduction
 
     report = plan.stage("load")
@@ -104,11 +103,7 @@ def compress(
     profile = dense_profile(loaded.config, shapes, config.seq_len)
     unload(layers)  # a reused model must start clean
     try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(config.seed)
-            adapters = spec.load_builder()(loaded, calib, config, plan.stage("build"))
-        inject(layers, adapters)
-        calibrate_thresholds(loaded.model, layers, calib, plan.stage("thresholds"))
+        adapt(loaded, config, calib, plan.stage("build"), plan.stage("thresholds"))
         meters = installed_meters(layers)
         for meter in meters.values():
             meter.reset()
@@ -138,6 +133,18 @@ def compress(
         config=config.to_dict(),
         environment=_environment(loaded),
     )
+
+
+def adapt(loaded: LoadedModel, config: CompressConfig, calib: torch.Tensor, build_progress: ProgressFn,
+          threshold_progress: ProgressFn) -> list:
+    """Build the method's adapters from `calib`, put them in the model, and set their thresholds on the adapted
+    model. The caller unloads them (adapters.unload) when done."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        adapters = METHODS[config.method].load_builder()(loaded, calib, config, build_progress)
+    inject(loaded.layers, adapters)
+    calibrate_thresholds(loaded.model, loaded.layers, calib, threshold_progress)
+    return adapters
 
 
 def calibrate_thresholds(model, layers, windows, progress, passes: int = THRESHOLD_PASSES) -> None:

@@ -30,6 +30,13 @@ def split_triples() -> list[tuple[int, int, int]]:
             if SPLIT_PARTS - u - g in SPLIT_RANGE]
 
 
+def _moved(shares: tuple[int, int, int], source: int, target: int) -> tuple[int, int, int]:
+    moved = list(shares)
+    moved[source] -= 1
+    moved[target] += 1
+    return tuple(moved)
+
+
 def _round(keep: float) -> float:
     return min(1.0, max(GRID, round(keep / GRID) * GRID))
 
@@ -102,6 +109,7 @@ class MLPProfile:
         self._outputs: dict[tuple[str, float], torch.Tensor] = {}
         self._plans: dict[tuple[str, float], RankPlan] = {}
         self._splits: dict[float, MLPChoice] = {}
+        self._curve: dict[float, tuple[tuple[int, int, int], float]] = {}  # keep -> (shares, error)
 
     def plan(self, which: str, keep: float) -> RankPlan:
         key = (which, _round(keep))
@@ -120,11 +128,11 @@ class MLPProfile:
         return self._outputs[key]
 
     def down_threshold(self, h: torch.Tensor, keep: float) -> float:
-        scores = h.abs() * self.column_norms
+        scores = (h.abs() * self.column_norms).reshape(-1)
         count = int(round(keep * scores.numel()))
         if count >= scores.numel():
             return 0.0
-        return scores.reshape(-1).topk(max(count, 1), sorted=False).values.min().item()
+        return scores.kthvalue(scores.numel() - max(count, 1) + 1).values.item()  # the count-th largest
 
     def error(self, up: float, gate: float, down: float) -> tuple[float, float]:
         """(relative MLP output error, the down threshold that kept `down` of the neurons)."""
@@ -141,6 +149,32 @@ class MLPProfile:
         if keep not in self._splits:
             self._splits[keep] = self._search_split(keep)
         return self._splits[keep]
+
+    def curve_error(self, keep: float) -> float:
+        """The MLP's error at `keep` for allocation curves: a local search from the split that was best at the
+        nearest keep already evaluated (moving one eighteenth between two projections), 5× cheaper than the
+        full grid. The split actually built is always searched on the full grid (best_split)."""
+        if keep >= 1.0:
+            return 0.0
+        if keep in self._splits:
+            return self._splits[keep].error
+        if keep not in self._curve:
+            seed = (6, 6, 6)
+            if self._curve:
+                seed = self._curve[min(self._curve, key=lambda k: abs(k - keep))][0]
+            candidates = {seed} | {_moved(seed, a, b) for a in range(3) for b in range(3) if a != b}
+            best = None
+            for shares in candidates:
+                fractions = [3 * keep * share / SPLIT_PARTS for share in shares]
+                if min(shares) < SPLIT_RANGE.start or max(shares) >= SPLIT_RANGE.stop or max(fractions) > 1.0:
+                    continue
+                error, _ = self.error(*fractions)
+                if best is None or error < best[1]:
+                    best = (shares, error)
+            if best is None:
+                best = (seed, self.error(keep, keep, keep)[0])
+            self._curve[keep] = best
+        return self._curve[keep][1]
 
     def _search_split(self, keep: float) -> MLPChoice:
         best = None

@@ -34,7 +34,6 @@ class StagedProgress:
             fraction = min(max(fraction, 0.0), 1.0)
             self.callback(start + span * fraction, f"{name}: {message}" if message else name)
 
-        report(0.0)
         return report
 
     def done(self, message: str = "done") -> None:

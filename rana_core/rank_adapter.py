@@ -48,8 +48,9 @@ def plan_rank_adapter(energy: torch.Tensor, keep: float, out_features: int, in_f
         count = int(round(active * tokens))
         if active <= 0 or count <= 0:
             return -1.0, 0.0, active
-        kept = energy[:, :rank].reshape(-1).topk(count, sorted=False).values
-        return kept.sum().item() / total, kept.min().item(), active
+        entries = energy[:, :rank].reshape(-1)
+        tau = entries.kthvalue(entries.numel() - min(count, entries.numel()) + 1).values  # count-th largest
+        return entries[entries >= tau].sum().item() / total, tau.item(), active
 
     step = max(1, max_rank // SEARCH_STEPS)
     candidates = set(range(max_rank, 0, -step))

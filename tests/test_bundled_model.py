@@ -31,12 +31,37 @@ def test_held_out_perplexity_is_that_of_a_real_language_model(smol):
 
 
 def test_greedy_answer_to_a_factual_question(smol):
-    hf = smol.tokenizer.hf
-    prompt = hf.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                    add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    out = smol.model.generate(**prompt, max_new_tokens=16, do_sample=False)
-    answer = hf.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert "Paris" in answer
+    assert "Paris" in _ask(smol, "What is the capital of France?")
+
+
+def test_rana_at_a_30_percent_cut_still_answers(smol):
+    from rana_core.adapters import installed_meters, unload
+    from rana_core.config import CompressConfig
+    from rana_core.pipeline import adapt
+
+    config = CompressConfig(model="smollm2-135m", method="rana", flop_reduction=0.3, calib_tokens=4096,
+                            eval_tokens=512)
+    calib = token_windows(smol.tokenizer, "train", config.calib_tokens, config.seq_len)
+    try:
+        adapt(smol, config, calib, lambda f, m: None, lambda f, m: None)
+        meters = installed_meters(smol.layers)
+        for meter in meters.values():
+            meter.reset()
+        answer = _ask(smol, "What is the capital of France?")
+        spent = sum(m.flops for m in meters.values())
+        dense = sum(m.dense_flops_per_token * m.tokens for m in meters.values())
+    finally:
+        unload(smol.layers)
+    assert "Paris" in answer, answer
+    assert 0.2 < 1 - spent / dense < 0.45  # the masks ran, token by token, during generation
+
+
+def _ask(loaded, question: str, new_tokens: int = 16) -> str:
+    hf = loaded.tokenizer.hf
+    prompt = hf.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True,
+                                    return_tensors="pt", return_dict=True)
+    out = loaded.model.generate(**prompt, max_new_tokens=new_tokens, do_sample=False)
+    return hf.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
 def test_a_saved_folder_loads_to_the_same_model(smol, tmp_path):

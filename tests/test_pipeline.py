@@ -90,17 +90,14 @@ def test_adapted_model_generates_with_a_kv_cache(tiny):
     """Greedy decoding with the KV cache (one token per step through the masks) equals recomputing everything."""
     import torch
 
-    from rana_core.adapters import inject, unload
+    from rana_core.adapters import unload
     from rana_core.corpus import token_windows
-    from rana_core.methods import METHODS
-    from rana_core.pipeline import calibrate_thresholds
+    from rana_core.pipeline import adapt
 
     config = CompressConfig(method="rana", flop_reduction=0.4, **SMALL)
     calib = token_windows(tiny.tokenizer, "train", 2048, 128)
-    adapters = METHODS["rana"].load_builder()(tiny, calib, config, lambda f, m: None)
-    inject(tiny.layers, adapters)
     try:
-        calibrate_thresholds(tiny.model, tiny.layers, calib, lambda f, m: None)
+        adapt(tiny, config, calib, lambda f, m: None, lambda f, m: None)
         prompt = torch.tensor([tiny.tokenizer.encode("The jury said")])
         cached = tiny.model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
         uncached = tiny.model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)

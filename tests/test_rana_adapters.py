@@ -141,3 +141,7 @@ def test_split_grid_is_the_papers_and_the_search_takes_its_best(tiny, tiny_windo
     assert choice.error == pytest.approx(min(errors))
     assert (choice.up + choice.gate + choice.down) / 3 == pytest.approx(0.6)
     assert profile.error(1.0, 1.0, 1.0)[0] < 1e-10  # dense projections reproduce the MLP
+    # allocation curves search locally: never better than the full grid, never worse than the even split
+    for keep in (0.8, 0.7, 0.6, 0.5):
+        assert profile.best_split(keep).error <= profile.curve_error(keep) + 1e-12
+        assert profile.curve_error(keep) <= profile.error(keep, keep, keep)[0] + 1e-12

@@ -70,7 +70,7 @@ def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progr
         profile = mlp[i]
         dense = sum(linear_flops(*p.shape) for p in (profile.up, profile.gate)) + linear_flops(
             *profile.down_weight.shape)
-        curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS, lambda keep, p=profile: p.best_split(keep).error)
+        curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS, profile.curve_error)
     done = [0]
 
     def counted(curve_error):
