@@ -18,8 +18,10 @@ from rana_core.methods.svd import capture_module_inputs
 from rana_core.mlp_adapters import NeuronMaskedUnit, RaNAMLP
 from rana_core.profiles import MLPProfile, QKVProfile
 from rana_core.rank_adapter import RankMaskedUnit
+from rana_core.sensitivity import loss_weights
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
+SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules for greedy allocation
 CURVE_KEEPS = [round(1.0 - 0.05 * i, 2) for i in range(17)]  # 1.0 .. 0.2
 
 
@@ -30,8 +32,13 @@ def build(loaded, calib_windows, config, progress):
     qkv, mlp = loaded.cached(("rana profiles", windows_digest(calib_windows)),
                              lambda: profile_layers(loaded, calib_windows, progress))
 
+    weights = None
+    if config.allocation == "greedy":
+        slice_ = calib_windows[: max(1, SENSITIVITY_TOKENS // calib_windows.shape[1])]
+        weights = loaded.cached(("loss weights", windows_digest(slice_)),
+                                lambda: loss_weights(loaded.model, layers, slice_))
     keeps = allocate(qkv, mlp, config.flop_reduction, config.allocation,
-                     lambda f, m: progress(0.5 + 0.4 * f, m))
+                     lambda f, m: progress(0.5 + 0.4 * f, m), weights)
     adapters = []
     for index, layer in enumerate(layers):
         adapters.extend(_layer_adapters(layer, index, qkv[index], mlp[index], keeps[(index, "qkv")],
@@ -59,18 +66,23 @@ def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
     return qkv, mlp
 
 
-def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progress) -> dict:
-    """Keep fraction per (layer, "qkv" | "mlp")."""
+def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progress,
+             weights: dict | None = None) -> dict:
+    """Keep fraction per (layer, "qkv" | "mlp"). Greedy compares modules by relative output error times the
+    module's loss weight (rana_core.sensitivity), so that an error costs what it costs the language model."""
     if allocation == "uniform":
         return {(i, part): 1.0 - flop_reduction for i in qkv for part in ("qkv", "mlp")}
     curves = {}
     for i in qkv:
         m, n = qkv[i].proj.shape
-        curves[(i, "qkv")] = Curve(linear_flops(m, n), CURVE_KEEPS, qkv[i].error)
+        w = weights or {}
+        curves[(i, "qkv")] = Curve(linear_flops(m, n), CURVE_KEEPS,
+                                   lambda keep, p=qkv[i], wi=w.get((i, "qkv"), 1.0): wi * p.error(keep))
         profile = mlp[i]
         dense = sum(linear_flops(*p.shape) for p in (profile.up, profile.gate)) + linear_flops(
             *profile.down_weight.shape)
-        curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS, profile.curve_error)
+        curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS,
+                                   lambda keep, p=profile, wi=w.get((i, "mlp"), 1.0): wi * p.curve_error(keep))
     done = [0]
 
     def counted(curve_error):
