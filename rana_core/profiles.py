@@ -77,6 +77,9 @@ class ProjectionFactors:
 class QKVProfile:
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor):
         self.proj = ProjectionFactors.build(weight, gram, rows)
+        self.rows = rows
+        self.dense = rows @ self.proj.weight.T
+        self._loss_errors: dict[float, float] = {}
 
     @lru_cache(maxsize=None)
     def plan(self, keep: float) -> RankPlan:
@@ -84,6 +87,15 @@ class QKVProfile:
 
     def error(self, keep: float) -> float:
         return 1.0 - self.plan(_round(keep)).coverage if keep < 1 else 0.0
+
+    def loss_error(self, keep: float, fisher: torch.Tensor) -> float:
+        """Mean Fisher-weighted squared output error per token (see rana_core.sensitivity)."""
+        if keep >= 1:
+            return 0.0
+        if keep not in self._loss_errors:
+            diff = self.proj.adapted_output(self.rows, self.plan(_round(keep))) - self.dense
+            self._loss_errors[keep] = (diff.square() @ fisher).mean().item()
+        return self._loss_errors[keep]
 
 
 @dataclass(frozen=True)
@@ -108,8 +120,9 @@ class MLPProfile:
         self.dense_energy = self.dense.square().sum().item()
         self._outputs: dict[tuple[str, float], torch.Tensor] = {}
         self._plans: dict[tuple[str, float], RankPlan] = {}
-        self._splits: dict[float, MLPChoice] = {}
-        self._curve: dict[float, tuple[tuple[int, int, int], float]] = {}  # keep -> (shares, error)
+        self._splits: dict[tuple[float, bool], MLPChoice] = {}
+        # (keep, Fisher-weighted?) -> (shares, error)
+        self._curve: dict[tuple[float, bool], tuple[tuple[int, int, int], float]] = {}
 
     def plan(self, which: str, keep: float) -> RankPlan:
         key = (which, _round(keep))
@@ -134,59 +147,65 @@ class MLPProfile:
             return 0.0
         return scores.kthvalue(scores.numel() - max(count, 1) + 1).values.item()  # the count-th largest
 
-    def error(self, up: float, gate: float, down: float) -> tuple[float, float]:
-        """(relative MLP output error, the down threshold that kept `down` of the neurons)."""
+    def error(self, up: float, gate: float, down: float, fisher: torch.Tensor | None = None) -> tuple[float, float]:
+        """(MLP output error, the down threshold that kept `down` of the neurons). The error is relative
+        (‖Δ‖² / ‖y‖²), or with `fisher` the mean Fisher-weighted squared error per token."""
         h = self.act(self._output("gate", gate)) * self._output("up", up)
         tau = self.down_threshold(h, down)
         mask = (h.abs() * self.column_norms) >= tau
         y = (h * mask) @ self.down_weight.T
+        if fisher is not None:
+            return ((y - self.dense).square() @ fisher).mean().item(), tau
         return (y - self.dense).square().sum().item() / self.dense_energy, tau
 
-    def best_split(self, keep: float) -> MLPChoice:
+    def best_split(self, keep: float, fisher: torch.Tensor | None = None) -> MLPChoice:
         """Search the grid of triples for MLP keep fraction `keep`; dense when keep ≥ 1. Memoised."""
         if keep >= 1.0:
             return MLPChoice(1.0, 1.0, 1.0, 1.0, 0.0)
-        if keep not in self._splits:
-            self._splits[keep] = self._search_split(keep)
-        return self._splits[keep]
+        key = (keep, fisher is not None)
+        if key not in self._splits:
+            self._splits[key] = self._search_split(keep, fisher)
+        return self._splits[key]
 
-    def curve_error(self, keep: float) -> float:
+    def curve_error(self, keep: float, fisher: torch.Tensor | None = None) -> float:
         """The MLP's error at `keep` for allocation curves: a local search from the split that was best at the
         nearest keep already evaluated (moving one eighteenth between two projections), 5× cheaper than the
         full grid. The split actually built is always searched on the full grid (best_split)."""
         if keep >= 1.0:
             return 0.0
-        if keep in self._splits:
-            return self._splits[keep].error
-        if keep not in self._curve:
+        key = (keep, fisher is not None)
+        if key in self._splits:
+            return self._splits[key].error
+        if key not in self._curve:
             seed = (6, 6, 6)
-            if self._curve:
-                seed = self._curve[min(self._curve, key=lambda k: abs(k - keep))][0]
+            same_metric = [k for k in self._curve if k[1] == key[1]]
+            if same_metric:
+                seed = self._curve[min(same_metric, key=lambda k: abs(k[0] - keep))][0]
             candidates = {seed} | {_moved(seed, a, b) for a in range(3) for b in range(3) if a != b}
             best = None
             for shares in candidates:
                 fractions = [3 * keep * share / SPLIT_PARTS for share in shares]
                 if min(shares) < SPLIT_RANGE.start or max(shares) >= SPLIT_RANGE.stop or max(fractions) > 1.0:
                     continue
-                error, _ = self.error(*fractions)
+                error, _ = self.error(*fractions, fisher)
                 if best is None or error < best[1]:
                     best = (shares, error)
             if best is None:
-                best = (seed, self.error(keep, keep, keep)[0])
-            self._curve[keep] = best
-        return self._curve[keep][1]
+                best = (seed, self.error(keep, keep, keep, fisher)[0])
+            self._curve[key] = best
+        return self._curve[key][1]
 
-    def _search_split(self, keep: float) -> MLPChoice:
+    def _search_split(self, keep: float, fisher: torch.Tensor | None) -> MLPChoice:
         best = None
         for shares in split_triples():
             fractions = [3 * keep * share / SPLIT_PARTS for share in shares]
             if max(fractions) > 1.0:
                 continue
-            error, _ = self.error(*fractions)
+            error, _ = self.error(*fractions, fisher)
             if best is None or error < best.error:
                 best = MLPChoice(keep, *fractions, error)
         if best is None:  # no triple fits under 1 per projection: only near-dense budgets, split evenly
-            error, _ = self.error(keep, keep, keep)
+            error, _ = self.error(keep, keep, keep, fisher)
             best = MLPChoice(keep, keep, keep, keep, error)
         return best
 

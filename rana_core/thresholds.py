@@ -12,7 +12,7 @@ import math
 
 import torch
 
-LOG10_LOW, LOG10_HIGH, BINS = -14.0, 8.0, 4400  # 200 bins per decade
+LOG10_LOW, LOG10_HIGH, BINS = -20.0, 12.0, 6400  # 200 bins per decade, wide enough for outlier features
 
 
 class ScoreHistogram:

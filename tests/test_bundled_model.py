@@ -41,9 +41,9 @@ def test_rana_at_a_30_percent_cut_still_answers(smol):
 
     config = CompressConfig(model="smollm2-135m", method="rana", flop_reduction=0.3, calib_tokens=4096,
                             eval_tokens=512)
-    calib = token_windows(smol.tokenizer, "train", config.calib_tokens, config.seq_len)
+    train = token_windows(smol.tokenizer, "train", 2 * config.calib_tokens, config.seq_len)
     try:
-        adapt(smol, config, calib, lambda f, m: None, lambda f, m: None)
+        adapt(smol, config, train[0::2], train[1::2], lambda f, m: None, lambda f, m: None)
         meters = installed_meters(smol.layers)
         for meter in meters.values():
             meter.reset()

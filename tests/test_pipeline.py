@@ -75,10 +75,14 @@ def test_every_method_hits_its_budget_on_held_out_tokens(tiny, method, allocatio
     assert abs(result.measured_flop_reduction - budget) <= 0.015, result.measured_flop_reduction
     adapters = {row.adapter for row in result.layers}
     expected = {"svd": {"svd"}, "cats": {"cats", "dense"}, "rana": {"rank", "neuron"}}[method]
-    assert adapters == expected
+    if allocation == "greedy":
+        assert adapters - {"dense"} == expected  # greedy may leave a module whole
+    else:
+        assert adapters == expected
     if method == "rana":
-        assert all(0 < row.density < 1 for row in result.layers)  # masks are input-adaptive
-        assert all(0 < row.sparsity <= 1 for row in result.layers)
+        adapted = [row for row in result.layers if row.adapter != "dense"]
+        assert all(0 < row.density < 1 for row in adapted)  # masks are input-adaptive
+        assert all(0 < row.sparsity <= 1 for row in adapted)
 
 
 def test_cats_refuses_a_budget_it_cannot_reach(tiny):
@@ -95,9 +99,10 @@ def test_adapted_model_generates_with_a_kv_cache(tiny):
     from rana_core.pipeline import adapt
 
     config = CompressConfig(method="rana", flop_reduction=0.4, **SMALL)
-    calib = token_windows(tiny.tokenizer, "train", 2048, 128)
+    train = token_windows(tiny.tokenizer, "train", 4096, 128)
+    calib = train[0::2]
     try:
-        adapt(tiny, config, calib, lambda f, m: None, lambda f, m: None)
+        adapt(tiny, config, calib, train[1::2], lambda f, m: None, lambda f, m: None)
         prompt = torch.tensor([tiny.tokenizer.encode("The jury said")])
         cached = tiny.model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=True)
         uncached = tiny.model.generate(prompt, max_new_tokens=12, do_sample=False, use_cache=False)

@@ -18,7 +18,7 @@ from rana_core.methods.svd import capture_module_inputs
 from rana_core.mlp_adapters import NeuronMaskedUnit, RaNAMLP
 from rana_core.profiles import MLPProfile, QKVProfile
 from rana_core.rank_adapter import RankMaskedUnit
-from rana_core.sensitivity import loss_weights
+from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
 SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules for greedy allocation
@@ -32,17 +32,17 @@ def build(loaded, calib_windows, config, progress):
     qkv, mlp = loaded.cached(("rana profiles", windows_digest(calib_windows)),
                              lambda: profile_layers(loaded, calib_windows, progress))
 
-    weights = None
+    fisher = None
     if config.allocation == "greedy":
         slice_ = calib_windows[: max(1, SENSITIVITY_TOKENS // calib_windows.shape[1])]
-        weights = loaded.cached(("loss weights", windows_digest(slice_)),
-                                lambda: loss_weights(loaded.model, layers, slice_))
+        fisher = loaded.cached(("fisher diagonals", windows_digest(slice_)),
+                               lambda: fisher_diagonals(loaded.model, layers, slice_))
     keeps = allocate(qkv, mlp, config.flop_reduction, config.allocation,
-                     lambda f, m: progress(0.5 + 0.4 * f, m), weights)
+                     lambda f, m: progress(0.5 + 0.4 * f, m), fisher)
     adapters = []
     for index, layer in enumerate(layers):
         adapters.extend(_layer_adapters(layer, index, qkv[index], mlp[index], keeps[(index, "qkv")],
-                                        keeps[(index, "mlp")]))
+                                        keeps[(index, "mlp")], fisher[(index, "mlp")] if fisher else None))
         mlp[index].release()
         progress(0.9 + 0.1 * (index + 1) / len(layers), f"built layer {index + 1}/{len(layers)}")
     return adapters
@@ -67,22 +67,21 @@ def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
 
 
 def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progress,
-             weights: dict | None = None) -> dict:
-    """Keep fraction per (layer, "qkv" | "mlp"). Greedy compares modules by relative output error times the
-    module's loss weight (rana_core.sensitivity), so that an error costs what it costs the language model."""
+             fisher: dict | None = None) -> dict:
+    """Keep fraction per (layer, "qkv" | "mlp"). Greedy compares modules by their Fisher-weighted output error
+    (rana_core.sensitivity), so that an error costs what it costs the language model."""
     if allocation == "uniform":
         return {(i, part): 1.0 - flop_reduction for i in qkv for part in ("qkv", "mlp")}
     curves = {}
     for i in qkv:
         m, n = qkv[i].proj.shape
-        w = weights or {}
         curves[(i, "qkv")] = Curve(linear_flops(m, n), CURVE_KEEPS,
-                                   lambda keep, p=qkv[i], wi=w.get((i, "qkv"), 1.0): wi * p.error(keep))
+                                   lambda keep, p=qkv[i], f=fisher[(i, "qkv")]: p.loss_error(keep, f))
         profile = mlp[i]
         dense = sum(linear_flops(*p.shape) for p in (profile.up, profile.gate)) + linear_flops(
             *profile.down_weight.shape)
         curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS,
-                                   lambda keep, p=profile, wi=w.get((i, "mlp"), 1.0): wi * p.curve_error(keep))
+                                   lambda keep, p=profile, f=fisher[(i, "mlp")]: p.curve_error(keep, f))
     done = [0]
 
     def counted(curve_error):
@@ -97,14 +96,15 @@ def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progr
     return greedy_allocation(curves, flop_reduction)
 
 
-def _layer_adapters(layer, index, qkv: QKVProfile, mlp: MLPProfile, qkv_keep: float, mlp_keep: float) -> list:
+def _layer_adapters(layer, index, qkv: QKVProfile, mlp: MLPProfile, qkv_keep: float, mlp_keep: float,
+                    mlp_fisher: torch.Tensor | None) -> list:
     adapters = []
     if qkv_keep < 1.0:
         plan = qkv.proj.plan(qkv_keep)
         A, B = qkv.proj.factors(plan.rank)
         adapters.append(RankMaskedUnit(layer_members(layer, "qkv"), index, "qkv", A, B, plan))
     if mlp_keep < 1.0:
-        choice = mlp.best_split(mlp_keep)
+        choice = mlp.best_split(mlp_keep, mlp_fisher)  # the split minimises the same error the allocation did
         _, down_tau = mlp.error(choice.up, choice.gate, choice.down)
         units = {}
         for which in ("up", "gate"):
