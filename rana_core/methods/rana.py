@@ -21,6 +21,7 @@ from rana_core.rank_adapter import RankMaskedUnit
 from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
+PROBE_KEEP = 0.7  # keep fraction at which each module type's loss estimate is checked against the real loss
 SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules for greedy allocation
 CURVE_KEEPS = [round(1.0 - 0.05 * i, 2) for i in range(17)]  # 1.0 .. 0.2
 
@@ -32,13 +33,13 @@ def build(loaded, calib_windows, config, progress):
     qkv, mlp = loaded.cached(("rana profiles", windows_digest(calib_windows)),
                              lambda: profile_layers(loaded, calib_windows, progress))
 
-    fisher = None
+    fisher = scales = None
     if config.allocation == "greedy":
         slice_ = calib_windows[: max(1, SENSITIVITY_TOKENS // calib_windows.shape[1])]
-        fisher = loaded.cached(("fisher diagonals", windows_digest(slice_)),
-                               lambda: fisher_diagonals(loaded.model, layers, slice_))
+        fisher, scales = loaded.cached(("loss model", windows_digest(slice_)),
+                                       lambda: loss_model(loaded, qkv, mlp, slice_, progress))
     keeps = allocate(qkv, mlp, config.flop_reduction, config.allocation,
-                     lambda f, m: progress(0.5 + 0.4 * f, m), fisher)
+                     lambda f, m: progress(0.5 + 0.4 * f, m), fisher, scales)
     adapters = []
     for index, layer in enumerate(layers):
         adapters.extend(_layer_adapters(layer, index, qkv[index], mlp[index], keeps[(index, "qkv")],
@@ -66,22 +67,59 @@ def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
     return qkv, mlp
 
 
+def loss_model(loaded, qkv: dict, mlp: dict, windows, progress) -> tuple[dict, dict]:
+    """Fisher diagonals of every module's output, and one measured scale per module type.
+
+    The diagonal-Fisher estimate of the loss increase misses how errors interact (the softmax of attention
+    scores, errors that line up across layers), and it misses by different factors for QKV and for the MLP. So
+    each type is probed once: every layer's QKV (then every MLP) adapted at PROBE_KEEP, the real loss increase on
+    `windows` measured, and the type's estimates scaled to match it."""
+    from rana_core.adapters import inject, unload
+    from rana_core.evaluate import perplexity
+
+    layers = loaded.layers
+    progress(0.5, "loss gradients")
+    fisher = fisher_diagonals(loaded.model, layers, windows)
+    base = perplexity(loaded.model, windows).mean_nll
+    scales = {}
+    for part in ("qkv", "mlp"):
+        progress(0.5, f"probing {part}")
+        adapters = []
+        for i, layer in enumerate(layers):
+            keep_qkv, keep_mlp = (PROBE_KEEP, 1.0) if part == "qkv" else (1.0, PROBE_KEEP)
+            adapters += _layer_adapters(layer, i, qkv[i], mlp[i], keep_qkv, keep_mlp, fisher[(i, "mlp")])
+        inject(layers, adapters)
+        try:
+            actual = perplexity(loaded.model, windows).mean_nll - base
+        finally:
+            unload(layers)
+        if part == "qkv":
+            predicted = sum(qkv[i].loss_error(PROBE_KEEP, fisher[(i, "qkv")]) for i in qkv) / 2
+        else:
+            predicted = sum(mlp[i].best_split(PROBE_KEEP, fisher[(i, "mlp")]).error for i in mlp) / 2
+        scales[part] = max(actual, 1e-6) / max(predicted, 1e-12)
+    return fisher, scales
+
+
 def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progress,
-             fisher: dict | None = None) -> dict:
+             fisher: dict | None = None, scales: dict | None = None) -> dict:
     """Keep fraction per (layer, "qkv" | "mlp"). Greedy compares modules by their Fisher-weighted output error
-    (rana_core.sensitivity), so that an error costs what it costs the language model."""
+    (rana_core.sensitivity) times a measured scale per module type (see loss_model), so that an error costs
+    what it costs the language model."""
     if allocation == "uniform":
         return {(i, part): 1.0 - flop_reduction for i in qkv for part in ("qkv", "mlp")}
     curves = {}
     for i in qkv:
         m, n = qkv[i].proj.shape
         curves[(i, "qkv")] = Curve(linear_flops(m, n), CURVE_KEEPS,
-                                   lambda keep, p=qkv[i], f=fisher[(i, "qkv")]: p.loss_error(keep, f))
+                                   lambda keep, p=qkv[i], f=fisher[(i, "qkv")], s=scales["qkv"]:
+                                   s * p.loss_error(keep, f))
         profile = mlp[i]
         dense = sum(linear_flops(*p.shape) for p in (profile.up, profile.gate)) + linear_flops(
             *profile.down_weight.shape)
         curves[(i, "mlp")] = Curve(dense, CURVE_KEEPS,
-                                   lambda keep, p=profile, f=fisher[(i, "mlp")]: p.curve_error(keep, f))
+                                   lambda keep, p=profile, f=fisher[(i, "mlp")], s=scales["mlp"]:
+                                   s * p.curve_error(keep, f))
     done = [0]
 
     def counted(curve_error):
