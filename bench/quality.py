@@ -26,7 +26,7 @@ from rana_core.models import load_model
 from rana_core.pipeline import compress
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_METHODS = "dense,svd,cats,rana-uniform,rana-greedy"
+DEFAULT_METHODS = "dense,cats,rana-greedy,rana-uniform,svd"
 
 
 def parse_method(text: str) -> tuple[str, str]:
@@ -62,6 +62,7 @@ def main(argv=None) -> int:
             except RanaError as exc:
                 print(f"{name:<14}{budget:>7.2f}  skipped: {exc}", flush=True)
                 rows.append({"method": method, "allocation": allocation, "target": budget, "skipped": str(exc)})
+                write_report(args, rows, started)
                 continue
             row = {
                 "method": method, "allocation": allocation, "target": budget,
@@ -71,9 +72,17 @@ def main(argv=None) -> int:
                 "seconds": time.perf_counter() - t0,
             }
             rows.append(row)
+            write_report(args, rows, started)
             print(f"{name:<14}{budget:>7.2f}{row['measured_flop_reduction']:>10.3f}"
                   f"{row['measured_flop_reduction_whole_model']:>8.3f}{row['perplexity']:>12.2f}"
                   f"{row['seconds']:>9.0f}", flush=True)
+    out = write_report(args, rows, started)
+    print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
+    return 0
+
+
+def write_report(args, rows: list, started: float) -> Path:
+    """The whole report so far: written after every row, so an interrupted run still leaves its numbers."""
     report = {
         "model": args.model,
         "flops": {"measured_flop_reduction": "adapted linear layers: stacked QKV and MLP gate/up/down of every layer",
@@ -86,8 +95,7 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / f"quality-{args.model}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out} ({report['seconds']:.0f} s)")
-    return 0
+    return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,28 @@
+"""bench/quality.py end to end on `tiny`: every method and budget becomes a row of the table and of the JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quality_benchmark_writes_every_row(tmp_path):
+    out = tmp_path / "quality.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--model", "tiny", "--budgets", "0.3,0.6",
+         "--calib-tokens", "1024", "--eval-tokens", "512", "--seq-len", "128", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, check=True)
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    names = [(r["method"], r["allocation"], r["target"]) for r in rows]
+    assert names[0] == ("dense", "uniform", 0.0)
+    assert ("rana", "greedy", 0.6) in names and ("svd", "uniform", 0.3) in names
+    cats_06 = next(r for r in rows if r["method"] == "cats" and r["target"] == 0.6)
+    assert "CATS can remove at most" in cats_06["skipped"]  # beyond its reach: reported, not hidden
+    measured = [r for r in rows if "perplexity" in r and r["method"] != "dense"]
+    assert all(abs(r["measured_flop_reduction"] - r["target"]) <= 0.02 for r in measured)
+    assert all(r["measured_flop_reduction_whole_model"] < r["measured_flop_reduction"] for r in measured)
+    assert set(report["flops"]) == {"measured_flop_reduction", "measured_flop_reduction_whole_model"}
+    assert "rana-greedy" in proc.stdout and "skipped" in proc.stdout
