@@ -70,6 +70,11 @@ def top_share_count(scores: torch.Tensor, share: float = SPARSITY_SHARE) -> torc
     return (cumulative < share * cumulative[..., -1:]).sum(-1) + 1
 
 
+def stacked_bias(members: list[nn.Linear]) -> torch.Tensor | None:
+    biases = [m.bias for m in members]
+    return torch.cat(biases).detach() if all(b is not None for b in biases) else None
+
+
 class Meter:
     """What one adapted module spent, used and lost on the tokens it saw."""
 
@@ -156,10 +161,7 @@ class AdapterUnit(nn.Module):
         return [self.meter]
 
     def dense_output(self, x: torch.Tensor) -> torch.Tensor:
-        weight = torch.cat([m.weight for m in self._members])
-        biases = [m.bias for m in self._members]
-        bias = torch.cat(biases) if all(b is not None for b in biases) else None
-        return F.linear(x, weight, bias)
+        return F.linear(x, torch.cat([m.weight for m in self._members]), stacked_bias(self._members))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.compute(x)
@@ -210,8 +212,7 @@ class LowRankUnit(AdapterUnit):
         dtype, device = members[0].weight.dtype, members[0].weight.device
         self.A = nn.Parameter(A.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
         self.B = nn.Parameter(B.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
-        biases = [m.bias for m in members]
-        self.bias = torch.cat(biases).detach() if all(b is not None for b in biases) else None
+        self.bias = stacked_bias(members)
 
     def compute(self, x):
         z = F.linear(x, self.B)

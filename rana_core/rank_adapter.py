@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.adapters import AdapterUnit
+from rana_core.adapters import LowRankUnit
 from rana_core.thresholds import Thresholded
 
 SEARCH_STEPS = 16  # static ranks tried on a coarse grid, then refined around the best
@@ -67,16 +67,13 @@ def plan_rank_adapter(energy: torch.Tensor, keep: float, out_features: int, in_f
     return RankPlan(keep, best, active, tau, coverage)
 
 
-class RankMaskedUnit(Thresholded, AdapterUnit):
+class RankMaskedUnit(Thresholded, LowRankUnit):
+    """The static low-rank factors, with a per-token mask on the ranks."""
+
     adapter_name = "rank"
 
     def __init__(self, members, layer, module, A: torch.Tensor, B: torch.Tensor, plan: RankPlan):
-        super().__init__(members, layer, module, static_rank=A.shape[1])
-        dtype, device = members[0].weight.dtype, members[0].weight.device
-        self.A = nn.Parameter(A.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
-        self.B = nn.Parameter(B.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
-        biases = [m.bias for m in members]
-        self.bias = torch.cat(biases).detach() if all(b is not None for b in biases) else None
+        super().__init__(members, layer, module, A, B)
         self.register_buffer("tau", torch.tensor(plan.tau, dtype=torch.float32))
         self.target_active = plan.active
         self.plan = plan
