@@ -77,7 +77,8 @@ def main(argv=None) -> int:
                   f"{row['measured_flop_reduction_whole_model']:>8.3f}{row['perplexity']:>12.2f}"
                   f"{row['seconds']:>9.0f}", flush=True)
     out = write_report(args, rows, started)
-    print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
+    shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
+    print(f"wrote {shown} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
