@@ -108,7 +108,7 @@ class MLPChoice:
 
 
 class MLPProfile:
-    def __init__(self, mlp, gram: torch.Tensor, down_gram: torch.Tensor | None, rows: torch.Tensor):
+    def __init__(self, mlp, gram: torch.Tensor, rows: torch.Tensor):
         self.rows = rows
         self.act = mlp.act_fn
         self.up = ProjectionFactors.build(mlp.up_proj.weight, gram, rows)

@@ -135,7 +135,7 @@ def test_split_grid_is_the_papers_and_the_search_takes_its_best(tiny, tiny_windo
 
     rows = capture_input_stats(tiny.model, tiny_windows["train"][:4], {"u": tiny.layers[0].mlp.up_proj},
                                row_stride=2)["u"].rows
-    profile = MLPProfile(tiny.layers[0].mlp, grams["0:mlp.up_proj"].gram, None, rows)
+    profile = MLPProfile(tiny.layers[0].mlp, grams["0:mlp.up_proj"].gram, rows)
     choice = profile.best_split(0.6)
     errors = [profile.error(*[3 * 0.6 * s / 18 for s in t])[0] for t in triples if 3 * 0.6 * max(t) / 18 <= 1]
     assert choice.error == pytest.approx(min(errors))

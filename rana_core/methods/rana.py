@@ -62,7 +62,7 @@ def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
         stats.pop(f"{index}:mlp.down_proj", None)
         weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
         qkv[index] = QKVProfile(weight, attn_in.gram, attn_in.rows)
-        mlp[index] = MLPProfile(layer.mlp, mlp_in.gram, None, mlp_in.rows)
+        mlp[index] = MLPProfile(layer.mlp, mlp_in.gram, mlp_in.rows)
         progress(0.3 + 0.2 * (index + 1) / len(layers), f"profiled layer {index + 1}/{len(layers)}")
     return qkv, mlp
 
