@@ -52,14 +52,14 @@ def build(loaded, calib_windows, config, progress):
 def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
     """QKV and MLP profiles of every layer from one calibration pass over the dense model."""
     stride = max(1, calib_windows.numel() // SEARCH_TOKENS)
+    # Down's neuron adapter needs no decomposition, so its (wide) input is not captured.
     stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.3 * f, f"calibration {m}"),
-                                  row_stride=stride)
+                                  row_stride=stride, paths=("self_attn.q_proj", "mlp.up_proj"))
     qkv, mlp = {}, {}
     layers = loaded.layers
     for index, layer in enumerate(layers):
         attn_in = stats.pop(f"{index}:self_attn.q_proj")
         mlp_in = stats.pop(f"{index}:mlp.up_proj")
-        stats.pop(f"{index}:mlp.down_proj", None)
         weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
         qkv[index] = QKVProfile(weight, attn_in.gram, attn_in.rows)
         mlp[index] = MLPProfile(layer.mlp, mlp_in.gram, mlp_in.rows)

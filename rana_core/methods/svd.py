@@ -17,11 +17,11 @@ from rana_core.flops import linear_flops, low_rank_flops
 INPUT_OF = {"qkv": "self_attn.q_proj", "gate": "mlp.up_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
 
 
-def capture_module_inputs(loaded, calib_windows, progress, row_stride: int = 0):
-    """InputStats for every layer's distinct module inputs, keyed "layer:member path"."""
+def capture_module_inputs(loaded, calib_windows, progress, row_stride: int = 0, paths=None):
+    """InputStats for every layer's distinct module inputs (or only `paths`), keyed "layer:member path"."""
     hooks = {}
     for index, layer in enumerate(loaded.layers):
-        for path in sorted(set(INPUT_OF.values())):
+        for path in sorted(paths or set(INPUT_OF.values())):
             hooks[f"{index}:{path}"] = layer.get_submodule(path)
     return capture_input_stats(loaded.model, calib_windows, hooks, progress=progress, row_stride=row_stride)
 
