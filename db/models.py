@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func
+from sqlalchemy import JSON, DateTime, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, func, text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
@@ -22,7 +22,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # "compress"
+    kind: Mapped[str] = mapped_column(String(32))  # compress | sweep | evaluate | latency (jobs.specs)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     priority: Mapped[int] = mapped_column(Integer, default=0)  # higher runs first
     payload: Mapped[dict] = mapped_column(JSON)
@@ -31,6 +31,12 @@ class Job(Base):
     error: Mapped[str | None] = mapped_column(Text)
     worker: Mapped[str | None] = mapped_column(String(200))  # "host:pid" of the claimant
     attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3, server_default="3")  # then the reaper fails it
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)  # the sweep a point belongs to
+    host: Mapped[str | None] = mapped_column(String(200))  # the claimant's host name
+    device: Mapped[str | None] = mapped_column(String(200))  # and the device it runs on ("cpu", "NVIDIA H100 …")
+    author: Mapped[str | None] = mapped_column(String(100))
+    tags: Mapped[list] = mapped_column(JSON, default=list, server_default=text("'[]'"))
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
     started_at: Mapped[datetime | None] = mapped_column(DateTime)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime)
@@ -54,6 +60,11 @@ class Run(Base):
     seconds: Mapped[float] = mapped_column(Float)
     config: Mapped[dict] = mapped_column(JSON)
     environment: Mapped[dict] = mapped_column(JSON, default=dict)
+    author: Mapped[str | None] = mapped_column(String(100), index=True)
+    tags: Mapped[list] = mapped_column(JSON, default=list, server_default=text("'[]'"))
+    provenance: Mapped[dict] = mapped_column(JSON, default=dict, server_default=text("'{}'"))  # git SHA, versions…
+    artifact_path: Mapped[str | None] = mapped_column(Text)  # relative to the data directory
+    artifact_sha256: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
     job: Mapped[Job | None] = relationship(back_populates="run")
@@ -66,6 +77,7 @@ class Evaluation(Base):
 
     id: Mapped[int] = mapped_column(primary_key=True)
     run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), unique=True)  # the evaluate job, if any
     split: Mapped[str] = mapped_column(String(32))
     tokens: Mapped[int] = mapped_column(Integer)
     seq_len: Mapped[int] = mapped_column(Integer)
@@ -76,6 +88,29 @@ class Evaluation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
     run: Mapped[Run] = relationship(back_populates="evaluations")
+
+
+class LatencyResult(Base):
+    """One decode-latency measurement: an engine, a model shape, a budget and a context length on one device."""
+
+    __tablename__ = "latency_results"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    model: Mapped[str] = mapped_column(String(200))  # a model name or a shape name such as "llama2-7b-shape"
+    device_name: Mapped[str] = mapped_column(String(200))
+    dtype: Mapped[str] = mapped_column(String(16))
+    engine: Mapped[str] = mapped_column(String(32))  # e.g. "graphs" (static cache + CUDA graphs) or "hf-eager"
+    flop_reduction: Mapped[float] = mapped_column(Float)  # target; 0 is dense
+    measured_flop_reduction: Mapped[float | None] = mapped_column(Float)
+    context_tokens: Mapped[int] = mapped_column(Integer)
+    new_tokens: Mapped[int] = mapped_column(Integer)
+    ms_per_token: Mapped[float] = mapped_column(Float)  # median
+    dense_ms_per_token: Mapped[float | None] = mapped_column(Float)  # same engine, same device
+    shapes: Mapped[dict] = mapped_column(JSON, default=dict)  # hidden, intermediate, layers, heads…
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+    __table_args__ = (UniqueConstraint("job_id", "model", "engine", "flop_reduction", "context_tokens"),)
 
 
 class LayerMetric(Base):

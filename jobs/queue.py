@@ -1,9 +1,13 @@
-"""The job queue, kept in the jobs table: submit, claim, report progress, finish, fail, list. Torch-free.
+"""The job queue, kept in the jobs table: submit, claim, progress, finish, fail, cancel, retry, reap. Torch-free.
 
 Claiming is compare-and-set: pick the best queued candidate, then ``UPDATE … WHERE status = 'queued'`` and check
 that exactly one row changed. On SQLite the pick runs under ``BEGIN IMMEDIATE`` (one writer at a time, so no two
 workers see the same candidate); on PostgreSQL candidates are taken with ``FOR UPDATE SKIP LOCKED`` so workers on
 many hosts never wait on each other. Timestamps come from the database clock, which all hosts share.
+
+Every state change a worker makes is conditional on the row still being *its* running job, so a job that was
+cancelled, or reaped from a worker that stopped heartbeating and claimed by another, can never be finished twice.
+A sweep's row is never claimed: its children are, and each change to a child refreshes the sweep's aggregate.
 """
 
 from __future__ import annotations
@@ -13,11 +17,15 @@ import socket
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from db.models import Job, Run
 from db.session import get_engine, session_scope
-from jobs.specs import validate_payload
+from jobs.specs import sweep_points, validate_payload
+from rana_core.errors import RanaError
+
+FINISHED = ("done", "failed", "cancelled")
+DEFAULT_MAX_ATTEMPTS = 3
 
 
 class JobCancelled(Exception):
@@ -30,28 +38,72 @@ class ClaimedJob:
     kind: str
     payload: dict
     attempts: int
+    author: str | None = None
+    tags: tuple = ()
 
 
 def worker_name() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def submit(kind: str, payload: dict, priority: int = 0, url: str | None = None) -> int:
-    """Validate and enqueue; returns the job id. Raises RanaError before writing anything if the payload is bad."""
+def default_author() -> str:
+    try:
+        import getpass
+
+        return getpass.getuser()
+    except Exception:  # no login name in some containers
+        return os.environ.get("USER", "unknown")
+
+
+def submit(kind: str, payload: dict, priority: int = 0, author: str | None = None, tags=(),
+           max_attempts: int = DEFAULT_MAX_ATTEMPTS, url: str | None = None) -> int:
+    """Validate and enqueue; returns the job id (a sweep's own id). Raises RanaError before writing anything if
+    the payload is bad."""
     clean = validate_payload(kind, payload)
+    tags = _clean_tags(tags)
+    if max_attempts < 1:
+        raise RanaError(f"max attempts must be at least 1, got {max_attempts}")
+    common = {"priority": priority, "author": author or default_author(), "tags": tags, "max_attempts": max_attempts,
+              "progress": 0.0, "attempts": 0}
     with session_scope(url) as session:
-        job = Job(kind=kind, payload=clean, priority=priority, status="queued", progress=0.0, message="queued",
-                  attempts=0)
+        if kind == "evaluate":
+            _check_run_has_artifact(session, clean["run_id"])
+        job = Job(kind=kind, payload=clean, status="queued", message="queued", **common)
         session.add(job)
         session.flush()
+        if kind == "sweep":
+            points = sweep_points(clean)
+            for point in points:
+                session.add(Job(kind="compress", payload=point, status="queued", message="queued", parent_id=job.id,
+                                **common))
+            job.message = f"0/{len(points)} done"
         return job.id
 
 
-def claim(worker: str, url: str | None = None) -> ClaimedJob | None:
+def _clean_tags(tags) -> list[str]:
+    if isinstance(tags, str):
+        tags = tags.split(",")
+    clean = sorted({str(t).strip() for t in tags or () if str(t).strip()})
+    for tag in clean:
+        if len(tag) > 40:
+            raise RanaError(f"tag {tag[:20]!r}… is longer than 40 characters")
+    return clean
+
+
+def _check_run_has_artifact(session, run_id: int) -> None:
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RanaError(f"no run {run_id}")
+    if not run.artifact_path:
+        raise RanaError(f"run {run_id} has no stored adapters to evaluate (it was made before artifacts existed)")
+
+
+def claim(worker: str, url: str | None = None, host: str | None = None, device: str | None = None) -> ClaimedJob | None:
     engine = get_engine(url)
     options = {"sqlite_begin": "IMMEDIATE"} if engine.dialect.name == "sqlite" else {}
     with engine.connect().execution_options(**options) as connection, connection.begin():
-        pick = select(Job.id).where(Job.status == "queued").order_by(Job.priority.desc(), Job.id).limit(1)
+        pick = (select(Job.id).where(Job.status == "queued", Job.kind != "sweep")
+                .order_by(Job.priority.desc(), Job.id).limit(1))
         if engine.dialect.name == "postgresql":
             pick = pick.with_for_update(skip_locked=True)
         job_id = connection.execute(pick).scalar()
@@ -60,61 +112,179 @@ def claim(worker: str, url: str | None = None) -> ClaimedJob | None:
         changed = connection.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
-            .values(status="running", worker=worker, attempts=Job.attempts + 1, progress=0.0,
-                    message="claimed", error=None, started_at=func.now(), heartbeat_at=func.now())
+            .values(status="running", worker=worker, host=host or worker.rsplit(":", 1)[0], device=device,
+                    attempts=Job.attempts + 1, progress=0.0, message="claimed", error=None, started_at=func.now(),
+                    heartbeat_at=func.now(), finished_at=None)
         ).rowcount
         if changed != 1:  # another worker won the race
             return None
-        row = connection.execute(select(Job.kind, Job.payload, Job.attempts).where(Job.id == job_id)).one()
-        return ClaimedJob(job_id, row.kind, row.payload, row.attempts)
+        row = connection.execute(
+            select(Job.kind, Job.payload, Job.attempts, Job.author, Job.tags, Job.parent_id).where(Job.id == job_id)
+        ).one()
+        if row.parent_id is not None:
+            _refresh_sweep(connection, row.parent_id)
+        return ClaimedJob(job_id, row.kind, row.payload, row.attempts, row.author, tuple(row.tags or ()))
+
+
+def _mine(job_id: int, worker: str):
+    return (Job.id == job_id, Job.worker == worker, Job.status == "running")
 
 
 def report_progress(job_id: int, worker: str, fraction: float, message: str, url: str | None = None) -> None:
     """Record progress and beat the heart; raise JobCancelled if the job is no longer this worker's to run."""
     with session_scope(url) as session:
         changed = session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+            update(Job).where(*_mine(job_id, worker))
             .values(progress=fraction, message=message[:500], heartbeat_at=func.now())
         ).rowcount
+        if changed == 1:
+            _refresh_parent_of(session, job_id)
     if changed != 1:
         raise JobCancelled(f"job {job_id} is no longer running on {worker}")
 
 
 def heartbeat(job_id: int, worker: str, url: str | None = None) -> bool:
     with session_scope(url) as session:
-        return session.execute(
-            update(Job).where(Job.id == job_id, Job.worker == worker, Job.status == "running")
-            .values(heartbeat_at=func.now())
-        ).rowcount == 1
+        return session.execute(update(Job).where(*_mine(job_id, worker)).values(heartbeat_at=func.now())).rowcount == 1
 
 
 def release(job_id: int, worker: str, message: str, url: str | None = None) -> None:
     """Give a running job back to the queue (the worker is stopping); its attempt is not counted."""
     with session_scope(url) as session:
         session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+            update(Job).where(*_mine(job_id, worker))
             .values(status="queued", worker=None, progress=0.0, message=message, attempts=Job.attempts - 1)
         )
+        _refresh_parent_of(session, job_id)
 
 
 def fail(job_id: int, worker: str, error: str, url: str | None = None) -> None:
     with session_scope(url) as session:
         session.execute(
-            update(Job)
-            .where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+            update(Job).where(*_mine(job_id, worker))
             .values(status="failed", error=error, message="failed", finished_at=func.now())
         )
+        _refresh_parent_of(session, job_id)
 
 
 def mark_done(session, job_id: int, worker: str) -> bool:
     """Inside the session that stored the results, so that results and status commit together."""
-    return session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.worker == worker, Job.status == "running")
+    done = session.execute(
+        update(Job).where(*_mine(job_id, worker))
         .values(status="done", progress=1.0, message="done", finished_at=func.now())
     ).rowcount == 1
+    if done:
+        _refresh_parent_of(session, job_id)
+    return done
+
+
+def cancel(job_id: int, url: str | None = None) -> int:
+    """Cancel a queued or running job (a sweep: all its unfinished points). A running job stops at its worker's
+    next progress report. Returns how many jobs (points, for a sweep) were cancelled."""
+    with session_scope(url) as session:
+        job = _get(session, job_id)
+        targets = _children(session, job_id) if job.kind == "sweep" else [job_id]
+        changed = session.execute(
+            update(Job).where(Job.id.in_(targets), Job.status.in_(("queued", "running")))
+            .values(status="cancelled", message="cancelled", finished_at=func.now())
+        ).rowcount
+        if changed == 0:
+            raise RanaError(f"job {job_id} is {job.status}: only queued or running jobs can be cancelled")
+        if job.kind == "sweep":
+            _refresh_sweep(session, job_id)
+        else:
+            _refresh_parent_of(session, job_id)
+        return changed
+
+
+def retry(job_id: int, url: str | None = None) -> int:
+    """Queue a failed or cancelled job again with a fresh attempt count (a sweep: its failed and cancelled
+    points). Returns how many jobs were queued."""
+    with session_scope(url) as session:
+        job = _get(session, job_id)
+        targets = [job_id] if job.kind != "sweep" else _children(session, job_id)
+        changed = session.execute(
+            update(Job).where(Job.id.in_(targets), Job.status.in_(("failed", "cancelled")))
+            .values(status="queued", message="queued again", error=None, attempts=0, progress=0.0, worker=None,
+                    started_at=None, finished_at=None, heartbeat_at=None)
+        ).rowcount
+        if changed == 0:
+            raise RanaError(f"job {job_id} is {job.status}: only failed or cancelled jobs can be retried")
+        if job.kind == "sweep":
+            _refresh_sweep(session, job_id)
+        else:
+            _refresh_parent_of(session, job_id)
+        return changed
+
+
+def reap(stale_seconds: float, url: str | None = None) -> list[int]:
+    """Requeue running jobs whose worker has not beaten its heart for `stale_seconds` (crashed, killed, cut off);
+    a job that has used its attempts is failed instead, with the reason. Returns the ids it touched."""
+    engine = get_engine(url)
+    if engine.dialect.name == "sqlite":
+        cutoff = func.datetime("now", f"-{int(stale_seconds)} seconds")
+    else:
+        cutoff = func.now() - text(f"interval '{int(stale_seconds)} seconds'")
+    touched = []
+    with session_scope(url) as session:
+        stale = session.execute(
+            select(Job.id, Job.worker, Job.attempts, Job.max_attempts, Job.heartbeat_at)
+            .where(Job.status == "running", Job.kind != "sweep", Job.heartbeat_at < cutoff)
+        ).all()
+        for row in stale:
+            reason = f"worker {row.worker} stopped heartbeating (last beat {row.heartbeat_at:%Y-%m-%d %H:%M:%S})"
+            still_stale = (Job.id == row.id, Job.status == "running", Job.worker == row.worker,
+                           Job.heartbeat_at < cutoff)
+            if row.attempts >= row.max_attempts:
+                values = dict(status="failed", finished_at=func.now(), message="failed",
+                              error=f"{reason}; gave up after {row.attempts} attempt(s)")
+            else:
+                values = dict(status="queued", worker=None, progress=0.0, message=f"requeued: {reason}")
+            if session.execute(update(Job).where(*still_stale).values(**values)).rowcount == 1:
+                touched.append(row.id)
+                _refresh_parent_of(session, row.id)
+    return touched
+
+
+def _get(session, job_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None:
+        raise RanaError(f"no job {job_id}")
+    return job
+
+
+def _children(session, parent_id: int) -> list[int]:
+    return list(session.execute(select(Job.id).where(Job.parent_id == parent_id)).scalars())
+
+
+def _refresh_parent_of(session_or_connection, job_id: int) -> None:
+    parent = session_or_connection.execute(select(Job.parent_id).where(Job.id == job_id)).scalar()
+    if parent is not None:
+        _refresh_sweep(session_or_connection, parent)
+
+
+def _refresh_sweep(session_or_connection, parent_id: int) -> None:
+    """Write a sweep's status, progress and message from its points, in the caller's transaction.
+
+    The sweep's row is locked first: on PostgreSQL two workers finishing two points at once would otherwise each
+    read the other's point as unfinished, and the later write would leave a stale aggregate behind."""
+    session_or_connection.execute(select(Job.id).where(Job.id == parent_id).with_for_update())
+    rows = session_or_connection.execute(
+        select(Job.status, Job.progress).where(Job.parent_id == parent_id)).all()
+    if not rows:
+        return
+    counts = {status: sum(1 for r in rows if r.status == status) for status in ("queued", "running", *FINISHED)}
+    progress = sum(1.0 if r.status in FINISHED else r.progress for r in rows) / len(rows)
+    if counts["queued"] + counts["running"] == 0:
+        status = "failed" if counts["failed"] else "cancelled" if counts["cancelled"] else "done"
+    else:
+        status = "queued" if counts["queued"] == len(rows) else "running"
+    parts = [f"{counts['done']}/{len(rows)} done"] + [f"{counts[s]} {s}" for s in ("running", "failed", "cancelled")
+                                                       if counts[s]]
+    finished = func.now() if status in FINISHED else None
+    session_or_connection.execute(
+        update(Job).where(Job.id == parent_id)
+        .values(status=status, progress=progress, message=", ".join(parts), finished_at=finished))
 
 
 @dataclass(frozen=True)
@@ -127,27 +297,40 @@ class JobView:
     message: str
     error: str | None
     worker: str | None
+    host: str | None
+    device: str | None
     attempts: int
+    max_attempts: int
+    parent_id: int | None
+    author: str | None
+    tags: tuple
     created_at: datetime | None
     started_at: datetime | None
     finished_at: datetime | None
+    heartbeat_at: datetime | None
     run_id: int | None
     payload: dict
 
     def to_json(self) -> dict:
         data = dict(self.__dict__)
-        for key in ("created_at", "started_at", "finished_at"):
+        data["tags"] = list(self.tags)
+        for key in ("created_at", "started_at", "finished_at", "heartbeat_at"):
             data[key] = data[key].isoformat() if data[key] else None
         return data
 
 
-def list_jobs(limit: int = 200, status: str | None = None, url: str | None = None) -> list[JobView]:
+def list_jobs(limit: int = 200, status: str | None = None, url: str | None = None,
+              parent_id: int | None = None) -> list[JobView]:
     with session_scope(url) as session:
         query = select(Job, Run.id).outerjoin(Run, Run.job_id == Job.id).order_by(Job.id.desc()).limit(limit)
         if status:
             query = query.where(Job.status == status)
+        if parent_id is not None:
+            query = query.where(Job.parent_id == parent_id)
         return [
             JobView(job.id, job.kind, job.status, job.priority, job.progress, job.message, job.error, job.worker,
-                    job.attempts, job.created_at, job.started_at, job.finished_at, run_id, job.payload)
+                    job.host, job.device, job.attempts, job.max_attempts, job.parent_id, job.author,
+                    tuple(job.tags or ()), job.created_at, job.started_at, job.finished_at, job.heartbeat_at,
+                    run_id, job.payload)
             for job, run_id in session.execute(query)
         ]

@@ -1,24 +1,31 @@
-"""Store what a compression produced: a run, its evaluation and its per-layer metrics, in the caller's session.
+"""Store what a job produced, in the caller's session: a compression's run, evaluation and per-layer metrics; a
+re-evaluation of a run; latency measurements.
 
-Idempotent: a job's results are written once (runs.job_id is unique); writing them again returns the stored run.
+Idempotent: a job's results are written once (runs.job_id and evaluations.job_id are unique, latency rows are
+unique per job and point); writing them again returns what is stored.
 """
 
 from __future__ import annotations
 
 from sqlalchemy import select
 
-from db.models import Evaluation, LayerMetric, Run
+from db.models import Evaluation, LatencyResult, LayerMetric, Run
 
 LAYER_FIELDS = ("layer", "module", "adapter", "rank", "max_rank", "density", "recon_error", "sparsity",
                 "flops_per_token", "dense_flops_per_token")
+LATENCY_FIELDS = ("model", "device_name", "dtype", "engine", "flop_reduction", "measured_flop_reduction",
+                  "context_tokens", "new_tokens", "ms_per_token", "dense_ms_per_token", "shapes")
 
 
-def store_compression(session, result: dict, job_id: int | None = None) -> int:
-    """Insert the run described by `result` (CompressionResult.to_json()) and return its id."""
+def store_compression(session, result: dict, job_id: int | None = None, author: str | None = None, tags=(),
+                      artifact_path: str | None = None) -> int:
+    """Insert the run described by `result` (CompressionResult.to_json()) and return its id. `artifact_path`
+    is where its adapters lie, relative to the data directory (the sha256 comes from the result)."""
     if job_id is not None:
         existing = session.execute(select(Run.id).where(Run.job_id == job_id)).scalar()
         if existing is not None:
             return existing
+    artifact = result.get("artifact") or {}
     run = Run(
         job_id=job_id,
         model=result["model"],
@@ -29,6 +36,11 @@ def store_compression(session, result: dict, job_id: int | None = None) -> int:
         seconds=result["seconds"],
         config=result["config"],
         environment=result.get("environment", {}),
+        provenance={**result.get("provenance", {}), "author": author, "tags": list(tags)},
+        author=author,
+        tags=list(tags),
+        artifact_path=artifact_path if artifact else None,
+        artifact_sha256=artifact.get("sha256"),
     )
     run.evaluations.append(
         Evaluation(
@@ -46,3 +58,36 @@ def store_compression(session, result: dict, job_id: int | None = None) -> int:
     session.add(run)
     session.flush()
     return run.id
+
+
+def store_evaluation(session, run_id: int, evaluation: dict, job_id: int | None = None) -> int:
+    """Add one evaluation (rana_core.pipeline.evaluate_saved) to a run; returns its id."""
+    if job_id is not None:
+        existing = session.execute(select(Evaluation.id).where(Evaluation.job_id == job_id)).scalar()
+        if existing is not None:
+            return existing
+    row = Evaluation(run_id=run_id, job_id=job_id, **{key: evaluation[key] for key in (
+        "split", "tokens", "seq_len", "perplexity", "dense_perplexity", "measured_flop_reduction",
+        "measured_flop_reduction_whole_model")})
+    session.add(row)
+    session.flush()
+    return row.id
+
+
+def store_latency(session, rows: list[dict], job_id: int | None = None) -> int:
+    """Insert latency measurements (one per model, engine, budget and context); returns how many are stored for
+    the job. Rows already stored for this job are skipped."""
+    stored = 0
+    for row in rows:
+        values = {key: row.get(key) for key in LATENCY_FIELDS}
+        if job_id is not None and session.execute(
+            select(LatencyResult.id).where(
+                LatencyResult.job_id == job_id, LatencyResult.model == values["model"],
+                LatencyResult.engine == values["engine"], LatencyResult.flop_reduction == values["flop_reduction"],
+                LatencyResult.context_tokens == values["context_tokens"])
+        ).scalar() is not None:
+            continue
+        session.add(LatencyResult(job_id=job_id, **values))
+        stored += 1
+    session.flush()
+    return stored

@@ -1,6 +1,12 @@
-"""What a job may ask for: kinds, their payloads, and the names pickers list. Torch-free.
+"""What a job may ask for: kinds, their payloads, and the names pickers list. Torch-free and database-free.
 
 Payloads are validated here, at submit time, so that a bad request is refused before it reaches the queue.
+
+- ``compress``: one CompressConfig (one model, method, allocation and budget), evaluated on held-out text.
+- ``sweep``: methods × budgets over one base configuration; the queue turns it into one compress job per point
+  (children of the sweep's row, which shows their aggregate progress).
+- ``evaluate``: an existing run's stored adapters measured again on another split or token count.
+- ``latency``: decode latency of dense and adapted models of one shape on a GPU (see rana_core's latency code).
 """
 
 from __future__ import annotations
@@ -10,7 +16,13 @@ from rana_core.errors import RanaError
 from rana_core.methods import METHODS
 from rana_core.model_names import BUNDLED_MODELS
 
-JOB_KINDS = ("compress",)
+JOB_KINDS = ("compress", "sweep", "evaluate", "latency")
+SPLITS = ("heldout", "train")
+MAX_SWEEP_POINTS = 200
+LATENCY_SHAPES = ("llama2-7b-shape", "smollm2-135m-shape")
+LATENCY_DTYPES = ("float16", "bfloat16")
+LATENCY_DEFAULTS = {"model": "llama2-7b-shape", "flop_reductions": [0.0, 0.3, 0.44, 0.5],
+                    "contexts": [1, 128, 512, 1000], "new_tokens": 492, "dtype": "float16"}
 
 
 def validate_payload(kind: str, payload: dict) -> dict:
@@ -19,8 +31,113 @@ def validate_payload(kind: str, payload: dict) -> dict:
         raise RanaError(f"unknown job kind {kind!r}: use one of {', '.join(JOB_KINDS)}")
     if not isinstance(payload, dict):
         raise RanaError("a job payload must be a JSON object")
-    config = CompressConfig.from_dict(payload).validate()
-    return config.to_dict()
+    return VALIDATORS[kind](payload)
+
+
+def _compress(payload: dict) -> dict:
+    return CompressConfig.from_dict(payload).validate().to_dict()
+
+
+def parse_method(text: str) -> tuple[str, str]:
+    """"rana-greedy" → ("rana", "greedy"); a bare method takes its first allocation."""
+    method, _, allocation = str(text).partition("-")
+    if method not in METHODS:
+        raise RanaError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    return method, allocation or METHODS[method].allocations[0]
+
+
+def _sweep(payload: dict) -> dict:
+    _only(payload, {"base", "methods", "budgets"}, "sweep")
+    base = dict(payload.get("base") or {})
+    for key in ("method", "allocation", "flop_reduction"):
+        if key in base:
+            raise RanaError(f"a sweep's base configuration must not set {key!r}: the sweep varies it")
+    methods = payload.get("methods")
+    budgets = payload.get("budgets")
+    if not isinstance(methods, list) or not methods:
+        raise RanaError("a sweep needs a non-empty list of methods, e.g. [\"rana-greedy\", \"cats\"]")
+    if not isinstance(budgets, list) or not budgets:
+        raise RanaError("a sweep needs a non-empty list of budgets (FLOP reductions)")
+    points = list(dict.fromkeys(parse_method(m) for m in methods))
+    clean_budgets = sorted({_budget(b) for b in budgets})
+    count = sum(1 if method == "dense" else len(clean_budgets) for method, _ in points)
+    if count > MAX_SWEEP_POINTS:
+        raise RanaError(f"a sweep of {count} points is more than {MAX_SWEEP_POINTS}: split it")
+    normalised = {"base": base, "methods": [f"{m}-{a}" for m, a in points], "budgets": clean_budgets}
+    sweep_points(normalised)  # every child must validate before the sweep is accepted
+    return normalised
+
+
+def sweep_points(payload: dict) -> list[dict]:
+    """The compress payloads of a (normalised) sweep, one per method and budget (dense once)."""
+    children = []
+    for name in payload["methods"]:
+        method, allocation = parse_method(name)
+        for budget in [0.0] if method == "dense" else payload["budgets"]:
+            config = {**payload["base"], "method": method, "allocation": allocation, "flop_reduction": budget}
+            children.append(_compress(config))
+    return children
+
+
+def _evaluate(payload: dict) -> dict:
+    _only(payload, {"run_id", "split", "eval_tokens", "seq_len"}, "evaluate")
+    run_id = payload.get("run_id")
+    if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
+        raise RanaError(f"run_id must be a positive integer, got {run_id!r}")
+    split = payload.get("split", "heldout")
+    if split not in SPLITS:
+        raise RanaError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    clean = {"run_id": run_id, "split": split}
+    for key, default in (("eval_tokens", 8192), ("seq_len", 512)):
+        value = payload.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 2:
+            raise RanaError(f"{key.replace('_', ' ')} must be an integer ≥ 2, got {value!r}")
+        clean[key] = value
+    if clean["eval_tokens"] < clean["seq_len"]:
+        raise RanaError(f"eval tokens ({clean['eval_tokens']}) is less than one sequence of {clean['seq_len']}")
+    return clean
+
+
+def _latency(payload: dict) -> dict:
+    _only(payload, set(LATENCY_DEFAULTS), "latency")
+    clean = {**LATENCY_DEFAULTS, **payload}
+    if clean["model"] not in LATENCY_SHAPES:
+        raise RanaError(f"unknown latency model {clean['model']!r}: use one of {', '.join(LATENCY_SHAPES)}")
+    if clean["dtype"] not in LATENCY_DTYPES:
+        raise RanaError(f"latency dtype must be one of {', '.join(LATENCY_DTYPES)}, got {clean['dtype']!r}")
+    if not isinstance(clean["flop_reductions"], list) or not clean["flop_reductions"]:
+        raise RanaError("flop_reductions must be a non-empty list")
+    clean["flop_reductions"] = sorted({_budget(b) for b in clean["flop_reductions"]})
+    contexts = clean["contexts"]
+    if not isinstance(contexts, list) or not contexts or not all(_positive_int(c, 8192) for c in contexts):
+        raise RanaError("contexts must be a non-empty list of integers in [1, 8192]")
+    if not _positive_int(clean["new_tokens"], 4096):
+        raise RanaError(f"new_tokens must be an integer in [1, 4096], got {clean['new_tokens']!r}")
+    clean["contexts"] = sorted(set(contexts))
+    return clean
+
+
+def _budget(value) -> float:
+    try:
+        budget = float(value)
+    except (TypeError, ValueError):
+        raise RanaError(f"a budget must be a number, got {value!r}") from None
+    if not 0.0 <= budget < MAX_FLOP_REDUCTION:
+        raise RanaError(f"budgets are FLOP reductions in [0, {MAX_FLOP_REDUCTION}), got {budget}")
+    return round(budget, 6)
+
+
+def _positive_int(value, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
+
+
+def _only(payload: dict, allowed: set, kind: str) -> None:
+    unknown = sorted(set(payload) - allowed)
+    if unknown:
+        raise RanaError(f"unknown {kind} option(s): {', '.join(unknown)}")
+
+
+VALIDATORS = {"compress": _compress, "sweep": _sweep, "evaluate": _evaluate, "latency": _latency}
 
 
 def method_names() -> list[str]:
@@ -52,5 +169,7 @@ __all__ = [
     "method_names",
     "method_summaries",
     "model_names",
+    "parse_method",
+    "sweep_points",
     "validate_payload",
 ]

@@ -2,8 +2,9 @@
 
 Progress goes to the job row (at most once a second, plus a heartbeat thread while a job runs). Results and the
 ``done`` status commit in one transaction, so a crash leaves either a finished job with all its rows or a running
-job with none. SIGINT/SIGTERM: the job in hand is handed back to the queue at its next progress point and the
-worker exits.
+job with none; the reaper (run by every worker between jobs) requeues a job whose worker stopped heartbeating.
+SIGINT/SIGTERM: the job in hand is handed back to the queue at its next progress point and the worker exits.
+A database that is busy or briefly unreachable is waited for and retried, never a reason to crash.
 """
 
 from __future__ import annotations
@@ -14,28 +15,69 @@ import threading
 import time
 import traceback
 
-from db.session import session_scope
+from sqlalchemy.exc import OperationalError
+
+from db.models import Run
+from db.session import data_dir, session_scope
 from jobs import queue
-from jobs.results import store_compression
+from jobs.results import store_compression, store_evaluation, store_latency
+from rana_core.errors import RanaError
 
 log = logging.getLogger("rana.worker")
 
 HEARTBEAT_SECONDS = 5.0
+STALE_SECONDS = 30.0  # a running job whose heartbeat is older than this is reaped
 PROGRESS_EVERY_SECONDS = 1.0
+DB_RETRIES = 6  # attempts at a database write before giving up on it (backoff 0.5 s, doubling)
 
 
 class StopRequested(Exception):
     pass
 
 
+def with_db_retries(action, what: str, retries: int = DB_RETRIES, stopping: threading.Event | None = None):
+    """Run `action()`, retrying a busy, locked or unreachable database with exponential backoff."""
+    delay = 0.5
+    for attempt in range(1, retries + 1):
+        try:
+            return action()
+        except OperationalError as exc:
+            if attempt == retries:
+                raise
+            log.warning("%s: database not available (%s); retry %d/%d in %.1f s", what,
+                        str(exc.orig).splitlines()[0] if exc.orig else exc, attempt, retries - 1, delay)
+            if stopping is not None and stopping.wait(delay):
+                raise StopRequested() from None
+            if stopping is None:
+                time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 class Worker:
-    def __init__(self, url: str | None = None, device: str | None = None, poll_seconds: float = 1.0):
+    def __init__(self, url: str | None = None, device: str | None = None, poll_seconds: float = 1.0,
+                 stale_seconds: float = STALE_SECONDS):
         self.url = url
         self.device = device
         self.poll_seconds = poll_seconds
+        self.stale_seconds = stale_seconds
         self.name = queue.worker_name()
+        self.host = self.name.rsplit(":", 1)[0]
         self.stopping = threading.Event()
         self._model_cache: dict = {}  # one loaded model, reused while jobs keep asking for it
+        self._device_label: str | None = None
+        self._last_reap = 0.0
+
+    @property
+    def device_label(self) -> str:
+        if self._device_label is None:
+            device = self.device or "cpu"
+            if device.startswith("cuda"):
+                from rana_core.provenance import device_name
+
+                self._device_label = f"{device} ({device_name(device)})"
+            else:
+                self._device_label = device
+        return self._device_label
 
     def install_signal_handlers(self) -> None:
         def request_stop(signum, _frame):
@@ -49,7 +91,13 @@ class Worker:
         """Process jobs until stopped (or idle, or `max_jobs` done); returns the number processed."""
         processed = 0
         while not self.stopping.is_set():
-            job = queue.claim(self.name, self.url)
+            try:
+                self.reap_if_due()
+                job = queue.claim(self.name, self.url, host=self.host, device=self.device_label)
+            except OperationalError as exc:
+                log.warning("queue not available (%s); waiting", str(exc.orig or exc).splitlines()[0])
+                self.stopping.wait(max(self.poll_seconds, 1.0))
+                continue
             if job is None:
                 if exit_when_idle:
                     break
@@ -61,40 +109,99 @@ class Worker:
                 break
         return processed
 
+    def reap_if_due(self) -> None:
+        now = time.monotonic()
+        if now - self._last_reap >= HEARTBEAT_SECONDS:
+            self._last_reap = now
+            for job_id in queue.reap(self.stale_seconds, self.url):
+                log.warning("job %s: its worker stopped heartbeating; requeued or failed", job_id)
+
     def process(self, job: queue.ClaimedJob) -> None:
-        log.info("job %s (%s) claimed by %s", job.id, job.kind, self.name)
+        log.info("job %s (%s) claimed by %s on %s", job.id, job.kind, self.name, self.device_label)
         beat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, beat_stop), daemon=True)
         beat.start()
         try:
-            result = self._execute(job)
-            with session_scope(self.url) as session:
-                store_compression(session, result, job_id=job.id)
-                if not queue.mark_done(session, job.id, self.name):
-                    raise queue.JobCancelled(f"job {job.id} was taken from {self.name} before it finished")
+            store = self._execute(job)
+            with_db_retries(lambda: self._finish(job, store), f"job {job.id} results", stopping=None)
             log.info("job %s done", job.id)
         except StopRequested:
-            queue.release(job.id, self.name, "handed back: its worker stopped", self.url)
+            with_db_retries(lambda: queue.release(job.id, self.name, "handed back: its worker stopped", self.url),
+                            f"job {job.id} release")
             log.info("job %s handed back to the queue", job.id)
         except queue.JobCancelled as exc:
             log.info("%s", exc)
         except Exception as exc:  # the job failed; the worker lives on
             log.debug("job %s failed:\n%s", job.id, traceback.format_exc())
-            queue.fail(job.id, self.name, _one_line(exc), self.url)
+            with_db_retries(lambda: queue.fail(job.id, self.name, _one_line(exc), self.url), f"job {job.id} failure")
             log.warning("job %s failed: %s", job.id, _one_line(exc))
         finally:
             beat_stop.set()
             beat.join()
 
-    def _execute(self, job: queue.ClaimedJob) -> dict:
-        from rana_core.config import CompressConfig
+    def _finish(self, job: queue.ClaimedJob, store) -> None:
+        with session_scope(self.url) as session:
+            store(session)
+            if not queue.mark_done(session, job.id, self.name):
+                raise queue.JobCancelled(f"job {job.id} was cancelled or taken from {self.name} before it finished")
+
+    def _execute(self, job: queue.ClaimedJob):
+        """Do the job's work; return a function that stores its results in a session."""
+        progress = self._progress_reporter(job)
+        if job.kind == "compress":
+            return self._compress(job, progress)
+        if job.kind == "evaluate":
+            return self._evaluate(job, progress)
+        if job.kind == "latency":
+            return self._latency(job, progress)
+        raise RanaError(f"this worker cannot run jobs of kind {job.kind!r}")
+
+    def _compress(self, job: queue.ClaimedJob, progress):
         from rana_core.pipeline import compress
 
-        config = CompressConfig.from_dict(job.payload)
+        config = self._config(job.payload)
+        relative = f"artifacts/job-{job.id}-attempt-{job.attempts}.safetensors"
+        result = compress(config, progress=progress, loaded=self._loaded_model(config),
+                          artifact_path=data_dir() / relative).to_json()
+        return lambda session: store_compression(session, result, job_id=job.id, author=job.author, tags=job.tags,
+                                                 artifact_path=relative)
+
+    def _evaluate(self, job: queue.ClaimedJob, progress):
+        from rana_core.pipeline import evaluate_saved
+
+        payload = job.payload
+        with session_scope(self.url) as session:
+            run = session.get(Run, payload["run_id"])
+            if run is None:
+                raise RanaError(f"run {payload['run_id']} no longer exists")
+            run_config, path, digest = dict(run.config), run.artifact_path, run.artifact_sha256
+        if not path:
+            raise RanaError(f"run {payload['run_id']} has no stored adapters")
+        config = self._config(run_config)
+        evaluation = evaluate_saved(self._loaded_model(config), data_dir() / path, digest, payload["split"],
+                                    payload["eval_tokens"], payload["seq_len"], progress)
+        return lambda session: store_evaluation(session, payload["run_id"], evaluation, job_id=job.id)
+
+    def _latency(self, job: queue.ClaimedJob, progress):
+        device = self.device or "cpu"
+        if not device.startswith("cuda"):
+            raise RanaError(f"latency jobs need a CUDA GPU; this worker runs on {device} (set RANA_DEVICE=cuda)")
+        try:
+            from rana_core.latency import measure_decode  # the GPU decode engine (design §7)
+        except ImportError:
+            raise RanaError("this version has no GPU decode engine (rana_core.latency) to measure latency") from None
+        rows = measure_decode(job.payload, device=device, progress=progress)
+        return lambda session: store_latency(session, rows, job_id=job.id)
+
+    def _config(self, payload: dict):
+        from rana_core.config import CompressConfig
+
+        config = CompressConfig.from_dict(payload)
         if self.device:
             config.device = self.device
-        config.validate()
-        loaded = self._loaded_model(config)
+        return config.validate()
+
+    def _progress_reporter(self, job: queue.ClaimedJob):
         last = [0.0]
         stage = [""]
 
@@ -107,9 +214,12 @@ class Worker:
             now = time.monotonic()
             if now - last[0] >= PROGRESS_EVERY_SECONDS or fraction >= 1.0:
                 last[0] = now
-                queue.report_progress(job.id, self.name, fraction, message, self.url)
+                try:
+                    queue.report_progress(job.id, self.name, fraction, message, self.url)
+                except OperationalError as exc:  # a busy database costs one progress update, not the job
+                    log.warning("job %s: progress not recorded (%s)", job.id, str(exc.orig or exc).splitlines()[0])
 
-        return compress(config, progress=progress, loaded=loaded).to_json()
+        return progress
 
     def _loaded_model(self, config):
         from rana_core.models import load_model
@@ -131,3 +241,4 @@ class Worker:
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+

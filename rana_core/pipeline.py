@@ -11,11 +11,14 @@ import math
 import platform
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
+from rana_core import provenance
 from rana_core.adapters import (MODULES, inject, installed_adapters, installed_meters, module_shapes, set_tracking,
                                 unload)
+from rana_core.artifacts import load_adapters, save_adapters
 from rana_core.config import CompressConfig
 from rana_core.corpus import token_windows, windows_digest
 from rana_core.evaluate import perplexity
@@ -60,6 +63,8 @@ class CompressionResult:
     layers: list[LayerResult] = field(default_factory=list)
     config: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
+    provenance: dict = field(default_factory=dict)  # rana_core.provenance.collect
+    artifact: dict | None = None  # {"path", "sha256"} of the saved adapters, when asked for
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -74,8 +79,10 @@ class CompressionResult:
 
 
 def compress(
-    config: CompressConfig, progress: ProgressFn | None = None, loaded: LoadedModel | None = None
+    config: CompressConfig, progress: ProgressFn | None = None, loaded: LoadedModel | None = None,
+    artifact_path: Path | None = None,
 ) -> CompressionResult:
+    """Run `config` end to end. With `artifact_path`, the adapters are also saved there (rana_core.artifacts)."""
     config.validate()
     started = time.perf_counter()
     plan = StagedProgress(progress, STAGES)
@@ -106,8 +113,11 @@ def compress(
     shapes = module_shapes(layers)
     profile = dense_profile(loaded.config, shapes, config.seq_len)
     unload(layers)  # a reused model must start clean
+    artifact = None
     try:
-        adapt(loaded, config, calib, threshold_windows, plan.stage("build"), plan.stage("thresholds"))
+        adapters = adapt(loaded, config, calib, threshold_windows, plan.stage("build"), plan.stage("thresholds"))
+        if artifact_path is not None:
+            artifact = {"path": str(artifact_path), "sha256": save_adapters(adapters, artifact_path)}
         meters = installed_meters(layers)
         for meter in meters.values():
             meter.reset()
@@ -136,7 +146,37 @@ def compress(
         layers=layer_rows,
         config=config.to_dict(),
         environment=_environment(loaded),
+        provenance=provenance.collect(loaded, config, calib.numel(), held_out.numel()),
+        artifact=artifact,
     )
+
+
+def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None, split: str, eval_tokens: int,
+                   seq_len: int, progress: ProgressFn | None = None) -> dict:
+    """Measure a run's saved adapters again on `split` ("heldout" or "train") and return the evaluation: the
+    perplexity beside the dense model's on the same tokens and the FLOP reduction measured from the masks."""
+    plan = StagedProgress(progress, {"data": 0.5, "dense eval": 3.0, "adapted eval": 4.0})
+    report = plan.stage("data")
+    windows = token_windows(loaded.tokenizer, split, eval_tokens, seq_len)
+    report(1.0, f"{windows.numel()} {split} tokens")
+    report = plan.stage("dense eval")
+    dense = loaded.cached(("dense perplexity", windows_digest(windows)),
+                          lambda: perplexity(loaded.model, windows, progress=report))
+    layers = loaded.layers
+    shapes = module_shapes(layers)
+    profile = dense_profile(loaded.config, shapes, seq_len)
+    unload(layers)
+    inject(layers, load_adapters(loaded, artifact_path, sha256))
+    try:
+        adapted = perplexity(loaded.model, windows, progress=plan.stage("adapted eval"))
+        layer_rows = _layer_results(shapes, installed_meters(layers))
+    finally:
+        unload(layers)
+    measured, measured_whole = profile.reductions({(r.layer, r.module): r.flops_per_token for r in layer_rows})
+    plan.done(f"perplexity {adapted.perplexity:.2f} (dense {dense.perplexity:.2f})")
+    return {"split": split, "tokens": windows.numel(), "seq_len": seq_len, "perplexity": adapted.perplexity,
+            "dense_perplexity": dense.perplexity, "measured_flop_reduction": measured,
+            "measured_flop_reduction_whole_model": measured_whole}
 
 
 def adapt(loaded: LoadedModel, config: CompressConfig, calib: torch.Tensor, threshold_windows: torch.Tensor,
