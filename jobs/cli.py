@@ -2,7 +2,10 @@
 
     rana compress --model smollm2-135m --method svd --flop-reduction 0.3 --json out.json   # in-process, no DB
     rana submit   --model tiny --method svd --flop-reduction 0.3 --json                    # enqueue
-    rana worker   [--exit-when-idle]
+    rana sweep    --model tiny --methods rana-greedy,cats,svd --budgets 0.2,0.3,0.44,0.5   # one job per point
+    rana evaluate RUN_ID --split train --eval-tokens 16384                                  # re-measure a run
+    rana cancel JOB_ID... | rana retry JOB_ID...
+    rana worker   [--exit-when-idle] [--stale-after SECONDS]
     rana jobs     [--json]
     rana app      [--port 8501]
     rana up       [--port 8501]        # upgrade the DB, start one worker and the app; Ctrl-C stops both
@@ -43,6 +46,13 @@ def _add_compress_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"])
 
 
+def _add_team_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--priority", type=int, default=0, help="higher runs first")
+    parser.add_argument("--author", help="who asked for it (default: the OS user)")
+    parser.add_argument("--tags", default="", help="comma-separated labels, e.g. baseline,ablation")
+    parser.add_argument("--json", action="store_true", help='print {"job_id": N}')
+
+
 def _config_payload(args) -> dict:
     return {
         "model": args.model, "method": args.method, "flop_reduction": args.flop_reduction,
@@ -63,13 +73,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = commands.add_parser("submit", help="enqueue a compression job")
     _add_compress_options(submit)
-    submit.add_argument("--priority", type=int, default=0, help="higher runs first")
-    submit.add_argument("--json", action="store_true", help='print {"job_id": N}')
+    _add_team_options(submit)
+
+    sweep = commands.add_parser("sweep", help="enqueue methods x budgets as one sweep (one job per point)")
+    _add_compress_options(sweep)
+    sweep.add_argument("--methods", required=True, help="comma-separated, method or method-allocation")
+    sweep.add_argument("--budgets", required=True, help="comma-separated FLOP reductions")
+    _add_team_options(sweep)
+
+    evaluate = commands.add_parser("evaluate", help="enqueue a new evaluation of a stored run")
+    evaluate.add_argument("run_id", type=int)
+    evaluate.add_argument("--split", default="heldout", choices=["heldout", "train"])
+    evaluate.add_argument("--eval-tokens", type=int, default=8192)
+    evaluate.add_argument("--seq-len", type=int, default=512)
+    _add_team_options(evaluate)
+
+    for name, text in (("cancel", "cancel queued or running jobs (a sweep: its unfinished points)"),
+                       ("retry", "queue failed or cancelled jobs again (a sweep: its failed points)")):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("job_ids", type=int, nargs="+")
 
     worker = commands.add_parser("worker", help="process queued jobs")
     worker.add_argument("--exit-when-idle", action="store_true", help="stop when the queue is empty")
     worker.add_argument("--max-jobs", type=int, help="stop after this many jobs")
     worker.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
+    worker.add_argument("--stale-after", type=float, default=30.0,
+                        help="requeue a running job whose worker has been silent this many seconds")
 
     jobs = commands.add_parser("jobs", help="list jobs")
     jobs.add_argument("--json", action="store_true")
@@ -161,17 +190,52 @@ def _print_summary(result: dict, stream) -> None:
               f"{mean('recon_error'):>14.4f}", file=stream)
 
 
-def cmd_submit(args) -> int:
+def _enqueue(args, kind: str, payload: dict) -> int:
     from db.migrate import check_schema
     from jobs.queue import submit
-
-    payload = _config_payload(args)
     from jobs.specs import validate_payload
 
-    validate_payload("compress", payload)  # bad input fails before the database is touched
+    validate_payload(kind, payload)  # bad input fails before the database is touched
     check_schema()
-    job_id = submit("compress", payload, priority=args.priority)
+    job_id = submit(kind, payload, priority=args.priority, author=args.author, tags=args.tags)
     print(json.dumps({"job_id": job_id}) if args.json else job_id)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    return _enqueue(args, "compress", _config_payload(args))
+
+
+def cmd_sweep(args) -> int:
+    base = _config_payload(args)
+    for key in ("method", "allocation", "flop_reduction"):
+        base.pop(key)
+    payload = {"base": base, "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
+               "budgets": [b.strip() for b in args.budgets.split(",") if b.strip()]}
+    return _enqueue(args, "sweep", payload)
+
+
+def cmd_evaluate(args) -> int:
+    payload = {"run_id": args.run_id, "split": args.split, "eval_tokens": args.eval_tokens, "seq_len": args.seq_len}
+    return _enqueue(args, "evaluate", payload)
+
+
+def cmd_cancel(args) -> int:
+    return _each_job(args, "cancel", "cancelled")
+
+
+def cmd_retry(args) -> int:
+    return _each_job(args, "retry", "queued again")
+
+
+def _each_job(args, action: str, done: str) -> int:
+    from db.migrate import check_schema
+    from jobs import queue
+
+    check_schema()
+    for job_id in args.job_ids:
+        count = getattr(queue, action)(job_id)
+        print(f"job {job_id}: {count} job(s) {done}")
     return 0
 
 
@@ -180,7 +244,7 @@ def cmd_worker(args) -> int:
     from jobs.worker import Worker
 
     check_schema()
-    worker = Worker(device=os.environ.get("RANA_DEVICE"), poll_seconds=args.poll)
+    worker = Worker(device=os.environ.get("RANA_DEVICE"), poll_seconds=args.poll, stale_seconds=args.stale_after)
     worker.install_signal_handlers()
     logging.getLogger("rana.worker").info("worker %s started", worker.name)
     processed = worker.run(exit_when_idle=args.exit_when_idle, max_jobs=args.max_jobs)
@@ -197,12 +261,21 @@ def cmd_jobs(args) -> int:
     if args.json:
         print(json.dumps([job.to_json() for job in jobs], indent=2))
         return 0
-    print(f"{'id':>5}  {'status':<10}{'progress':>9}  {'run':>5}  {'worker':<22}{'model / method / budget':<40}")
+    print(f"{'id':>5}  {'kind':<9}{'status':<10}{'progress':>9}  {'run':>5}  {'host / device':<28}{'what':<40}")
     for job in jobs:
         p = job.payload
-        what = f"{p.get('model')} / {p.get('method')} / {p.get('flop_reduction')}"
-        print(f"{job.id:>5}  {job.status:<10}{job.progress:>8.0%}  {job.run_id or '':>5}  {job.worker or '':<22}"
-              f"{what:<40}")
+        if job.kind == "compress":
+            what = f"{p.get('model')} / {p.get('method')}-{p.get('allocation')} / {p.get('flop_reduction')}"
+        elif job.kind == "sweep":
+            what = f"{p['base'].get('model')} / {','.join(p['methods'])} / {len(p['budgets'])} budgets"
+        elif job.kind == "evaluate":
+            what = f"run {p['run_id']} on {p['split']} ({p['eval_tokens']} tokens)"
+        else:
+            what = f"{p.get('model')} / {p.get('dtype')}"
+        where = f"{job.host or ''} {job.device or ''}".strip()
+        parent = f" (sweep {job.parent_id})" if job.parent_id else ""
+        print(f"{job.id:>5}  {job.kind:<9}{job.status:<10}{job.progress:>8.0%}  {job.run_id or '':>5}  "
+              f"{where[:27]:<28}{what}{parent}")
         if job.error:
             print(f"{'':>7}error: {job.error}")
     return 0
@@ -269,7 +342,8 @@ def cmd_db(args) -> int:
 
 
 COMMANDS = {
-    "compress": cmd_compress, "submit": cmd_submit, "worker": cmd_worker, "jobs": cmd_jobs,
+    "compress": cmd_compress, "submit": cmd_submit, "sweep": cmd_sweep, "evaluate": cmd_evaluate,
+    "cancel": cmd_cancel, "retry": cmd_retry, "worker": cmd_worker, "jobs": cmd_jobs,
     "methods": cmd_methods, "app": cmd_app, "up": cmd_up, "db": cmd_db,
 }
 

@@ -99,3 +99,64 @@ def test_stop_request_hands_the_job_back(db_url):
     with session_scope(db_url) as s:  # and another worker can take it
         s.execute(update(Job).values(priority=1))
     assert queue.claim("other", url=db_url).id == job_id
+
+
+def test_a_run_carries_provenance_and_an_artifact_that_an_evaluate_job_reuses(db_url, tmp_path):
+    import re
+
+    from db.session import data_dir
+
+    payload = {**PAYLOAD, "method": "rana", "allocation": "greedy"}
+    job_id = queue.submit("compress", payload, author="grace", tags="baseline, ablation", url=db_url)
+    Worker(url=db_url).run(exit_when_idle=True)
+    with session_scope(db_url) as s:
+        run = s.execute(select(Run).where(Run.job_id == job_id)).scalar_one()
+        run_id, provenance = run.id, dict(run.provenance)
+        assert (run.author, run.tags) == ("grace", ["ablation", "baseline"])
+        artifact = data_dir() / run.artifact_path
+        assert artifact.is_file() and re.fullmatch(r"[0-9a-f]{64}", run.artifact_sha256)
+        first_ppl = run.evaluations[0].perplexity
+    assert re.fullmatch(r"([0-9a-f]{40}(\+dirty)?|unknown)", provenance["git_sha"])
+    assert provenance["packages"]["torch"] and provenance["seed"] == 0
+    assert re.fullmatch(r"[0-9a-f]{64}", provenance["model_sha256"])
+    assert (provenance["calib_tokens"], provenance["eval_tokens"]) == (1024, 512)
+    assert provenance["device"] == "cpu" and provenance["device_name"] and provenance["author"] == "grace"
+
+    same_split = queue.submit("evaluate", {"run_id": run_id, "split": "heldout", "eval_tokens": 512,
+                                           "seq_len": 128}, url=db_url)
+    other_split = queue.submit("evaluate", {"run_id": run_id, "split": "train", "eval_tokens": 1024,
+                                            "seq_len": 128}, url=db_url)
+    assert Worker(url=db_url).run(exit_when_idle=True) == 2
+    with session_scope(db_url) as s:
+        rows = {e.job_id: e for e in s.execute(select(Evaluation).where(Evaluation.run_id == run_id)).scalars()}
+        assert set(rows) == {None, same_split, other_split}
+        # the stored adapters rebuild the very model that was measured: same tokens, same perplexity
+        assert rows[same_split].perplexity == pytest.approx(first_ppl, rel=1e-6)
+        assert (rows[other_split].split, rows[other_split].tokens) == ("train", 1024)
+        assert abs(rows[other_split].measured_flop_reduction - 0.3) < 0.05
+
+    artifact.write_bytes(artifact.read_bytes()[:-10])  # truncated on disk
+    broken = queue.submit("evaluate", {"run_id": run_id, "eval_tokens": 512, "seq_len": 128}, url=db_url)
+    Worker(url=db_url).run(exit_when_idle=True)
+    view = next(j for j in queue.list_jobs(url=db_url) if j.id == broken)
+    assert view.status == "failed" and "is corrupt" in view.error
+
+
+def test_latency_results_are_stored_once_and_a_cpu_worker_refuses_latency_jobs(db_url):
+    from db.models import LatencyResult
+    from jobs.results import store_latency
+
+    rows = [{"model": "llama2-7b-shape", "device_name": "NVIDIA H100", "dtype": "float16", "engine": "graphs",
+             "flop_reduction": budget, "measured_flop_reduction": budget, "context_tokens": context,
+             "new_tokens": 492, "ms_per_token": 10.0 * (1 - budget / 2), "dense_ms_per_token": 10.0,
+             "shapes": {"hidden": 4096}} for budget in (0.0, 0.44) for context in (1, 128)]
+    job_id = queue.submit("latency", {"flop_reductions": [0.0, 0.44], "contexts": [1, 128]}, url=db_url)
+    with session_scope(db_url) as s:
+        assert store_latency(s, rows, job_id=job_id) == 4
+    with session_scope(db_url) as s:
+        assert store_latency(s, rows, job_id=job_id) == 0  # a job's rows are written once
+        assert s.execute(select(func.count()).select_from(LatencyResult)).scalar() == 4
+
+    Worker(url=db_url, device="cpu").run(exit_when_idle=True)
+    view = next(j for j in queue.list_jobs(url=db_url) if j.id == job_id)
+    assert view.status == "failed" and "need a CUDA GPU" in view.error

@@ -1,0 +1,143 @@
+"""Real worker processes against SQLite and a real PostgreSQL server: many workers, one execution per job; a
+worker killed with SIGKILL mid-job is reaped and its job finishes once; SIGTERM hands the job back."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+
+from sqlalchemy import func, select
+
+from db.models import Run
+from db.session import session_scope
+from jobs import queue
+
+QUICK = {"model": "tiny", "method": "svd", "flop_reduction": 0.3, "calib_tokens": 256, "eval_tokens": 256,
+         "seq_len": 128}
+SLOW = {"model": "tiny", "method": "rana", "allocation": "greedy", "flop_reduction": 0.3, "calib_tokens": 8192,
+        "eval_tokens": 8192, "seq_len": 128}
+
+
+def start_worker(url, tmp_path, name, *args):
+    log = open(tmp_path / f"{name}.log", "w")
+    env = {**os.environ, "RANA_DB_URL": url, "RANA_DATA_DIR": str(tmp_path)}
+    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--poll", "0.2", *args], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job(url, job_id):
+    return next(j for j in queue.list_jobs(url=url) if j.id == job_id)
+
+
+def run_count(url, job_id=None):
+    with session_scope(url) as session:
+        query = select(func.count()).select_from(Run)
+        if job_id is not None:
+            query = query.where(Run.job_id == job_id)
+        return session.execute(query).scalar()
+
+
+def test_four_workers_run_forty_jobs_exactly_once(any_db_url, tmp_path):
+    url = any_db_url
+    ids = [queue.submit("compress", QUICK, url=url) for _ in range(40)]
+    workers = [start_worker(url, tmp_path, f"w{i}", "--exit-when-idle") for i in range(4)]
+    for worker in workers:
+        assert worker.wait(timeout=600) == 0
+    jobs = {j.id: j for j in queue.list_jobs(url=url)}
+    assert all(jobs[i].status == "done" and jobs[i].attempts == 1 and jobs[i].run_id for i in ids)
+    assert run_count(url) == 40 and len({jobs[i].run_id for i in ids}) == 40
+    claims = Counter()
+    for i in range(4):
+        for match in re.finditer(r"job (\d+) \(compress\) claimed by", (tmp_path / f"w{i}.log").read_text()):
+            claims[int(match.group(1))] += 1
+    assert claims == Counter({i: 1 for i in ids})  # every job executed once, by one worker
+    assert len({jobs[i].worker for i in ids}) >= 2  # and the workers really did share the queue
+
+
+def test_a_killed_worker_is_reaped_and_its_job_finishes_once(any_db_url, tmp_path):
+    url = any_db_url
+    job_id = queue.submit("compress", SLOW, url=url)
+    victim = start_worker(url, tmp_path, "victim")
+    try:
+        wait_for(lambda: job(url, job_id).status == "running" and job(url, job_id).progress > 0.1, 300,
+                 "the job to be under way")
+        victim.send_signal(signal.SIGKILL)
+        victim.wait(timeout=30)
+        assert job(url, job_id).status == "running"  # nobody told the queue: only the heartbeat stopped
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    rescuer = start_worker(url, tmp_path, "rescuer", "--stale-after", "3")
+    try:
+        wait_for(lambda: job(url, job_id).status == "done", 600, "the rescued job to finish")
+    finally:
+        rescuer.send_signal(signal.SIGTERM)
+        rescuer.wait(timeout=60)
+    view = job(url, job_id)
+    assert view.attempts == 2 and view.worker != f"{os.uname().nodename}:{victim.pid}"
+    assert run_count(url, job_id) == 1 and run_count(url) == 1
+    assert "stopped heartbeating" in (tmp_path / "rescuer.log").read_text()
+
+
+def test_sigterm_hands_the_running_job_back(db_url, tmp_path):
+    job_id = queue.submit("compress", SLOW, url=db_url)
+    worker = start_worker(db_url, tmp_path, "worker")
+    try:
+        wait_for(lambda: job(db_url, job_id).progress > 0.1, 300, "the job to be under way")
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=120) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    view = job(db_url, job_id)
+    assert (view.status, view.worker, view.attempts) == ("queued", None, 0)
+    assert run_count(db_url) == 0
+    assert "handed back" in (tmp_path / "worker.log").read_text()
+
+
+def test_a_locked_sqlite_database_is_waited_for(db_url):
+    import sqlite3
+    import threading
+
+    job_id = queue.submit("compress", QUICK, url=db_url)
+    holder = sqlite3.connect(db_url.split("///", 1)[1], isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")  # another process holds the write lock
+    release = threading.Timer(1.5, lambda: holder.execute("COMMIT"))
+    release.start()
+    started = time.monotonic()
+    claimed = queue.claim("patient:1", url=db_url)
+    assert claimed.id == job_id and time.monotonic() - started >= 1.0
+    release.join()
+    holder.close()
+
+
+def test_a_worker_rides_out_a_database_that_is_unavailable(db_url, monkeypatch):
+    from sqlalchemy.exc import OperationalError
+
+    from jobs.worker import Worker
+
+    job_id = queue.submit("compress", QUICK, url=db_url)
+    real_claim, failures = queue.claim, []
+
+    def flaky_claim(*args, **kwargs):
+        if len(failures) < 2:
+            failures.append(1)
+            raise OperationalError("BEGIN IMMEDIATE", {}, Exception("database is locked"))
+        return real_claim(*args, **kwargs)
+
+    monkeypatch.setattr(queue, "claim", flaky_claim)
+    worker = Worker(url=db_url, poll_seconds=0.05)
+    assert worker.run(exit_when_idle=True) == 1
+    assert len(failures) == 2 and job(db_url, job_id).status == "done"
