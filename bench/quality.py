@@ -26,12 +26,18 @@ from rana_core.models import load_model
 from rana_core.pipeline import compress
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_METHODS = "dense,cats,rana-greedy,rana-uniform,svd"
+DEFAULT_METHODS = "dense,cats,rana-uniform,rana-greedy,svd"  # uniform first: greedy reuses its splits
 
 
 def parse_method(text: str) -> tuple[str, str]:
     method, _, allocation = text.partition("-")
     return method, allocation or "uniform"
+
+
+def show_choices(fraction: float, message: str) -> None:
+    """Print the allocation a method settled on (greedy RaNA reports its candidates' calibration losses)."""
+    if "allocation:" in message and "; kept" in message:
+        print(f"    {message}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -58,7 +64,7 @@ def main(argv=None) -> int:
                                     seq_len=args.seq_len, track_layers=False)
             t0 = time.perf_counter()
             try:
-                result = compress(config, loaded=loaded)
+                result = compress(config, loaded=loaded, progress=show_choices)
             except RanaError as exc:
                 print(f"{name:<14}{budget:>7.2f}  skipped: {exc}", flush=True)
                 rows.append({"method": method, "allocation": allocation, "target": budget, "skipped": str(exc)})

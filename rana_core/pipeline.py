@@ -28,8 +28,7 @@ from rana_core.models import LoadedModel, load_model
 from rana_core.progress import ProgressFn, StagedProgress
 from rana_core.thresholds import Thresholded
 
-STAGES = {"load": 1.0, "data": 0.5, "dense eval": 3.0, "build": 3.0, "thresholds": 3.0, "adapted eval": 4.0}
-THRESHOLD_PASSES = 2  # passes over the calibration windows that re-set every mask threshold on the adapted model
+STAGES = {"load": 1.0, "data": 0.5, "dense eval": 3.0, "build": 3.0, "thresholds": 1.5, "adapted eval": 4.0}
 
 
 @dataclass
@@ -191,19 +190,32 @@ def adapt(loaded: LoadedModel, config: CompressConfig, calib: torch.Tensor, thre
     return adapters
 
 
-def calibrate_thresholds(model, layers, windows, progress, passes: int = THRESHOLD_PASSES) -> None:
+@torch.no_grad()
+def calibrate_thresholds(model, layers, windows, progress) -> None:
     """Re-set every masked adapter's threshold from the scores it sees on the *adapted* model, so that budgets
-    set on dense-model inputs still hold once upstream layers are adapted. Each pass updates all thresholds."""
+    set on dense-model inputs still hold once upstream layers are adapted.
+
+    One forward pass of the decoder (no LM head) over all `windows` in a single batch: each adapter sets its
+    threshold from the whole batch before masking it (Thresholded, immediate mode), so layer i is calibrated on
+    what the already calibrated layers 0..i-1 produce: exact in one pass, where re-setting all thresholds after
+    each full pass needed two passes to settle."""
     masked = [adapter for adapter in installed_adapters(layers) if isinstance(adapter, Thresholded)]
     if not masked:
         progress(1.0, "no masks")
         return
-    for index in range(passes):
+    progress(0.0, f"one pass over {windows.numel()} tokens")
+    for adapter in masked:
+        adapter.begin_calibration(immediate=True)
+    try:
+        device = next(model.parameters()).device
+        model.get_decoder()(windows.to(device), use_cache=False)
+        missed = [adapter for adapter in masked if adapter.histogram is not None]
+        if missed:
+            raise RuntimeError(f"{len(missed)} masked adapter(s) saw no calibration tokens")
+    finally:
         for adapter in masked:
-            adapter.begin_calibration()
-        perplexity(model, windows, progress=lambda f, m: progress((index + f) / passes, f"pass {index + 1}: {m}"))
-        for adapter in masked:
-            adapter.end_calibration()
+            adapter.histogram = None
+    progress(1.0, f"{len(masked)} thresholds set")
 
 
 def _layer_results(shapes, meters) -> list[LayerResult]:

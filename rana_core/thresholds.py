@@ -54,18 +54,27 @@ class ScoreHistogram:
 
 class Thresholded:
     """Mixin for masked adapters: a `tau` buffer set so that `target_active` entries per token are kept on
-    average, from the scores the adapter saw between begin_calibration and end_calibration."""
+    average, from the scores the adapter saw between begin_calibration and end_calibration.
+
+    With ``immediate=True`` the threshold is set from the first batch the adapter sees, before that batch is
+    masked: one forward pass over all calibration tokens then calibrates the layers in order, each on inputs
+    that already come from the calibrated layers before it."""
 
     target_active: float
     histogram: ScoreHistogram | None
+    _immediate: bool = False
 
-    def begin_calibration(self) -> None:
+    def begin_calibration(self, immediate: bool = False) -> None:
         self.histogram = ScoreHistogram()
+        self._immediate = immediate
 
     def observe(self, scores: torch.Tensor) -> None:
         if self.histogram is not None:
             self.histogram.add(scores)
+            if self._immediate:
+                self.end_calibration()
 
     def end_calibration(self) -> None:
         self.tau.fill_(self.histogram.threshold_for(self.target_active))
         self.histogram = None
+        self._immediate = False
