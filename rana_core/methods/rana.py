@@ -46,9 +46,10 @@ def build(loaded, calib_windows, config, progress):
     adapt_qkv = full_kv_heads(loaded.config)
     fisher = None
     if config.allocation == "greedy":
-        per_window = calib_windows.shape[1]
-        slice_ = calib_windows[: max(1, SENSITIVITY_TOKENS // per_window)]
-        validation = calib_windows[len(slice_): len(slice_) + max(1, VALIDATION_TOKENS // per_window)]
+        per_window, count = calib_windows.shape[1], calib_windows.shape[0]
+        n_validation = max(1, min(VALIDATION_TOKENS // per_window, count // 2))
+        slice_ = calib_windows[: max(1, min(SENSITIVITY_TOKENS // per_window, count - n_validation))]
+        validation = calib_windows[count - n_validation:]  # disjoint from the slice whenever there are 2 windows
         fisher, scales = loaded.cached(("loss model", windows_digest(slice_)),
                                        lambda: loss_model(loaded, qkv, mlp, slice_, progress))
         plans = {
