@@ -9,6 +9,9 @@ COPY jobs ./jobs
 COPY db ./db
 COPY app ./app
 RUN make setup
+# No .git in the image: pass the commit so that every run's provenance names it.
+ARG GIT_SHA=unknown
 ENV PATH=/opt/rana/.venv/bin:$PATH \
-    RANA_DATA_DIR=/data
+    RANA_DATA_DIR=/data \
+    RANA_GIT_SHA=$GIT_SHA
 VOLUME /data

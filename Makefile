@@ -25,6 +25,7 @@ run: setup
 	$(BIN)/rana up --port $(PORT)
 
 test: setup
+	scripts/ensure-postgres.sh
 	$(BIN)/python -m pytest -q
 
 bench-quality: setup

@@ -71,19 +71,47 @@ def layer_metrics(db_url: str, run_id: int) -> pd.DataFrame:
                                                           "recon_error", "flops_per_token")} for r in rows])
 
 
+JOB_COLUMNS = ["job", "kind", "status", "progress", "message", "model", "method", "budget", "host", "device",
+               "attempts", "author", "sweep", "run", "created", "elapsed_s", "error"]
+
+
 @st.cache_data(ttl=1, show_spinner=False)
 def jobs(db_url: str, limit: int = 200) -> pd.DataFrame:
     records = []
     for job in queue.list_jobs(limit=limit, url=db_url):
         p = job.payload
+        if job.kind == "sweep":
+            model, method, budget = p["base"].get("model"), ", ".join(p["methods"]), None
+        elif job.kind == "evaluate":
+            model, method, budget = None, f"evaluate run {p['run_id']} ({p['split']})", None
+        else:
+            model, method, budget = p.get("model"), p.get("method"), p.get("flop_reduction")
+            if job.kind == "compress" and p.get("allocation") not in (None, "uniform"):
+                method = f"{method}-{p['allocation']}"
+        elapsed = None
+        if job.started_at is not None:
+            end = job.finished_at or (job.heartbeat_at if job.status == "running" else None)
+            elapsed = (end - job.started_at).total_seconds() if end else None
         records.append({
-            "job": job.id, "status": job.status, "progress": job.progress, "message": job.message,
-            "model": p.get("model"), "method": p.get("method"), "budget": p.get("flop_reduction"),
-            "worker": job.worker, "run": job.run_id, "created": job.created_at, "error": job.error,
+            "job": job.id, "kind": job.kind, "status": job.status, "progress": job.progress, "message": job.message,
+            "model": model, "method": method, "budget": budget, "host": job.host, "device": job.device,
+            "attempts": f"{job.attempts}/{job.max_attempts}", "author": job.author, "sweep": job.parent_id,
+            "run": job.run_id, "created": job.created_at, "elapsed_s": elapsed, "error": job.error,
         })
-    columns = ["job", "status", "progress", "message", "model", "method", "budget", "worker", "run", "created",
-               "error"]
-    return pd.DataFrame.from_records(records, columns=columns)
+    return pd.DataFrame.from_records(records, columns=JOB_COLUMNS)
+
+
+def cancel_job(job_id: int) -> int:
+    """Cancel; raises RanaError with a message for the user when the job cannot be cancelled."""
+    count = queue.cancel(int(job_id), url=url())
+    jobs.clear()
+    return count
+
+
+def retry_job(job_id: int) -> int:
+    count = queue.retry(int(job_id), url=url())
+    jobs.clear()
+    return count
 
 
 def submit_compress(payload: dict) -> int:

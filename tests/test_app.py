@@ -110,6 +110,25 @@ def test_jobs_page_lists_status_progress_and_runs(seeded):
     assert "done: 5" in at.caption[0].value and "queued: 1" in at.caption[0].value
 
 
+def test_jobs_page_shows_host_and_device_and_cancels_then_retries(db_url):
+    running = queue.submit("compress", {"model": "tiny"}, author="ada", url=db_url)
+    queue.claim("gpu-7:42", url=db_url, device="cuda:0 (NVIDIA H100)")
+    queued = queue.submit("compress", {"model": "tiny"}, url=db_url)
+    at = run_page("job_list.py")
+    table = at.dataframe[0].value.set_index("job")
+    assert (table.loc[running, "host"], table.loc[running, "device"]) == ("gpu-7", "cuda:0 (NVIDIA H100)")
+    assert table.loc[running, "author"] == "ada" and table.loc[running, "attempts"] == "1/3"
+
+    at.selectbox(key="job_action_id").set_value(queued)
+    at.button(key="job_cancel").click().run()
+    assert not at.exception and "Cancel: 1 job(s)" in at.success[0].value
+    assert {j.id: j.status for j in queue.list_jobs(url=db_url)}[queued] == "cancelled"
+    at.button(key="job_cancel").click().run()  # twice: one clear message, nothing changes
+    assert "only queued or running jobs can be cancelled" in at.error[0].value
+    at.button(key="job_retry").click().run()
+    assert {j.id: j.status for j in queue.list_jobs(url=db_url)}[queued] == "queued"
+
+
 def test_jobs_page_shows_the_error_of_a_failed_job(db_url):
     job_id = queue.submit("compress", {"model": "tiny"}, url=db_url)
     queue.claim("w", url=db_url)

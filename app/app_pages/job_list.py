@@ -1,8 +1,9 @@
-"""Jobs: the queue as it stands, refreshed every two seconds."""
+"""Jobs: the queue as it stands, refreshed every two seconds; cancel and retry."""
 
 import streamlit as st
 
 from app import data
+from rana_core.errors import RanaError
 
 st.title("Jobs")
 problem = data.schema_problem()
@@ -26,6 +27,8 @@ def job_table():
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
             "budget": st.column_config.NumberColumn("budget", format="%.2f"),
             "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
+            "elapsed_s": st.column_config.NumberColumn("elapsed (s)", format="%.0f"),
+            "sweep": st.column_config.NumberColumn("sweep", format="%d"),
         },
     )
     failed = frame[frame["status"] == "failed"]
@@ -33,4 +36,22 @@ def job_table():
         st.error(f"Job {row['job']} failed: {row['error']}")
 
 
+
+def job_actions():
+    frame = data.jobs(data.url())
+    if frame.empty:
+        return
+    left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
+    job_id = left.selectbox("Job", frame["job"].tolist(), key="job_action_id",
+                            format_func=lambda j: f"{j} ({frame.loc[frame['job'] == j, 'status'].iloc[0]})")
+    for column, label, action in ((middle, "Cancel", data.cancel_job), (right, "Retry", data.retry_job)):
+        if column.button(label, key=f"job_{label.lower()}"):
+            try:
+                count = action(job_id)
+                st.success(f"{label}: {count} job(s) from job {job_id}")
+            except RanaError as exc:
+                st.error(str(exc))
+
+
 job_table()
+job_actions()

@@ -1,0 +1,55 @@
+"""docker-compose.yml and the Dockerfile, checked for structure (no Docker engine runs here): the services a
+team needs, one shared environment, PostgreSQL's health check gating the app and the workers, GPU workers that
+scale."""
+
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def compose() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+
+
+def test_services_share_one_database_and_data_directory():
+    services = compose()["services"]
+    assert set(services) == {"postgres", "app", "worker"}
+    urls = {name: services[name]["environment"]["RANA_DB_URL"] for name in ("app", "worker")}
+    assert len(set(urls.values())) == 1
+    url = urls["app"]
+    assert url.startswith("postgresql+psycopg://") and "@postgres:5432/" in url
+    pg_env = services["postgres"]["environment"]
+    assert url.endswith(f"/{pg_env['POSTGRES_DB']}") and f"//{pg_env['POSTGRES_USER']}:" in url
+    for name in ("app", "worker"):
+        assert services[name]["environment"]["RANA_DATA_DIR"] == "/data"
+        assert "rana-data:/data" in services[name]["volumes"]  # artifacts made by a worker are readable by all
+        assert services[name]["build"] == "."
+
+
+def test_postgres_is_healthy_before_anything_starts_and_keeps_its_data():
+    doc = compose()
+    postgres = doc["services"]["postgres"]
+    check = postgres["healthcheck"]
+    assert "pg_isready" in " ".join(check["test"]) and check["retries"] >= 5
+    assert any(v.startswith("pgdata:") for v in postgres["volumes"]) and "pgdata" in doc["volumes"]
+    for name in ("app", "worker"):
+        assert doc["services"][name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    assert "rana db upgrade" in doc["services"]["app"]["command"]  # one service migrates, before serving
+
+
+def test_workers_reserve_a_gpu_and_can_be_scaled():
+    worker = compose()["services"]["worker"]
+    assert worker["environment"]["RANA_DEVICE"].startswith("cuda")
+    (device,) = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+    assert "ports" not in worker and "container_name" not in worker  # either would stop --scale worker=N
+    assert worker["command"].split()[:2] == ["rana", "worker"]
+
+
+def test_the_image_installs_the_project_the_way_make_does():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "RUN make setup" in text and "RANA_GIT_SHA" in text
+    for folder in ("rana_core", "jobs", "db", "app", "scripts"):
+        assert f"COPY {folder} ./{folder}" in text
