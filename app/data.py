@@ -114,13 +114,14 @@ def retry_job(job_id: int) -> int:
     return count
 
 
-def submit_compress(payload: dict) -> int:
+def submit_compress(payload: dict, author: str | None = None, tags: str | list = ()) -> int:
     """Enqueue; raises RanaError (shown to the user as one message) when the payload is invalid."""
-    job_id = queue.submit("compress", payload, url=url())
+    job_id = queue.submit("compress", payload, author=author, tags=tags, url=url())
     jobs.clear()
     return job_id
 
 
+default_author = queue.default_author
 model_names = specs.model_names
 method_names = specs.method_names
 method_summaries = specs.method_summaries

@@ -147,10 +147,12 @@ def test_new_run_queues_the_job_the_form_describes(db_url):
     at.number_input(key="new_run_calib").set_value(2048)
     at.number_input(key="new_run_eval").set_value(1024)
     at.number_input(key="new_run_seq_len").set_value(256)
+    at.text_input(key="new_run_author").set_value("Ada")
+    at.text_input(key="new_run_tags").set_value("ablation, greedy ,")
     at.button(key="new_run_submit").click().run()
     assert not at.error and "Queued job" in at.success[0].value
     (job,) = queue.list_jobs(url=db_url)
-    assert job.status == "queued"
+    assert (job.status, job.author, job.tags) == ("queued", "Ada", ("ablation", "greedy"))
     assert {k: job.payload[k] for k in ("model", "method", "allocation", "flop_reduction", "calib_tokens",
                                         "eval_tokens", "seq_len")} == {
         "model": "tiny", "method": "rana", "allocation": "greedy", "flop_reduction": 0.44, "calib_tokens": 2048,

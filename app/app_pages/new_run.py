@@ -36,12 +36,17 @@ evals = middle.number_input("Evaluation tokens", min_value=1, value=defaults["ev
 seq_len = right.number_input("Sequence length", min_value=2, value=defaults["seq_len"], step=64,
                              key="new_run_seq_len")
 
+left, right = st.columns(2)
+author = left.text_input("Your name", value=data.default_author(), key="new_run_author",
+                         help="stored with the run, for the team's comparisons")
+tags = right.text_input("Tags", key="new_run_tags", placeholder="baseline, ablation")
+
 if st.button("Queue job", type="primary", key="new_run_submit"):
     model = model_other.strip() if model_choice == OTHER else model_choice
     payload = {"model": model, "method": method, "allocation": allocation, "flop_reduction": budget,
                "calib_tokens": int(calib), "eval_tokens": int(evals), "seq_len": int(seq_len)}
     try:
-        job_id = data.submit_compress(payload)
+        job_id = data.submit_compress(payload, author=author.strip() or None, tags=tags)
     except data.specs.RanaError as exc:
         st.error(f"Not queued: {exc}")
     else:
