@@ -67,3 +67,31 @@ def test_submit_worker_jobs_round_trip(env):
 def test_commands_refuse_a_database_without_schema(env):
     proc = rana("jobs", env=env, check=False)
     assert proc.returncode == 2 and "rana db upgrade" in proc.stderr
+
+
+def test_sweep_cancel_retry_from_the_command_line(env):
+    rana("db", "upgrade", env=env)
+    out = rana("sweep", *SMALL, "--methods", "rana-greedy,cats", "--budgets", "0.3,0.2", "--author", "ada",
+               "--tags", "cli", "--json", env=env).stdout
+    sweep_id = json.loads(out)["job_id"]
+    listed = json.loads(rana("jobs", "--json", env=env).stdout)
+    points = [j for j in listed if j["parent_id"] == sweep_id]
+    assert len(points) == 4 and all(j["author"] == "ada" and j["tags"] == ["cli"] for j in points)
+    assert rana("cancel", str(sweep_id), env=env).stdout.strip() == f"job {sweep_id}: 4 job(s) cancelled"
+    assert rana("retry", str(points[0]["id"]), env=env).stdout.strip() == f"job {points[0]['id']}: 1 job(s) queued again"
+    table = rana("jobs", env=env).stdout
+    assert f"(sweep {sweep_id})" in table and "cancelled" in table and "queued" in table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["sweep", *SMALL, "--methods", "rana-best", "--budgets", "0.3"], "has no allocation 'best'"),
+    (["sweep", *SMALL, "--methods", "svd", "--budgets", "0.3,x"], "a budget must be a number"),
+    (["cancel", "999"], "no job 999"),
+    (["retry", "999"], "no job 999"),
+    (["evaluate", "7"], "no run 7"),
+])
+def test_queue_commands_explain_bad_input_in_one_line(args, message, env):
+    rana("db", "upgrade", env=env)
+    proc = rana(*args, env=env, check=False)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
