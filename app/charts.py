@@ -17,18 +17,37 @@ def method_colour(method: str) -> str:
     return METHOD_COLOURS[method]
 
 
+def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
+    """The runs no other run beats on both axes (more FLOPs removed and lower perplexity), by reduction."""
+    ordered = points.sort_values(["measured_flop_reduction", "perplexity"], ascending=[False, True])
+    best, keep = float("inf"), []
+    for index, row in ordered.iterrows():
+        if row["perplexity"] < best:
+            best = row["perplexity"]
+            keep.append(index)
+    return points.loc[keep].sort_values("measured_flop_reduction")
+
+
 def pareto_figure(runs: pd.DataFrame, log_y: bool = False) -> go.Figure:
-    """Measured FLOP reduction vs perplexity, one trace per series (method and allocation), and the dense model
-    as a reference line."""
+    """Measured FLOP reduction vs perplexity: one colour per series (method and allocation), each series' Pareto
+    frontier as a line through its points, and the dense model as a reference line."""
     fig = go.Figure()
     for series, group in runs.groupby("series", sort=True):
+        colour = method_colour(series)
         group = group.sort_values("measured_flop_reduction")
         fig.add_trace(go.Scatter(
             x=group["measured_flop_reduction"], y=group["perplexity"], mode="markers", name=series,
-            marker={"size": 10, "color": method_colour(series)},
+            legendgroup=series, marker={"size": 10, "color": colour},
             customdata=group[["run_id", "target_flop_reduction", "eval_tokens"]].to_numpy(),
             hovertemplate=HOVER,
         ))
+        frontier = pareto_frontier(group)
+        if len(frontier) > 1:
+            fig.add_trace(go.Scatter(
+                x=frontier["measured_flop_reduction"], y=frontier["perplexity"], mode="lines",
+                name=f"{series} frontier", legendgroup=series, showlegend=False, hoverinfo="skip",
+                line={"color": colour, "width": 2},
+            ))
     if not runs.empty:
         dense = float(runs["dense_perplexity"].median())
         right = max(0.7, float(runs["measured_flop_reduction"].max()) + 0.05)
@@ -37,5 +56,87 @@ def pareto_figure(runs: pd.DataFrame, log_y: bool = False) -> go.Figure:
     fig.update_layout(
         xaxis_title="measured FLOP reduction (QKV + MLP, held-out tokens)", yaxis_title="held-out perplexity",
         yaxis_type="log" if log_y else "linear", legend_title="method", margin={"t": 30}, height=520,
+        clickmode="event+select",
     )
     return fig
+
+
+MODULE_ORDER = ["qkv", "gate", "up", "down"]
+ADAPTER_CODES = ["dense", "svd", "rank", "neuron", "cats"]  # categorical colour for the adapter heatmap
+HEATMAP_METRICS = {
+    "adapter": "adapter that ran the module",
+    "keep": "FLOPs spent / dense FLOPs",
+    "rank_share": "static rank / max rank",
+    "density": "mean active ranks / static rank",
+    "recon_error": "reconstruction error ‖f−f̂‖²/‖f‖²",
+    "sparsity": "rank-importance sparsity (share for 90% energy)",
+}
+
+
+def layer_grid(layers: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """modules × layers table of one metric (the adapter as its code in ADAPTER_CODES)."""
+    frame = layers.copy()
+    frame["rank_share"] = frame["rank"] / frame["max_rank"]
+    if metric == "adapter":
+        frame["adapter"] = frame["adapter"].fillna("dense").map(
+            lambda a: ADAPTER_CODES.index(a) if a in ADAPTER_CODES else len(ADAPTER_CODES))
+    grid = frame.pivot_table(index="module", columns="layer", values=metric, aggfunc="first")
+    return grid.reindex([m for m in MODULE_ORDER if m in grid.index])
+
+
+def heatmap_figure(layers: pd.DataFrame, metric: str, title: str | None = None) -> go.Figure:
+    """A layers × modules heatmap of one run's `metric`."""
+    return grid_heatmap(layer_grid(layers, metric), metric, title)
+
+
+def grid_heatmap(grid: pd.DataFrame, metric: str, title: str | None = None, difference: bool = False) -> go.Figure:
+    """A heatmap of a layer_grid; with `difference` (run B − run A), a diverging scale centred on 0."""
+    z = grid.to_numpy(dtype=float)
+    kwargs = {"colorscale": "Viridis"}
+    if metric == "adapter":
+        colours = qualitative.Set2[: len(ADAPTER_CODES)]
+        steps = len(ADAPTER_CODES)
+        scale = []
+        for i, colour in enumerate(colours):
+            scale += [(i / steps, colour), ((i + 1) / steps, colour)]
+        kwargs = {"colorscale": scale, "zmin": -0.5, "zmax": steps - 0.5,
+                  "colorbar": {"tickvals": list(range(steps)), "ticktext": ADAPTER_CODES}}
+    elif difference:
+        limit = float(abs(z[~pd.isna(z)]).max()) if (~pd.isna(z)).any() else 1.0
+        kwargs = {"colorscale": "RdBu", "zmid": 0.0, "zmin": -limit or -1.0, "zmax": limit or 1.0}
+    fig = go.Figure(go.Heatmap(z=z, x=[int(c) for c in grid.columns], y=list(grid.index), **kwargs,
+                               hovertemplate="layer %{x}, %{y}: %{z:.4g}<extra></extra>"))
+    fig.update_layout(title=title or HEATMAP_METRICS.get(metric, metric), xaxis_title="layer",
+                      yaxis={"autorange": "reversed"}, height=260, margin={"t": 40, "b": 40})
+    return fig
+
+
+def layer_lines_figure(runs: dict[str, pd.DataFrame], metric: str) -> go.Figure:
+    """`metric` per layer, one line per (run, module)."""
+    fig = go.Figure()
+    for label, layers in runs.items():
+        frame = layers.copy()
+        frame["rank_share"] = frame["rank"] / frame["max_rank"]
+        for module in [m for m in MODULE_ORDER if m in set(frame["module"])]:
+            rows = frame[frame["module"] == module].sort_values("layer")
+            fig.add_trace(go.Scatter(x=rows["layer"], y=rows[metric], mode="lines+markers",
+                                     name=f"{label} · {module}"))
+    fig.update_layout(xaxis_title="layer", yaxis_title=HEATMAP_METRICS.get(metric, metric), height=360,
+                      margin={"t": 30})
+    return fig
+
+
+def latency_figures(latency: pd.DataFrame) -> tuple[go.Figure, go.Figure]:
+    """ms/token against context length, and speedup over dense, one line per (model, engine, budget)."""
+    per_token, speedup = go.Figure(), go.Figure()
+    for (model, engine, budget), rows in latency.groupby(["model", "engine", "flop_reduction"], sort=True):
+        rows = rows.sort_values("context_tokens")
+        name = f"{model} · {engine} · −{budget:.0%}"
+        per_token.add_trace(go.Scatter(x=rows["context_tokens"], y=rows["ms_per_token"], mode="lines+markers",
+                                       name=name))
+        if budget > 0:
+            speedup.add_trace(go.Scatter(x=rows["context_tokens"], y=rows["speedup"], mode="lines+markers",
+                                         name=name))
+    per_token.update_layout(xaxis_title="context tokens", yaxis_title="median ms / token", height=400)
+    speedup.update_layout(xaxis_title="context tokens", yaxis_title="speedup vs dense (same engine)", height=400)
+    return per_token, speedup

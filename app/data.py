@@ -10,13 +10,13 @@ import streamlit as st
 from sqlalchemy import select
 
 from db.migrate import check_schema
-from db.models import Evaluation, LayerMetric, Run
+from db.models import Evaluation, LatencyResult, LayerMetric, Run
 from db.session import DatabaseError, database_url, session_scope
 from jobs import queue, specs
 
 RUN_COLUMNS = ["run_id", "job_id", "model", "method", "allocation", "series", "target_flop_reduction",
                "measured_flop_reduction", "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity",
-               "eval_tokens", "seq_len", "calib_tokens", "seconds", "created_at"]
+               "eval_tokens", "seq_len", "calib_tokens", "seconds", "author", "tags", "created_at"]
 
 
 def series_name(method: str, allocation: str) -> str:
@@ -58,21 +58,64 @@ def runs(db_url: str) -> pd.DataFrame:
                 "measured_flop_reduction_whole_model": ev.measured_flop_reduction_whole_model,
                 "perplexity": ev.perplexity, "dense_perplexity": ev.dense_perplexity, "eval_tokens": ev.tokens,
                 "seq_len": ev.seq_len, "calib_tokens": run.calib_tokens, "seconds": run.seconds,
-                "created_at": run.created_at,
+                "author": run.author, "tags": list(run.tags or []), "created_at": run.created_at,
             })
     return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
 
 
+LAYER_COLUMNS = ["layer", "module", "adapter", "rank", "max_rank", "density", "recon_error", "sparsity",
+                 "flops_per_token", "dense_flops_per_token"]
+
+
 @st.cache_data(ttl=2, show_spinner=False)
 def layer_metrics(db_url: str, run_id: int) -> pd.DataFrame:
+    """One row per (layer, module) of a run, with `keep` = FLOPs spent / dense FLOPs."""
     with session_scope(db_url) as session:
-        rows = session.execute(select(LayerMetric).where(LayerMetric.run_id == run_id)).scalars().all()
-        return pd.DataFrame([{c: getattr(r, c) for c in ("layer", "module", "rank", "max_rank", "density",
-                                                          "recon_error", "flops_per_token")} for r in rows])
+        rows = session.execute(select(LayerMetric).where(LayerMetric.run_id == run_id)
+                               .order_by(LayerMetric.layer, LayerMetric.id)).scalars().all()
+        frame = pd.DataFrame([{c: getattr(r, c) for c in LAYER_COLUMNS} for r in rows], columns=LAYER_COLUMNS)
+    frame["keep"] = frame["flops_per_token"] / frame["dense_flops_per_token"]
+    return frame
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def run_details(db_url: str, run_ids: tuple[int, ...]) -> dict[int, dict]:
+    """Everything stored about each run but its layers: configuration, provenance, every evaluation."""
+    details = {}
+    with session_scope(db_url) as session:
+        for run in session.execute(select(Run).where(Run.id.in_(run_ids))).scalars():
+            details[run.id] = {
+                "run_id": run.id, "job_id": run.job_id, "model": run.model, "method": run.method,
+                "allocation": run.allocation, "series": series_name(run.method, run.allocation),
+                "target_flop_reduction": run.target_flop_reduction, "author": run.author,
+                "tags": list(run.tags or []), "created_at": run.created_at, "seconds": run.seconds,
+                "config": dict(run.config or {}), "provenance": dict(run.provenance or {}),
+                "artifact": run.artifact_path,
+                "evaluations": [{"split": e.split, "tokens": e.tokens, "seq_len": e.seq_len,
+                                 "perplexity": e.perplexity, "dense_perplexity": e.dense_perplexity,
+                                 "measured_flop_reduction": e.measured_flop_reduction,
+                                 "measured_flop_reduction_whole_model": e.measured_flop_reduction_whole_model}
+                                for e in sorted(run.evaluations, key=lambda e: e.id)],
+            }
+    return details
+
+
+LATENCY_COLUMNS = ["model", "device_name", "dtype", "engine", "flop_reduction", "measured_flop_reduction",
+                   "context_tokens", "new_tokens", "ms_per_token", "dense_ms_per_token", "speedup", "created_at"]
+
+
+@st.cache_data(ttl=5, show_spinner=False)
+def latency(db_url: str) -> pd.DataFrame:
+    with session_scope(db_url) as session:
+        rows = session.execute(select(LatencyResult).order_by(LatencyResult.id)).scalars().all()
+        frame = pd.DataFrame([{c: getattr(r, c) for c in LATENCY_COLUMNS if c != "speedup"} for r in rows],
+                             columns=[c for c in LATENCY_COLUMNS if c != "speedup"])
+    frame["speedup"] = frame["dense_ms_per_token"] / frame["ms_per_token"]
+    return frame[LATENCY_COLUMNS]
 
 
 JOB_COLUMNS = ["job", "kind", "status", "progress", "message", "model", "method", "budget", "host", "device",
-               "attempts", "author", "sweep", "run", "created", "elapsed_s", "error"]
+               "attempts", "author", "sweep", "run", "created", "elapsed_s", "eta_s", "error"]
 
 
 @st.cache_data(ttl=1, show_spinner=False)
@@ -96,9 +139,23 @@ def jobs(db_url: str, limit: int = 200) -> pd.DataFrame:
             "job": job.id, "kind": job.kind, "status": job.status, "progress": job.progress, "message": job.message,
             "model": model, "method": method, "budget": budget, "host": job.host, "device": job.device,
             "attempts": f"{job.attempts}/{job.max_attempts}", "author": job.author, "sweep": job.parent_id,
-            "run": job.run_id, "created": job.created_at, "elapsed_s": elapsed, "error": job.error,
+            "run": job.run_id, "created": job.created_at, "elapsed_s": elapsed,
+            "eta_s": eta_seconds(job.status, job.progress, elapsed), "error": job.error,
         })
     return pd.DataFrame.from_records(records, columns=JOB_COLUMNS)
+
+
+def eta_seconds(status: str, progress: float, elapsed: float | None) -> float | None:
+    """Time left if the rest goes as fast as what is done; unknown before 2% or when not running."""
+    if status != "running" or elapsed is None or progress < 0.02:
+        return None
+    return elapsed * (1.0 - progress) / progress
+
+
+def submit_sweep(payload: dict, author: str | None = None, tags: str | list = ()) -> int:
+    job_id = queue.submit("sweep", payload, author=author, tags=tags, url=url())
+    jobs.clear()
+    return job_id
 
 
 def cancel_job(job_id: int) -> int:

@@ -25,10 +25,14 @@ SEEDED = [  # (model, method, target, measured, perplexity)
 ]
 
 
+ADAPTER_OF = {"dense": "dense", "svd": "svd", "cats": "cats", "rana": "rank"}
+
+
 def fake_result(model, method, target, measured, ppl, allocation="uniform"):
-    layers = [{"layer": i, "module": m, "rank": 10, "max_rank": 64, "density": 1.0, "recon_error": 0.1,
-               "flops_per_token": 100.0, "dense_flops_per_token": 200} for i in range(2)
-              for m in ("qkv", "gate", "up", "down")]
+    layers = [{"layer": i, "module": m, "adapter": ADAPTER_OF[method], "rank": 10 + i + j, "max_rank": 64,
+               "density": 0.5 + 0.1 * j, "recon_error": 0.01 * (i + 1) * (j + 1), "sparsity": 0.3,
+               "flops_per_token": 100.0 - 10 * i, "dense_flops_per_token": 200}
+              for i in range(2) for j, m in enumerate(("qkv", "gate", "up", "down"))]
     return {"model": model, "method": method, "allocation": allocation, "target_flop_reduction": target,
             "measured_flop_reduction": measured, "measured_flop_reduction_whole_model": measured / 2,
             "dense_perplexity": 39.8 if model != "tiny" else 252.7, "perplexity": ppl, "calib_tokens": 8192,
@@ -58,7 +62,10 @@ class Trace:
 def _decode(values):
     """Plotly ships numeric arrays as base64 ("bdata") with a dtype; lists stay lists."""
     if isinstance(values, dict) and "bdata" in values:
-        return np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"]).tolist()
+        array = np.frombuffer(base64.b64decode(values["bdata"]), dtype=values["dtype"])
+        if "shape" in values:
+            array = array.reshape([int(n) for n in str(values["shape"]).split(",")])
+        return array.tolist()
     return values
 
 
@@ -79,7 +86,8 @@ def test_pareto_plots_every_run_of_the_chosen_model_and_the_dense_line(seeded):
     assert at.selectbox(key="pareto_model").value == "smollm2-135m"
     data, layout = chart(at)
     traces = {trace.name: trace for trace in data}
-    assert set(traces) == {"dense", "svd", "rana-greedy", "dense (reference)"}
+    assert set(traces) == {"dense", "svd", "svd frontier", "rana-greedy", "dense (reference)"}
+    assert list(traces["svd frontier"].x) == [0.201, 0.300]  # neither svd point beats the other on both axes
     assert list(traces["rana-greedy"].y) == [59.7]
     assert list(traces["svd"].x) == [0.201, 0.300] and list(traces["svd"].y) == [120.0, 337.8]
     assert list(traces["dense"].y) == [39.8]
@@ -181,3 +189,139 @@ def test_navigation_lists_the_three_pages(db_url):
     assert at.title[0].value == "New run"
     at.switch_page("app_pages/pareto.py").run()
     assert at.title[0].value == "Pareto"
+
+
+def test_pareto_frontier_skips_dominated_runs():
+    import pandas as pd
+
+    from app.charts import pareto_frontier
+
+    points = pd.DataFrame({"measured_flop_reduction": [0.2, 0.3, 0.3, 0.44, 0.5],
+                           "perplexity": [50.0, 70.0, 60.0, 55.0, 90.0]})
+    frontier = pareto_frontier(points)
+    # (0.3, 70) loses to (0.3, 60), and (0.3, 60) to (0.44, 55): both are dominated
+    assert list(zip(frontier["measured_flop_reduction"], frontier["perplexity"])) == [
+        (0.2, 50.0), (0.44, 55.0), (0.5, 90.0)]
+
+
+def test_pareto_filters_by_method_author_and_tag(db_url):
+    for i, (author, tags) in enumerate([("ada", ["baseline"]), ("grace", ["ablation"]), ("ada", ["ablation"])]):
+        job_id = queue.submit("compress", {"model": "tiny"}, author=author, tags=tags, url=db_url)
+        claimed = queue.claim("w", url=db_url)
+        with session_scope(db_url) as session:
+            store_compression(session, fake_result("tiny", "svd", 0.1 * (i + 1), 0.1 * (i + 1), 100.0 + i),
+                              job_id=claimed.id, author=author, tags=tags)
+            queue.mark_done(session, job_id, "w")
+    at = run_page("pareto.py")
+    at.multiselect(key="pareto_authors").set_value(["ada"]).run()
+    assert sorted(at.dataframe[0].value["perplexity"]) == [100.0, 102.0]
+    at.multiselect(key="pareto_tags").set_value(["ablation"]).run()
+    assert list(at.dataframe[0].value["perplexity"]) == [102.0]
+    at.multiselect(key="pareto_methods").set_value([]).run()
+    assert "No run matches" in at.info[0].value
+
+
+def test_new_run_queues_a_sweep_of_methods_and_budgets(db_url):
+    at = run_page("new_run.py")
+    at.segmented_control(key="new_run_mode").set_value("Sweep").run()
+    at.selectbox(key="new_run_model").set_value("tiny")
+    at.multiselect(key="sweep_methods").set_value(["rana-greedy", "cats"])
+    at.slider(key="sweep_range").set_value((0.2, 0.4))
+    at.number_input(key="sweep_step").set_value(0.1).run()
+    assert "3 budgets (0.20, 0.30, 0.40) × 2 methods" in at.caption[0].value
+    at.button(key="new_run_submit").click().run()
+    assert not at.error and "Queued sweep" in at.success[0].value
+    jobs = queue.list_jobs(url=db_url)
+    sweep = next(j for j in jobs if j.kind == "sweep")
+    points = sorted((j.payload["method"], j.payload["allocation"], j.payload["flop_reduction"])
+                    for j in jobs if j.parent_id == sweep.id)
+    assert points == [("cats", "uniform", 0.2), ("cats", "uniform", 0.3), ("cats", "uniform", 0.4),
+                      ("rana", "greedy", 0.2), ("rana", "greedy", 0.3), ("rana", "greedy", 0.4)]
+
+
+def heatmaps(at):
+    figures = {}
+    for element in at.get("plotly_chart"):
+        spec = json.loads(element.proto.spec)
+        if spec["data"] and spec["data"][0]["type"] == "heatmap":
+            figures[spec["layout"]["title"]["text"]] = spec["data"][0]
+    return figures
+
+
+def test_run_detail_shows_layer_heatmaps_and_a_difference(seeded):
+    runs = {}
+    with session_scope() as session:
+        from db.models import Run
+        for run in session.query(Run):
+            runs[(run.model, run.method, run.target_flop_reduction)] = run.id
+    svd_02, svd_03 = runs[("smollm2-135m", "svd", 0.2)], runs[("smollm2-135m", "svd", 0.3)]
+    at = AppTest.from_file(str(PAGES / "run_detail.py"), default_timeout=30)
+    at.query_params["run"] = str(svd_02)
+    at.run()
+    assert not at.exception and at.selectbox(key="detail_run").value == svd_02
+    maps = heatmaps(at)
+    assert set(maps) == {"adapter that ran the module", "FLOPs spent / dense FLOPs", "static rank / max rank",
+                         "mean active ranks / static rank", "reconstruction error ‖f−f̂‖²/‖f‖²",
+                         "rank-importance sparsity (share for 90% energy)"}
+    error = maps["reconstruction error ‖f−f̂‖²/‖f‖²"]
+    assert error["y"] == ["qkv", "gate", "up", "down"] and error["x"] == [0, 1]
+    assert np.allclose(np.array(_decode(error["z"])), [[0.01, 0.02], [0.02, 0.04], [0.03, 0.06], [0.04, 0.08]])
+    assert np.allclose(np.array(_decode(maps["FLOPs spent / dense FLOPs"]["z"]))[:, 1], 0.45)
+
+    at.selectbox(key="detail_other").set_value(svd_03).run()
+    assert not at.exception and at.query_params["other"] in (str(svd_03), [str(svd_03)])
+    titles = set(heatmaps(at))
+    assert f"{svd_03} − {svd_02}" in titles and f"run {svd_03}: recon_error" in titles
+
+
+def test_compare_diffs_runs_and_keeps_the_selection_in_the_url(seeded):
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=30)
+    at.query_params["runs"] = "2,3"
+    at.run()
+    assert not at.exception and at.multiselect(key="compare_runs").value == [2, 3]
+    diff = at.dataframe[1].value
+    assert list(diff.columns) == ["run 2", "run 3"]
+    assert diff.loc["perplexity"].tolist() == ["120.0", "337.8"] and "target" in diff.index
+    assert "author" not in diff.index  # the same for both: hidden while "only what differs" is on
+    at.multiselect(key="compare_runs").set_value([2, 3, 5]).run()
+    assert at.query_params["runs"] in ("2,3,5", ["2,3,5"])
+    assert at.get("download_button")  # CSV and JSON export
+
+
+def test_latency_page_plots_ms_per_token_and_speedup(db_url):
+    from jobs.results import store_latency
+
+    rows = [{"model": "llama2-7b-shape", "device_name": "NVIDIA H100", "dtype": "float16", "engine": "graphs",
+             "flop_reduction": budget, "measured_flop_reduction": budget, "context_tokens": context,
+             "new_tokens": 492, "ms_per_token": ms, "dense_ms_per_token": dense, "shapes": {}}
+            for budget, ms, dense in ((0.0, 8.0, 8.0), (0.44, 5.0, 8.0)) for context in (1, 512)]
+    with session_scope(db_url) as session:
+        store_latency(session, rows)
+    at = run_page("latency.py")
+    specs = [json.loads(e.proto.spec) for e in at.get("plotly_chart")]
+    speedup = {t["name"]: _decode(t["y"]) for t in specs[1]["data"]}
+    assert speedup == {"llama2-7b-shape · graphs · −44%": [1.6, 1.6]}
+    assert len(specs[0]["data"]) == 2
+
+
+def test_pages_stay_fast_with_two_thousand_runs(db_url):
+    import time
+
+    from db.models import Evaluation, Run
+
+    with session_scope(db_url) as session:
+        for i in range(2000):
+            run = Run(model="smollm2-135m", method=("svd", "cats", "rana")[i % 3], allocation="uniform",
+                      target_flop_reduction=(i % 50) / 100, calib_tokens=8192, seconds=1.0, config={},
+                      author=("ada", "grace")[i % 2], tags=["bulk"])
+            run.evaluations.append(Evaluation(split="heldout", tokens=8192, seq_len=512, perplexity=40 + i % 97,
+                                              dense_perplexity=40.0, measured_flop_reduction=(i % 50) / 100,
+                                              measured_flop_reduction_whole_model=(i % 50) / 150))
+            session.add(run)
+    for page in ("pareto.py", "compare.py", "run_detail.py"):
+        started = time.perf_counter()
+        at = run_page(page)
+        assert time.perf_counter() - started < 5.0, page
+    at = run_page("pareto.py")
+    data, _ = chart(at)
+    assert sum(len(t.x) for t in data if not t.name.endswith(("frontier", "(reference)"))) == 2000

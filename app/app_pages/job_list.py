@@ -28,6 +28,7 @@ def job_table():
             "budget": st.column_config.NumberColumn("budget", format="%.2f"),
             "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
             "elapsed_s": st.column_config.NumberColumn("elapsed (s)", format="%.0f"),
+            "eta_s": st.column_config.NumberColumn("ETA (s)", format="%.0f"),
             "sweep": st.column_config.NumberColumn("sweep", format="%d"),
         },
     )

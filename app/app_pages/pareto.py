@@ -1,5 +1,7 @@
-"""Pareto: measured FLOP reduction against held-out perplexity, one colour per method, dense as the reference."""
+"""Pareto explorer: measured FLOP reduction against held-out perplexity for one model, a colour and a frontier
+per method, dense as the reference line; filters; clicking a point opens its run."""
 
+import pandas as pd
 import streamlit as st
 
 from app import charts, data
@@ -15,13 +17,50 @@ if runs.empty:
     st.info("No finished runs yet: queue one on New run, and a worker will fill this page.")
     st.stop()
 
-left, right = st.columns([3, 1])
-model = left.selectbox("Model", sorted(runs["model"].unique()), key="pareto_model")
-log_y = right.toggle("Log perplexity axis", value=True, key="pareto_log_y")
+models = sorted(runs["model"].unique())
+params = st.query_params
+default_model = params.get("model") if params.get("model") in models else models[0]
+top = st.columns([2, 2, 1])
+model = top[0].selectbox("Model", models, index=models.index(default_model), key="pareto_model")
 shown = runs[runs["model"] == model]
-st.plotly_chart(charts.pareto_figure(shown, log_y=log_y), key="pareto_chart")
+series = sorted(shown["series"].unique())
+picked = top[1].multiselect("Methods", series, default=series, key="pareto_methods")
+log_y = top[2].toggle("Log perplexity axis", value=True, key="pareto_log_y")
+
+with st.expander("Filters: author, tag, date"):
+    left, middle, right = st.columns(3)
+    authors = sorted(a for a in shown["author"].dropna().unique())
+    chosen_authors = left.multiselect("Author", authors, key="pareto_authors")
+    tags = sorted({t for row in shown["tags"] for t in row})
+    chosen_tags = middle.multiselect("Tag (any of)", tags, key="pareto_tags")
+    dates = pd.to_datetime(shown["created_at"])
+    first, last = dates.min().date(), dates.max().date()
+    span = right.date_input("Created between", value=(first, last), key="pareto_dates")
+
+keep = shown["series"].isin(picked)
+if chosen_authors:
+    keep &= shown["author"].isin(chosen_authors)
+if chosen_tags:
+    keep &= shown["tags"].map(lambda row: bool(set(row) & set(chosen_tags))).astype(bool)
+if isinstance(span, (tuple, list)) and len(span) == 2:
+    created = dates.dt.date
+    keep &= (created >= span[0]) & (created <= span[1])
+shown = shown[keep]
+st.query_params["model"] = model
+
+if shown.empty:
+    st.info("No run matches these filters.")
+    st.stop()
+st.caption(f"{len(shown)} runs · click a point to open it")
+event = st.plotly_chart(charts.pareto_figure(shown, log_y=log_y), key="pareto_chart", on_select="rerun",
+                        selection_mode="points")
+selected = [p for p in (event.selection.points if event else []) if p.get("customdata")]
+if selected:
+    run_id = int(selected[0]["customdata"][0])
+    st.switch_page("app_pages/run_detail.py", query_params={"run": run_id})
 st.dataframe(
     shown[["run_id", "series", "target_flop_reduction", "measured_flop_reduction",
-           "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity", "eval_tokens", "created_at"]],
+           "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity", "eval_tokens", "author",
+           "created_at"]],
     hide_index=True, width="stretch", key="pareto_table",
 )

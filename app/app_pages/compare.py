@@ -1,0 +1,73 @@
+"""Compare (team): every run with its author, tags and provenance; pick two or more for a metric and
+configuration diff, and export them. The selection lives in the URL (?runs=3,7,12), so a link reopens it."""
+
+import json
+
+import pandas as pd
+import streamlit as st
+
+from app import data
+
+st.title("Compare")
+problem = data.schema_problem()
+if problem:
+    st.error(problem)
+    st.stop()
+
+runs = data.runs(data.url())
+if runs.empty:
+    st.info("No finished runs yet.")
+    st.stop()
+
+labels = {int(r.run_id): f"run {r.run_id}: {r.model} · {r.series} · −{r.target_flop_reduction:.0%} · "
+                         f"{r.author or '?'}" for r in runs.itertuples()}
+from_url = []
+for part in st.query_params.get("runs", "").split(","):
+    if part.strip().isdigit() and int(part) in labels:
+        from_url.append(int(part))
+
+table = runs[["run_id", "model", "series", "target_flop_reduction", "measured_flop_reduction", "perplexity",
+              "author", "tags", "created_at"]].copy()
+table["tags"] = table["tags"].map(", ".join)
+with st.expander(f"All {len(runs)} runs", expanded=not from_url):
+    st.dataframe(table, hide_index=True, width="stretch", key="compare_all")
+
+chosen = st.multiselect("Runs to compare", sorted(labels, reverse=True), default=from_url,
+                        format_func=labels.get, key="compare_runs")
+st.query_params["runs"] = ",".join(str(i) for i in chosen)
+if len(chosen) < 2:
+    st.info("Pick two or more runs; the link in the address bar then reopens this comparison.")
+    st.stop()
+
+details = data.run_details(data.url(), tuple(chosen))
+
+
+def flat(run: dict) -> dict:
+    """One column of the diff: results first, then configuration and provenance, flattened."""
+    heldout = run["evaluations"][0] if run["evaluations"] else {}
+    row = {"perplexity": heldout.get("perplexity"), "dense perplexity": heldout.get("dense_perplexity"),
+           "measured FLOP reduction": heldout.get("measured_flop_reduction"),
+           "whole-model FLOP reduction": heldout.get("measured_flop_reduction_whole_model"),
+           "target": run["target_flop_reduction"], "author": run["author"], "tags": ", ".join(run["tags"]),
+           "seconds": run["seconds"]}
+    row.update({f"config.{k}": v for k, v in sorted(run["config"].items())})
+    for key, value in sorted(run["provenance"].items()):
+        if isinstance(value, dict):
+            row.update({f"provenance.{key}.{k}": v for k, v in sorted(value.items())})
+        else:
+            row[f"provenance.{key}"] = value
+    return {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()}
+
+
+diff = pd.DataFrame({f"run {i}": flat(details[i]) for i in chosen if i in details})
+differs = diff.astype(str).nunique(axis=1) > 1
+only_diff = st.toggle("Only what differs", value=True, key="compare_only_diff")
+shown = diff[differs] if only_diff else diff
+st.dataframe(shown.astype(str), width="stretch", key="compare_diff")
+st.caption(f"{int(differs.sum())} of {len(diff)} fields differ")
+
+left, right = st.columns(2)
+left.download_button("Export CSV", diff.to_csv().encode(), file_name="rana-compare.csv", mime="text/csv",
+                     key="compare_csv")
+right.download_button("Export JSON", json.dumps([details[i] for i in chosen], default=str, indent=2).encode(),
+                      file_name="rana-compare.json", mime="application/json", key="compare_json")

@@ -1,0 +1,86 @@
+"""Run detail and layer inspector: heatmaps of layers × modules (adapter, keep, static rank, density, error,
+sparsity) for one run, or for two side by side with their difference; per-layer lines. URL: ?run=A&other=B."""
+
+import streamlit as st
+
+from app import charts, data
+
+st.title("Run detail")
+problem = data.schema_problem()
+if problem:
+    st.error(problem)
+    st.stop()
+
+runs = data.runs(data.url())
+if runs.empty:
+    st.info("No finished runs yet.")
+    st.stop()
+
+labels = {int(r.run_id): f"run {r.run_id}: {r.model} · {r.series} · −{r.target_flop_reduction:.0%} · "
+                         f"ppl {r.perplexity:.2f}" for r in runs.itertuples()}
+ids = sorted(labels, reverse=True)
+
+
+def from_url(name: str, fallback):
+    try:
+        value = int(st.query_params.get(name, ""))
+    except ValueError:
+        return fallback
+    return value if value in labels else fallback
+
+
+left, right = st.columns(2)
+run_id = left.selectbox("Run", ids, index=ids.index(from_url("run", ids[0])), format_func=labels.get,
+                        key="detail_run")
+options = [None] + [i for i in ids if i != run_id]
+other_default = from_url("other", None)
+other_id = right.selectbox("Compare with", options, format_func=lambda i: "—" if i is None else labels[i],
+                           index=options.index(other_default) if other_default in options else 0,
+                           key="detail_other")
+st.query_params["run"] = run_id
+if other_id is None:
+    st.query_params.pop("other", None)
+else:
+    st.query_params["other"] = other_id
+
+details = data.run_details(data.url(), tuple(i for i in (run_id, other_id) if i is not None))
+run = details[run_id]
+heldout = run["evaluations"][0] if run["evaluations"] else {}
+cols = st.columns(4)
+cols[0].metric("Perplexity", f"{heldout.get('perplexity', float('nan')):.2f}",
+               f"dense {heldout.get('dense_perplexity', float('nan')):.2f}", delta_color="off")
+cols[1].metric("FLOP reduction (QKV+MLP)", f"{heldout.get('measured_flop_reduction', 0):.3f}",
+               f"target {run['target_flop_reduction']:.2f}", delta_color="off")
+cols[2].metric("Whole model", f"{heldout.get('measured_flop_reduction_whole_model', 0):.3f}")
+cols[3].metric("Author", run["author"] or "—", ", ".join(run["tags"]) or None, delta_color="off")
+
+layers = data.layer_metrics(data.url(), run_id)
+if layers.empty:
+    st.info("This run stored no per-layer metrics.")
+    st.stop()
+metrics = list(charts.HEATMAP_METRICS)
+if other_id is None:
+    for metric in metrics:
+        st.plotly_chart(charts.heatmap_figure(layers, metric), key=f"heat_{metric}")
+else:
+    other_layers = data.layer_metrics(data.url(), other_id)
+    for metric in metrics:
+        a, b, diff = st.columns(3)
+        a.plotly_chart(charts.heatmap_figure(layers, metric, f"run {run_id}: {metric}"), key=f"heat_a_{metric}")
+        b.plotly_chart(charts.heatmap_figure(other_layers, metric, f"run {other_id}: {metric}"),
+                       key=f"heat_b_{metric}")
+        if metric != "adapter":
+            grid = charts.layer_grid(other_layers, metric) - charts.layer_grid(layers, metric)
+            diff.plotly_chart(charts.grid_heatmap(grid, metric, f"{other_id} − {run_id}", difference=True),
+                              key=f"heat_diff_{metric}")
+
+line_metric = st.selectbox("Per-layer lines", [m for m in metrics if m != "adapter"], index=1, key="detail_line")
+series = {f"run {run_id}": layers}
+if other_id is not None:
+    series[f"run {other_id}"] = data.layer_metrics(data.url(), other_id)
+st.plotly_chart(charts.layer_lines_figure(series, line_metric), key="detail_lines")
+with st.expander("Layers table"):
+    st.dataframe(layers, hide_index=True, width="stretch", key="detail_layers")
+with st.expander("Configuration and provenance"):
+    st.json({"config": run["config"], "provenance": run["provenance"], "evaluations": run["evaluations"],
+             "artifact": run["artifact"]})
