@@ -26,6 +26,7 @@ run: setup
 
 test: setup
 	scripts/ensure-postgres.sh
+	scripts/ensure-chromium.sh
 	$(BIN)/python -m pytest -q
 
 bench-quality: setup

@@ -28,6 +28,20 @@ def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
     return points.loc[keep].sort_values("measured_flop_reduction")
 
 
+def run_id_of(point: dict) -> int | None:
+    """The run behind a selected Pareto point: the first entry of its customdata (which the browser may send as
+    a list or as an object keyed "0", "1", …); None for the frontier lines and the dense line."""
+    data = point.get("customdata")
+    if isinstance(data, dict):
+        data = data.get("0", data.get(0))
+    elif isinstance(data, (list, tuple)):
+        data = data[0] if data else None
+    try:
+        return int(data) if data is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def pareto_figure(runs: pd.DataFrame, log_y: bool = False) -> go.Figure:
     """Measured FLOP reduction vs perplexity: one colour per series (method and allocation), each series' Pareto
     frontier as a line through its points, and the dense model as a reference line."""
@@ -73,6 +87,9 @@ HEATMAP_METRICS = {
 }
 
 
+SHARE_METRICS = ("keep", "rank_share", "density", "sparsity")
+
+
 def layer_grid(layers: pd.DataFrame, metric: str) -> pd.DataFrame:
     """modules × layers table of one metric (the adapter as its code in ADAPTER_CODES)."""
     frame = layers.copy()
@@ -101,12 +118,14 @@ def grid_heatmap(grid: pd.DataFrame, metric: str, title: str | None = None, diff
             scale += [(i / steps, colour), ((i + 1) / steps, colour)]
         kwargs = {"colorscale": scale, "zmin": -0.5, "zmax": steps - 0.5,
                   "colorbar": {"tickvals": list(range(steps)), "ticktext": ADAPTER_CODES}}
+    elif metric in SHARE_METRICS and not difference:
+        kwargs = {"colorscale": "Viridis", "zmin": 0.0, "zmax": 1.0}  # shares on one scale, run to run
     elif difference:
         limit = float(abs(z[~pd.isna(z)]).max()) if (~pd.isna(z)).any() else 1.0
         kwargs = {"colorscale": "RdBu", "zmid": 0.0, "zmin": -limit or -1.0, "zmax": limit or 1.0}
     fig = go.Figure(go.Heatmap(z=z, x=[int(c) for c in grid.columns], y=list(grid.index), **kwargs,
                                hovertemplate="layer %{x}, %{y}: %{z:.4g}<extra></extra>"))
-    fig.update_layout(title=title or HEATMAP_METRICS.get(metric, metric), xaxis_title="layer",
+    fig.update_layout(title=title or HEATMAP_METRICS.get(metric, metric), xaxis={"title": "layer", "dtick": 1},
                       yaxis={"autorange": "reversed"}, height=260, margin={"t": 40, "b": 40})
     return fig
 

@@ -54,10 +54,10 @@ if shown.empty:
 st.caption(f"{len(shown)} runs · click a point to open it")
 event = st.plotly_chart(charts.pareto_figure(shown, log_y=log_y), key="pareto_chart", on_select="rerun",
                         selection_mode="points")
-selected = [p for p in (event.selection.points if event else []) if p.get("customdata")]
-if selected:
-    run_id = int(selected[0]["customdata"][0])
-    st.switch_page("app_pages/run_detail.py", query_params={"run": run_id})
+run_ids = [charts.run_id_of(point) for point in (event.selection.points if event else [])]
+run_ids = [run_id for run_id in run_ids if run_id is not None]
+if run_ids:
+    st.switch_page("app_pages/run_detail.py", query_params={"run": run_ids[0]})
 st.dataframe(
     shown[["run_id", "series", "target_flop_reduction", "measured_flop_reduction",
            "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity", "eval_tokens", "author",

@@ -48,11 +48,14 @@ run = details[run_id]
 heldout = run["evaluations"][0] if run["evaluations"] else {}
 cols = st.columns(4)
 cols[0].metric("Perplexity", f"{heldout.get('perplexity', float('nan')):.2f}",
-               f"dense {heldout.get('dense_perplexity', float('nan')):.2f}", delta_color="off")
+               f"dense {heldout.get('dense_perplexity', float('nan')):.2f}", delta_color="off",
+               delta_arrow="off")
 cols[1].metric("FLOP reduction (QKV+MLP)", f"{heldout.get('measured_flop_reduction', 0):.3f}",
-               f"target {run['target_flop_reduction']:.2f}", delta_color="off")
+               f"target {run['target_flop_reduction']:.2f}", delta_color="off",
+               delta_arrow="off")
 cols[2].metric("Whole model", f"{heldout.get('measured_flop_reduction_whole_model', 0):.3f}")
-cols[3].metric("Author", run["author"] or "—", ", ".join(run["tags"]) or None, delta_color="off")
+cols[3].metric("Author", run["author"] or "—", ", ".join(run["tags"]) or None, delta_color="off",
+               delta_arrow="off")
 
 layers = data.layer_metrics(data.url(), run_id)
 if layers.empty:
