@@ -325,3 +325,13 @@ def test_pages_stay_fast_with_two_thousand_runs(db_url):
     at = run_page("pareto.py")
     data, _ = chart(at)
     assert sum(len(t.x) for t in data if not t.name.endswith(("frontier", "(reference)"))) == 2000
+
+
+def test_pareto_state_round_trips_through_the_url(seeded):
+    at = AppTest.from_file(str(PAGES / "pareto.py"), default_timeout=30)
+    at.query_params.update({"model": "smollm2-135m", "methods": "svd", "log": "0"})
+    at.run()
+    assert not at.exception and at.multiselect(key="pareto_methods").value == ["svd"]
+    data, layout = chart(at)
+    assert {t.name for t in data} == {"svd", "svd frontier", "dense (reference)"}
+    assert layout["yaxis"]["type"] == "linear"

@@ -24,8 +24,9 @@ top = st.columns([2, 2, 1])
 model = top[0].selectbox("Model", models, index=models.index(default_model), key="pareto_model")
 shown = runs[runs["model"] == model]
 series = sorted(shown["series"].unique())
-picked = top[1].multiselect("Methods", series, default=series, key="pareto_methods")
-log_y = top[2].toggle("Log perplexity axis", value=True, key="pareto_log_y")
+from_url = [m for m in params.get("methods", "").split(",") if m in series]
+picked = top[1].multiselect("Methods", series, default=from_url or series, key="pareto_methods")
+log_y = top[2].toggle("Log perplexity axis", value=params.get("log", "1") != "0", key="pareto_log_y")
 
 with st.expander("Filters: author, tag, date"):
     left, middle, right = st.columns(3)
@@ -46,7 +47,7 @@ if isinstance(span, (tuple, list)) and len(span) == 2:
     created = dates.dt.date
     keep &= (created >= span[0]) & (created <= span[1])
 shown = shown[keep]
-st.query_params["model"] = model
+st.query_params.update({"model": model, "methods": ",".join(picked), "log": "1" if log_y else "0"})
 
 if shown.empty:
     st.info("No run matches these filters.")
