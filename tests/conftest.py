@@ -6,6 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (small shapes only)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from db.migrate import upgrade
 from db.session import get_engine
