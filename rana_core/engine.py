@@ -1,0 +1,368 @@
+"""A decode engine for Llama-shaped models in which dense is near the memory-bandwidth floor (design §7).
+
+Batch 1, a static KV cache sized for the whole generation, and the whole decode step (embedding, every layer,
+the LM head, the greedy pick of the next token, the position update) captured once as a CUDA graph and replayed
+per token. The dense and the RaNA model run in the same engine; RaNA's masks are computed inside the graph from
+each token's own activations, so they stay input-dependent at every step.
+
+Weights are random (latency depends on shapes and mask densities, not on weight values). RaNA's thresholds are
+calibrated on synthetic activations, layer by layer in one pass, so that each adapter keeps its target number of
+ranks (neurons) per token on average; the densities actually reached are measured on decode steps.
+
+    engine = DecodeEngine(SHAPES["llama2-7b-shape"], torch.float16, "cuda", flop_reduction=0.44)
+    engine.calibrate()
+    times_ms = engine.time_decode(context=512, new_tokens=492)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from rana_core.kernels import masked_rows_batched, masked_rows_gemv
+
+
+@dataclass(frozen=True)
+class Shape:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def qkv_out(self) -> int:
+        return (self.heads + 2 * self.kv_heads) * self.head_dim
+
+
+SHAPES = {
+    "llama2-7b-shape": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
+    "smollm2-135m-shape": Shape(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152),
+    "tiny-shape": Shape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=257),
+}
+
+
+def rank_plan(out_features: int, in_features: int, keep: float) -> tuple[int, float]:
+    """(static rank r, active ranks k) spending `keep` of the dense FLOPs, half on B (2·n·r) and half on the
+    active columns of A (2·m·k): the split RaNA's coverage search tends to land near on real layers."""
+    rank = max(1, min(min(out_features, in_features), round(keep * out_features / 2)))
+    active = (keep * out_features * in_features - in_features * rank) / out_features
+    return rank, max(0.0, min(float(rank), active))
+
+
+class RankPart(nn.Module):
+    """RaNA's rank adapter at decode: z = B x, then y = Σ_{z_k² ≥ τ} z_k A[:, k] (rows of Aᵀ, one per rank)."""
+
+    def __init__(self, out_features: int, in_features: int, keep: float, dtype, device, generator):
+        super().__init__()
+        self.rank, self.target_active = rank_plan(out_features, in_features, keep)
+        self.out_features, self.in_features = out_features, in_features
+        self.B = nn.Parameter(_random((self.rank, in_features), in_features, dtype, device, generator),
+                              requires_grad=False)
+        self.rows = nn.Parameter(_random((self.rank, out_features), self.rank, dtype, device, generator),
+                                 requires_grad=False)  # Aᵀ: rank k is the contiguous row k
+        self.register_buffer("threshold", torch.zeros(1, device=device))  # on |z|, i.e. √τ
+        self.register_buffer("out", torch.zeros(out_features, device=device))
+        self.calibrating = False
+        self.active_sum = 0.0
+        self.counted_tokens = 0
+        self.counting = False
+
+    def scores(self, z: torch.Tensor) -> torch.Tensor:
+        return z.float().abs()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, self.B)
+        if self.calibrating:
+            _set_threshold(self.threshold, self.scores(z), self.target_active)
+        if self.counting:
+            self.active_sum += (self.scores(z) >= self.threshold).sum().item()
+            self.counted_tokens += z.shape[0]
+        if z.shape[0] == 1:
+            return masked_rows_gemv(self.rows, z[0], self.threshold, out=self.out).to(x.dtype)[None]
+        return masked_rows_batched(self.rows, z, self.threshold)
+
+    def flops_per_token(self) -> float:
+        active = self.active_sum / max(self.counted_tokens, 1)
+        return 2.0 * (self.in_features * self.rank + self.out_features * active)
+
+
+class NeuronPart(RankPart):
+    """RaNA's neuron adapter for W_down at decode: y = Σ_{|h_j|·‖W_down[:, j]‖ ≥ τ} h_j W_down[:, j]."""
+
+    def __init__(self, out_features: int, in_features: int, keep: float, dtype, device, generator):
+        nn.Module.__init__(self)
+        self.rank, self.target_active = in_features, keep * in_features
+        self.out_features, self.in_features = out_features, in_features
+        self.rows = nn.Parameter(_random((in_features, out_features), in_features, dtype, device, generator),
+                                 requires_grad=False)  # W_downᵀ: neuron j is the contiguous row j
+        self.register_buffer("norms", self.rows.float().norm(dim=1))
+        self.register_buffer("threshold", torch.zeros(1, device=device))
+        self.register_buffer("out", torch.zeros(out_features, device=device))
+        self.calibrating = self.counting = False
+        self.active_sum, self.counted_tokens = 0.0, 0
+
+    def scores(self, h: torch.Tensor) -> torch.Tensor:
+        return h.float().abs() * self.norms
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if self.calibrating:
+            _set_threshold(self.threshold, self.scores(h), self.target_active)
+        if self.counting:
+            self.active_sum += (self.scores(h) >= self.threshold).sum().item()
+            self.counted_tokens += h.shape[0]
+        if h.shape[0] == 1:
+            return masked_rows_gemv(self.rows, h[0], self.threshold, self.norms, out=self.out).to(h.dtype)[None]
+        return masked_rows_batched(self.rows, h, self.threshold, self.norms)
+
+    def flops_per_token(self) -> float:
+        return 2.0 * self.out_features * self.active_sum / max(self.counted_tokens, 1)
+
+
+def _set_threshold(threshold: torch.Tensor, scores: torch.Tensor, target_active: float) -> None:
+    """The threshold that keeps `target_active` entries per token on average over these tokens."""
+    flat = scores.reshape(-1)
+    count = int(round(target_active * scores.shape[0]))
+    if count <= 0:
+        threshold.fill_(float("inf"))
+    elif count >= flat.numel():
+        threshold.fill_(0.0)
+    else:
+        threshold.copy_(torch.topk(flat, count).values[-1:])
+
+
+def _random(shape, fan_in, dtype, device, generator) -> torch.Tensor:
+    return (torch.randn(shape, generator=generator, device=device) / math.sqrt(fan_in)).to(dtype)
+
+
+def _linear(out_features, in_features, dtype, device, generator) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features, bias=False, device=device, dtype=dtype)
+    layer.weight.requires_grad_(False)
+    layer.weight.copy_(_random((out_features, in_features), in_features, dtype, device, generator))
+    return layer
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, dtype, device, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size, dtype=dtype, device=device), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+def uniform_keeps(shape: Shape, flop_reduction: float) -> tuple[float, float]:
+    """(QKV keep, MLP keep) of RaNA's uniform allocation (rana_core.methods.rana): every adapted module cut
+    alike, QKV adapted only when every query head has its own K/V head, else the MLPs carry the budget."""
+    if shape.kv_heads == shape.heads:
+        return 1.0 - flop_reduction, 1.0 - flop_reduction
+    qkv, mlp = shape.qkv_out * shape.hidden, 3 * shape.intermediate * shape.hidden
+    return 1.0, 1.0 - flop_reduction * (qkv + mlp) / mlp
+
+
+class Block(nn.Module):
+    def __init__(self, shape: Shape, keeps: tuple[float, float], dtype, device, generator):
+        super().__init__()
+        self.shape = shape
+        h, i = shape.hidden, shape.intermediate
+        qkv_keep, mlp_keep = keeps
+        self.attn_norm, self.mlp_norm = RMSNorm(h, dtype, device), RMSNorm(h, dtype, device)
+        if qkv_keep < 1.0:
+            self.qkv = RankPart(shape.qkv_out, h, qkv_keep, dtype, device, generator)
+        else:
+            self.qkv = _linear(shape.qkv_out, h, dtype, device, generator)
+        if mlp_keep < 1.0:
+            self.gate = RankPart(i, h, mlp_keep, dtype, device, generator)
+            self.up = RankPart(i, h, mlp_keep, dtype, device, generator)
+            self.down = NeuronPart(h, i, mlp_keep, dtype, device, generator)
+        else:
+            self.gate, self.up = _linear(i, h, dtype, device, generator), _linear(i, h, dtype, device, generator)
+            self.down = _linear(h, i, dtype, device, generator)
+        self.wo = _linear(h, h, dtype, device, generator)
+
+    def forward(self, x, pos, k_cache, v_cache, cos, sin, allowed):
+        s = self.shape
+        T, hd = x.shape[0], s.head_dim
+        qkv = self.qkv(self.attn_norm(x))
+        q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
+        q = _rotate(q.view(T, s.heads, hd), cos, sin).transpose(0, 1)
+        k = _rotate(k.view(T, s.kv_heads, hd), cos, sin).transpose(0, 1)
+        k_cache.index_copy_(1, pos, k)
+        v_cache.index_copy_(1, pos, v.view(T, s.kv_heads, hd).transpose(0, 1))
+        attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=allowed[None, None],
+                                              enable_gqa=s.kv_heads != s.heads)
+        x = x + self.wo(attn[0].transpose(0, 1).reshape(T, s.hidden))
+        m = self.mlp_norm(x)
+        return x + self.down(F.silu(self.gate(m)) * self.up(m))
+
+
+def _rotate(x, cos, sin):
+    """Rotary position embedding on the two halves of each head (Llama's layout)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s_ = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
+
+
+class DecodeEngine(nn.Module):
+    def __init__(self, shape: Shape, dtype=torch.float16, device="cuda", flop_reduction: float = 0.0,
+                 seed: int = 0):
+        super().__init__()
+        self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
+        self.flop_reduction = flop_reduction
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        keeps = uniform_keeps(shape, flop_reduction)
+        self.embed = nn.Parameter(_random((shape.vocab, shape.hidden), 1, dtype, self.device, generator),
+                                  requires_grad=False)
+        self.blocks = nn.ModuleList(Block(shape, keeps, dtype, self.device, generator) for _ in range(shape.layers))
+        self.norm = RMSNorm(shape.hidden, dtype, self.device)
+        self.lm_head = _linear(shape.vocab, shape.hidden, dtype, self.device, generator)
+        self.max_seq = 0
+        self.graph = None
+
+    # --- cache and positions -------------------------------------------------------------------------------
+    def allocate(self, max_seq: int) -> None:
+        s = self.shape
+        self.max_seq = max_seq
+        self.k_cache = torch.zeros(s.layers, s.kv_heads, max_seq, s.head_dim, dtype=self.dtype, device=self.device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        inv = 1.0 / (10000.0 ** (torch.arange(0, s.head_dim, 2, device=self.device).float() / s.head_dim))
+        angles = torch.outer(torch.arange(max_seq, device=self.device).float(), inv)
+        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        self.token = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.graph = None
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits of `tokens` (T,) at positions `pos` (T,), reading and filling the cache."""
+        x = self.embed[tokens]
+        cos, sin = self.cos[pos], self.sin[pos]
+        allowed = torch.arange(self.max_seq, device=self.device)[None, :] <= pos[:, None]
+        for index, block in enumerate(self.blocks):
+            x = block(x, pos, self.k_cache[index], self.v_cache[index], cos, sin, allowed)
+        return self.lm_head(self.norm(x))
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> None:
+        """Run the prompt (eagerly) and leave its greedy next token and position in the static inputs."""
+        positions = torch.arange(prompt.numel(), device=self.device)
+        logits = self(prompt.to(self.device), positions)
+        self.token.copy_(logits[-1:].argmax(-1))
+        self.pos.fill_(prompt.numel())
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One decode step on the static inputs: the next token and position are written back in place."""
+        logits = self(self.token, self.pos)
+        self.token.copy_(logits.argmax(-1))
+        self.pos.add_(1)
+
+    # --- RaNA thresholds and densities ----------------------------------------------------------------------
+    def adapters(self) -> list[RankPart]:
+        return [m for m in self.modules() if isinstance(m, RankPart)]
+
+    @torch.no_grad()
+    def calibrate(self, tokens: int = 512, seed: int = 1) -> None:
+        """Set every threshold from synthetic activations (random tokens through the model, one pass, each
+        layer calibrated on what the calibrated layers before it produce)."""
+        if not self.adapters():
+            return
+        self.allocate(max(self.max_seq, tokens))
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        prompt = torch.randint(0, self.shape.vocab, (tokens,), device=self.device, generator=generator)
+        for adapter in self.adapters():
+            adapter.calibrating = True
+        try:
+            self(prompt, torch.arange(tokens, device=self.device))
+        finally:
+            for adapter in self.adapters():
+                adapter.calibrating = False
+
+    @torch.no_grad()
+    def measure_flop_reduction(self, context: int = 64, steps: int = 32, seed: int = 2) -> float:
+        """The QKV+MLP FLOP reduction measured from the masks on eager decode steps."""
+        adapters = self.adapters()
+        if not adapters:
+            return 0.0
+        self.allocate(context + steps + 1)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.prefill(torch.randint(0, self.shape.vocab, (context,), device=self.device, generator=generator))
+        for adapter in adapters:
+            adapter.counting, adapter.active_sum, adapter.counted_tokens = True, 0.0, 0
+        try:
+            for _ in range(steps):
+                self.step()
+        finally:
+            for adapter in adapters:
+                adapter.counting = False
+        s = self.shape
+        spent = 0.0
+        for block in self.blocks:
+            for module in (block.qkv, block.gate, block.up, block.down):
+                spent += module.flops_per_token() if isinstance(module, RankPart) else 2.0 * module.weight.numel()
+        return 1.0 - spent / (s.layers * 2 * s.hidden * (s.qkv_out + 3 * s.intermediate))
+
+    # --- timing ---------------------------------------------------------------------------------------------
+    def capture(self) -> None:
+        """Capture one decode step as a CUDA graph (after warm-up steps on a side stream, as graphs require)."""
+        token, pos = self.token.clone(), self.pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.step()
+        self.token.copy_(token)  # warm-up and capture advanced the state: start again where the prompt left it
+        self.pos.copy_(pos)
+
+    @torch.no_grad()
+    def time_decode(self, context: int, new_tokens: int, seed: int = 3) -> list[float]:
+        """Milliseconds of each of `new_tokens` graph-replayed decode steps after a random prompt of `context`."""
+        self.allocate(context + new_tokens + 8)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.prefill(torch.randint(0, self.shape.vocab, (context,), device=self.device, generator=generator))
+        self.capture()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
+        for start, end in zip(starts, ends):
+            start.record()
+            self.graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+
+    def weight_bytes_per_token(self, densities: dict | None = None) -> float:
+        """Bytes of weights one decode step must read: every dense matrix, and for adapters B plus the rows of
+        their active ranks (neurons) at the measured densities."""
+        element = torch.finfo(self.dtype).bits // 8
+        total = self.lm_head.weight.numel() + self.shape.hidden  # the LM head and one embedding row
+        for block in self.blocks:
+            for module in (block.qkv, block.gate, block.up, block.down, block.wo):
+                if isinstance(module, RankPart):
+                    active = module.active_sum / max(module.counted_tokens, 1)
+                    b = 0 if isinstance(module, NeuronPart) else module.B.numel()
+                    total += b + active * module.out_features
+                else:
+                    total += module.weight.numel()
+        return total * element
+
+    def kv_bytes_per_token(self, context: int, new_tokens: int) -> float:
+        """Mean bytes of K and V a step must read (the prefix so far), over the generated tokens."""
+        s = self.shape
+        mean_prefix = context + (new_tokens + 1) / 2
+        return 2 * s.layers * s.kv_heads * s.head_dim * mean_prefix * (torch.finfo(self.dtype).bits // 8)
