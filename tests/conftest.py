@@ -11,8 +11,17 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on the CPU (small shapes only)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from db.migrate import upgrade
-from db.session import get_engine
+
+def upgrade(url):  # imported here, not at the top: the GPU machine runs the kernel tests without SQLAlchemy
+    from db.migrate import upgrade as run
+
+    run(url)
+
+
+def get_engine(url):
+    from db.session import get_engine as engine
+
+    return engine(url)
 
 
 @pytest.fixture
