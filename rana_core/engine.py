@@ -263,11 +263,13 @@ class DecodeEngine(nn.Module):
         self.pos.fill_(prompt.numel())
 
     @torch.no_grad()
-    def step(self) -> None:
-        """One decode step on the static inputs: the next token and position are written back in place."""
+    def step(self) -> torch.Tensor:
+        """One decode step on the static inputs: the next token and position are written back in place; returns
+        the step's logits (in a captured graph, a static tensor that each replay overwrites)."""
         logits = self(self.token, self.pos)
         self.token.copy_(logits.argmax(-1))
         self.pos.add_(1)
+        return logits
 
     # --- RaNA thresholds and densities ----------------------------------------------------------------------
     def adapters(self) -> list[RankPart]:
@@ -326,7 +328,7 @@ class DecodeEngine(nn.Module):
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.step()
+            self.graph_logits = self.step()
         self.token.copy_(token)  # warm-up and capture advanced the state: start again where the prompt left it
         self.pos.copy_(pos)
 
