@@ -91,9 +91,9 @@ def test_graph_replay_computes_what_eager_steps_compute(flop_reduction):
     for step in range(16):
         token, pos = engine.token.clone(), engine.pos.clone()
         engine.graph.replay()
-        replayed, next_token = engine.graph_logits.float().clone(), engine.token.clone()
+        replayed = engine.graph_logits.float().clone()
         engine.token.copy_(token), engine.pos.copy_(pos)
         eager = engine.step().float()
         error = float((replayed - eager).norm() / eager.norm())
         assert error < 1e-2, (step, error)
-        assert int(engine.pos) == int(pos) + 1 and torch.equal(engine.token, next_token) or error > 0
+        assert int(engine.pos) == int(pos) + 1
