@@ -7,11 +7,12 @@ K × M matrix R picked by a mask on the coefficients c.
 - Neuron adapter, W_down: c = h, R = W_downᵀ (neuron k is row k), active iff |h_k| · ‖W_down[:, k]‖ ≥ τ.
 
 Storing R row-major makes an active rank or neuron one contiguous row, so a masked-off row is never read: the
-masked load is predicated off, and a block of rows with no active entry is skipped outright. At batch 1 the
-product is bound by memory, so its time follows the bytes of the active rows. The masker is fused: the kernel
-reads c (and the column norms), decides, and reads only what it keeps. Work is split over M (output columns)
-and over K (rows), with partial sums added atomically into a float32 output, so that even M = 4096 fills the
-GPU. Batches larger than one fall back to a dense product of the masked coefficients.
+masker is fused into the kernel: each program scans c (and the column norms), compacts the indices of the active
+rows into a short list, and then reads only those rows, so at batch 1, where the product is bound by memory,
+its time follows the bytes of the active rows. Each program owns a block of output columns over all of K, so
+the result is written once, in the output's dtype, with no atomics (the same input always gives the same
+output). Batches larger than one fall back to a dense product of the masked coefficients.
+(bench/kernel_variants.py compares this with predicated loads and with split-K variants.)
 """
 
 from __future__ import annotations
@@ -26,54 +27,80 @@ try:
 except ImportError:  # a CPU install without Triton: only the PyTorch path
     triton = None
 
-BLOCK_M = 128
-BLOCK_K = 32
-
-
-def _grid_for(K: int, M: int, device: torch.device) -> tuple[int, int, int]:
-    """(programs over M, programs over K, rows per K-program): about four programs per multiprocessor."""
-    m_blocks = math.ceil(M / BLOCK_M)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(math.ceil(K / BLOCK_K), math.ceil(4 * sms / m_blocks)))
-    per_program = math.ceil(math.ceil(K / splits) / BLOCK_K) * BLOCK_K
-    return m_blocks, math.ceil(K / per_program), per_program
+BLOCK_M = 64  # output columns per program: a row segment of 128 bytes in fp16
+BLOCK_K = 64  # active rows gathered per step
+SCAN = 1024  # coefficients scanned per step while compacting
+NUM_WARPS, NUM_STAGES = 4, 3
 
 
 if triton is not None:
 
     @triton.jit
-    def _masked_rows_kernel(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, out_ptr, K, M, stride_k,
-                            K_PER_PROGRAM: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_M: tl.constexpr):
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _gather_rows(acc, j0, count, base, coeff_ptr, rows_ptr, stride_k, offs_m, m_ok, BLOCK_K: tl.constexpr):
+        """acc + Σ coeff[i] · rows[i, offs_m] over the next BLOCK_K indices i of the active list."""
+        j = j0 + tl.arange(0, BLOCK_K)
+        j_ok = j < count
+        index = tl.load(base + j, mask=j_ok, other=0)
+        c = tl.load(coeff_ptr + index, mask=j_ok, other=0.0).to(tl.float32)
+        tile = tl.load(rows_ptr + index[:, None] * stride_k + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
+                       other=0.0)
+        return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0)
+
+    @triton.jit
+    def _masked_rows_kernel(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, out_ptr, scratch_ptr, K, M, stride_k,
+                            HAS_SCALE: tl.constexpr, SCAN: tl.constexpr, SCAN_STEPS: tl.constexpr,
+                            BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+        """One program per BLOCK_M output columns. Phase 1 compacts the indices of the active rows (the masker:
+        |c|·scale ≥ threshold) into this program's scratch list; phase 2 reads only those rows, BLOCK_K at a
+        time, and writes the finished columns in the output's dtype: one launch, no atomics, deterministic."""
+        pid = tl.program_id(0)
+        offs_m = pid * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         threshold = tl.load(threshold_ptr)
-        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        k_start = pid_k * K_PER_PROGRAM
-        for k0 in range(0, K_PER_PROGRAM, BLOCK_K):
-            offs_k = k_start + k0 + tl.arange(0, BLOCK_K)
+        base = scratch_ptr + pid * K
+        count = 0
+        for step in range(SCAN_STEPS):
+            offs_k = step * SCAN + tl.arange(0, SCAN)
             k_ok = offs_k < K
-            c = tl.load(coeff_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            score = tl.abs(c)
+            score = tl.abs(tl.load(coeff_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32))
             if HAS_SCALE:
                 score = score * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             active = k_ok & (score >= threshold)
-            if tl.sum(active.to(tl.int32), axis=0) > 0:  # a block nobody needs costs no memory traffic
-                tile = tl.load(rows_ptr + offs_k[:, None] * stride_k + offs_m[None, :],
-                               mask=active[:, None] & m_ok[None, :], other=0.0)
-                acc += tl.sum(tile.to(tl.float32) * c[:, None], axis=0)
-        tl.atomic_add(out_ptr + offs_m, acc, mask=m_ok)
+            slot = count + tl.cumsum(active.to(tl.int32), axis=0) - 1
+            tl.store(base + slot, offs_k, mask=active)
+            count += tl.sum(active.to(tl.int32), axis=0)
+        tl.debug_barrier()  # the list is written by some threads of this program and read by others
+        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if INTERPRET:  # Triton's interpreter cannot take a loaded value as a range bound; a while loop it can
+            j0 = 0
+            while j0 < count:
+                acc = _gather_rows(acc, j0, count, base, coeff_ptr, rows_ptr, stride_k, offs_m, m_ok, BLOCK_K)
+                j0 += BLOCK_K
+        else:
+            for j0 in range(0, count, BLOCK_K):  # a for loop, so that the compiler pipelines the loads
+                acc = _gather_rows(acc, j0, count, base, coeff_ptr, rows_ptr, stride_k, offs_m, m_ok, BLOCK_K)
+        tl.store(out_ptr + offs_m, acc.to(out_ptr.dtype.element_ty), mask=m_ok)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(programs: int, K: int, device: torch.device) -> torch.Tensor:
+    """A reusable int32 buffer for the programs' index lists (allocated once per size and device, so that a
+    captured CUDA graph keeps pointing at live memory)."""
+    key = (programs * K, str(device))
+    if key not in _SCRATCH:
+        _SCRATCH[key] = torch.empty(programs * K, dtype=torch.int32, device=device)
+    return _SCRATCH[key]
 
 
 def masked_rows_gemv(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
                      scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """y = Σ_k [score_k ≥ threshold] · coeff_k · rows[k, :] in float32, for one token.
+    """y = Σ_k [score_k ≥ threshold] · coeff_k · rows[k, :] for one token (score_k = |coeff_k|, times scale_k).
 
     `rows`: (K, M), row-major. `coeff`: (K,). `threshold`: a one-element float32 tensor (so a captured CUDA graph
-    sees a threshold changed later). `scale`: optional (K,) factors of the score (score = |coeff| · scale).
-    `out`: an optional (M,) float32 buffer, overwritten."""
+    sees a threshold changed later). `out`: an optional (M,) buffer (float32 or the rows' dtype), overwritten;
+    by default float32."""
     K, M = rows.shape
     if coeff.shape != (K,):
         raise ValueError(f"coefficients {tuple(coeff.shape)} do not match rows {tuple(rows.shape)}")
@@ -81,14 +108,15 @@ def masked_rows_gemv(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.T
         raise ValueError("rows must be row-major (contiguous along M)")
     if out is None:
         out = torch.empty(M, dtype=torch.float32, device=rows.device)
-    out.zero_()
     if triton is None or (rows.device.type != "cuda" and not _interpreting()):
-        out += reference_masked_rows(rows, coeff, threshold, scale)
+        out.copy_(reference_masked_rows(rows, coeff, threshold, scale))
         return out
-    m_blocks, k_blocks, per_program = _grid_for(K, M, rows.device)
-    _masked_rows_kernel[(m_blocks, k_blocks)](
-        rows, coeff, scale if scale is not None else coeff, threshold, out, K, M, rows.stride(0),
-        K_PER_PROGRAM=per_program, HAS_SCALE=scale is not None, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+    programs = math.ceil(M / BLOCK_M)
+    _masked_rows_kernel[(programs,)](
+        rows, coeff, scale if scale is not None else coeff, threshold, out, _scratch(programs, K, rows.device), K, M,
+        rows.stride(0), HAS_SCALE=scale is not None, SCAN=SCAN, SCAN_STEPS=math.ceil(K / SCAN), BLOCK_K=BLOCK_K,
+        BLOCK_M=BLOCK_M, INTERPRET=_interpreting(),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return out
 
