@@ -71,7 +71,7 @@ class RankPart(nn.Module):
         self.rows = nn.Parameter(_random((self.rank, out_features), self.rank, dtype, device, generator),
                                  requires_grad=False)  # Aᵀ: rank k is the contiguous row k
         self.register_buffer("threshold", torch.zeros(1, device=device))  # on |z|, i.e. √τ
-        self.register_buffer("out", torch.zeros(out_features, device=device))
+        self.register_buffer("out", torch.zeros(out_features, dtype=dtype, device=device))  # the kernel writes it
         self.calibrating = False
         self.active_sum = 0.0
         self.counted_tokens = 0
@@ -88,7 +88,7 @@ class RankPart(nn.Module):
             self.active_sum += (self.scores(z) >= self.threshold).sum().item()
             self.counted_tokens += z.shape[0]
         if z.shape[0] == 1:
-            return masked_rows_gemv(self.rows, z[0], self.threshold, out=self.out).to(x.dtype)[None]
+            return masked_rows_gemv(self.rows, z[0], self.threshold, out=self.out)[None]
         return masked_rows_batched(self.rows, z, self.threshold)
 
     def flops_per_token(self) -> float:
@@ -107,7 +107,7 @@ class NeuronPart(RankPart):
                                  requires_grad=False)  # W_downᵀ: neuron j is the contiguous row j
         self.register_buffer("norms", self.rows.float().norm(dim=1))
         self.register_buffer("threshold", torch.zeros(1, device=device))
-        self.register_buffer("out", torch.zeros(out_features, device=device))
+        self.register_buffer("out", torch.zeros(out_features, dtype=dtype, device=device))
         self.calibrating = self.counting = False
         self.active_sum, self.counted_tokens = 0.0, 0
 
@@ -121,7 +121,7 @@ class NeuronPart(RankPart):
             self.active_sum += (self.scores(h) >= self.threshold).sum().item()
             self.counted_tokens += h.shape[0]
         if h.shape[0] == 1:
-            return masked_rows_gemv(self.rows, h[0], self.threshold, self.norms, out=self.out).to(h.dtype)[None]
+            return masked_rows_gemv(self.rows, h[0], self.threshold, self.norms, out=self.out)[None]
         return masked_rows_batched(self.rows, h, self.threshold, self.norms)
 
     def flops_per_token(self) -> float:
