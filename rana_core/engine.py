@@ -81,7 +81,10 @@ class RankPart(nn.Module):
         return z.float().abs()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.B)
+        return self.expand(F.linear(x, self.B))
+
+    def expand(self, z: torch.Tensor) -> torch.Tensor:
+        """The A-part: from the coefficients z = B x to the output, through the mask."""
         if self.calibrating:
             _set_threshold(self.threshold, self.scores(z), self.target_active)
         if self.counting:
@@ -89,7 +92,7 @@ class RankPart(nn.Module):
             self.counted_tokens += z.shape[0]
         if z.shape[0] == 1:
             return masked_rows_gemv(self.rows, z[0], self.threshold, out=self.out)[None]
-        return masked_rows_batched(self.rows, z, self.threshold)
+        return masked_rows_batched(self.rows, z, self.threshold).to(z.dtype)
 
     def flops_per_token(self) -> float:
         active = self.active_sum / max(self.counted_tokens, 1)
@@ -186,8 +189,15 @@ class Block(nn.Module):
             self.gate = RankPart(i, h, mlp_keep, dtype, device, generator)
             self.up = RankPart(i, h, mlp_keep, dtype, device, generator)
             self.down = NeuronPart(h, i, mlp_keep, dtype, device, generator)
+            # gate's and up's B in one matrix: one product reads both (a larger GEMV runs closer to bandwidth)
+            self.gate_up_B = nn.Parameter(torch.cat([self.gate.B, self.up.B]), requires_grad=False)
+            del self.gate.B, self.up.B  # from now on views into the joint matrix
+            self.gate.B, self.up.B = self.gate_up_B[: self.gate.rank], self.gate_up_B[self.gate.rank:]
         else:
             self.gate, self.up = _linear(i, h, dtype, device, generator), _linear(i, h, dtype, device, generator)
+            self.gate_up = nn.Parameter(torch.cat([self.gate.weight, self.up.weight]), requires_grad=False)
+            del self.gate.weight, self.up.weight  # from now on views into the joint matrix: one product, as above
+            self.gate.weight, self.up.weight = self.gate_up[:i], self.gate_up[i:]
             self.down = _linear(h, i, dtype, device, generator)
         self.wo = _linear(h, h, dtype, device, generator)
 
@@ -204,7 +214,12 @@ class Block(nn.Module):
                                               enable_gqa=s.kv_heads != s.heads)
         x = x + self.wo(attn[0].transpose(0, 1).reshape(T, s.hidden))
         m = self.mlp_norm(x)
-        return x + self.down(F.silu(self.gate(m)) * self.up(m))
+        if isinstance(self.gate, RankPart):
+            z = F.linear(m, self.gate_up_B)
+            gate, up = self.gate.expand(z[:, : self.gate.rank]), self.up.expand(z[:, self.gate.rank:])
+        else:
+            gate, up = F.linear(m, self.gate_up).split(s.intermediate, dim=-1)
+        return x + self.down(F.silu(gate) * up)
 
 
 def _rotate(x, cos, sin):
