@@ -68,9 +68,14 @@ def build(loaded, calib_windows, config, progress):
         losses = {}
         for index, (name, keeps) in enumerate(candidates.items()):
             progress(0.65 + 0.25 * index / len(candidates), f"checking the {name} allocation on calibration text")
-            losses[name] = validation_loss(loaded, qkv, mlp, keeps, fisher, validation)
+            # the uniform candidate is built exactly as the uniform method builds it (splits on plain output
+            # error), so that choosing it gives the uniform model itself
+            losses[name] = validation_loss(loaded, qkv, mlp, keeps, None if name == "uniform" else fisher,
+                                           validation)
         chosen = min(losses, key=losses.get)
         keeps = candidates[chosen]
+        if chosen == "uniform":
+            fisher = None
         progress(0.9, "allocation: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"; kept {chosen}")
     else:
         keeps = allocate(qkv, mlp, config.flop_reduction, config.allocation, progress, adapt_qkv=adapt_qkv)
