@@ -301,7 +301,12 @@ def cmd_app(args) -> int:
     from db.migrate import check_schema
 
     check_schema()
-    return subprocess.call(app_command(args.port, args.address))
+    command = app_command(args.port, args.address)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Become Streamlit rather than wait on it: a signal sent to `rana app` (Ctrl-C, SIGTERM from a supervisor or
+    # a test) then reaches the server itself, and no orphaned server is left behind.
+    os.execv(command[0], command)
 
 
 def cmd_up(args) -> int:

@@ -70,6 +70,7 @@ def studio(db_url, tmp_path):
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
+    assert not healthy(url), "the dashboard outlived `rana app` (an orphaned Streamlit server)"
 
 
 def test_queue_a_job_see_it_on_pareto_and_open_its_heatmaps(studio, db_url):

@@ -39,9 +39,11 @@ def test_rana_at_a_30_percent_cut_still_answers(smol):
     from rana_core.config import CompressConfig
     from rana_core.pipeline import adapt
 
-    # Greedy allocation: uniform cuts every QKV by 30% too, and then the instruct model loses its chat behaviour
-    # (it answers "SmolLM ..."); the allocation that spares QKV keeps it.
-    config = CompressConfig(model="smollm2-135m", method="rana", allocation="greedy", flop_reduction=0.3,
+    # Uniform RaNA (the paper's rule: SmolLM2's grouped K/V heads leave QKV dense, the MLPs carry the cut). Cutting
+    # QKV hurts the instruct model's chat behaviour far more than held-out perplexity shows: with every QKV cut by
+    # 30% it answered "SmolLM ...", and greedy allocation, which cuts the first layer's QKV to 20%, answers
+    # with blank lines although its perplexity on Brown text is as good as uniform's.
+    config = CompressConfig(model="smollm2-135m", method="rana", allocation="uniform", flop_reduction=0.3,
                             calib_tokens=4096, eval_tokens=512)
     train = token_windows(smol.tokenizer, "train", 2 * config.calib_tokens, config.seq_len)
     try:

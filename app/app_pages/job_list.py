@@ -3,7 +3,6 @@
 import streamlit as st
 
 from app import data
-from rana_core.errors import RanaError
 
 st.title("Jobs")
 problem = data.schema_problem()
@@ -50,7 +49,7 @@ def job_actions():
             try:
                 count = action(job_id)
                 st.success(f"{label}: {count} job(s) from job {job_id}")
-            except RanaError as exc:
+            except data.specs.RanaError as exc:
                 st.error(str(exc))
 
 
