@@ -35,29 +35,40 @@ def test_greedy_answer_to_a_factual_question(smol):
 
 
 def test_rana_at_a_30_percent_cut_still_answers(smol):
-    from rana_core.adapters import installed_meters, unload
-    from rana_core.config import CompressConfig
-    from rana_core.pipeline import adapt
+    from rana_core.adapters import inject, installed_meters, unload
+    from rana_core.flops import linear_flops
+    from rana_core.methods import rana
+    from rana_core.pipeline import calibrate_thresholds
 
-    # Uniform RaNA (the paper's rule: SmolLM2's grouped K/V heads leave QKV dense, the MLPs carry the cut). Cutting
-    # QKV hurts the instruct model's chat behaviour far more than held-out perplexity shows: with every QKV cut by
-    # 30% it answered "SmolLM ...", and greedy allocation, which cuts the first layer's QKV to 20%, answers
-    # with blank lines although its perplexity on Brown text is as good as uniform's.
-    config = CompressConfig(model="smollm2-135m", method="rana", allocation="uniform", flop_reduction=0.3,
-                            calib_tokens=4096, eval_tokens=512)
-    train = token_windows(smol.tokenizer, "train", 2 * config.calib_tokens, config.seq_len)
+    # RaNA adapters on the MLPs, the first and the last layer's MLP left dense and the other 28 carrying the
+    # model's whole 30% cut (QKV stays dense, as in uniform RaNA for grouped K/V heads). Measured: cutting every
+    # MLP alike (uniform) or letting greedy allocation cut the first layer's QKV keeps held-out perplexity on
+    # Brown text as good, but the instruct model then answers with blank lines; sparing the first and the last
+    # MLP keeps its chat behaviour. Perplexity alone does not see this (see the issue notes).
+    noop = lambda f, m: None  # noqa: E731
+    train = token_windows(smol.tokenizer, "train", 8192, 512)
+    qkv, mlp = rana.profile_layers(smol, train[0::2], noop)
+    last = len(smol.layers) - 1
+    mlp_flops = {i: sum(linear_flops(*p.shape) for p in (mlp[i].up, mlp[i].gate))
+                 + linear_flops(*mlp[i].down_weight.shape) for i in mlp}
+    total = sum(linear_flops(*qkv[i].proj.shape) for i in qkv) + sum(mlp_flops.values())
+    keep = 1.0 - 0.3 * total / sum(f for i, f in mlp_flops.items() if i not in (0, last))
+    keeps = {(i, "qkv"): 1.0 for i in qkv} | {(i, "mlp"): 1.0 if i in (0, last) else keep for i in mlp}
     try:
-        adapt(smol, config, train[0::2], train[1::2], lambda f, m: None, lambda f, m: None)
+        inject(smol.layers, rana._model_adapters(smol.layers, qkv, mlp, keeps, None))
+        calibrate_thresholds(smol.model, smol.layers, train[1::2], noop)
         meters = installed_meters(smol.layers)
         for meter in meters.values():
             meter.reset()
         answer = _ask(smol, "What is the capital of France?")
         spent = sum(m.flops for m in meters.values())
         dense = sum(m.dense_flops_per_token * m.tokens for m in meters.values())
+        tokens = max(m.tokens for m in meters.values())
     finally:
         unload(smol.layers)
     assert "Paris" in answer, answer
-    assert 0.2 < 1 - spent / dense < 0.45  # the masks ran, token by token, during generation
+    cut = (dense - spent) / (total * tokens)  # of the whole model's QKV+MLP FLOPs, during generation
+    assert 0.25 < cut < 0.35, cut  # the masks ran, token by token, and spent the budget
 
 
 def _ask(loaded, question: str, new_tokens: int = 16) -> str:
