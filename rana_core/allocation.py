@@ -45,3 +45,48 @@ def greedy_allocation(curves: dict[Hashable, Curve], flop_reduction: float) -> d
         errors[key] = next_error.pop(key)
         position[key] = i + 1
     return {key: curves[key].keeps[position[key]] for key in curves}
+
+
+@dataclass(frozen=True)
+class Option:
+    """One way to run a module: what it is (e.g. ("rana", 0.6)), the FLOPs it spends and the error it costs."""
+
+    choice: Hashable
+    flops: float
+    error: float
+
+
+def knapsack_allocation(options: dict[Hashable, list[Option]], budget_flops: float,
+                        units: int = 4000) -> dict[Hashable, Option]:
+    """One option per module minimising the summed error with Σ flops ≤ budget_flops: a multiple-choice knapsack
+    solved exactly by dynamic programming over the budget cut into `units` steps. Each option's FLOPs are rounded
+    *up* to whole steps, so the result never exceeds the budget (it may leave up to one step per module unspent).
+    Raises ValueError when even the cheapest options do not fit."""
+    import numpy as np
+
+    quantum = budget_flops / units
+    keys = list(options)
+    best = np.zeros(units + 1)  # best[b]: least error of the modules so far within b steps
+    picks = []
+    for key in keys:
+        costs = [min(units + 1, int(np.ceil(o.flops / quantum - 1e-9))) for o in options[key]]
+        merged = np.full(units + 1, np.inf)
+        pick = np.full(units + 1, -1)
+        for index, (cost, option) in enumerate(zip(costs, options[key])):
+            if cost > units:
+                continue
+            candidate = np.full(units + 1, np.inf)
+            candidate[cost:] = best[: units + 1 - cost] + option.error
+            better = candidate < merged
+            merged[better], pick[better] = candidate[better], index
+        best = merged
+        picks.append(pick)
+    if not np.isfinite(best[units]):
+        raise ValueError("the budget cannot pay for the cheapest option of every module")
+    chosen, remaining = {}, units
+    for key, pick, in zip(reversed(keys), reversed(picks)):
+        index = int(pick[remaining])
+        option = options[key][index]
+        chosen[key] = option
+        remaining -= min(units + 1, int(np.ceil(option.flops / quantum - 1e-9)))
+    return {key: chosen[key] for key in keys}
