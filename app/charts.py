@@ -159,3 +159,22 @@ def latency_figures(latency: pd.DataFrame) -> tuple[go.Figure, go.Figure]:
     per_token.update_layout(xaxis_title="context tokens", yaxis_title="median ms / token", height=400)
     speedup.update_layout(xaxis_title="context tokens", yaxis_title="speedup vs dense (same engine)", height=400)
     return per_token, speedup
+
+
+CURVE_SHARES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # rana_core.adapters.SPARSITY_CURVE_SHARES (app does not import it)
+
+
+def sparsity_curves_figure(layers: pd.DataFrame) -> go.Figure:
+    """Share of ranks (neurons, for down) needed to reach each share of a token's energy, averaged over layers,
+    one line per module: the lower the line, the sparser the importances."""
+    fig = go.Figure()
+    rows = layers.dropna(subset=["sparsity_curve"])
+    for module in [m for m in MODULE_ORDER if m in set(rows["module"])]:
+        curves = [c for c in rows[rows["module"] == module]["sparsity_curve"] if c]
+        if not curves:
+            continue
+        mean = [sum(c[i] for c in curves) / len(curves) for i in range(len(CURVE_SHARES))]
+        fig.add_trace(go.Scatter(x=list(CURVE_SHARES), y=mean, mode="lines+markers", name=module))
+    fig.update_layout(xaxis_title="share of a token's energy", yaxis_title="share of ranks (neurons) needed",
+                      yaxis_range=[0, 1], height=340, margin={"t": 30})
+    return fig

@@ -126,6 +126,7 @@ class LayerMetric(Base):
     density: Mapped[float] = mapped_column(Float)
     recon_error: Mapped[float | None] = mapped_column(Float)
     sparsity: Mapped[float | None] = mapped_column(Float)  # share of ranks carrying 90% of ‖z‖², per token
+    sparsity_curve: Mapped[list | None] = mapped_column(JSON)  # the same at 50, 70, 80, 90, 95, 99% of ‖z‖²
     flops_per_token: Mapped[float] = mapped_column(Float)
     dense_flops_per_token: Mapped[float] = mapped_column(Float)
 

@@ -63,6 +63,18 @@ def module_shapes(layers: nn.ModuleList) -> dict[tuple[int, str], tuple[int, int
     return shapes
 
 
+SPARSITY_CURVE_SHARES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # energy shares at which the sparsity curve is read
+
+
+def top_share_counts(scores: torch.Tensor, shares=SPARSITY_CURVE_SHARES) -> torch.Tensor:
+    """Per row of non-negative `scores`, for each share, how many of the largest entries reach it: (rows, shares)."""
+    ordered = scores.sort(dim=-1, descending=True).values.double()
+    cumulative = ordered.cumsum(-1)
+    fraction = cumulative / cumulative[..., -1:].clamp_min(1e-300)
+    targets = torch.tensor(shares, dtype=torch.float64).expand(fraction.shape[0], len(shares)).contiguous()
+    return (torch.searchsorted(fraction.contiguous(), targets) + 1).clamp_max(scores.shape[-1])
+
+
 def top_share_count(scores: torch.Tensor, share: float = SPARSITY_SHARE) -> torch.Tensor:
     """Per row of non-negative `scores`, how many of the largest entries reach `share` of the row's sum."""
     ordered = scores.sort(dim=-1, descending=True).values
@@ -93,6 +105,7 @@ class Meter:
         self.active = 0.0
         self.err_sq = self.ref_sq = 0.0
         self.sparsity_sum, self.sparsity_tokens = 0.0, 0
+        self.curve_sum = torch.zeros(len(SPARSITY_CURVE_SHARES), dtype=torch.float64)
 
     @property
     def dense_flops_per_token(self) -> int:
@@ -111,6 +124,7 @@ class Meter:
         rows = scores.reshape(-1, scores.shape[-1]).float()
         self.sparsity_sum += (top_share_count(rows).double() / rows.shape[-1]).sum().item()
         self.sparsity_tokens += rows.shape[0]
+        self.curve_sum += (top_share_counts(rows).double() / rows.shape[-1]).sum(0)
 
     @property
     def flops_per_token(self) -> float:
@@ -128,6 +142,14 @@ class Meter:
     @property
     def sparsity(self) -> float:
         return self.sparsity_sum / self.sparsity_tokens if self.sparsity_tokens else float("nan")
+
+    @property
+    def sparsity_curve(self) -> list[float] | None:
+        """Share of ranks (neurons) needed for each of SPARSITY_CURVE_SHARES of a token's energy, averaged over
+        tokens: the whole curve behind `sparsity` (its 0.9 point), for rank and neuron importances alike."""
+        if not self.sparsity_tokens:
+            return None
+        return [round(v, 6) for v in (self.curve_sum / self.sparsity_tokens).tolist()]
 
 
 class AdapterUnit(nn.Module):

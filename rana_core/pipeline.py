@@ -43,6 +43,7 @@ class LayerResult:
     sparsity: float  # share of ranks (neurons) carrying 90% of a token's ‖z‖², averaged over tokens
     flops_per_token: float
     dense_flops_per_token: int
+    sparsity_curve: list[float] | None = None  # `sparsity` at each of adapters.SPARSITY_CURVE_SHARES
 
 
 @dataclass
@@ -238,6 +239,7 @@ def _layer_results(shapes, meters) -> list[LayerResult]:
                 density=meter.mean_active / meter.static_rank if meter.static_rank else 0.0,
                 recon_error=meter.recon_error,
                 sparsity=meter.sparsity,
+                sparsity_curve=meter.sparsity_curve,
                 flops_per_token=meter.flops_per_token,
                 dense_flops_per_token=dense_flops,
             )

@@ -31,6 +31,7 @@ ADAPTER_OF = {"dense": "dense", "svd": "svd", "cats": "cats", "rana": "rank"}
 def fake_result(model, method, target, measured, ppl, allocation="uniform"):
     layers = [{"layer": i, "module": m, "adapter": ADAPTER_OF[method], "rank": 10 + i + j, "max_rank": 64,
                "density": 0.5 + 0.1 * j, "recon_error": 0.01 * (i + 1) * (j + 1), "sparsity": 0.3,
+               "sparsity_curve": [0.05, 0.1, 0.2, 0.3, 0.4 + 0.1 * i, 0.6],
                "flops_per_token": 100.0 - 10 * i, "dense_flops_per_token": 200}
               for i in range(2) for j, m in enumerate(("qkv", "gate", "up", "down"))]
     return {"model": model, "method": method, "allocation": allocation, "target_flop_reduction": target,
@@ -267,6 +268,12 @@ def test_run_detail_shows_layer_heatmaps_and_a_difference(seeded):
     assert error["y"] == ["qkv", "gate", "up", "down"] and error["x"] == [0, 1]
     assert np.allclose(np.array(_decode(error["z"])), [[0.01, 0.02], [0.02, 0.04], [0.03, 0.06], [0.04, 0.08]])
     assert np.allclose(np.array(_decode(maps["FLOPs spent / dense FLOPs"]["z"]))[:, 1], 0.45)
+
+    curves = next(json.loads(e.proto.spec) for e in at.get("plotly_chart")
+                  if json.loads(e.proto.spec)["layout"].get("yaxis", {}).get("title", {}).get("text")
+                  == "share of ranks (neurons) needed")
+    qkv = next(t for t in curves["data"] if t["name"] == "qkv")
+    assert np.allclose(_decode(qkv["y"]), [0.05, 0.1, 0.2, 0.3, 0.45, 0.6])  # averaged over the two layers
 
     at.selectbox(key="detail_other").set_value(svd_03).run()
     assert not at.exception and at.query_params["other"] in (str(svd_03), [str(svd_03)])

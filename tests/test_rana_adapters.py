@@ -145,3 +145,16 @@ def test_split_grid_is_the_papers_and_the_search_takes_its_best(tiny, tiny_windo
     for keep in (0.8, 0.7, 0.6, 0.5):
         assert profile.best_split(keep).error <= profile.curve_error(keep) + 1e-12
         assert profile.curve_error(keep) <= profile.error(keep, keep, keep)[0] + 1e-12
+
+
+def test_sparsity_curve_rises_with_the_energy_share_and_holds_the_90_percent_point():
+    from rana_core.adapters import SPARSITY_CURVE_SHARES, Meter, top_share_counts
+
+    scores = torch.tensor([[8.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
+    # row 1: 8/10 reached with one entry, 9/10 with two; row 2 is flat: k entries carry k/4
+    assert top_share_counts(scores, (0.5, 0.8, 0.9, 1.0)).tolist() == [[1, 1, 2, 3], [2, 4, 4, 4]]
+    meter = Meter(0, "up", 4, 4, static_rank=4)
+    meter.track_sparsity(torch.rand(50, 64, generator=torch.Generator().manual_seed(0)) ** 4)
+    curve = meter.sparsity_curve
+    assert len(curve) == len(SPARSITY_CURVE_SHARES) and curve == sorted(curve)
+    assert curve[SPARSITY_CURVE_SHARES.index(0.9)] == pytest.approx(meter.sparsity, abs=1e-6)

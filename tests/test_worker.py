@@ -116,6 +116,9 @@ def test_a_run_carries_provenance_and_an_artifact_that_an_evaluate_job_reuses(db
         artifact = data_dir() / run.artifact_path
         assert artifact.is_file() and re.fullmatch(r"[0-9a-f]{64}", run.artifact_sha256)
         first_ppl = run.evaluations[0].perplexity
+        curves = {m.adapter: m.sparsity_curve for m in run.layers if m.sparsity_curve}
+        assert {"rank", "neuron"} <= set(curves)  # rank- and neuron-importance curves, stored per layer
+        assert all(len(c) == 6 and c == sorted(c) for c in curves.values())
     assert re.fullmatch(r"([0-9a-f]{40}(\+dirty)?|unknown)", provenance["git_sha"])
     assert provenance["packages"]["torch"] and provenance["seed"] == 0
     assert re.fullmatch(r"[0-9a-f]{64}", provenance["model_sha256"])

@@ -82,6 +82,9 @@ series = {f"run {run_id}": layers}
 if other_id is not None:
     series[f"run {other_id}"] = data.layer_metrics(data.url(), other_id)
 st.plotly_chart(charts.layer_lines_figure(series, line_metric), key="detail_lines")
+if layers["sparsity_curve"].notna().any():
+    st.subheader("Rank- and neuron-importance sparsity")
+    st.plotly_chart(charts.sparsity_curves_figure(layers), key="detail_sparsity_curves")
 with st.expander("Layers table"):
     st.dataframe(layers, hide_index=True, width="stretch", key="detail_layers")
 with st.expander("Configuration and provenance"):
