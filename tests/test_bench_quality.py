@@ -26,3 +26,12 @@ def test_quality_benchmark_writes_every_row(tmp_path):
     assert all(r["measured_flop_reduction_whole_model"] < r["measured_flop_reduction"] for r in measured)
     assert set(report["flops"]) == {"measured_flop_reduction", "measured_flop_reduction_whole_model"}
     assert "rana-greedy" in proc.stdout and "skipped" in proc.stdout
+
+
+def test_a_model_that_cannot_load_is_one_line_not_a_traceback(tmp_path):
+    """As `make bench-quality` meets gemma3-270m on a machine without its package."""
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--model", str(tmp_path / "absent"),
+                           "--out", str(tmp_path / "q.json")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("bench/quality.py: ")
+    assert "not run:" in proc.stderr and not (tmp_path / "q.json").exists()
