@@ -10,7 +10,6 @@ before anything is read, so a corrupt or truncated artifact is refused with one 
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from rana_core.adapters import LowRankUnit, layer_members
 from rana_core.errors import RanaError
 from rana_core.mlp_adapters import CatsMLP, NeuronMaskedUnit, RaNAMLP
+from rana_core.models import file_sha256
 from rana_core.rank_adapter import RankMaskedUnit, RankPlan
 
 FORMAT = "rana-adapters/1"
@@ -28,14 +28,6 @@ FORMAT = "rana-adapters/1"
 
 class ArtifactError(RanaError):
     """An artifact is missing, corrupt, or does not fit the model it is loaded into."""
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def save_adapters(adapters: list, path: Path) -> str:
@@ -50,7 +42,7 @@ def save_adapters(adapters: list, path: Path) -> str:
     partial = path.with_suffix(path.suffix + ".partial")
     save_file(tensors, str(partial), metadata={"format": FORMAT, "adapters": json.dumps(entries)})
     partial.replace(path)  # a crash mid-write never leaves a file under the final name
-    return sha256_of(path)
+    return file_sha256(path)
 
 
 def load_adapters(loaded, path: Path, sha256: str | None = None) -> list:
@@ -58,7 +50,7 @@ def load_adapters(loaded, path: Path, sha256: str | None = None) -> list:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"artifact {path} is missing")
-    if sha256 is not None and sha256_of(path) != sha256:
+    if sha256 is not None and file_sha256(path) != sha256:
         raise ArtifactError(f"artifact {path} is corrupt: its SHA-256 does not match the one stored with the run")
     try:
         from safetensors import safe_open

@@ -14,6 +14,8 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
+from rana_core.models import file_sha256
+
 PACKAGES = ("rana-studio", "torch", "transformers", "safetensors", "numpy", "triton", "gguf")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,14 +47,6 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 _MODEL_HASHES: dict[tuple, str] = {}
 
 
@@ -70,8 +64,8 @@ def model_hash(loaded) -> str:
         if key not in _MODEL_HASHES:
             outer = hashlib.sha256()
             for path in files:
-                outer.update(_file_digest(path).encode())
-            _MODEL_HASHES[key] = outer.hexdigest() if len(files) > 1 else _file_digest(files[0])
+                outer.update(file_sha256(path).encode())
+            _MODEL_HASHES[key] = outer.hexdigest() if len(files) > 1 else file_sha256(files[0])
         return _MODEL_HASHES[key]
     if loaded.source.kind == "hub":
         return "unknown (hub id)"
