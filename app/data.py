@@ -37,6 +37,25 @@ def schema_problem() -> str | None:
     return None
 
 
+def page(title: str) -> None:
+    """Every page's opening: its title, then the schema check (one message, and the page stops, when the
+    database is missing or behind the code)."""
+    st.title(title)
+    problem = schema_problem()
+    if problem:
+        st.error(problem)
+        st.stop()
+
+
+def finished_runs(empty_message: str) -> pd.DataFrame:
+    """runs(), or `empty_message` and the page stops when there are none."""
+    frame = runs(url())
+    if frame.empty:
+        st.info(empty_message)
+        st.stop()
+    return frame
+
+
 @st.cache_data(ttl=2, show_spinner=False)
 def runs(db_url: str) -> pd.DataFrame:
     """One row per run with its held-out evaluation (the first one if several)."""

@@ -8,16 +8,9 @@ import streamlit as st
 
 from app import data
 
-st.title("Compare")
-problem = data.schema_problem()
-if problem:
-    st.error(problem)
-    st.stop()
+data.page("Compare")
 
-runs = data.runs(data.url())
-if runs.empty:
-    st.info("No finished runs yet.")
-    st.stop()
+runs = data.finished_runs("No finished runs yet.")
 
 labels = {int(r.run_id): f"run {r.run_id}: {r.model} · {r.series} · −{r.target_flop_reduction:.0%} · "
                          f"{r.author or '?'}" for r in runs.itertuples()}

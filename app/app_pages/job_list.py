@@ -4,11 +4,7 @@ import streamlit as st
 
 from app import data
 
-st.title("Jobs")
-problem = data.schema_problem()
-if problem:
-    st.error(problem)
-    st.stop()
+data.page("Jobs")
 
 
 @st.fragment(run_every=2)

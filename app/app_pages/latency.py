@@ -4,11 +4,7 @@ import streamlit as st
 
 from app import charts, data
 
-st.title("Latency")
-problem = data.schema_problem()
-if problem:
-    st.error(problem)
-    st.stop()
+data.page("Latency")
 
 latency = data.latency(data.url())
 if latency.empty:

@@ -6,11 +6,7 @@ import streamlit as st
 
 from app import data
 
-st.title("New run")
-problem = data.schema_problem()
-if problem:
-    st.error(problem)
-    st.stop()
+data.page("New run")
 
 defaults = data.default_options()
 OTHER = "other: a local folder or hub id"

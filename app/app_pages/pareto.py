@@ -6,16 +6,11 @@ import streamlit as st
 
 from app import charts, data
 
-st.title("Pareto")
-problem = data.schema_problem()
-if problem:
-    st.error(problem)
-    st.stop()
+data.page("Pareto")
 
-runs = data.runs(data.url())
-if runs.empty:
-    st.info("No finished runs yet: queue one on New run, and a worker will fill this page.")
-    st.stop()
+runs = data.finished_runs(
+    "No finished runs yet: queue one on New run, and a worker will fill this page."
+)
 
 models = sorted(runs["model"].unique())
 params = st.query_params

@@ -5,16 +5,9 @@ import streamlit as st
 
 from app import charts, data
 
-st.title("Run detail")
-problem = data.schema_problem()
-if problem:
-    st.error(problem)
-    st.stop()
+data.page("Run detail")
 
-runs = data.runs(data.url())
-if runs.empty:
-    st.info("No finished runs yet.")
-    st.stop()
+runs = data.finished_runs("No finished runs yet.")
 
 labels = {int(r.run_id): f"run {r.run_id}: {r.model} · {r.series} · −{r.target_flop_reduction:.0%} · "
                          f"ppl {r.perplexity:.2f}" for r in runs.itertuples()}
