@@ -181,35 +181,29 @@ def mark_done(session, job_id: int, worker: str) -> bool:
 def cancel(job_id: int, url: str | None = None) -> int:
     """Cancel a queued or running job (a sweep: all its unfinished points). A running job stops at its worker's
     next progress report. Returns how many jobs (points, for a sweep) were cancelled."""
-    with session_scope(url) as session:
-        job = _get(session, job_id)
-        targets = _children(session, job_id) if job.kind == "sweep" else [job_id]
-        changed = session.execute(
-            update(Job).where(Job.id.in_(targets), Job.status.in_(("queued", "running")))
-            .values(status="cancelled", message="cancelled", finished_at=func.now())
-        ).rowcount
-        if changed == 0:
-            raise RanaError(f"job {job_id} is {job.status}: only queued or running jobs can be cancelled")
-        if job.kind == "sweep":
-            _refresh_sweep(session, job_id)
-        else:
-            _refresh_parent_of(session, job_id)
-        return changed
+    return _move(job_id, ("queued", "running"), dict(status="cancelled", message="cancelled", finished_at=func.now()),
+                 "only queued or running jobs can be cancelled", url)
 
 
 def retry(job_id: int, url: str | None = None) -> int:
     """Queue a failed or cancelled job again with a fresh attempt count (a sweep: its failed and cancelled
     points). Returns how many jobs were queued."""
+    values = dict(status="queued", message="queued again", error=None, attempts=0, progress=0.0, worker=None,
+                  started_at=None, finished_at=None, heartbeat_at=None)
+    return _move(job_id, ("failed", "cancelled"), values, "only failed or cancelled jobs can be retried", url)
+
+
+def _move(job_id: int, from_statuses: tuple, values: dict, refusal: str, url: str | None) -> int:
+    """Apply `values` to the job (a sweep: to its points) where its status is one of `from_statuses`; refresh
+    the sweep's aggregate; refuse with one line when nothing was in such a state."""
     with session_scope(url) as session:
         job = _get(session, job_id)
-        targets = [job_id] if job.kind != "sweep" else _children(session, job_id)
+        targets = _children(session, job_id) if job.kind == "sweep" else [job_id]
         changed = session.execute(
-            update(Job).where(Job.id.in_(targets), Job.status.in_(("failed", "cancelled")))
-            .values(status="queued", message="queued again", error=None, attempts=0, progress=0.0, worker=None,
-                    started_at=None, finished_at=None, heartbeat_at=None)
+            update(Job).where(Job.id.in_(targets), Job.status.in_(from_statuses)).values(**values)
         ).rowcount
         if changed == 0:
-            raise RanaError(f"job {job_id} is {job.status}: only failed or cancelled jobs can be retried")
+            raise RanaError(f"job {job_id} is {job.status}: {refusal}")
         if job.kind == "sweep":
             _refresh_sweep(session, job_id)
         else:
