@@ -77,8 +77,10 @@ class RankPart(nn.Module):
         self.counted_tokens = 0
         self.counting = False
 
+    scale = None  # per-row factors of the mask score (the neuron adapter's column norms)
+
     def scores(self, z: torch.Tensor) -> torch.Tensor:
-        return z.float().abs()
+        return z.float().abs() if self.scale is None else z.float().abs() * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(F.linear(x, self.B))
@@ -91,8 +93,8 @@ class RankPart(nn.Module):
             self.active_sum += (self.scores(z) >= self.threshold).sum().item()
             self.counted_tokens += z.shape[0]
         if z.shape[0] == 1:
-            return masked_rows_gemv(self.rows, z[0], self.threshold, out=self.out)[None]
-        return masked_rows_batched(self.rows, z, self.threshold).to(z.dtype)
+            return masked_rows_gemv(self.rows, z[0], self.threshold, self.scale, out=self.out)[None]
+        return masked_rows_batched(self.rows, z, self.threshold, self.scale).to(z.dtype)
 
     def flops_per_token(self) -> float:
         active = self.active_sum / max(self.counted_tokens, 1)
@@ -114,18 +116,12 @@ class NeuronPart(RankPart):
         self.calibrating = self.counting = False
         self.active_sum, self.counted_tokens = 0.0, 0
 
-    def scores(self, h: torch.Tensor) -> torch.Tensor:
-        return h.float().abs() * self.norms
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.norms
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        if self.calibrating:
-            _set_threshold(self.threshold, self.scores(h), self.target_active)
-        if self.counting:
-            self.active_sum += (self.scores(h) >= self.threshold).sum().item()
-            self.counted_tokens += h.shape[0]
-        if h.shape[0] == 1:
-            return masked_rows_gemv(self.rows, h[0], self.threshold, self.norms, out=self.out)[None]
-        return masked_rows_batched(self.rows, h, self.threshold, self.norms)
+        return self.expand(h)  # no B: the coefficients are h itself
 
     def flops_per_token(self) -> float:
         return 2.0 * self.out_features * self.active_sum / max(self.counted_tokens, 1)
