@@ -65,6 +65,8 @@ class Run(Base):
     provenance: Mapped[dict] = mapped_column(JSON, default=dict, server_default=text("'{}'"))  # git SHA, versions…
     artifact_path: Mapped[str | None] = mapped_column(Text)  # relative to the data directory
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
+    # What the compressed model costs: {"params", "kv_bytes_per_token", "flops_per_token", …} (rana_core.pipeline)
+    model_stats: Mapped[dict] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
     job: Mapped[Job | None] = relationship(back_populates="run")

@@ -41,6 +41,7 @@ def store_compression(session, result: dict, job_id: int | None = None, author: 
         tags=list(tags),
         artifact_path=artifact_path if artifact else None,
         artifact_sha256=artifact.get("sha256"),
+        model_stats=result.get("model_stats") or {},
     )
     run.evaluations.append(
         Evaluation(

@@ -64,6 +64,7 @@ class CompressionResult:
     config: dict = field(default_factory=dict)
     environment: dict = field(default_factory=dict)
     provenance: dict = field(default_factory=dict)  # rana_core.provenance.collect
+    model_stats: dict = field(default_factory=dict)  # params, KV-cache bytes and FLOPs per token, where known
     artifact: dict | None = None  # {"path", "sha256"} of the saved adapters, when asked for
 
     def to_json(self) -> dict:
