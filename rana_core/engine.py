@@ -23,7 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.kernels import masked_rows_batched, masked_rows_gemv
+from rana_core.decode_kernels import (add_rmsnorm, decode_attention, gemv, rmsnorm_reference, rope_into_cache,
+                                     rotate_half_reference)
+from rana_core.kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials, reduce_partials,
+                               use_triton)
 
 
 @dataclass(frozen=True)
@@ -157,8 +160,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return rmsnorm_reference(x, self.weight, self.eps)
 
 
 def uniform_keeps(shape: Shape, flop_reduction: float) -> tuple[float, float]:
@@ -171,9 +173,9 @@ def uniform_keeps(shape: Shape, flop_reduction: float) -> tuple[float, float]:
 
 
 class Block(nn.Module):
-    def __init__(self, shape: Shape, keeps: tuple[float, float], dtype, device, generator):
+    def __init__(self, shape: Shape, keeps: tuple[float, float], dtype, device, generator, gemv: str):
         super().__init__()
-        self.shape = shape
+        self.shape, self.gemv = shape, gemv
         h, i = shape.hidden, shape.intermediate
         qkv_keep, mlp_keep = keeps
         self.attn_norm, self.mlp_norm = RMSNorm(h, dtype, device), RMSNorm(h, dtype, device)
@@ -185,58 +187,95 @@ class Block(nn.Module):
             self.gate = RankPart(i, h, mlp_keep, dtype, device, generator)
             self.up = RankPart(i, h, mlp_keep, dtype, device, generator)
             self.down = NeuronPart(h, i, mlp_keep, dtype, device, generator)
-            # gate's and up's B in one matrix: one product reads both (a larger GEMV runs closer to bandwidth)
-            self.gate_up_B = nn.Parameter(torch.cat([self.gate.B, self.up.B]), requires_grad=False)
-            del self.gate.B, self.up.B  # from now on views into the joint matrix
-            self.gate.B, self.up.B = self.gate_up_B[: self.gate.rank], self.gate_up_B[self.gate.rank:]
+            # gate's and up's B in one matrix (one product reads both), their A-rows and thresholds likewise (one
+            # masked launch serves both, as two groups): from now on the parts hold views into the joint tensors
+            self.gate_up_B = _join(self.gate, self.up, "B")
+            self.gate_up_rows = _join(self.gate, self.up, "rows")
+            self.gate_up_threshold = _join(self.gate, self.up, "threshold")
         else:
             self.gate, self.up = _linear(i, h, dtype, device, generator), _linear(i, h, dtype, device, generator)
-            self.gate_up = nn.Parameter(torch.cat([self.gate.weight, self.up.weight]), requires_grad=False)
-            del self.gate.weight, self.up.weight  # from now on views into the joint matrix: one product, as above
-            self.gate.weight, self.up.weight = self.gate_up[:i], self.gate_up[i:]
+            self.gate_up = _join(self.gate, self.up, "weight")  # one product reads both, as above
             self.down = _linear(h, i, dtype, device, generator)
         self.wo = _linear(h, h, dtype, device, generator)
 
-    def forward(self, x, pos, k_cache, v_cache, cos, sin, allowed):
+    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
+        """o_proj(attention(normed)), this token's k and v written into the cache."""
         s = self.shape
-        T, hd = x.shape[0], s.head_dim
-        qkv = self.qkv(self.attn_norm(x))
-        q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
-        q = _rotate(q.view(T, s.heads, hd), cos, sin).transpose(0, 1)
-        k = _rotate(k.view(T, s.kv_heads, hd), cos, sin).transpose(0, 1)
-        k_cache.index_copy_(1, pos, k)
-        v_cache.index_copy_(1, pos, v.view(T, s.kv_heads, hd).transpose(0, 1))
-        attn = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None], attn_mask=allowed[None, None],
-                                              enable_gqa=s.kv_heads != s.heads)
-        x = x + self.wo(attn[0].transpose(0, 1).reshape(T, s.hidden))
-        m = self.mlp_norm(x)
-        if isinstance(self.gate, RankPart):
-            z = F.linear(m, self.gate_up_B)
-            gate, up = self.gate.expand(z[:, : self.gate.rank]), self.up.expand(z[:, self.gate.rank:])
+        T, hd = normed.shape[0], s.head_dim
+        if isinstance(self.qkv, RankPart):
+            qkv = self.qkv.expand(matvec(self.qkv.B, normed, self.gemv))
         else:
-            gate, up = F.linear(m, self.gate_up).split(s.intermediate, dim=-1)
-        return x + self.down(F.silu(gate) * up)
+            qkv = matvec(self.qkv.weight, normed, self.gemv)
+        if T == 1:  # rotary and both cache writes in one kernel, then attention over the prefix only
+            q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
+                                torch.empty(s.heads, hd, dtype=qkv.dtype, device=qkv.device))
+            attended = decode_attention(q, k_cache, v_cache, pos, torch.empty_like(q)).view(1, s.hidden)
+        else:
+            q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
+            cos, sin = cos_table[pos], sin_table[pos]
+            q = rotate_half_reference(q.view(T, s.heads, hd), cos, sin).transpose(0, 1)
+            k_cache.index_copy_(1, pos, rotate_half_reference(k.view(T, s.kv_heads, hd), cos, sin).transpose(0, 1))
+            v_cache.index_copy_(1, pos, v.view(T, s.kv_heads, hd).transpose(0, 1))
+            attended = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None],
+                                                      attn_mask=allowed[None, None], enable_gqa=s.kv_heads != s.heads)
+            attended = attended[0].transpose(0, 1).reshape(T, s.hidden)
+        return matvec(self.wo.weight, attended, self.gemv)
+
+    def mlp(self, normed):
+        if not isinstance(self.gate, RankPart):
+            if normed.shape[0] == 1 and self.gemv == "triton" and use_triton(normed):  # SwiGLU fused in the GEMV
+                h = gemv(self.gate_up, normed[0], torch.empty(self.shape.intermediate, dtype=normed.dtype,
+                                                              device=normed.device), swiglu=True)[None]
+            else:
+                gate, up = matvec(self.gate_up, normed, self.gemv).split(self.shape.intermediate, dim=-1)
+                h = F.silu(gate) * up
+            return matvec(self.down.weight, h, self.gemv)
+        z = matvec(self.gate_up_B, normed, self.gemv)
+        if normed.shape[0] == 1 and use_triton(z) and not (self.gate.calibrating or self.gate.counting):
+            # one token: gate's and up's masked products in one launch, SwiGLU fused into their reduction
+            partial, splits = masked_rows_partials(self.gate_up_rows, z[0], self.gate_up_threshold, groups=2)
+            h = reduce_partials(partial, splits, torch.empty_like(self.gate.out), epilogue="swiglu")[None]
+        else:
+            h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
+        return self.down(h)
 
 
-def _rotate(x, cos, sin):
-    """Rotary position embedding on the two halves of each head (Llama's layout)."""
-    half = x.shape[-1] // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    c, s_ = cos[:, None, :], sin[:, None, :]
-    return torch.cat([x1 * c - x2 * s_, x2 * c + x1 * s_], dim=-1)
+def _join(first: nn.Module, second: nn.Module, name: str) -> torch.Tensor:
+    """One tensor holding both parts' `name` stacked along dim 0; each part's attribute becomes a view into it."""
+    joint = torch.cat([getattr(first, name), getattr(second, name)])
+    size = getattr(first, name).shape[0]
+    for part, view in ((first, joint[:size]), (second, joint[size:])):
+        delattr(part, name)
+        setattr(part, name, view)
+    return nn.Parameter(joint, requires_grad=False) if joint.dtype.is_floating_point and name != "threshold" \
+        else joint
+
+
+GEMV_BACKENDS = ("cublas", "triton")  # torch's product, or rana_core.decode_kernels.gemv; bench/latency.py compares
+
+
+def matvec(weight: torch.Tensor, x: torch.Tensor, backend: str = "cublas") -> torch.Tensor:
+    """x Wᵀ: at one token through the chosen GEMV backend, else one batched product."""
+    if x.shape[0] == 1 and backend == "triton" and use_triton(weight):
+        return gemv(weight, x[0], torch.empty(weight.shape[0], dtype=x.dtype, device=x.device))[None]
+    return F.linear(x, weight)
 
 
 class DecodeEngine(nn.Module):
     def __init__(self, shape: Shape, dtype=torch.float16, device="cuda", flop_reduction: float = 0.0,
-                 seed: int = 0):
+                 seed: int = 0, gemv: str = "triton"):
         super().__init__()
+        if gemv not in GEMV_BACKENDS:
+            raise ValueError(f"unknown GEMV backend {gemv!r}: use one of {', '.join(GEMV_BACKENDS)}")
+        self.gemv = gemv
         self.shape, self.dtype, self.device = shape, dtype, torch.device(device)
         self.flop_reduction = flop_reduction
         generator = torch.Generator(device=self.device).manual_seed(seed)
         keeps = uniform_keeps(shape, flop_reduction)
         self.embed = nn.Parameter(_random((shape.vocab, shape.hidden), 1, dtype, self.device, generator),
                                   requires_grad=False)
-        self.blocks = nn.ModuleList(Block(shape, keeps, dtype, self.device, generator) for _ in range(shape.layers))
+        self.blocks = nn.ModuleList(Block(shape, keeps, dtype, self.device, generator, gemv)
+                                    for _ in range(shape.layers))
         self.norm = RMSNorm(shape.hidden, dtype, self.device)
         self.lm_head = _linear(shape.vocab, shape.hidden, dtype, self.device, generator)
         self.max_seq = 0
@@ -257,13 +296,21 @@ class DecodeEngine(nn.Module):
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Logits of `tokens` (T,) at positions `pos` (T,), reading and filling the cache."""
+        """Logits of `tokens` (T,) at positions `pos` (T,), reading and filling the cache. The residual stream x
+        is updated in place: each residual add is fused with the RMSNorm that follows it."""
         x = self.embed[tokens]
-        cos, sin = self.cos[pos], self.sin[pos]
-        allowed = torch.arange(self.max_seq, device=self.device)[None, :] <= pos[:, None]
+        normed = torch.empty_like(x)
+        allowed = None  # one token attends through decode_attention, which reads its position itself
+        if tokens.numel() > 1:
+            allowed = torch.arange(self.max_seq, device=self.device)[None, :] <= pos[:, None]
+        norms = [n for block in self.blocks for n in (block.attn_norm, block.mlp_norm)] + [self.norm]
+        add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(self.blocks):
-            x = block(x, pos, self.k_cache[index], self.v_cache[index], cos, sin, allowed)
-        return self.lm_head(self.norm(x))
+            attended = block.attention(normed, pos, self.k_cache[index], self.v_cache[index], self.cos, self.sin,
+                                       allowed)
+            add_rmsnorm(x, attended, norms[2 * index + 1].weight, norms[2 * index + 1].eps, normed)
+            add_rmsnorm(x, block.mlp(normed), norms[2 * index + 2].weight, norms[2 * index + 2].eps, normed)
+        return matvec(self.lm_head.weight, normed, self.gemv)
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> None:

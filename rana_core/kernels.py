@@ -6,19 +6,26 @@ K × M matrix R picked by a mask on the coefficients c.
 - Rank adapter, A-part: c = z = B x, R = Aᵀ (rank k is row k), active iff z_k² ≥ τ, i.e. |z_k| ≥ √τ.
 - Neuron adapter, W_down: c = h, R = W_downᵀ (neuron k is row k), active iff |h_k| · ‖W_down[:, k]‖ ≥ τ.
 
-Storing R row-major makes an active rank or neuron one contiguous row, so a masked-off row is never read: the
-masker is fused into the kernel: each program scans c (and the column norms), compacts the indices of the active
-rows into a short list, and then reads only those rows, so at batch 1, where the product is bound by memory,
-its time follows the bytes of the active rows. Work is split over output columns and over K (so that even
-M = 4096 fills the GPU); each K-split stores its partial sums and a second small kernel adds them in a fixed
-order, so the same input always gives the same output. Batches larger than one fall back to a dense product
-of the masked coefficients.
-(bench/kernel_variants.py compares this with predicated loads and with split-K variants.)
+Storing R row-major makes an active rank or neuron one contiguous row, so a masked-off row is never read. At
+batch 1 the product is bound by memory, so its time should follow the bytes of the active rows. Three launches:
+
+1. compact: programs over chunks of c (the fused masker) each write their active rows' indices and
+   coefficients, in order, and their count; the chunks' lists one after another are the list;
+2. gather: programs over (output columns, equal shares of the *list*, group) stream only the listed rows,
+   BLOCK_K at a time with several loads in flight, and store partial sums. Splitting the list rather than K
+   keeps every program equally busy at any density, and no program rescans the mask;
+3. reduce: the partial sums are added in a fixed order (deterministic: no atomics), fused with what the
+   caller does next (a cast, or SwiGLU's silu(gate)·up for the gate and up groups).
+
+A *group* is one independent product in the same launch: gate's and up's A-parts (equal rank, rows stacked)
+run as two groups, so the MLP pays for one compaction and one gather launch, not two. Batches larger than one
+fall back to a dense product of the masked coefficients. (bench/kernel_variants.py keeps earlier designs.)
 """
 
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -28,75 +35,123 @@ try:
 except ImportError:  # a CPU install without Triton: only the PyTorch path
     triton = None
 
-BLOCK_M = 128  # output columns per program: a row segment of 256 bytes in fp16
-BLOCK_K = 64  # active rows gathered per step
-PROGRAMS_PER_SM = 16  # K is split until about this many programs per multiprocessor
-NUM_WARPS, NUM_STAGES = 4, 1
+# bench/masked_profile.py on an H100 (inside CUDA graphs): 128 rows of 128 bytes per step gather at 2.0-2.9 TB/s,
+# 32 rows of 256 bytes at 1.1-1.3 TB/s: more independent rows in flight per step is what pays.
+BLOCK_M = 64  # output columns per gather program: a row segment of 128 bytes in fp16
+BLOCK_K = 128  # listed rows per gather step
+PROGRAMS_PER_SM = 16  # the list is split until about this many gather programs per multiprocessor
+GATHER_WARPS, GATHER_STAGES = 4, 3
+COMPACT_CHUNK = 1024  # coefficients per compaction program: 2.2-2.7 µs at every 7B size (one program for all: 3.4-8.5)
 
 
-def _split(K: int, M: int, device: torch.device) -> tuple[int, int, int]:
-    """(programs over M, programs over K, rows per K-program, a power of two for the in-program scan)."""
-    m_blocks = math.ceil(M / BLOCK_M)
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    splits = max(1, min(math.ceil(K / BLOCK_K), math.ceil(PROGRAMS_PER_SM * sms / m_blocks)))
-    per_program = triton.next_power_of_2(math.ceil(K / splits))
-    return m_blocks, math.ceil(K / per_program), per_program
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors in its interpreter (CI's CPU path)."""
+    return triton is not None and (tensor.device.type == "cuda" or _interpreting())
+
+
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
+def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
+    """Gather programs per (column block, group): enough to fill the GPU, never more than the list can feed."""
+    programs = math.ceil(M / BLOCK_M) * groups
+    return max(1, min(math.ceil(K / BLOCK_K), math.ceil(PROGRAMS_PER_SM * _multiprocessors(device) / programs)))
 
 
 if triton is not None:
 
     @triton.jit
-    def _gather_rows(acc, j0, count, base, coeff_ptr, rows_ptr, stride_k, offs_m, m_ok, BLOCK_K: tl.constexpr):
-        """acc + Σ coeff[i] · rows[i, offs_m] over the next BLOCK_K indices i of the active list."""
+    def _compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr,
+                        K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr):
+        """Program (c, g): the indices and coefficients of chunk c of group g's coefficients c[g·K:(g+1)·K]
+        whose score |c|(·scale) reaches threshold[g], in order, to index/value[g·K + c·CHUNK:], and their number
+        to count[g·CHUNKS + c]. The chunks' lists, one after another, are group g's list."""
+        c, g = tl.program_id(0), tl.program_id(1)
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        ok = offs < K
+        coeff = tl.load(coeff_ptr + g * K + offs, mask=ok, other=0.0)
+        score = tl.abs(coeff.to(tl.float32))
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + g * K + offs, mask=ok, other=0.0).to(tl.float32)
+        active = ok & (score >= tl.load(threshold_ptr + g))
+        slot = c * CHUNK + tl.cumsum(active.to(tl.int32), axis=0) - 1
+        tl.store(index_ptr + g * K + slot, offs, mask=active)
+        tl.store(value_ptr + g * K + slot, coeff.to(tl.float32), mask=active)
+        tl.store(count_ptr + g * CHUNKS + c, tl.sum(active.to(tl.int32), axis=0))
+
+    @triton.jit
+    def _gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m, m_ok,
+                     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc + the rows at list positions j0… (< stop). Position j of the group's list lies in chunk
+        q = #(chunk ends ≤ j), at slot q·CHUNK + j − (q's start)."""
         j = j0 + tl.arange(0, BLOCK_K)
-        j_ok = j < count
-        index = tl.load(base + j, mask=j_ok, other=0)
-        c = tl.load(coeff_ptr + index, mask=j_ok, other=0.0).to(tl.float32)
-        tile = tl.load(rows_ptr + index[:, None] * stride_k + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
-                       other=0.0)
+        j_ok = j < stop
+        past = (j[:, None] >= ends[None, :]).to(tl.int32)  # [BLOCK_K, chunks]
+        chunk = tl.sum(past, axis=1)
+        start = tl.sum(tl.where(tl.arange(0, ends.shape[0])[None, :] == chunk[:, None], starts[None, :], 0), axis=1)
+        slot = chunk * CHUNK + j - start
+        row = tl.load(index_ptr + slot, mask=j_ok, other=0)
+        c = tl.load(value_ptr + slot, mask=j_ok, other=0.0)
+        tile = tl.load(rows_ptr + row[:, None].to(tl.int64) * stride_k + offs_m[None, :],
+                       mask=j_ok[:, None] & m_ok[None, :], other=0.0)
         return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0)
 
     @triton.jit
-    def _masked_rows_kernel(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, partial_ptr, scratch_ptr, K, M,
-                            stride_k, HAS_SCALE: tl.constexpr, K_PER: tl.constexpr, BLOCK_K: tl.constexpr,
-                            BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
-        """Program (m, k) owns BLOCK_M output columns and K_PER rows. It compacts the indices of its active rows
-        (the masker: |c|·scale ≥ threshold) into a scratch list, then reads only those rows, BLOCK_K at a time,
-        and stores its partial sums in row k of `partial` (no atomics: the result is deterministic)."""
-        pid_m = tl.program_id(0)
-        pid_k = tl.program_id(1)
+    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
+                       SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+        """Program (m, s, g): columns m·BLOCK_M… of Σ value·rows[index] over share s of group g's list, into
+        partial[g, s, :]. Group g's rows start at row g·K of `rows`."""
+        pid_m, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        offs_k = pid_k * K_PER + tl.arange(0, K_PER)
-        k_ok = offs_k < K
-        score = tl.abs(tl.load(coeff_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32))
-        if HAS_SCALE:
-            score = score * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        active = k_ok & (score >= tl.load(threshold_ptr))
-        count = tl.sum(active.to(tl.int32), axis=0)
-        base = scratch_ptr + (pid_k * tl.num_programs(0) + pid_m) * K_PER
-        tl.store(base + tl.cumsum(active.to(tl.int32), axis=0) - 1, offs_k, mask=active)
-        tl.debug_barrier()  # the list is written by some threads of this program and read by others
+        q = tl.arange(0, CHUNKS_P2)
+        counts = tl.load(count_ptr + g * CHUNKS + q, mask=q < CHUNKS, other=0)
+        ends = tl.cumsum(counts, axis=0)
+        ends = tl.where(q < CHUNKS, ends, 1 << 30)  # padding chunks end after every position
+        starts = ends - counts
+        count = tl.sum(counts, axis=0)
+        share = tl.cdiv(tl.cdiv(count, SPLITS), BLOCK_K) * BLOCK_K  # whole steps per share
+        begin = pid_s * share
+        stop = tl.minimum(begin + share, count)
+        index_ptr += g * K
+        value_ptr += g * K
+        rows_ptr += g * K * stride_k
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if INTERPRET:  # Triton's interpreter cannot take a computed value as a range bound; a while loop it can
-            j0 = 0
-            while j0 < count:
-                acc = _gather_rows(acc, j0, count, base, coeff_ptr, rows_ptr, stride_k, offs_m, m_ok, BLOCK_K)
+        if INTERPRET:  # the interpreter cannot take a loaded value as a range bound; a while loop it can
+            j0 = begin
+            while j0 < stop:
+                acc = _gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
+                                   m_ok, CHUNK, BLOCK_K)
                 j0 += BLOCK_K
         else:
-            for j0 in range(0, count, BLOCK_K):
-                acc = _gather_rows(acc, j0, count, base, coeff_ptr, rows_ptr, stride_k, offs_m, m_ok, BLOCK_K)
-        tl.store(partial_ptr + pid_k * M + offs_m, acc, mask=m_ok)
+            for j0 in range(begin, stop, BLOCK_K):
+                acc = _gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
+                                   m_ok, CHUNK, BLOCK_K)
+        tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
-    def _sum_splits_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        """out = Σ_k partial[k, :], in the output's dtype."""
+    def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                       EPILOGUE: tl.constexpr, BLOCK: tl.constexpr):
+        """out = epilogue(Σ_s partial[g, s, :]): EPILOGUE 0: group 0 as is (cast to out's dtype); 1: silu(group
+        0) · group 1, rounded as the unfused ops would round. All of a column block's partials are loaded at once
+        (one tile), so the loads are in flight together."""
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < M
-        acc = tl.zeros([BLOCK], dtype=tl.float32)
-        for k in range(SPLITS):
-            acc += tl.load(partial_ptr + k * M + offs, mask=ok, other=0.0)
-        tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+        split = tl.arange(0, SPLITS_P2)
+        ok = (split[:, None] < SPLITS) & (offs[None, :] < M)
+        tile = partial_ptr + split[:, None] * M + offs[None, :]
+        first = tl.sum(tl.load(tile, mask=ok, other=0.0), axis=0)
+        if EPILOGUE == 1:
+            second = tl.sum(tl.load(tile + SPLITS * M, mask=ok, other=0.0), axis=0)
+            dtype = out_ptr.dtype.element_ty
+            gate = first.to(dtype).to(tl.float32)
+            first = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * second.to(dtype).to(tl.float32)
+        tl.store(out_ptr + offs, first.to(out_ptr.dtype.element_ty), mask=offs < M)
 
 
 _BUFFERS: dict = {}
@@ -104,11 +159,51 @@ _BUFFERS: dict = {}
 
 def _buffer(name: str, size: int, dtype, device: torch.device) -> torch.Tensor:
     """A reusable work buffer (allocated once per size and device, so that a captured CUDA graph keeps pointing
-    at live memory)."""
-    key = (name, size, str(device))
+    at live memory). Launches run in stream order, so one buffer serves every call of one size."""
+    key = (name, size, dtype, str(device))
     if key not in _BUFFERS:
         _BUFFERS[key] = torch.empty(size, dtype=dtype, device=device)
     return _BUFFERS[key]
+
+
+def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
+                         scale: torch.Tensor | None = None, groups: int = 1) -> tuple[torch.Tensor, int]:
+    """Launches compact and gather for `groups` equal products stacked along K; returns (partials, splits),
+    partials of shape (groups · splits, M) in float32, for `reduce_partials`."""
+    K_all, M = rows.shape
+    K = K_all // groups
+    if coeff.shape != (K_all,) or K * groups != K_all:
+        raise ValueError(f"coefficients {tuple(coeff.shape)} do not match rows {tuple(rows.shape)} in {groups} groups")
+    if threshold.numel() != groups:
+        raise ValueError(f"one threshold per group: {groups} groups, {threshold.numel()} thresholds")
+    if rows.stride(1) != 1:
+        raise ValueError("rows must be row-major (contiguous along M)")
+    device = rows.device
+    chunk = min(COMPACT_CHUNK, triton.next_power_of_2(K))
+    chunks = math.ceil(K / chunk)
+    index = _buffer("index", K_all, torch.int32, device)
+    value = _buffer("value", K_all, torch.float32, device)
+    count = _buffer("count", groups * chunks, torch.int32, device)
+    _compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
+                                      K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,
+                                      num_warps=4 if chunk <= 1024 else 8)
+    splits = _list_splits(K, M, groups, device)
+    partial = _buffer("partial", groups * splits * M, torch.float32, device)
+    _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](
+        rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
+        CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
+        INTERPRET=_interpreting(), num_warps=GATHER_WARPS, num_stages=GATHER_STAGES)
+    return partial, splits
+
+
+def reduce_partials(partial: torch.Tensor, splits: int, out: torch.Tensor, epilogue: str = "sum") -> torch.Tensor:
+    """out = Σ of the partial sums, then the epilogue: "sum", or "swiglu" (silu of group 0 times group 1)."""
+    M = out.numel()
+    p2 = triton.next_power_of_2(splits)
+    block = max(16, min(256, 4096 // p2))  # a tile of at most 4096 partial sums per program
+    _reduce_kernel[(math.ceil(M / block),)](partial, out, M, SPLITS=splits, SPLITS_P2=p2,
+                                            EPILOGUE={"sum": 0, "swiglu": 1}[epilogue], BLOCK=block)
+    return out
 
 
 def masked_rows_gemv(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
@@ -121,23 +216,13 @@ def masked_rows_gemv(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.T
     K, M = rows.shape
     if coeff.shape != (K,):
         raise ValueError(f"coefficients {tuple(coeff.shape)} do not match rows {tuple(rows.shape)}")
-    if rows.stride(1) != 1:
-        raise ValueError("rows must be row-major (contiguous along M)")
     if out is None:
         out = torch.empty(M, dtype=torch.float32, device=rows.device)
-    if triton is None or (rows.device.type != "cuda" and not _interpreting()):
+    if not use_triton(rows):
         out.copy_(reference_masked_rows(rows, coeff, threshold, scale))
         return out
-    m_blocks, k_blocks, per_program = _split(K, M, rows.device)
-    partial = _buffer("partial", k_blocks * M, torch.float32, rows.device)
-    scratch = _buffer("scratch", m_blocks * k_blocks * per_program, torch.int32, rows.device)
-    _masked_rows_kernel[(m_blocks, k_blocks)](
-        rows, coeff, scale if scale is not None else coeff, threshold, partial, scratch, K, M, rows.stride(0),
-        HAS_SCALE=scale is not None, K_PER=per_program, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        INTERPRET=_interpreting(), num_warps=NUM_WARPS, num_stages=NUM_STAGES,
-    )
-    _sum_splits_kernel[(math.ceil(M / 1024),)](partial, out, M, SPLITS=k_blocks, BLOCK=1024)
-    return out
+    partial, splits = masked_rows_partials(rows, coeff, threshold, scale)
+    return reduce_partials(partial, splits, out)
 
 
 def masked_rows_batched(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
@@ -157,9 +242,3 @@ def reference_masked_rows(rows, coeff, threshold, scale=None) -> torch.Tensor:
         score = score * scale.float()
     mask = (score >= threshold.float()).double()
     return ((coeff.double() * mask) @ rows.double()).float()
-
-
-def _interpreting() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET") == "1"

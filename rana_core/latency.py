@@ -32,7 +32,8 @@ def device_name(device: str) -> str:
 
 
 def engine_rows(shape_name: str, dtype: str, budgets: list[float], contexts: list[int], new_tokens: int,
-                device: str, bandwidth: float, progress: ProgressFn = no_progress) -> list[dict]:
+                device: str, bandwidth: float, progress: ProgressFn = no_progress,
+                gemv: str = "triton") -> list[dict]:
     """One row per (budget, context): median ms per token in the engine, with the dense engine's beside it and
     the floor (bytes one step must read over the measured copy bandwidth)."""
     shape = SHAPES[shape_name]
@@ -40,7 +41,7 @@ def engine_rows(shape_name: str, dtype: str, budgets: list[float], contexts: lis
     rows, dense_ms = [], {}
     total = len(budgets) * len(contexts)
     for b_index, budget in enumerate(budgets):
-        engine = DecodeEngine(shape, DTYPES[dtype], device, flop_reduction=budget)
+        engine = DecodeEngine(shape, DTYPES[dtype], device, flop_reduction=budget, gemv=gemv)
         engine.calibrate()
         measured = engine.measure_flop_reduction()
         weight_bytes = engine.weight_bytes_per_token()
@@ -51,7 +52,7 @@ def engine_rows(shape_name: str, dtype: str, budgets: list[float], contexts: lis
                 dense_ms[context] = ms
             read = weight_bytes + engine.kv_bytes_per_token(context, new_tokens)
             rows.append({
-                "model": shape_name, "device_name": device_name(device), "dtype": dtype, "engine": "graphs",
+                "model": shape_name, "device_name": device_name(device), "dtype": dtype, "engine": f"graphs+{gemv}",
                 "flop_reduction": budget, "measured_flop_reduction": measured, "context_tokens": context,
                 "new_tokens": new_tokens, "ms_per_token": ms, "dense_ms_per_token": dense_ms.get(context),
                 "shapes": {**shape.__dict__, "bytes_per_token": read, "floor_ms": 1e3 * read / bandwidth,
@@ -115,9 +116,9 @@ def measure_decode(payload: dict, device: str = "cuda", progress: ProgressFn = n
 
 def kernel_microbenchmark(device: str, dtype: str, bandwidth: float,
                           densities=(0.1, 0.2, 0.3, 0.5, 0.7, 1.0)) -> list[dict]:
-    """Achieved bandwidth of the masked-row kernel on the bytes of its active rows, at Llama-2-7B sizes."""
-    import triton.testing
-
+    """Achieved bandwidth of the masked-row kernel on the bytes of its active rows, at Llama-2-7B sizes, each call
+    replayed from a CUDA graph as in the engine (launched one by one from Python, these few-µs kernels would
+    measure the launch, not the kernel)."""
     from rana_core.kernels import masked_rows_gemv
 
     results = []
@@ -138,14 +139,26 @@ def kernel_microbenchmark(device: str, dtype: str, bandwidth: float,
                 rows, coeff = sets[next(calls) % 3]
                 masked_rows_gemv(rows, coeff, threshold, scale, out=out)
 
-            ms = triton.testing.do_bench(run, warmup=25, rep=200, return_mode="median")
+            ms = _graph_ms(run)
             active_bytes = density * K * M * sets[0][0].element_size()
             results.append({"kernel": name, "K": K, "M": M, "density": density, "us": ms * 1e3,
                             "active_gbs": active_bytes / (ms / 1e3) / 1e9,
                             "share_of_copy_bandwidth": active_bytes / (ms / 1e3) / bandwidth})
         dense_rows = sets[0][0]
-        ms = triton.testing.do_bench(lambda: sets[0][1] @ dense_rows, warmup=25, rep=200, return_mode="median")
+        out_dense = torch.empty(M, device=device, dtype=torch_dtype)
+        ms = _graph_ms(lambda: torch.mv(dense_rows.t(), sets[0][1], out=out_dense))
         results.append({"kernel": f"{name} (dense cuBLAS)", "K": K, "M": M, "density": 1.0, "us": ms * 1e3,
                         "active_gbs": K * M * dense_rows.element_size() / (ms / 1e3) / 1e9,
                         "share_of_copy_bandwidth": K * M * dense_rows.element_size() / (ms / 1e3) / bandwidth})
     return results
+
+
+def _graph_ms(fn, calls: int = 30) -> float:
+    """Median ms of one call of fn, `calls` calls captured per CUDA graph."""
+    import triton.testing
+
+    def many():
+        for _ in range(calls):
+            fn()
+
+    return triton.testing.do_bench_cudagraph(many, rep=100, return_mode="median") / calls

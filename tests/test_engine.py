@@ -45,9 +45,12 @@ def test_dense_engine_computes_what_hugging_face_llama_computes():
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
-def test_cached_decoding_equals_a_full_forward(flop_reduction):
-    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=flop_reduction)
+@pytest.mark.parametrize("flop_reduction, gemv", [(0.0, "cublas"), (0.44, "cublas"), (0.0, "triton"),
+                                                  (0.44, "triton")])
+def test_cached_decoding_equals_a_full_forward(flop_reduction, gemv):
+    """Steps take the one-token path (fused norm and rotary kernels, grouped masked products, the chosen GEMV);
+    the full forward takes the batched PyTorch path."""
+    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=flop_reduction, gemv=gemv)
     engine.calibrate(tokens=256)
     prompt = torch.randint(0, TINY.vocab, (9,), generator=torch.Generator().manual_seed(1))
     engine.allocate(32)
@@ -76,12 +79,19 @@ def test_rana_engine_hits_its_budget_with_input_dependent_masks():
     assert active.unique().numel() > 3  # tokens keep different numbers of ranks
 
 
+def test_unknown_gemv_backend_is_refused():
+    with pytest.raises(ValueError, match="unknown GEMV backend"):
+        DecodeEngine(TINY, torch.float32, "cpu", gemv="cutlass")
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("gemv", ["cublas", "triton"])
 @pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
-def test_graph_replay_computes_what_eager_steps_compute(flop_reduction):
+def test_graph_replay_computes_what_eager_steps_compute(flop_reduction, gemv):
     """Same state in, same logits out, step after step (tokens are compared through logits: with random
     weights the top two logits can tie within the rounding of atomic float adds)."""
-    engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction)
+    engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
+                          gemv=gemv)
     engine.calibrate()
     generator = torch.Generator("cuda").manual_seed(5)
     prompt = torch.randint(0, engine.shape.vocab, (20,), device="cuda", generator=generator)

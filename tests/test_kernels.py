@@ -71,3 +71,14 @@ def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_sc
     generator = torch.Generator().manual_seed(K + M)
     check(K, M, dtype, "cuda", density, with_scale, generator)
     torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("density", [0.0, 0.2, 0.7, 1.0])
+def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density):
+    """With chunks of 16 coefficients, a list of 100 rows is written by 7 compaction programs and read back
+    across chunk boundaries by gather programs whose shares straddle them."""
+    from rana_core import kernels
+
+    monkeypatch.setattr(kernels, "COMPACT_CHUNK", 16)
+    monkeypatch.setattr(kernels, "BLOCK_K", 8)
+    check(100, 48, torch.float32, "cpu", density, True, torch.Generator().manual_seed(int(density * 10)))

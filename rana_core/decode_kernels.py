@@ -1,0 +1,238 @@
+"""Fused Triton kernels for the small steps of one decode token (batch 1), each with its PyTorch equivalent.
+
+At batch 1 a Llama layer's matrices take microseconds, and so do its dozens of tiny elementwise kernels
+(RMSNorm alone is six of them in PyTorch, rotary eight per tensor): inside a CUDA graph each still costs a launch
+and a round trip through memory. These kernels replace them:
+
+- `add_rmsnorm`: the residual add and the next RMSNorm, x ← x + delta, normed = weight · x/rms(x);
+- `rope_into_cache`: rotary on q and k (Llama's rotate-half layout) at the current position, k and v written
+  straight into the static cache at that position, the position read from device memory (graph-safe);
+- `decode_attention`: one token's attention over the cache up to its position (flash-decoding: chunks of the
+  prefix in parallel, then one combine), reading no position past it;
+- `gemv`: y = W x for a row-major W, faster than cuBLAS at batch 1 on the H100 (bench/gemv_configs.py), with
+  SwiGLU's silu(gate)·up optionally fused in, for the dense MLP.
+
+Rounding follows the unfused PyTorch code (fp16 results where PyTorch would store fp16), so that the fused and
+the plain engine agree to rounding. On a CPU without TRITON_INTERPRET=1 the PyTorch forms run.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rana_core.kernels import triton, use_triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, delta_ptr, weight_ptr, normed_ptr, N, eps, HAS_DELTA: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        offs = tl.arange(0, BLOCK)
+        ok = offs < N
+        dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            x += tl.load(delta_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32)
+            x = x.to(dtype).to(tl.float32)  # the residual stream is stored in the model's dtype
+            tl.store(x_ptr + row * N + offs, x.to(dtype), mask=ok)
+        inv_rms = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / N + eps)
+        weight = tl.load(weight_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        normed = (x * inv_rms).to(dtype).to(tl.float32) * weight
+        tl.store(normed_ptr + row * N + offs, normed.to(dtype), mask=ok)
+
+    @triton.jit
+    def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq,
+                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+        """Program h < HEADS rotates query head h into q; program HEADS + j rotates key head j into the cache
+        and copies value head j beside it, both at position pos."""
+        h = tl.program_id(0)
+        pos = tl.load(pos_ptr)
+        i = tl.arange(0, HALF)
+        dtype = q_ptr.dtype.element_ty
+        cos = tl.load(cos_ptr + pos * HALF + i).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * HALF + i).to(tl.float32)
+        source = qkv_ptr + h * 2 * HALF
+        x1 = tl.load(source + i).to(tl.float32)
+        x2 = tl.load(source + HALF + i).to(tl.float32)
+        first = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+        second = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+        if h < HEADS:
+            tl.store(q_ptr + h * 2 * HALF + i, first)
+            tl.store(q_ptr + h * 2 * HALF + HALF + i, second)
+        else:
+            j = h - HEADS
+            target = k_cache_ptr + (j * max_seq + pos) * 2 * HALF
+            tl.store(target + i, first)
+            tl.store(target + HALF + i, second)
+            d = tl.arange(0, 2 * HALF)
+            value = tl.load(qkv_ptr + (HEADS + KV_HEADS + j) * 2 * HALF + d)
+            tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value)
+
+    @triton.jit
+    def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr):
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_n + offs_k[None, :],
+                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
+        """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
+        SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
+        the unfused ops round."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        dtype = out_ptr.dtype.element_ty
+        y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, K, BLOCK_N, BLOCK_K)
+        if SWIGLU:
+            gate = y.to(dtype).to(tl.float32)
+            up = _row_dots(w_ptr + N * stride_n, x_ptr, offs_n, n_ok, stride_n, K, BLOCK_N, BLOCK_K)
+            y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+        tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
+
+
+    @triton.jit
+    def _attention_chunk_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, max_seq, scale,
+                                GROUP: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+        """Program (j, s): KV head j's positions s·CHUNK… (those ≤ pos) against each of its GROUP query heads:
+        the chunk's running max m, softmax denominator l and weighted value sum acc (flash-decoding)."""
+        j, s = tl.program_id(0), tl.program_id(1)
+        pos = tl.load(pos_ptr)
+        t = s * CHUNK + tl.arange(0, CHUNK)
+        t_ok = t <= pos
+        d = tl.arange(0, D)
+        keys = tl.load(k_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0)
+        values = tl.load(v_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0)
+        for g in tl.static_range(GROUP):
+            h = j * GROUP + g
+            q = tl.load(q_ptr + h * D + d).to(tl.float32)
+            scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale
+            scores = tl.where(t_ok, scores, float("-inf"))
+            m = tl.max(scores, axis=0)
+            p = tl.where(t_ok, tl.exp(scores - m), 0.0)
+            tl.store(m_ptr + h * SPLITS + s, m)
+            tl.store(l_ptr + h * SPLITS + s, tl.sum(p, axis=0))
+            tl.store(acc_ptr + (h * SPLITS + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
+
+    @triton.jit
+    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                                  D: tl.constexpr):
+        """Query head h: the chunks' partial softmaxes rescaled to the common max and added (empty chunks, with
+        m = -inf, weigh nothing)."""
+        h = tl.program_id(0)
+        s = tl.arange(0, SPLITS_P2)
+        s_ok = s < SPLITS
+        m = tl.load(m_ptr + h * SPLITS + s, mask=s_ok, other=float("-inf"))
+        weight = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)
+        total = tl.sum(weight * tl.load(l_ptr + h * SPLITS + s, mask=s_ok, other=0.0), axis=0)
+        d = tl.arange(0, D)
+        acc = tl.load(acc_ptr + (h * SPLITS + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0)
+        out = tl.sum(weight[:, None] * acc, axis=0) / total
+        tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
+
+
+def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    x32 = x.float()
+    return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                normed: torch.Tensor) -> torch.Tensor:
+    """x += delta (in place, when given); normed ← RMSNorm(x) · weight. Both (T, N), contiguous."""
+    if not use_triton(x):
+        if delta is not None:
+            x += delta
+        normed.copy_(rmsnorm_reference(x, weight, eps))
+        return normed
+    T, N = x.shape
+    _add_rmsnorm_kernel[(T,)](x, delta if delta is not None else x, weight, normed, N, eps,
+                              HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(N),
+                              num_warps=8 if N >= 2048 else 4)
+    return normed
+
+
+def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding on the two halves of each head (Llama's layout): x (T, heads, d), cos/sin (T, d/2)."""
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[:, None, :], sin[:, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,
+                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+                    q_out: torch.Tensor) -> torch.Tensor:
+    """One token: qkv (1, (heads + 2·kv_heads)·d) → q_out (heads, d) rotated at position pos (a (1,) tensor);
+    k rotated and v written into k_cache/v_cache (kv_heads, max_seq, d) at pos. Returns q_out."""
+    d = k_cache.shape[-1]
+    if not use_triton(qkv):
+        q, k, v = qkv.view(1, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
+        cos, sin = cos_table[pos], sin_table[pos]
+        q_out.copy_(rotate_half_reference(q, cos, sin)[0])
+        k_cache.index_copy_(1, pos, rotate_half_reference(k, cos, sin).transpose(0, 1))
+        v_cache.index_copy_(1, pos, v.transpose(0, 1))
+        return q_out
+    _rope_into_cache_kernel[(heads + kv_heads,)](qkv, cos_table, sin_table, pos, q_out, k_cache, v_cache,
+                                                 k_cache.shape[1], HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2,
+                                                 num_warps=1)
+    return q_out
+
+
+# bench/gemv_configs.py on an H100: within 3% of the best of 44 configurations at every 7B decode shape
+ATTENTION_CHUNK = 64  # cached positions per attention program
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
+                     out: torch.Tensor) -> torch.Tensor:
+    """One token's attention over cached positions 0..pos (pos read from device memory, so a captured graph
+    follows it): q (heads, d), k_cache/v_cache (kv_heads, max_seq, d), out (heads, d); softmax scale 1/√d.
+    Only the chunks up to pos are read, not the whole static cache."""
+    heads, d = q.shape
+    kv_heads, max_seq, _ = k_cache.shape
+    if not use_triton(q):
+        allowed = torch.arange(max_seq, device=q.device) <= pos
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            q[None, :, None], k_cache[None], v_cache[None], attn_mask=allowed, enable_gqa=kv_heads != heads)
+        return out.copy_(attended[0, :, 0])
+    splits = math.ceil(max_seq / ATTENTION_CHUNK)
+    m = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(heads * splits * d, dtype=torch.float32, device=q.device)
+    _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
+                                                GROUP=heads // kv_heads, SPLITS=splits, CHUNK=ATTENTION_CHUNK, D=d,
+                                                num_warps=4)
+    _attention_combine_kernel[(heads,)](m, l, acc, out, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
+                                        D=d, num_warps=4)
+    return out
+
+
+GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
+         swiglu: bool = False) -> torch.Tensor:
+    """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
+    [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,)."""
+    if not use_triton(weight):
+        if swiglu:
+            gate, up = torch.mv(weight, x).chunk(2)
+            return out.copy_(torch.nn.functional.silu(gate) * up)
+        return torch.mv(weight, x, out=out)
+    c = {**GEMV_CONFIG, **(config or {})}
+    N, K = weight.shape
+    N = N // 2 if swiglu else N
+    _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0), K=K, BLOCK_N=c["BLOCK_N"],
+                                                   BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, num_warps=c["num_warps"],
+                                                   num_stages=c["num_stages"])
+    return out

@@ -1,0 +1,144 @@
+"""The fused decode kernels against their PyTorch forms, and the grouped masked product against float64. On the
+CPU the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set by conftest) on small shapes; the `gpu`
+tests run them compiled, at model sizes, in fp16 and bf16. Outputs start poisoned (NaN), so every element must
+be written."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from rana_core import kernels
+from rana_core.decode_kernels import (add_rmsnorm, gemv, rmsnorm_reference, rope_into_cache,
+                                      rotate_half_reference)
+from rana_core.kernels import masked_rows_partials, reduce_partials, reference_masked_rows
+
+from test_kernels import relative_error, threshold_for_density
+
+CPU_CASES = [("cpu", torch.float32)]
+GPU_CASES = [pytest.param("cuda", dtype, marks=pytest.mark.gpu) for dtype in (torch.float16, torch.bfloat16)]
+
+
+def tolerance(dtype) -> float:
+    return 1e-5 if dtype == torch.float32 else 2e-2
+
+
+def poisoned(*shape, dtype, device):
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("with_delta", [False, True])
+def test_add_rmsnorm_is_the_residual_add_then_rmsnorm(device, dtype, with_delta):
+    assert kernels.use_triton(torch.empty(1, device=device))  # the kernel runs, not its PyTorch form
+    N = 4096 if device == "cuda" else 72  # 72: not a power of two, so the row mask matters
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(3, N, generator=g).to(device, dtype)
+    delta = torch.randn(3, N, generator=g).to(device, dtype) if with_delta else None
+    weight = (torch.rand(N, generator=g) + 0.5).to(device, dtype)
+    expected_x = x + delta if with_delta else x.clone()
+    expected = rmsnorm_reference(expected_x, weight, 1e-5)
+    normed = poisoned(3, N, dtype=dtype, device=device)
+    add_rmsnorm(x, delta, weight, 1e-5, normed)
+    assert torch.equal(x, expected_x)  # the residual stream is updated in place, rounded as PyTorch rounds it
+    assert relative_error(normed.float(), expected.float()) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+def test_rope_into_cache_rotates_q_and_k_and_fills_the_cache_at_pos(device, dtype):
+    heads, kv_heads, d, max_seq = (32, 32, 128, 64) if device == "cuda" else (4, 2, 16, 8)
+    g = torch.Generator().manual_seed(d)
+    qkv = torch.randn(1, (heads + 2 * kv_heads) * d, generator=g).to(device, dtype)
+    angles = torch.rand(max_seq, d // 2, generator=g) * 6
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    pos = torch.tensor([5], device=device)
+    k_cache = poisoned(kv_heads, max_seq, d, dtype=dtype, device=device)
+    v_cache = poisoned(kv_heads, max_seq, d, dtype=dtype, device=device)
+    q = rope_into_cache(qkv, cos, sin, pos, k_cache, v_cache, heads, kv_heads, poisoned(heads, d, dtype=dtype,
+                                                                                      device=device))
+    q_in, k_in, v_in = qkv.view(heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads])
+    c, s = cos[pos], sin[pos]
+    assert relative_error(q.float(), rotate_half_reference(q_in[None], c, s)[0].float()) < tolerance(dtype)
+    assert relative_error(k_cache[:, 5].float(), rotate_half_reference(k_in[None], c, s)[0].float()) < tolerance(dtype)
+    assert torch.equal(v_cache[:, 5], v_in)
+    others = torch.ones(max_seq, dtype=torch.bool)
+    others[5] = False
+    assert torch.isnan(k_cache[:, others].float()).all() and torch.isnan(v_cache[:, others].float()).all()
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+def test_gemv_matches_float64(device, dtype):
+    shapes = [(12288, 4096), (4096, 11008), (3441, 4096)] if device == "cuda" else [(40, 70), (9, 512)]
+    for N, K in shapes:
+        g = torch.Generator().manual_seed(N + K)
+        weight = torch.randn(N, K, generator=g).to(device, dtype)
+        x = torch.randn(K, generator=g).to(device, dtype)
+        out = gemv(weight, x, poisoned(N, dtype=dtype, device=device))
+        assert relative_error(out.float().cpu(), weight.double().cpu() @ x.double().cpu()) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
+def test_two_groups_in_one_launch_with_the_swiglu_epilogue(device, dtype, density):
+    """gate's and up's masked products as two groups of one launch, reduced into silu(gate) · up: each group is
+    masked by its own threshold, exactly as two separate products would be."""
+    K, M = (3082, 11008) if device == "cuda" else (24, 40)
+    g = torch.Generator().manual_seed(K)
+    rows = torch.randn(2 * K, M, generator=g).to(device, dtype) / K ** 0.5
+    coeff = torch.randn(2 * K, generator=g).to(device, dtype)
+    gate_t = threshold_for_density(coeff[:K].float().abs(), density)
+    up_t = threshold_for_density(coeff[K:].float().abs(), min(1.0, density * 1.5))
+    threshold = torch.cat([gate_t, up_t]).float()
+    partial, splits = masked_rows_partials(rows, coeff, threshold, groups=2)
+    out = reduce_partials(partial, splits, poisoned(M, dtype=dtype, device=device), epilogue="swiglu")
+    gate = reference_masked_rows(rows[:K].cpu(), coeff[:K].cpu(), gate_t.cpu())
+    up = reference_masked_rows(rows[K:].cpu(), coeff[K:].cpu(), up_t.cpu())
+    expected = (F.silu(gate.double()) * up.double()).float()
+    assert torch.isfinite(out).all()
+    if density == 0.0:
+        assert torch.count_nonzero(out) == 0
+    else:
+        assert relative_error(out.float().cpu(), expected) < 2 * tolerance(dtype)
+
+
+def test_group_arguments_are_checked():
+    rows, coeff = torch.zeros(10, 4), torch.zeros(10)
+    with pytest.raises(ValueError, match="one threshold per group"):
+        masked_rows_partials(rows, coeff, torch.zeros(1), groups=2)
+    with pytest.raises(ValueError, match="do not match"):
+        masked_rows_partials(rows, torch.zeros(9), torch.zeros(1))
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("pos", [0, 70, 129])
+def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos):
+    """Flash-decoding over chunks equals softmax attention over positions 0..pos; what lies past pos (here
+    NaN) is never read, and grouped query heads share their K/V head."""
+    heads, kv_heads, d, max_seq = (32, 8, 128, 160) if device == "cuda" else (4, 2, 16, 130)
+    from rana_core.decode_kernels import decode_attention
+
+    g = torch.Generator().manual_seed(pos)
+    q = torch.randn(heads, d, generator=g).to(device, dtype)
+    k_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
+    k_cache[:, pos + 1:] = float("nan")
+    v_cache[:, pos + 1:] = float("nan")
+    out = decode_attention(q, k_cache, v_cache, torch.tensor([pos], device=device),
+                           poisoned(heads, d, dtype=dtype, device=device))
+    group = heads // kv_heads
+    keys = k_cache[:, : pos + 1].double().cpu().repeat_interleave(group, dim=0)
+    values = v_cache[:, : pos + 1].double().cpu().repeat_interleave(group, dim=0)
+    weights = torch.softmax(torch.einsum("hd,htd->ht", q.double().cpu(), keys) / d ** 0.5, dim=-1)
+    expected = torch.einsum("ht,htd->hd", weights, values)
+    assert torch.isfinite(out.float()).all()
+    assert relative_error(out.float().cpu(), expected.float()) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+def test_gemv_with_the_swiglu_epilogue(device, dtype):
+    N, K = (11008, 4096) if device == "cuda" else (24, 72)
+    g = torch.Generator().manual_seed(N)
+    weight = (torch.randn(2 * N, K, generator=g) / K ** 0.5).to(device, dtype)
+    x = torch.randn(K, generator=g).to(device, dtype)
+    out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=True)
+    gate, up = (weight.double().cpu() @ x.double().cpu()).chunk(2)
+    assert relative_error(out.float().cpu(), (F.silu(gate) * up).float()) < 2 * tolerance(dtype)
