@@ -41,7 +41,8 @@ BLOCK_M = 64  # output columns per gather program: a row segment of 128 bytes in
 BLOCK_K = 128  # listed rows per gather step
 PROGRAMS_PER_SM = 16  # the list is split until about this many gather programs per multiprocessor
 GATHER_WARPS, GATHER_STAGES = 4, 3
-COMPACT_CHUNK = 1024  # coefficients per compaction program: 2.2-2.7 µs at every 7B size (one program for all: 3.4-8.5)
+COMPACT_CHUNK = 2048  # per compaction program: 2.6-3.2 µs at 7B sizes (one program: 3.4-8.5; 1024: 2.2-2.7 µs, but
+# the gather then maps positions over twice the chunks, and a 7B RaNA step spent 280 µs more in it)
 
 
 def _interpreting() -> bool:
@@ -85,21 +86,26 @@ if triton is not None:
         tl.store(count_ptr + g * CHUNKS + c, tl.sum(active.to(tl.int32), axis=0))
 
     @triton.jit
-    def _gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m, m_ok,
-                     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-        """acc + the rows at list positions j0… (< stop). Position j of the group's list lies in chunk
+    def _list_entries(j0, stop, ends, starts, index_ptr, value_ptr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Rows and coefficients at list positions j0… (< stop). Position j of the group's list lies in chunk
         q = #(chunk ends ≤ j), at slot q·CHUNK + j − (q's start)."""
         j = j0 + tl.arange(0, BLOCK_K)
         j_ok = j < stop
-        past = (j[:, None] >= ends[None, :]).to(tl.int32)  # [BLOCK_K, chunks]
-        chunk = tl.sum(past, axis=1)
+        chunk = tl.sum((j[:, None] >= ends[None, :]).to(tl.int32), axis=1)
         start = tl.sum(tl.where(tl.arange(0, ends.shape[0])[None, :] == chunk[:, None], starts[None, :], 0), axis=1)
         slot = chunk * CHUNK + j - start
-        row = tl.load(index_ptr + slot, mask=j_ok, other=0)
-        c = tl.load(value_ptr + slot, mask=j_ok, other=0.0)
+        return tl.load(index_ptr + slot, mask=j_ok, other=0), tl.load(value_ptr + slot, mask=j_ok, other=0.0), j_ok
+
+    @triton.jit
+    def _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
+                     m_ok, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc + the rows of this step's list entries; the next step's entries are loaded while this step's rows
+        are in flight (the two loads would otherwise wait on each other, step after step)."""
         tile = tl.load(rows_ptr + row[:, None].to(tl.int64) * stride_k + offs_m[None, :],
                        mask=j_ok[:, None] & m_ok[None, :], other=0.0)
-        return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0)
+        next_row, next_c, next_ok = _list_entries(j0 + BLOCK_K, stop, ends, starts, index_ptr, value_ptr, CHUNK,
+                                                  BLOCK_K)
+        return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0), next_row, next_c, next_ok
 
     @triton.jit
     def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
@@ -123,16 +129,17 @@ if triton is not None:
         value_ptr += g * K
         rows_ptr += g * K * stride_k
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        row, c, j_ok = _list_entries(begin, stop, ends, starts, index_ptr, value_ptr, CHUNK, BLOCK_K)
         if INTERPRET:  # the interpreter cannot take a loaded value as a range bound; a while loop it can
             j0 = begin
             while j0 < stop:
-                acc = _gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
-                                   m_ok, CHUNK, BLOCK_K)
+                acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
+                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K)
                 j0 += BLOCK_K
         else:
             for j0 in range(begin, stop, BLOCK_K):
-                acc = _gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
-                                   m_ok, CHUNK, BLOCK_K)
+                acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
+                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K)
         tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
