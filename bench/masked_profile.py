@@ -126,9 +126,8 @@ def main(argv=None) -> int:
         for kernel, p in list(profile.items())[:14]:
             print(f"  {p['us']:8.1f} us {p['launches']:5.0f}x  {kernel}")
     configs = [dict(BLOCK_M=m, BLOCK_K=k, warps=w, stages=s, per_sm=p)
-               for m, k, w, s, p in ((64, 128, 4, 3, 16), (64, 128, 4, 3, 8), (64, 128, 4, 3, 4),
-                                     (64, 64, 4, 3, 8), (64, 64, 4, 3, 4), (128, 64, 4, 3, 4),
-                                     (128, 128, 8, 3, 4), (32, 128, 4, 3, 8))]
+               for m, k, w, s, p in ((64, 128, 2, 3, 16), (64, 128, 4, 3, 16), (64, 256, 4, 3, 16),
+                                     (128, 64, 4, 3, 16), (128, 128, 4, 3, 16), (64, 128, 4, 3, 32))]
     for label, K, M, scaled, groups in (("gate+up A (2 groups)", 3082, 11008, False, 2),
                                         ("down neuron", 11008, 4096, True, 1), ("qkv A", 3441, 12288, False, 1)):
         for density in (0.35, 0.56):

@@ -40,7 +40,7 @@ except ImportError:  # a CPU install without Triton: only the PyTorch path
 BLOCK_M = 64  # output columns per gather program: a row segment of 128 bytes in fp16
 BLOCK_K = 128  # listed rows per gather step
 PROGRAMS_PER_SM = 16  # the list is split until about this many gather programs per multiprocessor
-GATHER_WARPS, GATHER_STAGES = 4, 3
+GATHER_WARPS, GATHER_STAGES = 2, 3  # 2 warps: 5-20% faster than 4 at every 7B size (more programs resident)
 COMPACT_CHUNK = 2048  # per compaction program: 2.6-3.2 µs at 7B sizes (one program: 3.4-8.5; 1024: 2.2-2.7 µs, but
 # the gather then maps positions over twice the chunks, and a 7B RaNA step spent 280 µs more in it)
 
@@ -98,11 +98,13 @@ if triton is not None:
 
     @triton.jit
     def _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
-                     m_ok, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+                     m_ok, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
         """acc + the rows of this step's list entries; the next step's entries are loaded while this step's rows
         are in flight (the two loads would otherwise wait on each other, step after step)."""
-        tile = tl.load(rows_ptr + row[:, None].to(tl.int64) * stride_k + offs_m[None, :],
-                       mask=j_ok[:, None] & m_ok[None, :], other=0.0)
+        if WIDE:  # 64-bit offsets only where the matrix needs them: a tile of them costs twice the registers
+            row = row.to(tl.int64)
+        tile = tl.load(rows_ptr + row[:, None] * stride_k + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
+                       other=0.0)
         next_row, next_c, next_ok = _list_entries(j0 + BLOCK_K, stop, ends, starts, index_ptr, value_ptr, CHUNK,
                                                   BLOCK_K)
         return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0), next_row, next_c, next_ok
@@ -110,7 +112,7 @@ if triton is not None:
     @triton.jit
     def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                        SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr):
         """Program (m, s, g): columns m·BLOCK_M… of Σ value·rows[index] over share s of group g's list, into
         partial[g, s, :]. Group g's rows start at row g·K of `rows`."""
         pid_m, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -134,12 +136,12 @@ if triton is not None:
             j0 = begin
             while j0 < stop:
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
-                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K)
+                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE)
                 j0 += BLOCK_K
         else:
             for j0 in range(begin, stop, BLOCK_K):
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
-                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K)
+                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE)
         tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
@@ -199,7 +201,7 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        INTERPRET=_interpreting(), num_warps=GATHER_WARPS, num_stages=GATHER_STAGES)
+        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), num_warps=GATHER_WARPS, num_stages=GATHER_STAGES)
     return partial, splits
 
 
