@@ -126,8 +126,9 @@ def main(argv=None) -> int:
         for kernel, p in list(profile.items())[:14]:
             print(f"  {p['us']:8.1f} us {p['launches']:5.0f}x  {kernel}")
     configs = [dict(BLOCK_M=m, BLOCK_K=k, warps=w, stages=s, per_sm=p)
-               for m, k, w, s, p in ((64, 128, 2, 3, 16), (64, 128, 4, 3, 16), (64, 256, 4, 3, 16),
-                                     (128, 64, 4, 3, 16), (128, 128, 4, 3, 16), (64, 128, 4, 3, 32))]
+               for m, k, w, s, p in ((64, 128, 2, 3, 16), (128, 128, 2, 3, 16), (256, 64, 2, 3, 16),
+                                     (256, 128, 4, 3, 16), (512, 64, 4, 3, 16), (512, 32, 2, 3, 16),
+                                     (1024, 32, 4, 3, 16))]
     for label, K, M, scaled, groups in (("gate+up A (2 groups)", 3082, 11008, False, 2),
                                         ("down neuron", 11008, 4096, True, 1), ("qkv A", 3441, 12288, False, 1)):
         for density in (0.35, 0.56):
