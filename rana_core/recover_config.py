@@ -1,0 +1,81 @@
+"""The configuration of one recovery (LoRA fine-tuning after compression): validated, JSON round-trip, torch-free,
+so that the CLI and the job queue check a request before any model loads.
+
+Defaults are sized for the CPU (rana_core.recover's docstring and the README give the timing): a `rankadaptor`
+recovery of SmolLM2-135M at 0.44 FLOP reduction takes about 20 minutes on two CPU cores.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from rana_core.errors import RanaError
+
+STRATEGIES = {
+    "uniform": "the same LoRA rank in every layer",
+    "error": "ranks proportional to each layer's measured reconstruction error",
+    "rankadaptor": "ranks searched with a performance model fitted to short measured fine-tunes (RankAdaptor)",
+}
+RECOVER_CONFIG_VERSION = 1
+MAX_RANK_BUDGET = 64
+
+
+@dataclass
+class RecoverConfig:
+    strategy: str = "rankadaptor"  # one of STRATEGIES
+    rank_budget: int = 8  # trainable parameters = those of uniform LoRA at this rank
+    train_tokens: int = 65536  # training-split tokens of the final fine-tune (every strategy)
+    seq_len: int = 256  # training window length
+    batch_size: int = 8  # windows per step
+    lr: float = 1e-3  # AdamW peak learning rate (10% warm-up, cosine to a tenth)
+    seed: int = 0  # LoRA initialisation, data order and the search's sampling
+    eval_tokens: int = 32768  # held-out tokens for perplexity before and after
+    eval_seq_len: int = 512  # the quality benchmark's evaluation length
+    val_tokens: int = 8192  # a validation slice of the *training* split that scores configurations
+    probe_tokens: int = 8192  # fine-tuning tokens per configuration the search measures
+    initial_configs: int = 6  # search: measured before the performance model is first fitted (uniform first)
+    rounds: int = 3  # search: rounds of proposals after that
+    per_round: int = 3  # search: configurations measured per round
+
+    def validate(self) -> "RecoverConfig":
+        """Raise a RanaError naming the first bad field; return self so calls chain."""
+        if self.strategy not in STRATEGIES:
+            raise RanaError(f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
+        positive = ("rank_budget", "train_tokens", "seq_len", "batch_size", "eval_tokens", "eval_seq_len",
+                    "val_tokens", "probe_tokens", "initial_configs", "per_round")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise RanaError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
+        if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 0:
+            raise RanaError(f"rounds must be a non-negative integer, got {self.rounds!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool):
+            raise RanaError(f"seed must be an integer, got {self.seed!r}")
+        if self.rank_budget > MAX_RANK_BUDGET:
+            raise RanaError(f"rank budget must be at most {MAX_RANK_BUDGET}, got {self.rank_budget}")
+        if min(self.seq_len, self.eval_seq_len) < 2:
+            raise RanaError("sequence lengths must be at least 2")
+        for tokens, length in (("train_tokens", "seq_len"), ("val_tokens", "seq_len"), ("probe_tokens", "seq_len"),
+                               ("eval_tokens", "eval_seq_len")):
+            if getattr(self, tokens) < getattr(self, length):
+                raise RanaError(f"{tokens.replace('_', ' ')} ({getattr(self, tokens)}) is less than one sequence "
+                                f"of {getattr(self, length)} tokens")
+        try:
+            self.lr = float(self.lr)
+        except (TypeError, ValueError):
+            raise RanaError(f"learning rate must be a number, got {self.lr!r}") from None
+        if not 0 < self.lr < 1:
+            raise RanaError(f"learning rate must be in (0, 1), got {self.lr}")
+        return self
+
+    def to_dict(self) -> dict:
+        return {"type": "recover", "version": RECOVER_CONFIG_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "RecoverConfig":
+        data = {k: v for k, v in data.items() if k not in ("type", "version")}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise RanaError(f"unknown recovery option(s): {', '.join(unknown)}")
+        return cls(**data)
