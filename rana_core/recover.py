@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -91,7 +91,9 @@ def recover(loaded: LoadedModel, artifact_path: Path, sha256: str | None, config
     inject(layers, load_adapters(loaded, artifact_path, sha256))
     try:
         errors, val_before = layer_errors(model, layers, val, plan.stage("errors"))
-        before, reduction_before = _held_out(model, layers, held_out, profile, plan.stage("before"))
+        measure_before = lambda: _held_out(model, layers, held_out, profile, plan.stage("before"))  # noqa: E731
+        before, reduction_before = (loaded.cached(("recover: before", sha256, windows_digest(held_out)),
+                                                  measure_before) if sha256 else measure_before())
         per_rank = params_per_rank(layers)
         budget = budget_of(per_rank, config.rank_budget)
 
@@ -202,7 +204,7 @@ def probe_config(model, layers, ranks, probe, val, config: RecoverConfig, report
     """RankAdaptor's measurement of one configuration: a short fine-tune from fresh LoRA, the validation loss."""
     handle = attach_lora(layers, ranks, seed=config.seed)
     try:
-        fine_tune(model, handle, probe, config, report)
+        fine_tune(model, handle, probe, replace(config, batch_size=config.probe_batch_size), report)
         return perplexity(model, val).mean_nll
     finally:
         handle.detach()

@@ -24,25 +24,26 @@ MAX_RANK_BUDGET = 64
 class RecoverConfig:
     strategy: str = "rankadaptor"  # one of STRATEGIES
     rank_budget: int = 8  # trainable parameters = those of uniform LoRA at this rank
-    train_tokens: int = 65536  # training-split tokens of the final fine-tune (every strategy)
+    train_tokens: int = 32768  # training-split tokens of the final fine-tune (every strategy): 32 steps
     seq_len: int = 256  # training window length
-    batch_size: int = 8  # windows per step
+    batch_size: int = 4  # windows per step of the final fine-tune
     lr: float = 1e-3  # AdamW peak learning rate (10% warm-up, cosine to a tenth)
     seed: int = 0  # LoRA initialisation, data order and the search's sampling
-    eval_tokens: int = 32768  # held-out tokens for perplexity before and after
+    eval_tokens: int = 16384  # held-out tokens for perplexity before and after (the quality bench uses 32768)
     eval_seq_len: int = 512  # the quality benchmark's evaluation length
-    val_tokens: int = 8192  # a validation slice of the *training* split that scores configurations
-    probe_tokens: int = 8192  # fine-tuning tokens per configuration the search measures
-    initial_configs: int = 6  # search: measured before the performance model is first fitted (uniform first)
+    val_tokens: int = 2048  # a validation slice of the *training* split that scores configurations
+    probe_tokens: int = 4096  # fine-tuning tokens per configuration the search measures: 8 steps
+    probe_batch_size: int = 2  # windows per step of those short fine-tunes (more steps for the same tokens)
+    initial_configs: int = 4  # search: measured before the performance model is first fitted (uniform first)
     rounds: int = 3  # search: rounds of proposals after that
-    per_round: int = 3  # search: configurations measured per round
+    per_round: int = 2  # search: configurations measured per round
 
     def validate(self) -> "RecoverConfig":
         """Raise a RanaError naming the first bad field; return self so calls chain."""
         if self.strategy not in STRATEGIES:
             raise RanaError(f"unknown strategy {self.strategy!r}: use one of {', '.join(STRATEGIES)}")
         positive = ("rank_budget", "train_tokens", "seq_len", "batch_size", "eval_tokens", "eval_seq_len",
-                    "val_tokens", "probe_tokens", "initial_configs", "per_round")
+                    "val_tokens", "probe_tokens", "probe_batch_size", "initial_configs", "per_round")
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
