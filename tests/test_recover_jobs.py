@@ -69,3 +69,24 @@ def test_bad_recover_requests_are_refused_with_one_line_and_write_nothing(any_db
     err = capsys.readouterr().err
     assert err.strip() == "rana: error: no run 999"
     assert (count(url, Job), count(url, Recovery), count(url, Run)) == (0, 0, 1)
+
+
+def test_cancelling_a_running_recover_job_stops_it_and_stores_nothing(db_url):
+    run_id = compressed_run(db_url)
+    job_id = queue.submit("recover", {"run_id": run_id, "strategy": "uniform", **SMALL}, url=db_url)
+    original, messages = queue.report_progress, []
+
+    def cancel_on_first_report(job, worker, fraction, message, url=None):
+        messages.append(message)
+        if len(messages) == 1:
+            queue.cancel(job_id, url=db_url)
+        return original(job, worker, fraction, message, url)
+
+    queue.report_progress = cancel_on_first_report
+    try:
+        Worker(url=db_url).run(exit_when_idle=True)
+    finally:
+        queue.report_progress = original
+    job = next(j for j in queue.list_jobs(url=db_url) if j.id == job_id)
+    assert job.status == "cancelled" and len(messages) == 1  # the report after the cancel stopped it
+    assert count(db_url, Recovery) == 0
