@@ -38,6 +38,7 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--artifact", type=Path, help="adapters of the same compression, saved earlier")
+    parser.add_argument("--rethreshold", action="store_true", help="re-set the masks' thresholds after fine-tuning")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/recovery-<model>.json)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
@@ -66,7 +67,8 @@ def main(argv=None) -> int:
         print(f"{'strategy':<12}{'seed':>5}{'before':>9}{'after':>9}{'dense':>8}{'FLOPs-':>8}{'params':>10}"
               f"{'tokens':>8}{'search':>8}{'seconds':>9}", flush=True)
         for strategy, seed in runs:
-            config = RecoverConfig(strategy=strategy, seed=seed, eval_tokens=args.eval_tokens)
+            config = RecoverConfig(strategy=strategy, seed=seed, eval_tokens=args.eval_tokens,
+                                   rethreshold=args.rethreshold)
             try:
                 row = recover(loaded, artifact, sha256, config).to_json()
             except RanaError as exc:

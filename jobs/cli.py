@@ -65,13 +65,15 @@ def _add_recover_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, help="final fine-tune steps (sets --train-tokens to steps x 8 x 256)")
     parser.add_argument("--eval-tokens", type=int, help="held-out tokens for perplexity before and after")
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--rethreshold", action="store_true",
+                        help="re-set RaNA/CATS mask thresholds after fine-tuning, so they spend their budget again")
 
 
 def _recover_payload(args) -> dict:
     from rana_core.recover_config import RecoverConfig
 
     options = {"rank_budget": args.rank_budget, "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens,
-               "seed": args.seed}
+               "seed": args.seed, "rethreshold": args.rethreshold or None}
     if args.steps is not None:
         if args.train_tokens is not None:
             raise RanaError("give --steps or --train-tokens, not both")

@@ -31,9 +31,12 @@ from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
 from rana_core.lora import attach_lora, params_per_rank
 from rana_core.models import LoadedModel
+from rana_core.pipeline import calibrate_thresholds
 from rana_core.progress import ProgressFn, StagedProgress, no_progress
 from rana_core.rank_search import SearchSettings, budget_of, error_ranks, search_ranks, uniform_ranks
 from rana_core.recover_config import RecoverConfig
+
+RETHRESHOLD_TOKENS = 8192  # training tokens that re-set the masks' thresholds after fine-tuning (as compress does)
 
 
 @dataclass
@@ -52,6 +55,7 @@ class RecoveryResult:
     flop_reduction_before: float  # measured on the held-out pass, of the adaptable FLOPs (QKV + MLP)
     flop_reduction_after: float  # LoRA merged into plain Linears; the rest of the LoRA path counted
     flop_reduction_after_unmerged: float  # had no LoRA been merged
+    flop_reduction_after_adapters_only: float  # the adapters' own spend after (masks move when activations do)
     lora_flops_per_token: float  # what the unmergeable LoRA path adds, whole model
     layer_errors: list[float]  # per layer ‖f(X) − f̂(X)‖² / ‖f(X)‖² of its adapted modules, validation slice
     history: list[dict] = field(default_factory=list)  # search: {round, ranks, predicted, spread, measured}
@@ -125,6 +129,9 @@ def recover(loaded: LoadedModel, artifact_path: Path, sha256: str | None, config
         try:
             trainable = handle.trainable_parameters()
             losses = fine_tune(model, handle, train, config, plan.stage("train"))
+            if config.rethreshold:
+                calibrate_thresholds(model, layers, train[_evenly(len(train), RETHRESHOLD_TOKENS // config.seq_len)],
+                                     no_progress)
             val_after = perplexity(model, val).mean_nll
             with handle.merged():
                 after, reduction_unmerged = _held_out(model, layers, held_out, profile, plan.stage("after"),
@@ -132,6 +139,7 @@ def recover(loaded: LoadedModel, artifact_path: Path, sha256: str | None, config
             # The merged pass computed the same function; only the bookkeeping of the LoRA FLOPs differs.
             spent = _spent(layers, profile, handle.added_flops(merged=True))
             reduction_after = profile.reductions(spent)[0]
+            reduction_adapters_only = profile.reductions(_spent(layers, profile, {}))[0]
             lora_flops = sum(handle.added_flops(merged=True).values())
         finally:
             handle.detach()
@@ -144,7 +152,8 @@ def recover(loaded: LoadedModel, artifact_path: Path, sha256: str | None, config
         train_tokens=train.numel(), search_tokens=search_tokens, dense_perplexity=dense.perplexity,
         perplexity_before=before, perplexity_after=after, val_loss_before=val_before, val_loss_after=val_after,
         flop_reduction_before=reduction_before, flop_reduction_after=reduction_after,
-        flop_reduction_after_unmerged=reduction_unmerged, lora_flops_per_token=lora_flops, layer_errors=errors,
+        flop_reduction_after_unmerged=reduction_unmerged,
+        flop_reduction_after_adapters_only=reduction_adapters_only, lora_flops_per_token=lora_flops, layer_errors=errors,
         history=history, train_losses=losses, eval_tokens=held_out.numel(),
         seconds=time.perf_counter() - started, config=config.to_dict())
 

@@ -37,6 +37,10 @@ class RecoverConfig:
     initial_configs: int = 4  # search: measured before the performance model is first fitted (uniform first)
     rounds: int = 3  # search: rounds of proposals after that
     per_round: int = 2  # search: configurations measured per round
+    # Fine-tuning moves the activations that input-adaptive masks (RaNA, CATS) threshold, so the same thresholds
+    # keep more ranks and neurons afterwards; with this on, they are set again on training tokens, as compress
+    # sets them, so the adapters spend their budget again.
+    rethreshold: bool = False
 
     def validate(self) -> "RecoverConfig":
         """Raise a RanaError naming the first bad field; return self so calls chain."""
@@ -50,6 +54,8 @@ class RecoverConfig:
                 raise RanaError(f"{name.replace('_', ' ')} must be a positive integer, got {value!r}")
         if not isinstance(self.rounds, int) or isinstance(self.rounds, bool) or self.rounds < 0:
             raise RanaError(f"rounds must be a non-negative integer, got {self.rounds!r}")
+        if not isinstance(self.rethreshold, bool):
+            raise RanaError(f"rethreshold must be true or false, got {self.rethreshold!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool):
             raise RanaError(f"seed must be an integer, got {self.seed!r}")
         if self.rank_budget > MAX_RANK_BUDGET:

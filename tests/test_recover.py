@@ -93,7 +93,8 @@ def test_ranks_and_trainable_parameters_follow_the_configuration_and_the_budget_
     adapted("svd")
     c = tiny.config
     head_dim = c.hidden_size // c.num_attention_heads
-    q, kv, h, ff = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim, c.hidden_size, c.intermediate_size
+    q, kv = c.num_attention_heads * head_dim, c.num_key_value_heads * head_dim
+    h, ff = c.hidden_size, c.intermediate_size
     per_rank = (h + q) + 2 * (h + kv) + (q + h) + 2 * (h + ff) + (ff + h)  # q, k, v, o, gate, up, down
     assert params_per_rank(tiny.layers) == [per_rank, per_rank]
     handle = attach_lora(tiny.layers, [6, 0], seed=0)
@@ -201,3 +202,11 @@ def test_recover_runs_end_to_end_and_leaves_the_model_as_it_was(tiny, artifacts)
     assert seen == sorted(seen) and seen[-1] == 1.0
     json_ready = result.to_json()
     assert json_ready["strategy"] == "rankadaptor" and len(json_ready["layer_errors"]) == 2
+
+
+def test_rethresholding_after_fine_tuning_brings_the_masks_back_to_their_budget(tiny, artifacts):
+    config = RecoverConfig(strategy="uniform", train_tokens=2048, seq_len=64, batch_size=4, lr=3e-2,
+                           eval_tokens=512, eval_seq_len=128, val_tokens=256, rethreshold=True)
+    result = recover(tiny, Path(artifacts["rana"]), None, config)
+    assert abs(result.flop_reduction_after_adapters_only - result.flop_reduction_before) < 0.02
+    assert result.flop_reduction_after < result.flop_reduction_after_adapters_only  # the LoRA path is counted
