@@ -62,7 +62,7 @@ def _add_recover_options(parser: argparse.ArgumentParser) -> None:
                         help="how LoRA ranks are spread over layers")
     parser.add_argument("--rank-budget", type=int, help="trainable parameters of uniform LoRA at this rank (8)")
     parser.add_argument("--train-tokens", type=int, help="training-split tokens of the final fine-tune")
-    parser.add_argument("--steps", type=int, help="final fine-tune steps (sets --train-tokens to steps x 8 x 256)")
+    parser.add_argument("--steps", type=int, help="final fine-tune steps (sets --train-tokens to steps x 4 x 256)")
     parser.add_argument("--eval-tokens", type=int, help="held-out tokens for perplexity before and after")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--rethreshold", action="store_true",

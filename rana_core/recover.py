@@ -11,7 +11,7 @@ plain Linear and the FLOPs of the unmergeable LoRA on adapter-computed linears c
 as it came (LoRA detached, merged weights restored, adapters unloaded), so a worker may reuse it.
 
 CPU timing (two shared cores, SmolLM2-135M, RaNA at 0.44, the defaults): see README "Recovery"; a GPU runs the
-same code with RANA_DEVICE=cuda.
+same code (the worker loads the model on RANA_DEVICE; LoRA layers follow the module they wrap).
 """
 
 from __future__ import annotations

@@ -90,3 +90,13 @@ def test_cancelling_a_running_recover_job_stops_it_and_stores_nothing(db_url):
     job = next(j for j in queue.list_jobs(url=db_url) if j.id == job_id)
     assert job.status == "cancelled" and len(messages) == 1  # the report after the cancel stopped it
     assert count(db_url, Recovery) == 0
+
+
+def test_the_cli_enqueues_a_recovery_and_prints_its_job_id(any_db_url, capsys):
+    run_id = compressed_run(any_db_url)
+    assert main(["recover", str(run_id), "--strategy", "error", "--steps", "3", "--seed", "2"]) == 0
+    job_id = int(capsys.readouterr().out.strip())
+    job = next(j for j in queue.list_jobs(url=any_db_url) if j.id == job_id)
+    assert (job.kind, job.status) == ("recover", "queued")
+    assert (job.payload["run_id"], job.payload["strategy"], job.payload["seed"]) == (run_id, "error", 2)
+    assert job.payload["train_tokens"] == 3 * 4 * 256 and job.payload["rethreshold"] is False
