@@ -159,7 +159,9 @@ def search_ranks(measure: Callable[[list[int]], float], errors, params_per_rank,
             on_measured(entry)
 
     initial = [uniform_ranks(len(params_per_rank), rank_budget)]
-    while len(initial) < settings.initial:
+    for _ in range(100 * settings.initial):  # a small space may hold fewer distinct configurations than asked
+        if len(initial) >= settings.initial:
+            break
         config = random_config(rng, params_per_rank, budget, settings.choices)
         if tuple(config) not in {tuple(c) for c in initial}:
             initial.append(config)

@@ -157,6 +157,12 @@ def test_every_strategy_respects_the_parameter_budget():
     assert all(cost(h["ranks"], PER_RANK) <= budget for h in result.history)
 
 
+def test_the_search_stops_when_the_space_holds_fewer_configurations_than_asked():
+    result = search_ranks(lambda r: float(r[0]), [1, 1], [10, 10], 8, SearchSettings(initial=8, rounds=3))
+    assert len(result.history) == len({tuple(h["ranks"]) for h in result.history}) <= 6
+    assert result.best[0] == 0
+
+
 def test_error_ranks_follow_the_errors_order_and_fall_back_to_uniform():
     errors = [0.2, 0.05, 0.9, 0.4, 0.1]
     ranks = error_ranks(errors, [100] * 5, 8)
