@@ -178,3 +178,15 @@ def sparsity_curves_figure(layers: pd.DataFrame) -> go.Figure:
     fig.update_layout(xaxis_title="share of a token's energy", yaxis_title="share of ranks (neurons) needed",
                       yaxis_range=[0, 1], height=340, margin={"t": 30})
     return fig
+
+
+def recovery_ranks_figure(recoveries: pd.DataFrame) -> go.Figure:
+    """Per-layer LoRA ranks of a run's recoveries: one row per recovery (its id and strategy), layers across."""
+    labels = [f"#{r.recovery_id} {r.strategy}" for r in recoveries.itertuples()]
+    z = [list(ranks) for ranks in recoveries["ranks"]]
+    fig = go.Figure(go.Heatmap(z=z, x=list(range(len(z[0]) if z else 0)), y=labels, colorscale="Viridis", zmin=0,
+                               colorbar={"title": "rank"},
+                               hovertemplate="layer %{x}, %{y}: rank %{z}<extra></extra>"))
+    fig.update_layout(title="LoRA rank per layer", xaxis={"title": "layer", "dtick": 1},
+                      yaxis={"autorange": "reversed"}, height=120 + 30 * len(labels), margin={"t": 40, "b": 40})
+    return fig

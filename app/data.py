@@ -10,7 +10,7 @@ import streamlit as st
 from sqlalchemy import select
 
 from db.migrate import check_schema
-from db.models import Evaluation, LatencyResult, LayerMetric, Run
+from db.models import Evaluation, LatencyResult, LayerMetric, Recovery, Run
 from db.session import DatabaseError, database_url, session_scope
 from jobs import queue, specs
 
@@ -119,6 +119,44 @@ def run_details(db_url: str, run_ids: tuple[int, ...]) -> dict[int, dict]:
     return details
 
 
+RECOVERY_COLUMNS = ["recovery_id", "job_id", "strategy", "ranks", "trainable_params", "train_tokens", "eval_tokens",
+                    "perplexity_before", "perplexity_after", "dense_perplexity", "measured_flop_reduction_after",
+                    "configs_measured", "seconds", "created_at"]
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def recoveries(db_url: str, run_id: int) -> pd.DataFrame:
+    """The LoRA recoveries of one run, oldest first."""
+    with session_scope(db_url) as session:
+        rows = session.execute(select(Recovery).where(Recovery.run_id == run_id).order_by(Recovery.id)).scalars()
+        records = [{"recovery_id": r.id, "configs_measured": len(r.search_history or []),
+                    **{c: getattr(r, c) for c in RECOVERY_COLUMNS if c not in ("recovery_id", "configs_measured")}}
+                   for r in rows]
+    return pd.DataFrame.from_records(records, columns=RECOVERY_COLUMNS)
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def recovered_points(db_url: str) -> pd.DataFrame:
+    """Recoveries as Pareto points in the runs() layout: series "<run's series>+lora-<strategy>", the FLOP
+    reduction measured after recovery, the perplexity after; run_id is the recovered run."""
+    with session_scope(db_url) as session:
+        rows = session.execute(select(Recovery, Run).join(Run, Recovery.run_id == Run.id)
+                               .order_by(Recovery.id)).all()
+        records = [{
+            "run_id": run.id, "job_id": recovery.job_id, "model": run.model, "method": run.method,
+            "allocation": run.allocation,
+            "series": f"{series_name(run.method, run.allocation)}+lora-{recovery.strategy}",
+            "target_flop_reduction": run.target_flop_reduction,
+            "measured_flop_reduction": recovery.measured_flop_reduction_after,
+            "measured_flop_reduction_whole_model": float("nan"), "perplexity": recovery.perplexity_after,
+            "dense_perplexity": recovery.dense_perplexity, "eval_tokens": recovery.eval_tokens,
+            "seq_len": (recovery.details or {}).get("config", {}).get("eval_seq_len"),
+            "calib_tokens": run.calib_tokens, "seconds": recovery.seconds, "author": run.author,
+            "tags": list(run.tags or []), "created_at": recovery.created_at,
+        } for recovery, run in rows]
+    return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
+
+
 LATENCY_COLUMNS = ["model", "device_name", "dtype", "engine", "flop_reduction", "measured_flop_reduction",
                    "context_tokens", "new_tokens", "ms_per_token", "dense_ms_per_token", "speedup", "created_at"]
 
@@ -146,6 +184,8 @@ def jobs(db_url: str, limit: int = 200) -> pd.DataFrame:
             model, method, budget = p["base"].get("model"), ", ".join(p["methods"]), None
         elif job.kind == "evaluate":
             model, method, budget = None, f"evaluate run {p['run_id']} ({p['split']})", None
+        elif job.kind == "recover":
+            model, method, budget = None, f"recover run {p['run_id']} (LoRA {p['strategy']})", None
         else:
             model, method, budget = p.get("model"), p.get("method"), p.get("flop_reduction")
             if job.kind == "compress" and p.get("allocation") not in (None, "uniform"):

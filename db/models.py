@@ -1,7 +1,8 @@
 """The schema: jobs (the queue and its single source of truth), runs, their evaluations and per-layer metrics.
 
 A run is what one compression job produced (one model, method, budget and configuration); an evaluation is one
-measurement of a run on one split and token count; layer metrics belong to the run's first evaluation.
+measurement of a run on one split and token count; layer metrics belong to the run's first evaluation; a recovery
+is one LoRA fine-tune of a run (per-layer ranks, perplexity before and after).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ class Job(Base):
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))  # compress | sweep | evaluate | latency (jobs.specs)
+    kind: Mapped[str] = mapped_column(String(32))  # compress | sweep | evaluate | latency | recover (jobs.specs)
     status: Mapped[str] = mapped_column(String(16), default="queued")
     priority: Mapped[int] = mapped_column(Integer, default=0)  # higher runs first
     payload: Mapped[dict] = mapped_column(JSON)
@@ -135,3 +136,27 @@ class LayerMetric(Base):
     run: Mapped[Run] = relationship(back_populates="layers")
 
     __table_args__ = (UniqueConstraint("run_id", "layer", "module"),)
+
+
+class Recovery(Base):
+    """One LoRA recovery of a run (rana_core.recover): the per-layer ranks chosen by a strategy, perplexity before
+    and after on held-out text, the FLOP reduction measured after, and the search that chose the ranks."""
+
+    __tablename__ = "recoveries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    run_id: Mapped[int] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), unique=True)  # the recover job, if any
+    strategy: Mapped[str] = mapped_column(String(32))  # uniform | error | rankadaptor
+    ranks: Mapped[list] = mapped_column(JSON)  # LoRA rank per layer
+    trainable_params: Mapped[int] = mapped_column(Integer)
+    train_tokens: Mapped[int] = mapped_column(Integer)  # of the final fine-tune (the search's are in `details`)
+    eval_tokens: Mapped[int] = mapped_column(Integer)
+    perplexity_before: Mapped[float] = mapped_column(Float)
+    perplexity_after: Mapped[float] = mapped_column(Float)
+    dense_perplexity: Mapped[float] = mapped_column(Float)
+    measured_flop_reduction_after: Mapped[float] = mapped_column(Float)  # LoRA merged where it can be
+    search_history: Mapped[list] = mapped_column(JSON, default=list)  # {round, ranks, predicted, spread, measured}
+    details: Mapped[dict] = mapped_column(JSON, default=dict)  # the rest of RecoveryResult: config, errors, losses
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())

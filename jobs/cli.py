@@ -4,6 +4,7 @@
     rana submit   --model tiny --method svd --flop-reduction 0.3 --json                    # enqueue
     rana sweep    --model tiny --methods rana-greedy,cats,svd --budgets 0.2,0.3,0.44,0.5   # one job per point
     rana evaluate RUN_ID --split train --eval-tokens 16384                                  # re-measure a run
+    rana recover  RUN_ID --strategy rankadaptor                                             # LoRA recovery
     rana cancel JOB_ID... | rana retry JOB_ID...
     rana worker   [--exit-when-idle] [--stale-after SECONDS]
     rana jobs     [--json]
@@ -53,6 +54,35 @@ def _add_team_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help='print {"job_id": N}')
 
 
+def _add_recover_options(parser: argparse.ArgumentParser) -> None:
+    from rana_core.recover_config import STRATEGIES
+
+    parser.add_argument("run_id", type=int)
+    parser.add_argument("--strategy", default="rankadaptor", choices=list(STRATEGIES),
+                        help="how LoRA ranks are spread over layers")
+    parser.add_argument("--rank-budget", type=int, help="trainable parameters of uniform LoRA at this rank (8)")
+    parser.add_argument("--train-tokens", type=int, help="training-split tokens of the final fine-tune")
+    parser.add_argument("--steps", type=int, help="final fine-tune steps (sets --train-tokens to steps x 4 x 256)")
+    parser.add_argument("--eval-tokens", type=int, help="held-out tokens for perplexity before and after")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--rethreshold", action="store_true",
+                        help="re-set RaNA/CATS mask thresholds after fine-tuning, so they spend their budget again")
+
+
+def _recover_payload(args) -> dict:
+    from rana_core.recover_config import RecoverConfig
+
+    options = {"rank_budget": args.rank_budget, "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens,
+               "seed": args.seed, "rethreshold": args.rethreshold or None}
+    if args.steps is not None:
+        if args.train_tokens is not None:
+            raise RanaError("give --steps or --train-tokens, not both")
+        defaults = RecoverConfig()
+        options["train_tokens"] = args.steps * defaults.batch_size * defaults.seq_len
+    return {"run_id": args.run_id, "strategy": args.strategy,
+            **{key: value for key, value in options.items() if value is not None}}
+
+
 def _config_payload(args) -> dict:
     return {
         "model": args.model, "method": args.method, "flop_reduction": args.flop_reduction,
@@ -87,6 +117,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--eval-tokens", type=int, default=8192)
     evaluate.add_argument("--seq-len", type=int, default=512)
     _add_team_options(evaluate)
+
+    recover = commands.add_parser("recover", help="enqueue a LoRA recovery of a stored run (per-layer ranks)")
+    _add_recover_options(recover)
+    _add_team_options(recover)
 
     for name, text in (("cancel", "cancel queued or running jobs (a sweep: its unfinished points)"),
                        ("retry", "queue failed or cancelled jobs again (a sweep: its failed points)")):
@@ -220,6 +254,10 @@ def cmd_evaluate(args) -> int:
     return _enqueue(args, "evaluate", payload)
 
 
+def cmd_recover(args) -> int:
+    return _enqueue(args, "recover", _recover_payload(args))
+
+
 def cmd_cancel(args) -> int:
     return _each_job(args, "cancel", "cancelled")
 
@@ -270,6 +308,8 @@ def cmd_jobs(args) -> int:
             what = f"{p['base'].get('model')} / {','.join(p['methods'])} / {len(p['budgets'])} budgets"
         elif job.kind == "evaluate":
             what = f"run {p['run_id']} on {p['split']} ({p['eval_tokens']} tokens)"
+        elif job.kind == "recover":
+            what = f"run {p['run_id']}: LoRA {p['strategy']} at rank budget {p['rank_budget']}"
         else:
             what = f"{p.get('model')} / {p.get('dtype')}"
         where = f"{job.host or ''} {job.device or ''}".strip()
@@ -348,7 +388,7 @@ def cmd_db(args) -> int:
 
 COMMANDS = {
     "compress": cmd_compress, "submit": cmd_submit, "sweep": cmd_sweep, "evaluate": cmd_evaluate,
-    "cancel": cmd_cancel, "retry": cmd_retry, "worker": cmd_worker, "jobs": cmd_jobs,
+    "recover": cmd_recover,    "cancel": cmd_cancel, "retry": cmd_retry, "worker": cmd_worker, "jobs": cmd_jobs,
     "methods": cmd_methods, "app": cmd_app, "up": cmd_up, "db": cmd_db,
 }
 

@@ -66,8 +66,8 @@ def submit(kind: str, payload: dict, priority: int = 0, author: str | None = Non
     common = {"priority": priority, "author": author or default_author(), "tags": tags, "max_attempts": max_attempts,
               "progress": 0.0, "attempts": 0}
     with session_scope(url) as session:
-        if kind == "evaluate":
-            _check_run_has_artifact(session, clean["run_id"])
+        if kind in ("evaluate", "recover"):
+            _check_run_has_artifact(session, clean["run_id"], "recover" if kind == "recover" else "evaluate")
         job = Job(kind=kind, payload=clean, status="queued", message="queued", **common)
         session.add(job)
         session.flush()
@@ -90,12 +90,12 @@ def _clean_tags(tags) -> list[str]:
     return clean
 
 
-def _check_run_has_artifact(session, run_id: int) -> None:
+def _check_run_has_artifact(session, run_id: int, verb: str = "evaluate") -> None:
     run = session.get(Run, run_id)
     if run is None:
         raise RanaError(f"no run {run_id}")
     if not run.artifact_path:
-        raise RanaError(f"run {run_id} has no stored adapters to evaluate (it was made before artifacts existed)")
+        raise RanaError(f"run {run_id} has no stored adapters to {verb} (it was made before artifacts existed)")
 
 
 def claim(worker: str, url: str | None = None, host: str | None = None, device: str | None = None) -> ClaimedJob | None:

@@ -1,5 +1,5 @@
 """Store what a job produced, in the caller's session: a compression's run, evaluation and per-layer metrics; a
-re-evaluation of a run; latency measurements.
+re-evaluation of a run; latency measurements; a LoRA recovery of a run.
 
 Idempotent: a job's results are written once (runs.job_id and evaluations.job_id are unique, latency rows are
 unique per job and point); writing them again returns what is stored.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from sqlalchemy import select
 
-from db.models import Evaluation, LatencyResult, LayerMetric, Run
+from db.models import Evaluation, LatencyResult, LayerMetric, Recovery, Run
 
 LAYER_FIELDS = ("layer", "module", "adapter", "rank", "max_rank", "density", "recon_error", "sparsity",
                 "sparsity_curve", "flops_per_token", "dense_flops_per_token")
@@ -92,3 +92,22 @@ def store_latency(session, rows: list[dict], job_id: int | None = None) -> int:
         stored += 1
     session.flush()
     return stored
+
+
+RECOVERY_COLUMNS = ("strategy", "ranks", "trainable_params", "train_tokens", "eval_tokens", "perplexity_before",
+                    "perplexity_after", "dense_perplexity", "seconds")
+
+
+def store_recovery(session, run_id: int, result: dict, job_id: int | None = None) -> int:
+    """Add one recovery (rana_core.recover.RecoveryResult.to_json()) to a run; returns its id."""
+    if job_id is not None:
+        existing = session.execute(select(Recovery.id).where(Recovery.job_id == job_id)).scalar()
+        if existing is not None:
+            return existing
+    details = {key: value for key, value in result.items() if key not in RECOVERY_COLUMNS and key != "history"}
+    row = Recovery(run_id=run_id, job_id=job_id, **{key: result[key] for key in RECOVERY_COLUMNS},
+                   measured_flop_reduction_after=result["flop_reduction_after"],
+                   search_history=result.get("history") or [], details=details)
+    session.add(row)
+    session.flush()
+    return row.id

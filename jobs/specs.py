@@ -7,6 +7,7 @@ Payloads are validated here, at submit time, so that a bad request is refused be
   (children of the sweep's row, which shows their aggregate progress).
 - ``evaluate``: an existing run's stored adapters measured again on another split or token count.
 - ``latency``: decode latency of dense and adapted models of one shape on a GPU (see rana_core's latency code).
+- ``recover``: LoRA fine-tuning of an existing run's stored adapters, one rank per layer (rana_core.recover).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from rana_core.config import MAX_FLOP_REDUCTION, CompressConfig
 from rana_core.errors import RanaError
 from rana_core.methods import METHODS
 from rana_core.model_names import BUNDLED_MODELS
+from rana_core.recover_config import STRATEGIES, RecoverConfig
 
-JOB_KINDS = ("compress", "sweep", "evaluate", "latency")
+JOB_KINDS = ("compress", "sweep", "evaluate", "latency", "recover")
 SPLITS = ("heldout", "train")
 MAX_SWEEP_POINTS = 200
 LATENCY_SHAPES = ("llama2-7b-shape", "smollm2-135m-shape")
@@ -98,6 +100,17 @@ def _evaluate(payload: dict) -> dict:
     return clean
 
 
+def _recover(payload: dict) -> dict:
+    """{"run_id": …, "strategy": …} plus any RecoverConfig option (tokens, steps, seed, rank budget…)."""
+    run_id = payload.get("run_id")
+    if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
+        raise RanaError(f"run_id must be a positive integer, got {run_id!r}")
+    options = {key: value for key, value in payload.items() if key != "run_id"}
+    if "strategy" not in options:
+        raise RanaError(f"a recovery needs a strategy: one of {', '.join(STRATEGIES)}")
+    return {"run_id": run_id, **RecoverConfig.from_dict(options).validate().to_dict()}
+
+
 def _latency(payload: dict) -> dict:
     _only(payload, set(LATENCY_DEFAULTS), "latency")
     clean = {**LATENCY_DEFAULTS, **payload}
@@ -137,7 +150,8 @@ def _only(payload: dict, allowed: set, kind: str) -> None:
         raise RanaError(f"unknown {kind} option(s): {', '.join(unknown)}")
 
 
-VALIDATORS = {"compress": _compress, "sweep": _sweep, "evaluate": _evaluate, "latency": _latency}
+VALIDATORS = {"compress": _compress, "sweep": _sweep, "evaluate": _evaluate, "latency": _latency,
+              "recover": _recover}
 
 
 def method_names() -> list[str]:
@@ -150,6 +164,10 @@ def method_summaries() -> dict[str, str]:
 
 def allocations(method: str) -> tuple[str, ...]:
     return METHODS[method].allocations
+
+
+def recovery_strategies() -> dict[str, str]:
+    return dict(STRATEGIES)
 
 
 def model_names() -> list[str]:

@@ -20,7 +20,7 @@ from sqlalchemy.exc import OperationalError
 from db.models import Run
 from db.session import data_dir, session_scope
 from jobs import queue
-from jobs.results import store_compression, store_evaluation, store_latency
+from jobs.results import store_compression, store_evaluation, store_latency, store_recovery
 from rana_core.errors import RanaError
 
 log = logging.getLogger("rana.worker")
@@ -154,6 +154,8 @@ class Worker:
             return self._evaluate(job, progress)
         if job.kind == "latency":
             return self._latency(job, progress)
+        if job.kind == "recover":
+            return self._recover(job, progress)
         raise RanaError(f"this worker cannot run jobs of kind {job.kind!r}")
 
     def _compress(self, job: queue.ClaimedJob, progress):
@@ -170,17 +172,34 @@ class Worker:
         from rana_core.pipeline import evaluate_saved
 
         payload = job.payload
-        with session_scope(self.url) as session:
-            run = session.get(Run, payload["run_id"])
-            if run is None:
-                raise RanaError(f"run {payload['run_id']} no longer exists")
-            run_config, path, digest = dict(run.config), run.artifact_path, run.artifact_sha256
-        if not path:
-            raise RanaError(f"run {payload['run_id']} has no stored adapters")
+        run_config, path, digest = self._stored_run(payload["run_id"])
         config = self._config(run_config)
         evaluation = evaluate_saved(self._loaded_model(config), data_dir() / path, digest, payload["split"],
                                     payload["eval_tokens"], payload["seq_len"], progress)
         return lambda session: store_evaluation(session, payload["run_id"], evaluation, job_id=job.id)
+
+    def _recover(self, job: queue.ClaimedJob, progress):
+        from rana_core.recover import recover
+        from rana_core.recover_config import RecoverConfig
+
+        payload = dict(job.payload)
+        run_id = payload.pop("run_id")
+        run_config, path, digest = self._stored_run(run_id)
+        config = self._config(run_config)
+        result = recover(self._loaded_model(config), data_dir() / path, digest, RecoverConfig.from_dict(payload),
+                         progress).to_json()
+        return lambda session: store_recovery(session, run_id, result, job_id=job.id)
+
+    def _stored_run(self, run_id: int) -> tuple[dict, str, str | None]:
+        """A run's configuration, artifact path and checksum; a RanaError if it is gone or has no adapters."""
+        with session_scope(self.url) as session:
+            run = session.get(Run, run_id)
+            if run is None:
+                raise RanaError(f"run {run_id} no longer exists")
+            run_config, path, digest = dict(run.config), run.artifact_path, run.artifact_sha256
+        if not path:
+            raise RanaError(f"run {run_id} has no stored adapters")
+        return run_config, path, digest
 
     def _latency(self, job: queue.ClaimedJob, progress):
         device = self.device or "cpu"

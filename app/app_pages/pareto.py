@@ -11,6 +11,9 @@ data.page("Pareto")
 runs = data.finished_runs(
     "No finished runs yet: queue one on New run, and a worker will fill this page."
 )
+recovered = data.recovered_points(data.url())
+if not recovered.empty:  # LoRA-recovered runs: their own series ("<series>+lora-<strategy>")
+    runs = pd.concat([runs, recovered], ignore_index=True)
 
 models = sorted(runs["model"].unique())
 params = st.query_params

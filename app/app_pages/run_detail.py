@@ -1,5 +1,6 @@
 """Run detail and layer inspector: heatmaps of layers × modules (adapter, keep, static rank, density, error,
-sparsity) for one run, or for two side by side with their difference; per-layer lines. URL: ?run=A&other=B."""
+sparsity) for one run, or for two side by side with their difference; per-layer lines; the run's LoRA recoveries
+(per-layer ranks by strategy, perplexity before and after). URL: ?run=A&other=B."""
 
 import streamlit as st
 
@@ -49,6 +50,12 @@ cols[1].metric("FLOP reduction (QKV+MLP)", f"{heldout.get('measured_flop_reducti
 cols[2].metric("Whole model", f"{heldout.get('measured_flop_reduction_whole_model', 0):.3f}")
 cols[3].metric("Author", run["author"] or "—", ", ".join(run["tags"]) or None, delta_color="off",
                delta_arrow="off")
+
+recoveries = data.recoveries(data.url(), run_id)
+if not recoveries.empty:
+    st.subheader("LoRA recoveries")
+    st.plotly_chart(charts.recovery_ranks_figure(recoveries), key="detail_recovery_ranks")
+    st.dataframe(recoveries.drop(columns=["ranks"]), hide_index=True, width="stretch", key="detail_recoveries")
 
 layers = data.layer_metrics(data.url(), run_id)
 if layers.empty:
