@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -39,17 +40,20 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--artifact", type=Path, help="adapters of the same compression, saved earlier")
     parser.add_argument("--rethreshold", action="store_true", help="re-set the masks' thresholds after fine-tuning")
+    parser.add_argument("--device", default=os.environ.get("RANA_DEVICE", "cpu"), help="cpu, cuda, cuda:1 …")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/recovery-<model>.json)")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     try:
         runs = [(strategy, int(seed)) for strategy, _, seed in (r.partition(":") for r in args.runs.split(","))]
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, device=args.device)
     except (RanaError, ValueError) as exc:
         print(f"bench/recovery.py: {exc}", file=sys.stderr)
         return 2
     report = {"model": args.model, "method": "rana-uniform", "budget": args.budget, "calib_tokens": args.calib_tokens,
-              "eval_tokens": args.eval_tokens, "eval_seq_len": 512, "device": platform.processor() or "cpu",
+              "eval_tokens": args.eval_tokens, "eval_seq_len": 512,
+              "device": torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+              else platform.processor() or "cpu",
               "torch": torch.__version__, "threads": torch.get_num_threads(), "compression": None, "rows": []}
     with tempfile.TemporaryDirectory() as scratch:
         artifact = args.artifact
@@ -59,7 +63,8 @@ def main(argv=None) -> int:
             artifact = Path(scratch) / "rana.safetensors"
             result = compress(CompressConfig(model=args.model, method="rana", allocation="uniform",
                                              flop_reduction=args.budget, calib_tokens=args.calib_tokens,
-                                             eval_tokens=args.eval_tokens, seq_len=512, track_layers=False),
+                                             eval_tokens=args.eval_tokens, seq_len=512, track_layers=False,
+                                             device=args.device),
                               loaded=loaded, artifact_path=artifact)
             sha256 = result.artifact["sha256"]
             report["compression"] = {"perplexity": result.perplexity, "seconds": time.perf_counter() - t0,

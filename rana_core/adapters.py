@@ -71,7 +71,8 @@ def top_share_counts(scores: torch.Tensor, shares=SPARSITY_CURVE_SHARES) -> torc
     ordered = scores.sort(dim=-1, descending=True).values.double()
     cumulative = ordered.cumsum(-1)
     fraction = cumulative / cumulative[..., -1:].clamp_min(1e-300)
-    targets = torch.tensor(shares, dtype=torch.float64).expand(fraction.shape[0], len(shares)).contiguous()
+    targets = torch.tensor(shares, dtype=torch.float64, device=scores.device)
+    targets = targets.expand(fraction.shape[0], len(shares)).contiguous()
     return (torch.searchsorted(fraction.contiguous(), targets) + 1).clamp_max(scores.shape[-1])
 
 
@@ -124,7 +125,7 @@ class Meter:
         rows = scores.reshape(-1, scores.shape[-1]).float()
         self.sparsity_sum += (top_share_count(rows).double() / rows.shape[-1]).sum().item()
         self.sparsity_tokens += rows.shape[0]
-        self.curve_sum += (top_share_counts(rows).double() / rows.shape[-1]).sum(0)
+        self.curve_sum += (top_share_counts(rows).double() / rows.shape[-1]).sum(0).cpu()  # rows may be on a GPU
 
     @property
     def flops_per_token(self) -> float:

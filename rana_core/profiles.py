@@ -116,7 +116,8 @@ class MLPProfile:
         self.down_weight = mlp.down_proj.weight.detach().float().cpu()
         self.column_norms = self.down_weight.norm(dim=0)
         with torch.no_grad():
-            self.dense = mlp(rows.to(mlp.down_proj.weight.dtype)).float().cpu()
+            weight = mlp.down_proj.weight  # rows are kept on the CPU; the MLP may live on a GPU
+            self.dense = mlp(rows.to(device=weight.device, dtype=weight.dtype)).float().cpu()
         self.dense_energy = self.dense.square().sum().item()
         self._outputs: dict[tuple[str, float], torch.Tensor] = {}
         self._plans: dict[tuple[str, float], RankPlan] = {}
