@@ -26,7 +26,7 @@ from rana_core.models import load_model
 from rana_core.pipeline import compress
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_METHODS = "dense,cats,rana-uniform,rana-greedy,svd"  # uniform first: greedy reuses its splits
+DEFAULT_METHODS = "dense,cats,rana-uniform,rana-greedy,svd,a3-uniform,a3-greedy"  # uniform first: greedy reuses its splits
 
 
 def parse_method(text: str) -> tuple[str, str]:
