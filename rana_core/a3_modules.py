@@ -38,7 +38,9 @@ def rotary_pairs(apply_rotary, head_dim: int) -> tuple[torch.Tensor, torch.Tenso
     moved = moved[0, 0]
     partner = moved.abs().argmax(dim=1)
     sign = moved[torch.arange(head_dim), partner]
-    if not (moved.abs().sum(1) == 1).all() or not torch.equal(partner[partner], torch.arange(head_dim)):
+    identity = torch.arange(head_dim)
+    if (not (moved.abs().sum(1) == 1).all() or (partner == identity).any()
+            or not torch.equal(partner[partner], identity)):
         raise RanaError("a3: this model's rotary embedding does not rotate coordinates in pairs")
     first = torch.nonzero(sign > 0).flatten()
     return first, partner[first]
