@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 "measured_flop_reduction": result.measured_flop_reduction,
                 "measured_flop_reduction_whole_model": result.measured_flop_reduction_whole_model,
                 "perplexity": result.perplexity, "dense_perplexity": result.dense_perplexity,
-                "seconds": time.perf_counter() - t0,
+                "model_stats": result.model_stats, "seconds": time.perf_counter() - t0,
             }
             rows.append(row)
             write_report(args, rows, started)

@@ -213,3 +213,21 @@ def test_saved_run_evaluates_to_the_same_numbers(tiny, tmp_path):
     assert again["measured_flop_reduction"] == pytest.approx(result.measured_flop_reduction, abs=1e-12)
     assert again["measured_flop_reduction_whole_model"] == pytest.approx(result.measured_flop_reduction_whole_model,
                                                                          abs=1e-12)
+
+
+@pytest.mark.parametrize("winner", [0, 2])  # greedy across parts, uniform
+def test_greedy_keeps_the_candidate_with_the_least_calibration_loss(tiny, monkeypatch, winner):
+    calls = []
+
+    def rigged(*args):
+        calls.append(args[2])
+        return 0.0 if len(calls) - 1 == winner else 1.0
+
+    monkeypatch.setattr(a3, "calibration_loss", rigged)
+    config = dict(method="a3", flop_reduction=0.4, **SMALL)
+    greedy = compress(CompressConfig(allocation="greedy", **config), loaded=tiny)
+    uniform = compress(CompressConfig(allocation="uniform", **config), loaded=tiny)
+    assert len(calls) == 3 and calls[2] == a3.uniform_widths(a3.model_shape(tiny), 2, 0.4)
+    assert calls[0] != calls[2]  # the greedy candidate is a different allocation
+    same = [r.rank for r in greedy.layers] == [r.rank for r in uniform.layers]
+    assert same == (winner == 2)

@@ -19,7 +19,12 @@ costs 2d(H + H_kv) FLOPs per QK coordinate, 2d·H_kv per OV coordinate and 6d pe
 FLOPs exactly. ``uniform`` keeps (1 − p) of every width (r_qk rounded to whole pairs) and absorbs the rounding
 in the MLP width; ``greedy`` tabulates each layer/component's local relative error against its width
 (dropped pair scores, OV tail energy, MLP output error) and cuts where the least error is added per FLOP
-removed (rana_core.allocation.greedy_allocation), then hands leftover FLOPs back as MLP channels.
+removed (rana_core.allocation.greedy_allocation), then hands leftover FLOPs back as MLP channels; that
+allocation, the same greedy run within each part separately, and uniform are then compared on the loss of a
+calibration slice and the best kept (see checked_greedy_widths).
+
+Per-layer rows: adapter "a3"; the qkv row's rank is the kept output width of the stacked projection
+((H + H_kv)·r_qk + H_kv·r_vo of (H + 2·H_kv)·d_h), the gate/up/down rows' rank the kept MLP channels.
 """
 
 from __future__ import annotations
@@ -29,15 +34,17 @@ from dataclasses import dataclass
 import torch
 
 from rana_core.a3_modules import A3MLP, A3Attention, kept_coordinates, model_rotary, rotary_pairs
-from rana_core.adapters import layer_members
+from rana_core.adapters import inject, layer_members, unload
 from rana_core.allocation import Curve, greedy_allocation
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError, RanaError
+from rana_core.evaluate import perplexity
 from rana_core.methods.svd import capture_module_inputs
 
 PARTS = ("qk", "ov", "mlp")
 MLP_STEPS = 64  # greedy's MLP width grid: d_ff / 64 channels a step (leftover FLOPs go back channel by channel)
 TOLERANCE = 0.01  # the widths must land this close to the budget
+CHECK_TOKENS = 2048  # calibration tokens (the last windows) on which greedy's candidates compete
 
 
 @dataclass
@@ -174,7 +181,11 @@ def uniform_widths(shape: Shape, layers: int, flop_reduction: float) -> dict[tup
     return {(i, part): width for i in range(layers) for part, width in (("qk", qk), ("ov", ov), ("mlp", mlp))}
 
 
-def greedy_widths(shape: Shape, analyses: list[LayerAnalysis], flop_reduction: float) -> dict[tuple[int, str], int]:
+def greedy_widths(shape: Shape, analyses: list[LayerAnalysis], flop_reduction: float,
+                  across_parts: bool = True) -> dict[tuple[int, str], int]:
+    """Widths from the local error curves. `across_parts`: one greedy over every layer's QK, OV and MLP; without
+    it, one greedy per part (each part cut by the budget, spread over the layers), since relative errors of a
+    score, an attention output and an MLP output are not one currency."""
     full, unit = shape.full, shape.flops_per_width
     step = {"qk": 2, "ov": 1, "mlp": max(1, shape.inner // MLP_STEPS)}
     curves = {}
@@ -183,7 +194,12 @@ def greedy_widths(shape: Shape, analyses: list[LayerAnalysis], flop_reduction: f
             widths = list(range(full[part], step[part] - 1, -step[part]))
             curves[(i, part)] = Curve(unit[part] * full[part], [w / full[part] for w in widths],
                                       lambda keep, a=analysis, p=part: a.error(p, round(keep * full[p])))
-    keeps = greedy_allocation(curves, flop_reduction)
+    if across_parts:
+        keeps = greedy_allocation(curves, flop_reduction)
+    else:
+        keeps = {}
+        for part in PARTS:
+            keeps |= greedy_allocation({key: c for key, c in curves.items() if key[1] == part}, flop_reduction)
     widths = {key: round(keep * full[key[1]]) for key, keep in keeps.items()}
     # greedy stops at the first step under budget: hand the overshoot back, channel by channel, to the MLPs
     # that lose most
@@ -194,6 +210,38 @@ def greedy_widths(shape: Shape, analyses: list[LayerAnalysis], flop_reduction: f
         widths[(i, "mlp")] += extra
         slack -= extra * unit["mlp"]
     return widths
+
+
+def calibration_loss(loaded, analyses, widths, first, second, shape, windows) -> float:
+    """Mean next-token loss on `windows` (calibration text) of the model cut to `widths`."""
+    adapters = []
+    for index, (layer, analysis) in enumerate(zip(loaded.layers, analyses)):
+        adapters += layer_adapters(layer, index, analysis, {part: widths[(index, part)] for part in PARTS},
+                                   first, second, shape)
+    inject(loaded.layers, adapters)
+    try:
+        return perplexity(loaded.model, windows).mean_nll
+    finally:
+        unload(loaded.layers)
+
+
+def checked_greedy_widths(loaded, analyses, flop_reduction, first, second, shape, calib_windows, progress):
+    """Greedy across parts, greedy within each part, and uniform, compared on the language-model loss of a
+    calibration slice: the local errors misjudge how much each part's error costs the model (measured on
+    SmolLM2-135M at 0.2: greedy across parts alone 108 held-out perplexity, uniform 76), so the check keeps
+    whichever candidate loses least, and greedy is never worse than uniform on calibration text."""
+    count = calib_windows.shape[0]
+    slice_ = calib_windows[count - max(1, min(count // 2, CHECK_TOKENS // calib_windows.shape[1])):]
+    candidates = {"greedy across parts": greedy_widths(shape, analyses, flop_reduction),
+                  "greedy within parts": greedy_widths(shape, analyses, flop_reduction, across_parts=False),
+                  "uniform": uniform_widths(shape, len(analyses), flop_reduction)}
+    losses = {}
+    for index, (name, widths) in enumerate(candidates.items()):
+        progress(0.9 + 0.03 * index, f"checking the {name} widths on calibration text")
+        losses[name] = calibration_loss(loaded, analyses, widths, first, second, shape, slice_)
+    chosen = min(losses, key=losses.get)
+    progress(0.99, "allocation: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"; kept {chosen}")
+    return candidates[chosen]
 
 
 def layer_adapters(layer, index: int, analysis: LayerAnalysis, widths: dict[str, int], first: torch.Tensor,
@@ -222,7 +270,7 @@ def build(loaded, calib_windows, config, progress):
     analyses = loaded.cached(("a3 analysis", windows_digest(calib_windows)),
                              lambda: analyse(loaded, calib_windows, progress))
     if config.allocation == "greedy":
-        widths = greedy_widths(shape, analyses, p)
+        widths = checked_greedy_widths(loaded, analyses, p, first, second, shape, calib_windows, progress)
     else:
         widths = uniform_widths(shape, len(analyses), p)
     dense = len(analyses) * shape.flops(shape.full)
