@@ -67,6 +67,11 @@ def rotate_narrow(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     return x * cos + rotated * sin
 
 
+def _frozen(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
+    """A fixed parameter on `like`'s device and dtype (A3's matrices are computed, never trained)."""
+    return nn.Parameter(tensor.to(device=like.device, dtype=like.dtype).contiguous(), requires_grad=False)
+
+
 def _rows(weight: torch.Tensor, heads: int, head_dim: int, coords: torch.Tensor) -> torch.Tensor:
     """Rows `coords[group]` of every head of a (heads·d_h, d) projection; head h belongs to group h // per_group."""
     per_group = heads // coords.shape[0]
@@ -99,12 +104,11 @@ class A3Attention(AttentionAdapter):
                 or tuple(o_weight.shape) != (base.o_proj.out_features, self.heads * self.r_vo)):
             raise RuntimeError(f"value/output weights {tuple(v_weight.shape)}, {tuple(o_weight.shape)} do not fit "
                                f"this attention")
-        dtype, device = base.q_proj.weight.dtype, base.q_proj.weight.device
-        frozen = lambda t: nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False)  # noqa: E731
-        self.register_buffer("coords", coords.to(device=device, dtype=torch.long))
-        self.q_weight = frozen(_rows(base.q_proj.weight, self.heads, self.head_dim, self.coords))
-        self.k_weight = frozen(_rows(base.k_proj.weight, self.kv_heads, self.head_dim, self.coords))
-        self.v_weight, self.o_weight = frozen(v_weight), frozen(o_weight)
+        like = base.q_proj.weight
+        self.register_buffer("coords", coords.to(device=like.device, dtype=torch.long))
+        self.q_weight = _frozen(_rows(like, self.heads, self.head_dim, self.coords), like)
+        self.k_weight = _frozen(_rows(base.k_proj.weight, self.kv_heads, self.head_dim, self.coords), like)
+        self.v_weight, self.o_weight = _frozen(v_weight, like), _frozen(o_weight, like)
         self.o_bias = base.o_proj.bias
         self.kv_features = self.kv_heads * (self.r_qk + self.r_vo)  # cached per token, keys plus values
         dense_out = (self.heads + 2 * self.kv_heads) * self.head_dim
@@ -165,17 +169,15 @@ class A3MLP(MLPAdapter):
         if (channels.ndim != 1 or not 1 <= channels.numel() <= inner or int(channels.max()) >= inner
                 or int(channels.min()) < 0):
             raise RuntimeError(f"{channels.numel()} kept channels do not fit an MLP of {inner}")
-        dtype, device = gate.weight.dtype, gate.weight.device
-        frozen = lambda t: nn.Parameter(t.to(device=device, dtype=dtype).contiguous(), requires_grad=False)  # noqa: E731
-        self.register_buffer("channels", channels.to(device=device, dtype=torch.long))
+        self.register_buffer("channels", channels.to(device=gate.weight.device, dtype=torch.long))
         self.refit = down_weight is not None  # W_down refit by least squares on the kept channels
-        self.gate_weight = frozen(gate.weight[self.channels])
-        self.up_weight = frozen(up.weight[self.channels])
+        self.gate_weight = _frozen(gate.weight[self.channels], gate.weight)
+        self.up_weight = _frozen(up.weight[self.channels], gate.weight)
         if down_weight is None:
             down_weight = down.weight[:, self.channels]
         if tuple(down_weight.shape) != (down.out_features, channels.numel()):
             raise RuntimeError(f"down weight {tuple(down_weight.shape)} does not fit {channels.numel()} channels")
-        self.down_weight = frozen(down_weight)
+        self.down_weight = _frozen(down_weight, gate.weight)
         self.gate_bias = gate.bias[self.channels] if gate.bias is not None else None
         self.up_bias = up.bias[self.channels] if up.bias is not None else None
         self.down_bias = down.bias

@@ -50,7 +50,8 @@ cols[2].metric("Whole model", f"{heldout.get('measured_flop_reduction_whole_mode
 cols[3].metric("Author", run["author"] or "—", ", ".join(run["tags"]) or None, delta_color="off",
                delta_arrow="off")
 SIZE_METRICS = {"params": ("Parameters", 1e6, "M"), "decoder_linear_params": ("Decoder linear params", 1e6, "M"),
-                "kv_bytes_per_token": ("KV cache (fp16)", 1024, " KiB/token"), "flops_per_token": ("FLOPs", 1e6, "M/token")}
+                "kv_bytes_per_token": ("KV cache (fp16)", 1024, " KiB/token"),
+                "flops_per_token": ("FLOPs", 1e6, "M/token")}
 stats = run["model_stats"]
 if stats:  # runs stored before model_stats existed have none
     dense_stats = stats.get("dense", {})

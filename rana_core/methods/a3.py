@@ -149,7 +149,8 @@ def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape:
     H = mlp_gram.double()
     lam_mlp = H.diagonal() * down.square().sum(1)
     channel_order = lam_mlp.argsort(descending=True)
-    # ‖H_D W_D‖² for dropped set D = 1ᵀ_D (R_h ∘ W Wᵀ) 1_D: prefix sums along the drop order give every width.
+    # ‖H_D W_D‖² for a dropped set D is 1ᵀ_D (R_h ∘ W Wᵀ) 1_D: prefix sums along the drop order
+    # give the error at every width.
     cross = H * (down @ down.T)
     dropping = channel_order.flip(0)
     tail = cross[dropping][:, dropping].cumsum(0).cumsum(1).diagonal()  # error after dropping 1, 2, … channels
