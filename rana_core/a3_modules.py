@@ -133,13 +133,13 @@ class A3Attention(AttentionAdapter):
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
         context = k.shape[2]
-        mask, causal = attention_mask, False
+        mask = attention_mask
         if mask is not None:
             mask = mask[..., :context]
         elif length > 1:  # no mask given: plain causal attention, aligned to the end when a cache precedes
             mask = torch.ones(length, context, dtype=torch.bool, device=q.device).tril(context - length)
         out = F.scaled_dot_product_attention(q, k.repeat_interleave(self.group, 1), v.repeat_interleave(self.group, 1),
-                                             attn_mask=mask, is_causal=causal, scale=self.scaling)
+                                             attn_mask=mask, scale=self.scaling)
         out = out.transpose(1, 2).reshape(batch, length, self.heads * self.r_vo)
         y = F.linear(out, self.o_weight, self.o_bias)
         self._count(batch, length, past, hidden)
