@@ -76,7 +76,7 @@ def pareto_figure(runs: pd.DataFrame, log_y: bool = False) -> go.Figure:
 
 
 MODULE_ORDER = ["qkv", "gate", "up", "down"]
-ADAPTER_CODES = ["dense", "svd", "rank", "neuron", "cats"]  # categorical colour for the adapter heatmap
+ADAPTER_CODES = ["dense", "svd", "rank", "neuron", "cats", "a3"]  # categorical colour for the adapter heatmap
 HEATMAP_METRICS = {
     "adapter": "adapter that ran the module",
     "keep": "FLOPs spent / dense FLOPs",

@@ -109,7 +109,7 @@ def run_details(db_url: str, run_ids: tuple[int, ...]) -> dict[int, dict]:
                 "target_flop_reduction": run.target_flop_reduction, "author": run.author,
                 "tags": list(run.tags or []), "created_at": run.created_at, "seconds": run.seconds,
                 "config": dict(run.config or {}), "provenance": dict(run.provenance or {}),
-                "artifact": run.artifact_path,
+                "artifact": run.artifact_path, "model_stats": dict(run.model_stats or {}),
                 "evaluations": [{"split": e.split, "tokens": e.tokens, "seq_len": e.seq_len,
                                  "perplexity": e.perplexity, "dense_perplexity": e.dense_perplexity,
                                  "measured_flop_reduction": e.measured_flop_reduction,

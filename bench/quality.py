@@ -26,7 +26,7 @@ from rana_core.models import load_model
 from rana_core.pipeline import compress
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_METHODS = "dense,cats,rana-uniform,rana-greedy,svd"  # uniform first: greedy reuses its splits
+DEFAULT_METHODS = "dense,cats,rana-uniform,rana-greedy,svd,a3-uniform,a3-greedy"  # uniform first: greedy reuses its splits
 
 
 def parse_method(text: str) -> tuple[str, str]:
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                 "measured_flop_reduction": result.measured_flop_reduction,
                 "measured_flop_reduction_whole_model": result.measured_flop_reduction_whole_model,
                 "perplexity": result.perplexity, "dense_perplexity": result.dense_perplexity,
-                "seconds": time.perf_counter() - t0,
+                "model_stats": result.model_stats, "seconds": time.perf_counter() - t0,
             }
             rows.append(row)
             write_report(args, rows, started)

@@ -9,6 +9,8 @@ projections stacked into one matrix, so one decomposition and one mask serve all
   attention calls q, k and v with the same tensor).
 - an ``MLPAdapter`` replaces a whole MLP (keeping it as ``base``) when its projections must share a mask or an
   activation (CATS, RaNA's MLP), and runs its own units in plain Python.
+- an ``AttentionAdapter`` replaces a whole ``self_attn`` (keeping it as ``base``) when the attention itself
+  changes shape (A3's reduced head dimensions and KV cache).
 
 Every adapted module owns a ``Meter``: tokens seen, FLOPs spent (counted from the masks), active ranks, and, with
 ``tracking`` on, its reconstruction error and rank-importance sparsity. ``unload`` puts the originals back.
@@ -48,9 +50,9 @@ def layer_members(layer: nn.Module, module: str) -> list[nn.Linear]:
 
 
 def _base_path(layer: nn.Module, path: str) -> str:
-    """The path of `path` inside `layer`, through an MLPAdapter's `base` when the MLP is wrapped."""
+    """The path of `path` inside `layer`, through a wrapper's `base` when the MLP or the attention is wrapped."""
     head, _, tail = path.partition(".")
-    return f"{head}.base.{tail}" if isinstance(getattr(layer, head), MLPAdapter) else path
+    return f"{head}.base.{tail}" if isinstance(getattr(layer, head), (MLPAdapter, AttentionAdapter)) else path
 
 
 def module_shapes(layers: nn.ModuleList) -> dict[tuple[int, str], tuple[int, int]]:
@@ -103,6 +105,7 @@ class Meter:
     def reset(self) -> None:
         self.tokens = 0
         self.flops = 0.0
+        self.fixed_saved = 0.0  # FLOPs saved outside the adaptable modules (o_proj, attention scores)
         self.active = 0.0
         self.err_sq = self.ref_sq = 0.0
         self.sparsity_sum, self.sparsity_tokens = 0.0, 0
@@ -116,6 +119,14 @@ class Meter:
         self.tokens += tokens
         self.flops += float(flops)
         self.active += float(active)
+
+    def count_fixed_saving(self, flops: float) -> None:
+        """FLOPs this adapter saved in work that the profile counts as fixed (A3's o_proj and score products)."""
+        self.fixed_saved += float(flops)
+
+    @property
+    def fixed_saved_per_token(self) -> float:
+        return self.fixed_saved / self.tokens if self.tokens else 0.0
 
     def track(self, output: torch.Tensor, reference: torch.Tensor) -> None:
         self.err_sq += (output.double() - reference.double()).pow(2).sum().item()
@@ -225,6 +236,19 @@ class MLPAdapter(nn.Module):
         raise NotImplementedError
 
 
+class AttentionAdapter(nn.Module):
+    """Base of the wrappers that replace a whole attention module; subclasses define forward, meters and
+    ``kv_features`` (cached key plus value features per token)."""
+
+    def __init__(self, base: nn.Module, layer: int):
+        super().__init__()
+        self.base, self.layer = base, layer
+        self.tracking = False
+
+    def meters(self) -> list[Meter]:
+        raise NotImplementedError
+
+
 class LowRankUnit(AdapterUnit):
     """Static low rank: y = A (B x) + b, A: out × r, B: r × in. Every token pays for all r ranks."""
 
@@ -251,6 +275,11 @@ def inject(layers: nn.ModuleList, adapters: list[nn.Module]) -> None:
     """Put each adapter in place. Fails loudly when a target is already adapted."""
     for adapter in adapters:
         layer = layers[adapter.layer]
+        if isinstance(adapter, AttentionAdapter):
+            if isinstance(layer.self_attn, AttentionAdapter):
+                raise RanaError(f"layer {adapter.layer} attention is already adapted")
+            layer.self_attn = adapter
+            continue
         if isinstance(adapter, MLPAdapter):
             if isinstance(layer.mlp, MLPAdapter):
                 raise RanaError(f"layer {adapter.layer} MLP is already adapted")
@@ -272,6 +301,9 @@ def unload(layers: nn.ModuleList) -> int:
         if isinstance(layer.mlp, MLPAdapter):
             layer.mlp = layer.mlp.base
             removed += 1
+        if isinstance(layer.self_attn, AttentionAdapter):
+            layer.self_attn = layer.self_attn.base
+            removed += 1
         for path in [p for members in MODULE_MEMBERS.values() for p in members]:
             parent_path, _, child = path.rpartition(".")
             parent = layer.get_submodule(parent_path)
@@ -287,7 +319,7 @@ def installed_adapters(layers: nn.ModuleList) -> list[nn.Module]:
     seen: dict[int, nn.Module] = {}
     for layer in layers:
         for module in layer.modules():
-            if isinstance(module, MLPAdapter):
+            if isinstance(module, (MLPAdapter, AttentionAdapter)):
                 seen.setdefault(id(module), module)
             elif isinstance(module, AdapterUnit):
                 seen.setdefault(id(module), module)

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from rana_core.a3_modules import A3MLP, A3Attention
 from rana_core.adapters import LowRankUnit, layer_members
 from rana_core.errors import RanaError
 from rana_core.mlp_adapters import CatsMLP, NeuronMaskedUnit, RaNAMLP
@@ -95,6 +96,12 @@ def _describe(adapter) -> tuple[dict, dict]:
         return meta, tensors
     if isinstance(adapter, CatsMLP):
         return {"kind": "cats", "layer": adapter.layer, "keep": adapter.keep}, {"tau": adapter.tau}
+    if isinstance(adapter, A3Attention):  # q/k rows are the base's at `coords`: only the new tensors are saved
+        return {"kind": "a3_attention", "layer": adapter.layer}, {
+            "coords": adapter.coords, "v_weight": adapter.v_weight, "o_weight": adapter.o_weight}
+    if isinstance(adapter, A3MLP):
+        tensors = {"channels": adapter.channels} | ({"down_weight": adapter.down_weight} if adapter.refit else {})
+        return {"kind": "a3_mlp", "layer": adapter.layer}, tensors
     raise ArtifactError(f"cannot save an adapter of type {type(adapter).__name__}")
 
 
@@ -128,4 +135,8 @@ def _rebuild(layer, meta: dict, tensors: dict):
         return RaNAMLP(layer.mlp, index, up, gate, down)
     if kind == "cats":
         return CatsMLP(layer.mlp, index, meta["keep"], float(tensors["tau"]))
+    if kind == "a3_attention":
+        return A3Attention(layer.self_attn, index, tensors["coords"], tensors["v_weight"], tensors["o_weight"])
+    if kind == "a3_mlp":
+        return A3MLP(layer.mlp, index, tensors["channels"], tensors.get("down_weight"))
     raise ArtifactError(f"unknown adapter kind {kind!r} in artifact")

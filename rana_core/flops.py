@@ -41,12 +41,13 @@ class FlopProfile:
     def whole_model_total(self) -> float:
         return self.adaptable_total + self.fixed
 
-    def reductions(self, spent: dict[tuple[int, str], float]) -> tuple[float, float]:
+    def reductions(self, spent: dict[tuple[int, str], float], fixed_saved: float = 0.0) -> tuple[float, float]:
         """(reduction of the adaptable FLOPs, reduction of the whole model) given FLOPs spent per module;
-        modules missing from `spent` ran dense."""
+        modules missing from `spent` ran dense. `fixed_saved`: FLOPs per token an adapter saved in the fixed
+        part (A3's narrower o_proj and attention scores), counted in the whole-model reduction only."""
         adapted = sum(spent.get(key, dense) for key, dense in self.adaptable.items())
         saved = self.adaptable_total - adapted
-        return saved / self.adaptable_total, saved / self.whole_model_total
+        return saved / self.adaptable_total, (saved + fixed_saved) / self.whole_model_total
 
 
 def dense_profile(config, module_shapes: dict[tuple[int, str], tuple[int, int]], seq_len: int) -> FlopProfile:

@@ -23,6 +23,7 @@ from rana_core.config import CompressConfig
 from rana_core.corpus import token_windows, windows_digest
 from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
+from rana_core.model_stats import model_stats, size_stats
 from rana_core.methods import METHODS
 from rana_core.models import LoadedModel, load_model
 from rana_core.progress import ProgressFn, StagedProgress
@@ -35,7 +36,7 @@ STAGES = {"load": 1.0, "data": 0.5, "dense eval": 3.0, "build": 3.0, "thresholds
 class LayerResult:
     layer: int
     module: str
-    adapter: str  # dense | svd | rank | neuron | cats
+    adapter: str  # dense | svd | rank | neuron | cats | a3
     rank: int  # static rank kept (neurons for neuron-masked modules; max rank when dense)
     max_rank: int
     density: float  # mean active ranks / static rank on the evaluation tokens (1 for static adapters)
@@ -114,6 +115,7 @@ def compress(
     shapes = module_shapes(layers)
     profile = dense_profile(loaded.config, shapes, config.seq_len)
     unload(layers)  # a reused model must start clean
+    dense_size = size_stats(loaded)
     artifact = None
     try:
         adapters = adapt(loaded, config, calib, threshold_windows, plan.stage("build"), plan.stage("thresholds"))
@@ -125,11 +127,12 @@ def compress(
         set_tracking(layers, config.track_layers)
         adapted = perplexity(loaded.model, held_out, progress=plan.stage("adapted eval"))
         layer_rows = _layer_results(shapes, meters)
+        adapted_size, fixed_saved = size_stats(loaded), _fixed_saved(meters)
     finally:
         unload(layers)
 
     spent = {(row.layer, row.module): row.flops_per_token for row in layer_rows}
-    measured, measured_whole = profile.reductions(spent)
+    measured, measured_whole = profile.reductions(spent, fixed_saved)
     plan.done(f"perplexity {adapted.perplexity:.2f} (dense {dense.perplexity:.2f}), FLOPs -{measured:.1%}")
     return CompressionResult(
         model=config.model,
@@ -148,6 +151,7 @@ def compress(
         config=config.to_dict(),
         environment=_environment(loaded),
         provenance=provenance.collect(loaded, config, calib.numel(), held_out.numel()),
+        model_stats=model_stats(adapted_size, dense_size, profile.whole_model_total, measured_whole),
         artifact=artifact,
     )
 
@@ -170,10 +174,12 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     inject(layers, load_adapters(loaded, artifact_path, sha256))
     try:
         adapted = perplexity(loaded.model, windows, progress=plan.stage("adapted eval"))
-        layer_rows = _layer_results(shapes, installed_meters(layers))
+        meters = installed_meters(layers)
+        layer_rows, fixed_saved = _layer_results(shapes, meters), _fixed_saved(meters)
     finally:
         unload(layers)
-    measured, measured_whole = profile.reductions({(r.layer, r.module): r.flops_per_token for r in layer_rows})
+    measured, measured_whole = profile.reductions({(r.layer, r.module): r.flops_per_token for r in layer_rows},
+                                                  fixed_saved)
     plan.done(f"perplexity {adapted.perplexity:.2f} (dense {dense.perplexity:.2f})")
     return {"split": split, "tokens": windows.numel(), "seq_len": seq_len, "perplexity": adapted.perplexity,
             "dense_perplexity": dense.perplexity, "measured_flop_reduction": measured,
@@ -218,6 +224,11 @@ def calibrate_thresholds(model, layers, windows, progress) -> None:
         for adapter in masked:
             adapter.histogram = None
     progress(1.0, f"{len(masked)} thresholds set")
+
+
+def _fixed_saved(meters) -> float:
+    """FLOPs per token the adapters saved outside the adaptable modules (A3: o_proj and attention scores)."""
+    return sum(meter.fixed_saved_per_token for meter in meters.values())
 
 
 def _layer_results(shapes, meters) -> list[LayerResult]:

@@ -25,7 +25,7 @@ SEEDED = [  # (model, method, target, measured, perplexity)
 ]
 
 
-ADAPTER_OF = {"dense": "dense", "svd": "svd", "cats": "cats", "rana": "rank"}
+ADAPTER_OF = {"dense": "dense", "svd": "svd", "cats": "cats", "rana": "rank", "a3": "a3"}
 
 
 def fake_result(model, method, target, measured, ppl, allocation="uniform"):
@@ -342,3 +342,19 @@ def test_pareto_state_round_trips_through_the_url(seeded):
     data, layout = chart(at)
     assert {t.name for t in data} == {"svd", "svd frontier", "dense (reference)"}
     assert layout["yaxis"]["type"] == "linear"
+
+
+def test_run_detail_shows_the_model_size_and_a3_runs_join_the_pareto_page(db_url):
+    result = fake_result("smollm2-135m", "a3", 0.3, 0.301, 80.0, "greedy")
+    dense = {"params": 134.5e6, "decoder_linear_params": 106.2e6, "kv_bytes_per_token": 92160,
+             "flops_per_token": 300e6}
+    result["model_stats"] = {"params": 102.6e6, "decoder_linear_params": 74.3e6, "kv_bytes_per_token": 64512,
+                             "flops_per_token": 220e6, "dense": dense}
+    with session_scope(db_url) as session:
+        store_compression(session, result)
+    at = run_page("run_detail.py")
+    metrics = {m.label: (m.value, m.delta) for m in at.metric}
+    assert metrics["Parameters"] == ("102.6M", "dense 134.5M")
+    assert metrics["KV cache (fp16)"] == ("63.0 KiB/token", "dense 90.0 KiB/token")
+    data, _ = chart(run_page("pareto.py"))
+    assert "a3-greedy" in {t.name for t in data}

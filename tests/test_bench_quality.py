@@ -19,6 +19,7 @@ def test_quality_benchmark_writes_every_row(tmp_path):
     names = [(r["method"], r["allocation"], r["target"]) for r in rows]
     assert names[0] == ("dense", "uniform", 0.0)
     assert ("rana", "greedy", 0.6) in names and ("svd", "uniform", 0.3) in names
+    assert ("a3", "uniform", 0.3) in names and ("a3", "greedy", 0.6) in names
     cats_06 = next(r for r in rows if r["method"] == "cats" and r["target"] == 0.6)
     assert "CATS can remove at most" in cats_06["skipped"]  # beyond its reach: reported, not hidden
     measured = [r for r in rows if "perplexity" in r and r["method"] != "dense"]

@@ -50,6 +50,17 @@ cols[1].metric("FLOP reduction (QKV+MLP)", f"{heldout.get('measured_flop_reducti
 cols[2].metric("Whole model", f"{heldout.get('measured_flop_reduction_whole_model', 0):.3f}")
 cols[3].metric("Author", run["author"] or "—", ", ".join(run["tags"]) or None, delta_color="off",
                delta_arrow="off")
+SIZE_METRICS = {"params": ("Parameters", 1e6, "M"), "decoder_linear_params": ("Decoder linear params", 1e6, "M"),
+                "kv_bytes_per_token": ("KV cache (fp16)", 1024, " KiB/token"),
+                "flops_per_token": ("FLOPs", 1e6, "M/token")}
+stats = run["model_stats"]
+if stats:  # runs stored before model_stats existed have none
+    dense_stats = stats.get("dense", {})
+    for col, (key, (label, scale, unit)) in zip(st.columns(len(SIZE_METRICS)), SIZE_METRICS.items()):
+        dense_value = dense_stats.get(key)
+        col.metric(label, f"{stats.get(key, float('nan')) / scale:,.1f}{unit}",
+                   f"dense {dense_value / scale:,.1f}{unit}" if dense_value is not None else None,
+                   delta_color="off", delta_arrow="off")
 
 recoveries = data.recoveries(data.url(), run_id)
 if not recoveries.empty:

@@ -37,3 +37,6 @@ register(MethodSpec("svd", "data-aware static low rank at the budget's rank", "r
 register(MethodSpec("cats", "MLP neurons skipped where |act(gate)| is small (CATS)", "rana_core.methods.cats:build"))
 register(MethodSpec("rana", "input-adaptive rank masks on QKV and up/gate, neuron masks on down (RaNA)",
                     "rana_core.methods.rana:build", allocations=("uniform", "greedy")))
+register(MethodSpec("a3", "static analytical widths per component: RoPE pair selection (QK), joint SVD (OV), "
+                          "channel selection (MLP) (A3)", "rana_core.methods.a3:build",
+                    allocations=("uniform", "greedy")))
