@@ -1,6 +1,7 @@
 """Quality benchmark: held-out perplexity of every method at every budget, at equal *measured* FLOPs.
 
     python bench/quality.py [--model smollm2-135m] [--budgets 0.2,0.3,0.44,0.5] [--eval-tokens 32768]
+                            [--methods dense,cats,rana-uniform,…,rana-uniform+recover]
 
 Calibration on the training split, evaluation on the held-out split (both fixed: see rana_core.corpus). One
 model load, one dense evaluation and one set of calibration profiles serve every row. Prints a table and writes
@@ -61,13 +62,23 @@ def main(argv=None) -> int:
     rows = []
     print(f"{'method':<14}{'target':>7}{'measured':>10}{'whole':>8}{'perplexity':>12}{'seconds':>9}", flush=True)
     for name in args.methods.split(","):
-        method, allocation = parse_method(name)
+        compressed, _, recovery = name.partition("+")  # "rana-uniform+recover[-strategy]": then LoRA recovery
+        method, allocation = parse_method(compressed)
         for budget in [0.0] if method == "dense" else budgets:
             config = CompressConfig(model=args.model, method=method, allocation=allocation, flop_reduction=budget,
                                     calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                                     seq_len=args.seq_len, track_layers=False)
             t0 = time.perf_counter()
             try:
+                if recovery:
+                    row = recovered_row(args, loaded, config, recovery)
+                    rows.append(row)
+                    write_report(args, rows, started)
+                    print(f"{name:<14}{budget:>7.2f}{row['measured_flop_reduction']:>10.3f}{'':>8}"
+                          f"{row['perplexity']:>12.2f}{row['seconds']:>9.0f}   (before recovery "
+                          f"{row['perplexity_before']:.2f} at {row['measured_flop_reduction_before']:.3f})",
+                          flush=True)
+                    continue
                 result = compress(config, loaded=loaded, progress=show_choices)
             except RanaError as exc:
                 print(f"{name:<14}{budget:>7.2f}  skipped: {exc}", flush=True)
@@ -90,6 +101,33 @@ def main(argv=None) -> int:
     shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
     print(f"wrote {shown} ({time.perf_counter() - started:.0f} s)")
     return 0
+
+
+def recovered_row(args, loaded, config: CompressConfig, recovery: str) -> dict:
+    """Compress, save the adapters, then recover them with LoRA (rana_core.recover, its default token budgets;
+    strategy from "recover-<strategy>", else RecoverConfig's default). The row's perplexity and measured FLOP
+    reduction are those after recovery (LoRA on adapter-computed linears costs FLOPs; see README)."""
+    import tempfile
+
+    from rana_core.recover import recover
+    from rana_core.recover_config import RecoverConfig
+
+    t0 = time.perf_counter()
+    strategy = recovery.partition("-")[2] or RecoverConfig.strategy
+    with tempfile.TemporaryDirectory() as scratch:
+        artifact = Path(scratch) / "adapters.safetensors"
+        result = compress(config, loaded=loaded, progress=show_choices, artifact_path=artifact)
+        recovered = recover(loaded, artifact, result.artifact["sha256"],
+                            RecoverConfig(strategy=strategy, eval_tokens=args.eval_tokens,
+                                          eval_seq_len=args.seq_len).validate())
+    return {"method": f"{config.method}+recover", "allocation": f"{config.allocation}/{strategy}",
+            "target": config.flop_reduction, "measured_flop_reduction": recovered.flop_reduction_after,
+            "measured_flop_reduction_before": result.measured_flop_reduction,
+            "measured_flop_reduction_whole_model": None, "perplexity": recovered.perplexity_after,
+            "perplexity_before": result.perplexity, "dense_perplexity": result.dense_perplexity,
+            "lora_ranks": recovered.ranks, "trainable_params": recovered.trainable_params,
+            "train_tokens": recovered.train_tokens, "model_stats": result.model_stats,
+            "seconds": time.perf_counter() - t0}
 
 
 def write_report(args, rows: list, started: float) -> Path:

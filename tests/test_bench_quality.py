@@ -36,3 +36,17 @@ def test_a_model_that_cannot_load_is_one_line_not_a_traceback(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1].startswith("bench/quality.py: ")
     assert "not run:" in proc.stderr and not (tmp_path / "q.json").exists()
+
+
+def test_a_recovered_row_reports_perplexity_and_flops_before_and_after(tmp_path):
+    out = tmp_path / "quality.json"
+    subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--model", "tiny", "--budgets", "0.3", "--methods",
+         "rana-uniform+recover-uniform", "--calib-tokens", "1024", "--eval-tokens", "512", "--seq-len", "128",
+         "--out", str(out)], capture_output=True, text=True, timeout=600, check=True)
+    (row,) = json.loads(out.read_text())["rows"]
+    assert (row["method"], row["allocation"], row["target"]) == ("rana+recover", "uniform/uniform", 0.3)
+    assert row["perplexity"] < row["perplexity_before"]  # LoRA recovered some of the loss
+    assert abs(row["measured_flop_reduction_before"] - 0.3) <= 0.02
+    assert row["measured_flop_reduction"] < row["measured_flop_reduction_before"]  # unmerged LoRA costs FLOPs
+    assert len(row["lora_ranks"]) == 2 and set(row["lora_ranks"]) == {8}
