@@ -224,8 +224,9 @@ class AdaptedSlot(nn.Module):
         return self.unit.member_output(x, self.index)
 
 
-class MLPAdapter(nn.Module):
-    """Base of the wrappers that replace a whole MLP; subclasses define forward and meters."""
+class WholeModuleAdapter(nn.Module):
+    """Base of the wrappers that replace a whole sub-module of a layer, keeping it as ``base`` (so unload can
+    put it back); subclasses define forward and meters."""
 
     def __init__(self, base: nn.Module, layer: int):
         super().__init__()
@@ -236,17 +237,13 @@ class MLPAdapter(nn.Module):
         raise NotImplementedError
 
 
-class AttentionAdapter(nn.Module):
-    """Base of the wrappers that replace a whole attention module; subclasses define forward, meters and
-    ``kv_features`` (cached key plus value features per token)."""
+class MLPAdapter(WholeModuleAdapter):
+    """Replaces a whole MLP."""
 
-    def __init__(self, base: nn.Module, layer: int):
-        super().__init__()
-        self.base, self.layer = base, layer
-        self.tracking = False
 
-    def meters(self) -> list[Meter]:
-        raise NotImplementedError
+class AttentionAdapter(WholeModuleAdapter):
+    """Replaces a whole attention module; subclasses also define ``kv_features`` (cached key plus value features
+    per token)."""
 
 
 class LowRankUnit(AdapterUnit):

@@ -64,9 +64,13 @@ class CompressConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "CompressConfig":
-        data = {k: v for k, v in data.items() if k not in ("type", "version")}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RanaError(f"unknown option(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "option")
+
+
+def dataclass_from_dict(cls, data: dict, what: str):
+    """cls(**data) without the "type"/"version" tags that to_dict adds; unknown keys are one clear error."""
+    data = {k: v for k, v in data.items() if k not in ("type", "version")}
+    unknown = sorted(set(data) - {f.name for f in fields(cls)})
+    if unknown:
+        raise RanaError(f"unknown {what}(s): {', '.join(unknown)}")
+    return cls(**data)

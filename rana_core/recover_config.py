@@ -8,8 +8,9 @@ and `error` take 6-7 minutes. 45k fine-tuning tokens in all: 10 probed configura
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 
+from rana_core.config import dataclass_from_dict
 from rana_core.errors import RanaError
 
 STRATEGIES = {
@@ -81,9 +82,4 @@ class RecoverConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "RecoverConfig":
-        data = {k: v for k, v in data.items() if k not in ("type", "version")}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise RanaError(f"unknown recovery option(s): {', '.join(unknown)}")
-        return cls(**data)
+        return dataclass_from_dict(cls, data, "recovery option")
