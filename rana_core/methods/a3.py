@@ -113,8 +113,9 @@ def check_supported(loaded) -> tuple[torch.Tensor, torch.Tensor]:
     first, second = rotary_pairs(model_rotary(base), shape.head_dim)
     rotary = getattr(loaded.model.get_decoder(), "rotary_emb", None)
     if rotary is not None:  # a pair must share one frequency, or a narrow rotary could not reproduce it
-        positions = torch.arange(64)[None]
-        cos, _ = rotary(torch.zeros(1, 1, dtype=loaded.model.dtype), positions)
+        device = next(loaded.model.parameters()).device
+        positions = torch.arange(64, device=device)[None]
+        cos, _ = rotary(torch.zeros(1, 1, dtype=loaded.model.dtype, device=device), positions)
         if not torch.equal(cos[..., first], cos[..., second]):
             raise RanaError("a3: this model's rotary pairs do not share a frequency")
     return first, second
@@ -123,9 +124,10 @@ def check_supported(loaded) -> tuple[torch.Tensor, torch.Tensor]:
 def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape: Shape, first: torch.Tensor,
                   second: torch.Tensor) -> LayerAnalysis:
     R = attn_gram.double()
-    q, k, v = (m.weight.detach().double() for m in layer_members(layer, "qkv"))
+    # the statistics are float64 on the CPU; the weights may live on a GPU
+    q, k, v = (m.weight.detach().double().cpu() for m in layer_members(layer, "qkv"))
     o = layer.self_attn.o_proj if not hasattr(layer.self_attn, "base") else layer.self_attn.base.o_proj
-    o = o.weight.detach().double()
+    o = o.weight.detach().double().cpu()
     d_h, group = shape.head_dim, shape.heads // shape.kv_heads
     q_moment = ((q @ R) * q).sum(1).view(shape.heads, d_h)  # E[q_j²]·tokens, pre-RoPE, per head
     k_moment = ((k @ R) * k).sum(1).view(shape.kv_heads, d_h)
@@ -145,7 +147,7 @@ def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape:
         output_factor.append(U.T @ T)
         energy.append(S.square())
 
-    down = layer_members(layer, "down")[0].weight.detach().double().T  # inner × d: row i is channel i's output
+    down = layer_members(layer, "down")[0].weight.detach().double().cpu().T  # inner × d: row i, channel i's output
     H = mlp_gram.double()
     lam_mlp = H.diagonal() * down.square().sum(1)
     channel_order = lam_mlp.argsort(descending=True)
@@ -251,7 +253,8 @@ def layer_adapters(layer, index: int, analysis: LayerAnalysis, widths: dict[str,
     d_h, group, r_qk, r_vo = shape.head_dim, shape.heads // shape.kv_heads, widths["qk"], widths["ov"]
     coords = torch.stack([kept_coordinates(first, second, analysis.pair_order[j, : r_qk // 2])
                           for j in range(shape.kv_heads)])
-    v, o = attention.v_proj.weight.detach().double(), attention.o_proj.weight.detach().double()
+    # the analysis is on the CPU; A3Attention moves what it keeps to the layer's device
+    v, o = (m.weight.detach().double().cpu() for m in (attention.v_proj, attention.o_proj))
     v_rows, o_cols = [], []
     for j in range(shape.kv_heads):
         v_rows.append(analysis.value_factor[j][:, :r_vo].T @ v[j * d_h:(j + 1) * d_h])  # r_vo × d
