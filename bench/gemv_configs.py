@@ -24,6 +24,8 @@ import torch  # noqa: E402
 from rana_core import latency  # noqa: E402
 from rana_core.decode_kernels import gemv  # noqa: E402
 
+from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 SHAPES = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "gate+up": (22016, 4096), "down": (4096, 11008),
           "lm_head": (32000, 4096), "qkv B at 0.44": (3441, 4096), "gate+up B at 0.44": (6164, 4096)}
@@ -78,7 +80,7 @@ def main(argv=None) -> int:
     out_path.write_text(json.dumps({"device_name": name, "dtype": args.dtype, "copy_bandwidth_gbs": bandwidth / 1e9,
                                     "rows": rows, "masked_kernel": kernel,
                                     "seconds": time.perf_counter() - started}, indent=2))
-    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; wrote {out_path}")
+    print(f"copy bandwidth {bandwidth / 1e9:.0f} GB/s; wrote {shown(out_path)}")
     return 0
 
 

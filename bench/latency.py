@@ -27,6 +27,8 @@ import torch  # noqa: E402
 
 from rana_core import latency  # noqa: E402
 
+from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
               f"{k['share_of_copy_bandwidth']:>8.0%}")
     report["seconds"] = time.perf_counter() - started
     out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {out} ({report['seconds']:.0f} s)")
+    print(f"\nwrote {shown(out)} ({report['seconds']:.0f} s)")
     return 0
 
 

@@ -26,6 +26,8 @@ from rana_core import kernels, latency  # noqa: E402
 from rana_core.decode_kernels import gemv  # noqa: E402
 from rana_core.engine import SHAPES, DecodeEngine  # noqa: E402
 
+from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -53,15 +55,8 @@ def step_profile(shape: str, budget: float, steps: int = 5) -> dict[str, float]:
     return {name: {"us": us, "launches": counts[name]} for name, us in totals.most_common()}
 
 
-def graph_us(fn, calls: int = 20) -> float:
-    """Median µs of one call of fn, replayed `calls` times per CUDA graph."""
-    import triton.testing
-
-    def many():
-        for _ in range(calls):
-            fn()
-
-    return 1e3 * triton.testing.do_bench_cudagraph(many, rep=100, return_mode="median") / calls
+def graph_us(fn) -> float:
+    return 1e3 * latency.graph_ms(fn, calls=20)
 
 
 def masked_parts(K: int, M: int, density: float, scaled: bool, groups: int, configs: list[dict]) -> list[dict]:
@@ -82,7 +77,7 @@ def masked_parts(K: int, M: int, density: float, scaled: bool, groups: int, conf
         count = torch.empty(groups * chunks, dtype=torch.int32, device="cuda")
         us = graph_us(lambda: kernels._compact_kernel[(chunks, groups)](
             coeff, scale if scale is not None else coeff, threshold, index, value, count, K=K, CHUNKS=chunks,
-            HAS_SCALE=scale is not None, CHUNK=min(chunk, triton_pow2(K)), num_warps=4 if chunk <= 1024 else 8))
+            HAS_SCALE=scale is not None, CHUNK=min(chunk, kernels.triton.next_power_of_2(K)), num_warps=4 if chunk <= 1024 else 8))
         results.append({"part": "compact", "CHUNK": chunk, "us": us})
     for c in configs:  # compact + gather + reduce with these gather settings
         for name, setting in (("BLOCK_M", c["BLOCK_M"]), ("BLOCK_K", c["BLOCK_K"]), ("GATHER_WARPS", c["warps"]),
@@ -109,10 +104,6 @@ def masked_parts(K: int, M: int, density: float, scaled: bool, groups: int, conf
     results.append({"part": "dense GEMV of the whole matrix", "us": dense,
                     "gbs": groups * K * M * 2 / dense / 1e3})
     return results
-
-
-def triton_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
 
 
 def main(argv=None) -> int:
@@ -145,7 +136,7 @@ def main(argv=None) -> int:
     out = RESULTS / f"masked-profile-{name.replace(' ', '-').lower()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {out}")
+    print(f"wrote {shown(out)}")
     return 0
 
 

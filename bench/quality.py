@@ -26,6 +26,8 @@ from rana_core.errors import RanaError
 from rana_core.models import load_model
 from rana_core.pipeline import compress
 
+from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_METHODS = "dense,cats,rana-uniform,rana-greedy,svd,a3-uniform,a3-greedy"  # uniform first: greedy reuses its splits
 
@@ -98,8 +100,7 @@ def main(argv=None) -> int:
                   f"{row['measured_flop_reduction_whole_model']:>8.3f}{row['perplexity']:>12.2f}"
                   f"{row['seconds']:>9.0f}", flush=True)
     out = write_report(args, rows, started)
-    shown = out.relative_to(Path.cwd()) if out.is_relative_to(Path.cwd()) else out
-    print(f"wrote {shown} ({time.perf_counter() - started:.0f} s)")
+    print(f"wrote {shown(out)} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

@@ -28,6 +28,8 @@ from rana_core.pipeline import compress
 from rana_core.recover import recover
 from rana_core.recover_config import RecoverConfig
 
+from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
                   f"{row['train_tokens']:>8}{row['search_tokens']:>8}{row['seconds']:>9.0f}", flush=True)
             print(f"    ranks {row['ranks']}", flush=True)
     out = write_report(args, report, started)
-    print(f"wrote {out} ({time.perf_counter() - started:.0f} s)")
+    print(f"wrote {shown(out)} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 

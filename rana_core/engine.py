@@ -223,13 +223,7 @@ class Block(nn.Module):
 
     def mlp(self, normed):
         if not isinstance(self.gate, RankPart):
-            if normed.shape[0] == 1 and self.gemv == "triton" and use_triton(normed):  # SwiGLU fused in the GEMV
-                h = gemv(self.gate_up, normed[0], torch.empty(self.shape.intermediate, dtype=normed.dtype,
-                                                              device=normed.device), swiglu=True)[None]
-            else:
-                gate, up = matvec(self.gate_up, normed, self.gemv).split(self.shape.intermediate, dim=-1)
-                h = F.silu(gate) * up
-            return matvec(self.down.weight, h, self.gemv)
+            return matvec(self.down.weight, matvec(self.gate_up, normed, self.gemv, swiglu=True), self.gemv)
         z = matvec(self.gate_up_B, normed, self.gemv)
         if normed.shape[0] == 1 and use_triton(z) and not (self.gate.calibrating or self.gate.counting):
             # one token: gate's and up's masked products in one launch, SwiGLU fused into their reduction
@@ -242,22 +236,27 @@ class Block(nn.Module):
 
 def _join(first: nn.Module, second: nn.Module, name: str) -> torch.Tensor:
     """One tensor holding both parts' `name` stacked along dim 0; each part's attribute becomes a view into it."""
+    parameter = isinstance(getattr(first, name), nn.Parameter)  # weights stay parameters, buffers plain tensors
     joint = torch.cat([getattr(first, name), getattr(second, name)])
     size = getattr(first, name).shape[0]
     for part, view in ((first, joint[:size]), (second, joint[size:])):
         delattr(part, name)
         setattr(part, name, view)
-    return nn.Parameter(joint, requires_grad=False) if joint.dtype.is_floating_point and name != "threshold" \
-        else joint
+    return nn.Parameter(joint, requires_grad=False) if parameter else joint
 
 
 GEMV_BACKENDS = ("cublas", "triton")  # torch's product, or rana_core.decode_kernels.gemv; bench/latency.py compares
 
 
-def matvec(weight: torch.Tensor, x: torch.Tensor, backend: str = "cublas") -> torch.Tensor:
-    """x Wᵀ: at one token through the chosen GEMV backend, else one batched product."""
+def matvec(weight: torch.Tensor, x: torch.Tensor, backend: str = "cublas", swiglu: bool = False) -> torch.Tensor:
+    """x Wᵀ: at one token through the chosen GEMV backend, else one batched product. With `swiglu`, W is
+    [gate; up] and the result silu(x gateᵀ) · (x upᵀ) (fused into the Triton GEMV)."""
     if x.shape[0] == 1 and backend == "triton" and use_triton(weight):
-        return gemv(weight, x[0], torch.empty(weight.shape[0], dtype=x.dtype, device=x.device))[None]
+        out = torch.empty(weight.shape[0] // 2 if swiglu else weight.shape[0], dtype=x.dtype, device=x.device)
+        return gemv(weight, x[0], out, swiglu=swiglu)[None]
+    if swiglu:
+        gate, up = F.linear(x, weight).chunk(2, dim=-1)
+        return F.silu(gate) * up
     return F.linear(x, weight)
 
 

@@ -139,22 +139,23 @@ def kernel_microbenchmark(device: str, dtype: str, bandwidth: float,
                 rows, coeff = sets[next(calls) % 3]
                 masked_rows_gemv(rows, coeff, threshold, scale, out=out)
 
-            ms = _graph_ms(run)
+            ms = graph_ms(run)
             active_bytes = density * K * M * sets[0][0].element_size()
             results.append({"kernel": name, "K": K, "M": M, "density": density, "us": ms * 1e3,
                             "active_gbs": active_bytes / (ms / 1e3) / 1e9,
                             "share_of_copy_bandwidth": active_bytes / (ms / 1e3) / bandwidth})
         dense_rows = sets[0][0]
         out_dense = torch.empty(M, device=device, dtype=torch_dtype)
-        ms = _graph_ms(lambda: torch.mv(dense_rows.t(), sets[0][1], out=out_dense))
+        ms = graph_ms(lambda: torch.mv(dense_rows.t(), sets[0][1], out=out_dense))
         results.append({"kernel": f"{name} (dense cuBLAS)", "K": K, "M": M, "density": 1.0, "us": ms * 1e3,
                         "active_gbs": K * M * dense_rows.element_size() / (ms / 1e3) / 1e9,
                         "share_of_copy_bandwidth": K * M * dense_rows.element_size() / (ms / 1e3) / bandwidth})
     return results
 
 
-def _graph_ms(fn, calls: int = 30) -> float:
-    """Median ms of one call of fn, `calls` calls captured per CUDA graph."""
+def graph_ms(fn, calls: int = 30) -> float:
+    """Median ms of one call of fn, `calls` calls captured per CUDA graph (no launch overhead, as in the
+    engine's replayed step)."""
     import triton.testing
 
     def many():
