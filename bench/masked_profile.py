@@ -77,7 +77,8 @@ def masked_parts(K: int, M: int, density: float, scaled: bool, groups: int, conf
         count = torch.empty(groups * chunks, dtype=torch.int32, device="cuda")
         us = graph_us(lambda: kernels._compact_kernel[(chunks, groups)](
             coeff, scale if scale is not None else coeff, threshold, index, value, count, K=K, CHUNKS=chunks,
-            HAS_SCALE=scale is not None, CHUNK=min(chunk, kernels.triton.next_power_of_2(K)), num_warps=4 if chunk <= 1024 else 8))
+            HAS_SCALE=scale is not None, CHUNK=min(chunk, kernels.triton.next_power_of_2(K)), PDL=False,
+            num_warps=4 if chunk <= 1024 else 8))
         results.append({"part": "compact", "CHUNK": chunk, "us": us})
     for c in configs:  # compact + gather + reduce with these gather settings
         for name, setting in (("BLOCK_M", c["BLOCK_M"]), ("BLOCK_K", c["BLOCK_K"]), ("GATHER_WARPS", c["warps"]),

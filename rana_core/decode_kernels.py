@@ -22,14 +22,17 @@ import math
 
 import torch
 
-from rana_core.kernels import triton, use_triton
+from rana_core.kernels import pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
+    from rana_core.kernels import await_inputs
+
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, delta_ptr, weight_ptr, normed_ptr, N, eps, HAS_DELTA: tl.constexpr,
-                            BLOCK: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr):
+        await_inputs(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         ok = offs < N
@@ -46,9 +49,11 @@ if triton is not None:
 
     @triton.jit
     def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq,
-                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr):
+                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                                PDL: tl.constexpr):
         """Program h < HEADS rotates query head h into q; program HEADS + j rotates key head j into the cache
         and copies value head j beside it, both at position pos."""
+        await_inputs(PDL)
         h = tl.program_id(0)
         pos = tl.load(pos_ptr)
         i = tl.arange(0, HALF)
@@ -87,10 +92,11 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round."""
+        await_inputs(PDL)
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         dtype = out_ptr.dtype.element_ty
@@ -104,9 +110,11 @@ if triton is not None:
 
     @triton.jit
     def _attention_chunk_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, max_seq, scale,
-                                GROUP: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+                                GROUP: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+                                PDL: tl.constexpr):
         """Program (j, s): KV head j's positions s·CHUNK… (those ≤ pos) against each of its GROUP query heads:
         the chunk's running max m, softmax denominator l and weighted value sum acc (flash-decoding)."""
+        await_inputs(PDL)
         j, s = tl.program_id(0), tl.program_id(1)
         pos = tl.load(pos_ptr)
         t = s * CHUNK + tl.arange(0, CHUNK)
@@ -127,9 +135,10 @@ if triton is not None:
 
     @triton.jit
     def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                                  D: tl.constexpr):
+                                  D: tl.constexpr, PDL: tl.constexpr):
         """Query head h: the chunks' partial softmaxes rescaled to the common max and added (empty chunks, with
         m = -inf, weigh nothing)."""
+        await_inputs(PDL)
         h = tl.program_id(0)
         s = tl.arange(0, SPLITS_P2)
         s_ok = s < SPLITS
@@ -158,7 +167,7 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     T, N = x.shape
     _add_rmsnorm_kernel[(T,)](x, delta if delta is not None else x, weight, normed, N, eps,
                               HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(N),
-                              num_warps=8 if N >= 2048 else 4)
+                              PDL=pdl(x), num_warps=8 if N >= 2048 else 4, launch_pdl=pdl(x))
     return normed
 
 
@@ -185,7 +194,7 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
         return q_out
     _rope_into_cache_kernel[(heads + kv_heads,)](qkv, cos_table, sin_table, pos, q_out, k_cache, v_cache,
                                                  k_cache.shape[1], HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2,
-                                                 num_warps=1)
+                                                 PDL=pdl(qkv), num_warps=1, launch_pdl=pdl(qkv))
     return q_out
 
 
@@ -211,9 +220,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     acc = torch.empty(heads * splits * d, dtype=torch.float32, device=q.device)
     _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
                                                 GROUP=heads // kv_heads, SPLITS=splits, CHUNK=ATTENTION_CHUNK, D=d,
-                                                num_warps=4)
+                                                PDL=pdl(q), num_warps=4, launch_pdl=pdl(q))
     _attention_combine_kernel[(heads,)](m, l, acc, out, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-                                        D=d, num_warps=4)
+                                        D=d, PDL=pdl(q), num_warps=4, launch_pdl=pdl(q))
     return out
 
 
@@ -234,5 +243,6 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     N = N // 2 if swiglu else N
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0), K=K, BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, num_warps=c["num_warps"],
-                                                   num_stages=c["num_stages"])
+                                                   num_stages=c["num_stages"], PDL=pdl(weight),
+                                                   launch_pdl=pdl(weight))
     return out

@@ -49,6 +49,21 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_CAPABILITY: dict = {}
+
+
+def pdl(tensor: torch.Tensor) -> bool:
+    """Whether to launch with programmatic dependent launch (Hopper and later, not in the interpreter; RANA_PDL=0
+    turns it off): a launch's programs start while the launch before it drains, and every kernel here waits
+    (griddepcontrol.wait) for the one before it to finish, and its writes to land, before it reads or writes
+    anything. Every kernel waits before it can finish, so a kernel also sees what earlier launches wrote."""
+    if tensor.device.type != "cuda" or _interpreting() or os.environ.get("RANA_PDL", "1") == "0":
+        return False
+    if tensor.device not in _CAPABILITY:
+        _CAPABILITY[tensor.device] = torch.cuda.get_device_capability(tensor.device)[0] >= 9
+    return _CAPABILITY[tensor.device]
+
+
 def use_triton(tensor: torch.Tensor) -> bool:
     """Triton runs on CUDA tensors, and on CPU tensors in its interpreter (CI's CPU path)."""
     return triton is not None and (tensor.device.type == "cuda" or _interpreting())
@@ -67,11 +82,21 @@ def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
 if triton is not None:
 
     @triton.jit
+    def await_inputs(PDL: tl.constexpr):
+        """With PDL: wait until the launch before has finished and its writes are visible, then let the next
+        launch's programs start (they too wait before touching memory, so starting them early is safe)."""
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
+
+    @triton.jit
     def _compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr,
-                        K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr):
+                        K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+                        PDL: tl.constexpr):
         """Program (c, g): the indices and coefficients of chunk c of group g's coefficients c[g·K:(g+1)·K]
         whose score |c|(·scale) reaches threshold[g], in order, to index/value[g·K + c·CHUNK:], and their number
         to count[g·CHUNKS + c]. The chunks' lists, one after another, are group g's list."""
+        await_inputs(PDL)
         c, g = tl.program_id(0), tl.program_id(1)
         offs = c * CHUNK + tl.arange(0, CHUNK)
         ok = offs < K
@@ -112,9 +137,11 @@ if triton is not None:
     @triton.jit
     def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                        SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr):
+                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
+                       PDL: tl.constexpr):
         """Program (m, s, g): columns m·BLOCK_M… of Σ value·rows[index] over share s of group g's list, into
         partial[g, s, :]. Group g's rows start at row g·K of `rows`."""
+        await_inputs(PDL)
         pid_m, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -146,10 +173,11 @@ if triton is not None:
 
     @triton.jit
     def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                       EPILOGUE: tl.constexpr, BLOCK: tl.constexpr):
+                       EPILOGUE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out = epilogue(Σ_s partial[g, s, :]): EPILOGUE 0: group 0 as is (cast to out's dtype); 1: silu(group
         0) · group 1, rounded as the unfused ops would round. All of a column block's partials are loaded at once
         (one tile), so the loads are in flight together."""
+        await_inputs(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         split = tl.arange(0, SPLITS_P2)
         ok = (split[:, None] < SPLITS) & (offs[None, :] < M)
@@ -195,13 +223,14 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     count = _buffer("count", groups * chunks, torch.int32, device)
     _compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
                                       K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,
-                                      num_warps=4 if chunk <= 1024 else 8)
+                                      PDL=pdl(rows), num_warps=4 if chunk <= 1024 else 8, launch_pdl=pdl(rows))
     splits = _list_splits(K, M, groups, device)
     partial = _buffer("partial", groups * splits * M, torch.float32, device)
     _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), num_warps=GATHER_WARPS, num_stages=GATHER_STAGES)
+        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=pdl(rows), num_warps=GATHER_WARPS,
+        num_stages=GATHER_STAGES, launch_pdl=pdl(rows))
     return partial, splits
 
 
@@ -211,7 +240,8 @@ def reduce_partials(partial: torch.Tensor, splits: int, out: torch.Tensor, epilo
     p2 = triton.next_power_of_2(splits)
     block = max(16, min(256, 4096 // p2))  # a tile of at most 4096 partial sums per program
     _reduce_kernel[(math.ceil(M / block),)](partial, out, M, SPLITS=splits, SPLITS_P2=p2,
-                                            EPILOGUE={"sum": 0, "swiglu": 1}[epilogue], BLOCK=block)
+                                            EPILOGUE={"sum": 0, "swiglu": 1}[epilogue], BLOCK=block, PDL=pdl(out),
+                                            launch_pdl=pdl(out))
     return out
 
 
