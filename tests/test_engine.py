@@ -107,3 +107,31 @@ def test_graph_replay_computes_what_eager_steps_compute(flop_reduction, gemv):
         error = float((replayed - eager).norm() / eager.norm())
         assert error < 1e-2, (step, error)
         assert int(engine.pos) == int(pos) + 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
+def test_programmatic_dependent_launch_changes_no_bit(flop_reduction, monkeypatch):
+    """With PDL a kernel's programs start before the previous kernel is done; every kernel must still read what
+    the one before wrote. The kernels are deterministic (no atomics), so replayed graphs with and without PDL
+    must give the same logits bit for bit, step after step: a missing wait would show as a difference."""
+    from rana_core.kernels import pdl
+
+    if not pdl(torch.empty(1, device="cuda")):
+        pytest.fail("this GPU cannot launch with PDL (needs compute capability 9.0, e.g. an H100)")
+    logits = {}
+    for enabled in ("1", "0"):
+        monkeypatch.setenv("RANA_PDL", enabled)
+        torch.manual_seed(0)
+        engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
+                              gemv="triton")
+        engine.calibrate()
+        engine.allocate(64)
+        engine.prefill(torch.arange(20, device="cuda") * 37 % engine.shape.vocab)
+        engine.capture()
+        steps = []
+        for _ in range(16):
+            engine.graph.replay()
+            steps.append(engine.graph_logits.clone())
+        logits[enabled] = torch.stack(steps)
+    assert torch.equal(logits["1"], logits["0"])
