@@ -153,19 +153,70 @@ def case(label, K, M, scaled, groups, density):
     return results
 
 
-def main() -> int:
+def chain_parts(K, M, scaled, groups, density) -> list[dict]:
+    """The library's product cut after each launch (compact; + gather; + reduce), with and without PDL: where
+    the fixed cost of a product goes."""
+    import os
+
+    rows = torch.randn(groups * K, M, device="cuda", dtype=torch.float16)
+    coeff = torch.randn(groups * K, device="cuda", dtype=torch.float16)
+    scale = torch.rand(groups * K, device="cuda") + 0.5 if scaled else None
+    score = coeff.float().abs() * (scale if scale is not None else 1.0)
+    q = torch.quantile(score[:K], 1 - density) if density > 0 else score.max() + 1
+    threshold = torch.as_tensor(q, dtype=torch.float32, device="cuda").reshape(1).repeat(groups).contiguous()
+    out = torch.empty(M, device="cuda", dtype=torch.float16)
+    epilogue = "swiglu" if groups == 2 else "sum"
+    chunk = min(kernels.COMPACT_CHUNK, triton.next_power_of_2(K))
+    chunks = math.ceil(K / chunk)
+    index = torch.empty(groups * K, dtype=torch.int32, device="cuda")
+    value = torch.empty(groups * K, dtype=torch.float32, device="cuda")
+    count = torch.empty(groups * chunks, dtype=torch.int32, device="cuda")
+
+    def compact():
+        p = kernels.pdl(rows)
+        kernels._compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index,
+                                                  value, count, K=K, CHUNKS=chunks, HAS_SCALE=scale is not None,
+                                                  CHUNK=chunk, PDL=p, num_warps=8, launch_pdl=p)
+
+    parts = {"compact": compact,
+             "compact+gather": lambda: kernels.masked_rows_partials(rows, coeff, threshold, scale, groups),
+             "compact+gather+reduce": lambda: kernels.reduce_partials(
+                 *kernels.masked_rows_partials(rows, coeff, threshold, scale, groups), out, epilogue)}
+    results = []
+    for setting in ("0", "1"):
+        os.environ["RANA_PDL"] = setting
+        for name, fn in parts.items():
+            results.append({"pdl": setting == "1", "part": name, "us": 1e3 * latency.graph_ms(fn, calls=20)})
+    os.environ.pop("RANA_PDL")
+    return results
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--chains-only", action="store_true", help="only the launch-by-launch cut of the library")
+    args = parser.parse_args(argv)
     name = latency.device_name("cuda")
     print(f"{name}, triton {triton.__version__}, torch {torch.__version__}")
     report = {"device_name": name, "cases": []}
     for label, K, M, scaled, groups in (("gate+up A (2 groups)", 3082, 11008, False, 2),
                                         ("down neuron", 11008, 4096, True, 1), ("qkv A", 3441, 12288, False, 1)):
-        for density in (0.0, 0.1, 0.35, 0.56, 1.0):
+        for density in () if args.chains_only else (0.0, 0.1, 0.35, 0.56, 1.0):
             results = case(label, K, M, scaled, groups, density)
             report["cases"].append({"kernel": label, "K": K, "M": M, "density": density, "results": results})
             print(f"\n{label} K={K} M={M} density {density}")
             for r in results:
                 print("  " + "  ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
-    out = RESULTS / f"masked-variants-{name.replace(' ', '-').lower()}.json"
+    report["chains"] = []
+    for label, K, M, scaled, groups in (("gate+up A (2 groups)", 3082, 11008, False, 2),
+                                        ("down neuron", 11008, 4096, True, 1), ("qkv A", 3441, 12288, False, 1)):
+        for density in (0.0, 0.35):
+            results = chain_parts(K, M, scaled, groups, density)
+            report["chains"].append({"kernel": label, "density": density, "results": results})
+            print(f"\n{label} density {density}: " + ", ".join(
+                f"{r['part']}{' (pdl)' if r['pdl'] else ''} {r['us']:.1f} us" for r in results))
+    out = RESULTS / f"masked-variants-{'chains-' if args.chains_only else ''}{name.replace(' ', '-').lower()}.json"
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {shown(out)}")
     return 0
