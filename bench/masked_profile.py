@@ -76,8 +76,8 @@ def masked_parts(K: int, M: int, density: float, scaled: bool, groups: int, conf
         chunks = math.ceil(K / chunk)
         count = torch.empty(groups * chunks, dtype=torch.int32, device="cuda")
         us = graph_us(lambda: kernels._compact_kernel[(chunks, groups)](
-            coeff, scale if scale is not None else coeff, threshold, index, value, count, K=K, CHUNKS=chunks,
-            HAS_SCALE=scale is not None, CHUNK=min(chunk, kernels.triton.next_power_of_2(K)), PDL=False,
+            coeff, scale if scale is not None else coeff, threshold, index, value, count, coeff, K=K, CHUNKS=chunks,
+            HAS_SCALE=scale is not None, CHUNK=min(chunk, kernels.triton.next_power_of_2(K)), SOURCE_SPLITS=0, PDL=False,
             num_warps=4 if chunk <= 1024 else 8))
         results.append({"part": "compact", "CHUNK": chunk, "us": us})
     for c in configs:  # compact + gather + reduce with these gather settings

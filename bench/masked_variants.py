@@ -175,8 +175,8 @@ def chain_parts(K, M, scaled, groups, density) -> list[dict]:
     def compact():
         p = kernels.pdl(rows)
         kernels._compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index,
-                                                  value, count, K=K, CHUNKS=chunks, HAS_SCALE=scale is not None,
-                                                  CHUNK=chunk, PDL=p, num_warps=8, launch_pdl=p)
+                                                  value, count, coeff, K=K, CHUNKS=chunks,
+                                                  HAS_SCALE=scale is not None, CHUNK=chunk, SOURCE_SPLITS=0, PDL=p, num_warps=8, launch_pdl=p)
 
     parts = {"compact": compact,
              "compact+gather": lambda: kernels.masked_rows_partials(rows, coeff, threshold, scale, groups),

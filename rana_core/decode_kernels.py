@@ -48,21 +48,33 @@ if triton is not None:
         tl.store(normed_ptr + row * N + offs, normed.to(dtype), mask=ok)
 
     @triton.jit
+    def _qkv_values(qkv_ptr, offs, SPLITS: tl.constexpr, N: tl.constexpr, dtype):
+        """qkv[offs] in float32: read as stored, or, with SPLITS > 0, added up from a masked product's SPLITS
+        rows of float32 partial sums (rana_core.kernels) and rounded to `dtype` as reduce_partials would."""
+        if SPLITS == 0:
+            return tl.load(qkv_ptr + offs).to(tl.float32)
+        total = tl.load(qkv_ptr + offs)
+        for s in tl.static_range(1, SPLITS):
+            total += tl.load(qkv_ptr + s * N + offs)
+        return total.to(dtype).to(tl.float32)
+
+    @triton.jit
     def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq,
                                 HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                                PDL: tl.constexpr):
+                                SPLITS: tl.constexpr, PDL: tl.constexpr):
         """Program h < HEADS rotates query head h into q; program HEADS + j rotates key head j into the cache
-        and copies value head j beside it, both at position pos."""
+        and copies value head j beside it, both at position pos. With SPLITS > 0, qkv is the masked product's
+        partial sums (SPLITS rows), added up here: the product then needs no reduction launch of its own."""
         await_inputs(PDL)
         h = tl.program_id(0)
         pos = tl.load(pos_ptr)
         i = tl.arange(0, HALF)
         dtype = q_ptr.dtype.element_ty
+        N = (HEADS + 2 * KV_HEADS) * 2 * HALF
         cos = tl.load(cos_ptr + pos * HALF + i).to(tl.float32)
         sin = tl.load(sin_ptr + pos * HALF + i).to(tl.float32)
-        source = qkv_ptr + h * 2 * HALF
-        x1 = tl.load(source + i).to(tl.float32)
-        x2 = tl.load(source + HALF + i).to(tl.float32)
+        x1 = _qkv_values(qkv_ptr, h * 2 * HALF + i, SPLITS, N, dtype)
+        x2 = _qkv_values(qkv_ptr, h * 2 * HALF + HALF + i, SPLITS, N, dtype)
         first = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
         second = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
         if h < HEADS:
@@ -74,8 +86,8 @@ if triton is not None:
             tl.store(target + i, first)
             tl.store(target + HALF + i, second)
             d = tl.arange(0, 2 * HALF)
-            value = tl.load(qkv_ptr + (HEADS + KV_HEADS + j) * 2 * HALF + d)
-            tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value)
+            value = _qkv_values(qkv_ptr, (HEADS + KV_HEADS + j) * 2 * HALF + d, SPLITS, N, dtype)
+            tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value.to(dtype))
 
     @triton.jit
     def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -181,10 +193,19 @@ def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
-                    q_out: torch.Tensor) -> torch.Tensor:
+                    q_out: torch.Tensor, splits: int = 0) -> torch.Tensor:
     """One token: qkv (1, (heads + 2·kv_heads)·d) → q_out (heads, d) rotated at position pos (a (1,) tensor);
-    k rotated and v written into k_cache/v_cache (kv_heads, max_seq, d) at pos. Returns q_out."""
+    k rotated and v written into k_cache/v_cache (kv_heads, max_seq, d) at pos. Returns q_out.
+
+    With `splits` > 0, qkv is instead the float32 partial sums of the masked product that makes it
+    (rana_core.kernels.masked_rows_partials: splits rows), added up here in the model's dtype."""
     d = k_cache.shape[-1]
+    if splits:
+        if qkv.numel() != splits * (heads + 2 * kv_heads) * d:
+            raise ValueError(f"{qkv.numel()} partial sums are not {splits} rows of qkv")
+        if not use_triton(qkv):
+            qkv = qkv.view(splits, -1).sum(0).to(q_out.dtype)[None]
+            splits = 0
     if not use_triton(qkv):
         q, k, v = qkv.view(1, heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads], dim=1)
         cos, sin = cos_table[pos], sin_table[pos]
@@ -194,7 +215,7 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
         return q_out
     _rope_into_cache_kernel[(heads + kv_heads,)](qkv, cos_table, sin_table, pos, q_out, k_cache, v_cache,
                                                  k_cache.shape[1], HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2,
-                                                 PDL=pdl(qkv), num_warps=1, launch_pdl=pdl(qkv))
+                                                 SPLITS=splits, PDL=pdl(qkv), num_warps=1, launch_pdl=pdl(qkv))
     return q_out
 
 

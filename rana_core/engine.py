@@ -88,6 +88,11 @@ class RankPart(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.expand(F.linear(x, self.B))
 
+    def fusable(self, z: torch.Tensor) -> bool:
+        """Whether this token's product may run as raw kernels whose partial sums the next kernel adds up: one
+        token on Triton, and neither calibrating nor counting (those read the coefficients in PyTorch)."""
+        return z.shape[0] == 1 and use_triton(z) and not (self.calibrating or self.counting)
+
     def expand(self, z: torch.Tensor) -> torch.Tensor:
         """The A-part: from the coefficients z = B x to the output, through the mask."""
         if self.calibrating:
@@ -202,13 +207,18 @@ class Block(nn.Module):
         """o_proj(attention(normed)), this token's k and v written into the cache."""
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
+        splits = 0  # > 0: qkv holds the masked product's partial sums, which the rotary kernel adds up
         if isinstance(self.qkv, RankPart):
-            qkv = self.qkv.expand(matvec(self.qkv.B, normed, self.gemv))
+            z = matvec(self.qkv.B, normed, self.gemv)
+            if self.qkv.fusable(z):
+                qkv, splits = masked_rows_partials(self.qkv.rows, z[0], self.qkv.threshold, self.qkv.scale)
+            else:
+                qkv = self.qkv.expand(z)
         else:
             qkv = matvec(self.qkv.weight, normed, self.gemv)
         if T == 1:  # rotary and both cache writes in one kernel, then attention over the prefix only
             q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
-                                torch.empty(s.heads, hd, dtype=qkv.dtype, device=qkv.device))
+                                torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device), splits)
             attended = decode_attention(q, k_cache, v_cache, pos, torch.empty_like(q)).view(1, s.hidden)
         else:
             q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
@@ -225,12 +235,15 @@ class Block(nn.Module):
         if not isinstance(self.gate, RankPart):
             return matvec(self.down.weight, matvec(self.gate_up, normed, self.gemv, swiglu=True), self.gemv)
         z = matvec(self.gate_up_B, normed, self.gemv)
-        if normed.shape[0] == 1 and use_triton(z) and not (self.gate.calibrating or self.gate.counting):
-            # one token: gate's and up's masked products in one launch, SwiGLU fused into their reduction
+        if self.gate.fusable(z) and self.down.fusable(z):
+            # one token: gate's and up's masked products in one launch; their partial sums go straight into the
+            # down product's compaction, which makes h = silu(gate)·up itself (no reduction launch between)
             partial, splits = masked_rows_partials(self.gate_up_rows, z[0], self.gate_up_threshold, groups=2)
-            h = reduce_partials(partial, splits, torch.empty_like(self.gate.out), epilogue="swiglu")[None]
-        else:
-            h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
+            down_partial, down_splits = masked_rows_partials(
+                self.down.rows, torch.empty_like(self.gate.out), self.down.threshold, self.down.scale,
+                swiglu_of=(partial, splits))
+            return reduce_partials(down_partial, down_splits, self.down.out)[None]
+        h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 
 

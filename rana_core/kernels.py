@@ -90,17 +90,32 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
-    def _compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr,
+    def _compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr,
                         K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
-                        PDL: tl.constexpr):
+                        SOURCE_SPLITS: tl.constexpr, PDL: tl.constexpr):
         """Program (c, g): the indices and coefficients of chunk c of group g's coefficients c[g·K:(g+1)·K]
         whose score |c|(·scale) reaches threshold[g], in order, to index/value[g·K + c·CHUNK:], and their number
-        to count[g·CHUNKS + c]. The chunks' lists, one after another, are group g's list."""
+        to count[g·CHUNKS + c]. The chunks' lists, one after another, are group g's list.
+
+        With SOURCE_SPLITS > 0 (one group) the coefficients are first made, and written to coeff, from the
+        partial sums of a two-group product (gate's and up's A-parts: SOURCE_SPLITS rows each): silu(gate) · up,
+        rounded as reduce_partials rounds it. This saves the gate/up reduction its own launch."""
         await_inputs(PDL)
         c, g = tl.program_id(0), tl.program_id(1)
         offs = c * CHUNK + tl.arange(0, CHUNK)
         ok = offs < K
-        coeff = tl.load(coeff_ptr + g * K + offs, mask=ok, other=0.0)
+        if SOURCE_SPLITS > 0:
+            gate = tl.zeros([CHUNK], dtype=tl.float32)
+            up = tl.zeros([CHUNK], dtype=tl.float32)
+            for s in tl.static_range(SOURCE_SPLITS):
+                gate += tl.load(source_ptr + s * K + offs, mask=ok, other=0.0)
+                up += tl.load(source_ptr + (SOURCE_SPLITS + s) * K + offs, mask=ok, other=0.0)
+            dtype = coeff_ptr.dtype.element_ty
+            gate = gate.to(dtype).to(tl.float32)
+            coeff = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+            tl.store(coeff_ptr + offs, coeff, mask=ok)
+        else:
+            coeff = tl.load(coeff_ptr + g * K + offs, mask=ok, other=0.0)
         score = tl.abs(coeff.to(tl.float32))
         if HAS_SCALE:
             score = score * tl.load(scale_ptr + g * K + offs, mask=ok, other=0.0).to(tl.float32)
@@ -204,11 +219,19 @@ def _buffer(name: str, size: int, dtype, device: torch.device) -> torch.Tensor:
 
 
 def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
-                         scale: torch.Tensor | None = None, groups: int = 1) -> tuple[torch.Tensor, int]:
+                         scale: torch.Tensor | None = None, groups: int = 1,
+                         swiglu_of: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, int]:
     """Launches compact and gather for `groups` equal products stacked along K; returns (partials, splits),
-    partials of shape (groups · splits, M) in float32, for `reduce_partials`."""
+    partials of shape (groups · splits, M) in float32, for `reduce_partials` (or for `rope_into_cache`, or as
+    `swiglu_of` of the next product, which add them up themselves).
+
+    `swiglu_of`: (partials, splits) of a two-group gate/up product whose silu(gate) · up are this product's
+    coefficients: the compaction makes them (and writes them to `coeff`, an output buffer then), so the gate/up
+    product needs no reduction launch of its own."""
     K_all, M = rows.shape
     K = K_all // groups
+    if swiglu_of is not None and (groups != 1 or swiglu_of[0].numel() != 2 * swiglu_of[1] * K):
+        raise ValueError(f"swiglu_of needs one group and 2 × splits × {K} partial sums")
     if coeff.shape != (K_all,) or K * groups != K_all:
         raise ValueError(f"coefficients {tuple(coeff.shape)} do not match rows {tuple(rows.shape)} in {groups} groups")
     if threshold.numel() != groups:
@@ -221,9 +244,11 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     index = _buffer("index", K_all, torch.int32, device)
     value = _buffer("value", K_all, torch.float32, device)
     count = _buffer("count", groups * chunks, torch.int32, device)
+    source, source_splits = swiglu_of if swiglu_of is not None else (coeff, 0)
     _compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
-                                      K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,
-                                      PDL=pdl(rows), num_warps=4 if chunk <= 1024 else 8, launch_pdl=pdl(rows))
+                                      source, K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,
+                                      SOURCE_SPLITS=source_splits, PDL=pdl(rows),
+                                      num_warps=4 if chunk <= 1024 else 8, launch_pdl=pdl(rows))
     splits = _list_splits(K, M, groups, device)
     partial = _buffer("partial", groups * splits * M, torch.float32, device)
     _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](

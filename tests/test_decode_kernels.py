@@ -100,6 +100,70 @@ def test_two_groups_in_one_launch_with_the_swiglu_epilogue(device, dtype, densit
         assert relative_error(out.float().cpu(), expected) < 2 * tolerance(dtype)
 
 
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+def test_rope_adds_up_the_partial_sums_of_the_masked_qkv_product(device, dtype):
+    """The qkv product's reduction fused into the rotary kernel: fed the partial sums, it writes what it writes
+    when fed the reduced qkv (reduce_partials), bit for bit up to the order of the float32 additions."""
+    heads, kv_heads, d, max_seq = (32, 32, 128, 64) if device == "cuda" else (4, 2, 16, 8)
+    K = 3441 if device == "cuda" else 400  # 400 at 90%: 360 listed rows, several steps, several partial rows
+    M = (heads + 2 * kv_heads) * d
+    g = torch.Generator().manual_seed(K)
+    rows = (torch.randn(K, M, generator=g) / K ** 0.5).to(device, dtype)
+    coeff = torch.randn(K, generator=g).to(device, dtype)
+    threshold = threshold_for_density(coeff.float().abs(), 0.9)
+    angles = torch.rand(max_seq, d // 2, generator=g) * 6
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+    pos = torch.tensor([3], device=device)
+    results = []
+    for fused in (False, True):
+        partial, splits = masked_rows_partials(rows, coeff, threshold)
+        if fused:
+            qkv = partial
+        else:
+            qkv, splits = reduce_partials(partial, splits, poisoned(M, dtype=dtype, device=device))[None], 0
+        if fused:  # several non-zero partial rows, or nothing is added up
+            assert (partial.view(splits, M).abs().sum(1) > 0).sum() >= 2
+        k_cache = poisoned(kv_heads, max_seq, d, dtype=dtype, device=device)
+        v_cache = poisoned(kv_heads, max_seq, d, dtype=dtype, device=device)
+        q = rope_into_cache(qkv, cos, sin, pos, k_cache, v_cache, heads, kv_heads,
+                            poisoned(heads, d, dtype=dtype, device=device), splits)
+        results.append((q.float(), k_cache[:, 3].float(), v_cache[:, 3].float()))
+    for unfused, fused in zip(*results):
+        assert torch.isfinite(fused).all()
+        assert relative_error(fused, unfused) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("density", [0.0, 0.5])
+def test_down_compaction_makes_swiglu_from_the_gate_up_partials(device, dtype, density):
+    """gate/up's reduction fused into the down product's compaction: the compaction makes h = silu(gate) · up
+    from the partial sums (and writes it), and the down product equals the one computed from the reduced h."""
+    K, M, H = (3082, 11008, 4096) if device == "cuda" else (400, 40, 16)
+    g = torch.Generator().manual_seed(M)
+    up_rows = (torch.randn(2 * K, M, generator=g) / K ** 0.5).to(device, dtype)
+    z = torch.randn(2 * K, generator=g).to(device, dtype)
+    gate_up_threshold = threshold_for_density(z.float().abs(), 0.9).repeat(2).contiguous()
+    down_rows = (torch.randn(M, H, generator=g) / M ** 0.5).to(device, dtype)
+    scale = (torch.rand(M, generator=g) + 0.5).to(device)
+    partial, splits = masked_rows_partials(up_rows, z, gate_up_threshold, groups=2)
+    assert (partial.view(2, splits, M)[0].abs().sum(1) > 0).sum() >= 2  # several partial rows to add up
+    h = reduce_partials(partial, splits, poisoned(M, dtype=dtype, device=device), epilogue="swiglu")
+    down_threshold = threshold_for_density(h.float().abs() * scale, density)
+    expected = reference_masked_rows(down_rows.cpu(), h.cpu(), down_threshold.cpu(), scale.cpu())
+    made = poisoned(M, dtype=dtype, device=device)
+    down_partial, down_splits = masked_rows_partials(down_rows, made, down_threshold, scale,
+                                                     swiglu_of=(partial, splits))
+    out = reduce_partials(down_partial, down_splits, poisoned(H, dtype=dtype, device=device))
+    assert relative_error(made.float(), h.float()) < tolerance(dtype)
+    assert torch.isfinite(out).all()
+    if density == 0.0:
+        assert torch.count_nonzero(out) == 0
+    else:
+        assert relative_error(out.float().cpu(), expected) < 2 * tolerance(dtype)
+    with pytest.raises(ValueError, match="swiglu_of"):
+        masked_rows_partials(down_rows[:-1], made[:-1], down_threshold, scale[:-1], swiglu_of=(partial, splits))
+
+
 def test_group_arguments_are_checked():
     rows, coeff = torch.zeros(10, 4), torch.zeros(10)
     with pytest.raises(ValueError, match="one threshold per group"):

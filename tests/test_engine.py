@@ -6,7 +6,7 @@ that CUDA-graph replay decodes the same tokens as eager steps."""
 import pytest
 import torch
 
-from rana_core.engine import SHAPES, DecodeEngine, NeuronPart, RankPart, uniform_keeps
+from rana_core.engine import SHAPES, DecodeEngine, NeuronPart, RankPart, Shape, uniform_keeps
 
 TINY = SHAPES["tiny-shape"]
 
@@ -45,14 +45,20 @@ def test_dense_engine_computes_what_hugging_face_llama_computes():
     assert torch.allclose(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("flop_reduction, gemv", [(0.0, "cublas"), (0.44, "cublas"), (0.0, "triton"),
-                                                  (0.44, "triton")])
-def test_cached_decoding_equals_a_full_forward(flop_reduction, gemv):
-    """Steps take the one-token path (fused norm and rotary kernels, grouped masked products, the chosen GEMV);
-    the full forward takes the batched PyTorch path."""
-    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=flop_reduction, gemv=gemv)
+TINY_MHA = Shape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=4, vocab=257)  # QKV adapted too
+
+
+@pytest.mark.parametrize("flop_reduction, gemv, shape", [(0.0, "cublas", TINY), (0.44, "cublas", TINY),
+                                                         (0.0, "triton", TINY), (0.44, "triton", TINY),
+                                                         (0.44, "triton", TINY_MHA)])
+def test_cached_decoding_equals_a_full_forward(flop_reduction, gemv, shape):
+    """Steps take the one-token path (fused norm and rotary kernels, grouped masked products whose partial sums
+    the rotary kernel and the down compaction add up, the chosen GEMV); the full forward takes the batched
+    PyTorch path. With every head its own K/V head, QKV is adapted too."""
+    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv=gemv)
+    assert isinstance(engine.blocks[0].qkv, RankPart) == (shape is TINY_MHA and flop_reduction > 0)
     engine.calibrate(tokens=256)
-    prompt = torch.randint(0, TINY.vocab, (9,), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(0, shape.vocab, (9,), generator=torch.Generator().manual_seed(1))
     engine.allocate(32)
     engine.prefill(prompt)
     generated = [prompt]
