@@ -48,8 +48,14 @@ def build(loaded, calib_windows, config, progress):
     curves = state.curves()
     scales = state.scales(curves) if weight == "loss" else {"qkv": 1.0, "mlp": 1.0}
     chosen = allocate(curves, state.dense_flops(), weight, scales, config.flop_reduction, solver)
-    progress(0.95, "allocation: " + summary(chosen))
-    adapters = [unit for key, point in sorted(chosen.items()) for unit in state.build_point(key, point)]
+    progress(0.95, "hybrid allocation: " + summary(chosen))
+    dense = state.dense_flops()
+    adapters = []
+    for key, point in sorted(chosen.items()):
+        for unit in state.build_point(key, point):
+            for meter in unit.meters():  # stored per layer row, so the inspector shows what was chosen
+                meter.planned_keep = point.flops / dense[key]
+            adapters.append(unit)
     progress(1.0, f"built {len(adapters)} adapters")
     return adapters
 
