@@ -218,10 +218,11 @@ def _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
             tau = _threshold(h_fit.abs() * column_norms, fractions[2])
             mask = (h_check.abs() * column_norms) >= tau
             errors = _errors((h_check * mask) @ down.T - dense, dense_energy, fisher)
-            flops = up.flops(u_plan, u_active) + gate.flops(g_plan, g_active) + 2.0 * hidden * mask.sum(1).float().mean().item()
+            down_active = mask.sum(1).float().mean().item()
+            flops = up.flops(u_plan, u_active) + gate.flops(g_plan, g_active) + 2.0 * hidden * down_active
             for w in WEIGHTS:
                 if w not in best or errors[w] < best[w][1]:
-                    best[w] = (shares, errors[w], flops, fractions, tau, mask.sum(1).float().mean().item())
+                    best[w] = (shares, errors[w], flops, fractions, tau, down_active)
         for w, (shares, error, flops, fractions, tau, down_active) in best.items():
             seeds[w] = shares
             params = {"up": up.params(fractions[0]), "gate": gate.params(fractions[1]),
