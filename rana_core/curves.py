@@ -31,7 +31,7 @@ from rana_core.decompose import output_basis, rank_for_budget
 from rana_core.flops import linear_flops, low_rank_flops
 from rana_core.profiles import SPLIT_PARTS, SPLIT_RANGE, ProjectionFactors, _moved, _round
 
-CURVES_VERSION = 1  # bump when what a point means changes: old cache entries then miss
+CURVES_VERSION = 2  # bump when what a point means changes: old cache entries then miss
 WEIGHTS = ("loss", "output")
 KEEPS = [round(0.95 - 0.05 * i, 2) for i in range(16)]  # 0.95 .. 0.2 of a module's dense FLOPs
 CATS_NEURONS = [round(0.95 - 0.05 * i, 2) for i in range(19)]  # share of neurons kept, 0.95 .. 0.05
@@ -119,22 +119,20 @@ class _RankProjection:
         """(plan, output on fit rows, output on check rows, mean active ranks on check rows)."""
         keep = _round(keep)
         if keep not in self._at:
-            f = self.factors
             if keep >= 1.0:
-                plan = f.plan(1.0)
-                self._at[keep] = (plan, self.fit @ f.weight.T, self.check @ f.weight.T, float(plan.rank))
-            else:
-                plan = f.plan(keep)
-                z = self.check_z[:, : plan.rank]
-                mask = z.square() >= plan.tau
-                check_out = (z * mask) @ f.basis.U[:, : plan.rank].T.float()
-                active = mask.sum(1).float().mean().item()
-                self._at[keep] = (plan, f.adapted_output(self.fit, plan), check_out, active)
+                raise ValueError("a rank adapter at full keep costs more than the dense product")
+            f = self.factors
+            plan = f.plan(keep)
+            z = self.check_z[:, : plan.rank]
+            mask = z.square() >= plan.tau
+            check_out = (z * mask) @ f.basis.U[:, : plan.rank].T.float()
+            active = mask.sum(1).float().mean().item()
+            self._at[keep] = (plan, f.adapted_output(self.fit, plan), check_out, active)
         return self._at[keep]
 
     def flops(self, plan, active: float) -> float:
         m, n = self.factors.shape
-        return float(linear_flops(m, n)) if plan.keep >= 1.0 else 2.0 * (n * plan.rank + m * active)
+        return 2.0 * (n * plan.rank + m * active)  # B for every token, A's active columns
 
     def params(self, keep: float) -> dict:
         plan, _, _, active = self.at(keep)
@@ -212,6 +210,8 @@ def _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
             fractions = [3 * keep * share / SPLIT_PARTS for share in shares]
             if min(shares) < SPLIT_RANGE.start or max(shares) >= SPLIT_RANGE.stop or max(fractions) > 1.0:
                 continue
+            if max(_round(fractions[0]), _round(fractions[1])) >= 1.0:
+                continue  # a rank adapter at full keep is a full-rank A·B: 1.4× the dense product, never a saving
             (u_plan, u_fit, u_check, u_active) = up.at(fractions[0])
             (g_plan, g_fit, g_check, g_active) = gate.at(fractions[1])
             h_fit, h_check = act(g_fit) * u_fit, act(g_check) * u_check
