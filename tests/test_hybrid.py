@@ -171,3 +171,34 @@ def test_hybrid_runs_end_to_end_and_stores_the_chosen_keep(tiny, tmp_path, monke
         adapted = [row for row in result.layers if row.adapter != "dense"]
         assert adapted and all(0 < row.planned_keep < 1 for row in adapted)
         assert all(row.planned_keep is None for row in result.layers if row.adapter == "dense")
+
+
+def test_the_candidate_with_the_least_calibration_loss_is_kept(tiny, tmp_path, monkeypatch):
+    from rana_core.config import CompressConfig
+    from rana_core.methods import hybrid
+    from rana_core.pipeline import compress
+
+    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path))
+    judged = {}
+
+    def fake_losses(self, allocations):  # the last distinct candidate wins, whatever the loss model said
+        judged.update(allocations)
+        return {name: 0.0 if n == len(allocations) - 1 else 1.0 for n, name in enumerate(allocations)}
+
+    monkeypatch.setattr(hybrid.HybridState, "check_losses", fake_losses)
+    messages = []
+    result = compress(CompressConfig(model="tiny", method="hybrid", allocation="exact-output", flop_reduction=0.4,
+                                     calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny,
+                      progress=lambda f, m: messages.append(m))
+    assert len(judged) > 1
+    winner = list(judged)[-1]
+    assert any(m.endswith(f"kept {winner}") for m in messages)
+    built = {(row.layer, row.module): row for row in result.layers}
+    for (layer, module), point in judged[winner].items():  # the model is built from the winner's points
+        rows = ["qkv"] if module == "qkv" else ["gate", "up", "down"]
+        dense = sum(built[(layer, row)].dense_flops_per_token for row in rows)
+        for row in rows:
+            adapter = ("neuron" if row == "down" else "rank") if point.adapter == "rana" else point.adapter
+            assert built[(layer, row)].adapter == adapter
+            if adapter != "dense":
+                assert built[(layer, row)].planned_keep == pytest.approx(point.flops / dense)

@@ -38,6 +38,8 @@ KNAPSACK_UNITS = 20000  # budget steps of the exact solver: rounding loses at mo
 QKV_ADAPTERS = ("rank", "svd")
 MLP_ADAPTERS = ("rana", "cats", "svd")
 ALLOCATIONS = ("exact-loss", "greedy-loss", "exact-output", "greedy-output")
+CHECK_TOKENS = 2048  # calibration tokens (the last windows, apart from the sensitivity slice) that judge candidates
+CHECK_FACTORS = (0.5, 2.0)  # how far the QKV and the CATS errors are re-weighted, one at a time, in the check
 
 
 def build(loaded, calib_windows, config, progress):
@@ -47,9 +49,21 @@ def build(loaded, calib_windows, config, progress):
     state = HybridState(loaded, calib_windows, progress)
     curves = state.curves()
     scales = state.scales(curves) if weight == "loss" else {"qkv": 1.0, "mlp": 1.0}
-    chosen = allocate(curves, state.dense_flops(), weight, scales, config.flop_reduction, solver)
-    progress(0.95, "hybrid allocation: " + summary(chosen))
     dense = state.dense_flops()
+    candidates = {"as measured": scales}
+    for factor in CHECK_FACTORS:
+        candidates[f"qkv x{factor:g}"] = {**scales, "qkv": scales["qkv"] * factor}
+        candidates[f"cats x{factor:g}"] = {**scales, "cats": scales["mlp"] * factor}
+    allocations: dict[str, dict] = {}
+    for name, candidate in candidates.items():
+        chosen = allocate(curves, dense, weight, candidate, config.flop_reduction, solver)
+        if all(chosen != other for other in allocations.values()):  # identical allocations are judged once
+            allocations[name] = chosen
+    losses = state.check_losses(allocations) if len(allocations) > 1 else {"as measured": float("nan")}
+    kept = min(losses, key=lambda n: (losses[n], n != "as measured"))
+    chosen = allocations[kept]
+    progress(0.95, "hybrid allocation: " + summary(chosen) + "; calibration loss " +
+             ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"; kept {kept}")
     adapters = []
     for key, point in sorted(chosen.items()):
         for unit in state.build_point(key, point):
@@ -79,7 +93,8 @@ def allocate(curves: dict, dense_flops: dict, weight: str, scales: dict, flop_re
     for key, by_adapter in curves.items():
         points[key] = [dense_point(dense_flops[key])] + [
             p for adapter in by_adapter.values() for p in adapter[weight] if p.flops < dense_flops[key]]
-        options[key] = [Option(n, p.flops, scales[key[1]] * p.error) for n, p in enumerate(points[key])]
+        options[key] = [Option(n, p.flops, scales.get(p.adapter, scales[key[1]]) * p.error)
+                        for n, p in enumerate(points[key])]
     budget = (1.0 - flop_reduction) * sum(dense_flops.values())
     try:
         if solver == "exact":
@@ -177,6 +192,26 @@ class HybridState:
             predicted = sum(point.error for point in points.values()) / 2
             scales[module] = max(actual, 1e-6) / max(predicted, 1e-12)
         return scales
+
+    def check_losses(self, allocations: dict[str, dict]) -> dict[str, float]:
+        """Mean next-token loss of each candidate allocation on the last CHECK_TOKENS of the calibration windows
+        (thresholds as planned on the fit rows). The loss model is a sum of per-module estimates: it cannot see
+        how errors compound, and how much a QKV or a CATS error costs next to a RaNA MLP error is its least sure
+        number, so a few re-weightings of those compete on real calibration loss."""
+        from rana_core.evaluate import perplexity
+
+        per_window, count = self.windows.shape[1], self.windows.shape[0]
+        n_check = max(1, min(CHECK_TOKENS // per_window, count - self.sensitivity.shape[0]))
+        windows = self.windows[count - n_check:]
+        layers, losses = self.loaded.layers, {}
+        for n, (name, chosen) in enumerate(allocations.items()):
+            self.progress(0.85 + 0.1 * n / len(allocations), f"checking allocation {name} on calibration text")
+            inject(layers, [unit for key, point in sorted(chosen.items()) for unit in self.build_point(key, point)])
+            try:
+                losses[name] = perplexity(self.loaded.model, windows).mean_nll
+            finally:
+                unload(layers)
+        return losses
 
     def basis(self, index: int, name: str, weight: torch.Tensor, gram: torch.Tensor):
         key = ("basis", index, name)
