@@ -44,7 +44,7 @@ def series(paths: list[Path], wanted: list[str] | None) -> tuple[dict[str, list[
 def svg(lines: dict[str, list[tuple[float, float]]], dense: float | None, title: str) -> str:
     xs = [x for points in lines.values() for x, _ in points]
     ys = [y for points in lines.values() for _, y in points] + ([dense] if dense else [])
-    x0, x1 = 0.0, max(0.55, max(xs) + 0.03)
+    x0, x1 = max(0.0, math.floor((min(xs) - 0.05) * 10) / 10), max(0.55, max(xs) + 0.03)
     y0, y1 = math.floor(math.log10(min(ys))), math.ceil(math.log10(max(ys)))
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
 
@@ -66,7 +66,7 @@ def svg(lines: dict[str, list[tuple[float, float]]], dense: float | None, title:
             y = py(value)
             out.append(f'<line x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}" stroke="#e5e5e5"/>')
             out.append(f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{value:g}</text>')
-    tick = 0.0
+    tick = x0
     while tick <= x1 + 1e-9:
         x = px(tick)
         out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{TOP}" y2="{TOP + plot_h}" stroke="#e5e5e5"/>')
