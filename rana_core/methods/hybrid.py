@@ -46,7 +46,6 @@ PROBE_KEEP = 0.7
 KNAPSACK_UNITS = 20000  # budget steps of the exact solver: rounding loses at most 60/20000 of the budget here
 QKV_ADAPTERS = ("rank", "svd")
 MLP_ADAPTERS = ("rana", "cats", "svd")
-ALLOCATIONS = ("exact-loss", "greedy-loss", "exact-output", "greedy-output")
 CHECK_TOKENS = 2048  # calibration tokens (the last windows, apart from the sensitivity slice) that judge candidates
 CHECK_FACTORS = (0.5, 2.0)  # how far the QKV and the CATS errors are re-weighted, one at a time, in the check
 
