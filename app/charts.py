@@ -80,6 +80,7 @@ ADAPTER_CODES = ["dense", "svd", "rank", "neuron", "cats", "a3"]  # categorical 
 HEATMAP_METRICS = {
     "adapter": "adapter that ran the module",
     "keep": "FLOPs spent / dense FLOPs",
+    "planned_keep": "keep the allocation chose (QKV / whole MLP)",
     "rank_share": "static rank / max rank",
     "density": "mean active ranks / static rank",
     "recon_error": "reconstruction error ‖f−f̂‖²/‖f‖²",
@@ -87,7 +88,7 @@ HEATMAP_METRICS = {
 }
 
 
-SHARE_METRICS = ("keep", "rank_share", "density", "sparsity")
+SHARE_METRICS = ("keep", "planned_keep", "rank_share", "density", "sparsity")
 
 
 def layer_grid(layers: pd.DataFrame, metric: str) -> pd.DataFrame:

@@ -83,7 +83,7 @@ def runs(db_url: str) -> pd.DataFrame:
 
 
 LAYER_COLUMNS = ["layer", "module", "adapter", "rank", "max_rank", "density", "recon_error", "sparsity",
-                 "sparsity_curve", "flops_per_token", "dense_flops_per_token"]
+                 "sparsity_curve", "flops_per_token", "dense_flops_per_token", "planned_keep"]
 
 
 @st.cache_data(ttl=2, show_spinner=False)

@@ -29,7 +29,8 @@ from rana_core.pipeline import compress
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_METHODS = "dense,cats,rana-uniform,rana-greedy,svd,a3-uniform,a3-greedy"  # uniform first: greedy reuses its splits
+DEFAULT_METHODS = ("dense,cats,rana-uniform,rana-greedy,svd,a3-uniform,a3-greedy,hybrid-exact-loss,"
+                   "hybrid-exact-output")  # uniform first: greedy reuses its splits
 
 
 def parse_method(text: str) -> tuple[str, str]:
@@ -38,8 +39,9 @@ def parse_method(text: str) -> tuple[str, str]:
 
 
 def show_choices(fraction: float, message: str) -> None:
-    """Print the allocation a method settled on (greedy RaNA reports its candidates' calibration losses)."""
-    if "allocation:" in message and "; kept" in message:
+    """Print the allocation a method settled on (greedy RaNA reports its candidates' calibration losses, hybrid
+    the adapters it chose)."""
+    if ("allocation:" in message and "; kept" in message) or "hybrid allocation:" in message:
         print(f"    {message}", flush=True)
 
 

@@ -132,6 +132,9 @@ class LayerMetric(Base):
     sparsity_curve: Mapped[list | None] = mapped_column(JSON)  # the same at 50, 70, 80, 90, 95, 99% of ‖z‖²
     flops_per_token: Mapped[float] = mapped_column(Float)
     dense_flops_per_token: Mapped[float] = mapped_column(Float)
+    # the keep fraction (FLOPs / dense) the allocation chose for the module group this row belongs to (its QKV,
+    # or its whole MLP for gate/up/down); None where the method plans none per module
+    planned_keep: Mapped[float | None] = mapped_column(Float)
 
     run: Mapped[Run] = relationship(back_populates="layers")
 

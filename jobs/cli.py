@@ -39,7 +39,7 @@ def _add_compress_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=defaults.method, help="compression method (see `rana methods`)")
     parser.add_argument("--flop-reduction", type=float, default=defaults.flop_reduction,
                         help="target share of QKV+MLP FLOPs removed, in [0, 0.95)")
-    parser.add_argument("--allocation", default=defaults.allocation, help="how the budget is spread over layers")
+    parser.add_argument("--allocation", help="how the budget is spread over layers (default: the method's first)")
     parser.add_argument("--calib-tokens", type=int, default=defaults.calib_tokens)
     parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens)
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
@@ -83,10 +83,17 @@ def _recover_payload(args) -> dict:
             **{key: value for key, value in options.items() if value is not None}}
 
 
+def _first_allocation(method: str) -> str:
+    """A method's default allocation: its first (hybrid has no "uniform"); an unknown method is refused later."""
+    from rana_core.methods import METHODS
+
+    return METHODS[method].allocations[0] if method in METHODS else "uniform"
+
+
 def _config_payload(args) -> dict:
     return {
         "model": args.model, "method": args.method, "flop_reduction": args.flop_reduction,
-        "allocation": args.allocation, "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
+        "allocation": args.allocation or _first_allocation(args.method), "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
         "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
         "device": os.environ.get("RANA_DEVICE", "cpu"),
     }

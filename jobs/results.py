@@ -12,7 +12,7 @@ from sqlalchemy import select
 from db.models import Evaluation, LatencyResult, LayerMetric, Recovery, Run
 
 LAYER_FIELDS = ("layer", "module", "adapter", "rank", "max_rank", "density", "recon_error", "sparsity",
-                "sparsity_curve", "flops_per_token", "dense_flops_per_token")
+                "sparsity_curve", "flops_per_token", "dense_flops_per_token", "planned_keep")
 LATENCY_FIELDS = ("model", "device_name", "dtype", "engine", "flop_reduction", "measured_flop_reduction",
                   "context_tokens", "new_tokens", "ms_per_token", "dense_ms_per_token", "shapes")
 

@@ -100,6 +100,7 @@ class Meter:
         self.static_rank = static_rank  # ranks (or neurons) a token may use
         self.max_rank = max_rank if max_rank is not None else min(out_features, in_features)
         self.adapter = "dense"  # which adapter runs this module: svd | rank | neuron | cats
+        self.planned_keep: float | None = None  # set by methods that choose a keep per module (hybrid)
         self.reset()
 
     def reset(self) -> None:

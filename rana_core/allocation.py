@@ -90,3 +90,53 @@ def knapsack_allocation(options: dict[Hashable, list[Option]], budget_flops: flo
         chosen[key] = option
         remaining -= min(units + 1, int(np.ceil(option.flops / quantum - 1e-9)))
     return {key: chosen[key] for key in keys}
+
+
+def _lower_hull(options: list[Option]) -> list[Option]:
+    """The options on the lower convex hull of (flops, error) that trade error for FLOPs: from the least-error
+    option (the cheapest of those) down to the cheapest option, each step dearer in error per FLOP saved."""
+    cheapest_at: dict[float, Option] = {}
+    for option in options:  # of options with equal FLOPs only the least error can be on the hull
+        if option.flops not in cheapest_at or option.error < cheapest_at[option.flops].error:
+            cheapest_at[option.flops] = option
+    hull: list[Option] = []
+    for c in sorted(cheapest_at.values(), key=lambda o: o.flops):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (b.flops - a.flops) * (c.error - a.error) - (b.error - a.error) * (c.flops - a.flops) > 0:
+                break  # a → b → c turns left: b stays on the lower hull
+            hull.pop()
+        hull.append(c)
+    best = min(range(len(hull)), key=lambda i: (hull[i].error, hull[i].flops))
+    return hull[: best + 1][::-1]
+
+
+def hull_greedy_allocation(options: dict[Hashable, list[Option]], budget_flops: float) -> dict[Hashable, Option]:
+    """One option per module with Σ flops ≤ budget_flops, chosen greedily: every module starts at its least-error
+    option and the step down any module's lower convex hull that costs the least error per FLOP saved is taken
+    until the budget is met. Optimal whenever the budget falls on a step boundary (the hulls are convex); the
+    last step may overshoot by one step. Raises ValueError when even the cheapest options do not fit."""
+    import heapq
+
+    hulls = {key: _lower_hull(opts) for key, opts in options.items()}
+    position = {key: 0 for key in hulls}
+    spent = sum(hull[0].flops for hull in hulls.values())
+    if sum(hull[-1].flops for hull in hulls.values()) > budget_flops:
+        raise ValueError("the budget cannot pay for the cheapest option of every module")
+    order = {key: n for n, key in enumerate(hulls)}  # ties broken by module order, so runs are reproducible
+
+    def step(key):
+        hull, i = hulls[key], position[key]
+        here, there = hull[i], hull[i + 1]
+        return ((there.error - here.error) / (here.flops - there.flops), order[key], key)
+
+    heap = [step(key) for key, hull in hulls.items() if len(hull) > 1]
+    heapq.heapify(heap)
+    while spent > budget_flops:
+        _, _, key = heapq.heappop(heap)
+        hull, i = hulls[key], position[key]
+        spent -= hull[i].flops - hull[i + 1].flops
+        position[key] = i + 1
+        if i + 2 < len(hull):
+            heapq.heappush(heap, step(key))
+    return {key: hulls[key][position[key]] for key in hulls}

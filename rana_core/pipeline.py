@@ -45,6 +45,7 @@ class LayerResult:
     flops_per_token: float
     dense_flops_per_token: int
     sparsity_curve: list[float] | None = None  # `sparsity` at each of adapters.SPARSITY_CURVE_SHARES
+    planned_keep: float | None = None  # the keep the allocation chose for this row's QKV or whole MLP (hybrid)
 
 
 @dataclass
@@ -254,6 +255,7 @@ def _layer_results(shapes, meters) -> list[LayerResult]:
                 sparsity_curve=meter.sparsity_curve,
                 flops_per_token=meter.flops_per_token,
                 dense_flops_per_token=dense_flops,
+                planned_keep=meter.planned_keep,
             )
         )
     return rows

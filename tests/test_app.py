@@ -25,7 +25,7 @@ SEEDED = [  # (model, method, target, measured, perplexity)
 ]
 
 
-ADAPTER_OF = {"dense": "dense", "svd": "svd", "cats": "cats", "rana": "rank", "a3": "a3"}
+ADAPTER_OF = {"dense": "dense", "svd": "svd", "cats": "cats", "rana": "rank", "a3": "a3", "hybrid": "rank"}
 
 
 def fake_result(model, method, target, measured, ppl, allocation="uniform"):
@@ -358,3 +358,28 @@ def test_run_detail_shows_the_model_size_and_a3_runs_join_the_pareto_page(db_url
     assert metrics["KV cache (fp16)"] == ("63.0 KiB/token", "dense 90.0 KiB/token")
     data, _ = chart(run_page("pareto.py"))
     assert "a3-greedy" in {t.name for t in data}
+
+
+def test_a_hybrid_run_shows_its_chosen_adapters_and_keeps_and_is_its_own_pareto_series(db_url):
+    result = fake_result("smollm2-135m", "hybrid", 0.3, 0.298, 50.0, "exact-loss")
+    chosen = {0: ("cats", 0.8), 1: ("rank", 0.6)}  # layer 0's MLP took CATS, layer 1's RaNA; QKV dense in 0
+    for row in result["layers"]:
+        adapter, keep = chosen[row["layer"]]
+        if row["module"] == "qkv":
+            row["adapter"], row["planned_keep"] = ("dense", None) if row["layer"] == 0 else ("rank", 0.7)
+        else:
+            row["adapter"] = "neuron" if adapter == "rank" and row["module"] == "down" else adapter
+            row["planned_keep"] = keep
+    with session_scope(db_url) as session:
+        store_compression(session, result)
+    at = run_page("run_detail.py")
+    maps = heatmaps(at)
+    planned = np.array(_decode(maps["keep the allocation chose (QKV / whole MLP)"]["z"]), dtype=float)
+    assert np.isnan(planned[0, 0]) and planned[0, 1] == pytest.approx(0.7)
+    assert np.allclose(planned[1:, 0], 0.8) and np.allclose(planned[1:, 1], 0.6)
+    adapters = maps["adapter that ran the module"]
+    codes = np.array(_decode(adapters["z"]), dtype=float)  # categorical: one code per adapter type
+    assert codes[1, 0] == codes[2, 0] == codes[3, 0] != codes[1, 1]
+    assert adapters["colorbar"]["ticktext"][int(codes[3, 1])] == "neuron"
+    data, _ = chart(run_page("pareto.py"))
+    assert "hybrid-exact-loss" in {t.name for t in data}

@@ -72,7 +72,8 @@ layers = data.layer_metrics(data.url(), run_id)
 if layers.empty:
     st.info("This run stored no per-layer metrics.")
     st.stop()
-metrics = list(charts.HEATMAP_METRICS)
+# the chosen keep per module exists only for methods that plan one (hybrid); other runs skip its heatmap
+metrics = [m for m in charts.HEATMAP_METRICS if m != "planned_keep" or layers["planned_keep"].notna().any()]
 if other_id is None:
     for metric in metrics:
         st.plotly_chart(charts.heatmap_figure(layers, metric), key=f"heat_{metric}")

@@ -1,0 +1,281 @@
+"""Per-module error curves for the hybrid allocation (issue 9): for each adaptable module (a layer's stacked QKV,
+a layer's MLP) and each candidate adapter, the error and the FLOPs at a grid of keep fractions.
+
+Candidates: QKV: ``rank`` (RaNA's rank adapter) and ``svd`` (static low rank); MLP: ``rana`` (rank adapters on
+up/gate, neuron adapter on down, the up/gate/down split searched per keep), ``cats`` (gate dense, neurons masked
+on |act(gate)|) and ``svd`` (static low rank on all three). ``dense`` is always a candidate, with no error.
+
+Every point is measured on *check* rows that are held out from the *fit* rows that set its thresholds (the two
+halves of the calibration rows): a threshold set on some tokens keeps too few ranks on others (design §4), so the
+FLOPs a point really spends are those measured on the check rows, and its error is measured there too. The
+adapter that the allocation builds asks for exactly that measured spending (its ``target_active``), which the
+pipeline's threshold correction then holds on the adapted model.
+
+Two error weights per point: ``output``, the relative output error ‖Δ‖²/‖y‖², and ``loss``, the mean
+Fisher-weighted squared error per token (rana_core.sensitivity: about twice the loss increase it causes).
+
+Curves are cached on disk per (model weights, calibration windows, module, adapter) under
+``$RANA_DATA_DIR/curves`` (``CurveCache``), so a sweep over budgets computes them once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from rana_core.decompose import output_basis, rank_for_budget
+from rana_core.flops import linear_flops, low_rank_flops
+from rana_core.profiles import SPLIT_PARTS, SPLIT_RANGE, ProjectionFactors, _moved, _round
+
+CURVES_VERSION = 2  # bump when what a point means changes: old cache entries then miss
+WEIGHTS = ("loss", "output")
+KEEPS = [round(0.95 - 0.05 * i, 2) for i in range(16)]  # 0.95 .. 0.2 of a module's dense FLOPs
+CATS_NEURONS = [round(0.95 - 0.05 * i, 2) for i in range(19)]  # share of neurons kept, 0.95 .. 0.05
+SVD_KEEPS = [round(0.9 - 0.1 * i, 1) for i in range(8)]  # 0.9 .. 0.2: static SVD is never close, a coarse grid
+
+
+@dataclass(frozen=True)
+class Point:
+    adapter: str  # dense | rank | svd (QKV); dense | rana | cats | svd (MLP)
+    keep: float  # the share of dense FLOPs the point was planned for
+    flops: float  # FLOPs per token measured on the check rows
+    error: float  # under the curve's weight, on the check rows
+    params: dict  # what building it needs besides the model and the bases (rana_core.methods.hybrid)
+
+
+def dense_point(flops: float) -> Point:
+    return Point("dense", 1.0, float(flops), 0.0, {})
+
+
+def data_dir() -> Path:
+    """$RANA_DATA_DIR, as db.session resolves it (rana_core may not import db)."""
+    env = os.environ.get("RANA_DATA_DIR")
+    return Path(env) if env else Path.home() / ".local" / "share" / "rana-studio"
+
+
+class CurveCache:
+    """One JSON file per (model, calibration data, module, adapter); `computed` counts the misses."""
+
+    def __init__(self, model_id: str, data_id: str, root: Path | None = None):
+        self.folder = (root or data_dir() / "curves") / f"v{CURVES_VERSION}" / model_id[:16] / data_id
+        self.computed = 0
+
+    def get(self, module: tuple, adapter: str, compute) -> dict[str, list[Point]]:
+        """The curves of `module` (layer, "qkv" | "mlp") for `adapter`, computed by `compute` on a miss."""
+        stored = self.value(f"{module[0]}-{module[1]}-{adapter}",
+                            lambda: {w: [asdict(p) for p in points] for w, points in compute().items()})
+        return {w: [Point(**p) for p in points] for w, points in stored.items()}
+
+    def value(self, name: str, compute):
+        """Any JSON value stored under `name` for this model and data."""
+        path = self.folder / f"{name}.json"
+        if path.is_file():
+            try:
+                return json.loads(path.read_text())
+            except ValueError:  # a torn or foreign file is recomputed, not trusted
+                pass
+        value = compute()
+        self.computed += 1
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        partial.write_text(json.dumps(value))
+        partial.replace(path)
+        return value
+
+
+def halves(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fit, check): the first and second half of the calibration rows (different windows, not neighbours)."""
+    half = rows.shape[0] // 2
+    return rows[:half], rows[half:]
+
+
+def _errors(diff: torch.Tensor, dense_energy: float, fisher: torch.Tensor) -> dict[str, float]:
+    squares = diff.square()
+    return {"output": squares.sum().item() / dense_energy, "loss": (squares @ fisher).mean().item()}
+
+
+def _threshold(scores: torch.Tensor, keep: float) -> float:
+    """The score that keeps a share `keep` of all entries of `scores` (the count-th largest)."""
+    flat = scores.reshape(-1)
+    count = max(1, int(round(keep * flat.numel())))
+    return 0.0 if count >= flat.numel() else flat.kthvalue(flat.numel() - count + 1).values.item()
+
+
+class _RankProjection:
+    """A rank adapter's plans from the fit rows, its masked outputs on fit and check rows, and its spending on
+    the check rows; cached per keep fraction rounded to profiles.GRID."""
+
+    def __init__(self, weight: torch.Tensor, gram: torch.Tensor, fit: torch.Tensor, check: torch.Tensor):
+        self.factors = ProjectionFactors.build(weight, gram, fit)
+        self.fit, self.check = fit, check
+        self.check_z = check @ self.factors.B_full.T
+        self._at: dict[float, tuple] = {}
+
+    def at(self, keep: float):
+        """(plan, output on fit rows, output on check rows, mean active ranks on check rows)."""
+        keep = _round(keep)
+        if keep not in self._at:
+            if keep >= 1.0:
+                raise ValueError("a rank adapter at full keep costs more than the dense product")
+            f = self.factors
+            plan = f.plan(keep)
+            z = self.check_z[:, : plan.rank]
+            mask = z.square() >= plan.tau
+            check_out = (z * mask) @ f.basis.U[:, : plan.rank].T.float()
+            active = mask.sum(1).float().mean().item()
+            self._at[keep] = (plan, f.adapted_output(self.fit, plan), check_out, active)
+        return self._at[keep]
+
+    def flops(self, plan, active: float) -> float:
+        m, n = self.factors.shape
+        return 2.0 * (n * plan.rank + m * active)  # B for every token, A's active columns
+
+    def params(self, keep: float) -> dict:
+        plan, _, _, active = self.at(keep)
+        return {"keep": plan.keep, "rank": plan.rank, "active": active, "tau": plan.tau, "coverage": plan.coverage}
+
+
+@torch.no_grad()
+def qkv_curves(weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor,
+               adapter: str) -> dict[str, list[Point]]:
+    """The stacked QKV's points for `adapter` ("rank" or "svd"), per weight."""
+    fit, check = halves(rows)
+    proj = _RankProjection(weight, gram, fit, check)
+    dense = check @ proj.factors.weight.T
+    dense_energy = dense.square().sum().item()
+    m, n = proj.factors.shape
+    curves = {w: [] for w in WEIGHTS}
+    if adapter == "rank":
+        for keep in KEEPS:
+            plan, _, out, active = proj.at(keep)
+            errors = _errors(out - dense, dense_energy, fisher)
+            for w in WEIGHTS:
+                curves[w].append(Point("rank", keep, proj.flops(plan, active), errors[w], proj.params(keep)))
+    elif adapter == "svd":
+        U = proj.factors.basis.U.float()
+        for keep in SVD_KEEPS:
+            rank = rank_for_budget(m, n, 1.0 - keep)
+            out = proj.check_z[:, :rank] @ U[:, :rank].T
+            errors = _errors(out - dense, dense_energy, fisher)
+            for w in WEIGHTS:
+                curves[w].append(Point("svd", keep, float(low_rank_flops(m, n, rank)), errors[w], {"rank": rank}))
+    else:
+        raise ValueError(f"no QKV adapter {adapter!r}")
+    return curves
+
+
+def mlp_dense_flops(mlp) -> float:
+    return float(sum(linear_flops(*p.weight.shape) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+
+
+@torch.no_grad()
+def mlp_curves(mlp, gram: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor,
+               adapter: str) -> dict[str, list[Point]]:
+    """The MLP's points for `adapter` ("rana", "cats" or "svd"), per weight."""
+    weight = mlp.down_proj.weight
+    fit, check = (r.to(dtype=torch.float32) for r in halves(rows))
+    dense = mlp(check.to(device=weight.device, dtype=weight.dtype)).float().cpu()
+    dense_energy = dense.square().sum().item()
+    down = weight.detach().float().cpu()
+    act = mlp.act_fn
+    if adapter == "rana":
+        return _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher)
+    if adapter == "cats":
+        return _cats_curves(mlp, fit, check, dense, dense_energy, down, act, fisher)
+    if adapter == "svd":
+        return _svd_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher)
+    raise ValueError(f"no MLP adapter {adapter!r}")
+
+
+def _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
+    """RaNA's MLP at every keep: the split is searched locally (one eighteenth moved between two projections)
+    around the best split of the previous keep, separately for each weight (the paper's full grid is 3× the
+    work for the same optimum in our measurements of profiles.MLPProfile.curve_error)."""
+    up = _RankProjection(mlp.up_proj.weight, gram, fit, check)
+    gate = _RankProjection(mlp.gate_proj.weight, gram, fit, check)
+    column_norms = down.norm(dim=0)
+    hidden, inner = down.shape
+    curves = {w: [] for w in WEIGHTS}
+    seeds = {w: (6, 6, 6) for w in WEIGHTS}
+    for keep in KEEPS:
+        candidates = set()
+        for seed in seeds.values():
+            candidates |= {seed} | {_moved(seed, a, b) for a in range(3) for b in range(3) if a != b}
+        best: dict[str, tuple] = {}
+        for shares in sorted(candidates):
+            fractions = [3 * keep * share / SPLIT_PARTS for share in shares]
+            if min(shares) < SPLIT_RANGE.start or max(shares) >= SPLIT_RANGE.stop or max(fractions) > 1.0:
+                continue
+            if max(_round(fractions[0]), _round(fractions[1])) >= 1.0:
+                continue  # a rank adapter at full keep is a full-rank A·B: 1.4× the dense product, never a saving
+            (u_plan, u_fit, u_check, u_active) = up.at(fractions[0])
+            (g_plan, g_fit, g_check, g_active) = gate.at(fractions[1])
+            h_fit, h_check = act(g_fit) * u_fit, act(g_check) * u_check
+            tau = _threshold(h_fit.abs() * column_norms, fractions[2])
+            mask = (h_check.abs() * column_norms) >= tau
+            errors = _errors((h_check * mask) @ down.T - dense, dense_energy, fisher)
+            down_active = mask.sum(1).float().mean().item()
+            flops = up.flops(u_plan, u_active) + gate.flops(g_plan, g_active) + 2.0 * hidden * down_active
+            for w in WEIGHTS:
+                if w not in best or errors[w] < best[w][1]:
+                    best[w] = (shares, errors[w], flops, fractions, tau, down_active)
+        for w, (shares, error, flops, fractions, tau, down_active) in best.items():
+            seeds[w] = shares
+            params = {"up": up.params(fractions[0]), "gate": gate.params(fractions[1]),
+                      "down": {"keep": fractions[2], "active": down_active, "tau": tau}}
+            curves[w].append(Point("rana", keep, flops, error, params))
+    return curves
+
+
+def _cats_curves(mlp, fit, check, dense, dense_energy, down, act, fisher):
+    """CATS at each share of neurons: the gate runs dense, a neuron is kept where |act(gate x)| clears a
+    threshold set on the fit rows, and only kept neurons' rows of up and columns of down are computed."""
+    g_fit = act(fit @ mlp.gate_proj.weight.detach().float().cpu().T)
+    g_check = act(check @ mlp.gate_proj.weight.detach().float().cpu().T)
+    u_check = check @ mlp.up_proj.weight.detach().float().cpu().T
+    hidden, inner = down.shape
+    curves = {w: [] for w in WEIGHTS}
+    for share in CATS_NEURONS:
+        tau = _threshold(g_fit.abs(), share)
+        mask = g_check.abs() >= tau
+        active = mask.sum(1).float().mean().item()
+        errors = _errors((g_check * u_check * mask) @ down.T - dense, dense_energy, fisher)
+        flops = 2.0 * hidden * inner + 4.0 * hidden * active
+        keep = round((1 + 2 * share) / 3, 4)
+        for w in WEIGHTS:
+            curves[w].append(Point("cats", keep, flops, errors[w], {"active": active, "tau": tau}))
+    return curves
+
+
+def mlp_svd_bases(mlp, gram: torch.Tensor, fit: torch.Tensor) -> dict:
+    """Data-aware output bases of gate and up (from the input gram) and of down (from the dense h of the fit
+    rows): the same for the curve and for the adapter built from it."""
+    gate_w, up_w = (p.weight.detach().float().cpu() for p in (mlp.gate_proj, mlp.up_proj))
+    h_fit = mlp.act_fn(fit @ gate_w.T) * (fit @ up_w.T)
+    return {"gate": output_basis(gate_w, gram), "up": output_basis(up_w, gram),
+            "down": output_basis(mlp.down_proj.weight, h_fit.double().T @ h_fit.double())}
+
+
+def _svd_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
+    """Static data-aware low rank on gate, up and down at the same keep."""
+    bases = mlp_svd_bases(mlp, gram, fit)
+    weights = {"gate": mlp.gate_proj.weight.detach().float().cpu(), "up": mlp.up_proj.weight.detach().float().cpu(),
+               "down": down}
+    curves = {w: [] for w in WEIGHTS}
+    for keep in SVD_KEEPS:
+        ranks = {name: rank_for_budget(*weights[name].shape, 1.0 - keep) for name in bases}
+
+        def low(name, x):
+            U = bases[name].U[:, : ranks[name]].float()
+            return (x @ (U.T @ weights[name]).T) @ U.T
+
+        h = act(low("gate", check)) * low("up", check)
+        errors = _errors(low("down", h) - dense, dense_energy, fisher)
+        flops = float(sum(low_rank_flops(*weights[name].shape, ranks[name]) for name in bases))
+        for w in WEIGHTS:
+            curves[w].append(Point("svd", keep, flops, errors[w], {"ranks": ranks}))
+    return curves

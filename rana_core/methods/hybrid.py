@@ -1,0 +1,278 @@
+"""Hybrid (issue 9, beyond the paper): one model-wide FLOP budget allocated per module over adapter types.
+
+Every layer's stacked QKV may stay dense, take RaNA's rank adapter or a static SVD; every layer's MLP may stay
+dense, take RaNA's MLP (split searched), CATS or a static SVD; each at its own keep fraction. The per-module
+curves (rana_core.curves, cached on disk) give each candidate's error and its FLOPs measured on calibration rows
+held out from those that set its thresholds; the allocation picks one point per module minimising the summed
+error with the summed FLOPs within (1 − p) of the dense QKV + MLP FLOPs.
+
+Allocations are "<solver>-<weight>":
+- solver ``exact``: a multiple-choice knapsack by dynamic programming (rana_core.allocation.knapsack_allocation);
+  ``greedy``: least error per FLOP saved along each module's lower convex hull (hull_greedy_allocation).
+- weight ``loss``: each point's Fisher-weighted output error (rana_core.sensitivity) times one scale per module
+  type, measured by adapting every QKV (then every MLP) at PROBE_KEEP and comparing the real loss increase on a
+  calibration slice with the estimate (as rana's greedy does); ``output``: the relative output error ‖Δ‖²/‖y‖².
+The default is ``exact-loss``. Measured on SmolLM2-135M on training-split text that neither built the curves nor
+set the thresholds (bench/hybrid_weights.py; dense 47.06), its perplexity at cuts 0.2/0.3/0.44/0.5 was
+50.8/62.0/110.9/163.8 against ``exact-output``'s 62.4/98.9/160.7/204.4: a relative error prices every module's
+output as equally important, so it cuts modules whose output energy sits in a few directions (layer 11's MLP to
+a 20% static SVD) and QKV everywhere.
+
+Whichever weight, the summed estimate cannot see how errors compound, and the exchange rate between a QKV (or a
+CATS) error and a RaNA MLP error is its least sure number: so the allocation under the measured scales competes
+with those rates halved and doubled on real calibration loss (``HybridState.check_losses``), and the least loss is
+kept (on the same validation text: 163.8 against 190.0 without the check at 0.5, 110.9 against 114.7 at 0.44).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from rana_core.adapters import LowRankUnit, inject, layer_members, unload
+from rana_core.allocation import Option, hull_greedy_allocation, knapsack_allocation
+from rana_core.corpus import windows_digest
+from rana_core.curves import (CurveCache, Point, dense_point, halves, mlp_curves, mlp_dense_flops, mlp_svd_bases,
+                              qkv_curves)
+from rana_core.decompose import output_basis
+from rana_core.errors import BudgetError
+from rana_core.flops import linear_flops
+from rana_core.methods.svd import capture_module_inputs
+from rana_core.mlp_adapters import CatsMLP, NeuronMaskedUnit, RaNAMLP
+from rana_core.rank_adapter import RankMaskedUnit, RankPlan
+
+ROWS = 2048  # calibration rows kept per module input: half fit the thresholds, half check error and FLOPs
+SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules, and that probe the scales
+PROBE_KEEP = 0.7
+KNAPSACK_UNITS = 20000  # budget steps of the exact solver: rounding loses at most 60/20000 of the budget here
+QKV_ADAPTERS = ("rank", "svd")
+MLP_ADAPTERS = ("rana", "cats", "svd")
+CHECK_TOKENS = 2048  # calibration tokens (the last windows, apart from the sensitivity slice) that judge candidates
+CHECK_FACTORS = (0.5, 2.0)  # how far the QKV and the CATS errors are re-weighted, one at a time, in the check
+
+
+def build(loaded, calib_windows, config, progress):
+    if config.flop_reduction == 0:
+        return []
+    solver, _, weight = config.allocation.partition("-")
+    state = HybridState(loaded, calib_windows, progress)
+    curves = state.curves()
+    scales = state.scales(curves) if weight == "loss" else {"qkv": 1.0, "mlp": 1.0}
+    dense = state.dense_flops()
+    candidates = {"as measured": scales}
+    for factor in CHECK_FACTORS:
+        candidates[f"qkv x{factor:g}"] = {**scales, "qkv": scales["qkv"] * factor}
+        candidates[f"cats x{factor:g}"] = {**scales, "cats": scales["mlp"] * factor}
+    allocations: dict[str, dict] = {}
+    for name, candidate in candidates.items():
+        chosen = allocate(curves, dense, weight, candidate, config.flop_reduction, solver)
+        if all(chosen != other for other in allocations.values()):  # identical allocations are judged once
+            allocations[name] = chosen
+    losses = state.check_losses(allocations) if len(allocations) > 1 else {"as measured": float("nan")}
+    kept = min(losses, key=lambda n: (losses[n], n != "as measured"))
+    chosen = allocations[kept]
+    progress(0.95, "hybrid allocation: " + summary(chosen) + "; calibration loss " +
+             ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"; kept {kept}")
+    adapters = []
+    for key, point in sorted(chosen.items()):
+        for unit in state.build_point(key, point):
+            for meter in unit.meters():  # stored per layer row, so the inspector shows what was chosen
+                meter.planned_keep = point.flops / dense[key]
+            adapters.append(unit)
+    progress(1.0, f"built {len(adapters)} adapters")
+    return adapters
+
+
+def summary(chosen: dict) -> str:
+    """How many modules took each adapter, e.g. "qkv: dense 20, rank 10; mlp: cats 4, rana 26"."""
+    parts = []
+    for module in ("qkv", "mlp"):
+        counts: dict[str, int] = {}
+        for (_, m), point in chosen.items():
+            if m == module:
+                counts[point.adapter] = counts.get(point.adapter, 0) + 1
+        parts.append(f"{module}: " + ", ".join(f"{a} {n}" for a, n in sorted(counts.items())))
+    return "; ".join(parts)
+
+
+def allocate(curves: dict, dense_flops: dict, weight: str, scales: dict, flop_reduction: float,
+             solver: str) -> dict[tuple, Point]:
+    """One point per module (dense included) minimising the summed (scaled) error within the budget."""
+    points, options = {}, {}
+    for key, by_adapter in curves.items():
+        points[key] = [dense_point(dense_flops[key])] + [
+            p for adapter in by_adapter.values() for p in adapter[weight] if p.flops < dense_flops[key]]
+        options[key] = [Option(n, p.flops, scales.get(p.adapter, scales[key[1]]) * p.error)
+                        for n, p in enumerate(points[key])]
+    budget = (1.0 - flop_reduction) * sum(dense_flops.values())
+    try:
+        if solver == "exact":
+            picked = knapsack_allocation(options, budget, units=KNAPSACK_UNITS)
+        else:
+            picked = hull_greedy_allocation(options, budget)
+    except ValueError:
+        raise BudgetError(f"the hybrid candidates cannot remove {flop_reduction:.0%} of the QKV+MLP FLOPs") from None
+    return {key: points[key][option.choice] for key, option in picked.items()}
+
+
+class HybridState:
+    """What building a hybrid model needs from the calibration data, computed lazily: module inputs (grams and
+    rows), Fisher diagonals, curves (from the disk cache when present) and the output bases of chosen modules.
+    Kept on the loaded model per calibration digest, so a sweep over budgets captures once."""
+
+    def __init__(self, loaded, calib_windows, progress):
+        from rana_core.provenance import model_hash
+
+        self.loaded, self.windows, self.progress = loaded, calib_windows, progress
+        self.digest = windows_digest(calib_windows)
+        per_window = calib_windows.shape[1]
+        count = max(1, min(SENSITIVITY_TOKENS // per_window, calib_windows.shape[0]))
+        self.sensitivity = calib_windows[:count]
+        self.cache = CurveCache(model_hash(loaded), f"{self.digest}-r{ROWS}-s{SENSITIVITY_TOKENS}")
+        self.memory = loaded.cached(("hybrid", self.digest), dict)  # inputs, fisher, bases, curves
+
+    def inputs(self) -> dict:
+        if "inputs" not in self.memory:
+            stride = max(1, self.windows.numel() // ROWS)
+            self.memory["inputs"] = capture_module_inputs(
+                self.loaded, self.windows, lambda f, m: self.progress(0.1 * f, f"calibration {m}"),
+                row_stride=stride, paths=("self_attn.q_proj", "mlp.up_proj"))
+        return self.memory["inputs"]
+
+    def fisher(self) -> dict:
+        if "fisher" not in self.memory:
+            from rana_core.sensitivity import fisher_diagonals
+
+            self.progress(0.1, "loss gradients")
+            self.memory["fisher"] = fisher_diagonals(self.loaded.model, self.loaded.layers, self.sensitivity)
+        return self.memory["fisher"]
+
+    def dense_flops(self) -> dict:
+        flops = {}
+        for index, layer in enumerate(self.loaded.layers):
+            qkv = layer_members(layer, "qkv")
+            flops[(index, "qkv")] = float(linear_flops(sum(m.out_features for m in qkv), qkv[0].in_features))
+            flops[(index, "mlp")] = mlp_dense_flops(layer.mlp)
+        return flops
+
+    def curves(self) -> dict:
+        if "curves" in self.memory:
+            return self.memory["curves"]
+        layers = self.loaded.layers
+        curves = {}
+        for index, layer in enumerate(layers):
+            def qkv(adapter, index=index, layer=layer):
+                stats = self.inputs()[f"{index}:self_attn.q_proj"]
+                weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
+                return qkv_curves(weight, stats.gram, stats.rows, self.fisher()[(index, "qkv")], adapter)
+
+            def mlp(adapter, index=index, layer=layer):
+                stats = self.inputs()[f"{index}:mlp.up_proj"]
+                return mlp_curves(layer.mlp, stats.gram, stats.rows, self.fisher()[(index, "mlp")], adapter)
+
+            curves[(index, "qkv")] = {a: self.cache.get((index, "qkv"), a, lambda a=a: qkv(a)) for a in QKV_ADAPTERS}
+            curves[(index, "mlp")] = {a: self.cache.get((index, "mlp"), a, lambda a=a: mlp(a)) for a in MLP_ADAPTERS}
+            self.progress(0.1 + 0.6 * (index + 1) / len(layers), f"curves of layer {index + 1}/{len(layers)}")
+        self.memory["curves"] = curves
+        return curves
+
+    def scales(self, curves: dict) -> dict:
+        """Loss increase per unit of Fisher-weighted error, per module type, measured once on the sensitivity
+        slice: every QKV (then every MLP) adapted with RaNA at PROBE_KEEP, the real loss increase over the
+        estimate (half the summed Fisher errors). The Fisher estimate misses how errors compound across layers
+        and through attention's softmax, by different factors for QKV and MLPs."""
+        return self.cache.value("scales", lambda: self._probe_scales(curves))
+
+    def _probe_scales(self, curves: dict) -> dict:
+        from rana_core.evaluate import perplexity
+
+        layers = self.loaded.layers
+        base = perplexity(self.loaded.model, self.sensitivity).mean_nll
+        scales = {}
+        for module, adapter in (("qkv", "rank"), ("mlp", "rana")):
+            self.progress(0.8, f"probing the loss of {module} adapters")
+            points = {key: min(by[adapter]["loss"], key=lambda p: abs(p.keep - PROBE_KEEP))
+                      for key, by in curves.items() if key[1] == module}
+            inject(layers, [unit for key, point in points.items() for unit in self.build_point(key, point)])
+            try:
+                actual = perplexity(self.loaded.model, self.sensitivity).mean_nll - base
+            finally:
+                unload(layers)
+            predicted = sum(point.error for point in points.values()) / 2
+            scales[module] = max(actual, 1e-6) / max(predicted, 1e-12)
+        return scales
+
+    def check_losses(self, allocations: dict[str, dict]) -> dict[str, float]:
+        """Mean next-token loss of each candidate allocation on the last CHECK_TOKENS of the calibration windows
+        (thresholds as planned on the fit rows). The loss model is a sum of per-module estimates: it cannot see
+        how errors compound, and how much a QKV or a CATS error costs next to a RaNA MLP error is its least sure
+        number, so a few re-weightings of those compete on real calibration loss."""
+        from rana_core.evaluate import perplexity
+
+        per_window, count = self.windows.shape[1], self.windows.shape[0]
+        n_check = max(1, min(CHECK_TOKENS // per_window, count - self.sensitivity.shape[0]))
+        windows = self.windows[count - n_check:]
+        layers, losses = self.loaded.layers, {}
+        for n, (name, chosen) in enumerate(allocations.items()):
+            self.progress(0.85 + 0.1 * n / len(allocations), f"checking allocation {name} on calibration text")
+            inject(layers, [unit for key, point in sorted(chosen.items()) for unit in self.build_point(key, point)])
+            try:
+                losses[name] = perplexity(self.loaded.model, windows).mean_nll
+            finally:
+                unload(layers)
+        return losses
+
+    def basis(self, index: int, name: str, weight: torch.Tensor, gram: torch.Tensor):
+        key = ("basis", index, name)
+        if key not in self.memory:
+            self.memory[key] = output_basis(weight, gram)
+        return self.memory[key]
+
+    def build_point(self, key: tuple, point: Point) -> list:
+        """The adapter(s) of one module at one curve point; thresholds start at the fit rows' values and the
+        targets at the spending measured on the check rows (the pipeline then corrects thresholds to it)."""
+        index, module = key
+        layer = self.loaded.layers[index]
+        if point.adapter == "dense":
+            return []
+        if module == "qkv":
+            members = layer_members(layer, "qkv")
+            weight = torch.cat([m.weight for m in members])
+            basis = self.basis(index, "qkv", weight, self.inputs()[f"{index}:self_attn.q_proj"].gram)
+            if point.adapter == "rank":
+                return [_rank_unit(members, index, "qkv", weight, basis, point.params)]
+            return [LowRankUnit(members, index, "qkv", *_factors(weight, basis, point.params["rank"]))]
+        mlp = layer.mlp
+        stats = self.inputs()[f"{index}:mlp.up_proj"]
+        if point.adapter == "rana":
+            units = {}
+            for which in ("up", "gate"):
+                members = layer_members(layer, which)
+                basis = self.basis(index, which, members[0].weight, stats.gram)
+                units[which] = _rank_unit(members, index, which, members[0].weight, basis, point.params[which])
+            down = point.params["down"]
+            inner = mlp.down_proj.in_features
+            neuron = NeuronMaskedUnit(mlp.down_proj, index, down["active"] / inner, down["tau"])
+            return [RaNAMLP(mlp, index, units["up"], units["gate"], neuron)]
+        if point.adapter == "cats":
+            cats = CatsMLP(mlp, index, point.params["active"] / mlp.gate_proj.out_features, point.params["tau"])
+            return [cats]
+        if ("svd bases", index) not in self.memory:
+            self.memory[("svd bases", index)] = mlp_svd_bases(mlp, stats.gram, halves(stats.rows)[0])
+        bases = self.memory[("svd bases", index)]
+        units = []
+        for which in ("gate", "up", "down"):
+            members = layer_members(layer, which)
+            A, B = _factors(members[0].weight, bases[which], point.params["ranks"][which])
+            units.append(LowRankUnit(members, index, which, A, B))
+        return units
+
+
+def _factors(weight: torch.Tensor, basis, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    A = basis.U[:, :rank]
+    return A, A.T @ weight.detach().to(device="cpu", dtype=torch.float64)
+
+
+def _rank_unit(members, index, module, weight, basis, params: dict) -> RankMaskedUnit:
+    A, B = _factors(weight, basis, params["rank"])
+    plan = RankPlan(params["keep"], params["rank"], params["active"], params["tau"], params["coverage"])
+    return RankMaskedUnit(members, index, module, A, B, plan)

@@ -1,0 +1,204 @@
+"""The hybrid method (issue 9): allocation over adapter types, the curve cache, and adapters built from curve
+points, on the tiny model."""
+
+import itertools
+
+import pytest
+import torch
+
+from rana_core.allocation import Option, hull_greedy_allocation, knapsack_allocation
+from rana_core.curves import Point, halves
+
+KEEPS = [1.0, 0.8, 0.6, 0.4, 0.2]
+
+
+def convex_options(dense, scale):
+    return [Option(k, dense * k, scale * (1 - k) ** 2) for k in KEEPS]
+
+
+def cost(chosen):
+    return sum(o.error for o in chosen.values())
+
+
+def best_within(options, budget):
+    combos = [c for c in itertools.product(*options.values()) if sum(o.flops for o in c) <= budget + 1e-9]
+    return min(sum(o.error for o in c) for c in combos)
+
+
+def test_hull_greedy_is_optimal_for_what_it_spends_on_convex_curves():
+    options = {i: convex_options(dense, scale) for i, (dense, scale) in
+               enumerate([(100, 1.0), (50, 3.0), (200, 0.5), (80, 2.0)])}
+    total = 430
+    for cut in (0.1, 0.25, 0.4, 0.55, 0.7):
+        chosen = hull_greedy_allocation(options, (1 - cut) * total)
+        spent = sum(o.flops for o in chosen.values())
+        assert spent <= (1 - cut) * total + 1e-9
+        assert cost(chosen) == pytest.approx(best_within(options, spent))
+
+
+def test_hull_greedy_skips_dominated_and_off_hull_options_and_respects_the_budget():
+    import random
+
+    rng = random.Random(1)
+    for _ in range(30):
+        options = {m: [Option((m, "dense"), 100.0, 0.0)] +
+                   [Option((m, j), rng.uniform(10, 100), rng.uniform(0, 10)) for j in range(5)] for m in range(3)}
+        budget = rng.uniform(60, 300)
+        if sum(min(o.flops for o in opts) for opts in options.values()) > budget:
+            with pytest.raises(ValueError):
+                hull_greedy_allocation(options, budget)
+            continue
+        chosen = hull_greedy_allocation(options, budget)
+        assert sum(o.flops for o in chosen.values()) <= budget
+        # never worse than the exact optimum by more than what the last, overshooting step can cost
+        assert cost(chosen) >= best_within(options, budget) - 1e-9
+
+
+def point(adapter, keep, flops, error):
+    return Point(adapter, keep, flops, error, {})
+
+
+def test_hybrid_allocation_mixes_adapters_and_the_exact_solver_matches_brute_force():
+    from rana_core.methods.hybrid import allocate
+
+    # module 0: rana wins at every cut; module 1: cats wins; module 2: cheap to cut with either
+    curves = {
+        (0, "mlp"): {"rana": {"loss": [point("rana", k, 100 * k, (1 - k) ** 2) for k in (0.8, 0.6, 0.4)]},
+                     "cats": {"loss": [point("cats", k, 100 * k, 3 * (1 - k) ** 2) for k in (0.8, 0.6)]}},
+        (1, "mlp"): {"rana": {"loss": [point("rana", k, 100 * k, 4 * (1 - k) ** 2) for k in (0.8, 0.6, 0.4)]},
+                     "cats": {"loss": [point("cats", k, 100 * k, (1 - k) ** 2) for k in (0.8, 0.6)]}},
+        (2, "qkv"): {"rank": {"loss": [point("rank", k, 50 * k, 0.1 * (1 - k)) for k in (0.8, 0.6, 0.4, 0.2)]}},
+    }
+    dense = {(0, "mlp"): 100.0, (1, "mlp"): 100.0, (2, "qkv"): 50.0}
+    scales = {"mlp": 1.0, "qkv": 1.0}
+    options = {key: [point("dense", 1.0, dense[key], 0.0)] + [p for a in by.values() for p in a["loss"]]
+               for key, by in curves.items()}
+    # budgets whose knapsack step divides every option's FLOPs, so the discretised problem is the exact one
+    for cut in (0.2, 0.5, 0.6):
+        budget = (1 - cut) * 250
+        chosen = allocate(curves, dense, "loss", scales, cut, "exact")
+        assert sum(p.flops for p in chosen.values()) <= budget + 1e-9
+        assert sum(p.error for p in chosen.values()) == pytest.approx(best_within(options, budget))
+        greedy = allocate(curves, dense, "loss", scales, cut, "greedy")
+        assert sum(p.flops for p in greedy.values()) <= budget + 1e-9
+    chosen = allocate(curves, dense, "loss", scales, 0.3, "exact")
+    assert chosen[(0, "mlp")].adapter in ("rana", "dense") and chosen[(1, "mlp")].adapter in ("cats", "dense")
+
+
+def test_knapsack_over_adapter_choices_never_exceeds_the_budget():
+    options = {m: [Option((m, a, k), flops=100 * k, error=(1 + a) * (1 - k) ** 2) for a in range(2)
+                   for k in (1.0, 0.7, 0.5, 0.3)] for m in range(3)}
+    chosen = knapsack_allocation(options, 150, units=300)
+    assert sum(o.flops for o in chosen.values()) <= 150
+    assert cost(chosen) == pytest.approx(best_within(options, 150))
+
+
+@pytest.fixture
+def hybrid_state(tiny, tiny_windows, tmp_path, monkeypatch):
+    from rana_core.methods.hybrid import HybridState
+
+    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path))
+    tiny.cache.clear()
+
+    def make(windows=tiny_windows["train"][:8]):
+        tiny.cache.clear()  # only the disk cache may carry curves from one state to the next
+        return HybridState(tiny, windows, lambda f, m: None)
+
+    yield make
+    tiny.cache.clear()
+
+
+def test_curves_are_cached_on_disk_and_a_new_calibration_digest_misses(hybrid_state, tiny_windows):
+    first = hybrid_state()
+    curves = first.curves()
+    assert first.cache.computed == 2 * (2 + 3)  # two layers × (QKV: rank, svd; MLP: rana, cats, svd)
+    again = hybrid_state()
+    assert again.curves() == curves
+    assert again.cache.computed == 0
+    assert "inputs" not in again.memory and "fisher" not in again.memory  # no model work on a hit
+    other = hybrid_state(tiny_windows["train"][8:16])
+    other.curves()
+    assert other.cache.computed == 10
+
+
+def test_points_spend_flops_below_dense_and_errors_fall_with_keep(hybrid_state):
+    state = hybrid_state()
+    dense = state.dense_flops()
+    for key, by_adapter in state.curves().items():
+        for adapter, by_weight in by_adapter.items():
+            for weight, points in by_weight.items():
+                assert all(0 < p.flops < dense[key] for p in points), (key, adapter)
+                errors = [p.error for p in points]  # points go from the largest keep to the smallest
+                assert errors[-1] > errors[0] >= 0, (key, adapter, weight)
+
+
+def test_an_adapter_built_from_a_point_reproduces_its_error_and_flops(hybrid_state, tiny):
+    """Every point of every curve: the adapter the allocation would build spends, on the check rows, the FLOPs the
+    point promised and loses the error it promised (a projection planned at full keep once cost 1.4× dense)."""
+    state = hybrid_state()
+    for (index, module), by_adapter in state.curves().items():
+        stats = state.inputs()[f"{index}:{'self_attn.q_proj' if module == 'qkv' else 'mlp.up_proj'}"]
+        check = halves(stats.rows)[1]
+        layer = tiny.layers[index]
+        for adapter, by_weight in by_adapter.items():
+            for p in by_weight["output"]:
+                units = state.build_point((index, module), p)
+                with torch.no_grad():
+                    if module == "qkv":
+                        attn = layer.self_attn
+                        dense = check @ torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).T
+                        out = units[0](check)
+                    elif len(units) == 1:  # RaNA or CATS: one MLP wrapper
+                        dense, out = layer.mlp(check), units[0](check)
+                    else:  # static SVD: gate, up, down units
+                        gate, up, down = units
+                        dense, out = layer.mlp(check), down(layer.mlp.act_fn(gate(check)) * up(check))
+                error = (out - dense).square().sum().item() / dense.square().sum().item()
+                flops = sum(m.flops for u in units for m in u.meters()) / check.shape[0]
+                assert error == pytest.approx(p.error, rel=0.05, abs=1e-4), (index, module, p.adapter, p.keep)
+                assert flops == pytest.approx(p.flops, rel=0.02), (index, module, p.adapter, p.keep)
+
+
+def test_hybrid_runs_end_to_end_and_stores_the_chosen_keep(tiny, tmp_path, monkeypatch):
+    from rana_core.config import CompressConfig
+    from rana_core.pipeline import compress
+
+    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path))
+    for allocation in ("exact-loss", "greedy-output"):
+        result = compress(CompressConfig(model="tiny", method="hybrid", allocation=allocation, flop_reduction=0.4,
+                                         calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny)
+        assert result.measured_flop_reduction == pytest.approx(0.4, abs=0.05)
+        adapted = [row for row in result.layers if row.adapter != "dense"]
+        assert adapted and all(0 < row.planned_keep < 1 for row in adapted)
+        assert all(row.planned_keep is None for row in result.layers if row.adapter == "dense")
+
+
+def test_the_candidate_with_the_least_calibration_loss_is_kept(tiny, tmp_path, monkeypatch):
+    from rana_core.config import CompressConfig
+    from rana_core.methods import hybrid
+    from rana_core.pipeline import compress
+
+    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path))
+    judged = {}
+
+    def fake_losses(self, allocations):  # the last distinct candidate wins, whatever the loss model said
+        judged.update(allocations)
+        return {name: 0.0 if n == len(allocations) - 1 else 1.0 for n, name in enumerate(allocations)}
+
+    monkeypatch.setattr(hybrid.HybridState, "check_losses", fake_losses)
+    messages = []
+    result = compress(CompressConfig(model="tiny", method="hybrid", allocation="exact-output", flop_reduction=0.4,
+                                     calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny,
+                      progress=lambda f, m: messages.append(m))
+    assert len(judged) > 1
+    winner = list(judged)[-1]
+    assert any(m.endswith(f"kept {winner}") for m in messages)
+    built = {(row.layer, row.module): row for row in result.layers}
+    for (layer, module), point in judged[winner].items():  # the model is built from the winner's points
+        rows = ["qkv"] if module == "qkv" else ["gate", "up", "down"]
+        dense = sum(built[(layer, row)].dense_flops_per_token for row in rows)
+        for row in rows:
+            adapter = ("neuron" if row == "down" else "rank") if point.adapter == "rana" else point.adapter
+            assert built[(layer, row)].adapter == adapter
+            if adapter != "dense":
+                assert built[(layer, row)].planned_keep == pytest.approx(point.flops / dense)
