@@ -13,14 +13,16 @@ pytestmark = pytest.mark.gpu
 
 SMALL = dict(model="tiny", flop_reduction=0.3, calib_tokens=2048, eval_tokens=1024, seq_len=128)
 METHODS = [("dense", "uniform"), ("svd", "uniform"), ("cats", "uniform"), ("rana", "uniform"), ("rana", "greedy"),
-           ("a3", "uniform"), ("a3", "greedy")]
+           ("a3", "uniform"), ("a3", "greedy"), ("hybrid", "exact-loss"), ("hybrid", "greedy-output")]
 
 
 @pytest.mark.parametrize("method, allocation", METHODS)
-def test_every_method_compresses_on_cuda_as_on_the_cpu(method, allocation, tmp_path):
+def test_every_method_compresses_on_cuda_as_on_the_cpu(method, allocation, tmp_path, monkeypatch):
     config = dict(SMALL, method=method, allocation=allocation)
+    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path / "cpu"))  # hybrid's curve cache: each run computes its own
     on_cpu = compress(CompressConfig(**config))
     artifact = tmp_path / "adapters.safetensors"
+    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path / "cuda"))
     on_gpu = compress(CompressConfig(**config, device="cuda"), artifact_path=artifact)
     assert on_gpu.environment["device"].startswith("cuda")
     assert abs(on_gpu.perplexity - on_cpu.perplexity) <= 0.02 * on_cpu.perplexity
