@@ -186,7 +186,7 @@ class MLPProfile:
             best = None
             for shares in candidates:
                 fractions = [3 * keep * share / SPLIT_PARTS for share in shares]
-                if min(shares) < SPLIT_RANGE.start or max(shares) >= SPLIT_RANGE.stop or max(fractions) > 1.0:
+                if min(shares) < SPLIT_RANGE.start or max(shares) >= SPLIT_RANGE.stop or max(fractions) >= 1.0:
                     continue
                 error, _ = self.error(*fractions, fisher)
                 if best is None or error < best[1]:
@@ -200,7 +200,7 @@ class MLPProfile:
         best = None
         for shares in split_triples():
             fractions = [3 * keep * share / SPLIT_PARTS for share in shares]
-            if max(fractions) > 1.0:
+            if max(fractions) >= 1.0:  # a projection at full keep would be a full-rank A·B: ~1.4× its dense FLOPs
                 continue
             error, _ = self.error(*fractions, fisher)
             if best is None or error < best.error:

@@ -145,6 +145,16 @@ def test_split_grid_is_the_papers_and_the_search_takes_its_best(tiny, tiny_windo
     for keep in (0.8, 0.7, 0.6, 0.5):
         assert profile.best_split(keep).error <= profile.curve_error(keep) + 1e-12
         assert profile.curve_error(keep) <= profile.error(keep, keep, keep)[0] + 1e-12
+    # no projection is planned at full keep: there its rank adapter is a full-rank A·B, ~1.4× its dense FLOPs,
+    # while the split counts it as dense. At keep 0.75 an 8/18 share would land exactly there.
+    fresh = MLPProfile(tiny.layers[0].mlp, grams["0:mlp.up_proj"].gram, rows)
+    evaluated = []
+    measure = fresh.error
+    fresh.error = lambda *fractions: evaluated.append(fractions[:3]) or measure(*fractions)
+    for keep in (0.75, 2 / 3):
+        fresh.curve_error(keep)
+        fresh.best_split(keep)
+    assert len(evaluated) > 20 and max(max(f) for f in evaluated) < 1.0
 
 
 def test_sparsity_curve_rises_with_the_energy_share_and_holds_the_90_percent_point():
