@@ -75,8 +75,7 @@ def predicated_kernel(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, partial_ptr
             dtype = out_ptr.dtype.element_ty
             if EPILOGUE == 1:
                 second = tl.sum(tl.load(tile + SPLITS * M, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-                gate = first.to(dtype).to(tl.float32)
-                first = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * second.to(dtype).to(tl.float32)
+                first = kernels.swiglu(first, second, dtype)
             tl.store(out_ptr + offs_m, first.to(dtype), mask=m_ok)
             tl.store(arrived_ptr + pid_m, 0)  # ready for the next call
 

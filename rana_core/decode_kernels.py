@@ -27,7 +27,7 @@ from rana_core.kernels import pdl, triton, use_triton
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.kernels import await_inputs
+    from rana_core.kernels import await_inputs, swiglu
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, delta_ptr, weight_ptr, normed_ptr, N, eps, HAS_DELTA: tl.constexpr,
@@ -114,9 +114,8 @@ if triton is not None:
         dtype = out_ptr.dtype.element_ty
         y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, K, BLOCK_N, BLOCK_K)
         if SWIGLU:
-            gate = y.to(dtype).to(tl.float32)
             up = _row_dots(w_ptr + N * stride_n, x_ptr, offs_n, n_ok, stride_n, K, BLOCK_N, BLOCK_K)
-            y = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+            y = swiglu(y, up, dtype)
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
 
@@ -177,9 +176,10 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
         normed.copy_(rmsnorm_reference(x, weight, eps))
         return normed
     T, N = x.shape
+    p = pdl(x)
     _add_rmsnorm_kernel[(T,)](x, delta if delta is not None else x, weight, normed, N, eps,
                               HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(N),
-                              PDL=pdl(x), num_warps=8 if N >= 2048 else 4, launch_pdl=pdl(x))
+                              PDL=p, num_warps=8 if N >= 2048 else 4, launch_pdl=p)
     return normed
 
 
@@ -213,9 +213,10 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
         k_cache.index_copy_(1, pos, rotate_half_reference(k, cos, sin).transpose(0, 1))
         v_cache.index_copy_(1, pos, v.transpose(0, 1))
         return q_out
+    p = pdl(qkv)
     _rope_into_cache_kernel[(heads + kv_heads,)](qkv, cos_table, sin_table, pos, q_out, k_cache, v_cache,
                                                  k_cache.shape[1], HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2,
-                                                 SPLITS=splits, PDL=pdl(qkv), num_warps=1, launch_pdl=pdl(qkv))
+                                                 SPLITS=splits, PDL=p, num_warps=1, launch_pdl=p)
     return q_out
 
 
@@ -239,11 +240,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     m = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(heads * splits * d, dtype=torch.float32, device=q.device)
+    p = pdl(q)
     _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
                                                 GROUP=heads // kv_heads, SPLITS=splits, CHUNK=ATTENTION_CHUNK, D=d,
-                                                PDL=pdl(q), num_warps=4, launch_pdl=pdl(q))
+                                                PDL=p, num_warps=4, launch_pdl=p)
     _attention_combine_kernel[(heads,)](m, l, acc, out, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-                                        D=d, PDL=pdl(q), num_warps=4, launch_pdl=pdl(q))
+                                        D=d, PDL=p, num_warps=4, launch_pdl=p)
     return out
 
 
@@ -262,8 +264,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     c = {**GEMV_CONFIG, **(config or {})}
     N, K = weight.shape
     N = N // 2 if swiglu else N
+    p = pdl(weight)
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0), K=K, BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, num_warps=c["num_warps"],
-                                                   num_stages=c["num_stages"], PDL=pdl(weight),
-                                                   launch_pdl=pdl(weight))
+                                                   num_stages=c["num_stages"], PDL=p, launch_pdl=p)
     return out

@@ -90,6 +90,13 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
+    def swiglu(gate, up, dtype):
+        """silu(gate) · up in float32 from float32 sums, each operand and the silu rounded to `dtype` on the way,
+        as the unfused PyTorch ops (a linear, silu, a product, all in the model's dtype) round them."""
+        gate = gate.to(dtype).to(tl.float32)
+        return (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
+
+    @triton.jit
     def _compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr,
                         K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
                         SOURCE_SPLITS: tl.constexpr, PDL: tl.constexpr):
@@ -110,9 +117,7 @@ if triton is not None:
             for s in tl.static_range(SOURCE_SPLITS):
                 gate += tl.load(source_ptr + s * K + offs, mask=ok, other=0.0)
                 up += tl.load(source_ptr + (SOURCE_SPLITS + s) * K + offs, mask=ok, other=0.0)
-            dtype = coeff_ptr.dtype.element_ty
-            gate = gate.to(dtype).to(tl.float32)
-            coeff = ((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)).to(dtype)
+            coeff = swiglu(gate, up, coeff_ptr.dtype.element_ty).to(coeff_ptr.dtype.element_ty)
             tl.store(coeff_ptr + offs, coeff, mask=ok)
         else:
             coeff = tl.load(coeff_ptr + g * K + offs, mask=ok, other=0.0)
@@ -200,9 +205,7 @@ if triton is not None:
         first = tl.sum(tl.load(tile, mask=ok, other=0.0), axis=0)
         if EPILOGUE == 1:
             second = tl.sum(tl.load(tile + SPLITS * M, mask=ok, other=0.0), axis=0)
-            dtype = out_ptr.dtype.element_ty
-            gate = first.to(dtype).to(tl.float32)
-            first = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * second.to(dtype).to(tl.float32)
+            first = swiglu(first, second, out_ptr.dtype.element_ty)
         tl.store(out_ptr + offs, first.to(out_ptr.dtype.element_ty), mask=offs < M)
 
 
@@ -245,17 +248,18 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     value = _buffer("value", K_all, torch.float32, device)
     count = _buffer("count", groups * chunks, torch.int32, device)
     source, source_splits = swiglu_of if swiglu_of is not None else (coeff, 0)
+    p = pdl(rows)
     _compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
                                       source, K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,
-                                      SOURCE_SPLITS=source_splits, PDL=pdl(rows),
-                                      num_warps=4 if chunk <= 1024 else 8, launch_pdl=pdl(rows))
+                                      SOURCE_SPLITS=source_splits, PDL=p, num_warps=4 if chunk <= 1024 else 8,
+                                      launch_pdl=p)
     splits = _list_splits(K, M, groups, device)
     partial = _buffer("partial", groups * splits * M, torch.float32, device)
     _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=pdl(rows), num_warps=GATHER_WARPS,
-        num_stages=GATHER_STAGES, launch_pdl=pdl(rows))
+        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p, num_warps=GATHER_WARPS,
+        num_stages=GATHER_STAGES, launch_pdl=p)
     return partial, splits
 
 
@@ -264,9 +268,10 @@ def reduce_partials(partial: torch.Tensor, splits: int, out: torch.Tensor, epilo
     M = out.numel()
     p2 = triton.next_power_of_2(splits)
     block = max(16, min(256, 4096 // p2))  # a tile of at most 4096 partial sums per program
+    p = pdl(out)
     _reduce_kernel[(math.ceil(M / block),)](partial, out, M, SPLITS=splits, SPLITS_P2=p2,
-                                            EPILOGUE={"sum": 0, "swiglu": 1}[epilogue], BLOCK=block, PDL=pdl(out),
-                                            launch_pdl=pdl(out))
+                                            EPILOGUE={"sum": 0, "swiglu": 1}[epilogue], BLOCK=block, PDL=p,
+                                            launch_pdl=p)
     return out
 
 
