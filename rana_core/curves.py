@@ -52,9 +52,11 @@ def dense_point(flops: float) -> Point:
 
 
 def data_dir() -> Path:
-    """$RANA_DATA_DIR, as db.session resolves it (rana_core may not import db)."""
+    """$RANA_DATA_DIR, resolved exactly as db.session.data_dir resolves it (rana_core may not import db; a test
+    holds the two together), so the curves sit beside the database."""
     env = os.environ.get("RANA_DATA_DIR")
-    return Path(env) if env else Path.home() / ".local" / "share" / "rana-studio"
+    base = Path(env) if env else Path.home() / ".local" / "share" / "rana-studio"
+    return base.expanduser()
 
 
 class CurveCache:

@@ -202,3 +202,17 @@ def test_the_candidate_with_the_least_calibration_loss_is_kept(tiny, tmp_path, m
             assert built[(layer, row)].adapter == adapter
             if adapter != "dense":
                 assert built[(layer, row)].planned_keep == pytest.approx(point.flops / dense)
+
+
+@pytest.mark.parametrize("setting", [None, "~/rana-data", "/srv/rana"])
+def test_curves_live_in_the_data_dir_the_database_uses(setting, monkeypatch):
+    """rana_core cannot import db, so the curve cache resolves $RANA_DATA_DIR itself: it must agree with db."""
+    from db.session import data_dir as database_dir
+    from rana_core.curves import data_dir as curves_dir
+
+    if setting is None:
+        monkeypatch.delenv("RANA_DATA_DIR", raising=False)
+    else:
+        monkeypatch.setenv("RANA_DATA_DIR", setting)
+    assert curves_dir() == database_dir()
+    assert "~" not in str(curves_dir())
