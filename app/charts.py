@@ -162,7 +162,7 @@ def latency_figures(latency: pd.DataFrame) -> tuple[go.Figure, go.Figure]:
     return per_token, speedup
 
 
-CURVE_SHARES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # rana_core.adapters.SPARSITY_CURVE_SHARES (app does not import it)
+CURVE_SHARES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # rana_core.adapters.base.SPARSITY_CURVE_SHARES (app does not import it)
 
 
 def sparsity_curves_figure(layers: pd.DataFrame) -> go.Figure:

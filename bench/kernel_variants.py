@@ -1,5 +1,5 @@
 """Variants of the masked row-sum kernel, checked and timed in one GPU call (design notes in
-bench/results/latency-notes.md). Not part of the product: the winner moves into rana_core/kernels.py.
+bench/results/latency-notes.md). Not part of the product: the winner moves into rana_core/decode/masked_kernels.py.
 
     python bench/kernel_variants.py
 """
@@ -16,7 +16,7 @@ import triton.language as tl
 import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from rana_core.kernels import reference_masked_rows  # noqa: E402
+from rana_core.decode.masked_kernels import reference_masked_rows  # noqa: E402
 
 
 @triton.jit
@@ -113,7 +113,7 @@ for bk, bm, warps, stages, per_sm in ((64, 128, 4, 1, 8), (64, 128, 4, 2, 8), (3
 
 
 def run_production(rows, coeff, thr, scale, out, bk, bm, warps, stages):
-    from rana_core import kernels
+    from rana_core.decode import masked_kernels as kernels
 
     kernels.BLOCK_K, kernels.BLOCK_M, kernels.NUM_WARPS, kernels.NUM_STAGES = bk, bm, warps, stages
     half = torch.empty(rows.shape[1], dtype=rows.dtype, device=rows.device)  # written in fp16 directly

@@ -5,7 +5,7 @@
 
 Batch 1; median ms per token over `new-tokens` decode steps (each one CUDA-graph replay) after a random prompt
 of each context length; random weights of the named shape, RaNA thresholds calibrated on synthetic activations
-(rana_core.engine). Hugging Face `generate` (eager) is timed on `hf-tokens` new tokens at the same contexts. The
+(rana_core.decode.engine). Hugging Face `generate` (eager) is timed on `hf-tokens` new tokens at the same contexts. The
 floor is the bytes one step must read (weights at the measured mask densities, plus the KV prefix) over the
 measured device-to-device copy bandwidth. A micro-benchmark gives the kernel's bandwidth on its active bytes.
 Prints tables and writes bench/results/latency-<device>.json.
@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))  # runnable from a plain checkout, as on the GPU m
 
 import torch  # noqa: E402
 
-from rana_core import latency  # noqa: E402
+from rana_core.decode import latency  # noqa: E402
 
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
 

@@ -22,9 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from rana_core import kernels, latency  # noqa: E402
-from rana_core.decode_kernels import gemv  # noqa: E402
-from rana_core.engine import SHAPES, DecodeEngine  # noqa: E402
+from rana_core.decode import latency
+from rana_core.decode import masked_kernels as kernels  # noqa: E402
+from rana_core.decode.dense_kernels import gemv  # noqa: E402
+from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
 
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
 

@@ -1,5 +1,5 @@
 """Session 4's masked-product variants, checked and timed inside CUDA graphs in one GPU call (notes in
-bench/results/latency-notes.md). Not part of the product: what wins moves into rana_core/kernels.py.
+bench/results/latency-notes.md). Not part of the product: what wins moves into rana_core/decode/masked_kernels.py.
 
     python bench/masked_variants.py
 
@@ -7,7 +7,7 @@ The question: the library's compact → gather → reduce costs time = a + bytes
 bandwidth) but a ≈ 10 µs per product (three launches, and a chain of dependent loads: counts → list → rows).
 Variants that attack a, at densities 0 (a alone) to 1:
 
-- ``library``: rana_core.kernels as it is;
+- ``library``: rana_core.decode.masked_kernels as it is;
 - ``predicated``: no compaction, no list: program (columns, K-range, group) loads its coefficients, decides the
   mask, and loads only the active rows (masked-off lanes fetch nothing), then the same reduce kernel;
 - ``predicated+fused``: the same, and the last program of each column block adds the partials (an arrival
@@ -29,8 +29,9 @@ import triton.language as tl
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from rana_core import kernels, latency  # noqa: E402
-from rana_core.decode_kernels import gemv  # noqa: E402
+from rana_core.decode import latency
+from rana_core.decode import masked_kernels as kernels  # noqa: E402
+from rana_core.decode.dense_kernels import gemv  # noqa: E402
 
 from shown_path import shown  # noqa: E402
 

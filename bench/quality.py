@@ -23,7 +23,7 @@ import torch
 
 from rana_core.config import CompressConfig
 from rana_core.errors import RanaError
-from rana_core.models import load_model
+from rana_core.loading import load_model
 from rana_core.pipeline import compress
 
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
@@ -107,13 +107,13 @@ def main(argv=None) -> int:
 
 
 def recovered_row(args, loaded, config: CompressConfig, recovery: str) -> dict:
-    """Compress, save the adapters, then recover them with LoRA (rana_core.recover, its default token budgets;
+    """Compress, save the adapters, then recover them with LoRA (rana_core.recovery.recover, its default token budgets;
     strategy from "recover-<strategy>", else RecoverConfig's default). The row's perplexity and measured FLOP
     reduction are those after recovery (LoRA on adapter-computed linears costs FLOPs; see README)."""
     import tempfile
 
-    from rana_core.recover import recover
-    from rana_core.recover_config import RecoverConfig
+    from rana_core.recovery.recover import recover
+    from rana_core.recovery.config import RecoverConfig
 
     t0 = time.perf_counter()
     strategy = recovery.partition("-")[2] or RecoverConfig.strategy

@@ -3,7 +3,7 @@
     python bench/recovery.py [--model smollm2-135m] [--budget 0.44] [--runs uniform:0,rankadaptor:0,error:0,uniform:1]
 
 The quality bench's protocol: RaNA (uniform allocation) calibrated on 8192 training-split tokens, perplexity on
-32768 held-out tokens in windows of 512. Each run is `strategy:seed` with rana_core.recover's default token
+32768 held-out tokens in windows of 512. Each run is `strategy:seed` with rana_core.recovery.recover's default token
 budgets (RecoverConfig). `--artifact PATH` reuses adapters saved by an identical compression instead of compressing
 again (compression is deterministic). Prints a table and writes bench/results/recovery-<model>.json after every row.
 """
@@ -23,10 +23,10 @@ import torch
 
 from rana_core.config import CompressConfig
 from rana_core.errors import RanaError
-from rana_core.models import file_sha256, load_model
+from rana_core.loading import file_sha256, load_model
 from rana_core.pipeline import compress
-from rana_core.recover import recover
-from rana_core.recover_config import RecoverConfig
+from rana_core.recovery.recover import recover
+from rana_core.recovery.config import RecoverConfig
 
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
 

@@ -142,7 +142,7 @@ class LayerMetric(Base):
 
 
 class Recovery(Base):
-    """One LoRA recovery of a run (rana_core.recover): the per-layer ranks chosen by a strategy, perplexity before
+    """One LoRA recovery of a run (rana_core.recovery.recover): the per-layer ranks chosen by a strategy, perplexity before
     and after on held-out text, the FLOP reduction measured after, and the search that chose the ranks."""
 
     __tablename__ = "recoveries"

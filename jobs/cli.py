@@ -55,7 +55,7 @@ def _add_team_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_recover_options(parser: argparse.ArgumentParser) -> None:
-    from rana_core.recover_config import STRATEGIES
+    from rana_core.recovery.config import STRATEGIES
 
     parser.add_argument("run_id", type=int)
     parser.add_argument("--strategy", default="rankadaptor", choices=list(STRATEGIES),
@@ -70,7 +70,7 @@ def _add_recover_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _recover_payload(args) -> dict:
-    from rana_core.recover_config import RecoverConfig
+    from rana_core.recovery.config import RecoverConfig
 
     options = {"rank_budget": args.rank_budget, "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens,
                "seed": args.seed, "rethreshold": args.rethreshold or None}

@@ -99,7 +99,7 @@ RECOVERY_COLUMNS = ("strategy", "ranks", "trainable_params", "train_tokens", "ev
 
 
 def store_recovery(session, run_id: int, result: dict, job_id: int | None = None) -> int:
-    """Add one recovery (rana_core.recover.RecoveryResult.to_json()) to a run; returns its id."""
+    """Add one recovery (rana_core.recovery.recover.RecoveryResult.to_json()) to a run; returns its id."""
     if job_id is not None:
         existing = session.execute(select(Recovery.id).where(Recovery.job_id == job_id)).scalar()
         if existing is not None:

@@ -7,7 +7,7 @@ Payloads are validated here, at submit time, so that a bad request is refused be
   (children of the sweep's row, which shows their aggregate progress).
 - ``evaluate``: an existing run's stored adapters measured again on another split or token count.
 - ``latency``: decode latency of dense and adapted models of one shape on a GPU (see rana_core's latency code).
-- ``recover``: LoRA fine-tuning of an existing run's stored adapters, one rank per layer (rana_core.recover).
+- ``recover``: LoRA fine-tuning of an existing run's stored adapters, one rank per layer (rana_core.recovery.recover).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 from rana_core.config import MAX_FLOP_REDUCTION, CompressConfig
 from rana_core.errors import RanaError
 from rana_core.methods import METHODS
-from rana_core.model_names import BUNDLED_MODELS
-from rana_core.recover_config import STRATEGIES, RecoverConfig
+from rana_core.model_source import BUNDLED_MODELS
+from rana_core.recovery.config import STRATEGIES, RecoverConfig
 
 JOB_KINDS = ("compress", "sweep", "evaluate", "latency", "recover")
 SPLITS = ("heldout", "train")

@@ -179,8 +179,8 @@ class Worker:
         return lambda session: store_evaluation(session, payload["run_id"], evaluation, job_id=job.id)
 
     def _recover(self, job: queue.ClaimedJob, progress):
-        from rana_core.recover import recover
-        from rana_core.recover_config import RecoverConfig
+        from rana_core.recovery.recover import recover
+        from rana_core.recovery.config import RecoverConfig
 
         payload = dict(job.payload)
         run_id = payload.pop("run_id")
@@ -206,9 +206,9 @@ class Worker:
         if not device.startswith("cuda"):
             raise RanaError(f"latency jobs need a CUDA GPU; this worker runs on {device} (set RANA_DEVICE=cuda)")
         try:
-            from rana_core.latency import measure_decode  # the GPU decode engine (design §7)
+            from rana_core.decode.latency import measure_decode  # the GPU decode engine (design §7)
         except ImportError:
-            raise RanaError("this version has no GPU decode engine (rana_core.latency) to measure latency") from None
+            raise RanaError("this version has no GPU decode engine (rana_core.decode.latency) to measure latency") from None
         rows = measure_decode(job.payload, device=device, progress=progress)
         return lambda session: store_latency(session, rows, job_id=job.id)
 
@@ -241,7 +241,7 @@ class Worker:
         return progress
 
     def _loaded_model(self, config):
-        from rana_core.models import load_model
+        from rana_core.loading import load_model
 
         key = (config.model, config.device, config.dtype)
         if key not in self._model_cache:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, fields
 
 from rana_core.errors import BudgetError, RanaError
 from rana_core.methods import METHODS
-from rana_core.model_names import resolve_model
+from rana_core.model_source import resolve_model
 
 MAX_FLOP_REDUCTION = 0.95  # budgets are FLOP reductions in [0, 0.95)
 CONFIG_VERSION = 1

@@ -17,7 +17,7 @@ from functools import lru_cache
 import torch
 
 from rana_core.decompose import OutputBasis, output_basis
-from rana_core.rank_adapter import RankPlan, plan_rank_adapter
+from rana_core.adapters.low_rank import RankPlan, plan_rank_adapter
 
 GRID = 0.025  # keep fractions of up/gate plans are rounded to this step for caching
 SPLIT_PARTS = 18

@@ -14,7 +14,7 @@ from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
 
-from rana_core.models import file_sha256
+from rana_core.loading import file_sha256
 
 PACKAGES = ("rana-studio", "torch", "transformers", "safetensors", "numpy", "triton", "gguf")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent

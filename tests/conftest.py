@@ -68,7 +68,7 @@ def any_db_url(request, tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny():
-    from rana_core.models import load_model
+    from rana_core.loading import load_model
 
     return load_model("tiny")
 

@@ -4,8 +4,8 @@ against plain alternatives, budgets, sizes, and bad input."""
 import pytest
 import torch
 
-from rana_core.a3_modules import A3Attention, kept_coordinates, model_rotary, rotary_pairs, rotate_narrow
-from rana_core.adapters import inject, unload
+from rana_core.adapters.a3 import A3Attention, kept_coordinates, model_rotary, rotary_pairs, rotate_narrow
+from rana_core.adapters.base import inject, unload
 from rana_core.calibration import capture_input_stats
 from rana_core.config import CompressConfig
 from rana_core.errors import RanaError
@@ -191,7 +191,7 @@ def test_bad_input_is_one_line(tiny):
     assert "\n" not in str(caught.value)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from rana_core.models import LoadedModel
+    from rana_core.loading import LoadedModel
 
     biased = LlamaForCausalLM(LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                           num_attention_heads=2, num_key_value_heads=1, attention_bias=True))

@@ -5,7 +5,7 @@ import torch
 
 from rana_core.corpus import token_windows
 from rana_core.evaluate import perplexity
-from rana_core.models import load_model
+from rana_core.loading import load_model
 
 pytestmark = pytest.mark.bundled
 
@@ -35,7 +35,7 @@ def test_greedy_answer_to_a_factual_question(smol):
 
 
 def test_rana_at_a_30_percent_cut_still_answers(smol):
-    from rana_core.adapters import inject, installed_meters, unload
+    from rana_core.adapters.base import inject, installed_meters, unload
     from rana_core.flops import linear_flops
     from rana_core.methods import rana
     from rana_core.pipeline import calibrate_thresholds

@@ -2,7 +2,7 @@ import pytest
 
 from rana_core.corpus import HELD_OUT_EVERY, clean_brown, load_documents, split_documents, token_windows
 from rana_core.errors import CorpusError
-from rana_core.models import ByteTokenizer
+from rana_core.loading import ByteTokenizer
 
 
 def test_brown_is_complete_and_cleaned():

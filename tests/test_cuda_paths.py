@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rana_core.config import CompressConfig
-from rana_core.models import load_model
+from rana_core.loading import load_model
 from rana_core.pipeline import compress, evaluate_saved
 
 pytestmark = pytest.mark.gpu
@@ -33,8 +33,8 @@ def test_every_method_compresses_on_cuda_as_on_the_cpu(method, allocation, tmp_p
 
 
 def test_recovery_runs_on_cuda(tmp_path):
-    from rana_core.recover import recover
-    from rana_core.recover_config import RecoverConfig
+    from rana_core.recovery.recover import recover
+    from rana_core.recovery.config import RecoverConfig
 
     loaded = load_model("tiny", device="cuda")
     artifact = tmp_path / "rana.safetensors"

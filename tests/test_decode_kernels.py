@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rana_core import kernels
-from rana_core.decode_kernels import (add_rmsnorm, gemv, rmsnorm_reference, rope_into_cache,
+from rana_core.decode import masked_kernels as kernels
+from rana_core.decode.dense_kernels import (add_rmsnorm, gemv, rmsnorm_reference, rope_into_cache,
                                       rotate_half_reference)
-from rana_core.kernels import masked_rows_partials, reduce_partials, reference_masked_rows
+from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials, reference_masked_rows
 
 from test_kernels import relative_error, threshold_for_density
 
@@ -178,7 +178,7 @@ def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos):
     """Flash-decoding over chunks equals softmax attention over positions 0..pos; what lies past pos (here
     NaN) is never read, and grouped query heads share their K/V head."""
     heads, kv_heads, d, max_seq = (32, 8, 128, 160) if device == "cuda" else (4, 2, 16, 130)
-    from rana_core.decode_kernels import decode_attention
+    from rana_core.decode.dense_kernels import decode_attention
 
     g = torch.Generator().manual_seed(pos)
     q = torch.randn(heads, d, generator=g).to(device, dtype)

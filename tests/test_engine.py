@@ -6,7 +6,7 @@ that CUDA-graph replay decodes the same tokens as eager steps."""
 import pytest
 import torch
 
-from rana_core.engine import SHAPES, DecodeEngine, NeuronPart, RankPart, Shape, uniform_keeps
+from rana_core.decode.engine import SHAPES, DecodeEngine, NeuronPart, RankPart, Shape, uniform_keeps
 
 TINY = SHAPES["tiny-shape"]
 
@@ -121,7 +121,7 @@ def test_programmatic_dependent_launch_changes_no_bit(flop_reduction, monkeypatc
     """With PDL a kernel's programs start before the previous kernel is done; every kernel must still read what
     the one before wrote. The kernels are deterministic (no atomics), so replayed graphs with and without PDL
     must give the same logits bit for bit, step after step: a missing wait would show as a difference."""
-    from rana_core.kernels import pdl
+    from rana_core.decode.masked_kernels import pdl
 
     if not pdl(torch.empty(1, device="cuda")):
         pytest.fail("this GPU cannot launch with PDL (needs compute capability 9.0, e.g. an H100)")

@@ -1,6 +1,6 @@
 import pytest
 
-from rana_core.adapters import module_shapes
+from rana_core.adapters.base import module_shapes
 from rana_core.flops import attention_score_flops, dense_profile, linear_flops, low_rank_flops
 
 

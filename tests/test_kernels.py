@@ -5,7 +5,7 @@ conftest) on small shapes; the `gpu` tests run the compiled kernel at model size
 import pytest
 import torch
 
-from rana_core.kernels import masked_rows_batched, masked_rows_gemv, reference_masked_rows
+from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, reference_masked_rows
 
 DENSITIES = [0.0, 0.1, 0.5, 0.9, 1.0]
 
@@ -45,7 +45,7 @@ def check(K, M, dtype, device, density, with_scale, generator):
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("with_scale", [False, True])
 def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale):
-    from rana_core import kernels
+    from rana_core.decode import masked_kernels as kernels
 
     assert kernels.triton is not None and kernels._interpreting()  # the kernel itself runs, not a fallback
     generator = torch.Generator().manual_seed(int(density * 100) + 7 * with_scale)
@@ -77,7 +77,7 @@ def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_sc
 def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density):
     """With chunks of 16 coefficients, a list of 100 rows is written by 7 compaction programs and read back
     across chunk boundaries by gather programs whose shares straddle them."""
-    from rana_core import kernels
+    from rana_core.decode import masked_kernels as kernels
 
     monkeypatch.setattr(kernels, "COMPACT_CHUNK", 16)
     monkeypatch.setattr(kernels, "BLOCK_K", 8)

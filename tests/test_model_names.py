@@ -1,7 +1,7 @@
 import pytest
 
 from rana_core.errors import ModelNotFound
-from rana_core.model_names import resolve_model
+from rana_core.model_source import resolve_model
 
 
 def test_bundled_and_tiny_resolve_without_loading():

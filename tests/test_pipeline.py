@@ -98,7 +98,7 @@ def test_adapted_model_generates_with_a_kv_cache(tiny):
     """Greedy decoding with the KV cache (one token per step through the masks) equals recomputing everything."""
     import torch
 
-    from rana_core.adapters import inject, installed_adapters, unload
+    from rana_core.adapters.base import inject, installed_adapters, unload
     from rana_core.corpus import token_windows
     from rana_core.methods import rana
     from rana_core.pipeline import calibrate_thresholds

@@ -5,11 +5,11 @@ import itertools
 import pytest
 import torch
 
-from rana_core.adapters import MODULES, inject, installed_meters, layer_members, unload
-from rana_core.mlp_adapters import CatsMLP, NeuronMaskedUnit, RaNAMLP
+from rana_core.adapters.base import MODULES, inject, installed_meters, layer_members, unload
+from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
 from rana_core.profiles import MLPProfile, ProjectionFactors, split_triples
-from rana_core.rank_adapter import RankMaskedUnit, RankPlan, active_for, plan_rank_adapter
-from rana_core.thresholds import ScoreHistogram
+from rana_core.adapters.low_rank import RankMaskedUnit, RankPlan, active_for, plan_rank_adapter
+from rana_core.adapters.thresholds import ScoreHistogram
 from tests.test_svd import _grams
 
 
@@ -158,7 +158,7 @@ def test_split_grid_is_the_papers_and_the_search_takes_its_best(tiny, tiny_windo
 
 
 def test_sparsity_curve_rises_with_the_energy_share_and_holds_the_90_percent_point():
-    from rana_core.adapters import SPARSITY_CURVE_SHARES, Meter, top_share_counts
+    from rana_core.adapters.base import SPARSITY_CURVE_SHARES, Meter, top_share_counts
 
     scores = torch.tensor([[8.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 1.0]])
     # row 1: 8/10 reached with one entry, 9/10 with two; row 2 is flat: k entries carry k/4

@@ -1,5 +1,5 @@
 """LoRA recovery on the tiny model: attachment to adapted modules, training, budgets, the rank strategies and the
-performance-model search (on a synthetic objective), and a whole recovery through rana_core.recover."""
+performance-model search (on a synthetic objective), and a whole recovery through rana_core.recovery.recover."""
 
 import itertools
 from pathlib import Path
@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from rana_core.adapters import inject, unload
-from rana_core.artifacts import load_adapters
+from rana_core.adapters.base import inject, unload
+from rana_core.adapters.artifacts import load_adapters
 from rana_core.config import CompressConfig
 from rana_core.errors import RanaError
-from rana_core.lora import LINEARS, attach_lora, computing_spots, params_per_rank
+from rana_core.recovery.lora import LINEARS, attach_lora, computing_spots, params_per_rank
 from rana_core.pipeline import compress
-from rana_core.rank_search import (RANK_CHOICES, SearchSettings, budget_of, cost, error_ranks, random_config,
+from rana_core.recovery.rank_search import (RANK_CHOICES, SearchSettings, budget_of, cost, error_ranks, random_config,
                                    search_ranks, uniform_ranks)
-from rana_core.recover import fine_tune, recover
-from rana_core.recover_config import RecoverConfig
+from rana_core.recovery.recover import fine_tune, recover
+from rana_core.recovery.config import RecoverConfig
 
 METHODS = ("rana", "cats", "svd", "dense")
 

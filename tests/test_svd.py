@@ -1,6 +1,7 @@
 import torch
 
-from rana_core.adapters import MODULES, LowRankUnit, inject, installed_adapters, layer_members, unload
+from rana_core.adapters.low_rank import LowRankUnit
+from rana_core.adapters.base import MODULES, inject, installed_adapters, layer_members, unload
 from rana_core.calibration import capture_input_stats
 from rana_core.decompose import low_rank_factors, output_basis, rank_for_budget
 from rana_core.methods.svd import INPUT_OF

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from rana_core.a3_modules import A3MLP, A3Attention, kept_coordinates, model_rotary, rotary_pairs
-from rana_core.adapters import inject, layer_members, unload
+from rana_core.adapters.a3 import A3MLP, A3Attention, kept_coordinates, model_rotary, rotary_pairs
+from rana_core.adapters.base import inject, layer_members, unload
 from rana_core.allocation import Curve, greedy_allocation
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError, RanaError

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import torch
 
-from rana_core.adapters import LowRankUnit, inject, layer_members, unload
+from rana_core.adapters.low_rank import LowRankUnit
+from rana_core.adapters.base import inject, layer_members, unload
 from rana_core.allocation import Option, hull_greedy_allocation, knapsack_allocation
 from rana_core.corpus import windows_digest
 from rana_core.curves import (CurveCache, Point, dense_point, halves, mlp_curves, mlp_dense_flops, mlp_svd_bases,
@@ -37,8 +38,8 @@ from rana_core.decompose import output_basis
 from rana_core.errors import BudgetError
 from rana_core.flops import linear_flops
 from rana_core.methods.svd import capture_module_inputs
-from rana_core.mlp_adapters import CatsMLP, NeuronMaskedUnit, RaNAMLP
-from rana_core.rank_adapter import RankMaskedUnit, RankPlan
+from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
+from rana_core.adapters.low_rank import RankMaskedUnit, RankPlan
 
 ROWS = 2048  # calibration rows kept per module input: half fit the thresholds, half check error and FLOPs
 SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules, and that probe the scales

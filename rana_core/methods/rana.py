@@ -19,15 +19,15 @@ from __future__ import annotations
 
 import torch
 
-from rana_core.adapters import layer_members
+from rana_core.adapters.base import layer_members
 from rana_core.allocation import Curve, greedy_allocation
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError
 from rana_core.flops import linear_flops
 from rana_core.methods.svd import capture_module_inputs
-from rana_core.mlp_adapters import NeuronMaskedUnit, RaNAMLP
+from rana_core.adapters.mlp import NeuronMaskedUnit, RaNAMLP
 from rana_core.profiles import MLPProfile, QKVProfile
-from rana_core.rank_adapter import RankMaskedUnit
+from rana_core.adapters.low_rank import RankMaskedUnit
 from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
@@ -94,7 +94,7 @@ def full_kv_heads(config) -> bool:
 
 def validation_loss(loaded, qkv: dict, mlp: dict, keeps: dict, fisher: dict | None, windows) -> float:
     """Mean next-token loss of the model adapted with `keeps` (thresholds as planned on calibration rows)."""
-    from rana_core.adapters import inject, unload
+    from rana_core.adapters.base import inject, unload
     from rana_core.evaluate import perplexity
 
     inject(loaded.layers, _model_adapters(loaded.layers, qkv, mlp, keeps, fisher))
@@ -137,7 +137,7 @@ def loss_model(loaded, qkv: dict, mlp: dict, windows, progress) -> tuple[dict, d
     scores, errors that line up across layers), and it misses by different factors for QKV and for the MLP. So
     each type is probed once: every layer's QKV (then every MLP) adapted at PROBE_KEEP, the real loss increase on
     `windows` measured, and the type's estimates scaled to match it."""
-    from rana_core.adapters import inject, unload
+    from rana_core.adapters.base import inject, unload
     from rana_core.evaluate import perplexity
 
     layers = loaded.layers

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from rana_core.adapters import MODULES, LowRankUnit, layer_members
+from rana_core.adapters.low_rank import LowRankUnit
+from rana_core.adapters.base import MODULES, layer_members
 from rana_core.calibration import capture_input_stats
 from rana_core.decompose import low_rank_factors, output_basis, rank_for_budget
 from rana_core.flops import linear_flops, low_rank_flops

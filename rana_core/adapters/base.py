@@ -24,7 +24,7 @@ from torch import nn
 
 from rana_core.errors import RanaError
 from rana_core.flops import linear_flops
-from rana_core.thresholds import ScoreHistogram
+from rana_core.adapters.thresholds import ScoreHistogram
 
 # Member module paths of each adaptable module, relative to a decoder layer (Llama and Gemma 3 alike).
 MODULE_MEMBERS: dict[str, tuple[str, ...]] = {
@@ -245,28 +245,6 @@ class MLPAdapter(WholeModuleAdapter):
 class AttentionAdapter(WholeModuleAdapter):
     """Replaces a whole attention module; subclasses also define ``kv_features`` (cached key plus value features
     per token)."""
-
-
-class LowRankUnit(AdapterUnit):
-    """Static low rank: y = A (B x) + b, A: out × r, B: r × in. Every token pays for all r ranks."""
-
-    adapter_name = "svd"
-
-    def __init__(self, members, layer, module, A: torch.Tensor, B: torch.Tensor):
-        super().__init__(members, layer, module, static_rank=A.shape[1])
-        dtype, device = members[0].weight.dtype, members[0].weight.device
-        self.A = nn.Parameter(A.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
-        self.B = nn.Parameter(B.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
-        self.bias = stacked_bias(members)
-
-    def compute(self, x):
-        z = F.linear(x, self.B)
-        tokens = x.numel() // x.shape[-1]
-        rank = self.A.shape[1]
-        self.meter.count(tokens, tokens * 2 * rank * (self.in_features + self.out_features), tokens * rank)
-        if self.tracking:
-            self.meter.track_sparsity(z * z)
-        return F.linear(z, self.A, self.bias)
 
 
 def inject(layers: nn.ModuleList, adapters: list[nn.Module]) -> None:

@@ -17,10 +17,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.adapters import LowRankUnit
-from rana_core.thresholds import Thresholded
+from rana_core.adapters.base import AdapterUnit, stacked_bias
+from rana_core.adapters.thresholds import Thresholded
 
 SEARCH_STEPS = 16  # static ranks tried on a coarse grid, then refined around the best
+
+
+class LowRankUnit(AdapterUnit):
+    """Static low rank: y = A (B x) + b, A: out × r, B: r × in. Every token pays for all r ranks."""
+
+    adapter_name = "svd"
+
+    def __init__(self, members, layer, module, A: torch.Tensor, B: torch.Tensor):
+        super().__init__(members, layer, module, static_rank=A.shape[1])
+        dtype, device = members[0].weight.dtype, members[0].weight.device
+        self.A = nn.Parameter(A.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        self.B = nn.Parameter(B.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        self.bias = stacked_bias(members)
+
+    def compute(self, x):
+        z = F.linear(x, self.B)
+        tokens = x.numel() // x.shape[-1]
+        rank = self.A.shape[1]
+        self.meter.count(tokens, tokens * 2 * rank * (self.in_features + self.out_features), tokens * rank)
+        if self.tracking:
+            self.meter.track_sparsity(z * z)
+        return F.linear(z, self.A, self.bias)
 
 
 @dataclass(frozen=True)

@@ -17,12 +17,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rana_core.a3_modules import A3MLP, A3Attention
-from rana_core.adapters import LowRankUnit, layer_members
+from rana_core.adapters.a3 import A3MLP, A3Attention
+from rana_core.adapters.low_rank import LowRankUnit
+from rana_core.adapters.base import layer_members
 from rana_core.errors import RanaError
-from rana_core.mlp_adapters import CatsMLP, NeuronMaskedUnit, RaNAMLP
-from rana_core.models import file_sha256
-from rana_core.rank_adapter import RankMaskedUnit, RankPlan
+from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
+from rana_core.loading import file_sha256
+from rana_core.adapters.low_rank import RankMaskedUnit, RankPlan
 
 FORMAT = "rana-adapters/1"
 

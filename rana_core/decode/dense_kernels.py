@@ -22,12 +22,12 @@ import math
 
 import torch
 
-from rana_core.kernels import pdl, triton, use_triton
+from rana_core.decode.masked_kernels import pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.kernels import await_inputs, swiglu
+    from rana_core.decode.masked_kernels import await_inputs, swiglu
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, delta_ptr, weight_ptr, normed_ptr, N, eps, HAS_DELTA: tl.constexpr,
@@ -50,7 +50,7 @@ if triton is not None:
     @triton.jit
     def _qkv_values(qkv_ptr, offs, SPLITS: tl.constexpr, N: tl.constexpr, dtype):
         """qkv[offs] in float32: read as stored, or, with SPLITS > 0, added up from a masked product's SPLITS
-        rows of float32 partial sums (rana_core.kernels) and rounded to `dtype` as reduce_partials would."""
+        rows of float32 partial sums (rana_core.decode.masked_kernels) and rounded to `dtype` as reduce_partials would."""
         if SPLITS == 0:
             return tl.load(qkv_ptr + offs).to(tl.float32)
         total = tl.load(qkv_ptr + offs)
@@ -198,7 +198,7 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
     k rotated and v written into k_cache/v_cache (kv_heads, max_seq, d) at pos. Returns q_out.
 
     With `splits` > 0, qkv is instead the float32 partial sums of the masked product that makes it
-    (rana_core.kernels.masked_rows_partials: splits rows), added up here in the model's dtype."""
+    (rana_core.decode.masked_kernels.masked_rows_partials: splits rows), added up here in the model's dtype."""
     d = k_cache.shape[-1]
     if splits:
         if qkv.numel() != splits * (heads + 2 * kv_heads) * d:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from rana_core.adapters import AdaptedSlot, AttentionAdapter, MLPAdapter
+from rana_core.adapters.base import AdaptedSlot, AttentionAdapter, MLPAdapter
 
 FP16_BYTES = 2
 

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.adapters import AdapterUnit, Meter, MLPAdapter
-from rana_core.rank_adapter import RankMaskedUnit
-from rana_core.thresholds import Thresholded
+from rana_core.adapters.base import AdapterUnit, Meter, MLPAdapter
+from rana_core.adapters.low_rank import RankMaskedUnit
+from rana_core.adapters.thresholds import Thresholded
 
 
 class NeuronMaskedUnit(Thresholded, AdapterUnit):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.adapters import AttentionAdapter, Meter, MLPAdapter
+from rana_core.adapters.base import AttentionAdapter, Meter, MLPAdapter
 from rana_core.errors import RanaError
 
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rana_core.errors import ModelNotFound
-from rana_core.model_names import GEMMA3_PACKAGE, ModelSource, resolve_model
+from rana_core.model_source import GEMMA3_PACKAGE, ModelSource, resolve_model
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.decode_kernels import (add_rmsnorm, decode_attention, gemv, rmsnorm_reference, rope_into_cache,
+from rana_core.decode.dense_kernels import (add_rmsnorm, decode_attention, gemv, rmsnorm_reference, rope_into_cache,
                                      rotate_half_reference)
-from rana_core.kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials, reduce_partials,
+from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials, reduce_partials,
                                use_triton)
 
 

@@ -32,9 +32,9 @@ from peft.tuners.lora import Linear as PeftLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from rana_core.adapters import AdaptedSlot, AdapterUnit, MLPAdapter
+from rana_core.adapters.base import AdaptedSlot, AdapterUnit, MLPAdapter
 from rana_core.errors import RanaError
-from rana_core.mlp_adapters import CatsMLP, RaNAMLP
+from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 ADAPTER_NAME = "recover"

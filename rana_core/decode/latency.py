@@ -1,4 +1,4 @@
-"""Decode latency on a GPU: the engine (rana_core.engine) dense and with RaNA at several budgets, Hugging Face's
+"""Decode latency on a GPU: the engine (rana_core.decode.engine) dense and with RaNA at several budgets, Hugging Face's
 eager `generate` for comparison, the memory-bandwidth floor, and a micro-benchmark of the masked-row kernel.
 
 Used by the worker's `latency` job (rows for the latency_results table) and by bench/latency.py.
@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from rana_core.engine import SHAPES, DecodeEngine, Shape
+from rana_core.decode.engine import SHAPES, DecodeEngine, Shape
 from rana_core.progress import ProgressFn, no_progress
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -119,7 +119,7 @@ def kernel_microbenchmark(device: str, dtype: str, bandwidth: float,
     """Achieved bandwidth of the masked-row kernel on the bytes of its active rows, at Llama-2-7B sizes, each call
     replayed from a CUDA graph as in the engine (launched one by one from Python, these few-µs kernels would
     measure the launch, not the kernel)."""
-    from rana_core.kernels import masked_rows_gemv
+    from rana_core.decode.masked_kernels import masked_rows_gemv
 
     results = []
     torch_dtype = DTYPES[dtype]

@@ -4,9 +4,9 @@
 
 Steps: rebuild the run's adapters from its artifact and inject them; measure each layer's reconstruction error and
 the validation loss on a slice of the *training* split; held-out perplexity before; choose per-layer ranks (uniform,
-error-proportional, or RankAdaptor's search, rana_core.rank_search, whose configurations are each fine-tuned
+error-proportional, or RankAdaptor's search, rana_core.recovery.rank_search, whose configurations are each fine-tuned
 briefly and scored on that validation slice, never on held-out text); fine-tune the chosen ranks on `train_tokens`
-training tokens (rana_core.lora: everything else frozen); held-out perplexity after, with LoRA merged into every
+training tokens (rana_core.recovery.lora: everything else frozen); held-out perplexity after, with LoRA merged into every
 plain Linear and the FLOPs of the unmergeable LoRA on adapter-computed linears counted. The model is left exactly
 as it came (LoRA detached, merged weights restored, adapters unloaded), so a worker may reuse it.
 
@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rana_core.adapters import inject, installed_meters, module_shapes, set_tracking, unload
-from rana_core.artifacts import load_adapters
+from rana_core.adapters.base import inject, installed_meters, module_shapes, set_tracking, unload
+from rana_core.adapters.artifacts import load_adapters
 from rana_core.corpus import token_windows, windows_digest
 from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
-from rana_core.lora import attach_lora, params_per_rank
-from rana_core.models import LoadedModel
+from rana_core.recovery.lora import attach_lora, params_per_rank
+from rana_core.loading import LoadedModel
 from rana_core.pipeline import calibrate_thresholds
 from rana_core.progress import ProgressFn, StagedProgress, no_progress
-from rana_core.rank_search import SearchSettings, budget_of, error_ranks, search_ranks, uniform_ranks
-from rana_core.recover_config import RecoverConfig
+from rana_core.recovery.rank_search import SearchSettings, budget_of, error_ranks, search_ranks, uniform_ranks
+from rana_core.recovery.config import RecoverConfig
 
 RETHRESHOLD_TOKENS = 8192  # training tokens that re-set the masks' thresholds after fine-tuning (as compress does)
 
