@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from db.session import data_dir
 from rana_core.adapters.base import installed_meters, module_shapes, unload
 from rana_core.config import CompressConfig
 from rana_core.corpus import token_windows
@@ -75,7 +76,8 @@ def main(argv=None) -> int:
                                     calib_tokens=args.calib_tokens, seq_len=args.seq_len, track_layers=False)
             t0 = time.perf_counter()
             try:
-                adapt(loaded, config, calib, threshold_windows, lambda f, m: None, lambda f, m: None)
+                adapt(loaded, config, calib, threshold_windows, lambda f, m: None, lambda f, m: None,
+                      data_dir() / "curves")
                 for meter in installed_meters(loaded.layers).values():
                     meter.reset()
                 result = perplexity(loaded.model, validation)

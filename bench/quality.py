@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from db.session import data_dir
 from rana_core.config import CompressConfig
 from rana_core.errors import RanaError
 from rana_core.loading import load_model
@@ -29,6 +30,7 @@ from rana_core.pipeline import compress
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CURVES = data_dir() / "curves"  # hybrid's curve cache, shared with the worker and `rana compress`
 DEFAULT_METHODS = ("dense,cats,rana-uniform,rana-greedy,svd,a3-uniform,a3-greedy,hybrid-exact-loss,"
                    "hybrid-exact-output")  # uniform first: greedy reuses its splits
 
@@ -83,7 +85,7 @@ def main(argv=None) -> int:
                           f"{row['perplexity_before']:.2f} at {row['measured_flop_reduction_before']:.3f})",
                           flush=True)
                     continue
-                result = compress(config, loaded=loaded, progress=show_choices)
+                result = compress(config, loaded=loaded, progress=show_choices, cache_dir=CURVES)
             except RanaError as exc:
                 print(f"{name:<14}{budget:>7.2f}  skipped: {exc}", flush=True)
                 rows.append({"method": method, "allocation": allocation, "target": budget, "skipped": str(exc)})
@@ -119,7 +121,8 @@ def recovered_row(args, loaded, config: CompressConfig, recovery: str) -> dict:
     strategy = recovery.partition("-")[2] or RecoverConfig.strategy
     with tempfile.TemporaryDirectory() as scratch:
         artifact = Path(scratch) / "adapters.safetensors"
-        result = compress(config, loaded=loaded, progress=show_choices, artifact_path=artifact)
+        result = compress(config, loaded=loaded, progress=show_choices, artifact_path=artifact,
+                          cache_dir=CURVES)
         recovered = recover(loaded, artifact, result.artifact["sha256"],
                             RecoverConfig(strategy=strategy, eval_tokens=args.eval_tokens,
                                           eval_seq_len=args.seq_len).validate())

@@ -189,6 +189,7 @@ def cmd_compress(args) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before the work
     from tqdm import tqdm
 
+    from db.session import data_dir
     from rana_core.pipeline import compress
 
     with tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
@@ -197,7 +198,7 @@ def cmd_compress(args) -> int:
             bar.set_description_str(message[:60], refresh=False)
             bar.update(round(fraction * 1000) - bar.n)
 
-        result = compress(config, progress=progress).to_json()
+        result = compress(config, progress=progress, cache_dir=data_dir() / "curves").to_json()
     _print_summary(result, stream=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         json.dump(result, sys.stdout, indent=2)

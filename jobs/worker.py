@@ -164,7 +164,7 @@ class Worker:
         config = self._config(job.payload)
         relative = f"artifacts/job-{job.id}-attempt-{job.attempts}.safetensors"
         result = compress(config, progress=progress, loaded=self._loaded_model(config),
-                          artifact_path=data_dir() / relative).to_json()
+                          artifact_path=data_dir() / relative, cache_dir=data_dir() / "curves").to_json()
         return lambda session: store_compression(session, result, job_id=job.id, author=job.author, tags=job.tags,
                                                  artifact_path=relative)
 

@@ -14,14 +14,14 @@ pipeline's threshold correction then holds on the adapted model.
 Two error weights per point: ``output``, the relative output error ‖Δ‖²/‖y‖², and ``loss``, the mean
 Fisher-weighted squared error per token (rana_core.sensitivity: about twice the loss increase it causes).
 
-Curves are cached on disk per (model weights, calibration windows, module, adapter) under
-``$RANA_DATA_DIR/curves`` (``CurveCache``), so a sweep over budgets computes them once.
+Curves are cached on disk per (model weights, calibration windows, module, adapter) under a folder the caller
+passes in (``CurveCache``; the worker and the CLI pass ``$RANA_DATA_DIR/curves``), so a sweep over budgets computes
+them once. Without a folder they live as long as the cache object.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -51,19 +51,13 @@ def dense_point(flops: float) -> Point:
     return Point("dense", 1.0, float(flops), 0.0, {})
 
 
-def data_dir() -> Path:
-    """$RANA_DATA_DIR, resolved exactly as db.session.data_dir resolves it (rana_core may not import db; a test
-    holds the two together), so the curves sit beside the database."""
-    env = os.environ.get("RANA_DATA_DIR")
-    base = Path(env) if env else Path.home() / ".local" / "share" / "rana-studio"
-    return base.expanduser()
-
-
 class CurveCache:
-    """One JSON file per (model, calibration data, module, adapter); `computed` counts the misses."""
+    """One JSON file per (model, calibration data, module, adapter) under `root`; `computed` counts the misses.
+    With no `root` nothing is written and values are kept in memory."""
 
     def __init__(self, model_id: str, data_id: str, root: Path | None = None):
-        self.folder = (root or data_dir() / "curves") / f"v{CURVES_VERSION}" / model_id[:16] / data_id
+        self.folder = Path(root) / f"v{CURVES_VERSION}" / model_id[:16] / data_id if root is not None else None
+        self.memory: dict[str, object] = {}
         self.computed = 0
 
     def get(self, module: tuple, adapter: str, compute) -> dict[str, list[Point]]:
@@ -74,6 +68,11 @@ class CurveCache:
 
     def value(self, name: str, compute):
         """Any JSON value stored under `name` for this model and data."""
+        if self.folder is None:
+            if name not in self.memory:
+                self.memory[name] = json.loads(json.dumps(compute()))  # the same values a file would give back
+                self.computed += 1
+            return self.memory[name]
         path = self.folder / f"{name}.json"
         if path.is_file():
             try:

@@ -83,9 +83,11 @@ class CompressionResult:
 
 def compress(
     config: CompressConfig, progress: ProgressFn | None = None, loaded: LoadedModel | None = None,
-    artifact_path: Path | None = None,
+    artifact_path: Path | None = None, cache_dir: Path | None = None,
 ) -> CompressionResult:
-    """Run `config` end to end. With `artifact_path`, the adapters are also saved there (rana_core.adapters.artifacts)."""
+    """Run `config` end to end. With `artifact_path`, the adapters are also saved there (adapters.artifacts);
+    with `cache_dir`, what a method computes from the model and the data alone (hybrid's curves) is kept there
+    for later runs (the worker and the CLI pass $RANA_DATA_DIR/curves)."""
     config.validate()
     started = time.perf_counter()
     plan = StagedProgress(progress, STAGES)
@@ -119,7 +121,8 @@ def compress(
     dense_size = size_stats(loaded)
     artifact = None
     try:
-        adapters = adapt(loaded, config, calib, threshold_windows, plan.stage("build"), plan.stage("thresholds"))
+        adapters = adapt(loaded, config, calib, threshold_windows, plan.stage("build"), plan.stage("thresholds"),
+                         cache_dir)
         if artifact_path is not None:
             artifact = {"path": str(artifact_path), "sha256": save_adapters(adapters, artifact_path)}
         meters = installed_meters(layers)
@@ -188,12 +191,12 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
 
 
 def adapt(loaded: LoadedModel, config: CompressConfig, calib: torch.Tensor, threshold_windows: torch.Tensor,
-          build_progress: ProgressFn, threshold_progress: ProgressFn) -> list:
+          build_progress: ProgressFn, threshold_progress: ProgressFn, cache_dir: Path | None = None) -> list:
     """Build the method's adapters from `calib`, put them in the model, and set their thresholds on the adapted
     model from `threshold_windows` (disjoint from `calib`). The caller unloads them (adapters.unload)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        adapters = METHODS[config.method].load_builder()(loaded, calib, config, build_progress)
+        adapters = METHODS[config.method].load_builder()(loaded, calib, config, build_progress, cache_dir)
     inject(loaded.layers, adapters)
     calibrate_thresholds(loaded.model, loaded.layers, threshold_windows, threshold_progress)
     return adapters

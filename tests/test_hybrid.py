@@ -97,12 +97,11 @@ def test_knapsack_over_adapter_choices_never_exceeds_the_budget():
 def hybrid_state(tiny, tiny_windows, tmp_path, monkeypatch):
     from rana_core.methods.hybrid import HybridState
 
-    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path))
     tiny.cache.clear()
 
     def make(windows=tiny_windows["train"][:8]):
         tiny.cache.clear()  # only the disk cache may carry curves from one state to the next
-        return HybridState(tiny, windows, lambda f, m: None)
+        return HybridState(tiny, windows, lambda f, m: None, cache_dir=tmp_path / "curves")
 
     yield make
     tiny.cache.clear()
@@ -163,7 +162,6 @@ def test_hybrid_runs_end_to_end_and_stores_the_chosen_keep(tiny, tmp_path, monke
     from rana_core.config import CompressConfig
     from rana_core.pipeline import compress
 
-    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path))
     for allocation in ("exact-loss", "greedy-output"):
         result = compress(CompressConfig(model="tiny", method="hybrid", allocation=allocation, flop_reduction=0.4,
                                          calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny)
@@ -178,7 +176,6 @@ def test_the_candidate_with_the_least_calibration_loss_is_kept(tiny, tmp_path, m
     from rana_core.methods import hybrid
     from rana_core.pipeline import compress
 
-    monkeypatch.setenv("RANA_DATA_DIR", str(tmp_path))
     judged = {}
 
     def fake_losses(self, allocations):  # the last distinct candidate wins, whatever the loss model said
@@ -202,17 +199,3 @@ def test_the_candidate_with_the_least_calibration_loss_is_kept(tiny, tmp_path, m
             assert built[(layer, row)].adapter == adapter
             if adapter != "dense":
                 assert built[(layer, row)].planned_keep == pytest.approx(point.flops / dense)
-
-
-@pytest.mark.parametrize("setting", [None, "~/rana-data", "/srv/rana"])
-def test_curves_live_in_the_data_dir_the_database_uses(setting, monkeypatch):
-    """rana_core cannot import db, so the curve cache resolves $RANA_DATA_DIR itself: it must agree with db."""
-    from db.session import data_dir as database_dir
-    from rana_core.curves import data_dir as curves_dir
-
-    if setting is None:
-        monkeypatch.delenv("RANA_DATA_DIR", raising=False)
-    else:
-        monkeypatch.setenv("RANA_DATA_DIR", setting)
-    assert curves_dir() == database_dir()
-    assert "~" not in str(curves_dir())

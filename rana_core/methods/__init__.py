@@ -1,8 +1,9 @@
 """The registry of compression methods: names, what they do, their allocations, and a lazily imported builder.
 
 Torch-free: pickers and validators list the registry without loading any model code. A method is one module in
-this package with a ``build(loaded, calib_windows, config, progress) -> list[AdapterUnit]`` function, plus one
-``register`` call below.
+this package with a ``build(loaded, calib_windows, config, progress, cache_dir=None) -> list`` function (the
+adapters, not yet injected; ``cache_dir``, when given, is where results that outlive the run may be kept), plus
+one ``register`` call below.
 """
 
 from __future__ import annotations

@@ -265,7 +265,7 @@ def layer_adapters(layer, index: int, analysis: LayerAnalysis, widths: dict[str,
             A3MLP(getattr(layer.mlp, "base", layer.mlp), index, channels)]
 
 
-def build(loaded, calib_windows, config, progress):
+def build(loaded, calib_windows, config, progress, cache_dir=None):
     p = config.flop_reduction
     if p == 0:
         return []

@@ -24,7 +24,7 @@ def keep_for_budget(shapes: dict, flop_reduction: float) -> float:
     return keep
 
 
-def build(loaded, calib_windows, config, progress):
+def build(loaded, calib_windows, config, progress, cache_dir=None):
     if config.flop_reduction == 0:
         return []
     keep = keep_for_budget(module_shapes(loaded.layers), config.flop_reduction)

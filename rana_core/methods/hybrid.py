@@ -51,11 +51,11 @@ CHECK_TOKENS = 2048  # calibration tokens (the last windows, apart from the sens
 CHECK_FACTORS = (0.5, 2.0)  # how far the QKV and the CATS errors are re-weighted, one at a time, in the check
 
 
-def build(loaded, calib_windows, config, progress):
+def build(loaded, calib_windows, config, progress, cache_dir=None):
     if config.flop_reduction == 0:
         return []
     solver, _, weight = config.allocation.partition("-")
-    state = HybridState(loaded, calib_windows, progress)
+    state = HybridState(loaded, calib_windows, progress, cache_dir)
     curves = state.curves()
     scales = state.scales(curves) if weight == "loss" else {"qkv": 1.0, "mlp": 1.0}
     dense = state.dense_flops()
@@ -120,7 +120,7 @@ class HybridState:
     rows), Fisher diagonals, curves (from the disk cache when present) and the output bases of chosen modules.
     Kept on the loaded model per calibration digest, so a sweep over budgets captures once."""
 
-    def __init__(self, loaded, calib_windows, progress):
+    def __init__(self, loaded, calib_windows, progress, cache_dir=None):
         from rana_core.provenance import model_hash
 
         self.loaded, self.windows, self.progress = loaded, calib_windows, progress
@@ -128,7 +128,7 @@ class HybridState:
         per_window = calib_windows.shape[1]
         count = max(1, min(SENSITIVITY_TOKENS // per_window, calib_windows.shape[0]))
         self.sensitivity = calib_windows[:count]
-        self.cache = CurveCache(model_hash(loaded), f"{self.digest}-r{ROWS}-s{SENSITIVITY_TOKENS}")
+        self.cache = CurveCache(model_hash(loaded), f"{self.digest}-r{ROWS}-s{SENSITIVITY_TOKENS}", cache_dir)
         self.memory = loaded.cached(("hybrid", self.digest), dict)  # inputs, fisher, bases, curves
 
     def inputs(self) -> dict:

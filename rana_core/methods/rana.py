@@ -37,7 +37,7 @@ VALIDATION_TOKENS = 2048  # calibration tokens (after the sensitivity slice) on 
 CURVE_KEEPS = [round(1.0 - 0.05 * i, 2) for i in range(17)]  # 1.0 .. 0.2
 
 
-def build(loaded, calib_windows, config, progress):
+def build(loaded, calib_windows, config, progress, cache_dir=None):
     if config.flop_reduction == 0:
         return []
     layers = loaded.layers

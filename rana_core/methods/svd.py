@@ -27,7 +27,7 @@ def capture_module_inputs(loaded, calib_windows, progress, row_stride: int = 0, 
     return capture_input_stats(loaded.model, calib_windows, hooks, progress=progress, row_stride=row_stride)
 
 
-def build(loaded, calib_windows, config, progress):
+def build(loaded, calib_windows, config, progress, cache_dir=None):
     p = config.flop_reduction
     if p == 0:
         return []
