@@ -2,14 +2,25 @@
 
 For a module with input x (n features), InputStats accumulates the second-moment matrix C = Σ x xᵀ in float64 over
 all calibration tokens. Data-aware decompositions need only C: the output covariance is W C Wᵀ.
+
+    stats = capture_module_inputs(loaded, windows, progress, inputs=("attention", "mlp"))
+    stats[(layer, "attention")].gram        # the input of q/k/v;  "mlp": of gate/up;  "down": of down
+
+Every method that decomposes or profiles modules captures through ``capture_module_inputs``, so each layer's
+inputs are read where the model family (rana_core.architecture) says they are.
 """
 
 from __future__ import annotations
 
+from typing import Hashable
+
 import torch
 from torch import nn
 
+from rana_core.architecture import INPUT_OF, family_of
 from rana_core.progress import ProgressFn, no_progress
+
+LAYER_INPUTS = tuple(dict.fromkeys(INPUT_OF.values()))  # "attention", "mlp", "down"
 
 
 class InputStats:
@@ -39,11 +50,11 @@ class InputStats:
 def capture_input_stats(
     model: nn.Module,
     windows: torch.Tensor,
-    modules: dict[str, nn.Linear],
+    modules: dict[Hashable, nn.Linear],
     batch_size: int = 4,
     progress: ProgressFn = no_progress,
     row_stride: int = 0,
-) -> dict[str, InputStats]:
+) -> dict[Hashable, InputStats]:
     """Run `windows` (n, seq_len) through `model` and return InputStats for every named linear module."""
     stats = {name: InputStats(module.in_features, row_stride) for name, module in modules.items()}
     handles = []
@@ -63,3 +74,15 @@ def capture_input_stats(
         for handle in handles:
             handle.remove()
     return stats
+
+
+def capture_module_inputs(loaded, windows: torch.Tensor, progress: ProgressFn = no_progress, row_stride: int = 0,
+                          inputs=LAYER_INPUTS) -> dict[tuple[int, str], InputStats]:
+    """InputStats of each of `inputs` of every layer (one calibration pass of the dense model), keyed
+    (layer, input). `row_stride` also keeps every row_stride-th input row (profiles and curves need rows)."""
+    hooks = {}
+    for index, layer in enumerate(loaded.layers):
+        family = family_of(layer)
+        for name in inputs:
+            hooks[(index, name)] = layer.get_submodule(family.input_path(name))
+    return capture_input_stats(loaded.model, windows, hooks, progress=progress, row_stride=row_stride)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from rana_core.architecture import mlp_parts
 from rana_core.decompose import output_basis, rank_for_budget
 from rana_core.flops import linear_flops, low_rank_flops
 from rana_core.profiles import SPLIT_PARTS, SPLIT_RANGE, ProjectionFactors, _moved, _round
@@ -170,19 +171,19 @@ def qkv_curves(weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor, fis
 
 
 def mlp_dense_flops(mlp) -> float:
-    return float(sum(linear_flops(*p.weight.shape) for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)))
+    return float(sum(linear_flops(*p.weight.shape) for p in mlp_parts(mlp)[:3]))
 
 
 @torch.no_grad()
 def mlp_curves(mlp, gram: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor,
                adapter: str) -> dict[str, list[Point]]:
     """The MLP's points for `adapter` ("rana", "cats" or "svd"), per weight."""
-    weight = mlp.down_proj.weight
+    _, _, down_proj, act = mlp_parts(mlp)
+    weight = down_proj.weight
     fit, check = (r.to(dtype=torch.float32) for r in halves(rows))
     dense = mlp(check.to(device=weight.device, dtype=weight.dtype)).float().cpu()
     dense_energy = dense.square().sum().item()
     down = weight.detach().float().cpu()
-    act = mlp.act_fn
     if adapter == "rana":
         return _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher)
     if adapter == "cats":
@@ -196,8 +197,9 @@ def _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
     """RaNA's MLP at every keep: the split is searched locally (one eighteenth moved between two projections)
     around the best split of the previous keep, separately for each weight (the paper's full grid is 3× the
     work for the same optimum in our measurements of profiles.MLPProfile.curve_error)."""
-    up = _RankProjection(mlp.up_proj.weight, gram, fit, check)
-    gate = _RankProjection(mlp.gate_proj.weight, gram, fit, check)
+    gate_proj, up_proj, _, _ = mlp_parts(mlp)
+    up = _RankProjection(up_proj.weight, gram, fit, check)
+    gate = _RankProjection(gate_proj.weight, gram, fit, check)
     column_norms = down.norm(dim=0)
     hidden, inner = down.shape
     curves = {w: [] for w in WEIGHTS}
@@ -235,9 +237,10 @@ def _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
 def _cats_curves(mlp, fit, check, dense, dense_energy, down, act, fisher):
     """CATS at each share of neurons: the gate runs dense, a neuron is kept where |act(gate x)| clears a
     threshold set on the fit rows, and only kept neurons' rows of up and columns of down are computed."""
-    g_fit = act(fit @ mlp.gate_proj.weight.detach().float().cpu().T)
-    g_check = act(check @ mlp.gate_proj.weight.detach().float().cpu().T)
-    u_check = check @ mlp.up_proj.weight.detach().float().cpu().T
+    gate_w, up_w = (p.weight.detach().float().cpu() for p in mlp_parts(mlp)[:2])
+    g_fit = act(fit @ gate_w.T)
+    g_check = act(check @ gate_w.T)
+    u_check = check @ up_w.T
     hidden, inner = down.shape
     curves = {w: [] for w in WEIGHTS}
     for share in CATS_NEURONS:
@@ -255,16 +258,18 @@ def _cats_curves(mlp, fit, check, dense, dense_energy, down, act, fisher):
 def mlp_svd_bases(mlp, gram: torch.Tensor, fit: torch.Tensor) -> dict:
     """Data-aware output bases of gate and up (from the input gram) and of down (from the dense h of the fit
     rows): the same for the curve and for the adapter built from it."""
-    gate_w, up_w = (p.weight.detach().float().cpu() for p in (mlp.gate_proj, mlp.up_proj))
-    h_fit = mlp.act_fn(fit @ gate_w.T) * (fit @ up_w.T)
+    gate, up, down, act = mlp_parts(mlp)
+    gate_w, up_w = (p.weight.detach().float().cpu() for p in (gate, up))
+    h_fit = act(fit @ gate_w.T) * (fit @ up_w.T)
     return {"gate": output_basis(gate_w, gram), "up": output_basis(up_w, gram),
-            "down": output_basis(mlp.down_proj.weight, h_fit.double().T @ h_fit.double())}
+            "down": output_basis(down.weight, h_fit.double().T @ h_fit.double())}
 
 
 def _svd_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
     """Static data-aware low rank on gate, up and down at the same keep."""
     bases = mlp_svd_bases(mlp, gram, fit)
-    weights = {"gate": mlp.gate_proj.weight.detach().float().cpu(), "up": mlp.up_proj.weight.detach().float().cpu(),
+    gate, up, _, _ = mlp_parts(mlp)
+    weights = {"gate": gate.weight.detach().float().cpu(), "up": up.weight.detach().float().cpu(),
                "down": down}
     curves = {w: [] for w in WEIGHTS}
     for keep in SVD_KEEPS:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from rana_core.architecture import shape_of
+
 
 def linear_flops(out_features: int, in_features: int) -> int:
     return 2 * out_features * in_features
@@ -52,11 +54,9 @@ class FlopProfile:
 
 def dense_profile(config, module_shapes: dict[tuple[int, str], tuple[int, int]], seq_len: int) -> FlopProfile:
     """Profile from a HF config and the (out, in) shape of every adaptable module."""
-    hidden = config.hidden_size
-    n_heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or hidden // n_heads
-    n_layers = config.num_hidden_layers
-    per_layer_fixed = linear_flops(hidden, n_heads * head_dim) + attention_score_flops(n_heads, head_dim, seq_len)
-    lm_head = linear_flops(config.vocab_size, hidden)
+    shape = shape_of(config)
+    per_layer_fixed = (linear_flops(shape.hidden, shape.heads * shape.head_dim)
+                       + attention_score_flops(shape.heads, shape.head_dim, seq_len))
+    lm_head = linear_flops(shape.vocab, shape.hidden)
     adaptable = {key: linear_flops(*shape) for key, shape in module_shapes.items()}
-    return FlopProfile(adaptable=adaptable, fixed=n_layers * per_layer_fixed + lm_head)
+    return FlopProfile(adaptable=adaptable, fixed=shape.layers * per_layer_fixed + lm_head)

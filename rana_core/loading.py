@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rana_core.architecture import TINY_CONFIG, family_named, family_of, shape_of
 from rana_core.errors import ModelNotFound
 from rana_core.model_source import GEMMA3_PACKAGE, ModelSource, resolve_model
 
@@ -68,30 +69,27 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def family(self):
+        return family_of(self.model)
+
+    @property
+    def shape(self):
+        return shape_of(self.model.config)
+
+    @property
     def layers(self) -> nn.ModuleList:
         return self.model.get_decoder().layers
 
 
-def tiny_llama(seed: int = 0) -> nn.Module:
-    """A deterministic random two-layer Llama (GQA: 4 query, 2 KV heads) over the byte vocabulary."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_model(family: str = "llama", seed: int = 0) -> nn.Module:
+    """A deterministic random two-layer model of `family` (rana_core.architecture) over the byte vocabulary."""
+    import transformers
 
-    config = LlamaConfig(
-        vocab_size=ByteTokenizer.vocab_size,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-        bos_token_id=None,
-        eos_token_id=ByteTokenizer.eos_id,
-        pad_token_id=ByteTokenizer.eos_id,
-    )
+    spec = family_named(family)
+    config = getattr(transformers, spec.config_class)(**{**TINY_CONFIG, **spec.tiny})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = getattr(transformers, spec.causal_lm)(config)
     return model
 
 
@@ -103,7 +101,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
     torch_dtype = DTYPES[dtype]
     weights_file = None
     if source.kind == "tiny":
-        model, tokenizer = tiny_llama(), ByteTokenizer()
+        model, tokenizer = tiny_model(source.location), ByteTokenizer()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -122,6 +120,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
         tokenizer = HFTokenizer(tok)
         if gguf_file:
             weights_file = str(Path(location) / gguf_file)
+    family_of(model)  # a family rana_core.architecture does not know is one clear line, before any work
     model = model.to(device=device, dtype=torch_dtype).eval()
     model.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())

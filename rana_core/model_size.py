@@ -11,6 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from rana_core.adapters.base import AdaptedSlot, AttentionAdapter, MLPAdapter
+from rana_core.architecture import layer_attention
 
 FP16_BYTES = 2
 
@@ -33,13 +34,12 @@ def count_parameters(module: nn.Module) -> tuple[int, int]:
 
 
 def kv_bytes_per_token(loaded) -> int:
-    config = loaded.config
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    shape = loaded.shape
+    dense = 2 * shape.kv_heads * shape.head_dim  # keys plus values of one layer
     features = 0
     for layer in loaded.layers:
-        attention = layer.self_attn
-        features += attention.kv_features if isinstance(attention, AttentionAdapter) else 2 * kv_heads * head_dim
+        attention = layer_attention(layer)
+        features += attention.kv_features if isinstance(attention, AttentionAdapter) else dense
     return features * FP16_BYTES
 
 

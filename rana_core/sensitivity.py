@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rana_core.adapters.base import layer_members
+from rana_core.architecture import layer_mlp
 from rana_core.progress import ProgressFn, no_progress
 
 
@@ -28,9 +30,9 @@ def fisher_diagonals(model, layers, windows: torch.Tensor, batch_size: int = 2,
         return hook
 
     for index, layer in enumerate(layers):
-        for name in ("q_proj", "k_proj", "v_proj"):
-            handles.append(getattr(layer.self_attn, name).register_forward_hook(watch((index, "qkv", name))))
-        handles.append(layer.mlp.register_forward_hook(watch((index, "mlp", "mlp"))))
+        for member, linear in enumerate(layer_members(layer, "qkv")):  # q, k, v in the stacked order
+            handles.append(linear.register_forward_hook(watch((index, "qkv", member))))
+        handles.append(layer_mlp(layer).register_forward_hook(watch((index, "mlp", "mlp"))))
     handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True)))
     device = next(model.parameters()).device
     tokens = 0
@@ -50,7 +52,7 @@ def fisher_diagonals(model, layers, windows: torch.Tensor, batch_size: int = 2,
             handle.remove()
     result = {}
     for index in range(len(layers)):
-        result[(index, "qkv")] = torch.cat([sums[(index, "qkv", p)] for p in ("q_proj", "k_proj", "v_proj")]) / tokens
+        result[(index, "qkv")] = torch.cat([sums[(index, "qkv", member)] for member in range(3)]) / tokens
         result[(index, "mlp")] = sums[(index, "mlp", "mlp")] / tokens
     return result
 

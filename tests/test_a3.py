@@ -20,7 +20,7 @@ noop = lambda f, m: None  # noqa: E731
 def analysed(tiny, tiny_windows):
     unload(tiny.layers)
     first, second = a3.check_supported(tiny)
-    return a3.model_shape(tiny), first, second, a3.analyse(tiny, tiny_windows["train"], noop)
+    return tiny.shape, first, second, a3.analyse(tiny, tiny_windows["train"], noop)
 
 
 def adapters_at(tiny, analysed, widths):
@@ -168,7 +168,7 @@ def test_measured_flop_reduction_hits_the_target(tiny, allocation, budget):
 
 def test_parameters_and_kv_cache_shrink_as_claimed(tiny):
     result = compress(CompressConfig(method="a3", flop_reduction=0.5, **SMALL), loaded=tiny)
-    widths = a3.uniform_widths(a3.model_shape(tiny), 2, 0.5)
+    widths = a3.uniform_widths(tiny.shape, 2, 0.5)
     r_qk, r_vo, r_ff = widths[(0, "qk")], widths[(0, "ov")], widths[(0, "mlp")]
     assert (r_qk, r_vo) == (8, 8)
     stats, dense = result.model_stats, result.model_stats["dense"]
@@ -219,15 +219,15 @@ def test_saved_run_evaluates_to_the_same_numbers(tiny, tmp_path):
 def test_greedy_keeps_the_candidate_with_the_least_calibration_loss(tiny, monkeypatch, winner):
     calls = []
 
-    def rigged(*args):
-        calls.append(args[2])
-        return 0.0 if len(calls) - 1 == winner else 1.0
+    def rigged(loaded, candidates, windows, progress, what):
+        calls.extend(candidates)
+        assert all(build() for build in candidates.values())  # each candidate builds adapters
+        return list(candidates)[winner], {}
 
-    monkeypatch.setattr(a3, "calibration_loss", rigged)
+    monkeypatch.setattr(a3, "least_loss", rigged)
     config = dict(method="a3", flop_reduction=0.4, **SMALL)
     greedy = compress(CompressConfig(allocation="greedy", **config), loaded=tiny)
     uniform = compress(CompressConfig(allocation="uniform", **config), loaded=tiny)
-    assert len(calls) == 3 and calls[2] == a3.uniform_widths(a3.model_shape(tiny), 2, 0.4)
-    assert calls[0] != calls[2]  # the greedy candidate is a different allocation
+    assert calls == ["greedy across parts", "greedy within parts", "uniform"]
     same = [r.rank for r in greedy.layers] == [r.rank for r in uniform.layers]
     assert same == (winner == 2)

@@ -1,15 +1,14 @@
 import torch
 
-from rana_core.adapters.low_rank import LowRankUnit
 from rana_core.adapters.base import MODULES, inject, installed_adapters, layer_members, unload
-from rana_core.calibration import capture_input_stats
+from rana_core.adapters.low_rank import LowRankUnit
+from rana_core.architecture import INPUT_OF
+from rana_core.calibration import capture_module_inputs
 from rana_core.decompose import low_rank_factors, output_basis, rank_for_budget
-from rana_core.methods.svd import INPUT_OF
 
 
 def _grams(tiny, windows):
-    hooks = {f"{i}:{p}": layer.get_submodule(p) for i, layer in enumerate(tiny.layers) for p in set(INPUT_OF.values())}
-    return capture_input_stats(tiny.model, windows, hooks)
+    return capture_module_inputs(tiny, windows)
 
 
 def test_full_rank_reproduces_every_layer(tiny, tiny_windows):
@@ -17,7 +16,7 @@ def test_full_rank_reproduces_every_layer(tiny, tiny_windows):
     for index, layer in enumerate(tiny.layers):
         for module in MODULES:
             weight = torch.cat([m.weight for m in layer_members(layer, module)]).double()
-            basis = output_basis(weight, stats[f"{index}:{INPUT_OF[module]}"].gram)
+            basis = output_basis(weight, stats[(index, INPUT_OF[module])].gram)
             A, B = low_rank_factors(weight, basis, min(weight.shape))
             assert torch.allclose(A @ B, weight, atol=1e-10), (index, module)
             assert torch.allclose(A.T @ A, torch.eye(A.shape[1], dtype=A.dtype), atol=1e-10)
@@ -27,7 +26,7 @@ def test_data_aware_basis_beats_plain_svd_on_the_data(tiny, tiny_windows):
     stats = _grams(tiny, tiny_windows["train"])
     layer, module = tiny.layers[1], "up"
     weight = layer_members(layer, module)[0].weight.double()
-    gram = stats[f"1:{INPUT_OF[module]}"].gram
+    gram = stats[(1, INPUT_OF[module])].gram
     rank = 16
     A, B = low_rank_factors(weight, output_basis(weight, gram), rank)
     U = torch.linalg.svd(weight, full_matrices=False).U[:, :rank]
@@ -45,7 +44,7 @@ def test_unit_at_full_rank_keeps_the_model_and_unload_restores_it(tiny, tiny_win
         for module in MODULES:
             members = layer_members(layer, module)
             weight = torch.cat([m.weight for m in members])
-            A, B = low_rank_factors(weight, output_basis(weight, stats[f"{index}:{INPUT_OF[module]}"].gram),
+            A, B = low_rank_factors(weight, output_basis(weight, stats[(index, INPUT_OF[module])].gram),
                                     min(weight.shape))
             units.append(LowRankUnit(members, index, module, A, B))
     inject(tiny.layers, units)

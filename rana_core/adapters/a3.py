@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.adapters.base import AttentionAdapter, Meter, MLPAdapter
+from rana_core.architecture import attention_parts, layer_attention, layer_mlp, mlp_parts, shape_of
 from rana_core.errors import RanaError
 
 
@@ -83,33 +84,35 @@ class A3Attention(AttentionAdapter):
     """Attention at reduced widths: q/k at r_qk kept coordinates per group, v/o at r_vo per group."""
 
     adapter_name = "a3"
+    kind = "a3_attention"
 
     def __init__(self, base: nn.Module, layer: int, coords: torch.Tensor, v_weight: torch.Tensor,
                  o_weight: torch.Tensor):
         """`coords`: (kv_heads, r_qk) kept head coordinates per KV group ([firsts…, seconds…]); `v_weight`:
         (kv_heads·r_vo, d); `o_weight`: (d, heads·r_vo)."""
         super().__init__(base, layer)
-        config = base.config
-        self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
-        self.head_dim, self.layer_idx, self.scaling = base.head_dim, base.layer_idx, base.scaling
+        shape = shape_of(base.config)
+        self.heads, self.kv_heads, self.head_dim = shape.heads, shape.kv_heads, shape.head_dim
+        self.layer_idx, self.scaling = base.layer_idx, base.scaling
         self.group = self.heads // self.kv_heads
         self.r_qk = coords.shape[1]
         self.r_vo = v_weight.shape[0] // self.kv_heads
-        hidden = base.q_proj.in_features
+        q_proj, k_proj, _, o_proj = attention_parts(base)
+        hidden = q_proj.in_features
         if (coords.shape[0] != self.kv_heads or self.r_qk % 2 or not 2 <= self.r_qk <= self.head_dim
                 or int(coords.min()) < 0 or int(coords.max()) >= self.head_dim):
             raise RuntimeError(f"kept coordinates {tuple(coords.shape)} do not fit {self.kv_heads} KV heads of "
                                f"{self.head_dim}")
         if (v_weight.shape[1] != hidden or v_weight.shape[0] % self.kv_heads or not 1 <= self.r_vo <= self.head_dim
-                or tuple(o_weight.shape) != (base.o_proj.out_features, self.heads * self.r_vo)):
+                or tuple(o_weight.shape) != (o_proj.out_features, self.heads * self.r_vo)):
             raise RuntimeError(f"value/output weights {tuple(v_weight.shape)}, {tuple(o_weight.shape)} do not fit "
                                f"this attention")
-        like = base.q_proj.weight
+        like = q_proj.weight
         self.register_buffer("coords", coords.to(device=like.device, dtype=torch.long))
         self.q_weight = _frozen(_rows(like, self.heads, self.head_dim, self.coords), like)
-        self.k_weight = _frozen(_rows(base.k_proj.weight, self.kv_heads, self.head_dim, self.coords), like)
+        self.k_weight = _frozen(_rows(k_proj.weight, self.kv_heads, self.head_dim, self.coords), like)
         self.v_weight, self.o_weight = _frozen(v_weight, like), _frozen(o_weight, like)
-        self.o_bias = base.o_proj.bias
+        self.o_bias = o_proj.bias
         self.kv_features = self.kv_heads * (self.r_qk + self.r_vo)  # cached per token, keys plus values
         dense_out = (self.heads + 2 * self.kv_heads) * self.head_dim
         kept_out = (self.heads + self.kv_heads) * self.r_qk + self.kv_heads * self.r_vo
@@ -118,6 +121,13 @@ class A3Attention(AttentionAdapter):
 
     def meters(self) -> list[Meter]:
         return [self.meter]
+
+    def state(self) -> tuple[dict, dict]:  # q/k rows are the base's at `coords`: only the new tensors are saved
+        return {}, {"coords": self.coords, "v_weight": self.v_weight, "o_weight": self.o_weight}
+
+    @classmethod
+    def rebuild(cls, layer, index: int, meta: dict, tensors: dict) -> "A3Attention":
+        return cls(layer_attention(layer), index, tensors["coords"], tensors["v_weight"], tensors["o_weight"])
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         batch, length, hidden = hidden_states.shape
@@ -161,10 +171,11 @@ class A3MLP(MLPAdapter):
     """The gated MLP on the kept channels: gate and up keep those rows, down those columns (optionally refit)."""
 
     adapter_name = "a3"
+    kind = "a3_mlp"
 
     def __init__(self, base: nn.Module, layer: int, channels: torch.Tensor, down_weight: torch.Tensor | None = None):
         super().__init__(base, layer)
-        gate, up, down = base.gate_proj, base.up_proj, base.down_proj
+        gate, up, down, self.act = mlp_parts(base)
         hidden, inner = gate.in_features, gate.out_features
         if (channels.ndim != 1 or not 1 <= channels.numel() <= inner or int(channels.max()) >= inner
                 or int(channels.min()) < 0):
@@ -181,7 +192,6 @@ class A3MLP(MLPAdapter):
         self.gate_bias = gate.bias[self.channels] if gate.bias is not None else None
         self.up_bias = up.bias[self.channels] if up.bias is not None else None
         self.down_bias = down.bias
-        self.act = base.act_fn
         kept = channels.numel()
         self._meters = {name: Meter(layer, name, out_f, in_f, static_rank=kept, max_rank=inner)
                         for name, out_f, in_f in (("gate", inner, hidden), ("up", inner, hidden),
@@ -192,6 +202,13 @@ class A3MLP(MLPAdapter):
     def meters(self) -> list[Meter]:
         return list(self._meters.values())
 
+    def state(self) -> tuple[dict, dict]:
+        return {}, {"channels": self.channels} | ({"down_weight": self.down_weight} if self.refit else {})
+
+    @classmethod
+    def rebuild(cls, layer, index: int, meta: dict, tensors: dict) -> "A3MLP":
+        return cls(layer_mlp(layer), index, tensors["channels"], tensors.get("down_weight"))
+
     def forward(self, x):
         h = self.act(F.linear(x, self.gate_weight, self.gate_bias)) * F.linear(x, self.up_weight, self.up_bias)
         y = F.linear(h, self.down_weight, self.down_bias)
@@ -199,7 +216,8 @@ class A3MLP(MLPAdapter):
         for meter in self._meters.values():
             meter.count(tokens, tokens * 2 * hidden * kept, tokens * kept)
         if self.tracking:  # gate and up: the share of their output energy in dropped channels; down: the MLP's
-            for name, proj in (("gate", self.base.gate_proj), ("up", self.base.up_proj)):
+            gate, up, _, _ = mlp_parts(self.base)
+            for name, proj in (("gate", gate), ("up", up)):
                 full = proj(x)
                 kept_only = torch.zeros_like(full).index_copy(-1, self.channels, full.index_select(-1, self.channels))
                 self._meters[name].track(kept_only, full)

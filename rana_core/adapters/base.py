@@ -14,6 +14,10 @@ projections stacked into one matrix, so one decomposition and one mask serve all
 
 Every adapted module owns a ``Meter``: tokens seen, FLOPs spent (counted from the masks), active ranks, and, with
 ``tracking`` on, its reconstruction error and rank-importance sparsity. ``unload`` puts the originals back.
+
+Where the modules live in a layer comes from the model family's entry in rana_core.architecture. Each concrete
+adapter describes itself for the artifact file: a ``kind`` (registered here when its class is defined), ``state()``
+(JSON scalars and tensors) and ``rebuild(layer, index, meta, tensors)``; so a new adapter is one new file.
 """
 
 from __future__ import annotations
@@ -22,24 +26,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rana_core.adapters.thresholds import ScoreHistogram
+from rana_core.architecture import (MODULES, family_of, layer_attention, layer_mlp, set_layer_attention,
+                                    set_layer_mlp)
 from rana_core.errors import RanaError
 from rana_core.flops import linear_flops
-from rana_core.adapters.thresholds import ScoreHistogram
 
-# Member module paths of each adaptable module, relative to a decoder layer (Llama and Gemma 3 alike).
-MODULE_MEMBERS: dict[str, tuple[str, ...]] = {
-    "qkv": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-    "gate": ("mlp.gate_proj",),
-    "up": ("mlp.up_proj",),
-    "down": ("mlp.down_proj",),
-}
-MODULES = tuple(MODULE_MEMBERS)
 SPARSITY_SHARE = 0.9  # rank-importance sparsity: share of ranks needed for this share of ‖z‖²
+ADAPTER_KINDS: dict[str, type] = {}  # artifact kind -> adapter class, filled as adapter classes are defined
+
+
+def _register_kind(cls) -> None:
+    kind = cls.__dict__.get("kind")
+    if kind is None:
+        return
+    known = ADAPTER_KINDS.get(kind)
+    if known is not None and known.__qualname__ != cls.__qualname__:
+        raise ValueError(f"adapter kind {kind!r} is defined by {known.__qualname__} and {cls.__qualname__}")
+    ADAPTER_KINDS[kind] = cls
 
 
 def layer_members(layer: nn.Module, module: str) -> list[nn.Linear]:
+    """The original linears of an adaptable module of `layer`, in the family's order (q, k, v for "qkv")."""
     members = []
-    for path in MODULE_MEMBERS[module]:
+    for path in family_of(layer).member_paths(module):
         found = layer.get_submodule(_base_path(layer, path))
         if isinstance(found, AdaptedSlot):
             found = found.base
@@ -47,6 +57,11 @@ def layer_members(layer: nn.Module, module: str) -> list[nn.Linear]:
             raise RanaError(f"{path} is a {type(found).__name__}, not a Linear: this architecture is not supported")
         members.append(found)
     return members
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The original module behind a whole-module wrapper (or the module itself)."""
+    return module.base if isinstance(module, (MLPAdapter, AttentionAdapter)) else module
 
 
 def _base_path(layer: nn.Module, path: str) -> str:
@@ -166,9 +181,17 @@ class Meter:
 
 
 class AdapterUnit(nn.Module):
-    """Base of the linear adapters: stacked output of the members, computed once per input, metered."""
+    """Base of the linear adapters: stacked output of the members, computed once per input, metered.
+    Concrete units set ``kind`` and define ``state`` and ``rebuild`` (see the module docstring)."""
 
     adapter_name = "unit"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _register_kind(cls)
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        raise NotImplementedError
 
     def __init__(self, members: list[nn.Linear], layer: int, module: str, static_rank: int,
                  max_rank: int | None = None):
@@ -227,7 +250,11 @@ class AdaptedSlot(nn.Module):
 
 class WholeModuleAdapter(nn.Module):
     """Base of the wrappers that replace a whole sub-module of a layer, keeping it as ``base`` (so unload can
-    put it back); subclasses define forward and meters."""
+    put it back); subclasses define forward and meters, and concrete ones ``kind``, ``state`` and ``rebuild``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _register_kind(cls)
 
     def __init__(self, base: nn.Module, layer: int):
         super().__init__()
@@ -237,9 +264,15 @@ class WholeModuleAdapter(nn.Module):
     def meters(self) -> list[Meter]:
         raise NotImplementedError
 
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
 
 class MLPAdapter(WholeModuleAdapter):
-    """Replaces a whole MLP."""
+    """Replaces a whole MLP. ``lora_spots`` names the attributes its forward calls for gate, up and down (where a
+    LoRA correction can sit), or None when LoRA cannot attach to it."""
+
+    lora_spots: dict[str, str] | None = None
 
 
 class AttentionAdapter(WholeModuleAdapter):
@@ -252,16 +285,16 @@ def inject(layers: nn.ModuleList, adapters: list[nn.Module]) -> None:
     for adapter in adapters:
         layer = layers[adapter.layer]
         if isinstance(adapter, AttentionAdapter):
-            if isinstance(layer.self_attn, AttentionAdapter):
+            if isinstance(layer_attention(layer), AttentionAdapter):
                 raise RanaError(f"layer {adapter.layer} attention is already adapted")
-            layer.self_attn = adapter
+            set_layer_attention(layer, adapter)
             continue
         if isinstance(adapter, MLPAdapter):
-            if isinstance(layer.mlp, MLPAdapter):
+            if isinstance(layer_mlp(layer), MLPAdapter):
                 raise RanaError(f"layer {adapter.layer} MLP is already adapted")
-            layer.mlp = adapter
+            set_layer_mlp(layer, adapter)
             continue
-        for index, path in enumerate(MODULE_MEMBERS[adapter.module]):
+        for index, path in enumerate(family_of(layer).member_paths(adapter.module)):
             parent_path, _, child = _base_path(layer, path).rpartition(".")
             parent = layer.get_submodule(parent_path)
             current = getattr(parent, child)
@@ -274,13 +307,14 @@ def unload(layers: nn.ModuleList) -> int:
     """Restore every original module; returns how many wrappers were removed."""
     removed = 0
     for layer in layers:
-        if isinstance(layer.mlp, MLPAdapter):
-            layer.mlp = layer.mlp.base
+        if isinstance(layer_mlp(layer), MLPAdapter):
+            set_layer_mlp(layer, layer_mlp(layer).base)
             removed += 1
-        if isinstance(layer.self_attn, AttentionAdapter):
-            layer.self_attn = layer.self_attn.base
+        if isinstance(layer_attention(layer), AttentionAdapter):
+            set_layer_attention(layer, layer_attention(layer).base)
             removed += 1
-        for path in [p for members in MODULE_MEMBERS.values() for p in members]:
+        family = family_of(layer)
+        for path in [p for module in MODULES for p in family.member_paths(module)]:
             parent_path, _, child = path.rpartition(".")
             parent = layer.get_submodule(parent_path)
             current = getattr(parent, child)

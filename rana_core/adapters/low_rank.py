@@ -1,4 +1,8 @@
-"""RaNA's linear-layer rank adapter (design §1): data-aware factors, a static rank, and per-token rank masks.
+"""Low-rank adapters of a linear (or of stacked linears): static SVD, and RaNA's rank adapter with per-token masks.
+
+``LowRankUnit``: y = A (B x) + b at a static rank r; every token pays 2·r·(m + n).
+
+RaNA's rank adapter (``RankMaskedUnit``): data-aware factors, a static rank, and per-token rank masks.
 
 With the output basis U of the layer's calibration outputs, A = U[:, :r] (orthonormal columns) and B = Aᵀ W.
 For a token x, z = B x; rank i contributes exactly z_i² to ‖A z‖², so rank i is kept iff z_i² ≥ τ and
@@ -11,13 +15,13 @@ z_i² over T calibration tokens, and picks the rank whose kept share of the outp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.adapters.base import AdapterUnit, stacked_bias
+from rana_core.adapters.base import AdapterUnit, layer_members, stacked_bias
 from rana_core.adapters.thresholds import Thresholded
 
 SEARCH_STEPS = 16  # static ranks tried on a coarse grid, then refined around the best
@@ -27,6 +31,7 @@ class LowRankUnit(AdapterUnit):
     """Static low rank: y = A (B x) + b, A: out × r, B: r × in. Every token pays for all r ranks."""
 
     adapter_name = "svd"
+    kind = "svd"
 
     def __init__(self, members, layer, module, A: torch.Tensor, B: torch.Tensor):
         super().__init__(members, layer, module, static_rank=A.shape[1])
@@ -43,6 +48,24 @@ class LowRankUnit(AdapterUnit):
         if self.tracking:
             self.meter.track_sparsity(z * z)
         return F.linear(z, self.A, self.bias)
+
+    def state(self) -> tuple[dict, dict]:
+        return {"module": self.module}, {"A": self.A, "B": self.B}
+
+    @classmethod
+    def rebuild(cls, layer, index: int, meta: dict, tensors: dict) -> "LowRankUnit":
+        members, A, B = fitted_factors(layer, meta["module"], tensors)
+        return cls(members, index, meta["module"], A, B)
+
+
+def fitted_factors(layer, module: str, tensors: dict, prefix: str = "") -> tuple[list, torch.Tensor, torch.Tensor]:
+    """The members of `module` in `layer` and the stored factors A, B (under `prefix`), checked to fit them."""
+    members = layer_members(layer, module)
+    A, B = tensors[f"{prefix}A"], tensors[f"{prefix}B"]
+    out_f, in_f = sum(m.out_features for m in members), members[0].in_features
+    if A.shape[0] != out_f or B.shape[1] != in_f or A.shape[1] != B.shape[0]:
+        raise RuntimeError(f"{module} factors {tuple(A.shape)} x {tuple(B.shape)} do not fit a {out_f} x {in_f} layer")
+    return members, A, B
 
 
 @dataclass(frozen=True)
@@ -93,6 +116,7 @@ class RankMaskedUnit(Thresholded, LowRankUnit):
     """The static low-rank factors, with a per-token mask on the ranks."""
 
     adapter_name = "rank"
+    kind = "rank"
 
     def __init__(self, members, layer, module, A: torch.Tensor, B: torch.Tensor, plan: RankPlan):
         super().__init__(members, layer, module, A, B)
@@ -112,3 +136,14 @@ class RankMaskedUnit(Thresholded, LowRankUnit):
         if self.tracking:
             self.meter.track_sparsity(scores)
         return F.linear(z * mask.to(z.dtype), self.A, self.bias)
+
+    def state(self, prefix: str = "") -> tuple[dict, dict]:
+        return ({"module": self.module, "plan": asdict(self.plan)},
+                {f"{prefix}A": self.A, f"{prefix}B": self.B, f"{prefix}tau": self.tau})
+
+    @classmethod
+    def rebuild(cls, layer, index: int, meta: dict, tensors: dict, prefix: str = "") -> "RankMaskedUnit":
+        members, A, B = fitted_factors(layer, meta["module"], tensors, prefix)
+        unit = cls(members, index, meta["module"], A, B, RankPlan(**meta["plan"]))
+        unit.tau.copy_(tensors[f"{prefix}tau"])
+        return unit

@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -16,6 +18,7 @@ from torch import nn
 from rana_core.adapters.base import AdapterUnit, Meter, MLPAdapter
 from rana_core.adapters.low_rank import RankMaskedUnit
 from rana_core.adapters.thresholds import Thresholded
+from rana_core.architecture import layer_mlp, mlp_parts
 
 
 class NeuronMaskedUnit(Thresholded, AdapterUnit):
@@ -45,11 +48,28 @@ class NeuronMaskedUnit(Thresholded, AdapterUnit):
 
 
 class RaNAMLP(MLPAdapter):
+    kind = "rana_mlp"
+    lora_spots = {"gate": "gate", "up": "up", "down": "down"}
+
     def __init__(self, base: nn.Module, layer: int, up: RankMaskedUnit, gate: RankMaskedUnit,
                  down: NeuronMaskedUnit):
         super().__init__(base, layer)
         self.up, self.gate, self.down = up, gate, down
-        self.act = base.act_fn
+        self.act = mlp_parts(base)[3]
+
+    def state(self) -> tuple[dict, dict]:
+        tensors = {"down.tau": self.down.tau}
+        for which in ("up", "gate"):
+            tensors.update(getattr(self, which).state(prefix=f"{which}.")[1])
+        return {"down_keep": self.down.keep, "up": asdict(self.up.plan), "gate": asdict(self.gate.plan)}, tensors
+
+    @classmethod
+    def rebuild(cls, layer, index: int, meta: dict, tensors: dict) -> "RaNAMLP":
+        units = {which: RankMaskedUnit.rebuild(layer, index, {"module": which, "plan": meta[which]}, tensors,
+                                               prefix=f"{which}.") for which in ("up", "gate")}
+        mlp = layer_mlp(layer)
+        down = NeuronMaskedUnit(mlp_parts(mlp)[2], index, meta["down_keep"], float(tensors["down.tau"]))
+        return cls(mlp, index, units["up"], units["gate"], down)
 
     def forward(self, x):
         return self.down(self.act(self.gate(x)) * self.up(x))
@@ -69,9 +89,12 @@ class RaNAMLP(MLPAdapter):
 
 
 class CatsMLP(Thresholded, MLPAdapter):
+    kind = "cats"
+    lora_spots = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
     def __init__(self, base: nn.Module, layer: int, keep: float, tau: float = 0.0):
         super().__init__(base, layer)
-        self.gate_proj, self.up_proj, self.down_proj, self.act = base.gate_proj, base.up_proj, base.down_proj, base.act_fn
+        self.gate_proj, self.up_proj, self.down_proj, self.act = mlp_parts(base)
         hidden, inner = self.gate_proj.in_features, self.gate_proj.out_features
         self.register_buffer("tau", torch.tensor(tau, dtype=torch.float32))
         self.keep = keep
@@ -107,3 +130,10 @@ class CatsMLP(Thresholded, MLPAdapter):
 
     def meters(self) -> list[Meter]:
         return list(self._meters.values())
+
+    def state(self) -> tuple[dict, dict]:
+        return {"keep": self.keep}, {"tau": self.tau}
+
+    @classmethod
+    def rebuild(cls, layer, index: int, meta: dict, tensors: dict) -> "CatsMLP":
+        return cls(layer_mlp(layer), index, meta["keep"], float(tensors["tau"]))

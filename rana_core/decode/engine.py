@@ -17,35 +17,16 @@ ranks (neurons) per token on average; the densities actually reached are measure
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.decode.dense_kernels import (add_rmsnorm, decode_attention, gemv, rmsnorm_reference, rope_into_cache,
-                                     rotate_half_reference)
-from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials, reduce_partials,
-                               use_triton)
-
-
-@dataclass(frozen=True)
-class Shape:
-    hidden: int
-    intermediate: int
-    layers: int
-    heads: int
-    kv_heads: int
-    vocab: int
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden // self.heads
-
-    @property
-    def qkv_out(self) -> int:
-        return (self.heads + 2 * self.kv_heads) * self.head_dim
-
+from rana_core.architecture import Shape
+from rana_core.decode.dense_kernels import (add_rmsnorm, decode_attention, gemv, rmsnorm_reference,
+                                            rope_into_cache, rotate_half_reference)
+from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
+                                             reduce_partials, use_triton)
 
 SHAPES = {
     "llama2-7b-shape": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),

@@ -34,12 +34,12 @@ from dataclasses import dataclass
 import torch
 
 from rana_core.adapters.a3 import A3MLP, A3Attention, kept_coordinates, model_rotary, rotary_pairs
-from rana_core.adapters.base import inject, layer_members, unload
+from rana_core.adapters.base import layer_members, unwrapped
 from rana_core.allocation import Curve, greedy_allocation
+from rana_core.architecture import Shape, attention_parts, layer_attention, layer_mlp
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError, RanaError
-from rana_core.evaluate import perplexity
-from rana_core.methods.svd import capture_module_inputs
+from rana_core.methods.calibration_check import calibration_slices, least_loss
 
 PARTS = ("qk", "ov", "mlp")
 MLP_STEPS = 64  # greedy's MLP width grid: d_ff / 64 channels a step (leftover FLOPs go back channel by channel)
@@ -47,26 +47,19 @@ TOLERANCE = 0.01  # the widths must land this close to the budget
 CHECK_TOKENS = 2048  # calibration tokens (the last windows) on which greedy's candidates compete
 
 
-@dataclass
-class Shape:
-    hidden: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    inner: int  # MLP channels
+def full_widths(shape: Shape) -> dict[str, int]:
+    return {"qk": shape.head_dim, "ov": shape.head_dim, "mlp": shape.intermediate}
 
-    @property
-    def full(self) -> dict[str, int]:
-        return {"qk": self.head_dim, "ov": self.head_dim, "mlp": self.inner}
 
-    @property
-    def flops_per_width(self) -> dict[str, int]:
-        """Adaptable FLOPs per token of one unit of each part's width."""
-        return {"qk": 2 * self.hidden * (self.heads + self.kv_heads), "ov": 2 * self.hidden * self.kv_heads,
-                "mlp": 6 * self.hidden}
+def flops_per_width(shape: Shape) -> dict[str, int]:
+    """Adaptable FLOPs per token of one unit of each part's width."""
+    return {"qk": 2 * shape.hidden * (shape.heads + shape.kv_heads), "ov": 2 * shape.hidden * shape.kv_heads,
+            "mlp": 6 * shape.hidden}
 
-    def flops(self, widths: dict[str, int]) -> int:
-        return sum(self.flops_per_width[part] * widths[part] for part in PARTS)
+
+def widths_flops(shape: Shape, widths: dict[str, int]) -> int:
+    unit = flops_per_width(shape)
+    return sum(unit[part] * widths[part] for part in PARTS)
 
 
 @dataclass
@@ -90,26 +83,13 @@ class LayerAnalysis:
         return float(self.mlp_error_kept[width])
 
 
-def model_shape(loaded) -> Shape:
-    config = loaded.config
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return Shape(config.hidden_size, heads, getattr(config, "num_key_value_heads", None) or heads, head_dim,
-                 config.intermediate_size)
-
-
 def check_supported(loaded) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's rotary pairs, or one RanaError line saying why A3 cannot run on this model."""
-    attention = loaded.layers[0].self_attn
+    """The model's rotary pairs, or one RanaError line saying why A3 cannot run on this model (the family table
+    says which families it cannot run on; the rotary pairs are then checked on the model itself)."""
+    loaded.family.check_method("a3")
+    attention = layer_attention(loaded.layers[0])
     base = getattr(attention, "base", attention)
-    if hasattr(base, "q_norm") or hasattr(base, "k_norm"):
-        raise RanaError("a3 does not handle QK-norm attention (Gemma 3) yet: dropping coordinates would change "
-                        "the norm")
-    for layer in loaded.layers:
-        members = layer_members(layer, "qkv")
-        if any(m.bias is not None for m in members):
-            raise RanaError("a3 handles bias-free query/key/value projections only (Llama, SmolLM2)")
-    shape = model_shape(loaded)
+    shape = loaded.shape
     first, second = rotary_pairs(model_rotary(base), shape.head_dim)
     rotary = getattr(loaded.model.get_decoder(), "rotary_emb", None)
     if rotary is not None:  # a pair must share one frequency, or a narrow rotary could not reproduce it
@@ -126,8 +106,7 @@ def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape:
     R = attn_gram.double()
     # the statistics are float64 on the CPU; the weights may live on a GPU
     q, k, v = (m.weight.detach().double().cpu() for m in layer_members(layer, "qkv"))
-    o = layer.self_attn.o_proj if not hasattr(layer.self_attn, "base") else layer.self_attn.base.o_proj
-    o = o.weight.detach().double().cpu()
+    o = attention_parts(unwrapped(layer_attention(layer)))[3].weight.detach().double().cpu()
     d_h, group = shape.head_dim, shape.heads // shape.kv_heads
     q_moment = ((q @ R) * q).sum(1).view(shape.heads, d_h)  # E[q_j²]·tokens, pre-RoPE, per head
     k_moment = ((k @ R) * k).sum(1).view(shape.kv_heads, d_h)
@@ -163,12 +142,12 @@ def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape:
 
 def analyse(loaded, calib_windows, progress) -> list[LayerAnalysis]:
     first, second = check_supported(loaded)
-    shape = model_shape(loaded)
+    shape = loaded.shape
     stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.7 * f, f"calibration {m}"),
-                                  paths=("self_attn.q_proj", "mlp.down_proj"))
+                                  inputs=("attention", "down"))
     analyses = []
     for index, layer in enumerate(loaded.layers):
-        attn, mlp = stats.pop(f"{index}:self_attn.q_proj"), stats.pop(f"{index}:mlp.down_proj")
+        attn, mlp = stats.pop((index, "attention")), stats.pop((index, "down"))
         analyses.append(analyse_layer(layer, attn.gram, mlp.gram, shape, first, second))
         progress(0.7 + 0.2 * (index + 1) / len(loaded.layers), f"analysed layer {index + 1}/{len(loaded.layers)}")
     return analyses
@@ -178,9 +157,9 @@ def uniform_widths(shape: Shape, layers: int, flop_reduction: float) -> dict[tup
     keep = 1.0 - flop_reduction
     qk = min(shape.head_dim, max(2, 2 * round(keep * shape.head_dim / 2)))
     ov = min(shape.head_dim, max(1, round(keep * shape.head_dim)))
-    target = keep * shape.flops(shape.full)
-    attention = shape.flops({"qk": qk, "ov": ov, "mlp": 0})
-    mlp = min(shape.inner, max(1, round((target - attention) / shape.flops_per_width["mlp"])))
+    target = keep * widths_flops(shape, full_widths(shape))
+    attention = widths_flops(shape, {"qk": qk, "ov": ov, "mlp": 0})
+    mlp = min(shape.intermediate, max(1, round((target - attention) / flops_per_width(shape)["mlp"])))
     return {(i, part): width for i in range(layers) for part, width in (("qk", qk), ("ov", ov), ("mlp", mlp))}
 
 
@@ -189,8 +168,8 @@ def greedy_widths(shape: Shape, analyses: list[LayerAnalysis], flop_reduction: f
     """Widths from the local error curves. `across_parts`: one greedy over every layer's QK, OV and MLP; without
     it, one greedy per part (each part cut by the budget, spread over the layers), since relative errors of a
     score, an attention output and an MLP output are not one currency."""
-    full, unit = shape.full, shape.flops_per_width
-    step = {"qk": 2, "ov": 1, "mlp": max(1, shape.inner // MLP_STEPS)}
+    full, unit = full_widths(shape), flops_per_width(shape)
+    step = {"qk": 2, "ov": 1, "mlp": max(1, shape.intermediate // MLP_STEPS)}
     curves = {}
     for i, analysis in enumerate(analyses):
         for part in PARTS:
@@ -206,7 +185,7 @@ def greedy_widths(shape: Shape, analyses: list[LayerAnalysis], flop_reduction: f
     widths = {key: round(keep * full[key[1]]) for key, keep in keeps.items()}
     # greedy stops at the first step under budget: hand the overshoot back, channel by channel, to the MLPs
     # that lose most
-    slack = (1.0 - flop_reduction) * len(analyses) * shape.flops(full) - sum(
+    slack = (1.0 - flop_reduction) * len(analyses) * widths_flops(shape, full) - sum(
         unit[part] * w for (_, part), w in widths.items())
     for i in sorted(range(len(analyses)), key=lambda i: -analyses[i].error("mlp", widths[(i, "mlp")])):
         extra = min(int(slack // unit["mlp"]), full["mlp"] - widths[(i, "mlp")])
@@ -215,17 +194,13 @@ def greedy_widths(shape: Shape, analyses: list[LayerAnalysis], flop_reduction: f
     return widths
 
 
-def calibration_loss(loaded, analyses, widths, first, second, shape, windows) -> float:
-    """Mean next-token loss on `windows` (calibration text) of the model cut to `widths`."""
+def model_adapters(loaded, analyses, widths, first, second, shape) -> list:
+    """Every layer's A3 adapters at `widths` (not injected)."""
     adapters = []
     for index, (layer, analysis) in enumerate(zip(loaded.layers, analyses)):
         adapters += layer_adapters(layer, index, analysis, {part: widths[(index, part)] for part in PARTS},
                                    first, second, shape)
-    inject(loaded.layers, adapters)
-    try:
-        return perplexity(loaded.model, windows).mean_nll
-    finally:
-        unload(loaded.layers)
+    return adapters
 
 
 def checked_greedy_widths(loaded, analyses, flop_reduction, first, second, shape, calib_windows, progress):
@@ -233,28 +208,24 @@ def checked_greedy_widths(loaded, analyses, flop_reduction, first, second, shape
     calibration slice: the local errors misjudge how much each part's error costs the model (measured on
     SmolLM2-135M at 0.2: greedy across parts alone 108 held-out perplexity, uniform 76), so the check keeps
     whichever candidate loses least, and greedy is never worse than uniform on calibration text."""
-    count = calib_windows.shape[0]
-    slice_ = calib_windows[count - max(1, min(count // 2, CHECK_TOKENS // calib_windows.shape[1])):]
+    _, check = calibration_slices(calib_windows, 0, CHECK_TOKENS)
     candidates = {"greedy across parts": greedy_widths(shape, analyses, flop_reduction),
                   "greedy within parts": greedy_widths(shape, analyses, flop_reduction, across_parts=False),
                   "uniform": uniform_widths(shape, len(analyses), flop_reduction)}
-    losses = {}
-    for index, (name, widths) in enumerate(candidates.items()):
-        progress(0.9 + 0.03 * index, f"checking the {name} widths on calibration text")
-        losses[name] = calibration_loss(loaded, analyses, widths, first, second, shape, slice_)
-    chosen = min(losses, key=losses.get)
-    progress(0.99, "allocation: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"; kept {chosen}")
+    chosen, _ = least_loss(loaded, {name: lambda w=widths: model_adapters(loaded, analyses, w, first, second, shape)
+                                    for name, widths in candidates.items()},
+                           check, lambda f, m: progress(0.9 + 0.09 * f, m), what="widths")
     return candidates[chosen]
 
 
 def layer_adapters(layer, index: int, analysis: LayerAnalysis, widths: dict[str, int], first: torch.Tensor,
                    second: torch.Tensor, shape: Shape) -> list:
-    attention = getattr(layer.self_attn, "base", layer.self_attn)
+    attention = unwrapped(layer_attention(layer))
     d_h, group, r_qk, r_vo = shape.head_dim, shape.heads // shape.kv_heads, widths["qk"], widths["ov"]
     coords = torch.stack([kept_coordinates(first, second, analysis.pair_order[j, : r_qk // 2])
                           for j in range(shape.kv_heads)])
     # the analysis is on the CPU; A3Attention moves what it keeps to the layer's device
-    v, o = (m.weight.detach().double().cpu() for m in (attention.v_proj, attention.o_proj))
+    v, o = (m.weight.detach().double().cpu() for m in attention_parts(attention)[2:])
     v_rows, o_cols = [], []
     for j in range(shape.kv_heads):
         v_rows.append(analysis.value_factor[j][:, :r_vo].T @ v[j * d_h:(j + 1) * d_h])  # r_vo × d
@@ -262,7 +233,7 @@ def layer_adapters(layer, index: int, analysis: LayerAnalysis, widths: dict[str,
             o_cols.append(o[:, h * d_h:(h + 1) * d_h] @ analysis.output_factor[j][:r_vo].T)  # d × r_vo
     channels = analysis.channel_order[: widths["mlp"]].sort().values
     return [A3Attention(attention, index, coords, torch.cat(v_rows), torch.cat(o_cols, dim=1)),
-            A3MLP(getattr(layer.mlp, "base", layer.mlp), index, channels)]
+            A3MLP(unwrapped(layer_mlp(layer)), index, channels)]
 
 
 def build(loaded, calib_windows, config, progress, cache_dir=None):
@@ -270,20 +241,17 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
     if p == 0:
         return []
     first, second = check_supported(loaded)
-    shape = model_shape(loaded)
+    shape = loaded.shape
     analyses = loaded.cached(("a3 analysis", windows_digest(calib_windows)),
                              lambda: analyse(loaded, calib_windows, progress))
     if config.allocation == "greedy":
         widths = checked_greedy_widths(loaded, analyses, p, first, second, shape, calib_windows, progress)
     else:
         widths = uniform_widths(shape, len(analyses), p)
-    dense = len(analyses) * shape.flops(shape.full)
-    achieved = 1.0 - sum(shape.flops_per_width[part] * w for (_, part), w in widths.items()) / dense
+    dense = len(analyses) * widths_flops(shape, full_widths(shape))
+    achieved = 1.0 - sum(flops_per_width(shape)[part] * w for (_, part), w in widths.items()) / dense
     if abs(achieved - p) > TOLERANCE:
         raise BudgetError(f"a3 cannot reach a {p:.0%} FLOP reduction on this model (widths give {achieved:.1%})")
-    adapters = []
-    for index, (layer, analysis) in enumerate(zip(loaded.layers, analyses)):
-        adapters += layer_adapters(layer, index, analysis, {part: widths[(index, part)] for part in PARTS},
-                                   first, second, shape)
+    adapters = model_adapters(loaded, analyses, widths, first, second, shape)
     progress(1.0, f"a3 widths: FLOPs −{achieved:.1%}")
     return adapters

@@ -28,18 +28,19 @@ from __future__ import annotations
 
 import torch
 
-from rana_core.adapters.low_rank import LowRankUnit
 from rana_core.adapters.base import inject, layer_members, unload
+from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit, RankPlan
+from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
 from rana_core.allocation import Option, hull_greedy_allocation, knapsack_allocation
+from rana_core.architecture import layer_mlp, mlp_parts
+from rana_core.calibration import capture_module_inputs
 from rana_core.corpus import windows_digest
 from rana_core.curves import (CurveCache, Point, dense_point, halves, mlp_curves, mlp_dense_flops, mlp_svd_bases,
                               qkv_curves)
-from rana_core.decompose import output_basis
+from rana_core.decompose import low_rank_factors, output_basis
 from rana_core.errors import BudgetError
 from rana_core.flops import linear_flops
-from rana_core.methods.svd import capture_module_inputs
-from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
-from rana_core.adapters.low_rank import RankMaskedUnit, RankPlan
+from rana_core.methods.calibration_check import calibration_slices, least_loss
 
 ROWS = 2048  # calibration rows kept per module input: half fit the thresholds, half check error and FLOPs
 SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules, and that probe the scales
@@ -125,9 +126,7 @@ class HybridState:
 
         self.loaded, self.windows, self.progress = loaded, calib_windows, progress
         self.digest = windows_digest(calib_windows)
-        per_window = calib_windows.shape[1]
-        count = max(1, min(SENSITIVITY_TOKENS // per_window, calib_windows.shape[0]))
-        self.sensitivity = calib_windows[:count]
+        self.sensitivity, self.check = calibration_slices(calib_windows, SENSITIVITY_TOKENS, CHECK_TOKENS)
         self.cache = CurveCache(model_hash(loaded), f"{self.digest}-r{ROWS}-s{SENSITIVITY_TOKENS}", cache_dir)
         self.memory = loaded.cached(("hybrid", self.digest), dict)  # inputs, fisher, bases, curves
 
@@ -136,7 +135,7 @@ class HybridState:
             stride = max(1, self.windows.numel() // ROWS)
             self.memory["inputs"] = capture_module_inputs(
                 self.loaded, self.windows, lambda f, m: self.progress(0.1 * f, f"calibration {m}"),
-                row_stride=stride, paths=("self_attn.q_proj", "mlp.up_proj"))
+                row_stride=stride, inputs=("attention", "mlp"))
         return self.memory["inputs"]
 
     def fisher(self) -> dict:
@@ -152,7 +151,7 @@ class HybridState:
         for index, layer in enumerate(self.loaded.layers):
             qkv = layer_members(layer, "qkv")
             flops[(index, "qkv")] = float(linear_flops(sum(m.out_features for m in qkv), qkv[0].in_features))
-            flops[(index, "mlp")] = mlp_dense_flops(layer.mlp)
+            flops[(index, "mlp")] = mlp_dense_flops(layer_mlp(layer))
         return flops
 
     def curves(self) -> dict:
@@ -162,13 +161,13 @@ class HybridState:
         curves = {}
         for index, layer in enumerate(layers):
             def qkv(adapter, index=index, layer=layer):
-                stats = self.inputs()[f"{index}:self_attn.q_proj"]
+                stats = self.inputs()[(index, "attention")]
                 weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
                 return qkv_curves(weight, stats.gram, stats.rows, self.fisher()[(index, "qkv")], adapter)
 
             def mlp(adapter, index=index, layer=layer):
-                stats = self.inputs()[f"{index}:mlp.up_proj"]
-                return mlp_curves(layer.mlp, stats.gram, stats.rows, self.fisher()[(index, "mlp")], adapter)
+                stats = self.inputs()[(index, "mlp")]
+                return mlp_curves(layer_mlp(layer), stats.gram, stats.rows, self.fisher()[(index, "mlp")], adapter)
 
             curves[(index, "qkv")] = {a: self.cache.get((index, "qkv"), a, lambda a=a: qkv(a)) for a in QKV_ADAPTERS}
             curves[(index, "mlp")] = {a: self.cache.get((index, "mlp"), a, lambda a=a: mlp(a)) for a in MLP_ADAPTERS}
@@ -207,20 +206,9 @@ class HybridState:
         (thresholds as planned on the fit rows). The loss model is a sum of per-module estimates: it cannot see
         how errors compound, and how much a QKV or a CATS error costs next to a RaNA MLP error is its least sure
         number, so a few re-weightings of those compete on real calibration loss."""
-        from rana_core.evaluate import perplexity
-
-        per_window, count = self.windows.shape[1], self.windows.shape[0]
-        n_check = max(1, min(CHECK_TOKENS // per_window, count - self.sensitivity.shape[0]))
-        windows = self.windows[count - n_check:]
-        layers, losses = self.loaded.layers, {}
-        for n, (name, chosen) in enumerate(allocations.items()):
-            self.progress(0.85 + 0.1 * n / len(allocations), f"checking allocation {name} on calibration text")
-            inject(layers, [unit for key, point in sorted(chosen.items()) for unit in self.build_point(key, point)])
-            try:
-                losses[name] = perplexity(self.loaded.model, windows).mean_nll
-            finally:
-                unload(layers)
-        return losses
+        return least_loss(self.loaded, {name: lambda chosen=chosen: [
+            unit for key, point in sorted(chosen.items()) for unit in self.build_point(key, point)]
+            for name, chosen in allocations.items()}, self.check, lambda f, m: self.progress(0.85 + 0.1 * f, m))[1]
 
     def basis(self, index: int, name: str, weight: torch.Tensor, gram: torch.Tensor):
         key = ("basis", index, name)
@@ -238,12 +226,13 @@ class HybridState:
         if module == "qkv":
             members = layer_members(layer, "qkv")
             weight = torch.cat([m.weight for m in members])
-            basis = self.basis(index, "qkv", weight, self.inputs()[f"{index}:self_attn.q_proj"].gram)
+            basis = self.basis(index, "qkv", weight, self.inputs()[(index, "attention")].gram)
             if point.adapter == "rank":
                 return [_rank_unit(members, index, "qkv", weight, basis, point.params)]
-            return [LowRankUnit(members, index, "qkv", *_factors(weight, basis, point.params["rank"]))]
-        mlp = layer.mlp
-        stats = self.inputs()[f"{index}:mlp.up_proj"]
+            return [LowRankUnit(members, index, "qkv", *low_rank_factors(weight, basis, point.params["rank"]))]
+        mlp = layer_mlp(layer)
+        gate, _, down_proj, _ = mlp_parts(mlp)
+        stats = self.inputs()[(index, "mlp")]
         if point.adapter == "rana":
             units = {}
             for which in ("up", "gate"):
@@ -251,11 +240,11 @@ class HybridState:
                 basis = self.basis(index, which, members[0].weight, stats.gram)
                 units[which] = _rank_unit(members, index, which, members[0].weight, basis, point.params[which])
             down = point.params["down"]
-            inner = mlp.down_proj.in_features
-            neuron = NeuronMaskedUnit(mlp.down_proj, index, down["active"] / inner, down["tau"])
+            inner = down_proj.in_features
+            neuron = NeuronMaskedUnit(down_proj, index, down["active"] / inner, down["tau"])
             return [RaNAMLP(mlp, index, units["up"], units["gate"], neuron)]
         if point.adapter == "cats":
-            cats = CatsMLP(mlp, index, point.params["active"] / mlp.gate_proj.out_features, point.params["tau"])
+            cats = CatsMLP(mlp, index, point.params["active"] / gate.out_features, point.params["tau"])
             return [cats]
         if ("svd bases", index) not in self.memory:
             self.memory[("svd bases", index)] = mlp_svd_bases(mlp, stats.gram, halves(stats.rows)[0])
@@ -263,17 +252,12 @@ class HybridState:
         units = []
         for which in ("gate", "up", "down"):
             members = layer_members(layer, which)
-            A, B = _factors(members[0].weight, bases[which], point.params["ranks"][which])
+            A, B = low_rank_factors(members[0].weight, bases[which], point.params["ranks"][which])
             units.append(LowRankUnit(members, index, which, A, B))
         return units
 
 
-def _factors(weight: torch.Tensor, basis, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    A = basis.U[:, :rank]
-    return A, A.T @ weight.detach().to(device="cpu", dtype=torch.float64)
-
-
 def _rank_unit(members, index, module, weight, basis, params: dict) -> RankMaskedUnit:
-    A, B = _factors(weight, basis, params["rank"])
+    A, B = low_rank_factors(weight, basis, params["rank"])
     plan = RankPlan(params["keep"], params["rank"], params["active"], params["tau"], params["coverage"])
     return RankMaskedUnit(members, index, module, A, B, plan)

@@ -19,15 +19,18 @@ from __future__ import annotations
 
 import torch
 
-from rana_core.adapters.base import layer_members
+from rana_core.adapters.base import inject, layer_members, unload
+from rana_core.adapters.low_rank import RankMaskedUnit
+from rana_core.adapters.mlp import NeuronMaskedUnit, RaNAMLP
 from rana_core.allocation import Curve, greedy_allocation
+from rana_core.architecture import layer_mlp, mlp_parts, shape_of
+from rana_core.calibration import capture_module_inputs
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError
+from rana_core.evaluate import perplexity
 from rana_core.flops import linear_flops
-from rana_core.methods.svd import capture_module_inputs
-from rana_core.adapters.mlp import NeuronMaskedUnit, RaNAMLP
+from rana_core.methods.calibration_check import calibration_slices, least_loss
 from rana_core.profiles import MLPProfile, QKVProfile
-from rana_core.adapters.low_rank import RankMaskedUnit
 from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
@@ -43,13 +46,10 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
     layers = loaded.layers
     qkv, mlp = loaded.cached(("rana profiles", windows_digest(calib_windows)),
                              lambda: profile_layers(loaded, calib_windows, progress))
-    adapt_qkv = full_kv_heads(loaded.config)
+    adapt_qkv = not shape_of(loaded.config).grouped
     fisher = None
     if config.allocation == "greedy":
-        per_window, count = calib_windows.shape[1], calib_windows.shape[0]
-        n_validation = max(1, min(VALIDATION_TOKENS // per_window, count // 2))
-        slice_ = calib_windows[: max(1, min(SENSITIVITY_TOKENS // per_window, count - n_validation))]
-        validation = calib_windows[count - n_validation:]  # disjoint from the slice whenever there are 2 windows
+        slice_, validation = calibration_slices(calib_windows, SENSITIVITY_TOKENS, VALIDATION_TOKENS)
         fisher, scales = loaded.cached(("loss model", windows_digest(slice_)),
                                        lambda: loss_model(loaded, qkv, mlp, slice_, progress))
         plans = {
@@ -65,18 +65,15 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
                 candidates[name] = plan()
             except BudgetError:  # the MLPs alone cannot carry this budget
                 continue
-        losses = {}
-        for index, (name, keeps) in enumerate(candidates.items()):
-            progress(0.65 + 0.25 * index / len(candidates), f"checking the {name} allocation on calibration text")
-            # the uniform candidate is built exactly as the uniform method builds it (splits on plain output
-            # error), so that choosing it gives the uniform model itself
-            losses[name] = validation_loss(loaded, qkv, mlp, keeps, None if name == "uniform" else fisher,
-                                           validation)
-        chosen = min(losses, key=losses.get)
+        # the uniform candidate is built exactly as the uniform method builds it (splits on plain output error),
+        # so that choosing it gives the uniform model itself
+        chosen, _ = least_loss(
+            loaded, {name: lambda keeps=keeps, name=name: _model_adapters(
+                layers, qkv, mlp, keeps, None if name == "uniform" else fisher) for name, keeps in candidates.items()},
+            validation, lambda f, m: progress(0.65 + 0.25 * f, m))
         keeps = candidates[chosen]
         if chosen == "uniform":
             fisher = None
-        progress(0.9, "allocation: " + ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"; kept {chosen}")
     else:
         keeps = allocate(qkv, mlp, config.flop_reduction, config.allocation, progress, adapt_qkv=adapt_qkv)
     adapters = _model_adapters(layers, qkv, mlp, keeps, fisher)
@@ -84,24 +81,6 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
         mlp[index].release()
     progress(1.0, f"built {len(adapters)} adapters")
     return adapters
-
-
-def full_kv_heads(config) -> bool:
-    """Whether every query head has its own K/V head (no grouped or multi-query attention)."""
-    heads = config.num_attention_heads
-    return (getattr(config, "num_key_value_heads", None) or heads) == heads
-
-
-def validation_loss(loaded, qkv: dict, mlp: dict, keeps: dict, fisher: dict | None, windows) -> float:
-    """Mean next-token loss of the model adapted with `keeps` (thresholds as planned on calibration rows)."""
-    from rana_core.adapters.base import inject, unload
-    from rana_core.evaluate import perplexity
-
-    inject(loaded.layers, _model_adapters(loaded.layers, qkv, mlp, keeps, fisher))
-    try:
-        return perplexity(loaded.model, windows).mean_nll
-    finally:
-        unload(loaded.layers)
 
 
 def _model_adapters(layers, qkv: dict, mlp: dict, keeps: dict, fisher: dict | None) -> list:
@@ -117,15 +96,15 @@ def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
     stride = max(1, calib_windows.numel() // SEARCH_TOKENS)
     # Down's neuron adapter needs no decomposition, so its (wide) input is not captured.
     stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.3 * f, f"calibration {m}"),
-                                  row_stride=stride, paths=("self_attn.q_proj", "mlp.up_proj"))
+                                  row_stride=stride, inputs=("attention", "mlp"))
     qkv, mlp = {}, {}
     layers = loaded.layers
     for index, layer in enumerate(layers):
-        attn_in = stats.pop(f"{index}:self_attn.q_proj")
-        mlp_in = stats.pop(f"{index}:mlp.up_proj")
+        attn_in = stats.pop((index, "attention"))
+        mlp_in = stats.pop((index, "mlp"))
         weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
         qkv[index] = QKVProfile(weight, attn_in.gram, attn_in.rows)
-        mlp[index] = MLPProfile(layer.mlp, mlp_in.gram, mlp_in.rows)
+        mlp[index] = MLPProfile(layer_mlp(layer), mlp_in.gram, mlp_in.rows)
         progress(0.3 + 0.2 * (index + 1) / len(layers), f"profiled layer {index + 1}/{len(layers)}")
     return qkv, mlp
 
@@ -137,9 +116,6 @@ def loss_model(loaded, qkv: dict, mlp: dict, windows, progress) -> tuple[dict, d
     scores, errors that line up across layers), and it misses by different factors for QKV and for the MLP. So
     each type is probed once: every layer's QKV (then every MLP) adapted at PROBE_KEEP, the real loss increase on
     `windows` measured, and the type's estimates scaled to match it."""
-    from rana_core.adapters.base import inject, unload
-    from rana_core.evaluate import perplexity
-
     layers = loaded.layers
     progress(0.5, "loss gradients")
     fisher = fisher_diagonals(loaded.model, layers, windows)
@@ -221,6 +197,7 @@ def _layer_adapters(layer, index, qkv: QKVProfile, mlp: MLPProfile, qkv_keep: fl
             plan = proj.plan(getattr(choice, which))
             A, B = proj.factors(plan.rank)
             units[which] = RankMaskedUnit(layer_members(layer, which), index, which, A, B, plan)
-        down = NeuronMaskedUnit(layer.mlp.down_proj, index, choice.down, down_tau)
-        adapters.append(RaNAMLP(layer.mlp, index, units["up"], units["gate"], down))
+        base = layer_mlp(layer)
+        down = NeuronMaskedUnit(mlp_parts(base)[2], index, choice.down, down_tau)
+        adapters.append(RaNAMLP(base, index, units["up"], units["gate"], down))
     return adapters

@@ -8,23 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from rana_core.adapters.base import layer_members
 from rana_core.adapters.low_rank import LowRankUnit
-from rana_core.adapters.base import MODULES, layer_members
-from rana_core.calibration import capture_input_stats
+from rana_core.architecture import INPUT_OF, MODULES
+from rana_core.calibration import capture_module_inputs
 from rana_core.decompose import low_rank_factors, output_basis, rank_for_budget
 from rana_core.flops import linear_flops, low_rank_flops
-
-# Modules sharing one input share one calibration capture.
-INPUT_OF = {"qkv": "self_attn.q_proj", "gate": "mlp.up_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}
-
-
-def capture_module_inputs(loaded, calib_windows, progress, row_stride: int = 0, paths=None):
-    """InputStats for every layer's distinct module inputs (or only `paths`), keyed "layer:member path"."""
-    hooks = {}
-    for index, layer in enumerate(loaded.layers):
-        for path in sorted(paths or set(INPUT_OF.values())):
-            hooks[f"{index}:{path}"] = layer.get_submodule(path)
-    return capture_input_stats(loaded.model, calib_windows, hooks, progress=progress, row_stride=row_stride)
 
 
 def build(loaded, calib_windows, config, progress, cache_dir=None):
@@ -42,7 +31,7 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
             rank = rank_for_budget(out_f, in_f, p)
             if low_rank_flops(out_f, in_f, rank) >= linear_flops(out_f, in_f):
                 continue
-            basis = output_basis(weight, stats[f"{index}:{INPUT_OF[module]}"].gram)
+            basis = output_basis(weight, stats[(index, INPUT_OF[module])].gram)
             A, B = low_rank_factors(weight, basis, rank)
             units.append(LowRankUnit(members, index, module, A, B))
         progress(0.6 + 0.4 * (index + 1) / n_layers, f"decomposed layer {index + 1}/{n_layers}")

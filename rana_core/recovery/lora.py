@@ -32,20 +32,15 @@ from peft.tuners.lora import Linear as PeftLinear
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
-from rana_core.adapters.base import AdaptedSlot, AdapterUnit, MLPAdapter
+from rana_core.adapters.base import AdaptedSlot, AdapterUnit, AttentionAdapter, MLPAdapter
+from rana_core.architecture import family_of, layer_attention, layer_mlp
 from rana_core.errors import RanaError
-from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 
 LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
 ADAPTER_NAME = "recover"
 ALPHA_PER_RANK = 2  # lora_alpha = 2·r: the same scaling (2) at every rank, so ranks differ only in capacity
 # The FLOP profile's module of each linear; o_proj is outside the adaptable FLOPs (rana_core.flops).
 PROFILE_MODULE = {"q": "qkv", "k": "qkv", "v": "qkv", "o": None, "gate": "gate", "up": "up", "down": "down"}
-_MLP_ATTRIBUTES = {  # where each MLP kind keeps the modules its forward calls
-    None: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-    RaNAMLP: {"gate": "gate", "up": "up", "down": "down"},
-    CatsMLP: {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"},
-}
 
 
 class AdapterLora(nn.Module, LoraLayer):
@@ -83,14 +78,20 @@ class AdapterLora(nn.Module, LoraLayer):
 
 def computing_spots(layer: nn.Module) -> dict[str, tuple[nn.Module, str]]:
     """For each of LINEARS, the (parent module, attribute) that the layer's forward calls to compute it."""
-    attention = layer.self_attn
-    spots = {"q": (attention, "q_proj"), "k": (attention, "k_proj"), "v": (attention, "v_proj"),
-             "o": (attention, "o_proj")}
-    mlp = layer.mlp
-    kind = type(mlp) if isinstance(mlp, MLPAdapter) else None
-    if kind not in _MLP_ATTRIBUTES:
+    family = family_of(layer)
+    attention = layer_attention(layer)
+    if isinstance(attention, AttentionAdapter):
+        raise RanaError(f"LoRA cannot attach to a {type(attention).__name__} attention")
+    spots = {linear: (attention, getattr(family, linear)) for linear in ("q", "k", "v", "o")}
+    mlp = layer_mlp(layer)
+    # a plain MLP computes gate/up/down with the family's linears; a wrapper names what its forward calls
+    if isinstance(mlp, MLPAdapter):
+        attributes = mlp.lora_spots
+    else:
+        attributes = {linear: getattr(family, linear) for linear in ("gate", "up", "down")}
+    if attributes is None:
         raise RanaError(f"LoRA cannot attach to a {type(mlp).__name__} MLP")
-    for linear, attribute in _MLP_ATTRIBUTES[kind].items():
+    for linear, attribute in attributes.items():
         spots[linear] = (mlp, attribute)
     return spots
 
