@@ -33,7 +33,7 @@ def test_full_width_reproduces_the_dense_model_and_unload_restores_it(tiny, tiny
     batch = tiny_windows["heldout"][:2]
     with torch.no_grad():
         dense = tiny.model(batch).logits
-    inject(tiny.layers, adapters_at(tiny, analysed, analysed[0].full))
+    inject(tiny.layers, adapters_at(tiny, analysed, a3.full_widths(analysed[0])))
     try:
         assert {type(layer.self_attn).__name__ for layer in tiny.layers} == {"A3Attention"}
         with torch.no_grad():

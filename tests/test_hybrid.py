@@ -136,7 +136,7 @@ def test_an_adapter_built_from_a_point_reproduces_its_error_and_flops(hybrid_sta
     point promised and loses the error it promised (a projection planned at full keep once cost 1.4× dense)."""
     state = hybrid_state()
     for (index, module), by_adapter in state.curves().items():
-        stats = state.inputs()[f"{index}:{'self_attn.q_proj' if module == 'qkv' else 'mlp.up_proj'}"]
+        stats = state.inputs()[(index, "attention" if module == "qkv" else "mlp")]
         check = halves(stats.rows)[1]
         layer = tiny.layers[index]
         for adapter, by_weight in by_adapter.items():

@@ -10,6 +10,7 @@ from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
 from rana_core.profiles import MLPProfile, ProjectionFactors, split_triples
 from rana_core.adapters.low_rank import RankMaskedUnit, RankPlan, active_for, plan_rank_adapter
 from rana_core.adapters.thresholds import ScoreHistogram
+from rana_core.architecture import INPUT_OF
 from tests.test_svd import _grams
 
 
@@ -21,8 +22,7 @@ def grams(tiny, tiny_windows):
 def _rank_unit(tiny, grams, layer, module, rank=None, tau=0.0):
     members = layer_members(tiny.layers[layer], module)
     weight = torch.cat([m.weight for m in members])
-    key = {"qkv": "self_attn.q_proj", "gate": "mlp.up_proj", "up": "mlp.up_proj"}[module]
-    proj = ProjectionFactors.build(weight, grams[f"{layer}:{key}"].gram, torch.zeros(1, weight.shape[1]))
+    proj = ProjectionFactors.build(weight, grams[(layer, INPUT_OF[module])].gram, torch.zeros(1, weight.shape[1]))
     rank = rank or min(weight.shape)
     A, B = proj.factors(rank)
     return RankMaskedUnit(members, layer, module, A, B, RankPlan(1.0, rank, rank, tau, 1.0))
@@ -101,7 +101,7 @@ def test_plan_beats_static_svd_at_the_same_budget_and_pays_exactly(tiny, grams, 
     rows = capture_input_stats(tiny.model, tiny_windows["train"][:4], {"u": tiny.layers[1].mlp.up_proj},
                                row_stride=1)["u"].rows
     weight = tiny.layers[1].mlp.up_proj.weight
-    proj = ProjectionFactors.build(weight, grams["1:mlp.up_proj"].gram, rows)
+    proj = ProjectionFactors.build(weight, grams[(1, "mlp")].gram, rows)
     m, n = proj.shape
     for keep in (0.3, 0.5, 0.7):
         plan = proj.plan(keep)
@@ -135,7 +135,7 @@ def test_split_grid_is_the_papers_and_the_search_takes_its_best(tiny, tiny_windo
 
     rows = capture_input_stats(tiny.model, tiny_windows["train"][:4], {"u": tiny.layers[0].mlp.up_proj},
                                row_stride=2)["u"].rows
-    profile = MLPProfile(tiny.layers[0].mlp, grams["0:mlp.up_proj"].gram, rows)
+    profile = MLPProfile(tiny.layers[0].mlp, grams[(0, "mlp")].gram, rows)
     choice = profile.best_split(0.6)
     errors = [profile.error(*[3 * 0.6 * s / 18 for s in t])[0] for t in triples if 3 * 0.6 * max(t) / 18 <= 1]
     assert choice.error == pytest.approx(min(errors))
@@ -147,7 +147,7 @@ def test_split_grid_is_the_papers_and_the_search_takes_its_best(tiny, tiny_windo
         assert profile.curve_error(keep) <= profile.error(keep, keep, keep)[0] + 1e-12
     # no projection is planned at full keep: there its rank adapter is a full-rank A·B, ~1.4× its dense FLOPs,
     # while the split counts it as dense. At keep 0.75 an 8/18 share would land exactly there.
-    fresh = MLPProfile(tiny.layers[0].mlp, grams["0:mlp.up_proj"].gram, rows)
+    fresh = MLPProfile(tiny.layers[0].mlp, grams[(0, "mlp")].gram, rows)
     evaluated = []
     measure = fresh.error
     fresh.error = lambda *fractions: evaluated.append(fractions[:3]) or measure(*fractions)

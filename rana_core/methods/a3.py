@@ -37,6 +37,7 @@ from rana_core.adapters.a3 import A3MLP, A3Attention, kept_coordinates, model_ro
 from rana_core.adapters.base import layer_members, unwrapped
 from rana_core.allocation import Curve, greedy_allocation
 from rana_core.architecture import Shape, attention_parts, layer_attention, layer_mlp
+from rana_core.calibration import capture_module_inputs
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError, RanaError
 from rana_core.methods.calibration_check import calibration_slices, least_loss
@@ -87,8 +88,10 @@ def check_supported(loaded) -> tuple[torch.Tensor, torch.Tensor]:
     """The model's rotary pairs, or one RanaError line saying why A3 cannot run on this model (the family table
     says which families it cannot run on; the rotary pairs are then checked on the model itself)."""
     loaded.family.check_method("a3")
-    attention = layer_attention(loaded.layers[0])
-    base = getattr(attention, "base", attention)
+    for layer in loaded.layers:  # a family may allow biases by configuration (Llama's attention_bias)
+        if any(m.bias is not None for m in layer_members(layer, "qkv")):
+            raise RanaError("a3 handles bias-free query/key/value projections only")
+    base = unwrapped(layer_attention(loaded.layers[0]))
     shape = loaded.shape
     first, second = rotary_pairs(model_rotary(base), shape.head_dim)
     rotary = getattr(loaded.model.get_decoder(), "rotary_emb", None)
