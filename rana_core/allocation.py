@@ -1,4 +1,4 @@
-"""Spreading one FLOP budget over modules (design §4, beyond the paper).
+"""Spreading one FLOP budget over modules (beyond the paper).
 
 Each module has a curve: at keep fraction f of its dense FLOPs it loses error e(f). ``greedy_allocation``
 starts with every module dense and repeatedly takes the step down its grid that costs the least error per FLOP

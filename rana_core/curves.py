@@ -1,4 +1,4 @@
-"""Per-module error curves for the hybrid allocation (issue 9): for each adaptable module (a layer's stacked QKV,
+"""Per-module error curves for the hybrid allocation: for each adaptable module (a layer's stacked QKV,
 a layer's MLP) and each candidate adapter, the error and the FLOPs at a grid of keep fractions.
 
 Candidates: QKV: ``rank`` (RaNA's rank adapter) and ``svd`` (static low rank); MLP: ``rana`` (rank adapters on
@@ -6,7 +6,7 @@ up/gate, neuron adapter on down, the up/gate/down split searched per keep), ``ca
 on |act(gate)|) and ``svd`` (static low rank on all three). ``dense`` is always a candidate, with no error.
 
 Every point is measured on *check* rows that are held out from the *fit* rows that set its thresholds (the two
-halves of the calibration rows): a threshold set on some tokens keeps too few ranks on others (design §4), so the
+halves of the calibration rows): a threshold set on some tokens keeps too few ranks on others, so the
 FLOPs a point really spends are those measured on the check rows, and its error is measured there too. The
 adapter that the allocation builds asks for exactly that measured spending (its ``target_active``), which the
 pipeline's threshold correction then holds on the adapted model.

@@ -1,4 +1,4 @@
-"""Data-aware decomposition of a linear layer (design §1 step 1).
+"""Data-aware decomposition of a linear layer (RaNA's first step).
 
 With calibration inputs X (n × T) and C = X Xᵀ, the outputs W X have covariance W C Wᵀ. Its eigenvectors U are the
 output directions the data actually uses, ordered by the energy they carry. A = U (m × r) and B = Uᵀ W (r × n)

@@ -1,5 +1,5 @@
 """What each module of a layer loses at each budget, measured on calibration rows: the raw material of both
-RaNA's within-MLP split search (design §2) and the allocation across layers (§4).
+RaNA's within-MLP split search and the allocation across layers (rana_core.allocation).
 
 - ``QKVProfile``: the stacked QKV rank adapter; its relative output error at keep fraction f is 1 − coverage.
 - ``MLPProfile``: rank adapters on up and gate, the neuron adapter on down. ``error(f_up, f_gate, f_down)`` runs

@@ -1,4 +1,4 @@
-"""A3's smaller attention and MLP (design a3-rankadaptor.md §1, §3): narrower matrices and a narrower KV cache,
+"""A3's smaller attention and MLP: narrower matrices and a narrower KV cache,
 not factors added at run time.
 
 - ``A3Attention`` replaces a layer's ``self_attn`` (the original stays as ``base``). Per KV group it keeps

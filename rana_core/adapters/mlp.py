@@ -1,9 +1,9 @@
 """Adapters of the gated MLP, h = act(W_gate x) ⊙ (W_up x), y = W_down h (SwiGLU in Llama, GeGLU in Gemma).
 
-- ``NeuronMaskedUnit``: RaNA's neuron adapter for W_down (design §2): neuron j is kept iff
+- ``NeuronMaskedUnit``: RaNA's neuron adapter for W_down: neuron j is kept iff
   |h_j| · ‖W_down[:, j]‖ ≥ τ, and a token pays 2·m per kept neuron.
 - ``RaNAMLP``: rank adapters on up and gate, the neuron adapter on down, h computed from the adapted up/gate.
-- ``CatsMLP``: CATS (design §8): gate stays dense; neuron j is kept iff |act(W_gate x)_j| ≥ τ, and the kept
+- ``CatsMLP``: CATS: gate stays dense; neuron j is kept iff |act(W_gate x)_j| ≥ τ, and the kept
   neurons' rows of W_up and columns of W_down are the only ones computed.
 """
 

@@ -1,4 +1,4 @@
-"""A decode engine for Llama-shaped models in which dense is near the memory-bandwidth floor (design §7).
+"""A decode engine for Llama-shaped models in which dense is near the memory-bandwidth floor.
 
 Batch 1, a static KV cache sized for the whole generation, and the whole decode step (embedding, every layer,
 the LM head, the greedy pick of the next token, the position update) captured once as a CUDA graph and replayed

@@ -1,4 +1,4 @@
-"""Triton kernels for RaNA's masked products at batch 1 (design §7), with a plain PyTorch path for batches.
+"""Triton kernels for RaNA's masked products at batch 1, with a plain PyTorch path for batches.
 
 Both of RaNA's masked products have the same form: y = Σ_{k active} c_k · R[k, :], a sum of the rows of a
 K × M matrix R picked by a mask on the coefficients c.

@@ -1,4 +1,4 @@
-"""A3 (design a3-rankadaptor.md §1 and §3): each layer's QK, OV and MLP cut to a narrower width in closed form
+"""A3: each layer's QK, OV and MLP cut to a narrower width in closed form
 or by a score, from one calibration pass of the dense model, with no extra matrices at run time.
 
 - QK (RoPE models; the variant implemented): per KV group, keep whole rotary pairs, the same for q and k, ranked
@@ -12,7 +12,7 @@ or by a score, from one calibration pass of the dense model, with no extra matri
   W̃_o,i = U_rᵀ T W_o,i (r × d): the design's factors (which put the inverse root on the value side only) with
   no d × d root.
 - MLP: keep the channels with the largest lam_i = E[h_i²]·‖W_down row i‖², sliced from gate, up and down.
-  W_down is not refit (see README: the least-squares refit is tried there).
+  W_down is not refit (docs/results.md, "A3": a least-squares refit helped too little and too unevenly).
 
 Budget (the project's): a reduction p of the adaptable FLOPs (stacked QKV plus gate/up/down). Per layer a width
 costs 2d(H + H_kv) FLOPs per QK coordinate, 2d·H_kv per OV coordinate and 6d per MLP channel, so widths map to

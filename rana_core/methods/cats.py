@@ -1,4 +1,4 @@
-"""CATS (design §8): MLP only. The gate runs dense; neuron j of a token is kept iff |act(W_gate x)_j| ≥ τ, and
+"""CATS: MLP only. The gate runs dense; neuron j of a token is kept iff |act(W_gate x)_j| ≥ τ, and
 only the kept neurons' rows of W_up and columns of W_down are computed.
 
 The budget is over the QKV + MLP FLOPs like every method's, so with QKV dense and the gate dense the up/down keep

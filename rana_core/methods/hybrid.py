@@ -1,4 +1,4 @@
-"""Hybrid (issue 9, beyond the paper): one model-wide FLOP budget allocated per module over adapter types.
+"""Hybrid (beyond the paper): one model-wide FLOP budget allocated per module over adapter types.
 
 Every layer's stacked QKV may stay dense, take RaNA's rank adapter or a static SVD; every layer's MLP may stay
 dense, take RaNA's MLP (split searched), CATS or a static SVD; each at its own keep fraction. The per-module

@@ -1,4 +1,4 @@
-"""RaNA (design §§1–4): a rank adapter on each layer's stacked QKV, and on each MLP rank adapters for up and
+"""RaNA: a rank adapter on each layer's stacked QKV, and on each MLP rank adapters for up and
 gate with the neuron adapter on down, the MLP's budget split by the grid search on its output error.
 
 Allocation:

@@ -1,7 +1,7 @@
 """The configuration of one recovery (LoRA fine-tuning after compression): validated, JSON round-trip, torch-free,
 so that the CLI and the job queue check a request before any model loads.
 
-Defaults are sized for the CPU (README "Recovery" gives the timing): a `rankadaptor` recovery of SmolLM2-135M at
+Defaults are sized for the CPU (docs/results.md "Recovery" gives the timing): a `rankadaptor` recovery of SmolLM2-135M at
 0.44 FLOP reduction took 827 s in the recovery bench on a shared two-core CPU, about 15 minutes as a job; `uniform`
 and `error` take 6-7 minutes. 45k fine-tuning tokens in all: 10 probed configurations x 4,096, then 32,768.
 """

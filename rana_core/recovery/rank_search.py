@@ -4,7 +4,7 @@ search (a performance model fitted online to measured configurations). Pure nump
 Budget: a configuration r (one rank per layer) costs sum_l r_l·p_l trainable parameters, p_l = LoRA parameters per
 unit rank in layer l (rana_core.recovery.lora.params_per_rank); the budget is that of uniform rank `rank_budget`.
 
-The search (design a3-rankadaptor.md §2 "our reading", §3): measure uniform plus a few random configurations, fit
+The search: measure uniform plus a few random configurations, fit
 the performance model, then in rounds propose the configurations with the best predicted score (minus an
 exploration bonus from the ensemble's spread), measure them and refit; return the best *measured* configuration.
 `measure(ranks) -> loss` is the caller's (a short fine-tune scored on a validation slice); lower is better.

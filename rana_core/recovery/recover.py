@@ -10,7 +10,7 @@ training tokens (rana_core.recovery.lora: everything else frozen); held-out perp
 plain Linear and the FLOPs of the unmergeable LoRA on adapter-computed linears counted. The model is left exactly
 as it came (LoRA detached, merged weights restored, adapters unloaded), so a worker may reuse it.
 
-CPU timing (two shared cores, SmolLM2-135M, RaNA at 0.44, the defaults): see README "Recovery"; a GPU runs the
+CPU timing (two shared cores, SmolLM2-135M, RaNA at 0.44, the defaults): see docs/results.md "Recovery"; a GPU runs the
 same code (the worker loads the model on RANA_DEVICE; LoRA layers follow the module they wrap).
 """
 
