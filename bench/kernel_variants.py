@@ -1,5 +1,5 @@
 """Variants of the masked row-sum kernel, checked and timed in one GPU call (design notes in
-bench/results/latency-notes.md). Not part of the product: the winner moves into rana_core/decode/masked_kernels.py.
+docs/latency.md). Not part of the product: the winner moves into rana_core/decode/masked_kernels.py.
 
     python bench/kernel_variants.py
 """

@@ -1,5 +1,5 @@
 """Session 4's masked-product variants, checked and timed inside CUDA graphs in one GPU call (notes in
-bench/results/latency-notes.md). Not part of the product: what wins moves into rana_core/decode/masked_kernels.py.
+docs/latency.md). Not part of the product: what wins moves into rana_core/decode/masked_kernels.py.
 
     python bench/masked_variants.py
 

@@ -111,7 +111,7 @@ def main(argv=None) -> int:
 def recovered_row(args, loaded, config: CompressConfig, recovery: str) -> dict:
     """Compress, save the adapters, then recover them with LoRA (rana_core.recovery.recover, its default token budgets;
     strategy from "recover-<strategy>", else RecoverConfig's default). The row's perplexity and measured FLOP
-    reduction are those after recovery (LoRA on adapter-computed linears costs FLOPs; see README)."""
+    reduction are those after recovery (LoRA on adapter-computed linears costs FLOPs; see docs/results.md)."""
     import tempfile
 
     from rana_core.recovery.recover import recover
