@@ -233,12 +233,10 @@ def _print_summary(result: dict, stream) -> None:
 
 
 def _enqueue(args, kind: str, payload: dict) -> int:
-    from db.migrate import check_schema
     from jobs.queue import submit
-    from jobs.specs import validate_payload
 
-    validate_payload(kind, payload)  # bad input fails before the database is touched
-    check_schema()
+    # Not validated here: submit validates every payload once, before it opens the database, for the CLI and
+    # the app alike; its RanaError becomes main()'s one line.
     job_id = submit(kind, payload, priority=args.priority, author=args.author, tags=args.tags)
     print(json.dumps({"job_id": job_id}) if args.json else job_id)
     return 0
@@ -300,6 +298,7 @@ def cmd_worker(args) -> int:
 
 def cmd_jobs(args) -> int:
     from db.migrate import check_schema
+    from jobs.kinds import describe
     from jobs.queue import list_jobs
 
     check_schema()
@@ -309,21 +308,10 @@ def cmd_jobs(args) -> int:
         return 0
     print(f"{'id':>5}  {'kind':<9}{'status':<10}{'progress':>9}  {'run':>5}  {'host / device':<28}{'what':<40}")
     for job in jobs:
-        p = job.payload
-        if job.kind == "compress":
-            what = f"{p.get('model')} / {p.get('method')}-{p.get('allocation')} / {p.get('flop_reduction')}"
-        elif job.kind == "sweep":
-            what = f"{p['base'].get('model')} / {','.join(p['methods'])} / {len(p['budgets'])} budgets"
-        elif job.kind == "evaluate":
-            what = f"run {p['run_id']} on {p['split']} ({p['eval_tokens']} tokens)"
-        elif job.kind == "recover":
-            what = f"run {p['run_id']}: LoRA {p['strategy']} at rank budget {p['rank_budget']}"
-        else:
-            what = f"{p.get('model')} / {p.get('dtype')}"
         where = f"{job.host or ''} {job.device or ''}".strip()
         parent = f" (sweep {job.parent_id})" if job.parent_id else ""
         print(f"{job.id:>5}  {job.kind:<9}{job.status:<10}{job.progress:>8.0%}  {job.run_id or '':>5}  "
-              f"{where[:27]:<28}{what}{parent}")
+              f"{where[:27]:<28}{describe(job.kind, job.payload)}{parent}")
         if job.error:
             print(f"{'':>7}error: {job.error}")
     return 0

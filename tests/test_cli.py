@@ -81,6 +81,7 @@ def test_sweep_cancel_retry_from_the_command_line(env):
     assert rana("retry", str(points[0]["id"]), env=env).stdout.strip() == f"job {points[0]['id']}: 1 job(s) queued again"
     table = rana("jobs", env=env).stdout
     assert f"(sweep {sweep_id})" in table and "cancelled" in table and "queued" in table
+    assert "tiny / rana-greedy,cats / 2 budgets" in table and f"tiny / rana-greedy / 0.3 (sweep {sweep_id})" in table
 
 
 @pytest.mark.parametrize("args, message", [
