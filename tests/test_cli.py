@@ -11,11 +11,18 @@ SMALL = ["--model", "tiny", "--calib-tokens", "1024", "--eval-tokens", "512", "-
 
 
 def rana(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-m", "rana_cli.main", *args], capture_output=True, text=True, env=env,
                           timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def test_help_lists_every_command():
+    listed = rana("--help").stdout
+    for command in ("compress", "submit", "sweep", "evaluate", "recover", "cancel", "retry", "worker", "jobs",
+                    "methods", "app", "up", "db"):
+        assert f"\n    {command} " in listed, command
 
 
 @pytest.fixture

@@ -98,7 +98,7 @@ def counting_validations(monkeypatch) -> list:
 
 
 def test_rana_submit_validates_its_payload_once(db_url, monkeypatch, capsys):
-    from jobs.cli import main
+    from rana_cli.main import main
 
     calls = counting_validations(monkeypatch)
     assert main(["submit", "--model", "tiny", "--flop-reduction", "0.25", "--calib-tokens", "1024",
