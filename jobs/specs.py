@@ -50,18 +50,20 @@ def sweep_payload(payload: dict) -> dict:
     if count > MAX_SWEEP_POINTS:
         raise RanaError(f"a sweep of {count} points is more than {MAX_SWEEP_POINTS}: split it")
     normalised = {"base": base, "methods": [method_label(m, a) for m, a in points], "budgets": clean_budgets}
-    sweep_points(normalised)  # every child must validate before the sweep is accepted
+    for point in sweep_points(normalised):  # every child must be a valid compression before the sweep is accepted
+        compress_payload(point)
     return normalised
 
 
 def sweep_points(payload: dict) -> list[dict]:
-    """The compress payloads of a (normalised) sweep, one per method and budget (dense once)."""
+    """The compress payloads of a validated sweep, one per method and budget (dense once), defaults filled in.
+    Not validated again: sweep_payload checked each point when the sweep was submitted."""
     children = []
     for name in payload["methods"]:
         method, allocation = parse_method_label(name)
         for budget in [0.0] if method == "dense" else payload["budgets"]:
             config = {**payload["base"], "method": method, "allocation": allocation, "flop_reduction": budget}
-            children.append(compress_payload(config))
+            children.append(CompressConfig.from_dict(config).to_dict())
     return children
 
 

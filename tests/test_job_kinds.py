@@ -108,6 +108,18 @@ def test_rana_submit_validates_its_payload_once(db_url, monkeypatch, capsys):
     assert job.id == int(capsys.readouterr().out) and job.payload["flop_reduction"] == 0.25
 
 
+def test_a_sweep_validates_each_of_its_points_once(db_url, monkeypatch):
+    calls = counting_validations(monkeypatch)
+    sweep = {"base": {"model": "tiny", "calib_tokens": 256, "eval_tokens": 256, "seq_len": 128},
+             "methods": ["rana-greedy", "svd"], "budgets": [0.3, 0.2]}
+    sweep_id = queue.submit("sweep", sweep, url=db_url)
+    assert sorted(calls) == [0.2, 0.2, 0.3, 0.3]
+    points = queue.list_jobs(url=db_url, parent_id=sweep_id)
+    assert sorted((j.payload["method"], j.payload["allocation"], j.payload["flop_reduction"]) for j in points) == [
+        ("rana", "greedy", 0.2), ("rana", "greedy", 0.3), ("svd", "uniform", 0.2), ("svd", "uniform", 0.3)]
+    assert all(j.payload["calib_tokens"] == 256 and j.payload["dtype"] == "float32" for j in points)
+
+
 def test_the_worker_trusts_a_stored_configuration_but_runs_on_its_own_device(monkeypatch):
     stored = CompressConfig(model="tiny", method="rana", allocation="greedy", flop_reduction=0.3).to_dict()
     calls = counting_validations(monkeypatch)
