@@ -37,8 +37,8 @@ def _first_allocation(method: str) -> str:
 def _config_payload(args) -> dict:
     return {
         "model": args.model, "method": args.method, "flop_reduction": args.flop_reduction,
-        "allocation": args.allocation or _first_allocation(args.method), "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens,
-        "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
+        "allocation": args.allocation or _first_allocation(args.method), "calib_tokens": args.calib_tokens,
+        "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
         "device": os.environ.get("RANA_DEVICE", "cpu"),
     }
 

@@ -1,6 +1,6 @@
-"""Dependencies flow one way: the `rana` command (rana_cli) on top; app → jobs → db, jobs → rana_core; bench beside
-the app, over jobs, db and rana_core. The app and the queue never load torch, and nothing below rana_cli starts
-the dashboard: an import rule cannot see a launch by name at run time, so the sources are read for one."""
+"""Dependencies flow one way: the `rana` command (rana_cli) on top; app → jobs → db, jobs → rana_core; bench
+beside the app, over jobs, db and rana_core. The app and the queue never load torch, and nothing below rana_cli
+starts the dashboard: an import rule cannot see a launch by name at run time, so the sources are read for one."""
 
 import ast
 import re
