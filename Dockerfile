@@ -8,6 +8,7 @@ COPY rana_core ./rana_core
 COPY jobs ./jobs
 COPY db ./db
 COPY app ./app
+COPY rana_cli ./rana_cli
 RUN make setup
 # No .git in the image: pass the commit so that every run's provenance names it.
 ARG GIT_SHA=unknown

@@ -12,16 +12,11 @@ from sqlalchemy import select
 from db.migrate import check_schema
 from db.models import Evaluation, LatencyResult, LayerMetric, Recovery, Run
 from db.session import DatabaseError, database_url, session_scope
-from jobs import queue, specs
+from jobs import kinds, queue, specs
 
 RUN_COLUMNS = ["run_id", "job_id", "model", "method", "allocation", "series", "target_flop_reduction",
                "measured_flop_reduction", "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity",
                "eval_tokens", "seq_len", "calib_tokens", "seconds", "author", "tags", "created_at"]
-
-
-def series_name(method: str, allocation: str) -> str:
-    """What the Pareto plot colours by: the method, with its allocation when it is not the paper's uniform."""
-    return method if allocation == "uniform" else f"{method}-{allocation}"
 
 
 def url() -> str:
@@ -71,7 +66,7 @@ def runs(db_url: str) -> pd.DataFrame:
             seen.add(run.id)
             records.append({
                 "run_id": run.id, "job_id": run.job_id, "model": run.model, "method": run.method,
-                "allocation": run.allocation, "series": series_name(run.method, run.allocation),
+                "allocation": run.allocation, "series": specs.method_label(run.method, run.allocation),
                 "target_flop_reduction": run.target_flop_reduction,
                 "measured_flop_reduction": ev.measured_flop_reduction,
                 "measured_flop_reduction_whole_model": ev.measured_flop_reduction_whole_model,
@@ -105,7 +100,7 @@ def run_details(db_url: str, run_ids: tuple[int, ...]) -> dict[int, dict]:
         for run in session.execute(select(Run).where(Run.id.in_(run_ids))).scalars():
             details[run.id] = {
                 "run_id": run.id, "job_id": run.job_id, "model": run.model, "method": run.method,
-                "allocation": run.allocation, "series": series_name(run.method, run.allocation),
+                "allocation": run.allocation, "series": specs.method_label(run.method, run.allocation),
                 "target_flop_reduction": run.target_flop_reduction, "author": run.author,
                 "tags": list(run.tags or []), "created_at": run.created_at, "seconds": run.seconds,
                 "config": dict(run.config or {}), "provenance": dict(run.provenance or {}),
@@ -145,7 +140,7 @@ def recovered_points(db_url: str) -> pd.DataFrame:
         records = [{
             "run_id": run.id, "job_id": recovery.job_id, "model": run.model, "method": run.method,
             "allocation": run.allocation,
-            "series": f"{series_name(run.method, run.allocation)}+lora-{recovery.strategy}",
+            "series": f"{specs.method_label(run.method, run.allocation)}+lora-{recovery.strategy}",
             "target_flop_reduction": run.target_flop_reduction,
             "measured_flop_reduction": recovery.measured_flop_reduction_after,
             "measured_flop_reduction_whole_model": float("nan"), "perplexity": recovery.perplexity_after,
@@ -171,32 +166,21 @@ def latency(db_url: str) -> pd.DataFrame:
     return frame[LATENCY_COLUMNS]
 
 
-JOB_COLUMNS = ["job", "kind", "status", "progress", "message", "model", "method", "budget", "host", "device",
-               "attempts", "author", "sweep", "run", "created", "elapsed_s", "eta_s", "error"]
+JOB_COLUMNS = ["job", "kind", "status", "progress", "message", "what", "host", "device", "attempts", "author",
+               "sweep", "run", "created", "elapsed_s", "eta_s", "error"]
 
 
 @st.cache_data(ttl=1, show_spinner=False)
 def jobs(db_url: str, limit: int = 200) -> pd.DataFrame:
     records = []
     for job in queue.list_jobs(limit=limit, url=db_url):
-        p = job.payload
-        if job.kind == "sweep":
-            model, method, budget = p["base"].get("model"), ", ".join(p["methods"]), None
-        elif job.kind == "evaluate":
-            model, method, budget = None, f"evaluate run {p['run_id']} ({p['split']})", None
-        elif job.kind == "recover":
-            model, method, budget = None, f"recover run {p['run_id']} (LoRA {p['strategy']})", None
-        else:
-            model, method, budget = p.get("model"), p.get("method"), p.get("flop_reduction")
-            if job.kind == "compress" and p.get("allocation") not in (None, "uniform"):
-                method = f"{method}-{p['allocation']}"
         elapsed = None
         if job.started_at is not None:
             end = job.finished_at or (job.heartbeat_at if job.status == "running" else None)
             elapsed = (end - job.started_at).total_seconds() if end else None
         records.append({
             "job": job.id, "kind": job.kind, "status": job.status, "progress": job.progress, "message": job.message,
-            "model": model, "method": method, "budget": budget, "host": job.host, "device": job.device,
+            "what": kinds.describe(job.kind, job.payload), "host": job.host, "device": job.device,
             "attempts": f"{job.attempts}/{job.max_attempts}", "author": job.author, "sweep": job.parent_id,
             "run": job.run_id, "created": job.created_at, "elapsed_s": elapsed,
             "eta_s": eta_seconds(job.status, job.progress, elapsed), "error": job.error,
@@ -238,6 +222,7 @@ def submit_compress(payload: dict, author: str | None = None, tags: str | list =
 
 
 default_author = queue.default_author
+method_label = specs.method_label  # what the Pareto plot colours by, and the sweep picker lists
 model_names = specs.model_names
 method_names = specs.method_names
 method_summaries = specs.method_summaries

@@ -25,6 +25,7 @@ from db.session import data_dir
 from rana_core.config import CompressConfig
 from rana_core.errors import RanaError
 from rana_core.loading import load_model
+from rana_core.methods import parse_method_label
 from rana_core.pipeline import compress
 
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
@@ -33,11 +34,6 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CURVES = data_dir() / "curves"  # hybrid's curve cache, shared with the worker and `rana compress`
 DEFAULT_METHODS = ("dense,cats,rana-uniform,rana-greedy,svd,a3-uniform,a3-greedy,hybrid-exact-loss,"
                    "hybrid-exact-output")  # uniform first: greedy reuses its splits
-
-
-def parse_method(text: str) -> tuple[str, str]:
-    method, _, allocation = text.partition("-")
-    return method, allocation or "uniform"
 
 
 def show_choices(fraction: float, message: str) -> None:
@@ -59,6 +55,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
+    try:  # "rana-uniform+recover[-strategy]": compress, then LoRA recovery. A misspelt method stops before the load
+        plan = [(name, *parse_method_label(name.partition("+")[0]), name.partition("+")[2])
+                for name in args.methods.split(",")]
+    except RanaError as exc:
+        print(f"bench/quality.py: {exc}", file=sys.stderr)
+        return 2
     try:
         loaded = load_model(args.model)
     except RanaError as exc:  # e.g. gemma3-270m when its package is not installed
@@ -67,9 +69,7 @@ def main(argv=None) -> int:
     budgets = [float(b) for b in args.budgets.split(",")]
     rows = []
     print(f"{'method':<14}{'target':>7}{'measured':>10}{'whole':>8}{'perplexity':>12}{'seconds':>9}", flush=True)
-    for name in args.methods.split(","):
-        compressed, _, recovery = name.partition("+")  # "rana-uniform+recover[-strategy]": then LoRA recovery
-        method, allocation = parse_method(compressed)
+    for name, method, allocation, recovery in plan:
         for budget in [0.0] if method == "dense" else budgets:
             config = CompressConfig(model=args.model, method=method, allocation=allocation, flop_reduction=budget,
                                     calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,

@@ -7,7 +7,8 @@ many hosts never wait on each other. Timestamps come from the database clock, wh
 
 Every state change a worker makes is conditional on the row still being *its* running job, so a job that was
 cancelled, or reaped from a worker that stopped heartbeating and claimed by another, can never be finished twice.
-A sweep's row is never claimed: its children are, and each change to a child refreshes the sweep's aggregate.
+A parent's row (a sweep's) is never claimed: its children are, and each change to a child refreshes the parent's
+aggregate. Which kinds are parents, and which need a stored run, is read from the table in jobs.kinds.
 """
 
 from __future__ import annotations
@@ -19,9 +20,10 @@ from datetime import datetime
 
 from sqlalchemy import func, select, text, update
 
+from db.migrate import check_schema
 from db.models import Job, Run
 from db.session import get_engine, session_scope
-from jobs.specs import sweep_points, validate_payload
+from jobs.kinds import KINDS, PARENT_KINDS, validate_payload
 from rana_core.errors import RanaError
 
 FINISHED = ("done", "failed", "cancelled")
@@ -57,25 +59,30 @@ def default_author() -> str:
 
 def submit(kind: str, payload: dict, priority: int = 0, author: str | None = None, tags=(),
            max_attempts: int = DEFAULT_MAX_ATTEMPTS, url: str | None = None) -> int:
-    """Validate and enqueue; returns the job id (a sweep's own id). Raises RanaError before writing anything if
-    the payload is bad."""
+    """Validate and enqueue; returns the job id (a parent's own id, for a sweep). Raises RanaError, before the
+    database is opened, if the request is bad, and DatabaseError if the database is not at the code's schema.
+
+    The one place a payload is validated: the CLI and the app both enqueue through here, and the worker trusts
+    what is stored."""
     clean = validate_payload(kind, payload)
+    rules = KINDS[kind]
     tags = _clean_tags(tags)
     if max_attempts < 1:
         raise RanaError(f"max attempts must be at least 1, got {max_attempts}")
+    check_schema(url)
     common = {"priority": priority, "author": author or default_author(), "tags": tags, "max_attempts": max_attempts,
               "progress": 0.0, "attempts": 0}
     with session_scope(url) as session:
-        if kind in ("evaluate", "recover"):
-            _check_run_has_artifact(session, clean["run_id"], "recover" if kind == "recover" else "evaluate")
+        if rules.needs_run:
+            _check_run_has_artifact(session, clean["run_id"], kind)
         job = Job(kind=kind, payload=clean, status="queued", message="queued", **common)
         session.add(job)
         session.flush()
-        if kind == "sweep":
-            points = sweep_points(clean)
+        if rules.children is not None:
+            points = rules.children(clean)
             for point in points:
-                session.add(Job(kind="compress", payload=point, status="queued", message="queued", parent_id=job.id,
-                                **common))
+                session.add(Job(kind=rules.child_kind, payload=point, status="queued", message="queued",
+                                parent_id=job.id, **common))
             job.message = f"0/{len(points)} done"
         return job.id
 
@@ -90,7 +97,7 @@ def _clean_tags(tags) -> list[str]:
     return clean
 
 
-def _check_run_has_artifact(session, run_id: int, verb: str = "evaluate") -> None:
+def _check_run_has_artifact(session, run_id: int, verb: str) -> None:
     run = session.get(Run, run_id)
     if run is None:
         raise RanaError(f"no run {run_id}")
@@ -102,7 +109,7 @@ def claim(worker: str, url: str | None = None, host: str | None = None, device: 
     engine = get_engine(url)
     options = {"sqlite_begin": "IMMEDIATE"} if engine.dialect.name == "sqlite" else {}
     with engine.connect().execution_options(**options) as connection, connection.begin():
-        pick = (select(Job.id).where(Job.status == "queued", Job.kind != "sweep")
+        pick = (select(Job.id).where(Job.status == "queued", Job.kind.not_in(PARENT_KINDS))
                 .order_by(Job.priority.desc(), Job.id).limit(1))
         if engine.dialect.name == "postgresql":
             pick = pick.with_for_update(skip_locked=True)
@@ -198,13 +205,13 @@ def _move(job_id: int, from_statuses: tuple, values: dict, refusal: str, url: st
     the sweep's aggregate; refuse with one line when nothing was in such a state."""
     with session_scope(url) as session:
         job = _get(session, job_id)
-        targets = _children(session, job_id) if job.kind == "sweep" else [job_id]
+        targets = _children(session, job_id) if job.kind in PARENT_KINDS else [job_id]
         changed = session.execute(
             update(Job).where(Job.id.in_(targets), Job.status.in_(from_statuses)).values(**values)
         ).rowcount
         if changed == 0:
             raise RanaError(f"job {job_id} is {job.status}: {refusal}")
-        if job.kind == "sweep":
+        if job.kind in PARENT_KINDS:
             _refresh_sweep(session, job_id)
         else:
             _refresh_parent_of(session, job_id)
@@ -223,7 +230,7 @@ def reap(stale_seconds: float, url: str | None = None) -> list[int]:
     with session_scope(url) as session:
         stale = session.execute(
             select(Job.id, Job.worker, Job.attempts, Job.max_attempts, Job.heartbeat_at)
-            .where(Job.status == "running", Job.kind != "sweep", Job.heartbeat_at < cutoff)
+            .where(Job.status == "running", Job.kind.not_in(PARENT_KINDS), Job.heartbeat_at < cutoff)
         ).all()
         for row in stale:
             reason = f"worker {row.worker} stopped heartbeating (last beat {row.heartbeat_at:%Y-%m-%d %H:%M:%S})"

@@ -1,6 +1,8 @@
-"""What a job may ask for: kinds, their payloads, and the names pickers list. Torch-free and database-free.
+"""What a job may ask for: each kind's payload rules, and the names pickers list. Torch-free and database-free.
 
-Payloads are validated here, at submit time, so that a bad request is refused before it reaches the queue.
+A validator takes a payload as submitted and returns it normalised, or raises a RanaError naming what is wrong.
+They run once, when a job enters the queue (jobs.queue.submit, through the table in jobs.kinds); the worker trusts
+what is stored.
 
 - ``compress``: one CompressConfig (one model, method, allocation and budget), evaluated on held-out text.
 - ``sweep``: methods × budgets over one base configuration; the queue turns it into one compress job per point
@@ -14,11 +16,10 @@ from __future__ import annotations
 
 from rana_core.config import MAX_FLOP_REDUCTION, CompressConfig
 from rana_core.errors import RanaError
-from rana_core.methods import METHODS
+from rana_core.methods import METHODS, method_label, parse_method_label
 from rana_core.model_source import BUNDLED_MODELS
 from rana_core.recovery.config import STRATEGIES, RecoverConfig
 
-JOB_KINDS = ("compress", "sweep", "evaluate", "latency", "recover")
 SPLITS = ("heldout", "train")
 MAX_SWEEP_POINTS = 200
 LATENCY_SHAPES = ("llama2-7b-shape", "smollm2-135m-shape")
@@ -27,28 +28,11 @@ LATENCY_DEFAULTS = {"model": "llama2-7b-shape", "flop_reductions": [0.0, 0.3, 0.
                     "contexts": [1, 128, 512, 1000], "new_tokens": 492, "dtype": "float16"}
 
 
-def validate_payload(kind: str, payload: dict) -> dict:
-    """The normalised payload for `kind`, or a RanaError naming what is wrong."""
-    if kind not in JOB_KINDS:
-        raise RanaError(f"unknown job kind {kind!r}: use one of {', '.join(JOB_KINDS)}")
-    if not isinstance(payload, dict):
-        raise RanaError("a job payload must be a JSON object")
-    return VALIDATORS[kind](payload)
-
-
-def _compress(payload: dict) -> dict:
+def compress_payload(payload: dict) -> dict:
     return CompressConfig.from_dict(payload).validate().to_dict()
 
 
-def parse_method(text: str) -> tuple[str, str]:
-    """"rana-greedy" → ("rana", "greedy"); a bare method takes its first allocation."""
-    method, _, allocation = str(text).partition("-")
-    if method not in METHODS:
-        raise RanaError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
-    return method, allocation or METHODS[method].allocations[0]
-
-
-def _sweep(payload: dict) -> dict:
+def sweep_payload(payload: dict) -> dict:
     _only(payload, {"base", "methods", "budgets"}, "sweep")
     base = dict(payload.get("base") or {})
     for key in ("method", "allocation", "flop_reduction"):
@@ -60,28 +44,30 @@ def _sweep(payload: dict) -> dict:
         raise RanaError("a sweep needs a non-empty list of methods, e.g. [\"rana-greedy\", \"cats\"]")
     if not isinstance(budgets, list) or not budgets:
         raise RanaError("a sweep needs a non-empty list of budgets (FLOP reductions)")
-    points = list(dict.fromkeys(parse_method(m) for m in methods))
+    points = list(dict.fromkeys(parse_method_label(m) for m in methods))
     clean_budgets = sorted({_budget(b) for b in budgets})
     count = sum(1 if method == "dense" else len(clean_budgets) for method, _ in points)
     if count > MAX_SWEEP_POINTS:
         raise RanaError(f"a sweep of {count} points is more than {MAX_SWEEP_POINTS}: split it")
-    normalised = {"base": base, "methods": [f"{m}-{a}" for m, a in points], "budgets": clean_budgets}
-    sweep_points(normalised)  # every child must validate before the sweep is accepted
+    normalised = {"base": base, "methods": [method_label(m, a) for m, a in points], "budgets": clean_budgets}
+    for point in sweep_points(normalised):  # every child must be a valid compression before the sweep is accepted
+        compress_payload(point)
     return normalised
 
 
 def sweep_points(payload: dict) -> list[dict]:
-    """The compress payloads of a (normalised) sweep, one per method and budget (dense once)."""
+    """The compress payloads of a validated sweep, one per method and budget (dense once), defaults filled in.
+    Not validated again: sweep_payload checked each point when the sweep was submitted."""
     children = []
     for name in payload["methods"]:
-        method, allocation = parse_method(name)
+        method, allocation = parse_method_label(name)
         for budget in [0.0] if method == "dense" else payload["budgets"]:
             config = {**payload["base"], "method": method, "allocation": allocation, "flop_reduction": budget}
-            children.append(_compress(config))
+            children.append(CompressConfig.from_dict(config).to_dict())
     return children
 
 
-def _evaluate(payload: dict) -> dict:
+def evaluate_payload(payload: dict) -> dict:
     _only(payload, {"run_id", "split", "eval_tokens", "seq_len"}, "evaluate")
     run_id = payload.get("run_id")
     if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
@@ -100,7 +86,7 @@ def _evaluate(payload: dict) -> dict:
     return clean
 
 
-def _recover(payload: dict) -> dict:
+def recover_payload(payload: dict) -> dict:
     """{"run_id": …, "strategy": …} plus any RecoverConfig option (tokens, steps, seed, rank budget…)."""
     run_id = payload.get("run_id")
     if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
@@ -111,7 +97,7 @@ def _recover(payload: dict) -> dict:
     return {"run_id": run_id, **RecoverConfig.from_dict(options).validate().to_dict()}
 
 
-def _latency(payload: dict) -> dict:
+def latency_payload(payload: dict) -> dict:
     _only(payload, set(LATENCY_DEFAULTS), "latency")
     clean = {**LATENCY_DEFAULTS, **payload}
     if clean["model"] not in LATENCY_SHAPES:
@@ -150,10 +136,6 @@ def _only(payload: dict, allowed: set, kind: str) -> None:
         raise RanaError(f"unknown {kind} option(s): {', '.join(unknown)}")
 
 
-VALIDATORS = {"compress": _compress, "sweep": _sweep, "evaluate": _evaluate, "latency": _latency,
-              "recover": _recover}
-
-
 def method_names() -> list[str]:
     return list(METHODS)
 
@@ -179,15 +161,19 @@ def default_compress_options() -> dict:
 
 
 __all__ = [
-    "JOB_KINDS",
     "MAX_FLOP_REDUCTION",
     "RanaError",
     "allocations",
+    "compress_payload",
     "default_compress_options",
+    "evaluate_payload",
+    "latency_payload",
+    "method_label",
     "method_names",
     "method_summaries",
     "model_names",
-    "parse_method",
+    "parse_method_label",
+    "recover_payload",
+    "sweep_payload",
     "sweep_points",
-    "validate_payload",
 ]

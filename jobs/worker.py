@@ -20,6 +20,7 @@ from sqlalchemy.exc import OperationalError
 from db.models import Run
 from db.session import data_dir, session_scope
 from jobs import queue
+from jobs.kinds import KINDS
 from jobs.results import store_compression, store_evaluation, store_latency, store_recovery
 from rana_core.errors import RanaError
 
@@ -146,19 +147,14 @@ class Worker:
                 raise queue.JobCancelled(f"job {job.id} was cancelled or taken from {self.name} before it finished")
 
     def _execute(self, job: queue.ClaimedJob):
-        """Do the job's work; return a function that stores its results in a session."""
-        progress = self._progress_reporter(job)
-        if job.kind == "compress":
-            return self._compress(job, progress)
-        if job.kind == "evaluate":
-            return self._evaluate(job, progress)
-        if job.kind == "latency":
-            return self._latency(job, progress)
-        if job.kind == "recover":
-            return self._recover(job, progress)
-        raise RanaError(f"this worker cannot run jobs of kind {job.kind!r}")
+        """Do the job's work through its kind's handler (jobs.kinds); return a function that stores its results
+        in a session."""
+        kind = KINDS.get(job.kind)
+        if kind is None or kind.handler is None:
+            raise RanaError(f"this worker cannot run jobs of kind {job.kind!r}")
+        return getattr(self, kind.handler)(job, self._progress_reporter(job))
 
-    def _compress(self, job: queue.ClaimedJob, progress):
+    def run_compress(self, job: queue.ClaimedJob, progress):
         from rana_core.pipeline import compress
 
         config = self._config(job.payload)
@@ -168,7 +164,7 @@ class Worker:
         return lambda session: store_compression(session, result, job_id=job.id, author=job.author, tags=job.tags,
                                                  artifact_path=relative)
 
-    def _evaluate(self, job: queue.ClaimedJob, progress):
+    def run_evaluate(self, job: queue.ClaimedJob, progress):
         from rana_core.pipeline import evaluate_saved
 
         payload = job.payload
@@ -178,7 +174,7 @@ class Worker:
                                     payload["eval_tokens"], payload["seq_len"], progress)
         return lambda session: store_evaluation(session, payload["run_id"], evaluation, job_id=job.id)
 
-    def _recover(self, job: queue.ClaimedJob, progress):
+    def run_recover(self, job: queue.ClaimedJob, progress):
         from rana_core.recovery.recover import recover
         from rana_core.recovery.config import RecoverConfig
 
@@ -201,7 +197,7 @@ class Worker:
             raise RanaError(f"run {run_id} has no stored adapters")
         return run_config, path, digest
 
-    def _latency(self, job: queue.ClaimedJob, progress):
+    def run_latency(self, job: queue.ClaimedJob, progress):
         device = self.device or "cpu"
         if not device.startswith("cuda"):
             raise RanaError(f"latency jobs need a CUDA GPU; this worker runs on {device} (set RANA_DEVICE=cuda)")
@@ -213,12 +209,14 @@ class Worker:
         return lambda session: store_latency(session, rows, job_id=job.id)
 
     def _config(self, payload: dict):
+        """The stored configuration as this worker runs it: validated when it was submitted, so trusted here; only
+        the device is this worker's own."""
         from rana_core.config import CompressConfig
 
         config = CompressConfig.from_dict(payload)
         if self.device:
             config.device = self.device
-        return config.validate()
+        return config
 
     def _progress_reporter(self, job: queue.ClaimedJob):
         last = [0.0]

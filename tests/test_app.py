@@ -114,6 +114,7 @@ def test_jobs_page_lists_status_progress_and_runs(seeded):
     assert len(table) == 6
     queued = table[table["job"] == seeded["queued"]].iloc[0]
     assert queued["status"] == "queued" and queued["progress"] == 0.0
+    assert queued["what"] == "tiny / svd / 0.5"  # the one line jobs.kinds gives, as `rana jobs` prints it
     done = table[table["status"] == "done"]
     assert sorted(done["job"]) == sorted(seeded["done"]) and done["run"].notna().all()
     assert "done: 5" in at.caption[0].value and "queued: 1" in at.caption[0].value

@@ -50,3 +50,13 @@ def test_a_recovered_row_reports_perplexity_and_flops_before_and_after(tmp_path)
     assert abs(row["measured_flop_reduction_before"] - 0.3) <= 0.02
     assert row["measured_flop_reduction"] < row["measured_flop_reduction_before"]  # unmerged LoRA costs FLOPs
     assert len(row["lora_ranks"]) == 2 and set(row["lora_ranks"]) == {8}
+
+
+def test_a_misspelt_method_is_one_line_before_any_model_loads(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "quality.py"), "--model", "tiny", "--methods",
+                           "svd,quantize-4bit", "--out", str(tmp_path / "q.json")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("bench/quality.py: unknown method 'quantize': use one of dense, svd")
+    assert not (tmp_path / "q.json").exists()

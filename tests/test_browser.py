@@ -53,9 +53,9 @@ def studio(db_url, tmp_path):
     env = {**os.environ, "RANA_DB_URL": db_url, "RANA_DATA_DIR": str(tmp_path)}
     logs = [open(tmp_path / name, "w") for name in ("worker.log", "app.log")]
     children = [
-        subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--poll", "0.3"], env=env, stdout=logs[0],
+        subprocess.Popen([sys.executable, "-m", "rana_cli.main", "worker", "--poll", "0.3"], env=env, stdout=logs[0],
                          stderr=subprocess.STDOUT),
-        subprocess.Popen([sys.executable, "-m", "jobs.cli", "app", "--port", str(port)], env=env, stdout=logs[1],
+        subprocess.Popen([sys.executable, "-m", "rana_cli.main", "app", "--port", str(port)], env=env, stdout=logs[1],
                          stderr=subprocess.STDOUT),
     ]
     url = f"http://127.0.0.1:{port}"

@@ -11,11 +11,18 @@ SMALL = ["--model", "tiny", "--calib-tokens", "1024", "--eval-tokens", "512", "-
 
 
 def rana(*args, env=None, check=True):
-    proc = subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, env=env,
+    proc = subprocess.run([sys.executable, "-m", "rana_cli.main", *args], capture_output=True, text=True, env=env,
                           timeout=300)
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
+
+
+def test_help_lists_every_command():
+    listed = rana("--help").stdout
+    for command in ("compress", "submit", "sweep", "evaluate", "recover", "cancel", "retry", "worker", "jobs",
+                    "methods", "app", "up", "db"):
+        assert f"\n    {command} " in listed, command
 
 
 @pytest.fixture
@@ -81,6 +88,7 @@ def test_sweep_cancel_retry_from_the_command_line(env):
     assert rana("retry", str(points[0]["id"]), env=env).stdout.strip() == f"job {points[0]['id']}: 1 job(s) queued again"
     table = rana("jobs", env=env).stdout
     assert f"(sweep {sweep_id})" in table and "cancelled" in table and "queued" in table
+    assert "tiny / rana-greedy,cats / 2 budgets" in table and f"tiny / rana-greedy / 0.3 (sweep {sweep_id})" in table
 
 
 @pytest.mark.parametrize("args, message", [

@@ -2,6 +2,7 @@
 team needs, one shared environment, PostgreSQL's health check gating the app and the workers, GPU workers that
 scale."""
 
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -51,5 +52,8 @@ def test_workers_reserve_a_gpu_and_can_be_scaled():
 def test_the_image_installs_the_project_the_way_make_does():
     text = (ROOT / "Dockerfile").read_text()
     assert "RUN make setup" in text and "RANA_GIT_SHA" in text
-    for folder in ("rana_core", "jobs", "db", "app", "scripts"):
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    folders = [pattern.rstrip("*") for pattern in packages["include"]]
+    assert "rana_cli" in folders  # the `rana` script's package
+    for folder in (*folders, "scripts"):
         assert f"COPY {folder} ./{folder}" in text

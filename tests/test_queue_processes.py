@@ -24,7 +24,7 @@ SLOW = {"model": "tiny", "method": "rana", "allocation": "greedy", "flop_reducti
 def start_worker(url, tmp_path, name, *args):
     log = open(tmp_path / f"{name}.log", "w")
     env = {**os.environ, "RANA_DB_URL": url, "RANA_DATA_DIR": str(tmp_path)}
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "worker", "--poll", "0.2", *args], env=env,
+    return subprocess.Popen([sys.executable, "-m", "rana_cli.main", "worker", "--poll", "0.2", *args], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
 

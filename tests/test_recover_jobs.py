@@ -6,7 +6,7 @@ from sqlalchemy import func, select
 from db.models import Job, Recovery, Run
 from db.session import session_scope
 from jobs import queue
-from jobs.cli import main
+from rana_cli.main import main
 from jobs.results import store_recovery
 from jobs.worker import Worker
 from rana_core.errors import RanaError

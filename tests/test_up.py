@@ -36,13 +36,13 @@ def healthy(port):
 def test_up_serves_the_app_runs_jobs_and_stops_on_ctrl_c(tmp_path):
     env = {**os.environ, "RANA_DATA_DIR": str(tmp_path), "RANA_DB_URL": f"sqlite:///{tmp_path / 'up.db'}"}
     port = free_port()
-    up = subprocess.Popen([sys.executable, "-m", "jobs.cli", "up", "--port", str(port)], env=env,
+    up = subprocess.Popen([sys.executable, "-m", "rana_cli.main", "up", "--port", str(port)], env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         wait_for(lambda: healthy(port), 90, "the dashboard")
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as response:
             assert "<title>Streamlit</title>" in response.read().decode() or response.status == 200
-        rana = [sys.executable, "-m", "jobs.cli"]
+        rana = [sys.executable, "-m", "rana_cli.main"]
         submitted = subprocess.run(rana + ["submit", "--model", "tiny", "--calib-tokens", "512", "--eval-tokens",
                                            "256", "--seq-len", "128", "--json"], env=env, capture_output=True,
                                    text=True, check=True)

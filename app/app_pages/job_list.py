@@ -20,7 +20,6 @@ def job_table():
         frame, hide_index=True, width="stretch", key="jobs_table",
         column_config={
             "progress": st.column_config.ProgressColumn("progress", min_value=0.0, max_value=1.0, format="percent"),
-            "budget": st.column_config.NumberColumn("budget", format="%.2f"),
             "created": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm:ss"),
             "elapsed_s": st.column_config.NumberColumn("elapsed (s)", format="%.0f"),
             "eta_s": st.column_config.NumberColumn("ETA (s)", format="%.0f"),

@@ -22,7 +22,7 @@ if model_choice == OTHER:
 methods = data.method_names()
 
 if mode == "Sweep":
-    choices = [m if a == "uniform" else f"{m}-{a}" for m in methods for a in data.allocations(m)]
+    choices = [data.method_label(m, a) for m in methods for a in data.allocations(m)]
     picked = st.multiselect("Methods", choices, default=["cats", "rana", "rana-greedy", "svd"], key="sweep_methods",
                             help=ALLOCATION_HELP)
     left, right = st.columns([3, 1])

@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib
 from dataclasses import dataclass
 
+from rana_core.errors import RanaError
+
 
 @dataclass(frozen=True)
 class MethodSpec:
@@ -25,6 +27,22 @@ class MethodSpec:
 
 
 METHODS: dict[str, MethodSpec] = {}
+
+
+def method_label(method: str, allocation: str) -> str:
+    """The name a method-allocation pair is shown, plotted and swept under: "rana-greedy", and the bare method for
+    the paper's uniform allocation ("svd"), so that stored runs keep the series names they always had."""
+    return method if allocation == "uniform" else f"{method}-{allocation}"
+
+
+def parse_method_label(text: str) -> tuple[str, str]:
+    """method_label's inverse: "rana-greedy" → ("rana", "greedy"), "hybrid-exact-loss" → ("hybrid", "exact-loss");
+    a bare method takes its first allocation. An unknown method is a RanaError; an unknown allocation is left for
+    the configuration's validation to name."""
+    method, _, allocation = str(text).partition("-")
+    if method not in METHODS:
+        raise RanaError(f"unknown method {method!r}: use one of {', '.join(METHODS)}")
+    return method, allocation or METHODS[method].allocations[0]
 
 
 def register(spec: MethodSpec) -> None:

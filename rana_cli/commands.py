@@ -1,0 +1,196 @@
+"""What each ``rana`` command does, apart from starting the dashboard (rana_cli.serve). Heavy imports (torch, the
+database, the worker) happen inside the command that needs them, so `rana --help` and one-line refusals stay fast.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from rana_core.errors import RanaError
+
+
+def _recover_payload(args) -> dict:
+    from rana_core.recovery.config import RecoverConfig
+
+    options = {"rank_budget": args.rank_budget, "train_tokens": args.train_tokens, "eval_tokens": args.eval_tokens,
+               "seed": args.seed, "rethreshold": args.rethreshold or None}
+    if args.steps is not None:
+        if args.train_tokens is not None:
+            raise RanaError("give --steps or --train-tokens, not both")
+        defaults = RecoverConfig()
+        options["train_tokens"] = args.steps * defaults.batch_size * defaults.seq_len
+    return {"run_id": args.run_id, "strategy": args.strategy,
+            **{key: value for key, value in options.items() if value is not None}}
+
+
+def _first_allocation(method: str) -> str:
+    """A method's default allocation: its first (hybrid has no "uniform"); an unknown method is refused later."""
+    from rana_core.methods import METHODS
+
+    return METHODS[method].allocations[0] if method in METHODS else "uniform"
+
+
+def _config_payload(args) -> dict:
+    return {
+        "model": args.model, "method": args.method, "flop_reduction": args.flop_reduction,
+        "allocation": args.allocation or _first_allocation(args.method), "calib_tokens": args.calib_tokens,
+        "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
+        "device": os.environ.get("RANA_DEVICE", "cpu"),
+    }
+
+
+def cmd_compress(args) -> int:
+    from rana_core.config import CompressConfig
+
+    config = CompressConfig.from_dict(_config_payload(args)).validate()
+    if args.json and args.json != "-":
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before the work
+    from tqdm import tqdm
+
+    from db.session import data_dir
+    from rana_core.pipeline import compress
+
+    with tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
+              disable=None) as bar:
+        def progress(fraction: float, message: str) -> None:
+            bar.set_description_str(message[:60], refresh=False)
+            bar.update(round(fraction * 1000) - bar.n)
+
+        result = compress(config, progress=progress, cache_dir=data_dir() / "curves").to_json()
+    _print_summary(result, stream=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json == "-":
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    elif args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def _print_summary(result: dict, stream) -> None:
+    rows = [
+        ("model", result["model"]),
+        ("method", f"{result['method']} ({result['allocation']})"),
+        ("FLOP reduction target", f"{result['target_flop_reduction']:.3f}"),
+        ("FLOP reduction measured (QKV+MLP)", f"{result['measured_flop_reduction']:.3f}"),
+        ("FLOP reduction measured (whole model)", f"{result['measured_flop_reduction_whole_model']:.3f}"),
+        ("perplexity (dense)", f"{result['perplexity']:.3f} ({result['dense_perplexity']:.3f})"),
+        ("tokens calib / eval", f"{result['calib_tokens']} / {result['eval_tokens']}"),
+        ("seconds", f"{result['seconds']:.1f}"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}", file=stream)
+    by_module: dict[str, list[dict]] = {}
+    for row in result["layers"]:
+        by_module.setdefault(row["module"], []).append(row)
+    print(f"\n{'module':<8}{'mean rank':>12}{'density':>10}{'recon error':>14}", file=stream)
+    for module, rows_ in by_module.items():
+        mean = lambda key: sum(r[key] or 0.0 for r in rows_) / len(rows_)  # noqa: E731
+        print(f"{module:<8}{mean('rank'):>8.1f}/{rows_[0]['max_rank']:<3}{mean('density'):>10.3f}"
+              f"{mean('recon_error'):>14.4f}", file=stream)
+
+
+def _enqueue(args, kind: str, payload: dict) -> int:
+    from jobs.queue import submit
+
+    # Not validated here: submit validates every payload once, before it opens the database, for the CLI and
+    # the app alike; its RanaError becomes main()'s one line.
+    job_id = submit(kind, payload, priority=args.priority, author=args.author, tags=args.tags)
+    print(json.dumps({"job_id": job_id}) if args.json else job_id)
+    return 0
+
+
+def cmd_submit(args) -> int:
+    return _enqueue(args, "compress", _config_payload(args))
+
+
+def cmd_sweep(args) -> int:
+    base = _config_payload(args)
+    for key in ("method", "allocation", "flop_reduction"):
+        base.pop(key)
+    payload = {"base": base, "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
+               "budgets": [b.strip() for b in args.budgets.split(",") if b.strip()]}
+    return _enqueue(args, "sweep", payload)
+
+
+def cmd_evaluate(args) -> int:
+    payload = {"run_id": args.run_id, "split": args.split, "eval_tokens": args.eval_tokens, "seq_len": args.seq_len}
+    return _enqueue(args, "evaluate", payload)
+
+
+def cmd_recover(args) -> int:
+    return _enqueue(args, "recover", _recover_payload(args))
+
+
+def cmd_cancel(args) -> int:
+    return _each_job(args, "cancel", "cancelled")
+
+
+def cmd_retry(args) -> int:
+    return _each_job(args, "retry", "queued again")
+
+
+def _each_job(args, action: str, done: str) -> int:
+    from db.migrate import check_schema
+    from jobs import queue
+
+    check_schema()
+    for job_id in args.job_ids:
+        count = getattr(queue, action)(job_id)
+        print(f"job {job_id}: {count} job(s) {done}")
+    return 0
+
+
+def cmd_worker(args) -> int:
+    from db.migrate import check_schema
+    from jobs.worker import Worker
+
+    check_schema()
+    worker = Worker(device=os.environ.get("RANA_DEVICE"), poll_seconds=args.poll, stale_seconds=args.stale_after)
+    worker.install_signal_handlers()
+    logging.getLogger("rana.worker").info("worker %s started", worker.name)
+    processed = worker.run(exit_when_idle=args.exit_when_idle, max_jobs=args.max_jobs)
+    logging.getLogger("rana.worker").info("worker %s stopped after %d job(s)", worker.name, processed)
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    from db.migrate import check_schema
+    from jobs.kinds import describe
+    from jobs.queue import list_jobs
+
+    check_schema()
+    jobs = list_jobs(limit=args.limit, status=args.status)
+    if args.json:
+        print(json.dumps([job.to_json() for job in jobs], indent=2))
+        return 0
+    print(f"{'id':>5}  {'kind':<9}{'status':<10}{'progress':>9}  {'run':>5}  {'host / device':<28}{'what':<40}")
+    for job in jobs:
+        where = f"{job.host or ''} {job.device or ''}".strip()
+        parent = f" (sweep {job.parent_id})" if job.parent_id else ""
+        print(f"{job.id:>5}  {job.kind:<9}{job.status:<10}{job.progress:>8.0%}  {job.run_id or '':>5}  "
+              f"{where[:27]:<28}{describe(job.kind, job.payload)}{parent}")
+        if job.error:
+            print(f"{'':>7}error: {job.error}")
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from jobs.specs import method_summaries
+
+    for name, summary in method_summaries().items():
+        print(f"{name:<10}{summary}")
+    return 0
+
+
+def cmd_db(args) -> int:
+    from db.migrate import current_revision, head_revision, upgrade
+
+    if args.action == "upgrade":
+        upgrade()
+    print(f"database at revision {current_revision()} (head {head_revision()})")
+    return 0
