@@ -19,8 +19,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 FOLDERS = ("app", "bench", "db", "docs", "jobs", "rana_cli", "rana_core", "scripts", "tests")
-# Being written on main while this README was (the model-family table, the CLI's own package): present once merged.
-PENDING = {"rana_cli/"}
 
 FENCE = re.compile(r"^(```|~~~).*?^\1", re.S | re.M)
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
@@ -67,8 +65,6 @@ def dangling(doc: Path, text: str | None = None) -> list[str]:
             problems.append(f"link {target}: no heading #{anchor} in {where.name}")
     for raw in PATH.findall(LINK.sub("", text)):  # link targets were checked above, from the file's folder
         written = raw.rstrip(".,:")
-        if written in PENDING:
-            continue
         for path in expand(written):
             if "*" in path or "?" in path:
                 if not glob.glob(str(ROOT / path)):
@@ -88,7 +84,7 @@ def test_the_code_map_names_real_files():
     rows = re.findall(r"^\| `([\w/]+/)` \| (.*) \|$", (ROOT / "README.md").read_text(), re.M)
     assert len(rows) >= 8
     missing = [folder + name for folder, cell in rows for name in re.findall(r"`(\w+\.py)`", cell)
-               if folder + name not in PENDING and not (ROOT / folder / name).is_file()]
+               if not (ROOT / folder / name).is_file()]
     assert missing == []
 
 
