@@ -8,6 +8,8 @@ import torch
 
 from rana_core.decode.engine import SHAPES, DecodeEngine, NeuronPart, RankPart, Shape, uniform_keeps
 
+from test_kernels import require_triton
+
 TINY = SHAPES["tiny-shape"]
 
 
@@ -55,6 +57,7 @@ def test_cached_decoding_equals_a_full_forward(flop_reduction, gemv, shape):
     """Steps take the one-token path (fused norm and rotary kernels, grouped masked products whose partial sums
     the rotary kernel and the down compaction add up, the chosen GEMV); the full forward takes the batched
     PyTorch path. With every head its own K/V head, QKV is adapted too."""
+    require_triton("cpu")  # without Triton the steps would take the batched path's PyTorch forms too
     engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv=gemv)
     assert isinstance(engine.blocks[0].qkv, RankPart) == (shape is TINY_MHA and flop_reduction > 0)
     engine.calibrate(tokens=256)
