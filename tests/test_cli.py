@@ -71,6 +71,41 @@ def test_submit_worker_jobs_round_trip(env):
     assert job["payload"]["flop_reduction"] == 0.25
 
 
+def test_evaluate_re_measures_a_stored_run(env):
+    """`rana evaluate RUN_ID` end to end: a worker stores a run, the command enqueues its evaluation, a worker runs
+    it, and the new evaluation row holds the run's own perplexity again (the same held-out tokens, the model rebuilt
+    from the run's stored adapters)."""
+    from sqlalchemy import select
+
+    from db.models import Evaluation
+    from db.session import get_engine, session_scope
+
+    rana("db", "upgrade", env=env)
+    rana("submit", *SMALL, "--method", "svd", "--flop-reduction", "0.3", env=env)
+    rana("worker", "--exit-when-idle", env=env)
+    (compressed,) = json.loads(rana("jobs", "--json", env=env).stdout)
+    run_id = compressed["run_id"]
+    assert compressed["status"] == "done" and run_id is not None
+    out = rana("evaluate", str(run_id), "--eval-tokens", "512", "--seq-len", "128", "--json", env=env).stdout
+    job_id = json.loads(out)["job_id"]
+    listed = json.loads(rana("jobs", "--json", env=env).stdout)
+    assert [(j["id"], j["kind"], j["status"]) for j in listed][0] == (job_id, "evaluate", "queued")
+    rana("worker", "--exit-when-idle", env=env)
+    evaluated = next(j for j in json.loads(rana("jobs", "--json", env=env).stdout) if j["id"] == job_id)
+    assert evaluated["status"] == "done" and evaluated["progress"] == 1.0
+    url = env["RANA_DB_URL"]
+    try:
+        with session_scope(url) as session:
+            query = select(Evaluation).where(Evaluation.run_id == run_id)
+            rows = {e.job_id: e for e in session.execute(query).scalars()}
+            assert set(rows) == {None, job_id}  # the compression's own evaluation, and the new one
+            new, first = rows[job_id], rows[None]
+            assert (new.split, new.tokens, new.seq_len) == ("heldout", 512, 128)
+            assert new.perplexity == pytest.approx(first.perplexity, rel=1e-6)
+    finally:
+        get_engine(url).dispose()
+
+
 def test_commands_refuse_a_database_without_schema(env):
     proc = rana("jobs", env=env, check=False)
     assert proc.returncode == 2 and "rana db upgrade" in proc.stderr

@@ -8,6 +8,8 @@ import torch
 
 from rana_core.decode.engine import SHAPES, DecodeEngine, NeuronPart, RankPart, Shape, uniform_keeps
 
+from test_kernels import require_triton
+
 TINY = SHAPES["tiny-shape"]
 
 
@@ -55,6 +57,7 @@ def test_cached_decoding_equals_a_full_forward(flop_reduction, gemv, shape):
     """Steps take the one-token path (fused norm and rotary kernels, grouped masked products whose partial sums
     the rotary kernel and the down compaction add up, the chosen GEMV); the full forward takes the batched
     PyTorch path. With every head its own K/V head, QKV is adapted too."""
+    require_triton("cpu")  # without Triton the steps would take the batched path's PyTorch forms too
     engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv=gemv)
     assert isinstance(engine.blocks[0].qkv, RankPart) == (shape is TINY_MHA and flop_reduction > 0)
     engine.calibrate(tokens=256)
@@ -78,7 +81,11 @@ def test_rana_engine_hits_its_budget_with_input_dependent_masks():
     assert isinstance(engine.blocks[0].up, RankPart) and isinstance(engine.blocks[0].down, NeuronPart)
     engine.calibrate(tokens=512)
     measured = engine.measure_flop_reduction(context=16, steps=48)
-    assert abs(measured - 0.44) < 0.06
+    # calibrate() sets each threshold so that its adapter keeps its target number of ranks (neurons) per token on
+    # average over the 512 calibration tokens, to within one entry in 512 tokens; the reduction is then measured on
+    # 48 other tokens (greedy decode steps), so it misses by those 48 tokens' sampling error only. The pipeline's
+    # window, ±0.015, holds: this engine (seed 0) measured 0.4438; engine seeds 0-7 measured 0.435-0.453.
+    assert abs(measured - 0.44) < 0.015
     up = engine.blocks[1].up
     z = torch.nn.functional.linear(torch.randn(40, TINY.hidden, generator=torch.Generator().manual_seed(4)), up.B)
     active = (up.scores(z) >= up.threshold).sum(-1)

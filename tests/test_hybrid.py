@@ -36,7 +36,60 @@ def test_hull_greedy_is_optimal_for_what_it_spends_on_convex_curves():
         assert cost(chosen) == pytest.approx(best_within(options, spent))
 
 
-def test_hull_greedy_skips_dominated_and_off_hull_options_and_respects_the_budget():
+def test_hull_greedy_on_hand_made_hulls_skips_off_hull_options_and_overshoots_by_at_most_one_step():
+    """Two modules whose lower hulls are worked out by hand (error per FLOP saved on each hull step):
+    a: (100, 0) → (50, 5) → (20, 20), slopes 0.1 then 0.5; (90, 4) lies above the chord (100, 0)–(50, 5) without
+       being dominated, (60, 6) is dominated by (50, 5);
+    b: (100, 0) → (70, 6) → (40, 18), slopes 0.2 then 0.4; (55, 13) lies above the chord (70, 6)–(40, 18).
+    Taken in order of slope, the steps pass through (spend, error) (200, 0), (150, 5), (120, 11), (90, 23),
+    (60, 38): the greedy must stop at the first of these within the budget."""
+    a = {f: Option(("a", f), f, e) for f, e in ((100, 0.0), (90, 4.0), (60, 6.0), (50, 5.0), (20, 20.0))}
+    b = {f: Option(("b", f), f, e) for f, e in ((100, 0.0), (70, 6.0), (55, 13.0), (40, 18.0))}
+    options = {"a": list(a.values()), "b": list(b.values())}
+    off_hull = {a[90], a[60], b[55]}
+    steps = [(200, 0.0, (a[100], b[100])), (150, 5.0, (a[50], b[100])), (120, 11.0, (a[50], b[70])),
+             (90, 23.0, (a[50], b[40])), (60, 38.0, (a[20], b[40]))]
+    for budget in range(60, 201, 5):
+        k = next(i for i, (spend, _, _) in enumerate(steps) if spend <= budget)
+        spend, error, (pick_a, pick_b) = steps[k]
+        chosen = hull_greedy_allocation(options, budget)
+        assert chosen == {"a": pick_a, "b": pick_b}, budget
+        assert not off_hull & set(chosen.values())
+        assert sum(o.flops for o in chosen.values()) == spend <= budget and cost(chosen) == error
+        optimum = best_within(options, budget)  # brute force over all 20 combinations
+        if budget == spend:  # on a step boundary the greedy is optimal
+            assert error == pytest.approx(optimum)
+        else:  # between boundaries it may lose, but no more than its last step cost
+            assert error <= optimum + (error - steps[k - 1][1]) + 1e-9, budget
+    # where it does lose: at 110 the optimum takes a(50, 5) with the off-hull b(55, 13) for 18; the greedy stops
+    # at (90, 23), one step (12) past (120, 11)
+    assert best_within(options, 110) == pytest.approx(18.0)
+    assert cost(hull_greedy_allocation(options, 110)) == pytest.approx(23.0)
+    with pytest.raises(ValueError):
+        hull_greedy_allocation(options, 59)
+
+
+def lagrangian_path(options):
+    """An oracle independent of the greedy: for each price λ ≥ 0 per FLOP, every module's option minimising
+    error + λ·flops, i.e. the lower-hull vertex that a supporting line of slope −λ touches. Sweeping λ up from 0
+    (between every pair's slope) gives the solutions at the hull step boundaries, from least error to cheapest,
+    as (spend, error, chosen)."""
+    slopes = sorted({(q.error - p.error) / (p.flops - q.flops) for opts in options.values()
+                     for p in opts for q in opts if p.flops > q.flops and q.error > p.error})
+    prices = [0.0] + [(x + y) / 2 for x, y in zip(slopes, slopes[1:])] + [slopes[-1] + 1.0]
+    path = []
+    for price in prices:
+        chosen = {m: min(opts, key=lambda o: (o.error + price * o.flops, o.flops)) for m, opts in options.items()}
+        spend = sum(o.flops for o in chosen.values())
+        if not path or spend < path[-1][0]:
+            path.append((spend, cost(chosen), chosen))
+    return path
+
+
+def test_hull_greedy_on_random_options_stops_at_the_first_hull_boundary_within_the_budget():
+    """Random options (most of them off the hull): the greedy's choice is the price-supported solution at the
+    first hull step boundary within the budget, so it is optimal for what it spends and overshoots the optimum
+    within the budget by at most its last step."""
     import random
 
     rng = random.Random(1)
@@ -49,9 +102,14 @@ def test_hull_greedy_skips_dominated_and_off_hull_options_and_respects_the_budge
                 hull_greedy_allocation(options, budget)
             continue
         chosen = hull_greedy_allocation(options, budget)
+        path = lagrangian_path(options)
+        k = next(i for i, (spend, _, _) in enumerate(path) if spend <= budget)
+        spend, error, expected = path[k]
+        assert chosen == expected  # only hull vertices, and not one step more or less than needed
         assert sum(o.flops for o in chosen.values()) <= budget
-        # never worse than the exact optimum by more than what the last, overshooting step can cost
-        assert cost(chosen) >= best_within(options, budget) - 1e-9
+        assert cost(chosen) == pytest.approx(best_within(options, spend))  # optimal for what it spends
+        if k > 0:
+            assert cost(chosen) <= best_within(options, budget) + (error - path[k - 1][1]) + 1e-9
 
 
 def point(adapter, keep, flops, error):

@@ -30,3 +30,13 @@ def test_bad_names_are_refused(name, message):
 def test_folder_without_weights_is_refused(tmp_path):
     with pytest.raises(ModelNotFound, match="not a model folder"):
         resolve_model(str(tmp_path))
+
+
+def test_a_folder_with_exactly_one_gguf_file_resolves_to_it(tmp_path):
+    (tmp_path / "model.Q4_0.gguf").write_bytes(b"")  # resolving reads no weights (loading: test_bundled_model)
+    (tmp_path / "README.md").write_text("notes")
+    source = resolve_model(str(tmp_path))
+    assert (source.kind, source.location, source.gguf_file) == ("gguf", str(tmp_path), "model.Q4_0.gguf")
+    (tmp_path / "other.gguf").write_bytes(b"")
+    with pytest.raises(ModelNotFound, match="several .gguf files"):
+        resolve_model(str(tmp_path))

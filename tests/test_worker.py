@@ -163,3 +163,40 @@ def test_latency_results_are_stored_once_and_a_cpu_worker_refuses_latency_jobs(d
     Worker(url=db_url, device="cpu").run(exit_when_idle=True)
     view = next(j for j in queue.list_jobs(url=db_url) if j.id == job_id)
     assert view.status == "failed" and "need a CUDA GPU" in view.error
+
+
+@pytest.mark.parametrize("heartbeat_on", [True, False])
+def test_the_heartbeat_keeps_a_long_quiet_job_from_the_reaper(db_url, monkeypatch, heartbeat_on):
+    """A job that reports no progress for 5 s, while another worker with --stale-after 2 reaps all along: its
+    worker's heartbeat thread (every 0.2 s here) keeps it alive to the end. The control, the heartbeat thread off,
+    shows that the job was quiet long enough to be reaped: there the same job goes back to the queue."""
+    import threading
+    import time
+
+    from jobs import worker as worker_module
+
+    monkeypatch.setattr(worker_module, "HEARTBEAT_SECONDS", 0.2)
+    if not heartbeat_on:
+        monkeypatch.setattr(Worker, "_heartbeat", lambda self, job_id, stop: stop.wait())
+
+    def quiet_compress(self, job, progress):
+        time.sleep(5.0)  # long, and not a word of progress: only the heartbeat says that the worker lives
+        return lambda session: None
+
+    monkeypatch.setattr(Worker, "_compress", quiet_compress)
+    job_id = queue.submit("compress", PAYLOAD, url=db_url)
+    busy = Worker(url=db_url)
+    thread = threading.Thread(target=busy.run, kwargs={"exit_when_idle": True, "max_jobs": 1})
+    thread.start()
+    reaper = Worker(url=db_url, stale_seconds=2)  # what `rana worker --stale-after 2` builds
+    while thread.is_alive():
+        reaper.reap_if_due()  # every HEARTBEAT_SECONDS, as between a worker's jobs
+        time.sleep(0.05)
+    thread.join()
+    (job,) = queue.list_jobs(url=db_url)
+    assert job.id == job_id and job.attempts == 1
+    if heartbeat_on:
+        assert (job.status, job.message) == ("done", "done")
+        assert (job.heartbeat_at - job.started_at).total_seconds() >= 4  # the beats went on through the quiet
+    else:
+        assert job.status == "queued" and "stopped heartbeating" in job.message
