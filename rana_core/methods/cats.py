@@ -12,6 +12,7 @@ from rana_core.adapters.base import module_shapes
 from rana_core.errors import BudgetError
 from rana_core.flops import linear_flops
 from rana_core.adapters.mlp import CatsMLP
+from rana_core.architecture import layer_mlp
 
 
 def keep_for_budget(shapes: dict, flop_reduction: float) -> float:
@@ -28,6 +29,6 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
     if config.flop_reduction == 0:
         return []
     keep = keep_for_budget(module_shapes(loaded.layers), config.flop_reduction)
-    adapters = [CatsMLP(layer.mlp, index, keep) for index, layer in enumerate(loaded.layers)]
+    adapters = [CatsMLP(layer_mlp(layer), index, keep) for index, layer in enumerate(loaded.layers)]
     progress(1.0, f"keeping {keep:.1%} of MLP neurons")
     return adapters
