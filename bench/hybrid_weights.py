@@ -27,8 +27,8 @@ from rana_core.corpus import token_windows
 from rana_core.errors import RanaError
 from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
-from rana_core.methods import hybrid
 from rana_core.loading import load_model
+from rana_core.methods import hybrid
 from rana_core.pipeline import _layer_results, adapt
 
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)

@@ -25,8 +25,8 @@ from rana_core.config import CompressConfig
 from rana_core.errors import RanaError
 from rana_core.loading import file_sha256, load_model
 from rana_core.pipeline import compress
-from rana_core.recovery.recover import recover
 from rana_core.recovery.config import RecoverConfig
+from rana_core.recovery.recover import recover
 
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
 

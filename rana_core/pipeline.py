@@ -19,15 +19,15 @@ from rana_core import provenance
 from rana_core.adapters.base import (MODULES, inject, installed_adapters, installed_meters, module_shapes, set_tracking,
                                 unload)
 from rana_core.adapters.artifacts import load_adapters, save_adapters
+from rana_core.adapters.thresholds import Thresholded
 from rana_core.config import CompressConfig
 from rana_core.corpus import token_windows, windows_digest
 from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
-from rana_core.model_size import model_stats, size_stats
-from rana_core.methods import METHODS
 from rana_core.loading import LoadedModel, load_model
+from rana_core.methods import METHODS
+from rana_core.model_size import model_stats, size_stats
 from rana_core.progress import ProgressFn, StagedProgress
-from rana_core.adapters.thresholds import Thresholded
 
 STAGES = {"load": 1.0, "data": 0.5, "dense eval": 3.0, "build": 3.0, "thresholds": 1.5, "adapted eval": 4.0}
 

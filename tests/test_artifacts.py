@@ -5,8 +5,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from rana_core.adapters.base import inject, unload
 from rana_core.adapters.artifacts import ArtifactError, load_adapters, save_adapters
+from rana_core.adapters.base import inject, unload
 from rana_core.config import CompressConfig
 from rana_core.pipeline import adapt
 

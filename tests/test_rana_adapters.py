@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from rana_core.adapters.base import MODULES, inject, installed_meters, layer_members, unload
-from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
-from rana_core.profiles import MLPProfile, ProjectionFactors, split_triples
 from rana_core.adapters.low_rank import RankMaskedUnit, RankPlan, active_for, plan_rank_adapter
+from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
 from rana_core.adapters.thresholds import ScoreHistogram
 from rana_core.architecture import INPUT_OF
+from rana_core.profiles import MLPProfile, ProjectionFactors, split_triples
 from tests.test_svd import _grams
 
 

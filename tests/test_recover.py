@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch import nn
 
-from rana_core.adapters.base import inject, unload
 from rana_core.adapters.artifacts import load_adapters
+from rana_core.adapters.base import inject, unload
 from rana_core.config import CompressConfig
 from rana_core.errors import RanaError
-from rana_core.recovery.lora import LINEARS, attach_lora, computing_spots, params_per_rank
 from rana_core.pipeline import compress
+from rana_core.recovery.lora import LINEARS, attach_lora, computing_spots, params_per_rank
 from rana_core.recovery.rank_search import (RANK_CHOICES, SearchSettings, budget_of, cost, error_ranks, random_config,
                                    search_ranks, uniform_ranks)
-from rana_core.recovery.recover import fine_tune, recover
 from rana_core.recovery.config import RecoverConfig
+from rana_core.recovery.recover import fine_tune, recover
 
 METHODS = ("rana", "cats", "svd", "dense")
 

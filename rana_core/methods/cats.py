@@ -9,10 +9,10 @@ pipeline's calibration passes on the adapted model.
 from __future__ import annotations
 
 from rana_core.adapters.base import module_shapes
-from rana_core.errors import BudgetError
-from rana_core.flops import linear_flops
 from rana_core.adapters.mlp import CatsMLP
 from rana_core.architecture import layer_mlp
+from rana_core.errors import BudgetError
+from rana_core.flops import linear_flops
 
 
 def keep_for_budget(shapes: dict, flop_reduction: float) -> float:

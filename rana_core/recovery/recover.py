@@ -24,17 +24,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from rana_core.adapters.base import inject, installed_meters, module_shapes, set_tracking, unload
 from rana_core.adapters.artifacts import load_adapters
+from rana_core.adapters.base import inject, installed_meters, module_shapes, set_tracking, unload
 from rana_core.corpus import token_windows, windows_digest
 from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
-from rana_core.recovery.lora import attach_lora, params_per_rank
 from rana_core.loading import LoadedModel
 from rana_core.pipeline import calibrate_thresholds
 from rana_core.progress import ProgressFn, StagedProgress, no_progress
-from rana_core.recovery.rank_search import SearchSettings, budget_of, error_ranks, search_ranks, uniform_ranks
 from rana_core.recovery.config import RecoverConfig
+from rana_core.recovery.lora import attach_lora, params_per_rank
+from rana_core.recovery.rank_search import SearchSettings, budget_of, error_ranks, search_ranks, uniform_ranks
 
 RETHRESHOLD_TOKENS = 8192  # training tokens that re-set the masks' thresholds after fine-tuning (as compress does)
 
