@@ -183,7 +183,7 @@ def test_the_heartbeat_keeps_a_long_quiet_job_from_the_reaper(db_url, monkeypatc
         time.sleep(5.0)  # long, and not a word of progress: only the heartbeat says that the worker lives
         return lambda session: None
 
-    monkeypatch.setattr(Worker, "_compress", quiet_compress)
+    monkeypatch.setattr(Worker, "run_compress", quiet_compress)  # the compress kind's handler (jobs.kinds)
     job_id = queue.submit("compress", PAYLOAD, url=db_url)
     busy = Worker(url=db_url)
     thread = threading.Thread(target=busy.run, kwargs={"exit_when_idle": True, "max_jobs": 1})
