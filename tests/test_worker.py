@@ -80,7 +80,8 @@ def test_results_are_written_once_per_job(db_url):
 
 
 def test_invalid_payloads_never_reach_the_table(db_url):
-    for bad in ({**PAYLOAD, "flop_reduction": 1.2}, {**PAYLOAD, "model": "nope"}, {"flop": 0.3}):
+    for bad in ({**PAYLOAD, "flop_reduction": 1.2}, {**PAYLOAD, "model": "nope"}, {"flop": 0.3},
+                {**PAYLOAD, "device": "gpu0"}):  # what the app submits goes through the same checks as the CLI's
         with pytest.raises(RanaError):
             queue.submit("compress", bad, url=db_url)
     with pytest.raises(RanaError):
