@@ -193,3 +193,24 @@ def test_a_device_this_machine_lacks_is_refused_by_compress(device, reason, env,
     proc = rana("compress", *SMALL, "--json", str(out), env={**env, "RANA_DEVICE": device}, check=False)
     assert one_line_refusal(proc) == f"rana: error: RANA_DEVICE={device}: {reason}"
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command, action", [(["jobs"], "open"), (["db", "current"], "open"),
+                                             (["db", "upgrade"], "upgrade"), (["submit", *SMALL], "open"),
+                                             (["worker", "--exit-when-idle"], "open")],
+                         ids=["jobs", "db-current", "db-upgrade", "submit", "worker"])
+def test_a_database_that_cannot_be_opened_is_one_line(command, action, env, tmp_path):
+    """A folder where the SQLite file should be: the driver's reason, without SQLAlchemy's second line
+    "(Background on this error at: …)"."""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    proc = rana(*command, env={**env, "RANA_DB_URL": f"sqlite:///{folder}"}, check=False)
+    assert one_line_refusal(proc) == (f"rana: error: cannot {action} the database sqlite:///{folder}: "
+                                      "(sqlite3.OperationalError) unable to open database file")
+
+
+def test_an_unreachable_server_is_one_line_without_its_password(env):
+    url = "postgresql+psycopg://ada:s3cret@127.0.0.1:1/rana"  # port 1: nothing listens, refused at once
+    line = one_line_refusal(rana("jobs", env={**env, "RANA_DB_URL": url}, check=False))
+    assert line.startswith("rana: error: cannot open the database postgresql+psycopg://ada:***@127.0.0.1:1/rana: ")
+    assert "Connection refused" in line and "s3cret" not in line
