@@ -8,8 +8,13 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
+from sqlalchemy.exc import SQLAlchemyError
 
-from db.session import DatabaseError, database_url, get_engine
+from db.session import DatabaseError, cannot, database_url, get_engine
+
+# What "the database cannot be used" raises: an unreachable server or unopenable file (SQLAlchemy's errors, a bad
+# URL among them), a folder for a SQLite file that cannot be made (OSError), a driver not installed (ImportError).
+UNUSABLE = (SQLAlchemyError, OSError, ImportError)
 
 MIGRATIONS = Path(__file__).with_name("migrations")
 
@@ -26,20 +31,23 @@ def head_revision() -> str:
 
 
 def current_revision(url: str | None = None) -> str | None:
-    with get_engine(url).connect() as connection:
-        return MigrationContext.configure(connection).get_current_revision()
+    try:
+        with get_engine(url).connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    except UNUSABLE as exc:
+        raise cannot("open", url, exc) from exc
 
 
 def upgrade(url: str | None = None, revision: str = "head") -> None:
-    command.upgrade(alembic_config(url), revision)
+    try:
+        command.upgrade(alembic_config(url), revision)
+    except UNUSABLE as exc:
+        raise cannot("upgrade", url, exc) from exc
 
 
 def check_schema(url: str | None = None) -> None:
     """Raise DatabaseError unless the database is at the code's head revision."""
-    try:
-        current = current_revision(url)
-    except Exception as exc:  # unreachable server, unreadable file
-        raise DatabaseError(f"cannot open the database {url or database_url()}: {exc}") from exc
+    current = current_revision(url)
     head = head_revision()
     if current != head:
         state = "has no schema yet" if current is None else f"is at revision {current}, the code needs {head}"

@@ -16,7 +16,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 BUSY_TIMEOUT_MS = 30_000
@@ -24,6 +24,19 @@ BUSY_TIMEOUT_MS = 30_000
 
 class DatabaseError(RuntimeError):
     """The database is missing, unreachable or behind the code's schema: one line a user can act on."""
+
+
+def cannot(action: str, url: str | None, exc: BaseException) -> DatabaseError:
+    """DatabaseError("cannot <action> the database <url>: <reason>") in one line. The reason is the error's first
+    line: SQLAlchemy appends "(Background on this error at: …)" on a line of its own, and drivers add hints below
+    theirs, neither of which belongs in a one-line refusal. A password in the URL is hidden."""
+    reason = next((line.strip() for line in str(exc).splitlines()
+                   if line.strip() and not line.startswith("(Background on this error")), type(exc).__name__)
+    try:
+        shown = make_url(url or database_url()).render_as_string(hide_password=True)
+    except Exception:  # a URL SQLAlchemy cannot parse is shown as given: it holds no parsed password to hide
+        shown = url or database_url()
+    return DatabaseError(f"cannot {action} the database {shown}: {reason}")
 
 
 def data_dir() -> Path:

@@ -247,6 +247,29 @@ def reap(stale_seconds: float, url: str | None = None) -> list[int]:
     return touched
 
 
+@dataclass(frozen=True)
+class RunningJob:
+    id: int
+    worker: str | None
+    silent_seconds: float  # since its last heartbeat, on the database clock
+
+
+def running_jobs(url: str | None = None) -> list[RunningJob]:
+    """The jobs a worker holds now, each with how long its worker has been silent. A parent (a sweep) is left
+    out: it runs only through its children, and nobody heartbeats or reaps its own row."""
+    engine = get_engine(url)
+    if engine.dialect.name == "sqlite":  # CURRENT_TIMESTAMP strings, as func.now() stored them
+        silent = (func.julianday("now") - func.julianday(Job.heartbeat_at)) * 86400.0
+    else:
+        silent = func.extract("epoch", func.now() - Job.heartbeat_at)
+    with session_scope(url) as session:
+        rows = session.execute(
+            select(Job.id, Job.worker, silent.label("silent"))
+            .where(Job.status == "running", Job.kind.not_in(PARENT_KINDS)).order_by(Job.id)
+        ).all()
+    return [RunningJob(row.id, row.worker, float(row.silent or 0.0)) for row in rows]
+
+
 def _get(session, job_id: int) -> Job:
     job = session.get(Job, job_id)
     if job is None:

@@ -3,6 +3,8 @@
 Progress goes to the job row (at most once a second, plus a heartbeat thread while a job runs). Results and the
 ``done`` status commit in one transaction, so a crash leaves either a finished job with all its rows or a running
 job with none; the reaper (run by every worker between jobs) requeues a job whose worker stopped heartbeating.
+A worker told to exit when idle leaves only when nothing is queued or running, so a drain ends with every job
+finished even if one of its workers died mid-job.
 SIGINT/SIGTERM: the job in hand is handed back to the queue at its next progress point and the worker exits.
 A database that is busy or briefly unreachable is waited for and retried, never a reason to crash.
 """
@@ -89,21 +91,33 @@ class Worker:
         signal.signal(signal.SIGINT, request_stop)
 
     def run(self, exit_when_idle: bool = False, max_jobs: int | None = None) -> int:
-        """Process jobs until stopped (or idle, or `max_jobs` done); returns the number processed."""
+        """Process jobs until stopped (or idle, or `max_jobs` done); returns the number processed.
+
+        Idle means that no job is queued *and* none is running anywhere. An empty queue is not enough: a job whose
+        worker was killed stays `running` until some worker reaps it, and if every worker of a drain left at the
+        empty queue, nobody would; so a worker told to exit when idle waits for the running jobs to finish, or to
+        be reaped (requeued, then claimed here, or failed when out of attempts)."""
         processed = 0
+        waiting_for: set[int] = set()
         while not self.stopping.is_set():
             try:
                 self.reap_if_due()
                 job = queue.claim(self.name, self.url, host=self.host, device=self.device_label)
+                running = queue.running_jobs(self.url) if job is None and exit_when_idle else []
             except OperationalError as exc:
                 log.warning("queue not available (%s); waiting", str(exc.orig or exc).splitlines()[0])
                 self.stopping.wait(max(self.poll_seconds, 1.0))
                 continue
             if job is None:
-                if exit_when_idle:
+                if exit_when_idle and not running:
                     break
+                if running and {r.id for r in running} != waiting_for:  # said once, again only when it changes
+                    waiting_for = {r.id for r in running}
+                    log.info("queue empty; waiting for %d running job(s) (%s) to finish or be reaped (after %g s "
+                             "without a heartbeat)", len(running), _describe_running(running), self.stale_seconds)
                 self.stopping.wait(self.poll_seconds)
                 continue
+            waiting_for = set()
             self.process(job)
             processed += 1
             if max_jobs is not None and processed >= max_jobs:
@@ -253,6 +267,12 @@ class Worker:
                 queue.heartbeat(job_id, self.name, self.url)
             except Exception as exc:  # a missed beat is not fatal; the next one may get through
                 log.warning("heartbeat for job %s failed: %s", job_id, _one_line(exc))
+
+
+def _describe_running(running: list[queue.RunningJob]) -> str:
+    """One line, e.g. "job 7, heartbeat 12 s ago; job 9, heartbeat 1 s ago" (five jobs at most, then a count)."""
+    shown = "; ".join(f"job {r.id}, heartbeat {r.silent_seconds:.0f} s ago" for r in running[:5])
+    return shown + (f"; {len(running) - 5} more" if len(running) > 5 else "")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -34,19 +34,36 @@ def _first_allocation(method: str) -> str:
     return METHODS[method].allocations[0] if method in METHODS else "uniform"
 
 
+def _rana_device(check, default: str | None = "cpu") -> str | None:
+    """RANA_DEVICE (else `default`) passed through `check` (rana_core.devices); its refusal names the variable,
+    which is where the user has to fix it."""
+    device = os.environ.get("RANA_DEVICE") or default
+    if device is not None:
+        try:
+            check(device)
+        except RanaError as exc:
+            raise RanaError(f"RANA_DEVICE={device}: {exc}") from None
+    return device
+
+
 def _config_payload(args) -> dict:
+    from rana_core.devices import check_device_name
+
     return {
         "model": args.model, "method": args.method, "flop_reduction": args.flop_reduction,
         "allocation": args.allocation or _first_allocation(args.method), "calib_tokens": args.calib_tokens,
         "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
-        "device": os.environ.get("RANA_DEVICE", "cpu"),
+        # Only its form here: a queued job runs on a worker's machine, which checks that it has the device.
+        "device": _rana_device(check_device_name),
     }
 
 
 def cmd_compress(args) -> int:
     from rana_core.config import CompressConfig
+    from rana_core.devices import check_device_present
 
     config = CompressConfig.from_dict(_config_payload(args)).validate()
+    _rana_device(check_device_present)  # compress runs here: this machine must have the device
     if args.json and args.json != "-":
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before the work
     from tqdm import tqdm
@@ -148,9 +165,12 @@ def _each_job(args, action: str, done: str) -> int:
 def cmd_worker(args) -> int:
     from db.migrate import check_schema
     from jobs.worker import Worker
+    from rana_core.devices import check_device_present
 
+    # At start, not at the first job: a worker without its device would fail every job it claims.
+    device = _rana_device(check_device_present, default=None)
     check_schema()
-    worker = Worker(device=os.environ.get("RANA_DEVICE"), poll_seconds=args.poll, stale_seconds=args.stale_after)
+    worker = Worker(device=device, poll_seconds=args.poll, stale_seconds=args.stale_after)
     worker.install_signal_handlers()
     logging.getLogger("rana.worker").info("worker %s started", worker.name)
     processed = worker.run(exit_when_idle=args.exit_when_idle, max_jobs=args.max_jobs)

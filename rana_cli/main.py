@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("job_ids", type=int, nargs="+")
 
     worker = commands.add_parser("worker", help="process queued jobs")
-    worker.add_argument("--exit-when-idle", action="store_true", help="stop when the queue is empty")
+    worker.add_argument("--exit-when-idle", action="store_true",
+                        help="stop when no job is queued or running (a job whose worker died is reaped and run first)")
     worker.add_argument("--max-jobs", type=int, help="stop after this many jobs")
     worker.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
     worker.add_argument("--stale-after", type=float, default=30.0,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from rana_core.devices import check_device_name
 from rana_core.errors import BudgetError, RanaError
 from rana_core.methods import METHODS
 from rana_core.model_source import resolve_model
@@ -25,7 +26,7 @@ class CompressConfig:
     eval_tokens: int = 8192  # held-out tokens for perplexity and measured FLOPs
     seq_len: int = 512  # window length for calibration and evaluation
     seed: int = 0  # for any sampling a method does; the data split itself is fixed
-    device: str = "cpu"
+    device: str = "cpu"  # cpu, cuda, cuda:N or mps (rana_core.devices); a worker runs on its own RANA_DEVICE
     dtype: str = "float32"
     track_layers: bool = True  # measure each module's reconstruction error and sparsity (a second dense pass)
 
@@ -56,6 +57,7 @@ class CompressConfig:
                                 f"of {self.seq_len} tokens")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise RanaError(f"unknown dtype {self.dtype!r}")
+        check_device_name(self.device)  # its form only: the machine that runs the job has the device, or refuses it
         resolve_model(self.model)
         return self
 

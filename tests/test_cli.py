@@ -138,3 +138,79 @@ def test_queue_commands_explain_bad_input_in_one_line(args, message, env):
     proc = rana(*args, env=env, check=False)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def one_line_refusal(proc) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("device", ["gpu0", "cuda:x", "CUDA", "cuda:"])
+@pytest.mark.parametrize("command", [["submit", *SMALL], ["sweep", *SMALL, "--methods", "svd", "--budgets", "0.3"]])
+def test_a_malformed_device_is_refused_at_submit(command, device, env):
+    """The submit path checks the form of RANA_DEVICE (it stays torch-free, and the job runs on another machine)."""
+    rana("db", "upgrade", env=env)
+    line = one_line_refusal(rana(*command, env={**env, "RANA_DEVICE": device}, check=False))
+    assert line == f"rana: error: RANA_DEVICE={device}: unknown device {device!r}: use cpu, cuda, cuda:N or mps"
+    assert json.loads(rana("jobs", "--json", env=env).stdout) == []
+
+
+def test_a_well_formed_device_is_queued_even_if_this_machine_lacks_it(env):
+    """`cuda:7` on a CPU-only laptop is a fine job for a GPU host: submit checks the form, not this machine."""
+    rana("db", "upgrade", env=env)
+    rana("submit", *SMALL, env={**env, "RANA_DEVICE": "cuda:7"})
+    (job,) = json.loads(rana("jobs", "--json", env=env).stdout)
+    assert (job["status"], job["payload"]["device"]) == ("queued", "cuda:7")
+
+
+def missing_cuda_devices() -> list[str]:
+    """Devices this machine does not have, by torch's own count: one index past its last GPU, and plain `cuda` on a
+    machine without any."""
+    import torch
+
+    count = torch.cuda.device_count()
+    missing = [pytest.param(f"cuda:{count}", f"this machine has no CUDA device {count} (it has {count})",
+                            id=f"cuda:{count}")]
+    if count == 0:
+        missing.append(pytest.param("cuda", "this machine has no CUDA device (it has 0)", id="cuda"))
+    return missing
+
+
+@pytest.mark.parametrize("device, reason", missing_cuda_devices())
+def test_a_device_this_machine_lacks_stops_the_worker_at_start_and_keeps_the_queue(device, reason, env):
+    rana("db", "upgrade", env=env)
+    job_id = json.loads(rana("submit", *SMALL, "--json", env=env).stdout)["job_id"]
+    proc = rana("worker", "--exit-when-idle", env={**env, "RANA_DEVICE": device}, check=False)
+    assert one_line_refusal(proc) == f"rana: error: RANA_DEVICE={device}: {reason}"
+    (job,) = json.loads(rana("jobs", "--json", env=env).stdout)
+    assert (job["id"], job["status"], job["attempts"]) == (job_id, "queued", 0)
+
+
+@pytest.mark.parametrize("device, reason", missing_cuda_devices())
+def test_a_device_this_machine_lacks_is_refused_by_compress(device, reason, env, tmp_path):
+    out = tmp_path / "out.json"
+    proc = rana("compress", *SMALL, "--json", str(out), env={**env, "RANA_DEVICE": device}, check=False)
+    assert one_line_refusal(proc) == f"rana: error: RANA_DEVICE={device}: {reason}"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("command, action", [(["jobs"], "open"), (["db", "current"], "open"),
+                                             (["db", "upgrade"], "upgrade"), (["submit", *SMALL], "open"),
+                                             (["worker", "--exit-when-idle"], "open")],
+                         ids=["jobs", "db-current", "db-upgrade", "submit", "worker"])
+def test_a_database_that_cannot_be_opened_is_one_line(command, action, env, tmp_path):
+    """A folder where the SQLite file should be: the driver's reason, without SQLAlchemy's second line
+    "(Background on this error at: …)"."""
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    proc = rana(*command, env={**env, "RANA_DB_URL": f"sqlite:///{folder}"}, check=False)
+    assert one_line_refusal(proc) == (f"rana: error: cannot {action} the database sqlite:///{folder}: "
+                                      "(sqlite3.OperationalError) unable to open database file")
+
+
+def test_an_unreachable_server_is_one_line_without_its_password(env):
+    url = "postgresql+psycopg://ada:s3cret@127.0.0.1:1/rana"  # port 1: nothing listens, refused at once
+    line = one_line_refusal(rana("jobs", env={**env, "RANA_DB_URL": url}, check=False))
+    assert line.startswith("rana: error: cannot open the database postgresql+psycopg://ada:***@127.0.0.1:1/rana: ")
+    assert "Connection refused" in line and "s3cret" not in line

@@ -89,6 +89,29 @@ def test_every_method_hits_its_budget_on_held_out_tokens(tiny, method, allocatio
         assert all(0 < row.sparsity <= 1 for row in adapted)
 
 
+@pytest.mark.parametrize("method", ["svd", "cats", "rana", "a3", "hybrid"])
+def test_the_build_stage_reports_progress_for_every_layer(method):
+    """A build on a real model takes minutes; a worker's job row (and the CLI's bar) must move at least once per
+    layer, saying which. A fresh model: methods keep per-layer analyses on a loaded model, and a second run on the
+    same calibration tokens rightly skips that work (and its messages)."""
+    import re
+
+    from rana_core.loading import load_model
+    from rana_core.methods import METHODS
+
+    loaded = load_model("tiny")
+    assert len(loaded.layers) == 2
+    messages = []
+    config = CompressConfig(method=method, allocation=METHODS[method].allocations[0], flop_reduction=0.3,
+                            **{**SMALL, "calib_tokens": 1024, "eval_tokens": 256})
+    compress(config, loaded=loaded, progress=lambda f, m: messages.append(m))
+    build = [m for m in messages if m.startswith("build: ")]
+    first_mention = [next((n for n, m in enumerate(build) if re.search(rf"\blayer {i}/2\b", m)), None)
+                     for i in (1, 2)]
+    assert None not in first_mention, build
+    assert first_mention[0] < first_mention[1]  # in layer order, as the work goes
+
+
 def test_cats_refuses_a_budget_it_cannot_reach(tiny):
     with pytest.raises(BudgetError, match="CATS can remove at most"):
         compress(CompressConfig(method="cats", flop_reduction=0.9, **SMALL), loaded=tiny)

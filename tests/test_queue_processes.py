@@ -1,9 +1,11 @@
 """Real worker processes against SQLite and a real PostgreSQL server: many workers, one execution per job; a
-worker killed with SIGKILL mid-job is reaped and its job finishes once; SIGTERM hands the job back."""
+worker killed with SIGKILL mid-job is reaped and its job finishes once, also when the other workers were only
+draining the queue; SIGTERM hands the job back."""
 
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,9 +23,9 @@ SLOW = {"model": "tiny", "method": "rana", "allocation": "greedy", "flop_reducti
         "eval_tokens": 8192, "seq_len": 128}
 
 
-def start_worker(url, tmp_path, name, *args):
+def start_worker(url, tmp_path, name, *args, env=None):
     log = open(tmp_path / f"{name}.log", "w")
-    env = {**os.environ, "RANA_DB_URL": url, "RANA_DATA_DIR": str(tmp_path)}
+    env = {**os.environ, "RANA_DB_URL": url, "RANA_DATA_DIR": str(tmp_path), **(env or {})}
     return subprocess.Popen([sys.executable, "-m", "rana_cli.main", "worker", "--poll", "0.2", *args], env=env,
                             stdout=log, stderr=subprocess.STDOUT)
 
@@ -89,6 +91,55 @@ def test_a_killed_worker_is_reaped_and_its_job_finishes_once(any_db_url, tmp_pat
     assert view.attempts == 2 and view.worker != f"{os.uname().nodename}:{victim.pid}"
     assert run_count(url, job_id) == 1 and run_count(url) == 1
     assert "stopped heartbeating" in (tmp_path / "rescuer.log").read_text()
+
+
+def test_a_drain_waits_for_the_job_of_a_killed_worker_and_finishes_it(any_db_url, tmp_path):
+    """Three `--exit-when-idle` workers drain the queue; whoever claims the last job is killed with SIGKILL while
+    it runs it and every other job is finished. The others must not take the empty queue for the end of the work:
+    they wait, reap the job once its heartbeat is 3 s old, run it, and only then exit."""
+    url = any_db_url
+    quick = [queue.submit("compress", QUICK, url=url) for _ in range(6)]
+    last = queue.submit("compress", {**QUICK, "method": "rana", "allocation": "greedy", "calib_tokens": 4096,
+                                     "eval_tokens": 4096}, priority=-1, url=url)  # claimed last, runs longest
+    # Three workers on a shared CPU: one thread each, or their thread pools spin against each other.
+    workers = [start_worker(url, tmp_path, f"w{i}", "--exit-when-idle", "--stale-after", "3",
+                            env={"OMP_NUM_THREADS": "1"}) for i in range(3)]
+    by_name = {f"{socket.gethostname()}:{w.pid}": w for w in workers}
+    try:
+        victim = kill_mid_job(url, last, by_name, others=quick)
+        survivors = [w for w in workers if w is not victim]
+        for worker in survivors:
+            assert worker.wait(timeout=300) == 0
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+    jobs = {j.id: j for j in queue.list_jobs(url=url)}
+    assert {j.status for j in jobs.values()} == {"done"}
+    assert jobs[last].attempts == 2 and jobs[last].worker != f"{socket.gethostname()}:{victim.pid}"
+    assert run_count(url) == 7 and run_count(url, last) == 1
+    logs = "".join((tmp_path / f"w{i}.log").read_text() for i in range(3) if workers[i] is not victim)
+    assert f"waiting for 1 running job(s) (job {last}" in logs and "stopped heartbeating" in logs
+
+
+def kill_mid_job(url, job_id, by_name, others):
+    """SIGKILL the worker that runs `job_id` once every job in `others` is done; return its process. The worker is
+    frozen (SIGSTOP) before the last look at the row, so it cannot finish the job between the look and the kill."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        view = job(url, job_id)
+        if view.status == "running" and all(job(url, i).status == "done" for i in others):
+            worker = by_name[view.worker]
+            worker.send_signal(signal.SIGSTOP)
+            still = job(url, job_id)
+            if still.status == "running" and still.worker == view.worker:
+                worker.send_signal(signal.SIGKILL)
+                worker.wait(timeout=30)
+                return worker
+            worker.send_signal(signal.SIGCONT)
+        assert view.status in ("queued", "running"), f"job {job_id} ended before a worker could be killed"
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} never ran alone")
 
 
 def test_sigterm_hands_the_running_job_back(db_url, tmp_path):

@@ -80,7 +80,8 @@ def test_results_are_written_once_per_job(db_url):
 
 
 def test_invalid_payloads_never_reach_the_table(db_url):
-    for bad in ({**PAYLOAD, "flop_reduction": 1.2}, {**PAYLOAD, "model": "nope"}, {"flop": 0.3}):
+    for bad in ({**PAYLOAD, "flop_reduction": 1.2}, {**PAYLOAD, "model": "nope"}, {"flop": 0.3},
+                {**PAYLOAD, "device": "gpu0"}):  # what the app submits goes through the same checks as the CLI's
         with pytest.raises(RanaError):
             queue.submit("compress", bad, url=db_url)
     with pytest.raises(RanaError):
@@ -183,7 +184,7 @@ def test_the_heartbeat_keeps_a_long_quiet_job_from_the_reaper(db_url, monkeypatc
         time.sleep(5.0)  # long, and not a word of progress: only the heartbeat says that the worker lives
         return lambda session: None
 
-    monkeypatch.setattr(Worker, "_compress", quiet_compress)
+    monkeypatch.setattr(Worker, "run_compress", quiet_compress)  # the compress kind's handler (jobs.kinds)
     job_id = queue.submit("compress", PAYLOAD, url=db_url)
     busy = Worker(url=db_url)
     thread = threading.Thread(target=busy.run, kwargs={"exit_when_idle": True, "max_jobs": 1})

@@ -29,6 +29,8 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
     if config.flop_reduction == 0:
         return []
     keep = keep_for_budget(module_shapes(loaded.layers), config.flop_reduction)
-    adapters = [CatsMLP(layer_mlp(layer), index, keep) for index, layer in enumerate(loaded.layers)]
-    progress(1.0, f"keeping {keep:.1%} of MLP neurons")
+    adapters, n_layers = [], len(loaded.layers)
+    for index, layer in enumerate(loaded.layers):  # a step per layer, as every method reports its build
+        adapters.append(CatsMLP(layer_mlp(layer), index, keep))
+        progress((index + 1) / n_layers, f"layer {index + 1}/{n_layers}: keeping {keep:.1%} of MLP neurons")
     return adapters
