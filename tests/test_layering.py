@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FORBIDDEN = {
     "rana_cli": set(),  # the top: it may use every package (the app's only to locate its entry point)
     "app": {"rana_core", "bench", "rana_cli", "torch"},
-    "bench": {"app", "rana_cli", "streamlit"},
+    "bench": {"app", "rana_cli"},  # bench/app_pages.py renders pages with Streamlit's AppTest (no server)
     "jobs": {"app", "bench", "rana_cli", "streamlit"},
     "rana_core": {"db", "jobs", "app", "bench", "rana_cli", "streamlit", "sqlalchemy", "alembic"},
     "db": {"jobs", "app", "rana_core", "bench", "rana_cli", "torch", "streamlit"},
