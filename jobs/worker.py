@@ -58,9 +58,19 @@ def with_db_retries(action, what: str, retries: int = DB_RETRIES, stopping: thre
 
 class Worker:
     def __init__(self, url: str | None = None, device: str | None = None, poll_seconds: float = 1.0,
-                 stale_seconds: float = STALE_SECONDS):
+                 stale_seconds: float = STALE_SECONDS, max_gpu_memory: float | None = None):
         self.url = url
         self.device = device
+        self.max_gpu_memory = max_gpu_memory  # GiB this worker's jobs may take of its GPU (jobs.gpu.cap_memory)
+        if max_gpu_memory is not None:
+            if not (device or "").startswith("cuda"):
+                raise RanaError(f"--max-gpu-memory needs a CUDA device; this worker runs on {device or 'cpu'}")
+            if max_gpu_memory <= 0:
+                raise RanaError(f"--max-gpu-memory must be a positive number of GiB, got {max_gpu_memory}")
+            from jobs import gpu
+
+            gpu.cap_memory(device, max_gpu_memory)
+        self._stage = ""  # the last progress message of the job in hand: where it was when it failed
         self.poll_seconds = poll_seconds
         self.stale_seconds = stale_seconds
         self.name = queue.worker_name()
@@ -131,8 +141,12 @@ class Worker:
             for job_id in queue.reap(self.stale_seconds, self.url):
                 log.warning("job %s: its worker stopped heartbeating; requeued or failed", job_id)
 
+    def _on_gpu(self) -> bool:
+        return (self.device or "").startswith("cuda")
+
     def process(self, job: queue.ClaimedJob) -> None:
         log.info("job %s (%s) claimed by %s on %s", job.id, job.kind, self.name, self.device_label)
+        out_of_memory = False
         beat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, beat_stop), daemon=True)
         beat.start()
@@ -148,11 +162,19 @@ class Worker:
             log.info("%s", exc)
         except Exception as exc:  # the job failed; the worker lives on
             log.debug("job %s failed:\n%s", job.id, traceback.format_exc())
-            with_db_retries(lambda: queue.fail(job.id, self.name, _one_line(exc), self.url), f"job {job.id} failure")
-            log.warning("job %s failed: %s", job.id, _one_line(exc))
+            out_of_memory = self._on_gpu() and _gpu().is_out_of_memory(exc)
+            reason = (_gpu().out_of_memory_line(exc, self._stage, self.device, self.max_gpu_memory) if out_of_memory
+                      else _one_line(exc))
+            with_db_retries(lambda: queue.fail(job.id, self.name, reason, self.url), f"job {job.id} failure")
+            log.warning("job %s failed: %s", job.id, reason)
         finally:
             beat_stop.set()
             beat.join()
+            self._stage = ""
+        if self._on_gpu():  # the failed job's tensors are gone with its frames: give their memory back
+            if out_of_memory:
+                self._model_cache.clear()  # the model may hold half-moved weights or adapters; load it afresh
+            _gpu().free(self.device)
 
     def _finish(self, job: queue.ClaimedJob, store) -> None:
         with session_scope(self.url) as session:
@@ -173,8 +195,12 @@ class Worker:
 
         config = self._config(job.payload)
         relative = f"artifacts/job-{job.id}-attempt-{job.attempts}.safetensors"
-        result = compress(config, progress=progress, loaded=self._loaded_model(config),
-                          artifact_path=data_dir() / relative, cache_dir=data_dir() / "curves").to_json()
+        try:
+            result = compress(config, progress=progress, loaded=self._loaded_model(config),
+                              artifact_path=data_dir() / relative, cache_dir=data_dir() / "curves").to_json()
+        except BaseException:  # a job that fails stores nothing: not even the adapters it had already saved
+            (data_dir() / relative).unlink(missing_ok=True)
+            raise
         return lambda session: store_compression(session, result, job_id=job.id, author=job.author, tags=job.tags,
                                                  artifact_path=relative)
 
@@ -216,7 +242,7 @@ class Worker:
         if not device.startswith("cuda"):
             raise RanaError(f"latency jobs need a CUDA GPU; this worker runs on {device} (set RANA_DEVICE=cuda)")
         try:
-            from rana_core.decode.latency import measure_decode  # the GPU decode engine (design §7)
+            from rana_core.decode.latency import measure_decode  # the GPU decode engine
         except ImportError:
             raise RanaError("this version has no GPU decode engine (rana_core.decode.latency) to measure latency") from None
         rows = measure_decode(job.payload, device=device, progress=progress)
@@ -239,6 +265,7 @@ class Worker:
         def progress(fraction: float, message: str) -> None:
             if self.stopping.is_set():
                 raise StopRequested()
+            self._stage = message
             if message.split(":")[0] != stage[0]:
                 stage[0] = message.split(":")[0]
                 log.info("job %s: %s (%.0f%%)", job.id, message, 100 * fraction)
@@ -273,6 +300,12 @@ def _describe_running(running: list[queue.RunningJob]) -> str:
     """One line, e.g. "job 7, heartbeat 12 s ago; job 9, heartbeat 1 s ago" (five jobs at most, then a count)."""
     shown = "; ".join(f"job {r.id}, heartbeat {r.silent_seconds:.0f} s ago" for r in running[:5])
     return shown + (f"; {len(running) - 5} more" if len(running) > 5 else "")
+
+
+def _gpu():
+    from jobs import gpu  # torch: only a worker on a CUDA device gets here
+
+    return gpu
 
 
 def _one_line(exc: BaseException) -> str:

@@ -168,9 +168,16 @@ def cmd_worker(args) -> int:
     from rana_core.devices import check_device_present
 
     # At start, not at the first job: a worker without its device would fail every job it claims.
-    device = _rana_device(check_device_present, default=None)
+    if args.device:
+        try:
+            device = check_device_present(args.device)
+        except RanaError as exc:
+            raise RanaError(f"--device {args.device}: {exc}") from None
+    else:
+        device = _rana_device(check_device_present, default=None)
     check_schema()
-    worker = Worker(device=device, poll_seconds=args.poll, stale_seconds=args.stale_after)
+    worker = Worker(device=device, poll_seconds=args.poll, stale_seconds=args.stale_after,
+                    max_gpu_memory=args.max_gpu_memory)
     worker.install_signal_handlers()
     logging.getLogger("rana.worker").info("worker %s started", worker.name)
     processed = worker.run(exit_when_idle=args.exit_when_idle, max_jobs=args.max_jobs)

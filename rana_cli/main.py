@@ -6,10 +6,10 @@
     rana evaluate RUN_ID --split train --eval-tokens 16384                                  # re-measure a run
     rana recover  RUN_ID --strategy rankadaptor                                             # LoRA recovery
     rana cancel JOB_ID... | rana retry JOB_ID...
-    rana worker   [--exit-when-idle] [--stale-after SECONDS]
+    rana worker   [--exit-when-idle] [--stale-after SECONDS] [--device cuda:K] [--max-gpu-memory GIB]
     rana jobs     [--json]
     rana app      [--port 8501]
-    rana up       [--port 8501]        # upgrade the DB, start one worker and the app; Ctrl-C stops both
+    rana up       [--port 8501] [--gpus N]   # upgrade the DB, start the worker(s) and the app; Ctrl-C stops all
     rana db upgrade | current
 
 Every command honours RANA_DB_URL, RANA_DATA_DIR and RANA_DEVICE. Bad input is one line on stderr and exit 2.
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--poll", type=float, default=1.0, help="seconds between looks at an empty queue")
     worker.add_argument("--stale-after", type=float, default=30.0,
                         help="requeue a running job whose worker has been silent this many seconds")
+    worker.add_argument("--device", help="where this worker runs models, e.g. cuda:1 (default: RANA_DEVICE, else cpu)")
+    worker.add_argument("--max-gpu-memory", type=float, metavar="GIB",
+                        help="GiB of its GPU this worker's jobs may take (a job that needs more fails with one line)")
 
     jobs = commands.add_parser("jobs", help="list jobs")
     jobs.add_argument("--json", action="store_true")
@@ -117,10 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands.add_parser("methods", help="list the compression methods")
 
-    for name, text in (("app", "start the dashboard"), ("up", "upgrade the DB, start a worker and the dashboard")):
+    for name, text in (("app", "start the dashboard"), ("up", "upgrade the DB, start worker(s) and the dashboard")):
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--port", type=int, default=8501)
         sub.add_argument("--address", default="127.0.0.1")
+        if name == "up":
+            sub.add_argument("--gpus", type=int, default=0,
+                             help="one worker per GPU, on cuda:0 .. cuda:N-1 (default: one worker on RANA_DEVICE)")
+            sub.add_argument("--max-gpu-memory", type=float, metavar="GIB", help="each GPU worker's cap, in GiB")
 
     db = commands.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade", "current"])

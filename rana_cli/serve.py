@@ -1,4 +1,4 @@
-"""``rana app`` and ``rana up``: start the dashboard (and, for ``up``, one worker beside it).
+"""``rana app`` and ``rana up``: start the dashboard (and, for ``up``, its workers beside it: one, or one per GPU).
 
 The only place that launches the Streamlit app: it lives here, above every package, so the flow stays one way
 (app → jobs → db, jobs → rana_core) at run time as well as at import time.
@@ -21,8 +21,13 @@ def app_command(port: int, address: str) -> list[str]:
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
 
 
-def worker_command() -> list[str]:
-    return [sys.executable, "-m", "rana_cli.main", "worker"]
+def worker_commands(gpus: int = 0, max_gpu_memory: float | None = None) -> list[list[str]]:
+    """One worker on RANA_DEVICE, or with `gpus`, one per GPU (each records its own device on the jobs it runs)."""
+    base = [sys.executable, "-m", "rana_cli.main", "worker"]
+    cap = ["--max-gpu-memory", str(max_gpu_memory)] if max_gpu_memory else []
+    if gpus <= 0:
+        return [base + cap]
+    return [base + ["--device", f"cuda:{index}"] + cap for index in range(gpus)]
 
 
 def cmd_app(args) -> int:
@@ -39,16 +44,26 @@ def cmd_app(args) -> int:
 
 def cmd_up(args) -> int:
     from db.migrate import upgrade
+    from rana_core.devices import check_device_present
+    from rana_core.errors import RanaError
 
+    if args.gpus < 0:
+        raise RanaError(f"--gpus must be 0 (one worker on RANA_DEVICE) or more, got {args.gpus}")
+    if args.gpus:  # every GPU must exist before anything starts
+        try:
+            check_device_present(f"cuda:{args.gpus - 1}")
+        except RanaError as exc:
+            raise RanaError(f"--gpus {args.gpus}: {exc}") from None
     upgrade()
-    worker = subprocess.Popen(worker_command())
+    workers = [subprocess.Popen(command) for command in worker_commands(args.gpus, args.max_gpu_memory)]
     app_server = subprocess.Popen(app_command(args.port, args.address))
-    print(f"RaNA Studio on http://{args.address}:{args.port} (one worker); Ctrl-C stops both", file=sys.stderr)
-    children = [worker, app_server]
+    count = f"{len(workers)} workers, one per GPU" if args.gpus else "one worker"
+    print(f"RaNA Studio on http://{args.address}:{args.port} ({count}); Ctrl-C stops them all", file=sys.stderr)
+    children = [*workers, app_server]
     try:
         while all(child.poll() is None for child in children):
             try:
-                children[1].wait(timeout=1.0)
+                app_server.wait(timeout=1.0)
             except subprocess.TimeoutExpired:
                 pass
     except KeyboardInterrupt:

@@ -214,3 +214,39 @@ def test_an_unreachable_server_is_one_line_without_its_password(env):
     line = one_line_refusal(rana("jobs", env={**env, "RANA_DB_URL": url}, check=False))
     assert line.startswith("rana: error: cannot open the database postgresql+psycopg://ada:***@127.0.0.1:1/rana: ")
     assert "Connection refused" in line and "s3cret" not in line
+
+
+def test_a_worker_device_flag_this_machine_lacks_is_one_line(env):
+    import torch
+
+    count = torch.cuda.device_count()
+    rana("db", "upgrade", env=env)
+    proc = rana("worker", "--exit-when-idle", "--device", f"cuda:{count}", env=env, check=False)
+    assert one_line_refusal(proc) == (f"rana: error: --device cuda:{count}: this machine has no CUDA device {count} "
+                                      f"(it has {count})")
+
+
+def test_a_gpu_memory_cap_on_a_cpu_worker_is_one_line(env):
+    rana("db", "upgrade", env=env)
+    proc = rana("worker", "--exit-when-idle", "--max-gpu-memory", "4", env={**env, "RANA_DEVICE": "cpu"},
+                check=False)
+    assert one_line_refusal(proc) == "rana: error: --max-gpu-memory needs a CUDA device; this worker runs on cpu"
+
+
+def test_up_with_more_gpus_than_the_machine_has_starts_nothing(env, tmp_path):
+    import torch
+
+    count = torch.cuda.device_count()
+    proc = rana("up", "--gpus", str(count + 1), "--port", "1", env=env, check=False)
+    assert one_line_refusal(proc) == (f"rana: error: --gpus {count + 1}: this machine has no CUDA device {count} "
+                                      f"(it has {count})")
+    assert not (tmp_path / "cli.db").exists()  # refused before the database was even created
+
+
+def test_up_starts_one_worker_per_gpu_each_on_its_own_device():
+    from rana_cli.serve import worker_commands
+
+    commands = worker_commands(gpus=2, max_gpu_memory=8.0)
+    assert [c[c.index("--device") + 1] for c in commands] == ["cuda:0", "cuda:1"]
+    assert all(c[c.index("--max-gpu-memory") + 1] == "8.0" for c in commands)
+    assert all("--device" not in c for c in worker_commands())  # no --gpus: one worker on RANA_DEVICE

@@ -1,4 +1,4 @@
-"""The hybrid method (issue 9): allocation over adapter types, the curve cache, and adapters built from curve
+"""The hybrid method: allocation over adapter types, the curve cache, and adapters built from curve
 points, on the tiny model."""
 
 import itertools

@@ -201,3 +201,25 @@ def test_the_heartbeat_keeps_a_long_quiet_job_from_the_reaper(db_url, monkeypatc
         assert (job.heartbeat_at - job.started_at).total_seconds() >= 4  # the beats went on through the quiet
     else:
         assert job.status == "queued" and "stopped heartbeating" in job.message
+
+
+def test_a_job_that_fails_after_saving_its_adapters_leaves_no_file_behind(db_url, tmp_path, monkeypatch):
+    """The artifact is written before the adapted evaluation: a failure after it (here a planted one) must not
+    leave a file that no run refers to."""
+    import rana_core.pipeline
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("planted failure after the adapters were saved")
+
+    monkeypatch.setattr(rana_core.pipeline, "set_tracking", boom)  # called right after save_adapters
+    job_id = queue.submit("compress", PAYLOAD, url=db_url)
+    Worker(url=db_url).run(exit_when_idle=True)
+    (job,) = queue.list_jobs(url=db_url)
+    assert (job.id, job.status) == (job_id, "failed") and "planted failure" in job.error
+    assert counts(db_url) == (0, 0, 0)
+    assert list((tmp_path / "artifacts").glob("*")) == []
+
+
+def test_a_gpu_memory_cap_needs_a_gpu():
+    with pytest.raises(RanaError, match="--max-gpu-memory needs a CUDA device; this worker runs on cpu"):
+        Worker(device="cpu", max_gpu_memory=1.0)

@@ -1,0 +1,51 @@
+"""What a worker does about its GPU: cap the memory its jobs may take, and turn CUDA running out of memory into
+one line that says what did not fit, then give the memory back so the next job starts clean.
+
+Imported by the worker only when its device is a CUDA device (the queue and the app never load torch).
+"""
+
+from __future__ import annotations
+
+import gc
+import re
+
+GIB = 1 << 30
+_ASKED = re.compile(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)")
+
+
+def cap_memory(device: str, gib: float) -> float:
+    """Let this process take at most `gib` GiB of `device` (PyTorch's caching allocator then raises CUDA's out of
+    memory beyond it, as a smaller GPU would); returns the device's total GiB."""
+    import torch
+
+    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), torch.device(device))
+    return total / GIB
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError)
+
+
+def out_of_memory_line(exc: BaseException, stage: str, device: str, cap_gib: float | None) -> str:
+    """e.g. "CUDA out of memory on cuda:0 in 'build: curves of layer 3/32': asked for 2.00 GiB more with 7.80
+    GiB in use (this worker's cap: 8 GiB)"."""
+    import torch
+
+    asked = _ASKED.search(str(exc))
+    in_use = torch.cuda.memory_allocated(torch.device(device)) / GIB
+    limit = f"this worker's cap: {cap_gib:g} GiB" if cap_gib else (
+        f"the GPU has {torch.cuda.get_device_properties(torch.device(device)).total_memory / GIB:.1f} GiB")
+    return (f"CUDA out of memory on {device} in {stage!r}: asked for {asked.group(1) if asked else 'more'} "
+            f"with {in_use:.2f} GiB in use ({limit})")
+
+
+def free(device: str) -> None:
+    """Hand the cached blocks back once nothing refers to them (the failed job's tensors are gone by now)."""
+    import torch
+
+    gc.collect()
+    with torch.cuda.device(torch.device(device)):
+        torch.cuda.empty_cache()
