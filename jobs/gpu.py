@@ -20,6 +20,8 @@ def cap_memory(device: str, gib: float) -> float:
 
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), torch.device(device))
+    with torch.cuda.device(torch.device(device)):
+        torch.cuda.empty_cache()  # the cap is checked when the allocator asks CUDA for more: hold nothing above it
     return total / GIB
 
 

@@ -110,6 +110,7 @@ def compress(
     report(1.0, f"{calib.numel()} calibration and {held_out.numel()} held-out tokens")
 
     report = plan.stage("dense eval")
+    report(0.0, f"{held_out.shape[0]} sequences")  # the stage is named before its first batch runs
     dense = loaded.cached(("dense perplexity", windows_digest(held_out)),
                           lambda: perplexity(loaded.model, held_out, progress=report))
     report(1.0, f"{dense.perplexity:.3f}")

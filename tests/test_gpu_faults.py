@@ -21,6 +21,7 @@ SHORT = {**LONG, "calib_tokens": 1024, "eval_tokens": 512, "seq_len": 128}
 
 def peak_reserved(payload: dict) -> int:
     """Bytes the caching allocator held at most while compressing `payload` with no cap."""
+    torch.cuda.init()  # the allocator's statistics exist only once CUDA is initialised
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(0)
     compress(CompressConfig(**payload))
@@ -45,7 +46,7 @@ def test_out_of_memory_fails_the_job_in_one_line_and_the_worker_takes_the_next(d
     jobs = {job.id: job for job in queue.list_jobs(url=db_url)}
     failed = jobs[long_job]
     assert failed.status == "failed" and failed.run_id is None
-    assert failed.error.startswith("CUDA out of memory on cuda:0 in '") and "\n" not in failed.error
+    assert failed.error.startswith("CUDA out of memory on cuda:0 in 'dense eval: ") and "\n" not in failed.error
     assert "asked for " in failed.error and f"(this worker's cap: {cap:g} GiB)" in failed.error
     assert jobs[short_job].status == "done" and jobs[short_job].run_id is not None
     assert sorted(p.name for p in (tmp_path / "artifacts").iterdir()) == [f"job-{short_job}-attempt-1.safetensors"]
