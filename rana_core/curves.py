@@ -22,6 +22,7 @@ them once. Without a folder they live as long as the cache object.
 from __future__ import annotations
 
 import json
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -83,9 +84,12 @@ class CurveCache:
         value = compute()
         self.computed += 1
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        partial.write_text(json.dumps(value))
-        partial.replace(path)
+        # A temporary file of this writer's own: workers on several GPUs share the folder and may compute the same
+        # curve at once (one shared ".partial" name let one worker move the other's file away mid-write).
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f"{name}.", suffix=".partial",
+                                         delete=False) as partial:
+            partial.write(json.dumps(value))
+        Path(partial.name).replace(path)  # atomic: readers see the old file or the whole new one
         return value
 
 

@@ -2,12 +2,13 @@
 points, on the tiny model."""
 
 import itertools
+import threading
 
 import pytest
 import torch
 
 from rana_core.allocation import Option, hull_greedy_allocation, knapsack_allocation
-from rana_core.curves import Point, halves
+from rana_core.curves import CurveCache, Point, halves
 
 KEEPS = [1.0, 0.8, 0.6, 0.4, 0.2]
 
@@ -257,3 +258,26 @@ def test_the_candidate_with_the_least_calibration_loss_is_kept(tiny, tmp_path, m
             assert built[(layer, row)].adapter == adapter
             if adapter != "dense":
                 assert built[(layer, row)].planned_keep == pytest.approx(point.flops / dense)
+
+
+def test_two_workers_filling_one_curve_cache_never_trip_over_each_other(tmp_path):
+    """Two workers on one data folder (one per GPU) may compute the same curves at the same time: each write lands
+    whole under its final name, and neither fails on the other's temporary file."""
+    errors, barrier = [], threading.Barrier(2)
+
+    def fill():
+        cache = CurveCache("model", "data", tmp_path)
+        barrier.wait()
+        try:
+            for n in range(300):
+                assert cache.value(f"point-{n}", lambda: {"n": n, "pad": "x" * 2000}) == {"n": n, "pad": "x" * 2000}
+        except Exception as exc:  # noqa: BLE001 - any failure in a worker thread is the finding
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=fill) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert not list(tmp_path.rglob("*.partial"))
