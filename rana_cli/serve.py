@@ -21,6 +21,16 @@ def app_command(port: int, address: str) -> list[str]:
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
 
 
+def worker_environment(workers: int) -> dict[str, str]:
+    """The environment of one of `workers` workers on this host: a share of the CPU cores each. Much of a job's
+    math runs on the CPU, and every PyTorch process takes all cores by default: two such workers on a 32-core
+    host drained a tiny 8-point sweep 9x slower than one (bench/results/gpus-sweep-tiny-2gpu-all-cores-each.json)."""
+    env = dict(os.environ)
+    if workers > 1 and "OMP_NUM_THREADS" not in env:  # a user's own setting wins
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // workers))
+    return env
+
+
 def worker_commands(gpus: int = 0, max_gpu_memory: float | None = None) -> list[list[str]]:
     """One worker on RANA_DEVICE, or with `gpus`, one per GPU (each records its own device on the jobs it runs)."""
     base = [sys.executable, "-m", "rana_cli.main", "worker"]
@@ -55,7 +65,8 @@ def cmd_up(args) -> int:
         except RanaError as exc:
             raise RanaError(f"--gpus {args.gpus}: {exc}") from None
     upgrade()
-    workers = [subprocess.Popen(command) for command in worker_commands(args.gpus, args.max_gpu_memory)]
+    commands = worker_commands(args.gpus, args.max_gpu_memory)
+    workers = [subprocess.Popen(command, env=worker_environment(len(commands))) for command in commands]
     app_server = subprocess.Popen(app_command(args.port, args.address))
     count = f"{len(workers)} workers, one per GPU" if args.gpus else "one worker"
     print(f"RaNA Studio on http://{args.address}:{args.port} ({count}); Ctrl-C stops them all", file=sys.stderr)

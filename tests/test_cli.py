@@ -250,3 +250,16 @@ def test_up_starts_one_worker_per_gpu_each_on_its_own_device():
     assert [c[c.index("--device") + 1] for c in commands] == ["cuda:0", "cuda:1"]
     assert all(c[c.index("--max-gpu-memory") + 1] == "8.0" for c in commands)
     assert all("--device" not in c for c in worker_commands())  # no --gpus: one worker on RANA_DEVICE
+
+
+def test_workers_of_one_host_share_its_cpu_cores(monkeypatch):
+    """Much of a job's math runs on the CPU: N workers that each took every core slowed a two-GPU drain ninefold."""
+    from rana_cli.serve import worker_environment
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert worker_environment(2)["OMP_NUM_THREADS"] == "16"
+    assert worker_environment(64)["OMP_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in worker_environment(1)  # one worker keeps PyTorch's own choice
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert worker_environment(2)["OMP_NUM_THREADS"] == "3"  # the user's setting wins
