@@ -36,14 +36,23 @@ SPARSITY_SHARE = 0.9  # rank-importance sparsity: share of ranks needed for this
 ADAPTER_KINDS: dict[str, type] = {}  # artifact kind -> adapter class, filled as adapter classes are defined
 
 
-def _register_kind(cls) -> None:
-    kind = cls.__dict__.get("kind")
-    if kind is None:
-        return
-    known = ADAPTER_KINDS.get(kind)
-    if known is not None and known.__qualname__ != cls.__qualname__:
-        raise ValueError(f"adapter kind {kind!r} is defined by {known.__qualname__} and {cls.__qualname__}")
-    ADAPTER_KINDS[kind] = cls
+class SelfDescribing:
+    """What both kinds of wrapper owe the artifact file: a class that sets ``kind`` is registered under it when it
+    is defined (a kind defined twice is refused), and saves itself with ``state()`` -> (JSON scalars, tensors)
+    and comes back with ``rebuild(layer, index, meta, tensors)``."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        kind = cls.__dict__.get("kind")
+        if kind is None:
+            return
+        known = ADAPTER_KINDS.get(kind)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"adapter kind {kind!r} is defined by {known.__qualname__} and {cls.__qualname__}")
+        ADAPTER_KINDS[kind] = cls
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        raise NotImplementedError
 
 
 def layer_members(layer: nn.Module, module: str) -> list[nn.Linear]:
@@ -180,18 +189,11 @@ class Meter:
         return [round(v, 6) for v in (self.curve_sum / self.sparsity_tokens).tolist()]
 
 
-class AdapterUnit(nn.Module):
+class AdapterUnit(SelfDescribing, nn.Module):
     """Base of the linear adapters: stacked output of the members, computed once per input, metered.
-    Concrete units set ``kind`` and define ``state`` and ``rebuild`` (see the module docstring)."""
+    Concrete units set ``kind`` and define ``state`` and ``rebuild`` (SelfDescribing)."""
 
     adapter_name = "unit"
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _register_kind(cls)
-
-    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        raise NotImplementedError
 
     def __init__(self, members: list[nn.Linear], layer: int, module: str, static_rank: int,
                  max_rank: int | None = None):
@@ -248,13 +250,9 @@ class AdaptedSlot(nn.Module):
         return self.unit.member_output(x, self.index)
 
 
-class WholeModuleAdapter(nn.Module):
+class WholeModuleAdapter(SelfDescribing, nn.Module):
     """Base of the wrappers that replace a whole sub-module of a layer, keeping it as ``base`` (so unload can
     put it back); subclasses define forward and meters, and concrete ones ``kind``, ``state`` and ``rebuild``."""
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        _register_kind(cls)
 
     def __init__(self, base: nn.Module, layer: int):
         super().__init__()
@@ -262,9 +260,6 @@ class WholeModuleAdapter(nn.Module):
         self.tracking = False
 
     def meters(self) -> list[Meter]:
-        raise NotImplementedError
-
-    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
 
