@@ -13,16 +13,15 @@ GIB = 1 << 30
 _ASKED = re.compile(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)")
 
 
-def cap_memory(device: str, gib: float) -> float:
+def cap_memory(device: str, gib: float) -> None:
     """Let this process take at most `gib` GiB of `device` (PyTorch's caching allocator then raises CUDA's out of
-    memory beyond it, as a smaller GPU would); returns the device's total GiB."""
+    memory beyond it, as a smaller GPU would)."""
     import torch
 
     total = torch.cuda.get_device_properties(torch.device(device)).total_memory
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), torch.device(device))
     with torch.cuda.device(torch.device(device)):
         torch.cuda.empty_cache()  # the cap is checked when the allocator asks CUDA for more: hold nothing above it
-    return total / GIB
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

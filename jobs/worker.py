@@ -146,7 +146,7 @@ class Worker:
 
     def process(self, job: queue.ClaimedJob) -> None:
         log.info("job %s (%s) claimed by %s on %s", job.id, job.kind, self.name, self.device_label)
-        out_of_memory = False
+        failed = out_of_memory = False
         beat_stop = threading.Event()
         beat = threading.Thread(target=self._heartbeat, args=(job.id, beat_stop), daemon=True)
         beat.start()
@@ -162,6 +162,7 @@ class Worker:
             log.info("%s", exc)
         except Exception as exc:  # the job failed; the worker lives on
             log.debug("job %s failed:\n%s", job.id, traceback.format_exc())
+            failed = True
             out_of_memory = self._on_gpu() and _gpu().is_out_of_memory(exc)
             reason = (_gpu().out_of_memory_line(exc, self._stage, self.device, self.max_gpu_memory) if out_of_memory
                       else _one_line(exc))
@@ -171,7 +172,7 @@ class Worker:
             beat_stop.set()
             beat.join()
             self._stage = ""
-        if self._on_gpu():  # the failed job's tensors are gone with its frames: give their memory back
+        if failed and self._on_gpu():  # the failed job's tensors are gone with its frames: give their memory back
             if out_of_memory:
                 self._model_cache.clear()  # the model may hold half-moved weights or adapters; load it afresh
             _gpu().free(self.device)
