@@ -53,6 +53,7 @@ def _config_payload(args) -> dict:
         "model": args.model, "method": args.method, "flop_reduction": args.flop_reduction,
         "allocation": args.allocation or _first_allocation(args.method), "calib_tokens": args.calib_tokens,
         "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
+        "layer_by_layer": args.layer_by_layer,
         # Only its form here: a queued job runs on a worker's machine, which checks that it has the device.
         "device": _rana_device(check_device_name),
     }
@@ -64,6 +65,14 @@ def cmd_compress(args) -> int:
 
     config = CompressConfig.from_dict(_config_payload(args)).validate()
     _rana_device(check_device_present)  # compress runs here: this machine must have the device
+    if args.max_gpu_memory is not None:
+        from jobs import gpu
+
+        if not config.device.startswith("cuda"):
+            raise RanaError(f"--max-gpu-memory needs a CUDA device; this run is on {config.device}")
+        if args.max_gpu_memory <= 0:
+            raise RanaError(f"--max-gpu-memory must be a positive number of GiB, got {args.max_gpu_memory}")
+        gpu.cap_memory(config.device, args.max_gpu_memory)
     if args.json and args.json != "-":
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before the work
     from tqdm import tqdm
@@ -77,7 +86,15 @@ def cmd_compress(args) -> int:
             bar.set_description_str(message[:60], refresh=False)
             bar.update(round(fraction * 1000) - bar.n)
 
-        result = compress(config, progress=progress, cache_dir=data_dir() / "curves").to_json()
+        try:
+            result = compress(config, progress=progress, cache_dir=data_dir() / "curves").to_json()
+        except Exception as exc:
+            from jobs import gpu
+
+            if config.device.startswith("cuda") and gpu.is_out_of_memory(exc):  # one line, as a worker says it
+                raise RanaError(gpu.out_of_memory_line(exc, bar.desc or "", config.device,
+                                                       args.max_gpu_memory)) from None
+            raise
     _print_summary(result, stream=sys.stderr if args.json == "-" else sys.stdout)
     if args.json == "-":
         json.dump(result, sys.stdout, indent=2)

@@ -43,6 +43,9 @@ def _add_compress_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument("--dtype", default=defaults.dtype, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--layer-by-layer", action=argparse.BooleanOptionalAction, default=None,
+                        help="keep the decoder layers in CPU memory and build on the GPU one layer at a time "
+                             "(default: when the weights would take over 40%% of the GPU memory allowed)")
 
 
 def _add_team_options(parser: argparse.ArgumentParser) -> None:
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     compress = commands.add_parser("compress", help="compress and evaluate in this process (no database)")
     _add_compress_options(compress)
     compress.add_argument("--json", metavar="PATH", help="write the result as JSON ('-' for stdout)")
+    compress.add_argument("--max-gpu-memory", type=float, metavar="GIB",
+                          help="the most GPU memory this run may take (a model above it is built layer by layer)")
 
     submit = commands.add_parser("submit", help="enqueue a compression job")
     _add_compress_options(submit)

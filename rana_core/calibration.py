@@ -1,7 +1,8 @@
 """Capture statistics of linear layers' inputs with forward hooks on the unmodified model.
 
 For a module with input x (n features), InputStats accumulates the second-moment matrix C = Σ x xᵀ in float64 over
-all calibration tokens. Data-aware decompositions need only C: the output covariance is W C Wᵀ.
+all calibration tokens, on the device the inputs come from: the heavy math that reads it (rana_core.decompose,
+profiles, curves) then runs there too. Data-aware decompositions need only C: the output covariance is W C Wᵀ.
 
     stats = capture_module_inputs(loaded, windows, progress, inputs=("attention", "mlp"))
     stats[(layer, "attention")].gram        # the input of q/k/v;  "mlp": of gate/up;  "down": of down
@@ -12,38 +13,54 @@ inputs are read where the model family (rana_core.architecture) says they are.
 
 from __future__ import annotations
 
-from typing import Hashable
+from typing import Hashable, Iterator
 
 import torch
 from torch import nn
 
 from rana_core.architecture import INPUT_OF, family_of
+from rana_core.layerwise import layer_after_layer
 from rana_core.progress import ProgressFn, no_progress
 
 LAYER_INPUTS = tuple(dict.fromkeys(INPUT_OF.values()))  # "attention", "mlp", "down"
 
 
 class InputStats:
-    """C = Σ x xᵀ over every token, and (if `row_stride`) every `row_stride`-th input row itself, in float32."""
+    """C = Σ x xᵀ over every token, and (if `row_stride`) every `row_stride`-th input row itself, in float32, both
+    on the device of the first batch."""
 
     def __init__(self, n_features: int, row_stride: int = 0):
-        self.gram = torch.zeros(n_features, n_features, dtype=torch.float64)
+        self.n_features = n_features
+        self.gram: torch.Tensor | None = None  # allocated where the first batch lives
         self.tokens = 0
         self.row_stride = row_stride
         self.kept: list[torch.Tensor] = []
 
     @property
     def rows(self) -> torch.Tensor:
-        return torch.cat(self.kept) if self.kept else torch.empty(0, self.gram.shape[0])
+        if not self.kept:
+            return torch.empty(0, self.n_features)
+        if len(self.kept) > 1:
+            self.kept = [torch.cat(self.kept)]
+        return self.kept[0]
 
     def add(self, x: torch.Tensor) -> None:
         rows = x.reshape(-1, x.shape[-1]).float()
+        if self.gram is None:
+            self.gram = torch.zeros(self.n_features, self.n_features, dtype=torch.float64, device=rows.device)
         if self.row_stride:
             offset = (-self.tokens) % self.row_stride  # the stride runs on across batches
-            self.kept.append(rows[offset :: self.row_stride].cpu().clone())
+            self.kept.append(rows[offset :: self.row_stride].clone())
         # One batch's product in float32 is accurate to ~1e-7 relative; the running sum across batches is float64.
-        self.gram += (rows.T @ rows).to(device="cpu", dtype=torch.float64)
+        self.gram += (rows.T @ rows).double()
         self.tokens += rows.shape[0]
+
+    def to(self, device) -> "InputStats":
+        """Move the gram and the kept rows (e.g. off the GPU while other layers are built)."""
+        if self.gram is not None:
+            self.gram = self.gram.to(device)
+        self.kept = [rows.to(device) for rows in self.kept]
+        return self
 
 
 @torch.no_grad()
@@ -76,13 +93,34 @@ def capture_input_stats(
     return stats
 
 
-def capture_module_inputs(loaded, windows: torch.Tensor, progress: ProgressFn = no_progress, row_stride: int = 0,
-                          inputs=LAYER_INPUTS) -> dict[tuple[int, str], InputStats]:
-    """InputStats of each of `inputs` of every layer (one calibration pass of the dense model), keyed
-    (layer, input). `row_stride` also keeps every row_stride-th input row (profiles and curves need rows)."""
-    hooks = {}
-    for index, layer in enumerate(loaded.layers):
+def each_layer_inputs(loaded, windows: torch.Tensor, progress: ProgressFn = no_progress, row_stride: int = 0,
+                      inputs=LAYER_INPUTS, batch_size: int = 4) -> Iterator[tuple[int, dict[str, InputStats]]]:
+    """(layer index, {input: InputStats}) for each layer in order, from one pass of the dense model that carries
+    the calibration hidden states from layer to layer (rana_core.layerwise): a layer's statistics exist only
+    until the caller asks for the next layer's, so one layer's grams are on the device at a time."""
+    layers = loaded.layers
+    for index, layer, run in layer_after_layer(loaded.model, layers, windows, batch_size):
         family = family_of(layer)
-        for name in inputs:
-            hooks[(index, name)] = layer.get_submodule(family.input_path(name))
-    return capture_input_stats(loaded.model, windows, hooks, progress=progress, row_stride=row_stride)
+        modules = {name: layer.get_submodule(family.input_path(name)) for name in inputs}
+        stats = {name: InputStats(module.in_features, row_stride) for name, module in modules.items()}
+        handles = [module.register_forward_pre_hook(lambda _m, args, _name=name: stats[_name].add(args[0]))
+                   for name, module in modules.items()]
+        try:
+            run()
+        finally:
+            for handle in handles:
+                handle.remove()
+        progress((index + 1) / len(layers), f"layer {index + 1}/{len(layers)}")
+        yield index, stats
+
+
+def capture_module_inputs(loaded, windows: torch.Tensor, progress: ProgressFn = no_progress, row_stride: int = 0,
+                          inputs=LAYER_INPUTS, keep_on=None) -> dict[tuple[int, str], InputStats]:
+    """InputStats of each of `inputs` of every layer (one calibration pass of the dense model), keyed
+    (layer, input). `row_stride` also keeps every row_stride-th input row (profiles and curves need rows);
+    `keep_on` moves each layer's statistics there once the layer is done (e.g. the CPU, for a big model)."""
+    stats = {}
+    for index, by_input in each_layer_inputs(loaded, windows, progress, row_stride, inputs):
+        for name, layer_stats in by_input.items():
+            stats[(index, name)] = layer_stats.to(keep_on) if keep_on is not None else layer_stats
+    return stats

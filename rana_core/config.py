@@ -29,6 +29,9 @@ class CompressConfig:
     device: str = "cpu"  # cpu, cuda, cuda:N or mps (rana_core.devices); a worker runs on its own RANA_DEVICE
     dtype: str = "float32"
     track_layers: bool = True  # measure each module's reconstruction error and sparsity (a second dense pass)
+    # decoder layers rest in CPU memory and visit the GPU one at a time (rana_core.residency); None: when the
+    # weights would take more than 40% of the GPU memory the process may use
+    layer_by_layer: bool | None = None
 
     def validate(self) -> "CompressConfig":
         """Raise a RanaError naming the first bad field; return self so calls chain."""
@@ -55,6 +58,8 @@ class CompressConfig:
             if getattr(self, name) < self.seq_len:
                 raise RanaError(f"{name.replace('_', ' ')} ({getattr(self, name)}) is less than one sequence "
                                 f"of {self.seq_len} tokens")
+        if self.layer_by_layer not in (None, True, False):
+            raise RanaError(f"layer_by_layer must be true, false or null (decide), got {self.layer_by_layer!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise RanaError(f"unknown dtype {self.dtype!r}")
         check_device_name(self.device)  # its form only: the machine that runs the job has the device, or refuses it

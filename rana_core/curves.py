@@ -31,6 +31,7 @@ import torch
 from rana_core.architecture import mlp_parts
 from rana_core.decompose import output_basis, rank_for_budget
 from rana_core.flops import linear_flops, low_rank_flops
+from rana_core.residency import visiting
 from rana_core.profiles import SPLIT_PARTS, SPLIT_RANGE, ProjectionFactors, _moved, _round
 
 CURVES_VERSION = 2  # bump when what a point means changes: old cache entries then miss
@@ -149,8 +150,9 @@ class _RankProjection:
 def qkv_curves(weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor,
                adapter: str) -> dict[str, list[Point]]:
     """The stacked QKV's points for `adapter` ("rank" or "svd"), per weight."""
-    fit, check = halves(rows)
+    fit, check = halves(rows.to(gram.device))
     proj = _RankProjection(weight, gram, fit, check)
+    fisher = fisher.to(gram.device)
     dense = check @ proj.factors.weight.T
     dense_energy = dense.square().sum().item()
     m, n = proj.factors.shape
@@ -184,10 +186,13 @@ def mlp_curves(mlp, gram: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor
     """The MLP's points for `adapter` ("rana", "cats" or "svd"), per weight."""
     _, _, down_proj, act = mlp_parts(mlp)
     weight = down_proj.weight
-    fit, check = (r.to(dtype=torch.float32) for r in halves(rows))
-    dense = mlp(check.to(device=weight.device, dtype=weight.dtype)).float().cpu()
+    device = gram.device  # the curves are measured where calibration ran
+    fit, check = (r.to(device=device, dtype=torch.float32) for r in halves(rows))
+    with visiting(mlp, device):  # the MLP's layer may rest on the CPU
+        dense = mlp(check.to(dtype=weight.dtype)).float()
     dense_energy = dense.square().sum().item()
-    down = weight.detach().float().cpu()
+    down = weight.detach().to(device).float()
+    fisher = fisher.to(device)
     if adapter == "rana":
         return _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher)
     if adapter == "cats":
@@ -241,7 +246,7 @@ def _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
 def _cats_curves(mlp, fit, check, dense, dense_energy, down, act, fisher):
     """CATS at each share of neurons: the gate runs dense, a neuron is kept where |act(gate x)| clears a
     threshold set on the fit rows, and only kept neurons' rows of up and columns of down are computed."""
-    gate_w, up_w = (p.weight.detach().float().cpu() for p in mlp_parts(mlp)[:2])
+    gate_w, up_w = (p.weight.detach().to(fit.device).float() for p in mlp_parts(mlp)[:2])
     g_fit = act(fit @ gate_w.T)
     g_check = act(check @ gate_w.T)
     u_check = check @ up_w.T
@@ -263,7 +268,8 @@ def mlp_svd_bases(mlp, gram: torch.Tensor, fit: torch.Tensor) -> dict:
     """Data-aware output bases of gate and up (from the input gram) and of down (from the dense h of the fit
     rows): the same for the curve and for the adapter built from it."""
     gate, up, down, act = mlp_parts(mlp)
-    gate_w, up_w = (p.weight.detach().float().cpu() for p in (gate, up))
+    fit = fit.to(gram.device)
+    gate_w, up_w = (p.weight.detach().to(gram.device).float() for p in (gate, up))
     h_fit = act(fit @ gate_w.T) * (fit @ up_w.T)
     return {"gate": output_basis(gate_w, gram), "up": output_basis(up_w, gram),
             "down": output_basis(down.weight, h_fit.double().T @ h_fit.double())}
@@ -273,8 +279,8 @@ def _svd_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
     """Static data-aware low rank on gate, up and down at the same keep."""
     bases = mlp_svd_bases(mlp, gram, fit)
     gate, up, _, _ = mlp_parts(mlp)
-    weights = {"gate": gate.weight.detach().float().cpu(), "up": up.weight.detach().float().cpu(),
-               "down": down}
+    weights = {"gate": gate.weight.detach().to(down.device).float(),
+               "up": up.weight.detach().to(down.device).float(), "down": down}
     curves = {w: [] for w in WEIGHTS}
     for keep in SVD_KEEPS:
         ranks = {name: rank_for_budget(*weights[name].shape, 1.0 - keep) for name in bases}

@@ -2,9 +2,15 @@
 
 With calibration inputs X (n × T) and C = X Xᵀ, the outputs W X have covariance W C Wᵀ. Its eigenvectors U are the
 output directions the data actually uses, ordered by the energy they carry. A = U (m × r) and B = Uᵀ W (r × n)
-give A B x, the projection of W x on the top r directions. Everything is computed in float64 whatever the model's
-dtype. C's eigenvalues are floored at a tiny share of their mean, so that directions the calibration data never
-visits (fewer tokens than features, or rounding below zero) still complete the basis, ranked last.
+give A B x, the projection of W x on the top r directions.
+
+Everything is computed in float64 on the device the gram lives on (where calibration ran: a GPU's float64 is fast
+enough for one layer's eigenproblems, and float32 loses the tail of the spectrum that small ranks are chosen
+from). C is lifted by a tiny share of its mean eigenvalue, so that directions the calibration data never visits
+(fewer tokens than features, or rounding below zero) still complete the basis, ranked last. U comes from one
+symmetric eigenproblem of the smaller side of M = W L, with C + εI = L Lᵀ (Cholesky): M Mᵀ = W (C + εI) Wᵀ when
+the layer is wide (m ≤ n), else Mᵀ M, whose eigenvectors V give U = M V / s. Both are far cheaper than an SVD of
+M, on a CPU and on a GPU alike.
 """
 
 from __future__ import annotations
@@ -18,24 +24,31 @@ EIGEN_FLOOR = 1e-6  # relative to the mean eigenvalue of C
 
 @dataclass
 class OutputBasis:
-    U: torch.Tensor  # m × min(m, n), orthonormal columns, float64
+    U: torch.Tensor  # m × min(m, n), orthonormal columns, float64, on the gram's device
     energy: torch.Tensor  # squared singular values of W C^½: output energy per direction, decreasing
 
 
 def output_basis(weight: torch.Tensor, gram: torch.Tensor) -> OutputBasis:
-    W = weight.detach().to(device="cpu", dtype=torch.float64)
     C = gram.to(dtype=torch.float64)
-    eigvals, Q = torch.linalg.eigh(C)
-    floor = EIGEN_FLOOR * max(eigvals.mean().item(), 1e-30)
-    root = Q * eigvals.clamp_min(floor).sqrt()  # C ≈ root rootᵀ
-    U, S, _ = torch.linalg.svd(W @ root, full_matrices=False)
-    return OutputBasis(U=U, energy=S.pow(2))
+    W = weight.detach().to(device=C.device, dtype=torch.float64)
+    m, n = W.shape
+    floor = EIGEN_FLOOR * max(C.diagonal().mean().item(), 1e-30)  # the trace's mean is the eigenvalues' mean
+    lifted = C + floor * torch.eye(n, dtype=C.dtype, device=C.device)
+    if m <= n:
+        energy, U = torch.linalg.eigh(W @ lifted @ W.T)
+        energy, U = energy.flip(0).clamp_min(0), U.flip(1)
+    else:
+        M = W @ torch.linalg.cholesky(lifted)
+        energy, V = torch.linalg.eigh(M.T @ M)
+        energy, V = energy.flip(0).clamp_min(0), V.flip(1)
+        U = (M @ V) / energy.sqrt().clamp_min(1e-300)
+    return OutputBasis(U=U, energy=energy)
 
 
 def low_rank_factors(weight: torch.Tensor, basis: OutputBasis, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) in float64 with A = U[:, :rank] and B = Aᵀ W."""
+    """(A, B) in float64 with A = U[:, :rank] and B = Aᵀ W, on the basis' device."""
     A = basis.U[:, :rank]
-    B = A.T @ weight.detach().to(device="cpu", dtype=torch.float64)
+    B = A.T @ weight.detach().to(device=A.device, dtype=torch.float64)
     return A, B
 
 

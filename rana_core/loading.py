@@ -12,6 +12,7 @@ from torch import nn
 from rana_core.architecture import TINY_CONFIG, family_named, family_of, shape_of
 from rana_core.errors import ModelNotFound
 from rana_core.model_source import GEMMA3_PACKAGE, ModelSource, resolve_model
+from rana_core.residency import rest_layers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -69,6 +70,11 @@ class LoadedModel:
         return self.model.config
 
     @property
+    def device(self) -> torch.device:
+        """Where the run computes: the model's device, also while its layers rest on the CPU."""
+        return torch.device(self.info["device"])
+
+    @property
     def family(self):
         return family_of(self.model)
 
@@ -93,8 +99,12 @@ def tiny_model(family: str = "llama", seed: int = 0) -> nn.Module:
     return model
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
-    """Load `name` (a bundled name, a local folder or a hub id) in eval mode on `device`."""
+def load_model(name: str, device: str = "cpu", dtype: str = "float32",
+               layer_by_layer: bool | None = None) -> LoadedModel:
+    """Load `name` (a bundled name, a local folder or a hub id) in eval mode on `device`. With `layer_by_layer`
+    the decoder layers rest in CPU memory and visit `device` one at a time (rana_core.residency); None decides:
+    on for a CUDA device when the weights would take more than LAYER_BY_LAYER_SHARE of the memory this process
+    may use there."""
     if dtype not in DTYPES:
         raise ModelNotFound(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     source = resolve_model(name)
@@ -121,17 +131,36 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32") -> Loaded
         if gguf_file:
             weights_file = str(Path(location) / gguf_file)
     family_of(model)  # a family rana_core.architecture does not know is one clear line, before any work
-    model = model.to(device=device, dtype=torch_dtype).eval()
+    model = model.to(dtype=torch_dtype).eval()
     model.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
+    if layer_by_layer is None:
+        layer_by_layer = _needs_layer_by_layer(device, n_params * torch.finfo(torch_dtype).bits // 8)
+    if layer_by_layer and device != "cpu":
+        rest_layers(model, model.get_decoder().layers, device)
+    else:
+        layer_by_layer = False  # on the CPU the layers are where they would visit
+        model = model.to(device=device)
     return LoadedModel(
         name=name,
         model=model,
         tokenizer=tokenizer,
         source=source,
         weights_file=weights_file,
-        info={"parameters": n_params, "family": model.config.model_type, "dtype": dtype, "device": device},
+        info={"parameters": n_params, "family": model.config.model_type, "dtype": dtype, "device": device,
+              "layer_by_layer": layer_by_layer},
     )
+
+
+LAYER_BY_LAYER_SHARE = 0.4  # of the GPU memory a process may use: above it the weights rest on the CPU
+
+
+def _needs_layer_by_layer(device: str, weight_bytes: int) -> bool:
+    if not device.startswith("cuda"):
+        return False
+    index = torch.device(device)
+    allowed = torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
+    return weight_bytes > LAYER_BY_LAYER_SHARE * allowed
 
 
 def _assemble_gemma3() -> tuple[str, str]:

@@ -90,16 +90,20 @@ def compress(
     for later runs (the worker and the CLI pass $RANA_DATA_DIR/curves)."""
     config.validate()
     started = time.perf_counter()
+    if config.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(torch.device(config.device))
     plan = StagedProgress(progress, STAGES)
     target = 0.0 if config.method == "dense" else config.flop_reduction
 
     report = plan.stage("load")
     if loaded is None:
         report(0.0, f"loading {config.model}")
-        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+        loaded = load_model(config.model, device=config.device, dtype=config.dtype,
+                            layer_by_layer=config.layer_by_layer)
     report(1.0, f"{config.model}: {loaded.info['parameters'] / 1e6:.1f} M parameters")
 
     report = plan.stage("data")
+    report(0.0, "sampling windows")
     # Two interleaved, disjoint samples of the training split: one builds the adapters, the other sets their
     # thresholds. Thresholds set on the very tokens a basis was fitted to undercount the ranks that new text
     # needs (the basis concentrates *their* energy best), so the cut came out 1-2 points short on held-out text.
@@ -267,5 +271,10 @@ def _layer_results(shapes, meters) -> list[LayerResult]:
 
 def _environment(loaded: LoadedModel) -> dict:
     device = loaded.info["device"]
-    name = torch.cuda.get_device_name() if str(device).startswith("cuda") else platform.processor() or "cpu"
-    return {"device": str(device), "device_name": name, "torch": torch.__version__, **loaded.info}
+    environment = {"device": str(device), "torch": torch.__version__, **loaded.info}
+    if str(device).startswith("cuda"):  # the most this run held on the GPU at once
+        environment["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        environment["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(torch.device(device)) / (1 << 30), 3)
+    else:
+        environment["device_name"] = platform.processor() or "cpu"
+    return environment

@@ -19,6 +19,7 @@ import torch
 from rana_core.adapters.low_rank import RankPlan, plan_rank_adapter
 from rana_core.architecture import mlp_parts
 from rana_core.decompose import OutputBasis, output_basis
+from rana_core.residency import visiting
 
 GRID = 0.025  # keep fractions of up/gate plans are rounded to this step for caching
 SPLIT_PARTS = 18
@@ -52,10 +53,13 @@ class ProjectionFactors:
     energy: torch.Tensor  # float32 (T, r_max): z_i² of the calibration rows
 
     @classmethod
-    def build(cls, weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor) -> "ProjectionFactors":
-        basis = output_basis(weight, gram)
-        B_full = (basis.U.T @ weight.detach().double().cpu()).float()
-        return cls(weight.detach().float().cpu(), basis, B_full, (rows @ B_full.T).square())
+    def build(cls, weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor,
+              basis: OutputBasis | None = None) -> "ProjectionFactors":
+        """On the gram's device (where calibration ran); `basis` if already computed for this weight and gram."""
+        basis = basis or output_basis(weight, gram)
+        weight = weight.detach().to(gram.device)
+        B_full = (basis.U.T @ weight.double()).float()
+        return cls(weight.float(), basis, B_full, (rows.to(gram.device) @ B_full.T).square())
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -78,8 +82,8 @@ class ProjectionFactors:
 class QKVProfile:
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor):
         self.proj = ProjectionFactors.build(weight, gram, rows)
-        self.rows = rows
-        self.dense = rows @ self.proj.weight.T
+        self.rows = rows.to(gram.device)
+        self.dense = self.rows @ self.proj.weight.T
         self._loss_errors: dict[float, float] = {}
 
     @lru_cache(maxsize=None)
@@ -110,15 +114,14 @@ class MLPChoice:
 
 class MLPProfile:
     def __init__(self, mlp, gram: torch.Tensor, rows: torch.Tensor):
-        self.rows = rows
+        self.rows = rows = rows.to(gram.device)  # all of the profile lives where the gram does
         gate, up, down, self.act = mlp_parts(mlp)
         self.up = ProjectionFactors.build(up.weight, gram, rows)
         self.gate = ProjectionFactors.build(gate.weight, gram, rows)
-        self.down_weight = down.weight.detach().float().cpu()
+        self.down_weight = down.weight.detach().to(gram.device).float()
         self.column_norms = self.down_weight.norm(dim=0)
-        with torch.no_grad():
-            weight = down.weight  # rows are kept on the CPU; the MLP may live on a GPU
-            self.dense = mlp(rows.to(device=weight.device, dtype=weight.dtype)).float().cpu()
+        with torch.no_grad(), visiting(mlp, gram.device):  # the MLP's layer may rest on the CPU
+            self.dense = mlp(rows.to(dtype=down.weight.dtype)).float()
         self.dense_energy = self.dense.square().sum().item()
         self._outputs: dict[tuple[str, float], torch.Tensor] = {}
         self._plans: dict[tuple[str, float], RankPlan] = {}

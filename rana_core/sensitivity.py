@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from rana_core.adapters.base import layer_members
 from rana_core.architecture import layer_mlp
 from rana_core.progress import ProgressFn, no_progress
+from rana_core.residency import recomputing
 
 
 def fisher_diagonals(model, layers, windows: torch.Tensor, batch_size: int = 2,
@@ -37,7 +38,7 @@ def fisher_diagonals(model, layers, windows: torch.Tensor, batch_size: int = 2,
     device = next(model.parameters()).device
     tokens = 0
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), recomputing(model):  # layers resting on the CPU revisit the GPU backwards
             n = windows.shape[0]
             for start in range(0, n, batch_size):
                 batch = windows[start : start + batch_size].to(device)
@@ -58,5 +59,5 @@ def fisher_diagonals(model, layers, windows: torch.Tensor, batch_size: int = 2,
 
 
 def _add(sums: dict, key, grad: torch.Tensor) -> None:
-    squares = grad.detach().float().square().reshape(-1, grad.shape[-1]).sum(0).cpu()
+    squares = grad.detach().float().square().reshape(-1, grad.shape[-1]).sum(0)  # stays on the run's device
     sums[key] = sums[key] + squares if key in sums else squares

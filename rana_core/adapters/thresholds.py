@@ -25,7 +25,9 @@ class ScoreHistogram:
         flat = scores.detach().reshape(-1).float().clamp_min(1e-30).log10()
         index = ((flat - LOG10_LOW) / (LOG10_HIGH - LOG10_LOW) * BINS).floor().long() + 1
         index = index.clamp(0, BINS + 1)
-        self.counts += torch.bincount(index.cpu(), minlength=BINS + 2).double()
+        if self.counts.device != index.device:  # count where the scores are: no copy of them per batch
+            self.counts = self.counts.to(index.device)
+        self.counts += torch.bincount(index, minlength=BINS + 2).double()
         self.tokens += scores.numel() // scores.shape[-1]
 
     def threshold_for(self, mean_kept: float) -> float:
@@ -33,6 +35,7 @@ class ScoreHistogram:
         if self.tokens == 0:
             raise ValueError("no scores collected")
         want = mean_kept * self.tokens
+        self.counts = self.counts.cpu()
         above = torch.flip(self.counts, [0]).cumsum(0)  # entries at or above each bin, from the top
         if want <= 0:
             return math.inf

@@ -37,7 +37,7 @@ from rana_core.adapters.a3 import A3MLP, A3Attention, kept_coordinates, model_ro
 from rana_core.adapters.base import layer_members, unwrapped
 from rana_core.allocation import Curve, greedy_allocation
 from rana_core.architecture import Shape, attention_parts, layer_attention, layer_mlp
-from rana_core.calibration import capture_module_inputs
+from rana_core.calibration import each_layer_inputs
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError, RanaError
 from rana_core.methods.calibration_check import calibration_slices, least_loss
@@ -107,9 +107,9 @@ def check_supported(loaded) -> tuple[torch.Tensor, torch.Tensor]:
 def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape: Shape, first: torch.Tensor,
                   second: torch.Tensor) -> LayerAnalysis:
     R = attn_gram.double()
-    # the statistics are float64 on the CPU; the weights may live on a GPU
-    q, k, v = (m.weight.detach().double().cpu() for m in layer_members(layer, "qkv"))
-    o = attention_parts(unwrapped(layer_attention(layer)))[3].weight.detach().double().cpu()
+    # the statistics are float64 where calibration ran; the weights may rest elsewhere
+    q, k, v = (m.weight.detach().to(R.device).double() for m in layer_members(layer, "qkv"))
+    o = attention_parts(unwrapped(layer_attention(layer)))[3].weight.detach().to(R.device).double()
     d_h, group = shape.head_dim, shape.heads // shape.kv_heads
     q_moment = ((q @ R) * q).sum(1).view(shape.heads, d_h)  # E[q_j²]·tokens, pre-RoPE, per head
     k_moment = ((k @ R) * k).sum(1).view(shape.kv_heads, d_h)
@@ -117,20 +117,18 @@ def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape:
     scores = lam[:, first] + lam[:, second]
     pair_scores, pair_order = scores.sort(dim=1, descending=True)
 
-    value_factor, output_factor, energy = [], [], []
-    for j in range(shape.kv_heads):
-        v_j = v[j * d_h:(j + 1) * d_h].T  # d × d_h
-        o_cat = torch.cat([o[:, h * d_h:(h + 1) * d_h].T for h in range(j * group, (j + 1) * group)], dim=1)
-        evals, evecs = torch.linalg.eigh(v_j.T @ R @ v_j)
-        evals = evals.clamp_min(evals.max() * 1e-12)
-        T, T_inv = evals.sqrt()[:, None] * evecs.T, evecs / evals.sqrt()[None, :]
-        U, S, _ = torch.linalg.svd(T @ o_cat, full_matrices=False)
-        value_factor.append(T_inv @ U)
-        output_factor.append(U.T @ T)
-        energy.append(S.square())
+    # every KV group at once, batched over the groups
+    v_heads = v.view(shape.kv_heads, d_h, -1).transpose(1, 2)  # (kv, d, d_h)
+    o_cat = o.view(o.shape[0], shape.kv_heads, group * d_h).permute(1, 2, 0)  # (kv, group·d_h, d): W_o,i stacked
+    o_cat = o_cat.reshape(shape.kv_heads, group, d_h, -1).transpose(1, 2).reshape(shape.kv_heads, d_h, -1)
+    evals, evecs = torch.linalg.eigh(v_heads.transpose(1, 2) @ R @ v_heads)
+    evals = torch.maximum(evals, evals.amax(1, keepdim=True) * 1e-12)
+    T, T_inv = evals.sqrt()[:, :, None] * evecs.transpose(1, 2), evecs / evals.sqrt()[:, None, :]
+    U, S, _ = torch.linalg.svd(T @ o_cat, full_matrices=False)
+    value_factor, output_factor, energy = T_inv @ U, U.transpose(1, 2) @ T, S.square()
 
-    down = layer_members(layer, "down")[0].weight.detach().double().cpu().T  # inner × d: row i, channel i's output
-    H = mlp_gram.double()
+    down = layer_members(layer, "down")[0].weight.detach().to(R.device).double().T  # inner × d: row i, channel i's output
+    H = mlp_gram.to(R.device).double()
     lam_mlp = H.diagonal() * down.square().sum(1)
     channel_order = lam_mlp.argsort(descending=True)
     # ‖H_D W_D‖² for a dropped set D is 1ᵀ_D (R_h ∘ W Wᵀ) 1_D: prefix sums along the drop order
@@ -139,20 +137,18 @@ def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape:
     dropping = channel_order.flip(0)
     tail = cross[dropping][:, dropping].cumsum(0).cumsum(1).diagonal()  # error after dropping 1, 2, … channels
     error_kept = torch.cat([tail.flip(0), tail.new_zeros(1)]) / cross.sum()  # index r: keep the first r
-    return LayerAnalysis(pair_order, pair_scores, torch.stack(value_factor), torch.stack(output_factor),
-                         torch.stack(energy), channel_order, error_kept.float())
+    return LayerAnalysis(pair_order, pair_scores, value_factor, output_factor, energy, channel_order,
+                         error_kept.float())
 
 
 def analyse(loaded, calib_windows, progress) -> list[LayerAnalysis]:
     first, second = check_supported(loaded)
     shape = loaded.shape
-    stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.7 * f, f"calibration {m}"),
-                                  inputs=("attention", "down"))
     analyses = []
-    for index, layer in enumerate(loaded.layers):
-        attn, mlp = stats.pop((index, "attention")), stats.pop((index, "down"))
-        analyses.append(analyse_layer(layer, attn.gram, mlp.gram, shape, first, second))
-        progress(0.7 + 0.2 * (index + 1) / len(loaded.layers), f"analysed layer {index + 1}/{len(loaded.layers)}")
+    for index, stats in each_layer_inputs(loaded, calib_windows, lambda f, m: progress(0.9 * f, f"calibration {m}"),
+                                          inputs=("attention", "down")):
+        analyses.append(analyse_layer(loaded.layers[index], stats["attention"].gram, stats["down"].gram, shape,
+                                      first, second))
     return analyses
 
 
@@ -227,8 +223,8 @@ def layer_adapters(layer, index: int, analysis: LayerAnalysis, widths: dict[str,
     d_h, group, r_qk, r_vo = shape.head_dim, shape.heads // shape.kv_heads, widths["qk"], widths["ov"]
     coords = torch.stack([kept_coordinates(first, second, analysis.pair_order[j, : r_qk // 2])
                           for j in range(shape.kv_heads)])
-    # the analysis is on the CPU; A3Attention moves what it keeps to the layer's device
-    v, o = (m.weight.detach().double().cpu() for m in attention_parts(attention)[2:])
+    # the analysis is where calibration ran; A3Attention moves what it keeps to the layer's device
+    v, o = (m.weight.detach().to(analysis.value_factor.device).double() for m in attention_parts(attention)[2:])
     v_rows, o_cols = [], []
     for j in range(shape.kv_heads):
         v_rows.append(analysis.value_factor[j][:, :r_vo].T @ v[j * d_h:(j + 1) * d_h])  # r_vo × d

@@ -1,0 +1,107 @@
+"""Layer by layer: calibration carried through the decoder one layer at a time gathers what one whole-model pass
+gathers, a backward pass through resting layers gives the same loss gradients, and on a GPU (marked `gpu`) a model
+whose layers rest on the CPU compresses to what the resident model gives, within a memory cap it would not fit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from rana_core.architecture import family_of
+from rana_core.calibration import capture_input_stats, capture_module_inputs
+from rana_core.config import CompressConfig
+from rana_core.corpus import token_windows
+from rana_core.loading import load_model
+from rana_core.pipeline import compress
+from rana_core.residency import rest_layers
+from rana_core.sensitivity import fisher_diagonals
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: sliding-window and full layers take other masks
+def test_layer_after_layer_gathers_what_one_whole_model_pass_gathers(family):
+    loaded = load_model(f"tiny-{family}")
+    windows = token_windows(loaded.tokenizer, "train", 1024, 128)
+    inputs = ("attention", "mlp", "down")
+    layerwise = capture_module_inputs(loaded, windows, row_stride=7, inputs=inputs)
+    hooks = {(i, name): layer.get_submodule(family_of(layer).input_path(name))
+             for i, layer in enumerate(loaded.layers) for name in inputs}
+    whole = capture_input_stats(loaded.model, windows, hooks, row_stride=7)
+    assert set(layerwise) == set(whole)
+    for key in whole:
+        assert layerwise[key].tokens == whole[key].tokens == windows.numel()
+        torch.testing.assert_close(layerwise[key].gram, whole[key].gram, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(layerwise[key].rows, whole[key].rows, rtol=1e-6, atol=1e-6)
+
+
+def test_a_backward_pass_through_resting_layers_gives_the_same_loss_gradients():
+    windows = token_windows(load_model("tiny").tokenizer, "train", 512, 128)
+    resident = load_model("tiny")
+    expected = fisher_diagonals(resident.model, resident.layers, windows)
+    resting = load_model("tiny")
+    rest_layers(resting.model, resting.layers, "cpu")  # each layer call a recomputed checkpoint in the backward
+    got = fisher_diagonals(resting.model, resting.layers, windows)
+    assert set(got) == set(expected)
+    for key in expected:
+        assert expected[key].abs().max() > 0
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("method, allocation", [("svd", "uniform"), ("cats", "uniform"), ("rana", "greedy"),
+                                                ("a3", "greedy"), ("hybrid", "exact-loss")])
+def test_resting_layers_compress_to_what_the_resident_model_gives(method, allocation):
+    config = dict(model="tiny-llama", method=method, allocation=allocation, flop_reduction=0.3, calib_tokens=2048,
+                  eval_tokens=1024, seq_len=128, device="cuda")
+    resident = compress(CompressConfig(**config, layer_by_layer=False))
+    resting = compress(CompressConfig(**config, layer_by_layer=True))
+    assert resident.environment["layer_by_layer"] is False and resting.environment["layer_by_layer"] is True
+    assert abs(resting.perplexity - resident.perplexity) <= 1e-3 * resident.perplexity
+    assert abs(resting.measured_flop_reduction - resident.measured_flop_reduction) <= 1e-3
+
+
+@pytest.mark.gpu
+@cuda
+def test_a_model_larger_than_the_memory_cap_is_built_layer_by_layer_within_it(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = LlamaConfig(vocab_size=257, hidden_size=2048, intermediate_size=5632, num_hidden_layers=12,
+                        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=512,
+                        tie_word_embeddings=False)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(shape).to(torch.bfloat16)
+    weights_gib = sum(p.numel() for p in model.parameters()) * 2 / 2**30
+    model.save_pretrained(tmp_path / "model")
+    del model
+    torch.cuda.empty_cache()
+    _byte_tokenizer().save_pretrained(tmp_path / "model")
+    cap = 1.0
+    assert weights_gib > 1.5 * cap  # the model could not be on the GPU whole
+    run = subprocess.run([sys.executable, "-m", "rana_cli.main", "compress", "--model", str(tmp_path / "model"),
+                          "--method", "svd", "--flop-reduction", "0.3", "--calib-tokens", "1024", "--eval-tokens",
+                          "1024", "--seq-len", "256", "--dtype", "bfloat16", "--max-gpu-memory", str(cap),
+                          "--json", "-"], capture_output=True, text=True,
+                         env={**os.environ, "RANA_DEVICE": "cuda", "RANA_DATA_DIR": str(tmp_path)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout)
+    assert result["environment"]["layer_by_layer"] is True
+    assert result["environment"]["peak_gpu_gib"] <= cap
+    assert abs(result["measured_flop_reduction"] - 0.3) <= 0.03
+
+
+def _byte_tokenizer():
+    """A byte-level BPE with no merges (256 byte symbols and an end-of-text token): a real tokenizer folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {symbol: i for i, symbol in enumerate(sorted(ByteLevel.alphabet()))} | {"<|endoftext|>": 256}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
