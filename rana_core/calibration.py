@@ -51,8 +51,13 @@ class InputStats:
         if self.row_stride:
             offset = (-self.tokens) % self.row_stride  # the stride runs on across batches
             self.kept.append(rows[offset :: self.row_stride].clone())
-        # One batch's product in float32 is accurate to ~1e-7 relative; the running sum across batches is float64.
-        self.gram += (rows.T @ rows).double()
+        # On a GPU the product is float64 (a millisecond for a 7B layer's batch), so C stays positive semidefinite
+        # to float64 rounding; a CPU keeps float32 products (accurate to ~1e-7 relative, twice as fast there) and
+        # only the running sum across batches is float64.
+        if rows.is_cuda:
+            self.gram += rows.double().T @ rows.double()
+        else:
+            self.gram += (rows.T @ rows).double()
         self.tokens += rows.shape[0]
 
     def to(self, device) -> "InputStats":

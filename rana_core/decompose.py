@@ -33,16 +33,27 @@ def output_basis(weight: torch.Tensor, gram: torch.Tensor) -> OutputBasis:
     W = weight.detach().to(device=C.device, dtype=torch.float64)
     m, n = W.shape
     floor = EIGEN_FLOOR * max(C.diagonal().mean().item(), 1e-30)  # the trace's mean is the eigenvalues' mean
-    lifted = C + floor * torch.eye(n, dtype=C.dtype, device=C.device)
     if m <= n:
-        energy, U = torch.linalg.eigh(W @ lifted @ W.T)
+        energy, U = torch.linalg.eigh(W @ C @ W.T + floor * (W @ W.T))
         energy, U = energy.flip(0).clamp_min(0), U.flip(1)
     else:
-        M = W @ torch.linalg.cholesky(lifted)
+        M = W @ _cholesky(C, floor)
         energy, V = torch.linalg.eigh(M.T @ M)
         energy, V = energy.flip(0).clamp_min(0), V.flip(1)
         U = (M @ V) / energy.sqrt().clamp_min(1e-300)
     return OutputBasis(U=U, energy=energy)
+
+
+def _cholesky(C: torch.Tensor, floor: float) -> torch.Tensor:
+    """L with L Lᵀ = C + εI. ε starts at `floor` and grows tenfold while rounding leaves C + εI indefinite (a
+    gram summed from float32 products is semidefinite only to float32 rounding of its largest eigenvalue)."""
+    eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+    for _ in range(12):
+        L, info = torch.linalg.cholesky_ex(C + floor * eye)
+        if int(info) == 0:
+            return L
+        floor *= 10
+    raise ValueError("the calibration gram is not positive semidefinite (non-finite inputs?)")
 
 
 def low_rank_factors(weight: torch.Tensor, basis: OutputBasis, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -91,7 +91,7 @@ def compress(
     config.validate()
     started = time.perf_counter()
     if config.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(torch.device(config.device))
+        torch.cuda.reset_peak_memory_stats(_cuda_index(config.device))
     plan = StagedProgress(progress, STAGES)
     target = 0.0 if config.method == "dense" else config.flop_reduction
 
@@ -273,8 +273,14 @@ def _environment(loaded: LoadedModel) -> dict:
     device = loaded.info["device"]
     environment = {"device": str(device), "torch": torch.__version__, **loaded.info}
     if str(device).startswith("cuda"):  # the most this run held on the GPU at once
-        environment["device_name"] = torch.cuda.get_device_name(torch.device(device))
-        environment["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(torch.device(device)) / (1 << 30), 3)
+        environment["device_name"] = torch.cuda.get_device_name(_cuda_index(device))
+        environment["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(_cuda_index(device)) / (1 << 30), 3)
     else:
         environment["device_name"] = platform.processor() or "cpu"
     return environment
+
+
+def _cuda_index(device: str) -> int:
+    """CUDA's memory statistics want an index: plain "cuda" is the current device."""
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index

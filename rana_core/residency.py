@@ -33,7 +33,7 @@ _RESTING = "_rana_resting_device"  # attribute on a resting model: the device it
 
 def rest_layers(model: nn.Module, layers: nn.ModuleList, device) -> None:
     """Put `layers` to rest on the CPU and everything else of `model` on `device`; calls of a layer visit `device`."""
-    device = torch.device(device)
+    device = _normal(device)
     in_layers = {id(sub) for layer in layers for sub in layer.modules()}
     for module in model.modules():  # everything outside the layers lives on the device
         if id(module) in in_layers:
@@ -64,7 +64,7 @@ def resting_device(model: nn.Module) -> torch.device | None:
 @contextmanager
 def visiting(module: nn.Module, device):
     """`module`'s parameters and buffers on `device` for the block (nothing moves if they are there already)."""
-    device = torch.device(device)
+    device = _normal(device)
     swapped = []  # (store, name, resting tensor, visiting tensor)
     copies: dict[int, torch.Tensor] = {}  # a tensor registered twice visits as one copy
     for sub in module.modules():
@@ -117,6 +117,14 @@ def _wrap(layer: nn.Module, device: torch.device) -> None:
 
     layer.forward = forward
     layer._rana_visits = True
+
+
+def _normal(device) -> torch.device:
+    """cuda means the current CUDA device: named by its index, so that tensors there compare equal to it."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _moved(tensor: torch.Tensor, device, pin: bool = False, non_blocking: bool = False) -> torch.Tensor:

@@ -137,8 +137,9 @@ def analyse_layer(layer, attn_gram: torch.Tensor, mlp_gram: torch.Tensor, shape:
     dropping = channel_order.flip(0)
     tail = cross[dropping][:, dropping].cumsum(0).cumsum(1).diagonal()  # error after dropping 1, 2, … channels
     error_kept = torch.cat([tail.flip(0), tail.new_zeros(1)]) / cross.sum()  # index r: keep the first r
-    return LayerAnalysis(pair_order, pair_scores, value_factor, output_factor, energy, channel_order,
-                         error_kept.float())
+    # the orders index CPU tensors (the rotary pairs) and resting weights: they are small, kept on the CPU
+    return LayerAnalysis(pair_order.cpu(), pair_scores.cpu(), value_factor, output_factor, energy,
+                         channel_order.cpu(), error_kept.float().cpu())
 
 
 def analyse(loaded, calib_windows, progress) -> list[LayerAnalysis]:

@@ -37,10 +37,11 @@ from rana_core.calibration import capture_module_inputs
 from rana_core.corpus import windows_digest
 from rana_core.curves import (CurveCache, Point, dense_point, halves, mlp_curves, mlp_dense_flops, mlp_svd_bases,
                               qkv_curves)
-from rana_core.decompose import low_rank_factors, output_basis
+from rana_core.decompose import OutputBasis, low_rank_factors, output_basis
 from rana_core.errors import BudgetError
 from rana_core.flops import linear_flops
 from rana_core.methods.calibration_check import calibration_slices, least_loss
+from rana_core.residency import resting_device
 
 ROWS = 2048  # calibration rows kept per module input: half fit the thresholds, half check error and FLOPs
 SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules, and that probe the scales
@@ -129,14 +130,23 @@ class HybridState:
         self.sensitivity, self.check = calibration_slices(calib_windows, SENSITIVITY_TOKENS, CHECK_TOKENS)
         self.cache = CurveCache(model_hash(loaded), f"{self.digest}-r{ROWS}-s{SENSITIVITY_TOKENS}", cache_dir)
         self.memory = loaded.cached(("hybrid", self.digest), dict)  # inputs, fisher, bases, curves
+        # With the layers resting on the CPU (a model larger than the GPU allows), what is kept for all layers
+        # (inputs, bases) is parked in CPU memory too, and each layer's share visits the device when it is used.
+        self.device = loaded.device
+        self.park = torch.device("cpu") if resting_device(loaded.model) is not None else None
 
     def inputs(self) -> dict:
         if "inputs" not in self.memory:
             stride = max(1, self.windows.numel() // ROWS)
             self.memory["inputs"] = capture_module_inputs(
                 self.loaded, self.windows, lambda f, m: self.progress(0.1 * f, f"calibration {m}"),
-                row_stride=stride, inputs=("attention", "mlp"))
+                row_stride=stride, inputs=("attention", "mlp"), keep_on=self.park)
         return self.memory["inputs"]
+
+    def layer_inputs(self, index: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gram, rows) of one layer's input, on the run's device."""
+        stats = self.inputs()[(index, name)]
+        return stats.gram.to(self.device), stats.rows.to(self.device)
 
     def fisher(self) -> dict:
         if "fisher" not in self.memory:
@@ -161,13 +171,13 @@ class HybridState:
         curves = {}
         for index, layer in enumerate(layers):
             def qkv(adapter, index=index, layer=layer):
-                stats = self.inputs()[(index, "attention")]
                 weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
-                return qkv_curves(weight, stats.gram, stats.rows, self.fisher()[(index, "qkv")], adapter)
+                return qkv_curves(weight, *self.layer_inputs(index, "attention"), self.fisher()[(index, "qkv")],
+                                  adapter)
 
             def mlp(adapter, index=index, layer=layer):
-                stats = self.inputs()[(index, "mlp")]
-                return mlp_curves(layer_mlp(layer), stats.gram, stats.rows, self.fisher()[(index, "mlp")], adapter)
+                return mlp_curves(layer_mlp(layer), *self.layer_inputs(index, "mlp"), self.fisher()[(index, "mlp")],
+                                  adapter)
 
             curves[(index, "qkv")] = {a: self.cache.get((index, "qkv"), a, lambda a=a: qkv(a)) for a in QKV_ADAPTERS}
             curves[(index, "mlp")] = {a: self.cache.get((index, "mlp"), a, lambda a=a: mlp(a)) for a in MLP_ADAPTERS}
@@ -210,11 +220,19 @@ class HybridState:
             unit for key, point in sorted(chosen.items()) for unit in self.build_point(key, point)]
             for name, chosen in allocations.items()}, self.check, lambda f, m: self.progress(0.85 + 0.1 * f, m))[1]
 
-    def basis(self, index: int, name: str, weight: torch.Tensor, gram: torch.Tensor):
+    def basis(self, index: int, name: str, weight: torch.Tensor, input_name: str) -> OutputBasis:
+        """The output basis of `weight` on the layer's `input_name` gram, kept (parked) for later builds and
+        handed out on the run's device."""
         key = ("basis", index, name)
         if key not in self.memory:
-            self.memory[key] = output_basis(weight, gram)
-        return self.memory[key]
+            self.memory[key] = self._parked(output_basis(weight, self.layer_inputs(index, input_name)[0]))
+        return self._on_device(self.memory[key])
+
+    def _parked(self, basis: OutputBasis) -> OutputBasis:
+        return basis if self.park is None else OutputBasis(basis.U.to(self.park), basis.energy.to(self.park))
+
+    def _on_device(self, basis: OutputBasis) -> OutputBasis:
+        return OutputBasis(basis.U.to(self.device), basis.energy.to(self.device))
 
     def build_point(self, key: tuple, point: Point) -> list:
         """The adapter(s) of one module at one curve point; thresholds start at the fit rows' values and the
@@ -226,18 +244,17 @@ class HybridState:
         if module == "qkv":
             members = layer_members(layer, "qkv")
             weight = torch.cat([m.weight for m in members])
-            basis = self.basis(index, "qkv", weight, self.inputs()[(index, "attention")].gram)
+            basis = self.basis(index, "qkv", weight, "attention")
             if point.adapter == "rank":
                 return [_rank_unit(members, index, "qkv", weight, basis, point.params)]
             return [LowRankUnit(members, index, "qkv", *low_rank_factors(weight, basis, point.params["rank"]))]
         mlp = layer_mlp(layer)
         gate, _, down_proj, _ = mlp_parts(mlp)
-        stats = self.inputs()[(index, "mlp")]
         if point.adapter == "rana":
             units = {}
             for which in ("up", "gate"):
                 members = layer_members(layer, which)
-                basis = self.basis(index, which, members[0].weight, stats.gram)
+                basis = self.basis(index, which, members[0].weight, "mlp")
                 units[which] = _rank_unit(members, index, which, members[0].weight, basis, point.params[which])
             down = point.params["down"]
             inner = down_proj.in_features
@@ -247,8 +264,10 @@ class HybridState:
             cats = CatsMLP(mlp, index, point.params["active"] / gate.out_features, point.params["tau"])
             return [cats]
         if ("svd bases", index) not in self.memory:
-            self.memory[("svd bases", index)] = mlp_svd_bases(mlp, stats.gram, halves(stats.rows)[0])
-        bases = self.memory[("svd bases", index)]
+            gram, rows = self.layer_inputs(index, "mlp")
+            self.memory[("svd bases", index)] = {
+                which: self._parked(basis) for which, basis in mlp_svd_bases(mlp, gram, halves(rows)[0]).items()}
+        bases = {which: self._on_device(basis) for which, basis in self.memory[("svd bases", index)].items()}
         units = []
         for which in ("gate", "up", "down"):
             members = layer_members(layer, which)

@@ -24,13 +24,14 @@ from rana_core.adapters.low_rank import RankMaskedUnit
 from rana_core.adapters.mlp import NeuronMaskedUnit, RaNAMLP
 from rana_core.allocation import Curve, greedy_allocation
 from rana_core.architecture import layer_mlp, mlp_parts, shape_of
-from rana_core.calibration import capture_module_inputs
+from rana_core.calibration import each_layer_inputs
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError
 from rana_core.evaluate import perplexity
 from rana_core.flops import linear_flops
 from rana_core.methods.calibration_check import calibration_slices, least_loss
-from rana_core.profiles import MLPProfile, QKVProfile
+from rana_core.profiles import MLPProfile, QKVProfile, on_device
+from rana_core.residency import resting_device
 from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
@@ -86,26 +87,29 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
 def _model_adapters(layers, qkv: dict, mlp: dict, keeps: dict, fisher: dict | None) -> list:
     adapters = []
     for index, layer in enumerate(layers):
-        adapters.extend(_layer_adapters(layer, index, qkv[index], mlp[index], keeps[(index, "qkv")],
-                                        keeps[(index, "mlp")], fisher[(index, "mlp")] if fisher else None))
+        with on_device((qkv[index], mlp[index])):
+            adapters.extend(_layer_adapters(layer, index, qkv[index], mlp[index], keeps[(index, "qkv")],
+                                            keeps[(index, "mlp")], fisher[(index, "mlp")] if fisher else None))
     return adapters
 
 
 def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
-    """QKV and MLP profiles of every layer from one calibration pass over the dense model."""
+    """QKV and MLP profiles of every layer, built layer after layer from one calibration pass over the dense
+    model. While the model's layers rest in CPU memory (rana_core.residency) each profile is parked there too
+    once built, and visits the device whenever it is used (profiles.on_device)."""
     stride = max(1, calib_windows.numel() // SEARCH_TOKENS)
-    # Down's neuron adapter needs no decomposition, so its (wide) input is not captured.
-    stats = capture_module_inputs(loaded, calib_windows, lambda f, m: progress(0.3 * f, f"calibration {m}"),
-                                  row_stride=stride, inputs=("attention", "mlp"))
+    park = torch.device("cpu") if resting_device(loaded.model) is not None else None
     qkv, mlp = {}, {}
     layers = loaded.layers
-    for index, layer in enumerate(layers):
-        attn_in = stats.pop((index, "attention"))
-        mlp_in = stats.pop((index, "mlp"))
+    # Down's neuron adapter needs no decomposition, so its (wide) input is not captured.
+    for index, stats in each_layer_inputs(loaded, calib_windows, lambda f, m: progress(0.5 * f, f"calibration {m}"),
+                                          row_stride=stride, inputs=("attention", "mlp")):
+        layer = layers[index]
         weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
-        qkv[index] = QKVProfile(weight, attn_in.gram, attn_in.rows)
-        mlp[index] = MLPProfile(layer_mlp(layer), mlp_in.gram, mlp_in.rows)
-        progress(0.3 + 0.2 * (index + 1) / len(layers), f"profiled layer {index + 1}/{len(layers)}")
+        qkv[index] = QKVProfile(weight, stats["attention"].gram, stats["attention"].rows)
+        mlp[index] = MLPProfile(layer_mlp(layer), stats["mlp"].gram, stats["mlp"].rows)
+        if park is not None:
+            qkv[index].to(park), mlp[index].to(park)
     return qkv, mlp
 
 
@@ -123,20 +127,19 @@ def loss_model(loaded, qkv: dict, mlp: dict, windows, progress) -> tuple[dict, d
     scales = {}
     for part in ("qkv", "mlp"):
         progress(0.5, f"probing {part}")
-        adapters = []
+        adapters, errors = [], []
         for i, layer in enumerate(layers):
             keep_qkv, keep_mlp = (PROBE_KEEP, 1.0) if part == "qkv" else (1.0, PROBE_KEEP)
-            adapters += _layer_adapters(layer, i, qkv[i], mlp[i], keep_qkv, keep_mlp, fisher[(i, "mlp")])
+            with on_device((qkv[i], mlp[i])):
+                adapters += _layer_adapters(layer, i, qkv[i], mlp[i], keep_qkv, keep_mlp, fisher[(i, "mlp")])
+                errors.append(qkv[i].loss_error(PROBE_KEEP, fisher[(i, "qkv")]) if part == "qkv"
+                              else mlp[i].best_split(PROBE_KEEP, fisher[(i, "mlp")]).error)
         inject(layers, adapters)
         try:
             actual = perplexity(loaded.model, windows).mean_nll - base
         finally:
             unload(layers)
-        if part == "qkv":
-            predicted = sum(qkv[i].loss_error(PROBE_KEEP, fisher[(i, "qkv")]) for i in qkv) / 2
-        else:
-            predicted = sum(mlp[i].best_split(PROBE_KEEP, fisher[(i, "mlp")]).error for i in mlp) / 2
-        scales[part] = max(actual, 1e-6) / max(predicted, 1e-12)
+        scales[part] = max(actual, 1e-6) / max(sum(errors) / 2, 1e-12)
     return fisher, scales
 
 
@@ -158,6 +161,13 @@ def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progr
     keeps = {(i, "qkv"): 1.0 for i in qkv} | {(i, "mlp"): 1.0 for i in mlp}
     if allocation == "uniform":
         return keeps | {(i, part): 1.0 - reduction for i in qkv for part in parts}
+    for i in qkv:
+        if qkv[i].device != qkv[i].built_on:  # parked off the device: fill its curves in one visit (the greedy
+            with on_device((qkv[i], mlp[i])):  # below asks for the same keeps in the same order, from the memo)
+                for keep in CURVE_KEEPS:
+                    if adapt_qkv:
+                        qkv[i].loss_error(keep, fisher[(i, "qkv")])
+                    mlp[i].curve_error(keep, fisher[(i, "mlp")])
     curves = {}
     for i in qkv:
         if adapt_qkv:
