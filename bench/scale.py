@@ -17,7 +17,10 @@ Prints a table and adds one entry per (label, method) to bench/results/scale-<de
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
+import signal
 import sys
 import tempfile
 import time
@@ -72,6 +75,7 @@ class StageClock:
         if stage != self.current:
             self._close()
             self.current = stage
+        self.last_message = message
 
     def _close(self) -> None:
         now = time.perf_counter()
@@ -98,12 +102,28 @@ def measure(loaded, label: str, name: str, args, cache_dir: Path) -> dict:
     _reset_peak()
     clock = StageClock()
     started = time.perf_counter()
+    profiler = cProfile.Profile() if args.profile else None
+
+    def out_of_time(_signum, _frame):
+        raise TimeoutError(f"over {args.method_timeout} s, at '{getattr(clock, 'last_message', '')}'")
+
+    signal.signal(signal.SIGALRM, out_of_time)
+    signal.alarm(args.method_timeout or 0)
     try:
+        if profiler:
+            profiler.enable()
         result = compress(config, progress=clock, loaded=loaded, cache_dir=cache_dir)
         outcome = {"perplexity": round(result.perplexity, 3), "dense_perplexity": round(result.dense_perplexity, 3),
                    "measured_flop_reduction": round(result.measured_flop_reduction, 4)}
     except Exception as exc:  # a failed method is a row of the table, not the end of the bench
         outcome = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
+    finally:
+        signal.alarm(0)
+        if profiler:
+            profiler.disable()
+            args.profile.mkdir(parents=True, exist_ok=True)
+            with open(args.profile / f"{label}-{name}.txt", "w") as handle:
+                pstats.Stats(profiler, stream=handle).sort_stats("cumulative").print_stats(40)
     seconds = time.perf_counter() - started
     return {"label": label, "method": name, "budget": args.budget, "seconds": round(seconds, 1),
             "stages": clock.finish(), **_peaks(),
@@ -145,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--layer-by-layer", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--method-timeout", type=int, help="stop a method after this many seconds (a row says where)")
+    parser.add_argument("--profile", type=Path, metavar="FOLDER", help="write each method's cProfile summary here")
     args = parser.parse_args(argv)
     if args.build_7b:
         build_7b(args.build_7b, args.tokenizer)

@@ -32,6 +32,7 @@ from rana_core.architecture import mlp_parts
 from rana_core.decompose import output_basis, rank_for_budget
 from rana_core.flops import linear_flops, low_rank_flops
 from rana_core.residency import visiting
+from rana_core.selection import kth_largest
 from rana_core.profiles import SPLIT_PARTS, SPLIT_RANGE, ProjectionFactors, _moved, _round
 
 CURVES_VERSION = 2  # bump when what a point means changes: old cache entries then miss
@@ -109,7 +110,7 @@ def _threshold(scores: torch.Tensor, keep: float) -> float:
     """The score that keeps a share `keep` of all entries of `scores` (the count-th largest)."""
     flat = scores.reshape(-1)
     count = max(1, int(round(keep * flat.numel())))
-    return 0.0 if count >= flat.numel() else flat.kthvalue(flat.numel() - count + 1).values.item()
+    return 0.0 if count >= flat.numel() else kth_largest(flat, count).item()
 
 
 class _RankProjection:

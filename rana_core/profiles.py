@@ -21,6 +21,7 @@ from rana_core.adapters.low_rank import RankPlan, plan_rank_adapter
 from rana_core.architecture import mlp_parts
 from rana_core.decompose import OutputBasis, output_basis
 from rana_core.residency import visiting
+from rana_core.selection import kth_largest
 
 GRID = 0.025  # keep fractions of up/gate plans are rounded to this step for caching
 SPLIT_PARTS = 18
@@ -180,7 +181,7 @@ class MLPProfile:
         count = int(round(keep * scores.numel()))
         if count >= scores.numel():
             return 0.0
-        return scores.kthvalue(scores.numel() - max(count, 1) + 1).values.item()  # the count-th largest
+        return kth_largest(scores, max(count, 1)).item()
 
     def error(self, up: float, gate: float, down: float, fisher: torch.Tensor | None = None) -> tuple[float, float]:
         """(MLP output error, the down threshold that kept `down` of the neurons). The error is relative

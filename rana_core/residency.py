@@ -67,14 +67,17 @@ def visiting(module: nn.Module, device):
     device = _normal(device)
     swapped = []  # (store, name, resting tensor, visiting tensor)
     copies: dict[int, torch.Tensor] = {}  # a tensor registered twice visits as one copy
+    pinned: dict[int, torch.Tensor] = {}  # resting tensors replaced by a pinned copy of theirs
     for sub in module.modules():
         for kind, store in (("param", sub._parameters), ("buffer", sub._buffers)):
             for name, tensor in store.items():
                 if tensor is None or tensor.device == device:
                     continue
                 if id(tensor) not in copies:
-                    copies[id(tensor)] = _moved(tensor, device, non_blocking=True)
-                swapped.append((kind, store, name, tensor, copies[id(tensor)]))
+                    if device.type == "cuda" and tensor.device.type == "cpu" and not tensor.is_pinned():
+                        pinned[id(tensor)] = _moved(tensor, "cpu", pin=True)  # made at rest (adapters): pin once
+                    copies[id(tensor)] = _moved(pinned.get(id(tensor), tensor), device, non_blocking=True)
+                swapped.append((kind, store, name, pinned.get(id(tensor), tensor), copies[id(tensor)]))
                 store[name] = copies[id(tensor)]
     try:
         yield module

@@ -80,7 +80,7 @@ def test_a_model_larger_than_the_memory_cap_is_built_layer_by_layer_within_it(tm
     del model
     torch.cuda.empty_cache()
     _byte_tokenizer().save_pretrained(tmp_path / "model")
-    cap = 1.0
+    cap = 0.6
     assert weights_gib > 1.5 * cap  # the model could not be on the GPU whole
     run = subprocess.run([sys.executable, "-m", "rana_cli.main", "compress", "--model", str(tmp_path / "model"),
                           "--method", "svd", "--flop-reduction", "0.3", "--calib-tokens", "1024", "--eval-tokens",

@@ -168,3 +168,14 @@ def test_sparsity_curve_rises_with_the_energy_share_and_holds_the_90_percent_poi
     curve = meter.sparsity_curve
     assert len(curve) == len(SPARSITY_CURVE_SHARES) and curve == sorted(curve)
     assert curve[SPARSITY_CURVE_SHARES.index(0.9)] == pytest.approx(meter.sparsity, abs=1e-6)
+
+
+def test_kth_largest_is_the_count_th_largest_value_with_ties_and_any_shape():
+    from rana_core.selection import kth_largest
+
+    values = torch.tensor([[3.0, 1.0, 4.0], [1.0, 5.0, 9.0], [2.0, 6.0, 5.0]])
+    ordered = [9.0, 6.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0, 1.0]  # by hand
+    for count, expected in enumerate(ordered, start=1):
+        assert kth_largest(values, count).item() == expected
+        if torch.cuda.is_available():  # the GPU's sort gives the CPU's selection
+            assert kth_largest(values.cuda(), count).item() == expected

@@ -23,6 +23,7 @@ from torch import nn
 
 from rana_core.adapters.base import AdapterUnit, layer_members, stacked_bias
 from rana_core.adapters.thresholds import Thresholded
+from rana_core.selection import kth_largest
 
 SEARCH_STEPS = 16  # static ranks tried on a coarse grid, then refined around the best
 
@@ -94,7 +95,7 @@ def plan_rank_adapter(energy: torch.Tensor, keep: float, out_features: int, in_f
         if active <= 0 or count <= 0:
             return -1.0, 0.0, active
         entries = energy[:, :rank].reshape(-1)
-        tau = entries.kthvalue(entries.numel() - min(count, entries.numel()) + 1).values  # count-th largest
+        tau = kth_largest(entries, min(count, entries.numel()))
         return entries[entries >= tau].sum().item() / total, tau.item(), active
 
     step = max(1, max_rank // SEARCH_STEPS)
