@@ -11,9 +11,7 @@ Rank plans are cached per keep fraction rounded to ``GRID``, so curves over many
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 
@@ -67,11 +65,6 @@ class ProjectionFactors:
     def shape(self) -> tuple[int, int]:
         return tuple(self.weight.shape)
 
-    def to(self, device) -> "ProjectionFactors":
-        self.weight, self.B_full, self.energy = (t.to(device) for t in (self.weight, self.B_full, self.energy))
-        self.basis = OutputBasis(self.basis.U.to(device), self.basis.energy.to(device))
-        return self
-
     def plan(self, keep: float) -> RankPlan:
         return plan_rank_adapter(self.energy, keep, *self.shape)
 
@@ -89,24 +82,17 @@ class ProjectionFactors:
 class QKVProfile:
     def __init__(self, weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor):
         self.proj = ProjectionFactors.build(weight, gram, rows)
-        self.built_on = gram.device
         self.rows = rows.to(gram.device)
         self.dense = self.rows @ self.proj.weight.T
+        self._plans: dict[float, RankPlan] = {}
         self._loss_errors: dict[float, float] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return self.rows.device
+    memos = ("_plans", "_loss_errors")  # what a rebuilt profile takes over (LayerProfiles)
 
-    def to(self, device) -> "QKVProfile":
-        """Move the profile (e.g. parked in CPU memory between uses, while the model rests there)."""
-        self.proj.to(device)
-        self.rows, self.dense = self.rows.to(device), self.dense.to(device)
-        return self
-
-    @lru_cache(maxsize=None)
     def plan(self, keep: float) -> RankPlan:
-        return self.proj.plan(keep)
+        if keep not in self._plans:
+            self._plans[keep] = self.proj.plan(keep)
+        return self._plans[keep]
 
     def error(self, keep: float) -> float:
         return 1.0 - self.plan(_round(keep)).coverage if keep < 1 else 0.0
@@ -132,7 +118,6 @@ class MLPChoice:
 
 class MLPProfile:
     def __init__(self, mlp, gram: torch.Tensor, rows: torch.Tensor):
-        self.built_on = gram.device
         self.rows = rows = rows.to(gram.device)  # all of the profile lives where the gram does
         gate, up, down, self.act = mlp_parts(mlp)
         self.up = ProjectionFactors.build(up.weight, gram, rows)
@@ -148,17 +133,7 @@ class MLPProfile:
         # (keep, Fisher-weighted?) -> (shares, error)
         self._curve: dict[tuple[float, bool], tuple[tuple[int, int, int], float]] = {}
 
-    @property
-    def device(self) -> torch.device:
-        return self.rows.device
-
-    def to(self, device) -> "MLPProfile":
-        """Move the profile (e.g. parked in CPU memory between uses); cached outputs are dropped."""
-        self.release()
-        self.up.to(device), self.gate.to(device)
-        for name in ("rows", "down_weight", "column_norms", "dense"):
-            setattr(self, name, getattr(self, name).to(device))
-        return self
+    memos = ("_plans", "_splits", "_curve")
 
     def plan(self, which: str, keep: float) -> RankPlan:
         key = (which, _round(keep))
@@ -249,17 +224,3 @@ class MLPProfile:
         """Drop cached outputs (tens of MB per layer) once the layer's choices are made."""
         self._outputs.clear()
 
-
-@contextmanager
-def on_device(profiles):
-    """The profiles on the device they were built on (where calibration ran) for the block, and back where they
-    were after it: no move unless they are parked elsewhere."""
-    homes = [profile.device for profile in profiles]
-    for profile in profiles:
-        profile.to(profile.built_on)
-    try:
-        yield
-    finally:
-        for profile, home in zip(profiles, homes):
-            if home != profile.device:
-                profile.to(home)

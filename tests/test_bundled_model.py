@@ -42,7 +42,7 @@ def test_greedy_answer_to_a_factual_question(smol):
 
 def test_rana_at_a_30_percent_cut_still_answers(smol):
     from rana_core.adapters.base import inject, installed_meters, unload
-    from rana_core.flops import linear_flops
+    from rana_core.layer_profiles import LayerProfiles
     from rana_core.methods import rana
     from rana_core.pipeline import calibrate_thresholds
 
@@ -53,16 +53,16 @@ def test_rana_at_a_30_percent_cut_still_answers(smol):
     # city; sparing two at each end keeps its chat behaviour. Perplexity alone does not see this.
     noop = lambda f, m: None  # noqa: E731
     train = token_windows(smol.tokenizer, "train", 8192, 512)
-    qkv, mlp = rana.profile_layers(smol, train[0::2], noop)
+    store = LayerProfiles(smol, train[0::2], noop, rana.SEARCH_TOKENS)
     last = len(smol.layers) - 1
-    mlp_flops = {i: sum(linear_flops(*p.shape) for p in (mlp[i].up, mlp[i].gate))
-                 + linear_flops(*mlp[i].down_weight.shape) for i in mlp}
-    total = sum(linear_flops(*qkv[i].proj.shape) for i in qkv) + sum(mlp_flops.values())
+    qkv_flops = {i: store.dense_flops(i)[0] for i in range(len(store))}
+    mlp_flops = {i: store.dense_flops(i)[1] for i in range(len(store))}
+    total = sum(qkv_flops.values()) + sum(mlp_flops.values())
     spared = (0, 1, last - 1, last)
     keep = 1.0 - 0.3 * total / sum(f for i, f in mlp_flops.items() if i not in spared)
-    keeps = {(i, "qkv"): 1.0 for i in qkv} | {(i, "mlp"): 1.0 if i in spared else keep for i in mlp}
+    keeps = {(i, "qkv"): 1.0 for i in qkv_flops} | {(i, "mlp"): 1.0 if i in spared else keep for i in mlp_flops}
     try:
-        inject(smol.layers, rana._model_adapters(smol.layers, qkv, mlp, keeps, None))
+        inject(smol.layers, rana._model_adapters(store, {"spared": (keeps, None)})["spared"])
         calibrate_thresholds(smol.model, smol.layers, train[1::2], noop)
         meters = installed_meters(smol.layers)
         for meter in meters.values():

@@ -51,6 +51,24 @@ def test_a_backward_pass_through_resting_layers_gives_the_same_loss_gradients():
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-12)
 
 
+@pytest.mark.parametrize("method, allocation", [("rana", "greedy"), ("hybrid", "exact-loss")])
+def test_parked_statistics_and_rebuilt_profiles_give_the_resident_answer(method, allocation):
+    """On the CPU the resting layers do not move, but everything kept for all layers is parked and rebuilt as on
+    a GPU (rana's profiles rebuilt from parked statistics with their memos handed over, hybrid's bases parked)."""
+    config = CompressConfig(model="tiny", method=method, allocation=allocation, flop_reduction=0.4,
+                            calib_tokens=2048, eval_tokens=1024, seq_len=128)
+    resident = compress(config)
+    loaded = load_model("tiny")
+    rest_layers(loaded.model, loaded.layers, "cpu")
+    resting = compress(config, loaded=loaded)
+    if method == "rana":  # the profiles were rebuilt, not kept
+        store = next(value for key, value in loaded.cache.items() if key[0] == "rana profiles")
+        assert not store.kept and len(store.parked) == len(loaded.layers)
+    assert resting.perplexity == pytest.approx(resident.perplexity, rel=1e-6)
+    assert resting.measured_flop_reduction == pytest.approx(resident.measured_flop_reduction, abs=1e-9)
+    assert [(r.adapter, r.rank) for r in resting.layers] == [(r.adapter, r.rank) for r in resident.layers]
+
+
 @pytest.mark.gpu
 @cuda
 @pytest.mark.parametrize("method, allocation", [("svd", "uniform"), ("cats", "uniform"), ("rana", "greedy"),

@@ -123,16 +123,17 @@ def test_adapted_model_generates_with_a_kv_cache(tiny):
 
     from rana_core.adapters.base import inject, installed_adapters, unload
     from rana_core.corpus import token_windows
+    from rana_core.layer_profiles import LayerProfiles
     from rana_core.methods import rana
     from rana_core.pipeline import calibrate_thresholds
 
     train = token_windows(tiny.tokenizer, "train", 4096, 128)
     calib = train[0::2]
     unload(tiny.layers)
-    qkv, mlp = rana.profile_layers(tiny, calib, lambda f, m: None)
-    keeps = rana.allocate(qkv, mlp, 0.4, "uniform", lambda f, m: None, adapt_qkv=True)  # QKV masked too, under GQA
+    store = LayerProfiles(tiny, calib, lambda f, m: None, rana.SEARCH_TOKENS)
+    keeps = rana.allocate(store, 0.4, "uniform", lambda f, m: None, adapt_qkv=True)  # QKV masked too, under GQA
     try:
-        inject(tiny.layers, rana._model_adapters(tiny.layers, qkv, mlp, keeps, None))
+        inject(tiny.layers, rana._model_adapters(store, {"uniform": (keeps, None)})["uniform"])
         calibrate_thresholds(tiny.model, tiny.layers, train[1::2], lambda f, m: None)
         assert {"qkv", "up", "gate", "down"} <= {getattr(a, "module", "") for a in installed_adapters(tiny.layers)}
         prompt = torch.tensor([tiny.tokenizer.encode("The jury said")])

@@ -24,14 +24,12 @@ from rana_core.adapters.low_rank import RankMaskedUnit
 from rana_core.adapters.mlp import NeuronMaskedUnit, RaNAMLP
 from rana_core.allocation import Curve, greedy_allocation
 from rana_core.architecture import layer_mlp, mlp_parts, shape_of
-from rana_core.calibration import each_layer_inputs
 from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError
 from rana_core.evaluate import perplexity
-from rana_core.flops import linear_flops
 from rana_core.methods.calibration_check import calibration_slices, least_loss
-from rana_core.profiles import MLPProfile, QKVProfile, on_device
-from rana_core.residency import resting_device
+from rana_core.layer_profiles import LayerProfiles
+from rana_core.profiles import MLPProfile, QKVProfile
 from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
@@ -44,21 +42,20 @@ CURVE_KEEPS = [round(1.0 - 0.05 * i, 2) for i in range(17)]  # 1.0 .. 0.2
 def build(loaded, calib_windows, config, progress, cache_dir=None):
     if config.flop_reduction == 0:
         return []
-    layers = loaded.layers
-    qkv, mlp = loaded.cached(("rana profiles", windows_digest(calib_windows)),
-                             lambda: profile_layers(loaded, calib_windows, progress))
+    store = loaded.cached(("rana profiles", windows_digest(calib_windows)),
+                          lambda: LayerProfiles(loaded, calib_windows, progress, SEARCH_TOKENS))
     adapt_qkv = not shape_of(loaded.config).grouped
     fisher = None
     if config.allocation == "greedy":
         slice_, validation = calibration_slices(calib_windows, SENSITIVITY_TOKENS, VALIDATION_TOKENS)
         fisher, scales = loaded.cached(("loss model", windows_digest(slice_)),
-                                       lambda: loss_model(loaded, qkv, mlp, slice_, progress))
+                                       lambda: loss_model(loaded, store, slice_, progress))
         plans = {
-            "greedy": lambda: allocate(qkv, mlp, config.flop_reduction, "greedy",
+            "greedy": lambda: allocate(store, config.flop_reduction, "greedy",
                                        lambda f, m: progress(0.5 + 0.1 * f, m), fisher, scales),
-            "greedy over MLPs": lambda: allocate(qkv, mlp, config.flop_reduction, "greedy",
+            "greedy over MLPs": lambda: allocate(store, config.flop_reduction, "greedy",
                                                  lambda f, m: progress(0.6, m), fisher, scales, adapt_qkv=False),
-            "uniform": lambda: allocate(qkv, mlp, config.flop_reduction, "uniform", progress, adapt_qkv=adapt_qkv),
+            "uniform": lambda: allocate(store, config.flop_reduction, "uniform", progress, adapt_qkv=adapt_qkv),
         }
         candidates = {}
         for name, plan in plans.items():
@@ -67,73 +64,55 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
             except BudgetError:  # the MLPs alone cannot carry this budget
                 continue
         # the uniform candidate is built exactly as the uniform method builds it (splits on plain output error),
-        # so that choosing it gives the uniform model itself
-        chosen, _ = least_loss(
-            loaded, {name: lambda keeps=keeps, name=name: _model_adapters(
-                layers, qkv, mlp, keeps, None if name == "uniform" else fisher) for name, keeps in candidates.items()},
-            validation, lambda f, m: progress(0.65 + 0.25 * f, m))
-        keeps = candidates[chosen]
-        if chosen == "uniform":
-            fisher = None
+        # so that choosing it gives the uniform model itself; all candidates are built in one visit per layer
+        built = _model_adapters(store, {name: (keeps, None if name == "uniform" else fisher)
+                                        for name, keeps in candidates.items()})
+        chosen, _ = least_loss(loaded, {name: lambda name=name: built[name] for name in candidates}, validation,
+                               lambda f, m: progress(0.65 + 0.25 * f, m))
+        adapters = built[chosen]
     else:
-        keeps = allocate(qkv, mlp, config.flop_reduction, config.allocation, progress, adapt_qkv=adapt_qkv)
-    adapters = _model_adapters(layers, qkv, mlp, keeps, fisher)
-    for index in mlp:
-        mlp[index].release()
+        keeps = allocate(store, config.flop_reduction, config.allocation, progress, adapt_qkv=adapt_qkv)
+        adapters = _model_adapters(store, {"built": (keeps, None)})["built"]
+    store.release()
     progress(1.0, f"built {len(adapters)} adapters")
     return adapters
 
 
-def _model_adapters(layers, qkv: dict, mlp: dict, keeps: dict, fisher: dict | None) -> list:
-    adapters = []
-    for index, layer in enumerate(layers):
-        with on_device((qkv[index], mlp[index])):
-            adapters.extend(_layer_adapters(layer, index, qkv[index], mlp[index], keeps[(index, "qkv")],
-                                            keeps[(index, "mlp")], fisher[(index, "mlp")] if fisher else None))
+def _model_adapters(store: LayerProfiles, allocations: dict[str, tuple[dict, dict | None]]) -> dict[str, list]:
+    """The adapters of each named allocation (keeps, and the Fisher diagonals its MLP splits minimise or None),
+    every allocation built from one visit of each layer's profiles."""
+    adapters = {name: [] for name in allocations}
+    for index, layer in enumerate(store.layers):
+        with store.layer(index) as (qkv, mlp):
+            for name, (keeps, fisher) in allocations.items():
+                adapters[name] += _layer_adapters(layer, index, qkv, mlp, keeps[(index, "qkv")],
+                                                  keeps[(index, "mlp")], fisher[(index, "mlp")] if fisher else None)
     return adapters
 
 
-def profile_layers(loaded, calib_windows, progress) -> tuple[dict, dict]:
-    """QKV and MLP profiles of every layer, built layer after layer from one calibration pass over the dense
-    model. While the model's layers rest in CPU memory (rana_core.residency) each profile is parked there too
-    once built, and visits the device whenever it is used (profiles.on_device)."""
-    stride = max(1, calib_windows.numel() // SEARCH_TOKENS)
-    park = torch.device("cpu") if resting_device(loaded.model) is not None else None
-    qkv, mlp = {}, {}
-    layers = loaded.layers
-    # Down's neuron adapter needs no decomposition, so its (wide) input is not captured.
-    for index, stats in each_layer_inputs(loaded, calib_windows, lambda f, m: progress(0.5 * f, f"calibration {m}"),
-                                          row_stride=stride, inputs=("attention", "mlp")):
-        layer = layers[index]
-        weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
-        qkv[index] = QKVProfile(weight, stats["attention"].gram, stats["attention"].rows)
-        mlp[index] = MLPProfile(layer_mlp(layer), stats["mlp"].gram, stats["mlp"].rows)
-        if park is not None:
-            qkv[index].to(park), mlp[index].to(park)
-    return qkv, mlp
-
-
-def loss_model(loaded, qkv: dict, mlp: dict, windows, progress) -> tuple[dict, dict]:
+def loss_model(loaded, store: LayerProfiles, windows, progress) -> tuple[dict, dict]:
     """Fisher diagonals of every module's output, and one measured scale per module type.
 
     The diagonal-Fisher estimate of the loss increase misses how errors interact (the softmax of attention
     scores, errors that line up across layers), and it misses by different factors for QKV and for the MLP. So
     each type is probed once: every layer's QKV (then every MLP) adapted at PROBE_KEEP, the real loss increase on
-    `windows` measured, and the type's estimates scaled to match it."""
+    `windows` measured, and the type's estimates scaled to match it. Both probes are built in one visit per
+    layer."""
     layers = loaded.layers
     progress(0.5, "loss gradients")
     fisher = fisher_diagonals(loaded.model, layers, windows)
     base = perplexity(loaded.model, windows).mean_nll
+    probes = {"qkv": ([], []), "mlp": ([], [])}  # part -> (adapters, estimated errors)
+    for i, layer in enumerate(layers):
+        with store.layer(i) as (qkv, mlp):
+            for part, (adapters, errors) in probes.items():
+                keep_qkv, keep_mlp = (PROBE_KEEP, 1.0) if part == "qkv" else (1.0, PROBE_KEEP)
+                adapters += _layer_adapters(layer, i, qkv, mlp, keep_qkv, keep_mlp, fisher[(i, "mlp")])
+                errors.append(qkv.loss_error(PROBE_KEEP, fisher[(i, "qkv")]) if part == "qkv"
+                              else mlp.best_split(PROBE_KEEP, fisher[(i, "mlp")]).error)
     scales = {}
-    for part in ("qkv", "mlp"):
+    for part, (adapters, errors) in probes.items():
         progress(0.5, f"probing {part}")
-        adapters, errors = [], []
-        for i, layer in enumerate(layers):
-            keep_qkv, keep_mlp = (PROBE_KEEP, 1.0) if part == "qkv" else (1.0, PROBE_KEEP)
-            with on_device((qkv[i], mlp[i])):
-                adapters += _layer_adapters(layer, i, qkv[i], mlp[i], keep_qkv, keep_mlp, fisher[(i, "mlp")])
-                errors.append(qkv[i].loss_error(PROBE_KEEP, fisher[(i, "qkv")]) if part == "qkv"
-                              else mlp[i].best_split(PROBE_KEEP, fisher[(i, "mlp")]).error)
         inject(layers, adapters)
         try:
             actual = perplexity(loaded.model, windows).mean_nll - base
@@ -143,14 +122,15 @@ def loss_model(loaded, qkv: dict, mlp: dict, windows, progress) -> tuple[dict, d
     return fisher, scales
 
 
-def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progress,
+def allocate(store: LayerProfiles, flop_reduction: float, allocation: str, progress,
              fisher: dict | None = None, scales: dict | None = None, adapt_qkv: bool = True) -> dict:
     """Keep fraction per (layer, "qkv" | "mlp"). Without `adapt_qkv` QKV stays dense and the MLPs carry the whole
     budget. Greedy compares modules by their Fisher-weighted output error (rana_core.sensitivity) times a
     measured scale per module type (see loss_model), so that an error costs what it costs the language model."""
-    qkv_flops = {i: linear_flops(*qkv[i].proj.shape) for i in qkv}
-    mlp_flops = {i: sum(linear_flops(*p.shape) for p in (mlp[i].up, mlp[i].gate)) + linear_flops(
-        *mlp[i].down_weight.shape) for i in mlp}
+    layers = range(len(store))
+    qkv_flops, mlp_flops = {}, {}
+    for i in layers:
+        qkv_flops[i], mlp_flops[i] = store.dense_flops(i)
     total = sum(qkv_flops.values()) + sum(mlp_flops.values())
     parts = ("qkv", "mlp") if adapt_qkv else ("mlp",)
     adapted_total = total if adapt_qkv else sum(mlp_flops.values())
@@ -158,25 +138,25 @@ def allocate(qkv: dict, mlp: dict, flop_reduction: float, allocation: str, progr
     if reduction >= 1.0:
         raise BudgetError(f"RaNA on the MLPs alone can remove at most {adapted_total / total:.0%} of the QKV+MLP "
                           f"FLOPs; asked for {flop_reduction:.0%}")
-    keeps = {(i, "qkv"): 1.0 for i in qkv} | {(i, "mlp"): 1.0 for i in mlp}
+    keeps = {(i, "qkv"): 1.0 for i in layers} | {(i, "mlp"): 1.0 for i in layers}
     if allocation == "uniform":
-        return keeps | {(i, part): 1.0 - reduction for i in qkv for part in parts}
-    for i in qkv:
-        if qkv[i].device != qkv[i].built_on:  # parked off the device: fill its curves in one visit (the greedy
-            with on_device((qkv[i], mlp[i])):  # below asks for the same keeps in the same order, from the memo)
+        return keeps | {(i, part): 1.0 - reduction for i in layers for part in parts}
+    if store.resting:  # fill each layer's curves in one visit (the greedy below asks for the same keeps in the
+        for i in layers:  # same order, and finds them in the profiles' memo)
+            with store.layer(i) as (qkv, mlp):
                 for keep in CURVE_KEEPS:
                     if adapt_qkv:
-                        qkv[i].loss_error(keep, fisher[(i, "qkv")])
-                    mlp[i].curve_error(keep, fisher[(i, "mlp")])
-    curves = {}
-    for i in qkv:
-        if adapt_qkv:
-            curves[(i, "qkv")] = Curve(qkv_flops[i], CURVE_KEEPS,
-                                       lambda keep, p=qkv[i], f=fisher[(i, "qkv")], s=scales["qkv"]:
-                                       s * p.loss_error(keep, f))
-        curves[(i, "mlp")] = Curve(mlp_flops[i], CURVE_KEEPS,
-                                   lambda keep, p=mlp[i], f=fisher[(i, "mlp")], s=scales["mlp"]:
-                                   s * p.curve_error(keep, f))
+                        qkv.loss_error(keep, fisher[(i, "qkv")])
+                    mlp.curve_error(keep, fisher[(i, "mlp")])
+
+    def error(i: int, part: str, keep: float) -> float:
+        with store.layer(i) as (qkv, mlp):
+            if part == "qkv":
+                return scales["qkv"] * qkv.loss_error(keep, fisher[(i, "qkv")])
+            return scales["mlp"] * mlp.curve_error(keep, fisher[(i, "mlp")])
+
+    curves = {(i, part): Curve(qkv_flops[i] if part == "qkv" else mlp_flops[i], CURVE_KEEPS,
+                               lambda keep, i=i, part=part: error(i, part, keep)) for i in layers for part in parts}
     done = [0]
 
     def counted(curve_error):

@@ -1,0 +1,95 @@
+"""Every layer's RaNA profiles (rana_core.profiles) for one calibration sample, within the GPU memory of one layer.
+
+A 7B layer's QKV and MLP profiles hold about 1.6 GB on the device (output bases, factors, calibration rows and
+outputs): 51 GB for 32 layers, and parking them in CPU memory between uses took longer than building them (94 of
+113 s on an H200, through pageable copies). So while the model's layers rest in CPU memory (rana_core.residency)
+only each layer's calibration statistics are parked (a gram and rows: 0.27 GB), and ``layer(index)`` rebuilds the
+layer's profiles on the device for the block, handing over everything already measured on it (plans, splits,
+curve points), so that a rebuild never changes an answer and never repeats a search. While the model is resident
+the profiles are built once and kept, as before.
+
+    store = LayerProfiles(loaded, windows, progress)
+    with store.layer(3) as (qkv, mlp):
+        plan = qkv.plan(0.6)
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from rana_core.adapters.base import layer_members
+from rana_core.architecture import layer_mlp, mlp_parts
+from rana_core.calibration import InputStats, each_layer_inputs
+from rana_core.flops import linear_flops
+from rana_core.profiles import MLPProfile, QKVProfile
+from rana_core.progress import ProgressFn
+from rana_core.residency import resting_device
+
+
+class LayerProfiles:
+    def __init__(self, loaded, windows: torch.Tensor, progress: ProgressFn, rows: int):
+        self.layers = loaded.layers
+        self.device = loaded.device
+        self.resting = resting_device(loaded.model) is not None
+        self.kept: dict[int, tuple[QKVProfile, MLPProfile]] = {}
+        self.parked: dict[int, tuple[InputStats, InputStats]] = {}
+        self.memos: dict[int, tuple[dict, dict]] = {}
+        stride = max(1, windows.numel() // rows)
+        # Down's neuron adapter needs no decomposition, so its (wide) input is not captured.
+        for index, stats in each_layer_inputs(loaded, windows, lambda f, m: progress(0.5 * f, f"calibration {m}"),
+                                              row_stride=stride, inputs=("attention", "mlp")):
+            profiles = self._build(index, stats["attention"], stats["mlp"])
+            if self.resting:
+                self.parked[index] = (stats["attention"].to("cpu"), stats["mlp"].to("cpu"))
+                self._keep_memos(index, profiles)
+            else:
+                self.kept[index] = profiles
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    @contextmanager
+    def layer(self, index: int):
+        """(QKVProfile, MLPProfile) of layer `index` on the device, for the block."""
+        if index in self.kept:
+            yield self.kept[index]
+            return
+        attention, mlp = self.parked[index]
+        profiles = self._build(index, _on(attention, self.device), _on(mlp, self.device))
+        for profile, memo in zip(profiles, self.memos[index]):
+            for name, values in memo.items():
+                setattr(profile, name, values)
+        try:
+            yield profiles
+        finally:
+            self._keep_memos(index, profiles)
+
+    def dense_flops(self, index: int) -> tuple[float, float]:
+        """Dense FLOPs per token of the layer's stacked QKV and of its MLP (gate, up, down)."""
+        layer = self.layers[index]
+        qkv = layer_members(layer, "qkv")
+        qkv_flops = linear_flops(sum(m.out_features for m in qkv), qkv[0].in_features)
+        mlp_flops = sum(linear_flops(*p.weight.shape) for p in mlp_parts(layer_mlp(layer))[:3])
+        return float(qkv_flops), float(mlp_flops)
+
+    def release(self) -> None:
+        for _, mlp in self.kept.values():
+            mlp.release()
+
+    def _build(self, index: int, attention: InputStats, mlp: InputStats) -> tuple[QKVProfile, MLPProfile]:
+        layer = self.layers[index]
+        weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
+        return (QKVProfile(weight, attention.gram, attention.rows),
+                MLPProfile(layer_mlp(layer), mlp.gram, mlp.rows))
+
+    def _keep_memos(self, index: int, profiles) -> None:
+        self.memos[index] = tuple({name: getattr(profile, name) for name in profile.memos} for profile in profiles)
+
+
+def _on(stats: InputStats, device) -> InputStats:
+    """A copy of parked statistics on `device` (the parked ones stay parked)."""
+    moved = InputStats(stats.n_features, stats.row_stride)
+    moved.gram, moved.tokens, moved.kept = stats.gram.to(device), stats.tokens, [stats.rows.to(device)]
+    return moved
