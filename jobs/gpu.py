@@ -18,10 +18,19 @@ def cap_memory(device: str, gib: float) -> None:
     memory beyond it, as a smaller GPU would)."""
     import torch
 
-    total = torch.cuda.get_device_properties(torch.device(device)).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), torch.device(device))
-    with torch.cuda.device(torch.device(device)):
+    index = cuda_index(device)
+    total = torch.cuda.get_device_properties(index).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), index)
+    with torch.cuda.device(index):
         torch.cuda.empty_cache()  # the cap is checked when the allocator asks CUDA for more: hold nothing above it
+
+
+def cuda_index(device: str) -> int:
+    """The index CUDA's memory calls want: plain "cuda" is the current device."""
+    import torch
+
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -36,9 +45,9 @@ def out_of_memory_line(exc: BaseException, stage: str, device: str, cap_gib: flo
     import torch
 
     asked = _ASKED.search(str(exc))
-    in_use = torch.cuda.memory_allocated(torch.device(device)) / GIB
+    in_use = torch.cuda.memory_allocated(cuda_index(device)) / GIB
     limit = f"this worker's cap: {cap_gib:g} GiB" if cap_gib else (
-        f"the GPU has {torch.cuda.get_device_properties(torch.device(device)).total_memory / GIB:.1f} GiB")
+        f"the GPU has {torch.cuda.get_device_properties(cuda_index(device)).total_memory / GIB:.1f} GiB")
     return (f"CUDA out of memory on {device} in {stage!r}: asked for {asked.group(1) if asked else 'more'} "
             f"with {in_use:.2f} GiB in use ({limit})")
 
@@ -48,5 +57,5 @@ def free(device: str) -> None:
     import torch
 
     gc.collect()
-    with torch.cuda.device(torch.device(device)):
+    with torch.cuda.device(cuda_index(device)):
         torch.cuda.empty_cache()

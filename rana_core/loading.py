@@ -158,7 +158,8 @@ LAYER_BY_LAYER_SHARE = 0.4  # of the GPU memory a process may use: above it the 
 def _needs_layer_by_layer(device: str, weight_bytes: int) -> bool:
     if not device.startswith("cuda"):
         return False
-    index = torch.device(device)
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index  # these statistics want an index
     allowed = torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
     return weight_bytes > LAYER_BY_LAYER_SHARE * allowed
 
