@@ -16,7 +16,7 @@ from rana_core.loading import load_model
 from rana_core.pipeline import compress
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
-SETTINGS = dict(flop_reduction=0.44, calib_tokens=4096, eval_tokens=4096, seq_len=256, track_layers=False)
+SETTINGS = dict(flop_reduction=0.44, calib_tokens=2048, eval_tokens=2048, seq_len=256, track_layers=False)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +29,7 @@ def smollm2():
 
 
 @pytest.mark.parametrize("method, allocation", [("svd", "uniform"), ("cats", "uniform"), ("rana", "uniform"),
-                                                ("rana", "greedy"), ("a3", "uniform"), ("hybrid", "exact-loss")])
+                                                ("a3", "uniform"), ("hybrid", "exact-loss")])
 def test_the_gpu_builds_what_the_cpu_builds(smollm2, method, allocation):
     name, on_cpu, on_gpu = smollm2
     config = dict(SETTINGS, model=name, method=method, allocation=allocation)
