@@ -122,6 +122,20 @@ def _wrap(layer: nn.Module, device: torch.device) -> None:
     layer._rana_visits = True
 
 
+def placed_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor` in `like`'s dtype, contiguous, where `like` lives: converted before it moves (float64 factors made
+    on a GPU cross to a resting layer as bf16, a quarter of the bytes) and pinned when `like` rests pinned (so an
+    adapter built while its layer rests visits the GPU at full bus speed, without pinning on its first visit)."""
+    tensor = tensor.detach().to(dtype=like.dtype)
+    if tensor.device == like.device:
+        return tensor.contiguous()
+    if like.device.type == "cpu" and like.is_pinned():
+        placed = torch.empty(tensor.shape, dtype=like.dtype, pin_memory=True)
+        placed.copy_(tensor)
+        return placed
+    return tensor.to(like.device).contiguous()
+
+
 def _normal(device) -> torch.device:
     """cuda means the current CUDA device: named by its index, so that tensors there compare equal to it."""
     device = torch.device(device)

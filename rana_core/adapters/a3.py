@@ -26,6 +26,7 @@ from torch import nn
 from rana_core.adapters.base import AttentionAdapter, Meter, MLPAdapter
 from rana_core.architecture import attention_parts, layer_attention, layer_mlp, mlp_parts, shape_of
 from rana_core.errors import RanaError
+from rana_core.residency import placed_like
 
 
 def rotary_pairs(apply_rotary, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +71,7 @@ def rotate_narrow(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
 
 def _frozen(tensor: torch.Tensor, like: torch.Tensor) -> nn.Parameter:
     """A fixed parameter on `like`'s device and dtype (A3's matrices are computed, never trained)."""
-    return nn.Parameter(tensor.to(device=like.device, dtype=like.dtype).contiguous(), requires_grad=False)
+    return nn.Parameter(placed_like(tensor, like), requires_grad=False)
 
 
 def _rows(weight: torch.Tensor, heads: int, head_dim: int, coords: torch.Tensor) -> torch.Tensor:

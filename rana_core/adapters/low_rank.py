@@ -23,6 +23,7 @@ from torch import nn
 
 from rana_core.adapters.base import AdapterUnit, layer_members, stacked_bias
 from rana_core.adapters.thresholds import Thresholded
+from rana_core.residency import placed_like
 from rana_core.selection import kth_largest
 
 SEARCH_STEPS = 16  # static ranks tried on a coarse grid, then refined around the best
@@ -36,9 +37,9 @@ class LowRankUnit(AdapterUnit):
 
     def __init__(self, members, layer, module, A: torch.Tensor, B: torch.Tensor):
         super().__init__(members, layer, module, static_rank=A.shape[1])
-        dtype, device = members[0].weight.dtype, members[0].weight.device
-        self.A = nn.Parameter(A.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
-        self.B = nn.Parameter(B.to(device=device, dtype=dtype).contiguous(), requires_grad=False)
+        like = members[0].weight  # the factors live where the layer's weights do, in their dtype
+        self.A = nn.Parameter(placed_like(A, like), requires_grad=False)
+        self.B = nn.Parameter(placed_like(B, like), requires_grad=False)
         self.bias = stacked_bias(members)
 
     def compute(self, x):
