@@ -33,7 +33,7 @@ from rana_core.decompose import output_basis, rank_for_budget
 from rana_core.flops import linear_flops, low_rank_flops
 from rana_core.residency import visiting
 from rana_core.selection import kth_largest
-from rana_core.profiles import SPLIT_PARTS, SPLIT_RANGE, ProjectionFactors, _moved, _round
+from rana_core.profiles import GRID, SPLIT_PARTS, SPLIT_RANGE, ProjectionFactors, _moved, _round
 
 CURVES_VERSION = 2  # bump when what a point means changes: old cache entries then miss
 WEIGHTS = ("loss", "output")
@@ -138,6 +138,12 @@ class _RankProjection:
             self._at[keep] = (plan, f.adapted_output(self.fit, plan), check_out, active)
         return self._at[keep]
 
+    def forget_above(self, keep: float) -> None:
+        """Drop the outputs kept for keeps above `keep` (the curves walk keeps downwards; a 7B MLP's outputs are
+        ~90 MB per keep on the device). A dropped keep asked again is computed again, to the same values."""
+        for key in [k for k in self._at if k > keep]:
+            del self._at[key]
+
     def flops(self, plan, active: float) -> float:
         m, n = self.factors.shape
         return 2.0 * (n * plan.rank + m * active)  # B for every token, A's active columns
@@ -215,6 +221,8 @@ def _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
     curves = {w: [] for w in WEIGHTS}
     seeds = {w: (6, 6, 6) for w in WEIGHTS}
     for keep in KEEPS:
+        for projection in (up, gate):  # a projection's share is at most 9/18 of three times the keep
+            projection.forget_above(1.5 * keep + GRID)
         candidates = set()
         for seed in seeds.values():
             candidates |= {seed} | {_moved(seed, a, b) for a in range(3) for b in range(3) if a != b}
