@@ -283,10 +283,12 @@ class Worker:
     def _loaded_model(self, config):
         from rana_core.loading import load_model
 
-        key = (config.model, config.device, config.dtype)
+        layer_by_layer = getattr(config, "layer_by_layer", None)  # a compress job's choice; others decide
+        key = (config.model, config.device, config.dtype, layer_by_layer)
         if key not in self._model_cache:
             self._model_cache.clear()  # keep one model in memory at a time
-            self._model_cache[key] = load_model(config.model, device=config.device, dtype=config.dtype)
+            self._model_cache[key] = load_model(config.model, device=config.device, dtype=config.dtype,
+                                                layer_by_layer=layer_by_layer)
         return self._model_cache[key]
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:

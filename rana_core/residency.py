@@ -65,7 +65,7 @@ def resting_device(model: nn.Module) -> torch.device | None:
 def visiting(module: nn.Module, device):
     """`module`'s parameters and buffers on `device` for the block (nothing moves if they are there already)."""
     device = _normal(device)
-    swapped = []  # (store, name, resting tensor, visiting tensor)
+    swapped = []  # (kind, store, name, resting tensor, visiting tensor)
     copies: dict[int, torch.Tensor] = {}  # a tensor registered twice visits as one copy
     pinned: dict[int, torch.Tensor] = {}  # resting tensors replaced by a pinned copy of theirs
     for sub in module.modules():

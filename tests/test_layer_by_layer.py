@@ -123,3 +123,14 @@ def _byte_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+
+
+def test_lora_recovery_refuses_a_model_built_layer_by_layer_in_one_line(tmp_path):
+    from rana_core.errors import RanaError
+    from rana_core.recovery.config import RecoverConfig
+    from rana_core.recovery.recover import recover
+
+    loaded = load_model("tiny")
+    rest_layers(loaded.model, loaded.layers, "cpu")  # a visit would swap LoRA's parameters away from the optimizer
+    with pytest.raises(RanaError, match="layer by layer"):
+        recover(loaded, tmp_path / "missing.safetensors", None, RecoverConfig(strategy="uniform"))

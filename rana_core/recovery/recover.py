@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from rana_core.adapters.artifacts import load_adapters
 from rana_core.adapters.base import inject, installed_meters, module_shapes, set_tracking, unload
 from rana_core.corpus import token_windows, windows_digest
+from rana_core.errors import RanaError
 from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
 from rana_core.loading import LoadedModel
@@ -35,6 +36,7 @@ from rana_core.progress import ProgressFn, StagedProgress, no_progress
 from rana_core.recovery.config import RecoverConfig
 from rana_core.recovery.lora import attach_lora, params_per_rank
 from rana_core.recovery.rank_search import SearchSettings, budget_of, error_ranks, search_ranks, uniform_ranks
+from rana_core.residency import resting_device
 
 RETHRESHOLD_TOKENS = 8192  # training tokens that re-set the masks' thresholds after fine-tuning (as compress does)
 
@@ -76,6 +78,9 @@ class RecoveryResult:
 def recover(loaded: LoadedModel, artifact_path: Path, sha256: str | None, config: RecoverConfig,
             progress: ProgressFn | None = None) -> RecoveryResult:
     config.validate()
+    if resting_device(loaded.model) is not None:  # a visit swaps parameters: LoRA's could not be trained there
+        raise RanaError("LoRA recovery needs the whole model on its device; this one is built layer by layer "
+                        "(its weights take over 40% of the GPU memory allowed)")
     started = time.perf_counter()
     search_weight = (config.initial_configs + config.rounds * config.per_round) * config.probe_tokens
     plan = StagedProgress(progress, {
