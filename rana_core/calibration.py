@@ -52,10 +52,12 @@ class InputStats:
             offset = (-self.tokens) % self.row_stride  # the stride runs on across batches
             self.kept.append(rows[offset :: self.row_stride].clone())
         # On a GPU the product is float64 (a millisecond for a 7B layer's batch), so C stays positive semidefinite
-        # to float64 rounding; a CPU keeps float32 products (accurate to ~1e-7 relative, twice as fast there) and
-        # only the running sum across batches is float64.
+        # to float64 rounding, and it is added in place (no n × n temporary: 0.9 GiB for a 7B down projection);
+        # a CPU keeps float32 products (accurate to ~1e-7 relative, twice as fast there) and only the running sum
+        # across batches is float64.
         if rows.is_cuda:
-            self.gram += rows.double().T @ rows.double()
+            wide = rows.double()
+            self.gram.addmm_(wide.T, wide)
         else:
             self.gram += (rows.T @ rows).double()
         self.tokens += rows.shape[0]
