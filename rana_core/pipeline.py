@@ -223,6 +223,9 @@ def calibrate_thresholds(model, layers, windows, progress) -> None:
     progress(0.0, f"one pass over {windows.numel()} tokens")
     for adapter in masked:
         adapter.begin_calibration(immediate=True)
+    # one pass, but a long one on a big model: a word after each layer
+    handles = [layer.register_forward_hook(lambda *_, i=i: progress((i + 1) / len(layers), f"layer {i + 1}/"
+                                                                   f"{len(layers)}")) for i, layer in enumerate(layers)]
     try:
         device = next(model.parameters()).device
         model.get_decoder()(windows.to(device), use_cache=False)
@@ -230,6 +233,8 @@ def calibrate_thresholds(model, layers, windows, progress) -> None:
         if missed:
             raise RuntimeError(f"{len(missed)} masked adapter(s) saw no calibration tokens")
     finally:
+        for handle in handles:
+            handle.remove()
         for adapter in masked:
             adapter.histogram = None
     progress(1.0, f"{len(masked)} thresholds set")

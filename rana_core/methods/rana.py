@@ -30,6 +30,7 @@ from rana_core.evaluate import perplexity
 from rana_core.methods.calibration_check import calibration_slices, least_loss
 from rana_core.layer_profiles import LayerProfiles
 from rana_core.profiles import MLPProfile, QKVProfile
+from rana_core.progress import ProgressFn, no_progress
 from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
@@ -66,19 +67,20 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
         # the uniform candidate is built exactly as the uniform method builds it (splits on plain output error),
         # so that choosing it gives the uniform model itself; all candidates are built in one visit per layer
         built = _model_adapters(store, {name: (keeps, None if name == "uniform" else fisher)
-                                        for name, keeps in candidates.items()})
+                                        for name, keeps in candidates.items()}, lambda f, m: progress(0.65, m))
         chosen, _ = least_loss(loaded, {name: lambda name=name: built[name] for name in candidates}, validation,
                                lambda f, m: progress(0.65 + 0.25 * f, m))
         adapters = built[chosen]
     else:
         keeps = allocate(store, config.flop_reduction, config.allocation, progress, adapt_qkv=adapt_qkv)
-        adapters = _model_adapters(store, {"built": (keeps, None)})["built"]
+        adapters = _model_adapters(store, {"built": (keeps, None)}, lambda f, m: progress(0.5 + 0.5 * f, m))["built"]
     store.release()
     progress(1.0, f"built {len(adapters)} adapters")
     return adapters
 
 
-def _model_adapters(store: LayerProfiles, allocations: dict[str, tuple[dict, dict | None]]) -> dict[str, list]:
+def _model_adapters(store: LayerProfiles, allocations: dict[str, tuple[dict, dict | None]],
+                    progress: ProgressFn = no_progress) -> dict[str, list]:
     """The adapters of each named allocation (keeps, and the Fisher diagonals its MLP splits minimise or None),
     every allocation built from one visit of each layer's profiles."""
     adapters = {name: [] for name in allocations}
@@ -87,6 +89,7 @@ def _model_adapters(store: LayerProfiles, allocations: dict[str, tuple[dict, dic
             for name, (keeps, fisher) in allocations.items():
                 adapters[name] += _layer_adapters(layer, index, qkv, mlp, keeps[(index, "qkv")],
                                                   keeps[(index, "mlp")], fisher[(index, "mlp")] if fisher else None)
+        progress((index + 1) / len(store), f"adapters of layer {index + 1}/{len(store)}")
     return adapters
 
 
@@ -110,6 +113,7 @@ def loss_model(loaded, store: LayerProfiles, windows, progress) -> tuple[dict, d
                 adapters += _layer_adapters(layer, i, qkv, mlp, keep_qkv, keep_mlp, fisher[(i, "mlp")])
                 errors.append(qkv.loss_error(PROBE_KEEP, fisher[(i, "qkv")]) if part == "qkv"
                               else mlp.best_split(PROBE_KEEP, fisher[(i, "mlp")]).error)
+        progress(0.5, f"probes of layer {i + 1}/{len(layers)}")
     scales = {}
     for part, (adapters, errors) in probes.items():
         progress(0.5, f"probing {part}")
@@ -148,6 +152,7 @@ def allocate(store: LayerProfiles, flop_reduction: float, allocation: str, progr
                     if adapt_qkv:
                         qkv.loss_error(keep, fisher[(i, "qkv")])
                     mlp.curve_error(keep, fisher[(i, "mlp")])
+            progress(0.0, f"curves of layer {i + 1}/{len(store)}")
 
     def error(i: int, part: str, keep: float) -> float:
         with store.layer(i) as (qkv, mlp):
