@@ -16,6 +16,7 @@ the profiles are built once and kept, as before.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import Callable
 
 import torch
 
@@ -29,7 +30,10 @@ from rana_core.residency import resting_device
 
 
 class LayerProfiles:
-    def __init__(self, loaded, windows: torch.Tensor, progress: ProgressFn, rows: int):
+    def __init__(self, loaded, windows: torch.Tensor, progress: ProgressFn, rows: int,
+                 on_layer: Callable[[int, QKVProfile, MLPProfile], None] | None = None):
+        """`on_layer(index, qkv, mlp)` is called with each layer's profiles as soon as they are built (a uniform
+        allocation builds its adapters there, sparing a rebuild of every layer)."""
         self.layers = loaded.layers
         self.device = loaded.device
         self.resting = resting_device(loaded.model) is not None
@@ -41,6 +45,8 @@ class LayerProfiles:
         for index, stats in each_layer_inputs(loaded, windows, lambda f, m: progress(0.5 * f, f"calibration {m}"),
                                               row_stride=stride, inputs=("attention", "mlp")):
             profiles = self._build(index, stats["attention"], stats["mlp"])
+            if on_layer is not None:
+                on_layer(index, *profiles)
             if self.resting:
                 self.parked[index] = (stats["attention"].to("cpu"), stats["mlp"].to("cpu"))
                 self._keep_memos(index, profiles)
@@ -67,12 +73,7 @@ class LayerProfiles:
             self._keep_memos(index, profiles)
 
     def dense_flops(self, index: int) -> tuple[float, float]:
-        """Dense FLOPs per token of the layer's stacked QKV and of its MLP (gate, up, down)."""
-        layer = self.layers[index]
-        qkv = layer_members(layer, "qkv")
-        qkv_flops = linear_flops(sum(m.out_features for m in qkv), qkv[0].in_features)
-        mlp_flops = sum(linear_flops(*p.weight.shape) for p in mlp_parts(layer_mlp(layer))[:3])
-        return float(qkv_flops), float(mlp_flops)
+        return layer_dense_flops(self.layers[index])
 
     def release(self) -> None:
         for _, mlp in self.kept.values():
@@ -86,6 +87,14 @@ class LayerProfiles:
 
     def _keep_memos(self, index: int, profiles) -> None:
         self.memos[index] = tuple({name: getattr(profile, name) for name in profile.memos} for profile in profiles)
+
+
+def layer_dense_flops(layer) -> tuple[float, float]:
+    """Dense FLOPs per token of the layer's stacked QKV and of its MLP (gate, up, down)."""
+    qkv = layer_members(layer, "qkv")
+    qkv_flops = linear_flops(sum(m.out_features for m in qkv), qkv[0].in_features)
+    mlp_flops = sum(linear_flops(*p.weight.shape) for p in mlp_parts(layer_mlp(layer))[:3])
+    return float(qkv_flops), float(mlp_flops)
 
 
 def _on(stats: InputStats, device) -> InputStats:

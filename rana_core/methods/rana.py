@@ -28,7 +28,7 @@ from rana_core.corpus import windows_digest
 from rana_core.errors import BudgetError
 from rana_core.evaluate import perplexity
 from rana_core.methods.calibration_check import calibration_slices, least_loss
-from rana_core.layer_profiles import LayerProfiles
+from rana_core.layer_profiles import LayerProfiles, layer_dense_flops
 from rana_core.profiles import MLPProfile, QKVProfile
 from rana_core.progress import ProgressFn, no_progress
 from rana_core.sensitivity import fisher_diagonals
@@ -43,10 +43,24 @@ CURVE_KEEPS = [round(1.0 - 0.05 * i, 2) for i in range(17)]  # 1.0 .. 0.2
 def build(loaded, calib_windows, config, progress, cache_dir=None):
     if config.flop_reduction == 0:
         return []
-    store = loaded.cached(("rana profiles", windows_digest(calib_windows)),
-                          lambda: LayerProfiles(loaded, calib_windows, progress, SEARCH_TOKENS))
+    key = ("rana profiles", windows_digest(calib_windows))
     adapt_qkv = not shape_of(loaded.config).grouped
-    fisher = None
+    if config.allocation == "uniform" and key not in loaded.cache:
+        # The first run on these windows builds its adapters as each layer's profiles are made: layer by layer,
+        # that spares rebuilding every layer's profiles once more.
+        keeps = uniform_keeps(loaded.layers, config.flop_reduction, adapt_qkv)
+        adapters = []
+
+        def build_layer(index: int, qkv: QKVProfile, mlp: MLPProfile) -> None:
+            adapters.extend(_layer_adapters(loaded.layers[index], index, qkv, mlp, keeps[(index, "qkv")],
+                                            keeps[(index, "mlp")], None))
+
+        store = loaded.cached(key, lambda: LayerProfiles(loaded, calib_windows, progress, SEARCH_TOKENS,
+                                                         on_layer=build_layer))
+        store.release()
+        progress(1.0, f"built {len(adapters)} adapters")
+        return adapters
+    store = loaded.cached(key, lambda: LayerProfiles(loaded, calib_windows, progress, SEARCH_TOKENS))
     if config.allocation == "greedy":
         slice_, validation = calibration_slices(calib_windows, SENSITIVITY_TOKENS, VALIDATION_TOKENS)
         fisher, scales = loaded.cached(("loss model", windows_digest(slice_)),
@@ -131,20 +145,12 @@ def allocate(store: LayerProfiles, flop_reduction: float, allocation: str, progr
     """Keep fraction per (layer, "qkv" | "mlp"). Without `adapt_qkv` QKV stays dense and the MLPs carry the whole
     budget. Greedy compares modules by their Fisher-weighted output error (rana_core.sensitivity) times a
     measured scale per module type (see loss_model), so that an error costs what it costs the language model."""
-    layers = range(len(store))
-    qkv_flops, mlp_flops = {}, {}
-    for i in layers:
-        qkv_flops[i], mlp_flops[i] = store.dense_flops(i)
-    total = sum(qkv_flops.values()) + sum(mlp_flops.values())
-    parts = ("qkv", "mlp") if adapt_qkv else ("mlp",)
-    adapted_total = total if adapt_qkv else sum(mlp_flops.values())
-    reduction = flop_reduction * total / adapted_total  # the adapted modules' share of the model's cut
-    if reduction >= 1.0:
-        raise BudgetError(f"RaNA on the MLPs alone can remove at most {adapted_total / total:.0%} of the QKV+MLP "
-                          f"FLOPs; asked for {flop_reduction:.0%}")
-    keeps = {(i, "qkv"): 1.0 for i in layers} | {(i, "mlp"): 1.0 for i in layers}
     if allocation == "uniform":
-        return keeps | {(i, part): 1.0 - reduction for i in layers for part in parts}
+        return uniform_keeps(store.layers, flop_reduction, adapt_qkv)
+    qkv_flops, mlp_flops, reduction = _budget(store.layers, flop_reduction, adapt_qkv)
+    layers = range(len(store))
+    parts = ("qkv", "mlp") if adapt_qkv else ("mlp",)
+    keeps = {(i, "qkv"): 1.0 for i in layers} | {(i, "mlp"): 1.0 for i in layers}
     if store.resting:  # fill each layer's curves in one visit (the greedy below asks for the same keeps in the
         for i in layers:  # same order, and finds them in the profiles' memo)
             with store.layer(i) as (qkv, mlp):
@@ -174,6 +180,28 @@ def allocate(store: LayerProfiles, flop_reduction: float, allocation: str, progr
     for curve in curves.values():
         curve.error = counted(curve.error)
     return keeps | greedy_allocation(curves, reduction)
+
+
+def uniform_keeps(layers, flop_reduction: float, adapt_qkv: bool) -> dict:
+    """The paper's allocation: every adapted module keeps the same share of its FLOPs."""
+    _, _, reduction = _budget(layers, flop_reduction, adapt_qkv)
+    parts = ("qkv", "mlp") if adapt_qkv else ("mlp",)
+    return {(i, part): 1.0 - reduction if part in parts else 1.0 for i in range(len(layers)) for part in ("qkv", "mlp")}
+
+
+def _budget(layers, flop_reduction: float, adapt_qkv: bool) -> tuple[dict, dict, float]:
+    """Dense FLOPs of each layer's QKV and MLP, and the share of the adapted modules' FLOPs to remove (a RanaError
+    when the MLPs alone cannot carry the cut)."""
+    qkv_flops, mlp_flops = {}, {}
+    for i, layer in enumerate(layers):
+        qkv_flops[i], mlp_flops[i] = layer_dense_flops(layer)
+    total = sum(qkv_flops.values()) + sum(mlp_flops.values())
+    adapted_total = total if adapt_qkv else sum(mlp_flops.values())
+    reduction = flop_reduction * total / adapted_total  # the adapted modules' share of the model's cut
+    if reduction >= 1.0:
+        raise BudgetError(f"RaNA on the MLPs alone can remove at most {adapted_total / total:.0%} of the QKV+MLP "
+                          f"FLOPs; asked for {flop_reduction:.0%}")
+    return qkv_flops, mlp_flops, reduction
 
 
 def _layer_adapters(layer, index, qkv: QKVProfile, mlp: MLPProfile, qkv_keep: float, mlp_keep: float,
