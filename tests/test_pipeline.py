@@ -126,6 +126,20 @@ def test_greedy_rana_and_the_threshold_pass_report_each_layer():
         assert expected in messages, expected
 
 
+def test_hybrid_reports_each_layer_of_every_allocation_it_builds():
+    """Hybrid builds a probe per module type, every candidate of its calibration check and the chosen
+    allocation; layer by layer each build visits every layer, and says which."""
+    from rana_core.loading import load_model
+
+    messages = []
+    config = CompressConfig(method="hybrid", allocation="exact-loss", flop_reduction=0.3,
+                            **{**SMALL, "calib_tokens": 1024, "eval_tokens": 256})
+    compress(config, loaded=load_model("tiny"), progress=lambda f, m: messages.append(m))
+    for what in ("qkv probe", "mlp probe", "the as measured allocation", "the chosen allocation"):
+        for layer in (1, 2):
+            assert f"build: building {what}: layer {layer}/2" in messages, (what, layer)
+
+
 def test_cats_refuses_a_budget_it_cannot_reach(tiny):
     with pytest.raises(BudgetError, match="CATS can remove at most"):
         compress(CompressConfig(method="cats", flop_reduction=0.9, **SMALL), loaded=tiny)

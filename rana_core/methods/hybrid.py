@@ -75,12 +75,7 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
     chosen = allocations[kept]
     progress(0.95, "hybrid allocation: " + summary(chosen) + "; calibration loss " +
              ", ".join(f"{n} {v:.4f}" for n, v in losses.items()) + f"; kept {kept}")
-    adapters = []
-    for key, point in sorted(chosen.items()):
-        for unit in state.build_point(key, point):
-            for meter in unit.meters():  # stored per layer row, so the inspector shows what was chosen
-                meter.planned_keep = point.flops / dense[key]
-            adapters.append(unit)
+    adapters = state.build_allocation(chosen, "the chosen allocation", 0.95)
     progress(1.0, f"built {len(adapters)} adapters")
     return adapters
 
@@ -202,7 +197,7 @@ class HybridState:
             self.progress(0.8, f"probing the loss of {module} adapters")
             points = {key: min(by[adapter]["loss"], key=lambda p: abs(p.keep - PROBE_KEEP))
                       for key, by in curves.items() if key[1] == module}
-            inject(layers, [unit for key, point in points.items() for unit in self.build_point(key, point)])
+            inject(layers, self.build_allocation(points, f"{module} probe", 0.8))
             try:
                 actual = perplexity(self.loaded.model, self.sensitivity).mean_nll - base
             finally:
@@ -216,9 +211,22 @@ class HybridState:
         (thresholds as planned on the fit rows). The loss model is a sum of per-module estimates: it cannot see
         how errors compound, and how much a QKV or a CATS error costs next to a RaNA MLP error is its least sure
         number, so a few re-weightings of those compete on real calibration loss."""
-        return least_loss(self.loaded, {name: lambda chosen=chosen: [
-            unit for key, point in sorted(chosen.items()) for unit in self.build_point(key, point)]
-            for name, chosen in allocations.items()}, self.check, lambda f, m: self.progress(0.85 + 0.1 * f, m))[1]
+        return least_loss(self.loaded, {name: lambda chosen=chosen, name=name: self.build_allocation(
+            chosen, f"the {name} allocation", 0.85) for name, chosen in allocations.items()}, self.check,
+            lambda f, m: self.progress(0.85 + 0.1 * f, m))[1]
+
+    def build_allocation(self, chosen: dict, what: str, fraction: float) -> list:
+        """The adapters of one point per module, built layer after layer, saying which layer (a 7B model's
+        layers each take a visit of their bases to the device)."""
+        units, layers, dense = [], len(self.loaded.layers), self.dense_flops()
+        for key, point in sorted(chosen.items()):
+            for unit in self.build_point(key, point):
+                for meter in unit.meters():  # stored per layer row, so the inspector shows what was chosen
+                    meter.planned_keep = point.flops / dense[key]
+                units.append(unit)
+            if key[1] == max(module for (index, module) in chosen if index == key[0]):  # the layer's last module
+                self.progress(fraction, f"building {what}: layer {key[0] + 1}/{layers}")
+        return units
 
     def basis(self, index: int, name: str, weight: torch.Tensor, input_name: str) -> OutputBasis:
         """The output basis of `weight` on the layer's `input_name` gram, kept (parked) for later builds and
