@@ -35,13 +35,16 @@ def rest_layers(model: nn.Module, layers: nn.ModuleList, device) -> None:
     """Put `layers` to rest on the CPU and everything else of `model` on `device`; calls of a layer visit `device`."""
     device = _normal(device)
     in_layers = {id(sub) for layer in layers for sub in layer.modules()}
+    moved: dict[int, torch.Tensor] = {}  # tied weights (embeddings and LM head) stay one tensor
     for module in model.modules():  # everything outside the layers lives on the device
         if id(module) in in_layers:
             continue
         for store in (module._parameters, module._buffers):
             for name, tensor in store.items():
                 if tensor is not None:
-                    store[name] = _moved(tensor, device)
+                    if id(tensor) not in moved:
+                        moved[id(tensor)] = _moved(tensor, device)
+                    store[name] = moved[id(tensor)]
     pin = torch.cuda.is_available() and device.type == "cuda"
     for layer in layers:
         layer.to("cpu")

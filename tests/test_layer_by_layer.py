@@ -138,3 +138,11 @@ def test_lora_recovery_refuses_a_model_built_layer_by_layer_in_one_line(tmp_path
     rest_layers(loaded.model, loaded.layers, "cpu")  # a visit would swap LoRA's parameters away from the optimizer
     with pytest.raises(RanaError, match="layer by layer"):
         recover(loaded, tmp_path / "missing.safetensors", None, RecoverConfig(strategy="uniform"))
+
+
+def test_resting_keeps_tied_embeddings_one_tensor():
+    loaded = load_model("tiny-gemma3")  # Gemma 3 ties its LM head to the token embeddings
+    model = loaded.model
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    rest_layers(model, loaded.layers, "cpu")
+    assert model.lm_head.weight is model.get_input_embeddings().weight
