@@ -9,6 +9,8 @@ from __future__ import annotations
 import gc
 import re
 
+from rana_core.devices import cuda_index
+
 GIB = 1 << 30
 _ASKED = re.compile(r"Tried to allocate ([0-9.]+ [KMGT]?i?B)")
 
@@ -23,14 +25,6 @@ def cap_memory(device: str, gib: float) -> None:
     torch.cuda.set_per_process_memory_fraction(min(1.0, gib * GIB / total), index)
     with torch.cuda.device(index):
         torch.cuda.empty_cache()  # the cap is checked when the allocator asks CUDA for more: hold nothing above it
-
-
-def cuda_index(device: str) -> int:
-    """The index CUDA's memory calls want: plain "cuda" is the current device."""
-    import torch
-
-    index = torch.device(device).index
-    return torch.cuda.current_device() if index is None else index
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

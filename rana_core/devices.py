@@ -23,6 +23,14 @@ def check_device_name(device) -> str:
     return device
 
 
+def cuda_index(device) -> int:
+    """The index CUDA's memory calls want: plain "cuda" is the current device. Imports torch."""
+    import torch
+
+    index = torch.device(device).index
+    return torch.cuda.current_device() if index is None else index
+
+
 def check_device_present(device: str) -> str:
     """`device` if this machine has it, else a RanaError saying what it has. Imports torch unless it is "cpu"."""
     check_device_name(device)

@@ -29,9 +29,10 @@ class _Recorded(Exception):
 @torch.no_grad()
 def layer_after_layer(model: nn.Module, layers: nn.ModuleList, windows: torch.Tensor, batch_size: int = 4
                       ) -> Iterator[tuple[int, nn.Module, "LayerPass"]]:
-    """Yield (index, layer, run) for each layer in order; ``run(hook_setup)`` runs the layer once over every
-    calibration batch (dense), hands the outputs on to the next layer and returns nothing. The caller attaches
-    hooks to the layer's modules before calling run and reads what they gathered after."""
+    """Yield (index, layer, run) for each layer in order; ``run()`` runs the layer once over every calibration
+    batch (dense) and keeps its outputs, which become the next layer's inputs (it runs when the caller moves on,
+    if the caller did not call it). The caller attaches hooks to the layer's modules before calling run and reads
+    what they gathered after."""
     device = resting_device(model) or next(model.parameters()).device
     batches = [windows[start:start + batch_size].to(device) for start in range(0, windows.shape[0], batch_size)]
     hidden, calls = _record_calls(model, layers, batches)

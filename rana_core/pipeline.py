@@ -22,6 +22,7 @@ from rana_core.adapters.artifacts import load_adapters, save_adapters
 from rana_core.adapters.thresholds import Thresholded
 from rana_core.config import CompressConfig
 from rana_core.corpus import token_windows, windows_digest
+from rana_core.devices import cuda_index
 from rana_core.evaluate import perplexity
 from rana_core.flops import dense_profile
 from rana_core.loading import LoadedModel, load_model
@@ -91,7 +92,7 @@ def compress(
     config.validate()
     started = time.perf_counter()
     if config.device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(_cuda_index(config.device))
+        torch.cuda.reset_peak_memory_stats(cuda_index(config.device))
     plan = StagedProgress(progress, STAGES)
     target = 0.0 if config.method == "dense" else config.flop_reduction
 
@@ -278,14 +279,8 @@ def _environment(loaded: LoadedModel) -> dict:
     device = loaded.info["device"]
     environment = {"device": str(device), "torch": torch.__version__, **loaded.info}
     if str(device).startswith("cuda"):  # the most this run held on the GPU at once
-        environment["device_name"] = torch.cuda.get_device_name(_cuda_index(device))
-        environment["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(_cuda_index(device)) / (1 << 30), 3)
+        environment["device_name"] = torch.cuda.get_device_name(cuda_index(device))
+        environment["peak_gpu_gib"] = round(torch.cuda.max_memory_allocated(cuda_index(device)) / (1 << 30), 3)
     else:
         environment["device_name"] = platform.processor() or "cpu"
     return environment
-
-
-def _cuda_index(device: str) -> int:
-    """CUDA's memory statistics want an index: plain "cuda" is the current device."""
-    index = torch.device(device).index
-    return torch.cuda.current_device() if index is None else index

@@ -28,6 +28,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from rana_core.devices import cuda_index
+
 _RESTING = "_rana_resting_device"  # attribute on a resting model: the device its layers visit
 
 
@@ -142,9 +144,7 @@ def placed_like(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _normal(device) -> torch.device:
     """cuda means the current CUDA device: named by its index, so that tensors there compare equal to it."""
     device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
-    return device
+    return torch.device("cuda", cuda_index(device)) if device.type == "cuda" else device
 
 
 def _moved(tensor: torch.Tensor, device, pin: bool = False, non_blocking: bool = False) -> torch.Tensor:

@@ -26,6 +26,8 @@ kept (on the same validation text: 163.8 against 190.0 without the check at 0.5,
 
 from __future__ import annotations
 
+from itertools import groupby
+
 import torch
 
 from rana_core.adapters.base import inject, layer_members, unload
@@ -219,13 +221,13 @@ class HybridState:
         """The adapters of one point per module, built layer after layer, saying which layer (a 7B model's
         layers each take a visit of their bases to the device)."""
         units, layers, dense = [], len(self.loaded.layers), self.dense_flops()
-        for key, point in sorted(chosen.items()):
-            for unit in self.build_point(key, point):
-                for meter in unit.meters():  # stored per layer row, so the inspector shows what was chosen
-                    meter.planned_keep = point.flops / dense[key]
-                units.append(unit)
-            if key[1] == max(module for (index, module) in chosen if index == key[0]):  # the layer's last module
-                self.progress(fraction, f"building {what}: layer {key[0] + 1}/{layers}")
+        for index, modules in groupby(sorted(chosen.items()), key=lambda item: item[0][0]):
+            for key, point in modules:
+                for unit in self.build_point(key, point):
+                    for meter in unit.meters():  # stored per layer row, so the inspector shows what was chosen
+                        meter.planned_keep = point.flops / dense[key]
+                    units.append(unit)
+            self.progress(fraction, f"building {what}: layer {index + 1}/{layers}")
         return units
 
     def basis(self, index: int, name: str, weight: torch.Tensor, input_name: str) -> OutputBasis:
