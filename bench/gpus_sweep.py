@@ -1,6 +1,6 @@
 """A sweep drained by one GPU worker, then by one worker per GPU: wall time of each and which GPU ran each point.
 
-    python bench/gpus_sweep.py [--model smollm2-135m] [--gpus 2] [--methods svd,cats,rana-greedy,hybrid]
+    python bench/gpus_sweep.py [--model smollm2-135m] [--label NAME] [--gpus 2] [--methods svd,cats,rana-greedy,hybrid]
                                [--budgets 0.3,0.44] [--calib-tokens 8192] [--eval-tokens 8192] [--seq-len 512]
 
 Each drain gets a fresh database and data folder (so neither finds the other's curves), queues the sweep with
@@ -55,6 +55,7 @@ def drain(args, devices: list[str]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--label", help="the model's name in the results file (default: --model)")
     parser.add_argument("--gpus", type=int, default=2)
     parser.add_argument("--methods", default="svd,cats,rana-greedy,hybrid")
     parser.add_argument("--budgets", default="0.3,0.44")
@@ -78,8 +79,9 @@ def main(argv=None) -> int:
         print(f"{', '.join(row['workers']):<24}{row['points']:>7}{row['seconds']:>9.1f}  {row['points_per_gpu']}"
               + (f"  FAILED: {row['errors']}" if row["errors"] else ""))
     print(f"{args.gpus} GPUs drain the sweep {one['seconds'] / many['seconds']:.2f}x faster than one")
-    out = RESULTS / f"gpus-sweep-{args.model}-{args.gpus}gpu{'-all-cores-each' if args.all_cores_each else ''}.json"
-    out.write_text(json.dumps({"model": args.model, "device": torch.cuda.get_device_name(0), "args": vars(args),
+    label = args.label or args.model
+    out = RESULTS / f"gpus-sweep-{label}-{args.gpus}gpu{'-all-cores-each' if args.all_cores_each else ''}.json"
+    out.write_text(json.dumps({"model": label, "device": torch.cuda.get_device_name(0), "args": vars(args),
                                "one_gpu": one, "all_gpus": many}, indent=1))
     print(f"wrote {out}")
     return 0

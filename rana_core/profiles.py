@@ -220,6 +220,11 @@ class MLPProfile:
             best = MLPChoice(keep, keep, keep, keep, error)
         return best
 
+    def forget_outputs_above(self, keep: float) -> None:
+        """Drop the cached up/gate outputs of keep fractions above `keep` (45 MB each on a 7B MLP)."""
+        for key in [key for key in self._outputs if key[1] > keep]:
+            del self._outputs[key]
+
     def release(self) -> None:
         """Drop cached outputs (tens of MB per layer) once the layer's choices are made."""
         self._outputs.clear()

@@ -113,15 +113,17 @@ def test_the_build_stage_reports_progress_for_every_layer(method):
 
 
 def test_greedy_rana_and_the_threshold_pass_report_each_layer():
-    """Layer by layer, a 7B model's greedy RaNA visits every layer again to probe it and to build each candidate,
-    and its threshold pass takes seconds: each of those says which layer it is at."""
+    """Layer by layer, a 7B model's greedy RaNA takes its loss gradients, visits every layer for its profiles
+    (probed as they are built) and again to build each candidate, and its threshold pass takes seconds: each of
+    those says which layer it is at."""
     from rana_core.loading import load_model
 
     messages = []
     config = CompressConfig(method="rana", allocation="greedy", flop_reduction=0.3,
                             **{**SMALL, "calib_tokens": 1024, "eval_tokens": 256})
     compress(config, loaded=load_model("tiny"), progress=lambda f, m: messages.append(m))
-    for expected in ("build: probes of layer 1/2", "build: probes of layer 2/2", "build: adapters of layer 1/2",
+    for expected in ("build: loss gradients", "build: calibration layer 1/2", "build: calibration layer 2/2",
+                     "build: adapters of layer 1/2",
                      "build: adapters of layer 2/2", "thresholds: layer 1/2", "thresholds: layer 2/2"):
         assert expected in messages, expected
 

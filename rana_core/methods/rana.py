@@ -31,6 +31,7 @@ from rana_core.methods.calibration_check import calibration_slices, least_loss
 from rana_core.layer_profiles import LayerProfiles, layer_dense_flops
 from rana_core.profiles import MLPProfile, QKVProfile
 from rana_core.progress import ProgressFn, no_progress
+from rana_core.residency import resting_device
 from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
@@ -60,16 +61,27 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
         store.release()
         progress(1.0, f"built {len(adapters)} adapters")
         return adapters
-    store = loaded.cached(key, lambda: LayerProfiles(loaded, calib_windows, progress, SEARCH_TOKENS))
     if config.allocation == "greedy":
         slice_, validation = calibration_slices(calib_windows, SENSITIVITY_TOKENS, VALIDATION_TOKENS)
-        fisher, scales = loaded.cached(("loss model", windows_digest(slice_)),
-                                       lambda: loss_model(loaded, store, slice_, progress))
+        loss = loaded.cached(("loss model", windows_digest(slice_)),
+                             lambda: LossModel(loaded, slice_, lambda f, m: progress(0.1 * f, m)))
+        # A resting model's layers visit the GPU once for their profiles, probes and curve points, and once for
+        # the adapters: each visit rebuilds the layer's profiles (bases, factors), the bulk of the time.
+        resting = resting_device(loaded.model) is not None
+        store = loaded.cached(key, lambda: LayerProfiles(
+            loaded, calib_windows, lambda f, m: progress(0.1 + 0.8 * f, m), SEARCH_TOKENS,
+            on_layer=lambda index, qkv, mlp: loss.measure(index, qkv, mlp, curves=resting)))
+        for index in range(len(store)):  # profiles made before, by another allocation: visit what is missing
+            if not loss.measured(index, curves=resting):
+                with store.layer(index) as (qkv, mlp):
+                    loss.measure(index, qkv, mlp, curves=resting)
+                progress(0.5, f"probes of layer {index + 1}/{len(store)}")
+        loss.measure_scales(loaded, lambda f, m: progress(0.5, m))
         plans = {
             "greedy": lambda: allocate(store, config.flop_reduction, "greedy",
-                                       lambda f, m: progress(0.5 + 0.1 * f, m), fisher, scales),
+                                       lambda f, m: progress(0.5 + 0.1 * f, m), loss),
             "greedy over MLPs": lambda: allocate(store, config.flop_reduction, "greedy",
-                                                 lambda f, m: progress(0.6, m), fisher, scales, adapt_qkv=False),
+                                                 lambda f, m: progress(0.6, m), loss, adapt_qkv=False),
             "uniform": lambda: allocate(store, config.flop_reduction, "uniform", progress, adapt_qkv=adapt_qkv),
         }
         candidates = {}
@@ -80,12 +92,13 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
                 continue
         # the uniform candidate is built exactly as the uniform method builds it (splits on plain output error),
         # so that choosing it gives the uniform model itself; all candidates are built in one visit per layer
-        built = _model_adapters(store, {name: (keeps, None if name == "uniform" else fisher)
+        built = _model_adapters(store, {name: (keeps, None if name == "uniform" else loss.fisher)
                                         for name, keeps in candidates.items()}, lambda f, m: progress(0.65, m))
         chosen, _ = least_loss(loaded, {name: lambda name=name: built[name] for name in candidates}, validation,
                                lambda f, m: progress(0.65 + 0.25 * f, m))
         adapters = built[chosen]
     else:
+        store = loaded.cached(key, lambda: LayerProfiles(loaded, calib_windows, progress, SEARCH_TOKENS))
         keeps = allocate(store, config.flop_reduction, config.allocation, progress, adapt_qkv=adapt_qkv)
         adapters = _model_adapters(store, {"built": (keeps, None)}, lambda f, m: progress(0.5 + 0.5 * f, m))["built"]
     store.release()
@@ -107,67 +120,82 @@ def _model_adapters(store: LayerProfiles, allocations: dict[str, tuple[dict, dic
     return adapters
 
 
-def loss_model(loaded, store: LayerProfiles, windows, progress) -> tuple[dict, dict]:
+class LossModel:
     """Fisher diagonals of every module's output, and one measured scale per module type.
 
     The diagonal-Fisher estimate of the loss increase misses how errors interact (the softmax of attention
     scores, errors that line up across layers), and it misses by different factors for QKV and for the MLP. So
     each type is probed once: every layer's QKV (then every MLP) adapted at PROBE_KEEP, the real loss increase on
-    `windows` measured, and the type's estimates scaled to match it. Both probes are built in one visit per
-    layer."""
-    layers = loaded.layers
-    progress(0.5, "loss gradients")
-    fisher = fisher_diagonals(loaded.model, layers, windows)
-    base = perplexity(loaded.model, windows).mean_nll
-    probes = {"qkv": ([], []), "mlp": ([], [])}  # part -> (adapters, estimated errors)
-    for i, layer in enumerate(layers):
-        with store.layer(i) as (qkv, mlp):
-            for part, (adapters, errors) in probes.items():
-                keep_qkv, keep_mlp = (PROBE_KEEP, 1.0) if part == "qkv" else (1.0, PROBE_KEEP)
-                adapters += _layer_adapters(layer, i, qkv, mlp, keep_qkv, keep_mlp, fisher[(i, "mlp")])
-                errors.append(qkv.loss_error(PROBE_KEEP, fisher[(i, "qkv")]) if part == "qkv"
-                              else mlp.best_split(PROBE_KEEP, fisher[(i, "mlp")]).error)
-        progress(0.5, f"probes of layer {i + 1}/{len(layers)}")
-    scales = {}
-    for part, (adapters, errors) in probes.items():
-        progress(0.5, f"probing {part}")
-        inject(layers, adapters)
-        try:
-            actual = perplexity(loaded.model, windows).mean_nll - base
-        finally:
-            unload(layers)
-        scales[part] = max(actual, 1e-6) / max(sum(errors) / 2, 1e-12)
-    return fisher, scales
+    `windows` measured, and the type's estimates scaled to match it.
+
+    The gradients come first (they need only the model), so that each layer's probes, and while the model rests
+    its curve points, are measured from the layer's profiles as soon as they are built (``measure``)."""
+
+    def __init__(self, loaded, windows: torch.Tensor, progress: ProgressFn):
+        self.layers, self.windows = loaded.layers, windows
+        self.fisher = fisher_diagonals(loaded.model, self.layers, windows, progress=progress)
+        self.probes: dict[int, dict[str, tuple[list, float]]] = {}  # layer -> part -> (adapters, estimated error)
+        self.points: dict[tuple[int, str, float], float] = {}  # (layer, part, keep) -> Fisher-weighted error
+        self.scales: dict[str, float] | None = None
+
+    def measured(self, index: int, curves: bool) -> bool:
+        return (self.scales is not None or index in self.probes) and (not curves or (index, "mlp", CURVE_KEEPS[-1]) in self.points)
+
+    def measure(self, index: int, qkv: QKVProfile, mlp: MLPProfile, curves: bool) -> None:
+        """Layer `index`'s probe adapters and estimates, and with `curves` its errors at every CURVE_KEEPS."""
+        layer, fisher_qkv, fisher_mlp = self.layers[index], self.fisher[(index, "qkv")], self.fisher[(index, "mlp")]
+        if index not in self.probes and self.scales is None:
+            self.probes[index] = {
+                "qkv": (_layer_adapters(layer, index, qkv, mlp, PROBE_KEEP, 1.0, fisher_mlp),
+                        qkv.loss_error(PROBE_KEEP, fisher_qkv)),
+                "mlp": (_layer_adapters(layer, index, qkv, mlp, 1.0, PROBE_KEEP, fisher_mlp),
+                        mlp.best_split(PROBE_KEEP, fisher_mlp).error)}
+        if curves:
+            for keep in CURVE_KEEPS:  # decreasing, as the greedy allocation asks for them
+                self.points[(index, "qkv", keep)] = qkv.loss_error(keep, fisher_qkv)
+                self.points[(index, "mlp", keep)] = mlp.curve_error(keep, fisher_mlp)
+                mlp.forget_outputs_above(1.5 * keep)  # the next, smaller keeps never ask for these again
+
+    def measure_scales(self, loaded, progress: ProgressFn) -> None:
+        if self.scales is not None:
+            return
+        base = perplexity(loaded.model, self.windows).mean_nll
+        self.scales = {}
+        for part in ("qkv", "mlp"):
+            progress(0.5, f"probing {part}")
+            inject(self.layers, [a for index in sorted(self.probes) for a in self.probes[index][part][0]])
+            try:
+                actual = perplexity(loaded.model, self.windows).mean_nll - base
+            finally:
+                unload(self.layers)
+            estimated = sum(self.probes[index][part][1] for index in self.probes)
+            self.scales[part] = max(actual, 1e-6) / max(estimated / 2, 1e-12)
+        self.probes.clear()  # the probe adapters are not needed again
+
+    def error(self, store: LayerProfiles, index: int, part: str, keep: float) -> float:
+        """The estimated loss increase of module (index, part) at `keep`."""
+        raw = self.points.get((index, part, keep))
+        if raw is None:
+            with store.layer(index) as (qkv, mlp):
+                raw = (qkv.loss_error(keep, self.fisher[(index, "qkv")]) if part == "qkv"
+                       else mlp.curve_error(keep, self.fisher[(index, "mlp")]))
+        return self.scales[part] * raw
 
 
 def allocate(store: LayerProfiles, flop_reduction: float, allocation: str, progress,
-             fisher: dict | None = None, scales: dict | None = None, adapt_qkv: bool = True) -> dict:
+             loss: LossModel | None = None, adapt_qkv: bool = True) -> dict:
     """Keep fraction per (layer, "qkv" | "mlp"). Without `adapt_qkv` QKV stays dense and the MLPs carry the whole
     budget. Greedy compares modules by their Fisher-weighted output error (rana_core.sensitivity) times a
-    measured scale per module type (see loss_model), so that an error costs what it costs the language model."""
+    measured scale per module type (see LossModel), so that an error costs what it costs the language model."""
     if allocation == "uniform":
         return uniform_keeps(store.layers, flop_reduction, adapt_qkv)
     qkv_flops, mlp_flops, reduction = _budget(store.layers, flop_reduction, adapt_qkv)
     layers = range(len(store))
     parts = ("qkv", "mlp") if adapt_qkv else ("mlp",)
     keeps = {(i, "qkv"): 1.0 for i in layers} | {(i, "mlp"): 1.0 for i in layers}
-    if store.resting:  # fill each layer's curves in one visit (the greedy below asks for the same keeps in the
-        for i in layers:  # same order, and finds them in the profiles' memo)
-            with store.layer(i) as (qkv, mlp):
-                for keep in CURVE_KEEPS:
-                    if adapt_qkv:
-                        qkv.loss_error(keep, fisher[(i, "qkv")])
-                    mlp.curve_error(keep, fisher[(i, "mlp")])
-            progress(0.0, f"curves of layer {i + 1}/{len(store)}")
-
-    def error(i: int, part: str, keep: float) -> float:
-        with store.layer(i) as (qkv, mlp):
-            if part == "qkv":
-                return scales["qkv"] * qkv.loss_error(keep, fisher[(i, "qkv")])
-            return scales["mlp"] * mlp.curve_error(keep, fisher[(i, "mlp")])
-
     curves = {(i, part): Curve(qkv_flops[i] if part == "qkv" else mlp_flops[i], CURVE_KEEPS,
-                               lambda keep, i=i, part=part: error(i, part, keep)) for i in layers for part in parts}
+                               lambda keep, i=i, part=part: loss.error(store, i, part, keep))
+              for i in layers for part in parts}
     done = [0]
 
     def counted(curve_error):
