@@ -49,7 +49,20 @@ def drain(args, devices: list[str]) -> dict:
     return {"workers": devices, "seconds": round(seconds, 1), "exit_codes": exit_codes, "points": len(points),
             "status": sorted({job["status"] for job in points}),
             "errors": [job["error"] for job in points if job["error"]],
-            "points_per_gpu": {d: sum((job["device"] or "").startswith(f"{d} ") for job in points) for d in devices}}
+            "points_per_gpu": {d: sum((job["device"] or "").startswith(f"{d} ") for job in points) for d in devices},
+            "each_point": [{"method": job["payload"]["method"], "allocation": job["payload"]["allocation"],
+                            "budget": job["payload"]["flop_reduction"], "gpu": (job["device"] or "").split(" ")[0],
+                            "seconds": _seconds(job)} for job in sorted(points, key=lambda job: job["started_at"])]}
+
+
+def _seconds(job: dict) -> float | None:
+    """The point's own time, claim to finish (the model load of a worker's first job included)."""
+    from datetime import datetime
+
+    if not (job["started_at"] and job["finished_at"]):
+        return None
+    return round((datetime.fromisoformat(job["finished_at"]) - datetime.fromisoformat(job["started_at"]))
+                 .total_seconds(), 1)
 
 
 def main(argv=None) -> int:
@@ -78,6 +91,9 @@ def main(argv=None) -> int:
     for row in (one, many):
         print(f"{', '.join(row['workers']):<24}{row['points']:>7}{row['seconds']:>9.1f}  {row['points_per_gpu']}"
               + (f"  FAILED: {row['errors']}" if row["errors"] else ""))
+    for row in (one, many):
+        print(f"  {', '.join(row['workers'])}: " + ", ".join(
+            f"{p['gpu']} {p['method']}-{p['allocation']}@{p['budget']} {p['seconds']} s" for p in row["each_point"]))
     print(f"{args.gpus} GPUs drain the sweep {one['seconds'] / many['seconds']:.2f}x faster than one")
     label = args.label or args.model
     out = RESULTS / f"gpus-sweep-{label}-{args.gpus}gpu{'-all-cores-each' if args.all_cores_each else ''}.json"

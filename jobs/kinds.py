@@ -57,6 +57,17 @@ JOB_KINDS = tuple(KINDS)
 PARENT_KINDS = tuple(name for name, kind in KINDS.items() if kind.children is not None)
 
 
+# What a worker keeps from one job for the next: the loaded model and what a method computed on one calibration
+# sample of it (RaNA's profiles and loss model, hybrid's curves and bases). Jobs that agree on these reuse them.
+_REUSED = ("model", "dtype", "device", "method", "calib_tokens", "seq_len", "split")
+
+
+def reuse_key(kind: str, payload: dict) -> tuple:
+    """Jobs with equal keys share work when one worker runs them one after the other (e.g. the budgets of one
+    method in a sweep)."""
+    return (kind, *(str(payload.get(name)) for name in _REUSED))
+
+
 def job_kind(name: str) -> JobKind:
     kind = KINDS.get(name)
     if kind is None:

@@ -1,6 +1,7 @@
 """The job queue, kept in the jobs table: submit, claim, progress, finish, fail, cancel, retry, reap. Torch-free.
 
-Claiming is compare-and-set: pick the best queued candidate, then ``UPDATE … WHERE status = 'queued'`` and check
+Claiming is compare-and-set: pick the best queued candidate (highest priority; among those, one that reuses what
+this worker computed for its last job, else one whose work no running job shares, else the oldest), then ``UPDATE … WHERE status = 'queued'`` and check
 that exactly one row changed. On SQLite the pick runs under ``BEGIN IMMEDIATE`` (one writer at a time, so no two
 workers see the same candidate); on PostgreSQL candidates are taken with ``FOR UPDATE SKIP LOCKED`` so workers on
 many hosts never wait on each other. Timestamps come from the database clock, which all hosts share.
@@ -23,7 +24,7 @@ from sqlalchemy import func, select, text, update
 from db.migrate import check_schema
 from db.models import Job, Run
 from db.session import get_engine, session_scope
-from jobs.kinds import KINDS, PARENT_KINDS, validate_payload
+from jobs.kinds import KINDS, PARENT_KINDS, reuse_key, validate_payload
 from rana_core.errors import RanaError
 
 FINISHED = ("done", "failed", "cancelled")
@@ -105,17 +106,26 @@ def _check_run_has_artifact(session, run_id: int, verb: str) -> None:
         raise RanaError(f"run {run_id} has no stored adapters to {verb} (it was made before artifacts existed)")
 
 
-def claim(worker: str, url: str | None = None, host: str | None = None, device: str | None = None) -> ClaimedJob | None:
+CANDIDATES = 64  # queued jobs of the top priority a claim chooses among
+
+
+def claim(worker: str, url: str | None = None, host: str | None = None, device: str | None = None,
+          after: "ClaimedJob | None" = None) -> ClaimedJob | None:
+    """The next job for `worker`, now running on it, or None. `after`: the job this worker ran last; a queued job
+    that reuses its work (jobs.kinds.reuse_key) comes first, so that two workers draining a sweep each take whole
+    methods instead of both computing every method's profiles and curves."""
     engine = get_engine(url)
     options = {"sqlite_begin": "IMMEDIATE"} if engine.dialect.name == "sqlite" else {}
     with engine.connect().execution_options(**options) as connection, connection.begin():
-        pick = (select(Job.id).where(Job.status == "queued", Job.kind.not_in(PARENT_KINDS))
-                .order_by(Job.priority.desc(), Job.id).limit(1))
+        pick = (select(Job.id, Job.kind, Job.payload, Job.priority)
+                .where(Job.status == "queued", Job.kind.not_in(PARENT_KINDS))
+                .order_by(Job.priority.desc(), Job.id).limit(CANDIDATES))
         if engine.dialect.name == "postgresql":
             pick = pick.with_for_update(skip_locked=True)
-        job_id = connection.execute(pick).scalar()
-        if job_id is None:
+        candidates = connection.execute(pick).all()
+        if not candidates:
             return None
+        job_id = _preferred(connection, [c for c in candidates if c.priority == candidates[0].priority], after)
         changed = connection.execute(
             update(Job)
             .where(Job.id == job_id, Job.status == "queued")
@@ -131,6 +141,21 @@ def claim(worker: str, url: str | None = None, host: str | None = None, device: 
         if row.parent_id is not None:
             _refresh_sweep(connection, row.parent_id)
         return ClaimedJob(job_id, row.kind, row.payload, row.attempts, row.author, tuple(row.tags or ()))
+
+
+def _preferred(connection, candidates: list, after: "ClaimedJob | None") -> int:
+    keys = [reuse_key(c.kind, c.payload or {}) for c in candidates]
+    if after is not None:
+        mine = reuse_key(after.kind, after.payload or {})
+        for candidate, key in zip(candidates, keys):
+            if key == mine:
+                return candidate.id
+    running = {reuse_key(kind, payload or {}) for kind, payload in
+               connection.execute(select(Job.kind, Job.payload).where(Job.status == "running")).all()}
+    for candidate, key in zip(candidates, keys):
+        if key not in running:
+            return candidate.id
+    return candidates[0].id
 
 
 def _mine(job_id: int, worker: str):

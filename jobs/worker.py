@@ -109,10 +109,11 @@ class Worker:
         be reaped (requeued, then claimed here, or failed when out of attempts)."""
         processed = 0
         waiting_for: set[int] = set()
+        last: queue.ClaimedJob | None = None
         while not self.stopping.is_set():
             try:
                 self.reap_if_due()
-                job = queue.claim(self.name, self.url, host=self.host, device=self.device_label)
+                job = queue.claim(self.name, self.url, host=self.host, device=self.device_label, after=last)
                 running = queue.running_jobs(self.url) if job is None and exit_when_idle else []
             except OperationalError as exc:
                 log.warning("queue not available (%s); waiting", str(exc.orig or exc).splitlines()[0])
@@ -129,6 +130,7 @@ class Worker:
                 continue
             waiting_for = set()
             self.process(job)
+            last = job
             processed += 1
             if max_jobs is not None and processed >= max_jobs:
                 break

@@ -132,6 +132,23 @@ def test_claim_follows_priority_then_age_and_records_host_and_device(any_db_url)
     assert (view.host, view.device, view.worker) == ("gpu-host-1", "cuda:0 (NVIDIA H100)", "gpu-host-1:7")
 
 
+def test_workers_keep_to_the_methods_they_started_so_each_reuses_its_own_profiles_and_curves(any_db_url):
+    """Two workers draining a sweep: a worker keeps a method's profiles, loss model and curves between jobs, so
+    the second worker leaves the method the first started to it, and each takes the next budget of its own
+    method (first-come order would hand both workers every method, each computed twice). Priority still wins."""
+    url = any_db_url
+    queue.submit("sweep", {**SWEEP, "methods": ["svd", "cats"], "budgets": [0.2, 0.3, 0.4]}, url=url)
+    a, b = queue.claim("a", url=url), queue.claim("b", url=url)
+    assert (a.payload["method"], b.payload["method"]) == ("svd", "cats")
+    finish(url, a, "a")
+    finish(url, b, "b")  # nothing runs now: only the worker's last job tells them apart
+    b2, a2 = queue.claim("b", url=url, after=b), queue.claim("a", url=url, after=a)
+    assert (a2.payload["method"], a2.payload["flop_reduction"]) == ("svd", 0.3)
+    assert (b2.payload["method"], b2.payload["flop_reduction"]) == ("cats", 0.3)
+    urgent = queue.submit("compress", {**PAYLOAD, "method": "cats"}, priority=5, url=url)
+    assert queue.claim("a", url=url, after=a2).id == urgent
+
+
 @pytest.mark.parametrize("kind,payload,message", [
     ("compress", {**PAYLOAD, "flop_reduction": 0.95}, "FLOP reduction"),
     ("sweep", {**SWEEP, "budgets": [0.3, 1.5]}, "budgets are FLOP reductions"),
