@@ -63,6 +63,21 @@ class RankPart(nn.Module):
 
     scale = None  # per-row factors of the mask score (the neuron adapter's column norms)
 
+    @classmethod
+    def of(cls, B: torch.Tensor, rows: torch.Tensor, threshold: float, target_active: float) -> "RankPart":
+        """A part from given tensors: B (r, n), rows = Aᵀ (r, m), the threshold on |z| (√τ of a rank adapter)."""
+        part = cls.__new__(cls)
+        nn.Module.__init__(part)
+        part.rank, part.target_active = rows.shape[0], target_active
+        part.out_features, part.in_features = rows.shape[1], B.shape[1]
+        part.B = nn.Parameter(B.contiguous(), requires_grad=False)
+        part.rows = nn.Parameter(rows.contiguous(), requires_grad=False)
+        part.register_buffer("threshold", torch.tensor([threshold], dtype=torch.float32, device=rows.device))
+        part.register_buffer("out", torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device))
+        part.calibrating = part.counting = False
+        part.active_sum, part.counted_tokens = 0.0, 0
+        return part
+
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         return z.float().abs() if self.scale is None else z.float().abs() * self.scale
 
@@ -108,6 +123,23 @@ class NeuronPart(RankPart):
     @property
     def scale(self) -> torch.Tensor:
         return self.norms
+
+    @classmethod
+    def of(cls, down_weight: torch.Tensor, norms: torch.Tensor, threshold: float,
+           target_active: float) -> "NeuronPart":
+        """A part from W_down (m, n) and the column norms its mask scores use (as the PyTorch adapter has them)."""
+        part = cls.__new__(cls)
+        nn.Module.__init__(part)
+        part.out_features, part.in_features = down_weight.shape
+        part.rank, part.target_active = part.in_features, target_active
+        part.rows = nn.Parameter(down_weight.t().contiguous(), requires_grad=False)
+        part.register_buffer("norms", norms.float().contiguous())
+        part.register_buffer("threshold", torch.tensor([threshold], dtype=torch.float32, device=down_weight.device))
+        part.register_buffer("out", torch.zeros(part.out_features, dtype=down_weight.dtype,
+                                                device=down_weight.device))
+        part.calibrating = part.counting = False
+        part.active_sum, part.counted_tokens = 0.0, 0
+        return part
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.expand(h)  # no B: the coefficients are h itself
@@ -162,6 +194,7 @@ class Block(nn.Module):
     def __init__(self, shape: Shape, keeps: tuple[float, float], dtype, device, generator, gemv: str):
         super().__init__()
         self.shape, self.gemv = shape, gemv
+        self.qkv_bias = None  # Qwen2's q/k/v biases, stacked (a block built from a model has them)
         h, i = shape.hidden, shape.intermediate
         qkv_keep, mlp_keep = keeps
         self.attn_norm, self.mlp_norm = RMSNorm(h, dtype, device), RMSNorm(h, dtype, device)
@@ -191,12 +224,16 @@ class Block(nn.Module):
         splits = 0  # > 0: qkv holds the masked product's partial sums, which the rotary kernel adds up
         if isinstance(self.qkv, RankPart):
             z = matvec(self.qkv.B, normed, self.gemv)
-            if self.qkv.fusable(z):
+            if self.qkv.fusable(z) and self.qkv_bias is None:
                 qkv, splits = masked_rows_partials(self.qkv.rows, z[0], self.qkv.threshold, self.qkv.scale)
             else:
                 qkv = self.qkv.expand(z)
-        else:
+        elif isinstance(self.qkv, nn.Linear):
             qkv = matvec(self.qkv.weight, normed, self.gemv)
+        else:  # another part of a block built from a model (a static low rank)
+            qkv = self.qkv(normed)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
         if T == 1:  # rotary and both cache writes in one kernel, then attention over the prefix only
             q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
                                 torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device), splits)
@@ -226,6 +263,15 @@ class Block(nn.Module):
             return reduce_partials(down_partial, down_splits, self.down.out)[None]
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
+
+
+    def flops_per_token(self) -> float:
+        """QKV and MLP FLOPs of one token, at the densities counted (rana_core.flops counts the same modules)."""
+        return sum(m.flops_per_token() if isinstance(m, RankPart) else 2.0 * m.weight.numel()
+                   for m in (self.qkv, self.gate, self.up, self.down))
+
+    def dense_flops_per_token(self) -> float:
+        return 2.0 * self.shape.hidden * (self.shape.qkv_out + 3 * self.shape.intermediate)
 
 
 def _join(first: nn.Module, second: nn.Module, name: str) -> torch.Tensor:
@@ -271,8 +317,30 @@ class DecodeEngine(nn.Module):
                                     for _ in range(shape.layers))
         self.norm = RMSNorm(shape.hidden, dtype, self.device)
         self.lm_head = _linear(shape.vocab, shape.hidden, dtype, self.device, generator)
+        self.inv_freq = 1.0 / (10000.0 ** (torch.arange(0, shape.head_dim, 2, device=self.device).float()
+                                           / shape.head_dim))
+        self.rope_scale = 1.0
         self.max_seq = 0
         self.graph = None
+
+    @classmethod
+    def assemble(cls, shape: Shape, dtype, device, embed: torch.Tensor, blocks: list, norm: "RMSNorm",
+                 lm_head: torch.Tensor, inv_freq: torch.Tensor, rope_scale: float = 1.0,
+                 gemv: str = "triton") -> "DecodeEngine":
+        """An engine of given parts (rana_core.decode.from_model builds them from a model and its adapters):
+        `inv_freq` and `rope_scale` are the model's own rotary frequencies and attention scaling."""
+        engine = cls.__new__(cls)
+        nn.Module.__init__(engine)
+        engine.gemv, engine.shape, engine.dtype, engine.device = gemv, shape, dtype, torch.device(device)
+        engine.flop_reduction = None
+        engine.embed = nn.Parameter(embed, requires_grad=False)
+        engine.blocks = nn.ModuleList(blocks)
+        engine.norm = norm
+        engine.lm_head = nn.Linear(shape.hidden, shape.vocab, bias=False, device="meta")
+        engine.lm_head.weight = nn.Parameter(lm_head, requires_grad=False)
+        engine.inv_freq, engine.rope_scale = inv_freq.float().to(engine.device), rope_scale
+        engine.max_seq, engine.graph = 0, None
+        return engine
 
     # --- cache and positions -------------------------------------------------------------------------------
     def allocate(self, max_seq: int) -> None:
@@ -280,9 +348,9 @@ class DecodeEngine(nn.Module):
         self.max_seq = max_seq
         self.k_cache = torch.zeros(s.layers, s.kv_heads, max_seq, s.head_dim, dtype=self.dtype, device=self.device)
         self.v_cache = torch.zeros_like(self.k_cache)
-        inv = 1.0 / (10000.0 ** (torch.arange(0, s.head_dim, 2, device=self.device).float() / s.head_dim))
-        angles = torch.outer(torch.arange(max_seq, device=self.device).float(), inv)
-        self.cos, self.sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        angles = torch.outer(torch.arange(max_seq, device=self.device).float(), self.inv_freq)
+        self.cos = (angles.cos() * self.rope_scale).to(self.dtype)
+        self.sin = (angles.sin() * self.rope_scale).to(self.dtype)
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph = None
@@ -323,8 +391,9 @@ class DecodeEngine(nn.Module):
         return logits
 
     # --- RaNA thresholds and densities ----------------------------------------------------------------------
-    def adapters(self) -> list[RankPart]:
-        return [m for m in self.modules() if isinstance(m, RankPart)]
+    def adapters(self) -> list[nn.Module]:
+        """Every part with a per-token mask (they count their active rows while `counting`)."""
+        return [m for m in self.modules() if hasattr(m, "counted_tokens")]
 
     @torch.no_grad()
     def calibrate(self, tokens: int = 512, seed: int = 1) -> None:
@@ -344,28 +413,27 @@ class DecodeEngine(nn.Module):
                 adapter.calibrating = False
 
     @torch.no_grad()
-    def measure_flop_reduction(self, context: int = 64, steps: int = 32, seed: int = 2) -> float:
-        """The QKV+MLP FLOP reduction measured from the masks on eager decode steps."""
+    def measure_flop_reduction(self, context: int = 64, steps: int = 32, seed: int = 2,
+                               prompt: torch.Tensor | None = None) -> float:
+        """The QKV+MLP FLOP reduction measured from the masks on eager decode steps after `prompt` (by default
+        `context` random tokens)."""
         adapters = self.adapters()
-        if not adapters:
-            return 0.0
-        self.allocate(context + steps + 1)
-        generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.prefill(torch.randint(0, self.shape.vocab, (context,), device=self.device, generator=generator))
-        for adapter in adapters:
-            adapter.counting, adapter.active_sum, adapter.counted_tokens = True, 0.0, 0
-        try:
-            for _ in range(steps):
-                self.step()
-        finally:
+        if adapters:  # static parts (dense, static low rank) spend the same on every token
+            if prompt is None:
+                generator = torch.Generator(device=self.device).manual_seed(seed)
+                prompt = torch.randint(0, self.shape.vocab, (context,), device=self.device, generator=generator)
+            self.allocate(prompt.numel() + steps + 1)
+            self.prefill(prompt)
             for adapter in adapters:
-                adapter.counting = False
-        s = self.shape
-        spent = 0.0
-        for block in self.blocks:
-            for module in (block.qkv, block.gate, block.up, block.down):
-                spent += module.flops_per_token() if isinstance(module, RankPart) else 2.0 * module.weight.numel()
-        return 1.0 - spent / (s.layers * 2 * s.hidden * (s.qkv_out + 3 * s.intermediate))
+                adapter.counting, adapter.active_sum, adapter.counted_tokens = True, 0.0, 0
+            try:
+                for _ in range(steps):
+                    self.step()
+            finally:
+                for adapter in adapters:
+                    adapter.counting = False
+        spent = sum(block.flops_per_token() for block in self.blocks)
+        return 1.0 - spent / sum(block.dense_flops_per_token() for block in self.blocks)
 
     # --- timing ---------------------------------------------------------------------------------------------
     def capture(self) -> None:

@@ -1,0 +1,273 @@
+"""The decode engine of a real model and its adapters: the model's own weights, norms and rotary frequencies, and
+each adapter's factors, thresholds and masks, so that the engine computes what the adapted PyTorch model computes.
+
+    adapters = load_adapters(loaded, artifact_path, sha256)     # a stored run's adapters (not injected)
+    engine = engine_from_model(loaded.model, adapters)           # on the model's device, in its dtype
+    engine.time_decode(context=512, new_tokens=256)
+
+What each adapter becomes (rana_core.decode.engine's parts run at batch 1 through its Triton kernels):
+
+- dense q/k/v, gate/up, down, o: the model's weights (gate and up stacked, one product reads both);
+- `svd` (static low rank, on stacked QKV or one MLP projection): two products, B then A;
+- `rank` (RaNA's rank adapter): B, then the masked product over the rows of Aᵀ with the threshold √τ on |z|;
+- `rana_mlp`: rank parts for gate and up (their B stacked), the neuron part for down (rows of W_downᵀ, scored by
+  |h|·‖W_down[:, j]‖ against τ);
+- `cats`: the dense gate; neurons with |act(gate)| ≥ τ kept; up computed dense and masked (a kernel computing only
+  the kept rows of W_up is the next issue's), down as a masked product over the kept rows of W_downᵀ.
+
+Families: Llama-shaped decoders (Llama, SmolLM2, Qwen2 with its q/k/v biases). A family or adapter the engine
+cannot run raises a RanaError that says so in one line, never a wrong number.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit
+from rana_core.adapters.mlp import CatsMLP, RaNAMLP
+from rana_core.architecture import attention_parts, family_of, layer_attention, layer_mlp, mlp_parts, shape_of
+from rana_core.decode.engine import Block, DecodeEngine, NeuronPart, RankPart, RMSNorm, matvec
+from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
+from rana_core.errors import RanaError
+
+ENGINE_FAMILIES = ("llama", "qwen2")
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary frequencies that do not change with the length
+# |h| > 0 marks CATS' kept neurons (h is zero off the mask); the smallest positive float32 lets the masked product
+# read exactly those rows
+NONZERO = torch.finfo(torch.float32).tiny
+
+
+class EngineUnsupported(RanaError):
+    """The decode engine cannot run this model or one of its adapters."""
+
+
+class Dense(nn.Module):
+    """y = W x (+ b) through the engine's GEMV."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: str):
+        super().__init__()
+        self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.gemv = gemv
+
+    def forward(self, x):
+        y = matvec(self.weight, x, self.gemv)
+        return y if self.bias is None else y + self.bias
+
+    def flops_per_token(self) -> float:
+        return 2.0 * self.weight.numel()
+
+
+class StaticLowRank(nn.Module):
+    """svd's y = A (B x) (+ b): every token pays for every rank."""
+
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, gemv: str):
+        super().__init__()
+        self.A = nn.Parameter(A.contiguous(), requires_grad=False)
+        self.B = nn.Parameter(B.contiguous(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.gemv = gemv
+
+    def forward(self, x):
+        y = matvec(self.A, matvec(self.B, x, self.gemv), self.gemv)
+        return y if self.bias is None else y + self.bias
+
+    def flops_per_token(self) -> float:
+        return 2.0 * (self.A.numel() + self.B.numel())
+
+
+class ProjectionMLP(nn.Module):
+    """An MLP whose gate, up and down are each dense or a static low rank (dense or svd, as hybrid mixes them)."""
+
+    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, act, gemv: str):
+        super().__init__()
+        self.gate, self.up, self.down, self.act, self.gemv = gate, up, down, act, gemv
+        self.fused = None
+        if all(isinstance(p, Dense) and p.bias is None for p in (gate, up)) and _is_silu(act):
+            # SwiGLU with dense gate and up: one product reads both (fused into the Triton GEMV)
+            self.fused = nn.Parameter(torch.cat([gate.weight, up.weight]), requires_grad=False)
+
+    def forward(self, x):
+        if self.fused is not None:
+            return self.down(matvec(self.fused, x, self.gemv, swiglu=True))
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+    def flops_per_token(self) -> float:
+        return sum(p.flops_per_token() for p in (self.gate, self.up, self.down))
+
+
+class RanaMLP(nn.Module):
+    """RaNA's MLP: rank parts on gate and up (one product for both B), the neuron part on down."""
+
+    def __init__(self, gate: RankPart, up: RankPart, down: NeuronPart, act, gemv: str):
+        super().__init__()
+        self.gate, self.up, self.down, self.act, self.gemv = gate, up, down, act, gemv
+        self.gate_up_B = nn.Parameter(torch.cat([gate.B, up.B]), requires_grad=False)
+
+    def forward(self, x):
+        z = matvec(self.gate_up_B, x, self.gemv)
+        rank = self.gate.rank
+        return self.down(self.act(self.gate.expand(z[:, :rank])) * self.up.expand(z[:, rank:]))
+
+    def flops_per_token(self) -> float:
+        return self.gate.flops_per_token() + self.up.flops_per_token() + self.down.flops_per_token()
+
+
+class CatsPart(nn.Module):
+    """CATS: the dense gate; neuron j kept iff |act(gate x)_j| ≥ τ; only kept neurons reach down."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, tau: float, act, gemv: str):
+        super().__init__()
+        self.gate = nn.Parameter(gate.contiguous(), requires_grad=False)
+        self.up = nn.Parameter(up.contiguous(), requires_grad=False)
+        self.rows = nn.Parameter(down.t().contiguous(), requires_grad=False)  # W_downᵀ: neuron j is row j
+        self.register_buffer("threshold", torch.tensor([NONZERO], device=down.device))
+        self.register_buffer("out", torch.zeros(down.shape[0], dtype=down.dtype, device=down.device))
+        self.tau, self.act, self.gemv = tau, act, gemv
+        self.counting, self.active_sum, self.counted_tokens = False, 0.0, 0
+
+    def forward(self, x):
+        g = self.act(matvec(self.gate, x, self.gemv))
+        mask = g.float().abs() >= self.tau
+        if self.counting:
+            self.active_sum += mask.sum().item()
+            self.counted_tokens += x.shape[0]
+        h = g * matvec(self.up, x, self.gemv) * mask.to(g.dtype)
+        if h.shape[0] == 1 and use_triton(h):
+            return masked_rows_gemv(self.rows, h[0], self.threshold, out=self.out)[None]
+        return masked_rows_batched(self.rows, h, self.threshold).to(h.dtype)
+
+    def flops_per_token(self) -> float:
+        hidden, inner = self.gate.shape[1], self.gate.shape[0]
+        active = self.active_sum / max(self.counted_tokens, 1)
+        return 2.0 * hidden * inner + 4.0 * hidden * active
+
+
+class ModelBlock(Block):
+    """A decoder layer of a real model: Block's attention (rotary into the static cache, one-token kernels) with
+    the layer's own norms, biases and QKV part, and any MLP part above."""
+
+    def __init__(self, shape, gemv: str, norms: tuple[RMSNorm, RMSNorm], qkv: nn.Module,
+                 qkv_bias: torch.Tensor | None, wo: torch.Tensor, mlp: nn.Module):
+        nn.Module.__init__(self)
+        self.shape, self.gemv = shape, gemv
+        self.attn_norm, self.mlp_norm = norms
+        self.qkv, self.mlp_part = qkv, mlp
+        self.qkv_bias = None if qkv_bias is None else nn.Parameter(qkv_bias, requires_grad=False)
+        self.wo = _linear(wo)
+
+    def mlp(self, normed):
+        return self.mlp_part(normed)
+
+    def flops_per_token(self) -> float:
+        qkv = self.qkv.flops_per_token() if hasattr(self.qkv, "flops_per_token") else 2.0 * self.qkv.weight.numel()
+        return qkv + self.mlp_part.flops_per_token()
+
+
+def engine_from_model(model, adapters: list, dtype: torch.dtype | None = None, device=None,
+                      gemv: str = "triton") -> DecodeEngine:
+    """The engine of `model` (a Hugging Face causal LM) with `adapters` (as load_adapters returns them, not
+    injected), in `dtype` on `device` (default: the model's)."""
+    family = family_of(model)
+    if family.name not in ENGINE_FAMILIES:
+        raise EngineUnsupported(f"the decode engine runs {' and '.join(ENGINE_FAMILIES)} models, not {family.name} "
+                                "yet")
+    config = model.config
+    if getattr(config, "use_sliding_window", False):
+        raise EngineUnsupported("the decode engine has no sliding-window attention yet")
+    rotary = model.model.rotary_emb
+    if rotary.rope_type not in STATIC_ROPE:
+        raise EngineUnsupported(f"the decode engine needs fixed rotary frequencies; {rotary.rope_type!r} rotary "
+                                "scaling changes them with the length")
+    first = next(model.parameters())
+    dtype, device = dtype or first.dtype, torch.device(device or first.device)
+    put = lambda t: t.detach().to(device=device, dtype=dtype)  # noqa: E731
+    shape = shape_of(config)
+    by_layer: dict[int, list] = {}
+    for adapter in adapters:
+        by_layer.setdefault(adapter.layer, []).append(adapter)
+    blocks = []
+    for index, layer in enumerate(model.model.layers):
+        attention, mlp = layer_attention(layer), layer_mlp(layer)
+        q, k, v, o = attention_parts(attention)
+        if o.bias is not None:
+            raise EngineUnsupported(f"layer {index}: the decode engine has no bias on the attention output")
+        qkv, bias, mlp_part = None, _stacked_bias((q, k, v), put), None
+        members = {}
+        for adapter in by_layer.get(index, []):
+            if isinstance(adapter, RankMaskedUnit):
+                part = _rank_part(adapter, put)
+            elif isinstance(adapter, LowRankUnit):
+                part = StaticLowRank(put(adapter.A), put(adapter.B), None, gemv)
+            elif isinstance(adapter, RaNAMLP):
+                mlp_part = RanaMLP(_rank_part(adapter.gate, put), _rank_part(adapter.up, put),
+                                   NeuronPart.of(put(adapter.down.weight), adapter.down.column_norms.to(device),
+                                                 float(adapter.down.tau), adapter.down.target_active),
+                                   adapter.act, gemv)
+                continue
+            elif isinstance(adapter, CatsMLP):
+                mlp_part = CatsPart(put(adapter.gate_proj.weight), put(adapter.up_proj.weight),
+                                    put(adapter.down_proj.weight), float(adapter.tau), adapter.act, gemv)
+                continue
+            else:
+                raise EngineUnsupported(f"layer {index}: the decode engine cannot run a {_kind(adapter)} adapter "
+                                        "yet")
+            if adapter.module == "qkv":
+                qkv = part
+            else:
+                if adapter.bias is not None:
+                    raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
+                members[adapter.module] = part
+        if qkv is None:
+            qkv = _linear(torch.cat([put(m.weight) for m in (q, k, v)]))
+        if mlp_part is None:
+            gate, up, down, act = mlp_parts(mlp)
+            if any(m.bias is not None for m in (gate, up, down)):
+                raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
+            parts = {name: members.get(name) or Dense(put(m.weight), None, gemv)
+                     for name, m in (("gate", gate), ("up", up), ("down", down))}
+            mlp_part = ProjectionMLP(parts["gate"], parts["up"], parts["down"], act, gemv)
+        norms = tuple(_norm(getattr(layer, name), dtype, device) for name in family.norms)
+        blocks.append(ModelBlock(shape, gemv, norms, qkv, bias, put(o.weight), mlp_part))
+    return DecodeEngine.assemble(shape, dtype, device, put(model.get_input_embeddings().weight), blocks,
+                                 _norm(model.model.norm, dtype, device), put(model.get_output_embeddings().weight),
+                                 rotary.inv_freq, float(rotary.attention_scaling), gemv)
+
+
+def _rank_part(unit: RankMaskedUnit, put) -> RankPart:
+    """RaNA keeps rank i iff z_i² ≥ τ; the engine's kernels compare |z_i| with √τ."""
+    if unit.bias is not None and unit.module != "qkv":
+        raise EngineUnsupported(f"layer {unit.layer}: the decode engine has no bias on an MLP projection")
+    return RankPart.of(put(unit.B), put(unit.A).t(), math.sqrt(max(float(unit.tau), 0.0)), unit.target_active)
+
+
+def _stacked_bias(members, put) -> torch.Tensor | None:
+    if all(m.bias is None for m in members):
+        return None
+    return torch.cat([put(m.bias) if m.bias is not None else put(torch.zeros(m.out_features)) for m in members])
+
+
+def _linear(weight: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    linear.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
+    return linear
+
+
+def _norm(norm: nn.Module, dtype, device) -> RMSNorm:
+    eps = getattr(norm, "variance_epsilon", None) or getattr(norm, "eps", None)
+    if eps is None:
+        raise EngineUnsupported(f"the decode engine cannot read the norm {type(norm).__name__}")
+    ours = RMSNorm(norm.weight.shape[0], dtype, device, eps)
+    ours.weight.copy_(norm.weight.detach())
+    return ours
+
+
+def _is_silu(act) -> bool:
+    return isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"
+
+
+def _kind(adapter) -> str:
+    return getattr(type(adapter), "kind", None) or type(adapter).__name__

@@ -1,0 +1,75 @@
+"""The decode engine built from a stored run (a model and its saved adapters) computes what the adapted PyTorch
+model computes, on the CPU with the Triton kernels in the interpreter: the batched forward's logits equal the
+adapted model's, and decoding token by token (the one-token kernel path) continues the prompt exactly as the batched
+forward predicts it. Families the engine cannot run, and adapters it cannot run, are one line."""
+
+import pytest
+import torch
+
+from rana_core.adapters.artifacts import load_adapters
+from rana_core.adapters.base import inject, unload
+from rana_core.config import CompressConfig
+from rana_core.decode.from_model import EngineUnsupported, engine_from_model
+from rana_core.loading import load_model
+from rana_core.pipeline import compress
+
+from test_kernels import require_triton
+
+SMALL = dict(flop_reduction=0.3, calib_tokens=512, eval_tokens=256, seq_len=128, track_layers=False)
+
+
+def stored_run(model_name, method, allocation, tmp_path):
+    """A run as the worker stores it: compressed, its adapters saved, then loaded back from the file."""
+    loaded = load_model(model_name)
+    config = CompressConfig(model=model_name, method=method, allocation=allocation, **SMALL)
+    result = compress(config, loaded=loaded, artifact_path=tmp_path / "adapters.safetensors")
+    unload(loaded.layers)
+    adapters = load_adapters(loaded, result.artifact["path"], result.artifact["sha256"])
+    return loaded, adapters, result
+
+
+@pytest.mark.parametrize("model_name, method, allocation", [
+    ("tiny", "dense", "uniform"), ("tiny", "svd", "uniform"), ("tiny", "rana", "uniform"),
+    ("tiny", "rana", "greedy"), ("tiny", "cats", "uniform"), ("tiny", "hybrid", "exact-loss"),
+    ("tiny-qwen2", "rana", "uniform"), ("tiny-qwen2", "svd", "uniform"),
+])
+def test_the_engine_of_a_stored_run_computes_what_the_adapted_model_computes(model_name, method, allocation,
+                                                                           tmp_path):
+    require_triton("cpu")
+    loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
+    assert method == "dense" or adapters
+    engine = engine_from_model(loaded.model, adapters)
+    text = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3))
+    inject(loaded.layers, adapters)
+    try:
+        with torch.no_grad():
+            reference = loaded.model(text[None]).logits[0]
+    finally:
+        unload(loaded.layers)
+    engine.allocate(64)
+    ours = engine(text, torch.arange(text.numel()))
+    assert torch.allclose(ours, reference, atol=2e-4, rtol=1e-4), (ours - reference).abs().max()
+
+    prompt = text[:24]
+    engine.allocate(64)
+    engine.prefill(prompt)
+    generated = [prompt]
+    for _ in range(8):
+        generated.append(engine.token.clone())
+        engine.step()
+    sequence = torch.cat(generated)
+    engine.allocate(64)
+    full = engine(sequence, torch.arange(sequence.numel())).argmax(-1)
+    assert torch.equal(full[len(prompt) - 1:-1], sequence[len(prompt):])
+
+
+def test_a_family_the_engine_cannot_run_is_one_line(tmp_path):
+    loaded = load_model("tiny-gemma3")
+    with pytest.raises(EngineUnsupported, match="runs llama and qwen2 models, not gemma3"):
+        engine_from_model(loaded.model, [])
+
+
+def test_an_adapter_the_engine_cannot_run_is_one_line(tmp_path):
+    loaded, adapters, _ = stored_run("tiny", "a3", "uniform", tmp_path)
+    with pytest.raises(EngineUnsupported, match="cannot run a a3_"):
+        engine_from_model(loaded.model, adapters)
