@@ -94,12 +94,15 @@ class Evaluation(Base):
 
 
 class LatencyResult(Base):
-    """One decode-latency measurement: an engine, a model shape, a budget and a context length on one device."""
+    """One decode-latency measurement: an engine, a model (a stored run's, or a synthetic shape), a budget and a
+    context length on one device."""
 
     __tablename__ = "latency_results"
 
     id: Mapped[int] = mapped_column(primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), index=True)
+    run_id: Mapped[int | None] = mapped_column(ForeignKey("runs.id", ondelete="CASCADE"), index=True)  # None: synthetic
+    layers: Mapped[list | None] = mapped_column(JSON)  # per layer: FLOP shares kept, section times (ms)
     model: Mapped[str] = mapped_column(String(200))  # a model name or a shape name such as "llama2-7b-shape"
     device_name: Mapped[str] = mapped_column(String(200))
     dtype: Mapped[str] = mapped_column(String(16))

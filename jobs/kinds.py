@@ -24,6 +24,7 @@ class JobKind:
     needs_run: bool = False  # payload["run_id"] must name a stored run with adapters when the job is submitted
     children: Callable[[dict], list[dict]] | None = None  # a parent's child payloads, one job each...
     child_kind: str | None = None  # ...of this kind
+    needs_gpu: bool = False  # only a worker on a CUDA device claims it (it waits, saying so, until one does)
 
 
 def _compress(p: dict) -> str:
@@ -43,18 +44,26 @@ def _recover(p: dict) -> str:
 
 
 def _latency(p: dict) -> str:
-    return f"{p['model']} / {p['dtype']}"
+    return f"{p['model']} / {p['dtype']} (synthetic weights)"
+
+
+def _run_latency(p: dict) -> str:
+    return f"run {p['run_id']}: decode speed at contexts {','.join(map(str, p['contexts']))} ({p['dtype']})"
 
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
     JobKind("compress", specs.compress_payload, _compress, handler="run_compress"),
     JobKind("sweep", specs.sweep_payload, _sweep, handler=None, children=specs.sweep_points, child_kind="compress"),
     JobKind("evaluate", specs.evaluate_payload, _evaluate, handler="run_evaluate", needs_run=True),
-    JobKind("latency", specs.latency_payload, _latency, handler="run_latency"),
+    JobKind("latency", specs.latency_payload, _latency, handler="run_latency", needs_gpu=True),
+    JobKind("run_latency", specs.run_latency_payload, _run_latency, handler="run_run_latency", needs_run=True,
+            needs_gpu=True),
     JobKind("recover", specs.recover_payload, _recover, handler="run_recover", needs_run=True),
 )}
 JOB_KINDS = tuple(KINDS)
 PARENT_KINDS = tuple(name for name, kind in KINDS.items() if kind.children is not None)
+GPU_KINDS = tuple(name for name, kind in KINDS.items() if kind.needs_gpu)
+WAITING_FOR_GPU = "queued; waiting for a GPU worker"
 
 
 # What a worker keeps from one job for the next: the loaded model and what a method computed on one calibration

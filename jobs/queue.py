@@ -24,7 +24,7 @@ from sqlalchemy import func, select, text, update
 from db.migrate import check_schema
 from db.models import Job, Run
 from db.session import get_engine, session_scope
-from jobs.kinds import KINDS, PARENT_KINDS, reuse_key, validate_payload
+from jobs.kinds import GPU_KINDS, KINDS, PARENT_KINDS, WAITING_FOR_GPU, reuse_key, validate_payload
 from rana_core.errors import RanaError
 
 FINISHED = ("done", "failed", "cancelled")
@@ -76,7 +76,8 @@ def submit(kind: str, payload: dict, priority: int = 0, author: str | None = Non
     with session_scope(url) as session:
         if rules.needs_run:
             _check_run_has_artifact(session, clean["run_id"], kind)
-        job = Job(kind=kind, payload=clean, status="queued", message="queued", **common)
+        job = Job(kind=kind, payload=clean, status="queued",
+                  message=WAITING_FOR_GPU if rules.needs_gpu else "queued", **common)
         session.add(job)
         session.flush()
         if rules.children is not None:
@@ -113,12 +114,14 @@ def claim(worker: str, url: str | None = None, host: str | None = None, device: 
           after: "ClaimedJob | None" = None) -> ClaimedJob | None:
     """The next job for `worker`, now running on it, or None. `after`: the job this worker ran last; a queued job
     that reuses its work (jobs.kinds.reuse_key) comes first, so that two workers draining a sweep each take whole
-    methods instead of both computing every method's profiles and curves."""
+    methods instead of both computing every method's profiles and curves. A worker whose `device` is not a CUDA
+    device never claims a job that needs a GPU (jobs.kinds: needs_gpu)."""
     engine = get_engine(url)
     options = {"sqlite_begin": "IMMEDIATE"} if engine.dialect.name == "sqlite" else {}
     with engine.connect().execution_options(**options) as connection, connection.begin():
+        not_claimable = PARENT_KINDS if device is None or device.startswith("cuda") else PARENT_KINDS + GPU_KINDS
         pick = (select(Job.id, Job.kind, Job.payload, Job.priority)
-                .where(Job.status == "queued", Job.kind.not_in(PARENT_KINDS))
+                .where(Job.status == "queued", Job.kind.not_in(not_claimable))
                 .order_by(Job.priority.desc(), Job.id).limit(CANDIDATES))
         if engine.dialect.name == "postgresql":
             pick = pick.with_for_update(skip_locked=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from sqlalchemy import select
 
 from db.models import Evaluation, LatencyResult, LayerMetric, Recovery, Run
+from rana_core.errors import RanaError
 
 LAYER_FIELDS = ("layer", "module", "adapter", "rank", "max_rank", "density", "recon_error", "sparsity",
                 "sparsity_curve", "flops_per_token", "dense_flops_per_token", "planned_keep")
@@ -75,9 +76,10 @@ def store_evaluation(session, run_id: int, evaluation: dict, job_id: int | None 
     return row.id
 
 
-def store_latency(session, rows: list[dict], job_id: int | None = None) -> int:
+def store_latency(session, rows: list[dict], job_id: int | None = None, run_id: int | None = None,
+                  layers: list | None = None) -> int:
     """Insert latency measurements (one per model, engine, budget and context); returns how many are stored for
-    the job. Rows already stored for this job are skipped."""
+    the job. Rows already stored for this job are skipped. `run_id` and `layers`: a stored run's measurement."""
     stored = 0
     for row in rows:
         values = {key: row.get(key) for key in LATENCY_FIELDS}
@@ -88,10 +90,27 @@ def store_latency(session, rows: list[dict], job_id: int | None = None) -> int:
                 LatencyResult.context_tokens == values["context_tokens"])
         ).scalar() is not None:
             continue
-        session.add(LatencyResult(job_id=job_id, **values))
+        session.add(LatencyResult(job_id=job_id, run_id=run_id, layers=layers, **values))
         stored += 1
     session.flush()
     return stored
+
+
+def store_run_latency(session, run_id: int, report: dict, job_id: int | None = None) -> int:
+    """A run's decode speed (rana_core.decode.run_latency.measure_run): one row per context, linked to the run,
+    with the dense engine's time, the floor and the per-layer sections beside it."""
+    run = session.get(Run, run_id)
+    if run is None:
+        raise RanaError(f"run {run_id} no longer exists")
+    rows = [{"model": run.model, "device_name": report["device_name"], "dtype": report["dtype"],
+             "engine": report["engine"], "flop_reduction": run.target_flop_reduction,
+             "measured_flop_reduction": report["measured_flop_reduction"], "context_tokens": row["context_tokens"],
+             "new_tokens": row["new_tokens"], "ms_per_token": row["ms_per_token"],
+             "dense_ms_per_token": row["dense_ms_per_token"],
+             "shapes": {"floor_ms": row["floor_ms"], "dense_floor_ms": row["dense_floor_ms"],
+                        "copy_bandwidth_gbs": report["copy_bandwidth_gbs"], "head_ms": report.get("head_ms")}}
+            for row in report["rows"]]
+    return store_latency(session, rows, job_id=job_id, run_id=run_id, layers=report["layers"])
 
 
 RECOVERY_COLUMNS = ("strategy", "ranks", "trainable_params", "train_tokens", "eval_tokens", "perplexity_before",

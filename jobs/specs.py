@@ -116,6 +116,27 @@ def latency_payload(payload: dict) -> dict:
     return clean
 
 
+RUN_LATENCY_DEFAULTS = {"contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16"}
+
+
+def run_latency_payload(payload: dict) -> dict:
+    """The decode speed of a stored run: its engine and the dense model's, at each context length."""
+    _only(payload, {"run_id"} | set(RUN_LATENCY_DEFAULTS), "run_latency")
+    clean = {**RUN_LATENCY_DEFAULTS, **payload}
+    run_id = clean.get("run_id")
+    if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
+        raise RanaError(f"run_id must be a positive integer, got {run_id!r}")
+    if clean["dtype"] not in LATENCY_DTYPES:
+        raise RanaError(f"latency dtype must be one of {', '.join(LATENCY_DTYPES)}, got {clean['dtype']!r}")
+    contexts = clean["contexts"]
+    if not isinstance(contexts, list) or not contexts or not all(_positive_int(c, 131072) for c in contexts):
+        raise RanaError("contexts must be a non-empty list of positive integers")
+    if not _positive_int(clean["new_tokens"], 4096):
+        raise RanaError(f"new_tokens must be an integer in [1, 4096], got {clean['new_tokens']!r}")
+    clean["contexts"] = sorted(set(contexts))
+    return clean
+
+
 def _budget(value) -> float:
     try:
         budget = float(value)

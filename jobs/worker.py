@@ -23,7 +23,7 @@ from db.models import Run
 from db.session import data_dir, session_scope
 from jobs import queue
 from jobs.kinds import KINDS
-from jobs.results import store_compression, store_evaluation, store_latency, store_recovery
+from jobs.results import store_compression, store_evaluation, store_latency, store_run_latency, store_recovery
 from rana_core.errors import RanaError
 
 log = logging.getLogger("rana.worker")
@@ -250,6 +250,26 @@ class Worker:
             raise RanaError("this version has no GPU decode engine (rana_core.decode.latency) to measure latency") from None
         rows = measure_decode(job.payload, device=device, progress=progress)
         return lambda session: store_latency(session, rows, job_id=job.id)
+
+    def run_run_latency(self, job: queue.ClaimedJob, progress):
+        """A stored run's decode speed on this worker's GPU, beside the dense model's in the same engine."""
+        from rana_core.adapters.artifacts import load_adapters
+        from rana_core.corpus import token_windows
+        from rana_core.decode.run_latency import check_contexts, measure_run
+
+        payload = job.payload
+        device = self.device or "cpu"
+        if not device.startswith("cuda"):  # never claimed by such a worker (jobs.kinds: needs_gpu); said anyway
+            raise RanaError(f"decode-speed jobs need a CUDA GPU; this worker runs on {device}")
+        run_config, path, digest = self._stored_run(payload["run_id"])
+        config = self._config(run_config)
+        loaded = self._loaded_model(config)
+        check_contexts(loaded.config, payload["contexts"], payload["new_tokens"])
+        adapters = load_adapters(loaded, data_dir() / path, digest)
+        text = token_windows(loaded.tokenizer, "heldout", 2048, 512)  # the masks are counted on held-out text
+        report = measure_run(loaded.model, adapters, payload["contexts"], payload["new_tokens"], payload["dtype"],
+                             device, text, progress)
+        return lambda session: store_run_latency(session, payload["run_id"], report, job_id=job.id)
 
     def _config(self, payload: dict):
         """The stored configuration as this worker runs it: validated when it was submitted, so trusted here; only

@@ -156,6 +156,15 @@ def cmd_evaluate(args) -> int:
     return _enqueue(args, "evaluate", payload)
 
 
+def cmd_latency(args) -> int:
+    try:
+        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
+    except ValueError:
+        raise RanaError(f"--contexts must be integers separated by commas, got {args.contexts!r}") from None
+    payload = {"run_id": args.run_id, "contexts": contexts, "new_tokens": args.new_tokens, "dtype": args.dtype}
+    return _enqueue(args, "run_latency", payload)
+
+
 def cmd_recover(args) -> int:
     return _enqueue(args, "recover", _recover_payload(args))
 

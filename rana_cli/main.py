@@ -5,6 +5,7 @@
     rana sweep    --model tiny --methods rana-greedy,cats,svd --budgets 0.2,0.3,0.44,0.5   # one job per point
     rana evaluate RUN_ID --split train --eval-tokens 16384                                  # re-measure a run
     rana recover  RUN_ID --strategy rankadaptor                                             # LoRA recovery
+    rana latency  RUN_ID [--contexts 1,512] [--new-tokens 256] [--dtype bfloat16]           # decode speed (GPU)
     rana cancel JOB_ID... | rana retry JOB_ID...
     rana worker   [--exit-when-idle] [--stale-after SECONDS] [--device cuda:K] [--max-gpu-memory GIB]
     rana jobs     [--json]
@@ -98,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=int, default=512)
     _add_team_options(evaluate)
 
+    latency = commands.add_parser("latency", help="enqueue a measurement of a stored run's decode speed (a GPU "
+                                                  "worker runs it, beside the dense model's)")
+    latency.add_argument("run_id", type=int)
+    latency.add_argument("--contexts", default="1,512", help="prompt lengths before the timed steps, e.g. 1,512")
+    latency.add_argument("--new-tokens", type=int, default=256, help="decode steps timed at each context")
+    latency.add_argument("--dtype", default="bfloat16", help="float16 or bfloat16")
+    _add_team_options(latency)
+
     recover = commands.add_parser("recover", help="enqueue a LoRA recovery of a stored run (per-layer ranks)")
     _add_recover_options(recover)
     _add_team_options(recover)
@@ -164,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 COMMANDS = {
     "compress": commands.cmd_compress, "submit": commands.cmd_submit, "sweep": commands.cmd_sweep,
-    "evaluate": commands.cmd_evaluate, "recover": commands.cmd_recover, "cancel": commands.cmd_cancel,
+    "evaluate": commands.cmd_evaluate, "latency": commands.cmd_latency, "recover": commands.cmd_recover, "cancel": commands.cmd_cancel,
     "retry": commands.cmd_retry, "worker": commands.cmd_worker, "jobs": commands.cmd_jobs,
     "methods": commands.cmd_methods, "db": commands.cmd_db, "app": serve.cmd_app, "up": serve.cmd_up,
 }

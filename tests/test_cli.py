@@ -20,7 +20,7 @@ def rana(*args, env=None, check=True):
 
 def test_help_lists_every_command():
     listed = rana("--help").stdout
-    for command in ("compress", "submit", "sweep", "evaluate", "recover", "cancel", "retry", "worker", "jobs",
+    for command in ("compress", "submit", "sweep", "evaluate", "latency", "recover", "cancel", "retry", "worker", "jobs",
                     "methods", "app", "up", "db"):
         assert f"\n    {command} " in listed, command
 
@@ -106,6 +106,26 @@ def test_evaluate_re_measures_a_stored_run(env):
         get_engine(url).dispose()
 
 
+def test_a_decode_speed_job_waits_for_a_gpu_worker_and_can_be_cancelled(env):
+    """`rana latency RUN_ID` queues a job that only a GPU worker claims: a CPU worker draining the queue leaves it
+    queued, saying what it waits for, and it can be cancelled."""
+    rana("db", "upgrade", env=env)
+    rana("submit", *SMALL, "--method", "svd", "--flop-reduction", "0.3", env=env)
+    rana("worker", "--exit-when-idle", env=env)
+    (compressed,) = json.loads(rana("jobs", "--json", env=env).stdout)
+    job_id = json.loads(rana("latency", str(compressed["run_id"]), "--contexts", "1,128", "--json",
+                             env=env).stdout)["job_id"]
+    rana("worker", "--exit-when-idle", env={**env, "RANA_DEVICE": "cpu"})
+    waiting = next(j for j in json.loads(rana("jobs", "--json", env=env).stdout) if j["id"] == job_id)
+    assert (waiting["kind"], waiting["status"], waiting["message"]) == (
+        "run_latency", "queued", "queued; waiting for a GPU worker")
+    assert waiting["payload"] == {"run_id": compressed["run_id"], "contexts": [1, 128], "new_tokens": 256,
+                                  "dtype": "bfloat16"}
+    rana("cancel", str(job_id), env=env)
+    assert next(j for j in json.loads(rana("jobs", "--json", env=env).stdout) if j["id"] == job_id)["status"] == \
+        "cancelled"
+
+
 def test_commands_refuse_a_database_without_schema(env):
     proc = rana("jobs", env=env, check=False)
     assert proc.returncode == 2 and "rana db upgrade" in proc.stderr
@@ -132,6 +152,10 @@ def test_sweep_cancel_retry_from_the_command_line(env):
     (["cancel", "999"], "no job 999"),
     (["retry", "999"], "no job 999"),
     (["evaluate", "7"], "no run 7"),
+    (["latency", "7"], "no run 7"),
+    (["latency", "7", "--contexts", "1,x"], "--contexts must be integers separated by commas"),
+    (["latency", "7", "--dtype", "float64"], "latency dtype must be one of float16, bfloat16"),
+    (["latency", "7", "--new-tokens", "0"], "new_tokens must be an integer in [1, 4096]"),
 ])
 def test_queue_commands_explain_bad_input_in_one_line(args, message, env):
     rana("db", "upgrade", env=env)

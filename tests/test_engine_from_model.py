@@ -9,6 +9,7 @@ import torch
 from rana_core.adapters.artifacts import load_adapters
 from rana_core.adapters.base import inject, unload
 from rana_core.config import CompressConfig
+from rana_core.corpus import token_windows
 from rana_core.decode.from_model import EngineUnsupported, engine_from_model
 from rana_core.loading import load_model
 from rana_core.pipeline import compress
@@ -36,9 +37,13 @@ def stored_run(model_name, method, allocation, tmp_path):
 def test_the_engine_of_a_stored_run_computes_what_the_adapted_model_computes(model_name, method, allocation,
                                                                            tmp_path):
     require_triton("cpu")
-    loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
+    loaded, adapters, result = stored_run(model_name, method, allocation, tmp_path)
     assert method == "dense" or adapters
     engine = engine_from_model(loaded.model, adapters)
+    # the engine's masks on the run's own held-out windows spend what the run measured (same thresholds, same
+    # FLOP accounting per adapter; a product summed in another order may flip a rank at the threshold)
+    held_out = token_windows(loaded.tokenizer, "heldout", SMALL["eval_tokens"], SMALL["seq_len"])
+    assert abs(engine.flop_reduction_on(held_out) - result.measured_flop_reduction) <= 1e-3
     text = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(3))
     inject(loaded.layers, adapters)
     try:

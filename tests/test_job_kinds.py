@@ -11,14 +11,15 @@ from rana_core.methods import METHODS
 
 
 def test_every_kind_is_run_by_a_worker_method_or_is_a_parent_of_runnable_children():
-    assert set(kinds.KINDS) == {"compress", "sweep", "evaluate", "latency", "recover"}
+    assert set(kinds.KINDS) == {"compress", "sweep", "evaluate", "latency", "run_latency", "recover"}
     for name, kind in kinds.KINDS.items():
         if kind.children is None:
             assert callable(getattr(Worker, kind.handler, None)), f"{name}: Worker has no {kind.handler}"
         else:
             assert kind.handler is None and kinds.KINDS[kind.child_kind].children is None
     assert kinds.PARENT_KINDS == ("sweep",)
-    assert {name for name, kind in kinds.KINDS.items() if kind.needs_run} == {"evaluate", "recover"}
+    assert {name for name, kind in kinds.KINDS.items() if kind.needs_run} == {"evaluate", "recover", "run_latency"}
+    assert set(kinds.GPU_KINDS) == {"latency", "run_latency"}
 
 
 def test_the_worker_dispatches_through_the_table():
@@ -42,7 +43,9 @@ def test_the_worker_dispatches_through_the_table():
     ("evaluate", {"run_id": 4, "split": "train", "eval_tokens": 8192, "seq_len": 512},
      "run 4 on train (8192 tokens)"),
     ("recover", {"run_id": 4, "strategy": "rankadaptor", "rank_budget": 8}, "run 4: LoRA rankadaptor at rank budget 8"),
-    ("latency", {"model": "llama2-7b-shape", "dtype": "float16"}, "llama2-7b-shape / float16"),
+    ("latency", {"model": "llama2-7b-shape", "dtype": "float16"}, "llama2-7b-shape / float16 (synthetic weights)"),
+    ("run_latency", {"run_id": 3, "contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16"},
+     "run 3: decode speed at contexts 1,512 (bfloat16)"),
     ("quantize", {"bits": 4}, "(a quantize job: unknown to this version)"),
 ])
 def test_each_kind_describes_a_job_in_one_line(kind, payload, line):

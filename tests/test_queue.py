@@ -149,6 +149,16 @@ def test_workers_keep_to_the_methods_they_started_so_each_reuses_its_own_profile
     assert queue.claim("a", url=url, after=a2).id == urgent
 
 
+def test_jobs_that_need_a_gpu_are_claimed_by_gpu_workers_only(any_db_url):
+    url = any_db_url
+    latency = queue.submit("latency", {"model": "smollm2-135m-shape"}, url=url)
+    compress = queue.submit("compress", PAYLOAD, url=url)
+    assert job(url, latency).message == "queued; waiting for a GPU worker"
+    assert queue.claim("cpu-host:1", url=url, device="cpu").id == compress
+    assert queue.claim("cpu-host:1", url=url, device="cpu") is None  # the GPU job stays queued for a GPU
+    assert queue.claim("gpu-host:1", url=url, device="cuda:0 (NVIDIA H200)").id == latency
+
+
 @pytest.mark.parametrize("kind,payload,message", [
     ("compress", {**PAYLOAD, "flop_reduction": 0.95}, "FLOP reduction"),
     ("sweep", {**SWEEP, "budgets": [0.3, 1.5]}, "budgets are FLOP reductions"),

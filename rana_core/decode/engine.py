@@ -104,6 +104,10 @@ class RankPart(nn.Module):
         active = self.active_sum / max(self.counted_tokens, 1)
         return 2.0 * (self.in_features * self.rank + self.out_features * active)
 
+    def elements_per_token(self) -> float:
+        """Weights read per token: B, and the rows of the active ranks."""
+        return self.B.numel() + self.active_sum / max(self.counted_tokens, 1) * self.out_features
+
 
 class NeuronPart(RankPart):
     """RaNA's neuron adapter for W_down at decode: y = Σ_{|h_j|·‖W_down[:, j]‖ ≥ τ} h_j W_down[:, j]."""
@@ -146,6 +150,13 @@ class NeuronPart(RankPart):
 
     def flops_per_token(self) -> float:
         return 2.0 * self.out_features * self.active_sum / max(self.counted_tokens, 1)
+
+    def elements_per_token(self) -> float:
+        return self.out_features * self.active_sum / max(self.counted_tokens, 1)
+
+
+def _no_mark(layer: int, section: str) -> None:
+    pass
 
 
 def _set_threshold(threshold: torch.Tensor, scores: torch.Tensor, target_active: float) -> None:
@@ -273,6 +284,10 @@ class Block(nn.Module):
     def dense_flops_per_token(self) -> float:
         return 2.0 * self.shape.hidden * (self.shape.qkv_out + 3 * self.shape.intermediate)
 
+    def weight_elements_per_token(self) -> float:
+        return sum(m.elements_per_token() if isinstance(m, RankPart) else m.weight.numel()
+                   for m in (self.qkv, self.gate, self.up, self.down, self.wo))
+
 
 def _join(first: nn.Module, second: nn.Module, name: str) -> torch.Tensor:
     """One tensor holding both parts' `name` stacked along dim 0; each part's attribute becomes a view into it."""
@@ -322,6 +337,7 @@ class DecodeEngine(nn.Module):
         self.rope_scale = 1.0
         self.max_seq = 0
         self.graph = None
+        self.marker = None  # called (layer, section) where each section of a step begins (rana_core.decode.run_latency)
 
     @classmethod
     def assemble(cls, shape: Shape, dtype, device, embed: torch.Tensor, blocks: list, norm: "RMSNorm",
@@ -339,7 +355,7 @@ class DecodeEngine(nn.Module):
         engine.lm_head = nn.Linear(shape.hidden, shape.vocab, bias=False, device="meta")
         engine.lm_head.weight = nn.Parameter(lm_head, requires_grad=False)
         engine.inv_freq, engine.rope_scale = inv_freq.float().to(engine.device), rope_scale
-        engine.max_seq, engine.graph = 0, None
+        engine.max_seq, engine.graph, engine.marker = 0, None, None
         return engine
 
     # --- cache and positions -------------------------------------------------------------------------------
@@ -365,13 +381,19 @@ class DecodeEngine(nn.Module):
         if tokens.numel() > 1:
             allowed = torch.arange(self.max_seq, device=self.device)[None, :] <= pos[:, None]
         norms = [n for block in self.blocks for n in (block.attn_norm, block.mlp_norm)] + [self.norm]
+        mark = self.marker or _no_mark
         add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(self.blocks):
+            mark(index, "attention")
             attended = block.attention(normed, pos, self.k_cache[index], self.v_cache[index], self.cos, self.sin,
                                        allowed)
             add_rmsnorm(x, attended, norms[2 * index + 1].weight, norms[2 * index + 1].eps, normed)
+            mark(index, "mlp")
             add_rmsnorm(x, block.mlp(normed), norms[2 * index + 2].weight, norms[2 * index + 2].eps, normed)
-        return matvec(self.lm_head.weight, normed, self.gemv)
+        mark(len(self.blocks), "head")
+        logits = matvec(self.lm_head.weight, normed, self.gemv)
+        mark(len(self.blocks), "end")
+        return logits
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> None:
@@ -435,6 +457,23 @@ class DecodeEngine(nn.Module):
         spent = sum(block.flops_per_token() for block in self.blocks)
         return 1.0 - spent / sum(block.dense_flops_per_token() for block in self.blocks)
 
+    @torch.no_grad()
+    def flop_reduction_on(self, windows: torch.Tensor) -> float:
+        """The QKV+MLP FLOP reduction measured from the masks over `windows` (n, seq) of text, each run from an
+        empty cache as an evaluation runs it: on a run's held-out windows, what the run measured."""
+        adapters = self.adapters()
+        for adapter in adapters:
+            adapter.counting, adapter.active_sum, adapter.counted_tokens = True, 0.0, 0
+        try:
+            for window in windows:
+                self.allocate(window.numel())
+                self(window.to(self.device), torch.arange(window.numel(), device=self.device))
+        finally:
+            for adapter in adapters:
+                adapter.counting = False
+        spent = sum(block.flops_per_token() for block in self.blocks)
+        return 1.0 - spent / sum(block.dense_flops_per_token() for block in self.blocks)
+
     # --- timing ---------------------------------------------------------------------------------------------
     def capture(self) -> None:
         """Capture one decode step as a CUDA graph (after warm-up steps on a side stream, as graphs require)."""
@@ -467,20 +506,12 @@ class DecodeEngine(nn.Module):
         torch.cuda.synchronize()
         return [start.elapsed_time(end) for start, end in zip(starts, ends)]
 
-    def weight_bytes_per_token(self, densities: dict | None = None) -> float:
+    def weight_bytes_per_token(self) -> float:
         """Bytes of weights one decode step must read: every dense matrix, and for adapters B plus the rows of
-        their active ranks (neurons) at the measured densities."""
+        their active ranks (neurons) at the densities last counted."""
         element = torch.finfo(self.dtype).bits // 8
         total = self.lm_head.weight.numel() + self.shape.hidden  # the LM head and one embedding row
-        for block in self.blocks:
-            for module in (block.qkv, block.gate, block.up, block.down, block.wo):
-                if isinstance(module, RankPart):
-                    active = module.active_sum / max(module.counted_tokens, 1)
-                    b = 0 if isinstance(module, NeuronPart) else module.B.numel()
-                    total += b + active * module.out_features
-                else:
-                    total += module.weight.numel()
-        return total * element
+        return (total + sum(block.weight_elements_per_token() for block in self.blocks)) * element
 
     def kv_bytes_per_token(self, context: int, new_tokens: int) -> float:
         """Mean bytes of K and V a step must read (the prefix so far), over the generated tokens."""

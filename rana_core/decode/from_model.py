@@ -60,6 +60,9 @@ class Dense(nn.Module):
     def flops_per_token(self) -> float:
         return 2.0 * self.weight.numel()
 
+    def elements_per_token(self) -> float:
+        return self.weight.numel()
+
 
 class StaticLowRank(nn.Module):
     """svd's y = A (B x) (+ b): every token pays for every rank."""
@@ -77,6 +80,9 @@ class StaticLowRank(nn.Module):
 
     def flops_per_token(self) -> float:
         return 2.0 * (self.A.numel() + self.B.numel())
+
+    def elements_per_token(self) -> float:
+        return self.A.numel() + self.B.numel()
 
 
 class ProjectionMLP(nn.Module):
@@ -98,6 +104,9 @@ class ProjectionMLP(nn.Module):
     def flops_per_token(self) -> float:
         return sum(p.flops_per_token() for p in (self.gate, self.up, self.down))
 
+    def elements_per_token(self) -> float:
+        return sum(p.elements_per_token() for p in (self.gate, self.up, self.down))
+
 
 class RanaMLP(nn.Module):
     """RaNA's MLP: rank parts on gate and up (one product for both B), the neuron part on down."""
@@ -114,6 +123,9 @@ class RanaMLP(nn.Module):
 
     def flops_per_token(self) -> float:
         return self.gate.flops_per_token() + self.up.flops_per_token() + self.down.flops_per_token()
+
+    def elements_per_token(self) -> float:
+        return self.gate.elements_per_token() + self.up.elements_per_token() + self.down.elements_per_token()
 
 
 class CatsPart(nn.Module):
@@ -145,6 +157,10 @@ class CatsPart(nn.Module):
         active = self.active_sum / max(self.counted_tokens, 1)
         return 2.0 * hidden * inner + 4.0 * hidden * active
 
+    def elements_per_token(self) -> float:
+        """Gate and up are read whole (up is computed dense here), down's kept rows only."""
+        return self.gate.numel() + self.up.numel() + self.rows.shape[1] * self.active_sum / max(self.counted_tokens, 1)
+
 
 class ModelBlock(Block):
     """A decoder layer of a real model: Block's attention (rotary into the static cache, one-token kernels) with
@@ -163,8 +179,14 @@ class ModelBlock(Block):
         return self.mlp_part(normed)
 
     def flops_per_token(self) -> float:
-        qkv = self.qkv.flops_per_token() if hasattr(self.qkv, "flops_per_token") else 2.0 * self.qkv.weight.numel()
-        return qkv + self.mlp_part.flops_per_token()
+        return self.qkv_flops_per_token() + self.mlp_part.flops_per_token()
+
+    def qkv_flops_per_token(self) -> float:
+        return self.qkv.flops_per_token() if hasattr(self.qkv, "flops_per_token") else 2.0 * self.qkv.weight.numel()
+
+    def weight_elements_per_token(self) -> float:
+        qkv = self.qkv.elements_per_token() if hasattr(self.qkv, "elements_per_token") else self.qkv.weight.numel()
+        return qkv + self.mlp_part.elements_per_token() + self.wo.weight.numel()
 
 
 def engine_from_model(model, adapters: list, dtype: torch.dtype | None = None, device=None,

@@ -1,0 +1,108 @@
+"""How fast a stored run decodes on this GPU: the engine of the run (its model's weights and its own adapters,
+rana_core.decode.from_model) against the engine of the dense model, the same engine on the same device.
+
+For each context length: the median ms per token over `new_tokens` graph-replayed steps for both, and the floor
+(the bytes a step must read over the measured copy bandwidth). Per layer: the share of the QKV and MLP FLOPs the
+masks kept on held-out text, and the time of the layer's attention and MLP sections in a profiled replay (timing
+events recorded inside the captured graph between the sections; the events cost a little, so the sections add up
+to slightly more than an unprofiled step).
+
+    report = measure_run(loaded.model, adapters, [1, 512], 256, "bfloat16", "cuda:0", held_out_tokens)
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import torch
+
+from rana_core.decode.engine import DecodeEngine
+from rana_core.decode.from_model import engine_from_model
+from rana_core.decode.latency import DTYPES, copy_bandwidth, device_name
+from rana_core.errors import RanaError
+from rana_core.progress import ProgressFn, no_progress
+
+PROFILE_REPLAYS = 20
+
+
+def check_contexts(config, contexts: list[int], new_tokens: int) -> None:
+    """One line when a context and its new tokens do not fit the model's positions."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and max(contexts) + new_tokens + 8 > positions:
+        raise RanaError(f"context {max(contexts)} with {new_tokens} new tokens does not fit the model's "
+                        f"{positions} positions")
+
+
+def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dtype: str, device: str,
+                text: torch.Tensor, progress: ProgressFn = no_progress) -> dict:
+    """The run's decode speed (rows per context), the dense model's beside it, and per-layer sections. `text`:
+    held-out windows (n, seq) on which the masks' kept shares are counted."""
+    check_contexts(model.config, contexts, new_tokens)
+    torch_dtype = DTYPES[dtype]
+    progress(0.0, "copy bandwidth")
+    bandwidth = copy_bandwidth(device)
+    text = text.to(device)
+    dense = engine_from_model(model, [], torch_dtype, device)
+    adapted = engine_from_model(model, adapters, torch_dtype, device)
+    progress(0.05, "counting the masks on held-out text")
+    measured = adapted.flop_reduction_on(text)
+    layers = layer_shares(adapted)
+    weight_bytes = {"dense": dense.weight_bytes_per_token(), "adapted": adapted.weight_bytes_per_token()}
+    rows = []
+    for index, context in enumerate(contexts):
+        progress(0.1 + 0.8 * index / len(contexts), f"context {context}: {new_tokens} steps, dense and adapted")
+        ms = {name: statistics.median(engine.time_decode(context, new_tokens))
+              for name, engine in (("dense", dense), ("adapted", adapted))}
+        floors = {name: 1e3 * (weight_bytes[name] + engine.kv_bytes_per_token(context, new_tokens)) / bandwidth
+                  for name, engine in (("dense", dense), ("adapted", adapted))}
+        rows.append({"context_tokens": context, "new_tokens": new_tokens, "ms_per_token": ms["adapted"],
+                     "dense_ms_per_token": ms["dense"], "floor_ms": floors["adapted"],
+                     "dense_floor_ms": floors["dense"]})
+    progress(0.9, "profiled replay")
+    sections = section_times(adapted, contexts[-1], new_tokens)
+    for layer in layers:
+        layer.update({f"{name}_ms": sections.get((layer["layer"], name)) for name in ("attention", "mlp")})
+    progress(1.0, "measured")
+    return {"device_name": device_name(device), "dtype": dtype, "engine": "graphs+triton",
+            "measured_flop_reduction": measured, "copy_bandwidth_gbs": bandwidth / 1e9, "rows": rows,
+            "layers": layers, "head_ms": sections.get((len(layers), "head"))}
+
+
+def layer_shares(engine: DecodeEngine) -> list[dict]:
+    """Per layer, the share of its dense QKV and MLP FLOPs the engine spent while counting."""
+    shares = []
+    for index, block in enumerate(engine.blocks):
+        s = block.shape
+        dense_qkv, dense_mlp = 2.0 * s.hidden * s.qkv_out, 6.0 * s.hidden * s.intermediate
+        shares.append({"layer": index, "qkv_kept": block.qkv_flops_per_token() / dense_qkv,
+                       "mlp_kept": block.mlp_part.flops_per_token() / dense_mlp})
+    return shares
+
+
+def section_times(engine: DecodeEngine, context: int, new_tokens: int) -> dict[tuple[int, str], float]:
+    """Median ms of each (layer, "attention" | "mlp") section and of the LM head over replays of a graph in which
+    timing events sit between the sections."""
+    engine.allocate(context + new_tokens + PROFILE_REPLAYS + 8)
+    generator = torch.Generator(device=engine.device).manual_seed(4)
+    engine.prefill(torch.randint(0, engine.shape.vocab, (context,), device=engine.device, generator=generator))
+    marks: list[tuple[int, str, torch.cuda.Event]] = []
+
+    def mark(layer: int, section: str) -> None:
+        if torch.cuda.is_current_stream_capturing():  # the warm-up steps before the capture run unmarked
+            event = torch.cuda.Event(enable_timing=True, external=True)
+            event.record()
+            marks.append((layer, section, event))
+
+    engine.marker = mark
+    try:
+        engine.capture()
+    finally:
+        engine.marker = None
+    samples: dict[tuple[int, str], list[float]] = {}
+    for _ in range(PROFILE_REPLAYS):
+        engine.graph.replay()
+        torch.cuda.synchronize()
+        for (layer, section, start), (_, _, end) in zip(marks, marks[1:]):
+            samples.setdefault((layer, section), []).append(start.elapsed_time(end))
+    engine.graph = None  # the timed graph is captured again without events
+    return {key: statistics.median(values) for key, values in samples.items()}
