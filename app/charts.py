@@ -17,15 +17,15 @@ def method_colour(method: str) -> str:
     return METHOD_COLOURS[method]
 
 
-def pareto_frontier(points: pd.DataFrame) -> pd.DataFrame:
-    """The runs no other run beats on both axes (more FLOPs removed and lower perplexity), by reduction."""
-    ordered = points.sort_values(["measured_flop_reduction", "perplexity"], ascending=[False, True])
+def pareto_frontier(points: pd.DataFrame, x: str = "measured_flop_reduction") -> pd.DataFrame:
+    """The runs no other run beats on both axes (more of `x`, FLOPs removed or speedup, and lower perplexity)."""
+    ordered = points.sort_values([x, "perplexity"], ascending=[False, True])
     best, keep = float("inf"), []
     for index, row in ordered.iterrows():
         if row["perplexity"] < best:
             best = row["perplexity"]
             keep.append(index)
-    return points.loc[keep].sort_values("measured_flop_reduction")
+    return points.loc[keep].sort_values(x)
 
 
 def run_id_of(point: dict) -> int | None:
@@ -42,33 +42,39 @@ def run_id_of(point: dict) -> int | None:
         return None
 
 
-def pareto_figure(runs: pd.DataFrame, log_y: bool = False) -> go.Figure:
-    """Measured FLOP reduction vs perplexity: one colour per series (method and allocation), each series' Pareto
-    frontier as a line through its points, and the dense model as a reference line."""
+PARETO_AXES = {"measured_flop_reduction": "measured FLOP reduction (QKV + MLP, held-out tokens)",
+               "speedup": "decode speedup over dense (same engine, same GPU)"}
+
+
+def pareto_figure(runs: pd.DataFrame, log_y: bool = False, x: str = "measured_flop_reduction") -> go.Figure:
+    """Measured FLOP reduction (or measured decode speedup) vs perplexity: one colour per series (method and
+    allocation, and the GPU for speed), each series' Pareto frontier as a line through its points, and the dense
+    model as a reference line."""
     fig = go.Figure()
     for series, group in runs.groupby("series", sort=True):
         colour = method_colour(series)
-        group = group.sort_values("measured_flop_reduction")
+        group = group.sort_values(x)
         fig.add_trace(go.Scatter(
-            x=group["measured_flop_reduction"], y=group["perplexity"], mode="markers", name=series,
+            x=group[x], y=group["perplexity"], mode="markers", name=series,
             legendgroup=series, marker={"size": 10, "color": colour},
             customdata=group[["run_id", "target_flop_reduction", "eval_tokens"]].to_numpy(),
             hovertemplate=HOVER,
         ))
-        frontier = pareto_frontier(group)
+        frontier = pareto_frontier(group, x)
         if len(frontier) > 1:
             fig.add_trace(go.Scatter(
-                x=frontier["measured_flop_reduction"], y=frontier["perplexity"], mode="lines",
+                x=frontier[x], y=frontier["perplexity"], mode="lines",
                 name=f"{series} frontier", legendgroup=series, showlegend=False, hoverinfo="skip",
                 line={"color": colour, "width": 2},
             ))
     if not runs.empty:
         dense = float(runs["dense_perplexity"].median())
-        right = max(0.7, float(runs["measured_flop_reduction"].max()) + 0.05)
-        fig.add_trace(go.Scatter(x=[0.0, right], y=[dense, dense], mode="lines", name="dense (reference)",
+        left, right = (0.0, max(0.7, float(runs[x].max()) + 0.05)) if x == "measured_flop_reduction" else (
+            min(1.0, float(runs[x].min())) - 0.05, max(1.0, float(runs[x].max())) + 0.05)
+        fig.add_trace(go.Scatter(x=[left, right], y=[dense, dense], mode="lines", name="dense (reference)",
                                  line={"dash": "dash", "color": "grey"}, hoverinfo="name+y"))
     fig.update_layout(
-        xaxis_title="measured FLOP reduction (QKV + MLP, held-out tokens)", yaxis_title="held-out perplexity",
+        xaxis_title=PARETO_AXES.get(x, x), yaxis_title="held-out perplexity",
         yaxis_type="log" if log_y else "linear", legend_title="method", margin={"t": 30}, height=520,
         clickmode="event+select",
     )

@@ -152,7 +152,7 @@ def recovered_points(db_url: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
 
 
-LATENCY_COLUMNS = ["model", "device_name", "dtype", "engine", "flop_reduction", "measured_flop_reduction",
+LATENCY_COLUMNS = ["run_id", "model", "device_name", "dtype", "engine", "flop_reduction", "measured_flop_reduction",
                    "context_tokens", "new_tokens", "ms_per_token", "dense_ms_per_token", "speedup", "created_at"]
 
 
@@ -164,6 +164,40 @@ def latency(db_url: str) -> pd.DataFrame:
                              columns=[c for c in LATENCY_COLUMNS if c != "speedup"])
     frame["speedup"] = frame["dense_ms_per_token"] / frame["ms_per_token"]
     return frame[LATENCY_COLUMNS]
+
+
+def run_speed(db_url: str, run_id: int) -> tuple[pd.DataFrame, list]:
+    """The decode speed measured for a run (one row per device, dtype and context; the latest measurement), and
+    the per-layer sections of the latest one."""
+    frame = latency(db_url)
+    rows = frame[frame["run_id"] == run_id].sort_values("created_at")
+    latest = rows.drop_duplicates(["device_name", "dtype", "context_tokens"], keep="last")
+    with session_scope(db_url) as session:
+        last = session.execute(select(LatencyResult.layers).where(LatencyResult.run_id == run_id)
+                               .order_by(LatencyResult.id.desc()).limit(1)).scalar()
+    return latest.sort_values(["device_name", "context_tokens"]), last or []
+
+
+def speed_points(runs: pd.DataFrame, db_url: str) -> pd.DataFrame:
+    """Runs joined with their measured decode speed: one point per run and GPU, at the shortest context measured
+    there (the latest measurement), its series the method's and the GPU's."""
+    frame = latency(db_url)
+    frame = frame[frame["run_id"].notna()].sort_values("created_at")
+    if frame.empty:
+        return frame
+    frame = frame.drop_duplicates(["run_id", "device_name", "context_tokens"], keep="last")
+    shortest = frame.loc[frame.groupby(["run_id", "device_name"])["context_tokens"].idxmin()]
+    shortest = shortest[["run_id", "device_name", "context_tokens", "ms_per_token", "dense_ms_per_token", "speedup"]]
+    joined = runs.merge(shortest.astype({"run_id": int}), on="run_id")
+    joined["series"] = joined["series"] + " · " + joined["device_name"]
+    return joined
+
+
+def submit_run_latency(run_id: int, contexts: list[int], author: str | None = None) -> int:
+    """Queue a measurement of a run's decode speed (a GPU worker runs it); RanaError as a message when refused."""
+    job_id = queue.submit("run_latency", {"run_id": int(run_id), "contexts": contexts}, author=author, url=url())
+    jobs.clear()
+    return job_id
 
 
 JOB_COLUMNS = ["job", "kind", "status", "progress", "message", "what", "host", "device", "attempts", "author",

@@ -382,3 +382,62 @@ def test_a_hybrid_run_shows_its_chosen_adapters_and_keeps_and_is_its_own_pareto_
     assert adapters["colorbar"]["ticktext"][int(codes[3, 1])] == "neuron"
     data, _ = chart(run_page("pareto.py"))
     assert "hybrid-exact-loss" in {t.name for t in data}
+
+
+def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded, tmp_path):
+    """Speed measured for a run (as a GPU worker stores it) shows on the run's page (per context, and per layer
+    beside the FLOPs kept), on the Pareto page as speedup over dense with one series per method and GPU, and the
+    run's button queues a measurement that waits for a GPU worker."""
+    from db.models import Run
+    from jobs.results import store_run_latency
+
+    with session_scope() as session:
+        run_ids = {(r.model, r.method, r.target_flop_reduction): r.id for r in session.query(Run)}
+        svd_02, svd_03 = run_ids[("smollm2-135m", "svd", 0.2)], run_ids[("smollm2-135m", "svd", 0.3)]
+        session.get(Run, svd_02).artifact_path = "artifacts/fake.safetensors"  # the button needs stored adapters
+    for run_id, ms in ((svd_02, 0.8), (svd_03, 0.5)):
+        report = {"device_name": "NVIDIA H200", "dtype": "bfloat16", "engine": "graphs+triton",
+                  "measured_flop_reduction": 0.3, "copy_bandwidth_gbs": 4270.0, "head_ms": 0.01,
+                  "rows": [{"context_tokens": c, "new_tokens": 256, "ms_per_token": ms * (1 + c / 1000),
+                            "dense_ms_per_token": 1.0 * (1 + c / 1000), "floor_ms": 0.1, "dense_floor_ms": 0.12}
+                           for c in (1, 512)],
+                  "layers": [{"layer": i, "qkv_kept": 1.0, "mlp_kept": 0.4 + 0.1 * i, "attention_ms": 0.02 + i / 100,
+                              "mlp_ms": 0.03} for i in range(2)]}
+        with session_scope() as session:
+            store_run_latency(session, run_id, report)
+
+    at = AppTest.from_file(str(PAGES / "run_detail.py"), default_timeout=30)
+    at.query_params["run"] = str(svd_02)
+    at.run()
+    assert not at.exception, at.exception
+    speed = {m.label: (m.value, m.delta) for m in at.metric if "context" in m.label}
+    assert speed == {"NVIDIA H200 · bfloat16 · context 1": ("0.801 ms/token", "1.25× dense (1.001 ms)"),
+                     "NVIDIA H200 · bfloat16 · context 512": ("1.210 ms/token", "1.25× dense (1.512 ms)")}
+    maps = heatmaps(at)
+    times = maps["ms per layer section (profiled replay)"]
+    assert times["y"] == ["attention", "MLP"] and np.allclose(np.array(_decode(times["z"])), [[0.02, 0.03],
+                                                                                               [0.03, 0.03]])
+    assert np.allclose(np.array(_decode(maps["FLOPs kept / dense (engine's masks)"]["z"])), [[1.0, 1.0], [0.4, 0.5]])
+    at.text_input(key="speed_contexts").set_value("1,128")
+    at.button[0].click().run()
+    assert not at.exception and "Queued job" in at.success[0].value
+    queued = next(j for j in queue.list_jobs() if j.kind == "run_latency")
+    assert (queued.payload["run_id"], queued.payload["contexts"], queued.status, queued.message) == (
+        svd_02, [1, 128], "queued", "queued; waiting for a GPU worker")
+
+    at = AppTest.from_file(str(PAGES / "pareto.py"), default_timeout=30)
+    at.query_params["model"] = "smollm2-135m"
+    at.query_params["x"] = "speedup"
+    at.run()
+    assert not at.exception, at.exception
+    traces, layout = chart(at)
+    points = {t.name: (t.x, t.y) for t in traces if t.name and "frontier" not in t.name and "dense" not in t.name}
+    assert points == {"svd · NVIDIA H200": ([1.0 / 0.8, 1.0 / 0.5], [120.0, 337.8])}
+    assert layout["xaxis"]["title"]["text"] == "decode speedup over dense (same engine, same GPU)"
+
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=30)
+    at.query_params["runs"] = f"{svd_02},{svd_03}"
+    at.run()
+    diff = at.dataframe[1].value
+    assert diff.loc["ms/token · NVIDIA H200 · bfloat16 · context 1"].tolist() == ["0.801 (1.25× dense)",
+                                                                               "0.500 (2.00× dense)"]

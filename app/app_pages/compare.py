@@ -35,14 +35,19 @@ if len(chosen) < 2:
 details = data.run_details(data.url(), tuple(chosen))
 
 
-def flat(run: dict) -> dict:
-    """One column of the diff: results first, then configuration and provenance, flattened."""
+def flat(run: dict, run_id: int) -> dict:
+    """One column of the diff: results first (decode speed where measured), then configuration and provenance,
+    flattened."""
     heldout = run["evaluations"][0] if run["evaluations"] else {}
     row = {"perplexity": heldout.get("perplexity"), "dense perplexity": heldout.get("dense_perplexity"),
            "measured FLOP reduction": heldout.get("measured_flop_reduction"),
            "whole-model FLOP reduction": heldout.get("measured_flop_reduction_whole_model"),
            "target": run["target_flop_reduction"], "author": run["author"], "tags": ", ".join(run["tags"]),
            "seconds": run["seconds"]}
+    speed, _ = data.run_speed(data.url(), run_id)
+    for r in speed.itertuples():
+        row[f"ms/token · {r.device_name} · {r.dtype} · context {r.context_tokens}"] = (
+            f"{r.ms_per_token:.3f} ({r.speedup:.2f}× dense)")
     row.update({f"config.{k}": v for k, v in sorted(run["config"].items())})
     for key, value in sorted(run["provenance"].items()):
         if isinstance(value, dict):
@@ -52,7 +57,7 @@ def flat(run: dict) -> dict:
     return {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in row.items()}
 
 
-diff = pd.DataFrame({f"run {i}": flat(details[i]) for i in chosen if i in details})
+diff = pd.DataFrame({f"run {i}": flat(details[i], i) for i in chosen if i in details})
 differs = diff.astype(str).nunique(axis=1) > 1
 only_diff = st.toggle("Only what differs", value=True, key="compare_only_diff")
 shown = diff[differs] if only_diff else diff

@@ -1,4 +1,5 @@
-"""Latency: decode ms/token against context length and speedup over dense in the same engine, per device."""
+"""Latency: decode ms/token against context length and speedup over dense in the same engine, per device, for the
+synthetic shapes (random weights, thresholds set on synthetic activations) and for stored runs."""
 
 import streamlit as st
 
@@ -10,8 +11,15 @@ latency = data.latency(data.url())
 if latency.empty:
     st.info("No latency results yet: a `latency` job on a GPU worker (RANA_DEVICE=cuda) fills this page.")
     st.stop()
+kinds = {"synthetic": "synthetic shapes (random weights)", "runs": "stored runs (their own weights and masks)"}
+available = [k for k in kinds if (latency["run_id"].isna() if k == "synthetic" else latency["run_id"].notna()).any()]
+left, right = st.columns(2)
+which = left.radio("Measurements", available, format_func=kinds.get, key="latency_kind", horizontal=True)
+latency = latency[latency["run_id"].isna() if which == "synthetic" else latency["run_id"].notna()]
+if which == "runs":  # one line per run in the figures
+    latency = latency.assign(model=latency["model"] + " · run " + latency["run_id"].astype(int).astype(str))
 devices = sorted(latency["device_name"].unique())
-device = st.selectbox("Device", devices, key="latency_device")
+device = right.selectbox("Device", devices, key="latency_device")
 shown = latency[latency["device_name"] == device]
 per_token, speedup = charts.latency_figures(shown)
 left, right = st.columns(2)

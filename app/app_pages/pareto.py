@@ -1,5 +1,6 @@
-"""Pareto explorer: measured FLOP reduction against held-out perplexity for one model, a colour and a frontier
-per method, dense as the reference line; filters; clicking a point opens its run."""
+"""Pareto explorer: measured FLOP reduction (or measured decode speedup over dense, one series per method and
+GPU) against held-out perplexity for one model, a colour and a frontier per series, dense as the reference line;
+filters; clicking a point opens its run."""
 
 import pandas as pd
 import streamlit as st
@@ -18,9 +19,17 @@ if not recovered.empty:  # LoRA-recovered runs: their own series ("<series>+lora
 models = sorted(runs["model"].unique())
 params = st.query_params
 default_model = params.get("model") if params.get("model") in models else models[0]
-top = st.columns([2, 2, 1])
+top = st.columns([2, 2, 1, 1])
 model = top[0].selectbox("Model", models, index=models.index(default_model), key="pareto_model")
+axes = {"measured_flop_reduction": "FLOP reduction", "speedup": "decode speedup"}
+x_axis = top[3].radio("x axis", list(axes), format_func=axes.get, key="pareto_x",
+                      index=1 if params.get("x") == "speedup" else 0)
 shown = runs[runs["model"] == model]
+if x_axis == "speedup":
+    shown = data.speed_points(shown, data.url())
+    if shown.empty:
+        st.info("No decode speed measured for this model's runs yet: open a run and press Measure decode speed.")
+        st.stop()
 series = sorted(shown["series"].unique())
 from_url = [m for m in params.get("methods", "").split(",") if m in series]
 picked = top[1].multiselect("Methods", series, default=from_url or series, key="pareto_methods")
@@ -45,13 +54,13 @@ if isinstance(span, (tuple, list)) and len(span) == 2:
     created = dates.dt.date
     keep &= (created >= span[0]) & (created <= span[1])
 shown = shown[keep]
-st.query_params.update({"model": model, "methods": ",".join(picked), "log": "1" if log_y else "0"})
+st.query_params.update({"model": model, "methods": ",".join(picked), "log": "1" if log_y else "0", "x": x_axis})
 
 if shown.empty:
     st.info("No run matches these filters.")
     st.stop()
 st.caption(f"{len(shown)} runs · click a point to open it")
-event = st.plotly_chart(charts.pareto_figure(shown, log_y=log_y), key="pareto_chart", on_select="rerun",
+event = st.plotly_chart(charts.pareto_figure(shown, log_y=log_y, x=x_axis), key="pareto_chart", on_select="rerun",
                         selection_mode="points")
 run_ids = [charts.run_id_of(point) for point in (event.selection.points if event else [])]
 run_ids = [run_id for run_id in run_ids if run_id is not None]
@@ -60,6 +69,7 @@ if run_ids:
 st.dataframe(
     shown[["run_id", "series", "target_flop_reduction", "measured_flop_reduction",
            "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity", "eval_tokens", "author",
-           "created_at"]],
+           "created_at"] + (["ms_per_token", "dense_ms_per_token", "speedup", "context_tokens"]
+                            if x_axis == "speedup" else [])],
     hide_index=True, width="stretch", key="pareto_table",
 )

@@ -1,10 +1,13 @@
 """Run detail and layer inspector: heatmaps of layers × modules (adapter, keep, static rank, density, error,
-sparsity) for one run, or for two side by side with their difference; per-layer lines; the run's LoRA recoveries
-(per-layer ranks by strategy, perplexity before and after). URL: ?run=A&other=B."""
+sparsity) for one run, or for two side by side with their difference; per-layer lines; the run's decode speed on
+each GPU measured (per layer: time of attention and MLP beside the FLOPs kept) and a button that measures it; the
+run's LoRA recoveries (per-layer ranks by strategy, perplexity before and after). URL: ?run=A&other=B."""
 
+import pandas as pd
 import streamlit as st
 
 from app import charts, data
+from rana_core.errors import RanaError
 
 data.page("Run detail")
 
@@ -61,6 +64,36 @@ if stats:  # runs stored before model_stats existed have none
         col.metric(label, f"{stats.get(key, float('nan')) / scale:,.1f}{unit}",
                    f"dense {dense_value / scale:,.1f}{unit}" if dense_value is not None else None,
                    delta_color="off", delta_arrow="off")
+
+st.subheader("Decode speed")
+speed, sections = data.run_speed(data.url(), run_id)
+if speed.empty:
+    st.caption("Not measured yet: a GPU worker measures it in the run's own engine, beside the dense model's.")
+else:
+    for col, row in zip(st.columns(min(len(speed), 4)), speed.itertuples()):
+        col.metric(f"{row.device_name} · {row.dtype} · context {row.context_tokens}", f"{row.ms_per_token:.3f} ms/token",
+                   f"{row.speedup:.2f}× dense ({row.dense_ms_per_token:.3f} ms)", delta_color="off", delta_arrow="off")
+    if sections:
+        by_layer = pd.DataFrame(sections).set_index("layer")
+        times = by_layer[["attention_ms", "mlp_ms"]].T.rename(index={"attention_ms": "attention", "mlp_ms": "MLP"})
+        kept = by_layer[["qkv_kept", "mlp_kept"]].T.rename(index={"qkv_kept": "qkv", "mlp_kept": "MLP"})
+        left, right = st.columns(2)
+        left.plotly_chart(charts.grid_heatmap(times, "time", "ms per layer section (profiled replay)"),
+                          key="detail_speed_times")
+        right.plotly_chart(charts.grid_heatmap(kept, "keep", "FLOPs kept / dense (engine's masks)"),
+                           key="detail_speed_kept")
+with st.form("measure_speed"):
+    contexts = st.text_input("Contexts (prompt tokens before the timed steps)", "1,512", key="speed_contexts")
+    if st.form_submit_button("Measure decode speed"):
+        try:
+            parsed = [int(c) for c in contexts.split(",") if c.strip()]
+            job_id = data.submit_run_latency(run_id, parsed, author=data.default_author())
+            st.success(f"Queued job {job_id}: a GPU worker measures it (the Jobs page shows it waiting until one "
+                       "is free).")
+        except ValueError:
+            st.error(f"Contexts must be whole numbers separated by commas, got {contexts!r}.")
+        except RanaError as exc:
+            st.error(str(exc))
 
 recoveries = data.recoveries(data.url(), run_id)
 if not recoveries.empty:
