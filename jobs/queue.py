@@ -43,6 +43,7 @@ class ClaimedJob:
     attempts: int
     author: str | None = None
     tags: tuple = ()
+    parent_id: int | None = None
 
 
 def worker_name() -> str:
@@ -143,7 +144,8 @@ def claim(worker: str, url: str | None = None, host: str | None = None, device: 
         ).one()
         if row.parent_id is not None:
             _refresh_sweep(connection, row.parent_id)
-        return ClaimedJob(job_id, row.kind, row.payload, row.attempts, row.author, tuple(row.tags or ()))
+        return ClaimedJob(job_id, row.kind, row.payload, row.attempts, row.author, tuple(row.tags or ()),
+                          row.parent_id)
 
 
 def _preferred(connection, candidates: list, after: "ClaimedJob | None") -> int:
@@ -159,6 +161,20 @@ def _preferred(connection, candidates: list, after: "ClaimedJob | None") -> int:
         if key not in running:
             return candidate.id
     return candidates[0].id
+
+
+def follow_up(job: ClaimedJob, url: str | None = None) -> int | None:
+    """After a sweep's point is done: when the sweep asked for decode speed (`rana sweep --latency`), queue a
+    measurement of the point's run for a GPU worker; returns that job's id."""
+    if job.parent_id is None:
+        return None
+    with session_scope(url) as session:
+        parent = session.get(Job, job.parent_id)
+        options = (parent.payload or {}).get("latency") if parent is not None else None
+        run_id = session.execute(select(Run.id).where(Run.job_id == job.id)).scalar()
+    if options is None or run_id is None:
+        return None
+    return submit("run_latency", {**options, "run_id": run_id}, author=job.author, tags=job.tags, url=url)
 
 
 def _mine(job_id: int, worker: str):

@@ -33,7 +33,7 @@ def compress_payload(payload: dict) -> dict:
 
 
 def sweep_payload(payload: dict) -> dict:
-    _only(payload, {"base", "methods", "budgets"}, "sweep")
+    _only(payload, {"base", "methods", "budgets", "latency"}, "sweep")
     base = dict(payload.get("base") or {})
     for key in ("method", "allocation", "flop_reduction"):
         if key in base:
@@ -50,6 +50,10 @@ def sweep_payload(payload: dict) -> dict:
     if count > MAX_SWEEP_POINTS:
         raise RanaError(f"a sweep of {count} points is more than {MAX_SWEEP_POINTS}: split it")
     normalised = {"base": base, "methods": [method_label(m, a) for m, a in points], "budgets": clean_budgets}
+    if payload.get("latency") is not None:  # each point's run is then measured by a GPU worker (jobs.queue)
+        options = payload["latency"] if isinstance(payload["latency"], dict) else {}
+        clean = run_latency_payload({**options, "run_id": 1})
+        normalised["latency"] = {key: clean[key] for key in RUN_LATENCY_DEFAULTS}
     for point in sweep_points(normalised):  # every child must be a valid compression before the sweep is accepted
         compress_payload(point)
     return normalised

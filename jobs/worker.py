@@ -156,6 +156,7 @@ class Worker:
             store = self._execute(job)
             with_db_retries(lambda: self._finish(job, store), f"job {job.id} results", stopping=None)
             log.info("job %s done", job.id)
+            self._follow_up(job)
         except StopRequested:
             with_db_retries(lambda: queue.release(job.id, self.name, "handed back: its worker stopped", self.url),
                             f"job {job.id} release")
@@ -178,6 +179,16 @@ class Worker:
             if out_of_memory:
                 self._model_cache.clear()  # the model may hold half-moved weights or adapters; load it afresh
             _gpu().free(self.device)
+
+    def _follow_up(self, job: queue.ClaimedJob) -> None:
+        """What a finished job asks for next (a sweep point's decode speed); the job itself stays done."""
+        try:
+            follow = with_db_retries(lambda: queue.follow_up(job, self.url), f"job {job.id} follow-up")
+        except Exception as exc:
+            log.warning("job %s: its run's decode speed was not queued: %s", job.id, _one_line(exc))
+            return
+        if follow is not None:
+            log.info("job %s: its run's decode speed is queued as job %s", job.id, follow)
 
     def _finish(self, job: queue.ClaimedJob, store) -> None:
         with session_scope(self.url) as session:

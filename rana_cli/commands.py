@@ -148,6 +148,8 @@ def cmd_sweep(args) -> int:
         base.pop(key)
     payload = {"base": base, "methods": [m.strip() for m in args.methods.split(",") if m.strip()],
                "budgets": [b.strip() for b in args.budgets.split(",") if b.strip()]}
+    if args.latency:
+        payload["latency"] = {}
     return _enqueue(args, "sweep", payload)
 
 

@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compress_options(sweep)
     sweep.add_argument("--methods", required=True, help="comma-separated, method or method-allocation")
     sweep.add_argument("--budgets", required=True, help="comma-separated FLOP reductions")
+    sweep.add_argument("--latency", action="store_true",
+                       help="then measure each point's decode speed on a GPU worker (contexts 1 and 512)")
     _add_team_options(sweep)
 
     evaluate = commands.add_parser("evaluate", help="enqueue a new evaluation of a stored run")

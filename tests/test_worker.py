@@ -223,3 +223,23 @@ def test_a_job_that_fails_after_saving_its_adapters_leaves_no_file_behind(db_url
 def test_a_gpu_memory_cap_needs_a_gpu():
     with pytest.raises(RanaError, match="--max-gpu-memory needs a CUDA device; this worker runs on cpu"):
         Worker(device="cpu", max_gpu_memory=1.0)
+
+
+def test_a_sweep_with_latency_queues_each_points_decode_speed_for_a_gpu_worker(db_url):
+    """`rana sweep --latency`: once a point's run is stored, a measurement of it is queued (with the sweep's
+    author and tags); a CPU worker leaves those for a GPU worker."""
+    from db.models import Run
+
+    sweep = queue.submit("sweep", {"base": {"model": "tiny", "calib_tokens": 512, "eval_tokens": 256,
+                                            "seq_len": 128},
+                                   "methods": ["svd"], "budgets": [0.2, 0.3], "latency": {"contexts": [1, 64]}},
+                         author="ada", tags=["speed"], url=db_url)
+    Worker(url=db_url, device="cpu").run(exit_when_idle=True)
+    jobs = queue.list_jobs(url=db_url)
+    assert next(j for j in jobs if j.id == sweep).status == "done"
+    with session_scope(db_url) as s:
+        runs = sorted(s.execute(select(Run.id)).scalars())
+    measurements = [j for j in jobs if j.kind == "run_latency"]
+    assert sorted(j.payload["run_id"] for j in measurements) == runs and len(runs) == 2
+    for job in measurements:
+        assert (job.status, job.author, job.tags, job.payload["contexts"]) == ("queued", "ada", ("speed",), [1, 64])
