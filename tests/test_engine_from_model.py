@@ -33,6 +33,8 @@ def stored_run(model_name, method, allocation, tmp_path):
     ("tiny", "dense", "uniform"), ("tiny", "svd", "uniform"), ("tiny", "rana", "uniform"),
     ("tiny", "rana", "greedy"), ("tiny", "cats", "uniform"), ("tiny", "hybrid", "exact-loss"),
     ("tiny-qwen2", "rana", "uniform"), ("tiny-qwen2", "svd", "uniform"),
+    ("tiny-gemma3", "dense", "uniform"), ("tiny-gemma3", "rana", "greedy"), ("tiny-gemma3", "cats", "uniform"),
+    ("tiny-gemma3", "hybrid", "exact-loss"),
 ])
 def test_the_engine_of_a_stored_run_computes_what_the_adapted_model_computes(model_name, method, allocation,
                                                                            tmp_path):
@@ -69,8 +71,8 @@ def test_the_engine_of_a_stored_run_computes_what_the_adapted_model_computes(mod
 
 
 def test_a_family_the_engine_cannot_run_is_one_line(tmp_path):
-    loaded = load_model("tiny-gemma3")
-    with pytest.raises(EngineUnsupported, match="runs llama and qwen2 models, not gemma3"):
+    loaded = load_model("tiny-mistral")
+    with pytest.raises(EngineUnsupported, match="runs llama, qwen2, gemma3 models, not mistral yet"):
         engine_from_model(loaded.model, [])
 
 

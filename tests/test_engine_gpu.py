@@ -92,6 +92,7 @@ def check_engine_against_model(loaded, adapters, result, config):
     ("tiny", "dense", "uniform"), ("tiny", "svd", "uniform"), ("tiny", "rana", "uniform"),
     ("tiny", "rana", "greedy"), ("tiny", "cats", "uniform"), ("tiny", "hybrid", "exact-loss"),
     ("tiny-qwen2", "rana", "greedy"), ("tiny-qwen2", "svd", "uniform"),
+    ("tiny-gemma3", "rana", "greedy"), ("tiny-gemma3", "hybrid", "exact-loss"),
 ])
 def test_the_engine_decodes_what_the_adapted_model_decodes(name, method, allocation, dtype, tmp_path):
     loaded, adapters, result, config = stored_run(name, method, allocation, dtype, 0.3, tmp_path)

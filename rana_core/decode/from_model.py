@@ -15,13 +15,15 @@ What each adapter becomes (rana_core.decode.engine's parts run at batch 1 throug
 - `cats`: the dense gate; neurons with |act(gate)| ≥ τ kept; up computed dense and masked (a kernel computing only
   the kept rows of W_up is the next issue's), down as a masked product over the kept rows of W_downᵀ.
 
-Families: Llama-shaped decoders (Llama, SmolLM2, Qwen2 with its q/k/v biases). A family or adapter the engine
-cannot run raises a RanaError that says so in one line, never a wrong number.
+Families: Llama-shaped decoders (Llama, SmolLM2, Qwen2 with its q/k/v biases), and Gemma 3
+(rana_core.decode.gemma). A family or adapter the engine cannot run raises a RanaError that says so in one line,
+never a wrong number.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -33,7 +35,7 @@ from rana_core.decode.engine import Block, DecodeEngine, NeuronPart, RankPart, R
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
 from rana_core.errors import RanaError
 
-ENGINE_FAMILIES = ("llama", "qwen2")
+ENGINE_FAMILIES = ("llama", "qwen2", "gemma3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary frequencies that do not change with the length
 # |h| > 0 marks CATS' kept neurons (h is zero off the mask); the smallest positive float32 lets the masked product
 # read exactly those rows
@@ -195,68 +197,86 @@ def engine_from_model(model, adapters: list, dtype: torch.dtype | None = None, d
     injected), in `dtype` on `device` (default: the model's)."""
     family = family_of(model)
     if family.name not in ENGINE_FAMILIES:
-        raise EngineUnsupported(f"the decode engine runs {' and '.join(ENGINE_FAMILIES)} models, not {family.name} "
+        raise EngineUnsupported(f"the decode engine runs {', '.join(ENGINE_FAMILIES)} models, not {family.name} "
                                 "yet")
     config = model.config
     if getattr(config, "use_sliding_window", False):
-        raise EngineUnsupported("the decode engine has no sliding-window attention yet")
+        raise EngineUnsupported("the decode engine has no sliding-window attention for this family yet")
+    first = next(model.parameters())
+    dtype, device = dtype or first.dtype, torch.device(device or first.device)
+    put = lambda t: t.detach().to(device=device, dtype=dtype)  # noqa: E731
+    by_layer: dict[int, list] = {}
+    for adapter in adapters:
+        by_layer.setdefault(adapter.layer, []).append(adapter)
+    layers = [layer_parts(index, layer, by_layer.get(index, []), put, device, gemv)
+              for index, layer in enumerate(model.model.layers)]
+    if family.name == "gemma3":
+        from rana_core.decode.gemma import gemma_engine
+
+        return gemma_engine(model, layers, dtype, device, put, gemv)
     rotary = model.model.rotary_emb
     if rotary.rope_type not in STATIC_ROPE:
         raise EngineUnsupported(f"the decode engine needs fixed rotary frequencies; {rotary.rope_type!r} rotary "
                                 "scaling changes them with the length")
-    first = next(model.parameters())
-    dtype, device = dtype or first.dtype, torch.device(device or first.device)
-    put = lambda t: t.detach().to(device=device, dtype=dtype)  # noqa: E731
     shape = shape_of(config)
-    by_layer: dict[int, list] = {}
-    for adapter in adapters:
-        by_layer.setdefault(adapter.layer, []).append(adapter)
-    blocks = []
-    for index, layer in enumerate(model.model.layers):
-        attention, mlp = layer_attention(layer), layer_mlp(layer)
-        q, k, v, o = attention_parts(attention)
-        if o.bias is not None:
-            raise EngineUnsupported(f"layer {index}: the decode engine has no bias on the attention output")
-        qkv, bias, mlp_part = None, _stacked_bias((q, k, v), put), None
-        members = {}
-        for adapter in by_layer.get(index, []):
-            if isinstance(adapter, RankMaskedUnit):
-                part = _rank_part(adapter, put)
-            elif isinstance(adapter, LowRankUnit):
-                part = StaticLowRank(put(adapter.A), put(adapter.B), None, gemv)
-            elif isinstance(adapter, RaNAMLP):
-                mlp_part = RanaMLP(_rank_part(adapter.gate, put), _rank_part(adapter.up, put),
-                                   NeuronPart.of(put(adapter.down.weight), adapter.down.column_norms.to(device),
-                                                 float(adapter.down.tau), adapter.down.target_active),
-                                   adapter.act, gemv)
-                continue
-            elif isinstance(adapter, CatsMLP):
-                mlp_part = CatsPart(put(adapter.gate_proj.weight), put(adapter.up_proj.weight),
-                                    put(adapter.down_proj.weight), float(adapter.tau), adapter.act, gemv)
-                continue
-            else:
-                raise EngineUnsupported(f"layer {index}: the decode engine cannot run a {_kind(adapter)} adapter "
-                                        "yet")
-            if adapter.module == "qkv":
-                qkv = part
-            else:
-                if adapter.bias is not None:
-                    raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
-                members[adapter.module] = part
-        if qkv is None:
-            qkv = _linear(torch.cat([put(m.weight) for m in (q, k, v)]))
-        if mlp_part is None:
-            gate, up, down, act = mlp_parts(mlp)
-            if any(m.bias is not None for m in (gate, up, down)):
-                raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
-            parts = {name: members.get(name) or Dense(put(m.weight), None, gemv)
-                     for name, m in (("gate", gate), ("up", up), ("down", down))}
-            mlp_part = ProjectionMLP(parts["gate"], parts["up"], parts["down"], act, gemv)
-        norms = tuple(_norm(getattr(layer, name), dtype, device) for name in family.norms)
-        blocks.append(ModelBlock(shape, gemv, norms, qkv, bias, put(o.weight), mlp_part))
+    blocks = [ModelBlock(shape, gemv, tuple(_norm(getattr(layer, name), dtype, device) for name in family.norms),
+                         parts.qkv, parts.qkv_bias, parts.wo, parts.mlp)
+              for layer, parts in zip(model.model.layers, layers)]
     return DecodeEngine.assemble(shape, dtype, device, put(model.get_input_embeddings().weight), blocks,
                                  _norm(model.model.norm, dtype, device), put(model.get_output_embeddings().weight),
                                  rotary.inv_freq, float(rotary.attention_scaling), gemv)
+
+
+@dataclass
+class LayerParts:
+    """One decoder layer's products as engine parts: stacked QKV (dense, static low rank or RaNA's rank part),
+    its stacked biases, the attention output weight and the MLP part."""
+
+    qkv: nn.Module
+    qkv_bias: torch.Tensor | None
+    wo: torch.Tensor
+    mlp: nn.Module
+
+
+def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> LayerParts:
+    attention, mlp = layer_attention(layer), layer_mlp(layer)
+    q, k, v, o = attention_parts(attention)
+    if o.bias is not None:
+        raise EngineUnsupported(f"layer {index}: the decode engine has no bias on the attention output")
+    qkv, mlp_part, members = None, None, {}
+    for adapter in adapters:
+        if isinstance(adapter, RankMaskedUnit):
+            part = _rank_part(adapter, put)
+        elif isinstance(adapter, LowRankUnit):
+            part = StaticLowRank(put(adapter.A), put(adapter.B), None, gemv)
+        elif isinstance(adapter, RaNAMLP):
+            mlp_part = RanaMLP(_rank_part(adapter.gate, put), _rank_part(adapter.up, put),
+                               NeuronPart.of(put(adapter.down.weight), adapter.down.column_norms.to(device),
+                                             float(adapter.down.tau), adapter.down.target_active),
+                               adapter.act, gemv)
+            continue
+        elif isinstance(adapter, CatsMLP):
+            mlp_part = CatsPart(put(adapter.gate_proj.weight), put(adapter.up_proj.weight),
+                                put(adapter.down_proj.weight), float(adapter.tau), adapter.act, gemv)
+            continue
+        else:
+            raise EngineUnsupported(f"layer {index}: the decode engine cannot run a {_kind(adapter)} adapter yet")
+        if adapter.module == "qkv":
+            qkv = part
+        else:
+            if adapter.bias is not None:
+                raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
+            members[adapter.module] = part
+    if qkv is None:
+        qkv = _linear(torch.cat([put(m.weight) for m in (q, k, v)]))
+    if mlp_part is None:
+        gate, up, down, act = mlp_parts(mlp)
+        if any(m.bias is not None for m in (gate, up, down)):
+            raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
+        parts = {name: members.get(name) or Dense(put(m.weight), None, gemv)
+                 for name, m in (("gate", gate), ("up", up), ("down", down))}
+        mlp_part = ProjectionMLP(parts["gate"], parts["up"], parts["down"], act, gemv)
+    return LayerParts(qkv, _stacked_bias((q, k, v), put), put(o.weight), mlp_part)
 
 
 def _rank_part(unit: RankMaskedUnit, put) -> RankPart:
