@@ -32,6 +32,7 @@ def stored_run(model_name, method, allocation, tmp_path):
 @pytest.mark.parametrize("model_name, method, allocation", [
     ("tiny", "dense", "uniform"), ("tiny", "svd", "uniform"), ("tiny", "rana", "uniform"),
     ("tiny", "rana", "greedy"), ("tiny", "cats", "uniform"), ("tiny", "hybrid", "exact-loss"),
+    ("tiny", "a3", "uniform"), ("tiny", "a3", "greedy"),
     ("tiny-qwen2", "rana", "uniform"), ("tiny-qwen2", "svd", "uniform"),
     ("tiny-gemma3", "dense", "uniform"), ("tiny-gemma3", "rana", "greedy"), ("tiny-gemma3", "cats", "uniform"),
     ("tiny-gemma3", "hybrid", "exact-loss"),
@@ -77,6 +78,9 @@ def test_a_family_the_engine_cannot_run_is_one_line(tmp_path):
 
 
 def test_an_adapter_the_engine_cannot_run_is_one_line(tmp_path):
-    loaded, adapters, _ = stored_run("tiny", "a3", "uniform", tmp_path)
-    with pytest.raises(EngineUnsupported, match="cannot run a a3_"):
-        engine_from_model(loaded.model, adapters)
+    class Unknown(torch.nn.Module):
+        layer = 0
+
+    loaded = load_model("tiny")
+    with pytest.raises(EngineUnsupported, match="layer 0: the decode engine cannot run a Unknown adapter yet"):
+        engine_from_model(loaded.model, [Unknown()])

@@ -288,6 +288,10 @@ class Block(nn.Module):
         return sum(m.elements_per_token() if isinstance(m, RankPart) else m.weight.numel()
                    for m in (self.qkv, self.gate, self.up, self.down, self.wo))
 
+    def kv_features(self) -> int:
+        """Key and value features cached per token (A3's narrower heads cache fewer)."""
+        return 2 * self.shape.kv_heads * self.shape.head_dim
+
 
 def _join(first: nn.Module, second: nn.Module, name: str) -> torch.Tensor:
     """One tensor holding both parts' `name` stacked along dim 0; each part's attribute becomes a view into it."""
@@ -515,6 +519,6 @@ class DecodeEngine(nn.Module):
 
     def kv_bytes_per_token(self, context: int, new_tokens: int) -> float:
         """Mean bytes of K and V a step must read (the prefix so far), over the generated tokens."""
-        s = self.shape
         mean_prefix = context + (new_tokens + 1) / 2
-        return 2 * s.layers * s.kv_heads * s.head_dim * mean_prefix * (torch.finfo(self.dtype).bits // 8)
+        features = sum(block.kv_features() for block in self.blocks)
+        return features * mean_prefix * (torch.finfo(self.dtype).bits // 8)

@@ -12,6 +12,8 @@ What each adapter becomes (rana_core.decode.engine's parts run at batch 1 throug
 - `rank` (RaNA's rank adapter): B, then the masked product over the rows of Aᵀ with the threshold √τ on |z|;
 - `rana_mlp`: rank parts for gate and up (their B stacked), the neuron part for down (rows of W_downᵀ, scored by
   |h|·‖W_down[:, j]‖ against τ);
+- `a3_attention`, `a3_mlp`: A3's narrower q/k/v/o and KV cache (rana_core.decode.narrow), and its MLP on the
+  kept channels;
 - `cats`: the dense gate; neurons with |act(gate)| ≥ τ kept; up computed dense and masked (a kernel computing only
   the kept rows of W_up is the next issue's), down as a masked product over the kept rows of W_downᵀ.
 
@@ -28,11 +30,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from rana_core.adapters.a3 import A3MLP, A3Attention
 from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit
 from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 from rana_core.architecture import attention_parts, family_of, layer_attention, layer_mlp, mlp_parts, shape_of
 from rana_core.decode.engine import Block, DecodeEngine, NeuronPart, RankPart, RMSNorm, matvec
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
+from rana_core.decode.narrow import A3AttentionPart
 from rana_core.errors import RanaError
 
 ENGINE_FAMILIES = ("llama", "qwen2", "gemma3")
@@ -190,6 +194,16 @@ class ModelBlock(Block):
         qkv = self.qkv.elements_per_token() if hasattr(self.qkv, "elements_per_token") else self.qkv.weight.numel()
         return qkv + self.mlp_part.elements_per_token() + self.wo.weight.numel()
 
+    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
+        if isinstance(self.qkv, A3AttentionPart):  # A3's narrower q/k/v/o and cache
+            return self.qkv.attention(self.shape, normed, pos, k_cache, v_cache, cos_table, sin_table)
+        return super().attention(normed, pos, k_cache, v_cache, cos_table, sin_table, allowed)
+
+    def kv_features(self) -> int:
+        if isinstance(self.qkv, A3AttentionPart):
+            return self.shape.kv_heads * (self.qkv.r_qk + self.qkv.r_vo)
+        return super().kv_features()
+
 
 def engine_from_model(model, adapters: list, dtype: torch.dtype | None = None, device=None,
                       gemv: str = "triton") -> DecodeEngine:
@@ -243,8 +257,17 @@ def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> La
     q, k, v, o = attention_parts(attention)
     if o.bias is not None:
         raise EngineUnsupported(f"layer {index}: the decode engine has no bias on the attention output")
-    qkv, mlp_part, members = None, None, {}
+    qkv, wo, mlp_part, members = None, o.weight, None, {}
     for adapter in adapters:
+        if isinstance(adapter, A3Attention):
+            qkv, wo = A3AttentionPart(adapter, put, device, gemv), adapter.o_weight
+            continue
+        if isinstance(adapter, A3MLP):
+            if any(b is not None for b in (adapter.gate_bias, adapter.up_bias, adapter.down_bias)):
+                raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
+            mlp_part = ProjectionMLP(*(Dense(put(w), None, gemv) for w in (
+                adapter.gate_weight, adapter.up_weight, adapter.down_weight)), adapter.act, gemv)
+            continue
         if isinstance(adapter, RankMaskedUnit):
             part = _rank_part(adapter, put)
         elif isinstance(adapter, LowRankUnit):
@@ -276,7 +299,7 @@ def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> La
         parts = {name: members.get(name) or Dense(put(m.weight), None, gemv)
                  for name, m in (("gate", gate), ("up", up), ("down", down))}
         mlp_part = ProjectionMLP(parts["gate"], parts["up"], parts["down"], act, gemv)
-    return LayerParts(qkv, _stacked_bias((q, k, v), put), put(o.weight), mlp_part)
+    return LayerParts(qkv, _stacked_bias((q, k, v), put), put(wo), mlp_part)
 
 
 def _rank_part(unit: RankMaskedUnit, put) -> RankPart:
