@@ -1,0 +1,109 @@
+"""Decode speed of real runs (GPU): each method's run of a real model, in the engine built from its own weights and
+adapters (rana_core.decode.from_model), against the dense model in the same engine on the same GPU.
+
+    python bench/run_latency.py [--model smollm2-135m] [--label NAME] [--budget 0.44]
+                                [--methods dense,svd,cats,rana-greedy,a3,hybrid] [--contexts 1,512]
+                                [--new-tokens 256] [--dtype bfloat16] [--calib-tokens 8192] [--eval-tokens 8192]
+
+Each run is compressed in this process on the GPU (rana_core.pipeline.compress, its adapters saved and loaded back
+as a worker would), then measured by rana_core.decode.run_latency.measure_run: median ms per token over
+`new-tokens` graph-replayed steps after a prompt of each context, the dense engine's beside it, the floor (bytes a
+step reads over the copy bandwidth), the FLOP reduction counted from the engine's masks on held-out windows.
+A model that is not installed is skipped with its reason. Prints a table and writes
+bench/results/run-latency-<label>-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # runnable from a plain checkout, as on the GPU machine
+
+import torch  # noqa: E402
+
+from rana_core.adapters.artifacts import load_adapters  # noqa: E402
+from rana_core.adapters.base import unload  # noqa: E402
+from rana_core.config import CompressConfig  # noqa: E402
+from rana_core.corpus import token_windows  # noqa: E402
+from rana_core.decode.run_latency import measure_run  # noqa: E402
+from rana_core.errors import ModelNotFound, RanaError  # noqa: E402
+from rana_core.loading import load_model  # noqa: E402
+from rana_core.methods import parse_method_label  # noqa: E402
+from rana_core.pipeline import compress  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--label", help="the model's name in the results (default: --model)")
+    parser.add_argument("--budget", type=float, default=0.44)
+    parser.add_argument("--methods", default="dense,svd,cats,rana-greedy,a3,hybrid")
+    parser.add_argument("--contexts", default="1,512")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--calib-tokens", type=int, default=8192)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/run_latency.py: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    label = args.label or args.model
+    contexts = [int(c) for c in args.contexts.split(",")]
+    try:
+        loaded = load_model(args.model, device="cuda", dtype=args.dtype)
+    except ModelNotFound as exc:
+        print(f"bench/run_latency.py: {label} skipped: {exc}", file=sys.stderr)
+        return 0
+    text = token_windows(loaded.tokenizer, "heldout", 2048, 512)
+    rows = []
+    for name in args.methods.split(","):
+        method, allocation = parse_method_label(name)
+        config = CompressConfig(model=args.model, method=method, allocation=allocation, device="cuda",
+                                dtype=args.dtype, flop_reduction=0.0 if method == "dense" else args.budget,
+                                calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens, track_layers=False)
+        started = time.perf_counter()
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                result = compress(config, loaded=loaded, artifact_path=Path(folder) / "adapters.safetensors")
+                unload(loaded.layers)
+                adapters = load_adapters(loaded, result.artifact["path"], result.artifact["sha256"])
+                report = measure_run(loaded.model, adapters, contexts, args.new_tokens, args.dtype, "cuda", text)
+            except RanaError as exc:  # e.g. a family or adapter the engine cannot run: one line, the row says so
+                rows.append({"method": name, "error": str(exc)})
+                print(f"{name}: {exc}", file=sys.stderr)
+                continue
+        rows.append({"method": name, "perplexity": result.perplexity,
+                     "measured_flop_reduction": result.measured_flop_reduction,
+                     "engine_flop_reduction": report["measured_flop_reduction"], "device_name": report["device_name"],
+                     "per_context": report["rows"], "layers": report["layers"],
+                     "seconds": round(time.perf_counter() - started, 1)})
+        torch.cuda.empty_cache()
+    device = torch.cuda.get_device_name(0)
+    print(f"\n{label} on {device}, {args.dtype}, batch 1, {args.new_tokens} new tokens")
+    print(f"{'method':<14}{'ppl':>9}{'cut':>7}{'engine cut':>11}" + "".join(
+        f"{f'ms@{c}':>9}{'× dense':>9}{'floor':>8}" for c in contexts))
+    for row in rows:
+        if "error" in row:
+            print(f"{row['method']:<14}  not run: {row['error']}")
+            continue
+        cells = "".join(f"{r['ms_per_token']:>9.4f}{r['dense_ms_per_token'] / r['ms_per_token']:>9.2f}"
+                        f"{r['floor_ms']:>8.4f}" for r in row["per_context"])
+        print(f"{row['method']:<14}{row['perplexity']:>9.2f}{row['measured_flop_reduction']:>7.3f}"
+              f"{row['engine_flop_reduction']:>11.3f}{cells}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}.json"
+    out.write_text(json.dumps({"model": label, "device": device, "args": vars(args), "rows": rows}, indent=1))
+    print(f"wrote {out.relative_to(ROOT)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
