@@ -106,18 +106,10 @@ def latency_payload(payload: dict) -> dict:
     clean = {**LATENCY_DEFAULTS, **payload}
     if clean["model"] not in LATENCY_SHAPES:
         raise RanaError(f"unknown latency model {clean['model']!r}: use one of {', '.join(LATENCY_SHAPES)}")
-    if clean["dtype"] not in LATENCY_DTYPES:
-        raise RanaError(f"latency dtype must be one of {', '.join(LATENCY_DTYPES)}, got {clean['dtype']!r}")
     if not isinstance(clean["flop_reductions"], list) or not clean["flop_reductions"]:
         raise RanaError("flop_reductions must be a non-empty list")
     clean["flop_reductions"] = sorted({_budget(b) for b in clean["flop_reductions"]})
-    contexts = clean["contexts"]
-    if not isinstance(contexts, list) or not contexts or not all(_positive_int(c, 8192) for c in contexts):
-        raise RanaError("contexts must be a non-empty list of integers in [1, 8192]")
-    if not _positive_int(clean["new_tokens"], 4096):
-        raise RanaError(f"new_tokens must be an integer in [1, 4096], got {clean['new_tokens']!r}")
-    clean["contexts"] = sorted(set(contexts))
-    return clean
+    return _decode_options(clean, 8192)
 
 
 RUN_LATENCY_DEFAULTS = {"contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16"}
@@ -130,11 +122,16 @@ def run_latency_payload(payload: dict) -> dict:
     run_id = clean.get("run_id")
     if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
         raise RanaError(f"run_id must be a positive integer, got {run_id!r}")
+    return _decode_options(clean, 131072)  # the model's own positions are checked where it is loaded
+
+
+def _decode_options(clean: dict, most_context: int) -> dict:
+    """A decode measurement's dtype, contexts (sorted, once each) and new tokens, checked."""
     if clean["dtype"] not in LATENCY_DTYPES:
         raise RanaError(f"latency dtype must be one of {', '.join(LATENCY_DTYPES)}, got {clean['dtype']!r}")
     contexts = clean["contexts"]
-    if not isinstance(contexts, list) or not contexts or not all(_positive_int(c, 131072) for c in contexts):
-        raise RanaError("contexts must be a non-empty list of positive integers")
+    if not isinstance(contexts, list) or not contexts or not all(_positive_int(c, most_context) for c in contexts):
+        raise RanaError(f"contexts must be a non-empty list of integers in [1, {most_context}]")
     if not _positive_int(clean["new_tokens"], 4096):
         raise RanaError(f"new_tokens must be an integer in [1, 4096], got {clean['new_tokens']!r}")
     clean["contexts"] = sorted(set(contexts))
