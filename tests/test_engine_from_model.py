@@ -84,3 +84,13 @@ def test_an_adapter_the_engine_cannot_run_is_one_line(tmp_path):
     loaded = load_model("tiny")
     with pytest.raises(EngineUnsupported, match="layer 0: the decode engine cannot run a Unknown adapter yet"):
         engine_from_model(loaded.model, [Unknown()])
+
+
+def test_a_context_longer_than_the_models_positions_is_one_line():
+    from rana_core.decode.run_latency import check_contexts
+    from rana_core.errors import RanaError
+
+    config = load_model("tiny").config  # 2,048 positions
+    check_contexts(config, [1, 1784], 256)  # 1,784 + 256 + the engine's 8 spare positions fit exactly
+    with pytest.raises(RanaError, match="context 1785 with 256 new tokens does not fit the model's 2048 positions"):
+        check_contexts(config, [1, 1785], 256)
