@@ -401,8 +401,8 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
                   "rows": [{"context_tokens": c, "new_tokens": 256, "ms_per_token": ms * (1 + c / 1000),
                             "dense_ms_per_token": 1.0 * (1 + c / 1000), "floor_ms": 0.1, "dense_floor_ms": 0.12}
                            for c in (1, 512)],
-                  "layers": [{"layer": i, "qkv_kept": 1.0, "mlp_kept": 0.4 + 0.1 * i, "attention_ms": 0.02 + i / 100,
-                              "mlp_ms": 0.03} for i in range(2)]}
+                  "layers": [{"layer": i, "qkv_kept": 1.0, "mlp_kept": 0.4 + 0.1 * i, "qkv_ms": 0.01,
+                              "attention_ms": 0.02 + i / 100, "mlp_ms": 0.03} for i in range(2)]}
         with session_scope() as session:
             store_run_latency(session, run_id, report)
 
@@ -415,8 +415,8 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
                      "NVIDIA H200 · bfloat16 · context 512": ("1.210 ms/token", "1.25× dense (1.512 ms)")}
     maps = heatmaps(at)
     times = maps["ms per layer section (profiled replay)"]
-    assert times["y"] == ["attention", "MLP"] and np.allclose(np.array(_decode(times["z"])), [[0.02, 0.03],
-                                                                                               [0.03, 0.03]])
+    assert times["y"] == ["QKV product", "rest of attention", "MLP"]
+    assert np.allclose(np.array(_decode(times["z"])), [[0.01, 0.01], [0.02, 0.03], [0.03, 0.03]])
     assert np.allclose(np.array(_decode(maps["FLOPs kept / dense (engine's masks)"]["z"])), [[1.0, 1.0], [0.4, 0.5]])
     at.text_input(key="speed_contexts").set_value("1,128")
     at.button[0].click().run()

@@ -94,3 +94,21 @@ def test_a_context_longer_than_the_models_positions_is_one_line():
     check_contexts(config, [1, 1784], 256)  # 1,784 + 256 + the engine's 8 spare positions fit exactly
     with pytest.raises(RanaError, match="context 1785 with 256 new tokens does not fit the model's 2048 positions"):
         check_contexts(config, [1, 1785], 256)
+
+
+@pytest.mark.parametrize("model_name, method", [("tiny", "rana"), ("tiny-gemma3", "rana"), ("tiny", "a3")])
+def test_a_profiled_step_marks_each_layers_qkv_attention_and_mlp_in_order(model_name, method, tmp_path):
+    """The sections a profiled replay times (rana_core.decode.run_latency) are marked where they begin, in the
+    order the step runs them, on every family's and adapter's path."""
+    loaded, adapters, _ = stored_run(model_name, method, "uniform", tmp_path)
+    engine = engine_from_model(loaded.model, adapters)
+    marks = []
+    engine.marker = lambda layer, section: marks.append((layer, section))
+    for index, block in enumerate(engine.blocks):
+        block.marker = lambda section, index=index: marks.append((index, section))
+    engine.allocate(16)
+    engine.prefill(torch.arange(8))
+    marks.clear()
+    engine.step()
+    assert marks == [(0, "qkv"), (0, "attention"), (0, "mlp"), (1, "qkv"), (1, "attention"), (1, "mlp"),
+                     (2, "head"), (2, "end")]

@@ -137,7 +137,8 @@ def test_a_gpu_worker_stores_a_runs_decode_speed(tmp_path, monkeypatch):
             for row in rows:
                 assert row.ms_per_token > 0 and row.dense_ms_per_token > 0 and row.shapes["floor_ms"] > 0
                 assert [layer["layer"] for layer in row.layers] == [0, 1]
-                assert all(layer["attention_ms"] > 0 and layer["mlp_ms"] > 0 for layer in row.layers)
+                assert all(layer["qkv_ms"] > 0 and layer["attention_ms"] > 0 and layer["mlp_ms"] > 0
+                           for layer in row.layers)
                 assert all(0 < layer["mlp_kept"] < 1 for layer in row.layers)
     finally:
         get_engine(url).dispose()

@@ -75,7 +75,8 @@ else:
                    f"{row.speedup:.2f}× dense ({row.dense_ms_per_token:.3f} ms)", delta_color="off", delta_arrow="off")
     if sections:
         by_layer = pd.DataFrame(sections).set_index("layer")
-        times = by_layer[["attention_ms", "mlp_ms"]].T.rename(index={"attention_ms": "attention", "mlp_ms": "MLP"})
+        times = by_layer[["qkv_ms", "attention_ms", "mlp_ms"]].T.rename(
+            index={"qkv_ms": "QKV product", "attention_ms": "rest of attention", "mlp_ms": "MLP"})
         kept = by_layer[["qkv_kept", "mlp_kept"]].T.rename(index={"qkv_kept": "qkv", "mlp_kept": "MLP"})
         left, right = st.columns(2)
         left.plotly_chart(charts.grid_heatmap(times, "time", "ms per layer section (profiled replay)"),

@@ -206,6 +206,7 @@ class Block(nn.Module):
         super().__init__()
         self.shape, self.gemv = shape, gemv
         self.qkv_bias = None  # Qwen2's q/k/v biases, stacked (a block built from a model has them)
+        self.marker = None
         h, i = shape.hidden, shape.intermediate
         qkv_keep, mlp_keep = keeps
         self.attn_norm, self.mlp_norm = RMSNorm(h, dtype, device), RMSNorm(h, dtype, device)
@@ -245,6 +246,7 @@ class Block(nn.Module):
             qkv = self.qkv(normed)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
+        self.mark("attention")
         if T == 1:  # rotary and both cache writes in one kernel, then attention over the prefix only
             q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
                                 torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device), splits)
@@ -275,6 +277,11 @@ class Block(nn.Module):
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 
+
+    def mark(self, section: str) -> None:
+        """Where a section of this layer begins, for a profiled replay (rana_core.decode.run_latency)."""
+        if self.marker is not None:
+            self.marker(section)
 
     def flops_per_token(self) -> float:
         """QKV and MLP FLOPs of one token, at the densities counted (rana_core.flops counts the same modules)."""
@@ -388,7 +395,7 @@ class DecodeEngine(nn.Module):
         mark = self.marker or _no_mark
         add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(self.blocks):
-            mark(index, "attention")
+            mark(index, "qkv")  # the block marks "attention" once its QKV product is issued
             attended = block.attention(normed, pos, self.k_cache[index], self.v_cache[index], self.cos, self.sin,
                                        allowed)
             add_rmsnorm(x, attended, norms[2 * index + 1].weight, norms[2 * index + 1].eps, normed)

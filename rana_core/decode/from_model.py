@@ -180,6 +180,7 @@ class ModelBlock(Block):
         self.qkv, self.mlp_part = qkv, mlp
         self.qkv_bias = None if qkv_bias is None else nn.Parameter(qkv_bias, requires_grad=False)
         self.wo = _linear(wo)
+        self.marker = None
 
     def mlp(self, normed):
         return self.mlp_part(normed)
@@ -196,7 +197,7 @@ class ModelBlock(Block):
 
     def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
         if isinstance(self.qkv, A3AttentionPart):  # A3's narrower q/k/v/o and cache
-            return self.qkv.attention(self.shape, normed, pos, k_cache, v_cache, cos_table, sin_table)
+            return self.qkv.attention(self.shape, normed, pos, k_cache, v_cache, cos_table, sin_table, self.mark)
         return super().attention(normed, pos, k_cache, v_cache, cos_table, sin_table, allowed)
 
     def kv_features(self) -> int:

@@ -49,6 +49,7 @@ class GemmaBlock(ModelBlock):
         self.input_norm, self.post_attention_norm, self.pre_mlp_norm, self.post_mlp_norm = norms
         self.q_norm, self.k_norm = q_norm, k_norm
         self.window, self.scaling = window, scaling
+        self.marker = None
 
     def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
         s = self.shape
@@ -61,6 +62,7 @@ class GemmaBlock(ModelBlock):
             qkv = self.qkv(normed)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias
+        self.mark("attention")
         q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
         cos, sin = cos_table[pos], sin_table[pos]
         q = rotate_half_reference(self.q_norm(q.reshape(T, s.heads, hd)), cos, sin).transpose(0, 1)
@@ -98,7 +100,7 @@ class GemmaEngine(DecodeEngine):
         mark = self.marker or (lambda layer, section: None)
         for index, block in enumerate(self.blocks):
             cos, sin = self.tables["sliding" if block.window is not None else "full"]
-            mark(index, "attention")
+            mark(index, "qkv")
             attended = block.attention(block.input_norm(x), pos, self.k_cache[index], self.v_cache[index], cos, sin,
                                        None)
             x = x + block.post_attention_norm(attended)

@@ -34,12 +34,13 @@ class A3AttentionPart(nn.Module):
     def elements_per_token(self) -> float:
         return self.q.numel() + self.k.numel() + self.v.numel()
 
-    def attention(self, shape, normed, pos, k_cache, v_cache, cos_table, sin_table) -> torch.Tensor:
+    def attention(self, shape, normed, pos, k_cache, v_cache, cos_table, sin_table, mark) -> torch.Tensor:
         """o_proj(attention) of `normed` at positions `pos`, this step's narrow k and v written into the cache."""
         T, group = normed.shape[0], shape.heads // shape.kv_heads
         q = matvec(self.q, normed, self.gemv).view(T, shape.heads, self.r_qk)
         k = matvec(self.k, normed, self.gemv).view(T, shape.kv_heads, self.r_qk)
         v = matvec(self.v, normed, self.gemv).view(T, shape.kv_heads, self.r_vo)
+        mark("attention")
         cos = torch.cat([cos_table[pos], cos_table[pos]], dim=-1)[:, self.coords]  # (T, kv_heads, r_qk)
         sin = torch.cat([sin_table[pos], sin_table[pos]], dim=-1)[:, self.coords]
         k = rotate_narrow(k, cos, sin)

@@ -3,9 +3,9 @@ rana_core.decode.from_model) against the engine of the dense model, the same eng
 
 For each context length: the median ms per token over `new_tokens` graph-replayed steps for both, and the floor
 (the bytes a step must read over the measured copy bandwidth). Per layer: the share of the QKV and MLP FLOPs the
-masks kept on held-out text, and the time of the layer's attention and MLP sections in a profiled replay (timing
-events recorded inside the captured graph between the sections; the events cost a little, so the sections add up
-to slightly more than an unprofiled step).
+masks kept on held-out text, and the time of the layer's QKV product, the rest of its attention, and its MLP in a
+profiled replay (timing events recorded inside the captured graph between the sections; the events cost a little,
+so the sections add up to slightly more than an unprofiled step).
 
     report = measure_run(loaded.model, adapters, [1, 512], 256, "bfloat16", "cuda:0", held_out_tokens)
 """
@@ -61,7 +61,7 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
     progress(0.9, "profiled replay")
     sections = section_times(adapted, contexts[-1], new_tokens)
     for layer in layers:
-        layer.update({f"{name}_ms": sections.get((layer["layer"], name)) for name in ("attention", "mlp")})
+        layer.update({f"{name}_ms": sections.get((layer["layer"], name)) for name in ("qkv", "attention", "mlp")})
     progress(1.0, "measured")
     return {"device_name": device_name(device), "dtype": dtype, "engine": "graphs+triton",
             "measured_flop_reduction": measured, "copy_bandwidth_gbs": bandwidth / 1e9, "rows": rows,
@@ -80,8 +80,9 @@ def layer_shares(engine: DecodeEngine) -> list[dict]:
 
 
 def section_times(engine: DecodeEngine, context: int, new_tokens: int) -> dict[tuple[int, str], float]:
-    """Median ms of each (layer, "attention" | "mlp") section and of the LM head over replays of a graph in which
-    timing events sit between the sections."""
+    """Median ms of each (layer, "qkv" | "attention" | "mlp") section and of the LM head over replays of a graph in
+    which timing events sit between the sections: "qkv" is the QKV product, "attention" rotary, attention, the
+    output projection and the residual's norm, "mlp" the MLP and its residual's norm."""
     engine.allocate(context + new_tokens + PROFILE_REPLAYS + 8)
     generator = torch.Generator(device=engine.device).manual_seed(4)
     engine.prefill(torch.randint(0, engine.shape.vocab, (context,), device=engine.device, generator=generator))
@@ -94,10 +95,14 @@ def section_times(engine: DecodeEngine, context: int, new_tokens: int) -> dict[t
             marks.append((layer, section, event))
 
     engine.marker = mark
+    for index, block in enumerate(engine.blocks):
+        block.marker = lambda section, index=index: mark(index, section)
     try:
         engine.capture()
     finally:
         engine.marker = None
+        for block in engine.blocks:
+            block.marker = None
     samples: dict[tuple[int, str], list[float]] = {}
     for _ in range(PROFILE_REPLAYS):
         engine.graph.replay()
