@@ -50,6 +50,7 @@ class Family:
     qkv_bias: bool = False
     embedding_scale: bool = False  # embeddings multiplied by sqrt(hidden)
     sliding_window: str = "none"  # "none", "all" layers, or "some" layers (config.layer_types)
+    engine: str = "llama"  # the decode engine's layer (rana_core.decode): "llama", "gemma", or "" when it has none
     unsupported: dict[str, str] = field(default_factory=dict)  # method -> why it cannot run on this family
     tiny: dict = field(default_factory=dict)  # config settings of its tiny random model, beyond TINY_CONFIG
 
@@ -76,11 +77,12 @@ _A3_WINDOW = "A3's narrower attention does not apply a sliding window yet"
 FAMILIES: dict[str, Family] = {family.name: family for family in (
     Family("llama", ("llama",), "modeling_llama", "LlamaForCausalLM", "LlamaConfig"),
     Family("mistral", ("mistral",), "modeling_mistral", "MistralForCausalLM", "MistralConfig",
-           sliding_window="all", unsupported={"a3": _A3_WINDOW}, tiny={"sliding_window": 32}),
+           sliding_window="all", unsupported={"a3": _A3_WINDOW}, tiny={"sliding_window": 32}, engine=""),
     Family("qwen2", ("qwen2",), "modeling_qwen2", "Qwen2ForCausalLM", "Qwen2Config", qkv_bias=True,
            unsupported={"a3": _A3_BIAS}),
     Family("gemma3", ("gemma3_text", "gemma3"), "modeling_gemma3", "Gemma3ForCausalLM", "Gemma3TextConfig",
            activation_setting="hidden_activation", qk_norm=True, embedding_scale=True, sliding_window="some",
+           engine="gemma",
            norms=("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
                   "post_feedforward_layernorm"),
            unsupported={"a3": _A3_QK_NORM},

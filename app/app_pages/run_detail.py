@@ -7,7 +7,6 @@ import pandas as pd
 import streamlit as st
 
 from app import charts, data
-from rana_core.errors import RanaError
 
 data.page("Run detail")
 
@@ -93,7 +92,7 @@ with st.form("measure_speed"):
                        "is free).")
         except ValueError:
             st.error(f"Contexts must be whole numbers separated by commas, got {contexts!r}.")
-        except RanaError as exc:
+        except data.specs.RanaError as exc:
             st.error(str(exc))
 
 recoveries = data.recoveries(data.url(), run_id)

@@ -205,7 +205,7 @@ class Block(nn.Module):
     def __init__(self, shape: Shape, keeps: tuple[float, float], dtype, device, generator, gemv: str):
         super().__init__()
         self.shape, self.gemv = shape, gemv
-        self.qkv_bias = None  # Qwen2's q/k/v biases, stacked (a block built from a model has them)
+        self.qkv_bias = None  # q/k/v biases, stacked, where a model has them (a block built from it)
         self.marker = None
         h, i = shape.hidden, shape.intermediate
         qkv_keep, mlp_keep = keeps

@@ -17,8 +17,8 @@ What each adapter becomes (rana_core.decode.engine's parts run at batch 1 throug
 - `cats`: the dense gate; neurons with |act(gate)| ≥ τ kept; up computed dense and masked (a kernel computing only
   the kept rows of W_up is the next issue's), down as a masked product over the kept rows of W_downᵀ.
 
-Families: Llama-shaped decoders (Llama, SmolLM2, Qwen2 with its q/k/v biases), and Gemma 3
-(rana_core.decode.gemma). A family or adapter the engine cannot run raises a RanaError that says so in one line,
+Families: each family's `engine` in rana_core/architecture.py names its layer: Llama-shaped decoders (with q/k/v
+biases where the family has them) or Gemma 3's (rana_core.decode.gemma). A family or adapter the engine cannot run raises a RanaError that says so in one line,
 never a wrong number.
 """
 
@@ -33,13 +33,13 @@ from torch import nn
 from rana_core.adapters.a3 import A3MLP, A3Attention
 from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit
 from rana_core.adapters.mlp import CatsMLP, RaNAMLP
-from rana_core.architecture import attention_parts, family_of, layer_attention, layer_mlp, mlp_parts, shape_of
+from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_attention, layer_mlp, mlp_parts,
+                                   shape_of)
 from rana_core.decode.engine import Block, DecodeEngine, NeuronPart, RankPart, RMSNorm, matvec
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
 from rana_core.decode.narrow import A3AttentionPart
 from rana_core.errors import RanaError
 
-ENGINE_FAMILIES = ("llama", "qwen2", "gemma3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary frequencies that do not change with the length
 # |h| > 0 marks CATS' kept neurons (h is zero off the mask); the smallest positive float32 lets the masked product
 # read exactly those rows
@@ -211,9 +211,9 @@ def engine_from_model(model, adapters: list, dtype: torch.dtype | None = None, d
     """The engine of `model` (a Hugging Face causal LM) with `adapters` (as load_adapters returns them, not
     injected), in `dtype` on `device` (default: the model's)."""
     family = family_of(model)
-    if family.name not in ENGINE_FAMILIES:
-        raise EngineUnsupported(f"the decode engine runs {', '.join(ENGINE_FAMILIES)} models, not {family.name} "
-                                "yet")
+    if not family.engine:
+        runs = ", ".join(name for name, f in FAMILIES.items() if f.engine)
+        raise EngineUnsupported(f"the decode engine runs {runs} models, not {family.name} yet")
     config = model.config
     if getattr(config, "use_sliding_window", False):
         raise EngineUnsupported("the decode engine has no sliding-window attention for this family yet")
@@ -225,7 +225,7 @@ def engine_from_model(model, adapters: list, dtype: torch.dtype | None = None, d
         by_layer.setdefault(adapter.layer, []).append(adapter)
     layers = [layer_parts(index, layer, by_layer.get(index, []), put, device, gemv)
               for index, layer in enumerate(model.model.layers)]
-    if family.name == "gemma3":
+    if family.engine == "gemma":
         from rana_core.decode.gemma import gemma_engine
 
         return gemma_engine(model, layers, dtype, device, put, gemv)
