@@ -105,3 +105,52 @@ def test_the_latency_job_times_dense_and_rana_on_the_gpu():
     qkv_mlp = 30 * (960 * 576 + 3 * 1536 * 576)  # weights of QKV (9 + 2·3 heads of 64) and the MLP
     assert rows[2]["shapes"]["bytes_per_token"] == pytest.approx(weights - 2 * measured * qkv_mlp
                                                                  + kv_bytes(1, 32, 30, 3, 64), rel=1e-12)
+
+
+def test_a_stored_runs_report_on_the_cpu_with_fixed_step_times(monkeypatch, tmp_path):
+    """rana_core.decode.run_latency.measure_run, what a `run_latency` job stores, with the GPU's clock and copy
+    bandwidth replaced: the run's engine and the dense one timed per context, their floors from the bytes each
+    reads, the FLOP reduction counted from the engine's masks on held-out windows, and per layer the shares kept
+    and the section times."""
+    require_triton("cpu")
+    from rana_core.adapters.artifacts import load_adapters
+    from rana_core.adapters.base import unload
+    from rana_core.config import CompressConfig
+    from rana_core.corpus import token_windows
+    from rana_core.decode import run_latency
+    from rana_core.loading import load_model
+    from rana_core.pipeline import compress
+
+    loaded = load_model("tiny")
+    config = CompressConfig(model="tiny", method="rana", flop_reduction=0.3, calib_tokens=512, eval_tokens=256,
+                            seq_len=128, track_layers=False)
+    result = compress(config, loaded=loaded, artifact_path=tmp_path / "a.safetensors")
+    unload(loaded.layers)
+    adapters = load_adapters(loaded, result.artifact["path"], result.artifact["sha256"])
+
+    def fixed_times(engine, context, new_tokens, seed=3):
+        middle = (10.0 if not engine.adapters() else 7.0) + context
+        return [middle + 40.0, 0.5, middle]
+
+    monkeypatch.setattr(DecodeEngine, "time_decode", fixed_times)
+    monkeypatch.setattr(run_latency, "copy_bandwidth", lambda device: 2e9)
+    monkeypatch.setattr(run_latency, "device_name", lambda device: "test CPU")
+    monkeypatch.setattr(run_latency, "section_times", lambda engine, context, new_tokens: {
+        (layer, section): 0.1 * (layer + 1) for layer in range(2) for section in ("qkv", "attention", "mlp")})
+    held_out = token_windows(loaded.tokenizer, "heldout", 256, 128)
+    report = run_latency.measure_run(loaded.model, adapters, [1, 8], 4, "float16", "cpu", held_out)
+
+    assert (report["device_name"], report["dtype"]) == ("test CPU", "float16")
+    assert [(r["context_tokens"], r["ms_per_token"], r["dense_ms_per_token"]) for r in report["rows"]] == [
+        (1, 8.0, 11.0), (8, 15.0, 18.0)]
+    assert abs(report["measured_flop_reduction"] - result.measured_flop_reduction) <= 1e-3
+    dense = 2 * dense_weight_elements(64, 160, 2, 4, 2, 257)
+    for row, context in zip(report["rows"], (1, 8)):
+        kv = kv_bytes(context, 4, 2, 2, 16)
+        assert row["dense_floor_ms"] == pytest.approx(1e3 * (dense + kv) / 2e9, rel=1e-12)
+        assert row["floor_ms"] < row["dense_floor_ms"]  # the adapted model reads fewer weights
+    assert [layer["layer"] for layer in report["layers"]] == [0, 1]
+    for layer in report["layers"]:
+        assert layer["qkv_kept"] == 1.0  # tiny has grouped K/V heads: uniform RaNA leaves QKV dense
+        assert 0.3 < layer["mlp_kept"] < 0.9
+        assert layer["qkv_ms"] == layer["attention_ms"] == layer["mlp_ms"] == pytest.approx(0.1 * (layer["layer"] + 1))
