@@ -78,6 +78,31 @@ def load_documents(root: str | None = None) -> tuple[tuple[str, str], ...]:
     return tuple(docs)
 
 
+@lru_cache(maxsize=4)
+def load_sentences(root: str | None = None) -> tuple[tuple[str, ...], ...]:
+    """Every document's sentences (Brown has one per line), cleaned, in the order of load_documents."""
+    folder = Path(root) if root else corpus_dir()
+    load_documents(root)  # the same checks and errors
+    files = sorted(p for p in folder.iterdir() if _FILE_NAME.match(p.name))
+    documents = []
+    for path in files:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        sentences = tuple(_detokenize([t.rsplit("/", 1)[0] if "/" in t else t for t in line.split()])
+                          for line in lines if line.split())
+        if sentences:
+            documents.append(sentences)
+    return tuple(documents)
+
+
+def split_sentences(split: str, root: str | None = None) -> list[str]:
+    """The sentences of `split`'s documents, document by document (the same fixed split as the windows)."""
+    if split not in SPLITS:
+        raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    held_out = split == "heldout"
+    return [sentence for i, document in enumerate(load_sentences(root))
+            if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out for sentence in document]
+
+
 def split_documents(split: str, root: str | None = None) -> list[str]:
     if split not in SPLITS:
         raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
