@@ -88,6 +88,8 @@ class Evaluation(Base):
     dense_perplexity: Mapped[float] = mapped_column(Float)
     measured_flop_reduction: Mapped[float] = mapped_column(Float)
     measured_flop_reduction_whole_model: Mapped[float] = mapped_column(Float)
+    # accuracy on tasks: {"adapted": lm-eval results JSON, "dense": …}; None when none were asked for
+    tasks: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
     run: Mapped[Run] = relationship(back_populates="evaluations")

@@ -68,7 +68,7 @@ def store_evaluation(session, run_id: int, evaluation: dict, job_id: int | None 
         existing = session.execute(select(Evaluation.id).where(Evaluation.job_id == job_id)).scalar()
         if existing is not None:
             return existing
-    row = Evaluation(run_id=run_id, job_id=job_id, **{key: evaluation[key] for key in (
+    row = Evaluation(run_id=run_id, job_id=job_id, tasks=evaluation.get("tasks"), **{key: evaluation[key] for key in (
         "split", "tokens", "seq_len", "perplexity", "dense_perplexity", "measured_flop_reduction",
         "measured_flop_reduction_whole_model")})
     session.add(row)

@@ -19,6 +19,7 @@ from rana_core.errors import RanaError
 from rana_core.methods import METHODS, method_label, parse_method_label
 from rana_core.model_source import BUNDLED_MODELS
 from rana_core.recovery.config import STRATEGIES, RecoverConfig
+from rana_core.task_files import checked_tasks
 
 SPLITS = ("heldout", "train")
 MAX_SWEEP_POINTS = 200
@@ -72,7 +73,7 @@ def sweep_points(payload: dict) -> list[dict]:
 
 
 def evaluate_payload(payload: dict) -> dict:
-    _only(payload, {"run_id", "split", "eval_tokens", "seq_len"}, "evaluate")
+    _only(payload, {"run_id", "split", "eval_tokens", "seq_len", "tasks"}, "evaluate")
     run_id = payload.get("run_id")
     if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
         raise RanaError(f"run_id must be a positive integer, got {run_id!r}")
@@ -87,6 +88,8 @@ def evaluate_payload(payload: dict) -> dict:
         clean[key] = value
     if clean["eval_tokens"] < clean["seq_len"]:
         raise RanaError(f"eval tokens ({clean['eval_tokens']}) is less than one sequence of {clean['seq_len']}")
+    if payload.get("tasks"):  # accuracy beside perplexity: "cloze" and multiple-choice files the worker can read
+        clean["tasks"] = checked_tasks(payload["tasks"])
     return clean
 
 

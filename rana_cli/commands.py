@@ -155,6 +155,8 @@ def cmd_sweep(args) -> int:
 
 def cmd_evaluate(args) -> int:
     payload = {"run_id": args.run_id, "split": args.split, "eval_tokens": args.eval_tokens, "seq_len": args.seq_len}
+    if args.tasks:
+        payload["tasks"] = args.tasks
     return _enqueue(args, "evaluate", payload)
 
 

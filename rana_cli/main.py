@@ -3,7 +3,7 @@
     rana compress --model smollm2-135m --method svd --flop-reduction 0.3 --json out.json   # in-process, no DB
     rana submit   --model tiny --method svd --flop-reduction 0.3 --json                    # enqueue
     rana sweep    --model tiny --methods rana-greedy,cats,svd --budgets 0.2,0.3,0.44,0.5   # one job per point
-    rana evaluate RUN_ID --split train --eval-tokens 16384                                  # re-measure a run
+    rana evaluate RUN_ID --split train --eval-tokens 16384 [--tasks cloze,piqa.jsonl]        # re-measure a run
     rana recover  RUN_ID --strategy rankadaptor                                             # LoRA recovery
     rana latency  RUN_ID [--contexts 1,512] [--new-tokens 256] [--dtype bfloat16]           # decode speed (GPU)
     rana cancel JOB_ID... | rana retry JOB_ID...
@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split", default="heldout", choices=["heldout", "train"])
     evaluate.add_argument("--eval-tokens", type=int, default=8192)
     evaluate.add_argument("--seq-len", type=int, default=512)
+    evaluate.add_argument("--tasks", help="accuracy beside perplexity: cloze (built in) and multiple-choice JSON-lines "
+                                          "files the worker can read, comma-separated, e.g. cloze,piqa.jsonl")
     _add_team_options(evaluate)
 
     latency = commands.add_parser("latency", help="enqueue a measurement of a stored run's decode speed (a GPU "

@@ -29,6 +29,7 @@ from rana_core.loading import LoadedModel, load_model
 from rana_core.methods import METHODS
 from rana_core.model_size import model_stats, size_stats
 from rana_core.progress import ProgressFn, StagedProgress
+from rana_core.tasks import lm_eval_results, run_tasks
 
 STAGES = {"load": 1.0, "data": 0.5, "dense eval": 3.0, "build": 3.0, "thresholds": 1.5, "adapted eval": 4.0}
 
@@ -167,10 +168,12 @@ def compress(
 
 
 def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None, split: str, eval_tokens: int,
-                   seq_len: int, progress: ProgressFn | None = None) -> dict:
+                   seq_len: int, progress: ProgressFn | None = None, tasks: list[str] = ()) -> dict:
     """Measure a run's saved adapters again on `split` ("heldout" or "train") and return the evaluation: the
-    perplexity beside the dense model's on the same tokens and the FLOP reduction measured from the masks."""
-    plan = StagedProgress(progress, {"data": 0.5, "dense eval": 3.0, "adapted eval": 4.0})
+    perplexity beside the dense model's on the same tokens and the FLOP reduction measured from the masks; with
+    `tasks` (rana_core.task_files), accuracy on each, adapted and dense, in lm-eval's JSON shape."""
+    plan = StagedProgress(progress, {"data": 0.5, "dense eval": 3.0, "adapted eval": 4.0}
+                          | ({"dense tasks": 4.0, "adapted tasks": 4.0} if tasks else {}))
     report = plan.stage("data")
     windows = token_windows(loaded.tokenizer, split, eval_tokens, seq_len)
     report(1.0, f"{windows.numel()} {split} tokens")
@@ -181,11 +184,21 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     shapes = module_shapes(layers)
     profile = dense_profile(loaded.config, shapes, seq_len)
     unload(layers)
+    accuracy = {}
+    if tasks:
+        report = plan.stage("dense tasks")
+        files = tuple((t, Path(t).stat().st_mtime_ns) for t in tasks if Path(t).is_file())  # a file edited since
+        accuracy["dense"] = loaded.cached(("dense tasks", tuple(tasks), files),
+                                          lambda: lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, tasks,
+                                                                            report)))
     inject(layers, load_adapters(loaded, artifact_path, sha256))
     try:
         adapted = perplexity(loaded.model, windows, progress=plan.stage("adapted eval"))
         meters = installed_meters(layers)
         layer_rows, fixed_saved = _layer_results(shapes, meters), _fixed_saved(meters)
+        if tasks:
+            accuracy["adapted"] = lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, tasks,
+                                                            plan.stage("adapted tasks")))
     finally:
         unload(layers)
     measured, measured_whole = profile.reductions({(r.layer, r.module): r.flops_per_token for r in layer_rows},
@@ -193,7 +206,7 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     plan.done(f"perplexity {adapted.perplexity:.2f} (dense {dense.perplexity:.2f})")
     return {"split": split, "tokens": windows.numel(), "seq_len": seq_len, "perplexity": adapted.perplexity,
             "dense_perplexity": dense.perplexity, "measured_flop_reduction": measured,
-            "measured_flop_reduction_whole_model": measured_whole}
+            "measured_flop_reduction_whole_model": measured_whole, "tasks": accuracy or None}
 
 
 def adapt(loaded: LoadedModel, config: CompressConfig, calib: torch.Tensor, threshold_windows: torch.Tensor,

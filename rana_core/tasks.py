@@ -19,11 +19,9 @@ does not tokenize to a prefix of the whole (a merge across the boundary), or is 
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +29,7 @@ import torch.nn.functional as F
 from rana_core.corpus import split_sentences
 from rana_core.errors import RanaError
 from rana_core.progress import ProgressFn, no_progress
+from rana_core.task_files import CLOZE, load_multiple_choice, task_name
 
 CLOZE_ITEMS = 1000
 CLOZE_MIN_TOKENS = 20
@@ -80,40 +79,6 @@ def cloze_items(tokenizer, count: int = CLOZE_ITEMS, min_tokens: int = CLOZE_MIN
                     f"asked for {count}")
 
 
-def load_multiple_choice(path: Path) -> list[dict]:
-    """The items of a JSON-lines file {"context", "choices", "gold"}; a RanaError naming the line otherwise."""
-    path = Path(path)
-    if not path.is_file():
-        raise RanaError(f"task file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError:
-        raise RanaError(f"task file {path} is not UTF-8 text") from None
-    items = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise RanaError(f"task file {path} line {number}: not JSON ({exc.msg})") from None
-        if not isinstance(item, dict):
-            raise RanaError(f"task file {path} line {number}: an object with context, choices and gold expected")
-        for field in ("context", "choices", "gold"):
-            if field not in item:
-                raise RanaError(f"task file {path} line {number}: missing {field!r}")
-        choices, gold = item["choices"], item["gold"]
-        if not isinstance(item["context"], str) or not isinstance(choices, list) or len(choices) < 2 \
-                or not all(isinstance(c, str) and c for c in choices):
-            raise RanaError(f"task file {path} line {number}: context must be text and choices two or more texts")
-        if not isinstance(gold, int) or isinstance(gold, bool) or not 0 <= gold < len(choices):
-            raise RanaError(f"task file {path} line {number}: gold must be a choice's index (0..{len(choices) - 1})")
-        items.append(item)
-    if not items:
-        raise RanaError(f"task file {path} holds no items")
-    return items
-
-
 def multiple_choice_items(tokenizer, items: list[dict]) -> tuple[list[Scored], int]:
     scored, skipped = [], 0
     for item in items:
@@ -146,6 +111,19 @@ def multiple_choice_accuracy(model, tokenizer, name: str, items: list[dict],
     mean, stderr = _mean_stderr(acc)
     norm_mean, norm_stderr = _mean_stderr(acc_norm)
     return TaskResult(name, len(scored), mean, stderr, norm_mean, norm_stderr, skipped)
+
+
+def run_tasks(model, tokenizer, tasks: list[str], progress: ProgressFn = no_progress) -> list[TaskResult]:
+    """Each task ("cloze", or a multiple-choice file) on `model` as it is now (adapters injected or not)."""
+    results = []
+    for index, task in enumerate(tasks):
+        step = lambda f, m, index=index: progress((index + f) / len(tasks), f"{task_name(task)}: {m}")  # noqa: E731
+        if task == CLOZE:
+            results.append(cloze_accuracy(model, tokenizer, progress=step))
+        else:
+            results.append(multiple_choice_accuracy(model, tokenizer, task_name(task), load_multiple_choice(task),
+                                                    step))
+    return results
 
 
 def lm_eval_results(results: list[TaskResult], config: dict | None = None) -> dict:

@@ -287,3 +287,54 @@ def test_workers_of_one_host_share_its_cpu_cores(monkeypatch):
     assert "OMP_NUM_THREADS" not in worker_environment(1)  # one worker keeps PyTorch's own choice
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert worker_environment(2)["OMP_NUM_THREADS"] == "3"  # the user's setting wins
+
+
+def test_evaluate_reports_accuracy_on_tasks_beside_perplexity(env, tmp_path):
+    """`rana evaluate RUN_ID --tasks cloze,FILE`: the worker stores accuracy on each task for the adapted model and
+    for the dense one, in lm-eval's JSON shape; they are what scoring the run's stored adapters (and the model
+    without them) gives in this process. A bad task file is refused at submit, nothing queued."""
+    from sqlalchemy import select
+
+    from db.models import Evaluation, Run
+    from db.session import get_engine, session_scope
+    from rana_core.adapters.artifacts import load_adapters
+    from rana_core.adapters.base import inject, unload
+    from rana_core.loading import load_model
+    from rana_core.tasks import lm_eval_results, run_tasks
+
+    task = tmp_path / "toy.jsonl"
+    task.write_text("\n".join(json.dumps({"context": f"The number {i} is", "choices": ["even", "odd"],
+                                          "gold": i % 2}) for i in range(6)))
+    rana("db", "upgrade", env=env)
+    rana("submit", *SMALL, "--method", "svd", "--flop-reduction", "0.3", env=env)
+    rana("worker", "--exit-when-idle", env=env)
+    (compressed,) = json.loads(rana("jobs", "--json", env=env).stdout)
+    run_id = compressed["run_id"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"context": "x", "choices": ["a", "b"]}')
+    line = one_line_refusal(rana("evaluate", str(run_id), "--tasks", f"cloze,{bad}", env=env, check=False))
+    assert f"task file {bad} line 1: missing 'gold'" in line
+    rana("evaluate", str(run_id), "--eval-tokens", "512", "--seq-len", "128", "--tasks", f"cloze,{task}", env=env)
+    rana("worker", "--exit-when-idle", env=env)
+    url = env["RANA_DB_URL"]
+    try:
+        with session_scope(url) as session:
+            (evaluation,) = session.execute(select(Evaluation).where(Evaluation.job_id.is_not(None))).scalars()
+            stored, run = evaluation.tasks, session.get(Run, run_id)
+            artifact, digest = run.artifact_path, run.artifact_sha256
+    finally:
+        get_engine(url).dispose()
+    assert set(stored) == {"adapted", "dense"}
+    for which in ("adapted", "dense"):
+        assert set(stored[which]["results"]) == {"cloze", "toy"}
+        assert stored[which]["n-samples"] == {"cloze": {"original": 1000, "effective": 1000},
+                                              "toy": {"original": 6, "effective": 6}}
+    loaded = load_model("tiny")
+    tasks = ["cloze", str(task)]
+    assert stored["dense"]["results"] == lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, tasks))["results"]
+    inject(loaded.layers, load_adapters(loaded, tmp_path / artifact, digest))
+    try:
+        adapted = lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, tasks))["results"]
+    finally:
+        unload(loaded.layers)
+    assert stored["adapted"]["results"] == adapted

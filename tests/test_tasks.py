@@ -14,8 +14,8 @@ from torch import nn
 from rana_core.corpus import split_sentences
 from rana_core.errors import RanaError
 from rana_core.loading import ByteTokenizer
-from rana_core.tasks import (cloze_accuracy, cloze_items, lm_eval_results, load_multiple_choice,
-                             multiple_choice_accuracy)
+from rana_core.task_files import load_multiple_choice
+from rana_core.tasks import cloze_accuracy, cloze_items, lm_eval_results, multiple_choice_accuracy
 
 VOCAB = 257
 
