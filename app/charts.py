@@ -7,7 +7,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 METHOD_COLOURS = dict(zip(["dense", "svd", "cats", "rana", "rana-greedy", "a3", "hybrid"], qualitative.D3))
-HOVER = ("run %{customdata[0]}<br>target %{customdata[1]:.2f}, measured %{x:.3f}<br>perplexity %{y:.2f}"
+HOVER = ("run %{customdata[0]}<br>target %{customdata[1]:.2f}, measured %{x:.3f}<br>{y} %{y:.3f}"
          "<br>%{customdata[2]} held-out tokens<extra>%{fullData.name}</extra>")
 
 
@@ -17,13 +17,16 @@ def method_colour(method: str) -> str:
     return METHOD_COLOURS[method]
 
 
-def pareto_frontier(points: pd.DataFrame, x: str = "measured_flop_reduction") -> pd.DataFrame:
-    """The runs no other run beats on both axes (more of `x`, FLOPs removed or speedup, and lower perplexity)."""
-    ordered = points.sort_values([x, "perplexity"], ascending=[False, True])
+def pareto_frontier(points: pd.DataFrame, x: str = "measured_flop_reduction", y: str = "perplexity",
+                    lower: bool = True) -> pd.DataFrame:
+    """The runs no other run beats on both axes: more of `x` (FLOPs removed, speedup) and a better `y` (lower
+    perplexity, or with `lower` off, higher accuracy)."""
+    ordered = points.sort_values([x, y], ascending=[False, lower])
+    sign = 1.0 if lower else -1.0
     best, keep = float("inf"), []
     for index, row in ordered.iterrows():
-        if row["perplexity"] < best:
-            best = row["perplexity"]
+        if sign * row[y] < best:
+            best = sign * row[y]
             keep.append(index)
     return points.loc[keep].sort_values(x)
 
@@ -46,36 +49,39 @@ PARETO_AXES = {"measured_flop_reduction": "measured FLOP reduction (QKV + MLP, h
                "speedup": "decode speedup over dense (same engine, same GPU)"}
 
 
-def pareto_figure(runs: pd.DataFrame, log_y: bool = False, x: str = "measured_flop_reduction") -> go.Figure:
-    """Measured FLOP reduction (or measured decode speedup) vs perplexity: one colour per series (method and
-    allocation, and the GPU for speed), each series' Pareto frontier as a line through its points, and the dense
-    model as a reference line."""
+def pareto_figure(runs: pd.DataFrame, log_y: bool = False, x: str = "measured_flop_reduction",
+                  y: str = "perplexity") -> go.Figure:
+    """Measured FLOP reduction (or measured decode speedup) vs perplexity (or accuracy on a task, column "acc"
+    beside "dense_acc"): one colour per series (method and allocation, and the GPU for speed), each series'
+    Pareto frontier as a line through its points, and the dense model as a reference line."""
+    lower = y == "perplexity"
+    y_title = "held-out perplexity" if lower else "accuracy (higher is better)"
     fig = go.Figure()
     for series, group in runs.groupby("series", sort=True):
         colour = method_colour(series)
         group = group.sort_values(x)
         fig.add_trace(go.Scatter(
-            x=group[x], y=group["perplexity"], mode="markers", name=series,
+            x=group[x], y=group[y], mode="markers", name=series,
             legendgroup=series, marker={"size": 10, "color": colour},
             customdata=group[["run_id", "target_flop_reduction", "eval_tokens"]].to_numpy(),
-            hovertemplate=HOVER,
+            hovertemplate=HOVER.replace("{y}", "perplexity" if lower else "accuracy"),
         ))
-        frontier = pareto_frontier(group, x)
+        frontier = pareto_frontier(group, x, y, lower)
         if len(frontier) > 1:
             fig.add_trace(go.Scatter(
-                x=frontier[x], y=frontier["perplexity"], mode="lines",
+                x=frontier[x], y=frontier[y], mode="lines",
                 name=f"{series} frontier", legendgroup=series, showlegend=False, hoverinfo="skip",
                 line={"color": colour, "width": 2},
             ))
     if not runs.empty:
-        dense = float(runs["dense_perplexity"].median())
+        dense = float(runs[f"dense_{'perplexity' if lower else 'acc'}"].median())
         left, right = (0.0, max(0.7, float(runs[x].max()) + 0.05)) if x == "measured_flop_reduction" else (
             min(1.0, float(runs[x].min())) - 0.05, max(1.0, float(runs[x].max())) + 0.05)
         fig.add_trace(go.Scatter(x=[left, right], y=[dense, dense], mode="lines", name="dense (reference)",
                                  line={"dash": "dash", "color": "grey"}, hoverinfo="name+y"))
     fig.update_layout(
-        xaxis_title=PARETO_AXES.get(x, x), yaxis_title="held-out perplexity",
-        yaxis_type="log" if log_y else "linear", legend_title="method", margin={"t": 30}, height=520,
+        xaxis_title=PARETO_AXES.get(x, x), yaxis_title=y_title,
+        yaxis_type="log" if log_y and lower else "linear", legend_title="method", margin={"t": 30}, height=520,
         clickmode="event+select",
     )
     return fig

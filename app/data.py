@@ -108,7 +108,8 @@ def run_details(db_url: str, run_ids: tuple[int, ...]) -> dict[int, dict]:
                 "evaluations": [{"split": e.split, "tokens": e.tokens, "seq_len": e.seq_len,
                                  "perplexity": e.perplexity, "dense_perplexity": e.dense_perplexity,
                                  "measured_flop_reduction": e.measured_flop_reduction,
-                                 "measured_flop_reduction_whole_model": e.measured_flop_reduction_whole_model}
+                                 "measured_flop_reduction_whole_model": e.measured_flop_reduction_whole_model,
+                                 "tasks": e.tasks}
                                 for e in sorted(run.evaluations, key=lambda e: e.id)],
             }
     return details
@@ -164,6 +165,34 @@ def latency(db_url: str) -> pd.DataFrame:
                              columns=[c for c in LATENCY_COLUMNS if c != "speedup"])
     frame["speedup"] = frame["dense_ms_per_token"] / frame["ms_per_token"]
     return frame[LATENCY_COLUMNS]
+
+
+ACCURACY_COLUMNS = ["run_id", "task", "acc", "acc_stderr", "acc_norm", "dense_acc", "dense_acc_norm", "items"]
+
+
+@st.cache_data(ttl=2, show_spinner=False)
+def accuracy(db_url: str) -> pd.DataFrame:
+    """Accuracy on tasks, one row per run and task, from the latest evaluation that measured the task."""
+    records = {}
+    with session_scope(db_url) as session:
+        for e in session.execute(select(Evaluation).where(Evaluation.tasks.is_not(None))
+                                 .order_by(Evaluation.id)).scalars():
+            adapted, dense = (e.tasks or {}).get("adapted", {}), (e.tasks or {}).get("dense", {})
+            for task, row in adapted.get("results", {}).items():
+                base = dense.get("results", {}).get(task, {})
+                records[(e.run_id, task)] = {
+                    "run_id": e.run_id, "task": task, "acc": row.get("acc,none"),
+                    "acc_stderr": row.get("acc_stderr,none"), "acc_norm": row.get("acc_norm,none"),
+                    "dense_acc": base.get("acc,none"), "dense_acc_norm": base.get("acc_norm,none"),
+                    "items": adapted.get("n-samples", {}).get(task, {}).get("effective")}
+    return pd.DataFrame.from_records(list(records.values()), columns=ACCURACY_COLUMNS)
+
+
+def submit_evaluate(run_id: int, tasks: str, author: str | None = None) -> int:
+    """Queue an evaluation of a run with accuracy on `tasks` ("cloze,FILE"); RanaError as a message if refused."""
+    job_id = queue.submit("evaluate", {"run_id": int(run_id), "tasks": tasks}, author=author, url=url())
+    jobs.clear()
+    return job_id
 
 
 def run_speed(db_url: str, run_id: int) -> tuple[pd.DataFrame, list]:

@@ -204,6 +204,11 @@ def test_pareto_frontier_skips_dominated_runs():
     # (0.3, 70) loses to (0.3, 60), and (0.3, 60) to (0.44, 55): both are dominated
     assert list(zip(frontier["measured_flop_reduction"], frontier["perplexity"])) == [
         (0.2, 50.0), (0.44, 55.0), (0.5, 90.0)]
+    # accuracy: higher is better. (0.3, 0.40) loses to (0.3, 0.45), and (0.3, 0.45) to (0.44, 0.50)
+    points = pd.DataFrame({"measured_flop_reduction": [0.2, 0.3, 0.3, 0.44, 0.5],
+                           "acc": [0.60, 0.40, 0.45, 0.50, 0.30]})
+    frontier = pareto_frontier(points, y="acc", lower=False)
+    assert list(zip(frontier["measured_flop_reduction"], frontier["acc"])) == [(0.2, 0.60), (0.44, 0.50), (0.5, 0.30)]
 
 
 def test_pareto_filters_by_method_author_and_tag(db_url):
@@ -441,3 +446,55 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
     diff = at.dataframe[1].value
     assert diff.loc["ms/token · NVIDIA H200 · bfloat16 · context 1"].tolist() == ["0.801 (1.25× dense)",
                                                                                "0.500 (2.00× dense)"]
+
+
+def test_accuracy_on_tasks_on_the_run_page_pareto_and_compare(seeded):
+    """Accuracy stored by an evaluate job (lm-eval's shape, adapted and dense) shows on the run's page, becomes a
+    Pareto y axis where higher is better, and a Compare row; the run page's form queues an evaluation with tasks."""
+    from db.models import Run
+    from jobs.results import store_evaluation
+
+    with session_scope() as session:
+        run_ids = {(r.model, r.method, r.target_flop_reduction): r.id for r in session.query(Run)}
+        svd_02, svd_03 = run_ids[("smollm2-135m", "svd", 0.2)], run_ids[("smollm2-135m", "svd", 0.3)]
+        session.get(Run, svd_02).artifact_path = "artifacts/fake.safetensors"
+
+    def shaped(acc):
+        return {"results": {"cloze": {"alias": "cloze", "acc,none": acc, "acc_stderr,none": 0.01}},
+                "n-samples": {"cloze": {"original": 1000, "effective": 1000}}, "config": {}}
+
+    for run_id, acc in ((svd_02, 0.30), (svd_03, 0.20)):
+        with session_scope() as session:
+            store_evaluation(session, run_id, {"split": "heldout", "tokens": 512, "seq_len": 128, "perplexity": 1.0,
+                                               "dense_perplexity": 1.0, "measured_flop_reduction": 0.2,
+                                               "measured_flop_reduction_whole_model": 0.1,
+                                               "tasks": {"adapted": shaped(acc), "dense": shaped(0.35)}})
+
+    at = AppTest.from_file(str(PAGES / "run_detail.py"), default_timeout=30)
+    at.query_params["run"] = str(svd_02)
+    at.run()
+    assert not at.exception, at.exception
+    table = next(d.value for d in at.dataframe if "task" in getattr(d.value, "columns", []))
+    assert table[["task", "acc", "dense_acc", "items"]].values.tolist() == [["cloze", 0.30, 0.35, 1000]]
+    at.text_input(key="accuracy_tasks").set_value("cloze")
+    next(b for b in at.button if b.label == "Measure accuracy").click().run()
+    assert not at.exception and "Queued job" in at.success[0].value
+    queued = next(j for j in queue.list_jobs() if j.kind == "evaluate")
+    assert (queued.payload["run_id"], queued.payload["tasks"]) == (svd_02, ["cloze"])
+
+    at = AppTest.from_file(str(PAGES / "pareto.py"), default_timeout=30)
+    at.query_params["model"] = "smollm2-135m"
+    at.query_params["y"] = "cloze"
+    at.run()
+    assert not at.exception, at.exception
+    traces, layout = chart(at)
+    (svd,) = [t for t in traces if t.name == "svd"]
+    assert svd.y == [0.30, 0.20]  # the two runs with cloze accuracy, by FLOP reduction (0.201, 0.300)
+    dense = next(t for t in traces if t.name == "dense (reference)")
+    assert dense.y == [0.35, 0.35] and layout["yaxis"]["title"]["text"] == "accuracy (higher is better)"
+
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=30)
+    at.query_params["runs"] = f"{svd_02},{svd_03}"
+    at.run()
+    diff = at.dataframe[1].value
+    assert diff.loc["accuracy · cloze"].tolist() == ["0.300 ± 0.010 (dense 0.350)", "0.200 ± 0.010 (dense 0.350)"]

@@ -44,6 +44,9 @@ def flat(run: dict, run_id: int) -> dict:
            "whole-model FLOP reduction": heldout.get("measured_flop_reduction_whole_model"),
            "target": run["target_flop_reduction"], "author": run["author"], "tags": ", ".join(run["tags"]),
            "seconds": run["seconds"]}
+    accuracy = data.accuracy(data.url())
+    for r in accuracy[accuracy["run_id"] == run_id].itertuples():
+        row[f"accuracy · {r.task}"] = f"{r.acc:.3f} ± {r.acc_stderr:.3f} (dense {r.dense_acc:.3f})"
     speed, _ = data.run_speed(data.url(), run_id)
     for r in speed.itertuples():
         row[f"ms/token · {r.device_name} · {r.dtype} · context {r.context_tokens}"] = (

@@ -1,5 +1,5 @@
 """Pareto explorer: measured FLOP reduction (or measured decode speedup over dense, one series per method and
-GPU) against held-out perplexity for one model, a colour and a frontier per series, dense as the reference line;
+GPU) against held-out perplexity (or accuracy on a task) for one model, a colour and a frontier per series, dense as the reference line;
 filters; clicking a point opens its run."""
 
 import pandas as pd
@@ -30,6 +30,15 @@ if x_axis == "speedup":
     if shown.empty:
         st.info("No decode speed measured for this model's runs yet: open a run and press Measure decode speed.")
         st.stop()
+accuracy = data.accuracy(data.url())
+tasks = sorted(accuracy[accuracy["run_id"].isin(shown["run_id"])]["task"].unique())
+y_axis = "perplexity"
+if tasks:
+    options = ["perplexity"] + tasks
+    y_axis = st.radio("y axis", options, horizontal=True, key="pareto_y",
+                      index=options.index(params.get("y")) if params.get("y") in options else 0)
+if y_axis != "perplexity":  # accuracy on that task: runs without it drop out
+    shown = shown.merge(accuracy[accuracy["task"] == y_axis][["run_id", "acc", "dense_acc"]], on="run_id")
 series = sorted(shown["series"].unique())
 from_url = [m for m in params.get("methods", "").split(",") if m in series]
 picked = top[1].multiselect("Methods", series, default=from_url or series, key="pareto_methods")
@@ -54,13 +63,14 @@ if isinstance(span, (tuple, list)) and len(span) == 2:
     created = dates.dt.date
     keep &= (created >= span[0]) & (created <= span[1])
 shown = shown[keep]
-st.query_params.update({"model": model, "methods": ",".join(picked), "log": "1" if log_y else "0", "x": x_axis})
+st.query_params.update({"model": model, "methods": ",".join(picked), "log": "1" if log_y else "0", "x": x_axis,
+                        "y": y_axis})
 
 if shown.empty:
     st.info("No run matches these filters.")
     st.stop()
 st.caption(f"{len(shown)} runs · click a point to open it")
-event = st.plotly_chart(charts.pareto_figure(shown, log_y=log_y, x=x_axis), key="pareto_chart", on_select="rerun",
+event = st.plotly_chart(charts.pareto_figure(shown, log_y=log_y, x=x_axis, y="perplexity" if y_axis == "perplexity" else "acc"), key="pareto_chart", on_select="rerun",
                         selection_mode="points")
 run_ids = [charts.run_id_of(point) for point in (event.selection.points if event else [])]
 run_ids = [run_id for run_id in run_ids if run_id is not None]
@@ -70,6 +80,6 @@ st.dataframe(
     shown[["run_id", "series", "target_flop_reduction", "measured_flop_reduction",
            "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity", "eval_tokens", "author",
            "created_at"] + (["ms_per_token", "dense_ms_per_token", "speedup", "context_tokens"]
-                            if x_axis == "speedup" else [])],
+                            if x_axis == "speedup" else []) + (["acc", "dense_acc"] if y_axis != "perplexity" else [])],
     hide_index=True, width="stretch", key="pareto_table",
 )

@@ -95,6 +95,22 @@ with st.form("measure_speed"):
         except data.specs.RanaError as exc:
             st.error(str(exc))
 
+st.subheader("Accuracy on tasks")
+accuracy = data.accuracy(data.url())
+accuracy = accuracy[accuracy["run_id"] == run_id].drop(columns=["run_id"])
+if accuracy.empty:
+    st.caption("Not measured yet: cloze (held-out Brown, built in) or your own multiple-choice JSON-lines files.")
+else:
+    st.dataframe(accuracy, hide_index=True, width="stretch", key="detail_accuracy")
+with st.form("measure_accuracy"):
+    tasks = st.text_input("Tasks (cloze, and multiple-choice files the worker can read)", "cloze", key="accuracy_tasks")
+    if st.form_submit_button("Measure accuracy"):
+        try:
+            job_id = data.submit_evaluate(run_id, tasks, author=data.default_author())
+            st.success(f"Queued job {job_id}: the run is evaluated again with its accuracy on each task.")
+        except data.specs.RanaError as exc:
+            st.error(str(exc))
+
 recoveries = data.recoveries(data.url(), run_id)
 if not recoveries.empty:
     st.subheader("LoRA recoveries")
