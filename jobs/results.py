@@ -53,6 +53,7 @@ def store_compression(session, result: dict, job_id: int | None = None, author: 
             dense_perplexity=result["dense_perplexity"],
             measured_flop_reduction=result["measured_flop_reduction"],
             measured_flop_reduction_whole_model=result["measured_flop_reduction_whole_model"],
+            tasks=result.get("tasks"),
         )
     )
     for row in result["layers"]:

@@ -54,6 +54,7 @@ def _config_payload(args) -> dict:
         "allocation": args.allocation or _first_allocation(args.method), "calib_tokens": args.calib_tokens,
         "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
         "layer_by_layer": args.layer_by_layer,
+        "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()],
         # Only its form here: a queued job runs on a worker's machine, which checks that it has the device.
         "device": _rana_device(check_device_name),
     }
@@ -115,6 +116,11 @@ def _print_summary(result: dict, stream) -> None:
         ("tokens calib / eval", f"{result['calib_tokens']} / {result['eval_tokens']}"),
         ("seconds", f"{result['seconds']:.1f}"),
     ]
+    tasks = result.get("tasks") or {}
+    for task, scores in tasks.get("adapted", {}).get("results", {}).items():
+        dense = tasks["dense"]["results"][task]["acc,none"]
+        rows.append((f"accuracy {task} (dense)", f"{scores['acc,none']:.3f} ± {scores['acc_stderr,none']:.3f} "
+                                                 f"({dense:.3f})"))
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}", file=stream)

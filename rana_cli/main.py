@@ -47,6 +47,8 @@ def _add_compress_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer-by-layer", action=argparse.BooleanOptionalAction, default=None,
                         help="keep the decoder layers in CPU memory and build on the GPU one layer at a time "
                              "(default: when the weights would take over 40%% of the GPU memory allowed)")
+    parser.add_argument("--tasks", default="", help="accuracy beside perplexity, adapted and dense: cloze (built "
+                                                    "in) and multiple-choice JSON-lines files, e.g. cloze,piqa.jsonl")
 
 
 def _add_team_options(parser: argparse.ArgumentParser) -> None:

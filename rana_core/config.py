@@ -5,12 +5,13 @@ Torch-free, so that the CLI, the job queue and the dashboard validate a request 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 from rana_core.devices import check_device_name
 from rana_core.errors import BudgetError, RanaError
 from rana_core.methods import METHODS
 from rana_core.model_source import resolve_model
+from rana_core.task_files import checked_tasks
 
 MAX_FLOP_REDUCTION = 0.95  # budgets are FLOP reductions in [0, 0.95)
 CONFIG_VERSION = 1
@@ -32,6 +33,8 @@ class CompressConfig:
     # decoder layers rest in CPU memory and visit the GPU one at a time (rana_core.residency); None: when the
     # weights would take more than 40% of the GPU memory the process may use
     layer_by_layer: bool | None = None
+    # accuracy beside perplexity: "cloze" and multiple-choice files (rana_core.task_files), adapted and dense
+    tasks: list[str] = field(default_factory=list)
 
     def validate(self) -> "CompressConfig":
         """Raise a RanaError naming the first bad field; return self so calls chain."""
@@ -63,6 +66,8 @@ class CompressConfig:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise RanaError(f"unknown dtype {self.dtype!r}")
         check_device_name(self.device)  # its form only: the machine that runs the job has the device, or refuses it
+        if self.tasks:
+            self.tasks = checked_tasks(self.tasks)
         resolve_model(self.model)
         return self
 

@@ -70,6 +70,7 @@ class CompressionResult:
     provenance: dict = field(default_factory=dict)  # rana_core.provenance.collect
     model_stats: dict = field(default_factory=dict)  # params, KV-cache bytes and FLOPs per token, where known
     artifact: dict | None = None  # {"path", "sha256"} of the saved adapters, when asked for
+    tasks: dict | None = None  # accuracy on config.tasks: {"adapted": lm-eval results JSON, "dense": …}
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -94,7 +95,7 @@ def compress(
     started = time.perf_counter()
     if config.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(cuda_index(config.device))
-    plan = StagedProgress(progress, STAGES)
+    plan = StagedProgress(progress, STAGES | ({"tasks": 4.0} if config.tasks else {}))
     target = 0.0 if config.method == "dense" else config.flop_reduction
 
     report = plan.stage("load")
@@ -120,6 +121,7 @@ def compress(
     dense = loaded.cached(("dense perplexity", windows_digest(held_out)),
                           lambda: perplexity(loaded.model, held_out, progress=report))
     report(1.0, f"{dense.perplexity:.3f}")
+    accuracy = {"dense": _dense_tasks(loaded, config.tasks, plan.stage("tasks"))} if config.tasks else {}
 
     layers = loaded.layers
     shapes = module_shapes(layers)
@@ -139,6 +141,10 @@ def compress(
         adapted = perplexity(loaded.model, held_out, progress=plan.stage("adapted eval"))
         layer_rows = _layer_results(shapes, meters)
         adapted_size, fixed_saved = size_stats(loaded), _fixed_saved(meters)
+        if config.tasks:
+            set_tracking(layers, False)
+            accuracy["adapted"] = lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, config.tasks,
+                                                            plan.stage("tasks")))
     finally:
         unload(layers)
 
@@ -164,6 +170,7 @@ def compress(
         provenance=provenance.collect(loaded, config, calib.numel(), held_out.numel()),
         model_stats=model_stats(adapted_size, dense_size, profile.whole_model_total, measured_whole),
         artifact=artifact,
+        tasks=accuracy or None,
     )
 
 
@@ -184,13 +191,7 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     shapes = module_shapes(layers)
     profile = dense_profile(loaded.config, shapes, seq_len)
     unload(layers)
-    accuracy = {}
-    if tasks:
-        report = plan.stage("dense tasks")
-        files = tuple((t, Path(t).stat().st_mtime_ns) for t in tasks if Path(t).is_file())  # a file edited since
-        accuracy["dense"] = loaded.cached(("dense tasks", tuple(tasks), files),
-                                          lambda: lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, tasks,
-                                                                            report)))
+    accuracy = {"dense": _dense_tasks(loaded, tasks, plan.stage("dense tasks"))} if tasks else {}
     inject(layers, load_adapters(loaded, artifact_path, sha256))
     try:
         adapted = perplexity(loaded.model, windows, progress=plan.stage("adapted eval"))
@@ -207,6 +208,14 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     return {"split": split, "tokens": windows.numel(), "seq_len": seq_len, "perplexity": adapted.perplexity,
             "dense_perplexity": dense.perplexity, "measured_flop_reduction": measured,
             "measured_flop_reduction_whole_model": measured_whole, "tasks": accuracy or None}
+
+
+def _dense_tasks(loaded: LoadedModel, tasks: list[str], progress: ProgressFn) -> dict:
+    """The dense model's accuracy on `tasks` (lm-eval's shape), kept with the loaded model: a file edited since is
+    scored again."""
+    files = tuple((t, Path(t).stat().st_mtime_ns) for t in tasks if Path(t).is_file())
+    return loaded.cached(("dense tasks", tuple(tasks), files),
+                         lambda: lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, tasks, progress)))
 
 
 def adapt(loaded: LoadedModel, config: CompressConfig, calib: torch.Tensor, threshold_windows: torch.Tensor,

@@ -338,3 +338,16 @@ def test_evaluate_reports_accuracy_on_tasks_beside_perplexity(env, tmp_path):
     finally:
         unload(loaded.layers)
     assert stored["adapted"]["results"] == adapted
+
+
+def test_compress_reports_accuracy_on_tasks_and_a_bad_task_is_one_line(env, tmp_path):
+    out = tmp_path / "out.json"
+    rana("compress", *SMALL, "--method", "svd", "--flop-reduction", "0.3", "--tasks", "cloze", "--json", str(out),
+         env=env)
+    result = json.loads(out.read_text())
+    for which in ("adapted", "dense"):
+        cloze = result["tasks"][which]["results"]["cloze"]
+        assert 0.0 <= cloze["acc,none"] <= 1.0 and cloze["acc_stderr,none"] >= 0.0
+        assert result["tasks"][which]["n-samples"]["cloze"]["effective"] == 1000
+    line = one_line_refusal(rana("compress", *SMALL, "--tasks", "cloze,./missing.jsonl", env=env, check=False))
+    assert line.endswith("task file missing.jsonl not found")
