@@ -159,14 +159,15 @@ def test_new_run_queues_the_job_the_form_describes(db_url):
     at.number_input(key="new_run_seq_len").set_value(256)
     at.text_input(key="new_run_author").set_value("Ada")
     at.text_input(key="new_run_tags").set_value("ablation, greedy ,")
+    at.text_input(key="new_run_tasks").set_value("cloze")
     at.button(key="new_run_submit").click().run()
     assert not at.error and "Queued job" in at.success[0].value
     (job,) = queue.list_jobs(url=db_url)
     assert (job.status, job.author, job.tags) == ("queued", "Ada", ("ablation", "greedy"))
     assert {k: job.payload[k] for k in ("model", "method", "allocation", "flop_reduction", "calib_tokens",
-                                        "eval_tokens", "seq_len")} == {
+                                        "eval_tokens", "seq_len", "tasks")} == {
         "model": "tiny", "method": "rana", "allocation": "greedy", "flop_reduction": 0.44, "calib_tokens": 2048,
-        "eval_tokens": 1024, "seq_len": 256}
+        "eval_tokens": 1024, "seq_len": 256, "tasks": ["cloze"]}
 
 
 def test_new_run_refuses_bad_input_with_a_message_and_no_row(db_url):
@@ -236,10 +237,12 @@ def test_new_run_queues_a_sweep_of_methods_and_budgets(db_url):
     at.slider(key="sweep_range").set_value((0.2, 0.4))
     at.number_input(key="sweep_step").set_value(0.1).run()
     assert "3 budgets (0.20, 0.30, 0.40) × 2 methods" in at.caption[0].value
+    at.checkbox(key="new_run_speed").check()
     at.button(key="new_run_submit").click().run()
     assert not at.error and "Queued sweep" in at.success[0].value
     jobs = queue.list_jobs(url=db_url)
     sweep = next(j for j in jobs if j.kind == "sweep")
+    assert sweep.payload["latency"] == {"contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16"}
     points = sorted((j.payload["method"], j.payload["allocation"], j.payload["flop_reduction"])
                     for j in jobs if j.parent_id == sweep.id)
     assert points == [("cats", "uniform", 0.2), ("cats", "uniform", 0.3), ("cats", "uniform", 0.4),

@@ -50,14 +50,20 @@ left, right = st.columns(2)
 author = left.text_input("Your name", value=data.default_author(), key="new_run_author",
                          help="stored with the run, for the team's comparisons")
 tags = right.text_input("Tags", key="new_run_tags", placeholder="baseline, ablation")
+left, right = st.columns(2)
+tasks = left.text_input("Accuracy on tasks (optional)", key="new_run_tasks", placeholder="cloze, /data/piqa.jsonl",
+                        help="cloze: last words of held-out Brown sentences; or multiple-choice JSON-lines files "
+                             "({context, choices, gold}) the worker can read. Adapted and dense are both scored.")
+speed = right.checkbox("Then measure each run's decode speed (a GPU worker)", key="new_run_speed")
 
 if st.button("Queue sweep" if mode == "Sweep" else "Queue job", type="primary", key="new_run_submit"):
     model = model_other.strip() if model_choice == OTHER else model_choice
-    base = {"model": model, "calib_tokens": int(calib), "eval_tokens": int(evals), "seq_len": int(seq_len)}
+    base = {"model": model, "calib_tokens": int(calib), "eval_tokens": int(evals), "seq_len": int(seq_len),
+            "tasks": [t.strip() for t in tasks.split(",") if t.strip()]}
     try:
         if mode == "Sweep":
-            job_id = data.submit_sweep({"base": base, "methods": picked, "budgets": budgets},
-                                       author=author.strip() or None, tags=tags)
+            job_id = data.submit_sweep({"base": base, "methods": picked, "budgets": budgets}
+                                       | ({"latency": {}} if speed else {}), author=author.strip() or None, tags=tags)
             message = f"Queued sweep {job_id}: {len(picked)} methods × {len(budgets)} budgets on {model}."
         else:
             payload = {**base, "method": method, "allocation": allocation, "flop_reduction": budget}
