@@ -59,6 +59,11 @@ register(MethodSpec("rana", "input-adaptive rank masks on QKV and up/gate, neuro
 register(MethodSpec("a3", "static analytical widths per component: RoPE pair selection (QK), joint SVD (OV), "
                           "channel selection (MLP) (A3)", "rana_core.methods.a3:build",
                     allocations=("uniform", "greedy")))
+register(MethodSpec("teal", "input coordinates of every linear kept by magnitude, allocated within each layer by "
+                            "calibration error (TEAL)", "rana_core.methods.teal:build",
+                    allocations=("greedy", "uniform")))
+register(MethodSpec("wina", "input coordinates kept by magnitude times the weight column's norm (WINA)",
+                    "rana_core.methods.teal:build_wina", allocations=("greedy", "uniform")))
 register(MethodSpec("hybrid", "one budget allocated per module over adapter types (dense, RaNA, CATS, SVD) by "
                               "measured error curves", "rana_core.methods.hybrid:build",
                     allocations=("exact-loss", "greedy-loss", "exact-output", "greedy-output")))
