@@ -17,7 +17,8 @@ def logits(tiny, windows):
 
 
 @pytest.mark.parametrize("method,allocation", [("rana", "greedy"), ("cats", "uniform"), ("svd", "uniform"),
-                                               ("a3", "uniform"), ("a3", "greedy")])
+                                               ("a3", "uniform"), ("a3", "greedy"), ("teal", "greedy"),
+                                               ("wina", "greedy")])
 def test_saved_adapters_rebuild_the_same_model(tiny, tiny_windows, tmp_path, method, allocation):
     config = CompressConfig(model="tiny", method=method, allocation=allocation, flop_reduction=0.4,
                             calib_tokens=1024, seq_len=128)

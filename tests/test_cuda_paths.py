@@ -13,7 +13,8 @@ pytestmark = pytest.mark.gpu
 
 SMALL = dict(model="tiny", flop_reduction=0.3, calib_tokens=2048, eval_tokens=1024, seq_len=128)
 METHODS = [("dense", "uniform"), ("svd", "uniform"), ("cats", "uniform"), ("rana", "uniform"), ("rana", "greedy"),
-           ("a3", "uniform"), ("a3", "greedy"), ("hybrid", "exact-loss"), ("hybrid", "greedy-output")]
+           ("a3", "uniform"), ("a3", "greedy"), ("hybrid", "exact-loss"), ("hybrid", "greedy-output"),
+           ("teal", "greedy"), ("wina", "greedy")]
 
 
 @pytest.mark.parametrize("method, allocation", METHODS)

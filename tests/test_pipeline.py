@@ -67,7 +67,7 @@ def test_config_round_trips_and_rejects_unknown_keys():
 
 
 @pytest.mark.parametrize("method, allocation", [("svd", "uniform"), ("cats", "uniform"), ("rana", "uniform"),
-                                                ("rana", "greedy")])
+                                                ("rana", "greedy"), ("teal", "greedy"), ("wina", "uniform")])
 @pytest.mark.parametrize("budget", [0.3, 0.5])
 def test_every_method_hits_its_budget_on_held_out_tokens(tiny, method, allocation, budget):
     config = CompressConfig(method=method, allocation=allocation, flop_reduction=budget,
@@ -76,7 +76,8 @@ def test_every_method_hits_its_budget_on_held_out_tokens(tiny, method, allocatio
     assert abs(result.measured_flop_reduction - budget) <= 0.015, result.measured_flop_reduction
     adapters = {row.adapter for row in result.layers}
     # tiny has grouped K/V heads, so uniform RaNA (like the paper on Gemma) leaves QKV dense
-    expected = {"svd": {"svd"}, "cats": {"cats", "dense"}, "rana": {"rank", "neuron", "dense"}}[method]
+    expected = {"svd": {"svd"}, "cats": {"cats", "dense"}, "rana": {"rank", "neuron", "dense"}, "teal": {"teal"},
+                "wina": {"wina"}}[method]
     if allocation == "greedy":
         assert adapters - {"dense"} == expected - {"dense"}  # greedy may leave a module whole
     else:
@@ -89,7 +90,7 @@ def test_every_method_hits_its_budget_on_held_out_tokens(tiny, method, allocatio
         assert all(0 < row.sparsity <= 1 for row in adapted)
 
 
-@pytest.mark.parametrize("method", ["svd", "cats", "rana", "a3", "hybrid"])
+@pytest.mark.parametrize("method", ["svd", "cats", "rana", "a3", "hybrid", "teal", "wina"])
 def test_the_build_stage_reports_progress_for_every_layer(method):
     """A build on a real model takes minutes; a worker's job row (and the CLI's bar) must move at least once per
     layer, saying which. A fresh model: methods keep per-layer analyses on a loaded model, and a second run on the
