@@ -2,7 +2,7 @@
 adapters (rana_core.decode.from_model), against the dense model in the same engine on the same GPU.
 
     python bench/run_latency.py [--model smollm2-135m] [--label NAME] [--budget 0.44]
-                                [--methods dense,svd,cats,rana-greedy,a3,hybrid] [--contexts 1,512]
+                                [--methods dense,svd,cats,teal,wina,rana-greedy,a3,hybrid] [--contexts 1,512]
                                 [--new-tokens 256] [--dtype bfloat16] [--calib-tokens 8192] [--eval-tokens 8192]
 
 Each run is compressed in this process on the GPU (rana_core.pipeline.compress, its adapters saved and loaded back
@@ -45,7 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--label", help="the model's name in the results (default: --model)")
     parser.add_argument("--budget", type=float, default=0.44)
-    parser.add_argument("--methods", default="dense,svd,cats,rana-greedy,a3,hybrid")
+    parser.add_argument("--methods", default="dense,svd,cats,teal,wina,rana-greedy,a3,hybrid")
     parser.add_argument("--contexts", default="1,512")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--dtype", default="bfloat16")

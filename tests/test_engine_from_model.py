@@ -32,10 +32,10 @@ def stored_run(model_name, method, allocation, tmp_path):
 @pytest.mark.parametrize("model_name, method, allocation", [
     ("tiny", "dense", "uniform"), ("tiny", "svd", "uniform"), ("tiny", "rana", "uniform"),
     ("tiny", "rana", "greedy"), ("tiny", "cats", "uniform"), ("tiny", "hybrid", "exact-loss"),
-    ("tiny", "a3", "uniform"), ("tiny", "a3", "greedy"),
-    ("tiny-qwen2", "rana", "uniform"), ("tiny-qwen2", "svd", "uniform"),
+    ("tiny", "a3", "uniform"), ("tiny", "a3", "greedy"), ("tiny", "teal", "greedy"), ("tiny", "wina", "greedy"),
+    ("tiny-qwen2", "rana", "uniform"), ("tiny-qwen2", "svd", "uniform"), ("tiny-qwen2", "teal", "uniform"),
     ("tiny-gemma3", "dense", "uniform"), ("tiny-gemma3", "rana", "greedy"), ("tiny-gemma3", "cats", "uniform"),
-    ("tiny-gemma3", "hybrid", "exact-loss"),
+    ("tiny-gemma3", "hybrid", "exact-loss"), ("tiny-gemma3", "wina", "greedy"),
 ])
 def test_the_engine_of_a_stored_run_computes_what_the_adapted_model_computes(model_name, method, allocation,
                                                                            tmp_path):

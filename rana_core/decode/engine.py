@@ -129,15 +129,16 @@ class NeuronPart(RankPart):
         return self.norms
 
     @classmethod
-    def of(cls, down_weight: torch.Tensor, norms: torch.Tensor, threshold: float,
+    def of(cls, down_weight: torch.Tensor, norms: torch.Tensor | None, threshold: float,
            target_active: float) -> "NeuronPart":
-        """A part from W_down (m, n) and the column norms its mask scores use (as the PyTorch adapter has them)."""
+        """A part from W_down (m, n) and the column norms its mask scores use (as the PyTorch adapter has them).
+        Any linear whose *inputs* are masked is this part: TEAL's (norms None: the score is |x_j|) and WINA's."""
         part = cls.__new__(cls)
         nn.Module.__init__(part)
         part.out_features, part.in_features = down_weight.shape
         part.rank, part.target_active = part.in_features, target_active
         part.rows = nn.Parameter(down_weight.t().contiguous(), requires_grad=False)
-        part.register_buffer("norms", norms.float().contiguous())
+        part.register_buffer("norms", None if norms is None else norms.float().contiguous())
         part.register_buffer("threshold", torch.tensor([threshold], dtype=torch.float32, device=down_weight.device))
         part.register_buffer("out", torch.zeros(part.out_features, dtype=down_weight.dtype,
                                                 device=down_weight.device))
@@ -234,7 +235,7 @@ class Block(nn.Module):
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
         splits = 0  # > 0: qkv holds the masked product's partial sums, which the rotary kernel adds up
-        if isinstance(self.qkv, RankPart):
+        if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
             z = matvec(self.qkv.B, normed, self.gemv)
             if self.qkv.fusable(z) and self.qkv_bias is None:
                 qkv, splits = masked_rows_partials(self.qkv.rows, z[0], self.qkv.threshold, self.qkv.scale)

@@ -14,6 +14,8 @@ What each adapter becomes (rana_core.decode.engine's parts run at batch 1 throug
   |h|·‖W_down[:, j]‖ against τ);
 - `a3_attention`, `a3_mlp`: A3's narrower q/k/v/o and KV cache (rana_core.decode.narrow), and its MLP on the
   kept channels;
+- `teal`, `wina` (on stacked QKV or one projection): the masked product over the kept inputs' rows of Wᵀ (the
+  neuron part's kernel, scored by |x_j|, or |x_j|·‖W[:, j]‖);
 - `cats`: the dense gate; neurons with |act(gate)| ≥ τ kept; up computed dense and masked (a kernel computing only
   the kept rows of W_up is the next issue's), down as a masked product over the kept rows of W_downᵀ.
 
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from rana_core.adapters.a3 import A3MLP, A3Attention
+from rana_core.adapters.input_sparse import InputMaskedUnit, WeightedInputUnit
 from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit
 from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_attention, layer_mlp, mlp_parts,
@@ -269,7 +272,11 @@ def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> La
             mlp_part = ProjectionMLP(*(Dense(put(w), None, gemv) for w in (
                 adapter.gate_weight, adapter.up_weight, adapter.down_weight)), adapter.act, gemv)
             continue
-        if isinstance(adapter, RankMaskedUnit):
+        if isinstance(adapter, InputMaskedUnit):  # TEAL, WINA: the kept inputs' rows of Wᵀ
+            weight = torch.cat([put(m.weight) for m in adapter._members])
+            norms = adapter.column_norms.to(device) if isinstance(adapter, WeightedInputUnit) else None
+            part = NeuronPart.of(weight, norms, float(adapter.tau), adapter.target_active)
+        elif isinstance(adapter, RankMaskedUnit):
             part = _rank_part(adapter, put)
         elif isinstance(adapter, LowRankUnit):
             part = StaticLowRank(put(adapter.A), put(adapter.B), None, gemv)
@@ -288,7 +295,7 @@ def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> La
         if adapter.module == "qkv":
             qkv = part
         else:
-            if adapter.bias is not None:
+            if any(m.bias is not None for m in adapter._members):
                 raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
             members[adapter.module] = part
     if qkv is None:
