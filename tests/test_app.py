@@ -76,6 +76,16 @@ def chart(at):
     return [Trace(t) for t in spec["data"]], spec["layout"]
 
 
+def page_with(name, **params):
+    """A page run with these query parameters (a shared link), checked to render without an exception."""
+    at = AppTest.from_file(str(PAGES / name), default_timeout=30)
+    for key, value in params.items():
+        at.query_params[key] = str(value)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
 def run_page(name):
     at = AppTest.from_file(str(PAGES / name), default_timeout=30).run()
     assert not at.exception, at.exception
@@ -433,12 +443,7 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
     assert (queued.payload["run_id"], queued.payload["contexts"], queued.status, queued.message) == (
         svd_02, [1, 128], "queued", "queued; waiting for a GPU worker")
 
-    at = AppTest.from_file(str(PAGES / "pareto.py"), default_timeout=30)
-    at.query_params["model"] = "smollm2-135m"
-    at.query_params["x"] = "speedup"
-    at.run()
-    assert not at.exception, at.exception
-    traces, layout = chart(at)
+    traces, layout = chart(page_with("pareto.py", model="smollm2-135m", x="speedup"))
     points = {t.name: (t.x, t.y) for t in traces if t.name and "frontier" not in t.name and "dense" not in t.name}
     assert points == {"svd · NVIDIA H200": ([1.0 / 0.8, 1.0 / 0.5], [120.0, 337.8])}
     assert layout["xaxis"]["title"]["text"] == "decode speedup over dense (same engine, same GPU)"
@@ -485,12 +490,7 @@ def test_accuracy_on_tasks_on_the_run_page_pareto_and_compare(seeded):
     queued = next(j for j in queue.list_jobs() if j.kind == "evaluate")
     assert (queued.payload["run_id"], queued.payload["tasks"]) == (svd_02, ["cloze"])
 
-    at = AppTest.from_file(str(PAGES / "pareto.py"), default_timeout=30)
-    at.query_params["model"] = "smollm2-135m"
-    at.query_params["y"] = "cloze"
-    at.run()
-    assert not at.exception, at.exception
-    traces, layout = chart(at)
+    traces, layout = chart(page_with("pareto.py", model="smollm2-135m", y="cloze"))
     (svd,) = [t for t in traces if t.name == "svd"]
     assert svd.y == [0.30, 0.20]  # the two runs with cloze accuracy, by FLOP reduction (0.201, 0.300)
     dense = next(t for t in traces if t.name == "dense (reference)")
