@@ -60,10 +60,10 @@ register(MethodSpec("a3", "static analytical widths per component: RoPE pair sel
                           "channel selection (MLP) (A3)", "rana_core.methods.a3:build",
                     allocations=("uniform", "greedy")))
 register(MethodSpec("teal", "input coordinates of every linear kept by magnitude, allocated within each layer by "
-                            "calibration error (TEAL)", "rana_core.methods.teal:build",
-                    allocations=("greedy", "uniform")))
+                            "calibration error (TEAL: teal-greedy)", "rana_core.methods.teal:build",
+                    allocations=("uniform", "greedy")))
 register(MethodSpec("wina", "input coordinates kept by magnitude times the weight column's norm (WINA)",
-                    "rana_core.methods.teal:build_wina", allocations=("greedy", "uniform")))
+                    "rana_core.methods.teal:build_wina", allocations=("uniform", "greedy")))
 register(MethodSpec("hybrid", "one budget allocated per module over adapter types (dense, RaNA, CATS, SVD) by "
                               "measured error curves", "rana_core.methods.hybrid:build",
                     allocations=("exact-loss", "greedy-loss", "exact-output", "greedy-output")))

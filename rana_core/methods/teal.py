@@ -2,7 +2,7 @@
 token, chosen by magnitude (TEAL) or by magnitude times the weight's column norm (WINA); rana_core.adapters
 .input_sparse. The attention output projection stays dense (it is outside the QKV + MLP budget every method shares).
 
-Allocation:
+Allocation (``uniform`` first, as every method's bare name means; TEAL as published is ``teal-greedy``):
 - ``greedy`` (TEAL's): within each layer, the layer's share of the budget goes step by step to the projection
   whose next step of sparsity adds the least output error per FLOP removed (rana_core.allocation.greedy_allocation
   over the layer's modules), from error curves measured on calibration rows of the dense model: the relative
