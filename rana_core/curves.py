@@ -4,6 +4,8 @@ a layer's MLP) and each candidate adapter, the error and the FLOPs at a grid of 
 Candidates: QKV: ``rank`` (RaNA's rank adapter) and ``svd`` (static low rank); MLP: ``rana`` (rank adapters on
 up/gate, neuron adapter on down, the up/gate/down split searched per keep), ``cats`` (gate dense, neurons masked
 on |act(gate)|) and ``svd`` (static low rank on all three). ``dense`` is always a candidate, with no error.
+``teal`` curves (input masks, on QKV and on the MLP with a gate-up/down split) are measured here too; hybrid does
+not choose them yet (issue 19: its builder and its calibration check come with them).
 
 Every point is measured on *check* rows that are held out from the *fit* rows that set its thresholds (the two
 halves of the calibration rows): a threshold set on some tokens keeps too few ranks on others, so the
@@ -156,8 +158,10 @@ class _RankProjection:
 @torch.no_grad()
 def qkv_curves(weight: torch.Tensor, gram: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor,
                adapter: str) -> dict[str, list[Point]]:
-    """The stacked QKV's points for `adapter` ("rank" or "svd"), per weight."""
+    """The stacked QKV's points for `adapter` ("rank", "svd" or "teal"), per weight."""
     fit, check = halves(rows.to(gram.device))
+    if adapter == "teal":
+        return _teal_qkv_curves(weight.detach().to(gram.device).float(), fit, check, fisher.to(gram.device))
     proj = _RankProjection(weight, gram, fit, check)
     fisher = fisher.to(gram.device)
     dense = check @ proj.factors.weight.T
@@ -206,6 +210,8 @@ def mlp_curves(mlp, gram: torch.Tensor, rows: torch.Tensor, fisher: torch.Tensor
         return _cats_curves(mlp, fit, check, dense, dense_energy, down, act, fisher)
     if adapter == "svd":
         return _svd_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher)
+    if adapter == "teal":
+        return _teal_mlp_curves(mlp, fit, check, dense, dense_energy, down, act, fisher)
     raise ValueError(f"no MLP adapter {adapter!r}")
 
 
@@ -303,4 +309,58 @@ def _svd_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
         flops = float(sum(low_rank_flops(*weights[name].shape, ranks[name]) for name in bases))
         for w in WEIGHTS:
             curves[w].append(Point("svd", keep, flops, errors[w], {"ranks": ranks}))
+    return curves
+
+
+def _teal_qkv_curves(weight, fit, check, fisher):
+    """TEAL on the stacked QKV's input: at each keep, the threshold on |x| that keeps that share of the fit rows'
+    entries; its spending and error measured on the check rows."""
+    dense = check @ weight.T
+    dense_energy = dense.square().sum().item()
+    curves = {w: [] for w in WEIGHTS}
+    for keep in KEEPS:
+        tau = _threshold(fit.abs(), keep)
+        mask = check.abs() >= tau
+        active = mask.sum(1).float().mean().item()
+        errors = _errors((check * mask) @ weight.T - dense, dense_energy, fisher)
+        for w in WEIGHTS:
+            curves[w].append(Point("teal", keep, 2.0 * weight.shape[0] * active, errors[w],
+                                   {"active": active, "tau": tau}))
+    return curves
+
+
+TEAL_DOWN_SHIFTS = [round(0.05 * i, 2) for i in range(-4, 5)]  # down's keep − the MLP's keep, searched per keep
+
+
+def _teal_mlp_curves(mlp, fit, check, dense, dense_energy, down, act, fisher):
+    """TEAL on the MLP: gate and up share their input and its mask (keep a), down masks its input h (keep d),
+    with (2a + d) / 3 the MLP's keep; d searched around it, the best split per weight. Thresholds from the fit
+    rows (down's on the h the masked gate and up give there), spending and error on the check rows."""
+    gate_w, up_w = (p.weight.detach().to(fit.device).float() for p in mlp_parts(mlp)[:2])
+    hidden, inner = down.shape
+    curves = {w: [] for w in WEIGHTS}
+    for keep in KEEPS:
+        best: dict[str, tuple] = {}
+        for shift in TEAL_DOWN_SHIFTS:
+            d = round(keep + shift, 4)
+            a = (3 * keep - d) / 2
+            if not (0.0 < d <= 1.0 and 0.0 < a <= 1.0):
+                continue
+            tau_x = _threshold(fit.abs(), a)
+            kept = check.abs() >= tau_x
+            x_fit, x_check = fit * (fit.abs() >= tau_x), check * kept
+            h_fit = act(x_fit @ gate_w.T) * (x_fit @ up_w.T)
+            h_check = act(x_check @ gate_w.T) * (x_check @ up_w.T)
+            tau_h = _threshold(h_fit.abs(), d)
+            mask_h = h_check.abs() >= tau_h
+            active_x = kept.sum(1).float().mean().item()
+            active_h = mask_h.sum(1).float().mean().item()
+            errors = _errors((h_check * mask_h) @ down.T - dense, dense_energy, fisher)
+            flops = 4.0 * inner * active_x + 2.0 * hidden * active_h
+            params = {"gate_up": {"active": active_x, "tau": tau_x}, "down": {"active": active_h, "tau": tau_h}}
+            for w in WEIGHTS:
+                if w not in best or errors[w] < best[w][0]:
+                    best[w] = (errors[w], flops, params)
+        for w, (error, flops, params) in best.items():
+            curves[w].append(Point("teal", keep, flops, error, params))
     return curves

@@ -281,3 +281,32 @@ def test_two_workers_filling_one_curve_cache_never_trip_over_each_other(tmp_path
         thread.join()
     assert errors == []
     assert not list(tmp_path.rglob("*.partial"))
+
+
+def test_teal_curves_spend_what_they_keep_and_lose_more_as_they_keep_less(tiny, tiny_windows):
+    """The TEAL points hybrid will choose from (not yet a candidate): on the stacked QKV a point keeping a share
+    of the inputs spends 2·m per kept input, close to that share of the dense FLOPs on the check rows; on the MLP
+    the gate/up and down keeps are split so that the MLP spends its keep; errors grow as less is kept."""
+    from rana_core.adapters.base import layer_members
+    from rana_core.architecture import layer_mlp
+    from rana_core.calibration import capture_module_inputs
+    from rana_core.curves import mlp_curves, mlp_dense_flops, qkv_curves
+
+    stats = capture_module_inputs(tiny, tiny_windows["train"][:8], row_stride=1, inputs=("attention", "mlp"))
+    layer = tiny.layers[0]
+    weight = torch.cat([m.weight for m in layer_members(layer, "qkv")])
+    attention, mlp_in = stats[(0, "attention")], stats[(0, "mlp")]
+    fisher_qkv, fisher_mlp = torch.ones(weight.shape[0]), torch.ones(weight.shape[1])
+    qkv = {p.keep: p for p in qkv_curves(weight, attention.gram, attention.rows, fisher_qkv, "teal")["output"]}
+    m, n = weight.shape
+    for keep, p in qkv.items():
+        assert p.adapter == "teal" and p.flops == pytest.approx(2 * m * p.params["active"])
+        assert abs(p.params["active"] / n - keep) <= 0.05  # thresholds from the fit rows hold on the check rows
+    assert qkv[0.2].error > qkv[0.5].error > qkv[0.95].error > 0
+
+    mlp = layer_mlp(layer)
+    points = {p.keep: p for p in mlp_curves(mlp, mlp_in.gram, mlp_in.rows, fisher_mlp, "teal")["output"]}
+    dense = mlp_dense_flops(mlp)
+    for keep, p in points.items():
+        assert abs(p.flops / dense - keep) <= 0.05, (keep, p.flops / dense)
+    assert points[0.2].error > points[0.5].error > points[0.95].error > 0
