@@ -95,7 +95,7 @@ def compress(
     started = time.perf_counter()
     if config.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(cuda_index(config.device))
-    plan = StagedProgress(progress, STAGES | ({"tasks": 4.0} if config.tasks else {}))
+    plan = StagedProgress(progress, _with_tasks(STAGES, config.tasks))
     target = 0.0 if config.method == "dense" else config.flop_reduction
 
     report = plan.stage("load")
@@ -121,7 +121,7 @@ def compress(
     dense = loaded.cached(("dense perplexity", windows_digest(held_out)),
                           lambda: perplexity(loaded.model, held_out, progress=report))
     report(1.0, f"{dense.perplexity:.3f}")
-    accuracy = {"dense": _dense_tasks(loaded, config.tasks, plan.stage("tasks"))} if config.tasks else {}
+    accuracy = {"dense": _dense_tasks(loaded, config.tasks, plan.stage("dense tasks"))} if config.tasks else {}
 
     layers = loaded.layers
     shapes = module_shapes(layers)
@@ -144,7 +144,7 @@ def compress(
         if config.tasks:
             set_tracking(layers, False)
             accuracy["adapted"] = lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, config.tasks,
-                                                            plan.stage("tasks")))
+                                                            plan.stage("adapted tasks")))
     finally:
         unload(layers)
 
@@ -179,8 +179,7 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     """Measure a run's saved adapters again on `split` ("heldout" or "train") and return the evaluation: the
     perplexity beside the dense model's on the same tokens and the FLOP reduction measured from the masks; with
     `tasks` (rana_core.task_files), accuracy on each, adapted and dense, in lm-eval's JSON shape."""
-    plan = StagedProgress(progress, {"data": 0.5, "dense eval": 3.0, "adapted eval": 4.0}
-                          | ({"dense tasks": 4.0, "adapted tasks": 4.0} if tasks else {}))
+    plan = StagedProgress(progress, _with_tasks({"data": 0.5, "dense eval": 3.0, "adapted eval": 4.0}, tasks))
     report = plan.stage("data")
     windows = token_windows(loaded.tokenizer, split, eval_tokens, seq_len)
     report(1.0, f"{windows.numel()} {split} tokens")
@@ -208,6 +207,17 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     return {"split": split, "tokens": windows.numel(), "seq_len": seq_len, "perplexity": adapted.perplexity,
             "dense_perplexity": dense.perplexity, "measured_flop_reduction": measured,
             "measured_flop_reduction_whole_model": measured_whole, "tasks": accuracy or None}
+
+
+def _with_tasks(stages: dict[str, float], tasks) -> dict[str, float]:
+    """The stages with, when there are tasks, "dense tasks" right after "dense eval" and "adapted tasks" right after
+    "adapted eval": where they run, so that progress only moves forward."""
+    weighted = {}
+    for name, weight in stages.items():
+        weighted[name] = weight
+        if tasks and name in ("dense eval", "adapted eval"):
+            weighted[name.replace("eval", "tasks")] = 4.0
+    return weighted
 
 
 def _dense_tasks(loaded: LoadedModel, tasks: list[str], progress: ProgressFn) -> dict:

@@ -205,3 +205,16 @@ def test_greedy_keeps_the_candidate_with_the_least_calibration_loss(tiny, monkey
         assert [r.rank for r in greedy.layers] == [r.rank for r in uniform.layers]
     else:
         assert greedy.perplexity != uniform.perplexity
+
+
+def test_progress_only_moves_forward_when_a_run_scores_tasks():
+    """The dense model's tasks run after its evaluation and the adapted model's after its own: a worker's bar and
+    ETA follow the stages in that order."""
+    from rana_core.loading import load_model
+
+    fractions = []
+    config = CompressConfig(method="svd", flop_reduction=0.3, tasks=["cloze"],
+                            **{**SMALL, "calib_tokens": 1024, "eval_tokens": 256})
+    result = compress(config, loaded=load_model("tiny"), progress=lambda f, m: fractions.append(f))
+    assert set(result.tasks) == {"dense", "adapted"}
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])), fractions
