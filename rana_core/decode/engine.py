@@ -17,6 +17,7 @@ ranks (neurons) per token on average; the densities actually reached are measure
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -54,12 +55,7 @@ class RankPart(nn.Module):
                               requires_grad=False)
         self.rows = nn.Parameter(_random((self.rank, out_features), self.rank, dtype, device, generator),
                                  requires_grad=False)  # Aᵀ: rank k is the contiguous row k
-        self.register_buffer("threshold", torch.zeros(1, device=device))  # on |z|, i.e. √τ
-        self.register_buffer("out", torch.zeros(out_features, dtype=dtype, device=device))  # the kernel writes it
-        self.calibrating = False
-        self.active_sum = 0.0
-        self.counted_tokens = 0
-        self.counting = False
+        self._mask_state(0.0)  # the threshold is on |z|, i.e. √τ
 
     scale = None  # per-row factors of the mask score (the neuron adapter's column norms)
 
@@ -72,11 +68,16 @@ class RankPart(nn.Module):
         part.out_features, part.in_features = rows.shape[1], B.shape[1]
         part.B = nn.Parameter(B.contiguous(), requires_grad=False)
         part.rows = nn.Parameter(rows.contiguous(), requires_grad=False)
-        part.register_buffer("threshold", torch.tensor([threshold], dtype=torch.float32, device=rows.device))
-        part.register_buffer("out", torch.zeros(rows.shape[1], dtype=rows.dtype, device=rows.device))
-        part.calibrating = part.counting = False
-        part.active_sum, part.counted_tokens = 0.0, 0
+        part._mask_state(threshold)
         return part
+
+    def _mask_state(self, threshold: float) -> None:
+        """The threshold buffer (a graph replay reads it), the output buffer the kernel writes, no counting yet."""
+        device = self.rows.device
+        self.register_buffer("threshold", torch.tensor([threshold], dtype=torch.float32, device=device))
+        self.register_buffer("out", torch.zeros(self.out_features, dtype=self.rows.dtype, device=device))
+        self.calibrating = self.counting = False
+        self.active_sum, self.counted_tokens = 0.0, 0
 
     def scores(self, z: torch.Tensor) -> torch.Tensor:
         return z.float().abs() if self.scale is None else z.float().abs() * self.scale
@@ -119,10 +120,7 @@ class NeuronPart(RankPart):
         self.rows = nn.Parameter(_random((in_features, out_features), in_features, dtype, device, generator),
                                  requires_grad=False)  # W_downᵀ: neuron j is the contiguous row j
         self.register_buffer("norms", self.rows.float().norm(dim=1))
-        self.register_buffer("threshold", torch.zeros(1, device=device))
-        self.register_buffer("out", torch.zeros(out_features, dtype=dtype, device=device))
-        self.calibrating = self.counting = False
-        self.active_sum, self.counted_tokens = 0.0, 0
+        self._mask_state(0.0)
 
     @property
     def scale(self) -> torch.Tensor:
@@ -139,11 +137,7 @@ class NeuronPart(RankPart):
         part.rank, part.target_active = part.in_features, target_active
         part.rows = nn.Parameter(down_weight.t().contiguous(), requires_grad=False)
         part.register_buffer("norms", None if norms is None else norms.float().contiguous())
-        part.register_buffer("threshold", torch.tensor([threshold], dtype=torch.float32, device=down_weight.device))
-        part.register_buffer("out", torch.zeros(part.out_features, dtype=down_weight.dtype,
-                                                device=down_weight.device))
-        part.calibrating = part.counting = False
-        part.active_sum, part.counted_tokens = 0.0, 0
+        part._mask_state(threshold)
         return part
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -234,20 +228,7 @@ class Block(nn.Module):
         """o_proj(attention(normed)), this token's k and v written into the cache."""
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
-        splits = 0  # > 0: qkv holds the masked product's partial sums, which the rotary kernel adds up
-        if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
-            z = matvec(self.qkv.B, normed, self.gemv)
-            if self.qkv.fusable(z) and self.qkv_bias is None:
-                qkv, splits = masked_rows_partials(self.qkv.rows, z[0], self.qkv.threshold, self.qkv.scale)
-            else:
-                qkv = self.qkv.expand(z)
-        elif isinstance(self.qkv, nn.Linear):
-            qkv = matvec(self.qkv.weight, normed, self.gemv)
-        else:  # another part of a block built from a model (a static low rank)
-            qkv = self.qkv(normed)
-        if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias
-        self.mark("attention")
+        qkv, splits = self.qkv_product(normed)
         if T == 1:  # rotary and both cache writes in one kernel, then attention over the prefix only
             q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
                                 torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device), splits)
@@ -278,6 +259,24 @@ class Block(nn.Module):
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 
+    def qkv_product(self, normed: torch.Tensor, fuse: bool = True) -> tuple[torch.Tensor, int]:
+        """(qkv, splits): the stacked q/k/v of `normed`, biases added. With `fuse`, one token through a rank part
+        leaves the masked product's partial sums instead (splits > 0), which the rotary kernel adds up."""
+        splits = 0
+        if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
+            z = matvec(self.qkv.B, normed, self.gemv)
+            if fuse and self.qkv.fusable(z) and self.qkv_bias is None:
+                qkv, splits = masked_rows_partials(self.qkv.rows, z[0], self.qkv.threshold, self.qkv.scale)
+            else:
+                qkv = self.qkv.expand(z)
+        elif isinstance(self.qkv, nn.Linear):
+            qkv = matvec(self.qkv.weight, normed, self.gemv)
+        else:  # another part of a block built from a model (a static low rank, masked inputs)
+            qkv = self.qkv(normed)
+        if self.qkv_bias is not None:
+            qkv = qkv + self.qkv_bias
+        self.mark("attention")
+        return qkv, splits
 
     def mark(self, section: str) -> None:
         """Where a section of this layer begins, for a profiled replay (rana_core.decode.run_latency)."""
@@ -451,38 +450,41 @@ class DecodeEngine(nn.Module):
                                prompt: torch.Tensor | None = None) -> float:
         """The QKV+MLP FLOP reduction measured from the masks on eager decode steps after `prompt` (by default
         `context` random tokens)."""
-        adapters = self.adapters()
-        if adapters:  # static parts (dense, static low rank) spend the same on every token
+        if self.adapters():  # static parts (dense, static low rank) spend the same on every token
             if prompt is None:
                 generator = torch.Generator(device=self.device).manual_seed(seed)
                 prompt = torch.randint(0, self.shape.vocab, (context,), device=self.device, generator=generator)
             self.allocate(prompt.numel() + steps + 1)
             self.prefill(prompt)
-            for adapter in adapters:
-                adapter.counting, adapter.active_sum, adapter.counted_tokens = True, 0.0, 0
-            try:
+            with self._counting():
                 for _ in range(steps):
                     self.step()
-            finally:
-                for adapter in adapters:
-                    adapter.counting = False
-        spent = sum(block.flops_per_token() for block in self.blocks)
-        return 1.0 - spent / sum(block.dense_flops_per_token() for block in self.blocks)
+        return self._flop_reduction()
 
     @torch.no_grad()
     def flop_reduction_on(self, windows: torch.Tensor) -> float:
         """The QKV+MLP FLOP reduction measured from the masks over `windows` (n, seq) of text, each run from an
         empty cache as an evaluation runs it: on a run's held-out windows, what the run measured."""
+        with self._counting():
+            for window in windows:
+                self.allocate(window.numel())
+                self(window.to(self.device), torch.arange(window.numel(), device=self.device))
+        return self._flop_reduction()
+
+    @contextmanager
+    def _counting(self):
+        """Every masked part counts its active rows (from zero) for the block."""
         adapters = self.adapters()
         for adapter in adapters:
             adapter.counting, adapter.active_sum, adapter.counted_tokens = True, 0.0, 0
         try:
-            for window in windows:
-                self.allocate(window.numel())
-                self(window.to(self.device), torch.arange(window.numel(), device=self.device))
+            yield
         finally:
             for adapter in adapters:
                 adapter.counting = False
+
+    def _flop_reduction(self) -> float:
+        """1 − the QKV+MLP FLOPs spent at the densities last counted over their dense FLOPs."""
         spent = sum(block.flops_per_token() for block in self.blocks)
         return 1.0 - spent / sum(block.dense_flops_per_token() for block in self.blocks)
 

@@ -20,8 +20,8 @@ What each adapter becomes (rana_core.decode.engine's parts run at batch 1 throug
   the kept rows of W_up is the next issue's), down as a masked product over the kept rows of W_downᵀ.
 
 Families: each family's `engine` in rana_core/architecture.py names its layer: Llama-shaped decoders (with q/k/v
-biases where the family has them) or Gemma 3's (rana_core.decode.gemma). A family or adapter the engine cannot run raises a RanaError that says so in one line,
-never a wrong number.
+biases where the family has them) or Gemma 3's (rana_core.decode.gemma). A family or adapter the engine cannot
+run raises a RanaError that says so in one line, never a wrong number.
 """
 
 from __future__ import annotations
@@ -54,17 +54,15 @@ class EngineUnsupported(RanaError):
 
 
 class Dense(nn.Module):
-    """y = W x (+ b) through the engine's GEMV."""
+    """y = W x through the engine's GEMV (q/k/v biases are the block's; MLP projections have none here)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, gemv: str):
+    def __init__(self, weight: torch.Tensor, gemv: str):
         super().__init__()
         self.weight = nn.Parameter(weight.contiguous(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.gemv = gemv
 
     def forward(self, x):
-        y = matvec(self.weight, x, self.gemv)
-        return y if self.bias is None else y + self.bias
+        return matvec(self.weight, x, self.gemv)
 
     def flops_per_token(self) -> float:
         return 2.0 * self.weight.numel()
@@ -74,18 +72,16 @@ class Dense(nn.Module):
 
 
 class StaticLowRank(nn.Module):
-    """svd's y = A (B x) (+ b): every token pays for every rank."""
+    """svd's y = A (B x): every token pays for every rank."""
 
-    def __init__(self, A: torch.Tensor, B: torch.Tensor, bias: torch.Tensor | None, gemv: str):
+    def __init__(self, A: torch.Tensor, B: torch.Tensor, gemv: str):
         super().__init__()
         self.A = nn.Parameter(A.contiguous(), requires_grad=False)
         self.B = nn.Parameter(B.contiguous(), requires_grad=False)
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.gemv = gemv
 
     def forward(self, x):
-        y = matvec(self.A, matvec(self.B, x, self.gemv), self.gemv)
-        return y if self.bias is None else y + self.bias
+        return matvec(self.A, matvec(self.B, x, self.gemv), self.gemv)
 
     def flops_per_token(self) -> float:
         return 2.0 * (self.A.numel() + self.B.numel())
@@ -101,7 +97,7 @@ class ProjectionMLP(nn.Module):
         super().__init__()
         self.gate, self.up, self.down, self.act, self.gemv = gate, up, down, act, gemv
         self.fused = None
-        if all(isinstance(p, Dense) and p.bias is None for p in (gate, up)) and _is_silu(act):
+        if all(isinstance(p, Dense) for p in (gate, up)) and _is_silu(act):
             # SwiGLU with dense gate and up: one product reads both (fused into the Triton GEMV)
             self.fused = nn.Parameter(torch.cat([gate.weight, up.weight]), requires_grad=False)
 
@@ -261,15 +257,15 @@ def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> La
     q, k, v, o = attention_parts(attention)
     if o.bias is not None:
         raise EngineUnsupported(f"layer {index}: the decode engine has no bias on the attention output")
+    if any(m.bias is not None for m in mlp_parts(mlp)[:3]):  # every MLP adapter wraps these projections
+        raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
     qkv, wo, mlp_part, members = None, o.weight, None, {}
     for adapter in adapters:
         if isinstance(adapter, A3Attention):
             qkv, wo = A3AttentionPart(adapter, put, device, gemv), adapter.o_weight
             continue
         if isinstance(adapter, A3MLP):
-            if any(b is not None for b in (adapter.gate_bias, adapter.up_bias, adapter.down_bias)):
-                raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
-            mlp_part = ProjectionMLP(*(Dense(put(w), None, gemv) for w in (
+            mlp_part = ProjectionMLP(*(Dense(put(w), gemv) for w in (
                 adapter.gate_weight, adapter.up_weight, adapter.down_weight)), adapter.act, gemv)
             continue
         if isinstance(adapter, InputMaskedUnit):  # TEAL, WINA: the kept inputs' rows of Wᵀ
@@ -279,7 +275,7 @@ def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> La
         elif isinstance(adapter, RankMaskedUnit):
             part = _rank_part(adapter, put)
         elif isinstance(adapter, LowRankUnit):
-            part = StaticLowRank(put(adapter.A), put(adapter.B), None, gemv)
+            part = StaticLowRank(put(adapter.A), put(adapter.B), gemv)
         elif isinstance(adapter, RaNAMLP):
             mlp_part = RanaMLP(_rank_part(adapter.gate, put), _rank_part(adapter.up, put),
                                NeuronPart.of(put(adapter.down.weight), adapter.down.column_norms.to(device),
@@ -295,16 +291,12 @@ def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> La
         if adapter.module == "qkv":
             qkv = part
         else:
-            if any(m.bias is not None for m in adapter._members):
-                raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
             members[adapter.module] = part
     if qkv is None:
         qkv = _linear(torch.cat([put(m.weight) for m in (q, k, v)]))
     if mlp_part is None:
         gate, up, down, act = mlp_parts(mlp)
-        if any(m.bias is not None for m in (gate, up, down)):
-            raise EngineUnsupported(f"layer {index}: the decode engine has no bias on an MLP projection")
-        parts = {name: members.get(name) or Dense(put(m.weight), None, gemv)
+        parts = {name: members.get(name) or Dense(put(m.weight), gemv)
                  for name, m in (("gate", gate), ("up", up), ("down", down))}
         mlp_part = ProjectionMLP(parts["gate"], parts["up"], parts["down"], act, gemv)
     return LayerParts(qkv, _stacked_bias((q, k, v), put), put(wo), mlp_part)
@@ -312,8 +304,6 @@ def layer_parts(index: int, layer, adapters: list, put, device, gemv: str) -> La
 
 def _rank_part(unit: RankMaskedUnit, put) -> RankPart:
     """RaNA keeps rank i iff z_i² ≥ τ; the engine's kernels compare |z_i| with √τ."""
-    if unit.bias is not None and unit.module != "qkv":
-        raise EngineUnsupported(f"layer {unit.layer}: the decode engine has no bias on an MLP projection")
     return RankPart.of(put(unit.B), put(unit.A).t(), math.sqrt(max(float(unit.tau), 0.0)), unit.target_active)
 
 

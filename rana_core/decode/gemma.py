@@ -23,7 +23,7 @@ from torch import nn
 
 from rana_core.architecture import shape_of
 from rana_core.decode.dense_kernels import rotate_half_reference
-from rana_core.decode.engine import DecodeEngine, NeuronPart, RankPart, matvec
+from rana_core.decode.engine import DecodeEngine, matvec
 from rana_core.decode.from_model import EngineUnsupported, ModelBlock, _linear
 
 
@@ -54,15 +54,7 @@ class GemmaBlock(ModelBlock):
     def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
-        if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):
-            qkv = self.qkv.expand(matvec(self.qkv.B, normed, self.gemv))
-        elif isinstance(self.qkv, nn.Linear):
-            qkv = matvec(self.qkv.weight, normed, self.gemv)
-        else:
-            qkv = self.qkv(normed)
-        if self.qkv_bias is not None:
-            qkv = qkv + self.qkv_bias
-        self.mark("attention")
+        qkv, _ = self.qkv_product(normed, fuse=False)  # QK-norm needs the summed q and k
         q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
         cos, sin = cos_table[pos], sin_table[pos]
         q = rotate_half_reference(self.q_norm(q.reshape(T, s.heads, hd)), cos, sin).transpose(0, 1)
