@@ -52,9 +52,8 @@ def sweep_payload(payload: dict) -> dict:
         raise RanaError(f"a sweep of {count} points is more than {MAX_SWEEP_POINTS}: split it")
     normalised = {"base": base, "methods": [method_label(m, a) for m, a in points], "budgets": clean_budgets}
     if payload.get("latency") is not None:  # each point's run is then measured by a GPU worker (jobs.queue)
-        options = payload["latency"] if isinstance(payload["latency"], dict) else {}
-        clean = run_latency_payload({**options, "run_id": 1})
-        normalised["latency"] = {key: clean[key] for key in RUN_LATENCY_DEFAULTS}
+        normalised["latency"] = run_latency_options(payload["latency"] if isinstance(payload["latency"], dict)
+                                                    else {})
     for point in sweep_points(normalised):  # every child must be a valid compression before the sweep is accepted
         compress_payload(point)
     return normalised
@@ -74,9 +73,7 @@ def sweep_points(payload: dict) -> list[dict]:
 
 def evaluate_payload(payload: dict) -> dict:
     _only(payload, {"run_id", "split", "eval_tokens", "seq_len", "tasks"}, "evaluate")
-    run_id = payload.get("run_id")
-    if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
-        raise RanaError(f"run_id must be a positive integer, got {run_id!r}")
+    run_id = _run_id(payload)
     split = payload.get("split", "heldout")
     if split not in SPLITS:
         raise RanaError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
@@ -95,9 +92,7 @@ def evaluate_payload(payload: dict) -> dict:
 
 def recover_payload(payload: dict) -> dict:
     """{"run_id": …, "strategy": …} plus any RecoverConfig option (tokens, steps, seed, rank budget…)."""
-    run_id = payload.get("run_id")
-    if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
-        raise RanaError(f"run_id must be a positive integer, got {run_id!r}")
+    run_id = _run_id(payload)
     options = {key: value for key, value in payload.items() if key != "run_id"}
     if "strategy" not in options:
         raise RanaError(f"a recovery needs a strategy: one of {', '.join(STRATEGIES)}")
@@ -121,11 +116,22 @@ RUN_LATENCY_DEFAULTS = {"contexts": [1, 512], "new_tokens": 256, "dtype": "bfloa
 def run_latency_payload(payload: dict) -> dict:
     """The decode speed of a stored run: its engine and the dense model's, at each context length."""
     _only(payload, {"run_id"} | set(RUN_LATENCY_DEFAULTS), "run_latency")
-    clean = {**RUN_LATENCY_DEFAULTS, **payload}
-    run_id = clean.get("run_id")
+    return {"run_id": _run_id(payload), **run_latency_options(
+        {key: value for key, value in payload.items() if key != "run_id"})}
+
+
+def run_latency_options(options: dict) -> dict:
+    """A run's decode-speed options (contexts, new tokens, dtype) with defaults; the model's own positions are
+    checked where it is loaded."""
+    _only(options, set(RUN_LATENCY_DEFAULTS), "latency")
+    return _decode_options({**RUN_LATENCY_DEFAULTS, **options}, 131072)
+
+
+def _run_id(payload: dict) -> int:
+    run_id = payload.get("run_id")
     if not isinstance(run_id, int) or isinstance(run_id, bool) or run_id <= 0:
         raise RanaError(f"run_id must be a positive integer, got {run_id!r}")
-    return _decode_options(clean, 131072)  # the model's own positions are checked where it is loaded
+    return run_id
 
 
 def _decode_options(clean: dict, most_context: int) -> dict:

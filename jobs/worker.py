@@ -266,7 +266,7 @@ class Worker:
         """A stored run's decode speed on this worker's GPU, beside the dense model's in the same engine."""
         from rana_core.adapters.artifacts import load_adapters
         from rana_core.corpus import token_windows
-        from rana_core.decode.run_latency import check_contexts, measure_run
+        from rana_core.decode.run_latency import measure_run
 
         payload = job.payload
         device = self.device or "cpu"
@@ -275,7 +275,6 @@ class Worker:
         run_config, path, digest = self._stored_run(payload["run_id"])
         config = self._config(run_config)
         loaded = self._loaded_model(config)
-        check_contexts(loaded.config, payload["contexts"], payload["new_tokens"])
         adapters = load_adapters(loaded, data_dir() / path, digest)
         text = token_windows(loaded.tokenizer, "heldout", 2048, 512)  # the masks are counted on held-out text
         report = measure_run(loaded.model, adapters, payload["contexts"], payload["new_tokens"], payload["dtype"],
