@@ -4,7 +4,8 @@ Claiming is compare-and-set: pick the best queued candidate (highest priority; a
 this worker computed for its last job, else one whose work no running job shares, else the oldest), then
 ``UPDATE … WHERE status = 'queued'`` and check that exactly one row changed. On SQLite the pick runs under
 ``BEGIN IMMEDIATE`` (one writer at a time, so no two workers see the same candidate); on PostgreSQL candidates are
-taken with ``FOR UPDATE SKIP LOCKED`` so workers on many hosts never wait on each other. Timestamps come from the database clock, which all hosts share.
+taken with ``FOR UPDATE SKIP LOCKED`` so workers on many hosts never wait on each other. Timestamps come from the
+database clock, which all hosts share.
 
 Every state change a worker makes is conditional on the row still being *its* running job, so a job that was
 cancelled, or reaped from a worker that stopped heartbeating and claimed by another, can never be finished twice.

@@ -179,8 +179,8 @@ def main(argv: list[str] | None = None) -> int:
 
 COMMANDS = {
     "compress": commands.cmd_compress, "submit": commands.cmd_submit, "sweep": commands.cmd_sweep,
-    "evaluate": commands.cmd_evaluate, "latency": commands.cmd_latency, "recover": commands.cmd_recover, "cancel": commands.cmd_cancel,
-    "retry": commands.cmd_retry, "worker": commands.cmd_worker, "jobs": commands.cmd_jobs,
+    "evaluate": commands.cmd_evaluate, "latency": commands.cmd_latency, "recover": commands.cmd_recover,
+    "cancel": commands.cmd_cancel, "retry": commands.cmd_retry, "worker": commands.cmd_worker, "jobs": commands.cmd_jobs,
     "methods": commands.cmd_methods, "db": commands.cmd_db, "app": serve.cmd_app, "up": serve.cmd_up,
 }
 

@@ -20,8 +20,8 @@ def rana(*args, env=None, check=True):
 
 def test_help_lists_every_command():
     listed = rana("--help").stdout
-    for command in ("compress", "submit", "sweep", "evaluate", "latency", "recover", "cancel", "retry", "worker", "jobs",
-                    "methods", "app", "up", "db"):
+    for command in ("compress", "submit", "sweep", "evaluate", "latency", "recover", "cancel", "retry", "worker",
+                    "jobs", "methods", "app", "up", "db"):
         assert f"\n    {command} " in listed, command
 
 

@@ -91,7 +91,8 @@ def check_engine_against_model(loaded, adapters, result, config):
 @pytest.mark.parametrize("name, method, allocation", [
     ("tiny", "dense", "uniform"), ("tiny", "svd", "uniform"), ("tiny", "rana", "uniform"),
     ("tiny", "rana", "greedy"), ("tiny", "cats", "uniform"), ("tiny", "hybrid", "exact-loss"),
-    ("tiny", "a3", "greedy"), ("tiny", "teal", "greedy"), ("tiny", "wina", "greedy"), ("tiny-qwen2", "rana", "greedy"), ("tiny-qwen2", "svd", "uniform"),
+    ("tiny", "a3", "greedy"), ("tiny", "teal", "greedy"), ("tiny", "wina", "greedy"),
+    ("tiny-qwen2", "rana", "greedy"), ("tiny-qwen2", "svd", "uniform"),
     ("tiny-gemma3", "rana", "greedy"), ("tiny-gemma3", "hybrid", "exact-loss"),
 ])
 def test_the_engine_decodes_what_the_adapted_model_decodes(name, method, allocation, dtype, tmp_path):

@@ -1,5 +1,6 @@
 """Pareto explorer: measured FLOP reduction (or measured decode speedup over dense, one series per method and
-GPU) against held-out perplexity (or accuracy on a task) for one model, a colour and a frontier per series, dense as the reference line;
+GPU) against held-out perplexity (or accuracy on a task) for one model, a colour and a frontier per series,
+dense as the reference line;
 filters; clicking a point opens its run."""
 
 import pandas as pd
@@ -70,8 +71,8 @@ if shown.empty:
     st.info("No run matches these filters.")
     st.stop()
 st.caption(f"{len(shown)} runs · click a point to open it")
-event = st.plotly_chart(charts.pareto_figure(shown, log_y=log_y, x=x_axis, y="perplexity" if y_axis == "perplexity" else "acc"), key="pareto_chart", on_select="rerun",
-                        selection_mode="points")
+figure = charts.pareto_figure(shown, log_y=log_y, x=x_axis, y="perplexity" if y_axis == "perplexity" else "acc")
+event = st.plotly_chart(figure, key="pareto_chart", on_select="rerun", selection_mode="points")
 run_ids = [charts.run_id_of(point) for point in (event.selection.points if event else [])]
 run_ids = [run_id for run_id in run_ids if run_id is not None]
 if run_ids:

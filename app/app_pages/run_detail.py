@@ -70,7 +70,8 @@ if speed.empty:
     st.caption("Not measured yet: a GPU worker measures it in the run's own engine, beside the dense model's.")
 else:
     for col, row in zip(st.columns(min(len(speed), 4)), speed.itertuples()):
-        col.metric(f"{row.device_name} · {row.dtype} · context {row.context_tokens}", f"{row.ms_per_token:.3f} ms/token",
+        col.metric(f"{row.device_name} · {row.dtype} · context {row.context_tokens}",
+                   f"{row.ms_per_token:.3f} ms/token",
                    f"{row.speedup:.2f}× dense ({row.dense_ms_per_token:.3f} ms)", delta_color="off", delta_arrow="off")
     if sections:
         by_layer = pd.DataFrame(sections).set_index("layer")

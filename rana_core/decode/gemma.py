@@ -115,8 +115,8 @@ def gemma_engine(model, layers: list, dtype, device, put, gemv: str) -> GemmaEng
     rotaries = {}
     for kind, layer_type in (("sliding", "sliding_attention"), ("full", "full_attention")):
         if rotary.rope_type.get(layer_type) not in (None, "default", "linear"):
-            raise EngineUnsupported(f"the decode engine needs fixed rotary frequencies; {rotary.rope_type[layer_type]!r} "
-                            "changes them with the length")
+            raise EngineUnsupported("the decode engine needs fixed rotary frequencies; "
+                                    f"{rotary.rope_type[layer_type]!r} changes them with the length")
         if hasattr(rotary, f"{layer_type}_inv_freq"):
             rotaries[kind] = (getattr(rotary, f"{layer_type}_inv_freq"),
                               float(getattr(rotary, f"{layer_type}_attention_scaling")))

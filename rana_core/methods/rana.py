@@ -139,7 +139,8 @@ class LossModel:
         self.scales: dict[str, float] | None = None
 
     def measured(self, index: int, curves: bool) -> bool:
-        return (self.scales is not None or index in self.probes) and (not curves or (index, "mlp", CURVE_KEEPS[-1]) in self.points)
+        probed = self.scales is not None or index in self.probes
+        return probed and (not curves or (index, "mlp", CURVE_KEEPS[-1]) in self.points)
 
     def measure(self, index: int, qkv: QKVProfile, mlp: MLPProfile, curves: bool) -> None:
         """Layer `index`'s probe adapters and estimates, and with `curves` its errors at every CURVE_KEEPS."""
