@@ -70,10 +70,13 @@ def model_hash(loaded) -> str:
         return _MODEL_HASHES[key]
     if loaded.source.kind == "hub":
         return "unknown (hub id)"
+    import torch  # here, not at the top: the app reads provenance without loading torch
+
     digest = hashlib.sha256()
     for name, tensor in sorted(loaded.model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        # as raw bytes: numpy has no bfloat16; for other dtypes the bytes are numpy's, so hashes stay the same
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 

@@ -1,9 +1,11 @@
 """On a GPU (pytest -m gpu), the decode engine of a stored run decodes what the adapted PyTorch model decodes, in
 half precision, through the compiled kernels and CUDA-graph replay: after a 32-token held-out prompt, 64 steps
-fed the same tokens give logits within half-precision rounding, the first 32 greedy tokens are the same, and the
-FLOP reduction counted from the engine's masks on the run's held-out windows is the run's within 0.02. Then a
-`rana latency` job end to end: a GPU worker stores the run's speed beside the dense model's, per context and per
-layer. The model is each family's tiny random model, and SmolLM2-135M's real weights where they are found."""
+fed the same tokens give logits within half-precision rounding, the first 32 greedy tokens are the same (on real
+weights a greedy text may reach a near-tie of the model's top two logits, where rounding may pick either; the
+comparison stops there, see assert_same_greedy_tokens), and the FLOP reduction counted from the engine's masks on
+the run's held-out windows is the run's within 0.02. Then a `rana latency` job end to end: a GPU worker stores the
+run's speed beside the dense model's, per context and per layer. The model is each family's tiny random model,
+and SmolLM2-135M's real weights where they are found."""
 
 import os
 
@@ -53,6 +55,18 @@ def reference_logits(loaded, adapters, prompt, feed=None, greedy: int = 0):
     return torch.stack(logits).float(), torch.stack(fed)
 
 
+def assert_same_greedy_tokens(ours, theirs, their_logits, bound):
+    """The engine's greedy tokens are the model's, except that where the model's own top two logits are within
+    `bound` (the logit tolerance) a half-precision rounding may pick the other: from there the texts differ, so the
+    comparison stops. A pick the model's logits clearly rule out fails. Returns how many tokens agreed."""
+    for step, (mine, its) in enumerate(zip(ours.tolist(), theirs.tolist())):
+        if mine != its:
+            margin = (their_logits[step, its] - their_logits[step, mine]).item()
+            assert margin <= bound, f"step {step}: the engine chose {mine}, the model {its}, {margin:.3f} apart"
+            return step
+    return len(theirs)
+
+
 def check_engine_against_model(loaded, adapters, result, config):
     text = token_windows(loaded.tokenizer, "heldout", 1024, 256)[0].cuda()
     prompt = text[:PROMPT]
@@ -62,12 +76,13 @@ def check_engine_against_model(loaded, adapters, result, config):
     engine.capture()
 
     # free-running greedy decoding, replayed from the graph, against the adapted model's own greedy picks
-    _, theirs = reference_logits(loaded, adapters, prompt, greedy=GREEDY)
+    their_logits, theirs = reference_logits(loaded, adapters, prompt, greedy=GREEDY)
     ours = []
     for _ in range(GREEDY):
         ours.append(engine.token.clone())
         engine.graph.replay()
-    assert torch.equal(torch.cat(ours), theirs), (torch.cat(ours), theirs)
+    bound = TOLERANCE[config.dtype] * max(their_logits.abs().max().item(), 1.0)
+    assert_same_greedy_tokens(torch.cat(ours), theirs, their_logits, bound)
 
     # logits at every step, both fed the same held-out tokens (the step reads its input token from engine.token)
     feed = text[PROMPT:PROMPT + STEPS]

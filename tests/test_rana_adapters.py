@@ -1,5 +1,6 @@
 """RaNA's adapters on `tiny`: exactness at zero reduction, mask and threshold behaviour, FLOPs from the masks."""
 
+import copy
 import itertools
 
 import pytest
@@ -83,6 +84,16 @@ def test_cats_at_zero_threshold_is_the_mlp_and_counts_gate_dense(tiny):
     meters = {m.module: m for m in cats.meters()}
     assert meters["gate"].flops == 14 * 2 * 64 * 160
     assert meters["up"].flops == meters["down"].flops == 2 * 64 * 14 * 160
+
+
+def test_cats_in_half_precision_counts_past_what_a_half_sum_holds(tiny):
+    # 800 tokens × 160 neurons kept = 128,000: a float16 sum of the mask would read inf (the GPU engine test's -inf)
+    mlp = copy.deepcopy(tiny.layers[0].mlp).half()
+    cats = CatsMLP(mlp, 0, keep=1.0)
+    with torch.no_grad():
+        cats(torch.randn(2, 400, 64).half())
+    meters = {m.module: m for m in cats.meters()}
+    assert meters["up"].active == 800 * 160 and meters["down"].flops == 2 * 64 * 800 * 160
 
 
 def test_histogram_threshold_hits_the_wanted_count():

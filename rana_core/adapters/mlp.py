@@ -110,8 +110,9 @@ class CatsMLP(Thresholded, MLPAdapter):
         g = self.act(self.gate_proj(x))
         scores = g.float().abs()
         self.observe(scores)
-        mask = (scores >= self.tau).to(g.dtype)
-        active = mask.sum().item()
+        kept = scores >= self.tau
+        active = kept.sum().item()  # counted on the booleans: a half-precision sum stops at 65,504 (inf)
+        mask = kept.to(g.dtype)
         tokens = x.numel() // x.shape[-1]
         hidden, inner = self.gate_proj.in_features, self.gate_proj.out_features
         u = self.up_proj(x)  # only the kept rows would be computed by a kernel; the FLOPs count those alone
