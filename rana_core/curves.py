@@ -1,11 +1,10 @@
 """Per-module error curves for the hybrid allocation: for each adaptable module (a layer's stacked QKV,
 a layer's MLP) and each candidate adapter, the error and the FLOPs at a grid of keep fractions.
 
-Candidates: QKV: ``rank`` (RaNA's rank adapter) and ``svd`` (static low rank); MLP: ``rana`` (rank adapters on
-up/gate, neuron adapter on down, the up/gate/down split searched per keep), ``cats`` (gate dense, neurons masked
-on |act(gate)|) and ``svd`` (static low rank on all three). ``dense`` is always a candidate, with no error.
-``teal`` curves (input masks, on QKV and on the MLP with a gate-up/down split) are measured here too; hybrid does
-not choose them yet (issue 19: its builder and its calibration check come with them).
+Candidates: QKV: ``rank`` (RaNA's rank adapter), ``teal`` (a mask on its input) and ``svd`` (static low rank);
+MLP: ``rana`` (rank adapters on up/gate, neuron adapter on down, the up/gate/down split searched per keep),
+``cats`` (gate dense, neurons masked on |act(gate)|), ``teal`` (masks on gate/up's input and on down's, the split
+searched per keep) and ``svd`` (static low rank on all three). ``dense`` is always a candidate, with no error.
 
 Every point is measured on *check* rows that are held out from the *fit* rows that set its thresholds (the two
 halves of the calibration rows): a threshold set on some tokens keeps too few ranks on others, so the
@@ -46,7 +45,7 @@ SVD_KEEPS = [round(0.9 - 0.1 * i, 1) for i in range(8)]  # 0.9 .. 0.2: static SV
 
 @dataclass(frozen=True)
 class Point:
-    adapter: str  # dense | rank | svd (QKV); dense | rana | cats | svd (MLP)
+    adapter: str  # dense | rank | teal | svd (QKV); dense | rana | cats | teal | svd (MLP)
     keep: float  # the share of dense FLOPs the point was planned for
     flops: float  # FLOPs per token measured on the check rows
     error: float  # under the curve's weight, on the check rows

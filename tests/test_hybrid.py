@@ -169,14 +169,14 @@ def hybrid_state(tiny, tiny_windows, tmp_path, monkeypatch):
 def test_curves_are_cached_on_disk_and_a_new_calibration_digest_misses(hybrid_state, tiny_windows):
     first = hybrid_state()
     curves = first.curves()
-    assert first.cache.computed == 2 * (2 + 3)  # two layers × (QKV: rank, svd; MLP: rana, cats, svd)
+    assert first.cache.computed == 2 * (3 + 4)  # two layers × (QKV: rank, teal, svd; MLP: rana, cats, teal, svd)
     again = hybrid_state()
     assert again.curves() == curves
     assert again.cache.computed == 0
     assert "inputs" not in again.memory and "fisher" not in again.memory  # no model work on a hit
     other = hybrid_state(tiny_windows["train"][8:16])
     other.curves()
-    assert other.cache.computed == 10
+    assert other.cache.computed == 14
 
 
 def test_points_spend_flops_below_dense_and_errors_fall_with_keep(hybrid_state):
@@ -208,7 +208,7 @@ def test_an_adapter_built_from_a_point_reproduces_its_error_and_flops(hybrid_sta
                         out = units[0](check)
                     elif len(units) == 1:  # RaNA or CATS: one MLP wrapper
                         dense, out = layer.mlp(check), units[0](check)
-                    else:  # static SVD: gate, up, down units
+                    else:  # static SVD or TEAL: gate, up, down units
                         gate, up, down = units
                         dense, out = layer.mlp(check), down(layer.mlp.act_fn(gate(check)) * up(check))
                 error = (out - dense).square().sum().item() / dense.square().sum().item()
@@ -258,6 +258,30 @@ def test_the_candidate_with_the_least_calibration_loss_is_kept(tiny, tmp_path, m
             assert built[(layer, row)].adapter == adapter
             if adapter != "dense":
                 assert built[(layer, row)].planned_keep == pytest.approx(point.flops / dense)
+
+
+def test_the_check_judges_the_single_adapter_allocations_and_may_keep_one(tiny, monkeypatch):
+    """Hybrid contains TEAL and RaNA: their single-adapter allocations at the same budget are judged beside the
+    mixed ones (an allocation equal to one already judged is judged once), and when one of them has the least
+    calibration loss the model is built from it."""
+    from rana_core.config import CompressConfig
+    from rana_core.methods import hybrid
+    from rana_core.pipeline import compress
+
+    judged = {}
+
+    def fake_losses(self, allocations):
+        judged.update(allocations)
+        return {name: 0.0 if name == "only teal" else 1.0 for name in allocations}
+
+    monkeypatch.setattr(hybrid.HybridState, "check_losses", fake_losses)
+    result = compress(CompressConfig(model="tiny", method="hybrid", allocation="exact-loss", flop_reduction=0.4,
+                                     calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny)
+    adapters = {name: {point.adapter for point in chosen.values()} - {"dense"} for name, chosen in judged.items()}
+    assert adapters["only teal"] == {"teal"}
+    assert any(used and used <= {"rank", "rana"} for used in adapters.values())  # RaNA's own, under some name
+    assert {row.adapter for row in result.layers} - {"dense"} == {"teal"}  # the winner was built
+    assert result.measured_flop_reduction == pytest.approx(0.4, abs=0.05)
 
 
 def test_two_workers_filling_one_curve_cache_never_trip_over_each_other(tmp_path):

@@ -1,7 +1,8 @@
 """Hybrid (beyond the paper): one model-wide FLOP budget allocated per module over adapter types.
 
-Every layer's stacked QKV may stay dense, take RaNA's rank adapter or a static SVD; every layer's MLP may stay
-dense, take RaNA's MLP (split searched), CATS or a static SVD; each at its own keep fraction. The per-module
+Every layer's stacked QKV may stay dense, take RaNA's rank adapter, TEAL's input mask or a static SVD; every
+layer's MLP may stay dense, take RaNA's MLP (split searched), CATS, TEAL (gate/up input and down input masks, split
+searched) or a static SVD; each at its own keep fraction. The per-module
 curves (rana_core.curves, cached on disk) give each candidate's error and its FLOPs measured on calibration rows
 held out from those that set its thresholds; the allocation picks one point per module minimising the summed
 error with the summed FLOPs within (1 − p) of the dense QKV + MLP FLOPs.
@@ -22,6 +23,9 @@ Whichever weight, the summed estimate cannot see how errors compound, and the ex
 CATS) error and a RaNA MLP error is its least sure number: so the allocation under the measured scales competes
 with those rates halved and doubled on real calibration loss (``HybridState.check_losses``), and the least loss is
 kept (on the same validation text: 163.8 against 190.0 without the check at 0.5, 110.9 against 114.7 at 0.44).
+The same check also judges each single-adapter allocation hybrid contains (``SINGLE_ADAPTER``: only TEAL, only
+RaNA, CATS on every MLP), chosen by the same solver at the same budget, so that on calibration loss hybrid never
+ends behind a peer it contains.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from itertools import groupby
 import torch
 
 from rana_core.adapters.base import inject, layer_members, unload
+from rana_core.adapters.input_sparse import InputMaskedUnit
 from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit, RankPlan
 from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
 from rana_core.allocation import Option, hull_greedy_allocation, knapsack_allocation
@@ -49,10 +54,14 @@ ROWS = 2048  # calibration rows kept per module input: half fit the thresholds, 
 SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules, and that probe the scales
 PROBE_KEEP = 0.7
 KNAPSACK_UNITS = 20000  # budget steps of the exact solver: rounding loses at most 60/20000 of the budget here
-QKV_ADAPTERS = ("rank", "svd")
-MLP_ADAPTERS = ("rana", "cats", "svd")
+QKV_ADAPTERS = ("rank", "teal", "svd")
+MLP_ADAPTERS = ("rana", "cats", "teal", "svd")
 CHECK_TOKENS = 2048  # calibration tokens (the last windows, apart from the sensitivity slice) that judge candidates
 CHECK_FACTORS = (0.5, 2.0)  # how far the QKV and the CATS errors are re-weighted, one at a time, in the check
+# The single-adapter allocations the check also judges: the adapters each module type may take ("dense" always).
+SINGLE_ADAPTER = {"only teal": {"qkv": {"teal"}, "mlp": {"teal"}},
+                  "only rana": {"qkv": {"rank"}, "mlp": {"rana"}},
+                  "cats mlps": {"qkv": set(), "mlp": {"cats"}}}
 
 
 def build(loaded, calib_windows, config, progress, cache_dir=None):
@@ -68,10 +77,18 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
         candidates[f"qkv x{factor:g}"] = {**scales, "qkv": scales["qkv"] * factor}
         candidates[f"cats x{factor:g}"] = {**scales, "cats": scales["mlp"] * factor}
     allocations: dict[str, dict] = {}
-    for name, candidate in candidates.items():
-        chosen = allocate(curves, dense, weight, candidate, config.flop_reduction, solver)
+
+    def add(name, chosen):
         if all(chosen != other for other in allocations.values()):  # identical allocations are judged once
             allocations[name] = chosen
+
+    for name, candidate in candidates.items():
+        add(name, allocate(curves, dense, weight, candidate, config.flop_reduction, solver))
+    for name, adapters in SINGLE_ADAPTER.items():
+        try:
+            add(name, allocate(only(curves, adapters), dense, weight, scales, config.flop_reduction, solver))
+        except BudgetError:  # CATS alone cannot reach every budget
+            continue
     losses = state.check_losses(allocations) if len(allocations) > 1 else {"as measured": float("nan")}
     kept = min(losses, key=lambda n: (losses[n], n != "as measured"))
     chosen = allocations[kept]
@@ -92,6 +109,11 @@ def summary(chosen: dict) -> str:
                 counts[point.adapter] = counts.get(point.adapter, 0) + 1
         parts.append(f"{module}: " + ", ".join(f"{a} {n}" for a, n in sorted(counts.items())))
     return "; ".join(parts)
+
+
+def only(curves: dict, adapters: dict[str, set]) -> dict:
+    """The curves restricted to some adapters per module type (dense stays a choice)."""
+    return {key: {a: c for a, c in by_adapter.items() if a in adapters[key[1]]} for key, by_adapter in curves.items()}
 
 
 def allocate(curves: dict, dense_flops: dict, weight: str, scales: dict, flop_reduction: float,
@@ -251,6 +273,8 @@ class HybridState:
         layer = self.loaded.layers[index]
         if point.adapter == "dense":
             return []
+        if point.adapter == "teal":
+            return _teal_units(layer, index, module, point.params)
         if module == "qkv":
             members = layer_members(layer, "qkv")
             weight = torch.cat([m.weight for m in members])
@@ -284,6 +308,18 @@ class HybridState:
             A, B = low_rank_factors(members[0].weight, bases[which], point.params["ranks"][which])
             units.append(LowRankUnit(members, index, which, A, B))
         return units
+
+
+def _teal_units(layer, index: int, module: str, params: dict) -> list:
+    """TEAL's input masks at a curve point: one on the stacked QKV's input, or on the MLP one for gate and up (their
+    shared input, one threshold) and one for down's input."""
+    parts = {"qkv": params} if module == "qkv" else {"gate": params["gate_up"], "up": params["gate_up"],
+                                                      "down": params["down"]}
+    units = []
+    for which, part in parts.items():
+        members = layer_members(layer, which)
+        units.append(InputMaskedUnit(members, index, which, part["active"] / members[0].in_features, part["tau"]))
+    return units
 
 
 def _rank_unit(members, index, module, weight, basis, params: dict) -> RankMaskedUnit:
