@@ -1,7 +1,8 @@
 """On a GPU (pytest -m gpu), the decode engine of a stored run decodes what the adapted PyTorch model decodes, in
 half precision, through the compiled kernels and CUDA-graph replay: after a 32-token held-out prompt, 64 steps
-fed the same tokens give logits within half-precision rounding, the first 32 greedy tokens are the same (on real
-weights a greedy text may reach a near-tie of the model's top two logits, where rounding may pick either; the
+fed the same tokens give logits within half-precision rounding (on real weights: as close to the float32 run as
+the adapted model in half precision is, see check_engine_against_model), the first 32 greedy tokens are the same
+(a greedy text may reach a near-tie of the model's top two logits, where rounding may pick either; the
 comparison stops there, see assert_same_greedy_tokens), and the FLOP reduction counted from the engine's masks on
 the run's held-out windows is the run's within 0.02. Then a `rana latency` job end to end: a GPU worker stores the
 run's speed beside the dense model's, per context and per layer. The model is each family's tiny random model,
@@ -67,36 +68,52 @@ def assert_same_greedy_tokens(ours, theirs, their_logits, bound):
     return len(theirs)
 
 
-def check_engine_against_model(loaded, adapters, result, config):
+def check_engine_against_model(loaded, adapters, result, config, exact=None):
+    """`exact`: the same run in float32 (model, adapters). Without it (tiny models) the logits must agree within
+    TOLERANCE. With it (real weights) the bound is measured: thresholded masks on real activations amplify
+    rounding (SmolLM2 with CATS at 0.3: the adapted model in bf16 is up to 13 logits, median 4, from itself in
+    float32, where the dense model moves by 1), so the engine must stay as close to the float32 run as the adapted
+    PyTorch model in the same half precision does, within twice its distance."""
     text = token_windows(loaded.tokenizer, "heldout", 1024, 256)[0].cuda()
-    prompt = text[:PROMPT]
+    prompt, feed = text[:PROMPT], text[PROMPT:PROMPT + STEPS]
+    reference, _ = reference_logits(loaded, adapters, prompt, feed)
+    scale = max(reference.abs().max().item(), 1.0)
+    if exact is None:
+        bound = TOLERANCE[config.dtype] * scale
+    else:
+        exact_logits, _ = reference_logits(*exact, prompt, feed)
+        rounding = (reference - exact_logits).abs().amax(-1)  # the half-precision model's own distance, per step
+        bound = 2 * rounding.max().item()
+
     engine = engine_from_model(loaded.model, adapters)
     engine.allocate(PROMPT + STEPS + 8)
     engine.prefill(prompt)
     engine.capture()
-
     # free-running greedy decoding, replayed from the graph, against the adapted model's own greedy picks
     their_logits, theirs = reference_logits(loaded, adapters, prompt, greedy=GREEDY)
     ours = []
     for _ in range(GREEDY):
         ours.append(engine.token.clone())
         engine.graph.replay()
-    bound = TOLERANCE[config.dtype] * max(their_logits.abs().max().item(), 1.0)
     assert_same_greedy_tokens(torch.cat(ours), theirs, their_logits, bound)
 
     # logits at every step, both fed the same held-out tokens (the step reads its input token from engine.token)
-    feed = text[PROMPT:PROMPT + STEPS]
-    reference, _ = reference_logits(loaded, adapters, prompt, feed)
     engine.allocate(PROMPT + STEPS + 8)
     engine.prefill(prompt)
     engine.capture()
-    worst = 0.0
-    for step, token in enumerate(feed):
+    logits = []
+    for token in feed:
         engine.token.copy_(token.view(1))
         engine.graph.replay()
-        worst = max(worst, (engine.graph_logits[-1].float() - reference[step + 1]).abs().max().item())
-    scale = reference.abs().max().item()
-    assert worst <= TOLERANCE[config.dtype] * max(scale, 1.0), (worst, scale)
+        logits.append(engine.graph_logits[-1].float())
+    ours = torch.stack(logits)
+    if exact is None:
+        worst = (ours - reference[1:]).abs().max().item()
+        assert worst <= bound, (worst, scale)
+    else:
+        errors = (ours - exact_logits[1:]).abs().amax(-1)
+        assert errors.max().item() <= bound, (errors.max().item(), rounding.max().item())
+        assert errors.median().item() <= 2 * rounding[1:].median().item(), (errors.median(), rounding.median())
 
     held_out = token_windows(loaded.tokenizer, "heldout", config.eval_tokens, config.seq_len)
     assert abs(engine.flop_reduction_on(held_out) - result.measured_flop_reduction) <= 0.02
@@ -123,7 +140,9 @@ def test_the_engine_decodes_what_smollm2_adapted_decodes(method, allocation, tmp
         loaded, adapters, result, config = stored_run(name, method, allocation, "bfloat16", 0.44, tmp_path, 4096)
     except ModelNotFound as exc:
         pytest.skip(str(exc))
-    check_engine_against_model(loaded, adapters, result, config)
+    exact = load_model(name, device="cuda", dtype="float32")
+    exact_adapters = load_adapters(exact, result.artifact["path"], result.artifact["sha256"])
+    check_engine_against_model(loaded, adapters, result, config, exact=(exact, exact_adapters))
 
 
 def test_a_gpu_worker_stores_a_runs_decode_speed(tmp_path, monkeypatch):
