@@ -105,6 +105,7 @@ def run_details(db_url: str, run_ids: tuple[int, ...]) -> dict[int, dict]:
                 "tags": list(run.tags or []), "created_at": run.created_at, "seconds": run.seconds,
                 "config": dict(run.config or {}), "provenance": dict(run.provenance or {}),
                 "artifact": run.artifact_path, "model_stats": dict(run.model_stats or {}),
+                "probes": run.probes,
                 "evaluations": [{"split": e.split, "tokens": e.tokens, "seq_len": e.seq_len,
                                  "perplexity": e.perplexity, "dense_perplexity": e.dense_perplexity,
                                  "measured_flop_reduction": e.measured_flop_reduction,
@@ -113,6 +114,18 @@ def run_details(db_url: str, run_ids: tuple[int, ...]) -> dict[int, dict]:
                                 for e in sorted(run.evaluations, key=lambda e: e.id)],
             }
     return details
+
+
+def probe_table(probes: dict | None) -> pd.DataFrame:
+    """A run's probes (rana_core.probes) as rows: the prompt, the dense model's reply, the run's, and whether the
+    run's reply holds a known answer (None for openings, which are shown, not scored)."""
+    columns = ["kind", "prompt", "dense reply", "reply", "answered"]
+    if not probes or not probes.get("adapted"):
+        return pd.DataFrame(columns=columns)
+    dense = {r["prompt"]: r["reply"] for r in (probes.get("dense") or {}).get("replies", [])}
+    return pd.DataFrame([{"kind": r["kind"], "prompt": r["prompt"], "dense reply": dense.get(r["prompt"]),
+                          "reply": r["reply"], "answered": r["correct"]} for r in probes["adapted"]["replies"]],
+                        columns=columns)
 
 
 RECOVERY_COLUMNS = ["recovery_id", "job_id", "strategy", "ranks", "trainable_params", "train_tokens", "eval_tokens",

@@ -68,6 +68,8 @@ class Run(Base):
     artifact_sha256: Mapped[str | None] = mapped_column(String(64))
     # What the compressed model costs: {"params", "kv_bytes_per_token", "flops_per_token", …} (rana_core.pipeline)
     model_stats: Mapped[dict] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
+    # what the model says (rana_core.probes): {"adapted": {"replies", "chat_accuracy"}, "dense": …}; None if not asked
+    probes: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
     job: Mapped[Job | None] = relationship(back_populates="run")

@@ -43,6 +43,7 @@ def store_compression(session, result: dict, job_id: int | None = None, author: 
         artifact_path=artifact_path if artifact else None,
         artifact_sha256=artifact.get("sha256"),
         model_stats=result.get("model_stats") or {},
+        probes=result.get("probes"),
     )
     run.evaluations.append(
         Evaluation(

@@ -55,6 +55,7 @@ def _config_payload(args) -> dict:
         "eval_tokens": args.eval_tokens, "seq_len": args.seq_len, "seed": args.seed, "dtype": args.dtype,
         "layer_by_layer": args.layer_by_layer,
         "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()],
+        "probes": args.probes,
         # Only its form here: a queued job runs on a worker's machine, which checks that it has the device.
         "device": _rana_device(check_device_name),
     }

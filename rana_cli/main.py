@@ -49,6 +49,8 @@ def _add_compress_options(parser: argparse.ArgumentParser) -> None:
                              "(default: when the weights would take over 40%% of the GPU memory allowed)")
     parser.add_argument("--tasks", default="", help="accuracy beside perplexity, adapted and dense: cloze (built "
                                                     "in) and multiple-choice JSON-lines files, e.g. cloze,piqa.jsonl")
+    parser.add_argument("--probes", action=argparse.BooleanOptionalAction, default=defaults.probes,
+                        help="store greedy replies to a few fixed questions and openings, adapted and dense")
 
 
 def _add_team_options(parser: argparse.ArgumentParser) -> None:

@@ -35,6 +35,8 @@ class CompressConfig:
     layer_by_layer: bool | None = None
     # accuracy beside perplexity: "cloze" and multiple-choice files (rana_core.task_files), adapted and dense
     tasks: list[str] = field(default_factory=list)
+    # greedy replies to a fixed set of questions and openings (rana_core.probes), adapted and dense
+    probes: bool = True
 
     def validate(self) -> "CompressConfig":
         """Raise a RanaError naming the first bad field; return self so calls chain."""
@@ -63,6 +65,8 @@ class CompressConfig:
                                 f"of {self.seq_len} tokens")
         if self.layer_by_layer not in (None, True, False):
             raise RanaError(f"layer_by_layer must be true, false or null (decide), got {self.layer_by_layer!r}")
+        if self.probes not in (True, False):
+            raise RanaError(f"probes must be true or false, got {self.probes!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise RanaError(f"unknown dtype {self.dtype!r}")
         check_device_name(self.device)  # its form only: the machine that runs the job has the device, or refuses it

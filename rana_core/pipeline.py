@@ -28,7 +28,9 @@ from rana_core.flops import dense_profile
 from rana_core.loading import LoadedModel, load_model
 from rana_core.methods import METHODS
 from rana_core.model_size import model_stats, size_stats
+from rana_core.probes import run_probes
 from rana_core.progress import ProgressFn, StagedProgress
+from rana_core.residency import resting_device
 from rana_core.tasks import lm_eval_results, run_tasks
 
 STAGES = {"load": 1.0, "data": 0.5, "dense eval": 3.0, "build": 3.0, "thresholds": 1.5, "adapted eval": 4.0}
@@ -71,6 +73,7 @@ class CompressionResult:
     model_stats: dict = field(default_factory=dict)  # params, KV-cache bytes and FLOPs per token, where known
     artifact: dict | None = None  # {"path", "sha256"} of the saved adapters, when asked for
     tasks: dict | None = None  # accuracy on config.tasks: {"adapted": lm-eval results JSON, "dense": …}
+    probes: dict | None = None  # what the model says (rana_core.probes): {"adapted": …, "dense": …}
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -95,7 +98,7 @@ def compress(
     started = time.perf_counter()
     if config.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(cuda_index(config.device))
-    plan = StagedProgress(progress, _with_tasks(STAGES, config.tasks))
+    plan = StagedProgress(progress, _with_tasks(STAGES, config.tasks, config.probes))
     target = 0.0 if config.method == "dense" else config.flop_reduction
 
     report = plan.stage("load")
@@ -122,6 +125,7 @@ def compress(
                           lambda: perplexity(loaded.model, held_out, progress=report))
     report(1.0, f"{dense.perplexity:.3f}")
     accuracy = {"dense": _dense_tasks(loaded, config.tasks, plan.stage("dense tasks"))} if config.tasks else {}
+    replies = {"dense": _probes(loaded, plan.stage("dense probes"), ("dense probes",))} if config.probes else {}
 
     layers = loaded.layers
     shapes = module_shapes(layers)
@@ -145,6 +149,9 @@ def compress(
             set_tracking(layers, False)
             accuracy["adapted"] = lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, config.tasks,
                                                             plan.stage("adapted tasks")))
+        if config.probes:
+            set_tracking(layers, False)
+            replies["adapted"] = _probes(loaded, plan.stage("adapted probes"))
     finally:
         unload(layers)
 
@@ -171,6 +178,7 @@ def compress(
         model_stats=model_stats(adapted_size, dense_size, profile.whole_model_total, measured_whole),
         artifact=artifact,
         tasks=accuracy or None,
+        probes=replies if any(replies.values()) else None,
     )
 
 
@@ -209,15 +217,27 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
             "measured_flop_reduction_whole_model": measured_whole, "tasks": accuracy or None}
 
 
-def _with_tasks(stages: dict[str, float], tasks) -> dict[str, float]:
+def _with_tasks(stages: dict[str, float], tasks, probes: bool = False) -> dict[str, float]:
     """The stages with, when there are tasks, "dense tasks" right after "dense eval" and "adapted tasks" right after
-    "adapted eval": where they run, so that progress only moves forward."""
+    "adapted eval" (then the probes likewise): where they run, so that progress only moves forward."""
     weighted = {}
     for name, weight in stages.items():
         weighted[name] = weight
         if tasks and name in ("dense eval", "adapted eval"):
             weighted[name.replace("eval", "tasks")] = 4.0
+        if probes and name in ("dense eval", "adapted eval"):
+            weighted[name.replace("eval", "probes")] = 1.0
     return weighted
+
+
+def _probes(loaded: LoadedModel, progress: ProgressFn, cache_key: tuple | None = None) -> dict | None:
+    """What the model says (rana_core.probes), or None for a model whose layers rest on the CPU: replies are made
+    token by token, and each token would carry every layer to the GPU."""
+    if resting_device(loaded.model) is not None:
+        progress(1.0, "skipped: the layers rest on the CPU")
+        return None
+    probe = lambda: run_probes(loaded.model, loaded.tokenizer, progress)  # noqa: E731
+    return loaded.cached(cache_key, probe) if cache_key else probe()
 
 
 def _dense_tasks(loaded: LoadedModel, tasks: list[str], progress: ProgressFn) -> dict:

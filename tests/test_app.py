@@ -501,3 +501,34 @@ def test_accuracy_on_tasks_on_the_run_page_pareto_and_compare(seeded):
     at.run()
     diff = at.dataframe[1].value
     assert diff.loc["accuracy · cloze"].tolist() == ["0.300 ± 0.010 (dense 0.350)", "0.200 ± 0.010 (dense 0.350)"]
+
+
+def test_what_the_model_says_on_the_run_page_and_side_by_side_on_compare(seeded):
+    from db.models import Run
+
+    def said(replies, accuracy):
+        return {"replies": [{"kind": "chat", "prompt": "What is the capital of France?", "reply": replies[0],
+                             "answers": ["Paris"], "correct": "Paris" in replies[0]},
+                            {"kind": "text", "prompt": "Once upon a time", "reply": replies[1], "answers": [],
+                             "correct": None}], "chat_accuracy": accuracy}
+
+    dense = said(["Paris.", " there was a king"], 1.0)
+    with session_scope() as session:
+        run_ids = {(r.model, r.method, r.target_flop_reduction): r.id for r in session.query(Run)}
+        svd_02, svd_03 = run_ids[("smollm2-135m", "svd", 0.2)], run_ids[("smollm2-135m", "svd", 0.3)]
+        session.get(Run, svd_02).probes = {"adapted": said(["It is Paris.", " a king"], 1.0), "dense": dense}
+        session.get(Run, svd_03).probes = {"adapted": said(["\n\n", " the the"], 0.0), "dense": dense}
+
+    at = page_with("run_detail.py", run=svd_03)
+    table = next(d.value for d in at.dataframe if "dense reply" in getattr(d.value, "columns", []))
+    assert table[["prompt", "dense reply", "reply", "answered"]].values.tolist() == [
+        ["What is the capital of France?", "Paris.", "\n\n", False], ["Once upon a time", " there was a king",
+                                                                        " the the", None]]
+    assert any("Questions answered: 0% (dense 100%)" in c.value for c in at.caption)
+
+    at = page_with("compare.py", runs=f"{svd_02},{svd_03}")
+    diff = at.dataframe[1].value
+    assert diff.loc["questions answered (probes)"].tolist() == ["100%", "0%"]
+    side = next(d.value for d in at.dataframe if "prompt" in getattr(d.value, "columns", []))
+    assert side.values.tolist() == [["What is the capital of France?", "Paris.", "It is Paris.", "\n\n"],
+                                    ["Once upon a time", " there was a king", " a king", " the the"]]

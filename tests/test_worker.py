@@ -120,6 +120,8 @@ def test_a_run_carries_provenance_and_an_artifact_that_an_evaluate_job_reuses(db
         curves = {m.adapter: m.sparsity_curve for m in run.layers if m.sparsity_curve}
         assert {"rank", "neuron"} <= set(curves)  # rank- and neuron-importance curves, stored per layer
         assert all(len(c) == 6 and c == sorted(c) for c in curves.values())
+        said = {side: [r["prompt"] for r in run.probes[side]["replies"]] for side in ("dense", "adapted")}
+        assert said["dense"] == said["adapted"] and len(said["dense"]) == 8  # what the model says, stored
     assert re.fullmatch(r"([0-9a-f]{40}(\+dirty)?|unknown)", provenance["git_sha"])
     assert provenance["packages"]["torch"] and provenance["seed"] == 0
     assert re.fullmatch(r"[0-9a-f]{64}", provenance["model_sha256"])

@@ -47,6 +47,9 @@ def flat(run: dict, run_id: int) -> dict:
     accuracy = data.accuracy(data.url())
     for r in accuracy[accuracy["run_id"] == run_id].itertuples():
         row[f"accuracy · {r.task}"] = f"{r.acc:.3f} ± {r.acc_stderr:.3f} (dense {r.dense_acc:.3f})"
+    adapted = (run.get("probes") or {}).get("adapted") or {}
+    if adapted.get("chat_accuracy") is not None:
+        row["questions answered (probes)"] = f"{adapted['chat_accuracy']:.0%}"
     speed, _ = data.run_speed(data.url(), run_id)
     for r in speed.itertuples():
         row[f"ms/token · {r.device_name} · {r.dtype} · context {r.context_tokens}"] = (
@@ -66,6 +69,16 @@ only_diff = st.toggle("Only what differs", value=True, key="compare_only_diff")
 shown = diff[differs] if only_diff else diff
 st.dataframe(shown.astype(str), width="stretch", key="compare_diff")
 st.caption(f"{int(differs.sum())} of {len(diff)} fields differ")
+
+replies = {i: data.probe_table(details[i].get("probes")) for i in chosen if i in details}
+replies = {i: table for i, table in replies.items() if not table.empty}
+if replies:
+    st.subheader("What the models say")
+    side = pd.DataFrame({"prompt": next(iter(replies.values()))["prompt"]})
+    side["dense"] = next(iter(replies.values()))["dense reply"]
+    for i, table in replies.items():
+        side[f"run {i}"] = side["prompt"].map(dict(zip(table["prompt"], table["reply"])))
+    st.dataframe(side, hide_index=True, width="stretch", key="compare_probes")
 
 left, right = st.columns(2)
 left.download_button("Export CSV", diff.to_csv().encode(), file_name="rana-compare.csv", mime="text/csv",

@@ -112,6 +112,17 @@ with st.form("measure_accuracy"):
         except data.specs.RanaError as exc:
             st.error(str(exc))
 
+st.subheader("What the model says")
+replies = data.probe_table(run["probes"])
+if replies.empty:
+    st.caption("No replies stored: the run was made before probes existed, with probes off, or layer by layer.")
+else:
+    adapted, dense = (run["probes"].get(k) or {} for k in ("adapted", "dense"))
+    st.caption(f"Greedy replies to fixed questions (scored: the reply holds the answer) and openings. Questions "
+               f"answered: {adapted.get('chat_accuracy', float('nan')):.0%} "
+               f"(dense {dense.get('chat_accuracy', float('nan')):.0%}).")
+    st.dataframe(replies, hide_index=True, width="stretch", key="detail_probes")
+
 recoveries = data.recoveries(data.url(), run_id)
 if not recoveries.empty:
     st.subheader("LoRA recoveries")
