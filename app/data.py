@@ -145,6 +145,16 @@ def recoveries(db_url: str, run_id: int) -> pd.DataFrame:
 
 
 @st.cache_data(ttl=2, show_spinner=False)
+def all_recoveries(db_url: str) -> pd.DataFrame:
+    """Every recovery: its run, strategy and perplexity after."""
+    with session_scope(db_url) as session:
+        rows = session.execute(select(Recovery).order_by(Recovery.id)).scalars()
+        records = [{"run_id": r.run_id, "strategy": r.strategy, "perplexity_after": r.perplexity_after}
+                   for r in rows]
+    return pd.DataFrame.from_records(records, columns=["run_id", "strategy", "perplexity_after"])
+
+
+@st.cache_data(ttl=2, show_spinner=False)
 def recovered_points(db_url: str) -> pd.DataFrame:
     """Recoveries as Pareto points in the runs() layout: series "<run's series>+lora-<strategy>", the FLOP
     reduction measured after recovery, the perplexity after; run_id is the recovered run."""

@@ -11,5 +11,6 @@ pages = [
     st.Page("app_pages/run_detail.py", title="Run detail", icon=":material/grid_on:"),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare_arrows:"),
     st.Page("app_pages/latency.py", title="Latency", icon=":material/speed:"),
+    st.Page("app_pages/claims.py", title="Claims", icon=":material/fact_check:"),
 ]
 st.navigation(pages).run()

@@ -6,6 +6,7 @@ import base64
 import json
 
 import numpy as np
+import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -532,3 +533,21 @@ def test_what_the_model_says_on_the_run_page_and_side_by_side_on_compare(seeded)
     side = next(d.value for d in at.dataframe if "prompt" in getattr(d.value, "columns", []))
     assert side.values.tolist() == [["What is the capital of France?", "Paris.", "It is Paris.", "\n\n"],
                                     ["Once upon a time", " there was a king", " a king", " the the"]]
+
+
+def test_claims_page_gives_each_claim_a_verdict_from_the_stored_runs(db_url):
+    ids = {}
+    for row in (("smollm2-135m", "rana", 0.44, 0.440, 109.5, "greedy"), ("smollm2-135m", "cats", 0.44, 0.438, 976.6)):
+        queue.submit("compress", {"model": "tiny", "flop_reduction": row[2]}, url=db_url)
+        claimed = queue.claim("seed-worker", url=db_url)
+        with session_scope(db_url) as session:
+            ids[row[1]] = store_compression(session, fake_result(*row), job_id=claimed.id)
+            queue.mark_done(session, claimed.id, "seed-worker")
+    at = run_page("claims.py")
+    table = at.dataframe[0].value
+    assert len(table) == 5 and set(table["verdict"]) <= {"holds", "partly", "refuted", "not testable here"}
+    rana = table[table["claim"].str.startswith("RaNA beats neuron adapters")].iloc[0]
+    assert rana["verdict"] == "holds" and "rana 109.5 at −0.440 against cats 976.6" in rana["ours"]
+    assert rana["runs"] == f"/compare?runs={ids['rana']},{ids['cats']}"
+    a3 = table[table["claim"].str.startswith("A3 beats")].iloc[0]
+    assert a3["verdict"] == "not testable here" and pd.isna(a3["runs"])
