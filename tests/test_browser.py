@@ -120,6 +120,7 @@ def test_queue_a_job_see_it_on_pareto_and_open_its_heatmaps(studio, db_url):
         expect(page.get_by_role("heading", name="Run detail")).to_be_visible()
         expect(page.locator(".js-plotly-plot .heatmaplayer")).to_have_count(6)
         expect(page.get_by_text("reconstruction error ‖f−f̂‖²/‖f‖²")).to_be_visible()
+        expect(page.get_by_role("heading", name="What the model says")).to_be_visible()  # the run's probes
         page.screenshot(path=ARTIFACTS / "run_detail.png", full_page=True)
 
         page.goto(f"{studio}/compare?runs={finished.run_id}")
@@ -128,6 +129,10 @@ def test_queue_a_job_see_it_on_pareto_and_open_its_heatmaps(studio, db_url):
         page.goto(f"{studio}/latency")
         expect(page.get_by_text("No latency results yet")).to_be_visible()
         page.screenshot(path=ARTIFACTS / "latency.png", full_page=True)
+        page.goto(f"{studio}/claims")
+        expect(page.get_by_role("heading", name="Claims")).to_be_visible()
+        expect(page.get_by_text("Comparisons are at equal measured FLOPs")).to_be_visible()
+        page.screenshot(path=ARTIFACTS / "claims.png", full_page=True)
         browser.close()
-    for name in ("new_run", "jobs", "pareto", "run_detail", "compare", "latency"):
+    for name in ("new_run", "jobs", "pareto", "run_detail", "compare", "latency", "claims"):
         assert (ARTIFACTS / f"{name}.png").stat().st_size > 10_000

@@ -1,7 +1,6 @@
 """Claims: each claim of the RaNA, A3 and RankAdaptor papers with the paper's number, ours from the runs in the
 database (with links to them) and a verdict. New runs update it (app.claims)."""
 
-import pandas as pd
 import streamlit as st
 
 from app import claims, data
@@ -25,7 +24,11 @@ def link(run_ids: list[int]) -> str | None:
     return "/compare?runs=" + ",".join(str(i) for i in dict.fromkeys(run_ids))
 
 
-table = pd.DataFrame([{"claim": c.claim, "paper": c.paper, "ours": c.ours, "verdict": c.verdict,
-                       "runs": link(c.runs)} for c in found])
-st.dataframe(table, hide_index=True, width="stretch", key="claims_table",
-             column_config={"runs": st.column_config.LinkColumn("runs", display_text=r"runs?=([\d,]+)")})
+COLOURS = {"holds": "green", "partly": "orange", "refuted": "red", "not testable here": "gray"}
+for claim in found:
+    with st.container(border=True):
+        st.markdown(f"**{claim.claim}** :{COLOURS[claim.verdict]}-badge[{claim.verdict}]")
+        st.markdown(f"**Paper:** {claim.paper}")
+        st.markdown(f"**Ours:** {claim.ours}")
+        if claim.runs:
+            st.markdown(f"[The runs behind it]({link(claim.runs)})")
