@@ -338,28 +338,36 @@ def _teal_mlp_curves(mlp, fit, check, dense, dense_energy, down, act, fisher):
     gate_w, up_w = (p.weight.detach().to(fit.device).float() for p in mlp_parts(mlp)[:2])
     hidden, inner = down.shape
     curves = {w: [] for w in WEIGHTS}
+    # a = keep − shift/2 recurs across keeps: each a's masked gate/up products are computed once, for every
+    # (keep, d) that uses it, and dropped before the next a
+    splits: dict[float, list[tuple[float, float]]] = {}
     for keep in KEEPS:
-        best: dict[str, tuple] = {}
         for shift in TEAL_DOWN_SHIFTS:
             d = round(keep + shift, 4)
-            a = (3 * keep - d) / 2
-            if not (0.0 < d <= 1.0 and 0.0 < a <= 1.0):
-                continue
-            tau_x = _threshold(fit.abs(), a)
-            kept = check.abs() >= tau_x
-            x_fit, x_check = fit * (fit.abs() >= tau_x), check * kept
-            h_fit = act(x_fit @ gate_w.T) * (x_fit @ up_w.T)
-            h_check = act(x_check @ gate_w.T) * (x_check @ up_w.T)
+            a = round((3 * keep - d) / 2, 4)
+            if 0.0 < d <= 1.0 and 0.0 < a <= 1.0:
+                splits.setdefault(a, []).append((keep, d))
+    best: dict[tuple[float, str], tuple] = {}
+    for a, uses in splits.items():
+        tau_x = _threshold(fit.abs(), a)
+        kept = check.abs() >= tau_x
+        x_fit, x_check = fit * (fit.abs() >= tau_x), check * kept
+        h_fit = act(x_fit @ gate_w.T) * (x_fit @ up_w.T)
+        h_check = act(x_check @ gate_w.T) * (x_check @ up_w.T)
+        active_x = kept.sum(1).float().mean().item()
+        for keep, d in uses:
             tau_h = _threshold(h_fit.abs(), d)
             mask_h = h_check.abs() >= tau_h
-            active_x = kept.sum(1).float().mean().item()
             active_h = mask_h.sum(1).float().mean().item()
             errors = _errors((h_check * mask_h) @ down.T - dense, dense_energy, fisher)
             flops = 4.0 * inner * active_x + 2.0 * hidden * active_h
             params = {"gate_up": {"active": active_x, "tau": tau_x}, "down": {"active": active_h, "tau": tau_h}}
             for w in WEIGHTS:
-                if w not in best or errors[w] < best[w][0]:
-                    best[w] = (errors[w], flops, params)
-        for w, (error, flops, params) in best.items():
-            curves[w].append(Point("teal", keep, flops, error, params))
+                if (keep, w) not in best or errors[w] < best[(keep, w)][0]:
+                    best[(keep, w)] = (errors[w], flops, params)
+    for keep in KEEPS:
+        for w in WEIGHTS:
+            if (keep, w) in best:
+                error, flops, params = best[(keep, w)]
+                curves[w].append(Point("teal", keep, flops, error, params))
     return curves

@@ -40,42 +40,21 @@ def test_greedy_answer_to_a_factual_question(smol):
     assert "Paris" in _ask(smol, "What is the capital of France?")
 
 
-def test_rana_at_a_30_percent_cut_still_answers(smol):
-    from rana_core.adapters.base import inject, installed_meters, unload
-    from rana_core.layer_profiles import LayerProfiles
-    from rana_core.methods import rana
-    from rana_core.pipeline import calibrate_thresholds
+def test_a_shipped_method_at_a_30_percent_cut_still_answers(smol):
+    """TEAL (greedy, as published) at a 0.3 cut through the shipped pipeline: the instruct model still answers in
+    the run's stored probes. Measured with 8,192 calibration tokens (session 8): TEAL answers 4 of the 6 questions,
+    Paris included. Uniform and greedy RaNA at the same cut keep held-out perplexity close to dense, yet answer with
+    blank lines: perplexity alone does not see it."""
+    from rana_core.config import CompressConfig
+    from rana_core.pipeline import compress
 
-    # RaNA adapters on the MLPs, the first two and the last two layers' MLPs left dense and the other 26 carrying
-    # the model's whole 30% cut (QKV stays dense, as in uniform RaNA for grouped K/V heads). Measured: cutting
-    # every MLP alike (uniform), or greedy allocation, keeps held-out perplexity on Brown text as good, but the
-    # instruct model then answers with blank lines; sparing only the first and the last MLP, it names another
-    # city; sparing two at each end keeps its chat behaviour. Perplexity alone does not see this.
-    noop = lambda f, m: None  # noqa: E731
-    train = token_windows(smol.tokenizer, "train", 8192, 512)
-    store = LayerProfiles(smol, train[0::2], noop, rana.SEARCH_TOKENS)
-    last = len(smol.layers) - 1
-    qkv_flops = {i: store.dense_flops(i)[0] for i in range(len(store))}
-    mlp_flops = {i: store.dense_flops(i)[1] for i in range(len(store))}
-    total = sum(qkv_flops.values()) + sum(mlp_flops.values())
-    spared = (0, 1, last - 1, last)
-    keep = 1.0 - 0.3 * total / sum(f for i, f in mlp_flops.items() if i not in spared)
-    keeps = {(i, "qkv"): 1.0 for i in qkv_flops} | {(i, "mlp"): 1.0 if i in spared else keep for i in mlp_flops}
-    try:
-        inject(smol.layers, rana._model_adapters(store, {"spared": (keeps, None)})["spared"])
-        calibrate_thresholds(smol.model, smol.layers, train[1::2], noop)
-        meters = installed_meters(smol.layers)
-        for meter in meters.values():
-            meter.reset()
-        answer = _ask(smol, "What is the capital of France?")
-        spent = sum(m.flops for m in meters.values())
-        dense = sum(m.dense_flops_per_token * m.tokens for m in meters.values())
-        tokens = max(m.tokens for m in meters.values())
-    finally:
-        unload(smol.layers)
-    assert "Paris" in answer, answer
-    cut = (dense - spent) / (total * tokens)  # of the whole model's QKV+MLP FLOPs, during generation
-    assert 0.25 < cut < 0.35, cut  # the masks ran, token by token, and spent the budget
+    config = CompressConfig(model="smollm2-135m", method="teal", allocation="greedy", flop_reduction=0.3,
+                            calib_tokens=4096, eval_tokens=2048, seq_len=512, track_layers=False)
+    result = compress(config, loaded=smol)
+    replies = {r["prompt"]: r["reply"] for r in result.probes["adapted"]["replies"]}
+    assert "Paris" in replies["What is the capital of France?"], replies
+    assert result.probes["adapted"]["chat_accuracy"] >= 0.5, replies
+    assert abs(result.measured_flop_reduction - 0.3) <= 0.02  # the masks ran and spent the budget
 
 
 def _ask(loaded, question: str, new_tokens: int = 16) -> str:
