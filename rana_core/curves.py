@@ -33,7 +33,7 @@ from rana_core.architecture import mlp_parts
 from rana_core.decompose import output_basis, rank_for_budget
 from rana_core.flops import linear_flops, low_rank_flops
 from rana_core.residency import visiting
-from rana_core.selection import kth_largest
+from rana_core.selection import share_threshold
 from rana_core.profiles import GRID, SPLIT_PARTS, SPLIT_RANGE, ProjectionFactors, _moved, _round
 
 CURVES_VERSION = 2  # bump when what a point means changes: old cache entries then miss
@@ -105,13 +105,6 @@ def halves(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def _errors(diff: torch.Tensor, dense_energy: float, fisher: torch.Tensor) -> dict[str, float]:
     squares = diff.square()
     return {"output": squares.sum().item() / dense_energy, "loss": (squares @ fisher).mean().item()}
-
-
-def _threshold(scores: torch.Tensor, keep: float) -> float:
-    """The score that keeps a share `keep` of all entries of `scores` (the count-th largest)."""
-    flat = scores.reshape(-1)
-    count = max(1, int(round(keep * flat.numel())))
-    return 0.0 if count >= flat.numel() else kth_largest(flat, count).item()
 
 
 class _RankProjection:
@@ -241,7 +234,7 @@ def _rana_curves(mlp, gram, fit, check, dense, dense_energy, down, act, fisher):
             (u_plan, u_fit, u_check, u_active) = up.at(fractions[0])
             (g_plan, g_fit, g_check, g_active) = gate.at(fractions[1])
             h_fit, h_check = act(g_fit) * u_fit, act(g_check) * u_check
-            tau = _threshold(h_fit.abs() * column_norms, fractions[2])
+            tau = share_threshold(h_fit.abs() * column_norms, fractions[2])
             mask = (h_check.abs() * column_norms) >= tau
             errors = _errors((h_check * mask) @ down.T - dense, dense_energy, fisher)
             down_active = mask.sum(1).float().mean().item()
@@ -267,7 +260,7 @@ def _cats_curves(mlp, fit, check, dense, dense_energy, down, act, fisher):
     hidden, inner = down.shape
     curves = {w: [] for w in WEIGHTS}
     for share in CATS_NEURONS:
-        tau = _threshold(g_fit.abs(), share)
+        tau = share_threshold(g_fit.abs(), share)
         mask = g_check.abs() >= tau
         active = mask.sum(1).float().mean().item()
         errors = _errors((g_check * u_check * mask) @ down.T - dense, dense_energy, fisher)
@@ -318,7 +311,7 @@ def _teal_qkv_curves(weight, fit, check, fisher):
     dense_energy = dense.square().sum().item()
     curves = {w: [] for w in WEIGHTS}
     for keep in KEEPS:
-        tau = _threshold(fit.abs(), keep)
+        tau = share_threshold(fit.abs(), keep)
         mask = check.abs() >= tau
         active = mask.sum(1).float().mean().item()
         errors = _errors((check * mask) @ weight.T - dense, dense_energy, fisher)
@@ -349,14 +342,14 @@ def _teal_mlp_curves(mlp, fit, check, dense, dense_energy, down, act, fisher):
                 splits.setdefault(a, []).append((keep, d))
     best: dict[tuple[float, str], tuple] = {}
     for a, uses in splits.items():
-        tau_x = _threshold(fit.abs(), a)
+        tau_x = share_threshold(fit.abs(), a)
         kept = check.abs() >= tau_x
         x_fit, x_check = fit * (fit.abs() >= tau_x), check * kept
         h_fit = act(x_fit @ gate_w.T) * (x_fit @ up_w.T)
         h_check = act(x_check @ gate_w.T) * (x_check @ up_w.T)
         active_x = kept.sum(1).float().mean().item()
         for keep, d in uses:
-            tau_h = _threshold(h_fit.abs(), d)
+            tau_h = share_threshold(h_fit.abs(), d)
             mask_h = h_check.abs() >= tau_h
             active_h = mask_h.sum(1).float().mean().item()
             errors = _errors((h_check * mask_h) @ down.T - dense, dense_energy, fisher)

@@ -19,7 +19,7 @@ from rana_core.adapters.low_rank import RankPlan, plan_rank_adapter
 from rana_core.architecture import mlp_parts
 from rana_core.decompose import OutputBasis, output_basis
 from rana_core.residency import visiting
-from rana_core.selection import kth_largest
+from rana_core.selection import share_threshold
 
 GRID = 0.025  # keep fractions of up/gate plans are rounded to this step for caching
 SPLIT_PARTS = 18
@@ -152,11 +152,7 @@ class MLPProfile:
         return self._outputs[key]
 
     def down_threshold(self, h: torch.Tensor, keep: float) -> float:
-        scores = (h.abs() * self.column_norms).reshape(-1)
-        count = int(round(keep * scores.numel()))
-        if count >= scores.numel():
-            return 0.0
-        return kth_largest(scores, max(count, 1)).item()
+        return share_threshold(h.abs() * self.column_norms, keep)
 
     def error(self, up: float, gate: float, down: float, fisher: torch.Tensor | None = None) -> tuple[float, float]:
         """(MLP output error, the down threshold that kept `down` of the neurons). The error is relative

@@ -17,3 +17,10 @@ def kth_largest(values: torch.Tensor, count: int) -> torch.Tensor:
     if flat.is_cuda:
         return flat.sort(descending=True).values[count - 1]
     return flat.kthvalue(flat.numel() - count + 1).values
+
+
+def share_threshold(scores: torch.Tensor, keep: float) -> float:
+    """The score that keeps a share `keep` of all entries of `scores` (the count-th largest; 0.0 keeps them all)."""
+    flat = scores.reshape(-1)
+    count = max(1, int(round(keep * flat.numel())))
+    return 0.0 if count >= flat.numel() else kth_largest(flat, count).item()

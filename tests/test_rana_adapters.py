@@ -190,3 +190,12 @@ def test_kth_largest_is_the_count_th_largest_value_with_ties_and_any_shape():
         assert kth_largest(values, count).item() == expected
         if torch.cuda.is_available():  # the GPU's sort gives the CPU's selection
             assert kth_largest(values.cuda(), count).item() == expected
+
+
+def test_a_share_threshold_keeps_that_share_of_the_entries():
+    from rana_core.selection import share_threshold
+
+    values = torch.tensor([[3.0, 1.0, 4.0], [1.0, 5.0, 9.0], [2.0, 6.0, 5.0]])
+    assert share_threshold(values, 3 / 9) == 5.0  # 9, 6, 5 reach it (and the other 5: a tie is kept)
+    assert share_threshold(values, 0.01) == 9.0  # at least one entry is kept
+    assert share_threshold(values, 1.0) == 0.0  # everything

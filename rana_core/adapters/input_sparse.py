@@ -9,7 +9,8 @@ rows of Wᵀ: the shape of RaNA's masked products).
   input on a heavy column can outrank a larger one on a light column.
 
 On stacked QKV the three projections share their input and one mask. Thresholds start at zero; the pipeline sets
-them on the adapted model so that `keep` of the inputs are kept per token on average (Thresholded).
+them on the adapted model so that `keep` of the inputs are kept per token on average; the masking and its FLOP
+count are RaNA's neuron adapter's (InputMasking).
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from rana_core.adapters.base import AdapterUnit, layer_members
-from rana_core.adapters.thresholds import Thresholded
+from rana_core.adapters.thresholds import InputMasking
 
 
-class InputMaskedUnit(Thresholded, AdapterUnit):
+class InputMaskedUnit(InputMasking, AdapterUnit):
     adapter_name = "teal"
     kind = "teal"
 
@@ -37,15 +38,7 @@ class InputMaskedUnit(Thresholded, AdapterUnit):
         return x.float().abs()
 
     def compute(self, x):
-        scores = self.scores(x)
-        self.observe(scores)
-        mask = scores >= self.tau
-        active = mask.sum().item()
-        tokens = x.numel() // x.shape[-1]
-        self.meter.count(tokens, 2 * self.out_features * active, active)
-        if self.tracking:
-            self.meter.track_sparsity(scores.square())
-        masked = x * mask.to(x.dtype)
+        masked = self.masked_input(x)
         return torch.cat([F.linear(masked, m.weight, m.bias) for m in self._members], dim=-1)
 
     def state(self) -> tuple[dict, dict]:

@@ -17,11 +17,11 @@ from torch import nn
 
 from rana_core.adapters.base import AdapterUnit, Meter, MLPAdapter
 from rana_core.adapters.low_rank import RankMaskedUnit
-from rana_core.adapters.thresholds import Thresholded
+from rana_core.adapters.thresholds import InputMasking, Thresholded
 from rana_core.architecture import layer_mlp, mlp_parts
 
 
-class NeuronMaskedUnit(Thresholded, AdapterUnit):
+class NeuronMaskedUnit(InputMasking, AdapterUnit):
     adapter_name = "neuron"
 
     def __init__(self, down: nn.Linear, layer: int, keep: float, tau: float = 0.0):
@@ -36,15 +36,7 @@ class NeuronMaskedUnit(Thresholded, AdapterUnit):
         return h.float().abs() * self.column_norms
 
     def compute(self, h):
-        scores = self.scores(h)
-        self.observe(scores)
-        mask = scores >= self.tau
-        active = mask.sum().item()
-        tokens = h.numel() // h.shape[-1]
-        self.meter.count(tokens, 2 * self.out_features * active, active)
-        if self.tracking:
-            self.meter.track_sparsity(scores.square())
-        return F.linear(h * mask.to(h.dtype), self.weight, self.bias)
+        return F.linear(self.masked_input(h), self.weight, self.bias)
 
 
 class RaNAMLP(MLPAdapter):

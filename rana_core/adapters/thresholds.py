@@ -81,3 +81,20 @@ class Thresholded:
         self.tau.fill_(self.histogram.threshold_for(self.target_active))
         self.histogram = None
         self._immediate = False
+
+
+class InputMasking(Thresholded):
+    """Mixin for adapters that mask their linear's *input* coordinates (RaNA's neuron adapter on down, TEAL, WINA):
+    coordinate j of a token is kept iff its score (the adapter's ``scores``) reaches τ, and the token pays
+    2·out_features FLOPs per kept coordinate, since a kernel reads only those columns of W."""
+
+    def masked_input(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` with the coordinates scored below τ zeroed, counted on the meter (and tracked, when tracking)."""
+        scores = self.scores(x)
+        self.observe(scores)
+        mask = scores >= self.tau
+        active = mask.sum().item()
+        self.meter.count(x.numel() // x.shape[-1], 2 * self.out_features * active, active)
+        if self.tracking:
+            self.meter.track_sparsity(scores.square())
+        return x * mask.to(x.dtype)

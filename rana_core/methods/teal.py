@@ -21,7 +21,7 @@ from rana_core.allocation import Curve, greedy_allocation
 from rana_core.architecture import INPUT_OF, MODULES
 from rana_core.calibration import each_layer_inputs
 from rana_core.flops import linear_flops
-from rana_core.selection import kth_largest
+from rana_core.selection import share_threshold
 
 CURVE_KEEPS = [round(1.0 - 0.05 * i, 2) for i in range(19)]  # 1.0 .. 0.1
 ROWS = 1024  # calibration rows per module input for the error curves
@@ -77,7 +77,7 @@ def error_curve(weight: torch.Tensor, rows: torch.Tensor, weighted: bool) -> dic
         if keep >= 1.0:
             errors[keep] = 0.0
             continue
-        tau = kth_largest(scores, max(1, int(round(keep * scores.numel()))))
+        tau = share_threshold(scores, keep)
         dropped = rows * (scores < tau)
         errors[keep] = (dropped @ weight.T).square().sum().item() / max(energy, 1e-30)
     return errors
