@@ -98,7 +98,7 @@ def compress(
     started = time.perf_counter()
     if config.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats(cuda_index(config.device))
-    plan = StagedProgress(progress, _with_tasks(STAGES, config.tasks, config.probes))
+    plan = StagedProgress(progress, _with_extras(STAGES, config.tasks, config.probes))
     target = 0.0 if config.method == "dense" else config.flop_reduction
 
     report = plan.stage("load")
@@ -145,12 +145,11 @@ def compress(
         adapted = perplexity(loaded.model, held_out, progress=plan.stage("adapted eval"))
         layer_rows = _layer_results(shapes, meters)
         adapted_size, fixed_saved = size_stats(loaded), _fixed_saved(meters)
+        set_tracking(layers, False)  # what follows is not the held-out measurement the layer rows report
         if config.tasks:
-            set_tracking(layers, False)
             accuracy["adapted"] = lm_eval_results(run_tasks(loaded.model, loaded.tokenizer, config.tasks,
                                                             plan.stage("adapted tasks")))
         if config.probes:
-            set_tracking(layers, False)
             replies["adapted"] = _probes(loaded, plan.stage("adapted probes"))
     finally:
         unload(layers)
@@ -187,7 +186,7 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     """Measure a run's saved adapters again on `split` ("heldout" or "train") and return the evaluation: the
     perplexity beside the dense model's on the same tokens and the FLOP reduction measured from the masks; with
     `tasks` (rana_core.task_files), accuracy on each, adapted and dense, in lm-eval's JSON shape."""
-    plan = StagedProgress(progress, _with_tasks({"data": 0.5, "dense eval": 3.0, "adapted eval": 4.0}, tasks))
+    plan = StagedProgress(progress, _with_extras({"data": 0.5, "dense eval": 3.0, "adapted eval": 4.0}, tasks))
     report = plan.stage("data")
     windows = token_windows(loaded.tokenizer, split, eval_tokens, seq_len)
     report(1.0, f"{windows.numel()} {split} tokens")
@@ -217,7 +216,7 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
             "measured_flop_reduction_whole_model": measured_whole, "tasks": accuracy or None}
 
 
-def _with_tasks(stages: dict[str, float], tasks, probes: bool = False) -> dict[str, float]:
+def _with_extras(stages: dict[str, float], tasks, probes: bool = False) -> dict[str, float]:
     """The stages with, when there are tasks, "dense tasks" right after "dense eval" and "adapted tasks" right after
     "adapted eval" (then the probes likewise): where they run, so that progress only moves forward."""
     weighted = {}

@@ -47,7 +47,7 @@ def prompt_ids(tokenizer, probe: Probe) -> list[int]:
     if probe.kind == "chat" and hf is not None and getattr(hf, "chat_template", None):
         ids = hf.apply_chat_template([{"role": "user", "content": probe.prompt}], add_generation_prompt=True,
                                      tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in newer transformers
     text = f"Question: {probe.prompt}\nAnswer:" if probe.kind == "chat" else probe.prompt
     return tokenizer.encode(text)
 

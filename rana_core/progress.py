@@ -19,20 +19,22 @@ class StagedProgress:
     def __init__(self, callback: ProgressFn | None, weights: dict[str, float]):
         total = sum(weights.values())
         self.callback = callback or no_progress
-        self.starts: dict[str, float] = {}
-        self.spans: dict[str, float] = {}
+        # Each stage ends exactly where the next starts (both acc / total): start + weight / total can round a
+        # hair past the next start, and progress would step back.
+        self.bounds: dict[str, tuple[float, float]] = {}
         acc = 0.0
         for name, weight in weights.items():
-            self.starts[name], self.spans[name] = acc / total, weight / total
+            self.bounds[name] = (acc / total, (acc + weight) / total)
             acc += weight
 
     def stage(self, name: str) -> ProgressFn:
         """A reporter for stage `name` taking the fraction done within the stage."""
-        start, span = self.starts[name], self.spans[name]
+        start, end = self.bounds[name]
 
         def report(fraction: float, message: str = "") -> None:
             fraction = min(max(fraction, 0.0), 1.0)
-            self.callback(start + span * fraction, f"{name}: {message}" if message else name)
+            done = end if fraction == 1.0 else min(end, start + (end - start) * fraction)
+            self.callback(done, f"{name}: {message}" if message else name)
 
         return report
 

@@ -231,3 +231,18 @@ def test_a_half_precision_run_measures_its_reduction(method, allocation, dtype):
     # half-precision products move a threshold by a rounding step, not the budget
     assert abs(runs[dtype].measured_flop_reduction - runs["float32"].measured_flop_reduction) <= 0.005
     assert abs(runs[dtype].perplexity - runs["float32"].perplexity) <= 0.01 * runs["float32"].perplexity
+
+
+def test_staged_progress_never_steps_back_from_one_stage_to_the_next():
+    # with the probes' stages, "dense eval" done was 1.5/15 + 3/15 = 0.30000000000000004 and "dense probes" began
+    # at 4.5/15 = 0.3: a run's progress stepped back when the dense probes were not cached
+    from rana_core.pipeline import STAGES, _with_extras
+    from rana_core.progress import StagedProgress
+
+    seen = []
+    weights = _with_extras(STAGES, [], True)
+    plan = StagedProgress(lambda f, m: seen.append(f), weights)
+    for name in weights:
+        for fraction in (0.0, 0.5, 1.0):
+            plan.stage(name)(fraction)
+    assert seen == sorted(seen) and seen[0] == 0.0 and seen[-1] == 1.0

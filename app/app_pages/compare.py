@@ -35,6 +35,9 @@ if len(chosen) < 2:
 details = data.run_details(data.url(), tuple(chosen))
 
 
+accuracy = data.accuracy(data.url())
+
+
 def flat(run: dict, run_id: int) -> dict:
     """One column of the diff: results first (decode speed where measured), then configuration and provenance,
     flattened."""
@@ -44,7 +47,6 @@ def flat(run: dict, run_id: int) -> dict:
            "whole-model FLOP reduction": heldout.get("measured_flop_reduction_whole_model"),
            "target": run["target_flop_reduction"], "author": run["author"], "tags": ", ".join(run["tags"]),
            "seconds": run["seconds"]}
-    accuracy = data.accuracy(data.url())
     for r in accuracy[accuracy["run_id"] == run_id].itertuples():
         row[f"accuracy · {r.task}"] = f"{r.acc:.3f} ± {r.acc_stderr:.3f} (dense {r.dense_acc:.3f})"
     adapted = (run.get("probes") or {}).get("adapted") or {}

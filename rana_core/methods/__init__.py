@@ -64,6 +64,6 @@ register(MethodSpec("teal", "input coordinates of every linear kept by magnitude
                     allocations=("uniform", "greedy")))
 register(MethodSpec("wina", "input coordinates kept by magnitude times the weight column's norm (WINA)",
                     "rana_core.methods.teal:build_wina", allocations=("uniform", "greedy")))
-register(MethodSpec("hybrid", "one budget allocated per module over adapter types (dense, RaNA, CATS, SVD) by "
+register(MethodSpec("hybrid", "one budget allocated per module over adapter types (dense, RaNA, CATS, TEAL, SVD) by "
                               "measured error curves", "rana_core.methods.hybrid:build",
                     allocations=("exact-loss", "greedy-loss", "exact-output", "greedy-output")))
