@@ -188,6 +188,9 @@ def test_kth_largest_is_the_count_th_largest_value_with_ties_and_any_shape():
     ordered = [9.0, 6.0, 5.0, 5.0, 4.0, 3.0, 2.0, 1.0, 1.0]  # by hand
     for count, expected in enumerate(ordered, start=1):
         assert kth_largest(values, count).item() == expected
+        assert kth_largest(values.T, count).item() == expected  # a strided view
+        picked = kth_largest(values.bfloat16(), count)  # NumPy has no bfloat16: it is widened, value and type kept
+        assert picked.dtype == torch.bfloat16 and picked.item() == expected
         if torch.cuda.is_available():  # the GPU's sort gives the CPU's selection
             assert kth_largest(values.cuda(), count).item() == expected
 
