@@ -16,7 +16,19 @@ from jobs import kinds, queue, specs
 
 RUN_COLUMNS = ["run_id", "job_id", "model", "method", "allocation", "series", "target_flop_reduction",
                "measured_flop_reduction", "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity",
-               "eval_tokens", "seq_len", "calib_tokens", "seconds", "author", "tags", "created_at"]
+               "eval_tokens", "seq_len", "calib_tokens", "seconds", "author", "tags", "created_at", "corpus",
+               "eval_corpus", "corpora"]
+BROWN = {"name": "brown"}  # what a run from before corpora could be chosen calibrated and evaluated on
+
+
+def corpus_label(record: dict | None) -> str:
+    """A corpus as the dashboard names it: "brown", a hub id, or a file's name with its digest's first digits
+    (two versions of one file differ)."""
+    record = record or BROWN
+    name = record["name"]
+    if not name.startswith("/"):
+        return name
+    return f"{name.rsplit('/', 1)[-1]} #{record.get('digest', '')[:6]}"
 
 
 def url() -> str:
@@ -73,7 +85,12 @@ def runs(db_url: str) -> pd.DataFrame:
                 "perplexity": ev.perplexity, "dense_perplexity": ev.dense_perplexity, "eval_tokens": ev.tokens,
                 "seq_len": ev.seq_len, "calib_tokens": run.calib_tokens, "seconds": run.seconds,
                 "author": run.author, "tags": list(run.tags or []), "created_at": run.created_at,
+                "corpus": corpus_label((run.corpora or {}).get("calibration")),
+                "eval_corpus": corpus_label(ev.corpus),
             })
+            record = records[-1]
+            record["corpora"] = (record["corpus"] if record["corpus"] == record["eval_corpus"]
+                                 else f"{record['corpus']} → {record['eval_corpus']}")
     return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
 
 
@@ -105,12 +122,12 @@ def run_details(db_url: str, run_ids: tuple[int, ...]) -> dict[int, dict]:
                 "tags": list(run.tags or []), "created_at": run.created_at, "seconds": run.seconds,
                 "config": dict(run.config or {}), "provenance": dict(run.provenance or {}),
                 "artifact": run.artifact_path, "model_stats": dict(run.model_stats or {}),
-                "probes": run.probes,
+                "probes": run.probes, "corpora": run.corpora or {"calibration": BROWN, "evaluation": BROWN},
                 "evaluations": [{"split": e.split, "tokens": e.tokens, "seq_len": e.seq_len,
                                  "perplexity": e.perplexity, "dense_perplexity": e.dense_perplexity,
                                  "measured_flop_reduction": e.measured_flop_reduction,
                                  "measured_flop_reduction_whole_model": e.measured_flop_reduction_whole_model,
-                                 "tasks": e.tasks}
+                                 "tasks": e.tasks, "corpus": corpus_label(e.corpus)}
                                 for e in sorted(run.evaluations, key=lambda e: e.id)],
             }
     return details
@@ -211,9 +228,11 @@ def accuracy(db_url: str) -> pd.DataFrame:
     return pd.DataFrame.from_records(list(records.values()), columns=ACCURACY_COLUMNS)
 
 
-def submit_evaluate(run_id: int, tasks: str, author: str | None = None) -> int:
-    """Queue an evaluation of a run with accuracy on `tasks` ("cloze,FILE"); RanaError as a message if refused."""
-    job_id = queue.submit("evaluate", {"run_id": int(run_id), "tasks": tasks}, author=author, url=url())
+def submit_evaluate(run_id: int, tasks: str, author: str | None = None, corpus: str = "") -> int:
+    """Queue an evaluation of a run with accuracy on `tasks` ("cloze,FILE"), on the held-out split of `corpus`
+    (default Brown); RanaError as a message if refused."""
+    payload = {"run_id": int(run_id), "tasks": tasks} | ({"corpus": corpus.strip()} if corpus.strip() else {})
+    job_id = queue.submit("evaluate", payload, author=author, url=url())
     jobs.clear()
     return job_id
 

@@ -70,6 +70,9 @@ class Run(Base):
     model_stats: Mapped[dict] = mapped_column(JSON, default=dict, server_default=text("'{}'"))
     # what the model says (rana_core.probes): {"adapted": {"replies", "chat_accuracy"}, "dense": …}; None if not asked
     probes: Mapped[dict | None] = mapped_column(JSON)
+    # the text behind the numbers (rana_core.corpora): {"calibration": {"name", "split", "digest", "documents"},
+    # "evaluation": …}; None for runs from before corpora could be chosen, which used Brown
+    corpora: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
     job: Mapped[Job | None] = relationship(back_populates="run")
@@ -92,6 +95,7 @@ class Evaluation(Base):
     measured_flop_reduction_whole_model: Mapped[float] = mapped_column(Float)
     # accuracy on tasks: {"adapted": lm-eval results JSON, "dense": …}; None when none were asked for
     tasks: Mapped[dict | None] = mapped_column(JSON)
+    corpus: Mapped[dict | None] = mapped_column(JSON)  # the evaluated text's record; None: Brown (older rows)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
 
     run: Mapped[Run] = relationship(back_populates="evaluations")

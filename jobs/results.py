@@ -44,6 +44,7 @@ def store_compression(session, result: dict, job_id: int | None = None, author: 
         artifact_sha256=artifact.get("sha256"),
         model_stats=result.get("model_stats") or {},
         probes=result.get("probes"),
+        corpora=result.get("corpora") or None,
     )
     run.evaluations.append(
         Evaluation(
@@ -55,6 +56,7 @@ def store_compression(session, result: dict, job_id: int | None = None, author: 
             measured_flop_reduction=result["measured_flop_reduction"],
             measured_flop_reduction_whole_model=result["measured_flop_reduction_whole_model"],
             tasks=result.get("tasks"),
+            corpus=(result.get("corpora") or {}).get("evaluation"),
         )
     )
     for row in result["layers"]:
@@ -70,9 +72,10 @@ def store_evaluation(session, run_id: int, evaluation: dict, job_id: int | None 
         existing = session.execute(select(Evaluation.id).where(Evaluation.job_id == job_id)).scalar()
         if existing is not None:
             return existing
-    row = Evaluation(run_id=run_id, job_id=job_id, tasks=evaluation.get("tasks"), **{key: evaluation[key] for key in (
-        "split", "tokens", "seq_len", "perplexity", "dense_perplexity", "measured_flop_reduction",
-        "measured_flop_reduction_whole_model")})
+    measured = {key: evaluation[key] for key in ("split", "tokens", "seq_len", "perplexity", "dense_perplexity",
+                                                 "measured_flop_reduction", "measured_flop_reduction_whole_model")}
+    row = Evaluation(run_id=run_id, job_id=job_id, tasks=evaluation.get("tasks"), corpus=evaluation.get("corpus"),
+                     **measured)
     session.add(row)
     session.flush()
     return row.id

@@ -20,6 +20,7 @@ from rana_core.methods import METHODS, method_label, parse_method_label
 from rana_core.model_source import BUNDLED_MODELS
 from rana_core.recovery.config import STRATEGIES, RecoverConfig
 from rana_core.task_files import checked_tasks
+from rana_core.corpora import checked_corpus
 
 SPLITS = ("heldout", "train")
 MAX_SWEEP_POINTS = 200
@@ -45,6 +46,9 @@ def sweep_payload(payload: dict) -> dict:
         raise RanaError("a sweep needs a non-empty list of methods, e.g. [\"rana-greedy\", \"cats\"]")
     if not isinstance(budgets, list) or not budgets:
         raise RanaError("a sweep needs a non-empty list of budgets (FLOP reductions)")
+    for key, check in (("corpus", checked_corpus), ("eval_corpus", checked_corpus), ("tasks", checked_tasks)):
+        if base.get(key):  # as the children's jobs will store them (absolute paths), whatever the worker's folder
+            base[key] = check(base[key])
     points = list(dict.fromkeys(parse_method_label(m) for m in methods))
     clean_budgets = sorted({_budget(b) for b in budgets})
     count = sum(1 if method == "dense" else len(clean_budgets) for method, _ in points)
@@ -72,7 +76,7 @@ def sweep_points(payload: dict) -> list[dict]:
 
 
 def evaluate_payload(payload: dict) -> dict:
-    _only(payload, {"run_id", "split", "eval_tokens", "seq_len", "tasks"}, "evaluate")
+    _only(payload, {"run_id", "split", "eval_tokens", "seq_len", "tasks", "corpus"}, "evaluate")
     run_id = _run_id(payload)
     split = payload.get("split", "heldout")
     if split not in SPLITS:
@@ -87,6 +91,8 @@ def evaluate_payload(payload: dict) -> dict:
         raise RanaError(f"eval tokens ({clean['eval_tokens']}) is less than one sequence of {clean['seq_len']}")
     if payload.get("tasks"):  # accuracy beside perplexity: "cloze" and multiple-choice files the worker can read
         clean["tasks"] = checked_tasks(payload["tasks"])
+    if payload.get("corpus"):  # "brown" unless named: the held-out text of a user's file, folder or hub set
+        clean["corpus"] = checked_corpus(payload["corpus"])
     return clean
 
 

@@ -225,7 +225,8 @@ class Worker:
         run_config, path, digest = self._stored_run(payload["run_id"])
         config = self._config(run_config)
         evaluation = evaluate_saved(self._loaded_model(config), data_dir() / path, digest, payload["split"],
-                                    payload["eval_tokens"], payload["seq_len"], progress, payload.get("tasks", []))
+                                    payload["eval_tokens"], payload["seq_len"], progress, payload.get("tasks", []),
+                                    payload.get("corpus", "brown"))
         return lambda session: store_evaluation(session, payload["run_id"], evaluation, job_id=job.id)
 
     def run_recover(self, job: queue.ClaimedJob, progress):

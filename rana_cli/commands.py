@@ -56,6 +56,7 @@ def _config_payload(args) -> dict:
         "layer_by_layer": args.layer_by_layer,
         "tasks": [t.strip() for t in args.tasks.split(",") if t.strip()],
         "probes": args.probes,
+        "corpus": args.corpus, "eval_corpus": args.eval_corpus,
         # Only its form here: a queued job runs on a worker's machine, which checks that it has the device.
         "device": _rana_device(check_device_name),
     }
@@ -164,6 +165,8 @@ def cmd_evaluate(args) -> int:
     payload = {"run_id": args.run_id, "split": args.split, "eval_tokens": args.eval_tokens, "seq_len": args.seq_len}
     if args.tasks:
         payload["tasks"] = args.tasks
+    if args.corpus:
+        payload["corpus"] = args.corpus
     return _enqueue(args, "evaluate", payload)
 
 

@@ -51,6 +51,11 @@ def _add_compress_options(parser: argparse.ArgumentParser) -> None:
                                                     "in) and multiple-choice JSON-lines files, e.g. cloze,piqa.jsonl")
     parser.add_argument("--probes", action=argparse.BooleanOptionalAction, default=defaults.probes,
                         help="store greedy replies to a few fixed questions and openings, adapted and dense")
+    parser.add_argument("--corpus", default=defaults.corpus,
+                        help="calibration text (its training split): brown, a .txt/.jsonl/.json/.csv/.parquet file "
+                             "or folder (PATH:FIELD names the text field), or a hub id")
+    parser.add_argument("--eval-corpus", default=defaults.eval_corpus,
+                        help="held-out text for perplexity and measured FLOPs (default: --corpus)")
 
 
 def _add_team_options(parser: argparse.ArgumentParser) -> None:
@@ -105,6 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--seq-len", type=int, default=512)
     evaluate.add_argument("--tasks", help="accuracy beside perplexity: cloze (built in) and multiple-choice JSON-lines "
                                           "files the worker can read, comma-separated, e.g. cloze,piqa.jsonl")
+    evaluate.add_argument("--corpus", help="the text to measure on (default brown): a file or folder the worker can "
+                                           "read (PATH:FIELD), or a hub id")
     _add_team_options(evaluate)
 
     latency = commands.add_parser("latency", help="enqueue a measurement of a stored run's decode speed (a GPU "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
+from rana_core.corpora import checked_corpus
 from rana_core.devices import check_device_name
 from rana_core.errors import BudgetError, RanaError
 from rana_core.methods import METHODS
@@ -37,6 +38,10 @@ class CompressConfig:
     tasks: list[str] = field(default_factory=list)
     # greedy replies to a fixed set of questions and openings (rana_core.probes), adapted and dense
     probes: bool = True
+    # the text that calibrates (its training split) and evaluates (its held-out split): "brown", a local
+    # file or folder (":FIELD" names its text field) or a hub id (rana_core.corpora); "" evaluates on `corpus`
+    corpus: str = "brown"
+    eval_corpus: str = ""
 
     def validate(self) -> "CompressConfig":
         """Raise a RanaError naming the first bad field; return self so calls chain."""
@@ -72,6 +77,12 @@ class CompressConfig:
         check_device_name(self.device)  # its form only: the machine that runs the job has the device, or refuses it
         if self.tasks:
             self.tasks = checked_tasks(self.tasks)
+        for name in ("corpus", "eval_corpus"):
+            value = getattr(self, name)
+            if not isinstance(value, str):
+                raise RanaError(f"{name.replace('_', ' ')} must be a name, got {value!r}")
+            if value or name == "corpus":  # a missing, empty, binary or unreadable file: one line, before queueing
+                setattr(self, name, checked_corpus(value))
         resolve_model(self.model)
         return self
 

@@ -111,11 +111,13 @@ def split_documents(split: str, root: str | None = None) -> list[str]:
     return [text for i, (_, text) in enumerate(docs) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
 
 
-def token_windows(tokenizer, split: str, n_tokens: int, seq_len: int, root: str | None = None):
-    """A LongTensor (n_windows, seq_len) of evenly spaced windows from `split`; n_windows = n_tokens // seq_len.
+def token_windows(tokenizer, split: str, n_tokens: int, seq_len: int, corpus="brown"):
+    """A LongTensor (n_windows, seq_len) of evenly spaced windows from `split` of `corpus` (a name that
+    rana_core.corpora.open_corpus takes, or a Corpus); n_windows = n_tokens // seq_len.
 
-    `tokenizer` needs ``encode(text) -> list[int]`` and ``separator_ids``. Asking for more tokens than the split
-    holds, or fewer than one window, is a CorpusError.
+    `tokenizer` needs ``encode(text) -> list[int]``, ``separator_ids`` and ``bos_ids``: a model whose tokenizer
+    begins every text with a token (Gemma's <bos>) sees each window begin with it, followed by seq_len − 1 tokens
+    of text. Asking for more tokens than the split holds, or fewer than one window, is a CorpusError.
     """
     import torch
 
@@ -126,20 +128,29 @@ def token_windows(tokenizer, split: str, n_tokens: int, seq_len: int, root: str 
     n_windows = n_tokens // seq_len
     if n_windows == 0:
         raise CorpusError(f"{n_tokens} tokens is less than one sequence of {seq_len}")
+    from rana_core.corpora import Corpus, open_corpus
+
+    corpus = corpus if isinstance(corpus, Corpus) else open_corpus(corpus)
     stream: list[int] = []
-    for text in split_documents(split, root):
+    for text in corpus.split(split):
         if stream:
             stream.extend(tokenizer.separator_ids)
         stream.extend(tokenizer.encode(text))
-    available = len(stream) // seq_len
+    bos = list(getattr(tokenizer, "bos_ids", []))
+    text_len = seq_len - len(bos)
+    available = len(stream) // text_len
     if available < n_windows:
         raise CorpusError(
-            f"the {split} split holds {len(stream)} tokens ({available} windows of {seq_len}); "
+            f"the {split} split of corpus {corpus.name!r} holds {len(stream)} tokens ({available} windows of "
+            f"{seq_len}); "
             f"asked for {n_windows * seq_len}"
         )
-    all_windows = torch.tensor(stream[: available * seq_len], dtype=torch.long).view(available, seq_len)
+    all_windows = torch.tensor(stream[: available * text_len], dtype=torch.long).view(available, text_len)
     picks = torch.linspace(0, available - 1, n_windows).round().long()
-    return all_windows[picks].clone()
+    chosen = all_windows[picks]
+    if bos:
+        chosen = torch.cat([torch.tensor(bos, dtype=torch.long).expand(n_windows, len(bos)), chosen], dim=1)
+    return chosen.clone()
 
 
 def windows_digest(windows) -> str:

@@ -24,6 +24,7 @@ class ByteTokenizer:
     vocab_size = 257
     eos_id = 256
     separator_ids = [256]
+    bos_ids: list[int] = []  # no begin-of-text token
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -41,6 +42,10 @@ class HFTokenizer:
         self.eos_id = tok.eos_token_id
         # Documents are joined by a blank line: it needs no special token the model may never have seen mid-text.
         self.separator_ids = tok.encode("\n\n", add_special_tokens=False)
+        # What every sequence the model sees must start with: Gemma's tokenizer adds <bos>, and without it Gemma 3
+        # 270M's perplexity on held-out Brown is 107.6 instead of 34.5 (2,048 tokens). SmolLM2's adds none.
+        bos = tok.bos_token_id if getattr(tok, "add_bos_token", False) else None
+        self.bos_ids = [bos] if bos is not None else []
 
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False)

@@ -21,6 +21,7 @@ from rana_core.adapters.base import (MODULES, inject, installed_adapters, instal
 from rana_core.adapters.artifacts import load_adapters, save_adapters
 from rana_core.adapters.thresholds import Thresholded
 from rana_core.config import CompressConfig
+from rana_core.corpora import open_corpus
 from rana_core.corpus import token_windows, windows_digest
 from rana_core.devices import cuda_index
 from rana_core.evaluate import perplexity
@@ -74,6 +75,8 @@ class CompressionResult:
     artifact: dict | None = None  # {"path", "sha256"} of the saved adapters, when asked for
     tasks: dict | None = None  # accuracy on config.tasks: {"adapted": lm-eval results JSON, "dense": …}
     probes: dict | None = None  # what the model says (rana_core.probes): {"adapted": …, "dense": …}
+    # the text behind the numbers: {"calibration": Corpus.record(), "evaluation": …} (rana_core.corpora)
+    corpora: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -109,15 +112,19 @@ def compress(
     report(1.0, f"{config.model}: {loaded.info['parameters'] / 1e6:.1f} M parameters")
 
     report = plan.stage("data")
-    report(0.0, "sampling windows")
+    report(0.0, "reading the corpora")
+    calib_corpus = open_corpus(config.corpus)
+    eval_corpus = open_corpus(config.eval_corpus or config.corpus)
+    report(0.1, "sampling windows")
     # Two interleaved, disjoint samples of the training split: one builds the adapters, the other sets their
     # thresholds. Thresholds set on the very tokens a basis was fitted to undercount the ranks that new text
     # needs (the basis concentrates *their* energy best), so the cut came out 1-2 points short on held-out text.
-    train = token_windows(loaded.tokenizer, "train", 2 * config.calib_tokens, config.seq_len)
+    train = token_windows(loaded.tokenizer, "train", 2 * config.calib_tokens, config.seq_len, calib_corpus)
     calib, threshold_windows = train[0::2], train[1::2]
     report(0.5, "calibration windows")
-    held_out = token_windows(loaded.tokenizer, "heldout", config.eval_tokens, config.seq_len)
-    report(1.0, f"{calib.numel()} calibration and {held_out.numel()} held-out tokens")
+    held_out = token_windows(loaded.tokenizer, "heldout", config.eval_tokens, config.seq_len, eval_corpus)
+    report(1.0, f"{calib.numel()} calibration tokens of {calib_corpus.name}, {held_out.numel()} held-out tokens "
+                f"of {eval_corpus.name}")
 
     report = plan.stage("dense eval")
     report(0.0, f"{held_out.shape[0]} sequences")  # the stage is named before its first batch runs
@@ -178,18 +185,21 @@ def compress(
         artifact=artifact,
         tasks=accuracy or None,
         probes=replies if any(replies.values()) else None,
+        corpora={"calibration": calib_corpus.record(), "evaluation": eval_corpus.record()},
     )
 
 
 def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None, split: str, eval_tokens: int,
-                   seq_len: int, progress: ProgressFn | None = None, tasks: list[str] = ()) -> dict:
-    """Measure a run's saved adapters again on `split` ("heldout" or "train") and return the evaluation: the
-    perplexity beside the dense model's on the same tokens and the FLOP reduction measured from the masks; with
-    `tasks` (rana_core.task_files), accuracy on each, adapted and dense, in lm-eval's JSON shape."""
+                   seq_len: int, progress: ProgressFn | None = None, tasks: list[str] = (),
+                   corpus: str = "brown") -> dict:
+    """Measure a run's saved adapters again on `split` ("heldout" or "train") of `corpus` and return the
+    evaluation: the perplexity beside the dense model's on the same tokens and the FLOP reduction measured from
+    the masks; with `tasks` (rana_core.task_files), accuracy on each, adapted and dense, in lm-eval's JSON shape."""
     plan = StagedProgress(progress, _with_extras({"data": 0.5, "dense eval": 3.0, "adapted eval": 4.0}, tasks))
     report = plan.stage("data")
-    windows = token_windows(loaded.tokenizer, split, eval_tokens, seq_len)
-    report(1.0, f"{windows.numel()} {split} tokens")
+    text = open_corpus(corpus)
+    windows = token_windows(loaded.tokenizer, split, eval_tokens, seq_len, text)
+    report(1.0, f"{windows.numel()} {split} tokens of {text.name}")
     report = plan.stage("dense eval")
     dense = loaded.cached(("dense perplexity", windows_digest(windows)),
                           lambda: perplexity(loaded.model, windows, progress=report))
@@ -213,7 +223,8 @@ def evaluate_saved(loaded: LoadedModel, artifact_path: Path, sha256: str | None,
     plan.done(f"perplexity {adapted.perplexity:.2f} (dense {dense.perplexity:.2f})")
     return {"split": split, "tokens": windows.numel(), "seq_len": seq_len, "perplexity": adapted.perplexity,
             "dense_perplexity": dense.perplexity, "measured_flop_reduction": measured,
-            "measured_flop_reduction_whole_model": measured_whole, "tasks": accuracy or None}
+            "measured_flop_reduction_whole_model": measured_whole, "tasks": accuracy or None,
+            "corpus": text.record()}
 
 
 def _with_extras(stages: dict[str, float], tasks, probes: bool = False) -> dict[str, float]:

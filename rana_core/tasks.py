@@ -61,7 +61,7 @@ class TaskResult:
 def cloze_items(tokenizer, count: int = CLOZE_ITEMS, min_tokens: int = CLOZE_MIN_TOKENS,
                 root: str | None = None) -> tuple[list[Scored], int]:
     """(items, skipped): the first `count` held-out sentences, in corpus order, that qualify."""
-    items, skipped = [], 0
+    items, skipped, bos = [], 0, getattr(tokenizer, "bos_ids", [])
     for sentence in split_sentences("heldout", root):
         match = _LAST_WORD.match(sentence)
         if match is None:
@@ -70,7 +70,7 @@ def cloze_items(tokenizer, count: int = CLOZE_ITEMS, min_tokens: int = CLOZE_MIN
         if scored is None:
             skipped += 1
             continue
-        if len(scored.context) + len(scored.continuations[0]) < min_tokens:
+        if len(scored.context) - len(bos) + len(scored.continuations[0]) < min_tokens:  # the sentence's own tokens
             continue
         items.append(scored)
         if len(items) == count:
@@ -140,12 +140,13 @@ def lm_eval_results(results: list[TaskResult], config: dict | None = None) -> di
 
 
 def _scored(tokenizer, context: str, continuations: list[str], gold: int = 0) -> Scored | None:
-    start = tokenizer.encode(context)
-    if not start:  # the first continuation token needs a position to be predicted from
+    bos = list(getattr(tokenizer, "bos_ids", []))  # a model that expects a begin-of-text token gets it
+    start = bos + tokenizer.encode(context)
+    if len(start) == len(bos):  # the first continuation token needs a position to be predicted from
         return None
     tails = []
     for continuation in continuations:
-        whole = tokenizer.encode(context + continuation)
+        whole = bos + tokenizer.encode(context + continuation)
         if whole[: len(start)] != start or len(whole) == len(start):
             return None
         tails.append(tuple(whole[len(start):]))

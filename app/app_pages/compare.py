@@ -47,6 +47,8 @@ def flat(run: dict, run_id: int) -> dict:
            "whole-model FLOP reduction": heldout.get("measured_flop_reduction_whole_model"),
            "target": run["target_flop_reduction"], "author": run["author"], "tags": ", ".join(run["tags"]),
            "seconds": run["seconds"]}
+    for role, record in run["corpora"].items():  # which text calibrated and evaluated it, and which version
+        row[f"{role} text"] = data.corpus_label(record)
     for r in accuracy[accuracy["run_id"] == run_id].itertuples():
         row[f"accuracy · {r.task}"] = f"{r.acc:.3f} ± {r.acc_stderr:.3f} (dense {r.dense_acc:.3f})"
     adapted = (run.get("probes") or {}).get("adapted") or {}

@@ -55,11 +55,20 @@ tasks = left.text_input("Accuracy on tasks (optional)", key="new_run_tasks", pla
                         help="cloze: last words of held-out Brown sentences; or multiple-choice JSON-lines files "
                              "({context, choices, gold}) the worker can read. Adapted and dense are both scored.")
 speed = right.checkbox("Then measure each run's decode speed (a GPU worker)", key="new_run_speed")
+left, right = st.columns(2)
+corpus = left.text_input("Calibration text", "brown", key="new_run_corpus",
+                         help="its training split sets the adapters: brown (bundled), a .txt/.jsonl/.json/.csv/"
+                              ".parquet file or folder the worker can read (PATH:FIELD names the text field), or a "
+                              "hub id")
+eval_corpus = right.text_input("Evaluation text (default: the same)", key="new_run_eval_corpus",
+                               placeholder="brown", help="its held-out split (every 10th document) measures "
+                                                         "perplexity and the FLOP reduction")
 
 if st.button("Queue sweep" if mode == "Sweep" else "Queue job", type="primary", key="new_run_submit"):
     model = model_other.strip() if model_choice == OTHER else model_choice
     base = {"model": model, "calib_tokens": int(calib), "eval_tokens": int(evals), "seq_len": int(seq_len),
-            "tasks": [t.strip() for t in tasks.split(",") if t.strip()]}
+            "tasks": [t.strip() for t in tasks.split(",") if t.strip()],
+            "corpus": corpus.strip(), "eval_corpus": eval_corpus.strip()}
     try:
         if mode == "Sweep":
             job_id = data.submit_sweep({"base": base, "methods": picked, "budgets": budgets}

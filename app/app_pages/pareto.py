@@ -45,8 +45,11 @@ from_url = [m for m in params.get("methods", "").split(",") if m in series]
 picked = top[1].multiselect("Methods", series, default=from_url or series, key="pareto_methods")
 log_y = top[2].toggle("Log perplexity axis", value=params.get("log", "1") != "0", key="pareto_log_y")
 
-with st.expander("Filters: author, tag, date"):
+with st.expander("Filters: author, tag, date, text"):
     left, middle, right = st.columns(3)
+    corpora = sorted(shown["corpora"].unique())
+    chosen_corpora = left.multiselect("Calibration → evaluation text", corpora, key="pareto_corpora",
+                                      default=[c for c in params.get("corpora", "").split("|") if c in corpora])
     authors = sorted(a for a in shown["author"].dropna().unique())
     chosen_authors = left.multiselect("Author", authors, key="pareto_authors")
     tags = sorted({t for row in shown["tags"] for t in row})
@@ -56,6 +59,8 @@ with st.expander("Filters: author, tag, date"):
     span = right.date_input("Created between", value=(first, last), key="pareto_dates")
 
 keep = shown["series"].isin(picked)
+if chosen_corpora:
+    keep &= shown["corpora"].isin(chosen_corpora)
 if chosen_authors:
     keep &= shown["author"].isin(chosen_authors)
 if chosen_tags:
@@ -65,7 +70,7 @@ if isinstance(span, (tuple, list)) and len(span) == 2:
     keep &= (created >= span[0]) & (created <= span[1])
 shown = shown[keep]
 st.query_params.update({"model": model, "methods": ",".join(picked), "log": "1" if log_y else "0", "x": x_axis,
-                        "y": y_axis})
+                        "y": y_axis, "corpora": "|".join(chosen_corpora)})
 
 if shown.empty:
     st.info("No run matches these filters.")
@@ -79,8 +84,8 @@ if run_ids:
     st.switch_page("app_pages/run_detail.py", query_params={"run": run_ids[0]})
 st.dataframe(
     shown[["run_id", "series", "target_flop_reduction", "measured_flop_reduction",
-           "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity", "eval_tokens", "author",
-           "created_at"] + (["ms_per_token", "dense_ms_per_token", "speedup", "context_tokens"]
+           "measured_flop_reduction_whole_model", "perplexity", "dense_perplexity", "eval_tokens", "corpora",
+           "author", "created_at"] + (["ms_per_token", "dense_ms_per_token", "speedup", "context_tokens"]
                             if x_axis == "speedup" else []) + (["acc", "dense_acc"] if y_axis != "perplexity" else [])],
     hide_index=True, width="stretch", key="pareto_table",
 )

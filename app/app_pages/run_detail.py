@@ -52,6 +52,9 @@ cols[1].metric("FLOP reduction (QKV+MLP)", f"{heldout.get('measured_flop_reducti
 cols[2].metric("Whole model", f"{heldout.get('measured_flop_reduction_whole_model', 0):.3f}")
 cols[3].metric("Author", run["author"] or "—", ", ".join(run["tags"]) or None, delta_color="off",
                delta_arrow="off")
+texts = {role: data.corpus_label(record) for role, record in run["corpora"].items()}
+st.caption(f"Calibrated on {texts.get('calibration', 'brown')}, evaluated on {texts.get('evaluation', 'brown')} "
+           "(held out: every 10th document).")
 SIZE_METRICS = {"params": ("Parameters", 1e6, "M"), "decoder_linear_params": ("Decoder linear params", 1e6, "M"),
                 "kv_bytes_per_token": ("KV cache (fp16)", 1024, " KiB/token"),
                 "flops_per_token": ("FLOPs", 1e6, "M/token")}
@@ -104,10 +107,15 @@ if accuracy.empty:
 else:
     st.dataframe(accuracy, hide_index=True, width="stretch", key="detail_accuracy")
 with st.form("measure_accuracy"):
-    tasks = st.text_input("Tasks (cloze, and multiple-choice files the worker can read)", "cloze", key="accuracy_tasks")
+    left, right = st.columns(2)
+    tasks = left.text_input("Tasks (cloze, and multiple-choice files the worker can read)", "cloze",
+                            key="accuracy_tasks")
+    corpus = right.text_input("Perplexity on (default brown)", key="accuracy_corpus",
+                              placeholder="brown, /data/mine.jsonl:body or a hub id",
+                              help="the held-out split (every 10th document) of this text")
     if st.form_submit_button("Measure accuracy"):
         try:
-            job_id = data.submit_evaluate(run_id, tasks, author=data.default_author())
+            job_id = data.submit_evaluate(run_id, tasks, author=data.default_author(), corpus=corpus)
             st.success(f"Queued job {job_id}: the run is evaluated again with its accuracy on each task.")
         except data.specs.RanaError as exc:
             st.error(str(exc))
@@ -161,5 +169,6 @@ if layers["sparsity_curve"].notna().any():
 with st.expander("Layers table"):
     st.dataframe(layers, hide_index=True, width="stretch", key="detail_layers")
 with st.expander("Configuration and provenance"):
-    st.json({"config": run["config"], "provenance": run["provenance"], "evaluations": run["evaluations"],
+    st.json({"config": run["config"], "corpora": run["corpora"], "provenance": run["provenance"],
+             "evaluations": run["evaluations"],
              "artifact": run["artifact"]})
