@@ -552,3 +552,44 @@ def test_claims_page_gives_each_claim_a_verdict_from_the_stored_runs(db_url):
     assert text[rana + 3] == f"[The runs behind it](/compare?runs={ids['rana']},{ids['cats']})"
     a3 = text.index(next(t for t in headings if t.startswith("**A3 beats")))
     assert ":gray-badge[not testable here]" in text[a3] and text[a3 + 3].startswith("**")  # no link: no runs
+
+
+def test_new_run_takes_a_users_text_and_refuses_a_bad_one_with_a_message(db_url, tmp_path):
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("".join(json.dumps({"body": f"document {i} " * 50}) + "\n" for i in range(30)))
+    at = run_page("new_run.py")
+    at.selectbox(key="new_run_model").set_value("tiny")
+    at.text_input(key="new_run_corpus").set_value(str(tmp_path / "empty.txt"))
+    (tmp_path / "empty.txt").write_text("")
+    at.button(key="new_run_submit").click().run()
+    assert "empty.txt is empty" in at.error[0].value and queue.list_jobs(url=db_url) == []
+    at.text_input(key="new_run_corpus").set_value(f"{mine}:body")
+    at.text_input(key="new_run_eval_corpus").set_value("brown")
+    at.button(key="new_run_submit").click().run()
+    assert not at.error and "Queued job" in at.success[0].value
+    (job,) = queue.list_jobs(url=db_url)
+    assert (job.payload["corpus"], job.payload["eval_corpus"]) == (f"{mine}:body", "brown")
+
+
+def test_pareto_filters_by_the_text_runs_were_calibrated_and_evaluated_on(db_url):
+    brown = {"name": "brown", "split": "every 10th document held out", "digest": "1de54bce0895e349",
+             "documents": 500}
+    mine = {**brown, "name": "/data/mine.jsonl", "digest": "4ce7b39134222ec5", "documents": 200}
+    for i, corpora in enumerate([None, {"calibration": mine, "evaluation": brown},
+                                 {"calibration": mine, "evaluation": mine}]):
+        job_id = queue.submit("compress", {"model": "tiny"}, url=db_url)
+        claimed = queue.claim("w", url=db_url)
+        result = fake_result("tiny", "svd", 0.1 * (i + 1), 0.1 * (i + 1), 100.0 + i)
+        with session_scope(db_url) as session:
+            store_compression(session, result | ({"corpora": corpora} if corpora else {}), job_id=claimed.id)
+            queue.mark_done(session, job_id, "w")
+    at = run_page("pareto.py")
+    assert at.multiselect(key="pareto_corpora").options == ["brown", "mine.jsonl #4ce7b3",
+                                                            "mine.jsonl #4ce7b3 → brown"]
+    at.multiselect(key="pareto_corpora").set_value(["mine.jsonl #4ce7b3 → brown"]).run()
+    assert list(at.dataframe[0].value["perplexity"]) == [101.0]
+    assert at.query_params["corpora"] == "mine.jsonl #4ce7b3 → brown"  # a shareable link keeps the filter
+    shared = page_with("pareto.py", corpora="mine.jsonl #4ce7b3 → brown")
+    assert list(shared.dataframe[0].value["perplexity"]) == [101.0]
+    detail = page_with("run_detail.py", run=3)
+    assert any("Calibrated on mine.jsonl #4ce7b3, evaluated on mine.jsonl #4ce7b3" in c.value for c in detail.caption)
