@@ -21,7 +21,10 @@ CONFIG_VERSION = 1
 @dataclass
 class CompressConfig:
     model: str = "smollm2-135m"  # bundled name, local folder or hub id
-    method: str = "svd"  # a name registered in rana_core.methods
+    # a name registered in rana_core.methods. TEAL by default: SmolLM2-135M-Instruct at a 0.3 cut with it still
+    # answers 5 of the 6 chat probes (the default tokens), where svd's held-out perplexity is 315 (dense 41.9) and
+    # uniform or greedy RaNA answer with blank lines
+    method: str = "teal"
     flop_reduction: float = 0.3  # target share of the adaptable FLOPs removed, in [0, 0.95)
     allocation: str = "uniform"  # how the budget is spread over layers
     calib_tokens: int = 8192  # training-split tokens that set decompositions and thresholds
