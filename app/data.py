@@ -12,6 +12,7 @@ from sqlalchemy import select
 from db.migrate import check_schema
 from db.models import Evaluation, LatencyResult, LayerMetric, Recovery, Run
 from db.session import DatabaseError, database_url, session_scope
+from app import auth
 from jobs import kinds, queue, specs
 
 RUN_COLUMNS = ["run_id", "job_id", "model", "method", "allocation", "series", "target_flop_reduction",
@@ -47,11 +48,13 @@ def schema_problem() -> str | None:
 def page(title: str) -> None:
     """Every page's opening: its title, then the schema check (one message, and the page stops, when the
     database is missing or behind the code)."""
-    st.title(title)
     problem = schema_problem()
     if problem:
+        st.title(title)
         st.error(problem)
         st.stop()
+    auth.gate(url())  # team mode: the sign-in form until someone signs in (main.py asks first; a page run alone too)
+    st.title(title)
 
 
 def finished_runs(empty_message: str) -> pd.DataFrame:
@@ -232,7 +235,7 @@ def submit_evaluate(run_id: int, tasks: str, author: str | None = None, corpus: 
     """Queue an evaluation of a run with accuracy on `tasks` ("cloze,FILE"), on the held-out split of `corpus`
     (default Brown); RanaError as a message if refused."""
     payload = {"run_id": int(run_id), "tasks": tasks} | ({"corpus": corpus.strip()} if corpus.strip() else {})
-    job_id = queue.submit("evaluate", payload, author=author, url=url())
+    job_id = queue.submit("evaluate", payload, author=author, url=url(), actor=auth.actor())
     jobs.clear()
     return job_id
 
@@ -266,7 +269,8 @@ def speed_points(runs: pd.DataFrame, db_url: str) -> pd.DataFrame:
 
 def submit_run_latency(run_id: int, contexts: list[int], author: str | None = None) -> int:
     """Queue a measurement of a run's decode speed (a GPU worker runs it); RanaError as a message when refused."""
-    job_id = queue.submit("run_latency", {"run_id": int(run_id), "contexts": contexts}, author=author, url=url())
+    job_id = queue.submit("run_latency", {"run_id": int(run_id), "contexts": contexts}, author=author, url=url(),
+                          actor=auth.actor())
     jobs.clear()
     return job_id
 
@@ -301,27 +305,27 @@ def eta_seconds(status: str, progress: float, elapsed: float | None) -> float | 
 
 
 def submit_sweep(payload: dict, author: str | None = None, tags: str | list = ()) -> int:
-    job_id = queue.submit("sweep", payload, author=author, tags=tags, url=url())
+    job_id = queue.submit("sweep", payload, author=author, tags=tags, url=url(), actor=auth.actor())
     jobs.clear()
     return job_id
 
 
 def cancel_job(job_id: int) -> int:
     """Cancel; raises RanaError with a message for the user when the job cannot be cancelled."""
-    count = queue.cancel(int(job_id), url=url())
+    count = queue.cancel(int(job_id), url=url(), actor=auth.actor())
     jobs.clear()
     return count
 
 
 def retry_job(job_id: int) -> int:
-    count = queue.retry(int(job_id), url=url())
+    count = queue.retry(int(job_id), url=url(), actor=auth.actor())
     jobs.clear()
     return count
 
 
 def submit_compress(payload: dict, author: str | None = None, tags: str | list = ()) -> int:
     """Enqueue; raises RanaError (shown to the user as one message) when the payload is invalid."""
-    job_id = queue.submit("compress", payload, author=author, tags=tags, url=url())
+    job_id = queue.submit("compress", payload, author=author, tags=tags, url=url(), actor=auth.actor())
     jobs.clear()
     return job_id
 

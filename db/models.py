@@ -174,3 +174,19 @@ class Recovery(Base):
     details: Mapped[dict] = mapped_column(JSON, default=dict)  # the rest of RecoveryResult: config, errors, losses
     seconds: Mapped[float] = mapped_column(Float)
     created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())
+
+
+USER_ROLES = ("viewer", "runner", "admin")  # read everything; also queue runs and manage own jobs; everything
+
+
+class User(Base):
+    """An account of team mode (jobs.accounts): a name, an Argon2 hash of its password, a role."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    password_hash: Mapped[str] = mapped_column(Text)
+    role: Mapped[str] = mapped_column(String(16))
+    disabled: Mapped[bool] = mapped_column(default=False, server_default=text("false"))
+    created_at: Mapped[datetime] = mapped_column(DateTime, server_default=func.now())

@@ -25,6 +25,7 @@ from sqlalchemy import func, select, text, update
 from db.migrate import check_schema
 from db.models import Job, Run
 from db.session import get_engine, session_scope
+from jobs.accounts import SOLO, Actor, require, require_owner
 from jobs.kinds import GPU_KINDS, KINDS, PARENT_KINDS, WAITING_FOR_GPU, reuse_key, validate_payload
 from rana_core.errors import RanaError
 
@@ -61,12 +62,15 @@ def default_author() -> str:
 
 
 def submit(kind: str, payload: dict, priority: int = 0, author: str | None = None, tags=(),
-           max_attempts: int = DEFAULT_MAX_ATTEMPTS, url: str | None = None) -> int:
+           max_attempts: int = DEFAULT_MAX_ATTEMPTS, url: str | None = None, actor: Actor = SOLO) -> int:
     """Validate and enqueue; returns the job id (a parent's own id, for a sweep). Raises RanaError, before the
     database is opened, if the request is bad, and DatabaseError if the database is not at the code's schema.
 
     The one place a payload is validated: the CLI and the app both enqueue through here, and the worker trusts
-    what is stored."""
+    what is stored. `actor`: who asks (jobs.accounts): in team mode a runner or admin, who becomes the author."""
+    require(actor, "runner", f"queue {kind} jobs")
+    if actor.name is not None:
+        author = actor.name  # a signed-in user queues under their own name, never another's
     clean = validate_payload(kind, payload)
     rules = KINDS[kind]
     tags = _clean_tags(tags)
@@ -230,26 +234,30 @@ def mark_done(session, job_id: int, worker: str) -> bool:
     return done
 
 
-def cancel(job_id: int, url: str | None = None) -> int:
+def cancel(job_id: int, url: str | None = None, actor: Actor = SOLO) -> int:
     """Cancel a queued or running job (a sweep: all its unfinished points). A running job stops at its worker's
     next progress report. Returns how many jobs (points, for a sweep) were cancelled."""
     return _move(job_id, ("queued", "running"), dict(status="cancelled", message="cancelled", finished_at=func.now()),
-                 "only queued or running jobs can be cancelled", url)
+                 "only queued or running jobs can be cancelled", url, actor, "cancel")
 
 
-def retry(job_id: int, url: str | None = None) -> int:
+def retry(job_id: int, url: str | None = None, actor: Actor = SOLO) -> int:
     """Queue a failed or cancelled job again with a fresh attempt count (a sweep: its failed and cancelled
     points). Returns how many jobs were queued."""
     values = dict(status="queued", message="queued again", error=None, attempts=0, progress=0.0, worker=None,
                   started_at=None, finished_at=None, heartbeat_at=None)
-    return _move(job_id, ("failed", "cancelled"), values, "only failed or cancelled jobs can be retried", url)
+    return _move(job_id, ("failed", "cancelled"), values, "only failed or cancelled jobs can be retried", url, actor,
+                 "retry")
 
 
-def _move(job_id: int, from_statuses: tuple, values: dict, refusal: str, url: str | None) -> int:
+def _move(job_id: int, from_statuses: tuple, values: dict, refusal: str, url: str | None, actor: Actor,
+          verb: str) -> int:
     """Apply `values` to the job (a sweep: to its points) where its status is one of `from_statuses`; refresh
-    the sweep's aggregate; refuse with one line when nothing was in such a state."""
+    the sweep's aggregate; refuse with one line when nothing was in such a state, or when `actor` may not touch
+    this job (a runner another's, a viewer any)."""
     with session_scope(url) as session:
         job = _get(session, job_id)
+        require_owner(actor, job.author, job_id, verb)
         targets = _children(session, job_id) if job.kind in PARENT_KINDS else [job_id]
         changed = session.execute(
             update(Job).where(Job.id.in_(targets), Job.status.in_(from_statuses)).values(**values)

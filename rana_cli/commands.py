@@ -137,11 +137,15 @@ def _print_summary(result: dict, stream) -> None:
 
 
 def _enqueue(args, kind: str, payload: dict) -> int:
-    from jobs.queue import submit
+    from jobs.accounts import auth_mode
+    from jobs.queue import default_author, submit
 
     # Not validated here: submit validates every payload once, before it opens the database, for the CLI and
     # the app alike; its RanaError becomes main()'s one line.
-    job_id = submit(kind, payload, priority=args.priority, author=args.author, tags=args.tags)
+    author = args.author
+    if auth_mode() == "team":  # --author is for solo use; in team mode the CLI records who ran it
+        author = default_author()
+    job_id = submit(kind, payload, priority=args.priority, author=author, tags=args.tags)
     print(json.dumps({"job_id": job_id}) if args.json else job_id)
     return 0
 

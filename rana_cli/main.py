@@ -10,6 +10,7 @@
     rana worker   [--exit-when-idle] [--stale-after SECONDS] [--device cuda:K] [--max-gpu-memory GIB]
     rana jobs     [--json]
     rana app      [--port 8501]
+    rana user     add NAME --role runner | list | passwd NAME | disable NAME | enable NAME | role NAME ROLE
     rana up       [--port 8501] [--gpus N]   # upgrade the DB, start the worker(s) and the app; Ctrl-C stops all
     rana db upgrade | current
 
@@ -24,7 +25,7 @@ import argparse
 import logging
 import sys
 
-from rana_cli import commands, serve
+from rana_cli import commands, serve, users
 from rana_core.errors import RanaError
 
 USAGE_ERROR = 2
@@ -153,10 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text)
         sub.add_argument("--port", type=int, default=8501)
         sub.add_argument("--address", default="127.0.0.1")
+        sub.add_argument("--allow-remote", action="store_true",
+                         help="solo mode (no sign-in) on an address other machines reach: anyone who reaches it may "
+                              "queue and cancel jobs (team mode, RANA_AUTH=team, signs users in)")
         if name == "up":
             sub.add_argument("--gpus", type=int, default=0,
                              help="one worker per GPU, on cuda:0 .. cuda:N-1 (default: one worker on RANA_DEVICE)")
             sub.add_argument("--max-gpu-memory", type=float, metavar="GIB", help="each GPU worker's cap, in GiB")
+
+    users.add_user_parser(commands)
 
     db = commands.add_parser("db", help="database schema")
     db.add_argument("action", choices=["upgrade", "current"])
@@ -191,6 +197,7 @@ COMMANDS = {
     "evaluate": commands.cmd_evaluate, "latency": commands.cmd_latency, "recover": commands.cmd_recover,
     "cancel": commands.cmd_cancel, "retry": commands.cmd_retry, "worker": commands.cmd_worker, "jobs": commands.cmd_jobs,
     "methods": commands.cmd_methods, "db": commands.cmd_db, "app": serve.cmd_app, "up": serve.cmd_up,
+    "user": users.cmd_user,
 }
 
 if __name__ == "__main__":

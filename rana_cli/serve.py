@@ -18,7 +18,15 @@ import app
 def app_command(port: int, address: str) -> list[str]:
     entry = Path(app.__file__).with_name("main.py")  # the package is imported only to find its entry point
     return [sys.executable, "-m", "streamlit", "run", str(entry), "--server.address", address,
-            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            "--client.toolbarMode", "minimal",  # no Deploy button, no developer menu
+            "--client.showErrorDetails", "type" if _team_mode() else "full"]  # a team's users see no traceback
+
+
+def _team_mode() -> bool:
+    from jobs.accounts import auth_mode
+
+    return auth_mode() == "team"
 
 
 def worker_environment(workers: int) -> dict[str, str]:
@@ -40,9 +48,26 @@ def worker_commands(gpus: int = 0, max_gpu_memory: float | None = None) -> list[
     return [base + ["--device", f"cuda:{index}"] + cap for index in range(gpus)]
 
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_serving(address: str, allow_remote: bool) -> None:
+    """Team mode needs its session secret; solo mode (no sign-in) stays on this machine unless told otherwise."""
+    from jobs.accounts import auth_mode, session_secret
+    from rana_core.errors import RanaError
+
+    if auth_mode() == "team":
+        session_secret()
+    elif address not in LOOPBACK and not allow_remote:
+        raise RanaError(f"solo mode has no sign-in: serving on {address} lets anyone who reaches it queue and cancel "
+                        "jobs; set RANA_AUTH=team (with RANA_SESSION_SECRET and `rana user add`), or pass "
+                        "--allow-remote")
+
+
 def cmd_app(args) -> int:
     from db.migrate import check_schema
 
+    check_serving(args.address, args.allow_remote)
     check_schema()
     command = app_command(args.port, args.address)
     sys.stdout.flush()
@@ -57,6 +82,7 @@ def cmd_up(args) -> int:
     from rana_core.devices import check_device_present
     from rana_core.errors import RanaError
 
+    check_serving(args.address, args.allow_remote)
     if args.gpus < 0:
         raise RanaError(f"--gpus must be 0 (one worker on RANA_DEVICE) or more, got {args.gpus}")
     if args.gpus:  # every GPU must exist before anything starts

@@ -593,3 +593,53 @@ def test_pareto_filters_by_the_text_runs_were_calibrated_and_evaluated_on(db_url
     assert list(shared.dataframe[0].value["perplexity"]) == [101.0]
     detail = page_with("run_detail.py", run=3)
     assert any("Calibrated on mine.jsonl #4ce7b3, evaluated on mine.jsonl #4ce7b3" in c.value for c in detail.caption)
+
+
+@pytest.fixture
+def team_mode(db_url, monkeypatch):
+    from jobs import accounts
+
+    monkeypatch.setenv("RANA_AUTH", "team")
+    monkeypatch.setenv("RANA_SESSION_SECRET", "t" * 48)
+    accounts.FAILURES.times.clear()
+    for name, role in (("vera", "viewer"), ("rita", "runner"), ("ada", "admin")):
+        accounts.add_user(name, f"{name}-password", role, url=db_url)
+    return db_url
+
+
+def signed_in(at, name, role):
+    from jobs import accounts
+
+    at.session_state["rana_session_token"] = accounts.issue_session(accounts.Actor(name, role), "t" * 48)
+    return at
+
+
+def test_team_mode_shows_only_the_sign_in_form_until_a_user_signs_in(team_mode):
+    for page in ("new_run.py", "pareto.py", "job_list.py", "run_detail.py"):  # every page's URL, run alone too
+        at = run_page(page)
+        assert [t.value for t in at.title] == ["RaNA Studio"] and at.text_input(key="sign_in_name")
+        assert not at.dataframe and not at.selectbox and [b.label for b in at.button] == ["Sign in"]
+    at = AppTest.from_file(str(MAIN), default_timeout=30).run()
+    at.text_input(key="sign_in_name").set_value("vera")
+    at.text_input(key="sign_in_password").set_value("wrong-password")
+    at.button[0].click().run()
+    assert at.error[0].value == "wrong name or password" and not at.exception
+    at.text_input(key="sign_in_password").set_value("vera-password")
+    at.button[0].click().run()
+    assert not at.exception and "Signed in as **vera** (viewer)" in at.sidebar.caption[0].value
+    assert at.title[0].value == "Pareto"  # a viewer lands on the runs, not on a form that queues
+
+
+def test_a_viewer_gets_no_form_and_a_runner_cannot_cancel_an_admins_job(team_mode):
+    from jobs.accounts import Actor
+
+    viewer = signed_in(AppTest.from_file(str(PAGES / "new_run.py"), default_timeout=30), "vera", "viewer").run()
+    assert "ask an admin for the runner role" in viewer.info[0].value and not viewer.button
+    admins = queue.submit("compress", {"model": "tiny"}, url=team_mode, actor=Actor("ada", "admin"))
+    jobs_page = signed_in(AppTest.from_file(str(PAGES / "job_list.py"), default_timeout=30), "rita", "runner").run()
+    jobs_page.selectbox(key="job_action_id").set_value(admins)
+    jobs_page.button(key="job_cancel").click().run()
+    assert f"job {admins} was queued by ada" in jobs_page.error[0].value
+    assert queue.list_jobs(url=team_mode)[0].status == "queued"
+    viewer_jobs = signed_in(AppTest.from_file(str(PAGES / "job_list.py"), default_timeout=30), "vera", "viewer").run()
+    assert not viewer_jobs.button  # no cancel or retry for a viewer

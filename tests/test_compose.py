@@ -57,3 +57,23 @@ def test_the_image_installs_the_project_the_way_make_does():
     assert "rana_cli" in folders  # the `rana` script's package
     for folder in (*folders, "scripts"):
         assert f"COPY {folder} ./{folder}" in text
+
+
+def test_team_deployment_is_closed_by_default_and_holds_no_secret():
+    """Team mode in compose: the app signs users in, only its port is published, and both secrets come from the
+    environment (.env, which git ignores; .env.example documents them with placeholders)."""
+    services = compose()["services"]
+    assert [name for name, service in services.items() if "ports" in service] == ["app"]
+    app = services["app"]
+    assert app["environment"]["RANA_AUTH"] == "team"
+    secrets = {"RANA_SESSION_SECRET": app["environment"]["RANA_SESSION_SECRET"],
+               "POSTGRES_PASSWORD": services["postgres"]["environment"]["POSTGRES_PASSWORD"]}
+    for name, value in secrets.items():  # required from the environment: compose refuses to start without them
+        assert value.startswith("${" + name + ":?") and value.endswith("}"), value
+    assert "${POSTGRES_PASSWORD:?" in app["environment"]["RANA_DB_URL"]
+    text = (ROOT / "docker-compose.yml").read_text()
+    assert "rana:rana@" not in text and "PASSWORD: rana" not in text
+    example = dict(line.split("=", 1) for line in (ROOT / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    assert set(example) == set(secrets) and all(v.startswith("replace-me") for v in example.values())
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()

@@ -2,7 +2,7 @@
 
 import streamlit as st
 
-from app import data
+from app import auth, data
 
 data.page("Jobs")
 
@@ -34,7 +34,7 @@ def job_table():
 
 def job_actions():
     frame = data.jobs(data.url())
-    if frame.empty:
+    if frame.empty or not auth.actor().may("runner"):  # viewers read; the queue would refuse them anyway
         return
     left, middle, right = st.columns([2, 1, 1], vertical_alignment="bottom")
     job_id = left.selectbox("Job", frame["job"].tolist(), key="job_action_id",

@@ -4,9 +4,12 @@ anything is queued: a bad request is one message and no row."""
 import numpy as np
 import streamlit as st
 
-from app import data
+from app import auth, data
 
 data.page("New run")
+if not auth.actor().may("runner"):  # reached by its URL: a viewer gets no form
+    st.info("Your role reads the team's runs; ask an admin for the runner role to queue them.")
+    st.stop()
 
 defaults = data.default_options()
 OTHER = "other: a local folder or hub id"
@@ -47,7 +50,9 @@ evals = middle.number_input("Evaluation tokens", min_value=1, value=defaults["ev
 seq_len = right.number_input("Sequence length", min_value=2, value=defaults["seq_len"], step=64,
                              key="new_run_seq_len")
 left, right = st.columns(2)
-author = left.text_input("Your name", value=data.default_author(), key="new_run_author",
+me = auth.actor()  # team mode: the signed-in user queues under their own name
+author = left.text_input("Your name", value=me.name or data.default_author(), key="new_run_author",
+                         disabled=me.name is not None,
                          help="stored with the run, for the team's comparisons")
 tags = right.text_input("Tags", key="new_run_tags", placeholder="baseline, ablation")
 left, right = st.columns(2)
