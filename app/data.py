@@ -32,6 +32,13 @@ def corpus_label(record: dict | None) -> str:
     return f"{name.rsplit('/', 1)[-1]} #{record.get('digest', '')[:6]}"
 
 
+def corpora_columns(calibration: dict | None, evaluation: dict | None) -> dict:
+    """A run's "corpus", "eval_corpus" and the "corpora" filter label ("brown", or "mine.jsonl #4ce7b3 → brown")."""
+    corpus, eval_corpus = corpus_label(calibration), corpus_label(evaluation)
+    return {"corpus": corpus, "eval_corpus": eval_corpus,
+            "corpora": corpus if corpus == eval_corpus else f"{corpus} → {eval_corpus}"}
+
+
 def url() -> str:
     return database_url()
 
@@ -88,12 +95,8 @@ def runs(db_url: str) -> pd.DataFrame:
                 "perplexity": ev.perplexity, "dense_perplexity": ev.dense_perplexity, "eval_tokens": ev.tokens,
                 "seq_len": ev.seq_len, "calib_tokens": run.calib_tokens, "seconds": run.seconds,
                 "author": run.author, "tags": list(run.tags or []), "created_at": run.created_at,
-                "corpus": corpus_label((run.corpora or {}).get("calibration")),
-                "eval_corpus": corpus_label(ev.corpus),
+                **corpora_columns((run.corpora or {}).get("calibration"), ev.corpus),
             })
-            record = records[-1]
-            record["corpora"] = (record["corpus"] if record["corpus"] == record["eval_corpus"]
-                                 else f"{record['corpus']} → {record['eval_corpus']}")
     return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
 
 
@@ -192,6 +195,8 @@ def recovered_points(db_url: str) -> pd.DataFrame:
             "seq_len": (recovery.details or {}).get("config", {}).get("eval_seq_len"),
             "calib_tokens": run.calib_tokens, "seconds": recovery.seconds, "author": run.author,
             "tags": list(run.tags or []), "created_at": recovery.created_at,
+            # recovery fine-tunes and measures on Brown (rana_core.recovery), whatever text built the adapters
+            **corpora_columns((run.corpora or {}).get("calibration"), None),
         } for recovery, run in rows]
     return pd.DataFrame.from_records(records, columns=RUN_COLUMNS)
 
