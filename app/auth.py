@@ -22,15 +22,57 @@ COOKIE_WRITTEN, SIGNED_OUT = "rana_cookie_written", "rana_signed_out"
 NOBODY = accounts.Actor(None, "viewer")  # team mode before the gate ran: may read, may not act
 
 
+OIDC_KEYS = ("client_id", "client_secret", "server_metadata_url")
+
+
+def oidc_providers(section) -> list[str | None]:
+    """The identity providers an [auth] section of .streamlit/secrets.toml configures for st.login: None for
+    its default provider (the keys at the top), and the name of each [auth.NAME] sub-section. An incomplete
+    section is a RanaError naming what is missing."""
+    section = dict(section or {})
+    if not section:
+        return []
+    missing = [key for key in ("redirect_uri", "cookie_secret") if not section.get(key)]
+    if missing:
+        raise RanaError(f"[auth] in .streamlit/secrets.toml needs {', '.join(missing)}")
+    providers: list[str | None] = []
+    for name, value in [(None, section), *((k, dict(v)) for k, v in section.items() if hasattr(v, "keys"))]:
+        present = [key for key in OIDC_KEYS if value.get(key)]
+        if present and len(present) < len(OIDC_KEYS):
+            where = f"[auth.{name}]" if name else "[auth]"
+            raise RanaError(f"{where} needs {', '.join(k for k in OIDC_KEYS if k not in present)}")
+        if present:
+            providers.append(name)
+    if not providers:
+        raise RanaError("[auth] in .streamlit/secrets.toml names no provider (client_id, client_secret, "
+                        "server_metadata_url)")
+    return providers
+
+
+def _configured_providers() -> list[str | None]:
+    try:
+        section = st.secrets.get("auth")
+    except Exception:  # noqa: BLE001  (no secrets file, Streamlit's own error types): password sign-in only
+        return []
+    return oidc_providers(section)
+
+
+def _identity(db_url: str) -> accounts.Actor | None:
+    """The account of a user signed in through the identity provider, if one is configured and they are."""
+    if not _configured_providers() or not getattr(st.user, "is_logged_in", False):
+        return None
+    return accounts.actor_for_identity(st.user.get("email"), db_url)
+
+
 def signed_in(db_url: str) -> accounts.Actor | None:
     """The signed-in user (solo mode: the solo user), or None; shows nothing."""
     try:
         if accounts.auth_mode() == "solo":
             return accounts.SOLO
         secret = accounts.session_secret()
+        return _identity(db_url) or accounts.read_session(_token(), secret, db_url)
     except RanaError:
         return None  # gate() says why
-    return accounts.read_session(_token(), secret, db_url)
 
 
 def _token() -> str | None:
@@ -46,16 +88,22 @@ def gate(db_url: str) -> accounts.Actor:
         if accounts.auth_mode() == "solo":
             return accounts.SOLO
         secret = accounts.session_secret()
+        providers = _configured_providers()
+        identity = _identity(db_url)
     except RanaError as exc:
         st.error(str(exc))
+        if getattr(st.user, "is_logged_in", False):
+            st.button("Sign out of the identity provider", on_click=st.logout)
         st.stop()
+    if identity is not None:
+        return identity
     token = _token()
     actor = accounts.read_session(token, secret, db_url)
     if actor is None:
         st.session_state.pop(TOKEN_KEY, None)
         if st.session_state.pop(COOKIE_WRITTEN, False) or st.session_state.get(SIGNED_OUT):
             _write_cookie("", 0)  # expired, revoked or signed out: the browser forgets it too
-        _sign_in_form(secret, db_url)
+        _sign_in_form(secret, db_url, providers)
         st.stop()
     st.session_state[TOKEN_KEY] = token
     if not st.session_state.get(COOKIE_WRITTEN):
@@ -82,6 +130,8 @@ def sign_out() -> None:
     (the cookie this connection was opened with is ignored from now on)."""
     st.session_state.pop(TOKEN_KEY, None)
     st.session_state[SIGNED_OUT] = True
+    if getattr(st.user, "is_logged_in", False):
+        st.logout()
 
 
 def _write_cookie(token: str, seconds: int) -> None:
@@ -89,9 +139,12 @@ def _write_cookie(token: str, seconds: int) -> None:
             unsafe_allow_javascript=True)
 
 
-def _sign_in_form(secret: str, db_url: str) -> None:
+def _sign_in_form(secret: str, db_url: str, providers: list[str | None]) -> None:
     st.title("RaNA Studio")
     st.caption("Sign in to see the team's runs.")
+    for provider in providers:  # st.login leaves for the provider and comes back signed in (st.user)
+        st.button(f"Sign in with {provider or 'your identity provider'}", key=f"oidc_{provider}",
+                  on_click=st.login, args=(provider,) if provider else ())
     with st.form("sign_in"):
         name = st.text_input("Name", key="sign_in_name")
         password = st.text_input("Password", type="password", key="sign_in_password")

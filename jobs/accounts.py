@@ -93,11 +93,16 @@ def _checked_password(password: str) -> str:
     return password
 
 
-def add_user(name: str, password: str, role: str = "viewer", url: str | None = None) -> None:
+OIDC_ONLY = "!oidc"  # the hash of an account that signs in through an identity provider only: no password matches
+
+
+def add_user(name: str, password: str | None, role: str = "viewer", url: str | None = None) -> None:
+    """An account; `password` None: one that signs in only through the identity provider (its name is the email
+    the provider reports)."""
     name = name.strip()
     if not name or len(name) > 100:
         raise RanaError("a user name needs 1 to 100 characters")
-    digest = _hasher().hash(_checked_password(password))
+    digest = OIDC_ONLY if password is None else _hasher().hash(_checked_password(password))
     with session_scope(url) as session:
         if session.execute(select(User.id).where(User.name == name)).scalar() is not None:
             raise RanaError(f"user {name!r} exists already")
@@ -182,6 +187,21 @@ def sign_in(name: str, password: str, url: str | None = None, clock=time.time) -
         raise AuthError("wrong name or password" if stored is None else f"the account {name!r} is disabled")
     FAILURES.clear(name)
     return Actor(name, stored[1])
+
+
+def actor_for_identity(email: str | None, url: str | None = None) -> Actor:
+    """The account an identity provider's signed-in user maps to: the enabled user named by their email (added by
+    an admin, e.g. `rana user add ada@example.com --role runner --oidc`). Anyone else is refused: signing in with
+    a company's provider is not by itself a right to the studio."""
+    if not email:
+        raise AuthError("the identity provider gave no email address to match an account with")
+    with session_scope(url) as session:
+        user = session.execute(select(User).where(User.name == email)).scalar()
+        if user is None:
+            raise AuthError(f"no account for {email}: ask an admin to add it (rana user add {email} --oidc)")
+        if user.disabled:
+            raise AuthError(f"the account {email!r} is disabled")
+        return Actor(user.name, user.role)
 
 
 def issue_session(actor: Actor, secret: str, seconds: int = SESSION_SECONDS, clock=time.time) -> str:

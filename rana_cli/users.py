@@ -18,6 +18,9 @@ def add_user_parser(commands) -> None:
     add.add_argument("--role", default="viewer", help="viewer (reads), runner (also queues and manages own jobs) "
                                                       "or admin (everything)")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    add.add_argument("--oidc", action="store_true", help="no password: the account signs in through the identity "
+                                                         "provider ([auth] in .streamlit/secrets.toml); NAME is the "
+                                                         "email it reports")
     listing = actions.add_parser("list", help="list accounts")
     listing.add_argument("--json", action="store_true")
     passwd = actions.add_parser("passwd", help="set an account's password")
@@ -36,7 +39,7 @@ def cmd_user(args) -> int:
 
     check_schema()
     if args.action == "add":
-        accounts.add_user(args.name, _password(args), args.role)
+        accounts.add_user(args.name, None if args.oidc else _password(args), args.role)
         print(f"added {args.name} ({args.role})")
     elif args.action == "list":
         users = accounts.list_users()

@@ -157,3 +157,33 @@ def test_the_served_app_hides_the_developer_menu_and_a_teams_tracebacks(monkeypa
     monkeypatch.setenv("RANA_AUTH", "team")
     team = app_command(8501, "0.0.0.0")
     assert option(team, "--client.toolbarMode") == "minimal" and option(team, "--client.showErrorDetails") == "type"
+
+
+def test_an_identity_providers_user_maps_to_the_account_of_their_email(team):
+    accounts.add_user("grace@example.com", None, "runner", url=team)  # `rana user add … --oidc`: no password
+    assert accounts.actor_for_identity("grace@example.com", team) == Actor("grace@example.com", "runner")
+    with pytest.raises(AuthError, match="wrong name or password"):  # no password signs in to such an account
+        accounts.sign_in("grace@example.com", "!oidc", team)
+    with pytest.raises(AuthError, match=r"no account for eve@example.com: ask an admin"):
+        accounts.actor_for_identity("eve@example.com", team)
+    with pytest.raises(AuthError, match="gave no email"):
+        accounts.actor_for_identity(None, team)
+    accounts.set_disabled("grace@example.com", True, team)
+    with pytest.raises(AuthError, match="disabled"):
+        accounts.actor_for_identity("grace@example.com", team)
+
+
+def test_the_auth_section_of_streamlits_secrets_is_parsed_or_refused_in_one_line():
+    from app.auth import oidc_providers
+
+    base = {"redirect_uri": "https://studio.example.com/oauth2callback", "cookie_secret": "c" * 32}
+    google = {"client_id": "id", "client_secret": "s", "server_metadata_url": "https://accounts.example.com/.well"}
+    assert oidc_providers(None) == [] and oidc_providers({}) == []
+    assert oidc_providers({**base, **google}) == [None]
+    assert oidc_providers({**base, "okta": google, "google": google}) == ["okta", "google"]
+    with pytest.raises(RanaError, match=r"\[auth\] in .streamlit/secrets.toml needs cookie_secret"):
+        oidc_providers({"redirect_uri": base["redirect_uri"], **google})
+    with pytest.raises(RanaError, match=r"\[auth.okta\] needs client_secret, server_metadata_url"):
+        oidc_providers({**base, "okta": {"client_id": "id"}})
+    with pytest.raises(RanaError, match="names no provider"):
+        oidc_providers(base)
