@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,15 @@ def healthy(url: str) -> bool:
 @pytest.fixture
 def studio(db_url, tmp_path):
     """A worker and the dashboard on a free loopback port, over the test database."""
+    with running_studio(db_url, tmp_path) as url:
+        yield url
+    assert not healthy(url), "the dashboard outlived `rana app` (an orphaned Streamlit server)"
+
+
+@contextmanager
+def running_studio(db_url, tmp_path, **extra_env):
     port = free_port()
-    env = {**os.environ, "RANA_DB_URL": db_url, "RANA_DATA_DIR": str(tmp_path)}
+    env = {**os.environ, "RANA_DB_URL": db_url, "RANA_DATA_DIR": str(tmp_path), **extra_env}
     logs = [open(tmp_path / name, "w") for name in ("worker.log", "app.log")]
     children = [
         subprocess.Popen([sys.executable, "-m", "rana_cli.main", "worker", "--poll", "0.3"], env=env, stdout=logs[0],
@@ -70,7 +78,6 @@ def studio(db_url, tmp_path):
                 child.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 child.kill()
-    assert not healthy(url), "the dashboard outlived `rana app` (an orphaned Streamlit server)"
 
 
 def test_queue_a_job_see_it_on_pareto_and_open_its_heatmaps(studio, db_url):

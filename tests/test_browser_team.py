@@ -4,16 +4,13 @@ a message; a viewer reads runs without a New run form or job buttons; a runner q
 runs under their name, cannot cancel an admin's job, stays signed in across a reload, and signs out; a deep link
 survives the sign-in. Screenshots under tests/artifacts/team-*.png."""
 
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
 from jobs import accounts, queue
 from jobs.accounts import Actor
-from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, free_port, healthy, wait_for
+from test_browser import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, running_studio, wait_for
 
 SECRET = "browser-test-secret-" + "x" * 30
 
@@ -22,28 +19,8 @@ SECRET = "browser-test-secret-" + "x" * 30
 def team_studio(db_url, tmp_path):
     for name, role in (("vera", "viewer"), ("rita", "runner"), ("ada", "admin")):
         accounts.add_user(name, f"{name}-password", role, url=db_url)
-    port = free_port()
-    env = {**os.environ, "RANA_DB_URL": db_url, "RANA_DATA_DIR": str(tmp_path), "RANA_AUTH": "team",
-           "RANA_SESSION_SECRET": SECRET}
-    logs = [open(tmp_path / name, "w") for name in ("worker.log", "app.log")]
-    children = [
-        subprocess.Popen([sys.executable, "-m", "rana_cli.main", "worker", "--poll", "0.3"], env=env, stdout=logs[0],
-                         stderr=subprocess.STDOUT),
-        subprocess.Popen([sys.executable, "-m", "rana_cli.main", "app", "--port", str(port)], env=env, stdout=logs[1],
-                         stderr=subprocess.STDOUT),
-    ]
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_for(lambda: healthy(url), 90, "the dashboard to come up")
+    with running_studio(db_url, tmp_path, RANA_AUTH="team", RANA_SESSION_SECRET=SECRET) as url:
         yield url
-    finally:
-        for child in children:
-            child.terminate()
-        for child in children:
-            try:
-                child.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                child.kill()
 
 
 def sign_in(page, name, password):
@@ -97,7 +74,8 @@ def test_team_mode_in_a_browser(team_studio, db_url):
         page.get_by_role("option", name="tiny", exact=True).click()
         for label, value in (("Calibration tokens", "1024"), ("Evaluation tokens", "512"),
                              ("Sequence length", "128")):
-            field = page.get_by_label(label, exact=True)
+            field = page.get_by_role("spinbutton", name=label, exact=True)
+            expect(field).to_have_count(1)  # a rerun's stale copy of the form has gone
             field.fill(value)
             field.press("Enter")
         page.get_by_role("button", name="Queue job").click()
