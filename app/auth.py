@@ -14,7 +14,7 @@ from __future__ import annotations
 import streamlit as st
 
 from jobs import accounts
-from rana_core.errors import RanaError
+from jobs.accounts import RanaError  # the app reaches the core only through jobs
 
 TOKEN_KEY = "rana_session_token"
 COOKIE = "rana_session"
