@@ -27,6 +27,7 @@ from pathlib import Path
 
 from rana_core.corpus import HELD_OUT_EVERY, SPLITS
 from rana_core.errors import CorpusError
+from rana_core.model_source import hub_off
 
 BROWN = "brown"
 SPLIT_RULE = (f"every {HELD_OUT_EVERY}th document held out "
@@ -209,6 +210,9 @@ def _local_documents(spec: CorpusSpec) -> list[str]:
 
 
 def _hub_documents(spec: CorpusSpec) -> list[str]:
+    if hub_off():
+        raise CorpusError(f"corpus {spec.name!r} is no local file or folder, and the hub could not give it: the "
+                          "hub is off here (HF_HUB_OFFLINE)")
     try:
         with _quiet() as datasets:
             table = datasets.load_dataset(spec.hub_id, split="train")

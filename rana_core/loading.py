@@ -12,7 +12,7 @@ from torch import nn
 from rana_core.architecture import TINY_CONFIG, family_named, family_of, shape_of
 from rana_core.devices import cuda_index
 from rana_core.errors import ModelNotFound
-from rana_core.model_source import GEMMA3_PACKAGE, ModelSource, resolve_model
+from rana_core.model_source import GEMMA3_PACKAGE, ModelSource, hub_off, resolve_model
 from rana_core.residency import rest_layers
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -127,6 +127,8 @@ def load_model(name: str, device: str = "cpu", dtype: str = "float32",
         kwargs = {"gguf_file": gguf_file} if gguf_file else {}
         # Bundled models and local folders must never reach for a hub, not even for a tokenizer file.
         kwargs["local_files_only"] = source.kind != "hub"
+        if source.kind == "hub" and hub_off():  # the hub client reads the flag at import: ask it now
+            raise ModelNotFound(f"could not load model {name!r}: the hub is off here (HF_HUB_OFFLINE)")
         try:
             tok = AutoTokenizer.from_pretrained(location, **kwargs)
             model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype, **kwargs)

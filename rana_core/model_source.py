@@ -14,6 +14,7 @@ The submit path validates names with this module, so a bad name fails before a j
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,3 +98,8 @@ def _folder_source(name: str, path: Path) -> ModelSource:
     if len(ggufs) > 1:
         raise ModelNotFound(f"{name} holds several .gguf files; point at a folder with exactly one")
     raise ModelNotFound(f"{name} is not a model folder: it has neither config.json nor a .gguf file")
+
+
+def hub_off() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, when first imported, then retries for ~20 s)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
