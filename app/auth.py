@@ -18,7 +18,7 @@ from jobs.accounts import RanaError  # the app reaches the core only through job
 
 TOKEN_KEY = "rana_session_token"
 COOKIE = "rana_session"
-COOKIE_WRITTEN, SIGNED_OUT = "rana_cookie_written", "rana_signed_out"
+SIGNED_OUT = "rana_signed_out"
 NOBODY = accounts.Actor(None, "viewer")  # team mode before the gate ran: may read, may not act
 
 
@@ -101,15 +101,19 @@ def gate(db_url: str) -> accounts.Actor:
     actor = accounts.read_session(token, secret, db_url)
     if actor is None:
         st.session_state.pop(TOKEN_KEY, None)
-        if st.session_state.pop(COOKIE_WRITTEN, False) or st.session_state.get(SIGNED_OUT):
-            _write_cookie("", 0)  # expired, revoked or signed out: the browser forgets it too
+        _write_cookie(st, "", 0)  # none, expired, revoked or signed out: the browser forgets any it holds
         _sign_in_form(secret, db_url, providers)
         st.stop()
     st.session_state[TOKEN_KEY] = token
-    if not st.session_state.get(COOKIE_WRITTEN):
-        _write_cookie(token, accounts.SESSION_SECONDS)
-        st.session_state[COOKIE_WRITTEN] = True
     return actor
+
+
+def remember(user: accounts.Actor) -> None:
+    """Keep the signed-in user's token in the browser's cookie (main.py, every run: an element written on some
+    runs only would shift the page's elements, and Streamlit would show stale copies beside the new ones)."""
+    token = st.session_state.get(TOKEN_KEY)
+    if user.name is not None and token:
+        _write_cookie(st.sidebar, token, accounts.SESSION_SECONDS)
 
 
 def actor() -> accounts.Actor:
@@ -134,8 +138,8 @@ def sign_out() -> None:
         st.logout()
 
 
-def _write_cookie(token: str, seconds: int) -> None:
-    st.html(f"<script>document.cookie = '{COOKIE}={token}; path=/; max-age={seconds}; SameSite=Strict';</script>",
+def _write_cookie(where, token: str, seconds: int) -> None:
+    where.html(f"<script>document.cookie = '{COOKIE}={token}; path=/; max-age={seconds}; SameSite=Strict';</script>",
             unsafe_allow_javascript=True)
 
 
@@ -155,5 +159,4 @@ def _sign_in_form(secret: str, db_url: str, providers: list[str | None]) -> None
                 st.error(str(exc))
             else:
                 st.session_state[TOKEN_KEY] = accounts.issue_session(signed_in, secret)
-                st.session_state.pop(COOKIE_WRITTEN, None)  # the next run writes the new token's cookie
                 st.rerun()  # the page the link asked for (its ?run=… stays in the URL)

@@ -23,6 +23,7 @@ if user is not None and not may_queue:  # a viewer reads; the form that queues i
 # the sign-in form, and opens once it is passed.
 page = st.navigation(pages, position="sidebar" if user is not None else "hidden")
 user = auth.gate(data.url())  # team mode: nothing but the sign-in form until someone signs in
+auth.remember(user)
 if user.name is not None:
     st.sidebar.caption(f"Signed in as **{user.name}** ({user.role})")
     if st.sidebar.button("Sign out", key="sign_out"):
