@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from rana_core.corpus import HELD_OUT_EVERY, SPLITS
+from rana_core.corpus import HELD_OUT_EVERY, split_part
 from rana_core.errors import CorpusError
 from rana_core.model_source import hub_off
 
@@ -46,11 +46,7 @@ class Corpus:
     digest: str  # sha256 of the documents, 16 hex digits
 
     def split(self, split: str) -> list[str]:
-        if split not in SPLITS:
-            raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-        held_out = split == "heldout"
-        return [text for i, text in enumerate(self.documents)
-                if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+        return split_part(self.documents, split)
 
     def record(self) -> dict:
         """What a run stores: name, split rule, digest and document count."""
@@ -65,6 +61,7 @@ class CorpusSpec:
     path: Path | None
     field: str | None
     hub_id: str | None
+    files: tuple[Path, ...] = ()  # a local path's data files (itself, or a folder's files of one kind)
 
 
 def parse_corpus(name: str) -> CorpusSpec:
@@ -82,8 +79,9 @@ def parse_corpus(name: str) -> CorpusSpec:
         if Path(head).expanduser().exists() and tail:
             path, field = Path(head).expanduser(), tail
     if path.exists():
-        _check_path(path, name)
-        return CorpusSpec(name, path, field, None)
+        files = _data_files(path, name)
+        _check_files(files, name)
+        return CorpusSpec(name, path, field, None, tuple(files))
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or Path(name).suffix.lower() in BUILDERS:
         raise CorpusError(f"corpus {name!r}: no such file or folder")
     return CorpusSpec(name, None, None, name)
@@ -99,8 +97,7 @@ def checked_corpus(name: str) -> str:
     return f"{absolute}:{spec.field}" if spec.field else absolute
 
 
-def _check_path(path: Path, name: str) -> None:
-    files = _data_files(path, name)
+def _check_files(files: list[Path], name: str) -> None:
     for file in files:
         try:
             with open(file, "rb") as handle:
@@ -143,9 +140,7 @@ def open_corpus(name: str) -> Corpus:
     """The corpus `name` names, read through `datasets` (cached by name and, for local files, their sizes and
     modification times: a file edited in between is read again)."""
     spec = parse_corpus(name)
-    stamp = ()
-    if spec.path is not None:
-        stamp = tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _data_files(spec.path, name))
+    stamp = tuple((f.stat().st_size, f.stat().st_mtime_ns) for f in spec.files)
     return _open(spec, stamp)
 
 
@@ -196,7 +191,7 @@ def _quiet():
 
 
 def _local_documents(spec: CorpusSpec) -> list[str]:
-    files = _data_files(spec.path, spec.name)
+    files = spec.files
     builder = BUILDERS[files[0].suffix.lower()]
     options = {}
     if builder == "text":  # a lone file: its paragraphs; a folder: each file
@@ -226,8 +221,7 @@ def _text_column(table, spec: CorpusSpec) -> list[str]:
     columns = list(table.column_names)
     field = spec.field
     if field is None:
-        texts = [c for c in columns if str(table.features[c]) in ("Value('string')", "Value('large_string')")
-                 or getattr(table.features[c], "dtype", None) in ("string", "large_string")]
+        texts = [c for c in columns if getattr(table.features[c], "dtype", None) in ("string", "large_string")]
         field = DEFAULT_FIELD if DEFAULT_FIELD in columns else (texts[0] if len(texts) == 1 else None)
         if field is None:
             raise CorpusError(f"corpus {spec.name!r}: no {DEFAULT_FIELD!r} field; name one as "

@@ -94,21 +94,22 @@ def load_sentences(root: str | None = None) -> tuple[tuple[str, ...], ...]:
     return tuple(documents)
 
 
-def split_sentences(split: str, root: str | None = None) -> list[str]:
-    """The sentences of `split`'s documents, document by document (the same fixed split as the windows)."""
+def split_part(documents, split: str) -> list:
+    """`split`'s share of `documents` (in order): every HELD_OUT_EVERY-th, positions 9, 19, …, for "heldout", the
+    rest for "train". The one split rule of every corpus (rana_core.corpora) and of Brown's sentences."""
     if split not in SPLITS:
         raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
     held_out = split == "heldout"
-    return [sentence for i, document in enumerate(load_sentences(root))
-            if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out for sentence in document]
+    return [doc for i, doc in enumerate(documents) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+
+
+def split_sentences(split: str, root: str | None = None) -> list[str]:
+    """The sentences of `split`'s documents, document by document (the same fixed split as the windows)."""
+    return [sentence for document in split_part(load_sentences(root), split) for sentence in document]
 
 
 def split_documents(split: str, root: str | None = None) -> list[str]:
-    if split not in SPLITS:
-        raise CorpusError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-    docs = load_documents(root)
-    held_out = split == "heldout"
-    return [text for i, (_, text) in enumerate(docs) if (i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1) == held_out]
+    return [text for _, text in split_part(load_documents(root), split)]
 
 
 def token_windows(tokenizer, split: str, n_tokens: int, seq_len: int, corpus="brown"):
