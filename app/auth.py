@@ -16,7 +16,7 @@ import streamlit as st
 from jobs import accounts
 from jobs.accounts import RanaError  # the app reaches the core only through jobs
 
-TOKEN_KEY = "rana_session_token"
+TOKEN_KEY, ACTOR_KEY = "rana_session_token", "rana_actor"
 COOKIE = "rana_session"
 SIGNED_OUT = "rana_signed_out"
 NOBODY = accounts.Actor(None, "viewer")  # team mode before the gate ran: may read, may not act
@@ -57,20 +57,23 @@ def _configured_providers() -> list[str | None]:
     return oidc_providers(section)
 
 
-def _identity(db_url: str) -> accounts.Actor | None:
-    """The account of a user signed in through the identity provider, if one is configured and they are."""
-    if not _configured_providers() or not getattr(st.user, "is_logged_in", False):
-        return None
-    return accounts.actor_for_identity(st.user.get("email"), db_url)
+def _resolve(db_url: str) -> tuple[accounts.Actor | None, str | None, str, list[str | None]]:
+    """Team mode's (signed-in user or None, the session token they came from, session secret, identity
+    providers); a RanaError when the deployment is misconfigured (no secret, an incomplete [auth]) or the
+    provider's user has no account."""
+    secret, providers = accounts.session_secret(), _configured_providers()
+    if providers and getattr(st.user, "is_logged_in", False):
+        return accounts.actor_for_identity(st.user.get("email"), db_url), None, secret, providers
+    token = _token()
+    return accounts.read_session(token, secret, db_url), token, secret, providers
 
 
 def signed_in(db_url: str) -> accounts.Actor | None:
     """The signed-in user (solo mode: the solo user), or None; shows nothing."""
+    if accounts.auth_mode() == "solo":
+        return accounts.SOLO
     try:
-        if accounts.auth_mode() == "solo":
-            return accounts.SOLO
-        secret = accounts.session_secret()
-        return _identity(db_url) or accounts.read_session(_token(), secret, db_url)
+        return _resolve(db_url)[0]
     except RanaError:
         return None  # gate() says why
 
@@ -84,27 +87,25 @@ def _token() -> str | None:
 
 def gate(db_url: str) -> accounts.Actor:
     """The signed-in user, or the sign-in form and a stopped page. Solo mode: the solo user."""
+    if accounts.auth_mode() == "solo":
+        return accounts.SOLO
     try:
-        if accounts.auth_mode() == "solo":
-            return accounts.SOLO
-        secret = accounts.session_secret()
-        providers = _configured_providers()
-        identity = _identity(db_url)
+        actor, token, secret, providers = _resolve(db_url)
     except RanaError as exc:
+        st.session_state.pop(ACTOR_KEY, None)
         st.error(str(exc))
         if getattr(st.user, "is_logged_in", False):
             st.button("Sign out of the identity provider", on_click=st.logout)
         st.stop()
-    if identity is not None:
-        return identity
-    token = _token()
-    actor = accounts.read_session(token, secret, db_url)
     if actor is None:
         st.session_state.pop(TOKEN_KEY, None)
+        st.session_state.pop(ACTOR_KEY, None)
         _write_cookie(st, "", 0)  # none, expired, revoked or signed out: the browser forgets any it holds
         _sign_in_form(secret, db_url, providers)
         st.stop()
-    st.session_state[TOKEN_KEY] = token
+    if token is not None:  # a token from the cookie is this session's from now on
+        st.session_state[TOKEN_KEY] = token
+    st.session_state[ACTOR_KEY] = actor  # who acts in this run (actor())
     return actor
 
 
@@ -117,22 +118,18 @@ def remember(user: accounts.Actor) -> None:
 
 
 def actor() -> accounts.Actor:
-    """Who acts, for the queue's checks (read again from the token, so a revoked account stops at once)."""
+    """Who acts, for the queue's checks: the user the gate at the top of this run resolved from the token (every
+    page opens with data.page(), which runs it), so a revoked account stops at its next click."""
     if accounts.auth_mode() == "solo":
         return accounts.SOLO
-    from app.data import url  # noqa: PLC0415  (data imports this module)
-
-    token = st.session_state.get(TOKEN_KEY)
-    try:
-        return accounts.read_session(token, accounts.session_secret(), url()) or NOBODY
-    except RanaError:
-        return NOBODY
+    return st.session_state.get(ACTOR_KEY, NOBODY)
 
 
 def sign_out() -> None:
     """End the session: the token is dropped here, and the cookie is cleared on the sign-in page that follows
     (the cookie this connection was opened with is ignored from now on)."""
     st.session_state.pop(TOKEN_KEY, None)
+    st.session_state.pop(ACTOR_KEY, None)
     st.session_state[SIGNED_OUT] = True
     if getattr(st.user, "is_logged_in", False):
         st.logout()

@@ -104,13 +104,17 @@ def add_user(name: str, password: str | None, role: str = "viewer", url: str | N
         raise RanaError("a user name needs 1 to 100 characters")
     digest = OIDC_ONLY if password is None else _hasher().hash(_checked_password(password))
     with session_scope(url) as session:
-        if session.execute(select(User.id).where(User.name == name)).scalar() is not None:
+        if _find(session, name) is not None:
             raise RanaError(f"user {name!r} exists already")
         session.add(User(name=name, password_hash=digest, role=_checked_role(role), disabled=False))
 
 
+def _find(session, name) -> User | None:
+    return session.execute(select(User).where(User.name == name)).scalar()
+
+
 def _user(session, name: str) -> User:
-    user = session.execute(select(User).where(User.name == name)).scalar()
+    user = _find(session, name)
     if user is None:
         raise RanaError(f"no user {name!r}")
     return user
@@ -175,7 +179,7 @@ def sign_in(name: str, password: str, url: str | None = None, clock=time.time) -
     if wait > 0:
         raise AuthError(f"too many failed sign-ins for {name!r}: try again in {wait:.0f} s")
     with session_scope(url) as session:
-        user = session.execute(select(User).where(User.name == name)).scalar()
+        user = _find(session, name)
         stored = (user.password_hash, user.role, user.disabled) if user else None
     if stored is not None:
         try:
@@ -196,7 +200,7 @@ def actor_for_identity(email: str | None, url: str | None = None) -> Actor:
     if not email:
         raise AuthError("the identity provider gave no email address to match an account with")
     with session_scope(url) as session:
-        user = session.execute(select(User).where(User.name == email)).scalar()
+        user = _find(session, email)
         if user is None:
             raise AuthError(f"no account for {email}: ask an admin to add it (rana user add {email} --oidc)")
         if user.disabled:
@@ -224,7 +228,7 @@ def read_session(token: str | None, secret: str, url: str | None = None, clock=t
     if not isinstance(claims, dict) or not isinstance(claims.get("exp"), int) or claims["exp"] <= clock():
         return None
     with session_scope(url) as session:
-        user = session.execute(select(User).where(User.name == claims.get("name"))).scalar()
+        user = _find(session, claims.get("name"))
         return None if user is None or user.disabled else Actor(user.name, user.role)
 
 

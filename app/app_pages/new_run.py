@@ -7,7 +7,8 @@ import streamlit as st
 from app import auth, data
 
 data.page("New run")
-if not auth.actor().may("runner"):  # reached by its URL: a viewer gets no form
+me = auth.actor()  # team mode: the signed-in user, who queues under their own name
+if not me.may("runner"):  # reached by its URL: a viewer gets no form
     st.info("Your role reads the team's runs; ask an admin for the runner role to queue them.")
     st.stop()
 
@@ -50,7 +51,6 @@ evals = middle.number_input("Evaluation tokens", min_value=1, value=defaults["ev
 seq_len = right.number_input("Sequence length", min_value=2, value=defaults["seq_len"], step=64,
                              key="new_run_seq_len")
 left, right = st.columns(2)
-me = auth.actor()  # team mode: the signed-in user queues under their own name
 author = left.text_input("Your name", value=me.name or data.default_author(), key="new_run_author",
                          disabled=me.name is not None,
                          help="stored with the run, for the team's comparisons")
