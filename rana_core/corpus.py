@@ -137,7 +137,7 @@ def token_windows(tokenizer, split: str, n_tokens: int, seq_len: int, corpus="br
         if stream:
             stream.extend(tokenizer.separator_ids)
         stream.extend(tokenizer.encode(text))
-    bos = list(getattr(tokenizer, "bos_ids", []))
+    bos = list(tokenizer.bos_ids)
     text_len = seq_len - len(bos)
     available = len(stream) // text_len
     if available < n_windows:

@@ -49,7 +49,7 @@ def prompt_ids(tokenizer, probe: Probe) -> list[int]:
                                      tokenize=True)
         return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in newer transformers
     text = f"Question: {probe.prompt}\nAnswer:" if probe.kind == "chat" else probe.prompt
-    return list(getattr(tokenizer, "bos_ids", [])) + tokenizer.encode(text)  # a chat template adds its own
+    return list(tokenizer.bos_ids) + tokenizer.encode(text)  # a chat template adds its own
 
 
 @torch.no_grad()

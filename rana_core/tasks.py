@@ -61,7 +61,7 @@ class TaskResult:
 def cloze_items(tokenizer, count: int = CLOZE_ITEMS, min_tokens: int = CLOZE_MIN_TOKENS,
                 root: str | None = None) -> tuple[list[Scored], int]:
     """(items, skipped): the first `count` held-out sentences, in corpus order, that qualify."""
-    items, skipped, bos = [], 0, getattr(tokenizer, "bos_ids", [])
+    items, skipped, bos = [], 0, tokenizer.bos_ids
     for sentence in split_sentences("heldout", root):
         match = _LAST_WORD.match(sentence)
         if match is None:
@@ -140,7 +140,7 @@ def lm_eval_results(results: list[TaskResult], config: dict | None = None) -> di
 
 
 def _scored(tokenizer, context: str, continuations: list[str], gold: int = 0) -> Scored | None:
-    bos = list(getattr(tokenizer, "bos_ids", []))  # a model that expects a begin-of-text token gets it
+    bos = list(tokenizer.bos_ids)  # a model that expects a begin-of-text token gets it
     start = bos + tokenizer.encode(context)
     if len(start) == len(bos):  # the first continuation token needs a position to be predicted from
         return None

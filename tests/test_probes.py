@@ -23,6 +23,7 @@ class Parrot:
     """A tokenizer and model stand-in: whatever the prompt, the reply decodes to `reply`."""
 
     eos_id = None
+    bos_ids: list = []  # the tokenizer interface: no begin-of-text token
 
     def __init__(self, reply):
         self.reply = reply
