@@ -284,6 +284,30 @@ def test_the_check_judges_the_single_adapter_allocations_and_may_keep_one(tiny, 
     assert result.measured_flop_reduction == pytest.approx(0.4, abs=0.05)
 
 
+def test_the_check_judges_the_teal_method_allocation_and_builds_it_when_it_wins(tiny, monkeypatch):
+    """The ``teal`` method (every input keeping 1 - p) is a peer hybrid contains: it is judged beside the solver's
+    allocations, and when its calibration loss is the least every QKV, gate, up and down input keeps 1 - p."""
+    from rana_core.config import CompressConfig
+    from rana_core.methods import hybrid
+    from rana_core.pipeline import compress
+
+    judged = {}
+
+    def fake_losses(self, allocations):
+        judged.update(allocations)
+        return {name: 0.0 if name == "teal everywhere" else 1.0 for name in allocations}
+
+    monkeypatch.setattr(hybrid.HybridState, "check_losses", fake_losses)
+    result = compress(CompressConfig(model="tiny", method="hybrid", allocation="exact-loss", flop_reduction=0.35,
+                                     calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny)
+    assert {point.keep for point in judged["teal everywhere"].values()} == {0.65}
+    assert len(judged["teal everywhere"]) == 2 * len(tiny.layers)  # no module left dense
+    adapted = [row for row in result.layers if row.module in ("qkv", "gate", "up", "down")]
+    assert len(adapted) == 4 * len(tiny.layers)
+    assert all(row.adapter == "teal" and row.planned_keep == pytest.approx(0.65) for row in adapted)
+    assert result.measured_flop_reduction == pytest.approx(0.35, abs=0.01)
+
+
 def test_two_workers_filling_one_curve_cache_never_trip_over_each_other(tmp_path):
     """Two workers on one data folder (one per GPU) may compute the same curves at the same time: each write lands
     whole under its final name, and neither fails on the other's temporary file."""
