@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+import transformers
 
 from db.session import data_dir
 from rana_core.config import CompressConfig
@@ -51,6 +53,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--device", default=os.environ.get("RANA_DEVICE") or "cpu",
+                        help="where the model runs, float32 either way (default: RANA_DEVICE, else cpu)")
     parser.add_argument("--out", type=Path, help="JSON path (default bench/results/quality-<model>.json)")
     args = parser.parse_args(argv)
 
@@ -62,7 +66,7 @@ def main(argv=None) -> int:
         print(f"bench/quality.py: {exc}", file=sys.stderr)
         return 2
     try:
-        loaded = load_model(args.model)
+        loaded = load_model(args.model, device=args.device)
     except RanaError as exc:  # e.g. gemma3-270m when its package is not installed
         print(f"bench/quality.py: {args.model} not run: {exc}", file=sys.stderr)
         return 2
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
     for name, method, allocation, recovery in plan:
         for budget in [0.0] if method == "dense" else budgets:
             config = CompressConfig(model=args.model, method=method, allocation=allocation, flop_reduction=budget,
-                                    calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
+                                    device=args.device, calib_tokens=args.calib_tokens, eval_tokens=args.eval_tokens,
                                     seq_len=args.seq_len, track_layers=False)
             t0 = time.perf_counter()
             try:
@@ -144,7 +148,8 @@ def write_report(args, rows: list, started: float) -> Path:
                   "measured_flop_reduction_whole_model": "adds attention output projection, attention scores "
                                                          "at the evaluation length, and the LM head (dense)"},
         "calib_tokens": args.calib_tokens, "eval_tokens": args.eval_tokens, "seq_len": args.seq_len,
-        "device": platform.processor() or "cpu", "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "device": (torch.cuda.get_device_name(args.device) if args.device.startswith("cuda")
+                   else platform.processor() or "cpu"), "transformers": transformers.__version__, "torch": torch.__version__, "threads": torch.get_num_threads(),
         "seconds": time.perf_counter() - started, "rows": rows,
     }
     out = args.out or RESULTS / f"quality-{args.model}.json"
