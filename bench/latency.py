@@ -41,6 +41,9 @@ def main(argv=None) -> int:
     parser.add_argument("--hf-tokens", type=int, default=64, help="new tokens for HF generate (0: skip it)")
     parser.add_argument("--dtype", default="float16", choices=sorted(latency.DTYPES))
     parser.add_argument("--gemv", default="cublas,triton", help="GEMV backends of the engine to time")
+    parser.add_argument("--layers", default="reference",
+                        help="layer modes to time: reference (a launch per operation), persistent (a launch per layer)")
+    parser.add_argument("--no-kernel", action="store_true", help="skip the masked-row kernel micro-benchmark")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -58,26 +61,32 @@ def main(argv=None) -> int:
     out = args.out or RESULTS / f"latency-{name.replace(' ', '-').lower()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     for model in args.models.split(","):
-        rows = [row for backend in args.gemv.split(",") for row in
+        rows = [row for layers in args.layers.split(",") for backend in args.gemv.split(",") for row in
                 latency.engine_rows(model, args.dtype, budgets, contexts, args.new_tokens, device, bandwidth,
-                                    gemv=backend)]
+                                    gemv=backend, layers=layers)]
         hf = latency.hf_rows(model, args.dtype, contexts, args.hf_tokens, device) if args.hf_tokens else []
         report["rows"] += rows
         report["hf_rows"] += hf
         out.write_text(json.dumps(report, indent=2))
         hf_ms = {r["context_tokens"]: r["ms_per_token"] for r in hf}
         print(f"\n{model} ({args.dtype}, {args.new_tokens} new tokens, median ms/token)")
-        print(f"{'engine':>14}{'cut':>5}{'measured':>9}{'context':>8}{'ms/token':>10}{'vs dense':>9}{'vs HF':>8}"
+        print(f"{'engine':>18}{'cut':>5}{'measured':>9}{'context':>8}{'ms/token':>10}{'vs dense':>9}{'vs HF':>8}"
               f"{'floor ms':>9}{'/floor':>7}")
         for r in rows:
             speedup = r["dense_ms_per_token"] / r["ms_per_token"]
             versus_hf = hf_ms[r["context_tokens"]] / r["ms_per_token"] if r["context_tokens"] in hf_ms else float("nan")
             floor = r["shapes"]["floor_ms"]
-            print(f"{r['engine']:>14}{r['flop_reduction']:>5.2f}{r['measured_flop_reduction']:>9.3f}{r['context_tokens']:>8}"
+            print(f"{r['engine']:>18}{r['flop_reduction']:>5.2f}{r['measured_flop_reduction']:>9.3f}{r['context_tokens']:>8}"
                   f"{r['ms_per_token']:>10.3f}{speedup:>8.2f}x{versus_hf:>7.1f}x{floor:>9.3f}"
                   f"{r['ms_per_token'] / floor:>6.2f}x", flush=True)
         for r in hf:
             print(f"  HF generate (eager), context {r['context_tokens']}: {r['ms_per_token']:.2f} ms/token")
+    if args.no_kernel:
+        args.out = out
+        report["seconds"] = time.perf_counter() - started
+        out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {shown(out)} ({report['seconds']:.0f} s)")
+        return 0
     report["kernel"] = latency.kernel_microbenchmark(device, args.dtype, bandwidth)
     print(f"\nmasked-row kernel ({args.dtype}): bandwidth on the active rows")
     print(f"{'kernel':<28}{'K':>6}{'M':>7}{'density':>8}{'us':>9}{'GB/s':>8}{'of copy':>8}")

@@ -349,6 +349,7 @@ class DecodeEngine(nn.Module):
         self.max_seq = 0
         self.graph = None
         self.marker = None  # called (layer, section) where each section of a step begins (rana_core.decode.run_latency)
+        self.layer_mode = "reference"
 
     @classmethod
     def assemble(cls, shape: Shape, dtype, device, embed: torch.Tensor, blocks: list, norm: "RMSNorm",
@@ -367,7 +368,23 @@ class DecodeEngine(nn.Module):
         engine.lm_head.weight = nn.Parameter(lm_head, requires_grad=False)
         engine.inv_freq, engine.rope_scale = inv_freq.float().to(engine.device), rope_scale
         engine.max_seq, engine.graph, engine.marker = 0, None, None
+        engine.layer_mode = "reference"
         return engine
+
+    LAYER_MODES = ("reference", "persistent", "staged")
+
+    def use_layer_kernels(self, mode: str, config: dict | None = None) -> "DecodeEngine":
+        """How a one-token step runs each layer: "reference" (a launch per operation, this module), "persistent"
+        (one launch per layer, rana_core.decode.layer_kernel) or "staged" (the same kernel, a launch per stage: the
+        persistent kernel's twin, and the only form Triton's interpreter can run). Layers the layer kernel cannot
+        run keep the reference path."""
+        if mode not in self.LAYER_MODES:
+            raise ValueError(f"unknown layer mode {mode!r}: use one of {', '.join(self.LAYER_MODES)}")
+        self.layer_mode, self.layer_config = mode, config
+        self.graph = None
+        if self.max_seq:
+            self.allocate(self.max_seq)
+        return self
 
     # --- cache and positions -------------------------------------------------------------------------------
     def allocate(self, max_seq: int) -> None:
@@ -381,11 +398,20 @@ class DecodeEngine(nn.Module):
         self.token = torch.zeros(1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self.graph = None
+        self.kernels = None
+        if self.layer_mode != "reference":
+            from rana_core.decode.layer_kernel import layer_kernels
+
+            self.kernels = layer_kernels(self.blocks, max_seq, self.layer_mode, getattr(self, "layer_config", None))
+            self.barriers = torch.zeros(s.layers, dtype=torch.int32, device=self.device)
+            self.residuals = torch.empty(2, s.hidden, dtype=self.dtype, device=self.device)
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits of `tokens` (T,) at positions `pos` (T,), reading and filling the cache. The residual stream x
         is updated in place: each residual add is fused with the RMSNorm that follows it."""
+        if tokens.numel() == 1 and self.kernels is not None:
+            return self._layer_kernel_step(tokens, pos)
         x = self.embed[tokens]
         normed = torch.empty_like(x)
         allowed = None  # one token attends through decode_attention, which reads its position itself
@@ -405,6 +431,39 @@ class DecodeEngine(nn.Module):
         logits = matvec(self.lm_head.weight, normed, self.gemv)
         mark(len(self.blocks), "end")
         return logits
+
+    def _layer_kernel_step(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token through the layer kernels (a layer they cannot run, or one whose masks are being counted or
+        calibrated, takes the reference path); the residual alternates between two buffers."""
+        x = self.embed[tokens][0]
+        self.barriers.zero_()  # one memset per step: every layer's barrier counts from zero
+        mark = self.marker or _no_mark
+        for index, (block, kernel) in enumerate(zip(self.blocks, self.kernels)):
+            mark(index, "qkv")
+            measuring = any(getattr(part, "calibrating", False) or getattr(part, "counting", False)
+                            for part in (block.qkv, block.gate, block.up, block.down))
+            if kernel is None or measuring:
+                x = self._reference_layer(block, index, x, pos)
+                continue
+            out = self.residuals[1] if x.data_ptr() == self.residuals[0].data_ptr() else self.residuals[0]
+            x = kernel(x, out, pos, self.k_cache[index], self.v_cache[index], self.cos, self.sin,
+                       self.barriers[index:index + 1])
+        mark(len(self.blocks), "head")
+        normed = torch.empty_like(x)[None]
+        add_rmsnorm(x[None], None, self.norm.weight, self.norm.eps, normed)
+        logits = matvec(self.lm_head.weight, normed, self.gemv)
+        mark(len(self.blocks), "end")
+        return logits
+
+    def _reference_layer(self, block, index: int, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """One token through one layer on the reference path; x (hidden,) is updated in place and returned."""
+        x = x[None]
+        normed = torch.empty_like(x)
+        add_rmsnorm(x, None, block.attn_norm.weight, block.attn_norm.eps, normed)
+        attended = block.attention(normed, pos, self.k_cache[index], self.v_cache[index], self.cos, self.sin, None)
+        add_rmsnorm(x, attended, block.mlp_norm.weight, block.mlp_norm.eps, normed)
+        x += block.mlp(normed)
+        return x[0]
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> None:

@@ -33,9 +33,10 @@ def device_name(device: str) -> str:
 
 def engine_rows(shape_name: str, dtype: str, budgets: list[float], contexts: list[int], new_tokens: int,
                 device: str, bandwidth: float, progress: ProgressFn = no_progress,
-                gemv: str = "triton") -> list[dict]:
-    """One row per (budget, context): median ms per token in the engine, with the dense engine's beside it and
-    the floor (bytes one step must read over the measured copy bandwidth)."""
+                gemv: str = "triton", layers: str = "reference") -> list[dict]:
+    """One row per (budget, context): median ms per token in the engine, with the dense engine's beside it (same
+    GEMV and layer mode: rana_core.decode.engine.DecodeEngine.use_layer_kernels) and the floor (bytes one step
+    must read over the measured copy bandwidth)."""
     shape = SHAPES[shape_name]
     budgets = sorted(set([0.0] + list(budgets)))
     rows, dense_ms = [], {}
@@ -44,6 +45,7 @@ def engine_rows(shape_name: str, dtype: str, budgets: list[float], contexts: lis
         engine = DecodeEngine(shape, DTYPES[dtype], device, flop_reduction=budget, gemv=gemv)
         engine.calibrate()
         measured = engine.measure_flop_reduction()
+        engine.use_layer_kernels(layers)
         weight_bytes = engine.weight_bytes_per_token()
         for c_index, context in enumerate(contexts):
             progress((b_index * len(contexts) + c_index) / total, f"{shape_name} −{budget:.0%} context {context}")
@@ -52,7 +54,7 @@ def engine_rows(shape_name: str, dtype: str, budgets: list[float], contexts: lis
                 dense_ms[context] = ms
             read = weight_bytes + engine.kv_bytes_per_token(context, new_tokens)
             rows.append({
-                "model": shape_name, "device_name": device_name(device), "dtype": dtype, "engine": f"graphs+{gemv}",
+                "model": shape_name, "device_name": device_name(device), "dtype": dtype, "engine": f"graphs+{gemv}" if layers == "reference" else f"{layers}+{gemv}",
                 "flop_reduction": budget, "measured_flop_reduction": measured, "context_tokens": context,
                 "new_tokens": new_tokens, "ms_per_token": ms, "dense_ms_per_token": dense_ms.get(context),
                 "shapes": {**shape.__dict__, "bytes_per_token": read, "floor_ms": 1e3 * read / bandwidth,

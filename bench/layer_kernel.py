@@ -1,0 +1,66 @@
+"""The persistent layer kernel's launch shape (GPU): programs per multiprocessor, warps and tile sizes, timed at
+one model shape and cut, beside the reference engine.
+
+    python bench/layer_kernel.py [--model llama2-7b-shape] [--cut 0.44] [--context 1] [--new-tokens 128]
+
+Each configuration: median ms/token over graph-replayed decode steps (rana_core.decode.engine), the same engine
+and calibration for all. Prints a table and writes bench/results/layer-kernel-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
+from rana_core.decode.latency import DTYPES  # noqa: E402
+
+from shown_path import shown  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w} for p in (1, 2, 4) for w in (4, 8)] + [
+    {"PROGRAMS_PER_SM": 2, "num_warps": 4, "GATHER_K": 64, "RANGE": 256},
+    {"PROGRAMS_PER_SM": 2, "num_warps": 4, "GATHER_K": 256, "RANGE": 1024},
+    {"PROGRAMS_PER_SM": 2, "num_warps": 4, "BLOCK_N": 16, "BLOCK_K": 256},
+    {"PROGRAMS_PER_SM": 4, "num_warps": 4, "BLOCK_N": 4, "BLOCK_K": 512}]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="llama2-7b-shape")
+    parser.add_argument("--cuts", default="0,0.44")
+    parser.add_argument("--context", type=int, default=1)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    name = torch.cuda.get_device_name()
+    rows = []
+    print(f"{name}, {args.model}, context {args.context}, median ms/token of {args.new_tokens} replayed steps")
+    for cut in [float(c) for c in args.cuts.split(",")]:
+        engine = DecodeEngine(SHAPES[args.model], DTYPES[args.dtype], "cuda", flop_reduction=cut, gemv="triton")
+        engine.calibrate()
+        for mode, config in [("reference", None)] + [("persistent", c) for c in SWEEP]:
+            engine.use_layer_kernels(mode, config)
+            ms = statistics.median(engine.time_decode(args.context, args.new_tokens))
+            rows.append({"cut": cut, "mode": mode, "config": config, "ms_per_token": ms})
+            print(f"cut {cut:.2f} {mode:<11}{json.dumps(config) if config else '':<80}{ms:8.3f}", flush=True)
+        del engine
+        torch.cuda.empty_cache()
+    out = args.out or RESULTS / f"layer-kernel-{name.replace(' ', '-').lower()}.json"
+    out.write_text(json.dumps({"device_name": name, "model": args.model, "context": args.context,
+                               "dtype": args.dtype, "rows": rows}, indent=2))
+    print(f"wrote {shown(out)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,480 @@
+"""One kernel per decoder layer at batch 1: a layer's products, norms, rotary, attention and masked products run
+as stages of one persistent Triton launch, separated by grid-wide barriers instead of kernel launches.
+
+Why: at batch 1 the reference engine (``engine.py``) runs a layer as a chain of launches (dense 9, RaNA 15), and
+each launch on the critical path costs a few microseconds of ramp-up and drain beside the bytes it moves;
+a masked product's compaction, gather and reduction are three of them. Here every program of the launch stays
+resident (as many as the GPU holds at once, ``programs``) and walks the same stage list; between two stages each
+program arrives at a counter in global memory and waits until all have (``_grid_sync``). No stage needs a list:
+
+1. norm → first product: every program computes the RMSNorm of the residual itself (a few KB from L2) and
+   streams its tiles of the dense QKV weight, or of the rank adapter's B;
+2. masked A-part (rank adapters): items of (output columns × a range of ranks); a rank's row of Aᵀ is read only
+   when its coefficient passes the threshold, so a range reads its active rows only, and ranges are short enough
+   that every program gets work at any density; the partial sums of the ranges are added by the next stage;
+3. rotary + cache write, 4. attention over the prefix in chunks, 5. the chunks' softmaxes combined;
+6. o_proj, with the residual add in its epilogue (each program owns whole output rows);
+7. norm → gate/up (dense with SwiGLU fused, or both B factors), 8. their masked A-parts, 9. SwiGLU of the sums;
+10. down: dense with the residual add fused, or the neuron adapter's masked rows of W_downᵀ, 11. then their sum
+    added to the residual.
+
+The same kernel runs *staged* (``PERSISTENT=False``: one launch per stage, no barrier): on the CPU that is the
+only way (Triton's interpreter runs programs one after another, so a grid barrier would wait forever), and on a
+GPU it is the twin the persistent launch is tested against. Data produced inside the launch is read with
+``.cg`` loads (L2, never a stale L1 line) and every stage writes its own buffer.
+
+Blocks it cannot run (biases, TEAL/WINA masks on QKV or the MLP input, static low rank, A3, Gemma) keep the
+reference path, layer by layer (``supports``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from rana_core.decode.masked_kernels import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from rana_core.decode.masked_kernels import swiglu
+
+    @triton.jit
+    def _grid_sync(bar_ptr, target):
+        """Wait until `target` arrivals have been counted (this program's included): the stores of every program
+        before its arrival are visible to every program after its wait (release on arrival, acquire on wait)."""
+        tl.debug_barrier()
+        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def _inv_rms(x_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
+        offs = tl.arange(0, BLOCK_H)
+        x = tl.load(x_ptr + offs, mask=offs < H, other=0.0, cache_modifier=".cg").to(tl.float32)
+        return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+
+    @triton.jit
+    def _input_chunk(x_ptr, norm_ptr, inv_rms, offs_k, k_ok, NORM: tl.constexpr, dtype):
+        """A chunk of a product's input in float32: x itself, or RMSNorm(x)·weight rounded as the reference
+        engine's add_rmsnorm stores it."""
+        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if NORM:
+            weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        return x
+
+    @triton.jit
+    def _gemv_stage(w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr, resid_ptr, pid, programs,
+                    N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out = W x over tiles of BLOCK_N rows (program p takes tiles p, p + programs, …). EPILOGUE 0: out = y;
+        1: W is [gate; up] (2N rows) and out = silu(gate·x)·(up·x); 2: out = resid + y (y rounded first, as
+        the reference adds a stored product to the residual)."""
+        dtype = out_ptr.dtype.element_ty
+        tile = pid
+        while tile < tl.cdiv(N, BLOCK_N):
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                x = _input_chunk(x_ptr, norm_ptr, inv_rms, offs_k, k_ok, NORM, dtype)
+                ok = n_ok[:, None] & k_ok[None, :]
+                w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
+                acc += w.to(tl.float32) * x[None, :]
+                if EPILOGUE == 1:
+                    w_up = tl.load(w_ptr + (N + offs_n[:, None]).to(tl.int64) * K + offs_k[None, :], mask=ok,
+                                   other=0.0)
+                    acc_up += w_up.to(tl.float32) * x[None, :]
+            y = tl.sum(acc, axis=1)
+            if EPILOGUE == 1:
+                y = swiglu(y, tl.sum(acc_up, axis=1), dtype)
+            if EPILOGUE == 2:
+                y = y.to(dtype).to(tl.float32) + tl.load(resid_ptr + offs_n, mask=n_ok, other=0.0,
+                                                          cache_modifier=".cg").to(tl.float32)
+            tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
+            tile += programs
+
+    @triton.jit
+    def _masked_rows_stage(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, partial_ptr, pid, programs,
+                           KC: tl.constexpr, M: tl.constexpr, GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                           RANGE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
+        """Σ_{k active} c_k · rows[k, :] per group (group g: coefficients c[g·KC…], rows from g·KC), as partial sums
+        over ranges of RANGE rows: partial[g, r, :]. An item is (columns, range, group); a row is read only when
+        its score |c_k| (· scale_k) reaches the group's threshold."""
+        blocks_m: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
+        ranges: tl.constexpr = (KC + RANGE - 1) // RANGE
+        item = pid
+        while item < blocks_m * ranges * GROUPS:
+            block_m = item % blocks_m
+            r = (item // blocks_m) % ranges
+            g = item // (blocks_m * ranges)
+            offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < M
+            threshold = tl.load(threshold_ptr + g)
+            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for k0 in range(0, RANGE, BLOCK_K):
+                offs_k = r * RANGE + k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < KC
+                c = tl.load(coeff_ptr + g * KC + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                score = tl.abs(c)
+                if HAS_SCALE:
+                    score = score * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+                active = k_ok & (score >= threshold)
+                row = (g * KC + offs_k).to(tl.int64)
+                tile = tl.load(rows_ptr + row[:, None] * M + offs_m[None, :], mask=active[:, None] & m_ok[None, :],
+                               other=0.0)
+                acc += tl.sum(tile.to(tl.float32) * c[:, None], axis=0)
+            tl.store(partial_ptr + (g * ranges + r) * M + offs_m, acc, mask=m_ok)
+            item += programs
+
+    @triton.jit
+    def _summed(partial_ptr, offs, ok, N: tl.constexpr, SPLITS: tl.constexpr):
+        """Σ_s partial[s, offs] over SPLITS rows of N float32 partial sums, in a fixed order."""
+        total = tl.load(partial_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLITS):
+            total += tl.load(partial_ptr + s * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        return total
+
+    @triton.jit
+    def _qkv_at(qkv_ptr, offs, SPLITS: tl.constexpr, N: tl.constexpr, dtype):
+        """qkv[offs] in float32: as stored (SPLITS 0) or summed from the masked product's partials, rounded."""
+        if SPLITS == 0:
+            return tl.load(qkv_ptr + offs, cache_modifier=".cg").to(tl.float32)
+        return _summed(qkv_ptr, offs, offs >= 0, N, SPLITS).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def _rope_stage(qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid, programs,
+                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr):
+        """Item h < HEADS: query head h rotated into q; HEADS + j: key head j rotated into the cache at pos and
+        value head j copied beside it."""
+        dtype = q_ptr.dtype.element_ty
+        N: tl.constexpr = (HEADS + 2 * KV_HEADS) * 2 * HALF
+        i = tl.arange(0, HALF)
+        cos = tl.load(cos_ptr + pos * HALF + i).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * HALF + i).to(tl.float32)
+        h = pid
+        while h < HEADS + KV_HEADS:
+            x1 = _qkv_at(qkv_ptr, h * 2 * HALF + i, SPLITS, N, dtype)
+            x2 = _qkv_at(qkv_ptr, h * 2 * HALF + HALF + i, SPLITS, N, dtype)
+            first = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+            second = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+            if h < HEADS:
+                tl.store(q_ptr + h * 2 * HALF + i, first)
+                tl.store(q_ptr + h * 2 * HALF + HALF + i, second)
+            else:
+                j = h - HEADS
+                target = k_cache_ptr + (j * max_seq + pos) * 2 * HALF
+                tl.store(target + i, first)
+                tl.store(target + HALF + i, second)
+                d = tl.arange(0, 2 * HALF)
+                value = _qkv_at(qkv_ptr, (HEADS + KV_HEADS + j) * 2 * HALF + d, SPLITS, N, dtype)
+                tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value.to(dtype))
+            h += programs
+
+    @triton.jit
+    def _attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
+                         programs, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+                         CHUNK: tl.constexpr, D: tl.constexpr):
+        """Item (j, s): KV head j's positions s·CHUNK… up to pos against its GROUP query heads: the chunk's
+        running max, softmax denominator and weighted value sum (flash-decoding). Chunks past pos are skipped."""
+        chunks = pos // CHUNK + 1
+        item = pid
+        while item < KV_HEADS * chunks:
+            j = item // chunks
+            s = item % chunks
+            t = s * CHUNK + tl.arange(0, CHUNK)
+            t_ok = t <= pos
+            d = tl.arange(0, D)
+            keys = tl.load(k_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+            values = tl.load(v_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None],
+                             other=0.0, cache_modifier=".cg")
+            for g in tl.static_range(GROUP):
+                h = j * GROUP + g
+                q = tl.load(q_ptr + h * D + d, cache_modifier=".cg").to(tl.float32)
+                scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale
+                scores = tl.where(t_ok, scores, float("-inf"))
+                m = tl.max(scores, axis=0)
+                p = tl.where(t_ok, tl.exp(scores - m), 0.0)
+                tl.store(m_ptr + h * MAX_CHUNKS + s, m)
+                tl.store(l_ptr + h * MAX_CHUNKS + s, tl.sum(p, axis=0))
+                tl.store(acc_ptr + (h * MAX_CHUNKS + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
+            item += programs
+
+    @triton.jit
+    def _combine_stage(m_ptr, l_ptr, acc_ptr, out_ptr, pos, pid, programs, HEADS: tl.constexpr,
+                       MAX_CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+        """Query head h: its chunks' partial softmaxes rescaled to their common max and added."""
+        s = tl.arange(0, CHUNKS_P2)
+        s_ok = s <= pos // CHUNK
+        d = tl.arange(0, D)
+        h = pid
+        while h < HEADS:
+            m = tl.load(m_ptr + h * MAX_CHUNKS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+            weight = tl.where(s_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
+            total = tl.sum(weight * tl.load(l_ptr + h * MAX_CHUNKS + s, mask=s_ok, other=0.0, cache_modifier=".cg"),
+                           axis=0)
+            acc = tl.load(acc_ptr + (h * MAX_CHUNKS + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0,
+                          cache_modifier=".cg")
+            tl.store(out_ptr + h * D + d, (tl.sum(weight[:, None] * acc, axis=0) / total).to(out_ptr.dtype.element_ty))
+            h += programs
+
+    @triton.jit
+    def _swiglu_stage(partial_ptr, h_ptr, pid, programs, I: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
+        """h = silu(gate)·up from the gate and up groups' partial sums (SPLITS rows each)."""
+        block = pid
+        while block < tl.cdiv(I, BLOCK):
+            offs = block * BLOCK + tl.arange(0, BLOCK)
+            ok = offs < I
+            gate = _summed(partial_ptr, offs, ok, I, SPLITS)
+            up = _summed(partial_ptr + SPLITS * I, offs, ok, I, SPLITS)
+            h = swiglu(gate, up, h_ptr.dtype.element_ty)
+            tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=ok)
+            block += programs
+
+    @triton.jit
+    def _residual_stage(partial_ptr, resid_ptr, out_ptr, pid, programs, H: tl.constexpr, SPLITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        """out = resid + (Σ partial sums, rounded)."""
+        dtype = out_ptr.dtype.element_ty
+        block = pid
+        while block < tl.cdiv(H, BLOCK):
+            offs = block * BLOCK + tl.arange(0, BLOCK)
+            ok = offs < H
+            y = _summed(partial_ptr, offs, ok, H, SPLITS).to(dtype).to(tl.float32)
+            y += tl.load(resid_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(out_ptr + offs, y.to(dtype), mask=ok)
+            block += programs
+
+    @triton.jit
+    def _layer_kernel(x_ptr, mid_ptr, out_ptr, attn_norm_ptr, mlp_norm_ptr, eps,
+                      qkv_w_ptr, qkv_rows_ptr, qkv_threshold_ptr, z_qkv_ptr, qkv_partial_ptr,
+                      cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, scale,
+                      m_ptr, l_ptr, acc_ptr, attended_ptr, wo_ptr,
+                      gu_w_ptr, gu_rows_ptr, gu_threshold_ptr, z_gu_ptr, gu_partial_ptr, h_ptr,
+                      down_ptr, down_scale_ptr, down_threshold_ptr, down_partial_ptr, bar_ptr,
+                      H: tl.constexpr, I: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
+                      D: tl.constexpr, QKV_RANK: tl.constexpr, MLP_RANK: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+                      CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RANGE: tl.constexpr, GATHER_K: tl.constexpr,
+                      BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, STAGE: tl.constexpr):
+        """One decoder layer for one token (module docstring). Persistent: every stage, a grid barrier between
+        two; staged: stage STAGE only (the host launches them in order)."""
+        pid = tl.program_id(0)
+        programs = tl.num_programs(0)
+        pos = tl.load(pos_ptr)
+        QKV_OUT: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
+        QKV_SPLITS: tl.constexpr = (QKV_RANK + RANGE - 1) // RANGE  # 0 for a dense QKV
+        GU_SPLITS: tl.constexpr = (MLP_RANK + RANGE - 1) // RANGE
+        DOWN_SPLITS: tl.constexpr = (I + RANGE - 1) // RANGE
+        phase = 0
+        # 1. RMSNorm → the dense QKV product, or the rank adapter's B
+        if PERSISTENT or STAGE == 0:
+            inv_rms = _inv_rms(x_ptr, eps, H, BLOCK_H)
+            _gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
+                        QKV_RANK if QKV_RANK > 0 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K)
+        if PERSISTENT:
+            phase += 1
+            _grid_sync(bar_ptr, phase * programs)
+        # 2. the masked A-part of QKV's rank adapter
+        if QKV_RANK > 0:
+            if PERSISTENT or STAGE == 1:
+                _masked_rows_stage(qkv_rows_ptr, z_qkv_ptr, z_qkv_ptr, qkv_threshold_ptr, qkv_partial_ptr, pid,
+                                   programs, QKV_RANK, QKV_OUT, 1, False, RANGE, GATHER_K, BLOCK_M)
+            if PERSISTENT:
+                phase += 1
+                _grid_sync(bar_ptr, phase * programs)
+        # 3. rotary, K and V into the cache
+        if PERSISTENT or STAGE == 2:
+            if QKV_RANK > 0:
+                _rope_stage(qkv_partial_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
+                            programs, HEADS, KV_HEADS, D // 2, QKV_SPLITS)
+            else:
+                _rope_stage(z_qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
+                            programs, HEADS, KV_HEADS, D // 2, 0)
+        if PERSISTENT:
+            phase += 1
+            _grid_sync(bar_ptr, phase * programs)
+        # 4-5. attention over the prefix, then the chunks combined
+        if PERSISTENT or STAGE == 3:
+            _attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
+                             programs, KV_HEADS, HEADS // KV_HEADS, MAX_CHUNKS, CHUNK, D)
+        if PERSISTENT:
+            phase += 1
+            _grid_sync(bar_ptr, phase * programs)
+        if PERSISTENT or STAGE == 4:
+            _combine_stage(m_ptr, l_ptr, acc_ptr, attended_ptr, pos, pid, programs, HEADS, MAX_CHUNKS, CHUNKS_P2,
+                           CHUNK, D)
+        if PERSISTENT:
+            phase += 1
+            _grid_sync(bar_ptr, phase * programs)
+        # 6. o_proj, the residual added in its epilogue
+        if PERSISTENT or STAGE == 5:
+            _gemv_stage(wo_ptr, attended_ptr, attn_norm_ptr, 1.0, mid_ptr, x_ptr, pid, programs, H, H, False, 2,
+                        BLOCK_N, BLOCK_K)
+        if PERSISTENT:
+            phase += 1
+            _grid_sync(bar_ptr, phase * programs)
+        # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B
+        if PERSISTENT or STAGE == 6:
+            inv_rms = _inv_rms(mid_ptr, eps, H, BLOCK_H)
+            if MLP_RANK > 0:
+                _gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
+                            2 * MLP_RANK, H, True, 0, BLOCK_N, BLOCK_K)
+            else:
+                _gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True, 1,
+                            BLOCK_N, BLOCK_K)
+        if PERSISTENT:
+            phase += 1
+            _grid_sync(bar_ptr, phase * programs)
+        if MLP_RANK > 0:
+            # 8-9. gate's and up's masked A-parts (two groups), then SwiGLU of their sums
+            if PERSISTENT or STAGE == 7:
+                _masked_rows_stage(gu_rows_ptr, z_gu_ptr, z_gu_ptr, gu_threshold_ptr, gu_partial_ptr, pid, programs,
+                                   MLP_RANK, I, 2, False, RANGE, GATHER_K, BLOCK_M)
+            if PERSISTENT:
+                phase += 1
+                _grid_sync(bar_ptr, phase * programs)
+            if PERSISTENT or STAGE == 8:
+                _swiglu_stage(gu_partial_ptr, h_ptr, pid, programs, I, GU_SPLITS, 1024)
+            if PERSISTENT:
+                phase += 1
+                _grid_sync(bar_ptr, phase * programs)
+            # 10-11. the neuron adapter's masked rows of W_downᵀ, then their sum added to the residual
+            if PERSISTENT or STAGE == 9:
+                _masked_rows_stage(down_ptr, h_ptr, down_scale_ptr, down_threshold_ptr, down_partial_ptr, pid,
+                                   programs, I, H, 1, True, RANGE, GATHER_K, BLOCK_M)
+            if PERSISTENT:
+                phase += 1
+                _grid_sync(bar_ptr, phase * programs)
+            if PERSISTENT or STAGE == 10:
+                _residual_stage(down_partial_ptr, mid_ptr, out_ptr, pid, programs, H, DOWN_SPLITS, 1024)
+        else:
+            # 10. dense down, the residual added in its epilogue
+            if PERSISTENT or STAGE == 9:
+                _gemv_stage(down_ptr, h_ptr, mlp_norm_ptr, 1.0, out_ptr, mid_ptr, pid, programs, H, I, False, 2,
+                            BLOCK_N, BLOCK_K)
+
+
+# Tile sizes. A GEMV tile is BLOCK_N rows × BLOCK_K columns (the reference GEMV's best at 7B sizes, H100); a masked
+# item reads RANGE coefficients (ranks or neurons) for BLOCK_M output columns, GATHER_K rows per step.
+# PROGRAMS_PER_SM: resident programs per multiprocessor (bench/layer_kernel.py sweeps these).
+CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "RANGE": 512, "GATHER_K": 128, "BLOCK_M": 64, "num_warps": 4,
+          "PROGRAMS_PER_SM": 2}
+ATTENTION_CHUNK = 64
+
+
+def supports(block) -> str | None:
+    """Why this block cannot run as one layer kernel, or None when it can."""
+    from rana_core.decode.engine import Block, NeuronPart, RankPart
+
+    if type(block) is not Block:
+        return "not a Llama-shaped block"
+    if block.qkv_bias is not None:
+        return "q/k/v biases"
+    if not (isinstance(block.qkv, nn.Linear) or (type(block.qkv) is RankPart and block.qkv.scale is None)):
+        return "a QKV adapter other than RaNA's rank adapter"
+    dense_mlp = all(isinstance(m, nn.Linear) for m in (block.gate, block.up, block.down))
+    rana_mlp = (type(block.gate) is RankPart and type(block.up) is RankPart and type(block.down) is NeuronPart
+                and hasattr(block, "gate_up_B") and block.gate.rank == block.up.rank)
+    if not (dense_mlp or rana_mlp):
+        return "an MLP other than dense or RaNA's"
+    s = block.shape
+    if s.head_dim & (s.head_dim - 1) or s.heads % s.kv_heads:
+        return "a head size that is not a power of two, or uneven head groups"
+    return None
+
+
+def programs(device: torch.device, per_sm: int) -> int:
+    """How many programs the launch takes: all must be resident at once (a barrier waits for every one), so a
+    few per multiprocessor, far below what a multiprocessor holds of a kernel this size (4 warps each)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
+
+
+class LayerKernel:
+    """Runs one Block's decode step as one launch (persistent) or as a launch per stage (staged)."""
+
+    def __init__(self, block, max_seq: int, persistent: bool, config: dict | None = None):
+        self.block, self.persistent = block, persistent
+        self.config = {**CONFIG, **(config or {})}
+        s = block.shape
+        self.qkv_rank = block.qkv.rank if not isinstance(block.qkv, nn.Linear) else 0
+        self.mlp_rank = block.gate.rank if not isinstance(block.gate, nn.Linear) else 0
+        self.max_chunks = math.ceil(max_seq / ATTENTION_CHUNK)
+        device, dtype = block.wo.weight.device, block.wo.weight.dtype
+        c = self.config
+        qkv_splits = math.ceil(self.qkv_rank / c["RANGE"]) if self.qkv_rank else 0
+        self.buffers = {
+            "z_qkv": torch.empty(self.qkv_rank or s.qkv_out, dtype=dtype, device=device),
+            "qkv_partial": torch.empty(max(qkv_splits, 1) * s.qkv_out, dtype=torch.float32, device=device),
+            "q": torch.empty(s.heads * s.head_dim, dtype=dtype, device=device),
+            "m": torch.empty(s.heads * self.max_chunks, dtype=torch.float32, device=device),
+            "l": torch.empty(s.heads * self.max_chunks, dtype=torch.float32, device=device),
+            "acc": torch.empty(s.heads * self.max_chunks * s.head_dim, dtype=torch.float32, device=device),
+            "attended": torch.empty(s.hidden, dtype=dtype, device=device),
+            "z_gu": torch.empty(max(2 * self.mlp_rank, 1), dtype=dtype, device=device),
+            "gu_partial": torch.empty(max(2 * math.ceil(self.mlp_rank / c["RANGE"]), 1) * s.intermediate,
+                                      dtype=torch.float32, device=device),
+            "h": torch.empty(s.intermediate, dtype=dtype, device=device),
+            "down_partial": torch.empty(math.ceil(s.intermediate / c["RANGE"]) * s.hidden, dtype=torch.float32,
+                                        device=device),
+            "mid": torch.empty(s.hidden, dtype=dtype, device=device),
+        }
+
+    def stages(self) -> list[int]:
+        stages = [0] + ([1] if self.qkv_rank else []) + [2, 3, 4, 5, 6]
+        return stages + ([7, 8, 9, 10] if self.mlp_rank else [9])
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor, pos: torch.Tensor, k_cache, v_cache, cos, sin,
+                 barrier: torch.Tensor) -> torch.Tensor:
+        """out ← the layer applied to the residual x (both (hidden,)), this token's k and v written into the cache
+        at pos. `barrier`: one int32 counter, zero at the call (the engine zeroes all of a step's at its start)."""
+        block, b, s, c = self.block, self.buffers, self.block.shape, self.config
+        if self.qkv_rank:
+            qkv_w, qkv_rows, qkv_threshold = block.qkv.B, block.qkv.rows, block.qkv.threshold
+        else:
+            qkv_w, qkv_rows, qkv_threshold = block.qkv.weight, block.qkv.weight, barrier
+        if self.mlp_rank:
+            gu_w, gu_rows, gu_threshold = block.gate_up_B, block.gate_up_rows, block.gate_up_threshold
+            down, down_scale, down_threshold = block.down.rows, block.down.norms, block.down.threshold
+        else:
+            gu_w, gu_rows, gu_threshold = block.gate_up, block.gate_up, barrier
+            down, down_scale, down_threshold = block.down.weight, block.down.weight, barrier
+        args = (x, b["mid"], out, block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps,
+                qkv_w, qkv_rows, qkv_threshold, b["z_qkv"], b["qkv_partial"],
+                cos, sin, pos, b["q"], k_cache, v_cache, k_cache.shape[1], 1.0 / math.sqrt(s.head_dim),
+                b["m"], b["l"], b["acc"], b["attended"], block.wo.weight,
+                gu_w, gu_rows, gu_threshold, b["z_gu"], b["gu_partial"], b["h"],
+                down, down_scale, down_threshold, b["down_partial"], barrier)
+        constants = dict(H=s.hidden, I=s.intermediate, HEADS=s.heads, KV_HEADS=s.kv_heads, D=s.head_dim,
+                         QKV_RANK=self.qkv_rank, MLP_RANK=self.mlp_rank, MAX_CHUNKS=self.max_chunks,
+                         CHUNKS_P2=triton.next_power_of_2(self.max_chunks), CHUNK=ATTENTION_CHUNK,
+                         BLOCK_H=triton.next_power_of_2(s.hidden), BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                         RANGE=c["RANGE"], GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], num_warps=c["num_warps"])
+        grid = (programs(x.device, c["PROGRAMS_PER_SM"]),)
+        if self.persistent:
+            _layer_kernel[grid](*args, PERSISTENT=True, STAGE=-1, **constants)
+        else:
+            for stage in self.stages():
+                _layer_kernel[grid](*args, PERSISTENT=False, STAGE=stage, **constants)
+        return out
+
+
+def layer_kernels(blocks, max_seq: int, mode: str, config: dict | None = None) -> list:
+    """A LayerKernel for each block that can run as one (None for the rest: they keep the reference path)."""
+    if mode not in ("persistent", "staged"):
+        raise ValueError(f"unknown layer kernel mode {mode!r}: use persistent or staged")
+    return [LayerKernel(block, max_seq, mode == "persistent", config) if supports(block) is None else None
+            for block in blocks]
+
+

@@ -1,0 +1,133 @@
+"""The one-launch-per-layer kernel (rana_core.decode.layer_kernel) against the reference engine it replaces.
+
+On the CPU the kernel runs staged (a launch per stage) in Triton's interpreter, at tiny shapes: every buffer it
+writes is poisoned with NaN first, so an element a stage forgets to write shows. The `gpu` tests run it
+persistent (one launch, grid barriers) at model shapes: it must give the staged twin's logits bit for bit (the
+stages compute the same sums in the same order, so only a barrier that lets a program read too early can make a
+difference), replay bit-identically, and stay within rounding of the reference engine in fp16 and bf16."""
+
+import pytest
+import torch
+
+from rana_core.decode.engine import SHAPES, DecodeEngine, Shape
+from rana_core.decode.layer_kernel import supports
+
+from test_kernels import require_triton
+
+TINY = SHAPES["tiny-shape"]  # grouped K/V heads: QKV stays dense in RaNA's uniform allocation
+TINY_MHA = Shape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=4, vocab=257)  # QKV adapted too
+
+
+def decode(engine: DecodeEngine, mode: str, prompt: torch.Tensor, steps: int, poison: bool = False) -> torch.Tensor:
+    engine.use_layer_kernels(mode)
+    engine.allocate(48)
+    if poison and engine.kernels is not None:
+        for kernel in engine.kernels:
+            for buffer in kernel.buffers.values():
+                buffer.fill_(float("nan"))
+        engine.residuals.fill_(float("nan"))
+    engine.prefill(prompt)
+    return torch.stack([engine.step().float().clone() for _ in range(steps)])
+
+
+def prompt_for(engine: DecodeEngine, length: int = 9) -> torch.Tensor:
+    return torch.randint(0, engine.shape.vocab, (length,), generator=torch.Generator().manual_seed(1)).to(engine.device)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape, flop_reduction", [(TINY, 0.0), (TINY, 0.44), (TINY_MHA, 0.44)])
+def test_staged_layer_kernel_computes_what_the_reference_engine_computes(shape, flop_reduction, dtype):
+    """Dense, and RaNA with the MLP (and, with every head its own K/V head, QKV) adapted. The stages add the
+    masked products' rows in other groupings than the reference's list split, so float32 may differ in its last
+    bits: 1e-5 of the logits' scale is 80 float32 roundings (~2^-24 each) of a sum of a few hundred terms; fp16
+    rounds every stored activation at 2^-11, and the stages store what the reference stores, so it must agree
+    exactly unless a float32 sum lands on the other side of an fp16 rounding boundary (5e-3 of the scale)."""
+    require_triton("cpu")
+    engine = DecodeEngine(shape, dtype, "cpu", flop_reduction=flop_reduction, gemv="triton")
+    engine.calibrate(tokens=256)
+    assert all(supports(block) is None for block in engine.blocks)
+    prompt = prompt_for(engine)
+    reference = decode(engine, "reference", prompt, 5)
+    staged = decode(engine, "staged", prompt, 5, poison=True)
+    assert torch.isfinite(staged).all()
+    scale = reference.abs().max()
+    assert (staged - reference).abs().max() <= (1e-5 if dtype == torch.float32 else 5e-3) * scale
+
+
+@pytest.mark.parametrize("threshold", [0.0, float("inf")], ids=["every-row", "no-row"])
+def test_masks_that_keep_every_row_or_none_give_the_reference_logits(threshold):
+    """Densities 100% and 0%: with every threshold at 0 each masked product reads all its rows, at infinity none
+    (the empty mask: the A-parts and down add nothing)."""
+    require_triton("cpu")
+    engine = DecodeEngine(TINY_MHA, torch.float32, "cpu", flop_reduction=0.44, gemv="triton")
+    for part in engine.adapters():
+        part.threshold.fill_(threshold)
+    prompt = prompt_for(engine)
+    reference = decode(engine, "reference", prompt, 3)
+    staged = decode(engine, "staged", prompt, 3, poison=True)
+    assert (staged - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_a_layer_the_kernel_cannot_run_keeps_the_reference_path():
+    """A block with q/k/v biases is not supported: it runs the reference path between layer-kernel layers, and the
+    step still computes the reference engine's logits."""
+    require_triton("cpu")
+    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=0.44, gemv="triton")
+    engine.calibrate(tokens=256)
+    block = engine.blocks[0]
+    block.qkv_bias = torch.randn(block.shape.qkv_out, generator=torch.Generator().manual_seed(2)) * 0.1
+    assert supports(block) == "q/k/v biases" and supports(engine.blocks[1]) is None
+    prompt = prompt_for(engine)
+    reference = decode(engine, "reference", prompt, 3)
+    staged = decode(engine, "staged", prompt, 3)
+    assert engine.kernels[0] is None and engine.kernels[1] is not None
+    assert (staged - reference).abs().max() <= 1e-5 * reference.abs().max()
+
+
+def test_an_unknown_layer_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown layer mode"):
+        DecodeEngine(TINY, torch.float32, "cpu").use_layer_kernels("megakernel")
+
+
+GPU_CASES = [("smollm2-135m-shape", 0.0), ("smollm2-135m-shape", 0.44), ("llama2-7b-shape", 0.0),
+             ("llama2-7b-shape", 0.44)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("shape_name, flop_reduction", GPU_CASES,
+                         ids=["smollm2_dense", "smollm2_rana44", "llama7b_dense", "llama7b_rana44"])
+def test_persistent_layer_kernel_equals_its_staged_twin_and_the_reference(shape_name, flop_reduction, dtype):
+    """Persistent against staged: bit for bit (a barrier that let a program read a stage's output before every
+    program had written it would differ). Against the reference engine: the logits within 1% in norm (the
+    replay-against-eager bound of test_engine: sums grouped differently, a mask entry at its threshold may flip)."""
+    engine = DecodeEngine(SHAPES[shape_name], dtype, "cuda", flop_reduction=flop_reduction, gemv="triton")
+    engine.calibrate()
+    prompt = prompt_for(engine, 20)
+    reference = decode(engine, "reference", prompt, 12)
+    staged = decode(engine, "staged", prompt, 12, poison=True)
+    persistent = decode(engine, "persistent", prompt, 12, poison=True)
+    assert torch.equal(persistent, staged)
+    error = float((persistent - reference).norm() / reference.norm())
+    assert error < 1e-2, error
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flop_reduction", [0.0, 0.44], ids=["dense", "rana44"])
+def test_persistent_graph_replay_is_bit_identical_between_runs(flop_reduction):
+    """Two captures of the same engine from the same state replay the same logits bit for bit, step after step."""
+    engine = DecodeEngine(SHAPES["llama2-7b-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
+                          gemv="triton")
+    engine.calibrate()
+    engine.use_layer_kernels("persistent")
+    runs = []
+    for _ in range(2):
+        engine.allocate(64)
+        engine.prefill(prompt_for(engine, 20))
+        engine.capture()
+        steps = []
+        for _ in range(16):
+            engine.graph.replay()
+            steps.append(engine.graph_logits.clone())
+        runs.append(torch.stack(steps))
+    assert torch.equal(runs[0], runs[1])
