@@ -22,15 +22,51 @@ import torch  # noqa: E402
 
 from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
 from rana_core.decode.latency import DTYPES  # noqa: E402
+from rana_core.decode.layer_kernel import STAGE_NAMES  # noqa: E402
 
 from shown_path import shown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w} for p in (1, 2, 4) for w in (4, 8)] + [
-    {"PROGRAMS_PER_SM": 2, "num_warps": 4, "GATHER_K": 64, "RANGE": 256},
-    {"PROGRAMS_PER_SM": 2, "num_warps": 4, "GATHER_K": 256, "RANGE": 1024},
-    {"PROGRAMS_PER_SM": 2, "num_warps": 4, "BLOCK_N": 16, "BLOCK_K": 256},
-    {"PROGRAMS_PER_SM": 4, "num_warps": 4, "BLOCK_N": 4, "BLOCK_K": 512}]
+SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w} for p in (2, 4, 8) for w in (4, 8)] + [
+    {"PROGRAMS_PER_SM": 8, "num_warps": 4, "GATHER_K": 256, "RANGE": 1024},
+    {"PROGRAMS_PER_SM": 8, "num_warps": 4, "BLOCK_N": 4, "BLOCK_K": 512}]
+PROFILE_REPLAYS = 5
+
+
+def stage_times(engine: DecodeEngine, context: int) -> dict[str, float]:
+    """Milliseconds per step of each stage, summed over the layers, in the staged form (a launch per stage) from
+    timing events inside a captured graph: where a step's time goes, launch gaps included."""
+    engine.use_layer_kernels("staged")
+    engine.allocate(context + PROFILE_REPLAYS + 16)
+    engine.prefill(torch.arange(context, device="cuda") * 7 % engine.shape.vocab)
+    marks = []
+
+    def mark(name):
+        if torch.cuda.is_current_stream_capturing():
+            event = torch.cuda.Event(enable_timing=True, external=True)
+            event.record()
+            marks.append((name, event))
+
+    for kernel in engine.kernels:
+        if kernel is not None:
+            kernel.marker = lambda stage: mark(STAGE_NAMES[stage])
+    engine.marker = lambda layer, section: mark("LM head and the rest" if section == "head" else
+                                                 ("end" if section == "end" else "layer start"))
+    try:
+        engine.capture()
+    finally:
+        engine.marker = None
+        for kernel in engine.kernels:
+            if kernel is not None:
+                kernel.marker = None
+    totals: dict[str, float] = {}
+    for _ in range(PROFILE_REPLAYS):
+        engine.graph.replay()
+        torch.cuda.synchronize()
+        for (name, start), (_, end) in zip(marks, marks[1:]):
+            totals[name] = totals.get(name, 0.0) + start.elapsed_time(end) / PROFILE_REPLAYS
+    engine.graph = None
+    return totals
 
 
 def main(argv=None) -> int:
@@ -51,8 +87,14 @@ def main(argv=None) -> int:
         for mode, config in [("reference", None)] + [("persistent", c) for c in SWEEP]:
             engine.use_layer_kernels(mode, config)
             ms = statistics.median(engine.time_decode(args.context, args.new_tokens))
-            rows.append({"cut": cut, "mode": mode, "config": config, "ms_per_token": ms})
-            print(f"cut {cut:.2f} {mode:<11}{json.dumps(config) if config else '':<80}{ms:8.3f}", flush=True)
+            grid = engine.kernels[0].grid[0] if engine.kernels and engine.kernels[0] else None
+            rows.append({"cut": cut, "mode": mode, "config": config, "programs": grid, "ms_per_token": ms})
+            print(f"cut {cut:.2f} {mode:<11}{json.dumps(config) if config else '':<60}{grid or '':>6}{ms:8.3f}",
+                  flush=True)
+        stages = stage_times(engine, args.context)
+        rows.append({"cut": cut, "mode": "staged profile", "stage_ms": stages})
+        for stage, ms in stages.items():
+            print(f"    staged: {stage:<34}{ms:8.3f} ms per step", flush=True)
         del engine
         torch.cuda.empty_cache()
     out = args.out or RESULTS / f"layer-kernel-{name.replace(' ', '-').lower()}.json"

@@ -98,18 +98,37 @@ GPU_CASES = [("smollm2-135m-shape", 0.0), ("smollm2-135m-shape", 0.44), ("llama2
 @pytest.mark.parametrize("shape_name, flop_reduction", GPU_CASES,
                          ids=["smollm2_dense", "smollm2_rana44", "llama7b_dense", "llama7b_rana44"])
 def test_persistent_layer_kernel_equals_its_staged_twin_and_the_reference(shape_name, flop_reduction, dtype):
-    """Persistent against staged: bit for bit (a barrier that let a program read a stage's output before every
-    program had written it would differ). Against the reference engine: the logits within 1% in norm (the
-    replay-against-eager bound of test_engine: sums grouped differently, a mask entry at its threshold may flip)."""
+    """Persistent against staged, 12 steps: bit for bit (a barrier that let a program read a stage's output before
+    every program had written it would differ). Against the reference engine, layer by layer from the same input:
+    each layer's update (its output minus its input) within 2% in norm, and the same K and V written to the
+    cache. Not end to end: sums grouped differently round differently, a mask entry at its threshold flips with
+    the last bit, and over 30 random layers such flips grow past any rounding bound (docs/latency.md)."""
     engine = DecodeEngine(SHAPES[shape_name], dtype, "cuda", flop_reduction=flop_reduction, gemv="triton")
     engine.calibrate()
     prompt = prompt_for(engine, 20)
-    reference = decode(engine, "reference", prompt, 12)
     staged = decode(engine, "staged", prompt, 12, poison=True)
     persistent = decode(engine, "persistent", prompt, 12, poison=True)
+    assert torch.isfinite(persistent).all()
     assert torch.equal(persistent, staged)
-    error = float((persistent - reference).norm() / reference.norm())
-    assert error < 1e-2, error
+
+    engine.allocate(48)
+    engine.prefill(prompt)
+    x = engine.embed[engine.token][0].clone()
+    errors = []
+    for index, (block, kernel) in enumerate(zip(engine.blocks, engine.kernels)):
+        caches = engine.k_cache[index].clone(), engine.v_cache[index].clone()
+        expected = engine._reference_layer(block, index, x.clone(), engine.pos).clone()
+        expected_caches = engine.k_cache[index].clone(), engine.v_cache[index].clone()
+        engine.k_cache[index].copy_(caches[0]), engine.v_cache[index].copy_(caches[1])
+        engine.barriers.zero_()
+        got = kernel(x.clone(), torch.full_like(x, float("nan")), engine.pos, engine.k_cache[index],
+                     engine.v_cache[index], engine.cos, engine.sin, engine.barriers[index:index + 1])
+        update, reference_update = (got - x).float(), (expected - x).float()
+        errors.append(float((update - reference_update).norm() / reference_update.norm()))
+        assert torch.allclose(engine.k_cache[index].float(), expected_caches[0].float(), rtol=1e-2, atol=1e-2), index
+        assert torch.allclose(engine.v_cache[index].float(), expected_caches[1].float(), rtol=1e-2, atol=1e-2), index
+        x = expected
+    assert max(errors) < 2e-2, errors
 
 
 @pytest.mark.gpu

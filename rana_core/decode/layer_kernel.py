@@ -120,10 +120,16 @@ if triton is not None:
             m_ok = offs_m < M
             threshold = tl.load(threshold_ptr + g)
             acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+            end = tl.minimum(r * RANGE + RANGE, KC)
+            offs_k = r * RANGE + tl.arange(0, BLOCK_K)
+            c_next = tl.load(coeff_ptr + g * KC + offs_k, mask=offs_k < end, other=0.0, cache_modifier=".cg")
             for k0 in range(0, RANGE, BLOCK_K):
                 offs_k = r * RANGE + k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < KC
-                c = tl.load(coeff_ptr + g * KC + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+                k_ok = offs_k < end
+                c = c_next.to(tl.float32)
+                # the next step's coefficients are asked for before this step's rows arrive: the two loads overlap
+                c_next = tl.load(coeff_ptr + g * KC + offs_k + BLOCK_K, mask=offs_k + BLOCK_K < end, other=0.0,
+                                 cache_modifier=".cg")
                 score = tl.abs(c)
                 if HAS_SCALE:
                     score = score * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -401,11 +407,34 @@ def programs(device: torch.device, per_sm: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count * per_sm
 
 
+def resident_per_sm(compiled, device: torch.device) -> int:
+    """How many programs of a compiled kernel one multiprocessor holds at once, by registers, shared memory and
+    warps: the persistent launch never asks for more (a program that never starts would hang every barrier)."""
+    if device.type != "cuda":
+        return 1
+    compiled._init_handles()
+    props = torch.cuda.get_device_properties(device)
+    warps = compiled.metadata.num_warps
+    registers = (max(compiled.n_regs, 1) * 32 + 255) // 256 * 256 * warps  # allocated per warp in units of 256
+    by_registers = getattr(props, "regs_per_multiprocessor", 65536) // registers
+    shared = compiled.metadata.shared
+    by_shared = getattr(props, "shared_memory_per_multiprocessor", 233472) // shared if shared else 32
+    by_warps = getattr(props, "max_threads_per_multi_processor", 2048) // (32 * warps)
+    return max(1, min(by_registers, by_shared, by_warps, 32))
+
+
+STAGE_NAMES = {0: "norm + QKV product (B)", 1: "QKV masked A-part", 2: "rotary + cache", 3: "attention chunks",
+               4: "attention combine", 5: "o_proj + residual", 6: "norm + gate/up (B)", 7: "gate/up masked A-parts",
+               8: "SwiGLU", 9: "down (masked or dense + residual)", 10: "down sum + residual"}
+
+
 class LayerKernel:
     """Runs one Block's decode step as one launch (persistent) or as a launch per stage (staged)."""
 
     def __init__(self, block, max_seq: int, persistent: bool, config: dict | None = None):
         self.block, self.persistent = block, persistent
+        self.grid = None
+        self.marker = None  # staged: called with each stage before its launch (bench/layer_kernel.py times them)
         self.config = {**CONFIG, **(config or {})}
         s = block.shape
         self.qkv_rank = block.qkv.rank if not isinstance(block.qkv, nn.Linear) else 0
@@ -461,12 +490,17 @@ class LayerKernel:
                          CHUNKS_P2=triton.next_power_of_2(self.max_chunks), CHUNK=ATTENTION_CHUNK,
                          BLOCK_H=triton.next_power_of_2(s.hidden), BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                          RANGE=c["RANGE"], GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], num_warps=c["num_warps"])
-        grid = (programs(x.device, c["PROGRAMS_PER_SM"]),)
         if self.persistent:
-            _layer_kernel[grid](*args, PERSISTENT=True, STAGE=-1, **constants)
+            if self.grid is None:  # compiled once: how many programs fit at once depends on its registers
+                compiled = _layer_kernel.warmup(*args, grid=(1,), PERSISTENT=True, STAGE=-1, **constants)
+                self.grid = (programs(x.device, min(c["PROGRAMS_PER_SM"], resident_per_sm(compiled, x.device))),)
+            _layer_kernel[self.grid](*args, PERSISTENT=True, STAGE=-1, **constants)
         else:
             for stage in self.stages():
-                _layer_kernel[grid](*args, PERSISTENT=False, STAGE=stage, **constants)
+                if self.marker is not None:
+                    self.marker(stage)
+                _layer_kernel[(programs(x.device, c["PROGRAMS_PER_SM"]),)](*args, PERSISTENT=False, STAGE=stage,
+                                                                          **constants)
         return out
 
 
