@@ -28,7 +28,7 @@ from shown_path import shown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w} for p in (2, 4, 8) for w in (4, 8)] + [
-    {"PROGRAMS_PER_SM": 8, "num_warps": 4, "GATHER_K": 256, "RANGE": 1024},
+    {"PROGRAMS_PER_SM": 4, "num_warps": 4, "GATHER_K": 64},
     {"PROGRAMS_PER_SM": 8, "num_warps": 4, "BLOCK_N": 4, "BLOCK_K": 512}]
 PROFILE_REPLAYS = 5
 

@@ -4,19 +4,21 @@ as stages of one persistent Triton launch, separated by grid-wide barriers inste
 Why: at batch 1 the reference engine (``engine.py``) runs a layer as a chain of launches (dense 9, RaNA 15), and
 each launch on the critical path costs a few microseconds of ramp-up and drain beside the bytes it moves;
 a masked product's compaction, gather and reduction are three of them. Here every program of the launch stays
-resident (as many as the GPU holds at once, ``programs``) and walks the same stage list; between two stages each
-program arrives at a counter in global memory and waits until all have (``_grid_sync``). No stage needs a list:
+resident (as many as the GPU holds at once, ``resident_per_sm``) and walks the same stage list; between two
+stages each program arrives at a counter in global memory and waits until all have (``_grid_sync``):
 
 1. norm → first product: every program computes the RMSNorm of the residual itself (a few KB from L2) and
    streams its tiles of the dense QKV weight, or of the rank adapter's B;
-2. masked A-part (rank adapters): items of (output columns × a range of ranks); a rank's row of Aᵀ is read only
-   when its coefficient passes the threshold, so a range reads its active rows only, and ranges are short enough
-   that every program gets work at any density; the partial sums of the ranges are added by the next stage;
+2. masked A-part (rank adapters): the active ranks compacted into a list (the reference's compaction, chunk by
+   chunk), then the list split evenly over (output columns × share) items that stream full tiles of listed rows
+   (``masked_kernels.compact_chunk`` and ``gather_share``, shared with the reference engine); the shares'
+   partial sums are added by the next stage;
 3. rotary + cache write, 4. attention over the prefix in chunks, 5. the chunks' softmaxes combined;
 6. o_proj, with the residual add in its epilogue (each program owns whole output rows);
-7. norm → gate/up (dense with SwiGLU fused, or both B factors), 8. their masked A-parts, 9. SwiGLU of the sums;
-10. down: dense with the residual add fused, or the neuron adapter's masked rows of W_downᵀ, 11. then their sum
-    added to the residual.
+7. norm → gate/up (dense with SwiGLU fused, or both B factors), 8-9. their masked A-parts, listed and gathered;
+10. the neuron adapter's compaction makes h = silu(gate)·up from those partial sums and lists its active
+    neurons, 11. their rows of W_downᵀ gathered (or a dense down with the residual add fused), 12. the sum added
+    to the residual.
 
 The same kernel runs *staged* (``PERSISTENT=False``: one launch per stage, no barrier): on the CPU that is the
 only way (Triton's interpreter runs programs one after another, so a grid barrier would wait forever), and on a
@@ -34,12 +36,12 @@ import math
 import torch
 from torch import nn
 
-from rana_core.decode.masked_kernels import triton
+from rana_core.decode.masked_kernels import _interpreting, triton
 
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.masked_kernels import swiglu
+    from rana_core.decode.masked_kernels import compact_chunk, gather_share, swiglu
 
     @triton.jit
     def _grid_sync(bar_ptr, target):
@@ -103,42 +105,34 @@ if triton is not None:
             tile += programs
 
     @triton.jit
-    def _masked_rows_stage(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, partial_ptr, pid, programs,
-                           KC: tl.constexpr, M: tl.constexpr, GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                           RANGE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
-        """Σ_{k active} c_k · rows[k, :] per group (group g: coefficients c[g·KC…], rows from g·KC), as partial sums
-        over ranges of RANGE rows: partial[g, r, :]. An item is (columns, range, group); a row is read only when
-        its score |c_k| (· scale_k) reaches the group's threshold."""
-        blocks_m: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
-        ranges: tl.constexpr = (KC + RANGE - 1) // RANGE
+    def _compact_stage(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr, pid,
+                       programs, KC: tl.constexpr, GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       CHUNK: tl.constexpr, SOURCE_SPLITS: tl.constexpr):
+        """Each (chunk, group) of a masked product's coefficients compacted to its list of active entries
+        (masked_kernels.compact_chunk; with SOURCE_SPLITS, down's coefficients h made from gate/up's partials)."""
+        chunks: tl.constexpr = (KC + CHUNK - 1) // CHUNK
         item = pid
-        while item < blocks_m * ranges * GROUPS:
-            block_m = item % blocks_m
-            r = (item // blocks_m) % ranges
-            g = item // (blocks_m * ranges)
-            offs_m = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < M
-            threshold = tl.load(threshold_ptr + g)
-            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-            end = tl.minimum(r * RANGE + RANGE, KC)
-            offs_k = r * RANGE + tl.arange(0, BLOCK_K)
-            c_next = tl.load(coeff_ptr + g * KC + offs_k, mask=offs_k < end, other=0.0, cache_modifier=".cg")
-            for k0 in range(0, RANGE, BLOCK_K):
-                offs_k = r * RANGE + k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < end
-                c = c_next.to(tl.float32)
-                # the next step's coefficients are asked for before this step's rows arrive: the two loads overlap
-                c_next = tl.load(coeff_ptr + g * KC + offs_k + BLOCK_K, mask=offs_k + BLOCK_K < end, other=0.0,
-                                 cache_modifier=".cg")
-                score = tl.abs(c)
-                if HAS_SCALE:
-                    score = score * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-                active = k_ok & (score >= threshold)
-                row = (g * KC + offs_k).to(tl.int64)
-                tile = tl.load(rows_ptr + row[:, None] * M + offs_m[None, :], mask=active[:, None] & m_ok[None, :],
-                               other=0.0)
-                acc += tl.sum(tile.to(tl.float32) * c[:, None], axis=0)
-            tl.store(partial_ptr + (g * ranges + r) * M + offs_m, acc, mask=m_ok)
+        while item < chunks * GROUPS:
+            compact_chunk(item % chunks, item // chunks, coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr,
+                          count_ptr, source_ptr, KC, chunks, HAS_SCALE, CHUNK, SOURCE_SPLITS)
+            item += programs
+
+    @triton.jit
+    def _gather_stage(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, pid, programs, KC: tl.constexpr,
+                      M: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+        """Each (columns, share of the list, group): the listed rows times their coefficients, into
+        partial[g, share, :] (masked_kernels.gather_share: equal shares of the *active* rows, full tiles)."""
+        chunks: tl.constexpr = (KC + CHUNK - 1) // CHUNK
+        # the chunk count rounded up to a power of two (gather_share holds the chunks' ends in one block)
+        chunks_p2: tl.constexpr = 1 if chunks == 1 else (2 if chunks == 2 else (4 if chunks <= 4 else (
+            8 if chunks <= 8 else (16 if chunks <= 16 else 32))))
+        blocks_m: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
+        item = pid
+        while item < blocks_m * SPLITS * GROUPS:
+            gather_share(item % blocks_m, (item // blocks_m) % SPLITS, item // (blocks_m * SPLITS), rows_ptr,
+                         index_ptr, value_ptr, count_ptr, partial_ptr, KC, M, M, SPLITS, chunks, chunks_p2, CHUNK,
+                         BLOCK_K, BLOCK_M, False, INTERPRET)
             item += programs
 
     @triton.jit
@@ -234,19 +228,6 @@ if triton is not None:
             h += programs
 
     @triton.jit
-    def _swiglu_stage(partial_ptr, h_ptr, pid, programs, I: tl.constexpr, SPLITS: tl.constexpr, BLOCK: tl.constexpr):
-        """h = silu(gate)·up from the gate and up groups' partial sums (SPLITS rows each)."""
-        block = pid
-        while block < tl.cdiv(I, BLOCK):
-            offs = block * BLOCK + tl.arange(0, BLOCK)
-            ok = offs < I
-            gate = _summed(partial_ptr, offs, ok, I, SPLITS)
-            up = _summed(partial_ptr + SPLITS * I, offs, ok, I, SPLITS)
-            h = swiglu(gate, up, h_ptr.dtype.element_ty)
-            tl.store(h_ptr + offs, h.to(h_ptr.dtype.element_ty), mask=ok)
-            block += programs
-
-    @triton.jit
     def _residual_stage(partial_ptr, resid_ptr, out_ptr, pid, programs, H: tl.constexpr, SPLITS: tl.constexpr,
                         BLOCK: tl.constexpr):
         """out = resid + (Σ partial sums, rounded)."""
@@ -262,25 +243,28 @@ if triton is not None:
 
     @triton.jit
     def _layer_kernel(x_ptr, mid_ptr, out_ptr, attn_norm_ptr, mlp_norm_ptr, eps,
-                      qkv_w_ptr, qkv_rows_ptr, qkv_threshold_ptr, z_qkv_ptr, qkv_partial_ptr,
+                      qkv_w_ptr, qkv_rows_ptr, qkv_threshold_ptr, z_qkv_ptr, qkv_index_ptr, qkv_value_ptr,
+                      qkv_count_ptr, qkv_partial_ptr,
                       cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, scale,
                       m_ptr, l_ptr, acc_ptr, attended_ptr, wo_ptr,
-                      gu_w_ptr, gu_rows_ptr, gu_threshold_ptr, z_gu_ptr, gu_partial_ptr, h_ptr,
-                      down_ptr, down_scale_ptr, down_threshold_ptr, down_partial_ptr, bar_ptr,
+                      gu_w_ptr, gu_rows_ptr, gu_threshold_ptr, z_gu_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr,
+                      gu_partial_ptr, h_ptr,
+                      down_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr, down_count_ptr,
+                      down_partial_ptr, bar_ptr,
                       H: tl.constexpr, I: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                       D: tl.constexpr, QKV_RANK: tl.constexpr, MLP_RANK: tl.constexpr, MAX_CHUNKS: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, RANGE: tl.constexpr, GATHER_K: tl.constexpr,
-                      BLOCK_M: tl.constexpr, PERSISTENT: tl.constexpr, STAGE: tl.constexpr):
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QKV_LIST: tl.constexpr, GU_LIST: tl.constexpr,
+                      DOWN_LIST: tl.constexpr, QKV_SPLITS: tl.constexpr, GU_SPLITS: tl.constexpr,
+                      DOWN_SPLITS: tl.constexpr, GATHER_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                      INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr, STAGE: tl.constexpr):
         """One decoder layer for one token (module docstring). Persistent: every stage, a grid barrier between
-        two; staged: stage STAGE only (the host launches them in order)."""
+        two; staged: stage STAGE only (the host launches them in order). *_LIST: the compaction chunk of each
+        masked product; *_SPLITS: how many shares its list is split into."""
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         pos = tl.load(pos_ptr)
         QKV_OUT: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
-        QKV_SPLITS: tl.constexpr = (QKV_RANK + RANGE - 1) // RANGE  # 0 for a dense QKV
-        GU_SPLITS: tl.constexpr = (MLP_RANK + RANGE - 1) // RANGE
-        DOWN_SPLITS: tl.constexpr = (I + RANGE - 1) // RANGE
         phase = 0
         # 1. RMSNorm → the dense QKV product, or the rank adapter's B
         if PERSISTENT or STAGE == 0:
@@ -290,16 +274,22 @@ if triton is not None:
         if PERSISTENT:
             phase += 1
             _grid_sync(bar_ptr, phase * programs)
-        # 2. the masked A-part of QKV's rank adapter
+        # 2. the masked A-part of QKV's rank adapter: its active ranks listed, then the list's rows
         if QKV_RANK > 0:
             if PERSISTENT or STAGE == 1:
-                _masked_rows_stage(qkv_rows_ptr, z_qkv_ptr, z_qkv_ptr, qkv_threshold_ptr, qkv_partial_ptr, pid,
-                                   programs, QKV_RANK, QKV_OUT, 1, False, RANGE, GATHER_K, BLOCK_M)
+                _compact_stage(z_qkv_ptr, z_qkv_ptr, qkv_threshold_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr,
+                               z_qkv_ptr, pid, programs, QKV_RANK, 1, False, QKV_LIST, 0)
             if PERSISTENT:
                 phase += 1
                 _grid_sync(bar_ptr, phase * programs)
-        # 3. rotary, K and V into the cache
-        if PERSISTENT or STAGE == 2:
+            if PERSISTENT or STAGE == 2:
+                _gather_stage(qkv_rows_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr, qkv_partial_ptr, pid,
+                              programs, QKV_RANK, QKV_OUT, 1, QKV_SPLITS, QKV_LIST, GATHER_K, BLOCK_M, INTERPRET)
+            if PERSISTENT:
+                phase += 1
+                _grid_sync(bar_ptr, phase * programs)
+        # 3. rotary, K and V into the cache (adding up the masked product's partial sums)
+        if PERSISTENT or STAGE == 3:
             if QKV_RANK > 0:
                 _rope_stage(qkv_partial_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
                             programs, HEADS, KV_HEADS, D // 2, QKV_SPLITS)
@@ -310,27 +300,27 @@ if triton is not None:
             phase += 1
             _grid_sync(bar_ptr, phase * programs)
         # 4-5. attention over the prefix, then the chunks combined
-        if PERSISTENT or STAGE == 3:
+        if PERSISTENT or STAGE == 4:
             _attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
                              programs, KV_HEADS, HEADS // KV_HEADS, MAX_CHUNKS, CHUNK, D)
         if PERSISTENT:
             phase += 1
             _grid_sync(bar_ptr, phase * programs)
-        if PERSISTENT or STAGE == 4:
+        if PERSISTENT or STAGE == 5:
             _combine_stage(m_ptr, l_ptr, acc_ptr, attended_ptr, pos, pid, programs, HEADS, MAX_CHUNKS, CHUNKS_P2,
                            CHUNK, D)
         if PERSISTENT:
             phase += 1
             _grid_sync(bar_ptr, phase * programs)
         # 6. o_proj, the residual added in its epilogue
-        if PERSISTENT or STAGE == 5:
+        if PERSISTENT or STAGE == 6:
             _gemv_stage(wo_ptr, attended_ptr, attn_norm_ptr, 1.0, mid_ptr, x_ptr, pid, programs, H, H, False, 2,
                         BLOCK_N, BLOCK_K)
         if PERSISTENT:
             phase += 1
             _grid_sync(bar_ptr, phase * programs)
         # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B
-        if PERSISTENT or STAGE == 6:
+        if PERSISTENT or STAGE == 7:
             inv_rms = _inv_rms(mid_ptr, eps, H, BLOCK_H)
             if MLP_RANK > 0:
                 _gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
@@ -342,40 +332,48 @@ if triton is not None:
             phase += 1
             _grid_sync(bar_ptr, phase * programs)
         if MLP_RANK > 0:
-            # 8-9. gate's and up's masked A-parts (two groups), then SwiGLU of their sums
-            if PERSISTENT or STAGE == 7:
-                _masked_rows_stage(gu_rows_ptr, z_gu_ptr, z_gu_ptr, gu_threshold_ptr, gu_partial_ptr, pid, programs,
-                                   MLP_RANK, I, 2, False, RANGE, GATHER_K, BLOCK_M)
-            if PERSISTENT:
-                phase += 1
-                _grid_sync(bar_ptr, phase * programs)
+            # 8-9. gate's and up's masked A-parts (two groups): listed, then gathered
             if PERSISTENT or STAGE == 8:
-                _swiglu_stage(gu_partial_ptr, h_ptr, pid, programs, I, GU_SPLITS, 1024)
+                _compact_stage(z_gu_ptr, z_gu_ptr, gu_threshold_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr,
+                               z_gu_ptr, pid, programs, MLP_RANK, 2, False, GU_LIST, 0)
             if PERSISTENT:
                 phase += 1
                 _grid_sync(bar_ptr, phase * programs)
-            # 10-11. the neuron adapter's masked rows of W_downᵀ, then their sum added to the residual
             if PERSISTENT or STAGE == 9:
-                _masked_rows_stage(down_ptr, h_ptr, down_scale_ptr, down_threshold_ptr, down_partial_ptr, pid,
-                                   programs, I, H, 1, True, RANGE, GATHER_K, BLOCK_M)
+                _gather_stage(gu_rows_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr, gu_partial_ptr, pid, programs,
+                              MLP_RANK, I, 2, GU_SPLITS, GU_LIST, GATHER_K, BLOCK_M, INTERPRET)
             if PERSISTENT:
                 phase += 1
                 _grid_sync(bar_ptr, phase * programs)
+            # 10-12. h = silu(gate)·up made and listed by the neuron adapter's compaction, its rows of W_downᵀ
+            # gathered, their sum added to the residual
             if PERSISTENT or STAGE == 10:
+                _compact_stage(h_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr,
+                               down_count_ptr, gu_partial_ptr, pid, programs, I, 1, True, DOWN_LIST, GU_SPLITS)
+            if PERSISTENT:
+                phase += 1
+                _grid_sync(bar_ptr, phase * programs)
+            if PERSISTENT or STAGE == 11:
+                _gather_stage(down_ptr, down_index_ptr, down_value_ptr, down_count_ptr, down_partial_ptr, pid,
+                              programs, I, H, 1, DOWN_SPLITS, DOWN_LIST, GATHER_K, BLOCK_M, INTERPRET)
+            if PERSISTENT:
+                phase += 1
+                _grid_sync(bar_ptr, phase * programs)
+            if PERSISTENT or STAGE == 12:
                 _residual_stage(down_partial_ptr, mid_ptr, out_ptr, pid, programs, H, DOWN_SPLITS, 1024)
         else:
             # 10. dense down, the residual added in its epilogue
-            if PERSISTENT or STAGE == 9:
+            if PERSISTENT or STAGE == 11:
                 _gemv_stage(down_ptr, h_ptr, mlp_norm_ptr, 1.0, out_ptr, mid_ptr, pid, programs, H, I, False, 2,
                             BLOCK_N, BLOCK_K)
 
 
-# Tile sizes. A GEMV tile is BLOCK_N rows × BLOCK_K columns (the reference GEMV's best at 7B sizes, H100); a masked
-# item reads RANGE coefficients (ranks or neurons) for BLOCK_M output columns, GATHER_K rows per step.
+# Tile sizes. A GEMV tile is BLOCK_N rows × BLOCK_K columns (the reference GEMV's best at 7B sizes, H100); a list
+# gather item streams GATHER_K listed rows per step over BLOCK_M output columns (the reference's, masked_kernels).
 # PROGRAMS_PER_SM: resident programs per multiprocessor (bench/layer_kernel.py sweeps these).
-CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "RANGE": 512, "GATHER_K": 128, "BLOCK_M": 64, "num_warps": 4,
-          "PROGRAMS_PER_SM": 2}
+CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "GATHER_K": 128, "BLOCK_M": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4}
 ATTENTION_CHUNK = 64
+LIST_CHUNK = 2048  # coefficients compacted per item (masked_kernels.COMPACT_CHUNK's reasoning)
 
 
 def supports(block) -> str | None:
@@ -423,9 +421,11 @@ def resident_per_sm(compiled, device: torch.device) -> int:
     return max(1, min(by_registers, by_shared, by_warps, 32))
 
 
-STAGE_NAMES = {0: "norm + QKV product (B)", 1: "QKV masked A-part", 2: "rotary + cache", 3: "attention chunks",
-               4: "attention combine", 5: "o_proj + residual", 6: "norm + gate/up (B)", 7: "gate/up masked A-parts",
-               8: "SwiGLU", 9: "down (masked or dense + residual)", 10: "down sum + residual"}
+STAGE_NAMES = {0: "norm + QKV product (B)", 1: "QKV: list active ranks", 2: "QKV: gather listed rows",
+               3: "rotary + cache", 4: "attention chunks", 5: "attention combine", 6: "o_proj + residual",
+               7: "norm + gate/up (B)", 8: "gate/up: list active ranks", 9: "gate/up: gather listed rows",
+               10: "down: SwiGLU + list active neurons", 11: "down (gathered, or dense + residual)",
+               12: "down sum + residual"}
 
 
 class LayerKernel:
@@ -442,27 +442,40 @@ class LayerKernel:
         self.max_chunks = math.ceil(max_seq / ATTENTION_CHUNK)
         device, dtype = block.wo.weight.device, block.wo.weight.dtype
         c = self.config
-        qkv_splits = math.ceil(self.qkv_rank / c["RANGE"]) if self.qkv_rank else 0
+        grid = programs(device, c["PROGRAMS_PER_SM"])
+
+        def product(width: int, out_features: int, groups: int) -> dict:
+            """A masked product's list chunk, list shares (enough items for every program) and buffers."""
+            chunk = min(LIST_CHUNK, triton.next_power_of_2(max(width, 1)))
+            if math.ceil(width / chunk) > 32:  # _gather_stage holds at most 32 chunks' ends
+                raise ValueError(f"a masked product of {width} coefficients needs more than 32 list chunks")
+            splits = max(1, min(math.ceil(width / c["GATHER_K"]),
+                                math.ceil(grid / (math.ceil(out_features / c["BLOCK_M"]) * groups))))
+            return {"chunk": chunk, "splits": splits,
+                    "index": torch.empty(max(groups * width, 1), dtype=torch.int32, device=device),
+                    "value": torch.empty(max(groups * width, 1), dtype=torch.float32, device=device),
+                    "count": torch.empty(groups * math.ceil(max(width, 1) / chunk), dtype=torch.int32, device=device),
+                    "partial": torch.empty(groups * splits * out_features, dtype=torch.float32, device=device)}
+
+        self.products = {"qkv": product(self.qkv_rank, s.qkv_out, 1), "gu": product(self.mlp_rank, s.intermediate, 2),
+                         "down": product(s.intermediate if self.mlp_rank else 0, s.hidden, 1)}
         self.buffers = {
             "z_qkv": torch.empty(self.qkv_rank or s.qkv_out, dtype=dtype, device=device),
-            "qkv_partial": torch.empty(max(qkv_splits, 1) * s.qkv_out, dtype=torch.float32, device=device),
             "q": torch.empty(s.heads * s.head_dim, dtype=dtype, device=device),
             "m": torch.empty(s.heads * self.max_chunks, dtype=torch.float32, device=device),
             "l": torch.empty(s.heads * self.max_chunks, dtype=torch.float32, device=device),
             "acc": torch.empty(s.heads * self.max_chunks * s.head_dim, dtype=torch.float32, device=device),
             "attended": torch.empty(s.hidden, dtype=dtype, device=device),
             "z_gu": torch.empty(max(2 * self.mlp_rank, 1), dtype=dtype, device=device),
-            "gu_partial": torch.empty(max(2 * math.ceil(self.mlp_rank / c["RANGE"]), 1) * s.intermediate,
-                                      dtype=torch.float32, device=device),
             "h": torch.empty(s.intermediate, dtype=dtype, device=device),
-            "down_partial": torch.empty(math.ceil(s.intermediate / c["RANGE"]) * s.hidden, dtype=torch.float32,
-                                        device=device),
             "mid": torch.empty(s.hidden, dtype=dtype, device=device),
+            **{f"{name}_{part}": product_buffers[part] for name, product_buffers in self.products.items()
+               for part in ("index", "value", "count", "partial")},
         }
 
     def stages(self) -> list[int]:
-        stages = [0] + ([1] if self.qkv_rank else []) + [2, 3, 4, 5, 6]
-        return stages + ([7, 8, 9, 10] if self.mlp_rank else [9])
+        stages = [0] + ([1, 2] if self.qkv_rank else []) + [3, 4, 5, 6, 7]
+        return stages + ([8, 9, 10, 11, 12] if self.mlp_rank else [11])
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, pos: torch.Tensor, k_cache, v_cache, cos, sin,
                  barrier: torch.Tensor) -> torch.Tensor:
@@ -480,16 +493,20 @@ class LayerKernel:
             gu_w, gu_rows, gu_threshold = block.gate_up, block.gate_up, barrier
             down, down_scale, down_threshold = block.down.weight, block.down.weight, barrier
         args = (x, b["mid"], out, block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps,
-                qkv_w, qkv_rows, qkv_threshold, b["z_qkv"], b["qkv_partial"],
+                qkv_w, qkv_rows, qkv_threshold, b["z_qkv"], *self._lists("qkv"),
                 cos, sin, pos, b["q"], k_cache, v_cache, k_cache.shape[1], 1.0 / math.sqrt(s.head_dim),
                 b["m"], b["l"], b["acc"], b["attended"], block.wo.weight,
-                gu_w, gu_rows, gu_threshold, b["z_gu"], b["gu_partial"], b["h"],
-                down, down_scale, down_threshold, b["down_partial"], barrier)
+                gu_w, gu_rows, gu_threshold, b["z_gu"], *self._lists("gu"), b["h"],
+                down, down_scale, down_threshold, *self._lists("down"), barrier)
         constants = dict(H=s.hidden, I=s.intermediate, HEADS=s.heads, KV_HEADS=s.kv_heads, D=s.head_dim,
                          QKV_RANK=self.qkv_rank, MLP_RANK=self.mlp_rank, MAX_CHUNKS=self.max_chunks,
                          CHUNKS_P2=triton.next_power_of_2(self.max_chunks), CHUNK=ATTENTION_CHUNK,
                          BLOCK_H=triton.next_power_of_2(s.hidden), BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                         RANGE=c["RANGE"], GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], num_warps=c["num_warps"])
+                         QKV_LIST=self.products["qkv"]["chunk"], GU_LIST=self.products["gu"]["chunk"],
+                         DOWN_LIST=self.products["down"]["chunk"], QKV_SPLITS=self.products["qkv"]["splits"],
+                         GU_SPLITS=self.products["gu"]["splits"], DOWN_SPLITS=self.products["down"]["splits"],
+                         GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=_interpreting(),
+                         num_warps=c["num_warps"])
         if self.persistent:
             if self.grid is None:  # compiled once: how many programs fit at once depends on its registers
                 compiled = _layer_kernel.warmup(*args, grid=(1,), PERSISTENT=True, STAGE=-1, **constants)
@@ -502,6 +519,10 @@ class LayerKernel:
                 _layer_kernel[(programs(x.device, c["PROGRAMS_PER_SM"]),)](*args, PERSISTENT=False, STAGE=stage,
                                                                           **constants)
         return out
+
+    def _lists(self, name: str) -> tuple:
+        """A masked product's list buffers, in the kernel's argument order: index, value, count, partial."""
+        return tuple(self.buffers[f"{name}_{part}"] for part in ("index", "value", "count", "partial"))
 
 
 def layer_kernels(blocks, max_seq: int, mode: str, config: dict | None = None) -> list:

@@ -97,30 +97,28 @@ if triton is not None:
         return (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32) * up.to(dtype).to(tl.float32)
 
     @triton.jit
-    def _compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr,
-                        K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
-                        SOURCE_SPLITS: tl.constexpr, PDL: tl.constexpr):
-        """Program (c, g): the indices and coefficients of chunk c of group g's coefficients c[g·K:(g+1)·K]
+    def compact_chunk(c, g, coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr,
+                      K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+                      SOURCE_SPLITS: tl.constexpr):
+        """Chunk c of group g: the indices and coefficients of chunk c of group g's coefficients c[g·K:(g+1)·K]
         whose score |c|(·scale) reaches threshold[g], in order, to index/value[g·K + c·CHUNK:], and their number
         to count[g·CHUNKS + c]. The chunks' lists, one after another, are group g's list.
 
         With SOURCE_SPLITS > 0 (one group) the coefficients are first made, and written to coeff, from the
         partial sums of a two-group product (gate's and up's A-parts: SOURCE_SPLITS rows each): silu(gate) · up,
-        rounded as reduce_partials rounds it. This saves the gate/up reduction its own launch."""
-        await_inputs(PDL)
-        c, g = tl.program_id(0), tl.program_id(1)
+        rounded as reduce_partials rounds it. This saves the gate/up reduction its own launch (or stage)."""
         offs = c * CHUNK + tl.arange(0, CHUNK)
         ok = offs < K
         if SOURCE_SPLITS > 0:
             gate = tl.zeros([CHUNK], dtype=tl.float32)
             up = tl.zeros([CHUNK], dtype=tl.float32)
             for s in tl.static_range(SOURCE_SPLITS):
-                gate += tl.load(source_ptr + s * K + offs, mask=ok, other=0.0)
-                up += tl.load(source_ptr + (SOURCE_SPLITS + s) * K + offs, mask=ok, other=0.0)
+                gate += tl.load(source_ptr + s * K + offs, mask=ok, other=0.0, cache_modifier=".cg")
+                up += tl.load(source_ptr + (SOURCE_SPLITS + s) * K + offs, mask=ok, other=0.0, cache_modifier=".cg")
             coeff = swiglu(gate, up, coeff_ptr.dtype.element_ty).to(coeff_ptr.dtype.element_ty)
             tl.store(coeff_ptr + offs, coeff, mask=ok)
         else:
-            coeff = tl.load(coeff_ptr + g * K + offs, mask=ok, other=0.0)
+            coeff = tl.load(coeff_ptr + g * K + offs, mask=ok, other=0.0, cache_modifier=".cg")
         score = tl.abs(coeff.to(tl.float32))
         if HAS_SCALE:
             score = score * tl.load(scale_ptr + g * K + offs, mask=ok, other=0.0).to(tl.float32)
@@ -131,6 +129,15 @@ if triton is not None:
         tl.store(count_ptr + g * CHUNKS + c, tl.sum(active.to(tl.int32), axis=0))
 
     @triton.jit
+    def _compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr,
+                        K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
+                        SOURCE_SPLITS: tl.constexpr, PDL: tl.constexpr):
+        """Program (c, g): compact_chunk."""
+        await_inputs(PDL)
+        compact_chunk(tl.program_id(0), tl.program_id(1), coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr,
+                      count_ptr, source_ptr, K, CHUNKS, HAS_SCALE, CHUNK, SOURCE_SPLITS)
+
+    @triton.jit
     def _list_entries(j0, stop, ends, starts, index_ptr, value_ptr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
         """Rows and coefficients at list positions j0… (< stop). Position j of the group's list lies in chunk
         q = #(chunk ends ≤ j), at slot q·CHUNK + j − (q's start)."""
@@ -139,7 +146,8 @@ if triton is not None:
         chunk = tl.sum((j[:, None] >= ends[None, :]).to(tl.int32), axis=1)
         start = tl.sum(tl.where(tl.arange(0, ends.shape[0])[None, :] == chunk[:, None], starts[None, :], 0), axis=1)
         slot = chunk * CHUNK + j - start
-        return tl.load(index_ptr + slot, mask=j_ok, other=0), tl.load(value_ptr + slot, mask=j_ok, other=0.0), j_ok
+        return (tl.load(index_ptr + slot, mask=j_ok, other=0, cache_modifier=".cg"),
+                tl.load(value_ptr + slot, mask=j_ok, other=0.0, cache_modifier=".cg"), j_ok)
 
     @triton.jit
     def _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
@@ -155,18 +163,15 @@ if triton is not None:
         return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0), next_row, next_c, next_ok
 
     @triton.jit
-    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
-                       SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
-                       PDL: tl.constexpr):
-        """Program (m, s, g): columns m·BLOCK_M… of Σ value·rows[index] over share s of group g's list, into
-        partial[g, s, :]. Group g's rows start at row g·K of `rows`."""
-        await_inputs(PDL)
-        pid_m, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    def gather_share(pid_m, pid_s, g, rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
+                     SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr):
+        """Columns pid_m·BLOCK_M… of Σ value·rows[index] over share pid_s of group g's list, into
+        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         q = tl.arange(0, CHUNKS_P2)
-        counts = tl.load(count_ptr + g * CHUNKS + q, mask=q < CHUNKS, other=0)
+        counts = tl.load(count_ptr + g * CHUNKS + q, mask=q < CHUNKS, other=0, cache_modifier=".cg")
         ends = tl.cumsum(counts, axis=0)
         ends = tl.where(q < CHUNKS, ends, 1 << 30)  # padding chunks end after every position
         starts = ends - counts
@@ -190,6 +195,17 @@ if triton is not None:
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
                                                  rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE)
         tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
+
+    @triton.jit
+    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
+                       SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
+                       PDL: tl.constexpr):
+        """Program (m, s, g): gather_share."""
+        await_inputs(PDL)
+        gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
+                     count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
+                     WIDE, INTERPRET)
 
     @triton.jit
     def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
