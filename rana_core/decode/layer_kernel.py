@@ -5,7 +5,7 @@ Why: at batch 1 the reference engine (``engine.py``) runs a layer as a chain of 
 each launch on the critical path costs a few microseconds of ramp-up and drain beside the bytes it moves;
 a masked product's compaction, gather and reduction are three of them. Here every program of the launch stays
 resident (as many as the GPU holds at once, ``resident_per_sm``) and walks the same stage list; between two
-stages each program arrives at a counter in global memory and waits until all have (``_grid_sync``):
+stages each program arrives at a counter in global memory and waits until all have (``grid_sync``):
 
 1. norm → first product: every program computes the RMSNorm of the residual itself (a few KB from L2) and
    streams its tiles of the dense QKV weight, or of the rank adapter's B;
@@ -23,7 +23,8 @@ stages each program arrives at a counter in global memory and waits until all ha
 The same kernel runs *staged* (``PERSISTENT=False``: one launch per stage, no barrier): on the CPU that is the
 only way (Triton's interpreter runs programs one after another, so a grid barrier would wait forever), and on a
 GPU it is the twin the persistent launch is tested against. Data produced inside the launch is read with
-``.cg`` loads (L2, never a stale L1 line) and every stage writes its own buffer.
+``.cg`` loads (L2, never a stale L1 line) and every stage writes its own buffer. The stages themselves are in
+``layer_stages.py``.
 
 Blocks it cannot run (biases, TEAL/WINA masks on QKV or the MLP input, static low rank, A3, Gemma) keep the
 reference path, layer by layer (``supports``).
@@ -41,205 +42,8 @@ from rana_core.decode.masked_kernels import _interpreting, triton
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.masked_kernels import compact_chunk, gather_share, swiglu
-
-    @triton.jit
-    def _grid_sync(bar_ptr, target):
-        """Wait until `target` arrivals have been counted (this program's included): the stores of every program
-        before its arrival are visible to every program after its wait (release on arrival, acquire on wait)."""
-        tl.debug_barrier()
-        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
-            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
-
-    @triton.jit
-    def _inv_rms(x_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
-        offs = tl.arange(0, BLOCK_H)
-        x = tl.load(x_ptr + offs, mask=offs < H, other=0.0, cache_modifier=".cg").to(tl.float32)
-        return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
-
-    @triton.jit
-    def _input_chunk(x_ptr, norm_ptr, inv_rms, offs_k, k_ok, NORM: tl.constexpr, dtype):
-        """A chunk of a product's input in float32: x itself, or RMSNorm(x)·weight rounded as the reference
-        engine's add_rmsnorm stores it."""
-        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-        if NORM:
-            weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-        return x
-
-    @triton.jit
-    def _gemv_stage(w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr, resid_ptr, pid, programs,
-                    N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        """out = W x over tiles of BLOCK_N rows (program p takes tiles p, p + programs, …). EPILOGUE 0: out = y;
-        1: W is [gate; up] (2N rows) and out = silu(gate·x)·(up·x); 2: out = resid + y (y rounded first, as
-        the reference adds a stored product to the residual)."""
-        dtype = out_ptr.dtype.element_ty
-        tile = pid
-        while tile < tl.cdiv(N, BLOCK_N):
-            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-            n_ok = offs_n < N
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            for k0 in range(0, K, BLOCK_K):
-                offs_k = k0 + tl.arange(0, BLOCK_K)
-                k_ok = offs_k < K
-                x = _input_chunk(x_ptr, norm_ptr, inv_rms, offs_k, k_ok, NORM, dtype)
-                ok = n_ok[:, None] & k_ok[None, :]
-                w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
-                acc += w.to(tl.float32) * x[None, :]
-                if EPILOGUE == 1:
-                    w_up = tl.load(w_ptr + (N + offs_n[:, None]).to(tl.int64) * K + offs_k[None, :], mask=ok,
-                                   other=0.0)
-                    acc_up += w_up.to(tl.float32) * x[None, :]
-            y = tl.sum(acc, axis=1)
-            if EPILOGUE == 1:
-                y = swiglu(y, tl.sum(acc_up, axis=1), dtype)
-            if EPILOGUE == 2:
-                y = y.to(dtype).to(tl.float32) + tl.load(resid_ptr + offs_n, mask=n_ok, other=0.0,
-                                                          cache_modifier=".cg").to(tl.float32)
-            tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
-            tile += programs
-
-    @triton.jit
-    def _compact_stage(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr, pid,
-                       programs, KC: tl.constexpr, GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                       CHUNK: tl.constexpr, SOURCE_SPLITS: tl.constexpr):
-        """Each (chunk, group) of a masked product's coefficients compacted to its list of active entries
-        (masked_kernels.compact_chunk; with SOURCE_SPLITS, down's coefficients h made from gate/up's partials)."""
-        chunks: tl.constexpr = (KC + CHUNK - 1) // CHUNK
-        item = pid
-        while item < chunks * GROUPS:
-            compact_chunk(item % chunks, item // chunks, coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr,
-                          count_ptr, source_ptr, KC, chunks, HAS_SCALE, CHUNK, SOURCE_SPLITS)
-            item += programs
-
-    @triton.jit
-    def _gather_stage(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, pid, programs, KC: tl.constexpr,
-                      M: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
-                      BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
-        """Each (columns, share of the list, group): the listed rows times their coefficients, into
-        partial[g, share, :] (masked_kernels.gather_share: equal shares of the *active* rows, full tiles)."""
-        chunks: tl.constexpr = (KC + CHUNK - 1) // CHUNK
-        # the chunk count rounded up to a power of two (gather_share holds the chunks' ends in one block)
-        chunks_p2: tl.constexpr = 1 if chunks == 1 else (2 if chunks == 2 else (4 if chunks <= 4 else (
-            8 if chunks <= 8 else (16 if chunks <= 16 else 32))))
-        blocks_m: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
-        item = pid
-        while item < blocks_m * SPLITS * GROUPS:
-            gather_share(item % blocks_m, (item // blocks_m) % SPLITS, item // (blocks_m * SPLITS), rows_ptr,
-                         index_ptr, value_ptr, count_ptr, partial_ptr, KC, M, M, SPLITS, chunks, chunks_p2, CHUNK,
-                         BLOCK_K, BLOCK_M, False, INTERPRET)
-            item += programs
-
-    @triton.jit
-    def _summed(partial_ptr, offs, ok, N: tl.constexpr, SPLITS: tl.constexpr):
-        """Σ_s partial[s, offs] over SPLITS rows of N float32 partial sums, in a fixed order."""
-        total = tl.load(partial_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
-        for s in tl.static_range(1, SPLITS):
-            total += tl.load(partial_ptr + s * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
-        return total
-
-    @triton.jit
-    def _qkv_at(qkv_ptr, offs, SPLITS: tl.constexpr, N: tl.constexpr, dtype):
-        """qkv[offs] in float32: as stored (SPLITS 0) or summed from the masked product's partials, rounded."""
-        if SPLITS == 0:
-            return tl.load(qkv_ptr + offs, cache_modifier=".cg").to(tl.float32)
-        return _summed(qkv_ptr, offs, offs >= 0, N, SPLITS).to(dtype).to(tl.float32)
-
-    @triton.jit
-    def _rope_stage(qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid, programs,
-                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr):
-        """Item h < HEADS: query head h rotated into q; HEADS + j: key head j rotated into the cache at pos and
-        value head j copied beside it."""
-        dtype = q_ptr.dtype.element_ty
-        N: tl.constexpr = (HEADS + 2 * KV_HEADS) * 2 * HALF
-        i = tl.arange(0, HALF)
-        cos = tl.load(cos_ptr + pos * HALF + i).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * HALF + i).to(tl.float32)
-        h = pid
-        while h < HEADS + KV_HEADS:
-            x1 = _qkv_at(qkv_ptr, h * 2 * HALF + i, SPLITS, N, dtype)
-            x2 = _qkv_at(qkv_ptr, h * 2 * HALF + HALF + i, SPLITS, N, dtype)
-            first = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
-            second = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
-            if h < HEADS:
-                tl.store(q_ptr + h * 2 * HALF + i, first)
-                tl.store(q_ptr + h * 2 * HALF + HALF + i, second)
-            else:
-                j = h - HEADS
-                target = k_cache_ptr + (j * max_seq + pos) * 2 * HALF
-                tl.store(target + i, first)
-                tl.store(target + HALF + i, second)
-                d = tl.arange(0, 2 * HALF)
-                value = _qkv_at(qkv_ptr, (HEADS + KV_HEADS + j) * 2 * HALF + d, SPLITS, N, dtype)
-                tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value.to(dtype))
-            h += programs
-
-    @triton.jit
-    def _attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
-                         programs, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, MAX_CHUNKS: tl.constexpr,
-                         CHUNK: tl.constexpr, D: tl.constexpr):
-        """Item (j, s): KV head j's positions s·CHUNK… up to pos against its GROUP query heads: the chunk's
-        running max, softmax denominator and weighted value sum (flash-decoding). Chunks past pos are skipped."""
-        chunks = pos // CHUNK + 1
-        item = pid
-        while item < KV_HEADS * chunks:
-            j = item // chunks
-            s = item % chunks
-            t = s * CHUNK + tl.arange(0, CHUNK)
-            t_ok = t <= pos
-            d = tl.arange(0, D)
-            keys = tl.load(k_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0,
-                           cache_modifier=".cg")
-            values = tl.load(v_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None],
-                             other=0.0, cache_modifier=".cg")
-            for g in tl.static_range(GROUP):
-                h = j * GROUP + g
-                q = tl.load(q_ptr + h * D + d, cache_modifier=".cg").to(tl.float32)
-                scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale
-                scores = tl.where(t_ok, scores, float("-inf"))
-                m = tl.max(scores, axis=0)
-                p = tl.where(t_ok, tl.exp(scores - m), 0.0)
-                tl.store(m_ptr + h * MAX_CHUNKS + s, m)
-                tl.store(l_ptr + h * MAX_CHUNKS + s, tl.sum(p, axis=0))
-                tl.store(acc_ptr + (h * MAX_CHUNKS + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
-            item += programs
-
-    @triton.jit
-    def _combine_stage(m_ptr, l_ptr, acc_ptr, out_ptr, pos, pid, programs, HEADS: tl.constexpr,
-                       MAX_CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
-        """Query head h: its chunks' partial softmaxes rescaled to their common max and added."""
-        s = tl.arange(0, CHUNKS_P2)
-        s_ok = s <= pos // CHUNK
-        d = tl.arange(0, D)
-        h = pid
-        while h < HEADS:
-            m = tl.load(m_ptr + h * MAX_CHUNKS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-            weight = tl.where(s_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
-            total = tl.sum(weight * tl.load(l_ptr + h * MAX_CHUNKS + s, mask=s_ok, other=0.0, cache_modifier=".cg"),
-                           axis=0)
-            acc = tl.load(acc_ptr + (h * MAX_CHUNKS + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0,
-                          cache_modifier=".cg")
-            tl.store(out_ptr + h * D + d, (tl.sum(weight[:, None] * acc, axis=0) / total).to(out_ptr.dtype.element_ty))
-            h += programs
-
-    @triton.jit
-    def _residual_stage(partial_ptr, resid_ptr, out_ptr, pid, programs, H: tl.constexpr, SPLITS: tl.constexpr,
-                        BLOCK: tl.constexpr):
-        """out = resid + (Σ partial sums, rounded)."""
-        dtype = out_ptr.dtype.element_ty
-        block = pid
-        while block < tl.cdiv(H, BLOCK):
-            offs = block * BLOCK + tl.arange(0, BLOCK)
-            ok = offs < H
-            y = _summed(partial_ptr, offs, ok, H, SPLITS).to(dtype).to(tl.float32)
-            y += tl.load(resid_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
-            tl.store(out_ptr + offs, y.to(dtype), mask=ok)
-            block += programs
+    from rana_core.decode.layer_stages import (attention_stage, combine_stage, compact_stage, gather_stage,
+                                               gemv_stage, grid_sync, inverse_rms, residual_stage, rope_stage)
 
     @triton.jit
     def _layer_kernel(x_ptr, mid_ptr, out_ptr, attn_norm_ptr, mlp_norm_ptr, eps,
@@ -268,103 +72,103 @@ if triton is not None:
         phase = 0
         # 1. RMSNorm → the dense QKV product, or the rank adapter's B
         if PERSISTENT or STAGE == 0:
-            inv_rms = _inv_rms(x_ptr, eps, H, BLOCK_H)
-            _gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
+            inv_rms = inverse_rms(x_ptr, eps, H, BLOCK_H)
+            gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
                         QKV_RANK if QKV_RANK > 0 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K)
         if PERSISTENT:
             phase += 1
-            _grid_sync(bar_ptr, phase * programs)
+            grid_sync(bar_ptr, phase * programs)
         # 2. the masked A-part of QKV's rank adapter: its active ranks listed, then the list's rows
         if QKV_RANK > 0:
             if PERSISTENT or STAGE == 1:
-                _compact_stage(z_qkv_ptr, z_qkv_ptr, qkv_threshold_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr,
+                compact_stage(z_qkv_ptr, z_qkv_ptr, qkv_threshold_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr,
                                z_qkv_ptr, pid, programs, QKV_RANK, 1, False, QKV_LIST, 0)
             if PERSISTENT:
                 phase += 1
-                _grid_sync(bar_ptr, phase * programs)
+                grid_sync(bar_ptr, phase * programs)
             if PERSISTENT or STAGE == 2:
-                _gather_stage(qkv_rows_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr, qkv_partial_ptr, pid,
+                gather_stage(qkv_rows_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr, qkv_partial_ptr, pid,
                               programs, QKV_RANK, QKV_OUT, 1, QKV_SPLITS, QKV_LIST, GATHER_K, BLOCK_M, INTERPRET)
             if PERSISTENT:
                 phase += 1
-                _grid_sync(bar_ptr, phase * programs)
+                grid_sync(bar_ptr, phase * programs)
         # 3. rotary, K and V into the cache (adding up the masked product's partial sums)
         if PERSISTENT or STAGE == 3:
             if QKV_RANK > 0:
-                _rope_stage(qkv_partial_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
+                rope_stage(qkv_partial_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
                             programs, HEADS, KV_HEADS, D // 2, QKV_SPLITS)
             else:
-                _rope_stage(z_qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
+                rope_stage(z_qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
                             programs, HEADS, KV_HEADS, D // 2, 0)
         if PERSISTENT:
             phase += 1
-            _grid_sync(bar_ptr, phase * programs)
+            grid_sync(bar_ptr, phase * programs)
         # 4-5. attention over the prefix, then the chunks combined
         if PERSISTENT or STAGE == 4:
-            _attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
+            attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
                              programs, KV_HEADS, HEADS // KV_HEADS, MAX_CHUNKS, CHUNK, D)
         if PERSISTENT:
             phase += 1
-            _grid_sync(bar_ptr, phase * programs)
+            grid_sync(bar_ptr, phase * programs)
         if PERSISTENT or STAGE == 5:
-            _combine_stage(m_ptr, l_ptr, acc_ptr, attended_ptr, pos, pid, programs, HEADS, MAX_CHUNKS, CHUNKS_P2,
+            combine_stage(m_ptr, l_ptr, acc_ptr, attended_ptr, pos, pid, programs, HEADS, MAX_CHUNKS, CHUNKS_P2,
                            CHUNK, D)
         if PERSISTENT:
             phase += 1
-            _grid_sync(bar_ptr, phase * programs)
+            grid_sync(bar_ptr, phase * programs)
         # 6. o_proj, the residual added in its epilogue
         if PERSISTENT or STAGE == 6:
-            _gemv_stage(wo_ptr, attended_ptr, attn_norm_ptr, 1.0, mid_ptr, x_ptr, pid, programs, H, H, False, 2,
+            gemv_stage(wo_ptr, attended_ptr, attn_norm_ptr, 1.0, mid_ptr, x_ptr, pid, programs, H, H, False, 2,
                         BLOCK_N, BLOCK_K)
         if PERSISTENT:
             phase += 1
-            _grid_sync(bar_ptr, phase * programs)
+            grid_sync(bar_ptr, phase * programs)
         # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B
         if PERSISTENT or STAGE == 7:
-            inv_rms = _inv_rms(mid_ptr, eps, H, BLOCK_H)
+            inv_rms = inverse_rms(mid_ptr, eps, H, BLOCK_H)
             if MLP_RANK > 0:
-                _gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
+                gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
                             2 * MLP_RANK, H, True, 0, BLOCK_N, BLOCK_K)
             else:
-                _gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True, 1,
+                gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True, 1,
                             BLOCK_N, BLOCK_K)
         if PERSISTENT:
             phase += 1
-            _grid_sync(bar_ptr, phase * programs)
+            grid_sync(bar_ptr, phase * programs)
         if MLP_RANK > 0:
             # 8-9. gate's and up's masked A-parts (two groups): listed, then gathered
             if PERSISTENT or STAGE == 8:
-                _compact_stage(z_gu_ptr, z_gu_ptr, gu_threshold_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr,
+                compact_stage(z_gu_ptr, z_gu_ptr, gu_threshold_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr,
                                z_gu_ptr, pid, programs, MLP_RANK, 2, False, GU_LIST, 0)
             if PERSISTENT:
                 phase += 1
-                _grid_sync(bar_ptr, phase * programs)
+                grid_sync(bar_ptr, phase * programs)
             if PERSISTENT or STAGE == 9:
-                _gather_stage(gu_rows_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr, gu_partial_ptr, pid, programs,
+                gather_stage(gu_rows_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr, gu_partial_ptr, pid, programs,
                               MLP_RANK, I, 2, GU_SPLITS, GU_LIST, GATHER_K, BLOCK_M, INTERPRET)
             if PERSISTENT:
                 phase += 1
-                _grid_sync(bar_ptr, phase * programs)
+                grid_sync(bar_ptr, phase * programs)
             # 10-12. h = silu(gate)·up made and listed by the neuron adapter's compaction, its rows of W_downᵀ
             # gathered, their sum added to the residual
             if PERSISTENT or STAGE == 10:
-                _compact_stage(h_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr,
+                compact_stage(h_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr,
                                down_count_ptr, gu_partial_ptr, pid, programs, I, 1, True, DOWN_LIST, GU_SPLITS)
             if PERSISTENT:
                 phase += 1
-                _grid_sync(bar_ptr, phase * programs)
+                grid_sync(bar_ptr, phase * programs)
             if PERSISTENT or STAGE == 11:
-                _gather_stage(down_ptr, down_index_ptr, down_value_ptr, down_count_ptr, down_partial_ptr, pid,
+                gather_stage(down_ptr, down_index_ptr, down_value_ptr, down_count_ptr, down_partial_ptr, pid,
                               programs, I, H, 1, DOWN_SPLITS, DOWN_LIST, GATHER_K, BLOCK_M, INTERPRET)
             if PERSISTENT:
                 phase += 1
-                _grid_sync(bar_ptr, phase * programs)
+                grid_sync(bar_ptr, phase * programs)
             if PERSISTENT or STAGE == 12:
-                _residual_stage(down_partial_ptr, mid_ptr, out_ptr, pid, programs, H, DOWN_SPLITS, 1024)
+                residual_stage(down_partial_ptr, mid_ptr, out_ptr, pid, programs, H, DOWN_SPLITS, 1024)
         else:
             # 10. dense down, the residual added in its epilogue
             if PERSISTENT or STAGE == 11:
-                _gemv_stage(down_ptr, h_ptr, mlp_norm_ptr, 1.0, out_ptr, mid_ptr, pid, programs, H, I, False, 2,
+                gemv_stage(down_ptr, h_ptr, mlp_norm_ptr, 1.0, out_ptr, mid_ptr, pid, programs, H, I, False, 2,
                             BLOCK_N, BLOCK_K)
 
 
@@ -447,7 +251,7 @@ class LayerKernel:
         def product(width: int, out_features: int, groups: int) -> dict:
             """A masked product's list chunk, list shares (enough items for every program) and buffers."""
             chunk = min(LIST_CHUNK, triton.next_power_of_2(max(width, 1)))
-            if math.ceil(width / chunk) > 32:  # _gather_stage holds at most 32 chunks' ends
+            if math.ceil(width / chunk) > 32:  # gather_stage holds at most 32 chunks' ends
                 raise ValueError(f"a masked product of {width} coefficients needs more than 32 list chunks")
             splits = max(1, min(math.ceil(width / c["GATHER_K"]),
                                 math.ceil(grid / (math.ceil(out_features / c["BLOCK_M"]) * groups))))

@@ -1,0 +1,212 @@
+"""The stages of the persistent layer kernel (rana_core.decode.layer_kernel), as Triton device functions: each
+takes its program's id and the program count and works through its items (tiles, chunks, list shares, heads)
+p, p + programs, …, so that any number of resident programs covers any stage. ``grid_sync`` is the barrier
+between two stages.
+"""
+
+from __future__ import annotations
+
+from rana_core.decode.masked_kernels import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from rana_core.decode.masked_kernels import compact_chunk, gather_share, swiglu
+
+    @triton.jit
+    def grid_sync(bar_ptr, target):
+        """Wait until `target` arrivals have been counted (this program's included): the stores of every program
+        before its arrival are visible to every program after its wait (release on arrival, acquire on wait)."""
+        tl.debug_barrier()
+        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        while seen < target:
+            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+        tl.debug_barrier()
+
+    @triton.jit
+    def inverse_rms(x_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
+        offs = tl.arange(0, BLOCK_H)
+        x = tl.load(x_ptr + offs, mask=offs < H, other=0.0, cache_modifier=".cg").to(tl.float32)
+        return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / H + eps)
+
+    @triton.jit
+    def _input_chunk(x_ptr, norm_ptr, inv_rms, offs_k, k_ok, NORM: tl.constexpr, dtype):
+        """A chunk of a product's input in float32: x itself, or RMSNorm(x)·weight rounded as the reference
+        engine's add_rmsnorm stores it."""
+        x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+        if NORM:
+            weight = tl.load(norm_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        return x
+
+    @triton.jit
+    def gemv_stage(w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr, resid_ptr, pid, programs,
+                    N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        """out = W x over tiles of BLOCK_N rows (program p takes tiles p, p + programs, …). EPILOGUE 0: out = y;
+        1: W is [gate; up] (2N rows) and out = silu(gate·x)·(up·x); 2: out = resid + y (y rounded first, as
+        the reference adds a stored product to the residual)."""
+        dtype = out_ptr.dtype.element_ty
+        tile = pid
+        while tile < tl.cdiv(N, BLOCK_N):
+            offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < N
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                offs_k = k0 + tl.arange(0, BLOCK_K)
+                k_ok = offs_k < K
+                x = _input_chunk(x_ptr, norm_ptr, inv_rms, offs_k, k_ok, NORM, dtype)
+                ok = n_ok[:, None] & k_ok[None, :]
+                w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
+                acc += w.to(tl.float32) * x[None, :]
+                if EPILOGUE == 1:
+                    w_up = tl.load(w_ptr + (N + offs_n[:, None]).to(tl.int64) * K + offs_k[None, :], mask=ok,
+                                   other=0.0)
+                    acc_up += w_up.to(tl.float32) * x[None, :]
+            y = tl.sum(acc, axis=1)
+            if EPILOGUE == 1:
+                y = swiglu(y, tl.sum(acc_up, axis=1), dtype)
+            if EPILOGUE == 2:
+                y = y.to(dtype).to(tl.float32) + tl.load(resid_ptr + offs_n, mask=n_ok, other=0.0,
+                                                          cache_modifier=".cg").to(tl.float32)
+            tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
+            tile += programs
+
+    @triton.jit
+    def compact_stage(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr, pid,
+                       programs, KC: tl.constexpr, GROUPS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       CHUNK: tl.constexpr, SOURCE_SPLITS: tl.constexpr):
+        """Each (chunk, group) of a masked product's coefficients compacted to its list of active entries
+        (masked_kernels.compact_chunk; with SOURCE_SPLITS, down's coefficients h made from gate/up's partials)."""
+        chunks: tl.constexpr = (KC + CHUNK - 1) // CHUNK
+        item = pid
+        while item < chunks * GROUPS:
+            compact_chunk(item % chunks, item // chunks, coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr,
+                          count_ptr, source_ptr, KC, chunks, HAS_SCALE, CHUNK, SOURCE_SPLITS)
+            item += programs
+
+    @triton.jit
+    def gather_stage(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, pid, programs, KC: tl.constexpr,
+                      M: tl.constexpr, GROUPS: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+                      BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, INTERPRET: tl.constexpr):
+        """Each (columns, share of the list, group): the listed rows times their coefficients, into
+        partial[g, share, :] (masked_kernels.gather_share: equal shares of the *active* rows, full tiles)."""
+        chunks: tl.constexpr = (KC + CHUNK - 1) // CHUNK
+        # the chunk count rounded up to a power of two (gather_share holds the chunks' ends in one block)
+        chunks_p2: tl.constexpr = 1 if chunks == 1 else (2 if chunks == 2 else (4 if chunks <= 4 else (
+            8 if chunks <= 8 else (16 if chunks <= 16 else 32))))
+        blocks_m: tl.constexpr = (M + BLOCK_M - 1) // BLOCK_M
+        item = pid
+        while item < blocks_m * SPLITS * GROUPS:
+            gather_share(item % blocks_m, (item // blocks_m) % SPLITS, item // (blocks_m * SPLITS), rows_ptr,
+                         index_ptr, value_ptr, count_ptr, partial_ptr, KC, M, M, SPLITS, chunks, chunks_p2, CHUNK,
+                         BLOCK_K, BLOCK_M, False, INTERPRET)
+            item += programs
+
+    @triton.jit
+    def _summed(partial_ptr, offs, ok, N: tl.constexpr, SPLITS: tl.constexpr):
+        """Σ_s partial[s, offs] over SPLITS rows of N float32 partial sums, in a fixed order."""
+        total = tl.load(partial_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        for s in tl.static_range(1, SPLITS):
+            total += tl.load(partial_ptr + s * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        return total
+
+    @triton.jit
+    def _qkv_at(qkv_ptr, offs, SPLITS: tl.constexpr, N: tl.constexpr, dtype):
+        """qkv[offs] in float32: as stored (SPLITS 0) or summed from the masked product's partials, rounded."""
+        if SPLITS == 0:
+            return tl.load(qkv_ptr + offs, cache_modifier=".cg").to(tl.float32)
+        return _summed(qkv_ptr, offs, offs >= 0, N, SPLITS).to(dtype).to(tl.float32)
+
+    @triton.jit
+    def rope_stage(qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid, programs,
+                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr):
+        """Item h < HEADS: query head h rotated into q; HEADS + j: key head j rotated into the cache at pos and
+        value head j copied beside it."""
+        dtype = q_ptr.dtype.element_ty
+        N: tl.constexpr = (HEADS + 2 * KV_HEADS) * 2 * HALF
+        i = tl.arange(0, HALF)
+        cos = tl.load(cos_ptr + pos * HALF + i).to(tl.float32)
+        sin = tl.load(sin_ptr + pos * HALF + i).to(tl.float32)
+        h = pid
+        while h < HEADS + KV_HEADS:
+            x1 = _qkv_at(qkv_ptr, h * 2 * HALF + i, SPLITS, N, dtype)
+            x2 = _qkv_at(qkv_ptr, h * 2 * HALF + HALF + i, SPLITS, N, dtype)
+            first = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+            second = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
+            if h < HEADS:
+                tl.store(q_ptr + h * 2 * HALF + i, first)
+                tl.store(q_ptr + h * 2 * HALF + HALF + i, second)
+            else:
+                j = h - HEADS
+                target = k_cache_ptr + (j * max_seq + pos) * 2 * HALF
+                tl.store(target + i, first)
+                tl.store(target + HALF + i, second)
+                d = tl.arange(0, 2 * HALF)
+                value = _qkv_at(qkv_ptr, (HEADS + KV_HEADS + j) * 2 * HALF + d, SPLITS, N, dtype)
+                tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value.to(dtype))
+            h += programs
+
+    @triton.jit
+    def attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
+                         programs, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+                         CHUNK: tl.constexpr, D: tl.constexpr):
+        """Item (j, s): KV head j's positions s·CHUNK… up to pos against its GROUP query heads: the chunk's
+        running max, softmax denominator and weighted value sum (flash-decoding). Chunks past pos are skipped."""
+        chunks = pos // CHUNK + 1
+        item = pid
+        while item < KV_HEADS * chunks:
+            j = item // chunks
+            s = item % chunks
+            t = s * CHUNK + tl.arange(0, CHUNK)
+            t_ok = t <= pos
+            d = tl.arange(0, D)
+            keys = tl.load(k_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+            values = tl.load(v_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None],
+                             other=0.0, cache_modifier=".cg")
+            for g in tl.static_range(GROUP):
+                h = j * GROUP + g
+                q = tl.load(q_ptr + h * D + d, cache_modifier=".cg").to(tl.float32)
+                scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale
+                scores = tl.where(t_ok, scores, float("-inf"))
+                m = tl.max(scores, axis=0)
+                p = tl.where(t_ok, tl.exp(scores - m), 0.0)
+                tl.store(m_ptr + h * MAX_CHUNKS + s, m)
+                tl.store(l_ptr + h * MAX_CHUNKS + s, tl.sum(p, axis=0))
+                tl.store(acc_ptr + (h * MAX_CHUNKS + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
+            item += programs
+
+    @triton.jit
+    def combine_stage(m_ptr, l_ptr, acc_ptr, out_ptr, pos, pid, programs, HEADS: tl.constexpr,
+                       MAX_CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+        """Query head h: its chunks' partial softmaxes rescaled to their common max and added."""
+        s = tl.arange(0, CHUNKS_P2)
+        s_ok = s <= pos // CHUNK
+        d = tl.arange(0, D)
+        h = pid
+        while h < HEADS:
+            m = tl.load(m_ptr + h * MAX_CHUNKS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+            weight = tl.where(s_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
+            total = tl.sum(weight * tl.load(l_ptr + h * MAX_CHUNKS + s, mask=s_ok, other=0.0, cache_modifier=".cg"),
+                           axis=0)
+            acc = tl.load(acc_ptr + (h * MAX_CHUNKS + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0,
+                          cache_modifier=".cg")
+            tl.store(out_ptr + h * D + d, (tl.sum(weight[:, None] * acc, axis=0) / total).to(out_ptr.dtype.element_ty))
+            h += programs
+
+    @triton.jit
+    def residual_stage(partial_ptr, resid_ptr, out_ptr, pid, programs, H: tl.constexpr, SPLITS: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        """out = resid + (Σ partial sums, rounded)."""
+        dtype = out_ptr.dtype.element_ty
+        block = pid
+        while block < tl.cdiv(H, BLOCK):
+            offs = block * BLOCK + tl.arange(0, BLOCK)
+            ok = offs < H
+            y = _summed(partial_ptr, offs, ok, H, SPLITS).to(dtype).to(tl.float32)
+            y += tl.load(resid_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg").to(tl.float32)
+            tl.store(out_ptr + offs, y.to(dtype), mask=ok)
+            block += programs
