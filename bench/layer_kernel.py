@@ -30,6 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w} for p in (2, 4, 8) for w in (4, 8)] + [
     {"PROGRAMS_PER_SM": 4, "num_warps": 4, "GATHER_K": 64},
     {"PROGRAMS_PER_SM": 8, "num_warps": 4, "BLOCK_N": 4, "BLOCK_K": 512}]
+QUICK = [{"PROGRAMS_PER_SM": 4, "num_warps": 4}, {"PROGRAMS_PER_SM": 8, "num_warps": 4}]
 PROFILE_REPLAYS = 5
 
 
@@ -76,6 +77,8 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
+    parser.add_argument("--sweep", default="full", choices=["full", "quick"],
+                        help="quick: 4 and 8 programs per multiprocessor at 4 warps only")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     name = torch.cuda.get_device_name()
@@ -84,7 +87,8 @@ def main(argv=None) -> int:
     for cut in [float(c) for c in args.cuts.split(",")]:
         engine = DecodeEngine(SHAPES[args.model], DTYPES[args.dtype], "cuda", flop_reduction=cut, gemv="triton")
         engine.calibrate()
-        for mode, config in [("reference", None)] + [("persistent", c) for c in SWEEP]:
+        sweep = SWEEP if args.sweep == "full" else QUICK
+        for mode, config in [("reference", None)] + [("persistent", c) for c in sweep]:
             engine.use_layer_kernels(mode, config)
             ms = statistics.median(engine.time_decode(args.context, args.new_tokens))
             grid = engine.kernels[0].grid[0] if engine.kernels and engine.kernels[0] else None
