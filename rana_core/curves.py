@@ -321,19 +321,21 @@ def _teal_qkv_curves(weight, fit, check, fisher):
     return curves
 
 
-def teal_even_params(module: str, weights: list[torch.Tensor], act, fit: torch.Tensor, keep: float) -> dict:
-    """TEAL's point params with one keep on every input of the module (the ``teal`` method's uniform
-    allocation): thresholds from the fit rows, gate/up's on the MLP input and down's on the h that the masked
-    gate and up give there. `weights`: the stacked QKV's, or the MLP's gate and up."""
+def teal_params(module: str, weights: list[torch.Tensor], act, fit: torch.Tensor, keeps: dict) -> dict:
+    """TEAL's point params at given keeps per linear (``keeps``: "qkv", or "gate", "up" and "down"), thresholds
+    from the fit rows: q/k/v's and gate's and up's on their input, down's on the h that the masked gate and up
+    give there. `weights`: none for the stacked QKV, the MLP's gate and up."""
     fit = fit.float()
-    tau_x = share_threshold(fit.abs(), keep)
-    inputs = {"active": keep * fit.shape[1], "tau": tau_x}
     if module == "qkv":
-        return inputs
-    gate_w, up_w = (w.detach().to(fit.device).float() for w in weights)
-    x_fit = fit * (fit.abs() >= tau_x)
-    h_fit = act(x_fit @ gate_w.T) * (x_fit @ up_w.T)
-    return {"gate_up": inputs, "down": {"active": keep * h_fit.shape[1], "tau": share_threshold(h_fit.abs(), keep)}}
+        return {"active": keeps["qkv"] * fit.shape[1], "tau": share_threshold(fit.abs(), keeps["qkv"])}
+    params, products = {}, {}
+    for which, weight in zip(("gate", "up"), weights):
+        tau = share_threshold(fit.abs(), keeps[which])
+        params[which] = {"active": keeps[which] * fit.shape[1], "tau": tau}
+        products[which] = (fit * (fit.abs() >= tau)) @ weight.detach().to(fit.device).float().T
+    h = act(products["gate"]) * products["up"]
+    params["down"] = {"active": keeps["down"] * h.shape[1], "tau": share_threshold(h.abs(), keeps["down"])}
+    return params
 
 
 TEAL_DOWN_SHIFTS = [round(0.05 * i, 2) for i in range(-4, 5)]  # down's keep − the MLP's keep, searched per keep

@@ -24,15 +24,16 @@ CATS) error and a RaNA MLP error is its least sure number: so the allocation und
 with those rates halved and doubled on real calibration loss (``HybridState.check_losses``), and the least loss is
 kept (on the same validation text: 163.8 against 190.0 without the check at 0.5, 110.9 against 114.7 at 0.44).
 The same check also judges each single-adapter allocation hybrid contains (``SINGLE_ADAPTER``: only TEAL, only
-RaNA, CATS on every MLP), chosen by the same solver at the same budget, and the ``teal`` method's own allocation
-(every input keeping 1 − p: ``HybridState.teal_everywhere``), so that on calibration loss hybrid never ends
-behind a peer it contains. That last one matters: on SmolLM2-135M uniform TEAL read held-out text at 41.67 and
+RaNA, CATS on every MLP), chosen by the same solver at the same budget, and the TEAL methods' own allocations
+(every input keeping 1 − p: ``HybridState.teal_everywhere``; TEAL's greedy within each layer:
+``HybridState.teal_greedy``), so that on calibration loss hybrid never ends behind a peer it contains. That last one matters: on SmolLM2-135M uniform TEAL read held-out text at 41.67 and
 43.27 at cuts 0.2 and 0.3, where hybrid without it read 41.93 and 43.30.
 """
 
 from __future__ import annotations
 
 from itertools import groupby
+from types import SimpleNamespace
 
 import torch
 
@@ -41,14 +42,15 @@ from rana_core.adapters.input_sparse import InputMaskedUnit
 from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit, RankPlan
 from rana_core.adapters.mlp import CatsMLP, NeuronMaskedUnit, RaNAMLP
 from rana_core.allocation import Option, hull_greedy_allocation, knapsack_allocation
-from rana_core.architecture import layer_mlp, mlp_parts
+from rana_core.architecture import MODULES, layer_mlp, mlp_parts
 from rana_core.calibration import capture_module_inputs
 from rana_core.corpus import windows_digest
 from rana_core.curves import (CurveCache, Point, dense_point, halves, mlp_curves, mlp_dense_flops, mlp_svd_bases,
-                              qkv_curves, teal_even_params)
+                              qkv_curves, teal_params)
 from rana_core.decompose import OutputBasis, low_rank_factors, output_basis
 from rana_core.errors import BudgetError
 from rana_core.flops import linear_flops
+from rana_core.methods import teal
 from rana_core.methods.calibration_check import calibration_slices, least_loss
 from rana_core.residency import resting_device
 
@@ -92,6 +94,7 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
         except BudgetError:  # CATS alone cannot reach every budget
             continue
     add("teal everywhere", state.teal_everywhere(1.0 - config.flop_reduction))
+    add("teal greedy", state.teal_greedy(config.flop_reduction))
     losses = state.check_losses(allocations) if len(allocations) > 1 else {"as measured": float("nan")}
     kept = min(losses, key=lambda n: (losses[n], n != "as measured"))
     chosen = allocations[kept]
@@ -236,15 +239,38 @@ class HybridState:
     def teal_everywhere(self, keep: float) -> dict[tuple, Point]:
         """The ``teal`` method's allocation as hybrid points: every QKV and MLP input keeps `keep` (at equal
         FLOPs to hybrid's budget by construction: each module spends `keep` of its dense FLOPs)."""
+        return self.teal_allocation(lambda index, layer, fits: {module: keep for module in MODULES})
+
+    def teal_greedy(self, flop_reduction: float) -> dict[tuple, Point]:
+        """``teal-greedy``'s allocation as hybrid points: within each layer, TEAL's greedy spreads the layer's
+        share of the budget over q/k/v, gate, up and down by their relative output errors on the dense model's
+        inputs (rana_core.methods.teal.layer_keeps), here on hybrid's fit rows."""
+        def keeps(index, layer, fits):
+            gate, up, _, act = mlp_parts(layer_mlp(layer))
+            x = fits["mlp"]
+            h = act(x @ gate.weight.detach().to(x.device).float().T) * (x @ up.weight.detach().to(x.device).float().T)
+            rows = {"attention": fits["attention"], "mlp": x, "down": h}
+            stats = {name: SimpleNamespace(rows=value) for name, value in rows.items()}
+            return {module: keep for (_, module), keep in
+                    teal.layer_keeps(layer, index, stats, flop_reduction, weighted=False).items()}
+
+        return self.teal_allocation(keeps)
+
+    def teal_allocation(self, keeps_of) -> dict[tuple, Point]:
+        """TEAL's masks on every QKV and MLP at the keeps per linear that ``keeps_of(index, layer, fit rows)``
+        gives, thresholds on the fit rows, as hybrid points (a module keeping everything stays dense)."""
         chosen, dense = {}, self.dense_flops()
         for index, layer in enumerate(self.loaded.layers):
-            qkv_fit = halves(self.layer_inputs(index, "attention")[1])[0]
-            chosen[(index, "qkv")] = Point("teal", keep, keep * dense[(index, "qkv")], float("nan"),
-                                           teal_even_params("qkv", [], None, qkv_fit, keep))
+            fits = {name: halves(self.layer_inputs(index, name)[1])[0].float() for name in ("attention", "mlp")}
+            keeps = keeps_of(index, layer, fits)
             gate, up, _, act = mlp_parts(layer_mlp(layer))
-            mlp_fit = halves(self.layer_inputs(index, "mlp")[1])[0]
-            chosen[(index, "mlp")] = Point("teal", keep, keep * dense[(index, "mlp")], float("nan"),
-                                           teal_even_params("mlp", [gate.weight, up.weight], act, mlp_fit, keep))
+            for module, share in (("qkv", keeps["qkv"]), ("mlp", (keeps["gate"] + keeps["up"] + keeps["down"]) / 3)):
+                if share >= 1.0:
+                    chosen[(index, module)] = dense_point(dense[(index, module)])
+                    continue
+                params = teal_params(module, [gate.weight, up.weight], act,
+                                     fits["attention" if module == "qkv" else "mlp"], keeps)
+                chosen[(index, module)] = Point("teal", share, share * dense[(index, module)], float("nan"), params)
         return chosen
 
     def check_losses(self, allocations: dict[str, dict]) -> dict[str, float]:
@@ -328,14 +354,20 @@ class HybridState:
 
 
 def _teal_units(layer, index: int, module: str, params: dict) -> list:
-    """TEAL's input masks at a curve point: one on the stacked QKV's input, or on the MLP one for gate and up (their
-    shared input, one threshold) and one for down's input."""
-    parts = {"qkv": params} if module == "qkv" else {"gate": params["gate_up"], "up": params["gate_up"],
-                                                      "down": params["down"]}
+    """TEAL's input masks at a point: one on the stacked QKV's input, or on the MLP one each for gate and up (a
+    curve point gives both one threshold, "gate_up", on their shared input) and one for down's input. A linear
+    that keeps all its inputs gets none."""
+    if module == "qkv":
+        parts = {"qkv": params}
+    else:
+        parts = {"gate": params.get("gate", params.get("gate_up")), "up": params.get("up", params.get("gate_up")),
+                 "down": params["down"]}
     units = []
     for which, part in parts.items():
         members = layer_members(layer, which)
-        units.append(InputMaskedUnit(members, index, which, part["active"] / members[0].in_features, part["tau"]))
+        keep = part["active"] / members[0].in_features
+        if keep < 1.0:
+            units.append(InputMaskedUnit(members, index, which, keep, part["tau"]))
     return units
 
 
