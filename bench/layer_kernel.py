@@ -27,10 +27,10 @@ from rana_core.decode.layer_kernel import STAGE_NAMES  # noqa: E402
 from shown_path import shown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w} for p in (2, 4, 8) for w in (4, 8)] + [
+SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w, "GEMV_FLAT": f} for p in (2, 4, 8) for w in (4, 8) for f in (0, 1)] + [
     {"PROGRAMS_PER_SM": 4, "num_warps": 4, "GATHER_K": 64},
     {"PROGRAMS_PER_SM": 8, "num_warps": 4, "BLOCK_N": 4, "BLOCK_K": 512}]
-QUICK = [{"PROGRAMS_PER_SM": 4, "num_warps": 4}, {"PROGRAMS_PER_SM": 8, "num_warps": 4}]
+QUICK = [{"PROGRAMS_PER_SM": p, "num_warps": 4, "GEMV_FLAT": f} for p in (4, 8) for f in (0, 1)]
 PROFILE_REPLAYS = 5
 
 
@@ -78,7 +78,7 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     parser.add_argument("--sweep", default="full", choices=["full", "quick"],
-                        help="quick: 4 and 8 programs per multiprocessor at 4 warps only")
+                        help="quick: 4 and 8 programs per multiprocessor at 4 warps, GEMV tile by tile and flat")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     name = torch.cuda.get_device_name()

@@ -61,7 +61,8 @@ if triton is not None:
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QKV_LIST: tl.constexpr, GU_LIST: tl.constexpr,
                       DOWN_LIST: tl.constexpr, QKV_SPLITS: tl.constexpr, GU_SPLITS: tl.constexpr,
                       DOWN_SPLITS: tl.constexpr, GATHER_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr, STAGE: tl.constexpr):
+                      GEMV_FLAT: tl.constexpr, INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr,
+                      STAGE: tl.constexpr):
         """One decoder layer for one token (module docstring). Persistent: every stage, a grid barrier between
         two; staged: stage STAGE only (the host launches them in order). *_LIST: the compaction chunk of each
         masked product; *_SPLITS: how many shares its list is split into."""
@@ -74,7 +75,7 @@ if triton is not None:
         if PERSISTENT or STAGE == 0:
             inv_rms = inverse_rms(x_ptr, eps, H, BLOCK_H)
             gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
-                        QKV_RANK if QKV_RANK > 0 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K)
+                        QKV_RANK if QKV_RANK > 0 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         if PERSISTENT:
             phase += 1
             grid_sync(bar_ptr, phase * programs)
@@ -119,7 +120,7 @@ if triton is not None:
         # 6. o_proj, the residual added in its epilogue
         if PERSISTENT or STAGE == 6:
             gemv_stage(wo_ptr, attended_ptr, attn_norm_ptr, 1.0, mid_ptr, x_ptr, pid, programs, H, H, False, 2,
-                        BLOCK_N, BLOCK_K)
+                        BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         if PERSISTENT:
             phase += 1
             grid_sync(bar_ptr, phase * programs)
@@ -128,10 +129,10 @@ if triton is not None:
             inv_rms = inverse_rms(mid_ptr, eps, H, BLOCK_H)
             if MLP_RANK > 0:
                 gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
-                            2 * MLP_RANK, H, True, 0, BLOCK_N, BLOCK_K)
+                            2 * MLP_RANK, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
             else:
                 gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True, 1,
-                            BLOCK_N, BLOCK_K)
+                            BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         if PERSISTENT:
             phase += 1
             grid_sync(bar_ptr, phase * programs)
@@ -169,13 +170,15 @@ if triton is not None:
             # 10. dense down, the residual added in its epilogue
             if PERSISTENT or STAGE == 11:
                 gemv_stage(down_ptr, h_ptr, mlp_norm_ptr, 1.0, out_ptr, mid_ptr, pid, programs, H, I, False, 2,
-                            BLOCK_N, BLOCK_K)
+                            BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
 
 
 # Tile sizes. A GEMV tile is BLOCK_N rows × BLOCK_K columns (the reference GEMV's best at 7B sizes, H100); a list
 # gather item streams GATHER_K listed rows per step over BLOCK_M output columns (the reference's, masked_kernels).
 # PROGRAMS_PER_SM: resident programs per multiprocessor (bench/layer_kernel.py sweeps these).
-CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "GATHER_K": 128, "BLOCK_M": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4}
+# GEMV_FLAT: a program's GEMV tiles as one loop of (tile, chunk) steps (layer_stages.gemv_stage).
+CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "GATHER_K": 128, "BLOCK_M": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4,
+          "GEMV_FLAT": 0}
 ATTENTION_CHUNK = 64
 LIST_CHUNK = 2048  # coefficients compacted per item (masked_kernels.COMPACT_CHUNK's reasoning)
 
@@ -309,7 +312,8 @@ class LayerKernel:
                          QKV_LIST=self.products["qkv"]["chunk"], GU_LIST=self.products["gu"]["chunk"],
                          DOWN_LIST=self.products["down"]["chunk"], QKV_SPLITS=self.products["qkv"]["splits"],
                          GU_SPLITS=self.products["gu"]["splits"], DOWN_SPLITS=self.products["down"]["splits"],
-                         GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], INTERPRET=_interpreting(),
+                         GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], GEMV_FLAT=c["GEMV_FLAT"],
+                         INTERPRET=_interpreting(),
                          num_warps=c["num_warps"])
         if self.persistent:
             if self.grid is None:  # compiled once: how many programs fit at once depends on its registers
