@@ -1,0 +1,139 @@
+"""RaNA's masked products for a small batch of tokens (2-16) decoding together: the union of their masks.
+
+At batch 1 a masked product reads only the rows its token activates (masked_kernels). With B tokens each has its
+own mask, and the rows any of them activates must be read; each row read is then used by all B tokens, every
+token that did not activate it multiplying it by zero. So a row is read once per step, not once per token, and
+the product stays exact for every token. What it buys depends on how much the masks overlap: at density d per
+token and independent masks the union keeps 1 − (1 − d)^B of the rows (d = 0.5: 0.94 at B = 4), which is why
+activation-sparsity kernels are asked about batches (bench/masked_batch.py measures it).
+
+Two launches and a reduction, as at batch 1:
+1. compact: programs over chunks of the coefficients (B × K) list the rows any token activates, in order, with
+   each token's coefficient for them (0 where its own mask is off);
+2. gather: programs over (output columns, equal shares of the list) stream the listed rows, BLOCK_K at a time,
+   and multiply them by the B tokens' coefficients in one small matrix product (tensor cores; the batch is
+   padded to 16 rows, the smallest such product);
+3. the shares' partial sums added in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from rana_core.decode.masked_kernels import (BLOCK_K, BLOCK_M, COMPACT_CHUNK, _interpreting, _multiprocessors,
+                                             triton, use_triton)
+
+MAX_BATCH = 16  # the padded batch of the gather's matrix product
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _union_compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, B, K,
+                              HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Program c: the rows of chunk c that any of the B tokens activates, to index[c·CHUNK…] in order, each
+        token's coefficient for them (0 where its mask is off) to value[b, c·CHUNK…], their number to count[c]."""
+        c = tl.program_id(0)
+        offs = c * CHUNK + tl.arange(0, CHUNK)
+        ok = offs < K
+        b = tl.arange(0, BLOCK_B)
+        b_ok = b < B
+        both = b_ok[:, None] & ok[None, :]
+        coeff = tl.load(coeff_ptr + b[:, None] * K + offs[None, :], mask=both, other=0.0).to(tl.float32)
+        score = tl.abs(coeff)
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32)[None, :]
+        active = both & (score >= tl.load(threshold_ptr))
+        listed = tl.max(active.to(tl.int32), axis=0) > 0
+        slot = c * CHUNK + tl.cumsum(listed.to(tl.int32), axis=0) - 1
+        tl.store(index_ptr + slot, offs, mask=listed)
+        tl.store(value_ptr + b[:, None] * K + slot[None, :], tl.where(active, coeff, 0.0),
+                 mask=b_ok[:, None] & listed[None, :])
+        tl.store(count_ptr + c, tl.sum(listed.to(tl.int32), axis=0))
+
+    @triton.jit
+    def _union_gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, b, b_ok, offs_m, m_ok, K, M,
+                           CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc (BLOCK_B × BLOCK_M) + the tokens' coefficients times the rows at list positions j0…"""
+        j = j0 + tl.arange(0, BLOCK_K)
+        j_ok = j < stop
+        chunk = tl.sum((j[:, None] >= ends[None, :]).to(tl.int32), axis=1)
+        start = tl.sum(tl.where(tl.arange(0, ends.shape[0])[None, :] == chunk[:, None], starts[None, :], 0), axis=1)
+        slot = chunk * CHUNK + j - start
+        row = tl.load(index_ptr + slot, mask=j_ok, other=0)
+        tile = tl.load(rows_ptr + row[:, None].to(tl.int64) * M + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
+                       other=0.0)
+        c = tl.load(value_ptr + b[:, None] * K + slot[None, :], mask=b_ok[:, None] & j_ok[None, :], other=0.0)
+        # the coefficients are values of the rows' dtype (or zero), so casting them back to it is exact
+        return tl.dot(c.to(tile.dtype), tile, acc, input_precision="ieee")
+
+    @triton.jit
+    def _union_gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, B, K, M,
+                             SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr,
+                             CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                             BLOCK_B: tl.constexpr, INTERPRET: tl.constexpr):
+        """Program (m, s): columns m·BLOCK_M… of every token's product over share s of the list, into
+        partial[s, b, :]."""
+        pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        b = tl.arange(0, BLOCK_B)
+        b_ok = b < B
+        q = tl.arange(0, CHUNKS_P2)
+        counts = tl.load(count_ptr + q, mask=q < CHUNKS, other=0)
+        ends = tl.where(q < CHUNKS, tl.cumsum(counts, axis=0), 1 << 30)
+        starts = ends - counts
+        count = tl.sum(counts, axis=0)
+        share = tl.cdiv(tl.cdiv(count, SPLITS), BLOCK_K) * BLOCK_K
+        begin = pid_s * share
+        stop = tl.minimum(begin + share, count)
+        acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+        if INTERPRET:  # the interpreter takes no loaded value as a range bound; a while loop it does
+            j0 = begin
+            while j0 < stop:
+                acc = _union_gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, b, b_ok, offs_m,
+                                         m_ok, K, M, CHUNK, BLOCK_K)
+                j0 += BLOCK_K
+        else:
+            for j0 in range(begin, stop, BLOCK_K):
+                acc = _union_gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, b, b_ok, offs_m,
+                                         m_ok, K, M, CHUNK, BLOCK_K)
+        tl.store(partial_ptr + (pid_s * B + b[:, None]) * M + offs_m[None, :], acc,
+                 mask=b_ok[:, None] & m_ok[None, :])
+
+
+def masked_rows_union(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
+                      scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y, listed): y[b] = Σ_k [score_bk ≥ threshold] · coeff_bk · rows[k, :] for each of B tokens, float32
+    (B, M), and how many of the K rows the union of their masks listed (a device tensor: reading it waits for
+    the GPU, which a captured graph must not). `rows` (K, M) row-major, `coeff` (B, K) in the rows' dtype,
+    `threshold` one float32 element, `scale` (K,) for neuron scores (|h_k| · scale_k)."""
+    B, K = coeff.shape
+    M = rows.shape[1]
+    if rows.shape[0] != K or not 1 <= B <= MAX_BATCH:
+        raise ValueError(f"coefficients {tuple(coeff.shape)} for rows {tuple(rows.shape)}: need (B ≤ {MAX_BATCH}, "
+                         f"{rows.shape[0]})")
+    if not use_triton(rows):
+        score = coeff.float().abs() * (scale.float() if scale is not None else 1.0)
+        active = score >= threshold
+        return (coeff.float() * active) @ rows.float(), active.any(0).sum()
+    device = rows.device
+    chunk = min(COMPACT_CHUNK, triton.next_power_of_2(K))
+    chunks = math.ceil(K / chunk)
+    index = torch.empty(K, dtype=torch.int32, device=device)
+    value = torch.empty(B * K, dtype=torch.float32, device=device)
+    count = torch.empty(chunks, dtype=torch.int32, device=device)
+    coeff = coeff.contiguous()
+    _union_compact_kernel[(chunks,)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
+                                     B, K, HAS_SCALE=scale is not None, CHUNK=chunk, BLOCK_B=MAX_BATCH,
+                                     num_warps=4 if chunk <= 1024 else 8)
+    blocks_m = math.ceil(M / BLOCK_M)
+    splits = max(1, min(math.ceil(K / BLOCK_K), math.ceil(16 * _multiprocessors(device) / blocks_m)))
+    partial = torch.empty(splits * B * M, dtype=torch.float32, device=device)
+    _union_gather_kernel[(blocks_m, splits)](rows, index, value, count, partial, B, K, M, SPLITS=splits,
+                                             CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk,
+                                             BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_B=MAX_BATCH,
+                                             INTERPRET=_interpreting(), num_warps=4)
+    return partial.view(splits, B, M).sum(0), count.sum()
