@@ -51,6 +51,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=8192)
+    parser.add_argument("--layers", default="reference", choices=["reference", "persistent"],
+                        help="how the engine runs a layer: a launch per operation, or one persistent launch")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench/run_latency.py: needs a CUDA GPU", file=sys.stderr)
@@ -75,7 +77,8 @@ def main(argv=None) -> int:
                 result = compress(config, loaded=loaded, artifact_path=Path(folder) / "adapters.safetensors")
                 unload(loaded.layers)
                 adapters = load_adapters(loaded, result.artifact["path"], result.artifact["sha256"])
-                report = measure_run(loaded.model, adapters, contexts, args.new_tokens, args.dtype, "cuda", text)
+                report = measure_run(loaded.model, adapters, contexts, args.new_tokens, args.dtype, "cuda", text,
+                                     layers=args.layers)
             except RanaError as exc:  # e.g. a family or adapter the engine cannot run: one line, the row says so
                 rows.append({"method": name, "error": str(exc)})
                 print(f"{name}: {exc}", file=sys.stderr)
@@ -99,7 +102,8 @@ def main(argv=None) -> int:
         print(f"{row['method']:<14}{row['perplexity']:>9.2f}{row['measured_flop_reduction']:>7.3f}"
               f"{row['engine_flop_reduction']:>11.3f}{cells}")
     RESULTS.mkdir(exist_ok=True)
-    out = RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}.json"
+    mode = "" if args.layers == "reference" else f"-{args.layers}"
+    out = RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}{mode}.json"
     out.write_text(json.dumps({"model": label, "device": device, "args": vars(args), "rows": rows}, indent=1))
     print(f"wrote {out.relative_to(ROOT)}")
     return 0

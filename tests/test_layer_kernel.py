@@ -23,7 +23,7 @@ def decode(engine: DecodeEngine, mode: str, prompt: torch.Tensor, steps: int, po
     engine.use_layer_kernels(mode, config)
     engine.allocate(48)
     if poison and engine.kernels is not None:
-        for kernel in engine.kernels:
+        for kernel in filter(None, engine.kernels):
             for buffer in kernel.buffers.values():  # list slots past a chunk's count are never read: far indices
                 buffer.fill_(float("nan") if buffer.is_floating_point() else 2**30)
         engine.residuals.fill_(float("nan"))
@@ -67,7 +67,7 @@ def test_lists_compacted_in_many_chunks_give_the_reference_logits(monkeypatch):
     prompt = prompt_for(engine)
     reference = decode(engine, "reference", prompt, 3)
     staged = decode(engine, "staged", prompt, 3, poison=True)
-    assert engine.kernels[0].products["down"]["chunk"] == 16
+    assert engine.kernels[0].lists["down"]["chunk"] == 16
     assert (staged - reference).abs().max() <= 5e-3 * reference.abs().max()
 
 
@@ -83,6 +83,29 @@ def test_flat_gemv_stages_give_the_tile_by_tile_stages_logits_bit_for_bit(shape)
     flat = decode(engine, "staged", prompt, 3, poison=True, config={"GEMV_FLAT": 1, "BLOCK_K": 32})
     assert torch.isfinite(flat).all()
     assert torch.equal(flat, by_tile)
+
+
+@pytest.mark.parametrize("method, allocation, runs_in_kernel", [
+    ("dense", "uniform", True), ("rana", "uniform", True), ("rana", "greedy", True), ("hybrid", "exact-loss", None),
+    ("cats", "uniform", False), ("teal", "uniform", False)])
+def test_the_engine_of_a_stored_run_decodes_alike_through_layer_kernels(method, allocation, runs_in_kernel,
+                                                                          tmp_path):
+    """A run's own engine (tiny Llama, its stored adapters): layers the kernel runs (dense, RaNA's rank and neuron
+    adapters, gate and up of different ranks) and layers it leaves to the reference path (CATS, TEAL) decode
+    what the reference engine decodes. Hybrid may mix both (None: either)."""
+    from rana_core.decode.from_model import engine_from_model
+    from test_engine_from_model import stored_run
+
+    require_triton("cpu")
+    loaded, adapters, _ = stored_run("tiny", method, allocation, tmp_path)
+    engine = engine_from_model(loaded.model, adapters)
+    prompt = torch.randint(0, 256, (12,), generator=torch.Generator().manual_seed(3))
+    reference = decode(engine, "reference", prompt, 4)
+    staged = decode(engine, "staged", prompt, 4, poison=True)
+    ran = [kernel is not None for kernel in engine.kernels]
+    if runs_in_kernel is not None:
+        assert all(ran) if runs_in_kernel else not any(ran)
+    assert (staged - reference).abs().max() <= 1e-5 * reference.abs().max()
 
 
 @pytest.mark.parametrize("threshold", [0.0, float("inf")], ids=["every-row", "no-row"])

@@ -439,9 +439,9 @@ class DecodeEngine(nn.Module):
         self.barriers.zero_()  # one memset per step: every layer's barrier counts from zero
         mark = self.marker or _no_mark
         for index, (block, kernel) in enumerate(zip(self.blocks, self.kernels)):
-            mark(index, "qkv")
+            mark(index, "layer")  # one launch: its sections cannot be told apart from outside
             measuring = any(getattr(part, "calibrating", False) or getattr(part, "counting", False)
-                            for part in (block.qkv, block.gate, block.up, block.down))
+                            for part in block.modules())
             if kernel is None or measuring:
                 x = self._reference_layer(block, index, x, pos)
                 continue

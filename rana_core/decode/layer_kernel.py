@@ -33,6 +33,7 @@ reference path, layer by layer (``supports``).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -51,21 +52,24 @@ if triton is not None:
                       qkv_count_ptr, qkv_partial_ptr,
                       cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, scale,
                       m_ptr, l_ptr, acc_ptr, attended_ptr, wo_ptr,
-                      gu_w_ptr, gu_rows_ptr, gu_threshold_ptr, z_gu_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr,
+                      gu_w_ptr, z_gu_ptr, gate_rows_ptr, gate_threshold_ptr, gate_index_ptr, gate_value_ptr,
+                      gate_count_ptr, up_rows_ptr, up_threshold_ptr, up_index_ptr, up_value_ptr, up_count_ptr,
                       gu_partial_ptr, h_ptr,
                       down_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr, down_count_ptr,
                       down_partial_ptr, bar_ptr,
                       H: tl.constexpr, I: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                      D: tl.constexpr, QKV_RANK: tl.constexpr, MLP_RANK: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+                      D: tl.constexpr, QKV_RANK: tl.constexpr, GATE_RANK: tl.constexpr, UP_RANK: tl.constexpr,
+                      DOWN_SCALED: tl.constexpr, MAX_CHUNKS: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
-                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QKV_LIST: tl.constexpr, GU_LIST: tl.constexpr,
-                      DOWN_LIST: tl.constexpr, QKV_SPLITS: tl.constexpr, GU_SPLITS: tl.constexpr,
+                      BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QKV_LIST: tl.constexpr, GATE_LIST: tl.constexpr,
+                      UP_LIST: tl.constexpr, DOWN_LIST: tl.constexpr, QKV_SPLITS: tl.constexpr, GU_SPLITS: tl.constexpr,
                       DOWN_SPLITS: tl.constexpr, GATHER_K: tl.constexpr, BLOCK_M: tl.constexpr,
                       GEMV_FLAT: tl.constexpr, INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr,
                       STAGE: tl.constexpr):
         """One decoder layer for one token (module docstring). Persistent: every stage, a grid barrier between
         two; staged: stage STAGE only (the host launches them in order). *_LIST: the compaction chunk of each
-        masked product; *_SPLITS: how many shares its list is split into."""
+        masked product; *_SPLITS: how many shares its list is split into (gate's and up's alike: down's
+        compaction reads their partial sums as one block, gate's rows first)."""
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         pos = tl.load(pos_ptr)
@@ -124,29 +128,33 @@ if triton is not None:
         if PERSISTENT:
             phase += 1
             grid_sync(bar_ptr, phase * programs)
-        # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B
+        # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B (one matrix, gate's rows first)
         if PERSISTENT or STAGE == 7:
             inv_rms = inverse_rms(mid_ptr, eps, H, BLOCK_H)
-            if MLP_RANK > 0:
+            if GATE_RANK > 0:
                 gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
-                            2 * MLP_RANK, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
+                           GATE_RANK + UP_RANK, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
             else:
                 gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True, 1,
-                            BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
+                           BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         if PERSISTENT:
             phase += 1
             grid_sync(bar_ptr, phase * programs)
-        if MLP_RANK > 0:
-            # 8-9. gate's and up's masked A-parts (two groups): listed, then gathered
+        if GATE_RANK > 0:
+            # 8-9. gate's and up's masked A-parts: each listed, then each gathered (their ranks may differ)
             if PERSISTENT or STAGE == 8:
-                compact_stage(z_gu_ptr, z_gu_ptr, gu_threshold_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr,
-                               z_gu_ptr, pid, programs, MLP_RANK, 2, False, GU_LIST, 0)
+                compact_stage(z_gu_ptr, z_gu_ptr, gate_threshold_ptr, gate_index_ptr, gate_value_ptr, gate_count_ptr,
+                              z_gu_ptr, pid, programs, GATE_RANK, 1, False, GATE_LIST, 0)
+                compact_stage(z_gu_ptr + GATE_RANK, z_gu_ptr, up_threshold_ptr, up_index_ptr, up_value_ptr,
+                              up_count_ptr, z_gu_ptr, pid, programs, UP_RANK, 1, False, UP_LIST, 0)
             if PERSISTENT:
                 phase += 1
                 grid_sync(bar_ptr, phase * programs)
             if PERSISTENT or STAGE == 9:
-                gather_stage(gu_rows_ptr, gu_index_ptr, gu_value_ptr, gu_count_ptr, gu_partial_ptr, pid, programs,
-                              MLP_RANK, I, 2, GU_SPLITS, GU_LIST, GATHER_K, BLOCK_M, INTERPRET)
+                gather_stage(gate_rows_ptr, gate_index_ptr, gate_value_ptr, gate_count_ptr, gu_partial_ptr, pid,
+                             programs, GATE_RANK, I, 1, GU_SPLITS, GATE_LIST, GATHER_K, BLOCK_M, INTERPRET)
+                gather_stage(up_rows_ptr, up_index_ptr, up_value_ptr, up_count_ptr, gu_partial_ptr + GU_SPLITS * I,
+                             pid, programs, UP_RANK, I, 1, GU_SPLITS, UP_LIST, GATHER_K, BLOCK_M, INTERPRET)
             if PERSISTENT:
                 phase += 1
                 grid_sync(bar_ptr, phase * programs)
@@ -154,13 +162,13 @@ if triton is not None:
             # gathered, their sum added to the residual
             if PERSISTENT or STAGE == 10:
                 compact_stage(h_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr,
-                               down_count_ptr, gu_partial_ptr, pid, programs, I, 1, True, DOWN_LIST, GU_SPLITS)
+                              down_count_ptr, gu_partial_ptr, pid, programs, I, 1, DOWN_SCALED, DOWN_LIST, GU_SPLITS)
             if PERSISTENT:
                 phase += 1
                 grid_sync(bar_ptr, phase * programs)
             if PERSISTENT or STAGE == 11:
                 gather_stage(down_ptr, down_index_ptr, down_value_ptr, down_count_ptr, down_partial_ptr, pid,
-                              programs, I, H, 1, DOWN_SPLITS, DOWN_LIST, GATHER_K, BLOCK_M, INTERPRET)
+                             programs, I, H, 1, DOWN_SPLITS, DOWN_LIST, GATHER_K, BLOCK_M, INTERPRET)
             if PERSISTENT:
                 phase += 1
                 grid_sync(bar_ptr, phase * programs)
@@ -170,7 +178,7 @@ if triton is not None:
             # 10. dense down, the residual added in its epilogue
             if PERSISTENT or STAGE == 11:
                 gemv_stage(down_ptr, h_ptr, mlp_norm_ptr, 1.0, out_ptr, mid_ptr, pid, programs, H, I, False, 2,
-                            BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
+                           BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
 
 
 # Tile sizes. A GEMV tile is BLOCK_N rows × BLOCK_K columns (the reference GEMV's best at 7B sizes, H100); a list
@@ -183,25 +191,79 @@ ATTENTION_CHUNK = 64
 LIST_CHUNK = 2048  # coefficients compacted per item (masked_kernels.COMPACT_CHUNK's reasoning)
 
 
-def supports(block) -> str | None:
-    """Why this block cannot run as one layer kernel, or None when it can."""
-    from rana_core.decode.engine import Block, NeuronPart, RankPart
+@dataclass
+class LayerWeights:
+    """The tensors a layer kernel reads from a block (rana_core.decode.engine's Block, or from_model's ModelBlock):
+    dense weights, or a rank adapter's B, rows (Aᵀ) and threshold; rank 0 means dense."""
 
-    if type(block) is not Block:
+    attn_norm: torch.Tensor
+    mlp_norm: torch.Tensor
+    eps: float
+    qkv: torch.Tensor  # the dense weight, or the rank adapter's B
+    qkv_rows: torch.Tensor | None
+    qkv_threshold: torch.Tensor | None
+    wo: torch.Tensor
+    gate_up: torch.Tensor  # [gate; up] dense, or both rank adapters' B stacked
+    gate: tuple | None  # (rows, threshold) of gate's rank adapter
+    up: tuple | None
+    down: torch.Tensor  # the dense weight, or the neuron adapter's rows (W_downᵀ)
+    down_scale: torch.Tensor | None  # the neuron adapter's column norms (None: scores are |h|)
+    down_threshold: torch.Tensor | None
+
+    @property
+    def qkv_rank(self) -> int:
+        return self.qkv.shape[0] if self.qkv_rows is not None else 0
+
+
+def layer_weights(block) -> LayerWeights | str:
+    """What the layer kernel reads from `block`, or why it cannot run it (one line)."""
+    from rana_core.decode.engine import Block, NeuronPart, RankPart
+    from rana_core.decode.from_model import Dense, ModelBlock, ProjectionMLP, RanaMLP, _is_silu
+
+    if type(block) not in (Block, ModelBlock):
         return "not a Llama-shaped block"
     if block.qkv_bias is not None:
         return "q/k/v biases"
-    if not (isinstance(block.qkv, nn.Linear) or (type(block.qkv) is RankPart and block.qkv.scale is None)):
-        return "a QKV adapter other than RaNA's rank adapter"
-    dense_mlp = all(isinstance(m, nn.Linear) for m in (block.gate, block.up, block.down))
-    rana_mlp = (type(block.gate) is RankPart and type(block.up) is RankPart and type(block.down) is NeuronPart
-                and hasattr(block, "gate_up_B") and block.gate.rank == block.up.rank)
-    if not (dense_mlp or rana_mlp):
-        return "an MLP other than dense or RaNA's"
     s = block.shape
     if s.head_dim & (s.head_dim - 1) or s.heads % s.kv_heads:
         return "a head size that is not a power of two, or uneven head groups"
-    return None
+    qkv = block.qkv
+    if type(qkv) is RankPart and qkv.scale is None:
+        qkv_parts = (qkv.B, qkv.rows, qkv.threshold)
+    elif isinstance(qkv, (nn.Linear, Dense)):
+        qkv_parts = (qkv.weight, None, None)
+    else:
+        return "a QKV adapter other than RaNA's rank adapter"
+    if type(block) is Block:
+        gate, up, down = block.gate, block.up, block.down
+        joint = getattr(block, "gate_up_B", None) if type(gate) is RankPart else getattr(block, "gate_up", None)
+        silu = True
+    else:
+        mlp = block.mlp_part
+        if type(mlp) is RanaMLP:
+            gate, up, down, joint, silu = mlp.gate, mlp.up, mlp.down, mlp.gate_up_B, _is_silu(mlp.act)
+        elif type(mlp) is ProjectionMLP and mlp.fused is not None and type(mlp.down) is Dense:
+            gate, up, down, joint, silu = None, None, mlp.down, mlp.fused, True
+        else:
+            return "an MLP other than dense SwiGLU or RaNA's"
+    if not silu or joint is None:
+        return "an MLP other than dense SwiGLU or RaNA's"
+    if type(gate) is RankPart and type(up) is RankPart and type(down) is NeuronPart:
+        if gate.scale is not None or up.scale is not None:
+            return "gate/up adapters other than RaNA's rank adapters"
+        mlp_parts = ((gate.rows, gate.threshold), (up.rows, up.threshold), down.rows, down.norms, down.threshold)
+    elif gate is None or all(isinstance(m, nn.Linear) for m in (gate, up, down)):
+        mlp_parts = (None, None, down.weight, None, None)
+    else:
+        return "an MLP other than dense SwiGLU or RaNA's"
+    return LayerWeights(block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, *qkv_parts,
+                        block.wo.weight, joint, *mlp_parts)
+
+
+def supports(block) -> str | None:
+    """Why this block cannot run as one layer kernel, or None when it can."""
+    weights = layer_weights(block)
+    return weights if isinstance(weights, str) else None
 
 
 def programs(device: torch.device, per_sm: int) -> int:
@@ -240,81 +302,86 @@ class LayerKernel:
 
     def __init__(self, block, max_seq: int, persistent: bool, config: dict | None = None):
         self.block, self.persistent = block, persistent
+        self.weights = layer_weights(block)
+        if isinstance(self.weights, str):
+            raise ValueError(f"the layer kernel cannot run this block: {self.weights}")
         self.grid = None
         self.marker = None  # staged: called with each stage before its launch (bench/layer_kernel.py times them)
         self.config = {**CONFIG, **(config or {})}
-        s = block.shape
-        self.qkv_rank = block.qkv.rank if not isinstance(block.qkv, nn.Linear) else 0
-        self.mlp_rank = block.gate.rank if not isinstance(block.gate, nn.Linear) else 0
+        s, w, c = block.shape, self.weights, self.config
+        self.qkv_rank = w.qkv_rank
+        self.gate_rank = w.gate[0].shape[0] if w.gate else 0
+        self.up_rank = w.up[0].shape[0] if w.up else 0
         self.max_chunks = math.ceil(max_seq / ATTENTION_CHUNK)
-        device, dtype = block.wo.weight.device, block.wo.weight.dtype
-        c = self.config
+        device, dtype = w.wo.device, w.wo.dtype
         grid = programs(device, c["PROGRAMS_PER_SM"])
 
-        def product(width: int, out_features: int, groups: int) -> dict:
-            """A masked product's list chunk, list shares (enough items for every program) and buffers."""
+        def splits(width: int, out_features: int) -> int:
+            """Shares of a masked product's list: enough items for every program, no share under one step."""
+            return max(1, min(math.ceil(max(width, 1) / c["GATHER_K"]),
+                              math.ceil(grid / math.ceil(out_features / c["BLOCK_M"]))))
+
+        def listed(width: int) -> dict:
+            """A masked product's list: its compaction chunk and buffers."""
             chunk = min(LIST_CHUNK, triton.next_power_of_2(max(width, 1)))
             if math.ceil(width / chunk) > 32:  # gather_stage holds at most 32 chunks' ends
                 raise ValueError(f"a masked product of {width} coefficients needs more than 32 list chunks")
-            splits = max(1, min(math.ceil(width / c["GATHER_K"]),
-                                math.ceil(grid / (math.ceil(out_features / c["BLOCK_M"]) * groups))))
-            return {"chunk": chunk, "splits": splits,
-                    "index": torch.empty(max(groups * width, 1), dtype=torch.int32, device=device),
-                    "value": torch.empty(max(groups * width, 1), dtype=torch.float32, device=device),
-                    "count": torch.empty(groups * math.ceil(max(width, 1) / chunk), dtype=torch.int32, device=device),
-                    "partial": torch.empty(groups * splits * out_features, dtype=torch.float32, device=device)}
+            return {"chunk": chunk, "index": torch.empty(max(width, 1), dtype=torch.int32, device=device),
+                    "value": torch.empty(max(width, 1), dtype=torch.float32, device=device),
+                    "count": torch.empty(math.ceil(max(width, 1) / chunk), dtype=torch.int32, device=device)}
 
-        self.products = {"qkv": product(self.qkv_rank, s.qkv_out, 1), "gu": product(self.mlp_rank, s.intermediate, 2),
-                         "down": product(s.intermediate if self.mlp_rank else 0, s.hidden, 1)}
+        self.splits = {"qkv": splits(self.qkv_rank, s.qkv_out),
+                       "gu": splits(max(self.gate_rank, self.up_rank), 2 * s.intermediate),
+                       "down": splits(s.intermediate if self.gate_rank else 0, s.hidden)}
+        self.lists = {"qkv": listed(self.qkv_rank), "gate": listed(self.gate_rank), "up": listed(self.up_rank),
+                      "down": listed(s.intermediate if self.gate_rank else 0)}
         self.buffers = {
             "z_qkv": torch.empty(self.qkv_rank or s.qkv_out, dtype=dtype, device=device),
+            "qkv_partial": torch.empty(self.splits["qkv"] * s.qkv_out, dtype=torch.float32, device=device),
             "q": torch.empty(s.heads * s.head_dim, dtype=dtype, device=device),
             "m": torch.empty(s.heads * self.max_chunks, dtype=torch.float32, device=device),
             "l": torch.empty(s.heads * self.max_chunks, dtype=torch.float32, device=device),
             "acc": torch.empty(s.heads * self.max_chunks * s.head_dim, dtype=torch.float32, device=device),
             "attended": torch.empty(s.hidden, dtype=dtype, device=device),
-            "z_gu": torch.empty(max(2 * self.mlp_rank, 1), dtype=dtype, device=device),
+            "z_gu": torch.empty(max(self.gate_rank + self.up_rank, 1), dtype=dtype, device=device),
+            "gu_partial": torch.empty(2 * self.splits["gu"] * s.intermediate, dtype=torch.float32, device=device),
             "h": torch.empty(s.intermediate, dtype=dtype, device=device),
+            "down_partial": torch.empty(self.splits["down"] * s.hidden, dtype=torch.float32, device=device),
             "mid": torch.empty(s.hidden, dtype=dtype, device=device),
-            **{f"{name}_{part}": product_buffers[part] for name, product_buffers in self.products.items()
-               for part in ("index", "value", "count", "partial")},
+            **{f"{name}_{part}": buffers[part] for name, buffers in self.lists.items()
+               for part in ("index", "value", "count")},
         }
 
     def stages(self) -> list[int]:
         stages = [0] + ([1, 2] if self.qkv_rank else []) + [3, 4, 5, 6, 7]
-        return stages + ([8, 9, 10, 11, 12] if self.mlp_rank else [11])
+        return stages + ([8, 9, 10, 11, 12] if self.gate_rank else [11])
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, pos: torch.Tensor, k_cache, v_cache, cos, sin,
                  barrier: torch.Tensor) -> torch.Tensor:
         """out ← the layer applied to the residual x (both (hidden,)), this token's k and v written into the cache
         at pos. `barrier`: one int32 counter, zero at the call (the engine zeroes all of a step's at its start)."""
-        block, b, s, c = self.block, self.buffers, self.block.shape, self.config
-        if self.qkv_rank:
-            qkv_w, qkv_rows, qkv_threshold = block.qkv.B, block.qkv.rows, block.qkv.threshold
-        else:
-            qkv_w, qkv_rows, qkv_threshold = block.qkv.weight, block.qkv.weight, barrier
-        if self.mlp_rank:
-            gu_w, gu_rows, gu_threshold = block.gate_up_B, block.gate_up_rows, block.gate_up_threshold
-            down, down_scale, down_threshold = block.down.rows, block.down.norms, block.down.threshold
-        else:
-            gu_w, gu_rows, gu_threshold = block.gate_up, block.gate_up, barrier
-            down, down_scale, down_threshold = block.down.weight, block.down.weight, barrier
-        args = (x, b["mid"], out, block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps,
-                qkv_w, qkv_rows, qkv_threshold, b["z_qkv"], *self._lists("qkv"),
+        w, b, s, c = self.weights, self.buffers, self.block.shape, self.config
+        absent = barrier  # any tensor stands for a pointer the kernel's flags never read
+        gate, up = w.gate or (absent, absent), w.up or (absent, absent)
+        args = (x, b["mid"], out, w.attn_norm, w.mlp_norm, w.eps,
+                w.qkv, _or(w.qkv_rows, absent), _or(w.qkv_threshold, absent), b["z_qkv"], *self._list("qkv"),
+                b["qkv_partial"],
                 cos, sin, pos, b["q"], k_cache, v_cache, k_cache.shape[1], 1.0 / math.sqrt(s.head_dim),
-                b["m"], b["l"], b["acc"], b["attended"], block.wo.weight,
-                gu_w, gu_rows, gu_threshold, b["z_gu"], *self._lists("gu"), b["h"],
-                down, down_scale, down_threshold, *self._lists("down"), barrier)
+                b["m"], b["l"], b["acc"], b["attended"], w.wo,
+                w.gate_up, b["z_gu"], gate[0], gate[1], *self._list("gate"), up[0], up[1], *self._list("up"),
+                b["gu_partial"], b["h"],
+                w.down, _or(w.down_scale, absent), _or(w.down_threshold, absent), *self._list("down"),
+                b["down_partial"], barrier)
         constants = dict(H=s.hidden, I=s.intermediate, HEADS=s.heads, KV_HEADS=s.kv_heads, D=s.head_dim,
-                         QKV_RANK=self.qkv_rank, MLP_RANK=self.mlp_rank, MAX_CHUNKS=self.max_chunks,
+                         QKV_RANK=self.qkv_rank, GATE_RANK=self.gate_rank, UP_RANK=self.up_rank,
+                         DOWN_SCALED=w.down_scale is not None, MAX_CHUNKS=self.max_chunks,
                          CHUNKS_P2=triton.next_power_of_2(self.max_chunks), CHUNK=ATTENTION_CHUNK,
                          BLOCK_H=triton.next_power_of_2(s.hidden), BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                         QKV_LIST=self.products["qkv"]["chunk"], GU_LIST=self.products["gu"]["chunk"],
-                         DOWN_LIST=self.products["down"]["chunk"], QKV_SPLITS=self.products["qkv"]["splits"],
-                         GU_SPLITS=self.products["gu"]["splits"], DOWN_SPLITS=self.products["down"]["splits"],
+                         QKV_LIST=self.lists["qkv"]["chunk"], GATE_LIST=self.lists["gate"]["chunk"],
+                         UP_LIST=self.lists["up"]["chunk"], DOWN_LIST=self.lists["down"]["chunk"],
+                         QKV_SPLITS=self.splits["qkv"], GU_SPLITS=self.splits["gu"], DOWN_SPLITS=self.splits["down"],
                          GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], GEMV_FLAT=c["GEMV_FLAT"],
-                         INTERPRET=_interpreting(),
-                         num_warps=c["num_warps"])
+                         INTERPRET=_interpreting(), num_warps=c["num_warps"])
         if self.persistent:
             if self.grid is None:  # compiled once: how many programs fit at once depends on its registers
                 compiled = _layer_kernel.warmup(*args, grid=(1,), PERSISTENT=True, STAGE=-1, **constants)
@@ -328,9 +395,13 @@ class LayerKernel:
                                                                           **constants)
         return out
 
-    def _lists(self, name: str) -> tuple:
-        """A masked product's list buffers, in the kernel's argument order: index, value, count, partial."""
-        return tuple(self.buffers[f"{name}_{part}"] for part in ("index", "value", "count", "partial"))
+    def _list(self, name: str) -> tuple:
+        """A masked product's list buffers in the kernel's argument order: index, value, count."""
+        return tuple(self.buffers[f"{name}_{part}"] for part in ("index", "value", "count"))
+
+
+def _or(tensor: torch.Tensor | None, absent: torch.Tensor) -> torch.Tensor:
+    return absent if tensor is None else tensor
 
 
 def layer_kernels(blocks, max_seq: int, mode: str, config: dict | None = None) -> list:

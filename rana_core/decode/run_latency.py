@@ -34,9 +34,10 @@ def check_contexts(config, contexts: list[int], new_tokens: int) -> None:
 
 
 def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dtype: str, device: str,
-                text: torch.Tensor, progress: ProgressFn = no_progress) -> dict:
-    """The run's decode speed (rows per context), the dense model's beside it, and per-layer sections. `text`:
-    held-out windows (n, seq) on which the masks' kept shares are counted."""
+                text: torch.Tensor, progress: ProgressFn = no_progress, layers: str = "reference") -> dict:
+    """The run's decode speed (rows per context), the dense model's beside it (both in the same `layers` mode:
+    DecodeEngine.use_layer_kernels), and per-layer sections. `text`: held-out windows (n, seq) on which the
+    masks' kept shares are counted."""
     check_contexts(model.config, contexts, new_tokens)
     torch_dtype = DTYPES[dtype]
     progress(0.0, "copy bandwidth")
@@ -46,6 +47,8 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
     adapted = engine_from_model(model, adapters, torch_dtype, device)
     progress(0.05, "counting the masks on held-out text")
     measured = adapted.flop_reduction_on(text)
+    dense.use_layer_kernels(layers)
+    adapted.use_layer_kernels(layers)
     layers = layer_shares(adapted)
     weight_bytes = {"dense": dense.weight_bytes_per_token(), "adapted": adapted.weight_bytes_per_token()}
     rows = []
@@ -63,7 +66,8 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
     for layer in layers:
         layer.update({f"{name}_ms": sections.get((layer["layer"], name)) for name in ("qkv", "attention", "mlp")})
     progress(1.0, "measured")
-    return {"device_name": device_name(device), "dtype": dtype, "engine": "graphs+triton",
+    return {"device_name": device_name(device), "dtype": dtype,
+            "engine": "graphs+triton" if layers == "reference" else f"{layers}+triton",
             "measured_flop_reduction": measured, "copy_bandwidth_gbs": bandwidth / 1e9, "rows": rows,
             "layers": layers, "head_ms": sections.get((len(layers), "head"))}
 
