@@ -86,13 +86,15 @@ def test_flat_gemv_stages_give_the_tile_by_tile_stages_logits_bit_for_bit(shape)
 
 
 @pytest.mark.parametrize("method, allocation, runs_in_kernel", [
-    ("dense", "uniform", True), ("rana", "uniform", True), ("rana", "greedy", True), ("hybrid", "exact-loss", None),
-    ("cats", "uniform", False), ("teal", "uniform", False)])
+    ("dense", "uniform", True), ("rana", "uniform", True), ("rana", "greedy", True), ("teal", "uniform", True),
+    ("wina", "uniform", True), ("teal", "greedy", None), ("hybrid", "exact-loss", None), ("cats", "uniform", False),
+    ("svd", "uniform", False)])
 def test_the_engine_of_a_stored_run_decodes_alike_through_layer_kernels(method, allocation, runs_in_kernel,
                                                                           tmp_path):
-    """A run's own engine (tiny Llama, its stored adapters): layers the kernel runs (dense, RaNA's rank and neuron
-    adapters, gate and up of different ranks) and layers it leaves to the reference path (CATS, TEAL) decode
-    what the reference engine decodes. Hybrid may mix both (None: either)."""
+    """A run's own engine (tiny Llama, its stored adapters): layers the kernel runs (dense; RaNA's rank and neuron
+    adapters, gate and up of different ranks; TEAL's and WINA's input masks on every linear) and layers it leaves
+    to the reference path (CATS, static SVD) decode what the reference engine decodes. TEAL's greedy and hybrid
+    may leave a linear dense or mix adapters, which the kernel leaves to the reference (None: either)."""
     from rana_core.decode.from_model import engine_from_model
     from test_engine_from_model import stored_run
 

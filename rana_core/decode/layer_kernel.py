@@ -44,22 +44,25 @@ if triton is not None:
     import triton.language as tl
 
     from rana_core.decode.layer_stages import (attention_stage, combine_stage, compact_stage, gather_stage,
-                                               gemv_stage, grid_sync, inverse_rms, residual_stage, rope_stage)
+                                               gemv_stage, grid_sync, inverse_rms, normed_compact_stage,
+                                               residual_stage, rope_stage)
 
     @triton.jit
     def _layer_kernel(x_ptr, mid_ptr, out_ptr, attn_norm_ptr, mlp_norm_ptr, eps,
-                      qkv_w_ptr, qkv_rows_ptr, qkv_threshold_ptr, z_qkv_ptr, qkv_index_ptr, qkv_value_ptr,
-                      qkv_count_ptr, qkv_partial_ptr,
+                      qkv_w_ptr, qkv_rows_ptr, qkv_scale_ptr, qkv_threshold_ptr, z_qkv_ptr, qkv_index_ptr,
+                      qkv_value_ptr, qkv_count_ptr, qkv_partial_ptr,
                       cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, scale,
                       m_ptr, l_ptr, acc_ptr, attended_ptr, wo_ptr,
-                      gu_w_ptr, z_gu_ptr, gate_rows_ptr, gate_threshold_ptr, gate_index_ptr, gate_value_ptr,
-                      gate_count_ptr, up_rows_ptr, up_threshold_ptr, up_index_ptr, up_value_ptr, up_count_ptr,
+                      gu_w_ptr, z_gu_ptr, gate_rows_ptr, gate_scale_ptr, gate_threshold_ptr, gate_index_ptr,
+                      gate_value_ptr, gate_count_ptr, up_rows_ptr, up_scale_ptr, up_threshold_ptr, up_index_ptr,
+                      up_value_ptr, up_count_ptr,
                       gu_partial_ptr, h_ptr,
                       down_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr, down_count_ptr,
                       down_partial_ptr, bar_ptr,
                       H: tl.constexpr, I: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                      D: tl.constexpr, QKV_RANK: tl.constexpr, GATE_RANK: tl.constexpr, UP_RANK: tl.constexpr,
-                      DOWN_SCALED: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+                      D: tl.constexpr, QKV_MODE: tl.constexpr, QKV_RANK: tl.constexpr, QKV_SCALED: tl.constexpr,
+                      MLP_MODE: tl.constexpr, GATE_RANK: tl.constexpr, UP_RANK: tl.constexpr,
+                      GU_SCALED: tl.constexpr, DOWN_SCALED: tl.constexpr, MAX_CHUNKS: tl.constexpr,
                       CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_H: tl.constexpr,
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QKV_LIST: tl.constexpr, GATE_LIST: tl.constexpr,
                       UP_LIST: tl.constexpr, DOWN_LIST: tl.constexpr, QKV_SPLITS: tl.constexpr, GU_SPLITS: tl.constexpr,
@@ -69,37 +72,45 @@ if triton is not None:
         """One decoder layer for one token (module docstring). Persistent: every stage, a grid barrier between
         two; staged: stage STAGE only (the host launches them in order). *_LIST: the compaction chunk of each
         masked product; *_SPLITS: how many shares its list is split into (gate's and up's alike: down's
-        compaction reads their partial sums as one block, gate's rows first)."""
+        compaction reads their partial sums as one block, gate's rows first). *_MODE: 0 dense, 1 rank adapters
+        (RaNA: QKV's, or gate's and up's with the neuron adapter on down), 2 input masks (TEAL, WINA: every input
+        of the module masked); *_RANK: the rows of a masked product's list (the rank, or the input size)."""
         pid = tl.program_id(0)
         programs = tl.num_programs(0)
         pos = tl.load(pos_ptr)
         QKV_OUT: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
         phase = 0
-        # 1. RMSNorm → the dense QKV product, or the rank adapter's B
+        # 1. RMSNorm → the dense QKV product or the rank adapter's B; or (input masks) the normed input listed
         if PERSISTENT or STAGE == 0:
-            inv_rms = inverse_rms(x_ptr, eps, H, BLOCK_H)
-            gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
-                        QKV_RANK if QKV_RANK > 0 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
+            if QKV_MODE == 2:
+                normed_compact_stage(x_ptr, attn_norm_ptr, eps, z_qkv_ptr, qkv_scale_ptr, qkv_threshold_ptr,
+                                     qkv_index_ptr, qkv_value_ptr, qkv_count_ptr, pid, programs, H, BLOCK_H,
+                                     QKV_SCALED, QKV_LIST)
+            else:
+                inv_rms = inverse_rms(x_ptr, eps, H, BLOCK_H)
+                gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
+                           QKV_RANK if QKV_MODE == 1 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         if PERSISTENT:
             phase += 1
             grid_sync(bar_ptr, phase * programs)
-        # 2. the masked A-part of QKV's rank adapter: its active ranks listed, then the list's rows
-        if QKV_RANK > 0:
+        # 2. a masked QKV product: the rank adapter's active ranks listed, then the list's rows gathered
+        if QKV_MODE == 1:
             if PERSISTENT or STAGE == 1:
                 compact_stage(z_qkv_ptr, z_qkv_ptr, qkv_threshold_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr,
-                               z_qkv_ptr, pid, programs, QKV_RANK, 1, False, QKV_LIST, 0)
+                              z_qkv_ptr, pid, programs, QKV_RANK, 1, False, QKV_LIST, 0)
             if PERSISTENT:
                 phase += 1
                 grid_sync(bar_ptr, phase * programs)
+        if QKV_MODE > 0:
             if PERSISTENT or STAGE == 2:
                 gather_stage(qkv_rows_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr, qkv_partial_ptr, pid,
-                              programs, QKV_RANK, QKV_OUT, 1, QKV_SPLITS, QKV_LIST, GATHER_K, BLOCK_M, INTERPRET)
+                             programs, QKV_RANK, QKV_OUT, 1, QKV_SPLITS, QKV_LIST, GATHER_K, BLOCK_M, INTERPRET)
             if PERSISTENT:
                 phase += 1
                 grid_sync(bar_ptr, phase * programs)
         # 3. rotary, K and V into the cache (adding up the masked product's partial sums)
         if PERSISTENT or STAGE == 3:
-            if QKV_RANK > 0:
+            if QKV_MODE > 0:
                 rope_stage(qkv_partial_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
                             programs, HEADS, KV_HEADS, D // 2, QKV_SPLITS)
             else:
@@ -128,28 +139,38 @@ if triton is not None:
         if PERSISTENT:
             phase += 1
             grid_sync(bar_ptr, phase * programs)
-        # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B (one matrix, gate's rows first)
+        # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B (one matrix, gate's rows first); or
+        # (input masks) the normed input listed for gate and for up
         if PERSISTENT or STAGE == 7:
-            inv_rms = inverse_rms(mid_ptr, eps, H, BLOCK_H)
-            if GATE_RANK > 0:
-                gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
-                           GATE_RANK + UP_RANK, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
+            if MLP_MODE == 2:
+                normed_compact_stage(mid_ptr, mlp_norm_ptr, eps, z_gu_ptr, gate_scale_ptr, gate_threshold_ptr,
+                                     gate_index_ptr, gate_value_ptr, gate_count_ptr, pid, programs, H, BLOCK_H,
+                                     GU_SCALED, GATE_LIST)
+                normed_compact_stage(mid_ptr, mlp_norm_ptr, eps, z_gu_ptr + H, up_scale_ptr, up_threshold_ptr,
+                                     up_index_ptr, up_value_ptr, up_count_ptr, pid, programs, H, BLOCK_H, GU_SCALED,
+                                     UP_LIST)
             else:
-                gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True, 1,
-                           BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
+                inv_rms = inverse_rms(mid_ptr, eps, H, BLOCK_H)
+                if MLP_MODE == 1:
+                    gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
+                               GATE_RANK + UP_RANK, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
+                else:
+                    gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True,
+                               1, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         if PERSISTENT:
             phase += 1
             grid_sync(bar_ptr, phase * programs)
-        if GATE_RANK > 0:
-            # 8-9. gate's and up's masked A-parts: each listed, then each gathered (their ranks may differ)
-            if PERSISTENT or STAGE == 8:
-                compact_stage(z_gu_ptr, z_gu_ptr, gate_threshold_ptr, gate_index_ptr, gate_value_ptr, gate_count_ptr,
-                              z_gu_ptr, pid, programs, GATE_RANK, 1, False, GATE_LIST, 0)
-                compact_stage(z_gu_ptr + GATE_RANK, z_gu_ptr, up_threshold_ptr, up_index_ptr, up_value_ptr,
-                              up_count_ptr, z_gu_ptr, pid, programs, UP_RANK, 1, False, UP_LIST, 0)
-            if PERSISTENT:
-                phase += 1
-                grid_sync(bar_ptr, phase * programs)
+        if MLP_MODE > 0:
+            # 8-9. gate's and up's masked products: each listed (rank adapters), then each gathered
+            if MLP_MODE == 1:
+                if PERSISTENT or STAGE == 8:
+                    compact_stage(z_gu_ptr, z_gu_ptr, gate_threshold_ptr, gate_index_ptr, gate_value_ptr,
+                                  gate_count_ptr, z_gu_ptr, pid, programs, GATE_RANK, 1, False, GATE_LIST, 0)
+                    compact_stage(z_gu_ptr + GATE_RANK, z_gu_ptr, up_threshold_ptr, up_index_ptr, up_value_ptr,
+                                  up_count_ptr, z_gu_ptr, pid, programs, UP_RANK, 1, False, UP_LIST, 0)
+                if PERSISTENT:
+                    phase += 1
+                    grid_sync(bar_ptr, phase * programs)
             if PERSISTENT or STAGE == 9:
                 gather_stage(gate_rows_ptr, gate_index_ptr, gate_value_ptr, gate_count_ptr, gu_partial_ptr, pid,
                              programs, GATE_RANK, I, 1, GU_SPLITS, GATE_LIST, GATHER_K, BLOCK_M, INTERPRET)
@@ -193,26 +214,27 @@ LIST_CHUNK = 2048  # coefficients compacted per item (masked_kernels.COMPACT_CHU
 
 @dataclass
 class LayerWeights:
-    """The tensors a layer kernel reads from a block (rana_core.decode.engine's Block, or from_model's ModelBlock):
-    dense weights, or a rank adapter's B, rows (Aᵀ) and threshold; rank 0 means dense."""
+    """The tensors a layer kernel reads from a block (rana_core.decode.engine's Block, or from_model's ModelBlock).
+    A masked product is (rows, scale, threshold): rows of Aᵀ for a rank adapter, of Wᵀ for an input mask (TEAL,
+    WINA) or of W_downᵀ for the neuron adapter; scale the per-row score factors (None: the score is |c|)."""
 
     attn_norm: torch.Tensor
     mlp_norm: torch.Tensor
     eps: float
-    qkv: torch.Tensor  # the dense weight, or the rank adapter's B
-    qkv_rows: torch.Tensor | None
-    qkv_threshold: torch.Tensor | None
+    qkv_mode: int  # 0 dense, 1 rank adapter, 2 input mask
+    qkv: torch.Tensor | None  # the dense weight, or the rank adapter's B
+    qkv_masked: tuple | None  # (rows, scale, threshold)
     wo: torch.Tensor
-    gate_up: torch.Tensor  # [gate; up] dense, or both rank adapters' B stacked
-    gate: tuple | None  # (rows, threshold) of gate's rank adapter
+    mlp_mode: int  # 0 dense SwiGLU, 1 RaNA (rank adapters on gate and up, neuron adapter on down), 2 input masks
+    gate_up: torch.Tensor | None  # [gate; up] dense, or both rank adapters' B stacked
+    gate: tuple | None  # (rows, scale, threshold)
     up: tuple | None
-    down: torch.Tensor  # the dense weight, or the neuron adapter's rows (W_downᵀ)
-    down_scale: torch.Tensor | None  # the neuron adapter's column norms (None: scores are |h|)
-    down_threshold: torch.Tensor | None
+    down: torch.Tensor  # the dense weight (mode 0), else the rows of W_downᵀ
+    down_masked: tuple | None  # (rows, scale, threshold)
 
-    @property
-    def qkv_rank(self) -> int:
-        return self.qkv.shape[0] if self.qkv_rows is not None else 0
+
+def _masked(part) -> tuple:
+    return part.rows, part.scale, part.threshold
 
 
 def layer_weights(block) -> LayerWeights | str:
@@ -229,35 +251,38 @@ def layer_weights(block) -> LayerWeights | str:
         return "a head size that is not a power of two, or uneven head groups"
     qkv = block.qkv
     if type(qkv) is RankPart and qkv.scale is None:
-        qkv_parts = (qkv.B, qkv.rows, qkv.threshold)
+        qkv_parts = (1, qkv.B, _masked(qkv))
+    elif type(qkv) is NeuronPart:
+        qkv_parts = (2, None, _masked(qkv))
     elif isinstance(qkv, (nn.Linear, Dense)):
-        qkv_parts = (qkv.weight, None, None)
+        qkv_parts = (0, qkv.weight, None)
     else:
-        return "a QKV adapter other than RaNA's rank adapter"
+        return "a QKV part other than dense, a rank adapter or an input mask"
+    unsupported = "an MLP other than dense SwiGLU, RaNA's, or input masks on all of gate, up and down"
     if type(block) is Block:
-        gate, up, down = block.gate, block.up, block.down
+        gate, up, down, silu = block.gate, block.up, block.down, True
         joint = getattr(block, "gate_up_B", None) if type(gate) is RankPart else getattr(block, "gate_up", None)
-        silu = True
-    else:
+    elif type(block.mlp_part) is RanaMLP:
         mlp = block.mlp_part
-        if type(mlp) is RanaMLP:
-            gate, up, down, joint, silu = mlp.gate, mlp.up, mlp.down, mlp.gate_up_B, _is_silu(mlp.act)
-        elif type(mlp) is ProjectionMLP and mlp.fused is not None and type(mlp.down) is Dense:
-            gate, up, down, joint, silu = None, None, mlp.down, mlp.fused, True
-        else:
-            return "an MLP other than dense SwiGLU or RaNA's"
-    if not silu or joint is None:
-        return "an MLP other than dense SwiGLU or RaNA's"
-    if type(gate) is RankPart and type(up) is RankPart and type(down) is NeuronPart:
-        if gate.scale is not None or up.scale is not None:
-            return "gate/up adapters other than RaNA's rank adapters"
-        mlp_parts = ((gate.rows, gate.threshold), (up.rows, up.threshold), down.rows, down.norms, down.threshold)
-    elif gate is None or all(isinstance(m, nn.Linear) for m in (gate, up, down)):
-        mlp_parts = (None, None, down.weight, None, None)
+        gate, up, down, joint, silu = mlp.gate, mlp.up, mlp.down, mlp.gate_up_B, _is_silu(mlp.act)
+    elif type(block.mlp_part) is ProjectionMLP:
+        mlp = block.mlp_part
+        gate, up, down, joint, silu = mlp.gate, mlp.up, mlp.down, mlp.fused, _is_silu(mlp.act)
     else:
-        return "an MLP other than dense SwiGLU or RaNA's"
+        return unsupported
+    if not silu:
+        return unsupported
+    kinds = tuple(type(m) for m in (gate, up, down))
+    if kinds == (RankPart, RankPart, NeuronPart) and joint is not None and gate.scale is None is up.scale:
+        mlp_parts = (1, joint, _masked(gate), _masked(up), down.rows, _masked(down))
+    elif kinds == (NeuronPart, NeuronPart, NeuronPart) and (gate.scale is None) == (up.scale is None):
+        mlp_parts = (2, None, _masked(gate), _masked(up), down.rows, _masked(down))
+    elif all(isinstance(m, (nn.Linear, Dense)) for m in (gate, up, down)) and joint is not None:
+        mlp_parts = (0, joint, None, None, down.weight, None)
+    else:
+        return unsupported
     return LayerWeights(block.attn_norm.weight, block.mlp_norm.weight, block.attn_norm.eps, *qkv_parts,
-                        block.wo.weight, joint, *mlp_parts)
+                        block.wo.weight, *mlp_parts)
 
 
 def supports(block) -> str | None:
@@ -309,7 +334,8 @@ class LayerKernel:
         self.marker = None  # staged: called with each stage before its launch (bench/layer_kernel.py times them)
         self.config = {**CONFIG, **(config or {})}
         s, w, c = block.shape, self.weights, self.config
-        self.qkv_rank = w.qkv_rank
+        # the rows of each masked product's list: a rank, or the input size of an input mask
+        self.qkv_rank = w.qkv_masked[0].shape[0] if w.qkv_masked else 0
         self.gate_rank = w.gate[0].shape[0] if w.gate else 0
         self.up_rank = w.up[0].shape[0] if w.up else 0
         self.max_chunks = math.ceil(max_seq / ATTENTION_CHUNK)
@@ -332,11 +358,11 @@ class LayerKernel:
 
         self.splits = {"qkv": splits(self.qkv_rank, s.qkv_out),
                        "gu": splits(max(self.gate_rank, self.up_rank), 2 * s.intermediate),
-                       "down": splits(s.intermediate if self.gate_rank else 0, s.hidden)}
+                       "down": splits(s.intermediate if w.mlp_mode else 0, s.hidden)}
         self.lists = {"qkv": listed(self.qkv_rank), "gate": listed(self.gate_rank), "up": listed(self.up_rank),
-                      "down": listed(s.intermediate if self.gate_rank else 0)}
+                      "down": listed(s.intermediate if w.mlp_mode else 0)}
         self.buffers = {
-            "z_qkv": torch.empty(self.qkv_rank or s.qkv_out, dtype=dtype, device=device),
+            "z_qkv": torch.empty(self.qkv_rank or s.qkv_out, dtype=dtype, device=device),  # rank or input size
             "qkv_partial": torch.empty(self.splits["qkv"] * s.qkv_out, dtype=torch.float32, device=device),
             "q": torch.empty(s.heads * s.head_dim, dtype=dtype, device=device),
             "m": torch.empty(s.heads * self.max_chunks, dtype=torch.float32, device=device),
@@ -353,8 +379,9 @@ class LayerKernel:
         }
 
     def stages(self) -> list[int]:
-        stages = [0] + ([1, 2] if self.qkv_rank else []) + [3, 4, 5, 6, 7]
-        return stages + ([8, 9, 10, 11, 12] if self.gate_rank else [11])
+        qkv = {0: [], 1: [1, 2], 2: [2]}[self.weights.qkv_mode]
+        mlp = {0: [11], 1: [8, 9, 10, 11, 12], 2: [9, 10, 11, 12]}[self.weights.mlp_mode]
+        return [0] + qkv + [3, 4, 5, 6, 7] + mlp
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, pos: torch.Tensor, k_cache, v_cache, cos, sin,
                  barrier: torch.Tensor) -> torch.Tensor:
@@ -362,19 +389,18 @@ class LayerKernel:
         at pos. `barrier`: one int32 counter, zero at the call (the engine zeroes all of a step's at its start)."""
         w, b, s, c = self.weights, self.buffers, self.block.shape, self.config
         absent = barrier  # any tensor stands for a pointer the kernel's flags never read
-        gate, up = w.gate or (absent, absent), w.up or (absent, absent)
+        qkv, gate, up, down = (_pointers(m, absent) for m in (w.qkv_masked, w.gate, w.up, w.down_masked))
         args = (x, b["mid"], out, w.attn_norm, w.mlp_norm, w.eps,
-                w.qkv, _or(w.qkv_rows, absent), _or(w.qkv_threshold, absent), b["z_qkv"], *self._list("qkv"),
-                b["qkv_partial"],
+                _or(w.qkv, absent), *qkv, b["z_qkv"], *self._list("qkv"), b["qkv_partial"],
                 cos, sin, pos, b["q"], k_cache, v_cache, k_cache.shape[1], 1.0 / math.sqrt(s.head_dim),
                 b["m"], b["l"], b["acc"], b["attended"], w.wo,
-                w.gate_up, b["z_gu"], gate[0], gate[1], *self._list("gate"), up[0], up[1], *self._list("up"),
+                _or(w.gate_up, absent), b["z_gu"], *gate, *self._list("gate"), *up, *self._list("up"),
                 b["gu_partial"], b["h"],
-                w.down, _or(w.down_scale, absent), _or(w.down_threshold, absent), *self._list("down"),
-                b["down_partial"], barrier)
+                w.down, *down[1:], *self._list("down"), b["down_partial"], barrier)
         constants = dict(H=s.hidden, I=s.intermediate, HEADS=s.heads, KV_HEADS=s.kv_heads, D=s.head_dim,
-                         QKV_RANK=self.qkv_rank, GATE_RANK=self.gate_rank, UP_RANK=self.up_rank,
-                         DOWN_SCALED=w.down_scale is not None, MAX_CHUNKS=self.max_chunks,
+                         QKV_MODE=w.qkv_mode, QKV_RANK=self.qkv_rank, QKV_SCALED=_scaled(w.qkv_masked),
+                         MLP_MODE=w.mlp_mode, GATE_RANK=self.gate_rank, UP_RANK=self.up_rank,
+                         GU_SCALED=_scaled(w.gate), DOWN_SCALED=_scaled(w.down_masked), MAX_CHUNKS=self.max_chunks,
                          CHUNKS_P2=triton.next_power_of_2(self.max_chunks), CHUNK=ATTENTION_CHUNK,
                          BLOCK_H=triton.next_power_of_2(s.hidden), BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
                          QKV_LIST=self.lists["qkv"]["chunk"], GATE_LIST=self.lists["gate"]["chunk"],
@@ -402,6 +428,15 @@ class LayerKernel:
 
 def _or(tensor: torch.Tensor | None, absent: torch.Tensor) -> torch.Tensor:
     return absent if tensor is None else tensor
+
+
+def _pointers(masked: tuple | None, absent: torch.Tensor) -> tuple:
+    """(rows, scale, threshold) of a masked product, `absent` standing for what it does not have."""
+    return tuple(_or(t, absent) for t in (masked or (None, None, None)))
+
+
+def _scaled(masked: tuple | None) -> bool:
+    return masked is not None and masked[1] is not None
 
 
 def layer_kernels(blocks, max_seq: int, mode: str, config: dict | None = None) -> list:

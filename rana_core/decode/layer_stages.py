@@ -11,7 +11,7 @@ from rana_core.decode.masked_kernels import triton
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.masked_kernels import compact_chunk, gather_share, swiglu
+    from rana_core.decode.masked_kernels import compact_chunk, gather_share, list_chunk, swiglu
 
     @triton.jit
     def grid_sync(bar_ptr, target):
@@ -128,6 +128,25 @@ if triton is not None:
         while item < chunks * GROUPS:
             compact_chunk(item % chunks, item // chunks, coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr,
                           count_ptr, source_ptr, KC, chunks, HAS_SCALE, CHUNK, SOURCE_SPLITS)
+            item += programs
+
+    @triton.jit
+    def normed_compact_stage(x_ptr, norm_ptr, eps, coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr,
+                             count_ptr, pid, programs, H: tl.constexpr, BLOCK_H: tl.constexpr,
+                             HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr):
+        """An input mask's list (TEAL, WINA): each chunk of the RMSNorm of x (every item computes the norm's scale
+        itself), written to coeff as the reference stores it, and its entries whose score |x̂|(·scale) reaches
+        the threshold listed."""
+        chunks: tl.constexpr = (H + CHUNK - 1) // CHUNK
+        dtype = coeff_ptr.dtype.element_ty
+        item = pid
+        while item < chunks:
+            offs = item * CHUNK + tl.arange(0, CHUNK)
+            ok = offs < H
+            coeff = _input_chunk(x_ptr, norm_ptr, inverse_rms(x_ptr, eps, H, BLOCK_H), offs, ok, True, dtype)
+            tl.store(coeff_ptr + offs, coeff.to(dtype), mask=ok)
+            list_chunk(item, 0, coeff.to(dtype), offs, ok, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr,
+                       H, chunks, HAS_SCALE, CHUNK)
             item += programs
 
     @triton.jit

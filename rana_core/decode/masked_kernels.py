@@ -119,6 +119,13 @@ if triton is not None:
             tl.store(coeff_ptr + offs, coeff, mask=ok)
         else:
             coeff = tl.load(coeff_ptr + g * K + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        list_chunk(c, g, coeff, offs, ok, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, K, CHUNKS,
+                   HAS_SCALE, CHUNK)
+
+    @triton.jit
+    def list_chunk(c, g, coeff, offs, ok, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr,
+                   K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr):
+        """The listing half of compact_chunk, for coefficients already at hand (`coeff` at positions `offs`)."""
         score = tl.abs(coeff.to(tl.float32))
         if HAS_SCALE:
             score = score * tl.load(scale_ptr + g * K + offs, mask=ok, other=0.0).to(tl.float32)
