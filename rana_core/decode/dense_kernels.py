@@ -52,22 +52,18 @@ if triton is not None:
         """qkv[offs] in float32: read as stored, or, with SPLITS > 0, added up from a masked product's SPLITS
         rows of float32 partial sums (rana_core.decode.masked_kernels) and rounded to `dtype` as reduce_partials would."""
         if SPLITS == 0:
-            return tl.load(qkv_ptr + offs).to(tl.float32)
-        total = tl.load(qkv_ptr + offs)
+            return tl.load(qkv_ptr + offs, cache_modifier=".cg").to(tl.float32)
+        total = tl.load(qkv_ptr + offs, cache_modifier=".cg")
         for s in tl.static_range(1, SPLITS):
-            total += tl.load(qkv_ptr + s * N + offs)
+            total += tl.load(qkv_ptr + s * N + offs, cache_modifier=".cg")
         return total.to(dtype).to(tl.float32)
 
     @triton.jit
-    def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq,
-                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
-                                SPLITS: tl.constexpr, PDL: tl.constexpr):
-        """Program h < HEADS rotates query head h into q; program HEADS + j rotates key head j into the cache
-        and copies value head j beside it, both at position pos. With SPLITS > 0, qkv is the masked product's
-        partial sums (SPLITS rows), added up here: the product then needs no reduction launch of its own."""
-        await_inputs(PDL)
-        h = tl.program_id(0)
-        pos = tl.load(pos_ptr)
+    def rope_head(h, qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, HEADS: tl.constexpr,
+                  KV_HEADS: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr):
+        """Head h < HEADS: query head h rotated into q; HEADS + j: key head j rotated into the cache and value
+        head j copied beside it, both at position pos. With SPLITS > 0, qkv is the masked product's partial sums
+        (SPLITS rows), added up here: the product then needs no reduction of its own."""
         i = tl.arange(0, HALF)
         dtype = q_ptr.dtype.element_ty
         N = (HEADS + 2 * KV_HEADS) * 2 * HALF
@@ -88,6 +84,15 @@ if triton is not None:
             d = tl.arange(0, 2 * HALF)
             value = _qkv_values(qkv_ptr, (HEADS + KV_HEADS + j) * 2 * HALF + d, SPLITS, N, dtype)
             tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value.to(dtype))
+
+    @triton.jit
+    def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq,
+                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                                SPLITS: tl.constexpr, PDL: tl.constexpr):
+        """Program h: rope_head h."""
+        await_inputs(PDL)
+        rope_head(tl.program_id(0), qkv_ptr, cos_ptr, sin_ptr, tl.load(pos_ptr), q_ptr, k_cache_ptr, v_cache_ptr,
+                  max_seq, HEADS, KV_HEADS, HALF, SPLITS)
 
     @triton.jit
     def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -120,46 +125,59 @@ if triton is not None:
 
 
     @triton.jit
-    def _attention_chunk_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, max_seq, scale,
-                                GROUP: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                                PDL: tl.constexpr):
-        """Program (j, s): KV head j's positions s·CHUNK… (those ≤ pos) against each of its GROUP query heads:
-        the chunk's running max m, softmax denominator l and weighted value sum acc (flash-decoding)."""
-        await_inputs(PDL)
-        j, s = tl.program_id(0), tl.program_id(1)
-        pos = tl.load(pos_ptr)
+    def attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
+                        STRIDE: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+        """KV head j's positions s·CHUNK… (those ≤ pos) against each of its GROUP query heads: the chunk's running
+        max m, softmax denominator l and weighted value sum acc (flash-decoding), at h·STRIDE + s."""
         t = s * CHUNK + tl.arange(0, CHUNK)
         t_ok = t <= pos
         d = tl.arange(0, D)
-        keys = tl.load(k_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0)
-        values = tl.load(v_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0)
+        keys = tl.load(k_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0,
+                       cache_modifier=".cg")
+        values = tl.load(v_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0,
+                         cache_modifier=".cg")
         for g in tl.static_range(GROUP):
             h = j * GROUP + g
-            q = tl.load(q_ptr + h * D + d).to(tl.float32)
+            q = tl.load(q_ptr + h * D + d, cache_modifier=".cg").to(tl.float32)
             scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale
             scores = tl.where(t_ok, scores, float("-inf"))
             m = tl.max(scores, axis=0)
             p = tl.where(t_ok, tl.exp(scores - m), 0.0)
-            tl.store(m_ptr + h * SPLITS + s, m)
-            tl.store(l_ptr + h * SPLITS + s, tl.sum(p, axis=0))
-            tl.store(acc_ptr + (h * SPLITS + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
+            tl.store(m_ptr + h * STRIDE + s, m)
+            tl.store(l_ptr + h * STRIDE + s, tl.sum(p, axis=0))
+            tl.store(acc_ptr + (h * STRIDE + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
+
+    @triton.jit
+    def combine_head(h, m_ptr, l_ptr, acc_ptr, out_ptr, chunks, STRIDE: tl.constexpr, CHUNKS_P2: tl.constexpr,
+                     D: tl.constexpr):
+        """Query head h: its first `chunks` chunks' partial softmaxes rescaled to their common max and added
+        (empty chunks, with m = -inf, weigh nothing)."""
+        s = tl.arange(0, CHUNKS_P2)
+        s_ok = s < chunks
+        m = tl.load(m_ptr + h * STRIDE + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.where(s_ok & (m > float("-inf")), tl.exp(m - tl.max(m, axis=0)), 0.0)
+        total = tl.sum(weight * tl.load(l_ptr + h * STRIDE + s, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
+        d = tl.arange(0, D)
+        acc = tl.load(acc_ptr + (h * STRIDE + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0,
+                      cache_modifier=".cg")
+        out = tl.sum(weight[:, None] * acc, axis=0) / total
+        tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
+
+    @triton.jit
+    def _attention_chunk_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, max_seq, scale,
+                                GROUP: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+                                PDL: tl.constexpr):
+        """Program (j, s): attention_chunk (j, s); chunks past pos come out empty."""
+        await_inputs(PDL)
+        attention_chunk(tl.program_id(0), tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr),
+                        m_ptr, l_ptr, acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D)
 
     @triton.jit
     def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                                   D: tl.constexpr, PDL: tl.constexpr):
-        """Query head h: the chunks' partial softmaxes rescaled to the common max and added (empty chunks, with
-        m = -inf, weigh nothing)."""
+        """Program h: combine_head h over all SPLITS chunks."""
         await_inputs(PDL)
-        h = tl.program_id(0)
-        s = tl.arange(0, SPLITS_P2)
-        s_ok = s < SPLITS
-        m = tl.load(m_ptr + h * SPLITS + s, mask=s_ok, other=float("-inf"))
-        weight = tl.where(m > float("-inf"), tl.exp(m - tl.max(m, axis=0)), 0.0)
-        total = tl.sum(weight * tl.load(l_ptr + h * SPLITS + s, mask=s_ok, other=0.0), axis=0)
-        d = tl.arange(0, D)
-        acc = tl.load(acc_ptr + (h * SPLITS + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0)
-        out = tl.sum(weight[:, None] * acc, axis=0) / total
-        tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
+        combine_head(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, D)
 
 
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

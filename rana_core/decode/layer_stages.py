@@ -11,6 +11,7 @@ from rana_core.decode.masked_kernels import triton
 if triton is not None:
     import triton.language as tl
 
+    from rana_core.decode.dense_kernels import attention_chunk, combine_head, rope_head
     from rana_core.decode.masked_kernels import compact_chunk, gather_share, list_chunk, swiglu
 
     @triton.jit
@@ -176,87 +177,34 @@ if triton is not None:
         return total
 
     @triton.jit
-    def _qkv_at(qkv_ptr, offs, SPLITS: tl.constexpr, N: tl.constexpr, dtype):
-        """qkv[offs] in float32: as stored (SPLITS 0) or summed from the masked product's partials, rounded."""
-        if SPLITS == 0:
-            return tl.load(qkv_ptr + offs, cache_modifier=".cg").to(tl.float32)
-        return _summed(qkv_ptr, offs, offs >= 0, N, SPLITS).to(dtype).to(tl.float32)
-
-    @triton.jit
     def rope_stage(qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid, programs,
-                    HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr):
-        """Item h < HEADS: query head h rotated into q; HEADS + j: key head j rotated into the cache at pos and
-        value head j copied beside it."""
-        dtype = q_ptr.dtype.element_ty
-        N: tl.constexpr = (HEADS + 2 * KV_HEADS) * 2 * HALF
-        i = tl.arange(0, HALF)
-        cos = tl.load(cos_ptr + pos * HALF + i).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * HALF + i).to(tl.float32)
+                   HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr):
+        """Items h < HEADS + KV_HEADS: dense_kernels.rope_head (q rotated; k rotated and v into the cache)."""
         h = pid
         while h < HEADS + KV_HEADS:
-            x1 = _qkv_at(qkv_ptr, h * 2 * HALF + i, SPLITS, N, dtype)
-            x2 = _qkv_at(qkv_ptr, h * 2 * HALF + HALF + i, SPLITS, N, dtype)
-            first = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
-            second = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
-            if h < HEADS:
-                tl.store(q_ptr + h * 2 * HALF + i, first)
-                tl.store(q_ptr + h * 2 * HALF + HALF + i, second)
-            else:
-                j = h - HEADS
-                target = k_cache_ptr + (j * max_seq + pos) * 2 * HALF
-                tl.store(target + i, first)
-                tl.store(target + HALF + i, second)
-                d = tl.arange(0, 2 * HALF)
-                value = _qkv_at(qkv_ptr, (HEADS + KV_HEADS + j) * 2 * HALF + d, SPLITS, N, dtype)
-                tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value.to(dtype))
+            rope_head(h, qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, HEADS, KV_HEADS,
+                      HALF, SPLITS)
             h += programs
 
     @triton.jit
     def attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
-                         programs, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, MAX_CHUNKS: tl.constexpr,
-                         CHUNK: tl.constexpr, D: tl.constexpr):
-        """Item (j, s): KV head j's positions s·CHUNK… up to pos against its GROUP query heads: the chunk's
-        running max, softmax denominator and weighted value sum (flash-decoding). Chunks past pos are skipped."""
+                        programs, KV_HEADS: tl.constexpr, GROUP: tl.constexpr, MAX_CHUNKS: tl.constexpr,
+                        CHUNK: tl.constexpr, D: tl.constexpr):
+        """Items (j, s): dense_kernels.attention_chunk over the chunks up to pos (those past it are skipped)."""
         chunks = pos // CHUNK + 1
         item = pid
         while item < KV_HEADS * chunks:
-            j = item // chunks
-            s = item % chunks
-            t = s * CHUNK + tl.arange(0, CHUNK)
-            t_ok = t <= pos
-            d = tl.arange(0, D)
-            keys = tl.load(k_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0,
-                           cache_modifier=".cg")
-            values = tl.load(v_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None],
-                             other=0.0, cache_modifier=".cg")
-            for g in tl.static_range(GROUP):
-                h = j * GROUP + g
-                q = tl.load(q_ptr + h * D + d, cache_modifier=".cg").to(tl.float32)
-                scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale
-                scores = tl.where(t_ok, scores, float("-inf"))
-                m = tl.max(scores, axis=0)
-                p = tl.where(t_ok, tl.exp(scores - m), 0.0)
-                tl.store(m_ptr + h * MAX_CHUNKS + s, m)
-                tl.store(l_ptr + h * MAX_CHUNKS + s, tl.sum(p, axis=0))
-                tl.store(acc_ptr + (h * MAX_CHUNKS + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
+            attention_chunk(item // chunks, item % chunks, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr,
+                            acc_ptr, max_seq, scale, MAX_CHUNKS, GROUP, CHUNK, D)
             item += programs
 
     @triton.jit
     def combine_stage(m_ptr, l_ptr, acc_ptr, out_ptr, pos, pid, programs, HEADS: tl.constexpr,
-                       MAX_CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
-        """Query head h: its chunks' partial softmaxes rescaled to their common max and added."""
-        s = tl.arange(0, CHUNKS_P2)
-        s_ok = s <= pos // CHUNK
-        d = tl.arange(0, D)
+                      MAX_CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
+        """Items h < HEADS: dense_kernels.combine_head over the chunks up to pos."""
         h = pid
         while h < HEADS:
-            m = tl.load(m_ptr + h * MAX_CHUNKS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-            weight = tl.where(s_ok, tl.exp(m - tl.max(m, axis=0)), 0.0)
-            total = tl.sum(weight * tl.load(l_ptr + h * MAX_CHUNKS + s, mask=s_ok, other=0.0, cache_modifier=".cg"),
-                           axis=0)
-            acc = tl.load(acc_ptr + (h * MAX_CHUNKS + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0,
-                          cache_modifier=".cg")
-            tl.store(out_ptr + h * D + d, (tl.sum(weight[:, None] * acc, axis=0) / total).to(out_ptr.dtype.element_ty))
+            combine_head(h, m_ptr, l_ptr, acc_ptr, out_ptr, pos // CHUNK + 1, MAX_CHUNKS, CHUNKS_P2, D)
             h += programs
 
     @triton.jit
