@@ -5,7 +5,7 @@ Why: at batch 1 the reference engine (``engine.py``) runs a layer as a chain of 
 each launch on the critical path costs a few microseconds of ramp-up and drain beside the bytes it moves;
 a masked product's compaction, gather and reduction are three of them. Here every program of the launch stays
 resident (as many as the GPU holds at once, ``resident_per_sm``) and walks the same stage list; between two
-stages each program arrives at a counter in global memory and waits until all have (``grid_sync``):
+stages each program arrives at a counter in global memory and waits until all have (``layer_stages.next_phase``):
 
 1. norm → first product: every program computes the RMSNorm of the residual itself (a few KB from L2) and
    streams its tiles of the dense QKV weight, or of the rank adapter's B;
@@ -44,7 +44,7 @@ if triton is not None:
     import triton.language as tl
 
     from rana_core.decode.layer_stages import (attention_stage, combine_stage, compact_stage, gather_stage,
-                                               gemv_stage, grid_sync, inverse_rms, normed_compact_stage,
+                                               gemv_stage, inverse_rms, next_phase, normed_compact_stage,
                                                residual_stage, rope_stage)
 
     @triton.jit
@@ -90,24 +90,18 @@ if triton is not None:
                 inv_rms = inverse_rms(x_ptr, eps, H, BLOCK_H)
                 gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
                            QKV_RANK if QKV_MODE == 1 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
-        if PERSISTENT:
-            phase += 1
-            grid_sync(bar_ptr, phase * programs)
+        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
         # 2. a masked QKV product: the rank adapter's active ranks listed, then the list's rows gathered
         if QKV_MODE == 1:
             if PERSISTENT or STAGE == 1:
                 compact_stage(z_qkv_ptr, z_qkv_ptr, qkv_threshold_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr,
                               z_qkv_ptr, pid, programs, QKV_RANK, 1, False, QKV_LIST, 0)
-            if PERSISTENT:
-                phase += 1
-                grid_sync(bar_ptr, phase * programs)
+            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
         if QKV_MODE > 0:
             if PERSISTENT or STAGE == 2:
                 gather_stage(qkv_rows_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr, qkv_partial_ptr, pid,
                              programs, QKV_RANK, QKV_OUT, 1, QKV_SPLITS, QKV_LIST, GATHER_K, BLOCK_M, INTERPRET)
-            if PERSISTENT:
-                phase += 1
-                grid_sync(bar_ptr, phase * programs)
+            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
         # 3. rotary, K and V into the cache (adding up the masked product's partial sums)
         if PERSISTENT or STAGE == 3:
             if QKV_MODE > 0:
@@ -116,29 +110,21 @@ if triton is not None:
             else:
                 rope_stage(z_qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
                             programs, HEADS, KV_HEADS, D // 2, 0)
-        if PERSISTENT:
-            phase += 1
-            grid_sync(bar_ptr, phase * programs)
+        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
         # 4-5. attention over the prefix, then the chunks combined
         if PERSISTENT or STAGE == 4:
             attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
                              programs, KV_HEADS, HEADS // KV_HEADS, MAX_CHUNKS, CHUNK, D)
-        if PERSISTENT:
-            phase += 1
-            grid_sync(bar_ptr, phase * programs)
+        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
         if PERSISTENT or STAGE == 5:
             combine_stage(m_ptr, l_ptr, acc_ptr, attended_ptr, pos, pid, programs, HEADS, MAX_CHUNKS, CHUNKS_P2,
                            CHUNK, D)
-        if PERSISTENT:
-            phase += 1
-            grid_sync(bar_ptr, phase * programs)
+        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
         # 6. o_proj, the residual added in its epilogue
         if PERSISTENT or STAGE == 6:
             gemv_stage(wo_ptr, attended_ptr, attn_norm_ptr, 1.0, mid_ptr, x_ptr, pid, programs, H, H, False, 2,
                         BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
-        if PERSISTENT:
-            phase += 1
-            grid_sync(bar_ptr, phase * programs)
+        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
         # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B (one matrix, gate's rows first); or
         # (input masks) the normed input listed for gate and for up
         if PERSISTENT or STAGE == 7:
@@ -157,9 +143,7 @@ if triton is not None:
                 else:
                     gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True,
                                1, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
-        if PERSISTENT:
-            phase += 1
-            grid_sync(bar_ptr, phase * programs)
+        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
         if MLP_MODE > 0:
             # 8-9. gate's and up's masked products: each listed (rank adapters), then each gathered
             if MLP_MODE == 1:
@@ -168,31 +152,23 @@ if triton is not None:
                                   gate_count_ptr, z_gu_ptr, pid, programs, GATE_RANK, 1, False, GATE_LIST, 0)
                     compact_stage(z_gu_ptr + GATE_RANK, z_gu_ptr, up_threshold_ptr, up_index_ptr, up_value_ptr,
                                   up_count_ptr, z_gu_ptr, pid, programs, UP_RANK, 1, False, UP_LIST, 0)
-                if PERSISTENT:
-                    phase += 1
-                    grid_sync(bar_ptr, phase * programs)
+                phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
             if PERSISTENT or STAGE == 9:
                 gather_stage(gate_rows_ptr, gate_index_ptr, gate_value_ptr, gate_count_ptr, gu_partial_ptr, pid,
                              programs, GATE_RANK, I, 1, GU_SPLITS, GATE_LIST, GATHER_K, BLOCK_M, INTERPRET)
                 gather_stage(up_rows_ptr, up_index_ptr, up_value_ptr, up_count_ptr, gu_partial_ptr + GU_SPLITS * I,
                              pid, programs, UP_RANK, I, 1, GU_SPLITS, UP_LIST, GATHER_K, BLOCK_M, INTERPRET)
-            if PERSISTENT:
-                phase += 1
-                grid_sync(bar_ptr, phase * programs)
+            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
             # 10-12. h = silu(gate)·up made and listed by the neuron adapter's compaction, its rows of W_downᵀ
             # gathered, their sum added to the residual
             if PERSISTENT or STAGE == 10:
                 compact_stage(h_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr,
                               down_count_ptr, gu_partial_ptr, pid, programs, I, 1, DOWN_SCALED, DOWN_LIST, GU_SPLITS)
-            if PERSISTENT:
-                phase += 1
-                grid_sync(bar_ptr, phase * programs)
+            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
             if PERSISTENT or STAGE == 11:
                 gather_stage(down_ptr, down_index_ptr, down_value_ptr, down_count_ptr, down_partial_ptr, pid,
                              programs, I, H, 1, DOWN_SPLITS, DOWN_LIST, GATHER_K, BLOCK_M, INTERPRET)
-            if PERSISTENT:
-                phase += 1
-                grid_sync(bar_ptr, phase * programs)
+            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
             if PERSISTENT or STAGE == 12:
                 residual_stage(down_partial_ptr, mid_ptr, out_ptr, pid, programs, H, DOWN_SPLITS, 1024)
         else:

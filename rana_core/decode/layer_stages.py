@@ -1,6 +1,6 @@
 """The stages of the persistent layer kernel (rana_core.decode.layer_kernel), as Triton device functions: each
 takes its program's id and the program count and works through its items (tiles, chunks, list shares, heads)
-p, p + programs, …, so that any number of resident programs covers any stage. ``grid_sync`` is the barrier
+p, p + programs, …, so that any number of resident programs covers any stage. ``next_phase`` is the barrier
 between two stages.
 """
 
@@ -15,15 +15,19 @@ if triton is not None:
     from rana_core.decode.masked_kernels import compact_chunk, gather_share, list_chunk, swiglu
 
     @triton.jit
-    def grid_sync(bar_ptr, target):
-        """Wait until `target` arrivals have been counted (this program's included): the stores of every program
-        before its arrival are visible to every program after its wait (release on arrival, acquire on wait)."""
-        tl.debug_barrier()
-        tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
-        seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-        while seen < target:
+    def next_phase(bar_ptr, phase, programs, PERSISTENT: tl.constexpr):
+        """The barrier between two stages of a persistent launch (staged: nothing): count this program in and wait
+        until all `programs` have arrived `phase + 1` times; the stores of every program before its arrival are
+        visible to every program after its wait (release on arrival, acquire on the wait). Returns phase + 1."""
+        if PERSISTENT:
+            tl.debug_barrier()
+            tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
+            target = (phase + 1) * programs
             seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-        tl.debug_barrier()
+            while seen < target:
+                seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()
+        return phase + 1
 
     @triton.jit
     def inverse_rms(x_ptr, eps, H: tl.constexpr, BLOCK_H: tl.constexpr):
@@ -69,6 +73,21 @@ if triton is not None:
         return acc, acc_up
 
     @triton.jit
+    def _gemv_flat_step(acc, acc_up, step, w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr, resid_ptr, pid, programs,
+                        N: tl.constexpr, K: tl.constexpr, K_STEPS: tl.constexpr, NORM: tl.constexpr,
+                        EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype):
+        """Step `step` of a program's flat GEMV loop: chunk step % K_STEPS of its tile step // K_STEPS, the tile's
+        outputs stored (and the accumulators cleared) after its last chunk."""
+        offs_n = (pid + step // K_STEPS * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc, acc_up = _gemv_chunk(acc, acc_up, w_ptr, x_ptr, norm_ptr, inv_rms, offs_n, offs_n < N,
+                                  step % K_STEPS * BLOCK_K, N, K, NORM, EPILOGUE, BLOCK_K, dtype)
+        if step % K_STEPS == K_STEPS - 1:
+            _gemv_epilogue(acc, acc_up, offs_n, offs_n < N, out_ptr, resid_ptr, EPILOGUE)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        return acc, acc_up
+
+    @triton.jit
     def gemv_stage(w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr, resid_ptr, pid, programs,
                    N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, INTERPRET: tl.constexpr):
@@ -88,23 +107,15 @@ if triton is not None:
             if INTERPRET:  # the interpreter takes no program-dependent range bound; a while loop it does
                 step = 0
                 while step < steps:
-                    offs_n = (pid + step // K_STEPS * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
-                    acc, acc_up = _gemv_chunk(acc, acc_up, w_ptr, x_ptr, norm_ptr, inv_rms, offs_n, offs_n < N,
-                                              step % K_STEPS * BLOCK_K, N, K, NORM, EPILOGUE, BLOCK_K, dtype)
-                    if step % K_STEPS == K_STEPS - 1:
-                        _gemv_epilogue(acc, acc_up, offs_n, offs_n < N, out_ptr, resid_ptr, EPILOGUE)
-                        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-                        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+                    acc, acc_up = _gemv_flat_step(acc, acc_up, step, w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr,
+                                                  resid_ptr, pid, programs, N, K, K_STEPS, NORM, EPILOGUE, BLOCK_N,
+                                                  BLOCK_K, dtype)
                     step += 1
             else:
                 for step in range(0, steps):
-                    offs_n = (pid + step // K_STEPS * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
-                    acc, acc_up = _gemv_chunk(acc, acc_up, w_ptr, x_ptr, norm_ptr, inv_rms, offs_n, offs_n < N,
-                                              step % K_STEPS * BLOCK_K, N, K, NORM, EPILOGUE, BLOCK_K, dtype)
-                    if step % K_STEPS == K_STEPS - 1:
-                        _gemv_epilogue(acc, acc_up, offs_n, offs_n < N, out_ptr, resid_ptr, EPILOGUE)
-                        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-                        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+                    acc, acc_up = _gemv_flat_step(acc, acc_up, step, w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr,
+                                                  resid_ptr, pid, programs, N, K, K_STEPS, NORM, EPILOGUE, BLOCK_N,
+                                                  BLOCK_K, dtype)
         else:
             tile = pid
             while tile < tl.cdiv(N, BLOCK_N):
