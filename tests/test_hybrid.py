@@ -260,10 +260,9 @@ def test_the_candidate_with_the_least_calibration_loss_is_kept(tiny, tmp_path, m
                 assert built[(layer, row)].planned_keep == pytest.approx(point.flops / dense)
 
 
-def test_the_check_judges_the_single_adapter_allocations_and_may_keep_one(tiny, monkeypatch):
-    """Hybrid contains TEAL and RaNA: their single-adapter allocations at the same budget are judged beside the
-    mixed ones (an allocation equal to one already judged is judged once), and when one of them has the least
-    calibration loss the model is built from it."""
+def compress_with_winner(tiny, monkeypatch, winner: str, flop_reduction: float):
+    """(every allocation hybrid's check judged, the result) of a hybrid run on tiny in which the check's loss is
+    least for the candidate named `winner`, whatever the real losses are."""
     from rana_core.config import CompressConfig
     from rana_core.methods import hybrid
     from rana_core.pipeline import compress
@@ -272,11 +271,20 @@ def test_the_check_judges_the_single_adapter_allocations_and_may_keep_one(tiny, 
 
     def fake_losses(self, allocations):
         judged.update(allocations)
-        return {name: 0.0 if name == "only teal" else 1.0 for name in allocations}
+        return {name: 0.0 if name == winner else 1.0 for name in allocations}
 
     monkeypatch.setattr(hybrid.HybridState, "check_losses", fake_losses)
-    result = compress(CompressConfig(model="tiny", method="hybrid", allocation="exact-loss", flop_reduction=0.4,
-                                     calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny)
+    result = compress(CompressConfig(model="tiny", method="hybrid", allocation="exact-loss",
+                                     flop_reduction=flop_reduction, calib_tokens=1024, eval_tokens=512, seq_len=128),
+                      loaded=tiny)
+    return judged, result
+
+
+def test_the_check_judges_the_single_adapter_allocations_and_may_keep_one(tiny, monkeypatch):
+    """Hybrid contains TEAL and RaNA: their single-adapter allocations at the same budget are judged beside the
+    mixed ones (an allocation equal to one already judged is judged once), and when one of them has the least
+    calibration loss the model is built from it."""
+    judged, result = compress_with_winner(tiny, monkeypatch, "only teal", 0.4)
     adapters = {name: {point.adapter for point in chosen.values()} - {"dense"} for name, chosen in judged.items()}
     assert adapters["only teal"] == {"teal"}
     assert any(used and used <= {"rank", "rana"} for used in adapters.values())  # RaNA's own, under some name
@@ -287,19 +295,7 @@ def test_the_check_judges_the_single_adapter_allocations_and_may_keep_one(tiny, 
 def test_the_check_judges_the_teal_method_allocation_and_builds_it_when_it_wins(tiny, monkeypatch):
     """The ``teal`` method (every input keeping 1 - p) is a peer hybrid contains: it is judged beside the solver's
     allocations, and when its calibration loss is the least every QKV, gate, up and down input keeps 1 - p."""
-    from rana_core.config import CompressConfig
-    from rana_core.methods import hybrid
-    from rana_core.pipeline import compress
-
-    judged = {}
-
-    def fake_losses(self, allocations):
-        judged.update(allocations)
-        return {name: 0.0 if name == "teal everywhere" else 1.0 for name in allocations}
-
-    monkeypatch.setattr(hybrid.HybridState, "check_losses", fake_losses)
-    result = compress(CompressConfig(model="tiny", method="hybrid", allocation="exact-loss", flop_reduction=0.35,
-                                     calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny)
+    judged, result = compress_with_winner(tiny, monkeypatch, "teal everywhere", 0.35)
     assert all(point.keep == pytest.approx(0.65) for point in judged["teal everywhere"].values())
     assert len(judged["teal everywhere"]) == 2 * len(tiny.layers)  # no module left dense
     adapted = [row for row in result.layers if row.module in ("qkv", "gate", "up", "down")]
@@ -312,19 +308,8 @@ def test_the_check_judges_teal_greedy_allocation_and_builds_it_when_it_wins(tiny
     """TEAL's greedy allocation (per layer, keeps on TEAL's 0.05 grid spread over q/k/v, gate, up and down by their
     output errors) is judged too; when it wins, the model is built from it: TEAL masks only, keeps that differ
     between modules, and the budget's FLOPs within ±0.01 (measured here: 0.4036)."""
-    from rana_core.config import CompressConfig
-    from rana_core.methods import hybrid
-    from rana_core.pipeline import compress
-
-    judged = {}
-
-    def fake_losses(self, allocations):
-        judged.update(allocations)
-        return {name: 0.0 if name == "teal greedy" else 1.0 for name in allocations}
-
-    monkeypatch.setattr(hybrid.HybridState, "check_losses", fake_losses)
-    result = compress(CompressConfig(model="tiny", method="hybrid", allocation="exact-loss", flop_reduction=0.4,
-                                     calib_tokens=1024, eval_tokens=512, seq_len=128), loaded=tiny)
+    judged, result = compress_with_winner(tiny, monkeypatch, "teal greedy", 0.4)
+    assert "teal greedy" in judged
     adapted = [row for row in result.layers if row.module in ("qkv", "gate", "up", "down") and row.adapter != "dense"]
     assert adapted and {row.adapter for row in adapted} == {"teal"}
     keeps = {round(row.planned_keep, 6) for row in adapted}
