@@ -30,6 +30,8 @@ MAX_BATCH = 16  # the padded batch of the gather's matrix product
 if triton is not None:
     import triton.language as tl
 
+    from rana_core.decode.masked_kernels import list_share, list_slots
+
     @triton.jit
     def _union_compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, B, K,
                               HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_B: tl.constexpr):
@@ -57,11 +59,7 @@ if triton is not None:
     def _union_gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, b, b_ok, offs_m, m_ok, K, M,
                            CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
         """acc (BLOCK_B × BLOCK_M) + the tokens' coefficients times the rows at list positions j0…"""
-        j = j0 + tl.arange(0, BLOCK_K)
-        j_ok = j < stop
-        chunk = tl.sum((j[:, None] >= ends[None, :]).to(tl.int32), axis=1)
-        start = tl.sum(tl.where(tl.arange(0, ends.shape[0])[None, :] == chunk[:, None], starts[None, :], 0), axis=1)
-        slot = chunk * CHUNK + j - start
+        slot, j_ok = list_slots(j0, stop, ends, starts, CHUNK, BLOCK_K)
         row = tl.load(index_ptr + slot, mask=j_ok, other=0)
         tile = tl.load(rows_ptr + row[:, None].to(tl.int64) * M + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
                        other=0.0)
@@ -81,14 +79,7 @@ if triton is not None:
         m_ok = offs_m < M
         b = tl.arange(0, BLOCK_B)
         b_ok = b < B
-        q = tl.arange(0, CHUNKS_P2)
-        counts = tl.load(count_ptr + q, mask=q < CHUNKS, other=0)
-        ends = tl.where(q < CHUNKS, tl.cumsum(counts, axis=0), 1 << 30)
-        starts = ends - counts
-        count = tl.sum(counts, axis=0)
-        share = tl.cdiv(tl.cdiv(count, SPLITS), BLOCK_K) * BLOCK_K
-        begin = pid_s * share
-        stop = tl.minimum(begin + share, count)
+        ends, starts, begin, stop = list_share(count_ptr, pid_s, CHUNKS, CHUNKS_P2, SPLITS, BLOCK_K)
         acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
         if INTERPRET:  # the interpreter takes no loaded value as a range bound; a while loop it does
             j0 = begin

@@ -145,14 +145,32 @@ if triton is not None:
                       count_ptr, source_ptr, K, CHUNKS, HAS_SCALE, CHUNK, SOURCE_SPLITS)
 
     @triton.jit
-    def _list_entries(j0, stop, ends, starts, index_ptr, value_ptr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Rows and coefficients at list positions j0… (< stop). Position j of the group's list lies in chunk
-        q = #(chunk ends ≤ j), at slot q·CHUNK + j − (q's start)."""
+    def list_share(count_ptr, pid_s, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, SPLITS: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+        """(ends, starts, begin, stop): where each chunk's entries lie in a list compacted chunk by chunk (counts
+        at count_ptr), and the positions [begin, stop) of share pid_s of SPLITS, whole steps of BLOCK_K each."""
+        q = tl.arange(0, CHUNKS_P2)
+        counts = tl.load(count_ptr + q, mask=q < CHUNKS, other=0, cache_modifier=".cg")
+        ends = tl.where(q < CHUNKS, tl.cumsum(counts, axis=0), 1 << 30)  # padding chunks end after every position
+        starts = ends - counts
+        count = tl.sum(counts, axis=0)
+        share = tl.cdiv(tl.cdiv(count, SPLITS), BLOCK_K) * BLOCK_K
+        begin = pid_s * share
+        return ends, starts, begin, tl.minimum(begin + share, count)
+
+    @triton.jit
+    def list_slots(j0, stop, ends, starts, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """(slots, valid) of list positions j0… (< stop). Position j lies in chunk q = #(chunk ends ≤ j), at slot
+        q·CHUNK + j − (q's start)."""
         j = j0 + tl.arange(0, BLOCK_K)
-        j_ok = j < stop
         chunk = tl.sum((j[:, None] >= ends[None, :]).to(tl.int32), axis=1)
         start = tl.sum(tl.where(tl.arange(0, ends.shape[0])[None, :] == chunk[:, None], starts[None, :], 0), axis=1)
-        slot = chunk * CHUNK + j - start
+        return chunk * CHUNK + j - start, j < stop
+
+    @triton.jit
+    def _list_entries(j0, stop, ends, starts, index_ptr, value_ptr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Rows and coefficients at list positions j0… (< stop) (list_slots)."""
+        slot, j_ok = list_slots(j0, stop, ends, starts, CHUNK, BLOCK_K)
         return (tl.load(index_ptr + slot, mask=j_ok, other=0, cache_modifier=".cg"),
                 tl.load(value_ptr + slot, mask=j_ok, other=0.0, cache_modifier=".cg"), j_ok)
 
@@ -177,15 +195,7 @@ if triton is not None:
         partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        q = tl.arange(0, CHUNKS_P2)
-        counts = tl.load(count_ptr + g * CHUNKS + q, mask=q < CHUNKS, other=0, cache_modifier=".cg")
-        ends = tl.cumsum(counts, axis=0)
-        ends = tl.where(q < CHUNKS, ends, 1 << 30)  # padding chunks end after every position
-        starts = ends - counts
-        count = tl.sum(counts, axis=0)
-        share = tl.cdiv(tl.cdiv(count, SPLITS), BLOCK_K) * BLOCK_K  # whole steps per share
-        begin = pid_s * share
-        stop = tl.minimum(begin + share, count)
+        ends, starts, begin, stop = list_share(count_ptr + g * CHUNKS, pid_s, CHUNKS, CHUNKS_P2, SPLITS, BLOCK_K)
         index_ptr += g * K
         value_ptr += g * K
         rows_ptr += g * K * stride_k
