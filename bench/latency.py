@@ -81,18 +81,13 @@ def main(argv=None) -> int:
                   f"{r['ms_per_token'] / floor:>6.2f}x", flush=True)
         for r in hf:
             print(f"  HF generate (eager), context {r['context_tokens']}: {r['ms_per_token']:.2f} ms/token")
-    if args.no_kernel:
-        args.out = out
-        report["seconds"] = time.perf_counter() - started
-        out.write_text(json.dumps(report, indent=2))
-        print(f"\nwrote {shown(out)} ({report['seconds']:.0f} s)")
-        return 0
-    report["kernel"] = latency.kernel_microbenchmark(device, args.dtype, bandwidth)
-    print(f"\nmasked-row kernel ({args.dtype}): bandwidth on the active rows")
-    print(f"{'kernel':<28}{'K':>6}{'M':>7}{'density':>8}{'us':>9}{'GB/s':>8}{'of copy':>8}")
-    for k in report["kernel"]:
-        print(f"{k['kernel']:<28}{k['K']:>6}{k['M']:>7}{k['density']:>8.2f}{k['us']:>9.1f}{k['active_gbs']:>8.0f}"
-              f"{k['share_of_copy_bandwidth']:>8.0%}")
+    if not args.no_kernel:
+        report["kernel"] = latency.kernel_microbenchmark(device, args.dtype, bandwidth)
+        print(f"\nmasked-row kernel ({args.dtype}): bandwidth on the active rows")
+        print(f"{'kernel':<28}{'K':>6}{'M':>7}{'density':>8}{'us':>9}{'GB/s':>8}{'of copy':>8}")
+        for k in report["kernel"]:
+            print(f"{k['kernel']:<28}{k['K']:>6}{k['M']:>7}{k['density']:>8.2f}{k['us']:>9.1f}"
+                  f"{k['active_gbs']:>8.0f}{k['share_of_copy_bandwidth']:>8.0%}")
     report["seconds"] = time.perf_counter() - started
     out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {shown(out)} ({report['seconds']:.0f} s)")
