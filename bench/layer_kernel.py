@@ -31,6 +31,12 @@ SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w, "GEMV_FLAT": f} for p in (2, 4, 
     {"PROGRAMS_PER_SM": 4, "num_warps": 4, "GATHER_K": 64},
     {"PROGRAMS_PER_SM": 8, "num_warps": 4, "BLOCK_N": 4, "BLOCK_K": 512}]
 QUICK = [{"PROGRAMS_PER_SM": p, "num_warps": 4, "GEMV_FLAT": f} for p in (4, 8) for f in (0, 1)]
+# the barrier's wait (atomics or acquire loads) and register caps that let more programs reside
+BARRIER = [{"PROGRAMS_PER_SM": 4, "num_warps": 4, "GEMV_FLAT": 1, "LOAD_POLL": p} for p in (0, 1)] + [
+    {"PROGRAMS_PER_SM": p, "num_warps": 4, "GEMV_FLAT": f, "LOAD_POLL": 1, "maxnreg": r}
+    for p, r in ((4, 128), (8, 64)) for f in (0, 1)] + [
+    {"PROGRAMS_PER_SM": 2, "num_warps": 8, "GEMV_FLAT": 0, "LOAD_POLL": 1}]
+SWEEPS = {"full": SWEEP, "quick": QUICK, "barrier": BARRIER}
 PROFILE_REPLAYS = 5
 
 
@@ -70,6 +76,21 @@ def stage_times(engine: DecodeEngine, context: int) -> dict[str, float]:
     return totals
 
 
+def persistent_clock(engine: DecodeEngine, config: dict, context: int) -> tuple[float, int, dict]:
+    """Microseconds per step of each stage inside the persistent launch, summed over the layers: its work (last
+    arrival at the barrier after it) and the barrier's latency (LayerKernel.stage_clock), from the last step."""
+    engine.use_layer_kernels("persistent", {**config, "CLOCK": 1})
+    ms = statistics.median(engine.time_decode(context, 16))
+    grid = next(kernel.grid[0] for kernel in engine.kernels if kernel is not None)
+    print(f"    persistent with its clock on: {grid} programs, {ms:.3f} ms/token", flush=True)
+    totals: dict[str, tuple[float, float]] = {}
+    for kernel in engine.kernels:
+        for stage, work, barrier in (kernel.stage_clock() if kernel is not None else ()):
+            before = totals.get(stage, (0.0, 0.0))
+            totals[stage] = (before[0] + work, before[1] + barrier)
+    return ms, grid, totals
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="llama2-7b-shape")
@@ -77,8 +98,11 @@ def main(argv=None) -> int:
     parser.add_argument("--context", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
-    parser.add_argument("--sweep", default="full", choices=["full", "quick"],
-                        help="quick: 4 and 8 programs per multiprocessor at 4 warps, GEMV tile by tile and flat")
+    parser.add_argument("--sweep", default="full", choices=sorted(SWEEPS),
+                        help="quick: 4 and 8 programs per multiprocessor at 4 warps, GEMV tile by tile and flat; "
+                             "barrier: the barrier's wait and register caps")
+    parser.add_argument("--clock", action="store_true",
+                        help="also the persistent launch's own stage clock at the sweep's fastest configuration")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     name = torch.cuda.get_device_name()
@@ -87,7 +111,7 @@ def main(argv=None) -> int:
     for cut in [float(c) for c in args.cuts.split(",")]:
         engine = DecodeEngine(SHAPES[args.model], DTYPES[args.dtype], "cuda", flop_reduction=cut, gemv="triton")
         engine.calibrate()
-        sweep = SWEEP if args.sweep == "full" else QUICK
+        sweep = SWEEPS[args.sweep]
         for mode, config in [("reference", None)] + [("persistent", c) for c in sweep]:
             engine.use_layer_kernels(mode, config)
             ms = statistics.median(engine.time_decode(args.context, args.new_tokens))
@@ -95,6 +119,15 @@ def main(argv=None) -> int:
             rows.append({"cut": cut, "mode": mode, "config": config, "programs": grid, "ms_per_token": ms})
             print(f"cut {cut:.2f} {mode:<11}{json.dumps(config) if config else '':<60}{grid or '':>6}{ms:8.3f}",
                   flush=True)
+        if args.clock:
+            best = min((r for r in rows if r["cut"] == cut and r["mode"] == "persistent"),
+                       key=lambda r: r["ms_per_token"])
+            ms, grid, clock = persistent_clock(engine, best["config"], args.context)
+            rows.append({"cut": cut, "mode": "persistent clock", "config": best["config"], "programs": grid,
+                         "ms_per_token": ms, "stage_us": clock})
+            for stage, (work, barrier) in clock.items():
+                print(f"    persistent: {stage:<34}{work:9.1f} µs work {barrier:8.1f} µs barrier per step",
+                      flush=True)
         stages = stage_times(engine, args.context)
         rows.append({"cut": cut, "mode": "staged profile", "stage_ms": stages})
         for stage, ms in stages.items():

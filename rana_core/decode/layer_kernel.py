@@ -44,7 +44,7 @@ if triton is not None:
     import triton.language as tl
 
     from rana_core.decode.layer_stages import (attention_stage, combine_stage, compact_stage, gather_stage,
-                                               gemv_stage, inverse_rms, next_phase, normed_compact_stage,
+                                               _now, gemv_stage, inverse_rms, next_phase, normed_compact_stage,
                                                residual_stage, rope_stage)
 
     @triton.jit
@@ -58,7 +58,7 @@ if triton is not None:
                       up_value_ptr, up_count_ptr,
                       gu_partial_ptr, h_ptr,
                       down_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr, down_count_ptr,
-                      down_partial_ptr, bar_ptr,
+                      down_partial_ptr, bar_ptr, clock_ptr,
                       H: tl.constexpr, I: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
                       D: tl.constexpr, QKV_MODE: tl.constexpr, QKV_RANK: tl.constexpr, QKV_SCALED: tl.constexpr,
                       MLP_MODE: tl.constexpr, GATE_RANK: tl.constexpr, UP_RANK: tl.constexpr,
@@ -67,8 +67,8 @@ if triton is not None:
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QKV_LIST: tl.constexpr, GATE_LIST: tl.constexpr,
                       UP_LIST: tl.constexpr, DOWN_LIST: tl.constexpr, QKV_SPLITS: tl.constexpr, GU_SPLITS: tl.constexpr,
                       DOWN_SPLITS: tl.constexpr, GATHER_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      GEMV_FLAT: tl.constexpr, INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr,
-                      STAGE: tl.constexpr):
+                      GEMV_FLAT: tl.constexpr, LOAD_POLL: tl.constexpr, CLOCK: tl.constexpr,
+                      INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr, STAGE: tl.constexpr):
         """One decoder layer for one token (module docstring). Persistent: every stage, a grid barrier between
         two; staged: stage STAGE only (the host launches them in order). *_LIST: the compaction chunk of each
         masked product; *_SPLITS: how many shares its list is split into (gate's and up's alike: down's
@@ -80,6 +80,9 @@ if triton is not None:
         pos = tl.load(pos_ptr)
         QKV_OUT: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
         phase = 0
+        if CLOCK and PERSISTENT:
+            if pid == 0:
+                tl.store(clock_ptr, _now())
         # 1. RMSNorm → the dense QKV product or the rank adapter's B; or (input masks) the normed input listed
         if PERSISTENT or STAGE == 0:
             if QKV_MODE == 2:
@@ -90,18 +93,18 @@ if triton is not None:
                 inv_rms = inverse_rms(x_ptr, eps, H, BLOCK_H)
                 gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
                            QKV_RANK if QKV_MODE == 1 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
-        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+        phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         # 2. a masked QKV product: the rank adapter's active ranks listed, then the list's rows gathered
         if QKV_MODE == 1:
             if PERSISTENT or STAGE == 1:
                 compact_stage(z_qkv_ptr, z_qkv_ptr, qkv_threshold_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr,
                               z_qkv_ptr, pid, programs, QKV_RANK, 1, False, QKV_LIST, 0)
-            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+            phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         if QKV_MODE > 0:
             if PERSISTENT or STAGE == 2:
                 gather_stage(qkv_rows_ptr, qkv_index_ptr, qkv_value_ptr, qkv_count_ptr, qkv_partial_ptr, pid,
                              programs, QKV_RANK, QKV_OUT, 1, QKV_SPLITS, QKV_LIST, GATHER_K, BLOCK_M, INTERPRET)
-            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+            phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         # 3. rotary, K and V into the cache (adding up the masked product's partial sums)
         if PERSISTENT or STAGE == 3:
             if QKV_MODE > 0:
@@ -110,21 +113,21 @@ if triton is not None:
             else:
                 rope_stage(z_qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, pid,
                             programs, HEADS, KV_HEADS, D // 2, 0)
-        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+        phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         # 4-5. attention over the prefix, then the chunks combined
         if PERSISTENT or STAGE == 4:
             attention_stage(q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale, pid,
                              programs, KV_HEADS, HEADS // KV_HEADS, MAX_CHUNKS, CHUNK, D)
-        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+        phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         if PERSISTENT or STAGE == 5:
             combine_stage(m_ptr, l_ptr, acc_ptr, attended_ptr, pos, pid, programs, HEADS, MAX_CHUNKS, CHUNKS_P2,
                            CHUNK, D)
-        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+        phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         # 6. o_proj, the residual added in its epilogue
         if PERSISTENT or STAGE == 6:
             gemv_stage(wo_ptr, attended_ptr, attn_norm_ptr, 1.0, mid_ptr, x_ptr, pid, programs, H, H, False, 2,
                         BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
-        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+        phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B (one matrix, gate's rows first); or
         # (input masks) the normed input listed for gate and for up
         if PERSISTENT or STAGE == 7:
@@ -143,7 +146,7 @@ if triton is not None:
                 else:
                     gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True,
                                1, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
-        phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+        phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         if MLP_MODE > 0:
             # 8-9. gate's and up's masked products: each listed (rank adapters), then each gathered
             if MLP_MODE == 1:
@@ -152,23 +155,23 @@ if triton is not None:
                                   gate_count_ptr, z_gu_ptr, pid, programs, GATE_RANK, 1, False, GATE_LIST, 0)
                     compact_stage(z_gu_ptr + GATE_RANK, z_gu_ptr, up_threshold_ptr, up_index_ptr, up_value_ptr,
                                   up_count_ptr, z_gu_ptr, pid, programs, UP_RANK, 1, False, UP_LIST, 0)
-                phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+                phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
             if PERSISTENT or STAGE == 9:
                 gather_stage(gate_rows_ptr, gate_index_ptr, gate_value_ptr, gate_count_ptr, gu_partial_ptr, pid,
                              programs, GATE_RANK, I, 1, GU_SPLITS, GATE_LIST, GATHER_K, BLOCK_M, INTERPRET)
                 gather_stage(up_rows_ptr, up_index_ptr, up_value_ptr, up_count_ptr, gu_partial_ptr + GU_SPLITS * I,
                              pid, programs, UP_RANK, I, 1, GU_SPLITS, UP_LIST, GATHER_K, BLOCK_M, INTERPRET)
-            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+            phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
             # 10-12. h = silu(gate)·up made and listed by the neuron adapter's compaction, its rows of W_downᵀ
             # gathered, their sum added to the residual
             if PERSISTENT or STAGE == 10:
                 compact_stage(h_ptr, down_scale_ptr, down_threshold_ptr, down_index_ptr, down_value_ptr,
                               down_count_ptr, gu_partial_ptr, pid, programs, I, 1, DOWN_SCALED, DOWN_LIST, GU_SPLITS)
-            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+            phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
             if PERSISTENT or STAGE == 11:
                 gather_stage(down_ptr, down_index_ptr, down_value_ptr, down_count_ptr, down_partial_ptr, pid,
                              programs, I, H, 1, DOWN_SPLITS, DOWN_LIST, GATHER_K, BLOCK_M, INTERPRET)
-            phase = next_phase(bar_ptr, phase, programs, PERSISTENT)
+            phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
             if PERSISTENT or STAGE == 12:
                 residual_stage(down_partial_ptr, mid_ptr, out_ptr, pid, programs, H, DOWN_SPLITS, 1024)
         else:
@@ -176,14 +179,19 @@ if triton is not None:
             if PERSISTENT or STAGE == 11:
                 gemv_stage(down_ptr, h_ptr, mlp_norm_ptr, 1.0, out_ptr, mid_ptr, pid, programs, H, I, False, 2,
                            BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
+        if CLOCK and PERSISTENT:  # the last program's end: the last stage has no barrier after it
+            tl.atomic_max(clock_ptr + 1 + 2 * phase, _now())
 
 
 # Tile sizes. A GEMV tile is BLOCK_N rows × BLOCK_K columns (the reference GEMV's best at 7B sizes, H100); a list
 # gather item streams GATHER_K listed rows per step over BLOCK_M output columns (the reference's, masked_kernels).
 # PROGRAMS_PER_SM: resident programs per multiprocessor (bench/layer_kernel.py sweeps these).
 # GEMV_FLAT: a program's GEMV tiles as one loop of (tile, chunk) steps (layer_stages.gemv_stage).
+# LOAD_POLL: barriers wait by acquire loads, not atomics (layer_stages.next_phase). maxnreg: a cap on registers per
+# thread (None: the compiler's choice), which sets how many programs fit on a multiprocessor. CLOCK: record each
+# stage's times inside the launch (LayerKernel.clock; bench/layer_kernel.py --clock).
 CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "GATHER_K": 128, "BLOCK_M": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4,
-          "GEMV_FLAT": 0}
+          "GEMV_FLAT": 0, "LOAD_POLL": 0, "maxnreg": None, "CLOCK": 0}
 ATTENTION_CHUNK = 64
 LIST_CHUNK = 2048  # coefficients compacted per item (masked_kernels.COMPACT_CHUNK's reasoning)
 
@@ -350,6 +358,8 @@ class LayerKernel:
             "h": torch.empty(s.intermediate, dtype=dtype, device=device),
             "down_partial": torch.empty(self.splits["down"] * s.hidden, dtype=torch.float32, device=device),
             "mid": torch.empty(s.hidden, dtype=dtype, device=device),
+            # CLOCK: the launch's start, then (last arrival, program 0's leaving) of each barrier, the last end
+            "clock": torch.zeros(32, dtype=torch.int64, device=device),
             **{f"{name}_{part}": buffers[part] for name, buffers in self.lists.items()
                for part in ("index", "value", "count")},
         }
@@ -372,7 +382,7 @@ class LayerKernel:
                 b["m"], b["l"], b["acc"], b["attended"], w.wo,
                 _or(w.gate_up, absent), b["z_gu"], *gate, *self._list("gate"), *up, *self._list("up"),
                 b["gu_partial"], b["h"],
-                w.down, *down[1:], *self._list("down"), b["down_partial"], barrier)
+                w.down, *down[1:], *self._list("down"), b["down_partial"], barrier, b["clock"])
         constants = dict(H=s.hidden, I=s.intermediate, HEADS=s.heads, KV_HEADS=s.kv_heads, D=s.head_dim,
                          QKV_MODE=w.qkv_mode, QKV_RANK=self.qkv_rank, QKV_SCALED=_scaled(w.qkv_masked),
                          MLP_MODE=w.mlp_mode, GATE_RANK=self.gate_rank, UP_RANK=self.up_rank,
@@ -383,7 +393,10 @@ class LayerKernel:
                          UP_LIST=self.lists["up"]["chunk"], DOWN_LIST=self.lists["down"]["chunk"],
                          QKV_SPLITS=self.splits["qkv"], GU_SPLITS=self.splits["gu"], DOWN_SPLITS=self.splits["down"],
                          GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], GEMV_FLAT=c["GEMV_FLAT"],
-                         INTERPRET=_interpreting(), num_warps=c["num_warps"])
+                         LOAD_POLL=c["LOAD_POLL"], CLOCK=c["CLOCK"], INTERPRET=_interpreting(),
+                         num_warps=c["num_warps"])
+        if c["maxnreg"] and not _interpreting():
+            constants["maxnreg"] = c["maxnreg"]
         if self.persistent:
             if self.grid is None:  # compiled once: how many programs fit at once depends on its registers
                 compiled = _layer_kernel.warmup(*args, grid=(1,), PERSISTENT=True, STAGE=-1, **constants)
@@ -396,6 +409,17 @@ class LayerKernel:
                 _layer_kernel[(programs(x.device, c["PROGRAMS_PER_SM"]),)](*args, PERSISTENT=False, STAGE=stage,
                                                                           **constants)
         return out
+
+    def stage_clock(self) -> list[tuple[str, float, float]]:
+        """(stage, work µs, barrier µs) of the last persistent launch with CLOCK on: work from the previous
+        barrier's end (program 0 leaving it) to the last program's arrival, then the barrier's own latency."""
+        t = self.buffers["clock"].tolist()
+        stages, rows = self.stages(), []
+        for i, stage in enumerate(stages):
+            arrive = t[1 + 2 * i]
+            leave = t[2 + 2 * i] if i < len(stages) - 1 else arrive
+            rows.append((STAGE_NAMES[stage], (arrive - t[2 * i]) / 1e3, (leave - arrive) / 1e3))
+        return rows
 
     def _list(self, name: str) -> tuple:
         """A masked product's list buffers in the kernel's argument order: index, value, count."""

@@ -15,18 +15,46 @@ if triton is not None:
     from rana_core.decode.masked_kernels import compact_chunk, gather_share, list_chunk, swiglu
 
     @triton.jit
-    def next_phase(bar_ptr, phase, programs, PERSISTENT: tl.constexpr):
+    def _now():
+        """The GPU's global nanosecond timer (the same clock on every multiprocessor)."""
+        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                         pack=1)
+
+    @triton.jit
+    def _load_acquire(ptr):
+        """ptr's int32 read from L2 with acquire semantics: a plain load, so that hundreds of waiting programs do
+        not queue read-modify-write atomics on the one address their arrivals need."""
+        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+
+    @triton.jit
+    def next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT: tl.constexpr, LOAD_POLL: tl.constexpr,
+                   CLOCK: tl.constexpr):
         """The barrier between two stages of a persistent launch (staged: nothing): count this program in and wait
         until all `programs` have arrived `phase + 1` times; the stores of every program before its arrival are
-        visible to every program after its wait (release on arrival, acquire on the wait). Returns phase + 1."""
+        visible to every program after its wait (release on arrival, acquire on the wait). Returns phase + 1.
+
+        LOAD_POLL: wait by acquire loads (else by atomic adds of 0, the first design). CLOCK: record in
+        clock[1 + 2·phase] the last arrival's time and in clock[2 + 2·phase] when program 0 left the barrier
+        (bench/layer_kernel.py --clock: each stage's work and each barrier's latency inside the launch)."""
         if PERSISTENT:
             tl.debug_barrier()
+            if CLOCK:
+                tl.atomic_max(clock_ptr + 1 + 2 * phase, _now())
             tl.atomic_add(bar_ptr, 1, sem="release", scope="gpu")
             target = (phase + 1) * programs
-            seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
-            while seen < target:
+            if LOAD_POLL:
+                seen = _load_acquire(bar_ptr)
+                while seen < target:
+                    seen = _load_acquire(bar_ptr)
+            else:
                 seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
+                while seen < target:
+                    seen = tl.atomic_add(bar_ptr, 0, sem="acquire", scope="gpu")
             tl.debug_barrier()
+            if CLOCK:
+                if pid == 0:
+                    tl.store(clock_ptr + 2 + 2 * phase, _now())
         return phase + 1
 
     @triton.jit
