@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama2-7b-shape")
     parser.add_argument("--budget", type=float, default=0.44)
+    parser.add_argument("--steps-only", action="store_true", help="only part 1: GPU time per kernel of a step")
+    parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     name = latency.device_name("cuda")
     report = {"device_name": name, "profiles": {}, "masked": []}
@@ -121,13 +123,15 @@ def main(argv=None) -> int:
         total = sum(p["us"] for p in profile.values())
         print(f"\n{args.shape} cut {budget}: {total:.0f} us of kernels per step, "
               f"{sum(p['launches'] for p in profile.values()):.0f} launches")
-        for kernel, p in list(profile.items())[:14]:
+        for kernel, p in list(profile.items())[:20]:
             print(f"  {p['us']:8.1f} us {p['launches']:5.0f}x  {kernel}")
     configs = [dict(BLOCK_M=m, BLOCK_K=k, warps=w, stages=3, per_sm=p)  # the library's choice first
                for m, k, w, p in ((64, 128, 2, 16), (64, 128, 4, 16), (64, 64, 2, 16), (128, 128, 2, 16),
                                   (64, 128, 2, 4), (256, 64, 2, 16))]
     for label, K, M, scaled, groups in (("gate+up A (2 groups)", 3082, 11008, False, 2),
                                         ("down neuron", 11008, 4096, True, 1), ("qkv A", 3441, 12288, False, 1)):
+        if args.steps_only:
+            break
         for density in (0.35, 0.56):
             parts = masked_parts(K, M, density, scaled, groups, configs)
             report["masked"].append({"kernel": label, "K": K, "M": M, "density": density, "parts": parts})
@@ -135,7 +139,7 @@ def main(argv=None) -> int:
             for p in parts:
                 print("  " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in p.items()))
-    out = RESULTS / f"masked-profile-{name.replace(' ', '-').lower()}.json"
+    out = args.out or RESULTS / f"masked-profile-{name.replace(' ', '-').lower()}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"wrote {shown(out)}")

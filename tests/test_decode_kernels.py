@@ -220,3 +220,21 @@ def test_gemv_with_the_swiglu_epilogue(device, dtype):
     gate, up = (weight.double().cpu() @ x.double().cpu()).chunk(2)
     # gate and up rounded to dtype, silu(gate) rounded, the product rounded: four roundings
     assert relative_error(out.float().cpu(), (F.silu(gate) * up).float()) < tolerance(dtype, 4)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
+def test_gemv_with_its_first_weight_chunk_loaded_early_gives_the_same_bits(device, dtype, swiglu):
+    """The first chunk of each program's rows loaded before the wait for the launch before (EARLY_MIN_K) enters the
+    sum exactly where the loop would have put it: the same output bit for bit, with K under one chunk, a whole
+    number of chunks and a ragged last chunk."""
+    require_triton(device)
+    block_k = 512 if device == "cuda" else 32
+    for N, K in [(40, 20), (40, 64), (24, 70)] if device == "cpu" else [(4096, 4096), (11008, 4100), (96, 300)]:
+        g = torch.Generator().manual_seed(N * K)
+        weight = (torch.randn((2 if swiglu else 1) * N, K, generator=g) / K ** 0.5).to(device, dtype)
+        x = torch.randn(K, generator=g).to(device, dtype)
+        outs = [gemv(weight, x, poisoned(N, dtype=dtype, device=device), {"EARLY_MIN_K": min_k, "BLOCK_K": block_k},
+                     swiglu=swiglu) for min_k in (K + 1, 0)]  # after the wait, then early
+        assert torch.isfinite(outs[1].float()).all()
+        assert torch.equal(outs[0], outs[1]), (N, K)

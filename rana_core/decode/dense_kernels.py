@@ -19,6 +19,7 @@ the plain engine agree to rounding. On a CPU without TRITON_INTERPRET=1 the PyTo
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -95,31 +96,48 @@ if triton is not None:
                   max_seq, HEADS, KV_HEADS, HALF, SPLITS)
 
     @triton.jit
-    def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+    def _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_n + offs_k[None, :],
+                       mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+
+    @triton.jit
+    def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EARLY: tl.constexpr):
+        """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        start: tl.constexpr = BLOCK_K if EARLY else 0
+        if EARLY:
+            offs_k = tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
+            acc += first.to(tl.float32) * x.to(tl.float32)[None, :]
+        for k0 in range(start, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = offs_k < K
-            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_n + offs_k[None, :],
-                        mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + offs_k, mask=k_ok, other=0.0)
+            w = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K, BLOCK_K)
+            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         return tl.sum(acc, axis=1)
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, PDL: tl.constexpr):
+                     BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
-        the unfused ops round."""
-        await_inputs(PDL)
+        the unfused ops round. With EARLY, the rows' first chunk is loaded before waiting for the launch before
+        (weights are never written during a step): under PDL its memory latency overlaps that launch's tail."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
+        first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
+        first_up = first
+        if EARLY:
+            first = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
+            if SWIGLU:
+                first_up = _weight_chunk(w_ptr + N * stride_n, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
+        await_inputs(PDL)
         dtype = out_ptr.dtype.element_ty
-        y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, K, BLOCK_N, BLOCK_K)
+        y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY)
         if SWIGLU:
-            up = _row_dots(w_ptr + N * stride_n, x_ptr, offs_n, n_ok, stride_n, K, BLOCK_N, BLOCK_K)
+            up = _row_dots(w_ptr + N * stride_n, x_ptr, offs_n, n_ok, stride_n, first_up, K, BLOCK_N, BLOCK_K, EARLY)
             y = swiglu(y, up, dtype)
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
@@ -267,7 +285,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}
+# EARLY_MIN_K: from this many columns on, each program loads its first weight chunk before waiting for the launch
+# before (RANA_EARLY_WEIGHTS=0: never). On an H200 (bench/early_weights.py) that took 3% off a 7B-shape dense step
+# and 1% off RaNA −44%, and made SmolLM2-shape steps (K = 576, 1536) 3-4% slower.
+GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "EARLY_MIN_K": 2048}
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
@@ -283,7 +304,9 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     N, K = weight.shape
     N = N // 2 if swiglu else N
     p = pdl(weight)
+    early = K >= c["EARLY_MIN_K"] and os.environ.get("RANA_EARLY_WEIGHTS") != "0"
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0), K=K, BLOCK_N=c["BLOCK_N"],
-                                                   BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, num_warps=c["num_warps"],
-                                                   num_stages=c["num_stages"], PDL=p, launch_pdl=p)
+                                                   BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, EARLY=early,
+                                                   num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
+                                                   launch_pdl=p)
     return out
