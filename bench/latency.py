@@ -74,10 +74,11 @@ def main(argv=None) -> int:
               f"{'floor ms':>9}{'/floor':>7}")
         for r in rows:
             speedup = r["dense_ms_per_token"] / r["ms_per_token"]
-            versus_hf = hf_ms[r["context_tokens"]] / r["ms_per_token"] if r["context_tokens"] in hf_ms else float("nan")
+            hf_time = hf_ms.get(r["context_tokens"])
+            versus_hf = f"{hf_time / r['ms_per_token']:>7.1f}x" if hf_time else f"{'-':>8}"  # --hf-tokens 0: none
             floor = r["shapes"]["floor_ms"]
             print(f"{r['engine']:>18}{r['flop_reduction']:>5.2f}{r['measured_flop_reduction']:>9.3f}{r['context_tokens']:>8}"
-                  f"{r['ms_per_token']:>10.3f}{speedup:>8.2f}x{versus_hf:>7.1f}x{floor:>9.3f}"
+                  f"{r['ms_per_token']:>10.3f}{speedup:>8.2f}x{versus_hf}{floor:>9.3f}"
                   f"{r['ms_per_token'] / floor:>6.2f}x", flush=True)
         for r in hf:
             print(f"  HF generate (eager), context {r['context_tokens']}: {r['ms_per_token']:.2f} ms/token")
