@@ -1,0 +1,157 @@
+"""B sequences decoding together through a DecodeEngine's weights: one step makes one token for each.
+
+At batch 1 the engine (engine.py) reads every weight once per token; with B sequences a step reads each weight
+once for B tokens, so a dense step costs little more than at batch 1 until the products turn compute-bound. A
+masked product has no such luck: each token has its own mask, and the step must read every row that *any* token
+activates (batch_masked.py: the union of the masks, each row read once and used by all B tokens). How much of the
+batch-1 saving survives the union is what users of activation-sparsity kernels ask first; bench/batch_decode.py
+measures it.
+
+Each sequence has its own KV cache and position (they may differ: prompts of different lengths), the whole step
+is one CUDA graph per batch size, and the greedy next token of every sequence is written back in place, as in
+the engine. Dense products are one matrix product for the B rows (cuBLAS); attention reads each sequence's
+cache up to its own position (PyTorch's attention with a per-sequence mask). The blocks of the synthetic engine
+(dense, RaNA) are supported; a block built from a model keeps the batch-1 engine.
+
+    batch = BatchDecoder(engine, batch=8, max_seq=1024)
+    batch.prefill([prompt_a, prompt_b, ...])    # each through the engine, its cache copied in
+    times_ms = batch.time_decode(new_tokens=128)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_union
+from rana_core.decode.dense_kernels import rmsnorm_reference, rotate_half_reference
+from rana_core.decode.engine import Block, DecodeEngine, NeuronPart, RankPart
+
+
+def unsupported(engine: DecodeEngine) -> str | None:
+    """Why the batched step cannot run this engine's blocks (one line), or None when it can."""
+    for block in engine.blocks:
+        if type(block) is not Block:
+            return "only the synthetic engine's blocks (dense or RaNA) decode in batches so far"
+    return None
+
+
+def masked_product(part: RankPart, coeff: torch.Tensor) -> torch.Tensor:
+    """A masked part's output for B tokens' coefficients (B, K), in their dtype: each token's own mask, the rows
+    of the union read once (batch_masked.masked_rows_union)."""
+    y, _ = masked_rows_union(part.rows, coeff.contiguous(), part.threshold, part.scale)
+    return y.to(coeff.dtype)
+
+
+def qkv_product(block: Block, normed: torch.Tensor) -> torch.Tensor:
+    if isinstance(block.qkv, RankPart) and not isinstance(block.qkv, NeuronPart):
+        return masked_product(block.qkv, F.linear(normed, block.qkv.B))
+    return F.linear(normed, block.qkv.weight)
+
+
+def mlp(block: Block, normed: torch.Tensor) -> torch.Tensor:
+    if not isinstance(block.gate, RankPart):
+        gate, up = F.linear(normed, block.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, block.down.weight)
+    z = F.linear(normed, block.gate_up_B)
+    rank = block.gate.rank
+    h = F.silu(masked_product(block.gate, z[:, :rank])) * masked_product(block.up, z[:, rank:])
+    return masked_product(block.down, h)
+
+
+class BatchDecoder:
+    """B sequences through `engine`'s blocks, one token each per step (module docstring)."""
+
+    def __init__(self, engine: DecodeEngine, batch: int, max_seq: int):
+        reason = unsupported(engine)
+        if reason:
+            raise ValueError(reason)
+        if not 1 <= batch <= MAX_BATCH:
+            raise ValueError(f"a batch of {batch} sequences: the masked products take 1 to {MAX_BATCH}")
+        s = engine.shape
+        self.engine, self.batch, self.max_seq = engine, batch, max_seq
+        self.k_cache = torch.zeros(s.layers, batch, s.kv_heads, max_seq, s.head_dim, dtype=engine.dtype,
+                                   device=engine.device)
+        self.v_cache = torch.zeros_like(self.k_cache)
+        self.token = torch.zeros(batch, dtype=torch.long, device=engine.device)
+        self.pos = torch.zeros(batch, dtype=torch.long, device=engine.device)
+        self.graph = None
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[torch.Tensor]) -> None:
+        """Each prompt through the batch-1 engine (its cache copied into this sequence's), leaving every
+        sequence's greedy next token and position in the static inputs."""
+        if len(prompts) != self.batch:
+            raise ValueError(f"{len(prompts)} prompts for a batch of {self.batch}")
+        if max(p.numel() for p in prompts) >= self.max_seq:
+            raise ValueError(f"a prompt of {max(p.numel() for p in prompts)} tokens leaves no room in a cache of "
+                             f"{self.max_seq}")
+        engine = self.engine
+        engine.allocate(self.max_seq)
+        for b, prompt in enumerate(prompts):
+            engine.prefill(prompt)
+            self.k_cache[:, b].copy_(engine.k_cache)
+            self.v_cache[:, b].copy_(engine.v_cache)
+            self.token[b], self.pos[b] = engine.token[0], engine.pos[0]
+        self.cos, self.sin = engine.cos, engine.sin
+        self.graph = None
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """Logits (B, vocab) of one token per sequence at its own position, each written into its cache."""
+        engine, s = self.engine, self.engine.shape
+        B, hd = tokens.shape[0], s.head_dim
+        rows = torch.arange(B, device=tokens.device)
+        cos, sin = self.cos[pos], self.sin[pos]
+        # each sequence attends to its own cache up to its own position
+        allowed = (torch.arange(self.max_seq, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
+        x = engine.embed[tokens]
+        for index, block in enumerate(engine.blocks):
+            normed = rmsnorm_reference(x, block.attn_norm.weight, block.attn_norm.eps)
+            q, k, v = qkv_product(block, normed).split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
+            q = rotate_half_reference(q.view(B, s.heads, hd), cos, sin)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            k_cache[rows, :, pos] = rotate_half_reference(k.view(B, s.kv_heads, hd), cos, sin)
+            v_cache[rows, :, pos] = v.view(B, s.kv_heads, hd)
+            attended = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=allowed,
+                                                      enable_gqa=s.kv_heads != s.heads)
+            x = x + F.linear(attended.reshape(B, s.hidden), block.wo.weight)
+            x = x + mlp(block, rmsnorm_reference(x, block.mlp_norm.weight, block.mlp_norm.eps))
+        return F.linear(rmsnorm_reference(x, engine.norm.weight, engine.norm.eps), engine.lm_head.weight)
+
+    @torch.no_grad()
+    def step(self) -> torch.Tensor:
+        """One step on the static inputs: every sequence's next token and position written back in place."""
+        logits = self.forward(self.token, self.pos)
+        self.token.copy_(logits.argmax(-1))
+        self.pos.add_(1)
+        return logits
+
+    def capture(self) -> None:
+        """The step as one CUDA graph (after warm-up steps on a side stream), replayed from where prefill left."""
+        token, pos = self.token.clone(), self.pos.clone()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.graph_logits = self.step()
+        self.token.copy_(token)
+        self.pos.copy_(pos)
+
+    def time_decode(self, new_tokens: int) -> list[float]:
+        """Milliseconds of each of `new_tokens` graph-replayed steps (each makes `batch` tokens)."""
+        if int(self.pos.max()) + new_tokens + 3 >= self.max_seq:
+            raise ValueError(f"{new_tokens} new tokens after the prompts overflow a cache of {self.max_seq}")
+        self.capture()
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
+        for start, end in zip(starts, ends):
+            start.record()
+            self.graph.replay()
+            end.record()
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) for start, end in zip(starts, ends)]

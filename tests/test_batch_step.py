@@ -1,0 +1,80 @@
+"""The batched decode step (rana_core.decode.batch_step) against each sequence decoded alone by the batch-1
+engine: the same logits and tokens for every sequence, with prompts of different lengths (each sequence at its
+own position), dense and RaNA; on the CPU through Triton's interpreter (the masked products' union kernels), on
+the GPU (`gpu`) at the SmolLM2 shape in fp16, graph-replayed."""
+
+import pytest
+import torch
+
+from rana_core.decode.batch_step import BatchDecoder
+from rana_core.decode.engine import SHAPES, DecodeEngine, Shape
+
+from test_kernels import require_triton
+
+TINY = SHAPES["tiny-shape"]  # grouped K/V heads: QKV stays dense in RaNA's uniform allocation
+TINY_MHA = Shape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=4, vocab=257)  # QKV adapted too
+
+
+def prompts(engine: DecodeEngine, lengths) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(5)
+    return [torch.randint(0, engine.shape.vocab, (n,), generator=generator).to(engine.device) for n in lengths]
+
+
+def alone(engine: DecodeEngine, prompt: torch.Tensor, steps: int, max_seq: int) -> torch.Tensor:
+    """Logits of `steps` greedy steps of one sequence through the batch-1 engine (eager)."""
+    engine.allocate(max_seq)
+    engine.prefill(prompt)
+    return torch.stack([engine.step()[0].float().clone() for _ in range(steps)])
+
+
+@pytest.mark.parametrize("shape, flop_reduction", [(TINY, 0.0), (TINY, 0.44), (TINY_MHA, 0.44)],
+                         ids=["dense", "rana-mlp", "rana-qkv-and-mlp"])
+def test_each_sequence_of_a_batch_decodes_as_it_would_alone(shape, flop_reduction):
+    """Three sequences with prompts of 3, 9 and 5 tokens, 4 steps, float32: each sequence's logits within 1e-4 of
+    their scale of the batch-1 engine's (its products sum in other groupings, and the masks of one token must not
+    leak into another's product), and the same greedy tokens."""
+    require_triton("cpu")
+    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
+    engine.calibrate(tokens=256)
+    batch = BatchDecoder(engine, batch=3, max_seq=32)
+    sequences = prompts(engine, (3, 9, 5))
+    expected = torch.stack([alone(engine, p, 4, 32) for p in sequences], dim=1)  # (steps, B, vocab)
+    batch.prefill(sequences)
+    assert batch.pos.tolist() == [3, 9, 5]
+    got = torch.stack([batch.step().float().clone() for _ in range(4)])
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+    assert batch.pos.tolist() == [7, 13, 9]
+
+
+def test_bad_batches_are_refused_with_one_line():
+    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=0.0, gemv="triton")
+    with pytest.raises(ValueError, match="1 to 16"):
+        BatchDecoder(engine, batch=17, max_seq=32)
+    batch = BatchDecoder(engine, batch=2, max_seq=8)
+    with pytest.raises(ValueError, match="2 prompts for a batch of 2|1 prompts for a batch of 2"):
+        batch.prefill(prompts(engine, (3,)))
+    with pytest.raises(ValueError, match="no room"):
+        batch.prefill(prompts(engine, (3, 8)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flop_reduction", [0.0, 0.44], ids=["dense", "rana44"])
+def test_graph_replayed_batch_decodes_each_sequence_as_alone_on_the_gpu(flop_reduction):
+    """SmolLM2 shape, fp16, batch 4, prompts of different lengths, 8 graph-replayed steps against the batch-1
+    engine's eager steps: the first step's logits within fp16 rounding of the scale (later steps may differ where
+    a last-bit difference flips a mask entry at its threshold, docs/latency.md), the first step's tokens equal."""
+    engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
+                          gemv="triton")
+    engine.calibrate()
+    sequences = prompts(engine, (5, 17, 9, 30))
+    expected = torch.stack([alone(engine, p, 1, 64)[0] for p in sequences])
+    batch = BatchDecoder(engine, batch=4, max_seq=64)
+    batch.prefill(sequences)
+    batch.capture()
+    batch.graph.replay()
+    got = batch.graph_logits.float()
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
