@@ -36,7 +36,11 @@ BARRIER = [{"PROGRAMS_PER_SM": 4, "num_warps": 4, "GEMV_FLAT": 1, "LOAD_POLL": p
     {"PROGRAMS_PER_SM": p, "num_warps": 4, "GEMV_FLAT": f, "LOAD_POLL": 1, "maxnreg": r}
     for p, r in ((4, 128), (8, 64)) for f in (0, 1)] + [
     {"PROGRAMS_PER_SM": 2, "num_warps": 8, "GEMV_FLAT": 0, "LOAD_POLL": 1}]
-SWEEPS = {"full": SWEEP, "quick": QUICK, "barrier": BARRIER}
+# weights loaded before the barriers, and lists compacted by more programs, at session 11's best shapes
+EARLY = [{"PROGRAMS_PER_SM": 4, "num_warps": 4, "GEMV_FLAT": 1, "EARLY": e} for e in (0, 1)] + [
+    {"PROGRAMS_PER_SM": 4, "num_warps": 8, "GEMV_FLAT": 0, "EARLY": e, "LIST_CHUNK": c} for e in (0, 1)
+    for c in (2048, 512)]
+SWEEPS = {"full": SWEEP, "quick": QUICK, "barrier": BARRIER, "early": EARLY}
 PROFILE_REPLAYS = 5
 
 
@@ -103,6 +107,7 @@ def main(argv=None) -> int:
                              "barrier: the barrier's wait and register caps")
     parser.add_argument("--clock", action="store_true",
                         help="also the persistent launch's own stage clock at the sweep's fastest configuration")
+    parser.add_argument("--no-staged-profile", action="store_true", help="skip the staged form's stage profile")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     name = torch.cuda.get_device_name()
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
             for stage, (work, barrier) in clock.items():
                 print(f"    persistent: {stage:<34}{work:9.1f} µs work {barrier:8.1f} µs barrier per step",
                       flush=True)
-        stages = stage_times(engine, args.context)
+        stages = {} if args.no_staged_profile else stage_times(engine, args.context)
         rows.append({"cut": cut, "mode": "staged profile", "stage_ms": stages})
         for stage, ms in stages.items():
             print(f"    staged: {stage:<34}{ms:8.3f} ms per step", flush=True)
