@@ -43,9 +43,9 @@ from rana_core.decode.masked_kernels import _interpreting, triton
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.layer_stages import (attention_stage, combine_stage, compact_stage, gather_stage,
-                                               _now, gemv_first, gemv_stage, inverse_rms, next_phase, normed_compact_stage,
-                                               residual_stage, rope_stage)
+    from rana_core.decode.layer_stages import (_now, attention_stage, combine_stage, compact_stage, gather_stage,
+                                               gemv_first, gemv_stage, inverse_rms, next_phase,
+                                               normed_compact_stage, residual_stage, rope_stage)
 
     @triton.jit
     def _layer_kernel(x_ptr, mid_ptr, out_ptr, attn_norm_ptr, mlp_norm_ptr, eps,
@@ -199,13 +199,15 @@ if triton is not None:
 # gather item streams GATHER_K listed rows per step over BLOCK_M output columns (the reference's, masked_kernels).
 # PROGRAMS_PER_SM: resident programs per multiprocessor (bench/layer_kernel.py sweeps these).
 # GEMV_FLAT: a program's GEMV tiles as one loop of (tile, chunk) steps (layer_stages.gemv_stage).
-# EARLY: each GEMV stage after the first loads its first weight chunk before the barrier in front of it.
-# LIST_CHUNK: coefficients compacted per item of a list stage (masked_kernels.COMPACT_CHUNK's reasoning); smaller
-# chunks spread a compaction over more programs. LOAD_POLL: barriers wait by acquire loads, not atomics (layer_stages.next_phase). maxnreg: a cap on registers per
-# thread (None: the compiler's choice), which sets how many programs fit on a multiprocessor. CLOCK: record each
-# stage's times inside the launch (LayerKernel.clock; bench/layer_kernel.py --clock).
+# EARLY: each GEMV stage after the first loads its first weight chunk before the barrier in front of it (measured
+# no faster on an H200, session 11: off).
+# LIST_CHUNK: coefficients compacted per item of a list stage; 512 spreads a compaction over more programs than the
+# reference's 2,048 (H200, session 11: RaNA −44% layers 3% faster on the 7B and SmolLM2 shapes).
+# LOAD_POLL: barriers wait by acquire loads, not atomics (layer_stages.next_phase; slower, off).
+# maxnreg: a cap on registers per thread (None: the compiler's choice), which sets how many programs fit on a
+# multiprocessor. CLOCK: record each stage's times inside the launch (LayerKernel.stage_clock; --clock).
 CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "GATHER_K": 128, "BLOCK_M": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4,
-          "GEMV_FLAT": 0, "EARLY": 0, "LIST_CHUNK": 2048, "LOAD_POLL": 0, "maxnreg": None, "CLOCK": 0}
+          "GEMV_FLAT": 0, "EARLY": 0, "LIST_CHUNK": 512, "LOAD_POLL": 0, "maxnreg": None, "CLOCK": 0}
 ATTENTION_CHUNK = 64
 
 
@@ -346,9 +348,9 @@ class LayerKernel:
 
         def listed(width: int) -> dict:
             """A masked product's list: its compaction chunk and buffers."""
-            chunk = min(c["LIST_CHUNK"], triton.next_power_of_2(max(width, 1)))
-            if math.ceil(width / chunk) > 32:  # gather_stage holds at most 32 chunks' ends
-                raise ValueError(f"a masked product of {width} coefficients needs more than 32 list chunks")
+            # gather_stage holds at most 32 chunks' ends: wider products take wider chunks
+            chunk = min(max(c["LIST_CHUNK"], triton.next_power_of_2(math.ceil(width / 32))),
+                        triton.next_power_of_2(max(width, 1)))
             return {"chunk": chunk, "index": torch.empty(max(width, 1), dtype=torch.int32, device=device),
                     "value": torch.empty(max(width, 1), dtype=torch.float32, device=device),
                     "count": torch.empty(math.ceil(max(width, 1) / chunk), dtype=torch.int32, device=device)}
