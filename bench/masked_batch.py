@@ -29,7 +29,7 @@ from rana_core.decode.masked_kernels import masked_rows_gemv  # noqa: E402
 from shown_path import shown  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# (name, K rows, M columns, density per token, neuron scores): 7B RaNA −44% (rana_core.decode.engine.rank_plan)
+# (name, K rows, M columns, density per token, neuron scores): 7B RaNA −44% (rana_core.decode.parts.rank_plan)
 PRODUCTS = [("qkv A-part", 3441, 12288, 0.333, False), ("gate A-part", 3082, 11008, 0.372, False),
             ("down (neurons)", 11008, 4096, 0.56, True)]
 

@@ -6,7 +6,8 @@ that CUDA-graph replay decodes the same tokens as eager steps."""
 import pytest
 import torch
 
-from rana_core.decode.engine import SHAPES, DecodeEngine, NeuronPart, RankPart, Shape, uniform_keeps
+from rana_core.decode.engine import SHAPES, DecodeEngine, Shape, uniform_keeps
+from rana_core.decode.parts import NeuronPart, RankPart
 
 from test_kernels import require_triton
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_union
 from rana_core.decode.dense_kernels import rmsnorm_reference, rotate_half_reference
-from rana_core.decode.engine import Block, DecodeEngine, NeuronPart, RankPart
+from rana_core.decode.engine import Block, DecodeEngine
+from rana_core.decode.parts import NeuronPart, RankPart
 
 
 def unsupported(engine: DecodeEngine) -> str | None:

@@ -38,7 +38,8 @@ from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit
 from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_attention, layer_mlp, mlp_parts,
                                    shape_of)
-from rana_core.decode.engine import Block, DecodeEngine, NeuronPart, RankPart, RMSNorm, matvec
+from rana_core.decode.engine import Block, DecodeEngine
+from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, matvec
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
 from rana_core.decode.narrow import A3AttentionPart
 from rana_core.errors import RanaError

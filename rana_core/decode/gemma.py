@@ -23,7 +23,8 @@ from torch import nn
 
 from rana_core.architecture import shape_of
 from rana_core.decode.dense_kernels import rotate_half_reference
-from rana_core.decode.engine import DecodeEngine, matvec
+from rana_core.decode.engine import DecodeEngine
+from rana_core.decode.parts import matvec
 from rana_core.decode.from_model import EngineUnsupported, ModelBlock, _linear
 
 

@@ -238,7 +238,8 @@ def _masked(part) -> tuple:
 
 def layer_weights(block) -> LayerWeights | str:
     """What the layer kernel reads from `block`, or why it cannot run it (one line)."""
-    from rana_core.decode.engine import Block, NeuronPart, RankPart
+    from rana_core.decode.engine import Block
+    from rana_core.decode.parts import NeuronPart, RankPart
     from rana_core.decode.from_model import Dense, ModelBlock, ProjectionMLP, RanaMLP, _is_silu
 
     if type(block) not in (Block, ModelBlock):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.adapters.a3 import rotate_narrow
-from rana_core.decode.engine import matvec
+from rana_core.decode.parts import matvec
 
 
 class A3AttentionPart(nn.Module):
