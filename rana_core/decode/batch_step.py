@@ -9,8 +9,9 @@ measures it.
 
 Each sequence has its own KV cache and position (they may differ: prompts of different lengths), the whole step
 is one CUDA graph per batch size, and the greedy next token of every sequence is written back in place, as in
-the engine. Dense products are one matrix product for the B rows (cuBLAS); attention reads each sequence's
-cache up to its own position (PyTorch's attention with a per-sequence mask). The blocks of the synthetic engine
+the engine. Dense products are one matrix product for the B rows (cuBLAS), each residual add and the RMSNorm
+after it one fused kernel for the B rows (as in the engine); attention reads each sequence's cache up to its own
+position (PyTorch's attention with a per-sequence mask). The blocks of the synthetic engine
 (dense, RaNA) are supported; a block built from a model keeps the batch-1 engine.
 
     batch = BatchDecoder(engine, batch=8, max_seq=1024)
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_union
-from rana_core.decode.dense_kernels import rmsnorm_reference, rotate_half_reference
+from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
 from rana_core.decode.engine import Block, DecodeEngine
 from rana_core.decode.parts import NeuronPart, RankPart
 
@@ -106,9 +107,11 @@ class BatchDecoder:
         cos, sin = self.cos[pos], self.sin[pos]
         # each sequence attends to its own cache up to its own position
         allowed = (torch.arange(self.max_seq, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
-        x = engine.embed[tokens]
+        x = engine.embed[tokens]  # a copy: the residual stream, updated in place by the fused add + norm
+        normed = torch.empty_like(x)
+        norms = [n for block in engine.blocks for n in (block.attn_norm, block.mlp_norm)] + [engine.norm]
+        add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(engine.blocks):
-            normed = rmsnorm_reference(x, block.attn_norm.weight, block.attn_norm.eps)
             q, k, v = qkv_product(block, normed).split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
             q = rotate_half_reference(q.view(B, s.heads, hd), cos, sin)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
@@ -116,9 +119,11 @@ class BatchDecoder:
             v_cache[rows, :, pos] = v.view(B, s.kv_heads, hd)
             attended = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=allowed,
                                                       enable_gqa=s.kv_heads != s.heads)
-            x = x + F.linear(attended.reshape(B, s.hidden), block.wo.weight)
-            x = x + mlp(block, rmsnorm_reference(x, block.mlp_norm.weight, block.mlp_norm.eps))
-        return F.linear(rmsnorm_reference(x, engine.norm.weight, engine.norm.eps), engine.lm_head.weight)
+            after = norms[2 * index + 1]
+            add_rmsnorm(x, F.linear(attended.reshape(B, s.hidden), block.wo.weight), after.weight, after.eps, normed)
+            after = norms[2 * index + 2]
+            add_rmsnorm(x, mlp(block, normed), after.weight, after.eps, normed)
+        return F.linear(normed, engine.lm_head.weight)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
