@@ -55,6 +55,21 @@ def test_staged_layer_kernel_computes_what_the_reference_engine_computes(shape, 
     assert (staged - reference).abs().max() <= (1e-5 if dtype == torch.float32 else 5e-3) * scale
 
 
+@pytest.mark.parametrize("config", [{"GATHER_K": 256, "BLOCK_M": 128}, {"GATHER_K": 16, "BLOCK_M": 16}],
+                         ids=["wide-steps", "narrow-steps"])
+def test_other_gather_tiles_give_the_reference_logits(config):
+    """Gather stages that stream more (or fewer) listed rows per step over wider (or narrower) column blocks: the
+    list's shares change, and with them only the grouping of the sums (fp16: within the rounding bound above)."""
+    require_triton("cpu")
+    engine = DecodeEngine(TINY_MHA, torch.float16, "cpu", flop_reduction=0.44, gemv="triton")
+    engine.calibrate(tokens=256)
+    prompt = prompt_for(engine)
+    reference = decode(engine, "reference", prompt, 3)
+    staged = decode(engine, "staged", prompt, 3, poison=True, config=config)
+    assert torch.isfinite(staged).all()
+    assert (staged - reference).abs().max() <= 5e-3 * reference.abs().max()
+
+
 def test_lists_compacted_in_many_chunks_give_the_reference_logits():
     """At tiny shapes every list fits one compaction chunk; at model shapes they take several (7B's down: 6), and
     a list position then has to be found across chunks. Chunks of 16 coefficients make 3-10 of them here."""
@@ -225,9 +240,10 @@ def test_flat_gemv_stages_replay_the_tile_by_tile_logits_on_the_gpu():
 @pytest.mark.gpu
 @pytest.mark.parametrize("config", [{"LOAD_POLL": 1}, {"LOAD_POLL": 1, "maxnreg": 64, "PROGRAMS_PER_SM": 8},
                                     {"LOAD_POLL": 1, "CLOCK": 1}, {"EARLY": 1, "GEMV_FLAT": 1},
-                                    {"EARLY": 1, "LIST_CHUNK": 512, "num_warps": 8}],
+                                    {"EARLY": 1, "LIST_CHUNK": 512, "num_warps": 8},
+                                    {"GATHER_K": 256, "BLOCK_M": 128, "num_warps": 8}],
                          ids=["load-poll", "load-poll-64-registers", "load-poll-clock", "early-flat",
-                              "early-list-512"])
+                              "early-list-512", "wide-gather-steps"])
 def test_barrier_variants_give_the_staged_logits_bit_for_bit(config):
     """The barrier that waits by acquire loads, with a register cap that doubles the programs, with the stage
     clock on, and with weights loaded before the barriers (EARLY; lists compacted in chunks of 512): persistent
