@@ -5,7 +5,8 @@
 Each (model, cut): the synthetic engine (rana_core.decode.engine, random weights, thresholds calibrated), then
 for each batch size a BatchDecoder (rana_core.decode.batch_step: one CUDA graph per step, B sequences with
 prompts of `context` tokens, each masked product reading the union of the B tokens' masks) timed over
-`new-tokens` replayed steps; beside it the batch-1 engine's own step (fused kernels, one graph). Reports median
+`new-tokens` replayed steps, its dense products on cuBLAS and on batch_gemv's Triton kernel; beside it the
+batch-1 engine's own step (fused kernels, one graph). Reports median
 ms per step, tokens per second and RaNA's speed against dense at the same batch. Prints a table, writes
 bench/results/batch-decode-<device>.json.
 """
@@ -37,6 +38,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="llama2-7b-shape,smollm2-135m-shape")
     parser.add_argument("--cuts", default="0,0.44")
     parser.add_argument("--batches", default="1,4,8")
+    parser.add_argument("--products", default="cublas,triton",
+                        help="the batched step's dense products: cuBLAS, or batch_gemv's Triton kernel")
     parser.add_argument("--context", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
@@ -46,7 +49,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     rows = []
     print(f"{name}, {args.dtype}, context {args.context}, median of {args.new_tokens} graph-replayed steps")
-    print(f"{'model':<20}{'cut':>5}{'engine':>16}{'B':>3}{'ms/step':>9}{'tokens/s':>10}{'vs dense':>9}")
+    print(f"{'model':<20}{'cut':>5}{'engine':>18}{'B':>3}{'ms/step':>9}{'tokens/s':>10}{'vs dense':>9}")
     for model in args.models.split(","):
         dense_ms: dict[tuple, float] = {}
         for cut in [float(c) for c in args.cuts.split(",")]:
@@ -55,13 +58,13 @@ def main(argv=None) -> int:
             max_seq = args.context + args.new_tokens + 16
             generator = torch.Generator().manual_seed(0)
             runs = [("batch-1 engine", 1, lambda engine=engine: engine.time_decode(args.context, args.new_tokens))]
-            for batch in batches:
-                def timed(batch=batch, engine=engine):
-                    decoder = BatchDecoder(engine, batch, max_seq)
+            for products, batch in [(p, b) for p in args.products.split(",") for b in batches]:
+                def timed(batch=batch, engine=engine, products=products):
+                    decoder = BatchDecoder(engine, batch, max_seq, products=products)
                     decoder.prefill([torch.randint(0, engine.shape.vocab, (args.context,), generator=generator)
                                      .cuda() for _ in range(batch)])
                     return decoder.time_decode(args.new_tokens)
-                runs.append(("batched step", batch, timed))
+                runs.append((f"batched, {products}", batch, timed))
             for label, batch, run in runs:
                 ms = statistics.median(run())
                 if cut == 0:
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
                 versus = dense_ms[(label, batch)] / ms if (label, batch) in dense_ms else float("nan")
                 rows.append({"model": model, "cut": cut, "engine": label, "batch": batch, "ms_per_step": ms,
                              "tokens_per_s": batch / ms * 1e3, "speedup_vs_dense": versus})
-                print(f"{model:<20}{cut:>5.2f}{label:>16}{batch:>3}{ms:>9.3f}{batch / ms * 1e3:>10.0f}"
+                print(f"{model:<20}{cut:>5.2f}{label:>18}{batch:>3}{ms:>9.3f}{batch / ms * 1e3:>10.0f}"
                       f"{versus:>8.2f}x", flush=True)
             del engine
             torch.cuda.empty_cache()

@@ -9,7 +9,8 @@ measures it.
 
 Each sequence has its own KV cache and position (they may differ: prompts of different lengths), the whole step
 is one CUDA graph per batch size, and the greedy next token of every sequence is written back in place, as in
-the engine. Dense products are one matrix product for the B rows (cuBLAS), each residual add and the RMSNorm
+the engine. Dense products are one matrix product for the B rows (cuBLAS, or with products="triton"
+batch_gemv.rows_product, which streams each weight once like the batch-1 GEMV), each residual add and the RMSNorm
 after it one fused kernel for the B rows (as in the engine); attention reads each sequence's cache up to its own
 position (PyTorch's attention with a per-sequence mask). The blocks of the synthetic engine
 (dense, RaNA) are supported; a block built from a model keeps the batch-1 engine.
@@ -24,6 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rana_core.decode.batch_gemv import rows_product
 from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_union
 from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
 from rana_core.decode.engine import Block, DecodeEngine
@@ -45,17 +47,17 @@ def masked_product(part: RankPart, coeff: torch.Tensor) -> torch.Tensor:
     return y.to(coeff.dtype)
 
 
-def qkv_product(block: Block, normed: torch.Tensor) -> torch.Tensor:
+def qkv_product(block: Block, normed: torch.Tensor, product) -> torch.Tensor:
     if isinstance(block.qkv, RankPart) and not isinstance(block.qkv, NeuronPart):
-        return masked_product(block.qkv, F.linear(normed, block.qkv.B))
-    return F.linear(normed, block.qkv.weight)
+        return masked_product(block.qkv, product(normed, block.qkv.B))
+    return product(normed, block.qkv.weight)
 
 
-def mlp(block: Block, normed: torch.Tensor) -> torch.Tensor:
+def mlp(block: Block, normed: torch.Tensor, product) -> torch.Tensor:
     if not isinstance(block.gate, RankPart):
-        gate, up = F.linear(normed, block.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, block.down.weight)
-    z = F.linear(normed, block.gate_up_B)
+        gate, up = product(normed, block.gate_up).chunk(2, dim=-1)
+        return product(F.silu(gate) * up, block.down.weight)
+    z = product(normed, block.gate_up_B)
     rank = block.gate.rank
     h = F.silu(masked_product(block.gate, z[:, :rank])) * masked_product(block.up, z[:, rank:])
     return masked_product(block.down, h)
@@ -64,10 +66,15 @@ def mlp(block: Block, normed: torch.Tensor) -> torch.Tensor:
 class BatchDecoder:
     """B sequences through `engine`'s blocks, one token each per step (module docstring)."""
 
-    def __init__(self, engine: DecodeEngine, batch: int, max_seq: int):
+    PRODUCTS = {"cublas": F.linear, "triton": lambda x, weight: rows_product(weight, x)}
+
+    def __init__(self, engine: DecodeEngine, batch: int, max_seq: int, products: str = "cublas"):
         reason = unsupported(engine)
         if reason:
             raise ValueError(reason)
+        if products not in self.PRODUCTS:
+            raise ValueError(f"unknown products {products!r}: use one of {', '.join(self.PRODUCTS)}")
+        self.product = self.PRODUCTS[products]
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"a batch of {batch} sequences: the masked products take 1 to {MAX_BATCH}")
         s = engine.shape
@@ -112,7 +119,7 @@ class BatchDecoder:
         norms = [n for block in engine.blocks for n in (block.attn_norm, block.mlp_norm)] + [engine.norm]
         add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(engine.blocks):
-            q, k, v = qkv_product(block, normed).split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
+            q, k, v = qkv_product(block, normed, self.product).split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
             q = rotate_half_reference(q.view(B, s.heads, hd), cos, sin)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             k_cache[rows, :, pos] = rotate_half_reference(k.view(B, s.kv_heads, hd), cos, sin)
@@ -120,10 +127,11 @@ class BatchDecoder:
             attended = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=allowed,
                                                       enable_gqa=s.kv_heads != s.heads)
             after = norms[2 * index + 1]
-            add_rmsnorm(x, F.linear(attended.reshape(B, s.hidden), block.wo.weight), after.weight, after.eps, normed)
+            add_rmsnorm(x, self.product(attended.reshape(B, s.hidden), block.wo.weight), after.weight, after.eps,
+                        normed)
             after = norms[2 * index + 2]
-            add_rmsnorm(x, mlp(block, normed), after.weight, after.eps, normed)
-        return F.linear(normed, engine.lm_head.weight)
+            add_rmsnorm(x, mlp(block, normed, self.product), after.weight, after.eps, normed)
+        return self.product(normed, engine.lm_head.weight)
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
