@@ -56,16 +56,26 @@ if triton is not None:
         tl.store(count_ptr + c, tl.sum(listed.to(tl.int32), axis=0))
 
     @triton.jit
-    def _union_gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, b, b_ok, offs_m, m_ok, K, M,
-                           CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
-        """acc (BLOCK_B × BLOCK_M) + the tokens' coefficients times the rows at list positions j0…"""
+    def _union_entries(j0, stop, ends, starts, index_ptr, value_ptr, b, b_ok, K, CHUNK: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+        """The rows at list positions j0… (< stop) and the B tokens' coefficients for them (BLOCK_B × BLOCK_K)."""
         slot, j_ok = list_slots(j0, stop, ends, starts, CHUNK, BLOCK_K)
         row = tl.load(index_ptr + slot, mask=j_ok, other=0)
+        c = tl.load(value_ptr + b[:, None] * K + slot[None, :], mask=b_ok[:, None] & j_ok[None, :], other=0.0)
+        return row, c, j_ok
+
+    @triton.jit
+    def _union_gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr, rows_ptr, b, b_ok,
+                           offs_m, m_ok, K, M, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
+        """acc (BLOCK_B × BLOCK_M) + this step's coefficients times its rows; the next step's list entries are
+        loaded while this step's rows are in flight (as masked_kernels' batch-1 gather does: otherwise the entry
+        and row loads wait on each other, step after step)."""
         tile = tl.load(rows_ptr + row[:, None].to(tl.int64) * M + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
                        other=0.0)
-        c = tl.load(value_ptr + b[:, None] * K + slot[None, :], mask=b_ok[:, None] & j_ok[None, :], other=0.0)
+        next_row, next_c, next_ok = _union_entries(j0 + BLOCK_K, stop, ends, starts, index_ptr, value_ptr, b, b_ok,
+                                                   K, CHUNK, BLOCK_K)
         # the coefficients are values of the rows' dtype (or zero), so casting them back to it is exact
-        return tl.dot(c.to(tile.dtype), tile, acc, input_precision="ieee")
+        return tl.dot(c.to(tile.dtype), tile, acc, input_precision="ieee"), next_row, next_c, next_ok
 
     @triton.jit
     def _union_gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, B, K, M,
@@ -81,16 +91,19 @@ if triton is not None:
         b_ok = b < B
         ends, starts, begin, stop = list_share(count_ptr, pid_s, CHUNKS, CHUNKS_P2, SPLITS, BLOCK_K)
         acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+        row, c, j_ok = _union_entries(begin, stop, ends, starts, index_ptr, value_ptr, b, b_ok, K, CHUNK, BLOCK_K)
         if INTERPRET:  # the interpreter takes no loaded value as a range bound; a while loop it does
             j0 = begin
             while j0 < stop:
-                acc = _union_gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, b, b_ok, offs_m,
-                                         m_ok, K, M, CHUNK, BLOCK_K)
+                acc, row, c, j_ok = _union_gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr,
+                                                       value_ptr, rows_ptr, b, b_ok, offs_m, m_ok, K, M, CHUNK,
+                                                       BLOCK_K)
                 j0 += BLOCK_K
         else:
             for j0 in range(begin, stop, BLOCK_K):
-                acc = _union_gather_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, b, b_ok, offs_m,
-                                         m_ok, K, M, CHUNK, BLOCK_K)
+                acc, row, c, j_ok = _union_gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr,
+                                                       value_ptr, rows_ptr, b, b_ok, offs_m, m_ok, K, M, CHUNK,
+                                                       BLOCK_K)
         tl.store(partial_ptr + (pid_s * B + b[:, None]) * M + offs_m[None, :], acc,
                  mask=b_ok[:, None] & m_ok[None, :])
 

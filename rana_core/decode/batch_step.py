@@ -119,7 +119,8 @@ class BatchDecoder:
         norms = [n for block in engine.blocks for n in (block.attn_norm, block.mlp_norm)] + [engine.norm]
         add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(engine.blocks):
-            q, k, v = qkv_product(block, normed, self.product).split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
+            qkv = qkv_product(block, normed, self.product)
+            q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
             q = rotate_half_reference(q.view(B, s.heads, hd), cos, sin)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             k_cache[rows, :, pos] = rotate_half_reference(k.view(B, s.kv_heads, hd), cos, sin)
