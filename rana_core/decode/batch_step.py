@@ -12,8 +12,8 @@ is one CUDA graph per batch size, and the greedy next token of every sequence is
 the engine. Dense products are one matrix product for the B rows (cuBLAS, or with products="triton"
 batch_gemv.rows_product, which streams each weight once like the batch-1 GEMV), each residual add and the RMSNorm
 after it one fused kernel for the B rows (as in the engine); attention reads each sequence's cache up to its own
-position (PyTorch's attention with a per-sequence mask). The blocks of the synthetic engine
-(dense, RaNA) are supported; a block built from a model keeps the batch-1 engine.
+position (PyTorch's attention with a per-sequence mask). The blocks of the synthetic engine (dense, RaNA) are
+supported; an engine built from a stored run is refused in one line (its runs decode at batch 1 so far).
 
     batch = BatchDecoder(engine, batch=8, max_seq=1024)
     batch.prefill([prompt_a, prompt_b, ...])    # each through the engine, its cache copied in
