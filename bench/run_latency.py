@@ -4,6 +4,7 @@ adapters (rana_core.decode.from_model), against the dense model in the same engi
     python bench/run_latency.py [--model smollm2-135m] [--label NAME] [--budget 0.44]
                                 [--methods dense,svd,cats,teal,wina,rana-greedy,a3,hybrid] [--contexts 1,512]
                                 [--new-tokens 256] [--dtype bfloat16] [--calib-tokens 8192] [--eval-tokens 8192]
+                                [--layers reference,persistent] [--out PATH]
 
 Each run is compressed in this process on the GPU (rana_core.pipeline.compress, its adapters saved and loaded back
 as a worker would), then measured by rana_core.decode.run_latency.measure_run: median ms per token over
@@ -37,6 +38,8 @@ from rana_core.loading import load_model  # noqa: E402
 from rana_core.methods import parse_method_label  # noqa: E402
 from rana_core.pipeline import compress  # noqa: E402
 
+from shown_path import shown  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results"
 
 
@@ -51,9 +54,14 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--calib-tokens", type=int, default=8192)
     parser.add_argument("--eval-tokens", type=int, default=8192)
-    parser.add_argument("--layers", default="reference", choices=["reference", "persistent"],
-                        help="how the engine runs a layer: a launch per operation, or one persistent launch")
+    parser.add_argument("--layers", default="reference",
+                        help="how the engine runs a layer: reference (a launch per operation), persistent (one "
+                             "launch), or both comma-separated (each run timed both ways in this process)")
+    parser.add_argument("--out", type=Path, help="the JSON's path (default: bench/results/run-latency-…)")
     args = parser.parse_args(argv)
+    modes = args.layers.split(",")
+    if set(modes) - {"reference", "persistent"}:
+        parser.error(f"--layers {args.layers}: use reference, persistent or both")
     if not torch.cuda.is_available():
         print("bench/run_latency.py: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -77,21 +85,22 @@ def main(argv=None) -> int:
                 result = compress(config, loaded=loaded, artifact_path=Path(folder) / "adapters.safetensors")
                 unload(loaded.layers)
                 adapters = load_adapters(loaded, result.artifact["path"], result.artifact["sha256"])
-                report = measure_run(loaded.model, adapters, contexts, args.new_tokens, args.dtype, "cuda", text,
-                                     layers=args.layers)
+                reports = {mode: measure_run(loaded.model, adapters, contexts, args.new_tokens, args.dtype, "cuda",
+                                             text, layers=mode) for mode in modes}
             except RanaError as exc:  # e.g. a family or adapter the engine cannot run: one line, the row says so
                 rows.append({"method": name, "error": str(exc)})
                 print(f"{name}: {exc}", file=sys.stderr)
                 continue
-        rows.append({"method": name, "perplexity": result.perplexity,
-                     "measured_flop_reduction": result.measured_flop_reduction,
-                     "engine_flop_reduction": report["measured_flop_reduction"], "device_name": report["device_name"],
-                     "per_context": report["rows"], "layers": report["layers"],
-                     "seconds": round(time.perf_counter() - started, 1)})
+        for mode, report in reports.items():
+            rows.append({"method": name, "layer_mode": mode, "perplexity": result.perplexity,
+                         "measured_flop_reduction": result.measured_flop_reduction,
+                         "engine_flop_reduction": report["measured_flop_reduction"],
+                         "device_name": report["device_name"], "per_context": report["rows"],
+                         "layers": report["layers"], "seconds": round(time.perf_counter() - started, 1)})
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name(0)
     print(f"\n{label} on {device}, {args.dtype}, batch 1, {args.new_tokens} new tokens")
-    print(f"{'method':<14}{'ppl':>9}{'cut':>7}{'engine cut':>11}" + "".join(
+    print(f"{'method':<14}{'layers':>11}{'ppl':>9}{'cut':>7}{'engine cut':>11}" + "".join(
         f"{f'ms@{c}':>9}{'× dense':>9}{'floor':>8}" for c in contexts))
     for row in rows:
         if "error" in row:
@@ -99,13 +108,15 @@ def main(argv=None) -> int:
             continue
         cells = "".join(f"{r['ms_per_token']:>9.4f}{r['dense_ms_per_token'] / r['ms_per_token']:>9.2f}"
                         f"{r['floor_ms']:>8.4f}" for r in row["per_context"])
-        print(f"{row['method']:<14}{row['perplexity']:>9.2f}{row['measured_flop_reduction']:>7.3f}"
+        print(f"{row['method']:<14}{row['layer_mode']:>11}{row['perplexity']:>9.2f}"
+              f"{row['measured_flop_reduction']:>7.3f}"
               f"{row['engine_flop_reduction']:>11.3f}{cells}")
     RESULTS.mkdir(exist_ok=True)
-    mode = "" if args.layers == "reference" else f"-{args.layers}"
-    out = RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}{mode}.json"
-    out.write_text(json.dumps({"model": label, "device": device, "args": vars(args), "rows": rows}, indent=1))
-    print(f"wrote {out.relative_to(ROOT)}")
+    mode = "" if modes == ["reference"] else "-" + "-".join(modes)
+    out = args.out or RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}{mode}.json"
+    out.write_text(json.dumps({"model": label, "device": device, "args": {**vars(args), "out": str(out)},
+                               "rows": rows}, indent=1))
+    print(f"wrote {shown(out)}")
     return 0
 
 
