@@ -87,3 +87,40 @@ def test_graph_replayed_batch_decodes_each_sequence_as_alone_on_the_gpu(flop_red
     assert torch.isfinite(got).all()
     assert (got - expected).abs().max() <= 2e-2 * expected.abs().max()
     assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 4)], ids=["grouped", "one-kv-head-each"])
+def test_batched_rotary_and_attention_read_each_sequence_up_to_its_own_position(heads, kv_heads):
+    """Three sequences at positions 2, 70 and 5 (chunks of 64: the second spans two): q rotated and k, v written at
+    each one's own position; attention against float64 softmax over that sequence's prefix only, with every
+    cached position past it poisoned with NaN (a kernel that read one would return NaN)."""
+    require_triton("cpu")
+    from rana_core.decode.batch_kernels import batch_decode_attention, batch_rope_into_cache
+    from rana_core.decode.dense_kernels import rotate_half_reference
+
+    g = torch.Generator().manual_seed(11)
+    B, d, max_seq = 3, 16, 96
+    pos = torch.tensor([2, 70, 5])
+    angles = torch.outer(torch.arange(max_seq).float(), 1.0 / 10000 ** (torch.arange(0, d, 2).float() / d))
+    cos, sin = angles.cos(), angles.sin()
+    k_cache = torch.randn(B, kv_heads, max_seq, d, generator=g)
+    v_cache = torch.randn(B, kv_heads, max_seq, d, generator=g)
+    for b in range(B):
+        k_cache[b, :, pos[b]:] = float("nan")
+        v_cache[b, :, pos[b]:] = float("nan")
+    qkv = torch.randn(B, (heads + 2 * kv_heads) * d, generator=g)
+    q = batch_rope_into_cache(qkv, cos, sin, pos, k_cache, v_cache, heads)
+    out = batch_decode_attention(q, k_cache, v_cache, pos)
+    group = heads // kv_heads
+    for b in range(B):
+        q_in, k_in, v_in = qkv[b].view(heads + 2 * kv_heads, d).split([heads, kv_heads, kv_heads])
+        c, s = cos[pos[b]][None], sin[pos[b]][None]
+        assert torch.allclose(q[b], rotate_half_reference(q_in[None], c, s)[0], atol=1e-6)
+        assert torch.allclose(k_cache[b, :, pos[b]], rotate_half_reference(k_in[None], c, s)[0], atol=1e-6)
+        assert torch.equal(v_cache[b, :, pos[b]], v_in)
+        keys = k_cache[b, :, : pos[b] + 1].double().repeat_interleave(group, dim=0)
+        values = v_cache[b, :, : pos[b] + 1].double().repeat_interleave(group, dim=0)
+        weights = torch.softmax(torch.einsum("hd,htd->ht", q[b].double(), keys) / d ** 0.5, dim=-1)
+        expected = torch.einsum("ht,htd->hd", weights, values)
+        assert torch.isfinite(out[b]).all()
+        assert torch.allclose(out[b].double(), expected, atol=1e-5)

@@ -11,8 +11,8 @@ Each sequence has its own KV cache and position (they may differ: prompts of dif
 is one CUDA graph per batch size, and the greedy next token of every sequence is written back in place, as in
 the engine. Dense products are one matrix product for the B rows (cuBLAS, or with products="triton"
 batch_gemv.rows_product, which streams each weight once like the batch-1 GEMV), each residual add and the RMSNorm
-after it one fused kernel for the B rows (as in the engine); attention reads each sequence's cache up to its own
-position (PyTorch's attention with a per-sequence mask). The blocks of the synthetic engine (dense, RaNA) are
+after it one fused kernel for the B rows, and rotary, the cache writes and attention the engine's fused kernels
+with a sequence axis (batch_kernels.py: each sequence's cache read up to its own position). The blocks of the synthetic engine (dense, RaNA) are
 supported; an engine built from a stored run is refused in one line (its runs decode at batch 1 so far).
 
     batch = BatchDecoder(engine, batch=8, max_seq=1024)
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from rana_core.decode.batch_gemv import rows_product
 from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_union
-from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
+from rana_core.decode.batch_kernels import batch_decode_attention, batch_rope_into_cache
+from rana_core.decode.dense_kernels import add_rmsnorm
 from rana_core.decode.engine import Block, DecodeEngine
 from rana_core.decode.parts import NeuronPart, RankPart
 
@@ -109,24 +110,16 @@ class BatchDecoder:
     def forward(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """Logits (B, vocab) of one token per sequence at its own position, each written into its cache."""
         engine, s = self.engine, self.engine.shape
-        B, hd = tokens.shape[0], s.head_dim
-        rows = torch.arange(B, device=tokens.device)
-        cos, sin = self.cos[pos], self.sin[pos]
-        # each sequence attends to its own cache up to its own position
-        allowed = (torch.arange(self.max_seq, device=tokens.device)[None, :] <= pos[:, None])[:, None, None, :]
+        B = tokens.shape[0]
         x = engine.embed[tokens]  # a copy: the residual stream, updated in place by the fused add + norm
         normed = torch.empty_like(x)
         norms = [n for block in engine.blocks for n in (block.attn_norm, block.mlp_norm)] + [engine.norm]
         add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(engine.blocks):
             qkv = qkv_product(block, normed, self.product)
-            q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
-            q = rotate_half_reference(q.view(B, s.heads, hd), cos, sin)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            k_cache[rows, :, pos] = rotate_half_reference(k.view(B, s.kv_heads, hd), cos, sin)
-            v_cache[rows, :, pos] = v.view(B, s.kv_heads, hd)
-            attended = F.scaled_dot_product_attention(q[:, :, None], k_cache, v_cache, attn_mask=allowed,
-                                                      enable_gqa=s.kv_heads != s.heads)
+            q = batch_rope_into_cache(qkv, self.cos, self.sin, pos, k_cache, v_cache, s.heads)
+            attended = batch_decode_attention(q, k_cache, v_cache, pos)  # each over its own prefix
             after = norms[2 * index + 1]
             add_rmsnorm(x, self.product(attended.reshape(B, s.hidden), block.wo.weight), after.weight, after.eps,
                         normed)
