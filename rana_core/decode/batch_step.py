@@ -29,7 +29,7 @@ from rana_core.decode.batch_gemv import rows_product
 from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_union
 from rana_core.decode.batch_kernels import batch_decode_attention, batch_rope_into_cache
 from rana_core.decode.dense_kernels import add_rmsnorm
-from rana_core.decode.engine import Block, DecodeEngine
+from rana_core.decode.engine import Block, DecodeEngine, capture_step, replay_times
 from rana_core.decode.parts import NeuronPart, RankPart
 
 
@@ -136,30 +136,12 @@ class BatchDecoder:
         return logits
 
     def capture(self) -> None:
-        """The step as one CUDA graph (after warm-up steps on a side stream), replayed from where prefill left."""
-        token, pos = self.token.clone(), self.pos.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.graph_logits = self.step()
-        self.token.copy_(token)
-        self.pos.copy_(pos)
+        """The step as one CUDA graph, replayed from where prefill left (engine.capture_step)."""
+        capture_step(self)
 
     def time_decode(self, new_tokens: int) -> list[float]:
         """Milliseconds of each of `new_tokens` graph-replayed steps (each makes `batch` tokens)."""
         if int(self.pos.max()) + new_tokens + 3 >= self.max_seq:
             raise ValueError(f"{new_tokens} new tokens after the prompts overflow a cache of {self.max_seq}")
         self.capture()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
-        for start, end in zip(starts, ends):
-            start.record()
-            self.graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+        return replay_times(self.graph, new_tokens)

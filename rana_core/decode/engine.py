@@ -373,19 +373,8 @@ class DecodeEngine(nn.Module):
 
     # --- timing ---------------------------------------------------------------------------------------------
     def capture(self) -> None:
-        """Capture one decode step as a CUDA graph (after warm-up steps on a side stream, as graphs require)."""
-        token, pos = self.token.clone(), self.pos.clone()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                self.step()
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.graph_logits = self.step()
-        self.token.copy_(token)  # warm-up and capture advanced the state: start again where the prompt left it
-        self.pos.copy_(pos)
+        """Capture one decode step as a CUDA graph (capture_step)."""
+        capture_step(self)
 
     @torch.no_grad()
     def time_decode(self, context: int, new_tokens: int, seed: int = 3) -> list[float]:
@@ -394,14 +383,7 @@ class DecodeEngine(nn.Module):
         generator = torch.Generator(device=self.device).manual_seed(seed)
         self.prefill(torch.randint(0, self.shape.vocab, (context,), device=self.device, generator=generator))
         self.capture()
-        starts = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
-        ends = [torch.cuda.Event(enable_timing=True) for _ in range(new_tokens)]
-        for start, end in zip(starts, ends):
-            start.record()
-            self.graph.replay()
-            end.record()
-        torch.cuda.synchronize()
-        return [start.elapsed_time(end) for start, end in zip(starts, ends)]
+        return replay_times(self.graph, new_tokens)
 
     def weight_bytes_per_token(self) -> float:
         """Bytes of weights one decode step must read: every dense matrix, and for adapters B plus the rows of
@@ -415,3 +397,33 @@ class DecodeEngine(nn.Module):
         mean_prefix = context + (new_tokens + 1) / 2
         features = sum(block.kv_features() for block in self.blocks)
         return features * mean_prefix * (torch.finfo(self.dtype).bits // 8)
+
+
+def capture_step(decoder) -> None:
+    """decoder.graph ← one decoder.step() captured as a CUDA graph (after warm-up steps on a side stream, as graphs
+    require), its logits in decoder.graph_logits; the static token and position left where they were. Serves the
+    engine and the batched decoder (batch_step.py) alike."""
+    token, pos = decoder.token.clone(), decoder.pos.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            decoder.step()
+    torch.cuda.current_stream().wait_stream(stream)
+    decoder.graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(decoder.graph):
+        decoder.graph_logits = decoder.step()
+    decoder.token.copy_(token)  # warm-up and capture advanced the state: start again where the prompt left it
+    decoder.pos.copy_(pos)
+
+
+def replay_times(graph, steps: int) -> list[float]:
+    """Milliseconds of each of `steps` replays of `graph`, timed by CUDA events."""
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(steps)]
+    for start, end in zip(starts, ends):
+        start.record()
+        graph.replay()
+        end.record()
+    torch.cuda.synchronize()
+    return [start.elapsed_time(end) for start, end in zip(starts, ends)]
