@@ -14,7 +14,6 @@ bench/results/batch-decode-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -28,9 +27,7 @@ from rana_core.decode.batch_step import BatchDecoder  # noqa: E402
 from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
 from rana_core.decode.latency import DTYPES  # noqa: E402
 
-from shown_path import shown  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from shown_path import write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -76,10 +73,8 @@ def main(argv=None) -> int:
                       f"{versus:>8.2f}x", flush=True)
             del engine
             torch.cuda.empty_cache()
-    out = args.out or RESULTS / f"batch-decode-{name.replace(' ', '-').lower()}.json"
-    out.write_text(json.dumps({"device_name": name, "dtype": args.dtype, "context": args.context,
-                               "new_tokens": args.new_tokens, "rows": rows}, indent=2))
-    print(f"wrote {shown(out)}")
+    write_results({"device_name": name, "dtype": args.dtype, "context": args.context, "new_tokens": args.new_tokens,
+                   "rows": rows}, args.out, "batch-decode", name)
     return 0
 
 

@@ -14,7 +14,6 @@ ms/token of graph-replayed steps at context 1. Prints a table, writes bench/resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -29,9 +28,7 @@ from rana_core.decode.dense_kernels import GEMV_CONFIG  # noqa: E402
 from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
 from rana_core.decode.latency import DTYPES  # noqa: E402
 
-from shown_path import shown  # noqa: E402
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from shown_path import write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -67,9 +64,7 @@ def main(argv=None) -> int:
             del engine
             torch.cuda.empty_cache()
     os.environ.pop("RANA_EARLY_WEIGHTS", None)
-    out = args.out or RESULTS / f"early-weights-{name.replace(' ', '-').lower()}.json"
-    out.write_text(json.dumps({"device_name": name, "dtype": args.dtype, "rows": rows}, indent=2))
-    print(f"wrote {shown(out)}")
+    write_results({"device_name": name, "dtype": args.dtype, "rows": rows}, args.out, "early-weights", name)
     return 0
 
 

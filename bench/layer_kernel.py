@@ -24,9 +24,8 @@ from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
 from rana_core.decode.latency import DTYPES  # noqa: E402
 from rana_core.decode.layer_kernel import STAGE_NAMES  # noqa: E402
 
-from shown_path import shown  # noqa: E402
+from shown_path import write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP = [{"PROGRAMS_PER_SM": p, "num_warps": w, "GEMV_FLAT": f} for p in (2, 4, 8) for w in (4, 8) for f in (0, 1)] + [
     {"PROGRAMS_PER_SM": 4, "num_warps": 4, "GATHER_K": 64},
     {"PROGRAMS_PER_SM": 8, "num_warps": 4, "BLOCK_N": 4, "BLOCK_K": 512}]
@@ -36,15 +35,15 @@ BARRIER = [{"PROGRAMS_PER_SM": 4, "num_warps": 4, "GEMV_FLAT": 1, "LOAD_POLL": p
     {"PROGRAMS_PER_SM": p, "num_warps": 4, "GEMV_FLAT": f, "LOAD_POLL": 1, "maxnreg": r}
     for p, r in ((4, 128), (8, 64)) for f in (0, 1)] + [
     {"PROGRAMS_PER_SM": 2, "num_warps": 8, "GEMV_FLAT": 0, "LOAD_POLL": 1}]
-# weights loaded before the barriers, and lists compacted by more programs, at session 11's best shapes
-EARLY = [{"PROGRAMS_PER_SM": 4, "num_warps": 4, "GEMV_FLAT": 1, "EARLY": e} for e in (0, 1)] + [
-    {"PROGRAMS_PER_SM": 4, "num_warps": 8, "GEMV_FLAT": 0, "EARLY": e, "LIST_CHUNK": c} for e in (0, 1)
-    for c in (2048, 512)]
+# lists compacted by more programs, at session 11's best shapes (its 'early' sweep also loaded each GEMV stage's
+# first weight chunk before the barrier in front of it: no faster, and removed)
+LISTS = [{"PROGRAMS_PER_SM": 4, "num_warps": w, "GEMV_FLAT": f, "LIST_CHUNK": c} for w, f in ((4, 1), (8, 0))
+         for c in (2048, 512)]
 # more listed rows (and wider row segments) per gather step: the stage clock measured the persistent gathers at
 # 1.2-1.4 TB/s with 2 programs of 8 warps per multiprocessor, each with one 128 x 64 tile in flight
 GATHER = [{"PROGRAMS_PER_SM": 4, "num_warps": 8, "GATHER_K": k, "BLOCK_M": m} for k in (128, 256, 512)
           for m in (64, 128)] + [{"PROGRAMS_PER_SM": 4, "num_warps": 4, "GATHER_K": 256}]
-SWEEPS = {"full": SWEEP, "quick": QUICK, "barrier": BARRIER, "early": EARLY, "gather": GATHER}
+SWEEPS = {"full": SWEEP, "quick": QUICK, "barrier": BARRIER, "lists": LISTS, "gather": GATHER}
 PROFILE_REPLAYS = 5
 
 
@@ -143,10 +142,8 @@ def main(argv=None) -> int:
             print(f"    staged: {stage:<34}{ms:8.3f} ms per step", flush=True)
         del engine
         torch.cuda.empty_cache()
-    out = args.out or RESULTS / f"layer-kernel-{name.replace(' ', '-').lower()}.json"
-    out.write_text(json.dumps({"device_name": name, "model": args.model, "context": args.context,
-                               "dtype": args.dtype, "rows": rows}, indent=2))
-    print(f"wrote {shown(out)}")
+    write_results({"device_name": name, "model": args.model, "context": args.context, "dtype": args.dtype,
+                   "rows": rows}, args.out, "layer-kernel", name)
     return 0
 
 

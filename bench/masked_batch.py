@@ -13,7 +13,6 @@ bench/results/masked-batch-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -26,9 +25,8 @@ from rana_core.decode.batch_masked import masked_rows_union  # noqa: E402
 from rana_core.decode.latency import DTYPES, graph_ms  # noqa: E402
 from rana_core.decode.masked_kernels import masked_rows_gemv  # noqa: E402
 
-from shown_path import shown  # noqa: E402
+from shown_path import write_results  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
 # (name, K rows, M columns, density per token, neuron scores): 7B RaNA −44% (rana_core.decode.parts.rank_plan)
 PRODUCTS = [("qkv A-part", 3441, 12288, 0.333, False), ("gate A-part", 3082, 11008, 0.372, False),
             ("down (neurons)", 11008, 4096, 0.56, True)]
@@ -61,9 +59,7 @@ def main(argv=None) -> int:
                              "union_ms": union, "dense_ms": dense, "single_token_calls_ms": singles})
             print(f"{product:<16}{B:>3}{read:>10.2f}{union:>9.4f}{dense:>9.4f}{singles:>9.4f}{dense / union:>8.2f}x",
                   flush=True)
-    out = args.out or RESULTS / f"masked-batch-{name.replace(' ', '-').lower()}.json"
-    out.write_text(json.dumps({"device_name": name, "dtype": args.dtype, "rows": rows_out}, indent=2))
-    print(f"wrote {shown(out)}")
+    write_results({"device_name": name, "dtype": args.dtype, "rows": rows_out}, args.out, "masked-batch", name)
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import math
 import sys
 from pathlib import Path
@@ -27,9 +26,7 @@ from rana_core.decode import masked_kernels as kernels  # noqa: E402
 from rana_core.decode.dense_kernels import gemv  # noqa: E402
 from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
 
-from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
-
-RESULTS = Path(__file__).resolve().parent / "results"
+from shown_path import write_results  # noqa: E402  (bench/ is the script's folder)
 
 
 def step_profile(shape: str, budget: float, steps: int = 5) -> dict[str, float]:
@@ -139,10 +136,7 @@ def main(argv=None) -> int:
             for p in parts:
                 print("  " + "  ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                        for k, v in p.items()))
-    out = args.out or RESULTS / f"masked-profile-{name.replace(' ', '-').lower()}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
-    print(f"wrote {shown(out)}")
+    write_results(report, args.out, "masked-profile", name)
     return 0
 
 
