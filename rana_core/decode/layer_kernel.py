@@ -44,7 +44,7 @@ if triton is not None:
     import triton.language as tl
 
     from rana_core.decode.layer_stages import (_now, attention_stage, combine_stage, compact_stage, gather_stage,
-                                               gemv_first, gemv_stage, inverse_rms, next_phase,
+                                               gemv_stage, inverse_rms, next_phase,
                                                normed_compact_stage, residual_stage, rope_stage)
 
     @triton.jit
@@ -67,7 +67,7 @@ if triton is not None:
                       BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, QKV_LIST: tl.constexpr, GATE_LIST: tl.constexpr,
                       UP_LIST: tl.constexpr, DOWN_LIST: tl.constexpr, QKV_SPLITS: tl.constexpr, GU_SPLITS: tl.constexpr,
                       DOWN_SPLITS: tl.constexpr, GATHER_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                      GEMV_FLAT: tl.constexpr, EARLY: tl.constexpr, LOAD_POLL: tl.constexpr, CLOCK: tl.constexpr,
+                      GEMV_FLAT: tl.constexpr, LOAD_POLL: tl.constexpr, CLOCK: tl.constexpr,
                       INTERPRET: tl.constexpr, PERSISTENT: tl.constexpr, STAGE: tl.constexpr):
         """One decoder layer for one token (module docstring). Persistent: every stage, a grid barrier between
         two; staged: stage STAGE only (the host launches them in order). *_LIST: the compaction chunk of each
@@ -80,9 +80,6 @@ if triton is not None:
         pos = tl.load(pos_ptr)
         QKV_OUT: tl.constexpr = (HEADS + 2 * KV_HEADS) * D
         phase = 0
-        # EARLY: each GEMV stage's first weight chunk, loaded before the barrier in front of it (gemv_first)
-        first = tl.zeros([BLOCK_N, BLOCK_K], dtype=wo_ptr.dtype.element_ty)
-        first_up = first
         if CLOCK and PERSISTENT:
             if pid == 0:
                 tl.store(clock_ptr, _now())
@@ -95,8 +92,7 @@ if triton is not None:
             else:
                 inv_rms = inverse_rms(x_ptr, eps, H, BLOCK_H)
                 gemv_stage(qkv_w_ptr, x_ptr, attn_norm_ptr, inv_rms, z_qkv_ptr, x_ptr, pid, programs,
-                           QKV_RANK if QKV_MODE == 1 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET,
-                           first, first_up, False)
+                           QKV_RANK if QKV_MODE == 1 else QKV_OUT, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         # 2. a masked QKV product: the rank adapter's active ranks listed, then the list's rows gathered
         if QKV_MODE == 1:
@@ -126,16 +122,11 @@ if triton is not None:
         if PERSISTENT or STAGE == 5:
             combine_stage(m_ptr, l_ptr, acc_ptr, attended_ptr, pos, pid, programs, HEADS, MAX_CHUNKS, CHUNKS_P2,
                            CHUNK, D)
-        if EARLY and (PERSISTENT or STAGE == 6):
-            first, first_up = gemv_first(wo_ptr, pid, H, H, False, BLOCK_N, BLOCK_K)
         phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         # 6. o_proj, the residual added in its epilogue
         if PERSISTENT or STAGE == 6:
             gemv_stage(wo_ptr, attended_ptr, attn_norm_ptr, 1.0, mid_ptr, x_ptr, pid, programs, H, H, False, 2,
-                        BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET, first, first_up, EARLY)
-        if EARLY and MLP_MODE < 2 and (PERSISTENT or STAGE == 7):
-            first, first_up = gemv_first(gu_w_ptr, pid, GATE_RANK + UP_RANK if MLP_MODE == 1 else I, H, MLP_MODE == 0,
-                                         BLOCK_N, BLOCK_K)
+                        BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         # 7. RMSNorm → gate/up: dense with SwiGLU, or both rank adapters' B (one matrix, gate's rows first); or
         # (input masks) the normed input listed for gate and for up
@@ -151,13 +142,10 @@ if triton is not None:
                 inv_rms = inverse_rms(mid_ptr, eps, H, BLOCK_H)
                 if MLP_MODE == 1:
                     gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, z_gu_ptr, mid_ptr, pid, programs,
-                               GATE_RANK + UP_RANK, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET, first,
-                               first_up, EARLY)
+                               GATE_RANK + UP_RANK, H, True, 0, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
                 else:
                     gemv_stage(gu_w_ptr, mid_ptr, mlp_norm_ptr, inv_rms, h_ptr, mid_ptr, pid, programs, I, H, True,
-                               1, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET, first, first_up, EARLY)
-        if EARLY and MLP_MODE == 0 and (PERSISTENT or STAGE == 11):
-            first, first_up = gemv_first(down_ptr, pid, H, I, False, BLOCK_N, BLOCK_K)
+                               1, BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         phase = next_phase(bar_ptr, clock_ptr, phase, pid, programs, PERSISTENT, LOAD_POLL, CLOCK)
         if MLP_MODE > 0:
             # 8-9. gate's and up's masked products: each listed (rank adapters), then each gathered
@@ -190,7 +178,7 @@ if triton is not None:
             # 10. dense down, the residual added in its epilogue
             if PERSISTENT or STAGE == 11:
                 gemv_stage(down_ptr, h_ptr, mlp_norm_ptr, 1.0, out_ptr, mid_ptr, pid, programs, H, I, False, 2,
-                           BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET, first, first_up, EARLY)
+                           BLOCK_N, BLOCK_K, GEMV_FLAT, INTERPRET)
         if CLOCK and PERSISTENT:  # the last program's end: the last stage has no barrier after it
             tl.atomic_max(clock_ptr + 1 + 2 * phase, _now())
 
@@ -199,15 +187,13 @@ if triton is not None:
 # gather item streams GATHER_K listed rows per step over BLOCK_M output columns (the reference's, masked_kernels).
 # PROGRAMS_PER_SM: resident programs per multiprocessor (bench/layer_kernel.py sweeps these).
 # GEMV_FLAT: a program's GEMV tiles as one loop of (tile, chunk) steps (layer_stages.gemv_stage).
-# EARLY: each GEMV stage after the first loads its first weight chunk before the barrier in front of it (measured
-# no faster on an H200, session 11: off).
 # LIST_CHUNK: coefficients compacted per item of a list stage; 512 spreads a compaction over more programs than the
 # reference's 2,048 (H200, session 11: RaNA −44% layers 3% faster on the 7B and SmolLM2 shapes).
 # LOAD_POLL: barriers wait by acquire loads, not atomics (layer_stages.next_phase; slower, off).
 # maxnreg: a cap on registers per thread (None: the compiler's choice), which sets how many programs fit on a
 # multiprocessor. CLOCK: record each stage's times inside the launch (LayerKernel.stage_clock; --clock).
 CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "GATHER_K": 128, "BLOCK_M": 64, "num_warps": 4, "PROGRAMS_PER_SM": 4,
-          "GEMV_FLAT": 0, "EARLY": 0, "LIST_CHUNK": 512, "LOAD_POLL": 0, "maxnreg": None, "CLOCK": 0}
+          "GEMV_FLAT": 0, "LIST_CHUNK": 512, "LOAD_POLL": 0, "maxnreg": None, "CLOCK": 0}
 ATTENTION_CHUNK = 64
 
 
@@ -408,7 +394,7 @@ class LayerKernel:
                          QKV_LIST=self.lists["qkv"]["chunk"], GATE_LIST=self.lists["gate"]["chunk"],
                          UP_LIST=self.lists["up"]["chunk"], DOWN_LIST=self.lists["down"]["chunk"],
                          QKV_SPLITS=self.splits["qkv"], GU_SPLITS=self.splits["gu"], DOWN_SPLITS=self.splits["down"],
-                         GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], GEMV_FLAT=c["GEMV_FLAT"], EARLY=c["EARLY"],
+                         GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], GEMV_FLAT=c["GEMV_FLAT"],
                          LOAD_POLL=c["LOAD_POLL"], CLOCK=c["CLOCK"], INTERPRET=_interpreting(),
                          num_warps=c["num_warps"])
         if c["maxnreg"] and not _interpreting():

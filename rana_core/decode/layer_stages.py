@@ -86,54 +86,29 @@ if triton is not None:
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
     @triton.jit
-    def gemv_first(w_ptr, pid, N: tl.constexpr, K: tl.constexpr, UP: tl.constexpr, BLOCK_N: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-        """The first chunk of program pid's first tile of a GEMV stage (and, UP, of its up rows), to be loaded
-        before the barrier that precedes the stage: weights never depend on the stage before, so their memory
-        latency overlaps the wait (gemv_stage's EARLY)."""
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
-        w_up = w
-        if UP:
-            w_up = tl.load(w_ptr + (N + offs_n[:, None]).to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
-        return w, w_up
-
-    @triton.jit
     def _gemv_chunk(acc, acc_up, w_ptr, x_ptr, norm_ptr, inv_rms, offs_n, n_ok, k0, N: tl.constexpr,
-                    K: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_K: tl.constexpr, dtype,
-                    first, first_up, USE_FIRST: tl.constexpr):
-        """The accumulators plus one BLOCK_K-wide chunk of a tile's rows times the input (USE_FIRST: the rows'
-        chunk is `first` / `first_up`, loaded earlier by gemv_first)."""
+                    K: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK_K: tl.constexpr, dtype):
+        """The accumulators plus one BLOCK_K-wide chunk of a tile's rows times the input."""
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         x = _input_chunk(x_ptr, norm_ptr, inv_rms, offs_k, k_ok, NORM, dtype)
         ok = n_ok[:, None] & k_ok[None, :]
-        if USE_FIRST:
-            w = first
-        else:
-            w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
+        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
         acc += w.to(tl.float32) * x[None, :]
         if EPILOGUE == 1:
-            if USE_FIRST:
-                w_up = first_up
-            else:
-                w_up = tl.load(w_ptr + (N + offs_n[:, None]).to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
+            w_up = tl.load(w_ptr + (N + offs_n[:, None]).to(tl.int64) * K + offs_k[None, :], mask=ok, other=0.0)
             acc_up += w_up.to(tl.float32) * x[None, :]
         return acc, acc_up
 
     @triton.jit
     def _gemv_flat_step(acc, acc_up, step, w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr, resid_ptr, pid, programs,
                         N: tl.constexpr, K: tl.constexpr, K_STEPS: tl.constexpr, NORM: tl.constexpr,
-                        EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype, first, first_up,
-                        USE_FIRST: tl.constexpr):
+                        EPILOGUE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, dtype):
         """Step `step` of a program's flat GEMV loop: chunk step % K_STEPS of its tile step // K_STEPS, the tile's
         outputs stored (and the accumulators cleared) after its last chunk."""
         offs_n = (pid + step // K_STEPS * programs) * BLOCK_N + tl.arange(0, BLOCK_N)
         acc, acc_up = _gemv_chunk(acc, acc_up, w_ptr, x_ptr, norm_ptr, inv_rms, offs_n, offs_n < N,
-                                  step % K_STEPS * BLOCK_K, N, K, NORM, EPILOGUE, BLOCK_K, dtype, first, first_up,
-                                  USE_FIRST)
+                                  step % K_STEPS * BLOCK_K, N, K, NORM, EPILOGUE, BLOCK_K, dtype)
         if step % K_STEPS == K_STEPS - 1:
             _gemv_epilogue(acc, acc_up, offs_n, offs_n < N, out_ptr, resid_ptr, EPILOGUE)
             acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -143,12 +118,10 @@ if triton is not None:
     @triton.jit
     def gemv_stage(w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr, resid_ptr, pid, programs,
                    N: tl.constexpr, K: tl.constexpr, NORM: tl.constexpr, EPILOGUE: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, INTERPRET: tl.constexpr,
-                   first, first_up, EARLY: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, FLAT: tl.constexpr, INTERPRET: tl.constexpr):
         """out = W x over tiles of BLOCK_N rows (program p takes tiles p, p + programs, …). EPILOGUE 0: out = y;
         1: W is [gate; up] (2N rows) and out = silu(gate·x)·(up·x); 2: out = resid + y (y rounded first, as
-        the reference adds a stored product to the residual). EARLY: the program's first chunk is `first` (and
-        `first_up`), loaded by gemv_first before the barrier; the sums are the same, in the same order.
+        the reference adds a stored product to the residual).
 
         FLAT: one loop over all of a program's (tile, chunk) steps, so the compiler's software pipeline keeps
         the next tile's loads in flight while a tile ends (tile by tile, each tile's loop starts its pipeline
@@ -159,37 +132,20 @@ if triton is not None:
         if FLAT:
             K_STEPS: tl.constexpr = (K + BLOCK_K - 1) // BLOCK_K
             steps = tl.maximum(tl.cdiv(tl.cdiv(N, BLOCK_N) - pid, programs), 0) * K_STEPS
-            start: tl.constexpr = 1 if EARLY else 0
-            if EARLY:
-                if steps > 0:
-                    acc, acc_up = _gemv_flat_step(acc, acc_up, 0, w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr,
-                                                  resid_ptr, pid, programs, N, K, K_STEPS, NORM, EPILOGUE, BLOCK_N,
-                                                  BLOCK_K, dtype, first, first_up, True)
             if INTERPRET:  # the interpreter takes no program-dependent range bound; a while loop it does
-                step = start
+                step = 0
                 while step < steps:
                     acc, acc_up = _gemv_flat_step(acc, acc_up, step, w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr,
                                                   resid_ptr, pid, programs, N, K, K_STEPS, NORM, EPILOGUE, BLOCK_N,
-                                                  BLOCK_K, dtype, first, first_up, False)
+                                                  BLOCK_K, dtype)
                     step += 1
             else:
-                for step in range(start, steps):
+                for step in range(0, steps):
                     acc, acc_up = _gemv_flat_step(acc, acc_up, step, w_ptr, x_ptr, norm_ptr, inv_rms, out_ptr,
                                                   resid_ptr, pid, programs, N, K, K_STEPS, NORM, EPILOGUE, BLOCK_N,
-                                                  BLOCK_K, dtype, first, first_up, False)
+                                                  BLOCK_K, dtype)
         else:
             tile = pid
-            if EARLY:
-                if tile < tl.cdiv(N, BLOCK_N):
-                    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
-                    n_ok = offs_n < N
-                    acc, acc_up = _gemv_chunk(acc, acc_up, w_ptr, x_ptr, norm_ptr, inv_rms, offs_n, n_ok, 0, N, K,
-                                              NORM, EPILOGUE, BLOCK_K, dtype, first, first_up, True)
-                    for k0 in range(BLOCK_K, K, BLOCK_K):
-                        acc, acc_up = _gemv_chunk(acc, acc_up, w_ptr, x_ptr, norm_ptr, inv_rms, offs_n, n_ok, k0, N,
-                                                  K, NORM, EPILOGUE, BLOCK_K, dtype, first, first_up, False)
-                    _gemv_epilogue(acc, acc_up, offs_n, n_ok, out_ptr, resid_ptr, EPILOGUE)
-                tile += programs
             while tile < tl.cdiv(N, BLOCK_N):
                 offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
                 n_ok = offs_n < N
@@ -197,7 +153,7 @@ if triton is not None:
                 acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
                 for k0 in range(0, K, BLOCK_K):
                     acc, acc_up = _gemv_chunk(acc, acc_up, w_ptr, x_ptr, norm_ptr, inv_rms, offs_n, n_ok, k0, N, K,
-                                              NORM, EPILOGUE, BLOCK_K, dtype, first, first_up, False)
+                                              NORM, EPILOGUE, BLOCK_K, dtype)
                 _gemv_epilogue(acc, acc_up, offs_n, n_ok, out_ptr, resid_ptr, EPILOGUE)
                 tile += programs
 
