@@ -15,9 +15,9 @@ import math
 
 import torch
 
+from rana_core.decode.batch_masked import MAX_BATCH  # the padded batch of both small products
 from rana_core.decode.masked_kernels import triton, use_triton
 
-MAX_BATCH = 16
 CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 
 if triton is not None:
