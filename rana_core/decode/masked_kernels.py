@@ -41,6 +41,9 @@ BLOCK_M = 64  # output columns per gather program: a row segment of 128 bytes in
 BLOCK_K = 128  # listed rows per gather step
 PROGRAMS_PER_SM = 16  # the list is split until about this many gather programs per multiprocessor
 GATHER_WARPS, GATHER_STAGES = 2, 3  # 2 warps: 5-20% faster than 4 at every 7B size (more programs resident)
+# "list": compact, then gather the listed rows (below); "strided": one launch that decides each row's mask where
+# it reads it (masked_strided.py). RANA_GATHER picks one; an engine captured with one keeps it in its graph.
+GATHER = os.environ.get("RANA_GATHER", "list")
 COMPACT_CHUNK = 2048  # per compaction program: 2.6-3.2 µs at 7B sizes (one program: 3.4-8.5; 1024: 2.2-2.7 µs, but
 # the gather then maps positions over twice the chunks, and a 7B RaNA step spent 280 µs more in it)
 
@@ -177,7 +180,6 @@ if triton is not None:
     @triton.jit
     def _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
                      m_ok, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
-        # rows_ptr points at this program's column block: offs_m counts from its first column
         """acc + the rows of this step's list entries; the next step's entries are loaded while this step's rows
         are in flight (the two loads would otherwise wait on each other, step after step)."""
         if WIDE:  # 64-bit offsets only where the matrix needs them: a tile of them costs twice the registers
@@ -190,21 +192,16 @@ if triton is not None:
 
     @triton.jit
     def gather_share(pid_m, pid_s, g, rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
-                     stride_block, SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr,
-                     CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr,
-                     INTERPRET: tl.constexpr):
+                     SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr):
         """Columns pid_m·BLOCK_M… of Σ value·rows[index] over share pid_s of group g's list, into
-        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`; column block b of row k lies at
-        b·stride_block + k·stride_k (row-major: stride_block = BLOCK_M; blocked: stride_k = BLOCK_M)."""
-        offs_m = tl.arange(0, BLOCK_M)
-        m_ok = pid_m * BLOCK_M + offs_m < M
+        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`."""
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
         ends, starts, begin, stop = list_share(count_ptr + g * CHUNKS, pid_s, CHUNKS, CHUNKS_P2, SPLITS, BLOCK_K)
         index_ptr += g * K
         value_ptr += g * K
-        if WIDE:
-            rows_ptr += pid_m.to(tl.int64) * stride_block + (g * K).to(tl.int64) * stride_k
-        else:
-            rows_ptr += pid_m * stride_block + g * K * stride_k
+        rows_ptr += g * K * stride_k
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         row, c, j_ok = _list_entries(begin, stop, ends, starts, index_ptr, value_ptr, CHUNK, BLOCK_K)
         if INTERPRET:  # the interpreter cannot take a loaded value as a range bound; a while loop it can
@@ -217,17 +214,17 @@ if triton is not None:
             for j0 in range(begin, stop, BLOCK_K):
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
                                                  rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE)
-        tl.store(partial_ptr + (g * SPLITS + pid_s) * M + pid_m * BLOCK_M + offs_m, acc, mask=m_ok)
+        tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
-    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k, stride_block,
+    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                        SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
                        PDL: tl.constexpr):
         """Program (m, s, g): gather_share."""
         await_inputs(PDL)
         gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
-                     count_ptr, partial_ptr, K, M, stride_k, stride_block, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
+                     count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
                      WIDE, INTERPRET)
 
     @triton.jit
@@ -260,49 +257,32 @@ def _buffer(name: str, size: int, dtype, device: torch.device) -> torch.Tensor:
     return _BUFFERS[key]
 
 
-def blocked_rows(rows: torch.Tensor) -> torch.Tensor:
-    """rows (K, M) stored column block by column block, (M / BLOCK_M, K, BLOCK_M): the segments a gather program
-    reads (one column block of the listed rows) lie side by side instead of a whole row apart."""
-    K, M = rows.shape
-    if M % BLOCK_M:
-        raise ValueError(f"blocked rows need a width divisible by {BLOCK_M}, not {M}")
-    return rows.reshape(K, M // BLOCK_M, BLOCK_M).transpose(0, 1).contiguous()
-
-
-def unblocked_rows(blocks: torch.Tensor) -> torch.Tensor:
-    """The (K, M) row-major matrix of blocked_rows' layout."""
-    return blocks.transpose(0, 1).reshape(blocks.shape[1], -1)
-
-
-def _rows_layout(rows: torch.Tensor) -> tuple[int, int, int, int]:
-    """(K, M, stride_k, stride_block) of row-major (K, M) rows or blocked (M / BLOCK_M, K, BLOCK_M) rows."""
-    if rows.dim() == 3:
-        if rows.shape[2] != BLOCK_M or rows.stride(2) != 1:
-            raise ValueError(f"blocked rows must be (M / {BLOCK_M}, K, {BLOCK_M}), contiguous along the last axis")
-        return rows.shape[1], rows.shape[0] * BLOCK_M, rows.stride(1), rows.stride(0)
-    if rows.stride(1) != 1:
-        raise ValueError("rows must be row-major (contiguous along M)")
-    return rows.shape[0], rows.shape[1], rows.stride(0), BLOCK_M
-
-
 def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
                          scale: torch.Tensor | None = None, groups: int = 1,
                          swiglu_of: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, int]:
     """Launches compact and gather for `groups` equal products stacked along K; returns (partials, splits),
     partials of shape (groups · splits, M) in float32, for `reduce_partials` (or for `rope_into_cache`, or as
-    `swiglu_of` of the next product, which add them up themselves). `rows`: (K, M) row-major, or blocked_rows.
+    `swiglu_of` of the next product, which add them up themselves).
 
     `swiglu_of`: (partials, splits) of a two-group gate/up product whose silu(gate) · up are this product's
     coefficients: the compaction makes them (and writes them to `coeff`, an output buffer then), so the gate/up
     product needs no reduction launch of its own."""
-    K_all, M, stride_k, stride_block = _rows_layout(rows)
+    if GATHER == "strided":
+        from rana_core.decode import masked_strided  # it builds on this module
+
+        if swiglu_of is not None:  # the coefficients first, as the compaction would have made them
+            reduce_partials(*swiglu_of, coeff, "swiglu")
+        return masked_strided.strided_partials(rows, coeff, threshold, scale, groups)
+    K_all, M = rows.shape
     K = K_all // groups
     if swiglu_of is not None and (groups != 1 or swiglu_of[0].numel() != 2 * swiglu_of[1] * K):
         raise ValueError(f"swiglu_of needs one group and 2 × splits × {K} partial sums")
     if coeff.shape != (K_all,) or K * groups != K_all:
-        raise ValueError(f"coefficients {tuple(coeff.shape)} do not match rows {(K_all, M)} in {groups} groups")
+        raise ValueError(f"coefficients {tuple(coeff.shape)} do not match rows {tuple(rows.shape)} in {groups} groups")
     if threshold.numel() != groups:
         raise ValueError(f"one threshold per group: {groups} groups, {threshold.numel()} thresholds")
+    if rows.stride(1) != 1:
+        raise ValueError("rows must be row-major (contiguous along M)")
     device = rows.device
     chunk = min(COMPACT_CHUNK, triton.next_power_of_2(K))
     chunks = math.ceil(K / chunk)
@@ -318,7 +298,7 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     splits = _list_splits(K, M, groups, device)
     partial = _buffer("partial", groups * splits * M, torch.float32, device)
     _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](
-        rows, index, value, count, partial, K, M, stride_k, stride_block, SPLITS=splits, CHUNKS=chunks,
+        rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
         WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p, num_warps=GATHER_WARPS,
         num_stages=GATHER_STAGES, launch_pdl=p)
