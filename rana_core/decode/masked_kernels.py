@@ -41,9 +41,6 @@ BLOCK_M = 64  # output columns per gather program: a row segment of 128 bytes in
 BLOCK_K = 128  # listed rows per gather step
 PROGRAMS_PER_SM = 16  # the list is split until about this many gather programs per multiprocessor
 GATHER_WARPS, GATHER_STAGES = 2, 3  # 2 warps: 5-20% faster than 4 at every 7B size (more programs resident)
-# "list": compact, then gather the listed rows (below); "strided": one launch that decides each row's mask where
-# it reads it (masked_strided.py). RANA_GATHER picks one; an engine captured with one keeps it in its graph.
-GATHER = os.environ.get("RANA_GATHER", "list")
 COMPACT_CHUNK = 2048  # per compaction program: 2.6-3.2 µs at 7B sizes (one program: 3.4-8.5; 1024: 2.2-2.7 µs, but
 # the gather then maps positions over twice the chunks, and a 7B RaNA step spent 280 µs more in it)
 
@@ -267,12 +264,6 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     `swiglu_of`: (partials, splits) of a two-group gate/up product whose silu(gate) · up are this product's
     coefficients: the compaction makes them (and writes them to `coeff`, an output buffer then), so the gate/up
     product needs no reduction launch of its own."""
-    if GATHER == "strided":
-        from rana_core.decode import masked_strided  # it builds on this module
-
-        if swiglu_of is not None:  # the coefficients first, as the compaction would have made them
-            reduce_partials(*swiglu_of, coeff, "swiglu")
-        return masked_strided.strided_partials(rows, coeff, threshold, scale, groups)
     K_all, M = rows.shape
     K = K_all // groups
     if swiglu_of is not None and (groups != 1 or swiglu_of[0].numel() != 2 * swiglu_of[1] * K):
