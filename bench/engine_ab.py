@@ -1,12 +1,11 @@
 """A launch option of the reference engine, off against on, in one process (GPU).
 
-    python bench/engine_ab.py --env RANA_L2_PREFETCH [--values 0,1] [--models llama2-7b-shape,smollm2-135m-shape]
+    python bench/engine_ab.py --env RANA_EARLY_WEIGHTS [--values 0,1] [--models llama2-7b-shape,smollm2-135m-shape]
                               [--cuts 0,0.44] [--rounds 2] [--contexts 1]
 
-Options read at launch time (RANA_L2_PREFETCH: o_proj's weights asked into L2 during rotary and attention;
-RANA_EARLY_WEIGHTS: a GEMV's first weight chunk loaded before the PDL wait; RANA_PDL) are A/B'd by recapturing the
-same engine's graph with each value, alternately, `rounds` times: machines of one kind differ by a few per cent,
-so only ratios within one run are compared. Median ms/token of graph-replayed steps. Prints a table and writes
+Options read at launch time (RANA_EARLY_WEIGHTS: a GEMV's first weight chunk loaded before the PDL wait; RANA_PDL:
+programmatic dependent launch) are A/B'd by recapturing the same engine's graph with each value, alternately,
+`rounds` times: machines of one kind differ by a few per cent, so only ratios within one run are compared. Median ms/token of graph-replayed steps. Prints a table and writes
 bench/results/engine-ab-<env>-<device>.json.
 """
 

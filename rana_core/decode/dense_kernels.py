@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from rana_core.decode.masked_kernels import hopper, pdl, triton, use_triton
+from rana_core.decode.masked_kernels import pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -87,32 +87,11 @@ if triton is not None:
             tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value.to(dtype))
 
     @triton.jit
-    def prefetch_l2(base_ptr, nbytes, first_lane, LANES: tl.constexpr, ALL_LANES: tl.constexpr):
-        """Ask L2 for bytes [0, nbytes) of base_ptr, in ALL_LANES equal pieces of whole 128-byte lines (one
-        prefetch instruction per line, kept in L2 with priority: evict_last); this program issues lanes
-        first_lane… (LANES of them). Nothing waits for the bytes: a later kernel that reads them finds them in L2
-        if they have arrived and not been evicted."""
-        lane = first_lane + tl.arange(0, LANES)
-        lines = tl.cdiv(tl.cdiv(nbytes, 128), ALL_LANES)
-        start = lane.to(tl.int64) * lines * 128
-        base = base_ptr.to(tl.pointer_type(tl.int8))
-        for i in range(lines):
-            offset = start + i * 128
-            tl.inline_asm_elementwise("{ prefetch.global.L2::evict_last [$1]; mov.u32 $0, 0; }", "=r,l",
-                                      [base + tl.where(offset < nbytes, offset, 0)],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq,
-                                prefetch_ptr, prefetch_bytes, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                                HALF: tl.constexpr, SPLITS: tl.constexpr, PREFETCH: tl.constexpr,
-                                PDL: tl.constexpr):
-        """Program h: rope_head h. With PREFETCH, first (weights are never written in a step, so before the wait)
-        the programs ask L2 for the next weight matrix (o_proj's): its bytes then stream in while rotary and
-        attention, which move almost nothing, keep HBM idle."""
+                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                                SPLITS: tl.constexpr, PDL: tl.constexpr):
+        """Program h: rope_head h."""
         await_inputs(PDL)
-        if PREFETCH:
-            prefetch_l2(prefetch_ptr, prefetch_bytes, tl.program_id(0) * 32, 32, (HEADS + KV_HEADS) * 32)
         rope_head(tl.program_id(0), qkv_ptr, cos_ptr, sin_ptr, tl.load(pos_ptr), q_ptr, k_cache_ptr, v_cache_ptr,
                   max_seq, HEADS, KV_HEADS, HALF, SPLITS)
 
@@ -250,14 +229,12 @@ def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
-                    q_out: torch.Tensor, splits: int = 0, prefetch: torch.Tensor | None = None) -> torch.Tensor:
+                    q_out: torch.Tensor, splits: int = 0) -> torch.Tensor:
     """One token: qkv (1, (heads + 2·kv_heads)·d) → q_out (heads, d) rotated at position pos (a (1,) tensor);
     k rotated and v written into k_cache/v_cache (kv_heads, max_seq, d) at pos. Returns q_out.
 
     With `splits` > 0, qkv is instead the float32 partial sums of the masked product that makes it
-    (rana_core.decode.masked_kernels.masked_rows_partials: splits rows), added up here in the model's dtype.
-    `prefetch`: a weight the step reads next (o_proj's), asked into L2 while this kernel and attention run
-    (prefetch_l2; on the GPU, where L2_PREFETCH allows it)."""
+    (rana_core.decode.masked_kernels.masked_rows_partials: splits rows), added up here in the model's dtype."""
     d = k_cache.shape[-1]
     if splits:
         if qkv.numel() != splits * (heads + 2 * kv_heads) * d:
@@ -273,27 +250,10 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
         v_cache.index_copy_(1, pos, v.transpose(0, 1))
         return q_out
     p = pdl(qkv)
-    prefetch = prefetch if prefetch is not None and prefetch.is_contiguous() and l2_prefetch(qkv) else None
-    _rope_into_cache_kernel[(heads + kv_heads,)](
-        qkv, cos_table, sin_table, pos, q_out, k_cache, v_cache, k_cache.shape[1],
-        prefetch if prefetch is not None else qkv, _prefetch_bytes(prefetch),
-        HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2, SPLITS=splits, PREFETCH=prefetch is not None, PDL=p,
-        num_warps=1, launch_pdl=p)
+    _rope_into_cache_kernel[(heads + kv_heads,)](qkv, cos_table, sin_table, pos, q_out, k_cache, v_cache,
+                                                 k_cache.shape[1], HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2,
+                                                 SPLITS=splits, PDL=p, num_warps=1, launch_pdl=p)
     return q_out
-
-
-def _prefetch_bytes(weight: torch.Tensor | None) -> int:
-    """The leading share of `weight` to prefetch (RANA_L2_PREFETCH: a fraction), in whole 16-byte pieces."""
-    if weight is None:
-        return 0
-    share = float(os.environ.get("RANA_L2_PREFETCH", "1"))
-    return int(weight.numel() * weight.element_size() * share) // 16 * 16
-
-
-def l2_prefetch(tensor: torch.Tensor) -> bool:
-    """Whether kernels ask L2 for the next weights ahead of time (prefetch_l2: bulk prefetches, Hopper and
-    later; not in the interpreter). RANA_L2_PREFETCH=0 turns it off; read at launch, so a graph keeps its choice."""
-    return os.environ.get("RANA_L2_PREFETCH", "1") != "0" and hopper(tensor)
 
 
 # bench/gemv_configs.py on an H100: within 3% of the best of 44 configurations at every 7B decode shape
@@ -326,7 +286,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 # EARLY_MIN_K: from this many columns on, each program loads its first weight chunk before waiting for the launch
-# before (RANA_EARLY_WEIGHTS=0: never). On an H200 (bench/early_weights.py) that took 3% off a 7B-shape dense step
+# before (RANA_EARLY_WEIGHTS=0: never). On an H200 (bench/early_weights.py, now bench/engine_ab.py) that took 3% off a 7B-shape dense step
 # and 1% off RaNA −44%, and made SmolLM2-shape steps (K = 576, 1536) 3-4% slower.
 GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "EARLY_MIN_K": 2048}
 

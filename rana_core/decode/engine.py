@@ -77,8 +77,7 @@ class Block(nn.Module):
         qkv, splits = self.qkv_product(normed)
         if T == 1:  # rotary and both cache writes in one kernel, then attention over the prefix only
             q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
-                                torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device), splits,
-                                prefetch=self.wo.weight)
+                                torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device), splits)
             attended = decode_attention(q, k_cache, v_cache, pos, torch.empty_like(q)).view(1, s.hidden)
         else:
             q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)

@@ -57,12 +57,7 @@ def pdl(tensor: torch.Tensor) -> bool:
     turns it off): a launch's programs start while the launch before it drains, and every kernel here waits
     (griddepcontrol.wait) for the one before it to finish, and its writes to land, before it reads or writes
     anything. Every kernel waits before it can finish, so a kernel also sees what earlier launches wrote."""
-    return os.environ.get("RANA_PDL", "1") != "0" and hopper(tensor)
-
-
-def hopper(tensor: torch.Tensor) -> bool:
-    """Whether `tensor` lives on a Hopper-or-later GPU, compiled for (not in Triton's interpreter)."""
-    if tensor.device.type != "cuda" or _interpreting():
+    if tensor.device.type != "cuda" or _interpreting() or os.environ.get("RANA_PDL", "1") == "0":
         return False
     if tensor.device not in _CAPABILITY:
         _CAPABILITY[tensor.device] = torch.cuda.get_device_capability(tensor.device)[0] >= 9
