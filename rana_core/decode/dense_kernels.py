@@ -286,8 +286,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 # EARLY_MIN_K: from this many columns on, each program loads its first weight chunk before waiting for the launch
-# before (RANA_EARLY_WEIGHTS=0: never). On an H200 (bench/early_weights.py, now bench/engine_ab.py) that took 3% off a 7B-shape dense step
-# and 1% off RaNA −44%, and made SmolLM2-shape steps (K = 576, 1536) 3-4% slower.
+# before (RANA_EARLY_WEIGHTS=0: never). On an H200 (bench/engine_ab.py --env RANA_EARLY_WEIGHTS) that took 3% off a
+# 7B-shape dense step and 1% off RaNA −44%, and made SmolLM2-shape steps (K = 576, 1536) 3-4% slower.
 GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "EARLY_MIN_K": 2048}
 
 
