@@ -27,17 +27,20 @@ def alone(engine: DecodeEngine, prompt: torch.Tensor, steps: int, max_seq: int) 
     return torch.stack([engine.step()[0].float().clone() for _ in range(steps)])
 
 
-@pytest.mark.parametrize("products", ["cublas", "triton"])
-@pytest.mark.parametrize("shape, flop_reduction", [(TINY, 0.0), (TINY, 0.44), (TINY_MHA, 0.44)],
-                         ids=["dense", "rana-mlp", "rana-qkv-and-mlp"])
-def test_each_sequence_of_a_batch_decodes_as_it_would_alone(shape, flop_reduction, products):
+@pytest.mark.parametrize("shape, flop_reduction, products, masked", [
+    (TINY, 0.0, "cublas", "union"), (TINY, 0.0, "triton", "union"), (TINY, 0.44, "cublas", "union"),
+    (TINY, 0.44, "triton", "union"), (TINY_MHA, 0.44, "cublas", "union"), (TINY_MHA, 0.44, "triton", "union"),
+    (TINY_MHA, 0.44, "cublas", "dense")],
+    ids=["dense-cublas", "dense-triton", "rana-mlp-cublas", "rana-mlp-triton", "rana-qkv-and-mlp-cublas",
+         "rana-qkv-and-mlp-triton", "rana-qkv-and-mlp-dense-masked"])
+def test_each_sequence_of_a_batch_decodes_as_it_would_alone(shape, flop_reduction, products, masked):
     """Three sequences with prompts of 3, 9 and 5 tokens, 4 steps, float32: each sequence's logits within 1e-4 of
     their scale of the batch-1 engine's (its products sum in other groupings, and the masks of one token must not
     leak into another's product), and the same greedy tokens."""
     require_triton("cpu")
     engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
     engine.calibrate(tokens=256)
-    batch = BatchDecoder(engine, batch=3, max_seq=32, products=products)
+    batch = BatchDecoder(engine, batch=3, max_seq=32, products=products, masked=masked)
     sequences = prompts(engine, (3, 9, 5))
     expected = torch.stack([alone(engine, p, 4, 32) for p in sequences], dim=1)  # (steps, B, vocab)
     batch.prefill(sequences)
@@ -55,6 +58,8 @@ def test_bad_batches_are_refused_with_one_line():
         BatchDecoder(engine, batch=17, max_seq=32)
     with pytest.raises(ValueError, match="unknown products 'cutlass'"):
         BatchDecoder(engine, batch=2, max_seq=32, products="cutlass")
+    with pytest.raises(ValueError, match="unknown masked products 'lists'"):
+        BatchDecoder(engine, batch=2, max_seq=32, masked="lists")
     batch = BatchDecoder(engine, batch=2, max_seq=8)
     with pytest.raises(ValueError, match="2 prompts for a batch of 2|1 prompts for a batch of 2"):
         batch.prefill(prompts(engine, (3,)))
@@ -63,10 +68,10 @@ def test_bad_batches_are_refused_with_one_line():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("products", ["cublas", "triton"])
+@pytest.mark.parametrize("products, masked", [("cublas", "union"), ("triton", "union"), ("cublas", "dense")])
 @pytest.mark.parametrize("flop_reduction, threshold", [(0.0, None), (0.44, 0.0), (0.44, float("inf"))],
                          ids=["dense", "rana44-every-row", "rana44-no-row"])
-def test_graph_replayed_batch_decodes_each_sequence_as_alone_on_the_gpu(flop_reduction, threshold, products):
+def test_graph_replayed_batch_decodes_each_sequence_as_alone_on_the_gpu(flop_reduction, threshold, products, masked):
     """SmolLM2 shape, fp16, batch 4, prompts of different lengths, a graph-replayed step against the batch-1
     engine's eager step: logits within fp16 rounding of the scale, the same tokens. RaNA with masks that keep
     every row or none: with calibrated thresholds a last-bit difference between two fp16 paths flips mask entries
@@ -79,7 +84,7 @@ def test_graph_replayed_batch_decodes_each_sequence_as_alone_on_the_gpu(flop_red
         part.threshold.fill_(threshold)
     sequences = prompts(engine, (5, 17, 9, 30))
     expected = torch.stack([alone(engine, p, 1, 64)[0] for p in sequences])
-    batch = BatchDecoder(engine, batch=4, max_seq=64, products=products)
+    batch = BatchDecoder(engine, batch=4, max_seq=64, products=products, masked=masked)
     batch.prefill(sequences)
     batch.capture()
     batch.graph.replay()

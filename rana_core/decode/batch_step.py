@@ -12,8 +12,9 @@ is one CUDA graph per batch size, and the greedy next token of every sequence is
 the engine. Dense products are one matrix product for the B rows (cuBLAS, or with products="triton"
 batch_gemv.rows_product, which streams each weight once like the batch-1 GEMV), each residual add and the RMSNorm
 after it one fused kernel for the B rows, and rotary, the cache writes and attention the engine's fused kernels
-with a sequence axis (batch_kernels.py: each sequence's cache read up to its own position). The blocks of the synthetic engine (dense, RaNA) are
-supported; an engine built from a stored run is refused in one line (its runs decode at batch 1 so far).
+with a sequence axis (batch_kernels.py: each sequence's cache read up to its own position). Masked products
+read the union of the masks (masked="union") or every row, the masks applied to the coefficients
+(masked="dense"). The blocks of the synthetic engine (dense, RaNA) are supported; an engine built from a stored run is refused in one line (its runs decode at batch 1 so far).
 
     batch = BatchDecoder(engine, batch=8, max_seq=1024)
     batch.prefill([prompt_a, prompt_b, ...])    # each through the engine, its cache copied in
@@ -30,6 +31,7 @@ from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_union
 from rana_core.decode.batch_kernels import batch_decode_attention, batch_rope_into_cache
 from rana_core.decode.dense_kernels import add_rmsnorm
 from rana_core.decode.engine import Block, DecodeEngine, capture_step, replay_times
+from rana_core.decode.masked_kernels import masked_rows_batched
 from rana_core.decode.parts import NeuronPart, RankPart
 
 
@@ -41,41 +43,52 @@ def unsupported(engine: DecodeEngine) -> str | None:
     return None
 
 
-def masked_product(part: RankPart, coeff: torch.Tensor) -> torch.Tensor:
+def union_product(part: RankPart, coeff: torch.Tensor) -> torch.Tensor:
     """A masked part's output for B tokens' coefficients (B, K), in their dtype: each token's own mask, the rows
     of the union read once (batch_masked.masked_rows_union)."""
     y, _ = masked_rows_union(part.rows, coeff.contiguous(), part.threshold, part.scale)
     return y.to(coeff.dtype)
 
 
-def qkv_product(block: Block, normed: torch.Tensor, product) -> torch.Tensor:
+def dense_masked_product(part: RankPart, coeff: torch.Tensor) -> torch.Tensor:
+    """The same output as one dense product of the masked coefficients with every row (cuBLAS): no list, every
+    row read. Once the union of a few tokens' masks keeps most rows, this reads little more and runs at the
+    dense product's bandwidth (bench/masked_batch.py)."""
+    return masked_rows_batched(part.rows, coeff, part.threshold, part.scale).to(coeff.dtype)
+
+
+def qkv_product(block: Block, normed: torch.Tensor, product, masked) -> torch.Tensor:
     if isinstance(block.qkv, RankPart) and not isinstance(block.qkv, NeuronPart):
-        return masked_product(block.qkv, product(normed, block.qkv.B))
+        return masked(block.qkv, product(normed, block.qkv.B))
     return product(normed, block.qkv.weight)
 
 
-def mlp(block: Block, normed: torch.Tensor, product) -> torch.Tensor:
+def mlp(block: Block, normed: torch.Tensor, product, masked) -> torch.Tensor:
     if not isinstance(block.gate, RankPart):
         gate, up = product(normed, block.gate_up).chunk(2, dim=-1)
         return product(F.silu(gate) * up, block.down.weight)
     z = product(normed, block.gate_up_B)
     rank = block.gate.rank
-    h = F.silu(masked_product(block.gate, z[:, :rank])) * masked_product(block.up, z[:, rank:])
-    return masked_product(block.down, h)
+    h = F.silu(masked(block.gate, z[:, :rank])) * masked(block.up, z[:, rank:])
+    return masked(block.down, h)
 
 
 class BatchDecoder:
     """B sequences through `engine`'s blocks, one token each per step (module docstring)."""
 
     PRODUCTS = {"cublas": F.linear, "triton": lambda x, weight: rows_product(weight, x)}
+    MASKED = {"union": union_product, "dense": dense_masked_product}
 
-    def __init__(self, engine: DecodeEngine, batch: int, max_seq: int, products: str = "cublas"):
+    def __init__(self, engine: DecodeEngine, batch: int, max_seq: int, products: str = "cublas",
+                 masked: str = "union"):
         reason = unsupported(engine)
         if reason:
             raise ValueError(reason)
         if products not in self.PRODUCTS:
             raise ValueError(f"unknown products {products!r}: use one of {', '.join(self.PRODUCTS)}")
-        self.product = self.PRODUCTS[products]
+        if masked not in self.MASKED:
+            raise ValueError(f"unknown masked products {masked!r}: use one of {', '.join(self.MASKED)}")
+        self.product, self.masked = self.PRODUCTS[products], self.MASKED[masked]
         if not 1 <= batch <= MAX_BATCH:
             raise ValueError(f"a batch of {batch} sequences: the masked products take 1 to {MAX_BATCH}")
         s = engine.shape
@@ -116,7 +129,7 @@ class BatchDecoder:
         norms = [n for block in engine.blocks for n in (block.attn_norm, block.mlp_norm)] + [engine.norm]
         add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(engine.blocks):
-            qkv = qkv_product(block, normed, self.product)
+            qkv = qkv_product(block, normed, self.product, self.masked)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             q = batch_rope_into_cache(qkv, self.cos, self.sin, pos, k_cache, v_cache, s.heads)
             attended = batch_decode_attention(q, k_cache, v_cache, pos)  # each over its own prefix
@@ -124,7 +137,7 @@ class BatchDecoder:
             add_rmsnorm(x, self.product(attended.reshape(B, s.hidden), block.wo.weight), after.weight, after.eps,
                         normed)
             after = norms[2 * index + 2]
-            add_rmsnorm(x, mlp(block, normed, self.product), after.weight, after.eps, normed)
+            add_rmsnorm(x, mlp(block, normed, self.product, self.masked), after.weight, after.eps, normed)
         return self.product(normed, engine.lm_head.weight)
 
     @torch.no_grad()
