@@ -14,6 +14,10 @@ Two launches and a reduction, as at batch 1:
    and multiply them by the B tokens' coefficients in one small matrix product (tensor cores; the batch is
    padded to 16 rows, the smallest such product);
 3. the shares' partial sums added in a fixed order (deterministic).
+
+Once the union keeps most rows (a few tokens at the densities RaNA runs at), listing them costs more than it
+saves: `masked_rows_dense` reads every row in order, the masks applied to the coefficients as they are loaded,
+with no list (one product launch and its reduction).
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import math
 import torch
 
 from rana_core.decode.masked_kernels import (BLOCK_K, BLOCK_M, COMPACT_CHUNK, _interpreting, _multiprocessors,
-                                             triton, use_triton)
+                                             masked_rows_batched, reduce_partials, triton, use_triton)
 
 MAX_BATCH = 16  # the padded batch of the gather's matrix product
 
@@ -106,6 +110,63 @@ if triton is not None:
                                                        BLOCK_K)
         tl.store(partial_ptr + (pid_s * B + b[:, None]) * M + offs_m[None, :], acc,
                  mask=b_ok[:, None] & m_ok[None, :])
+
+    @triton.jit
+    def _dense_masked_kernel(rows_ptr, coeff_ptr, coeff_stride, scale_ptr, threshold_ptr, partial_ptr, B, K, M,
+                             K_PER: tl.constexpr, HAS_SCALE: tl.constexpr, BLOCK_K: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_B: tl.constexpr):
+        """Program (m, s): columns m·BLOCK_M… of every token's product over rows s·K_PER… (all of them, in
+        order), each token's coefficients zeroed where its mask is off, into partial[s, b, :]."""
+        pid_m, pid_s = tl.program_id(0), tl.program_id(1)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        b = tl.arange(0, BLOCK_B)
+        b_ok = b < B
+        threshold = tl.load(threshold_ptr)
+        acc = tl.zeros([BLOCK_B, BLOCK_M], dtype=tl.float32)
+        for step in range(0, K_PER, BLOCK_K):
+            offs_k = pid_s * K_PER + step + tl.arange(0, BLOCK_K)
+            k_ok = offs_k < K
+            c = tl.load(coeff_ptr + b[:, None] * coeff_stride + offs_k[None, :], mask=b_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            score = tl.abs(c.to(tl.float32))
+            if HAS_SCALE:
+                score = score * tl.load(scale_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            tile = tl.load(rows_ptr + offs_k[:, None].to(tl.int64) * M + offs_m[None, :],
+                           mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+            # coefficients of the rows' dtype, or zero: exact in it
+            acc = tl.dot(tl.where(score >= threshold, c, 0.0).to(tile.dtype), tile, acc, input_precision="ieee")
+        tl.store(partial_ptr + (pid_s * B + b[:, None]) * M + offs_m[None, :], acc,
+                 mask=b_ok[:, None] & m_ok[None, :])
+
+
+DENSE_BLOCK_K, DENSE_BLOCK_M = 64, 128  # rows and columns per step of masked_rows_dense: 16 KB of fp16 rows
+
+
+def masked_rows_dense(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
+                      scale: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The union product's result, (B, M) in `out` (default: the coefficients' dtype), reading every row: each
+    token's mask applied to its coefficients on the way. `coeff` (B, K) may be a view with a row stride (a slice
+    of a wider product); the rest as masked_rows_union."""
+    B, K = coeff.shape
+    M = rows.shape[1]
+    if rows.shape[0] != K or not 1 <= B <= MAX_BATCH or coeff.stride(1) != 1 or rows.stride(1) != 1:
+        raise ValueError(f"coefficients {tuple(coeff.shape)} for rows {tuple(rows.shape)}: need (B ≤ {MAX_BATCH}, "
+                         f"{rows.shape[0]}), both contiguous along their last axis")
+    out = out if out is not None else torch.empty(B, M, dtype=coeff.dtype, device=rows.device)
+    if not use_triton(rows):
+        return out.copy_(masked_rows_batched(rows, coeff, threshold, scale))
+    blocks_m = math.ceil(M / DENSE_BLOCK_M)
+    steps = math.ceil(K / DENSE_BLOCK_K)
+    splits = max(1, min(steps, math.ceil(4 * _multiprocessors(rows.device) / blocks_m)))
+    k_per = math.ceil(steps / splits) * DENSE_BLOCK_K
+    splits = math.ceil(K / k_per)
+    partial = torch.empty(splits * B * M, dtype=torch.float32, device=rows.device)
+    _dense_masked_kernel[(blocks_m, splits)](rows, coeff, coeff.stride(0), scale if scale is not None else coeff,
+                                             threshold, partial, B, K, M, K_PER=k_per, HAS_SCALE=scale is not None,
+                                             BLOCK_K=DENSE_BLOCK_K, BLOCK_M=DENSE_BLOCK_M, BLOCK_B=MAX_BATCH,
+                                             num_warps=4, num_stages=3)
+    return reduce_partials(partial, splits, out.view(-1)).view(B, M)
 
 
 def masked_rows_union(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,

@@ -27,11 +27,10 @@ import torch
 import torch.nn.functional as F
 
 from rana_core.decode.batch_gemv import rows_product
-from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_union
+from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_dense, masked_rows_union
 from rana_core.decode.batch_kernels import batch_decode_attention, batch_rope_into_cache
 from rana_core.decode.dense_kernels import add_rmsnorm
 from rana_core.decode.engine import Block, DecodeEngine, capture_step, replay_times
-from rana_core.decode.masked_kernels import masked_rows_batched
 from rana_core.decode.parts import NeuronPart, RankPart
 
 
@@ -51,10 +50,10 @@ def union_product(part: RankPart, coeff: torch.Tensor) -> torch.Tensor:
 
 
 def dense_masked_product(part: RankPart, coeff: torch.Tensor) -> torch.Tensor:
-    """The same output as one dense product of the masked coefficients with every row (cuBLAS): no list, every
-    row read. Once the union of a few tokens' masks keeps most rows, this reads little more and runs at the
-    dense product's bandwidth (bench/masked_batch.py)."""
-    return masked_rows_batched(part.rows, coeff, part.threshold, part.scale).to(coeff.dtype)
+    """The same output from every row, each token's mask applied to its coefficients (batch_masked.
+    masked_rows_dense): no list. Once the union of a few tokens' masks keeps most rows, this reads little more
+    and streams the rows in order (bench/masked_batch.py)."""
+    return masked_rows_dense(part.rows, coeff, part.threshold, part.scale)
 
 
 def qkv_product(block: Block, normed: torch.Tensor, product, masked) -> torch.Tensor:
