@@ -13,8 +13,11 @@ the engine. Dense products are one matrix product for the B rows (cuBLAS, or wit
 batch_gemv.rows_product, which streams each weight once like the batch-1 GEMV), each residual add and the RMSNorm
 after it one fused kernel for the B rows, and rotary, the cache writes and attention the engine's fused kernels
 with a sequence axis (batch_kernels.py: each sequence's cache read up to its own position). Masked products
-read the union of the masks (masked="union") or every row, the masks applied to the coefficients
-(masked="dense"). The blocks of the synthetic engine (dense, RaNA) are supported; an engine built from a stored run is refused in one line (its runs decode at batch 1 so far).
+read every row, each token's mask applied to its coefficients (masked="dense", the default), or only the union
+of the masks (masked="union"). On the H200 the union of even 1-8 tokens' masks keeps so many rows that reading
+all of them in order is faster at every batch (bench/batch_decode.py: RaNA −44% on the 7B shape at 0.93-0.96×
+dense with every row, 0.49-0.69× with the union). The blocks of the synthetic engine (dense, RaNA) are
+supported; an engine built from a stored run is refused in one line (its runs decode at batch 1 so far).
 
     batch = BatchDecoder(engine, batch=8, max_seq=1024)
     batch.prefill([prompt_a, prompt_b, ...])    # each through the engine, its cache copied in
@@ -79,7 +82,7 @@ class BatchDecoder:
     MASKED = {"union": union_product, "dense": dense_masked_product}
 
     def __init__(self, engine: DecodeEngine, batch: int, max_seq: int, products: str = "cublas",
-                 masked: str = "union"):
+                 masked: str = "dense"):
         reason = unsupported(engine)
         if reason:
             raise ValueError(reason)
