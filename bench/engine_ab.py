@@ -5,8 +5,8 @@
 
 Options read at launch time (RANA_EARLY_WEIGHTS: a GEMV's first weight chunk loaded before the PDL wait; RANA_PDL:
 programmatic dependent launch) are A/B'd by recapturing the same engine's graph with each value, alternately,
-`rounds` times: machines of one kind differ by a few per cent, so only ratios within one run are compared. Median ms/token of graph-replayed steps. Prints a table and writes
-bench/results/engine-ab-<env>-<device>.json.
+`rounds` times: machines of one kind differ by a few per cent, so only ratios within one run are compared.
+Median ms/token of graph-replayed steps. Prints a table and writes bench/results/engine-ab-<env>-<device>.json.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def main(argv=None) -> int:
     base, option = args.values.split(",")
     name = torch.cuda.get_device_name()
     rows = []
-    print(f"{name}, {args.dtype}, median ms/token of {args.new_tokens} replayed steps; {args.env}={base} against ={option}")
+    print(f"{name}, {args.dtype}, median ms/token of {args.new_tokens} replayed steps; "
+          f"{args.env}={base} against ={option}")
     print(f"{'model':<22}{'cut':>5}{'context':>8}{base:>10}{option:>10}{'ratio':>8}")
     for model in args.models.split(","):
         for cut in [float(c) for c in args.cuts.split(",")]:

@@ -59,7 +59,8 @@ def main(argv=None) -> int:
             dense = graph_ms(lambda: coeff @ rows)
             singles = graph_ms(lambda: [masked_rows_gemv(rows, coeff[b], threshold, scale) for b in range(B)])
             rows_out.append({"product": product, "K": K, "M": M, "batch": B, "density": density, "rows_read": read,
-                             "union_ms": union, "every_row_ms": every, "dense_ms": dense, "single_token_calls_ms": singles})
+                             "union_ms": union, "every_row_ms": every, "dense_ms": dense,
+                             "single_token_calls_ms": singles})
             print(f"{product:<16}{B:>3}{read:>10.2f}{union:>9.4f}{every:>10.4f}{dense:>9.4f}{singles:>9.4f}"
                   f"{dense / min(union, every):>8.2f}x", flush=True)
     write_results({"device_name": name, "dtype": args.dtype, "rows": rows_out}, args.out, "masked-batch", name)
