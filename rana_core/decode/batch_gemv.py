@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from rana_core.decode.batch_masked import MAX_BATCH  # the padded batch of both small products
+from rana_core.decode.batch_masked import MAX_BATCH, check_batch  # the padded batch of both small products
 from rana_core.decode.masked_kernels import triton, use_triton
 
 CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
@@ -45,11 +45,9 @@ if triton is not None:
 
 def rows_product(weight: torch.Tensor, x: torch.Tensor, config: dict | None = None) -> torch.Tensor:
     """x Wᵀ for x (B, K) with B ≤ 16 and W (N, K) row-major, in x's dtype (summed in float32, rounded once)."""
+    check_batch(x, weight.shape[1], f"inputs {tuple(x.shape)} for a weight {tuple(weight.shape)}")
     B, K = x.shape
     N = weight.shape[0]
-    if weight.shape[1] != K or not 1 <= B <= MAX_BATCH:
-        raise ValueError(f"inputs {tuple(x.shape)} for a weight {tuple(weight.shape)}: need (B ≤ {MAX_BATCH}, "
-                         f"{weight.shape[1]})")
     if not use_triton(weight):
         return torch.nn.functional.linear(x, weight)
     c = {**CONFIG, **(config or {})}

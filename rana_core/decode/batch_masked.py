@@ -31,6 +31,12 @@ from rana_core.decode.masked_kernels import (BLOCK_K, BLOCK_M, COMPACT_CHUNK, _i
 
 MAX_BATCH = 16  # the padded batch of the gather's matrix product
 
+
+def check_batch(x: torch.Tensor, inner: int, what: str) -> None:
+    """One line unless x is a small batch's (B ≤ MAX_BATCH, inner) input; `what` names x and its partner."""
+    if x.dim() != 2 or x.shape[1] != inner or not 1 <= x.shape[0] <= MAX_BATCH:
+        raise ValueError(f"{what}: need (B ≤ {MAX_BATCH}, {inner})")
+
 if triton is not None:
     import triton.language as tl
 
@@ -148,11 +154,11 @@ def masked_rows_dense(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.
     """The union product's result, (B, M) in `out` (default: the coefficients' dtype), reading every row: each
     token's mask applied to its coefficients on the way. `coeff` (B, K) may be a view with a row stride (a slice
     of a wider product); the rest as masked_rows_union."""
+    check_batch(coeff, rows.shape[0], f"coefficients {tuple(coeff.shape)} for rows {tuple(rows.shape)}")
+    if coeff.stride(1) != 1 or rows.stride(1) != 1:
+        raise ValueError("coefficients and rows must be contiguous along their last axis")
     B, K = coeff.shape
     M = rows.shape[1]
-    if rows.shape[0] != K or not 1 <= B <= MAX_BATCH or coeff.stride(1) != 1 or rows.stride(1) != 1:
-        raise ValueError(f"coefficients {tuple(coeff.shape)} for rows {tuple(rows.shape)}: need (B ≤ {MAX_BATCH}, "
-                         f"{rows.shape[0]}), both contiguous along their last axis")
     out = out if out is not None else torch.empty(B, M, dtype=coeff.dtype, device=rows.device)
     if not use_triton(rows):
         return out.copy_(masked_rows_batched(rows, coeff, threshold, scale))
@@ -175,11 +181,9 @@ def masked_rows_union(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.
     (B, M), and how many of the K rows the union of their masks listed (a device tensor: reading it waits for
     the GPU, which a captured graph must not). `rows` (K, M) row-major, `coeff` (B, K) in the rows' dtype,
     `threshold` one float32 element, `scale` (K,) for neuron scores (|h_k| · scale_k)."""
+    check_batch(coeff, rows.shape[0], f"coefficients {tuple(coeff.shape)} for rows {tuple(rows.shape)}")
     B, K = coeff.shape
     M = rows.shape[1]
-    if rows.shape[0] != K or not 1 <= B <= MAX_BATCH:
-        raise ValueError(f"coefficients {tuple(coeff.shape)} for rows {tuple(rows.shape)}: need (B ≤ {MAX_BATCH}, "
-                         f"{rows.shape[0]})")
     if not use_triton(rows):
         score = coeff.float().abs() * (scale.float() if scale is not None else 1.0)
         active = score >= threshold
