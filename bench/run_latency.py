@@ -17,7 +17,6 @@ bench/results/run-latency-<label>-<device>.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -38,9 +37,7 @@ from rana_core.loading import load_model  # noqa: E402
 from rana_core.methods import parse_method_label  # noqa: E402
 from rana_core.pipeline import compress  # noqa: E402
 
-from shown_path import shown  # noqa: E402
-
-RESULTS = ROOT / "bench" / "results"
+from shown_path import RESULTS, write_results  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -111,12 +108,10 @@ def main(argv=None) -> int:
         print(f"{row['method']:<14}{row['layer_mode']:>11}{row['perplexity']:>9.2f}"
               f"{row['measured_flop_reduction']:>7.3f}"
               f"{row['engine_flop_reduction']:>11.3f}{cells}")
-    RESULTS.mkdir(exist_ok=True)
     mode = "" if modes == ["reference"] else "-" + "-".join(modes)
     out = args.out or RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}{mode}.json"
-    out.write_text(json.dumps({"model": label, "device": device, "args": {**vars(args), "out": str(out)},
-                               "rows": rows}, indent=1))
-    print(f"wrote {shown(out)}")
+    write_results({"model": label, "device": device, "args": {**vars(args), "out": str(out)}, "rows": rows}, out,
+                  "run-latency", device)
     return 0
 
 
