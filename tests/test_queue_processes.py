@@ -19,7 +19,7 @@ from jobs import queue
 
 QUICK = {"model": "tiny", "method": "svd", "flop_reduction": 0.3, "calib_tokens": 256, "eval_tokens": 256,
          "seq_len": 128}
-# About 6 s on one core here, of which the held-out evaluation (progress 0.5 to 1) is the last 3: the window in
+# About 8 s on two cores here, of which the held-out evaluation (progress 0.5 to 1) is the last 2-3: the window in
 # which the tests below stop a worker mid-job. The tiny model is fast; the evaluation's tokens make the window.
 SLOW = {"model": "tiny", "method": "rana", "allocation": "greedy", "flop_reduction": 0.3, "calib_tokens": 8192,
         "eval_tokens": 65536, "seq_len": 128}
