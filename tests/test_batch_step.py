@@ -1,14 +1,17 @@
 """The batched decode step (rana_core.decode.batch_step) against each sequence decoded alone by the batch-1
 engine: the same logits and tokens for every sequence, with prompts of different lengths (each sequence at its
-own position), dense and RaNA; on the CPU through Triton's interpreter (the masked products' union kernels), on
-the GPU (`gpu`) at the SmolLM2 shape in fp16, graph-replayed."""
+own position), dense and RaNA on the synthetic engine and every method the engine runs on a stored run; on the CPU
+through Triton's interpreter (the masked products' kernels), on the GPU (`gpu`) at the SmolLM2 shape in fp16,
+graph-replayed."""
 
 import pytest
 import torch
 
 from rana_core.decode.batch_step import BatchDecoder
+from rana_core.decode.from_model import engine_from_model
 from rana_core.decode.engine import SHAPES, DecodeEngine, Shape
 
+from test_engine_from_model import stored_run
 from test_kernels import require_triton
 
 TINY = SHAPES["tiny-shape"]  # grouped K/V heads: QKV stays dense in RaNA's uniform allocation
@@ -65,6 +68,42 @@ def test_bad_batches_are_refused_with_one_line():
         batch.prefill(prompts(engine, (3,)))
     with pytest.raises(ValueError, match="no room"):
         batch.prefill(prompts(engine, (3, 8)))
+
+
+@pytest.mark.parametrize("model_name, method, allocation, products, masked", [
+    ("tiny", "dense", "uniform", "triton", "dense"), ("tiny", "svd", "uniform", "triton", "dense"),
+    ("tiny", "rana", "greedy", "triton", "dense"),
+    ("tiny", "rana", "greedy", "cublas", "union"), ("tiny", "hybrid", "exact-loss", "triton", "dense"),
+    ("tiny", "cats", "uniform", "cublas", "dense"), ("tiny", "teal", "greedy", "triton", "union"),
+    ("tiny", "wina", "greedy", "triton", "dense"), ("tiny-qwen2", "rana", "uniform", "triton", "dense")])
+def test_each_sequence_of_a_stored_runs_batch_decodes_as_it_would_alone(model_name, method, allocation, products,
+                                                                       masked, tmp_path):
+    """The engine of a stored run (its model's weights, its saved adapters) in batches: three prompts of 3, 9 and
+    5 tokens, 4 steps, float32, each sequence's logits within 1e-4 of their scale of the batch-1 engine's and
+    the same greedy tokens. Covers each part kind (svd's static low rank, TEAL's unscaled input masks on every
+    product in hybrid's run and teal's, WINA's scaled ones, CATS's gate-decided neurons, Qwen2's q/k/v biases)."""
+    require_triton("cpu")
+    loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
+    engine = engine_from_model(loaded.model, adapters)
+    for block in engine.blocks:  # the tiny Qwen2's biases are zeros: values, so that a bias left out shows
+        if block.qkv_bias is not None:
+            block.qkv_bias.copy_(torch.randn(block.qkv_bias.shape, generator=torch.Generator().manual_seed(6)))
+    batch = BatchDecoder(engine, batch=3, max_seq=32, products=products, masked=masked)
+    sequences = prompts(engine, (3, 9, 5))
+    expected = torch.stack([alone(engine, p, 4, 32) for p in sequences], dim=1)
+    batch.prefill(sequences)
+    got = torch.stack([batch.step().float().clone() for _ in range(4)])
+    assert torch.isfinite(got).all()
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@pytest.mark.parametrize("model_name, method, why", [
+    ("tiny", "a3", "A3's narrower attention"), ("tiny-gemma3", "dense", "GemmaEngine's layers")])
+def test_runs_whose_layers_cannot_decode_in_batches_are_refused_with_one_line(model_name, method, why, tmp_path):
+    loaded, adapters, _ = stored_run(model_name, method, "uniform", tmp_path)
+    with pytest.raises(ValueError, match=why):
+        BatchDecoder(engine_from_model(loaded.model, adapters), batch=2, max_seq=32)
 
 
 @pytest.mark.gpu

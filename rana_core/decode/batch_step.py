@@ -16,8 +16,10 @@ with a sequence axis (batch_kernels.py: each sequence's cache read up to its own
 read every row, each token's mask applied to its coefficients (masked="dense", the default), or only the union
 of the masks (masked="union"). On the H200 the union of even 1-8 tokens' masks keeps so many rows that reading
 all of them in order is faster at every batch (bench/batch_decode.py: RaNA −44% on the 7B shape at 0.93-0.96×
-dense with every row, 0.49-0.69× with the union). The blocks of the synthetic engine (dense, RaNA) are
-supported; an engine built from a stored run is refused in one line (its runs decode at batch 1 so far).
+dense with every row, 0.49-0.69× with the union). The synthetic engine's blocks (dense, RaNA) and those of an
+engine built from a stored run (rana_core.decode.from_model: dense, svd, RaNA, CATS, TEAL, WINA, hybrid's mixes,
+q/k/v biases) decode in batches, each part through the batched product its kind calls for; A3's narrower
+attention and Gemma's layer are refused in one line.
 
     batch = BatchDecoder(engine, batch=8, max_seq=1024)
     batch.prefill([prompt_a, prompt_b, ...])    # each through the engine, its cache copied in
@@ -28,20 +30,27 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from rana_core.decode.batch_gemv import rows_product
 from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_dense, masked_rows_union
 from rana_core.decode.batch_kernels import batch_decode_attention, batch_rope_into_cache
 from rana_core.decode.dense_kernels import add_rmsnorm
 from rana_core.decode.engine import Block, DecodeEngine, capture_step, replay_times
+from rana_core.decode.from_model import CatsPart, Dense, ModelBlock, ProjectionMLP, StaticLowRank
+from rana_core.decode.narrow import A3AttentionPart
 from rana_core.decode.parts import NeuronPart, RankPart
 
 
 def unsupported(engine: DecodeEngine) -> str | None:
     """Why the batched step cannot run this engine's blocks (one line), or None when it can."""
+    if type(engine) is not DecodeEngine:
+        return f"{type(engine).__name__}'s layers do not decode in batches yet (Llama-style layers do)"
     for block in engine.blocks:
-        if type(block) is not Block:
-            return "only the synthetic engine's blocks (dense or RaNA) decode in batches so far"
+        if isinstance(block.qkv, A3AttentionPart):
+            return "A3's narrower attention and cache do not decode in batches yet"
+        if type(block) not in (Block, ModelBlock):
+            return f"a {type(block).__name__} layer does not decode in batches yet"
     return None
 
 
@@ -57,22 +66,6 @@ def dense_masked_product(part: RankPart, coeff: torch.Tensor) -> torch.Tensor:
     masked_rows_dense): no list. Once the union of a few tokens' masks keeps most rows, this reads little more
     and streams the rows in order (bench/masked_batch.py)."""
     return masked_rows_dense(part.rows, coeff, part.threshold, part.scale)
-
-
-def qkv_product(block: Block, normed: torch.Tensor, product, masked) -> torch.Tensor:
-    if isinstance(block.qkv, RankPart) and not isinstance(block.qkv, NeuronPart):
-        return masked(block.qkv, product(normed, block.qkv.B))
-    return product(normed, block.qkv.weight)
-
-
-def mlp(block: Block, normed: torch.Tensor, product, masked) -> torch.Tensor:
-    if not isinstance(block.gate, RankPart):
-        gate, up = product(normed, block.gate_up).chunk(2, dim=-1)
-        return product(F.silu(gate) * up, block.down.weight)
-    z = product(normed, block.gate_up_B)
-    rank = block.gate.rank
-    h = F.silu(masked(block.gate, z[:, :rank])) * masked(block.up, z[:, rank:])
-    return masked(block.down, h)
 
 
 class BatchDecoder:
@@ -131,7 +124,9 @@ class BatchDecoder:
         norms = [n for block in engine.blocks for n in (block.attn_norm, block.mlp_norm)] + [engine.norm]
         add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
         for index, block in enumerate(engine.blocks):
-            qkv = qkv_product(block, normed, self.product, self.masked)
+            qkv = self.part(block.qkv, normed)
+            if block.qkv_bias is not None:
+                qkv = qkv + block.qkv_bias
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
             q = batch_rope_into_cache(qkv, self.cos, self.sin, pos, k_cache, v_cache, s.heads)
             attended = batch_decode_attention(q, k_cache, v_cache, pos)  # each over its own prefix
@@ -139,8 +134,36 @@ class BatchDecoder:
             add_rmsnorm(x, self.product(attended.reshape(B, s.hidden), block.wo.weight), after.weight, after.eps,
                         normed)
             after = norms[2 * index + 2]
-            add_rmsnorm(x, mlp(block, normed, self.product, self.masked), after.weight, after.eps, normed)
+            add_rmsnorm(x, self.mlp(block, normed), after.weight, after.eps, normed)
         return self.product(normed, engine.lm_head.weight)
+
+    def part(self, part: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """One product of a layer for the B rows of x, through the batched product its kind calls for."""
+        if isinstance(part, NeuronPart):  # the coefficients are the inputs themselves (RaNA's down, TEAL, WINA)
+            return self.masked(part, x)
+        if isinstance(part, RankPart):  # z = B x for every rank, then the masked A-part
+            return self.masked(part, self.product(x, part.B))
+        if isinstance(part, StaticLowRank):
+            return self.product(self.product(x, part.B), part.A)
+        if isinstance(part, (nn.Linear, Dense)):
+            return self.product(x, part.weight)
+        raise TypeError(f"no batched product for a {type(part).__name__}")  # unsupported() keeps these out
+
+    def mlp(self, block: Block, x: torch.Tensor) -> torch.Tensor:
+        """The MLP of one layer for the B rows of x: gate and up read in one product where they share one."""
+        parts = block.mlp_part if isinstance(block, ModelBlock) else block
+        if isinstance(parts, CatsPart):  # a dense gate decides the neurons: its own batched PyTorch forward
+            return parts(x)
+        if hasattr(parts, "gate_up_B"):  # RaNA: gate's and up's B in one product, masked A-parts, masked down
+            z = self.product(x, parts.gate_up_B)
+            rank = parts.gate.rank
+            act = getattr(parts, "act", F.silu)
+            return self.part(parts.down, act(self.masked(parts.gate, z[:, :rank])) * self.masked(parts.up, z[:, rank:]))
+        fused = parts.fused if isinstance(parts, ProjectionMLP) else parts.gate_up
+        if fused is not None:  # SwiGLU with dense gate and up, stacked
+            gate, up = self.product(x, fused).chunk(2, dim=-1)
+            return self.part(parts.down, F.silu(gate) * up)
+        return self.part(parts.down, parts.act(self.part(parts.gate, x)) * self.part(parts.up, x))
 
     @torch.no_grad()
     def step(self) -> torch.Tensor:
