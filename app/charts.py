@@ -174,6 +174,22 @@ def latency_figures(latency: pd.DataFrame) -> tuple[go.Figure, go.Figure]:
     return per_token, speedup
 
 
+def batch_figure(batches: pd.DataFrame) -> go.Figure:
+    """Tokens per second against batch size, the run solid and the dense model dashed in the same colour, one
+    colour per (device, dtype, context)."""
+    fig = go.Figure()
+    for index, (series, rows) in enumerate(batches.groupby("series", sort=True)):
+        rows = rows.sort_values("batch")
+        colour = qualitative.D3[index % len(qualitative.D3)]
+        fig.add_trace(go.Scatter(x=rows["batch"], y=rows["tokens_per_s"], mode="lines+markers",
+                                 name=f"run · {series}", line={"color": colour}))
+        fig.add_trace(go.Scatter(x=rows["batch"], y=rows["dense_tokens_per_s"], mode="lines+markers",
+                                 name=f"dense · {series}", line={"color": colour, "dash": "dash"}))
+    fig.update_layout(xaxis_title="sequences decoding together (batch)", yaxis_title="tokens / s (all sequences)",
+                      height=360, margin={"t": 30})
+    return fig
+
+
 CURVE_SHARES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # rana_core.adapters.base.SPARSITY_CURVE_SHARES (app does not import it)
 
 

@@ -257,6 +257,28 @@ def run_speed(db_url: str, run_id: int) -> tuple[pd.DataFrame, list]:
     return latest.sort_values(["device_name", "context_tokens"]), last or []
 
 
+BATCH_COLUMNS = ["series", "batch", "tokens_per_s", "dense_tokens_per_s"]
+
+
+def run_batches(db_url: str, run_id: int) -> pd.DataFrame:
+    """Tokens per second of a run and of the dense model by batch size, from the latest measurement at each device,
+    dtype and context that timed batches: batch 1 is the one-token engine, larger batches the batched step."""
+    with session_scope(db_url) as session:
+        rows = session.execute(select(LatencyResult).where(LatencyResult.run_id == run_id)
+                               .order_by(LatencyResult.id)).scalars().all()
+        latest = {(r.device_name, r.dtype, r.context_tokens): r for r in rows}  # a later measurement wins
+        records = []
+        for (device, dtype, context), row in sorted(latest.items()):
+            batches = (row.shapes or {}).get("batches") or []
+            series = f"{device} · {dtype} · context {context}"
+            if batches:
+                records.append({"series": series, "batch": 1, "tokens_per_s": 1e3 / row.ms_per_token,
+                                "dense_tokens_per_s": 1e3 / row.dense_ms_per_token})
+            records += [{"series": series, "batch": b["batch"], "tokens_per_s": b["tokens_per_s"],
+                         "dense_tokens_per_s": b["dense_tokens_per_s"]} for b in batches]
+    return pd.DataFrame.from_records(records, columns=BATCH_COLUMNS)
+
+
 def speed_points(runs: pd.DataFrame, db_url: str) -> pd.DataFrame:
     """Runs joined with their measured decode speed: one point per run and GPU, at the shortest context measured
     there (the latest measurement), its series the method's and the GPU's."""
@@ -272,10 +294,12 @@ def speed_points(runs: pd.DataFrame, db_url: str) -> pd.DataFrame:
     return joined
 
 
-def submit_run_latency(run_id: int, contexts: list[int], author: str | None = None) -> int:
-    """Queue a measurement of a run's decode speed (a GPU worker runs it); RanaError as a message when refused."""
-    job_id = queue.submit("run_latency", {"run_id": int(run_id), "contexts": contexts}, author=author, url=url(),
-                          actor=auth.actor())
+def submit_run_latency(run_id: int, contexts: list[int], author: str | None = None,
+                       batches: list[int] = ()) -> int:
+    """Queue a measurement of a run's decode speed at each context (and, with `batches`, of that many sequences
+    decoding together); a GPU worker runs it. RanaError as a message when refused."""
+    job_id = queue.submit("run_latency", {"run_id": int(run_id), "contexts": contexts, "batches": list(batches)},
+                          author=author, url=url(), actor=auth.actor())
     jobs.clear()
     return job_id
 

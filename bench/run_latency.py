@@ -4,12 +4,13 @@ adapters (rana_core.decode.from_model), against the dense model in the same engi
     python bench/run_latency.py [--model smollm2-135m] [--label NAME] [--budget 0.44]
                                 [--methods dense,svd,cats,teal,wina,rana-greedy,a3,hybrid] [--contexts 1,512]
                                 [--new-tokens 256] [--dtype bfloat16] [--calib-tokens 8192] [--eval-tokens 8192]
-                                [--layers reference,persistent] [--out PATH]
+                                [--layers reference,persistent] [--batches 4,8] [--out PATH]
 
 Each run is compressed in this process on the GPU (rana_core.pipeline.compress, its adapters saved and loaded back
 as a worker would), then measured by rana_core.decode.run_latency.measure_run: median ms per token over
 `new-tokens` graph-replayed steps after a prompt of each context, the dense engine's beside it, the floor (bytes a
-step reads over the copy bandwidth), the FLOP reduction counted from the engine's masks on held-out windows.
+step reads over the copy bandwidth), the FLOP reduction counted from the engine's masks on held-out windows;
+with --batches, tokens per second of that many sequences decoding together, run and dense (batch_rows).
 A model that is not installed is skipped with its reason. Prints a table and writes
 bench/results/run-latency-<label>-<device>.json.
 """
@@ -54,6 +55,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="reference",
                         help="how the engine runs a layer: reference (a launch per operation), persistent (one "
                              "launch), or both comma-separated (each run timed both ways in this process)")
+    parser.add_argument("--batches", default="", help="batch sizes (2-16) also timed at each context, e.g. 4,8")
     parser.add_argument("--out", type=Path, help="the JSON's path (default: bench/results/run-latency-…)")
     args = parser.parse_args(argv)
     modes = args.layers.split(",")
@@ -64,6 +66,7 @@ def main(argv=None) -> int:
         return 2
     label = args.label or args.model
     contexts = [int(c) for c in args.contexts.split(",")]
+    batches = [int(b) for b in args.batches.split(",") if b]
     try:
         loaded = load_model(args.model, device="cuda", dtype=args.dtype)
     except ModelNotFound as exc:
@@ -83,7 +86,7 @@ def main(argv=None) -> int:
                 unload(loaded.layers)
                 adapters = load_adapters(loaded, result.artifact["path"], result.artifact["sha256"])
                 reports = {mode: measure_run(loaded.model, adapters, contexts, args.new_tokens, args.dtype, "cuda",
-                                             text, layers=mode) for mode in modes}
+                                             text, layers=mode, batches=batches) for mode in modes}
             except RanaError as exc:  # e.g. a family or adapter the engine cannot run: one line, the row says so
                 rows.append({"method": name, "error": str(exc)})
                 print(f"{name}: {exc}", file=sys.stderr)
@@ -108,6 +111,15 @@ def main(argv=None) -> int:
         print(f"{row['method']:<14}{row['layer_mode']:>11}{row['perplexity']:>9.2f}"
               f"{row['measured_flop_reduction']:>7.3f}"
               f"{row['engine_flop_reduction']:>11.3f}{cells}")
+    if batches:
+        print("\nbatches: tokens/s of the run (and × dense at the same batch)")
+        print(f"{'method':<14}{'layers':>11}{'context':>9}" + "".join(f"{f'B={b}':>18}" for b in [1] + batches))
+        for row in rows:
+            for r in row.get("per_context", []):
+                cells = [(1e3 / r["ms_per_token"], r["dense_ms_per_token"] / r["ms_per_token"])] + [
+                    (b["tokens_per_s"], b["tokens_per_s"] / b["dense_tokens_per_s"]) for b in r["batches"]]
+                print(f"{row['method']:<14}{row['layer_mode']:>11}{r['context_tokens']:>9}"
+                      + "".join(f"{f'{t:,.0f} ({x:.2f}×)':>18}" for t, x in cells))
     mode = "" if modes == ["reference"] else "-" + "-".join(modes)
     out = args.out or RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}{mode}.json"
     write_results({"model": label, "device": device, "args": {**vars(args), "out": str(out)}, "rows": rows}, out,

@@ -48,7 +48,8 @@ def _latency(p: dict) -> str:
 
 
 def _run_latency(p: dict) -> str:
-    return f"run {p['run_id']}: decode speed at contexts {','.join(map(str, p['contexts']))} ({p['dtype']})"
+    batches = f", batches {','.join(map(str, p['batches']))}" if p.get("batches") else ""
+    return f"run {p['run_id']}: decode speed at contexts {','.join(map(str, p['contexts']))}{batches} ({p['dtype']})"
 
 
 KINDS: dict[str, JobKind] = {kind.name: kind for kind in (

@@ -103,7 +103,8 @@ def store_latency(session, rows: list[dict], job_id: int | None = None, run_id: 
 
 def store_run_latency(session, run_id: int, report: dict, job_id: int | None = None) -> int:
     """A run's decode speed (rana_core.decode.run_latency.measure_run): one row per context, linked to the run,
-    with the dense engine's time, the floor and the per-layer sections beside it."""
+    with the dense engine's time, the floor, the batch sizes timed at that context and the per-layer sections
+    beside it."""
     run = session.get(Run, run_id)
     if run is None:
         raise RanaError(f"run {run_id} no longer exists")
@@ -113,7 +114,8 @@ def store_run_latency(session, run_id: int, report: dict, job_id: int | None = N
              "new_tokens": row["new_tokens"], "ms_per_token": row["ms_per_token"],
              "dense_ms_per_token": row["dense_ms_per_token"],
              "shapes": {"floor_ms": row["floor_ms"], "dense_floor_ms": row["dense_floor_ms"],
-                        "copy_bandwidth_gbs": report["copy_bandwidth_gbs"], "head_ms": report.get("head_ms")}}
+                        "copy_bandwidth_gbs": report["copy_bandwidth_gbs"], "head_ms": report.get("head_ms"),
+                        "batches": row.get("batches", [])}}
             for row in report["rows"]]
     return store_latency(session, rows, job_id=job_id, run_id=run_id, layers=report["layers"])
 

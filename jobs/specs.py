@@ -116,7 +116,8 @@ def latency_payload(payload: dict) -> dict:
     return _decode_options(clean, 8192)
 
 
-RUN_LATENCY_DEFAULTS = {"contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16"}
+RUN_LATENCY_DEFAULTS = {"contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16", "batches": []}
+MAX_BATCH = 16  # rana_core.decode.batch_masked.MAX_BATCH (not imported: this module stays torch-free)
 
 
 def run_latency_payload(payload: dict) -> dict:
@@ -127,10 +128,16 @@ def run_latency_payload(payload: dict) -> dict:
 
 
 def run_latency_options(options: dict) -> dict:
-    """A run's decode-speed options (contexts, new tokens, dtype) with defaults; the model's own positions are
-    checked where it is loaded."""
+    """A run's decode-speed options (contexts, new tokens, dtype, batch sizes also timed) with defaults; the
+    model's own positions are checked where it is loaded."""
     _only(options, set(RUN_LATENCY_DEFAULTS), "latency")
-    return _decode_options({**RUN_LATENCY_DEFAULTS, **options}, 131072)
+    clean = _decode_options({**RUN_LATENCY_DEFAULTS, **options}, 131072)
+    batches = clean["batches"]
+    if not isinstance(batches, list) or not all(_positive_int(b, MAX_BATCH) and b >= 2 for b in batches):
+        raise RanaError(f"batches must be a list of integers in [2, {MAX_BATCH}] (batch 1 is always measured), "
+                        f"got {batches!r}")
+    clean["batches"] = sorted(set(batches))
+    return clean
 
 
 def _run_id(payload: dict) -> int:

@@ -279,7 +279,7 @@ class Worker:
         adapters = load_adapters(loaded, data_dir() / path, digest)
         text = token_windows(loaded.tokenizer, "heldout", 2048, 512)  # the masks are counted on held-out text
         report = measure_run(loaded.model, adapters, payload["contexts"], payload["new_tokens"], payload["dtype"],
-                             device, text, progress)
+                             device, text, progress, batches=payload.get("batches", []))  # none before batches
         return lambda session: store_run_latency(session, payload["run_id"], report, job_id=job.id)
 
     def _config(self, payload: dict):

@@ -175,12 +175,16 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_latency(args) -> int:
-    try:
-        contexts = [int(c) for c in args.contexts.split(",") if c.strip()]
-    except ValueError:
-        raise RanaError(f"--contexts must be integers separated by commas, got {args.contexts!r}") from None
-    payload = {"run_id": args.run_id, "contexts": contexts, "new_tokens": args.new_tokens, "dtype": args.dtype}
+    payload = {"run_id": args.run_id, "contexts": _integers(args.contexts, "--contexts"),
+               "new_tokens": args.new_tokens, "dtype": args.dtype, "batches": _integers(args.batches, "--batches")}
     return _enqueue(args, "run_latency", payload)
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        return [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        raise RanaError(f"{option} must be integers separated by commas, got {text!r}") from None
 
 
 def cmd_recover(args) -> int:

@@ -5,7 +5,7 @@
     rana sweep    --model tiny --methods rana-greedy,cats,svd --budgets 0.2,0.3,0.44,0.5   # one job per point
     rana evaluate RUN_ID --split train --eval-tokens 16384 [--tasks cloze,piqa.jsonl]        # re-measure a run
     rana recover  RUN_ID --strategy rankadaptor                                             # LoRA recovery
-    rana latency  RUN_ID [--contexts 1,512] [--new-tokens 256] [--dtype bfloat16]           # decode speed (GPU)
+    rana latency  RUN_ID [--contexts 1,512] [--batches 4,8] [--new-tokens 256] [--dtype bfloat16]  # decode speed (GPU)
     rana cancel JOB_ID... | rana retry JOB_ID...
     rana worker   [--exit-when-idle] [--stale-after SECONDS] [--device cuda:K] [--max-gpu-memory GIB]
     rana jobs     [--json]
@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "worker runs it, beside the dense model's)")
     latency.add_argument("run_id", type=int)
     latency.add_argument("--contexts", default="1,512", help="prompt lengths before the timed steps, e.g. 1,512")
+    latency.add_argument("--batches", default="", help="batch sizes (2-16) also timed at each context, e.g. 4,8: "
+                         "sequences decoding together, one token each per step")
     latency.add_argument("--new-tokens", type=int, default=256, help="decode steps timed at each context")
     latency.add_argument("--dtype", default="bfloat16", help="float16 or bfloat16")
     _add_team_options(latency)

@@ -417,7 +417,9 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
         report = {"device_name": "NVIDIA H200", "dtype": "bfloat16", "engine": "graphs+triton",
                   "measured_flop_reduction": 0.3, "copy_bandwidth_gbs": 4270.0, "head_ms": 0.01,
                   "rows": [{"context_tokens": c, "new_tokens": 256, "ms_per_token": ms * (1 + c / 1000),
-                            "dense_ms_per_token": 1.0 * (1 + c / 1000), "floor_ms": 0.1, "dense_floor_ms": 0.12}
+                            "dense_ms_per_token": 1.0 * (1 + c / 1000), "floor_ms": 0.1, "dense_floor_ms": 0.12,
+                            "batches": [{"batch": 4, "ms_per_step": 2.0, "dense_ms_per_step": 1.6,
+                                         "tokens_per_s": 2000.0, "dense_tokens_per_s": 2500.0}] if c == 1 else []}
                            for c in (1, 512)],
                   "layers": [{"layer": i, "qkv_kept": 1.0, "mlp_kept": 0.4 + 0.1 * i, "qkv_ms": 0.01,
                               "attention_ms": 0.02 + i / 100, "mlp_ms": 0.03} for i in range(2)]}
@@ -436,12 +438,27 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
     assert times["y"] == ["QKV product", "rest of attention", "MLP"]
     assert np.allclose(np.array(_decode(times["z"])), [[0.01, 0.01], [0.02, 0.03], [0.03, 0.03]])
     assert np.allclose(np.array(_decode(maps["FLOPs kept / dense (engine's masks)"]["z"])), [[1.0, 1.0], [0.4, 0.5]])
+    # batches were timed at context 1 only: batch 1 from the one-token engine (1000/0.8008 and 1000/1.001), batch 4
+    # as stored; run solid, dense dashed
+    batch_chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                       if "batch" in json.loads(c.proto.spec)["layout"]["xaxis"]["title"]["text"])
+    lines = {t["name"]: (t["x"], t["y"], t["line"].get("dash")) for t in batch_chart["data"]}
+    assert set(lines) == {"run · NVIDIA H200 · bfloat16 · context 1", "dense · NVIDIA H200 · bfloat16 · context 1"}
+    x, y, dash = lines["run · NVIDIA H200 · bfloat16 · context 1"]
+    assert _decode(x) == [1, 4] and np.allclose(_decode(y), [1e3 / 0.8008, 2000.0]) and dash is None
+    x, y, dash = lines["dense · NVIDIA H200 · bfloat16 · context 1"]
+    assert np.allclose(_decode(y), [1e3 / 1.001, 2500.0]) and dash == "dash"
     at.text_input(key="speed_contexts").set_value("1,128")
+    at.text_input(key="speed_batches").set_value("1,4")
+    at.button[0].click().run()
+    assert not at.exception and "batches must be a list of integers in [2, 16]" in at.error[0].value
+    assert not [j for j in queue.list_jobs() if j.kind == "run_latency"]
+    at.text_input(key="speed_batches").set_value("8,4")
     at.button[0].click().run()
     assert not at.exception and "Queued job" in at.success[0].value
     queued = next(j for j in queue.list_jobs() if j.kind == "run_latency")
-    assert (queued.payload["run_id"], queued.payload["contexts"], queued.status, queued.message) == (
-        svd_02, [1, 128], "queued", "queued; waiting for a GPU worker")
+    assert (queued.payload["run_id"], queued.payload["contexts"], queued.payload["batches"], queued.status,
+            queued.message) == (svd_02, [1, 128], [4, 8], "queued", "queued; waiting for a GPU worker")
 
     traces, layout = chart(page_with("pareto.py", model="smollm2-135m", x="speedup"))
     points = {t.name: (t.x, t.y) for t in traces if t.name and "frontier" not in t.name and "dense" not in t.name}

@@ -113,14 +113,17 @@ def test_a_decode_speed_job_waits_for_a_gpu_worker_and_can_be_cancelled(env):
     rana("submit", *SMALL, "--method", "svd", "--flop-reduction", "0.3", env=env)
     rana("worker", "--exit-when-idle", env=env)
     (compressed,) = json.loads(rana("jobs", "--json", env=env).stdout)
-    job_id = json.loads(rana("latency", str(compressed["run_id"]), "--contexts", "1,128", "--json",
-                             env=env).stdout)["job_id"]
+    bad = rana("latency", str(compressed["run_id"]), "--batches", "4,eight", env=env, check=False)
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
+        "rana: error: --batches must be integers separated by commas, got '4,eight'"]
+    job_id = json.loads(rana("latency", str(compressed["run_id"]), "--contexts", "1,128", "--batches", "8,4",
+                             "--json", env=env).stdout)["job_id"]
     rana("worker", "--exit-when-idle", env={**env, "RANA_DEVICE": "cpu"})
     waiting = next(j for j in json.loads(rana("jobs", "--json", env=env).stdout) if j["id"] == job_id)
     assert (waiting["kind"], waiting["status"], waiting["message"]) == (
         "run_latency", "queued", "queued; waiting for a GPU worker")
     assert waiting["payload"] == {"run_id": compressed["run_id"], "contexts": [1, 128], "new_tokens": 256,
-                                  "dtype": "bfloat16"}
+                                  "dtype": "bfloat16", "batches": [4, 8]}
     rana("cancel", str(job_id), env=env)
     assert next(j for j in json.loads(rana("jobs", "--json", env=env).stdout) if j["id"] == job_id)["status"] == \
         "cancelled"

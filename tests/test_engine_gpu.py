@@ -162,7 +162,8 @@ def test_a_gpu_worker_stores_a_runs_decode_speed(tmp_path, monkeypatch):
                               "eval_tokens": 512, "seq_len": 128}, url=url)
     Worker(url=url, device="cuda").run(exit_when_idle=True)
     (run,) = [j for j in queue.list_jobs(url=url) if j.run_id]
-    job_id = queue.submit("run_latency", {"run_id": run.run_id, "contexts": [1, 128], "new_tokens": 64}, url=url)
+    job_id = queue.submit("run_latency", {"run_id": run.run_id, "contexts": [1, 128], "new_tokens": 64,
+                                          "batches": [2, 4]}, url=url)
     Worker(url=url, device="cuda").run(exit_when_idle=True)
     view = next(j for j in queue.list_jobs(url=url) if j.id == job_id)
     assert view.status == "done", view.error
@@ -172,6 +173,10 @@ def test_a_gpu_worker_stores_a_runs_decode_speed(tmp_path, monkeypatch):
             assert sorted(r.context_tokens for r in rows) == [1, 128]
             for row in rows:
                 assert row.ms_per_token > 0 and row.dense_ms_per_token > 0 and row.shapes["floor_ms"] > 0
+                assert [b["batch"] for b in row.shapes["batches"]] == [2, 4]
+                for b in row.shapes["batches"]:  # B tokens a step, for the run and for dense
+                    assert b["tokens_per_s"] == pytest.approx(1e3 * b["batch"] / b["ms_per_step"])
+                    assert b["dense_tokens_per_s"] == pytest.approx(1e3 * b["batch"] / b["dense_ms_per_step"])
                 assert [layer["layer"] for layer in row.layers] == [0, 1]
                 assert all(layer["qkv_ms"] > 0 and layer["attention_ms"] > 0 and layer["mlp_ms"] > 0
                            for layer in row.layers)

@@ -46,6 +46,8 @@ def test_the_worker_dispatches_through_the_table():
     ("latency", {"model": "llama2-7b-shape", "dtype": "float16"}, "llama2-7b-shape / float16 (synthetic weights)"),
     ("run_latency", {"run_id": 3, "contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16"},
      "run 3: decode speed at contexts 1,512 (bfloat16)"),
+    ("run_latency", {"run_id": 3, "contexts": [1], "new_tokens": 256, "dtype": "float16", "batches": [4, 8]},
+     "run 3: decode speed at contexts 1, batches 4,8 (float16)"),
     ("quantize", {"bits": 4}, "(a quantize job: unknown to this version)"),
 ])
 def test_each_kind_describes_a_job_in_one_line(kind, payload, line):
@@ -77,6 +79,14 @@ def test_an_unknown_method_label_is_one_clear_error():
     with pytest.raises(RanaError, match="unknown method 'quantize': use one of dense, svd") as caught:
         specs.parse_method_label("quantize-4bit")
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("batches", [[1], [17], [4, "8"], 4, [True]])
+def test_batch_sizes_of_a_speed_measurement_are_2_to_16(batches):
+    with pytest.raises(RanaError, match=r"batches must be a list of integers in \[2, 16\]"):
+        specs.run_latency_payload({"run_id": 3, "batches": batches})
+    assert specs.run_latency_payload({"run_id": 3, "batches": [8, 4, 8]})["batches"] == [4, 8]
+    assert specs.run_latency_payload({"run_id": 3})["batches"] == []
 
 
 def test_a_bad_payload_is_refused_before_the_database_is_opened(tmp_path):

@@ -86,18 +86,27 @@ else:
                           key="detail_speed_times")
         right.plotly_chart(charts.grid_heatmap(kept, "keep", "FLOPs kept / dense (engine's masks)"),
                            key="detail_speed_kept")
+    batches = data.run_batches(data.url(), run_id)
+    if not batches.empty:
+        st.plotly_chart(charts.batch_figure(batches), key="detail_speed_batches")
 with st.form("measure_speed"):
-    contexts = st.text_input("Contexts (prompt tokens before the timed steps)", "1,512", key="speed_contexts")
+    left, right = st.columns(2)
+    contexts = left.text_input("Contexts (prompt tokens before the timed steps)", "1,512", key="speed_contexts")
+    batch_sizes = right.text_input("Batches also timed (sequences decoding together)", "", key="speed_batches",
+                                   placeholder="e.g. 4,8", help="2 to 16; batch 1 is always measured")
     if st.form_submit_button("Measure decode speed"):
         try:
-            parsed = [int(c) for c in contexts.split(",") if c.strip()]
-            job_id = data.submit_run_latency(run_id, parsed, author=data.default_author())
+            parsed = {name: [int(c) for c in text.split(",") if c.strip()]
+                      for name, text in (("contexts", contexts), ("batches", batch_sizes))}
+            job_id = data.submit_run_latency(run_id, parsed["contexts"], author=data.default_author(),
+                                             batches=parsed["batches"])
             st.success(f"Queued job {job_id}: a GPU worker measures it (the Jobs page shows it waiting until one "
                        "is free).")
-        except ValueError:
-            st.error(f"Contexts must be whole numbers separated by commas, got {contexts!r}.")
-        except data.specs.RanaError as exc:
+        except data.specs.RanaError as exc:  # before ValueError, which it is: the queue's own reason
             st.error(str(exc))
+        except ValueError:
+            st.error(f"Contexts and batches must be whole numbers separated by commas, got {contexts!r} and "
+                     f"{batch_sizes!r}.")
 
 st.subheader("Accuracy on tasks")
 accuracy = data.accuracy(data.url())

@@ -5,9 +5,12 @@ For each context length: the median ms per token over `new_tokens` graph-replaye
 (the bytes a step must read over the measured copy bandwidth). Per layer: the share of the QKV and MLP FLOPs the
 masks kept on held-out text, and the time of the layer's QKV product, the rest of its attention, and its MLP in a
 profiled replay (timing events recorded inside the captured graph between the sections; the events cost a little,
-so the sections add up to slightly more than an unprofiled step).
+so the sections add up to slightly more than an unprofiled step). With `batches`, each context also times B
+sequences decoding together (rana_core.decode.batch_step: one graph-replayed step makes one token for each) for
+both engines: what serving several streams at once keeps of the run's speed-up.
 
-    report = measure_run(loaded.model, adapters, [1, 512], 256, "bfloat16", "cuda:0", held_out_tokens)
+    report = measure_run(loaded.model, adapters, [1, 512], 256, "bfloat16", "cuda:0", held_out_tokens,
+                         batches=[4, 8])
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import statistics
 
 import torch
 
+from rana_core.decode.batch_step import BatchDecoder, unsupported
 from rana_core.decode.engine import DecodeEngine
 from rana_core.decode.from_model import engine_from_model
 from rana_core.decode.latency import DTYPES, copy_bandwidth, device_name
@@ -34,10 +38,12 @@ def check_contexts(config, contexts: list[int], new_tokens: int) -> None:
 
 
 def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dtype: str, device: str,
-                text: torch.Tensor, progress: ProgressFn = no_progress, layers: str = "reference") -> dict:
+                text: torch.Tensor, progress: ProgressFn = no_progress, layers: str = "reference",
+                batches: list[int] = ()) -> dict:
     """The run's decode speed (rows per context), the dense model's beside it (both in the same `layers` mode:
     DecodeEngine.use_layer_kernels), and per-layer sections. `text`: held-out windows (n, seq) on which the
-    masks' kept shares are counted."""
+    masks' kept shares are counted. `batches`: batch sizes (2-16) also timed at each context, in each row's
+    "batches" (batch_rows)."""
     check_contexts(model.config, contexts, new_tokens)
     torch_dtype = DTYPES[dtype]
     progress(0.0, "copy bandwidth")
@@ -45,6 +51,8 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
     text = text.to(device)
     dense = engine_from_model(model, [], torch_dtype, device)
     adapted = engine_from_model(model, adapters, torch_dtype, device)
+    if batches and unsupported(adapted):  # before any timing: one line, nothing measured in vain
+        raise RanaError(f"batches: {unsupported(adapted)}")
     progress(0.05, "counting the masks on held-out text")
     measured = adapted.flop_reduction_on(text)
     dense.use_layer_kernels(layers)
@@ -60,7 +68,8 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
                   for name, engine in (("dense", dense), ("adapted", adapted))}
         rows.append({"context_tokens": context, "new_tokens": new_tokens, "ms_per_token": ms["adapted"],
                      "dense_ms_per_token": ms["dense"], "floor_ms": floors["adapted"],
-                     "dense_floor_ms": floors["dense"]})
+                     "dense_floor_ms": floors["dense"],
+                     "batches": batch_rows(dense, adapted, batches, context, new_tokens)})
     progress(0.9, "profiled replay")
     sections = section_times(adapted, contexts[-1], new_tokens)
     for layer in layers:
@@ -70,6 +79,27 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
             "engine": "graphs+triton" if layers == "reference" else f"{layers}+triton",
             "measured_flop_reduction": measured, "copy_bandwidth_gbs": bandwidth / 1e9, "rows": rows,
             "layers": layers, "head_ms": sections.get((len(layers), "head"))}
+
+
+def batch_rows(dense: DecodeEngine, adapted: DecodeEngine, batches: list[int], context: int,
+               new_tokens: int) -> list[dict]:
+    """For each batch size B: the median ms of a step that makes one token for each of B sequences (prompts of
+    `context` random tokens), for both engines, and the tokens per second that makes. Dense products through
+    batch_gemv's Triton kernel (each weight read once for the B rows), masked ones over every row with each
+    token's own mask (BatchDecoder's defaults for masked products)."""
+    rows = []
+    generator = torch.Generator().manual_seed(5)
+    for batch in batches:
+        ms = {}
+        for name, engine in (("dense", dense), ("adapted", adapted)):
+            decoder = BatchDecoder(engine, batch, context + new_tokens + 8, products="triton")
+            decoder.prefill([torch.randint(0, engine.shape.vocab, (context,), generator=generator).to(engine.device)
+                             for _ in range(batch)])
+            ms[name] = statistics.median(decoder.time_decode(new_tokens))
+            del decoder  # its caches: B times the engine's
+        rows.append({"batch": batch, "ms_per_step": ms["adapted"], "dense_ms_per_step": ms["dense"],
+                     "tokens_per_s": 1e3 * batch / ms["adapted"], "dense_tokens_per_s": 1e3 * batch / ms["dense"]})
+    return rows
 
 
 def layer_shares(engine: DecodeEngine) -> list[dict]:
