@@ -185,10 +185,13 @@ def test_group_arguments_are_checked():
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("pos", [0, 70, 129])
-def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos):
+@pytest.mark.parametrize("combine", ["launch", "last"])
+def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, combine, monkeypatch):
     """Flash-decoding over chunks equals softmax attention over positions 0..pos; what lies past pos (here
-    NaN) is never read, and grouped query heads share their K/V head."""
+    NaN) is never read, and grouped query heads share their K/V head. The chunks are combined by a launch of
+    their own, or (RANA_ATTENTION_COMBINE=last) by the last chunk program of each KV head."""
     require_triton(device)
+    monkeypatch.setenv("RANA_ATTENTION_COMBINE", combine)
     heads, kv_heads, d, max_seq = (32, 8, 128, 160) if device == "cuda" else (4, 2, 16, 130)
     from rana_core.decode.dense_kernels import decode_attention
 
@@ -207,6 +210,29 @@ def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos):
     expected = torch.einsum("ht,htd->hd", weights, values)
     assert torch.isfinite(out.float()).all()
     assert relative_error(out.float().cpu(), expected.float()) < tolerance(dtype)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+def test_one_launch_attention_equals_two_bit_for_bit_and_leaves_its_counters_at_zero(device, dtype, monkeypatch):
+    """The last-arriving program combines the same chunks in the same order as the combine launch: the same bits.
+    Its arrival counters are back at zero after every call, so the next call (or graph replay) counts afresh:
+    three calls at other positions agree with the two-launch form too."""
+    require_triton(device)
+    from rana_core.decode.dense_kernels import _arrivals, decode_attention
+
+    heads, kv_heads, d, max_seq = (32, 8, 128, 700) if device == "cuda" else (4, 2, 16, 200)
+    g = torch.Generator().manual_seed(8)
+    q = torch.randn(heads, d, generator=g).to(device, dtype)
+    k_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
+    for pos in (3, max_seq - 1, 64):
+        outs = {}
+        for combine in ("launch", "last"):
+            monkeypatch.setenv("RANA_ATTENTION_COMBINE", combine)
+            outs[combine] = decode_attention(q, k_cache, v_cache, torch.tensor([pos], device=device),
+                                             poisoned(heads, d, dtype=dtype, device=device))
+        assert torch.equal(outs["last"], outs["launch"])
+        assert _arrivals(kv_heads, q.device).tolist() == [0] * kv_heads
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)

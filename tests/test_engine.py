@@ -149,3 +149,26 @@ def test_programmatic_dependent_launch_changes_no_bit(flop_reduction, monkeypatc
             steps.append(engine.graph_logits.clone())
         logits[enabled] = torch.stack(steps)
     assert torch.equal(logits["1"], logits["0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
+def test_one_launch_attention_changes_no_bit_in_replayed_steps(flop_reduction, monkeypatch):
+    """RANA_ATTENTION_COMBINE=last: the last chunk program of each KV head combines, in a graph replayed step after
+    step with PDL. Its arrival counters must be back at zero before each replay and its combine must see every
+    chunk's stores: the logits of 16 replayed steps equal the two-launch engine's bit for bit."""
+    logits = {}
+    for combine in ("launch", "last"):
+        monkeypatch.setenv("RANA_ATTENTION_COMBINE", combine)
+        engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
+                              gemv="triton", seed=3)
+        engine.calibrate()
+        engine.allocate(300)  # five chunks of 64: the combine has several to wait for
+        engine.prefill(torch.arange(200, device="cuda") * 37 % engine.shape.vocab)
+        engine.capture()
+        steps = []
+        for _ in range(16):
+            engine.graph.replay()
+            steps.append(engine.graph_logits.clone())
+        logits[combine] = torch.stack(steps)
+    assert torch.equal(logits["last"], logits["launch"])

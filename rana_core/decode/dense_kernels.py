@@ -191,6 +191,27 @@ if triton is not None:
                         m_ptr, l_ptr, acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D)
 
     @triton.jit
+    def _attention_last_combines_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+                                        arrivals_ptr, max_seq, scale, GROUP: tl.constexpr, SPLITS: tl.constexpr,
+                                        SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
+                                        PDL: tl.constexpr):
+        """Program (j, s): attention_chunk (j, s), then an arrival at KV head j's counter; the program that arrives
+        last combines the group's query heads (combine_head), so attention is one launch, not two. The combine
+        reads every chunk in a fixed order whichever program runs it: the result does not depend on who came
+        last. That program sets the counter back to zero for the next launch (graph replays reuse it)."""
+        await_inputs(PDL)
+        j = tl.program_id(0)
+        attention_chunk(j, tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr,
+                        acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D)
+        tl.debug_barrier()  # every thread's stores of this chunk before the release below
+        arrived = tl.atomic_add(arrivals_ptr + j, 1, sem="acq_rel", scope="gpu")
+        if arrived == SPLITS - 1:
+            tl.debug_barrier()  # the acquire before any thread's loads of the other chunks (.cg: from L2)
+            for g in tl.static_range(GROUP):
+                combine_head(j * GROUP + g, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, D)
+            tl.store(arrivals_ptr + j, 0)
+
+    @triton.jit
     def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
                                   D: tl.constexpr, PDL: tl.constexpr):
         """Program h: combine_head h over all SPLITS chunks."""
@@ -260,11 +281,24 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
 ATTENTION_CHUNK = 64  # cached positions per attention program
 
 
+_ARRIVALS: dict = {}
+
+
+def _arrivals(kv_heads: int, device: torch.device) -> torch.Tensor:
+    """Arrival counters of the one-launch attention, one per KV head: zero between launches (the last program of
+    each head resets its own), allocated once per size and device so that captured graphs keep pointing at them."""
+    key = (kv_heads, str(device))
+    if key not in _ARRIVALS:
+        _ARRIVALS[key] = torch.zeros(kv_heads, dtype=torch.int32, device=device)
+    return _ARRIVALS[key]
+
+
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
                      out: torch.Tensor) -> torch.Tensor:
     """One token's attention over cached positions 0..pos (pos read from device memory, so a captured graph
     follows it): q (heads, d), k_cache/v_cache (kv_heads, max_seq, d), out (heads, d); softmax scale 1/√d.
-    Only the chunks up to pos are read, not the whole static cache."""
+    Only the chunks up to pos are read, not the whole static cache. Two launches (the chunks, then their
+    combine), or with RANA_ATTENTION_COMBINE=last one (the last chunk program of each KV head combines)."""
     heads, d = q.shape
     kv_heads, max_seq, _ = k_cache.shape
     if not use_triton(q):
@@ -277,6 +311,12 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     l = torch.empty_like(m)
     acc = torch.empty(heads * splits * d, dtype=torch.float32, device=q.device)
     p = pdl(q)
+    if os.environ.get("RANA_ATTENTION_COMBINE") == "last":  # one launch: the last chunk program combines
+        _attention_last_combines_kernel[(kv_heads, splits)](
+            q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device), max_seq, 1.0 / math.sqrt(d),
+            GROUP=heads // kv_heads, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), CHUNK=ATTENTION_CHUNK,
+            D=d, PDL=p, num_warps=4, launch_pdl=p)
+        return out
     _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
                                                 GROUP=heads // kv_heads, SPLITS=splits, CHUNK=ATTENTION_CHUNK, D=d,
                                                 PDL=p, num_warps=4, launch_pdl=p)
