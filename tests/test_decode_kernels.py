@@ -250,6 +250,47 @@ def test_gemv_with_the_swiglu_epilogue(device, dtype):
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
+@pytest.mark.parametrize("with_delta", [False, True], ids=["first-norm", "residual-add"])
+def test_gemv_with_the_norm_prologue_is_add_rmsnorm_then_the_gemv(device, dtype, swiglu, with_delta):
+    """gemv(norm=...): the residual add and the RMSNorm made inside the GEMV. The new residual x + delta goes to
+    res_out rounded exactly as PyTorch rounds the add (x itself untouched, res_out untouched without a delta);
+    the output against float64 of the PyTorch-normed input: the normed input may differ from PyTorch's by one
+    rounding where a float32 sum differs, then the GEMV's own roundings (one, or four with SwiGLU). K is not a
+    multiple of the weight chunk, and with EARLY on the GPU the first chunk is normed on its own."""
+    require_triton(device)
+    N, K = (4096, 4096) if device == "cuda" else (24, 72)
+    g = torch.Generator().manual_seed(K + swiglu)
+    weight = (torch.randn((2 if swiglu else 1) * N, K, generator=g) / K ** 0.5).to(device, dtype)
+    x = torch.randn(K, generator=g).to(device, dtype)
+    delta = torch.randn(K, generator=g).to(device, dtype) if with_delta else None
+    norm_weight = (torch.rand(K, generator=g) + 0.5).to(device, dtype)
+    before = x.clone()
+    res_out = poisoned(K, dtype=dtype, device=device)
+    out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), {"BLOCK_K": 32} if device == "cpu" else None,
+               swiglu=swiglu, norm=(delta, norm_weight, 1e-5, res_out))
+    assert torch.equal(x, before)
+    residual = x + delta if with_delta else x
+    if with_delta:
+        assert torch.equal(res_out, residual)
+    else:
+        assert torch.isnan(res_out.float()).all()
+    normed = rmsnorm_reference(residual[None], norm_weight, 1e-5)[0]
+    product = weight.double().cpu() @ normed.double().cpu()
+    if swiglu:
+        gate, up = product.chunk(2)
+        product = F.silu(gate) * up
+    assert torch.isfinite(out.float()).all()
+    assert relative_error(out.float().cpu(), product.float()) < tolerance(dtype, 5 if swiglu else 2)
+
+
+def test_the_norm_prologue_refuses_to_write_the_residual_over_itself():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="another buffer"):
+        gemv(torch.zeros(4, 8), x, torch.zeros(4), norm=(torch.ones(8), torch.ones(8), 1e-5, x))
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 def test_gemv_with_its_first_weight_chunk_loaded_early_gives_the_same_bits(device, dtype, swiglu):
     """The first chunk of each program's rows loaded before the wait for the launch before (EARLY_MIN_K) enters the
     sum exactly where the loop would have put it: the same output bit for bit, with K under one chunk, a whole

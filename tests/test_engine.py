@@ -172,3 +172,68 @@ def test_one_launch_attention_changes_no_bit_in_replayed_steps(flop_reduction, m
             steps.append(engine.graph_logits.clone())
         logits[combine] = torch.stack(steps)
     assert torch.equal(logits["last"], logits["launch"])
+
+
+def count_norm_launches(monkeypatch) -> list:
+    """Calls of add_rmsnorm made for the engine's sections from now on (residual.PendingNorm.materialize)."""
+    import rana_core.decode.residual as residual
+
+    calls, real = [], residual.add_rmsnorm
+    monkeypatch.setattr(residual, "add_rmsnorm", lambda *args: calls.append(1) or real(*args))
+    return calls
+
+
+def decode_steps(engine: DecodeEngine, prompt: torch.Tensor, steps: int, fold: bool, monkeypatch):
+    """(logits of `steps` eager one-token steps after the prompt, add_rmsnorm calls during them)."""
+    monkeypatch.setenv("RANA_FUSE_NORM", "1" if fold else "0")
+    engine.allocate(32)
+    engine.prefill(prompt)
+    with monkeypatch.context() as patch:
+        calls = count_norm_launches(patch)
+        logits = torch.stack([engine.step()[0].clone() for _ in range(steps)])
+    return logits, len(calls)
+
+
+@pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY), (0.44, TINY_MHA)],
+                         ids=["dense", "rana-mlp", "rana-qkv-and-mlp"])
+def test_norms_folded_into_the_next_gemv_decode_what_add_rmsnorm_decodes(flop_reduction, shape, monkeypatch):
+    """RANA_FUSE_NORM=1: each residual add and RMSNorm made inside the GEMV that reads it (QKV or RaNA's B,
+    gate/up or RaNA's B, the LM head): no add_rmsnorm launch is left in a step, and the logits of five steps equal
+    the unfolded engine's to float32 rounding (the norm's sum is taken in another order), the tokens the same."""
+    require_triton("cpu")
+    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
+    engine.calibrate(tokens=256)
+    prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(2))
+    plain, plain_calls = decode_steps(engine, prompt, 5, False, monkeypatch)
+    folded, folded_calls = decode_steps(engine, prompt, 5, True, monkeypatch)
+    assert plain_calls == 5 * (2 * shape.layers + 1) and folded_calls == 0
+    assert (folded - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert torch.equal(folded.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
+def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction, monkeypatch):
+    """RANA_FUSE_NORM=1 in a replayed graph (PDL, EARLY weights, the residual flipping between two buffers): 16
+    steps' logits within fp16 rounding of the unfolded engine's (relative error of the logits under 1e-2, as
+    graph replay against eager steps). RaNA with masks that keep every row: with calibrated thresholds a last-bit
+    difference flips mask entries and 30 random layers grow the flips (test_batch_step says so)."""
+    logits = {}
+    for fold in ("0", "1"):
+        monkeypatch.setenv("RANA_FUSE_NORM", fold)
+        engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
+                              gemv="triton", seed=3)
+        for part in engine.adapters():
+            part.threshold.fill_(0.0)
+        engine.allocate(64)
+        engine.prefill(torch.arange(20, device="cuda") * 37 % engine.shape.vocab)
+        engine.capture()
+        steps = []
+        for step in range(16):  # the same token and position in both engines (a flipped argmax cannot diverge)
+            engine.token.fill_(step * 101 % engine.shape.vocab)
+            engine.pos.fill_(20 + step)
+            engine.graph.replay()
+            steps.append(engine.graph_logits.float().clone())
+        logits[fold] = torch.stack(steps)
+    error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
+    assert error < 1e-2, error

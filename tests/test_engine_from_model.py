@@ -112,3 +112,26 @@ def test_a_profiled_step_marks_each_layers_qkv_attention_and_mlp_in_order(model_
     engine.step()
     assert marks == [(0, "qkv"), (0, "attention"), (0, "mlp"), (1, "qkv"), (1, "attention"), (1, "mlp"),
                      (2, "head"), (2, "end")]
+
+
+@pytest.mark.parametrize("model_name, method, allocation, unfolded", [
+    ("tiny", "dense", "uniform", 0), ("tiny", "rana", "greedy", 0), ("tiny-qwen2", "rana", "uniform", 0),
+    ("tiny", "cats", "uniform", 2), ("tiny", "a3", "uniform", 2), ("tiny", "hybrid", "exact-loss", 4)])
+def test_a_stored_runs_engine_with_norms_folded_decodes_the_same(model_name, method, allocation, unfolded,
+                                                                 tmp_path, monkeypatch):
+    """RANA_FUSE_NORM=1 on the engine of a stored run: where a section's first product is one GEMV (stacked QKV
+    with or without biases, RaNA's B, the stacked gate/up, the LM head) it adds and norms its input itself; where
+    another part reads the normed input (CATS's gate and up, A3's narrow q/k/v, the TEAL parts of hybrid's run)
+    add_rmsnorm still runs: `unfolded` launches a step in these two-layer models. Logits of four steps equal the
+    unfolded engine's to float32 rounding, the tokens the same."""
+    from test_engine import decode_steps
+
+    require_triton("cpu")
+    loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
+    engine = engine_from_model(loaded.model, adapters)
+    prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
+    plain, _ = decode_steps(engine, prompt, 4, False, monkeypatch)
+    folded, calls = decode_steps(engine, prompt, 4, True, monkeypatch)
+    assert calls == 4 * unfolded
+    assert (folded - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert torch.equal(folded.argmax(-1), plain.argmax(-1))

@@ -102,29 +102,65 @@ if triton is not None:
                        mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
 
     @triton.jit
+    def _input_chunk(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
+                     HAS_DELTA: tl.constexpr):
+        """x[offs_k] in float32; with NORM, x is the residual and the chunk is RMSNorm(x + delta)[offs_k] as
+        add_rmsnorm stores it (the sum rounded to x's dtype, the normed value rounded before and after the
+        weight), from the factor inv_rms of the whole row."""
+        ok = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
+        if NORM:
+            dtype = x_ptr.dtype.element_ty
+            if HAS_DELTA:
+                x = (x + tl.load(delta_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
+            x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        return x
+
+    @triton.jit
     def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, EARLY: tl.constexpr):
-        """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded."""
+                  BLOCK_K: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
+                  HAS_DELTA: tl.constexpr):
+        """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded;
+        with NORM, x is normed on the way in (_input_chunk)."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         start: tl.constexpr = BLOCK_K if EARLY else 0
         if EARLY:
-            offs_k = tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
-            acc += first.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = _input_chunk(x_ptr, tl.arange(0, BLOCK_K), K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA)
+            acc += first.to(tl.float32) * x[None, :]
         for k0 in range(start, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K, BLOCK_K)
-            x = tl.load(x_ptr + offs_k, mask=offs_k < K, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            x = _input_chunk(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA)
+            acc += w.to(tl.float32) * x[None, :]
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, EARLY: tl.constexpr, PDL: tl.constexpr):
+    def _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K: tl.constexpr, K_P2: tl.constexpr,
+                       HAS_DELTA: tl.constexpr):
+        """1/rms of the residual x (+ delta), the whole row in one program, summed as add_rmsnorm sums it;
+        program 0 also stores x + delta, rounded, as the new residual (to res_out: the other programs still
+        read x)."""
+        offs = tl.arange(0, K_P2)
+        ok = offs < K
+        dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            x = (x + tl.load(delta_ptr + offs, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            if tl.program_id(0) == 0:
+                tl.store(res_out_ptr + offs, x.to(dtype), mask=ok)
+        return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+
+    @triton.jit
+    def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, K: tl.constexpr,
+                     K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr,
+                     EARLY: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round. With EARLY, the rows' first chunk is loaded before waiting for the launch before
-        (weights are never written during a step): under PDL its memory latency overlaps that launch's tail."""
+        (weights are never written during a step): under PDL its memory latency overlaps that launch's tail.
+        With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
+        every program for itself (_norm_prologue): the add and the norm need no launch of their own."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
@@ -134,10 +170,15 @@ if triton is not None:
             if SWIGLU:
                 first_up = _weight_chunk(w_ptr + N * stride_n, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
         await_inputs(PDL)
+        inv_rms = 1.0
+        if NORM:
+            inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
         dtype = out_ptr.dtype.element_ty
-        y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY)
+        y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
+                      norm_w_ptr, inv_rms, HAS_DELTA)
         if SWIGLU:
-            up = _row_dots(w_ptr + N * stride_n, x_ptr, offs_n, n_ok, stride_n, first_up, K, BLOCK_N, BLOCK_K, EARLY)
+            up = _row_dots(w_ptr + N * stride_n, x_ptr, offs_n, n_ok, stride_n, first_up, K, BLOCK_N, BLOCK_K,
+                           EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA)
             y = swiglu(y, up, dtype)
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
@@ -332,10 +373,21 @@ GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "E
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
-         swiglu: bool = False) -> torch.Tensor:
+         swiglu: bool = False, norm: tuple | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
-    [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,)."""
+    [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,).
+
+    `norm` = (delta, norm_weight, eps, res_out): x is then the residual stream and the product's input is
+    RMSNorm(x + delta) · norm_weight, made inside the GEMV (delta None: RMSNorm(x)); x + delta is written to
+    res_out (K,), which must not be x. What add_rmsnorm followed by this GEMV computes, in one launch."""
+    if norm is not None:
+        delta, norm_weight, eps, res_out = norm
+        if delta is not None and res_out.data_ptr() == x.data_ptr():
+            raise ValueError("the residual's new value must go to another buffer: the GEMV's programs read x")
     if not use_triton(weight):
+        if norm is not None:
+            residual = x if delta is None else res_out.copy_(x + delta)
+            x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
         if swiglu:
             gate, up = torch.mv(weight, x).chunk(2)
             return out.copy_(torch.nn.functional.silu(gate) * up)
@@ -345,8 +397,12 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     N = N // 2 if swiglu else N
     p = pdl(weight)
     early = K >= c["EARLY_MIN_K"] and os.environ.get("RANA_EARLY_WEIGHTS") != "0"
-    _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0), K=K, BLOCK_N=c["BLOCK_N"],
+    delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
+    _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
+                                                   delta if delta is not None else x, norm_weight, res_out, eps,
+                                                   K=K, K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, EARLY=early,
+                                                   NORM=norm is not None, HAS_DELTA=delta is not None,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out

@@ -26,6 +26,7 @@ from rana_core.architecture import Shape
 from rana_core.decode.dense_kernels import add_rmsnorm, decode_attention, rope_into_cache, rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials
 from rana_core.decode.parts import GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random, matvec
+from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms
 
 SHAPES = {
     "llama2-7b-shape": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
@@ -150,6 +151,17 @@ def _no_mark(layer: int, section: str) -> None:
     pass
 
 
+def reads_normed_once(block, section: str) -> bool:
+    """Whether a section's normed input is read by one GEMV only, which can then make the residual add and the
+    norm itself (residual.PendingNorm): the stacked QKV or RaNA's B for "attention" (not TEAL's input masks,
+    svd's or A3's parts), the stacked gate/up (dense SwiGLU or RaNA's B) for "mlp" (not CATS or mixed MLPs)."""
+    if section == "attention":
+        qkv = block.qkv
+        return isinstance(qkv, nn.Linear) or (isinstance(qkv, RankPart) and not isinstance(qkv, NeuronPart))
+    mlp = getattr(block, "mlp_part", block)  # a block built from a model keeps its MLP as a part
+    return hasattr(mlp, "gate_up_B") or getattr(mlp, "fused", None) is not None or hasattr(mlp, "gate_up")
+
+
 class DecodeEngine(nn.Module):
     def __init__(self, shape: Shape, dtype=torch.float16, device="cuda", flop_reduction: float = 0.0,
                  seed: int = 0, gemv: str = "triton"):
@@ -236,23 +248,28 @@ class DecodeEngine(nn.Module):
         is updated in place: each residual add is fused with the RMSNorm that follows it."""
         if tokens.numel() == 1 and self.kernels is not None:
             return self._layer_kernel_step(tokens, pos)
-        x = self.embed[tokens]
-        normed = torch.empty_like(x)
+        stream = ResidualStream(self.embed[tokens])  # a copy: the residual stream
         allowed = None  # one token attends through decode_attention, which reads its position itself
         if tokens.numel() > 1:
             allowed = torch.arange(self.max_seq, device=self.device)[None, :] <= pos[:, None]
+        fold = tokens.numel() == 1 and self.gemv == "triton" and fuse_norms()
+
+        def normed(owed: PendingNorm, block, section: str):
+            """The section's input: the norm left owed to its first GEMV where that GEMV is its only reader."""
+            return owed if fold and reads_normed_once(block, section) else owed.materialize()
+
         norms = [n for block in self.blocks for n in (block.attn_norm, block.mlp_norm)] + [self.norm]
         mark = self.marker or _no_mark
-        add_rmsnorm(x, None, norms[0].weight, norms[0].eps, normed)
+        owed = PendingNorm(stream, None, norms[0])
         for index, block in enumerate(self.blocks):
             mark(index, "qkv")  # the block marks "attention" once its QKV product is issued
-            attended = block.attention(normed, pos, self.k_cache[index], self.v_cache[index], self.cos, self.sin,
-                                       allowed)
-            add_rmsnorm(x, attended, norms[2 * index + 1].weight, norms[2 * index + 1].eps, normed)
+            attended = block.attention(normed(owed, block, "attention"), pos, self.k_cache[index],
+                                       self.v_cache[index], self.cos, self.sin, allowed)
+            owed = PendingNorm(stream, attended, norms[2 * index + 1])
             mark(index, "mlp")
-            add_rmsnorm(x, block.mlp(normed), norms[2 * index + 2].weight, norms[2 * index + 2].eps, normed)
+            owed = PendingNorm(stream, block.mlp(normed(owed, block, "mlp")), norms[2 * index + 2])
         mark(len(self.blocks), "head")
-        logits = matvec(self.lm_head.weight, normed, self.gemv)
+        logits = matvec(self.lm_head.weight, owed if fold else owed.materialize(), self.gemv)
         mark(len(self.blocks), "end")
         return logits
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from rana_core.decode.dense_kernels import gemv, rmsnorm_reference
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
+from rana_core.decode.residual import PendingNorm
 
 def rank_plan(out_features: int, in_features: int, keep: float) -> tuple[int, float]:
     """(static rank r, active ranks k) spending `keep` of the dense FLOPs, half on B (2·n·r) and half on the
@@ -171,7 +172,12 @@ GEMV_BACKENDS = ("cublas", "triton")  # torch's product, or rana_core.decode_ker
 
 def matvec(weight: torch.Tensor, x: torch.Tensor, backend: str = "cublas", swiglu: bool = False) -> torch.Tensor:
     """x Wᵀ: at one token through the chosen GEMV backend, else one batched product. With `swiglu`, W is
-    [gate; up] and the result silu(x gateᵀ) · (x upᵀ) (fused into the Triton GEMV)."""
+    [gate; up] and the result silu(x gateᵀ) · (x upᵀ) (fused into the Triton GEMV). `x` may be a norm still owed
+    (residual.PendingNorm): the Triton GEMV then makes it itself."""
+    if isinstance(x, PendingNorm):
+        if backend == "triton" and use_triton(weight):
+            return x.gemv(weight, swiglu)
+        x = x.materialize()
     if x.shape[0] == 1 and backend == "triton" and use_triton(weight):
         out = torch.empty(weight.shape[0] // 2 if swiglu else weight.shape[0], dtype=x.dtype, device=x.device)
         return gemv(weight, x[0], out, swiglu=swiglu)[None]
