@@ -185,15 +185,15 @@ def test_group_arguments_are_checked():
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("pos", [0, 70, 129])
-@pytest.mark.parametrize("combine", ["launch", "last"])
-def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, combine, monkeypatch):
+@pytest.mark.parametrize("launches", ["3", "2"], ids=["combine-launch", "last-combines"])
+def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, launches, monkeypatch):
     """Flash-decoding over chunks equals softmax attention over positions 0..pos; what lies past pos (here
     NaN) is never read, and grouped query heads share their K/V head. The chunks are combined by a launch of
-    their own, or (RANA_ATTENTION_COMBINE=last) by the last chunk program of each KV head."""
+    their own, or (RANA_ATTENTION_LAUNCHES=2) by the last chunk program of each KV head."""
     require_triton(device)
-    monkeypatch.setenv("RANA_ATTENTION_COMBINE", combine)
+    monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
     heads, kv_heads, d, max_seq = (32, 8, 128, 160) if device == "cuda" else (4, 2, 16, 130)
-    from rana_core.decode.dense_kernels import decode_attention
+    from rana_core.decode.attention_kernels import decode_attention
 
     g = torch.Generator().manual_seed(pos)
     q = torch.randn(heads, d, generator=g).to(device, dtype)
@@ -213,26 +213,38 @@ def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, combine
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
-def test_one_launch_attention_equals_two_bit_for_bit_and_leaves_its_counters_at_zero(device, dtype, monkeypatch):
-    """The last-arriving program combines the same chunks in the same order as the combine launch: the same bits.
-    Its arrival counters are back at zero after every call, so the next call (or graph replay) counts afresh:
-    three calls at other positions agree with the two-launch form too."""
+@pytest.mark.parametrize("splits", [0, 3], ids=["qkv", "qkv-partial-sums"])
+def test_attention_in_one_or_two_launches_equals_three_bit_for_bit(device, dtype, splits, monkeypatch):
+    """rope_attention in 1 launch (rotary and the cache writes made by the chunk programs, the last one combining)
+    and in 2 (the last chunk program combines) against 3 (rotary, chunks, combine): the same output and the same
+    cache bits (this step's key and value written at pos, nothing else touched), from qkv or from a masked
+    product's partial sums, at positions in the first, a middle and the last chunk, one call after another (the
+    arrival counters must be back at zero for the next call)."""
     require_triton(device)
-    from rana_core.decode.dense_kernels import _arrivals, decode_attention
+    from rana_core.decode.attention_kernels import _arrivals, rope_attention
 
     heads, kv_heads, d, max_seq = (32, 8, 128, 700) if device == "cuda" else (4, 2, 16, 200)
-    g = torch.Generator().manual_seed(8)
-    q = torch.randn(heads, d, generator=g).to(device, dtype)
+    g = torch.Generator().manual_seed(8 + splits)
+    rows = max(splits, 1)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * d, generator=g)
+    qkv = (qkv.to(device) if splits else qkv.to(device, dtype))
+    angles = torch.rand(max_seq, d // 2, generator=g) * 6
+    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
     k_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
     v_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
     for pos in (3, max_seq - 1, 64):
-        outs = {}
-        for combine in ("launch", "last"):
-            monkeypatch.setenv("RANA_ATTENTION_COMBINE", combine)
-            outs[combine] = decode_attention(q, k_cache, v_cache, torch.tensor([pos], device=device),
-                                             poisoned(heads, d, dtype=dtype, device=device))
-        assert torch.equal(outs["last"], outs["launch"])
-        assert _arrivals(kv_heads, q.device).tolist() == [0] * kv_heads
+        results = {}
+        for launches in ("3", "2", "1"):
+            monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
+            k, v = k_cache.clone(), v_cache.clone()
+            out = rope_attention(qkv, cos, sin, torch.tensor([pos], device=device), k, v, heads, kv_heads,
+                                 poisoned(heads, d, dtype=dtype, device=device), splits)
+            results[launches] = (out, k, v)
+            assert _arrivals(kv_heads, out.device).tolist() == [0] * kv_heads
+        out, k, v = results["3"]
+        assert torch.isfinite(out.float()).all() and not torch.equal(k[:, pos], k_cache[:, pos])
+        for launches in ("2", "1"):
+            assert all(torch.equal(a, b) for a, b in zip(results[launches], results["3"])), (pos, launches)
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)

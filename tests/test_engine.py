@@ -153,13 +153,14 @@ def test_programmatic_dependent_launch_changes_no_bit(flop_reduction, monkeypatc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
-def test_one_launch_attention_changes_no_bit_in_replayed_steps(flop_reduction, monkeypatch):
-    """RANA_ATTENTION_COMBINE=last: the last chunk program of each KV head combines, in a graph replayed step after
-    step with PDL. Its arrival counters must be back at zero before each replay and its combine must see every
-    chunk's stores: the logits of 16 replayed steps equal the two-launch engine's bit for bit."""
+def test_attention_in_fewer_launches_changes_no_bit_in_replayed_steps(flop_reduction, monkeypatch):
+    """RANA_ATTENTION_LAUNCHES=2 (the last chunk program combines) and 1 (rotary and the cache writes in the chunk
+    programs too), in a graph replayed step after step with PDL: arrival counters back at zero before each
+    replay, the combine seeing every chunk's stores, each chunk seeing this step's key: the logits of 16 replayed
+    steps equal the three-launch engine's bit for bit."""
     logits = {}
-    for combine in ("launch", "last"):
-        monkeypatch.setenv("RANA_ATTENTION_COMBINE", combine)
+    for launches in ("3", "2", "1"):
+        monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
         engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
                               gemv="triton", seed=3)
         engine.calibrate()
@@ -170,8 +171,8 @@ def test_one_launch_attention_changes_no_bit_in_replayed_steps(flop_reduction, m
         for _ in range(16):
             engine.graph.replay()
             steps.append(engine.graph_logits.clone())
-        logits[combine] = torch.stack(steps)
-    assert torch.equal(logits["last"], logits["launch"])
+        logits[launches] = torch.stack(steps)
+    assert torch.equal(logits["2"], logits["3"]) and torch.equal(logits["1"], logits["3"])
 
 
 def count_norm_launches(monkeypatch) -> list:
@@ -192,6 +193,21 @@ def decode_steps(engine: DecodeEngine, prompt: torch.Tensor, steps: int, fold: b
         calls = count_norm_launches(patch)
         logits = torch.stack([engine.step()[0].clone() for _ in range(steps)])
     return logits, len(calls)
+
+
+@pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY_MHA)], ids=["dense", "rana-qkv-and-mlp"])
+def test_attention_in_one_launch_decodes_the_same_bits(flop_reduction, shape, monkeypatch):
+    """The engine's one-token steps with the attention section in 1 launch against 3 (rotary, chunks, combine):
+    the same logits bit for bit over five steps, from QKV's product or RaNA's partial sums."""
+    require_triton("cpu")
+    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
+    engine.calibrate(tokens=256)
+    prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for launches in ("3", "1"):
+        monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
+        logits[launches], _ = decode_steps(engine, prompt, 5, False, monkeypatch)
+    assert torch.equal(logits["1"], logits["3"])
 
 
 @pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY), (0.44, TINY_MHA)],

@@ -13,13 +13,15 @@ import math
 
 import torch
 
-from rana_core.decode.dense_kernels import ATTENTION_CHUNK, rotate_half_reference
+from rana_core.decode.attention_kernels import ATTENTION_CHUNK
+from rana_core.decode.dense_kernels import rotate_half_reference
 from rana_core.decode.masked_kernels import triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.dense_kernels import attention_chunk, combine_head, rope_head
+    from rana_core.decode.attention_kernels import attention_chunk, combine_head
+    from rana_core.decode.dense_kernels import rope_head
 
     @triton.jit
     def _batch_rope_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq,

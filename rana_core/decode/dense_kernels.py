@@ -7,10 +7,10 @@ and a round trip through memory. These kernels replace them:
 - `add_rmsnorm`: the residual add and the next RMSNorm, x ← x + delta, normed = weight · x/rms(x);
 - `rope_into_cache`: rotary on q and k (Llama's rotate-half layout) at the current position, k and v written
   straight into the static cache at that position, the position read from device memory (graph-safe);
-- `decode_attention`: one token's attention over the cache up to its position (flash-decoding: chunks of the
-  prefix in parallel, then one combine), reading no position past it;
+- (attention over the cache, one token: attention_kernels.py);
 - `gemv`: y = W x for a row-major W, faster than cuBLAS at batch 1 on the H100 (bench/gemv_configs.py), with
-  SwiGLU's silu(gate)·up optionally fused in, for the dense MLP.
+  SwiGLU's silu(gate)·up optionally fused in, for the dense MLP, and optionally the residual add and RMSNorm of
+  its input made inside it (residual.py says when).
 
 Rounding follows the unfused PyTorch code (fp16 results where PyTorch would store fp16), so that the fused and
 the plain engine agree to rounding. On a CPU without TRITON_INTERPRET=1 the PyTorch forms run.
@@ -183,83 +183,6 @@ if triton is not None:
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
 
-    @triton.jit
-    def attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
-                        STRIDE: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr):
-        """KV head j's positions s·CHUNK… (those ≤ pos) against each of its GROUP query heads: the chunk's running
-        max m, softmax denominator l and weighted value sum acc (flash-decoding), at h·STRIDE + s."""
-        t = s * CHUNK + tl.arange(0, CHUNK)
-        t_ok = t <= pos
-        d = tl.arange(0, D)
-        keys = tl.load(k_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0,
-                       cache_modifier=".cg")
-        values = tl.load(v_cache_ptr + (j * max_seq + t[:, None]) * D + d[None, :], mask=t_ok[:, None], other=0.0,
-                         cache_modifier=".cg")
-        for g in tl.static_range(GROUP):
-            h = j * GROUP + g
-            q = tl.load(q_ptr + h * D + d, cache_modifier=".cg").to(tl.float32)
-            scores = tl.sum(keys.to(tl.float32) * q[None, :], axis=1) * scale
-            scores = tl.where(t_ok, scores, float("-inf"))
-            m = tl.max(scores, axis=0)
-            p = tl.where(t_ok, tl.exp(scores - m), 0.0)
-            tl.store(m_ptr + h * STRIDE + s, m)
-            tl.store(l_ptr + h * STRIDE + s, tl.sum(p, axis=0))
-            tl.store(acc_ptr + (h * STRIDE + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
-
-    @triton.jit
-    def combine_head(h, m_ptr, l_ptr, acc_ptr, out_ptr, chunks, STRIDE: tl.constexpr, CHUNKS_P2: tl.constexpr,
-                     D: tl.constexpr):
-        """Query head h: its first `chunks` chunks' partial softmaxes rescaled to their common max and added
-        (empty chunks, with m = -inf, weigh nothing)."""
-        s = tl.arange(0, CHUNKS_P2)
-        s_ok = s < chunks
-        m = tl.load(m_ptr + h * STRIDE + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        weight = tl.where(s_ok & (m > float("-inf")), tl.exp(m - tl.max(m, axis=0)), 0.0)
-        total = tl.sum(weight * tl.load(l_ptr + h * STRIDE + s, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
-        d = tl.arange(0, D)
-        acc = tl.load(acc_ptr + (h * STRIDE + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0,
-                      cache_modifier=".cg")
-        out = tl.sum(weight[:, None] * acc, axis=0) / total
-        tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
-
-    @triton.jit
-    def _attention_chunk_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, max_seq, scale,
-                                GROUP: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                                PDL: tl.constexpr):
-        """Program (j, s): attention_chunk (j, s); chunks past pos come out empty."""
-        await_inputs(PDL)
-        attention_chunk(tl.program_id(0), tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr),
-                        m_ptr, l_ptr, acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D)
-
-    @triton.jit
-    def _attention_last_combines_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
-                                        arrivals_ptr, max_seq, scale, GROUP: tl.constexpr, SPLITS: tl.constexpr,
-                                        SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                                        PDL: tl.constexpr):
-        """Program (j, s): attention_chunk (j, s), then an arrival at KV head j's counter; the program that arrives
-        last combines the group's query heads (combine_head), so attention is one launch, not two. The combine
-        reads every chunk in a fixed order whichever program runs it: the result does not depend on who came
-        last. That program sets the counter back to zero for the next launch (graph replays reuse it)."""
-        await_inputs(PDL)
-        j = tl.program_id(0)
-        attention_chunk(j, tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr,
-                        acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D)
-        tl.debug_barrier()  # every thread's stores of this chunk before the release below
-        arrived = tl.atomic_add(arrivals_ptr + j, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            tl.debug_barrier()  # the acquire before any thread's loads of the other chunks (.cg: from L2)
-            for g in tl.static_range(GROUP):
-                combine_head(j * GROUP + g, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, D)
-            tl.store(arrivals_ptr + j, 0)
-
-    @triton.jit
-    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                                  D: tl.constexpr, PDL: tl.constexpr):
-        """Program h: combine_head h over all SPLITS chunks."""
-        await_inputs(PDL)
-        combine_head(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, D)
-
-
 def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
@@ -318,54 +241,7 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
     return q_out
 
 
-# bench/gemv_configs.py on an H100: within 3% of the best of 44 configurations at every 7B decode shape
-ATTENTION_CHUNK = 64  # cached positions per attention program
-
-
-_ARRIVALS: dict = {}
-
-
-def _arrivals(kv_heads: int, device: torch.device) -> torch.Tensor:
-    """Arrival counters of the one-launch attention, one per KV head: zero between launches (the last program of
-    each head resets its own), allocated once per size and device so that captured graphs keep pointing at them."""
-    key = (kv_heads, str(device))
-    if key not in _ARRIVALS:
-        _ARRIVALS[key] = torch.zeros(kv_heads, dtype=torch.int32, device=device)
-    return _ARRIVALS[key]
-
-
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     out: torch.Tensor) -> torch.Tensor:
-    """One token's attention over cached positions 0..pos (pos read from device memory, so a captured graph
-    follows it): q (heads, d), k_cache/v_cache (kv_heads, max_seq, d), out (heads, d); softmax scale 1/√d.
-    Only the chunks up to pos are read, not the whole static cache. Two launches (the chunks, then their
-    combine), or with RANA_ATTENTION_COMBINE=last one (the last chunk program of each KV head combines)."""
-    heads, d = q.shape
-    kv_heads, max_seq, _ = k_cache.shape
-    if not use_triton(q):
-        allowed = torch.arange(max_seq, device=q.device) <= pos
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            q[None, :, None], k_cache[None], v_cache[None], attn_mask=allowed, enable_gqa=kv_heads != heads)
-        return out.copy_(attended[0, :, 0])
-    splits = math.ceil(max_seq / ATTENTION_CHUNK)
-    m = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(heads * splits * d, dtype=torch.float32, device=q.device)
-    p = pdl(q)
-    if os.environ.get("RANA_ATTENTION_COMBINE") == "last":  # one launch: the last chunk program combines
-        _attention_last_combines_kernel[(kv_heads, splits)](
-            q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device), max_seq, 1.0 / math.sqrt(d),
-            GROUP=heads // kv_heads, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), CHUNK=ATTENTION_CHUNK,
-            D=d, PDL=p, num_warps=4, launch_pdl=p)
-        return out
-    _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
-                                                GROUP=heads // kv_heads, SPLITS=splits, CHUNK=ATTENTION_CHUNK, D=d,
-                                                PDL=p, num_warps=4, launch_pdl=p)
-    _attention_combine_kernel[(heads,)](m, l, acc, out, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-                                        D=d, PDL=p, num_warps=4, launch_pdl=p)
-    return out
-
-
+# bench/gemv_configs.py on an H100: within 3% of the best of 44 configurations at every 7B decode shape;
 # EARLY_MIN_K: from this many columns on, each program loads its first weight chunk before waiting for the launch
 # before (RANA_EARLY_WEIGHTS=0: never). On an H200 (bench/engine_ab.py --env RANA_EARLY_WEIGHTS) that took 3% off a
 # 7B-shape dense step and 1% off RaNA −44%, and made SmolLM2-shape steps (K = 576, 1536) 3-4% slower.

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.architecture import Shape
-from rana_core.decode.dense_kernels import add_rmsnorm, decode_attention, rope_into_cache, rotate_half_reference
+from rana_core.decode.attention_kernels import rope_attention
+from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials
 from rana_core.decode.parts import GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random, matvec
 from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms
@@ -76,10 +77,10 @@ class Block(nn.Module):
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
         qkv, splits = self.qkv_product(normed)
-        if T == 1:  # rotary and both cache writes in one kernel, then attention over the prefix only
-            q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
-                                torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device), splits)
-            attended = decode_attention(q, k_cache, v_cache, pos, torch.empty_like(q)).view(1, s.hidden)
+        if T == 1:  # rotary and both cache writes, then attention over the prefix only (1 to 3 launches)
+            attended = rope_attention(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
+                                      torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device),
+                                      splits).view(1, s.hidden)
         else:
             q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
             cos, sin = cos_table[pos], sin_table[pos]

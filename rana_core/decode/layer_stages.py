@@ -11,7 +11,8 @@ from rana_core.decode.masked_kernels import triton
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.dense_kernels import attention_chunk, combine_head, rope_head
+    from rana_core.decode.attention_kernels import attention_chunk, combine_head
+    from rana_core.decode.dense_kernels import rope_head
     from rana_core.decode.masked_kernels import compact_chunk, gather_share, list_chunk, swiglu
 
     @triton.jit
