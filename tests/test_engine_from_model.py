@@ -135,3 +135,44 @@ def test_a_stored_runs_engine_with_norms_folded_decodes_the_same(model_name, met
     assert calls == 4 * unfolded
     assert (folded - plain).abs().max() <= 1e-5 * plain.abs().max()
     assert torch.equal(folded.argmax(-1), plain.argmax(-1))
+
+
+@pytest.mark.parametrize("ranks", [(12, 7), (5, 12), (9, 9)], ids=["gate-larger", "up-larger", "equal"])
+def test_rana_mlp_chain_with_unequal_ranks_computes_the_masked_mlp(ranks):
+    """A stored run's RaNA MLP at one token runs gate and up as two groups of one launch, their ranks padded to the
+    larger with zero rows: against float64 of the unpadded parts (each mask decided on its own coefficients, the
+    neuron mask on silu(gate)·up scaled by down's column norms) within float32 rounding, and the same as the
+    unchained path (two tokens, PyTorch's masked products) for the first token; the batched step's MLP
+    (batch_step.BatchDecoder.mlp, both tokens) the same as the unchained path."""
+    require_triton("cpu")
+    from rana_core.decode.from_model import RanaMLP
+    from rana_core.decode.parts import NeuronPart, RankPart
+
+    g = torch.Generator().manual_seed(sum(ranks))
+    hidden, inter = 24, 40
+    parts, raw = [], []
+    for rank, threshold in zip(ranks, (0.8, 0.5)):  # each group its own threshold
+        B, rows = torch.randn(rank, hidden, generator=g), torch.randn(rank, inter, generator=g) / rank ** 0.5
+        raw.append((B, rows, threshold))
+        parts.append(RankPart.of(B.clone(), rows.clone(), threshold, target_active=rank / 2))
+    down = torch.randn(hidden, inter, generator=g) / inter ** 0.5
+    norms = down.norm(dim=0)
+    mlp = RanaMLP(*parts, NeuronPart.of(down.clone(), norms, 0.05, inter / 2), torch.nn.SiLU(), "triton")
+    x = torch.randn(2, hidden, generator=g)
+
+    def masked(B, rows, x, threshold):
+        z = B.double() @ x.double()
+        return (z * (z.abs() >= threshold)) @ rows.double()
+
+    gate, up = (masked(B, rows, x[0], threshold) for B, rows, threshold in raw)
+    h = torch.nn.functional.silu(gate) * up
+    expected = (h * (h.abs() * norms.double() >= 0.05)) @ down.double().T
+    chained = mlp(x[:1])[0]
+    assert (chained.double() - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert torch.allclose(chained, mlp(x)[0], atol=1e-5 * float(expected.abs().max()))
+    # the batched step reads up's coefficients from its padded slot too
+    from rana_core.decode.batch_step import BatchDecoder
+
+    batched = BatchDecoder.__new__(BatchDecoder)
+    batched.product, batched.masked = BatchDecoder.PRODUCTS["triton"], BatchDecoder.MASKED["dense"]
+    assert torch.allclose(batched.mlp(mlp, x), mlp(x), atol=1e-5 * float(expected.abs().max()))

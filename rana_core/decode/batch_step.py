@@ -156,9 +156,10 @@ class BatchDecoder:
             return parts(x)
         if hasattr(parts, "gate_up_B"):  # RaNA: gate's and up's B in one product, masked A-parts, masked down
             z = self.product(x, parts.gate_up_B)
-            rank = parts.gate.rank
+            up = getattr(parts, "rank", parts.gate.rank)  # where up's coefficients start (RanaMLP pads gate's)
+            gate = self.masked(parts.gate, z[:, : parts.gate.rank])
             act = getattr(parts, "act", F.silu)
-            return self.part(parts.down, act(self.masked(parts.gate, z[:, :rank])) * self.masked(parts.up, z[:, rank:]))
+            return self.part(parts.down, act(gate) * self.masked(parts.up, z[:, up: up + parts.up.rank]))
         fused = parts.fused if isinstance(parts, ProjectionMLP) else parts.gate_up
         if fused is not None:  # SwiGLU with dense gate and up, stacked
             gate, up = self.product(x, fused).chunk(2, dim=-1)
