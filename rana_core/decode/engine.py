@@ -25,8 +25,9 @@ from torch import nn
 from rana_core.architecture import Shape
 from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
-from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials
-from rana_core.decode.parts import GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random, matvec
+from rana_core.decode.masked_kernels import masked_rows_partials
+from rana_core.decode.parts import (GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random, matvec,
+                                    swiglu_chain)
 from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms
 
 SHAPES = {
@@ -99,11 +100,8 @@ class Block(nn.Module):
         if self.gate.fusable(z) and self.down.fusable(z):
             # one token: gate's and up's masked products in one launch; their partial sums go straight into the
             # down product's compaction, which makes h = silu(gate)·up itself (no reduction launch between)
-            partial, splits = masked_rows_partials(self.gate_up_rows, z[0], self.gate_up_threshold, groups=2)
-            down_partial, down_splits = masked_rows_partials(
-                self.down.rows, torch.empty_like(self.gate.out), self.down.threshold, self.down.scale,
-                swiglu_of=(partial, splits))
-            return reduce_partials(down_partial, down_splits, self.down.out)[None]
+            return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
+                                torch.empty_like(self.gate.out))
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 
@@ -119,7 +117,10 @@ class Block(nn.Module):
                 qkv = self.qkv.expand(z)
         elif isinstance(self.qkv, nn.Linear):
             qkv = matvec(self.qkv.weight, normed, self.gemv)
-        else:  # another part of a block built from a model (a static low rank, masked inputs)
+        elif isinstance(self.qkv, NeuronPart) and fuse and self.qkv.fusable(normed) and self.qkv_bias is None:
+            # TEAL's or WINA's input mask: the normed input is the coefficients; partial sums as above
+            qkv, splits = masked_rows_partials(self.qkv.rows, normed[0], self.qkv.threshold, self.qkv.scale)
+        else:  # another part of a block built from a model (a static low rank, masked inputs with a bias)
             qkv = self.qkv(normed)
         if self.qkv_bias is not None:
             qkv = qkv + self.qkv_bias

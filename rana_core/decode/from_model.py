@@ -39,9 +39,8 @@ from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_attention, layer_mlp, mlp_parts,
                                    shape_of)
 from rana_core.decode.engine import Block, DecodeEngine
-from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, matvec
-from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
-                                             reduce_partials, use_triton)
+from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, matvec, swiglu_chain
+from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
 from rana_core.decode.narrow import A3AttentionPart
 from rana_core.errors import RanaError
 
@@ -93,7 +92,10 @@ class StaticLowRank(nn.Module):
 
 
 class ProjectionMLP(nn.Module):
-    """An MLP whose gate, up and down are each dense or a static low rank (dense or svd, as hybrid mixes them)."""
+    """An MLP whose gate, up and down are each a part of their own: dense, a static low rank, or masked on their
+    inputs (TEAL, WINA), as the method or hybrid's mix chose. Dense gate and up under SwiGLU are one product;
+    gate, up and down all masked on their inputs (and SiLU) run at one token as RaNA's MLP does (swiglu_chain:
+    gate and up both list the kept inputs of x, each against its own threshold)."""
 
     def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, act, gemv: str):
         super().__init__()
@@ -102,10 +104,20 @@ class ProjectionMLP(nn.Module):
         if all(isinstance(p, Dense) for p in (gate, up)) and _is_silu(act):
             # SwiGLU with dense gate and up: one product reads both (fused into the Triton GEMV)
             self.fused = nn.Parameter(torch.cat([gate.weight, up.weight]), requires_grad=False)
+        self.chained = (all(isinstance(p, NeuronPart) for p in (gate, up, down)) and _is_silu(act)
+                        and (gate.scale is None) == (up.scale is None))
+        if self.chained:
+            inputs = gate.rows.shape[0]
+            self.gate_up_rows = _join_padded(gate, up, "rows", inputs)
+            self.gate_up_threshold = _join_padded(gate, up, "threshold", 1)
+            self.gate_up_scale = None if gate.scale is None else _join_padded(gate, up, "norms", inputs)
 
     def forward(self, x):
         if self.fused is not None:
             return self.down(matvec(self.fused, x, self.gemv, swiglu=True))
+        if self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down)):
+            return swiglu_chain(self.gate_up_rows, x[0], self.gate_up_threshold, self.down,
+                                torch.empty_like(self.gate.out), self.gate_up_scale, shared_coeff=True)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
     def flops_per_token(self) -> float:
@@ -136,11 +148,8 @@ class RanaMLP(nn.Module):
     def forward(self, x):
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
-            partial, splits = masked_rows_partials(self.gate_up_rows, z[0], self.gate_up_threshold, groups=2)
-            down_partial, down_splits = masked_rows_partials(
-                self.down.rows, torch.empty_like(self.gate.out), self.down.threshold, self.down.scale,
-                swiglu_of=(partial, splits))
-            return reduce_partials(down_partial, down_splits, self.down.out)[None]
+            return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
+                                torch.empty_like(self.gate.out))
         gate = self.gate.expand(z[:, : self.gate.rank])
         return self.down(self.act(gate) * self.up.expand(z[:, self.rank: self.rank + self.up.rank]))
 

@@ -138,11 +138,15 @@ if triton is not None:
     @triton.jit
     def _compact_kernel(coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, source_ptr,
                         K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr,
-                        SOURCE_SPLITS: tl.constexpr, PDL: tl.constexpr):
-        """Program (c, g): compact_chunk."""
+                        SOURCE_SPLITS: tl.constexpr, SHARED_COEFF: tl.constexpr, PDL: tl.constexpr):
+        """Program (c, g): compact_chunk. With SHARED_COEFF every group lists the same K coefficients (TEAL's gate
+        and up both masked on the input x), each against its own threshold and scale."""
         await_inputs(PDL)
-        compact_chunk(tl.program_id(0), tl.program_id(1), coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr,
-                      count_ptr, source_ptr, K, CHUNKS, HAS_SCALE, CHUNK, SOURCE_SPLITS)
+        g = tl.program_id(1)
+        if SHARED_COEFF:
+            coeff_ptr -= g * K  # compact_chunk reads group g's coefficients at g·K
+        compact_chunk(tl.program_id(0), g, coeff_ptr, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr,
+                      source_ptr, K, CHUNKS, HAS_SCALE, CHUNK, SOURCE_SPLITS)
 
     @triton.jit
     def list_share(count_ptr, pid_s, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, SPLITS: tl.constexpr,
@@ -256,19 +260,21 @@ def _buffer(name: str, size: int, dtype, device: torch.device) -> torch.Tensor:
 
 def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
                          scale: torch.Tensor | None = None, groups: int = 1,
-                         swiglu_of: tuple[torch.Tensor, int] | None = None) -> tuple[torch.Tensor, int]:
+                         swiglu_of: tuple[torch.Tensor, int] | None = None,
+                         shared_coeff: bool = False) -> tuple[torch.Tensor, int]:
     """Launches compact and gather for `groups` equal products stacked along K; returns (partials, splits),
     partials of shape (groups · splits, M) in float32, for `reduce_partials` (or for `rope_into_cache`, or as
     `swiglu_of` of the next product, which add them up themselves).
 
     `swiglu_of`: (partials, splits) of a two-group gate/up product whose silu(gate) · up are this product's
     coefficients: the compaction makes them (and writes them to `coeff`, an output buffer then), so the gate/up
-    product needs no reduction launch of its own."""
+    product needs no reduction launch of its own. `shared_coeff`: `coeff` holds K coefficients that every group
+    reads (each with its own threshold and scale)."""
     K_all, M = rows.shape
     K = K_all // groups
     if swiglu_of is not None and (groups != 1 or swiglu_of[0].numel() != 2 * swiglu_of[1] * K):
         raise ValueError(f"swiglu_of needs one group and 2 × splits × {K} partial sums")
-    if coeff.shape != (K_all,) or K * groups != K_all:
+    if coeff.shape != ((K,) if shared_coeff else (K_all,)) or K * groups != K_all:
         raise ValueError(f"coefficients {tuple(coeff.shape)} do not match rows {tuple(rows.shape)} in {groups} groups")
     if threshold.numel() != groups:
         raise ValueError(f"one threshold per group: {groups} groups, {threshold.numel()} thresholds")
@@ -284,7 +290,8 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     p = pdl(rows)
     _compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
                                       source, K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,
-                                      SOURCE_SPLITS=source_splits, PDL=p, num_warps=4 if chunk <= 1024 else 8,
+                                      SOURCE_SPLITS=source_splits, SHARED_COEFF=shared_coeff, PDL=p,
+                                      num_warps=4 if chunk <= 1024 else 8,
                                       launch_pdl=p)
     splits = _list_splits(K, M, groups, device)
     partial = _buffer("partial", groups * splits * M, torch.float32, device)

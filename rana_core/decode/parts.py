@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.decode.dense_kernels import gemv, rmsnorm_reference
-from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
+from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
+                                             reduce_partials, use_triton)
 from rana_core.decode.residual import PendingNorm
 
 def rank_plan(out_features: int, in_features: int, keep: float) -> tuple[int, float]:
@@ -128,6 +129,20 @@ class NeuronPart(RankPart):
 
     def elements_per_token(self) -> float:
         return self.out_features * self.active_sum / max(self.counted_tokens, 1)
+
+def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_threshold: torch.Tensor,
+                 down: NeuronPart, h: torch.Tensor, scale: torch.Tensor | None = None,
+                 shared_coeff: bool = False) -> torch.Tensor:
+    """One token's masked SwiGLU MLP in the fewest launches: gate's and up's masked products as two groups of one
+    compaction and one gather (rows stacked, one threshold each; `shared_coeff`: both read the same coefficients),
+    then down's compaction makes h = silu(gate)·up from their partial sums (written to `h`) and lists its neurons,
+    its gather and one reduction: (1, M)."""
+    partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
+                                           shared_coeff=shared_coeff)
+    down_partial, down_splits = masked_rows_partials(down.rows, h, down.threshold, down.scale,
+                                                     swiglu_of=(partial, splits))
+    return reduce_partials(down_partial, down_splits, down.out)[None]
+
 
 def _set_threshold(threshold: torch.Tensor, scores: torch.Tensor, target_active: float) -> None:
     """The threshold that keeps `target_active` entries per token on average over these tokens."""
