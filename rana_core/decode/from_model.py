@@ -11,11 +11,11 @@ What each adapter becomes (rana_core.decode.engine's parts run at batch 1 throug
 - `svd` (static low rank, on stacked QKV or one MLP projection): two products, B then A;
 - `rank` (RaNA's rank adapter): B, then the masked product over the rows of Aᵀ with the threshold √τ on |z|;
 - `rana_mlp`: rank parts for gate and up (their B stacked), the neuron part for down (rows of W_downᵀ, scored by
-  |h|·‖W_down[:, j]‖ against τ);
+  |h|·‖W_down[:, j]‖ against τ); at one token the synthetic engine's chain (parts.swiglu_chain), ranks padded;
 - `a3_attention`, `a3_mlp`: A3's narrower q/k/v/o and KV cache (rana_core.decode.narrow), and its MLP on the
   kept channels;
 - `teal`, `wina` (on stacked QKV or one projection): the masked product over the kept inputs' rows of Wᵀ (the
-  neuron part's kernel, scored by |x_j|, or |x_j|·‖W[:, j]‖);
+  neuron part's kernel, scored by |x_j|, or |x_j|·‖W[:, j]‖); gate, up and down all masked take the same chain;
 - `cats`: the dense gate; neurons with |act(gate)| ≥ τ kept; up computed dense and masked (a kernel computing only
   the kept rows of W_up is the next issue's), down as a masked product over the kept rows of W_downᵀ.
 
