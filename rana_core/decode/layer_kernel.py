@@ -251,6 +251,8 @@ def layer_weights(block) -> LayerWeights | str:
     elif type(block.mlp_part) is RanaMLP:
         mlp = block.mlp_part
         gate, up, down, joint, silu = mlp.gate, mlp.up, mlp.down, mlp.gate_up_B, _is_silu(mlp.act)
+        if gate.rank != up.rank:  # RanaMLP pads the smaller rank; this kernel reads up's B right after gate's
+            joint = torch.cat([gate.B, up.B])
     elif type(block.mlp_part) is ProjectionMLP:
         mlp = block.mlp_part
         gate, up, down, joint, silu = mlp.gate, mlp.up, mlp.down, mlp.fused, _is_silu(mlp.act)
