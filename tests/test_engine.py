@@ -253,3 +253,46 @@ def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction,
         logits[fold] = torch.stack(steps)
     error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
     assert error < 1e-2, error
+
+
+@pytest.mark.parametrize("shape", [TINY, TINY_MHA], ids=["rana-mlp", "rana-qkv-and-mlp"])
+def test_masked_products_reduced_by_their_gather_decode_the_same(shape, monkeypatch):
+    """RANA_GATHER_REDUCES=1: the down product's (and every standalone masked product's) partial sums added up by
+    the last gather program of each column block, not a launch: five steps' logits equal the reduction launch's to
+    float32 rounding (the sum may be taken in another order), the tokens the same."""
+    require_triton("cpu")
+    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=0.44, gemv="triton")
+    engine.calibrate(tokens=256)
+    prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(2))
+    logits = {}
+    for reduces in ("0", "1"):
+        monkeypatch.setenv("RANA_GATHER_REDUCES", reduces)
+        logits[reduces], _ = decode_steps(engine, prompt, 5, False, monkeypatch)
+    assert (logits["1"] - logits["0"]).abs().max() <= 1e-5 * logits["0"].abs().max()
+    assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
+
+
+@pytest.mark.gpu
+def test_masked_products_reduced_by_their_gather_in_replayed_steps_on_the_gpu(monkeypatch):
+    """RANA_GATHER_REDUCES=1 in a replayed graph with PDL (counters back at zero before each replay, the last
+    program seeing every program's partial sums): 16 steps' logits within fp16 rounding of the reduction launch's,
+    RaNA with masks that keep every row (test_norms_folded_… says why)."""
+    logits = {}
+    for reduces in ("0", "1"):
+        monkeypatch.setenv("RANA_GATHER_REDUCES", reduces)
+        engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=0.44,
+                              gemv="triton", seed=3)
+        for part in engine.adapters():
+            part.threshold.fill_(0.0)
+        engine.allocate(64)
+        engine.prefill(torch.arange(20, device="cuda") * 37 % engine.shape.vocab)
+        engine.capture()
+        steps = []
+        for step in range(16):
+            engine.token.fill_(step * 101 % engine.shape.vocab)
+            engine.pos.fill_(20 + step)
+            engine.graph.replay()
+            steps.append(engine.graph_logits.float().clone())
+        logits[reduces] = torch.stack(steps)
+    error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
+    assert error < 1e-2, error

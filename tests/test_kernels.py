@@ -74,11 +74,18 @@ def check(K, M, dtype, device, density, with_scale, generator):
 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("with_scale", [False, True])
-def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale):
+@pytest.mark.parametrize("reduce", ["launch", "gather"])
+def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale, reduce, monkeypatch):
+    """The partial sums added up by a launch of their own, or (RANA_GATHER_REDUCES=1) by the last gather program
+    of each column block, which leaves its arrival counter at zero for the next call (three calls here)."""
     require_triton("cpu")  # the kernel itself runs, not a fallback
+    monkeypatch.setenv("RANA_GATHER_REDUCES", "1" if reduce == "gather" else "0")
     generator = torch.Generator().manual_seed(int(density * 100) + 7 * with_scale)
     for K, M in ((40, 200), (64, 128), (7, 33)):  # ragged shapes exercise every mask edge
         check(K, M, torch.float32, "cpu", density, with_scale, generator)
+    from rana_core.decode.masked_kernels import _BUFFERS
+
+    assert all(int(b.count_nonzero()) == 0 for (name, *_), b in _BUFFERS.items() if name == "arrivals")
 
 
 def test_batches_use_the_dense_product_of_masked_coefficients():
@@ -95,7 +102,9 @@ def test_batches_use_the_dense_product_of_masked_coefficients():
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("K, M, with_scale", [(4096, 11008, False), (11008, 4096, True), (3440, 12288, False),
                                               (1536, 576, True)])
-def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_scale):
+@pytest.mark.parametrize("reduce", ["launch", "gather"])
+def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_scale, reduce, monkeypatch):
+    monkeypatch.setenv("RANA_GATHER_REDUCES", "1" if reduce == "gather" else "0")
     generator = torch.Generator().manual_seed(K + M)
     check(K, M, dtype, "cuda", density, with_scale, generator)
     torch.cuda.synchronize()

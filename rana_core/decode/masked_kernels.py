@@ -218,15 +218,29 @@ if triton is not None:
         tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
-    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
-                       SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
-                       PDL: tl.constexpr):
-        """Program (m, s, g): gather_share."""
+    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, out_ptr, arrivals_ptr, K, M,
+                       stride_k, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNKS: tl.constexpr,
+                       CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                       WIDE: tl.constexpr, INTERPRET: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
+        """Program (m, s, g): gather_share. With REDUCE (one group), each program then counts its arrival at
+        column block m's counter, and the last of the block's SPLITS adds their partial sums in split order into
+        out (cast to its dtype) and resets the counter for the next launch: no reduction launch."""
         await_inputs(PDL)
-        gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
-                     count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
-                     WIDE, INTERPRET)
+        pid_m = tl.program_id(0)
+        gather_share(pid_m, tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr, count_ptr,
+                     partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M, WIDE,
+                     INTERPRET)
+        if REDUCE:
+            tl.debug_barrier()  # every thread's partial sums stored before the release below
+            if tl.atomic_add(arrivals_ptr + pid_m, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                tl.debug_barrier()  # the acquire before any thread loads the other programs' sums (.cg: L2)
+                offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+                split = tl.arange(0, SPLITS_P2)
+                ok = (split[:, None] < SPLITS) & (offs[None, :] < M)
+                tile = tl.load(partial_ptr + split[:, None] * M + offs[None, :], mask=ok, other=0.0,
+                               cache_modifier=".cg")
+                tl.store(out_ptr + offs, tl.sum(tile, axis=0).to(out_ptr.dtype.element_ty), mask=offs < M)
+                tl.store(arrivals_ptr + pid_m, 0)
 
     @triton.jit
     def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -249,19 +263,39 @@ if triton is not None:
 _BUFFERS: dict = {}
 
 
-def _buffer(name: str, size: int, dtype, device: torch.device) -> torch.Tensor:
+def _buffer(name: str, size: int, dtype, device: torch.device, zero: bool = False) -> torch.Tensor:
     """A reusable work buffer (allocated once per size and device, so that a captured CUDA graph keeps pointing
-    at live memory). Launches run in stream order, so one buffer serves every call of one size."""
+    at live memory). Launches run in stream order, so one buffer serves every call of one size. `zero`: made of
+    zeros (arrival counters, which the kernels leave at zero)."""
     key = (name, size, dtype, str(device))
     if key not in _BUFFERS:
-        _BUFFERS[key] = torch.empty(size, dtype=dtype, device=device)
+        _BUFFERS[key] = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=device)
     return _BUFFERS[key]
+
+
+def gather_reduces() -> bool:
+    """Whether a masked product's own reduction is made by the last gather program of each column block instead
+    of a launch (RANA_GATHER_REDUCES=1; off until timed)."""
+    return os.environ.get("RANA_GATHER_REDUCES") == "1"
+
+
+def masked_rows_reduced(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
+                        scale: torch.Tensor | None, out: torch.Tensor,
+                        swiglu_of: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+    """out = the masked product of one group, summed: compaction and gather (masked_rows_partials), then
+    reduce_partials, or with gather_reduces() the gather's last programs sum it (two launches, not three)."""
+    if gather_reduces():
+        masked_rows_partials(rows, coeff, threshold, scale, swiglu_of=swiglu_of, reduce_into=out)
+        return out
+    partial, splits = masked_rows_partials(rows, coeff, threshold, scale, swiglu_of=swiglu_of)
+    return reduce_partials(partial, splits, out)
 
 
 def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
                          scale: torch.Tensor | None = None, groups: int = 1,
                          swiglu_of: tuple[torch.Tensor, int] | None = None,
-                         shared_coeff: bool = False) -> tuple[torch.Tensor, int]:
+                         shared_coeff: bool = False,
+                         reduce_into: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Launches compact and gather for `groups` equal products stacked along K; returns (partials, splits),
     partials of shape (groups · splits, M) in float32, for `reduce_partials` (or for `rope_into_cache`, or as
     `swiglu_of` of the next product, which add them up themselves).
@@ -269,7 +303,8 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     `swiglu_of`: (partials, splits) of a two-group gate/up product whose silu(gate) · up are this product's
     coefficients: the compaction makes them (and writes them to `coeff`, an output buffer then), so the gate/up
     product needs no reduction launch of its own. `shared_coeff`: `coeff` holds K coefficients that every group
-    reads (each with its own threshold and scale)."""
+    reads (each with its own threshold and scale). `reduce_into` (one group): the gather also sums the partials
+    into it (masked_rows_reduced)."""
     K_all, M = rows.shape
     K = K_all // groups
     if swiglu_of is not None and (groups != 1 or swiglu_of[0].numel() != 2 * swiglu_of[1] * K):
@@ -280,6 +315,8 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
         raise ValueError(f"one threshold per group: {groups} groups, {threshold.numel()} thresholds")
     if rows.stride(1) != 1:
         raise ValueError("rows must be row-major (contiguous along M)")
+    if reduce_into is not None and (groups != 1 or reduce_into.numel() != M):
+        raise ValueError(f"reduce_into needs one group and {M} outputs")
     device = rows.device
     chunk = min(COMPACT_CHUNK, triton.next_power_of_2(K))
     chunks = math.ceil(K / chunk)
@@ -295,11 +332,14 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
                                       launch_pdl=p)
     splits = _list_splits(K, M, groups, device)
     partial = _buffer("partial", groups * splits * M, torch.float32, device)
-    _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](
-        rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
+    blocks = math.ceil(M / BLOCK_M)
+    arrivals = _buffer("arrivals", blocks, torch.int32, device, zero=True) if reduce_into is not None else count
+    _gather_kernel[(blocks, splits, groups)](
+        rows, index, value, count, partial, reduce_into if reduce_into is not None else partial, arrivals, K, M,
+        rows.stride(0), SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p, num_warps=GATHER_WARPS,
-        num_stages=GATHER_STAGES, launch_pdl=p)
+        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), REDUCE=reduce_into is not None, PDL=p,
+        num_warps=GATHER_WARPS, num_stages=GATHER_STAGES, launch_pdl=p)
     return partial, splits
 
 
@@ -330,8 +370,7 @@ def masked_rows_gemv(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.T
     if not use_triton(rows):
         out.copy_(reference_masked_rows(rows, coeff, threshold, scale))
         return out
-    partial, splits = masked_rows_partials(rows, coeff, threshold, scale)
-    return reduce_partials(partial, splits, out)
+    return masked_rows_reduced(rows, coeff, threshold, scale, out)
 
 
 def masked_rows_batched(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,

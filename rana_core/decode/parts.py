@@ -16,7 +16,7 @@ from torch import nn
 
 from rana_core.decode.dense_kernels import gemv, rmsnorm_reference
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
-                                             reduce_partials, use_triton)
+                                             masked_rows_reduced, use_triton)
 from rana_core.decode.residual import PendingNorm
 
 def rank_plan(out_features: int, in_features: int, keep: float) -> tuple[int, float]:
@@ -139,9 +139,7 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     its gather and one reduction: (1, M)."""
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
-    down_partial, down_splits = masked_rows_partials(down.rows, h, down.threshold, down.scale,
-                                                     swiglu_of=(partial, splits))
-    return reduce_partials(down_partial, down_splits, down.out)[None]
+    return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out, swiglu_of=(partial, splits))[None]
 
 
 def _set_threshold(threshold: torch.Tensor, scores: torch.Tensor, target_active: float) -> None:
