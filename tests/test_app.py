@@ -252,7 +252,8 @@ def test_new_run_queues_a_sweep_of_methods_and_budgets(db_url):
     assert not at.error and "Queued sweep" in at.success[0].value
     jobs = queue.list_jobs(url=db_url)
     sweep = next(j for j in jobs if j.kind == "sweep")
-    assert sweep.payload["latency"] == {"contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16"}
+    assert sweep.payload["latency"] == {"contexts": [1, 512], "new_tokens": 256, "dtype": "bfloat16",
+                                       "batches": []}
     points = sorted((j.payload["method"], j.payload["allocation"], j.payload["flop_reduction"])
                     for j in jobs if j.parent_id == sweep.id)
     assert points == [("cats", "uniform", 0.2), ("cats", "uniform", 0.3), ("cats", "uniform", 0.4),
