@@ -261,6 +261,32 @@ def test_gemv_with_the_swiglu_epilogue(device, dtype):
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+def test_gemv_with_cats_mask_zeroes_the_neurons_under_tau(device, dtype):
+    """gemv(swiglu=True, tau=τ): silu(gate)·up where |silu(gate)| ≥ τ, exactly 0 elsewhere (CATS's kept
+    neurons). The kernel decides on silu rounded to the dtype from gate rounded to the dtype, as the unfused ops
+    do; τ sits in the middle of the widest gap between those values near their median, so no neuron lies within
+    rounding of it. The kept values against float64 as the plain SwiGLU epilogue is checked."""
+    require_triton(device)
+    N, K = (11008, 4096) if device == "cuda" else (24, 72)
+    g = torch.Generator().manual_seed(N + 1)
+    weight = (torch.randn(2 * N, K, generator=g) / K ** 0.5).to(device, dtype)
+    x = torch.randn(K, generator=g).to(device, dtype)
+    gate, up = (weight.double().cpu() @ x.double().cpu()).chunk(2)
+    rounded = gate.to(dtype).float()
+    silu = (rounded / (1.0 + torch.exp(-rounded))).to(dtype).float().abs()
+    ordered = silu.unique().sort().values  # distinct values: any gap between them is at least one ulp
+    ordered = ordered[len(ordered) // 4: 3 * len(ordered) // 4]
+    widest = int((ordered[1:] - ordered[:-1]).argmax())
+    tau = float(ordered[widest] + ordered[widest + 1]) / 2
+    out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=True, tau=tau).float().cpu()
+    kept = silu >= tau
+    assert 0 < int(kept.sum()) < N
+    assert torch.equal(out[~kept], torch.zeros(int((~kept).sum())))
+    expected = (F.silu(gate) * up)[kept].float()
+    assert relative_error(out[kept], expected) < tolerance(dtype, 4)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
 @pytest.mark.parametrize("with_delta", [False, True], ids=["first-norm", "residual-add"])
 def test_gemv_with_the_norm_prologue_is_add_rmsnorm_then_the_gemv(device, dtype, swiglu, with_delta):

@@ -152,12 +152,14 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
 
     @triton.jit
-    def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, K: tl.constexpr,
-                     K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr,
-                     EARLY: tl.constexpr, NORM: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
+    def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
+                     K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
+                     HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
-        the unfused ops round. With EARLY, the rows' first chunk is loaded before waiting for the launch before
+        the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
+        the rows' first chunk is loaded before waiting for the launch before
         (weights are never written during a step): under PDL its memory latency overlaps that launch's tail.
         With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
         every program for itself (_norm_prologue): the add and the norm need no launch of their own."""
@@ -179,7 +181,12 @@ if triton is not None:
         if SWIGLU:
             up = _row_dots(w_ptr + N * stride_n, x_ptr, offs_n, n_ok, stride_n, first_up, K, BLOCK_N, BLOCK_K,
                            EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA)
+            if MASKED:  # CATS: silu(gate) as the unfused ops round it decides the neuron
+                gate = y.to(dtype).to(tl.float32)
+                kept = tl.abs((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)) >= tau
             y = swiglu(y, up, dtype)
+            if MASKED:
+                y = tl.where(kept, y, 0.0)
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
 
@@ -249,9 +256,10 @@ GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "E
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
-         swiglu: bool = False, norm: tuple | None = None) -> torch.Tensor:
+         swiglu: bool = False, norm: tuple | None = None, tau: float | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
-    [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,).
+    [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
+    (CATS's mask, decided on silu rounded to the dtype).
 
     `norm` = (delta, norm_weight, eps, res_out): x is then the residual stream and the product's input is
     RMSNorm(x + delta) · norm_weight, made inside the GEMV (delta None: RMSNorm(x)); x + delta is written to
@@ -266,7 +274,9 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
             x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
         if swiglu:
             gate, up = torch.mv(weight, x).chunk(2)
-            return out.copy_(torch.nn.functional.silu(gate) * up)
+            gate = torch.nn.functional.silu(gate)
+            kept = gate.float().abs() >= tau if tau is not None else True
+            return out.copy_(gate * up * kept)
         return torch.mv(weight, x, out=out)
     c = {**GEMV_CONFIG, **(config or {})}
     N, K = weight.shape
@@ -276,8 +286,10 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
                                                    delta if delta is not None else x, norm_weight, res_out, eps,
-                                                   K=K, K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
-                                                   BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, EARLY=early,
+                                                   0.0 if tau is None else float(tau), K=K,
+                                                   K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
+                                                   BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
+                                                   MASKED=swiglu and tau is not None, EARLY=early,
                                                    NORM=norm is not None, HAS_DELTA=delta is not None,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)

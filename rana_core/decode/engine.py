@@ -160,8 +160,10 @@ def reads_normed_once(block, section: str) -> bool:
     if section == "attention":
         qkv = block.qkv
         return isinstance(qkv, nn.Linear) or (isinstance(qkv, RankPart) and not isinstance(qkv, NeuronPart))
-    mlp = getattr(block, "mlp_part", block)  # a block built from a model keeps its MLP as a part
-    return hasattr(mlp, "gate_up_B") or getattr(mlp, "fused", None) is not None or hasattr(mlp, "gate_up")
+    mlp = getattr(block, "mlp_part", None)  # a block built from a model keeps its MLP as a part
+    if mlp is None:  # the synthetic block: dense SwiGLU or RaNA, each starting with one GEMV of stacked weights
+        return True
+    return hasattr(mlp, "gate_up_B") or getattr(mlp, "fused", None) is not None
 
 
 class DecodeEngine(nn.Module):

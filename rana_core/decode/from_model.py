@@ -38,6 +38,7 @@ from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit
 from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_attention, layer_mlp, mlp_parts,
                                    shape_of)
+from rana_core.decode import dense_kernels
 from rana_core.decode.engine import Block, DecodeEngine
 from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, matvec, swiglu_chain
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
@@ -175,19 +176,25 @@ def _join_padded(first: nn.Module, second: nn.Module, name: str, size: int) -> t
 
 
 class CatsPart(nn.Module):
-    """CATS: the dense gate; neuron j kept iff |act(gate x)_j| ≥ τ; only kept neurons reach down."""
+    """CATS: the dense gate; neuron j kept iff |act(gate x)_j| ≥ τ; only kept neurons reach down. With SiLU, one
+    token takes two steps: one GEMV over gate and up stacked whose epilogue makes silu(gate)·up and zeroes the
+    neurons under τ, then down's masked product over the kept ones."""
 
     def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, tau: float, act, gemv: str):
         super().__init__()
-        self.gate = nn.Parameter(gate.contiguous(), requires_grad=False)
-        self.up = nn.Parameter(up.contiguous(), requires_grad=False)
+        self.gate_up = nn.Parameter(torch.cat([gate, up]).contiguous(), requires_grad=False)
+        self.gate, self.up = self.gate_up[: gate.shape[0]], self.gate_up[gate.shape[0]:]  # views, one copy
         self.rows = nn.Parameter(down.t().contiguous(), requires_grad=False)  # W_downᵀ: neuron j is row j
         self.register_buffer("threshold", torch.tensor([NONZERO], device=down.device))
         self.register_buffer("out", torch.zeros(down.shape[0], dtype=down.dtype, device=down.device))
-        self.tau, self.act, self.gemv = tau, act, gemv
+        self.tau, self.act, self.gemv, self.silu = tau, act, gemv, _is_silu(act)
         self.counting, self.active_sum, self.counted_tokens = False, 0.0, 0
 
     def forward(self, x):
+        if self.silu and x.shape[0] == 1 and self.gemv == "triton" and use_triton(x) and not self.counting:
+            h = dense_kernels.gemv(self.gate_up, x[0], torch.empty(self.gate.shape[0], dtype=x.dtype,
+                                                                   device=x.device), swiglu=True, tau=self.tau)
+            return masked_rows_gemv(self.rows, h, self.threshold, out=self.out)[None]
         g = self.act(matvec(self.gate, x, self.gemv))
         mask = g.float().abs() >= self.tau
         if self.counting:
