@@ -88,6 +88,9 @@ else:
                            key="detail_speed_kept")
     batches = data.run_batches(data.url(), run_id)
     if not batches.empty:
+        st.caption("Sequences decoding together: tokens/s of all of them, the run beside the dense model on the same "
+                   "GPU (batch 1 is the one-token engine above; larger batches read each weight once per step for "
+                   "every sequence, and each sequence keeps its own masks).")
         st.plotly_chart(charts.batch_figure(batches), key="detail_speed_batches")
 with st.form("measure_speed"):
     left, right = st.columns(2)
