@@ -2,10 +2,12 @@
 
     python bench/engine_ab.py --env RANA_EARLY_WEIGHTS [--values 0,1] [--models llama2-7b-shape,smollm2-135m-shape]
                               [--cuts 0,0.44] [--rounds 2] [--contexts 1]
+    python bench/engine_ab.py --env RANA_FUSE_NORM:RANA_GATHER_REDUCES:RANA_ATTENTION_LAUNCHES --values 0:0:3,1:1:1
 
 Options read at launch time (RANA_EARLY_WEIGHTS: a GEMV's first weight chunk loaded before the PDL wait; RANA_PDL:
 programmatic dependent launch) are A/B'd by recapturing the same engine's graph with each value, alternately,
 `rounds` times: machines of one kind differ by a few per cent, so only ratios within one run are compared.
+Several options at once: their names and each side's values joined by colons.
 Median ms/token of graph-replayed steps. Prints a table and writes bench/results/engine-ab-<env>-<device>.json.
 """
 
@@ -30,7 +32,8 @@ from shown_path import write_results  # noqa: E402
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--env", required=True, help="the environment variable that selects the option")
+    parser.add_argument("--env", required=True,
+                        help="the environment variable that selects the option (several: joined by colons)")
     parser.add_argument("--values", default="0,1", help="its two values, the baseline first")
     parser.add_argument("--models", default="llama2-7b-shape,smollm2-135m-shape")
     parser.add_argument("--cuts", default="0,0.44")
@@ -41,6 +44,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     base, option = args.values.split(",")
+    names = args.env.split(":")
+    if any(len(side.split(":")) != len(names) for side in (base, option)):
+        parser.error(f"--values {args.values}: one value per variable of --env {args.env} on each side")
     name = torch.cuda.get_device_name()
     rows = []
     print(f"{name}, {args.dtype}, median ms/token of {args.new_tokens} replayed steps; "
@@ -54,7 +60,7 @@ def main(argv=None) -> int:
                 times: dict[str, list[float]] = {base: [], option: []}
                 for _ in range(args.rounds):
                     for value in (base, option):
-                        os.environ[args.env] = value
+                        os.environ.update(zip(names, value.split(":")))
                         engine.graph = None  # recaptured with this value
                         times[value].append(statistics.median(engine.time_decode(context, args.new_tokens)))
                 a, b = statistics.median(times[base]), statistics.median(times[option])
@@ -63,9 +69,10 @@ def main(argv=None) -> int:
                 print(f"{model:<22}{cut:>5.2f}{context:>8}{a:>10.3f}{b:>10.3f}{b / a:>8.3f}", flush=True)
             del engine
             torch.cuda.empty_cache()
-    os.environ.pop(args.env, None)
+    for variable in names:
+        os.environ.pop(variable, None)
     report = {"device_name": name, "dtype": args.dtype, "env": args.env, "values": [base, option], "rows": rows}
-    write_results(report, args.out, f"engine-ab-{args.env.lower().replace('_', '-')}", name)
+    write_results(report, args.out, f"engine-ab-{args.env.lower().replace('_', '-').replace(':', '+')}", name)
     return 0
 
 
