@@ -21,13 +21,13 @@ import os
 import torch
 
 from rana_core.decode.dense_kernels import rope_into_cache
-from rana_core.decode.masked_kernels import pdl, triton, use_triton
+from rana_core.decode.masked_kernels import _buffer, pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
     from rana_core.decode.dense_kernels import rope_head
-    from rana_core.decode.masked_kernels import await_inputs
+    from rana_core.decode.masked_kernels import arrives_last, await_inputs
 
     @triton.jit
     def attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
@@ -84,10 +84,7 @@ if triton is not None:
         query heads (combine_head), reading every chunk in a fixed order whichever program runs it (so the
         result does not depend on who came last), and sets the counter back to zero for the next launch (graph
         replays reuse it)."""
-        tl.debug_barrier()  # every thread's stores of this chunk before the release below
-        arrived = tl.atomic_add(arrivals_ptr + j, 1, sem="acq_rel", scope="gpu")
-        if arrived == SPLITS - 1:
-            tl.debug_barrier()  # the acquire before any thread's loads of the other chunks (.cg: from L2)
+        if arrives_last(arrivals_ptr + j, SPLITS):
             for g in tl.static_range(GROUP):
                 combine_head(j * GROUP + g, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, D)
             tl.store(arrivals_ptr + j, 0)
@@ -139,7 +136,6 @@ if triton is not None:
         combine_head(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, D)
 
 
-
 ATTENTION_CHUNK = 64  # cached positions per attention program
 
 
@@ -179,16 +175,10 @@ def rope_attention(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.
     return out
 
 
-_ARRIVALS: dict = {}
-
-
 def _arrivals(kv_heads: int, device: torch.device) -> torch.Tensor:
-    """Arrival counters of the one-launch attention, one per KV head: zero between launches (the last program of
-    each head resets its own), allocated once per size and device so that captured graphs keep pointing at them."""
-    key = (kv_heads, str(device))
-    if key not in _ARRIVALS:
-        _ARRIVALS[key] = torch.zeros(kv_heads, dtype=torch.int32, device=device)
-    return _ARRIVALS[key]
+    """Arrival counters of the one-launch attention, one per KV head (masked_kernels._buffer: zero between
+    launches, and the same memory for every captured graph)."""
+    return _buffer("attention arrivals", kv_heads, torch.int32, device, zero=True)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,

@@ -90,6 +90,17 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
+    def arrives_last(counter_ptr, ARRIVALS: tl.constexpr):
+        """Count this program's arrival at a counter shared by ARRIVALS programs, after every thread's stores so
+        far (release), and whether it came last; the last one then sees every other program's stores (acquire;
+        read them with .cg loads, from L2) and must set the counter back to zero for the next launch (graph
+        replays reuse it)."""
+        tl.debug_barrier()  # every thread's stores before the release
+        last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == ARRIVALS - 1
+        tl.debug_barrier()  # the acquire before any thread's loads
+        return last
+
+    @triton.jit
     def swiglu(gate, up, dtype):
         """silu(gate) · up in float32 from float32 sums, each operand and the silu rounded to `dtype` on the way,
         as the unfused PyTorch ops (a linear, silu, a product, all in the model's dtype) round them."""
@@ -231,9 +242,7 @@ if triton is not None:
                      partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M, WIDE,
                      INTERPRET)
         if REDUCE:
-            tl.debug_barrier()  # every thread's partial sums stored before the release below
-            if tl.atomic_add(arrivals_ptr + pid_m, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
-                tl.debug_barrier()  # the acquire before any thread loads the other programs' sums (.cg: L2)
+            if arrives_last(arrivals_ptr + pid_m, SPLITS):
                 offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
                 split = tl.arange(0, SPLITS_P2)
                 ok = (split[:, None] < SPLITS) & (offs[None, :] < M)
