@@ -51,8 +51,9 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
     text = text.to(device)
     dense = engine_from_model(model, [], torch_dtype, device)
     adapted = engine_from_model(model, adapters, torch_dtype, device)
-    if batches and unsupported(adapted):  # before any timing: one line, nothing measured in vain
-        raise RanaError(f"batches: {unsupported(adapted)}")
+    refused = unsupported(adapted) if batches else None
+    if refused:  # before any timing: one line, nothing measured in vain
+        raise RanaError(f"batches: {refused}")
     progress(0.05, "counting the masks on held-out text")
     measured = adapted.flop_reduction_on(text)
     dense.use_layer_kernels(layers)
@@ -84,17 +85,18 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
 def batch_rows(dense: DecodeEngine, adapted: DecodeEngine, batches: list[int], context: int,
                new_tokens: int) -> list[dict]:
     """For each batch size B: the median ms of a step that makes one token for each of B sequences (prompts of
-    `context` random tokens), for both engines, and the tokens per second that makes. Dense products through
-    batch_gemv's Triton kernel (each weight read once for the B rows), masked ones over every row with each
-    token's own mask (BatchDecoder's defaults for masked products)."""
+    `context` random tokens, the same for both engines), for both engines, and the tokens per second that makes.
+    Dense products through batch_gemv's Triton kernel (each weight read once for the B rows), masked ones over
+    every row with each token's own mask (BatchDecoder's defaults for masked products)."""
     rows = []
     generator = torch.Generator().manual_seed(5)
     for batch in batches:
+        prompts = [torch.randint(0, dense.shape.vocab, (context,), generator=generator).to(dense.device)
+                   for _ in range(batch)]
         ms = {}
         for name, engine in (("dense", dense), ("adapted", adapted)):
             decoder = BatchDecoder(engine, batch, context + new_tokens + 8, products="triton")
-            decoder.prefill([torch.randint(0, engine.shape.vocab, (context,), generator=generator).to(engine.device)
-                             for _ in range(batch)])
+            decoder.prefill(prompts)
             ms[name] = statistics.median(decoder.time_decode(new_tokens))
             del decoder  # its caches: B times the engine's
         rows.append({"batch": batch, "ms_per_step": ms["adapted"], "dense_ms_per_step": ms["dense"],
