@@ -123,6 +123,35 @@ def test_graph_replay_computes_what_eager_steps_compute(flop_reduction, gemv):
         assert int(engine.pos) == int(pos) + 1
 
 
+def replayed_logits(env: dict, monkeypatch, flop_reduction: float, seed: int = 0, context: int = 20,
+                    max_seq: int = 64, every_row: bool = False) -> torch.Tensor:
+    """Float32 logits of 16 graph-replayed steps of the SmolLM2-shape engine (fp16, Triton GEMV) built and captured
+    with the launch options `env`, after a fixed prompt of `context` tokens. Thresholds calibrated; or with
+    `every_row`, masks that keep every row and each step fed the same token and position whatever the last one
+    chose (so a flipped argmax cannot make two engines diverge)."""
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    torch.manual_seed(0)
+    engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
+                          gemv="triton", seed=seed)
+    if every_row:
+        for part in engine.adapters():
+            part.threshold.fill_(0.0)
+    else:
+        engine.calibrate()
+    engine.allocate(max_seq)
+    engine.prefill(torch.arange(context, device="cuda") * 37 % engine.shape.vocab)
+    engine.capture()
+    steps = []
+    for step in range(16):
+        if every_row:
+            engine.token.fill_(step * 101 % engine.shape.vocab)
+            engine.pos.fill_(context + step)
+        engine.graph.replay()
+        steps.append(engine.graph_logits.float().clone())
+    return torch.stack(steps)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
 def test_programmatic_dependent_launch_changes_no_bit(flop_reduction, monkeypatch):
@@ -133,21 +162,7 @@ def test_programmatic_dependent_launch_changes_no_bit(flop_reduction, monkeypatc
 
     if not pdl(torch.empty(1, device="cuda")):
         pytest.fail("this GPU cannot launch with PDL (needs compute capability 9.0, e.g. an H100)")
-    logits = {}
-    for enabled in ("1", "0"):
-        monkeypatch.setenv("RANA_PDL", enabled)
-        torch.manual_seed(0)
-        engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
-                              gemv="triton")
-        engine.calibrate()
-        engine.allocate(64)
-        engine.prefill(torch.arange(20, device="cuda") * 37 % engine.shape.vocab)
-        engine.capture()
-        steps = []
-        for _ in range(16):
-            engine.graph.replay()
-            steps.append(engine.graph_logits.clone())
-        logits[enabled] = torch.stack(steps)
+    logits = {enabled: replayed_logits({"RANA_PDL": enabled}, monkeypatch, flop_reduction) for enabled in ("1", "0")}
     assert torch.equal(logits["1"], logits["0"])
 
 
@@ -158,20 +173,9 @@ def test_attention_in_fewer_launches_changes_no_bit_in_replayed_steps(flop_reduc
     programs too), in a graph replayed step after step with PDL: arrival counters back at zero before each
     replay, the combine seeing every chunk's stores, each chunk seeing this step's key: the logits of 16 replayed
     steps equal the three-launch engine's bit for bit."""
-    logits = {}
-    for launches in ("3", "2", "1"):
-        monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
-        engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
-                              gemv="triton", seed=3)
-        engine.calibrate()
-        engine.allocate(300)  # five chunks of 64: the combine has several to wait for
-        engine.prefill(torch.arange(200, device="cuda") * 37 % engine.shape.vocab)
-        engine.capture()
-        steps = []
-        for _ in range(16):
-            engine.graph.replay()
-            steps.append(engine.graph_logits.clone())
-        logits[launches] = torch.stack(steps)
+    logits = {launches: replayed_logits({"RANA_ATTENTION_LAUNCHES": launches}, monkeypatch, flop_reduction, seed=3,
+                                        context=200, max_seq=300)  # five chunks of 64: the combine waits for several
+              for launches in ("3", "2", "1")}
     assert torch.equal(logits["2"], logits["3"]) and torch.equal(logits["1"], logits["3"])
 
 
@@ -234,23 +238,8 @@ def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction,
     steps' logits within fp16 rounding of the unfolded engine's (relative error of the logits under 1e-2, as
     graph replay against eager steps). RaNA with masks that keep every row: with calibrated thresholds a last-bit
     difference flips mask entries and 30 random layers grow the flips (test_batch_step says so)."""
-    logits = {}
-    for fold in ("0", "1"):
-        monkeypatch.setenv("RANA_FUSE_NORM", fold)
-        engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=flop_reduction,
-                              gemv="triton", seed=3)
-        for part in engine.adapters():
-            part.threshold.fill_(0.0)
-        engine.allocate(64)
-        engine.prefill(torch.arange(20, device="cuda") * 37 % engine.shape.vocab)
-        engine.capture()
-        steps = []
-        for step in range(16):  # the same token and position in both engines (a flipped argmax cannot diverge)
-            engine.token.fill_(step * 101 % engine.shape.vocab)
-            engine.pos.fill_(20 + step)
-            engine.graph.replay()
-            steps.append(engine.graph_logits.float().clone())
-        logits[fold] = torch.stack(steps)
+    logits = {fold: replayed_logits({"RANA_FUSE_NORM": fold}, monkeypatch, flop_reduction, seed=3, every_row=True)
+              for fold in ("0", "1")}
     error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
     assert error < 1e-2, error
 
@@ -277,22 +266,7 @@ def test_masked_products_reduced_by_their_gather_in_replayed_steps_on_the_gpu(mo
     """RANA_GATHER_REDUCES=1 in a replayed graph with PDL (counters back at zero before each replay, the last
     program seeing every program's partial sums): 16 steps' logits within fp16 rounding of the reduction launch's,
     RaNA with masks that keep every row (test_norms_folded_… says why)."""
-    logits = {}
-    for reduces in ("0", "1"):
-        monkeypatch.setenv("RANA_GATHER_REDUCES", reduces)
-        engine = DecodeEngine(SHAPES["smollm2-135m-shape"], torch.float16, "cuda", flop_reduction=0.44,
-                              gemv="triton", seed=3)
-        for part in engine.adapters():
-            part.threshold.fill_(0.0)
-        engine.allocate(64)
-        engine.prefill(torch.arange(20, device="cuda") * 37 % engine.shape.vocab)
-        engine.capture()
-        steps = []
-        for step in range(16):
-            engine.token.fill_(step * 101 % engine.shape.vocab)
-            engine.pos.fill_(20 + step)
-            engine.graph.replay()
-            steps.append(engine.graph_logits.float().clone())
-        logits[reduces] = torch.stack(steps)
+    logits = {reduces: replayed_logits({"RANA_GATHER_REDUCES": reduces}, monkeypatch, 0.44, seed=3, every_row=True)
+              for reduces in ("0", "1")}
     error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
     assert error < 1e-2, error
