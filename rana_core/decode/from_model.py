@@ -40,7 +40,7 @@ from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_
                                    shape_of)
 from rana_core.decode import dense_kernels
 from rana_core.decode.engine import Block, DecodeEngine
-from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, matvec, swiglu_chain
+from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, matvec, swiglu_chain
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
 from rana_core.decode.narrow import A3AttentionPart
 from rana_core.errors import RanaError
@@ -108,10 +108,9 @@ class ProjectionMLP(nn.Module):
         self.chained = (all(isinstance(p, NeuronPart) for p in (gate, up, down)) and _is_silu(act)
                         and (gate.scale is None) == (up.scale is None))
         if self.chained:
-            inputs = gate.rows.shape[0]
-            self.gate_up_rows = _join_padded(gate, up, "rows", inputs)
-            self.gate_up_threshold = _join_padded(gate, up, "threshold", 1)
-            self.gate_up_scale = None if gate.scale is None else _join_padded(gate, up, "norms", inputs)
+            self.gate_up_rows = _join(gate, up, "rows")
+            self.gate_up_threshold = _join(gate, up, "threshold")
+            self.gate_up_scale = None if gate.scale is None else _join(gate, up, "norms")
 
     def forward(self, x):
         if self.fused is not None:
@@ -140,11 +139,11 @@ class RanaMLP(nn.Module):
         super().__init__()
         self.gate, self.up, self.down, self.act, self.gemv = gate, up, down, act, gemv
         self.rank = max(gate.rank, up.rank)  # each part's slot in the stacked tensors
-        self.gate_up_B = nn.Parameter(_join_padded(gate, up, "B", self.rank), requires_grad=False)
+        self.gate_up_B = _join(gate, up, "B")
         self.chained = _is_silu(act)
         if self.chained:
-            self.gate_up_rows = _join_padded(gate, up, "rows", self.rank)
-            self.gate_up_threshold = _join_padded(gate, up, "threshold", 1)
+            self.gate_up_rows = _join(gate, up, "rows")
+            self.gate_up_threshold = _join(gate, up, "threshold")
 
     def forward(self, x):
         z = matvec(self.gate_up_B, x, self.gemv)
@@ -159,20 +158,6 @@ class RanaMLP(nn.Module):
 
     def elements_per_token(self) -> float:
         return self.gate.elements_per_token() + self.up.elements_per_token() + self.down.elements_per_token()
-
-
-def _join_padded(first: nn.Module, second: nn.Module, name: str, size: int) -> torch.Tensor:
-    """Both parts' `name` stacked along dim 0, each padded with zeros to `size` rows; each part's attribute becomes
-    a view of its own rows in the joint tensor (so a threshold set on a part is the one the joint launch reads)."""
-    parts = (first, second)
-    joint = torch.zeros((2 * size, *getattr(first, name).shape[1:]), dtype=getattr(first, name).dtype,
-                        device=getattr(first, name).device)
-    for index, part in enumerate(parts):
-        value = getattr(part, name)
-        joint[index * size: index * size + value.shape[0]] = value
-        delattr(part, name)
-        setattr(part, name, joint[index * size: index * size + value.shape[0]])
-    return joint
 
 
 class CatsPart(nn.Module):

@@ -172,13 +172,17 @@ class RMSNorm(nn.Module):
         return rmsnorm_reference(x, self.weight, self.eps)
 
 def _join(first: nn.Module, second: nn.Module, name: str) -> torch.Tensor:
-    """One tensor holding both parts' `name` stacked along dim 0; each part's attribute becomes a view into it."""
-    parameter = isinstance(getattr(first, name), nn.Parameter)  # weights stay parameters, buffers plain tensors
-    joint = torch.cat([getattr(first, name), getattr(second, name)])
-    size = getattr(first, name).shape[0]
-    for part, view in ((first, joint[:size]), (second, joint[size:])):
+    """One tensor holding both parts' `name` stacked along dim 0, each in a slot of the larger one's rows (the
+    smaller padded with zeros: a run's RaNA gate and up may differ in rank); each part's attribute becomes a view
+    of its own rows in it (so a threshold set on a part is the one a joint launch reads)."""
+    values = (getattr(first, name), getattr(second, name))
+    parameter = isinstance(values[0], nn.Parameter)  # weights stay parameters, buffers plain tensors
+    size = max(value.shape[0] for value in values)
+    joint = torch.zeros((2 * size, *values[0].shape[1:]), dtype=values[0].dtype, device=values[0].device)
+    for index, (part, value) in enumerate(zip((first, second), values)):
+        joint[index * size: index * size + value.shape[0]] = value
         delattr(part, name)
-        setattr(part, name, view)
+        setattr(part, name, joint[index * size: index * size + value.shape[0]])
     return nn.Parameter(joint, requires_grad=False) if parameter else joint
 
 GEMV_BACKENDS = ("cublas", "triton")  # torch's product, or rana_core.decode_kernels.gemv; bench/latency.py compares
