@@ -74,16 +74,24 @@ def check(K, M, dtype, device, density, with_scale, generator):
 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("with_scale", [False, True])
-@pytest.mark.parametrize("reduce", ["launch", "gather"])
-def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale, reduce, monkeypatch):
+@pytest.mark.parametrize("reduce, design", [("launch", "list"), ("gather", "list"), ("launch", "wide")])
+def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale, reduce, design, monkeypatch):
     """The partial sums added up by a launch of their own, or (RANA_GATHER_REDUCES=1) by the last gather program
-    of each column block, which leaves its arrival counter at zero for the next call (three calls here)."""
+    of each column block, which leaves its arrival counter at zero for the next call (three calls here); and the
+    one-launch wide design (masked_wide), whose row tiles are dealt to more programs than some shapes have tiles
+    (those programs must still write their zero partial sums)."""
     require_triton("cpu")  # the kernel itself runs, not a fallback
     monkeypatch.setenv("RANA_GATHER_REDUCES", "1" if reduce == "gather" else "0")
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
     generator = torch.Generator().manual_seed(int(density * 100) + 7 * with_scale)
+    from rana_core.decode.masked_kernels import _BUFFERS
+
     for K, M in ((40, 200), (64, 128), (7, 33)):  # ragged shapes exercise every mask edge
         check(K, M, torch.float32, "cpu", density, with_scale, generator)
-    from rana_core.decode.masked_kernels import _BUFFERS
+        for (name, *_), buffer in _BUFFERS.items():  # a partial sum left unwritten shows as NaN in the next call
+            if name == "wide partial":
+                buffer.fill_(float("nan"))
+        check(K, M, torch.float32, "cpu", density, with_scale, generator)
 
     assert all(int(b.count_nonzero()) == 0 for (name, *_), b in _BUFFERS.items() if name == "arrivals")
 
@@ -102,9 +110,10 @@ def test_batches_use_the_dense_product_of_masked_coefficients():
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("K, M, with_scale", [(4096, 11008, False), (11008, 4096, True), (3440, 12288, False),
                                               (1536, 576, True)])
-@pytest.mark.parametrize("reduce", ["launch", "gather"])
-def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_scale, reduce, monkeypatch):
+@pytest.mark.parametrize("reduce, design", [("launch", "list"), ("gather", "list"), ("launch", "wide")])
+def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_scale, reduce, design, monkeypatch):
     monkeypatch.setenv("RANA_GATHER_REDUCES", "1" if reduce == "gather" else "0")
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
     generator = torch.Generator().manual_seed(K + M)
     check(K, M, dtype, "cuda", density, with_scale, generator)
     torch.cuda.synchronize()
@@ -116,6 +125,25 @@ def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density):
     across chunk boundaries by gather programs whose shares straddle them."""
     from rana_core.decode import masked_kernels as kernels
 
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", "list")  # small products take the wide design by default
     monkeypatch.setattr(kernels, "COMPACT_CHUNK", 16)
     monkeypatch.setattr(kernels, "BLOCK_K", 8)
     check(100, 48, torch.float32, "cpu", density, True, torch.Generator().manual_seed(int(density * 10)))
+
+
+def test_small_products_take_the_one_launch_design_by_default(monkeypatch):
+    """RANA_MASKED_PRODUCT=auto (the default): the wide design for rows of at most WIDE_MAX_BYTES, the list above
+    them; either named explicitly wins."""
+    from rana_core.decode import masked_wide
+
+    monkeypatch.delenv("RANA_MASKED_PRODUCT", raising=False)
+    monkeypatch.setattr(masked_wide, "WIDE_MAX_BYTES", 1000)
+    small, large = torch.zeros(10, 25), torch.zeros(10, 26)  # 1,000 and 1,040 bytes of float32
+    assert (masked_wide.design(small), masked_wide.design(large)) == ("wide", "list")
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", "list")
+    assert masked_wide.design(small) == "list"
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", "wide")
+    assert masked_wide.design(large) == "wide"
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", "wider")
+    with pytest.raises(ValueError, match="expected auto, list or wide"):
+        masked_wide.design(small)

@@ -326,13 +326,21 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
         raise ValueError("rows must be row-major (contiguous along M)")
     if reduce_into is not None and (groups != 1 or reduce_into.numel() != M):
         raise ValueError(f"reduce_into needs one group and {M} outputs")
+    source, source_splits = swiglu_of if swiglu_of is not None else (coeff, 0)
+    from rana_core.decode import masked_wide  # imports this module
+
+    if masked_wide.design(rows) == "wide":
+        partial, splits = masked_wide.wide_partials(rows, coeff, threshold, scale, groups,
+                                                    source if source_splits else None, source_splits, shared_coeff)
+        if reduce_into is not None:
+            reduce_partials(partial, splits, reduce_into)
+        return partial, splits
     device = rows.device
     chunk = min(COMPACT_CHUNK, triton.next_power_of_2(K))
     chunks = math.ceil(K / chunk)
     index = _buffer("index", K_all, torch.int32, device)
     value = _buffer("value", K_all, torch.float32, device)
     count = _buffer("count", groups * chunks, torch.int32, device)
-    source, source_splits = swiglu_of if swiglu_of is not None else (coeff, 0)
     p = pdl(rows)
     _compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
                                       source, K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,

@@ -1,0 +1,153 @@
+"""The masked product in one launch (masked_kernels' contract; RANA_MASKED_PRODUCT=auto|list|wide).
+
+masked_kernels lists the active rows first (a compaction launch), then gathers the listed rows: two dependent
+launches and a round trip to memory for the list before any weight moves, the ~6-7 µs fixed cost measured under
+each masked product (bench/masked_designs.py). On a small model every step is bound by such latencies, not by
+bytes, so there one launch pays even when it reads less efficiently:
+
+- program (m, s, g) owns column block m of group g and the row tiles t = s, s + S, s + 2S, … of BLOCK_K
+  contiguous rows (dealt round-robin, so that every program meets the same mix of strong leading ranks and weak
+  trailing ones);
+- it loads the coefficients of all its tiles at once, decides their masks (score ≥ threshold), then loads each
+  tile's rows with the mask as the load's predicate (a masked-off row issues no memory request); the tile loop
+  is unrolled, its loads depending on nothing loaded inside it;
+- the partial sums go to partial[g, s, :], so every consumer (reduce_partials, the rotary kernel, the next
+  product's SwiGLU) is the list design's.
+
+Measured on an H200 (docs/latency.md, session 14): SmolLM2's RaNA −44% step 0.743 → 0.627 ms; on Llama-2-7B's
+products it is slower than the list at every density (13-35 µs with nothing active, against 6-8), so "auto"
+takes it only for products of at most WIDE_MAX_BYTES.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from rana_core.decode.masked_kernels import _buffer, _multiprocessors, await_inputs, pdl, swiglu, triton
+
+if triton is not None:
+    import triton.language as tl
+
+# (BLOCK_M, BLOCK_K, warps, stages, programs per multiprocessor); RANA_WIDE_CONFIG="64,64,2,1,16" overrides it
+# (bench/masked_designs.py sweeps it). BLOCK_M is capped by the outputs' count on small models' rows.
+CONFIG = (64, 64, 2, 1, 16)
+MAX_PER_PROGRAM = 16  # tiles per program, each unrolled in the kernel
+
+
+# Below this many bytes of rows a product takes the wide design by default. Measured on an H200
+# (bench/masked_designs.py, bench/engine_ab.py): SmolLM2's products (at most ~4 MB) made its RaNA −44% step 16%
+# faster in one launch; Llama-2-7B's (33-90 MB) were 1.4× slower than the list's. Between the two, unmeasured.
+WIDE_MAX_BYTES = 16 * 2**20
+
+
+def design(rows: torch.Tensor) -> str:
+    """Which masked product runs on `rows`: RANA_MASKED_PRODUCT = "list" (compaction, then gather), "wide" (one
+    launch), or "auto" (the default: wide up to WIDE_MAX_BYTES of rows)."""
+    choice = os.environ.get("RANA_MASKED_PRODUCT", "auto")
+    if choice == "auto":
+        return "wide" if rows.numel() * rows.element_size() <= WIDE_MAX_BYTES else "list"
+    if choice not in ("list", "wide"):
+        raise ValueError(f"RANA_MASKED_PRODUCT={choice}: expected auto, list or wide")
+    return choice
+
+
+def config() -> tuple[int, int, int, int, int]:
+    text = os.environ.get("RANA_WIDE_CONFIG")
+    return tuple(int(v) for v in text.split(",")) if text else CONFIG
+
+
+def shape(K: int, M: int, groups: int, device: torch.device) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, warps, stages, S): S splits of the row tiles, enough for the configured number of
+    programs per multiprocessor."""
+    block_m, block_k, warps, stages, per_sm = config()
+    block_m = min(block_m, max(32, triton.next_power_of_2(M)))
+    programs = math.ceil(M / block_m) * groups
+    fill = math.ceil(per_sm * _multiprocessors(device) / programs)
+    tiles = math.ceil(K / block_k)
+    return block_m, block_k, warps, stages, max(1, min(tiles, fill), math.ceil(tiles / MAX_PER_PROGRAM))
+
+
+if triton is not None:
+
+    @triton.jit
+    def _coefficients(k, ok, g, coeff_ptr, scale_ptr, threshold, source_ptr, K, pid_m, HAS_SCALE: tl.constexpr,
+                      SHARED_COEFF: tl.constexpr, SOURCE_SPLITS: tl.constexpr):
+        """(c in float32, active) of group g's rows k (any shape): the coefficient and whether its score
+        reaches the threshold."""
+        if SOURCE_SPLITS > 0:  # coefficients made from gate/up's partial sums: silu(gate) · up, as compaction does
+            gate = tl.zeros(k.shape, dtype=tl.float32)
+            up = tl.zeros(k.shape, dtype=tl.float32)
+            for s in tl.static_range(SOURCE_SPLITS):
+                gate += tl.load(source_ptr + s * K + k, mask=ok, other=0.0, cache_modifier=".cg")
+                up += tl.load(source_ptr + (SOURCE_SPLITS + s) * K + k, mask=ok, other=0.0, cache_modifier=".cg")
+            c = swiglu(gate, up, coeff_ptr.dtype.element_ty).to(coeff_ptr.dtype.element_ty)
+            tl.store(coeff_ptr + k, c, mask=ok & (pid_m == 0))  # h, for whoever reads it after this product
+        elif SHARED_COEFF:
+            c = tl.load(coeff_ptr + k, mask=ok, other=0.0, cache_modifier=".cg")
+        else:
+            c = tl.load(coeff_ptr + g * K + k, mask=ok, other=0.0, cache_modifier=".cg")
+        c = c.to(tl.float32)
+        score = tl.abs(c)
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + g * K + k, mask=ok, other=0.0).to(tl.float32)
+        return c, ok & (score >= threshold)
+
+    @triton.jit
+    def _wide_kernel(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, partial_ptr, source_ptr, K, M, stride_k,
+                     S: tl.constexpr, TILES: tl.constexpr, PER_PROGRAM: tl.constexpr, PER_PROGRAM_P2: tl.constexpr,
+                     HAS_SCALE: tl.constexpr,
+                     SHARED_COEFF: tl.constexpr, SOURCE_SPLITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_M: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr):
+        """Program (m, s, g): columns m·BLOCK_M… of Σ over the active rows of tiles s, s + S, … of group g, into
+        partial[g, s, :].
+
+        Every coefficient of the program's PER_PROGRAM tiles is loaded and its mask decided first, in one round
+        trip (a tile's coefficients loaded in the loop put a memory latency before each tile's rows: 13-26 µs
+        per product with nothing active); the tiles' row loads then depend on nothing loaded in the loop, and the
+        loop is unrolled so that they can be in flight together."""
+        pid_m, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        await_inputs(PDL)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        j = tl.arange(0, PER_PROGRAM_P2)
+        tile = pid_s + j * S
+        k_all = tile[:, None] * BLOCK_K + tl.arange(0, BLOCK_K)[None, :]
+        c_all, active_all = _coefficients(k_all, (tile[:, None] < TILES) & (k_all < K), g, coeff_ptr, scale_ptr,
+                                          tl.load(threshold_ptr + g), source_ptr, K, pid_m, HAS_SCALE,
+                                          SHARED_COEFF, SOURCE_SPLITS)
+        acc = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+        for i in tl.static_range(PER_PROGRAM):
+            mine = (j == i)[:, None]  # tile i's row of the coefficients, taken out of the loaded block
+            c = tl.sum(tl.where(mine, c_all, 0.0), axis=0)
+            active = tl.sum(tl.where(mine & active_all, 1, 0), axis=0) > 0
+            row = (pid_s + i * S) * BLOCK_K + tl.arange(0, BLOCK_K) + g * K
+            if WIDE:
+                row = row.to(tl.int64)
+            rows = tl.load(rows_ptr + row[:, None] * stride_k + offs_m[None, :],
+                           mask=active[:, None] & m_ok[None, :], other=0.0)
+            acc += rows.to(tl.float32) * c[:, None]  # summed over the rows once, after the last tile
+        tl.store(partial_ptr + (g * S + pid_s) * M + offs_m, tl.sum(acc, axis=0), mask=m_ok)
+
+
+def wide_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor, scale: torch.Tensor | None,
+                  groups: int, source: torch.Tensor | None, source_splits: int,
+                  shared_coeff: bool) -> tuple[torch.Tensor, int]:
+    """masked_kernels.masked_rows_partials' contract (its arguments already checked there), in one launch:
+    (partials (groups · S, M) in float32, S)."""
+    K_all, M = rows.shape
+    K = K_all // groups
+    block_m, block_k, warps, stages, S = shape(K, M, groups, rows.device)
+    partial = _buffer("wide partial", groups * S * M, torch.float32, rows.device)
+    tiles = math.ceil(K / block_k)
+    per_program = math.ceil(tiles / S)
+    p = pdl(rows)
+    _wide_kernel[(math.ceil(M / block_m), S, groups)](
+        rows, coeff, scale if scale is not None else coeff, threshold, partial,
+        source if source is not None else coeff, K, M, rows.stride(0), S=S, TILES=tiles,
+        PER_PROGRAM=per_program, PER_PROGRAM_P2=triton.next_power_of_2(per_program), HAS_SCALE=scale is not None,
+        SHARED_COEFF=shared_coeff, SOURCE_SPLITS=source_splits, BLOCK_K=block_k, BLOCK_M=block_m,
+        WIDE=rows.numel() >= 2**31, PDL=p, num_warps=warps, num_stages=stages, launch_pdl=p)
+    return partial, S
