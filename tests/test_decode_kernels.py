@@ -11,7 +11,8 @@ from rana_core.decode.dense_kernels import (add_rmsnorm, gemv, rmsnorm_reference
                                       rotate_half_reference)
 from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials, reference_masked_rows
 
-from test_kernels import TOLERANCE as SUMS, relative_error, require_triton, threshold_for_density
+from test_kernels import (DESIGNS, TOLERANCE as SUMS, relative_error, require_triton, threshold_for_density,
+                          use_design)
 
 CPU_CASES = [("cpu", torch.float32)]
 GPU_CASES = [pytest.param("cuda", dtype, marks=pytest.mark.gpu) for dtype in (torch.float16, torch.bfloat16)]
@@ -84,12 +85,12 @@ def test_gemv_matches_float64(device, dtype):
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
-@pytest.mark.parametrize("design", ["list", "wide"])
+@pytest.mark.parametrize("design", DESIGNS)
 def test_two_groups_in_one_launch_with_the_swiglu_epilogue(device, dtype, density, design, monkeypatch):
     """gate's and up's masked products as two groups of one launch, reduced into silu(gate) · up: each group is
     masked by its own threshold, exactly as two separate products would be."""
     require_triton(device)
-    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
+    use_design(design, monkeypatch)
     K, M = (3082, 11008) if device == "cuda" else (24, 40)
     g = torch.Generator().manual_seed(K)
     rows = torch.randn(2 * K, M, generator=g).to(device, dtype) / K ** 0.5
@@ -111,12 +112,12 @@ def test_two_groups_in_one_launch_with_the_swiglu_epilogue(device, dtype, densit
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
-@pytest.mark.parametrize("design", ["list", "wide"])
+@pytest.mark.parametrize("design", DESIGNS)
 def test_rope_adds_up_the_partial_sums_of_the_masked_qkv_product(device, dtype, design, monkeypatch):
     """The qkv product's reduction fused into the rotary kernel: fed the partial sums, it writes what it writes
     when fed the reduced qkv (reduce_partials), bit for bit up to the order of the float32 additions."""
     require_triton(device)
-    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
+    use_design(design, monkeypatch)
     heads, kv_heads, d, max_seq = (32, 32, 128, 64) if device == "cuda" else (4, 2, 16, 8)
     K = 3441 if device == "cuda" else 400  # 400 at 90%: 360 listed rows, several steps, several partial rows
     M = (heads + 2 * kv_heads) * d
@@ -148,12 +149,12 @@ def test_rope_adds_up_the_partial_sums_of_the_masked_qkv_product(device, dtype, 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("density", [0.0, 0.5])
-@pytest.mark.parametrize("design", ["list", "wide"])
+@pytest.mark.parametrize("design", DESIGNS)
 def test_down_compaction_makes_swiglu_from_the_gate_up_partials(device, dtype, density, design, monkeypatch):
     """gate/up's reduction fused into the down product's compaction: the compaction makes h = silu(gate) · up
     from the partial sums (and writes it), and the down product equals the one computed from the reduced h."""
     require_triton(device)
-    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
+    use_design(design, monkeypatch)
     K, M, H = (3082, 11008, 4096) if device == "cuda" else (400, 40, 16)
     g = torch.Generator().manual_seed(M)
     up_rows = (torch.randn(2 * K, M, generator=g) / K ** 0.5).to(device, dtype)

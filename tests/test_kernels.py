@@ -9,6 +9,21 @@ from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gem
 
 DENSITIES = [0.0, 0.1, 0.5, 0.9, 1.0]
 
+# The masked product's designs (launch options). "wide, small tiles": 4-row tiles, about 8 programs per
+# multiprocessor, so that programs of 2 tiles (unrolled) and of many (masked_wide's loop kernel) run on the CPU's
+# small shapes too, where the default shape gives every program one tile.
+DESIGNS = {
+    "list": {"RANA_MASKED_PRODUCT": "list"},
+    "wide": {"RANA_MASKED_PRODUCT": "wide"},
+    "wide, small tiles": {"RANA_MASKED_PRODUCT": "wide", "RANA_WIDE_CONFIG": "16,4,1,1,8"},
+}
+
+
+def use_design(design: str, monkeypatch) -> None:
+    monkeypatch.delenv("RANA_WIDE_CONFIG", raising=False)
+    for variable, value in DESIGNS[design].items():
+        monkeypatch.setenv(variable, value)
+
 # The kernel multiplies and adds in float32 and `out` is float32. fp16 and bf16 operands (11 and 8 significant
 # bits) multiply exactly in float32's 24, so what it can get wrong by rounding is only the float32 sums: rounding
 # errors of u = 2^-24 over a program's list share (at most ~330 rows at the GPU sizes below) and then its partial
@@ -74,7 +89,8 @@ def check(K, M, dtype, device, density, with_scale, generator):
 
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("with_scale", [False, True])
-@pytest.mark.parametrize("reduce, design", [("launch", "list"), ("gather", "list"), ("launch", "wide")])
+@pytest.mark.parametrize("reduce, design", [("launch", "list"), ("gather", "list"), ("launch", "wide"),
+                                            ("launch", "wide, small tiles")])
 def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale, reduce, design, monkeypatch):
     """The partial sums added up by a launch of their own, or (RANA_GATHER_REDUCES=1) by the last gather program
     of each column block, which leaves its arrival counter at zero for the next call (three calls here); and the
@@ -82,11 +98,15 @@ def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale,
     (those programs must still write their zero partial sums)."""
     require_triton("cpu")  # the kernel itself runs, not a fallback
     monkeypatch.setenv("RANA_GATHER_REDUCES", "1" if reduce == "gather" else "0")
-    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
+    use_design(design, monkeypatch)
     generator = torch.Generator().manual_seed(int(density * 100) + 7 * with_scale)
+    from rana_core.decode import masked_wide
     from rana_core.decode.masked_kernels import _BUFFERS
 
-    for K, M in ((40, 200), (64, 128), (7, 33)):  # ragged shapes exercise every mask edge
+    launched = set()
+    for name in ("_wide_kernel", "_wide_loop_kernel"):
+        monkeypatch.setattr(masked_wide, name, Launches(getattr(masked_wide, name), name, launched))
+    for K, M in ((40, 200), (64, 128), (7, 33), (24, 200)):  # ragged shapes exercise every mask edge
         check(K, M, torch.float32, "cpu", density, with_scale, generator)
         for (name, *_), buffer in _BUFFERS.items():  # a partial sum left unwritten shows as NaN in the next call
             if name == "wide partial":
@@ -94,6 +114,20 @@ def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale,
         check(K, M, torch.float32, "cpu", density, with_scale, generator)
 
     assert all(int(b.count_nonzero()) == 0 for (name, *_), b in _BUFFERS.items() if name == "arrivals")
+    # which kernels ran: small tiles give programs of 1-2 tiles (unrolled) and of 5-8 (the loop kernel)
+    assert launched == {"list": set(), "wide": {"_wide_kernel"},
+                        "wide, small tiles": {"_wide_kernel", "_wide_loop_kernel"}}[design]
+
+
+class Launches:
+    """A Triton kernel that notes its name in `launched` when it is launched."""
+
+    def __init__(self, kernel, name: str, launched: set):
+        self.kernel, self.name, self.launched = kernel, name, launched
+
+    def __getitem__(self, grid):
+        self.launched.add(self.name)
+        return self.kernel[grid]
 
 
 def test_batches_use_the_dense_product_of_masked_coefficients():
@@ -113,7 +147,7 @@ def test_batches_use_the_dense_product_of_masked_coefficients():
 @pytest.mark.parametrize("reduce, design", [("launch", "list"), ("gather", "list"), ("launch", "wide")])
 def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_scale, reduce, design, monkeypatch):
     monkeypatch.setenv("RANA_GATHER_REDUCES", "1" if reduce == "gather" else "0")
-    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
+    use_design(design, monkeypatch)
     generator = torch.Generator().manual_seed(K + M)
     check(K, M, dtype, "cuda", density, with_scale, generator)
     torch.cuda.synchronize()

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from rana_core.decode.masked_kernels import _buffer, _multiprocessors, await_inputs, pdl, swiglu, triton
+from rana_core.decode.masked_kernels import _buffer, _interpreting, _multiprocessors, await_inputs, pdl, swiglu, triton
 
 if triton is not None:
     import triton.language as tl
@@ -34,7 +34,7 @@ if triton is not None:
 # (BLOCK_M, BLOCK_K, warps, stages, programs per multiprocessor); RANA_WIDE_CONFIG="64,64,2,1,16" overrides it
 # (bench/masked_designs.py sweeps it). BLOCK_M is capped by the outputs' count on small models' rows.
 CONFIG = (64, 64, 2, 1, 16)
-MAX_PER_PROGRAM = 16  # tiles per program, each unrolled in the kernel
+UNROLLED_TILES = 2  # programs of more tiles take the loop kernel (registers: _wide_kernel's docstring)
 
 
 # Below this many bytes of rows a product takes the wide design by default. Measured on an H200
@@ -67,7 +67,7 @@ def shape(K: int, M: int, groups: int, device: torch.device) -> tuple[int, int, 
     programs = math.ceil(M / block_m) * groups
     fill = math.ceil(per_sm * _multiprocessors(device) / programs)
     tiles = math.ceil(K / block_k)
-    return block_m, block_k, warps, stages, max(1, min(tiles, fill), math.ceil(tiles / MAX_PER_PROGRAM))
+    return block_m, block_k, warps, stages, max(1, min(tiles, fill))
 
 
 if triton is not None:
@@ -98,16 +98,17 @@ if triton is not None:
     @triton.jit
     def _wide_kernel(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, partial_ptr, source_ptr, K, M, stride_k,
                      S: tl.constexpr, TILES: tl.constexpr, PER_PROGRAM: tl.constexpr, PER_PROGRAM_P2: tl.constexpr,
-                     HAS_SCALE: tl.constexpr,
-                     SHARED_COEFF: tl.constexpr, SOURCE_SPLITS: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr):
+                     HAS_SCALE: tl.constexpr, SHARED_COEFF: tl.constexpr, SOURCE_SPLITS: tl.constexpr,
+                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, PDL: tl.constexpr):
         """Program (m, s, g): columns m·BLOCK_M… of Σ over the active rows of tiles s, s + S, … of group g, into
         partial[g, s, :].
 
         Every coefficient of the program's PER_PROGRAM tiles is loaded and its mask decided first, in one round
-        trip (a tile's coefficients loaded in the loop put a memory latency before each tile's rows: 13-26 µs
-        per product with nothing active); the tiles' row loads then depend on nothing loaded in the loop, and the
-        loop is unrolled so that they can be in flight together."""
+        trip; the tiles' row loads then depend on nothing loaded in the loop, which is unrolled so that they can
+        be in flight together. Its registers grow with the tiles (ptxas -v for sm_90a, 64 × 64 tiles, 2 warps, the
+        launch's divisibility specialisation: 56 at 1 tile, 96 at 2, 233 at 6), and at 6 only 4 programs fit on a
+        multiprocessor where 16 were planned: 7B's 2,112 programs a product ran in 4 waves, 13-35 µs with nothing
+        active. So programs of more than UNROLLED_TILES tiles take _wide_loop_kernel (127 registers)."""
         pid_m, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         await_inputs(PDL)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -131,6 +132,56 @@ if triton is not None:
             acc += rows.to(tl.float32) * c[:, None]  # summed over the rows once, after the last tile
         tl.store(partial_ptr + (g * S + pid_s) * M + offs_m, tl.sum(acc, axis=0), mask=m_ok)
 
+    @triton.jit
+    def _loop_tile(acc, i, k, c, active, g, pid_s, pid_m, rows_ptr, coeff_ptr, scale_ptr, threshold, source_ptr, K,
+                   stride_k, offs_m, m_ok, S: tl.constexpr, TILES: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   SHARED_COEFF: tl.constexpr, SOURCE_SPLITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                   WIDE: tl.constexpr):
+        """Tile i of the loop kernel's program: its rows (k, with c and active already at hand) go out, then the
+        next tile's coefficients; returns acc + this tile and the next tile's (k, c, active)."""
+        row = g * K + k
+        if WIDE:
+            row = row.to(tl.int64)
+        rows = tl.load(rows_ptr + row[:, None] * stride_k + offs_m[None, :], mask=active[:, None] & m_ok[None, :],
+                       other=0.0)
+        tile_next = pid_s + (i + 1) * S
+        k_next = tile_next * BLOCK_K + tl.arange(0, BLOCK_K)
+        c_next, active_next = _coefficients(k_next, (tile_next < TILES) & (k_next < K), g, coeff_ptr, scale_ptr,
+                                            threshold, source_ptr, K, pid_m, HAS_SCALE, SHARED_COEFF, SOURCE_SPLITS)
+        return acc + rows.to(tl.float32) * c[:, None], k_next, c_next, active_next
+
+    @triton.jit
+    def _wide_loop_kernel(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, partial_ptr, source_ptr, K, M, stride_k,
+                          per_program, S: tl.constexpr, TILES: tl.constexpr, HAS_SCALE: tl.constexpr,
+                          SHARED_COEFF: tl.constexpr, SOURCE_SPLITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                          BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr, PDL: tl.constexpr):
+        """_wide_kernel for programs of many tiles (large products; not yet timed): each tile's coefficients are
+        loaded, and its mask decided, one tile ahead, so the loads of tile i + 1's coefficients go out with tile
+        i's rows and a program pays one memory latency per tile, not two (loading a tile's coefficients just
+        before its rows cost 13-26 µs per 7B product with nothing active)."""
+        pid_m, pid_s, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        await_inputs(PDL)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        threshold = tl.load(threshold_ptr + g)
+        k = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
+        c, active = _coefficients(k, (pid_s < TILES) & (k < K), g, coeff_ptr, scale_ptr, threshold, source_ptr, K,
+                                  pid_m, HAS_SCALE, SHARED_COEFF, SOURCE_SPLITS)
+        acc = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+        if INTERPRET:  # the interpreter cannot take an argument as a range's bound; a while loop it can
+            i = 0
+            while i < per_program:
+                acc, k, c, active = _loop_tile(acc, i, k, c, active, g, pid_s, pid_m, rows_ptr, coeff_ptr, scale_ptr,
+                                               threshold, source_ptr, K, stride_k, offs_m, m_ok, S, TILES, HAS_SCALE,
+                                               SHARED_COEFF, SOURCE_SPLITS, BLOCK_K, WIDE)
+                i += 1
+        else:
+            for i in tl.range(per_program, num_stages=1):  # a bound known only at launch: not unrolled
+                acc, k, c, active = _loop_tile(acc, i, k, c, active, g, pid_s, pid_m, rows_ptr, coeff_ptr, scale_ptr,
+                                               threshold, source_ptr, K, stride_k, offs_m, m_ok, S, TILES, HAS_SCALE,
+                                               SHARED_COEFF, SOURCE_SPLITS, BLOCK_K, WIDE)
+        tl.store(partial_ptr + (g * S + pid_s) * M + offs_m, tl.sum(acc, axis=0), mask=m_ok)
+
 
 def wide_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor, scale: torch.Tensor | None,
                   groups: int, source: torch.Tensor | None, source_splits: int,
@@ -144,10 +195,15 @@ def wide_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tens
     tiles = math.ceil(K / block_k)
     per_program = math.ceil(tiles / S)
     p = pdl(rows)
-    _wide_kernel[(math.ceil(M / block_m), S, groups)](
-        rows, coeff, scale if scale is not None else coeff, threshold, partial,
-        source if source is not None else coeff, K, M, rows.stride(0), S=S, TILES=tiles,
-        PER_PROGRAM=per_program, PER_PROGRAM_P2=triton.next_power_of_2(per_program), HAS_SCALE=scale is not None,
-        SHARED_COEFF=shared_coeff, SOURCE_SPLITS=source_splits, BLOCK_K=block_k, BLOCK_M=block_m,
-        WIDE=rows.numel() >= 2**31, PDL=p, num_warps=warps, num_stages=stages, launch_pdl=p)
+    grid = (math.ceil(M / block_m), S, groups)
+    args = (rows, coeff, scale if scale is not None else coeff, threshold, partial,
+            source if source is not None else coeff, K, M, rows.stride(0))
+    options = dict(S=S, TILES=tiles, HAS_SCALE=scale is not None, SHARED_COEFF=shared_coeff,
+                   SOURCE_SPLITS=source_splits, BLOCK_K=block_k, BLOCK_M=block_m, WIDE=rows.numel() >= 2**31, PDL=p,
+                   num_warps=warps, num_stages=stages, launch_pdl=p)
+    if per_program <= UNROLLED_TILES:
+        _wide_kernel[grid](*args, PER_PROGRAM=per_program, PER_PROGRAM_P2=triton.next_power_of_2(per_program),
+                           **options)
+    else:
+        _wide_loop_kernel[grid](*args, per_program, INTERPRET=_interpreting(), **options)
     return partial, S
