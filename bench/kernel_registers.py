@@ -1,0 +1,102 @@
+"""Registers per thread of the one-launch masked product's kernels, compiled for sm_90a on any machine (no GPU).
+
+    python bench/kernel_registers.py [--config 64,64,2,1,16] [--sms 132] [--out PATH]
+
+A program's registers decide how many programs a multiprocessor holds at once, and so how many waves a launch
+takes: on the H200, 65,536 registers per multiprocessor. Each of rana_core/decode/masked_wide.py's launches at
+Llama-2-7B's and SmolLM2-135M's masked products (RaNA −44% ranks) is compiled as the launch would compile it
+(fp16 rows, pointers and the row stride divisible by 16, as Triton specialises them) and Triton's own ptxas
+reports the registers; the table gives the programs a launch makes, how many fit on a multiprocessor, and the
+waves. Prints a table and writes bench/results/kernel-registers-sm90a.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.pop("TRITON_INTERPRET", None)  # compile, do not interpret
+
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+
+from rana_core.decode import masked_wide  # noqa: E402
+
+from shown_path import write_results  # noqa: E402
+
+PRODUCTS = {  # name: (K per group, M, groups, column norms)
+    "7B qkv A-part": (3441, 12288, 1, False),
+    "7B gate/up A-parts": (3082, 11008, 2, False),
+    "7B down (neurons)": (11008, 4096, 1, True),
+    "SmolLM2 gate/up A-parts": (360, 1536, 2, False),
+    "SmolLM2 down (neurons)": (1536, 576, 1, True),
+}
+REGISTERS_PER_SM = 65536
+POINTERS = ["rows_ptr", "coeff_ptr", "scale_ptr", "threshold_ptr", "partial_ptr", "source_ptr"]
+
+
+def registers(kernel, runtime: dict, constants: dict, warps: int) -> int:
+    signature = {"rows_ptr": "*fp16", "coeff_ptr": "*fp16", "scale_ptr": "*fp32", "threshold_ptr": "*fp32",
+                 "partial_ptr": "*fp32", "source_ptr": "*fp16", "K": "i32", "M": "i32", "stride_k": "i32", **runtime}
+    signature.update({name: "constexpr" for name in constants})
+    divisible = [i for i, name in enumerate(signature) if name in POINTERS + ["M", "stride_k"]]
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants,
+                       attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory() as folder:
+        ptx = Path(folder) / "kernel.ptx"
+        ptx.write_text(compiled.asm["ptx"])
+        report = subprocess.run([str(ptxas), "-arch=sm_90a", "-v", str(ptx), "-o", str(Path(folder) / "k.cubin")],
+                                capture_output=True, text=True, check=True).stderr
+    return int(re.search(r"Used (\d+) registers", report).group(1))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=",".join(map(str, masked_wide.CONFIG)),
+                        help="BLOCK_M,BLOCK_K,warps,stages,programs per SM (masked_wide.CONFIG)")
+    parser.add_argument("--sms", type=int, default=132, help="multiprocessors (the H200's 132)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    os.environ["RANA_WIDE_CONFIG"] = args.config
+    masked_wide._multiprocessors = lambda device: args.sms  # shape() sizes the launch for this GPU
+    print(f"sm_90a, config {args.config}, {args.sms} multiprocessors")
+    print(f"{'product':<26}{'kernel':>8}{'tiles/program':>15}{'programs':>10}{'registers':>11}{'per SM':>8}"
+          f"{'waves':>7}")
+    rows = []
+    for product, (K, M, groups, with_scale) in PRODUCTS.items():
+        block_m, block_k, warps, _, S = masked_wide.shape(K, M, groups, None)
+        tiles = math.ceil(K / block_k)
+        per_program = math.ceil(tiles / S)
+        constants = dict(S=S, TILES=tiles, HAS_SCALE=with_scale, SHARED_COEFF=False, SOURCE_SPLITS=0,
+                         BLOCK_K=block_k, BLOCK_M=block_m, WIDE=False, PDL=True)
+        if per_program <= masked_wide.UNROLLED_TILES:
+            kind, used = "unrolled", registers(masked_wide._wide_kernel, {}, dict(
+                constants, PER_PROGRAM=per_program, PER_PROGRAM_P2=triton.next_power_of_2(per_program)), warps)
+        else:
+            kind, used = "loop", registers(masked_wide._wide_loop_kernel, {"per_program": "i32"},
+                                           dict(constants, INTERPRET=False), warps)
+        programs = math.ceil(M / block_m) * S * groups
+        per_sm = REGISTERS_PER_SM // (used * 32 * warps)
+        waves = math.ceil(programs / (per_sm * args.sms))
+        print(f"{product:<26}{kind:>8}{per_program:>15}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}", flush=True)
+        rows.append({"product": product, "K": K, "M": M, "groups": groups, "kernel": kind, "tiles_per_program":
+                     per_program, "programs": programs, "registers": used, "programs_per_sm": per_sm,
+                     "waves": waves})
+    write_results({"target": "sm_90a", "config": args.config, "multiprocessors": args.sms, "rows": rows},
+                  args.out, "kernel-registers", "sm90a")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
