@@ -6,9 +6,9 @@ against the one-launch wide design (rana_core/decode/masked_wide.py), beside the
 
 Llama-2-7B's products at a 44% cut (the reference engine's ranks): qkv's A-part (3,441 ranks → 12,288), gate's
 and up's A-parts as two groups (3,082 ranks each → 11,008), down (11,008 neurons → 4,096, with its column
-norms). Rank coefficients fall off with the rank (as a trained adapter's do: the leading ranks are active far
-more often), neuron coefficients do not. Each call reads one of four copies of its matrix in turn, as a step reads
-each layer's matrices once, so the 50 MB L2 does not serve them; 40 calls are captured in one CUDA graph and
+norms); and SmolLM2-135M's MLP products (360 ranks → 1,536 twice; 1,536 neurons → 576). Rank coefficients fall off with the rank (as a trained adapter's do: the leading ranks are active far
+more often), neuron coefficients do not. Each call reads the next of enough copies of its matrix to fill 64 MB (at
+least four), as a step reads each layer's matrices once, so the 50 MB L2 does not serve them; 40 calls are captured in one CUDA graph and
 replayed; µs per call, the median of 5 replays, and the active rows' bytes over that time. Prints a table and
 writes bench/results/masked-designs-<device>.json.
 """
@@ -35,15 +35,18 @@ PRODUCTS = {  # name: (K per group, M, groups, coefficients fall off with the ra
     "qkv A-part": (3441, 12288, 1, True, False),
     "gate/up A-parts": (3082, 11008, 2, True, False),
     "down (neurons)": (11008, 4096, 1, False, True),
+    "SmolLM2 gate/up": (360, 1536, 2, True, False),  # SmolLM2-135M's MLP at −44% (its QKV is not adapted)
+    "SmolLM2 down": (1536, 576, 1, False, True),
 }
-COPIES, CALLS, REPLAYS = 4, 40, 5
+CALLS, REPLAYS = 40, 5
+L2_BYTES = 64 * 2**20  # more than the H100's and H200's 50 MB L2
 
 
-def timed(calls) -> float:
+def timed(calls, copies: int) -> float:
     """µs per call of `calls` (a function of the call's index) replayed from one CUDA graph."""
     stream = torch.cuda.Stream()
     with torch.cuda.stream(stream):
-        for i in range(COPIES):  # compile and warm up outside the capture
+        for i in range(copies):  # compile and warm up outside the capture
             calls(i)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
@@ -66,21 +69,22 @@ def main(argv=None) -> int:
     parser.add_argument("--densities", default="0,0.35,0.5,1")
     parser.add_argument("--configs", default="512,32,8,3,2",
                         help="the wide design's (BLOCK_M,BLOCK_K,warps,stages,programs per SM), joined by '/'")
-    parser.add_argument("--products", default=",".join(PRODUCTS))
+    parser.add_argument("--products", default=",".join(PRODUCTS), help="names of PRODUCTS, joined by commas")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     name, dtype = torch.cuda.get_device_name(), torch.float16
     g = torch.Generator(device="cuda").manual_seed(0)
     designs = ["list"] + [f"wide {c}" for c in args.configs.split("/")]
-    print(f"{name}, fp16, µs per call (active rows' TB/s), one of {COPIES} copies per call")
+    print(f"{name}, fp16, µs per call (active rows' TB/s), the next of at least 64 MB of copies per call")
     for i, design in enumerate(designs):
         print(f"  design {i}: {design}")
     print(f"{'product':<17}{'density':>8}" + "".join(f"{i:>17}" for i in range(len(designs))) + f"{'dense GEMV':>17}")
     rows_out = []
     for product in args.products.split(","):
         K, M, groups, falls, with_scale = PRODUCTS[product]
+        count = max(4, -(-L2_BYTES // (groups * K * M * 2)))
         copies = [torch.randn(groups * K, M, device="cuda", dtype=dtype, generator=g) / K ** 0.5
-                  for _ in range(COPIES)]
+                  for _ in range(count)]
         decay = torch.exp(-3 * torch.arange(K, device="cuda") / K).repeat(groups) if falls else 1.0
         coeff = (torch.randn(groups * K, device="cuda", generator=g) * decay).to(dtype)
         scale = torch.rand(K, device="cuda", generator=g) + 0.5 if with_scale else None
@@ -88,7 +92,7 @@ def main(argv=None) -> int:
         transposed = [c.t().contiguous() for c in copies]  # the dense GEMV's (M, K) layout, same bytes
         x = torch.randn(groups * K, device="cuda", generator=g).to(dtype)
         dense_out = torch.empty(M, device="cuda", dtype=dtype)
-        dense = timed(lambda i: gemv(transposed[i % COPIES], x, dense_out)) if groups == 1 else None
+        dense = timed(lambda i: gemv(transposed[i % count], x, dense_out), count) if groups == 1 else None
         for density in [float(d) for d in args.densities.split(",")]:
             threshold = torch.quantile(score, 1 - density, dim=1).float() if 0 < density < 1 else \
                 torch.full((groups,), float("inf") if density == 0 else 0.0, device="cuda")
@@ -103,11 +107,11 @@ def main(argv=None) -> int:
                     os.environ["RANA_WIDE_CONFIG"] = design.split()[1]
 
                 def call(i):
-                    partial, splits = masked_rows_partials(copies[i % COPIES], coeff, threshold, scale,
+                    partial, splits = masked_rows_partials(copies[i % count], coeff, threshold, scale,
                                                            groups=groups)
                     reduce_partials(partial, splits, out[:M], epilogue="swiglu" if groups == 2 else "sum")
 
-                us = timed(call)
+                us = timed(call, count)
                 row[design] = us
                 line += f"{us:>9.1f} ({active_bytes / us / 1e6:4.2f})"
             line += f"{dense:>9.1f} ({groups * K * M * 2 / dense / 1e6:4.2f})" if dense else f"{'–':>17}"
