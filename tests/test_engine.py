@@ -244,29 +244,29 @@ def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction,
     assert error < 1e-2, error
 
 
-MASKED_VARIANTS = {  # launch options of the masked products, each against the list design with its reduction launch
-    "list, summed by a launch": {"RANA_MASKED_PRODUCT": "list", "RANA_GATHER_REDUCES": "0"},
-    "list, summed by its gather": {"RANA_MASKED_PRODUCT": "list", "RANA_GATHER_REDUCES": "1"},
-    "wide, one launch": {"RANA_MASKED_PRODUCT": "wide", "RANA_GATHER_REDUCES": "0"},
+MASKED_VARIANTS = {  # the masked products' designs, each against the list design
+    "list": {"RANA_MASKED_PRODUCT": "list"},
+    "wide, one launch": {"RANA_MASKED_PRODUCT": "wide"},
+    "wide, many tiles a program": {"RANA_MASKED_PRODUCT": "wide", "RANA_WIDE_CONFIG": "16,4,1,1,8"},
 }
 
 
 @pytest.mark.parametrize("shape", [TINY, TINY_MHA], ids=["rana-mlp", "rana-qkv-and-mlp"])
 def test_every_masked_product_design_decodes_the_same(shape, monkeypatch):
-    """The down product's (and every standalone masked product's) partial sums added up by the last gather program
-    of each column block (RANA_GATHER_REDUCES=1), and every masked product made in one launch (masked_wide): five
-    steps' logits equal the list design's with its reduction launch to float32 rounding (the sums may be taken in
-    another order), the tokens the same."""
+    """Every masked product made in one launch (masked_wide; with small tiles, programs of many tiles take its loop
+    kernel): five steps' logits equal the list design's to float32 rounding (the sums are taken in another
+    order), the tokens the same."""
     require_triton("cpu")
     engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=0.44, gemv="triton")
     engine.calibrate(tokens=256)
     prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(2))
     logits = {}
     for name, env in MASKED_VARIANTS.items():
+        monkeypatch.delenv("RANA_WIDE_CONFIG", raising=False)
         for variable, value in env.items():
             monkeypatch.setenv(variable, value)
         logits[name], _ = decode_steps(engine, prompt, 5, False, monkeypatch)
-    reference = logits["list, summed by a launch"]
+    reference = logits["list"]
     for name in MASKED_VARIANTS:
         assert (logits[name] - reference).abs().max() <= 1e-5 * reference.abs().max(), name
         assert torch.equal(logits[name].argmax(-1), reference.argmax(-1)), name
@@ -274,13 +274,12 @@ def test_every_masked_product_design_decodes_the_same(shape, monkeypatch):
 
 @pytest.mark.gpu
 def test_every_masked_product_design_in_replayed_steps_on_the_gpu(monkeypatch):
-    """Each design of test_every_masked_product_design_decodes_the_same in a replayed graph with PDL (the gather's
-    counters back at zero before each replay, the last program seeing every program's partial sums; the wide
+    """Each design of test_every_masked_product_design_decodes_the_same in a replayed graph with PDL (the wide
     design's coefficients and rows read after the PDL wait): 16 steps' logits within fp16 rounding of the list
-    design's with its reduction launch, RaNA with masks that keep every row (test_norms_folded_… says why)."""
+    design's, RaNA with masks that keep every row (test_norms_folded_… says why)."""
     logits = {name: replayed_logits(env, monkeypatch, 0.44, seed=3, every_row=True)
               for name, env in MASKED_VARIANTS.items()}
-    reference = logits["list, summed by a launch"]
+    reference = logits["list"]
     for name in MASKED_VARIANTS:
         error = float((logits[name] - reference).norm() / reference.norm())
         assert error < 1e-2, (name, error)

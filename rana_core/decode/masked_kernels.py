@@ -229,27 +229,16 @@ if triton is not None:
         tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
-    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, out_ptr, arrivals_ptr, K, M,
-                       stride_k, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNKS: tl.constexpr,
-                       CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                       WIDE: tl.constexpr, INTERPRET: tl.constexpr, REDUCE: tl.constexpr, PDL: tl.constexpr):
-        """Program (m, s, g): gather_share. With REDUCE (one group), each program then counts its arrival at
-        column block m's counter, and the last of the block's SPLITS adds their partial sums in split order into
-        out (cast to its dtype) and resets the counter for the next launch: no reduction launch."""
+    def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
+                       SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
+                       BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
+                       PDL: tl.constexpr):
+        """Program (m, s, g): gather_share. (Session 13 let the last program of each column block also sum the
+        partials, saving the reduction launch; timed in session 14, ±0.5% on a step: removed.)"""
         await_inputs(PDL)
-        pid_m = tl.program_id(0)
-        gather_share(pid_m, tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr, count_ptr,
-                     partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M, WIDE,
-                     INTERPRET)
-        if REDUCE:
-            if arrives_last(arrivals_ptr + pid_m, SPLITS):
-                offs = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-                split = tl.arange(0, SPLITS_P2)
-                ok = (split[:, None] < SPLITS) & (offs[None, :] < M)
-                tile = tl.load(partial_ptr + split[:, None] * M + offs[None, :], mask=ok, other=0.0,
-                               cache_modifier=".cg")
-                tl.store(out_ptr + offs, tl.sum(tile, axis=0).to(out_ptr.dtype.element_ty), mask=offs < M)
-                tl.store(arrivals_ptr + pid_m, 0)
+        gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
+                     count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
+                     WIDE, INTERPRET)
 
     @triton.jit
     def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -282,20 +271,10 @@ def _buffer(name: str, size: int, dtype, device: torch.device, zero: bool = Fals
     return _BUFFERS[key]
 
 
-def gather_reduces() -> bool:
-    """Whether a masked product's own reduction is made by the last gather program of each column block instead
-    of a launch (RANA_GATHER_REDUCES=1; off until timed)."""
-    return os.environ.get("RANA_GATHER_REDUCES") == "1"
-
-
 def masked_rows_reduced(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
                         scale: torch.Tensor | None, out: torch.Tensor,
                         swiglu_of: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """out = the masked product of one group, summed: compaction and gather (masked_rows_partials), then
-    reduce_partials, or with gather_reduces() the gather's last programs sum it (two launches, not three)."""
-    if gather_reduces():
-        masked_rows_partials(rows, coeff, threshold, scale, swiglu_of=swiglu_of, reduce_into=out)
-        return out
+    """out = the masked product of one group, summed: masked_rows_partials, then reduce_partials."""
     partial, splits = masked_rows_partials(rows, coeff, threshold, scale, swiglu_of=swiglu_of)
     return reduce_partials(partial, splits, out)
 
@@ -303,8 +282,7 @@ def masked_rows_reduced(rows: torch.Tensor, coeff: torch.Tensor, threshold: torc
 def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
                          scale: torch.Tensor | None = None, groups: int = 1,
                          swiglu_of: tuple[torch.Tensor, int] | None = None,
-                         shared_coeff: bool = False,
-                         reduce_into: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+                         shared_coeff: bool = False) -> tuple[torch.Tensor, int]:
     """Launches compact and gather for `groups` equal products stacked along K; returns (partials, splits),
     partials of shape (groups · splits, M) in float32, for `reduce_partials` (or for `rope_into_cache`, or as
     `swiglu_of` of the next product, which add them up themselves).
@@ -312,8 +290,7 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     `swiglu_of`: (partials, splits) of a two-group gate/up product whose silu(gate) · up are this product's
     coefficients: the compaction makes them (and writes them to `coeff`, an output buffer then), so the gate/up
     product needs no reduction launch of its own. `shared_coeff`: `coeff` holds K coefficients that every group
-    reads (each with its own threshold and scale). `reduce_into` (one group): the gather also sums the partials
-    into it (masked_rows_reduced)."""
+    reads (each with its own threshold and scale)."""
     K_all, M = rows.shape
     K = K_all // groups
     if swiglu_of is not None and (groups != 1 or swiglu_of[0].numel() != 2 * swiglu_of[1] * K):
@@ -324,17 +301,12 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
         raise ValueError(f"one threshold per group: {groups} groups, {threshold.numel()} thresholds")
     if rows.stride(1) != 1:
         raise ValueError("rows must be row-major (contiguous along M)")
-    if reduce_into is not None and (groups != 1 or reduce_into.numel() != M):
-        raise ValueError(f"reduce_into needs one group and {M} outputs")
     source, source_splits = swiglu_of if swiglu_of is not None else (coeff, 0)
     from rana_core.decode import masked_wide  # imports this module
 
     if masked_wide.design(rows) == "wide":
-        partial, splits = masked_wide.wide_partials(rows, coeff, threshold, scale, groups,
-                                                    source if source_splits else None, source_splits, shared_coeff)
-        if reduce_into is not None:
-            reduce_partials(partial, splits, reduce_into)
-        return partial, splits
+        return masked_wide.wide_partials(rows, coeff, threshold, scale, groups, source if source_splits else None,
+                                         source_splits, shared_coeff)
     device = rows.device
     chunk = min(COMPACT_CHUNK, triton.next_power_of_2(K))
     chunks = math.ceil(K / chunk)
@@ -349,14 +321,11 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
                                       launch_pdl=p)
     splits = _list_splits(K, M, groups, device)
     partial = _buffer("partial", groups * splits * M, torch.float32, device)
-    blocks = math.ceil(M / BLOCK_M)
-    arrivals = _buffer("arrivals", blocks, torch.int32, device, zero=True) if reduce_into is not None else count
-    _gather_kernel[(blocks, splits, groups)](
-        rows, index, value, count, partial, reduce_into if reduce_into is not None else partial, arrivals, K, M,
-        rows.stride(0), SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits), CHUNKS=chunks,
+    _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](
+        rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), REDUCE=reduce_into is not None, PDL=p,
-        num_warps=GATHER_WARPS, num_stages=GATHER_STAGES, launch_pdl=p)
+        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p, num_warps=GATHER_WARPS,
+        num_stages=GATHER_STAGES, launch_pdl=p)
     return partial, splits
 
 
