@@ -8,15 +8,18 @@ bytes, so there one launch pays even when it reads less efficiently:
 - program (m, s, g) owns column block m of group g and the row tiles t = s, s + S, s + 2S, … of BLOCK_K
   contiguous rows (dealt round-robin, so that every program meets the same mix of strong leading ranks and weak
   trailing ones);
-- it loads the coefficients of all its tiles at once, decides their masks (score ≥ threshold), then loads each
-  tile's rows with the mask as the load's predicate (a masked-off row issues no memory request); the tile loop
-  is unrolled, its loads depending on nothing loaded inside it;
+- it decides each tile's mask from its coefficients (score ≥ threshold) and loads the tile's rows with the mask
+  as the load's predicate (a masked-off row issues no memory request). A program of one or two tiles loads all
+  their coefficients first and unrolls the tiles (_wide_kernel); a program of more takes _wide_loop_kernel,
+  which loads the next tile's coefficients with this tile's rows;
 - the partial sums go to partial[g, s, :], so every consumer (reduce_partials, the rotary kernel, the next
   product's SwiGLU) is the list design's.
 
-Measured on an H200 (docs/latency.md, session 14): SmolLM2's RaNA −44% step 0.743 → 0.627 ms; on Llama-2-7B's
-products it is slower than the list at every density (13-35 µs with nothing active, against 6-8), so "auto"
-takes it only for products of at most WIDE_MAX_BYTES.
+Measured on an H200 (docs/latency.md, session 14): SmolLM2's RaNA −44% step 0.743 → 0.627 ms (every program one
+tile). On Llama-2-7B's products the unrolled kernel was slower than the list at every density (13-35 µs with
+nothing active, against 6-8: six unrolled tiles took 233 registers, 4 waves of programs); the loop kernel that
+replaced it there is not yet timed, so "auto" takes the wide design only for products of at most
+WIDE_MAX_BYTES.
 """
 
 from __future__ import annotations
