@@ -105,10 +105,11 @@ def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale,
         monkeypatch.setattr(masked_wide, name, Launches(getattr(masked_wide, name), name, launched))
     for K, M in ((40, 200), (64, 128), (7, 33), (24, 200)):  # ragged shapes exercise every mask edge
         check(K, M, torch.float32, "cpu", density, with_scale, generator)
-        for (name, *_), buffer in _BUFFERS.items():  # a partial sum left unwritten shows as NaN in the next call
-            if name == "wide partial":
-                buffer.fill_(float("nan"))
-        check(K, M, torch.float32, "cpu", density, with_scale, generator)
+        if design != "list":  # a partial sum left unwritten shows as NaN in the next call
+            for (name, *_), buffer in _BUFFERS.items():
+                if name == "wide partial":
+                    buffer.fill_(float("nan"))
+            check(K, M, torch.float32, "cpu", density, with_scale, generator)
     # which kernels ran: small tiles give programs of 1-2 tiles (unrolled) and of 5-8 (the loop kernel)
     assert launched == {"list": set(), "wide": {"_wide_kernel"},
                         "wide, small tiles": {"_wide_kernel", "_wide_loop_kernel"}}[design]
