@@ -120,27 +120,41 @@ if triton is not None:
         rounded as reduce_partials rounds it. This saves the gate/up reduction its own launch (or stage)."""
         offs = c * CHUNK + tl.arange(0, CHUNK)
         ok = offs < K
+        coeff = make_coefficients(offs, ok, coeff_ptr + g * K, source_ptr, K, ok, SOURCE_SPLITS)
+        list_chunk(c, g, coeff, offs, ok, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, K, CHUNKS,
+                   HAS_SCALE, CHUNK)
+
+    @triton.jit
+    def make_coefficients(offs, ok, coeff_ptr, source_ptr, K, store, SOURCE_SPLITS: tl.constexpr):
+        """The coefficients at positions `offs` (any shape) of one group, whose first is at coeff_ptr: loaded, or
+        with SOURCE_SPLITS > 0 made from the partial sums of a two-group product (gate's and up's A-parts:
+        SOURCE_SPLITS rows each) as silu(gate) · up, rounded as reduce_partials rounds it, and written to coeff
+        where `store`. In the coefficients' dtype."""
         if SOURCE_SPLITS > 0:
-            gate = tl.zeros([CHUNK], dtype=tl.float32)
-            up = tl.zeros([CHUNK], dtype=tl.float32)
+            gate = tl.zeros(offs.shape, dtype=tl.float32)
+            up = tl.zeros(offs.shape, dtype=tl.float32)
             for s in tl.static_range(SOURCE_SPLITS):
                 gate += tl.load(source_ptr + s * K + offs, mask=ok, other=0.0, cache_modifier=".cg")
                 up += tl.load(source_ptr + (SOURCE_SPLITS + s) * K + offs, mask=ok, other=0.0, cache_modifier=".cg")
             coeff = swiglu(gate, up, coeff_ptr.dtype.element_ty).to(coeff_ptr.dtype.element_ty)
-            tl.store(coeff_ptr + offs, coeff, mask=ok)
+            tl.store(coeff_ptr + offs, coeff, mask=store)
         else:
-            coeff = tl.load(coeff_ptr + g * K + offs, mask=ok, other=0.0, cache_modifier=".cg")
-        list_chunk(c, g, coeff, offs, ok, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr, K, CHUNKS,
-                   HAS_SCALE, CHUNK)
+            coeff = tl.load(coeff_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
+        return coeff
+
+    @triton.jit
+    def active_of(coeff, offs, ok, g, scale_ptr, threshold, K, HAS_SCALE: tl.constexpr):
+        """Whether each coefficient of group g at `offs` is kept: its score |c| (· scale) reaches the threshold."""
+        score = tl.abs(coeff.to(tl.float32))
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + g * K + offs, mask=ok, other=0.0).to(tl.float32)
+        return ok & (score >= threshold)
 
     @triton.jit
     def list_chunk(c, g, coeff, offs, ok, scale_ptr, threshold_ptr, index_ptr, value_ptr, count_ptr,
                    K: tl.constexpr, CHUNKS: tl.constexpr, HAS_SCALE: tl.constexpr, CHUNK: tl.constexpr):
         """The listing half of compact_chunk, for coefficients already at hand (`coeff` at positions `offs`)."""
-        score = tl.abs(coeff.to(tl.float32))
-        if HAS_SCALE:
-            score = score * tl.load(scale_ptr + g * K + offs, mask=ok, other=0.0).to(tl.float32)
-        active = ok & (score >= tl.load(threshold_ptr + g))
+        active = active_of(coeff, offs, ok, g, scale_ptr, tl.load(threshold_ptr + g), K, HAS_SCALE)
         slot = c * CHUNK + tl.cumsum(active.to(tl.int32), axis=0) - 1
         tl.store(index_ptr + g * K + slot, offs, mask=active)
         tl.store(value_ptr + g * K + slot, coeff.to(tl.float32), mask=active)

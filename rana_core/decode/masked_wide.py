@@ -29,10 +29,12 @@ import os
 
 import torch
 
-from rana_core.decode.masked_kernels import _buffer, _interpreting, _multiprocessors, await_inputs, pdl, swiglu, triton
+from rana_core.decode.masked_kernels import _buffer, _interpreting, _multiprocessors, await_inputs, pdl, triton
 
 if triton is not None:
     import triton.language as tl
+
+    from rana_core.decode.masked_kernels import active_of, make_coefficients
 
 # (BLOCK_M, BLOCK_K, warps, stages, programs per multiprocessor); RANA_WIDE_CONFIG="64,64,2,1,16" overrides it
 # (bench/masked_designs.py sweeps it). BLOCK_M is capped by the outputs' count on small models' rows.
@@ -78,25 +80,11 @@ if triton is not None:
     @triton.jit
     def _coefficients(k, ok, g, coeff_ptr, scale_ptr, threshold, source_ptr, K, pid_m, HAS_SCALE: tl.constexpr,
                       SHARED_COEFF: tl.constexpr, SOURCE_SPLITS: tl.constexpr):
-        """(c in float32, active) of group g's rows k (any shape): the coefficient and whether its score
-        reaches the threshold."""
-        if SOURCE_SPLITS > 0:  # coefficients made from gate/up's partial sums: silu(gate) · up, as compaction does
-            gate = tl.zeros(k.shape, dtype=tl.float32)
-            up = tl.zeros(k.shape, dtype=tl.float32)
-            for s in tl.static_range(SOURCE_SPLITS):
-                gate += tl.load(source_ptr + s * K + k, mask=ok, other=0.0, cache_modifier=".cg")
-                up += tl.load(source_ptr + (SOURCE_SPLITS + s) * K + k, mask=ok, other=0.0, cache_modifier=".cg")
-            c = swiglu(gate, up, coeff_ptr.dtype.element_ty).to(coeff_ptr.dtype.element_ty)
-            tl.store(coeff_ptr + k, c, mask=ok & (pid_m == 0))  # h, for whoever reads it after this product
-        elif SHARED_COEFF:
-            c = tl.load(coeff_ptr + k, mask=ok, other=0.0, cache_modifier=".cg")
-        else:
-            c = tl.load(coeff_ptr + g * K + k, mask=ok, other=0.0, cache_modifier=".cg")
-        c = c.to(tl.float32)
-        score = tl.abs(c)
-        if HAS_SCALE:
-            score = score * tl.load(scale_ptr + g * K + k, mask=ok, other=0.0).to(tl.float32)
-        return c, ok & (score >= threshold)
+        """(c in float32, active) of group g's rows k (any shape), as the list design's compaction decides them;
+        coefficients made from gate/up's partial sums are written once, by the programs of column block 0."""
+        first = coeff_ptr if SHARED_COEFF else coeff_ptr + g * K  # every group reads the same K, or its own
+        c = make_coefficients(k, ok, first, source_ptr, K, ok & (pid_m == 0), SOURCE_SPLITS)
+        return c.to(tl.float32), active_of(c, k, ok, g, scale_ptr, threshold, K, HAS_SCALE)
 
     @triton.jit
     def _wide_kernel(rows_ptr, coeff_ptr, scale_ptr, threshold_ptr, partial_ptr, source_ptr, K, M, stride_k,
