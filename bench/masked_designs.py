@@ -1,23 +1,24 @@
 """The masked product's two designs, product by product (GPU): the list (compaction, then gather, then the sum)
 against the one-launch wide design (rana_core/decode/masked_wide.py), beside the dense GEMV of the same matrix.
 
-    python bench/masked_designs.py [--densities 0,0.35,0.5,1] [--configs 512,32,8,3,2/256,64,4,2,4]
+    python bench/masked_designs.py [--densities 0,0.35,0.5,1] [--configs 64,64,2,1,16/64,64,2,1,8]
                                    [--products "qkv A-part,down (neurons)"] [--out PATH]
 
 Llama-2-7B's products at a 44% cut (the reference engine's ranks): qkv's A-part (3,441 ranks → 12,288), gate's
 and up's A-parts as two groups (3,082 ranks each → 11,008), down (11,008 neurons → 4,096, with its column
-norms); and SmolLM2-135M's MLP products (360 ranks → 1,536 twice; 1,536 neurons → 576). Rank coefficients fall off with the rank (as a trained adapter's do: the leading ranks are active far
-more often), neuron coefficients do not. Each call reads the next of enough copies of its matrix to fill 64 MB (at
-least four), as a step reads each layer's matrices once, so the 50 MB L2 does not serve them; 40 calls are captured in one CUDA graph and
-replayed; µs per call, the median of 5 replays, and the active rows' bytes over that time. Prints a table and
-writes bench/results/masked-designs-<device>.json.
+norms); and SmolLM2-135M's MLP products (360 ranks → 1,536 twice; 1,536 neurons → 576). Rank coefficients
+fall off with the rank (as a trained adapter's do: the leading ranks are active far more often), neuron
+coefficients do not. Each call reads the next of enough copies of its matrix to fill 64 MB (at least four), as a
+step reads each layer's matrices once, so the 50 MB L2 does not serve them; 40 calls are captured in one CUDA
+graph and replayed; µs per call (the median over replays) and the active rows' bytes over that time. Prints a
+table and writes bench/results/masked-designs-<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
-import statistics
 import sys
 from pathlib import Path
 
@@ -26,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from rana_core.decode import latency, masked_wide  # noqa: E402
 from rana_core.decode.dense_kernels import gemv  # noqa: E402
 from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials  # noqa: E402
 
@@ -38,36 +40,21 @@ PRODUCTS = {  # name: (K per group, M, groups, coefficients fall off with the ra
     "SmolLM2 gate/up": (360, 1536, 2, True, False),  # SmolLM2-135M's MLP at −44% (its QKV is not adapted)
     "SmolLM2 down": (1536, 576, 1, False, True),
 }
-CALLS, REPLAYS = 40, 5
+CALLS = 40
 L2_BYTES = 64 * 2**20  # more than the H100's and H200's 50 MB L2
 
 
-def timed(calls, copies: int) -> float:
-    """µs per call of `calls` (a function of the call's index) replayed from one CUDA graph."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for i in range(copies):  # compile and warm up outside the capture
-            calls(i)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for i in range(CALLS):
-            calls(i)
-    times = []
-    for _ in range(REPLAYS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / CALLS)
-    return statistics.median(times)
+def timed(call, copies: int) -> float:
+    """µs per call of `call` (a function of the call's index, which picks the copy it reads), CALLS calls captured
+    in one CUDA graph and replayed (rana_core.decode.latency.graph_ms)."""
+    index = itertools.count()
+    return 1e3 * latency.graph_ms(lambda: call(next(index) % copies), calls=CALLS)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--densities", default="0,0.35,0.5,1")
-    parser.add_argument("--configs", default="512,32,8,3,2",
+    parser.add_argument("--configs", default=",".join(map(str, masked_wide.CONFIG)),
                         help="the wide design's (BLOCK_M,BLOCK_K,warps,stages,programs per SM), joined by '/'")
     parser.add_argument("--products", default=",".join(PRODUCTS), help="names of PRODUCTS, joined by commas")
     parser.add_argument("--out", type=Path)
