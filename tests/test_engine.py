@@ -9,7 +9,7 @@ import torch
 from rana_core.decode.engine import SHAPES, DecodeEngine, Shape, uniform_keeps
 from rana_core.decode.parts import NeuronPart, RankPart
 
-from test_kernels import require_triton
+from test_kernels import DESIGNS, require_triton, use_design
 
 TINY = SHAPES["tiny-shape"]
 
@@ -244,13 +244,6 @@ def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction,
     assert error < 1e-2, error
 
 
-MASKED_VARIANTS = {  # the masked products' designs, each against the list design
-    "list": {"RANA_MASKED_PRODUCT": "list"},
-    "wide, one launch": {"RANA_MASKED_PRODUCT": "wide"},
-    "wide, many tiles a program": {"RANA_MASKED_PRODUCT": "wide", "RANA_WIDE_CONFIG": "16,4,1,1,8"},
-}
-
-
 def test_every_masked_product_design_decodes_the_same(monkeypatch):
     """Every masked product made in one launch (masked_wide; with small tiles, programs of many tiles take its loop
     kernel): five steps' logits equal the list design's to float32 rounding (the sums are taken in another
@@ -262,13 +255,11 @@ def test_every_masked_product_design_decodes_the_same(monkeypatch):
     engine.calibrate(tokens=256)
     prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(2))
     logits = {}
-    for name, env in MASKED_VARIANTS.items():
-        monkeypatch.delenv("RANA_WIDE_CONFIG", raising=False)
-        for variable, value in env.items():
-            monkeypatch.setenv(variable, value)
+    for name in DESIGNS:
+        use_design(name, monkeypatch)
         logits[name], _ = decode_steps(engine, prompt, 5, False, monkeypatch)
     reference = logits["list"]
-    for name in MASKED_VARIANTS:
+    for name in DESIGNS:
         assert (logits[name] - reference).abs().max() <= 1e-5 * reference.abs().max(), name
         assert torch.equal(logits[name].argmax(-1), reference.argmax(-1)), name
 
@@ -279,8 +270,8 @@ def test_every_masked_product_design_in_replayed_steps_on_the_gpu(monkeypatch):
     design's coefficients and rows read after the PDL wait): 16 steps' logits within fp16 rounding of the list
     design's, RaNA with masks that keep every row (test_norms_folded_… says why)."""
     logits = {name: replayed_logits(env, monkeypatch, 0.44, seed=3, every_row=True)
-              for name, env in MASKED_VARIANTS.items()}
+              for name, env in DESIGNS.items()}
     reference = logits["list"]
-    for name in MASKED_VARIANTS:
+    for name in DESIGNS:
         error = float((logits[name] - reference).norm() / reference.norm())
         assert error < 1e-2, (name, error)
