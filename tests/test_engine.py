@@ -184,7 +184,7 @@ def count_norm_launches(monkeypatch) -> list:
     import rana_core.decode.residual as residual
 
     calls, real = [], residual.add_rmsnorm
-    monkeypatch.setattr(residual, "add_rmsnorm", lambda *args: calls.append(1) or real(*args))
+    monkeypatch.setattr(residual, "add_rmsnorm", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
     return calls
 
 
@@ -242,6 +242,38 @@ def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction,
               for fold in ("0", "1")}
     error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
     assert error < 1e-2, error
+
+
+@pytest.mark.parametrize("shape", [TINY, TINY_MHA])
+def test_down_partial_sums_added_by_the_next_norm_decode_the_same_bits(shape, monkeypatch):
+    """RaNA's down product leaves its partial sums to the next add_rmsnorm (RANA_NORM_ADDS_PARTIALS, on by
+    default): no reduction launch is left in a one-token step, and five steps' logits equal those of the engine
+    that reduces them first, bit for bit (one order of the sums, one rounding)."""
+    import rana_core.decode.parts as parts
+
+    require_triton("cpu")
+    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=0.44, gemv="triton")
+    engine.calibrate(tokens=256)
+    prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(4))
+    logits, reductions = {}, {}
+    for adds in ("1", "0"):
+        monkeypatch.setenv("RANA_NORM_ADDS_PARTIALS", adds)
+        calls, real = [], parts.reduce_partials
+        with monkeypatch.context() as patch:
+            patch.setattr(parts, "reduce_partials", lambda *args, **kwargs: calls.append(1) or real(*args, **kwargs))
+            logits[adds], _ = decode_steps(engine, prompt, 5, False, monkeypatch)
+        reductions[adds] = len(calls)
+    assert reductions == {"1": 0, "0": 5 * shape.layers}
+    assert torch.equal(logits["1"], logits["0"])
+
+
+@pytest.mark.gpu
+def test_down_partial_sums_added_by_the_next_norm_in_replayed_steps_on_the_gpu(monkeypatch):
+    """The same in a replayed graph with PDL (SmolLM2's shape, fp16, calibrated masks): 16 steps' logits equal
+    the reducing engine's bit for bit (the norm kernel reads the partial sums after its PDL wait)."""
+    logits = {adds: replayed_logits({"RANA_NORM_ADDS_PARTIALS": adds}, monkeypatch, 0.44, seed=3)
+              for adds in ("0", "1")}
+    assert torch.equal(logits["1"], logits["0"])
 
 
 def test_every_masked_product_design_decodes_the_same(monkeypatch):
