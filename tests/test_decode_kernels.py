@@ -49,35 +49,6 @@ def test_add_rmsnorm_is_the_residual_add_then_rmsnorm(device, dtype, with_delta)
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
-@pytest.mark.parametrize("design", DESIGNS)
-def test_add_rmsnorm_adds_up_a_masked_products_partial_sums(device, dtype, design, monkeypatch):
-    """The residual add taking a masked product's partial sums itself (delta_splits): the same bits as
-    reduce_partials then add_rmsnorm (both add the splits in one order and round the sum once to the dtype), and
-    the residual within two roundings of x + the float64 product. SmolLM2's down product on the GPU."""
-    require_triton(device)
-    use_design(design, monkeypatch)
-    K, M = (1536, 576) if device == "cuda" else (300, 72)
-    g = torch.Generator().manual_seed(K)
-    rows = (torch.randn(K, M, generator=g) / K ** 0.5).to(device, dtype)
-    h = torch.randn(K, generator=g).to(device, dtype)
-    threshold = threshold_for_density(h.float().abs(), 0.5)
-    partial, splits = masked_rows_partials(rows, h, threshold)
-    assert splits >= 2  # several partial rows to add up
-    x = torch.randn(1, M, generator=g).to(device, dtype)
-    weight = (torch.rand(M, generator=g) + 0.5).to(device, dtype)
-    reduced_x, summed_x = x.clone(), x.clone()
-    reduced = add_rmsnorm(reduced_x, reduce_partials(partial, splits, poisoned(M, dtype=dtype, device=device))[None],
-                          weight, 1e-5, poisoned(1, M, dtype=dtype, device=device))
-    summed = add_rmsnorm(summed_x, partial[: splits * M].view(splits, M), weight, 1e-5,
-                         poisoned(1, M, dtype=dtype, device=device), delta_splits=splits)
-    assert torch.equal(summed_x, reduced_x) and torch.equal(summed, reduced)
-    expected = x.double().cpu() + reference_masked_rows(rows.cpu(), h.cpu(), threshold.cpu()).double()
-    assert relative_error(summed_x.float().cpu(), expected.float()) < tolerance(dtype, 2)
-    with pytest.raises(ValueError, match="partial sums"):
-        add_rmsnorm(summed_x, partial[: splits * M].view(splits, M), weight, 1e-5, summed, delta_splits=splits + 1)
-
-
-@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 def test_rope_into_cache_rotates_q_and_k_and_fills_the_cache_at_pos(device, dtype):
     require_triton(device)
     heads, kv_heads, d, max_seq = (32, 32, 128, 64) if device == "cuda" else (4, 2, 16, 8)
@@ -192,7 +163,8 @@ def test_down_compaction_makes_swiglu_from_the_gate_up_partials(device, dtype, d
     down_rows = (torch.randn(M, H, generator=g) / M ** 0.5).to(device, dtype)
     scale = (torch.rand(M, generator=g) + 0.5).to(device)
     partial, splits = masked_rows_partials(up_rows, z, gate_up_threshold, groups=2)
-    assert (partial.view(2, splits, M)[0].abs().sum(1) > 0).sum() >= 2  # several partial rows to add up
+    if design != "wide, small tiles" or device == "cpu":  # at 7B sizes its 1,376 column blocks fill the GPU: 1 split
+        assert (partial.view(2, splits, M)[0].abs().sum(1) > 0).sum() >= 2  # several partial rows to add up
     h = reduce_partials(partial, splits, poisoned(M, dtype=dtype, device=device), epilogue="swiglu")
     down_threshold = threshold_for_density(h.float().abs() * scale, density)
     expected = reference_masked_rows(down_rows.cpu(), h.cpu(), down_threshold.cpu(), scale.cpu())

@@ -32,21 +32,14 @@ if triton is not None:
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, delta_ptr, weight_ptr, normed_ptr, N, eps, HAS_DELTA: tl.constexpr,
-                            DELTA_SPLITS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                            BLOCK: tl.constexpr, PDL: tl.constexpr):
         await_inputs(PDL)
         row = tl.program_id(0)
         offs = tl.arange(0, BLOCK)
         ok = offs < N
         dtype = x_ptr.dtype.element_ty
         x = tl.load(x_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32)
-        if DELTA_SPLITS > 0:  # delta is a masked product's float32 partial sums: added up as reduce_partials does
-            delta = tl.load(delta_ptr + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            for s in tl.static_range(1, DELTA_SPLITS):
-                delta += tl.load(delta_ptr + s * N + offs, mask=ok, other=0.0, cache_modifier=".cg")
-            x += delta.to(dtype).to(tl.float32)
-            x = x.to(dtype).to(tl.float32)
-            tl.store(x_ptr + row * N + offs, x.to(dtype), mask=ok)
-        elif HAS_DELTA:
+        if HAS_DELTA:
             x += tl.load(delta_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32)
             x = x.to(dtype).to(tl.float32)  # the residual stream is stored in the model's dtype
             tl.store(x_ptr + row * N + offs, x.to(dtype), mask=ok)
@@ -203,17 +196,9 @@ def rmsnorm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torc
 
 
 def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
-                normed: torch.Tensor, delta_splits: int = 0) -> torch.Tensor:
-    """x += delta (in place, when given); normed ← RMSNorm(x) · weight. Both (T, N), contiguous.
-
-    `delta_splits` > 0 (one token): delta is a masked product's float32 partial sums, (delta_splits, N), which
-    this kernel adds up itself (as reduce_partials would, same order and rounding), saving the reduction a launch."""
-    if delta_splits and (x.shape[0] != 1 or delta.shape != (delta_splits, x.shape[1])):
-        raise ValueError(f"partial sums {tuple(delta.shape)} for x {tuple(x.shape)}: expected one token and "
-                         f"({delta_splits}, {x.shape[1]})")
+                normed: torch.Tensor) -> torch.Tensor:
+    """x += delta (in place, when given); normed ← RMSNorm(x) · weight. Both (T, N), contiguous."""
     if not use_triton(x):
-        if delta_splits:
-            delta = _sum_in_order(delta).to(x.dtype)[None]
         if delta is not None:
             x += delta
         normed.copy_(rmsnorm_reference(x, weight, eps))
@@ -221,17 +206,9 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tenso
     T, N = x.shape
     p = pdl(x)
     _add_rmsnorm_kernel[(T,)](x, delta if delta is not None else x, weight, normed, N, eps,
-                              HAS_DELTA=delta is not None, DELTA_SPLITS=delta_splits,
-                              BLOCK=triton.next_power_of_2(N), PDL=p, num_warps=8 if N >= 2048 else 4, launch_pdl=p)
+                              HAS_DELTA=delta is not None, BLOCK=triton.next_power_of_2(N),
+                              PDL=p, num_warps=8 if N >= 2048 else 4, launch_pdl=p)
     return normed
-
-
-def _sum_in_order(partial: torch.Tensor) -> torch.Tensor:
-    """Σ_s partial[s] in float32, one split after another (the order the kernels add them in)."""
-    total = partial[0].clone()
-    for s in range(1, partial.shape[0]):
-        total += partial[s]
-    return total
 
 
 def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

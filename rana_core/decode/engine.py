@@ -93,9 +93,7 @@ class Block(nn.Module):
             attended = attended[0].transpose(0, 1).reshape(T, s.hidden)
         return matvec(self.wo.weight, attended, self.gemv)
 
-    def mlp(self, normed, leave_partials: bool = False):
-        """The MLP's output (1, hidden); with `leave_partials`, a masked down product may return its partial sums
-        (residual.PartialSums) for the next add_rmsnorm to add up."""
+    def mlp(self, normed):
         if not isinstance(self.gate, RankPart):
             return matvec(self.down.weight, matvec(self.gate_up, normed, self.gemv, swiglu=True), self.gemv)
         z = matvec(self.gate_up_B, normed, self.gemv)
@@ -103,7 +101,7 @@ class Block(nn.Module):
             # one token: gate's and up's masked products in one launch; their partial sums go straight into the
             # down product's compaction, which makes h = silu(gate)·up itself (no reduction launch between)
             return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
-                                torch.empty_like(self.gate.out), leave_partials=leave_partials)
+                                torch.empty_like(self.gate.out))
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 
@@ -258,7 +256,7 @@ class DecodeEngine(nn.Module):
         allowed = None  # one token attends through decode_attention, which reads its position itself
         if tokens.numel() > 1:
             allowed = torch.arange(self.max_seq, device=self.device)[None, :] <= pos[:, None]
-        fold = tokens.numel() == 1 and self.gemv == "triton" and fuse_norms()
+        fold = tokens.numel() == 1 and self.gemv == "triton" and fuse_norms(self.shape.hidden)
 
         def normed(owed: PendingNorm, block, section: str):
             """The section's input: the norm left owed to its first GEMV where that GEMV is its only reader."""
@@ -273,9 +271,7 @@ class DecodeEngine(nn.Module):
                                        self.v_cache[index], self.cos, self.sin, allowed)
             owed = PendingNorm(stream, attended, norms[2 * index + 1])
             mark(index, "mlp")
-            # down's partial sums, where few, are added by the next add_rmsnorm (not by a GEMV's norm prologue)
-            delta = block.mlp(normed(owed, block, "mlp"), leave_partials=not fold)
-            owed = PendingNorm(stream, delta, norms[2 * index + 2])
+            owed = PendingNorm(stream, block.mlp(normed(owed, block, "mlp")), norms[2 * index + 2])
         mark(len(self.blocks), "head")
         logits = matvec(self.lm_head.weight, owed if fold else owed.materialize(), self.gemv)
         mark(len(self.blocks), "end")

@@ -112,13 +112,12 @@ class ProjectionMLP(nn.Module):
             self.gate_up_threshold = _join(gate, up, "threshold")
             self.gate_up_scale = None if gate.scale is None else _join(gate, up, "norms")
 
-    def forward(self, x, leave_partials: bool = False):
+    def forward(self, x):
         if self.fused is not None:
             return self.down(matvec(self.fused, x, self.gemv, swiglu=True))
         if self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down)):
             return swiglu_chain(self.gate_up_rows, x[0], self.gate_up_threshold, self.down,
-                                torch.empty_like(self.gate.out), self.gate_up_scale, shared_coeff=True,
-                                leave_partials=leave_partials)
+                                torch.empty_like(self.gate.out), self.gate_up_scale, shared_coeff=True)
         return self.down(self.act(self.gate(x)) * self.up(x))
 
     def flops_per_token(self) -> float:
@@ -146,11 +145,11 @@ class RanaMLP(nn.Module):
             self.gate_up_rows = _join(gate, up, "rows")
             self.gate_up_threshold = _join(gate, up, "threshold")
 
-    def forward(self, x, leave_partials: bool = False):
+    def forward(self, x):
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
             return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
-                                torch.empty_like(self.gate.out), leave_partials=leave_partials)
+                                torch.empty_like(self.gate.out))
         gate = self.gate.expand(z[:, : self.gate.rank])
         return self.down(self.act(gate) * self.up.expand(z[:, self.rank: self.rank + self.up.rank]))
 
@@ -215,9 +214,7 @@ class ModelBlock(Block):
         self.wo = _linear(wo)
         self.marker = None
 
-    def mlp(self, normed, leave_partials: bool = False):
-        if leave_partials and isinstance(self.mlp_part, (ProjectionMLP, RanaMLP)):  # parts that end in swiglu_chain
-            return self.mlp_part(normed, leave_partials=True)
+    def mlp(self, normed):
         return self.mlp_part(normed)
 
     def flops_per_token(self) -> float:

@@ -255,24 +255,21 @@ if triton is not None:
                      WIDE, INTERPRET)
 
     @triton.jit
-    def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, EPILOGUE: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
+    def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                       EPILOGUE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out = epilogue(Σ_s partial[g, s, :]): EPILOGUE 0: group 0 as is (cast to out's dtype); 1: silu(group
-        0) · group 1, rounded as the unfused ops would round. The splits are added one after another (the order
-        every consumer of partial sums adds them in: rotary, SwiGLU-in-down, add_rmsnorm), their loads unrolled so
-        that they are in flight together."""
+        0) · group 1, rounded as the unfused ops would round. All of a column block's partials are loaded at once
+        (one tile), so the loads are in flight together."""
         await_inputs(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-        ok = offs < M
-        first = tl.load(partial_ptr + offs, mask=ok, other=0.0)
-        for s in tl.static_range(1, SPLITS):
-            first += tl.load(partial_ptr + s * M + offs, mask=ok, other=0.0)
+        split = tl.arange(0, SPLITS_P2)
+        ok = (split[:, None] < SPLITS) & (offs[None, :] < M)
+        tile = partial_ptr + split[:, None] * M + offs[None, :]
+        first = tl.sum(tl.load(tile, mask=ok, other=0.0), axis=0)
         if EPILOGUE == 1:
-            second = tl.load(partial_ptr + SPLITS * M + offs, mask=ok, other=0.0)
-            for s in tl.static_range(1, SPLITS):
-                second += tl.load(partial_ptr + (SPLITS + s) * M + offs, mask=ok, other=0.0)
+            second = tl.sum(tl.load(tile + SPLITS * M, mask=ok, other=0.0), axis=0)
             first = swiglu(first, second, out_ptr.dtype.element_ty)
-        tl.store(out_ptr + offs, first.to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out_ptr + offs, first.to(out_ptr.dtype.element_ty), mask=offs < M)
 
 
 _BUFFERS: dict = {}
@@ -349,9 +346,10 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
 def reduce_partials(partial: torch.Tensor, splits: int, out: torch.Tensor, epilogue: str = "sum") -> torch.Tensor:
     """out = Σ of the partial sums, then the epilogue: "sum", or "swiglu" (silu of group 0 times group 1)."""
     M = out.numel()
-    block = max(16, min(256, 4096 // triton.next_power_of_2(splits)))  # at most 4096 partial sums per program
+    p2 = triton.next_power_of_2(splits)
+    block = max(16, min(256, 4096 // p2))  # a tile of at most 4096 partial sums per program
     p = pdl(out)
-    _reduce_kernel[(math.ceil(M / block),)](partial, out, M, SPLITS=splits,
+    _reduce_kernel[(math.ceil(M / block),)](partial, out, M, SPLITS=splits, SPLITS_P2=p2,
                                             EPILOGUE={"sum": 0, "swiglu": 1}[epilogue], BLOCK=block, PDL=p,
                                             launch_pdl=p)
     return out

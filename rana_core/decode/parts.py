@@ -16,8 +16,8 @@ from torch import nn
 
 from rana_core.decode.dense_kernels import gemv, rmsnorm_reference
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
-                                             reduce_partials, use_triton)
-from rana_core.decode.residual import PartialSums, PendingNorm, norm_adds_partials
+                                             masked_rows_reduced, use_triton)
+from rana_core.decode.residual import PendingNorm
 
 def rank_plan(out_features: int, in_features: int, keep: float) -> tuple[int, float]:
     """(static rank r, active ranks k) spending `keep` of the dense FLOPs, half on B (2·n·r) and half on the
@@ -132,18 +132,14 @@ class NeuronPart(RankPart):
 
 def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_threshold: torch.Tensor,
                  down: NeuronPart, h: torch.Tensor, scale: torch.Tensor | None = None,
-                 shared_coeff: bool = False, leave_partials: bool = False) -> torch.Tensor | PartialSums:
+                 shared_coeff: bool = False) -> torch.Tensor:
     """One token's masked SwiGLU MLP in the fewest launches: gate's and up's masked products as two groups of one
     compaction and one gather (rows stacked, one threshold each; `shared_coeff`: both read the same coefficients),
     then down's compaction makes h = silu(gate)·up from their partial sums (written to `h`) and lists its neurons,
-    its gather and one reduction: (1, M). With `leave_partials`, down's partial sums are returned instead where
-    they are few enough for the next add_rmsnorm to add up (residual.norm_adds_partials): one launch fewer."""
+    its gather and one reduction: (1, M)."""
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
-    partial, splits = masked_rows_partials(down.rows, h, down.threshold, down.scale, swiglu_of=(partial, splits))
-    if leave_partials and norm_adds_partials(splits, down.out.numel()):
-        return PartialSums(partial, splits)
-    return reduce_partials(partial, splits, down.out)[None]
+    return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out, swiglu_of=(partial, splits))[None]
 
 
 def _set_threshold(threshold: torch.Tensor, scores: torch.Tensor, target_active: float) -> None:

@@ -16,36 +16,27 @@ tensor (`materialize`: add_rmsnorm, in place). Either way a pending norm is used
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 
 import torch
 
 from rana_core.decode.dense_kernels import add_rmsnorm, gemv
 
-# The most bytes of partial sums the one-program add_rmsnorm adds up itself (SmolLM2's down: 24 splits × 576
-# columns × 4 bytes = 55 KB); a larger product (a 7B model's down: ~500 KB) keeps its reduction launch.
-NORM_PARTIALS_MAX_BYTES = 64 * 2**10
+
+# Up to this hidden size one-token steps fold the norms by default. Measured on an H200 (bench/engine_ab.py,
+# bench/results/engine-ab-*fuse-norm*): SmolLM2-135M's shape (576) RaNA −44% 4-5% faster, dense unchanged;
+# Llama-2-7B's (4096) dense 1% faster, RaNA 2% slower (each GEMV program norms the whole row itself, 16 KB there).
+FOLD_MAX_HIDDEN = 1024
 
 
-@dataclass
-class PartialSums:
-    """A section's one-token output left as a masked product's float32 partial sums, (splits, M), for the next
-    residual add (add_rmsnorm adds them up itself): the product's reduction launch saved."""
-    partial: torch.Tensor
-    splits: int
-
-
-def norm_adds_partials(splits: int, columns: int) -> bool:
-    """Whether a product of `columns` outputs in `splits` partial sums may leave them to the next add_rmsnorm
-    (RANA_NORM_ADDS_PARTIALS=0 turns it off, for A/B runs)."""
-    return (os.environ.get("RANA_NORM_ADDS_PARTIALS", "1") != "0"
-            and splits * columns * 4 <= NORM_PARTIALS_MAX_BYTES)
-
-
-def fuse_norms() -> bool:
-    """Whether one-token steps fold the residual add and RMSNorm into the next GEMV (RANA_FUSE_NORM=1; off by
-    default until timed)."""
-    return os.environ.get("RANA_FUSE_NORM") == "1"
+def fuse_norms(hidden: int) -> bool:
+    """Whether one-token steps of a model of this hidden size fold the residual add and RMSNorm into the next
+    GEMV: RANA_FUSE_NORM = "1", "0", or "auto" (the default: up to FOLD_MAX_HIDDEN)."""
+    choice = os.environ.get("RANA_FUSE_NORM", "auto")
+    if choice == "auto":
+        return hidden <= FOLD_MAX_HIDDEN
+    if choice not in ("0", "1"):
+        raise ValueError(f"RANA_FUSE_NORM={choice}: expected auto, 0 or 1")
+    return choice == "1"
 
 
 class ResidualStream:
@@ -84,16 +75,10 @@ class PendingNorm:
     def materialize(self) -> torch.Tensor:
         """The normed input as a tensor (the residual updated in place), for readers other than one GEMV."""
         stream = self._use()
-        if isinstance(self.delta, PartialSums):
-            partial = self.delta.partial[: self.delta.splits * stream.x.shape[1]].view(self.delta.splits, -1)
-            return add_rmsnorm(stream.x, partial, self.norm.weight, self.norm.eps, stream.normed,
-                               delta_splits=self.delta.splits)
         return add_rmsnorm(stream.x, self.delta, self.norm.weight, self.norm.eps, stream.normed)
 
     def gemv(self, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """weight @ the normed input, the add and the norm made inside the GEMV (1, N)."""
-        if isinstance(self.delta, PartialSums):  # the engine leaves partial sums only where it does not fold norms
-            raise RuntimeError("a GEMV's norm prologue cannot add partial sums: materialize this norm")
         stream = self._use()
         out = torch.empty(weight.shape[0] // 2 if swiglu else weight.shape[0], dtype=self.dtype, device=self.device)
         gemv(weight, stream.x[0], out, swiglu=swiglu,
