@@ -194,13 +194,17 @@ def test_group_arguments_are_checked():
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("pos", [0, 70, 129])
 @pytest.mark.parametrize("launches", ["3", "2"], ids=["combine-launch", "last-combines"])
-def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, launches, monkeypatch):
+@pytest.mark.parametrize("dot, group", [("1", 4), ("0", 4), ("1", 1)], ids=["dot", "head-by-head", "dot-mha"])
+def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, launches, dot, group, monkeypatch):
     """Flash-decoding over chunks equals softmax attention over positions 0..pos; what lies past pos (here
     NaN) is never read, and grouped query heads share their K/V head. The chunks are combined by a launch of
-    their own, or (RANA_ATTENTION_LAUNCHES=2) by the last chunk program of each KV head."""
+    their own, or (RANA_ATTENTION_LAUNCHES=2) by the last chunk program of each KV head; a chunk program takes
+    its group's query heads as one product (RANA_ATTENTION_DOT), or head by head."""
     require_triton(device)
     monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
-    heads, kv_heads, d, max_seq = (32, 8, 128, 160) if device == "cuda" else (4, 2, 16, 130)
+    monkeypatch.setenv("RANA_ATTENTION_DOT", dot)
+    kv_heads, d, max_seq = (8, 128, 160) if device == "cuda" else (2, 16, 130)
+    heads = kv_heads * group
     from rana_core.decode.attention_kernels import decode_attention
 
     g = torch.Generator().manual_seed(pos)
@@ -222,12 +226,11 @@ def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, launche
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("splits", [0, 3], ids=["qkv", "qkv-partial-sums"])
-def test_attention_in_one_or_two_launches_equals_three_bit_for_bit(device, dtype, splits, monkeypatch):
-    """rope_attention in 1 launch (rotary and the cache writes made by the chunk programs, the last one combining)
-    and in 2 (the last chunk program combines) against 3 (rotary, chunks, combine): the same output and the same
-    cache bits (this step's key and value written at pos, nothing else touched), from qkv or from a masked
-    product's partial sums, at positions in the first, a middle and the last chunk, one call after another (the
-    arrival counters must be back at zero for the next call)."""
+def test_attention_in_two_launches_equals_three_bit_for_bit(device, dtype, splits, monkeypatch):
+    """rope_attention in 2 launches (the last chunk program of each KV head combines) against 3 (rotary, chunks,
+    combine): the same output and the same cache bits (this step's key and value written at pos, nothing else
+    touched), from qkv or from a masked product's partial sums, at positions in the first, a middle and the last
+    chunk, one call after another (the arrival counters must be back at zero for the next call)."""
     require_triton(device)
     from rana_core.decode.attention_kernels import _arrivals, rope_attention
 
@@ -242,7 +245,7 @@ def test_attention_in_one_or_two_launches_equals_three_bit_for_bit(device, dtype
     v_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
     for pos in (3, max_seq - 1, 64):
         results = {}
-        for launches in ("3", "2", "1"):
+        for launches in ("3", "2"):
             monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
             k, v = k_cache.clone(), v_cache.clone()
             out = rope_attention(qkv, cos, sin, torch.tensor([pos], device=device), k, v, heads, kv_heads,
@@ -251,8 +254,22 @@ def test_attention_in_one_or_two_launches_equals_three_bit_for_bit(device, dtype
             assert _arrivals(kv_heads, out.device).tolist() == [0] * kv_heads
         out, k, v = results["3"]
         assert torch.isfinite(out.float()).all() and not torch.equal(k[:, pos], k_cache[:, pos])
-        for launches in ("2", "1"):
-            assert all(torch.equal(a, b) for a, b in zip(results[launches], results["3"])), (pos, launches)
+        assert all(torch.equal(a, b) for a, b in zip(results["2"], results["3"])), pos
+
+
+def test_attention_launches_follow_the_heads_per_kv_head(monkeypatch):
+    """auto (the default): the last chunk program combines where each KV head has one query head (measured
+    faster on Llama-2-7B's shape), a combine launch where it has several (SmolLM2's); 2 and 3 force it; anything
+    else is one ValueError."""
+    from rana_core.decode.attention_kernels import attention_launches
+
+    monkeypatch.delenv("RANA_ATTENTION_LAUNCHES", raising=False)
+    assert attention_launches(32, 32) == 2 and attention_launches(9, 3) == 3
+    monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", "2")
+    assert attention_launches(9, 3) == 2
+    monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", "1")
+    with pytest.raises(ValueError, match="use auto, 2 or 3"):
+        attention_launches(32, 32)
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)

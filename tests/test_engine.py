@@ -169,14 +169,13 @@ def test_programmatic_dependent_launch_changes_no_bit(flop_reduction, monkeypatc
 @pytest.mark.gpu
 @pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
 def test_attention_in_fewer_launches_changes_no_bit_in_replayed_steps(flop_reduction, monkeypatch):
-    """RANA_ATTENTION_LAUNCHES=2 (the last chunk program combines) and 1 (rotary and the cache writes in the chunk
-    programs too), in a graph replayed step after step with PDL: arrival counters back at zero before each
-    replay, the combine seeing every chunk's stores, each chunk seeing this step's key: the logits of 16 replayed
-    steps equal the three-launch engine's bit for bit."""
+    """RANA_ATTENTION_LAUNCHES=2 (the last chunk program combines) in a graph replayed step after step with PDL:
+    arrival counters back at zero before each replay, the combine seeing every chunk's stores: the logits of 16
+    replayed steps equal the three-launch engine's bit for bit."""
     logits = {launches: replayed_logits({"RANA_ATTENTION_LAUNCHES": launches}, monkeypatch, flop_reduction, seed=3,
                                         context=200, max_seq=300)  # five chunks of 64: the combine waits for several
-              for launches in ("3", "2", "1")}
-    assert torch.equal(logits["2"], logits["3"]) and torch.equal(logits["1"], logits["3"])
+              for launches in ("3", "2")}
+    assert torch.equal(logits["2"], logits["3"])
 
 
 def count_norm_launches(monkeypatch) -> list:
@@ -200,18 +199,18 @@ def decode_steps(engine: DecodeEngine, prompt: torch.Tensor, steps: int, fold: b
 
 
 @pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY_MHA)], ids=["dense", "rana-qkv-and-mlp"])
-def test_attention_in_one_launch_decodes_the_same_bits(flop_reduction, shape, monkeypatch):
-    """The engine's one-token steps with the attention section in 1 launch against 3 (rotary, chunks, combine):
+def test_attention_in_two_launches_decodes_the_same_bits(flop_reduction, shape, monkeypatch):
+    """The engine's one-token steps with the attention section in 2 launches against 3 (rotary, chunks, combine):
     the same logits bit for bit over five steps, from QKV's product or RaNA's partial sums."""
     require_triton("cpu")
     engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
     engine.calibrate(tokens=256)
     prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(2))
     logits = {}
-    for launches in ("3", "1"):
+    for launches in ("3", "2"):
         monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
         logits[launches], _ = decode_steps(engine, prompt, 5, False, monkeypatch)
-    assert torch.equal(logits["1"], logits["3"])
+    assert torch.equal(logits["2"], logits["3"])
 
 
 @pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY), (0.44, TINY_MHA)],
