@@ -30,7 +30,7 @@ if triton is not None:
     @triton.jit
     def attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
                         STRIDE: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                        DOT: tl.constexpr = True):
+                        DOT: tl.constexpr):
         """KV head j's positions s·CHUNK… (those ≤ pos) against each of its GROUP query heads: the chunk's running
         max m, softmax denominator l and weighted value sum acc (flash-decoding), at h·STRIDE + s.
 
@@ -156,10 +156,12 @@ def attention_launches(heads: int, kv_heads: int) -> int:
     return int(launches)
 
 
-def attention_dot() -> bool:
-    """Whether the chunk programs take a group's query heads as the rows of one product (RANA_ATTENTION_DOT, on
-    unless 0; attention_chunk's DOT)."""
-    return os.environ.get("RANA_ATTENTION_DOT", "1") != "0"
+def attention_dot(group: int) -> bool:
+    """Whether the chunk programs take a group's query heads as the rows of one product (attention_chunk's DOT):
+    where a KV head has several (RANA_ATTENTION_DOT=0 turns it off). Measured on an H200
+    (bench/results/engine-ab-attention-dot-nvidia-h200.json): SmolLM2's shape (3 a group) 6-7% faster a step,
+    Llama-2-7B's (1 a group, padded to 16 rows) 3-10% slower."""
+    return group > 1 and os.environ.get("RANA_ATTENTION_DOT", "1") != "0"
 
 
 def rope_attention(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,
@@ -202,9 +204,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if attention_launches(heads, kv_heads) == 2:  # the last chunk program of each KV head combines
         _attention_last_combines_kernel[(kv_heads, splits)](
             q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device), max_seq, 1.0 / math.sqrt(d),
-            CHUNK=ATTENTION_CHUNK, DOT=attention_dot(), **combine, **options)
+            CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), **combine, **options)
         return out
     _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
-                                                CHUNK=ATTENTION_CHUNK, DOT=attention_dot(), **options)
+                                                CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), **options)
     _attention_combine_kernel[(kv_heads,)](m, l, acc, out, **combine, **options)
     return out

@@ -43,7 +43,7 @@ if triton is not None:
         partial = HEADS * SPLITS
         attention_chunk(j, s, q_ptr + b * HEADS * D, k_cache_ptr + b * cache, v_cache_ptr + b * cache,
                         tl.load(pos_ptr + b), m_ptr + b * partial, l_ptr + b * partial, acc_ptr + b * partial * D,
-                        max_seq, scale, SPLITS, HEADS // KV_HEADS, CHUNK, D)
+                        max_seq, scale, SPLITS, HEADS // KV_HEADS, CHUNK, D, False)
 
     @triton.jit
     def _batch_attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, HEADS: tl.constexpr, SPLITS: tl.constexpr,

@@ -235,7 +235,7 @@ if triton is not None:
         item = pid
         while item < KV_HEADS * chunks:
             attention_chunk(item // chunks, item % chunks, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr,
-                            acc_ptr, max_seq, scale, MAX_CHUNKS, GROUP, CHUNK, D)
+                            acc_ptr, max_seq, scale, MAX_CHUNKS, GROUP, CHUNK, D, False)
             item += programs
 
     @triton.jit
