@@ -273,41 +273,6 @@ def test_norms_fold_by_default_on_small_models_only(monkeypatch):
         assert len(calls) == launches, shape
 
 
-@pytest.mark.parametrize("fold", [False, True], ids=["normed-input", "norm-folded"])
-def test_rank_products_in_one_launch_decode_what_the_gemv_and_masked_product_decode(fold, monkeypatch):
-    """RANA_RANK_FUSED (auto: on for small adapters): RaNA's gate/up B product, masks and kept rows in one launch
-    per MLP (rank_fused), from the normed input or with the norm folded in; five steps' logits equal those of B's
-    GEMV then the masked product to float32 rounding (B's product is summed in other chunks), the tokens the same."""
-    import rana_core.decode.parts as parts
-
-    require_triton("cpu")
-    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=0.44, gemv="triton")
-    engine.calibrate(tokens=256)
-    prompt = torch.randint(0, TINY.vocab, (6,), generator=torch.Generator().manual_seed(7))
-    logits, launches = {}, {}
-    for fused in ("1", "0"):
-        monkeypatch.setenv("RANA_RANK_FUSED", fused)
-        calls, real = [], parts.rank_partials
-        with monkeypatch.context() as patch:
-            patch.setattr(parts, "rank_partials", lambda *args: calls.append(1) or real(*args))
-            logits[fused], _ = decode_steps(engine, prompt, 5, fold, monkeypatch)
-        launches[fused] = len(calls)
-    assert launches == {"1": 5 * TINY.layers, "0": 0}
-    assert (logits["1"] - logits["0"]).abs().max() <= 1e-5 * logits["0"].abs().max()
-    assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
-
-
-@pytest.mark.gpu
-def test_rank_products_in_one_launch_in_replayed_steps_on_the_gpu(monkeypatch):
-    """The same in a replayed graph with PDL (SmolLM2's shape, fp16, the norms folded as by default there, B's
-    rows loaded before the PDL wait): 16 steps within fp16 rounding of the two-launch engine, masks keeping every
-    row (test_norms_folded_… says why)."""
-    logits = {fused: replayed_logits({"RANA_RANK_FUSED": fused}, monkeypatch, 0.44, seed=3, every_row=True)
-              for fused in ("0", "1")}
-    error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
-    assert error < 1e-2, error
-
-
 def test_every_masked_product_design_decodes_the_same(monkeypatch):
     """Every masked product made in one launch (masked_wide; with small tiles, programs of many tiles take its loop
     kernel): five steps' logits equal the list design's to float32 rounding (the sums are taken in another

@@ -26,9 +26,8 @@ from rana_core.architecture import Shape
 from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials
-from rana_core.decode import rank_fused
 from rana_core.decode.parts import (GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random, matvec,
-                                    rank_swiglu_chain, swiglu_chain)
+                                    swiglu_chain)
 from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms
 
 SHAPES = {
@@ -97,11 +96,6 @@ class Block(nn.Module):
     def mlp(self, normed):
         if not isinstance(self.gate, RankPart):
             return matvec(self.down.weight, matvec(self.gate_up, normed, self.gemv, swiglu=True), self.gemv)
-        if self.gate.fusable(normed) and self.down.fusable(normed) and rank_fused.applies(self.gate_up_B,
-                                                                                          self.gate_up_rows):
-            # one token of a small model: B's product, the masks and the kept rows in one launch, then down's
-            return rank_swiglu_chain(self.gate_up_B, self.gate_up_rows, normed, self.gate_up_threshold, self.down,
-                                     torch.empty_like(self.gate.out))
         z = matvec(self.gate_up_B, normed, self.gemv)
         if self.gate.fusable(z) and self.down.fusable(z):
             # one token: gate's and up's masked products in one launch; their partial sums go straight into the

@@ -40,8 +40,7 @@ from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_
                                    shape_of)
 from rana_core.decode import dense_kernels
 from rana_core.decode.engine import Block, DecodeEngine
-from rana_core.decode import rank_fused
-from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, matvec, rank_swiglu_chain, swiglu_chain
+from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, matvec, swiglu_chain
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
 from rana_core.decode.narrow import A3AttentionPart
 from rana_core.errors import RanaError
@@ -147,10 +146,6 @@ class RanaMLP(nn.Module):
             self.gate_up_threshold = _join(gate, up, "threshold")
 
     def forward(self, x):
-        if (self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down))
-                and rank_fused.applies(self.gate_up_B, self.gate_up_rows)):
-            return rank_swiglu_chain(self.gate_up_B, self.gate_up_rows, x, self.gate_up_threshold, self.down,
-                                     torch.empty_like(self.gate.out))
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
             return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,

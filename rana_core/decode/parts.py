@@ -17,7 +17,6 @@ from torch import nn
 from rana_core.decode.dense_kernels import gemv, rmsnorm_reference
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
                                              masked_rows_reduced, use_triton)
-from rana_core.decode.rank_fused import rank_partials
 from rana_core.decode.residual import PendingNorm
 
 def rank_plan(out_features: int, in_features: int, keep: float) -> tuple[int, float]:
@@ -136,30 +135,11 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
                  shared_coeff: bool = False) -> torch.Tensor:
     """One token's masked SwiGLU MLP in the fewest launches: gate's and up's masked products as two groups of one
     compaction and one gather (rows stacked, one threshold each; `shared_coeff`: both read the same coefficients),
-    then swiglu_down: (1, M)."""
+    then down's compaction makes h = silu(gate)·up from their partial sums (written to `h`) and lists its neurons,
+    its gather and one reduction: (1, M)."""
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
-    return swiglu_down(down, partial, splits, h)
-
-
-def swiglu_down(down: NeuronPart, gate_up_partial: torch.Tensor, splits: int, h: torch.Tensor) -> torch.Tensor:
-    """The down product of a masked SwiGLU MLP from gate's and up's partial sums (two groups of `splits` rows):
-    its compaction makes h = silu(gate)·up from them (written to `h`) and lists its neurons, then its gather and
-    one reduction: (1, M)."""
-    return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out,
-                               swiglu_of=(gate_up_partial, splits))[None]
-
-
-def rank_swiglu_chain(gate_up_B: torch.Tensor, gate_up_rows: torch.Tensor, x, gate_up_threshold: torch.Tensor,
-                      down: NeuronPart, h: torch.Tensor) -> torch.Tensor:
-    """RaNA's one-token MLP with gate's and up's whole rank products in one launch (rank_fused: B's product, the
-    masks and the kept rows, the norm owed to x made there too where x is a PendingNorm), then swiglu_down."""
-    if isinstance(x, PendingNorm):
-        partial, splits = x.fold_into(lambda residual, norm: rank_partials(gate_up_B, gate_up_rows, residual,
-                                                                           gate_up_threshold, 2, norm))
-    else:
-        partial, splits = rank_partials(gate_up_B, gate_up_rows, x[0], gate_up_threshold, 2)
-    return swiglu_down(down, partial, splits, h)
+    return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out, swiglu_of=(partial, splits))[None]
 
 
 def _set_threshold(threshold: torch.Tensor, scores: torch.Tensor, target_active: float) -> None:
