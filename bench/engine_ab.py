@@ -2,7 +2,7 @@
 
     python bench/engine_ab.py --env RANA_EARLY_WEIGHTS [--values 0,1] [--models llama2-7b-shape,smollm2-135m-shape]
                               [--cuts 0,0.44] [--rounds 2] [--contexts 1]
-    python bench/engine_ab.py --env RANA_FUSE_NORM:RANA_ATTENTION_LAUNCHES --values 0:3,1:1
+    python bench/engine_ab.py --env RANA_FUSE_NORM:RANA_ATTENTION_LAUNCHES --values 0:3,1:2
 
 Options read at launch time (RANA_EARLY_WEIGHTS: a GEMV's first weight chunk loaded before the PDL wait; RANA_PDL:
 programmatic dependent launch) are A/B'd by recapturing the same engine's graph with each value, alternately,
