@@ -72,46 +72,6 @@ def test_rope_into_cache_rotates_q_and_k_and_fills_the_cache_at_pos(device, dtyp
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
-@pytest.mark.parametrize("with_norm", [False, True], ids=["normed-input", "norm-folded"])
-@pytest.mark.parametrize("heads, kv_heads", [(9, 3), (4, 4)], ids=["gqa", "mha"])
-def test_qkv_product_with_rotary_in_its_epilogue_is_the_gemv_then_rope(device, dtype, with_norm, heads, kv_heads):
-    """qkv_rope: the QKV GEMV (with the norm prologue or not), then rope_into_cache, in one launch: the same q, the
-    same cache bits at pos and nothing else in the caches touched, bit for bit (the same row sums, rounded at the
-    same steps); with the norm folded, the same new residual."""
-    require_triton(device)
-    from rana_core.decode.qkv_rope import qkv_rope
-
-    d, K, max_seq, pos = (64, 576, 80, 70) if device == "cuda" else (16, 40, 12, 9)
-    N = (heads + 2 * kv_heads) * d
-    g = torch.Generator().manual_seed(N + K)
-    weight = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
-    x = torch.randn(K, generator=g).to(device, dtype)
-    angles = torch.rand(max_seq, d // 2, generator=g) * 6
-    cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
-    k_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
-    v_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
-    at = torch.tensor([pos], device=device)
-    norms = [None, None]
-    if with_norm:
-        delta = torch.randn(K, generator=g).to(device, dtype)
-        weight_n = (torch.rand(K, generator=g) + 0.5).to(device, dtype)
-        norms = [(delta, weight_n, 1e-5, poisoned(K, dtype=dtype, device=device)) for _ in range(2)]
-    qkv = gemv(weight, x, poisoned(N, dtype=dtype, device=device), norm=norms[0])
-    k_ref, v_ref = k_cache.clone(), v_cache.clone()
-    q_ref = rope_into_cache(qkv[None], cos, sin, at, k_ref, v_ref, heads, kv_heads,
-                            poisoned(heads, d, dtype=dtype, device=device))
-    k_out, v_out = k_cache.clone(), v_cache.clone()
-    q = qkv_rope(weight, x, cos, sin, at, k_out, v_out, heads, kv_heads, norms[1])
-    assert torch.isfinite(q.float()).all()
-    assert torch.equal(q, q_ref) and torch.equal(k_out, k_ref) and torch.equal(v_out, v_ref)
-    assert not torch.equal(k_out[:, pos], k_cache[:, pos])  # this step's key was written
-    if with_norm:
-        assert torch.equal(norms[1][3], norms[0][3])
-    with pytest.raises(ValueError, match="stacked q/k/v"):
-        qkv_rope(weight[:-1], x, cos, sin, at, k_out, v_out, heads, kv_heads)
-
-
-@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 def test_gemv_matches_float64(device, dtype):
     require_triton(device)
     shapes = [(12288, 4096), (4096, 11008), (3441, 4096)] if device == "cuda" else [(40, 70), (9, 512)]

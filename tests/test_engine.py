@@ -273,40 +273,6 @@ def test_norms_fold_by_default_on_small_models_only(monkeypatch):
         assert len(calls) == launches, shape
 
 
-@pytest.mark.parametrize("flop_reduction, shape, fold", [(0.0, TINY, False), (0.44, TINY, True), (0.0, TINY_MHA, True)],
-                         ids=["dense", "rana-mlp-norm-folded", "mha-norm-folded"])
-def test_rotary_in_the_qkv_product_decodes_the_same_bits(flop_reduction, shape, fold, monkeypatch):
-    """RANA_QKV_ROPE=1: where QKV is one dense product, rotary and the cache writes are made in its epilogue
-    (qkv_rope), with the norm folded in or not: five steps' logits equal the two-launch engine's bit for bit, and
-    no rotary launch is left."""
-    import rana_core.decode.attention_kernels as attention_kernels
-
-    require_triton("cpu")
-    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
-    engine.calibrate(tokens=256)
-    prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(9))
-    logits, rotary = {}, {}
-    for fused in ("1", "0"):
-        monkeypatch.setenv("RANA_QKV_ROPE", fused)
-        calls, real = [], attention_kernels.rope_into_cache
-        with monkeypatch.context() as patch:
-            patch.setattr(attention_kernels, "rope_into_cache", lambda *args: calls.append(1) or real(*args))
-            logits[fused], _ = decode_steps(engine, prompt, 5, fold, monkeypatch)
-        rotary[fused] = len(calls)
-    assert rotary == {"1": 0, "0": 5 * shape.layers}
-    assert torch.equal(logits["1"], logits["0"])
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
-def test_rotary_in_the_qkv_product_in_replayed_steps_on_the_gpu(flop_reduction, monkeypatch):
-    """The same in a replayed graph with PDL (SmolLM2's shape, fp16, the norms folded as by default there): 16
-    steps' logits equal the two-launch engine's bit for bit."""
-    logits = {fused: replayed_logits({"RANA_QKV_ROPE": fused}, monkeypatch, flop_reduction, seed=3)
-              for fused in ("0", "1")}
-    assert torch.equal(logits["1"], logits["0"])
-
-
 def test_every_masked_product_design_decodes_the_same(monkeypatch):
     """Every masked product made in one launch (masked_wide; with small tiles, programs of many tiles take its loop
     kernel): five steps' logits equal the list design's to float32 rounding (the sums are taken in another

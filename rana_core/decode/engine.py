@@ -23,10 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.architecture import Shape
-from rana_core.decode import qkv_rope
-from rana_core.decode.attention_kernels import decode_attention, rope_attention
+from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
-from rana_core.decode.masked_kernels import masked_rows_partials, use_triton
+from rana_core.decode.masked_kernels import masked_rows_partials
 from rana_core.decode.parts import (GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random, matvec,
                                     swiglu_chain)
 from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms
@@ -78,10 +77,6 @@ class Block(nn.Module):
         """o_proj(attention(normed)), this token's k and v written into the cache."""
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
-        if T == 1 and self.rope_in_qkv(normed):  # QKV's product, rotary and the cache writes in one launch
-            q = self.qkv_rope(normed, pos, k_cache, v_cache, cos_table, sin_table)
-            attended = decode_attention(q, k_cache, v_cache, pos, torch.empty_like(q)).view(1, s.hidden)
-            return matvec(self.wo.weight, attended, self.gemv)
         qkv, splits = self.qkv_product(normed)
         if T == 1:  # rotary and both cache writes, then attention over the prefix only (1 to 3 launches)
             attended = rope_attention(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
@@ -109,24 +104,6 @@ class Block(nn.Module):
                                 torch.empty_like(self.gate.out))
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
-
-    def rope_in_qkv(self, normed) -> bool:
-        """Whether this token's QKV is one dense product (no bias) that can take rotary in its epilogue
-        (qkv_rope, RANA_QKV_ROPE)."""
-        return (isinstance(self.qkv, nn.Linear) and self.qkv_bias is None and self.gemv == "triton"
-                and use_triton(self.qkv.weight) and qkv_rope.applies())
-
-    def qkv_rope(self, normed, pos, k_cache, v_cache, cos_table, sin_table) -> torch.Tensor:
-        """q (heads, d) rotated, k and v written into the cache: qkv_rope.qkv_rope, the norm folded in where owed."""
-        s = self.shape
-
-        def launch(x, norm=None):
-            return qkv_rope.qkv_rope(self.qkv.weight, x, cos_table, sin_table, pos, k_cache, v_cache, s.heads,
-                                     s.kv_heads, norm)
-
-        q = normed.fold_into(launch) if isinstance(normed, PendingNorm) else launch(normed[0])
-        self.mark("attention")
-        return q
 
     def qkv_product(self, normed: torch.Tensor, fuse: bool = True) -> tuple[torch.Tensor, int]:
         """(qkv, splits): the stacked q/k/v of `normed`, biases added. With `fuse`, one token through a rank part

@@ -77,18 +77,13 @@ class PendingNorm:
         stream = self._use()
         return add_rmsnorm(stream.x, self.delta, self.norm.weight, self.norm.eps, stream.normed)
 
-    def fold_into(self, launch):
-        """launch(x, norm): a kernel that makes this norm itself from the residual x (1-D), norm = (delta, weight,
-        eps, res_out) as dense_kernels.gemv takes it, writing x + delta to res_out; the stream then moves to the
-        new residual. Returns what the launch returns."""
-        stream = self._use()
-        result = launch(stream.x[0], (None if self.delta is None else self.delta.reshape(-1), self.norm.weight,
-                                      self.norm.eps, stream.spare[0]))
-        if self.delta is not None:
-            stream.x, stream.spare = stream.spare, stream.x
-        return result
-
     def gemv(self, weight: torch.Tensor, swiglu: bool = False) -> torch.Tensor:
         """weight @ the normed input, the add and the norm made inside the GEMV (1, N)."""
+        stream = self._use()
         out = torch.empty(weight.shape[0] // 2 if swiglu else weight.shape[0], dtype=self.dtype, device=self.device)
-        return self.fold_into(lambda x, norm: gemv(weight, x, out, swiglu=swiglu, norm=norm))[None]
+        gemv(weight, stream.x[0], out, swiglu=swiglu,
+             norm=(None if self.delta is None else self.delta.reshape(-1), self.norm.weight, self.norm.eps,
+                   stream.spare[0]))
+        if self.delta is not None:
+            stream.x, stream.spare = stream.spare, stream.x
+        return out[None]
