@@ -77,7 +77,8 @@ def test_cached_decoding_equals_a_full_forward(flop_reduction, gemv, shape):
 
 
 def test_rana_engine_hits_its_budget_with_input_dependent_masks():
-    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=0.44)
+    # the GEMVs in PyTorch (the masks and their counting do not depend on the GEMV backend): half the CPU time
+    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=0.44, gemv="cublas")
     assert uniform_keeps(TINY, 0.44)[0] == 1.0  # tiny has grouped K/V heads: QKV stays dense, as in uniform RaNA
     assert isinstance(engine.blocks[0].up, RankPart) and isinstance(engine.blocks[0].down, NeuronPart)
     engine.calibrate(tokens=512)
@@ -274,7 +275,7 @@ def test_norms_fold_by_default_on_small_models_only(monkeypatch):
 
 def test_every_masked_product_design_decodes_the_same(monkeypatch):
     """Every masked product made in one launch (masked_wide; with small tiles, programs of many tiles take its loop
-    kernel): five steps' logits equal the list design's to float32 rounding (the sums are taken in another
+    kernel): three steps' logits equal the list design's to float32 rounding (the sums are taken in another
     order), the tokens the same. The shape with every head its own K/V head: QKV's product is masked too, and
     its partial sums go to the rotary kernel; the MLP's through SwiGLU into down's product."""
     require_triton("cpu")
@@ -285,7 +286,7 @@ def test_every_masked_product_design_decodes_the_same(monkeypatch):
     logits = {}
     for name in DESIGNS:
         use_design(name, monkeypatch)
-        logits[name], _ = decode_steps(engine, prompt, 5, False, monkeypatch)
+        logits[name], _ = decode_steps(engine, prompt, 3, False, monkeypatch)
     reference = logits["list"]
     for name in DESIGNS:
         assert (logits[name] - reference).abs().max() <= 1e-5 * reference.abs().max(), name
