@@ -194,12 +194,13 @@ def test_group_arguments_are_checked():
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("pos", [0, 70, 129])
 @pytest.mark.parametrize("launches", ["3", "2"], ids=["combine-launch", "last-combines"])
-@pytest.mark.parametrize("dot, group", [("1", 4), ("0", 4), ("1", 1)], ids=["dot", "head-by-head", "dot-mha"])
+@pytest.mark.parametrize("dot, group", [("1", 4), ("0", 4), ("1", 1)], ids=["dot", "head-by-head", "mha"])
 def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, launches, dot, group, monkeypatch):
     """Flash-decoding over chunks equals softmax attention over positions 0..pos; what lies past pos (here
     NaN) is never read, and grouped query heads share their K/V head. The chunks are combined by a launch of
     their own, or (RANA_ATTENTION_LAUNCHES=2) by the last chunk program of each KV head; a chunk program takes
-    its group's query heads as one product (RANA_ATTENTION_DOT), or head by head."""
+    its group's query heads as one product (RANA_ATTENTION_DOT), or head by head (always, with one query head a
+    KV head: the "mha" case, Llama-2-7B's path)."""
     require_triton(device)
     monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
     monkeypatch.setenv("RANA_ATTENTION_DOT", dot)
