@@ -3,11 +3,13 @@
     python bench/engine_ab.py --env RANA_EARLY_WEIGHTS [--values 0,1] [--models llama2-7b-shape,smollm2-135m-shape]
                               [--cuts 0,0.44] [--rounds 2] [--contexts 1]
     python bench/engine_ab.py --env RANA_FUSE_NORM:RANA_ATTENTION_LAUNCHES --values 0:3,1:2
+    python bench/engine_ab.py --env RANA_GEMV_CONFIG --values ,8-1024-4-4,8-1024-4-2 --models llama2-7b-shape
 
 Options read at launch time (RANA_EARLY_WEIGHTS: a GEMV's first weight chunk loaded before the PDL wait; RANA_PDL:
 programmatic dependent launch) are A/B'd by recapturing the same engine's graph with each value, alternately,
 `rounds` times: machines of one kind differ by a few per cent, so only ratios within one run are compared.
-Several options at once: their names and each side's values joined by colons.
+Several options at once: their names and each side's values joined by colons. More than two values: each
+against the first (the baseline).
 Median ms/token of graph-replayed steps. Prints a table and writes bench/results/engine-ab-<env>-<device>.json.
 """
 
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--env", required=True,
                         help="the environment variable that selects the option (several: joined by colons)")
-    parser.add_argument("--values", default="0,1", help="its two values, the baseline first")
+    parser.add_argument("--values", default="0,1", help="its values, the baseline first")
     parser.add_argument("--models", default="llama2-7b-shape,smollm2-135m-shape")
     parser.add_argument("--cuts", default="0,0.44")
     parser.add_argument("--contexts", default="1")
@@ -43,35 +45,44 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    base, option = args.values.split(",")
+    values = args.values.split(",")
     names = args.env.split(":")
-    if any(len(side.split(":")) != len(names) for side in (base, option)):
+    if len(values) < 2 or len(set(values)) != len(values):
+        parser.error(f"--values {args.values}: at least two different values")
+    if any(len(side.split(":")) != len(names) for side in values):
         parser.error(f"--values {args.values}: one value per variable of --env {args.env} on each side")
+    base, options = values[0], values[1:]
     name = torch.cuda.get_device_name()
     rows = []
     print(f"{name}, {args.dtype}, median ms/token of {args.new_tokens} replayed steps; "
-          f"{args.env}={base} against ={option}")
-    print(f"{'model':<22}{'cut':>5}{'context':>8}{base:>10}{option:>10}{'ratio':>8}")
+          f"{args.env}={base} against {', '.join('=' + v for v in options)}")
+    width = max(10, *(len(v) + 2 for v in values))
+    print(f"{'model':<22}{'cut':>5}{'context':>8}" + "".join(f"{v or '(unset)':>{width}}" for v in values)
+          + "".join(f"{'ratio':>8}" for _ in options))
     for model in args.models.split(","):
         for cut in [float(c) for c in args.cuts.split(",")]:
             engine = DecodeEngine(SHAPES[model], DTYPES[args.dtype], "cuda", flop_reduction=cut, gemv="triton")
             engine.calibrate()
             for context in [int(c) for c in args.contexts.split(",")]:
-                times: dict[str, list[float]] = {base: [], option: []}
+                times: dict[str, list[float]] = {value: [] for value in values}
                 for _ in range(args.rounds):
-                    for value in (base, option):
+                    for value in values:
                         os.environ.update(zip(names, value.split(":")))
                         engine.graph = None  # recaptured with this value
                         times[value].append(statistics.median(engine.time_decode(context, args.new_tokens)))
-                a, b = statistics.median(times[base]), statistics.median(times[option])
-                rows.append({"model": model, "cut": cut, "context": context, f"{args.env}={base}": times[base],
-                             f"{args.env}={option}": times[option], "ratio": b / a})
-                print(f"{model:<22}{cut:>5.2f}{context:>8}{a:>10.3f}{b:>10.3f}{b / a:>8.3f}", flush=True)
+                ms = {value: statistics.median(times[value]) for value in values}
+                ratios = [ms[value] / ms[base] for value in options]
+                row = {"model": model, "cut": cut, "context": context,
+                       **{f"{args.env}={value}": times[value] for value in values}}
+                row.update({"ratio": ratios[0]} if len(options) == 1 else {"ratios": dict(zip(options, ratios))})
+                rows.append(row)
+                print(f"{model:<22}{cut:>5.2f}{context:>8}" + "".join(f"{ms[v]:>{width}.3f}" for v in values)
+                      + "".join(f"{r:>8.3f}" for r in ratios), flush=True)
             del engine
             torch.cuda.empty_cache()
     for variable in names:
         os.environ.pop(variable, None)
-    report = {"device_name": name, "dtype": args.dtype, "env": args.env, "values": [base, option], "rows": rows}
+    report = {"device_name": name, "dtype": args.dtype, "env": args.env, "values": values, "rows": rows}
     write_results(report, args.out, f"engine-ab-{args.env.lower().replace('_', '-').replace(':', '+')}", name)
     return 0
 

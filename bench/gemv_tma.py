@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rana_core.decode import latency  # noqa: E402
-from rana_core.decode.dense_kernels import GEMV_CONFIG, gemv  # noqa: E402
+from rana_core.decode.dense_kernels import gemv, gemv_config  # noqa: E402
 from rana_core.decode.masked_kernels import triton  # noqa: E402
 
 from gemv_configs import SHAPES  # noqa: E402  (bench/ is the script's folder)
@@ -100,7 +100,8 @@ def main(argv=None) -> int:
         def timed(call) -> float:
             return 1e3 * latency.graph_ms(lambda: call(weights[next(calls) % count]), calls=CALLS)
 
-        engine = {str(c): timed(lambda w, c=c: gemv(w, x, out, config=c)) for c in [GEMV_CONFIG] + ENGINE_SWEEP}
+        default_config = gemv_config(K)
+        engine = {str(c): timed(lambda w, c=c: gemv(w, x, out, config=c)) for c in [default_config] + ENGINE_SWEEP}
         tma = {}
         for block_n, block_k, stages, warps in TMA_SWEEP:
             descriptors = {w.data_ptr(): tma_descriptor(w, block_n, block_k) for w in weights}
@@ -110,7 +111,7 @@ def main(argv=None) -> int:
                 raise AssertionError(f"TMA GEMV {label} {block_n},{block_k},{stages},{warps}: relative error {error}")
             tma[(block_n, block_k, stages, warps)] = timed(
                 lambda w, b=(block_n, block_k, stages, warps), d=descriptors: gemv_tma(d[w.data_ptr()], w, x, out, *b))
-        default = engine[str(GEMV_CONFIG)]
+        default = engine[str(default_config)]
         best_engine = min(engine, key=engine.get)
         best_tma = min(tma, key=tma.get)
 

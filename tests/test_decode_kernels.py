@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rana_core.decode.dense_kernels import (add_rmsnorm, gemv, rmsnorm_reference, rope_into_cache,
+from rana_core.decode.dense_kernels import (add_rmsnorm, gemv, gemv_config, rmsnorm_reference, rope_into_cache,
                                       rotate_half_reference)
 from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials, reference_masked_rows
 
@@ -74,7 +74,9 @@ def test_rope_into_cache_rotates_q_and_k_and_fills_the_cache_at_pos(device, dtyp
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 def test_gemv_matches_float64(device, dtype):
     require_triton(device)
-    shapes = [(12288, 4096), (4096, 11008), (3441, 4096)] if device == "cuda" else [(40, 70), (9, 512)]
+    # rows shorter and longer than EARLY_MIN_K take different launch configurations (gemv_config)
+    shapes = ([(12288, 4096), (4096, 11008), (3441, 4096), (576, 576), (576, 1536)] if device == "cuda"
+              else [(40, 70), (9, 512), (12, 2100)])
     for N, K in shapes:
         g = torch.Generator().manual_seed(N + K)
         weight = torch.randn(N, K, generator=g).to(device, dtype)
@@ -276,14 +278,35 @@ def test_attention_launches_follow_the_heads_per_kv_head(monkeypatch):
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 def test_gemv_with_the_swiglu_epilogue(device, dtype):
     require_triton(device)
-    N, K = (11008, 4096) if device == "cuda" else (24, 72)
-    g = torch.Generator().manual_seed(N)
-    weight = (torch.randn(2 * N, K, generator=g) / K ** 0.5).to(device, dtype)
-    x = torch.randn(K, generator=g).to(device, dtype)
-    out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=True)
-    gate, up = (weight.double().cpu() @ x.double().cpu()).chunk(2)
-    # gate and up rounded to dtype, silu(gate) rounded, the product rounded: four roundings
-    assert relative_error(out.float().cpu(), (F.silu(gate) * up).float()) < tolerance(dtype, 4)
+    for N, K in [(11008, 4096), (1536, 576)] if device == "cuda" else [(24, 72), (6, 2100)]:
+        g = torch.Generator().manual_seed(N)
+        weight = (torch.randn(2 * N, K, generator=g) / K ** 0.5).to(device, dtype)
+        x = torch.randn(K, generator=g).to(device, dtype)
+        out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=True)
+        gate, up = (weight.double().cpu() @ x.double().cpu()).chunk(2)
+        # gate and up rounded to dtype, silu(gate) rounded, the product rounded: four roundings
+        assert relative_error(out.float().cpu(), (F.silu(gate) * up).float()) < tolerance(dtype, 4), (N, K)
+
+
+def test_gemv_config_by_row_length_and_its_overrides(monkeypatch):
+    """Long rows, their fused gate/up and short rows each take their own table; the bench's overrides replace
+    only the side they name, and a malformed one is refused with the variable's name."""
+    monkeypatch.delenv("RANA_GEMV_CONFIG", raising=False)
+    monkeypatch.delenv("RANA_GEMV_SMALL_CONFIG", raising=False)
+    shape = lambda c: (c["BLOCK_N"], c["BLOCK_K"], c["num_warps"], c["num_stages"])  # noqa: E731
+    assert shape(gemv_config(4096)) == (8, 1024, 4, 4)
+    assert shape(gemv_config(4096, swiglu=True)) == (4, 512, 4, 2)
+    assert shape(gemv_config(576)) == shape(gemv_config(576, swiglu=True)) == (4, 1024, 4, 1)
+    monkeypatch.setenv("RANA_GEMV_CONFIG", "2-64-4-1/16-32-2-3")
+    assert shape(gemv_config(2048)) == (2, 64, 4, 1)
+    assert shape(gemv_config(2048, swiglu=True)) == (16, 32, 2, 3)
+    assert shape(gemv_config(2047)) == (4, 1024, 4, 1)  # short rows keep theirs
+    monkeypatch.setenv("RANA_GEMV_SMALL_CONFIG", "2-128-2-2")
+    assert shape(gemv_config(576, swiglu=True)) == (2, 128, 2, 2)  # one configuration serves both
+    for bad in ("8-1024", "8-1024-4-4/4-512-4-2/1-1-1-1", "a-b-c-d"):
+        monkeypatch.setenv("RANA_GEMV_CONFIG", bad)
+        with pytest.raises(ValueError, match="RANA_GEMV_CONFIG"):
+            gemv_config(4096)
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)

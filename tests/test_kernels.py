@@ -149,15 +149,31 @@ def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_sc
 
 
 @pytest.mark.parametrize("density", [0.0, 0.2, 0.7, 1.0])
-def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density):
+@pytest.mark.parametrize("via", ["constants", "RANA_GATHER_CONFIG"])
+def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density, via):
     """With chunks of 16 coefficients, a list of 100 rows is written by 7 compaction programs and read back
-    across chunk boundaries by gather programs whose shares straddle them."""
+    across chunk boundaries by gather programs whose shares straddle them (set by the module's constants, or by
+    the bench's override with narrower column blocks and one warp)."""
     from rana_core.decode import masked_kernels as kernels
 
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "list")  # small products take the wide design by default
-    monkeypatch.setattr(kernels, "COMPACT_CHUNK", 16)
-    monkeypatch.setattr(kernels, "BLOCK_K", 8)
+    if via == "constants":
+        monkeypatch.setattr(kernels, "COMPACT_CHUNK", 16)
+        monkeypatch.setattr(kernels, "BLOCK_K", 8)
+    else:
+        monkeypatch.setenv("RANA_GATHER_CONFIG", "16-8-1-1-8-16")
     check(100, 48, torch.float32, "cpu", density, True, torch.Generator().manual_seed(int(density * 10)))
+
+
+def test_gather_config_override_is_checked(monkeypatch):
+    from rana_core.decode.masked_kernels import COMPACT_CHUNK, gather_config
+
+    monkeypatch.setenv("RANA_GATHER_CONFIG", "32-64-1-2-8")
+    assert gather_config() == (32, 64, 1, 2, 8, COMPACT_CHUNK)
+    for bad in ("64-128-2-3", "64-128-2-3-16-2048-1", "64,128,2,3,16"):
+        monkeypatch.setenv("RANA_GATHER_CONFIG", bad)
+        with pytest.raises(ValueError, match="RANA_GATHER_CONFIG"):
+            gather_config()
 
 
 def test_small_products_take_the_one_launch_design_by_default(monkeypatch):

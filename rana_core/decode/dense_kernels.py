@@ -248,12 +248,44 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
     return q_out
 
 
-# bench/gemv_configs.py on an H100: within 3% of the best of 44 configurations at every 7B decode shape;
 # EARLY_MIN_K: from this many columns on, each program loads its first weight chunk before waiting for the launch
 # before (RANA_EARLY_WEIGHTS=0: never). On an H200 (bench/engine_ab.py --env RANA_EARLY_WEIGHTS) that took 3% off a
 # 7B-shape dense step and 1% off RaNA −44%, and made SmolLM2-shape steps (K = 576, 1536) 3-4% slower.
-GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2, "EARLY_MIN_K": 2048}
+EARLY_MIN_K = 2048
 
+# Launch configurations by row length, chosen in whole graph-replayed steps on an H200 (bench/engine_ab.py --env
+# RANA_GEMV_CONFIG / RANA_GEMV_SMALL_CONFIG; engine-ab-gemv-*-nvidia-h200.json). Against session 4's one
+# configuration for every shape (8 rows, 512 columns, 4 warps, 2 stages, tuned on an H100): Llama-2-7B's rows of
+# 4,096 and 11,008 columns in 1,024-column steps with 4 stages, dense step 0.95× (o_proj 12.8 → 8.5 µs, down 29.1 →
+# 21.4 µs alone: bench/gemv_tma.py), and its fused gate/up in 4 rows of 512 columns, another 0.99×; SmolLM2's
+# rows of 576 and 1,536 columns as 4 rows of 1,024 columns in one stage (twice the programs), dense step 0.87×,
+# RaNA −44% 0.96×.
+GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 4}  # rows of ≥ EARLY_MIN_K columns
+GEMV_SWIGLU_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}  # the fused gate/up of those
+GEMV_SHORT_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}  # shorter rows
+
+
+def gemv_config(K: int, swiglu: bool = False) -> dict:
+    """The GEMV's launch configuration for rows of K columns (the tables above), unless overridden for
+    bench/engine_ab.py's sweeps by RANA_GEMV_CONFIG (rows of at least EARLY_MIN_K columns) or
+    RANA_GEMV_SMALL_CONFIG (shorter rows): "BLOCK_N-BLOCK_K-warps-stages", or two of them "PLAIN/SWIGLU" for the
+    plain and the fused gate/up products."""
+    long_rows = K >= EARLY_MIN_K
+    name = "RANA_GEMV_CONFIG" if long_rows else "RANA_GEMV_SMALL_CONFIG"
+    text = os.environ.get(name, "")
+    if not text:
+        return {**(GEMV_SHORT_CONFIG if not long_rows else GEMV_SWIGLU_CONFIG if swiglu else GEMV_CONFIG),
+                "EARLY_MIN_K": EARLY_MIN_K}
+    sides = text.split("/")
+    try:
+        block_n, block_k, warps, stages = (int(v) for v in sides[min(int(swiglu), len(sides) - 1)].split("-"))
+        if len(sides) > 2:
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"{name}={text}: expected BLOCK_N-BLOCK_K-warps-stages (e.g. 8-1024-4-4), or two of them "
+                         "joined by / (plain/gate-up)") from None
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
+            "EARLY_MIN_K": EARLY_MIN_K}
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None) -> torch.Tensor:
@@ -278,8 +310,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
             kept = gate.float().abs() >= tau if tau is not None else True
             return out.copy_(gate * up * kept)
         return torch.mv(weight, x, out=out)
-    c = {**GEMV_CONFIG, **(config or {})}
     N, K = weight.shape
+    c = {**gemv_config(K, swiglu), **(config or {})}
     N = N // 2 if swiglu else N
     p = pdl(weight)
     early = K >= c["EARLY_MIN_K"] and os.environ.get("RANA_EARLY_WEIGHTS") != "0"

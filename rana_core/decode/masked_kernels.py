@@ -73,10 +73,27 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def gather_config() -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_K, warps, stages, programs per multiprocessor, compaction chunk) of the list design;
+    RANA_GATHER_CONFIG="64-128-2-3-16[-2048]" overrides the module's constants (for bench/engine_ab.py's sweeps)."""
+    text = os.environ.get("RANA_GATHER_CONFIG", "")
+    if not text:
+        return BLOCK_M, BLOCK_K, GATHER_WARPS, GATHER_STAGES, PROGRAMS_PER_SM, COMPACT_CHUNK
+    try:
+        values = [int(v) for v in text.split("-")]
+        if len(values) not in (5, 6):
+            raise ValueError
+    except ValueError:
+        raise ValueError(f"RANA_GATHER_CONFIG={text}: expected BLOCK_M-BLOCK_K-warps-stages-programs per "
+                         "multiprocessor[-compaction chunk], e.g. 64-128-2-3-16") from None
+    return (*values, COMPACT_CHUNK) if len(values) == 5 else tuple(values)
+
+
 def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
     """Gather programs per (column block, group): enough to fill the GPU, never more than the list can feed."""
-    programs = math.ceil(M / BLOCK_M) * groups
-    return max(1, min(math.ceil(K / BLOCK_K), math.ceil(PROGRAMS_PER_SM * _multiprocessors(device) / programs)))
+    block_m, block_k, _, _, per_sm, _ = gather_config()
+    programs = math.ceil(M / block_m) * groups
+    return max(1, min(math.ceil(K / block_k), math.ceil(per_sm * _multiprocessors(device) / programs)))
 
 
 if triton is not None:
@@ -322,7 +339,8 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
         return masked_wide.wide_partials(rows, coeff, threshold, scale, groups, source if source_splits else None,
                                          source_splits, shared_coeff)
     device = rows.device
-    chunk = min(COMPACT_CHUNK, triton.next_power_of_2(K))
+    block_m, block_k, warps, stages, _, compact_chunk = gather_config()
+    chunk = min(compact_chunk, triton.next_power_of_2(K))
     chunks = math.ceil(K / chunk)
     index = _buffer("index", K_all, torch.int32, device)
     value = _buffer("value", K_all, torch.float32, device)
@@ -335,11 +353,11 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
                                       launch_pdl=p)
     splits = _list_splits(K, M, groups, device)
     partial = _buffer("partial", groups * splits * M, torch.float32, device)
-    _gather_kernel[(math.ceil(M / BLOCK_M), splits, groups)](
+    _gather_kernel[(math.ceil(M / block_m), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
-        CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M,
-        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p, num_warps=GATHER_WARPS,
-        num_stages=GATHER_STAGES, launch_pdl=p)
+        CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m,
+        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p, num_warps=warps,
+        num_stages=stages, launch_pdl=p)
     return partial, splits
 
 

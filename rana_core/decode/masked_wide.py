@@ -36,7 +36,8 @@ if triton is not None:
 
     from rana_core.decode.masked_kernels import active_of, make_coefficients
 
-# (BLOCK_M, BLOCK_K, warps, stages, programs per multiprocessor); RANA_WIDE_CONFIG="64,64,2,1,16" overrides it
+# (BLOCK_M, BLOCK_K, warps, stages, programs per multiprocessor); RANA_WIDE_CONFIG="64,64,2,1,16" (or 64-64-2-1-16,
+# for bench/engine_ab.py's comma-separated values) overrides it
 # (bench/masked_designs.py sweeps it). BLOCK_M is capped by the outputs' count on small models' rows.
 CONFIG = (64, 64, 2, 1, 16)
 UNROLLED_TILES = 2  # programs of more tiles take the loop kernel (registers: _wide_kernel's docstring)
@@ -61,7 +62,7 @@ def design(rows: torch.Tensor) -> str:
 
 def config() -> tuple[int, int, int, int, int]:
     text = os.environ.get("RANA_WIDE_CONFIG")
-    return tuple(int(v) for v in text.split(",")) if text else CONFIG
+    return tuple(int(v) for v in text.replace("-", ",").split(",")) if text else CONFIG
 
 
 def shape(K: int, M: int, groups: int, device: torch.device) -> tuple[int, int, int, int, int]:
