@@ -72,30 +72,15 @@ if triton is not None:
                 tl.store(acc_ptr + (h * STRIDE + s) * D + d, tl.sum(p[:, None] * values.to(tl.float32), axis=0))
 
     @triton.jit
-    def combine_head(h, m_ptr, l_ptr, acc_ptr, out_ptr, chunks, STRIDE: tl.constexpr, CHUNKS_P2: tl.constexpr,
-                     D: tl.constexpr):
-        """Query head h: its first `chunks` chunks' partial softmaxes rescaled to their common max and added
-        (empty chunks, with m = -inf, weigh nothing)."""
-        s = tl.arange(0, CHUNKS_P2)
-        s_ok = s < chunks
-        m = tl.load(m_ptr + h * STRIDE + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-        weight = tl.where(s_ok & (m > float("-inf")), tl.exp(m - tl.max(m, axis=0)), 0.0)
-        total = tl.sum(weight * tl.load(l_ptr + h * STRIDE + s, mask=s_ok, other=0.0, cache_modifier=".cg"), axis=0)
-        d = tl.arange(0, D)
-        acc = tl.load(acc_ptr + (h * STRIDE + s[:, None]) * D + d[None, :], mask=s_ok[:, None], other=0.0,
-                      cache_modifier=".cg")
-        out = tl.sum(weight[:, None] * acc, axis=0) / total
-        tl.store(out_ptr + h * D + d, out.to(out_ptr.dtype.element_ty))
-
-    @triton.jit
-    def combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, STRIDE: tl.constexpr, CHUNKS_P2: tl.constexpr,
+    def combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, chunks, STRIDE: tl.constexpr, CHUNKS_P2: tl.constexpr,
                       GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr):
-        """combine_head for the GROUP query heads of KV head j over all STRIDE chunks, as one tile: every load of
-        the group in flight at once, and the same bits for each head whichever program runs it."""
+        """The GROUP query heads of KV head j, each its first `chunks` chunks' partial softmaxes rescaled to their
+        common max and added (empty chunks, with m = -inf, weigh nothing), as one tile: every load of the group in
+        flight at once, and the same bits for each head whichever program runs it."""
         g = tl.arange(0, GROUP_P2)
         s = tl.arange(0, CHUNKS_P2)
         h = j * GROUP + g
-        ok = (g < GROUP)[:, None] & (s < STRIDE)[None, :]
+        ok = (g < GROUP)[:, None] & (s < chunks)[None, :]
         at = h[:, None] * STRIDE + s[None, :]
         m = tl.load(m_ptr + at, mask=ok, other=float("-inf"), cache_modifier=".cg")
         weight = tl.where(ok & (m > float("-inf")), tl.exp(m - tl.max(m, axis=1)[:, None]), 0.0)
@@ -105,6 +90,12 @@ if triton is not None:
                       cache_modifier=".cg")
         out = tl.sum(weight[:, :, None] * acc, axis=1) / total[:, None]
         tl.store(out_ptr + h[:, None] * D + d[None, :], out.to(out_ptr.dtype.element_ty), mask=(g < GROUP)[:, None])
+
+    @triton.jit
+    def combine_head(h, m_ptr, l_ptr, acc_ptr, out_ptr, chunks, STRIDE: tl.constexpr, CHUNKS_P2: tl.constexpr,
+                     D: tl.constexpr):
+        """Query head h alone (combine_group of one head): for kernels that combine head by head."""
+        combine_group(h, m_ptr, l_ptr, acc_ptr, out_ptr, chunks, STRIDE, CHUNKS_P2, 1, 1, D)
 
     @triton.jit
     def _attention_chunk_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, max_seq, scale,
@@ -128,7 +119,7 @@ if triton is not None:
         attention_chunk(j, tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr,
                         acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D, DOT)
         if arrives_last(arrivals_ptr + j, SPLITS):
-            combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS_P2, GROUP, GROUP_P2, D)
+            combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, GROUP, GROUP_P2, D)
             tl.store(arrivals_ptr + j, 0)
 
     @triton.jit
@@ -136,7 +127,8 @@ if triton is not None:
                                   GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
         """Program j: combine_group j."""
         await_inputs(PDL)
-        combine_group(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS_P2, GROUP, GROUP_P2, D)
+        combine_group(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, GROUP, GROUP_P2,
+                      D)
 
 
 ATTENTION_CHUNK = 64  # cached positions per attention program
