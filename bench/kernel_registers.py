@@ -1,4 +1,4 @@
-"""Registers per thread of the one-launch masked product's kernels, compiled for sm_90a on any machine (no GPU).
+"""Registers per thread of the masked products' kernels, compiled for sm_90a on any machine (no GPU).
 
     python bench/kernel_registers.py [--config 64,64,2,1,16] [--sms 132] [--out PATH]
 
@@ -7,7 +7,9 @@ takes: on the H200, 65,536 registers per multiprocessor. Each of rana_core/decod
 Llama-2-7B's and SmolLM2-135M's masked products (RaNA −44% ranks) is compiled as the launch would compile it
 (fp16 rows, pointers and the row stride divisible by 16, as Triton specialises them) and Triton's own ptxas
 reports the registers; the table gives the programs a launch makes, how many fit on a multiprocessor, and the
-waves. Prints a table and writes bench/results/kernel-registers-sm90a.json.
+waves. The list design's gather (rana_core/decode/masked_kernels.py, its configuration as gather_config() gives
+it, RANA_GATHER_CONFIG included) follows in a second table. Prints both and writes
+bench/results/kernel-registers-sm90a.json.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rana_core.decode import masked_wide  # noqa: E402
+from rana_core.decode import masked_kernels, masked_wide  # noqa: E402
 
 from shown_path import write_results  # noqa: E402
 
@@ -44,14 +46,21 @@ REGISTERS_PER_SM = 65536
 POINTERS = ["rows_ptr", "coeff_ptr", "scale_ptr", "threshold_ptr", "partial_ptr", "source_ptr"]
 
 
-def registers(kernel, runtime: dict, constants: dict, warps: int) -> int:
-    signature = {"rows_ptr": "*fp16", "coeff_ptr": "*fp16", "scale_ptr": "*fp32", "threshold_ptr": "*fp32",
-                 "partial_ptr": "*fp32", "source_ptr": "*fp16", "K": "i32", "M": "i32", "stride_k": "i32", **runtime}
+WIDE_SIGNATURE = {"rows_ptr": "*fp16", "coeff_ptr": "*fp16", "scale_ptr": "*fp32", "threshold_ptr": "*fp32",
+                  "partial_ptr": "*fp32", "source_ptr": "*fp16", "K": "i32", "M": "i32", "stride_k": "i32"}
+GATHER_SIGNATURE = {"rows_ptr": "*fp16", "index_ptr": "*i32", "value_ptr": "*fp32", "count_ptr": "*i32",
+                    "partial_ptr": "*fp32", "K": "i32", "M": "i32", "stride_k": "i32"}
+
+
+def registers(kernel, runtime: dict, constants: dict, warps: int, stages: int = 1,
+              signature: dict | None = None) -> int:
+    signature = {**(signature or WIDE_SIGNATURE), **runtime}
     signature.update({name: "constexpr" for name in constants})
-    divisible = [i for i, name in enumerate(signature) if name in POINTERS + ["M", "stride_k"]]
+    divisible = [i for i, name in enumerate(signature) if name.endswith("_ptr") or name in ("M", "stride_k")]
     source = ASTSource(fn=kernel, signature=signature, constexprs=constants,
                        attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": warps, "num_stages": stages})
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as folder:
         ptx = Path(folder) / "kernel.ptx"
@@ -93,9 +102,34 @@ def main(argv=None) -> int:
         rows.append({"product": product, "K": K, "M": M, "groups": groups, "kernel": kind, "tiles_per_program":
                      per_program, "programs": programs, "registers": used, "programs_per_sm": per_sm,
                      "waves": waves})
-    write_results({"target": "sm_90a", "config": args.config, "multiprocessors": args.sms, "rows": rows},
-                  args.out, "kernel-registers", "sm90a")
+    gather_rows = list_gathers(args.sms)
+    write_results({"target": "sm_90a", "config": args.config, "multiprocessors": args.sms, "rows": rows,
+                   "list_gather": gather_rows}, args.out, "kernel-registers", "sm90a")
     return 0
+
+
+def list_gathers(sms: int) -> list[dict]:
+    """The list design's gather launch at each product: its programs, registers, residency and waves."""
+    block_m, block_k, warps, stages, planned, chunk_cap = masked_kernels.gather_config()
+    masked_kernels._multiprocessors = lambda device: sms  # _list_splits sizes the launch for this GPU
+    print(f"\nlist gather, config {block_m}-{block_k}-{warps}-{stages}-{planned} (BLOCK_M-BLOCK_K-warps-stages-"
+          f"programs per SM planned)")
+    print(f"{'product':<26}{'splits':>8}{'programs':>10}{'registers':>11}{'per SM':>8}{'waves':>7}")
+    rows = []
+    for product, (K, M, groups, _) in PRODUCTS.items():
+        chunk = min(chunk_cap, triton.next_power_of_2(K))
+        chunks = math.ceil(K / chunk)
+        splits = masked_kernels._list_splits(K, M, groups, None)
+        used = registers(masked_kernels._gather_kernel, {}, dict(
+            SPLITS=splits, CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k,
+            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True), warps, stages, GATHER_SIGNATURE)
+        programs = math.ceil(M / block_m) * splits * groups
+        per_sm = REGISTERS_PER_SM // (used * 32 * warps)
+        waves = math.ceil(programs / (per_sm * sms))
+        print(f"{product:<26}{splits:>8}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}", flush=True)
+        rows.append({"product": product, "K": K, "M": M, "groups": groups, "splits": splits, "programs": programs,
+                     "registers": used, "programs_per_sm": per_sm, "waves": waves})
+    return rows
 
 
 if __name__ == "__main__":
