@@ -11,9 +11,11 @@ DENSITIES = [0.0, 0.1, 0.5, 0.9, 1.0]
 
 # The masked product's designs (launch options). "wide, small tiles": 4-row tiles, about 8 programs per
 # multiprocessor, so that programs of 2 tiles (unrolled) and of many (masked_wide's loop kernel) run on the CPU's
-# small shapes too, where the default shape gives every program one tile.
+# small shapes too, where the default shape gives every program one tile. "list, summed at the end": the gather
+# adds its rows into a tile and sums across rows once (RANA_GATHER_SUM).
 DESIGNS = {
     "list": {"RANA_MASKED_PRODUCT": "list"},
+    "list, summed at the end": {"RANA_MASKED_PRODUCT": "list", "RANA_GATHER_SUM": "end"},
     "wide": {"RANA_MASKED_PRODUCT": "wide"},
     "wide, small tiles": {"RANA_MASKED_PRODUCT": "wide", "RANA_WIDE_CONFIG": "16,4,1,1,8"},
 }
@@ -21,6 +23,7 @@ DESIGNS = {
 
 def use_design(design: str, monkeypatch) -> None:
     monkeypatch.delenv("RANA_WIDE_CONFIG", raising=False)
+    monkeypatch.delenv("RANA_GATHER_SUM", raising=False)
     for variable, value in DESIGNS[design].items():
         monkeypatch.setenv(variable, value)
 
@@ -111,7 +114,7 @@ def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale,
                     buffer.fill_(float("nan"))
             check(K, M, torch.float32, "cpu", density, with_scale, generator)
     # which kernels ran: small tiles give programs of 1-2 tiles (unrolled) and of 5-8 (the loop kernel)
-    assert launched == {"list": set(), "wide": {"_wide_kernel"},
+    assert launched == {"list": set(), "list, summed at the end": set(), "wide": {"_wide_kernel"},
                         "wide, small tiles": {"_wide_kernel", "_wide_loop_kernel"}}[design]
 
 
@@ -140,7 +143,7 @@ def test_batches_use_the_dense_product_of_masked_coefficients():
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("K, M, with_scale", [(4096, 11008, False), (11008, 4096, True), (3440, 12288, False),
                                               (1536, 576, True)])
-@pytest.mark.parametrize("design", ["list", "wide"])
+@pytest.mark.parametrize("design", ["list", "list, summed at the end", "wide"])
 def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_scale, design, monkeypatch):
     use_design(design, monkeypatch)
     generator = torch.Generator().manual_seed(K + M)
@@ -149,11 +152,12 @@ def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_sc
 
 
 @pytest.mark.parametrize("density", [0.0, 0.2, 0.7, 1.0])
-@pytest.mark.parametrize("via", ["constants", "RANA_GATHER_CONFIG"])
+@pytest.mark.parametrize("via", ["constants", "RANA_GATHER_CONFIG", "RANA_GATHER_CONFIG, summed at the end"])
 def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density, via):
     """With chunks of 16 coefficients, a list of 100 rows is written by 7 compaction programs and read back
     across chunk boundaries by gather programs whose shares straddle them (set by the module's constants, or by
-    the bench's override with narrower column blocks and one warp)."""
+    the bench's override with narrower column blocks and one warp), in steps of 8 rows: a share takes several
+    steps, so a gather that sums its rows at the end adds several steps into its tile."""
     from rana_core.decode import masked_kernels as kernels
 
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "list")  # small products take the wide design by default
@@ -162,7 +166,20 @@ def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density, via
         monkeypatch.setattr(kernels, "BLOCK_K", 8)
     else:
         monkeypatch.setenv("RANA_GATHER_CONFIG", "16-8-1-1-8-16")
+        monkeypatch.setenv("RANA_GATHER_SUM", "end" if via.endswith("end") else "step")
     check(100, 48, torch.float32, "cpu", density, True, torch.Generator().manual_seed(int(density * 10)))
+
+
+def test_gather_sum_option_is_checked(monkeypatch):
+    from rana_core.decode.masked_kernels import gather_sums_at_end
+
+    monkeypatch.delenv("RANA_GATHER_SUM", raising=False)
+    assert not gather_sums_at_end()
+    monkeypatch.setenv("RANA_GATHER_SUM", "end")
+    assert gather_sums_at_end()
+    monkeypatch.setenv("RANA_GATHER_SUM", "tile")
+    with pytest.raises(ValueError, match="RANA_GATHER_SUM=tile"):
+        gather_sums_at_end()
 
 
 def test_gather_config_override_is_checked(monkeypatch):

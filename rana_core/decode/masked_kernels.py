@@ -89,6 +89,15 @@ def gather_config() -> tuple[int, int, int, int, int, int]:
     return (*values, COMPACT_CHUNK) if len(values) == 5 else tuple(values)
 
 
+def gather_sums_at_end() -> bool:
+    """RANA_GATHER_SUM = "step" (the default: each step's rows summed across rows as they arrive) or "end" (added
+    into a rows × columns tile, summed across rows once per program; not yet timed on a GPU)."""
+    choice = os.environ.get("RANA_GATHER_SUM", "step")
+    if choice not in ("step", "end"):
+        raise ValueError(f"RANA_GATHER_SUM={choice}: expected step or end")
+    return choice == "end"
+
+
 def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
     """Gather programs per (column block, group): enough to fill the GPU, never more than the list can feed."""
     block_m, block_k, _, _, per_sm, _ = gather_config()
@@ -222,54 +231,67 @@ if triton is not None:
 
     @triton.jit
     def _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr, rows_ptr, stride_k, offs_m,
-                     m_ok, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
+                     m_ok, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr, SUM_AT_END: tl.constexpr):
         """acc + the rows of this step's list entries; the next step's entries are loaded while this step's rows
-        are in flight (the two loads would otherwise wait on each other, step after step)."""
+        are in flight (the two loads would otherwise wait on each other, step after step). With SUM_AT_END, acc
+        is a BLOCK_K × BLOCK_M tile that the rows are added to in place, summed across rows once by the caller:
+        no cross-thread sum in the loop."""
         if WIDE:  # 64-bit offsets only where the matrix needs them: a tile of them costs twice the registers
             row = row.to(tl.int64)
         tile = tl.load(rows_ptr + row[:, None] * stride_k + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
                        other=0.0)
         next_row, next_c, next_ok = _list_entries(j0 + BLOCK_K, stop, ends, starts, index_ptr, value_ptr, CHUNK,
                                                   BLOCK_K)
-        return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0), next_row, next_c, next_ok
+        if SUM_AT_END:
+            acc += tile.to(tl.float32) * c[:, None]
+        else:
+            acc += tl.sum(tile.to(tl.float32) * c[:, None], axis=0)
+        return acc, next_row, next_c, next_ok
 
     @triton.jit
     def gather_share(pid_m, pid_s, g, rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                      SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
+                     SUM_AT_END: tl.constexpr):
         """Columns pid_m·BLOCK_M… of Σ value·rows[index] over share pid_s of group g's list, into
-        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`."""
+        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`. SUM_AT_END: _gather_step."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         ends, starts, begin, stop = list_share(count_ptr + g * CHUNKS, pid_s, CHUNKS, CHUNKS_P2, SPLITS, BLOCK_K)
         index_ptr += g * K
         value_ptr += g * K
         rows_ptr += g * K * stride_k
-        acc = tl.zeros([BLOCK_M], dtype=tl.float32)
+        if SUM_AT_END:
+            acc = tl.zeros([BLOCK_K, BLOCK_M], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         row, c, j_ok = _list_entries(begin, stop, ends, starts, index_ptr, value_ptr, CHUNK, BLOCK_K)
         if INTERPRET:  # the interpreter cannot take a loaded value as a range bound; a while loop it can
             j0 = begin
             while j0 < stop:
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
-                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE)
+                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE, SUM_AT_END)
                 j0 += BLOCK_K
         else:
             for j0 in range(begin, stop, BLOCK_K):
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
-                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE)
-        tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
+                                                 rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE, SUM_AT_END)
+        if SUM_AT_END:
+            tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, tl.sum(acc, axis=0), mask=m_ok)
+        else:
+            tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
     def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                        SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
-                       PDL: tl.constexpr):
+                       SUM_AT_END: tl.constexpr, PDL: tl.constexpr):
         """Program (m, s, g): gather_share. (Session 13 let the last program of each column block also sum the
         partials, saving the reduction launch; timed in session 14, ±0.5% on a step: removed.)"""
         await_inputs(PDL)
         gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
                      count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
-                     WIDE, INTERPRET)
+                     WIDE, INTERPRET, SUM_AT_END)
 
     @triton.jit
     def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -356,8 +378,8 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     _gather_kernel[(math.ceil(M / block_m), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m,
-        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p, num_warps=warps,
-        num_stages=stages, launch_pdl=p)
+        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), SUM_AT_END=gather_sums_at_end(), PDL=p,
+        num_warps=warps, num_stages=stages, launch_pdl=p)
     return partial, splits
 
 
