@@ -53,7 +53,9 @@ GATHER_SIGNATURE = {"rows_ptr": "*fp16", "index_ptr": "*i32", "value_ptr": "*fp3
 
 
 def registers(kernel, runtime: dict, constants: dict, warps: int, stages: int = 1,
-              signature: dict | None = None) -> int:
+              signature: dict | None = None, loop: dict | None = None) -> int:
+    """ptxas's registers per thread of `kernel` compiled for sm_90a; with `loop` (a dict), the longest loop body
+    of its PTX is counted into it (loop_counts)."""
     signature = {**(signature or WIDE_SIGNATURE), **runtime}
     signature.update({name: "constexpr" for name in constants})
     divisible = [i for i, name in enumerate(signature) if name.endswith("_ptr") or name in ("M", "stride_k")]
@@ -61,6 +63,8 @@ def registers(kernel, runtime: dict, constants: dict, warps: int, stages: int = 
                        attrs={(i,): [["tt.divisibility", 16]] for i in divisible})
     compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32),
                               options={"num_warps": warps, "num_stages": stages})
+    if loop is not None:
+        loop.update(loop_counts(compiled.asm["ptx"]))
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     with tempfile.TemporaryDirectory() as folder:
         ptx = Path(folder) / "kernel.ptx"
@@ -104,31 +108,52 @@ def main(argv=None) -> int:
                      "waves": waves})
     gather_rows = list_gathers(args.sms)
     write_results({"target": "sm_90a", "config": args.config, "multiprocessors": args.sms, "rows": rows,
-                   "list_gather": gather_rows}, args.out, "kernel-registers", "sm90a")
+                   "list_gather": {"config": masked_kernels.gather_config(),
+                                   "rows_summed": "end" if masked_kernels.gather_sums_at_end() else "step",
+                                   "rows": gather_rows}}, args.out, "kernel-registers", "sm90a")
     return 0
+
+
+def loop_counts(ptx: str) -> dict:
+    """In the longest loop of the PTX (a label to the branch back to it): its lines, global loads, barriers
+    (bar.sync), warp shuffles and shared-memory stores: what one step costs beside its loads."""
+    body = ""
+    for label in re.findall(r"^(\$L__BB\d+_\d+):", ptx, re.M):
+        start = ptx.index(label + ":")
+        back = re.search(r"bra(\.uni)?\s+" + re.escape(label) + ";", ptx[start:])
+        if back and back.end() > len(body):
+            body = ptx[start:start + back.end()]
+    return {name: len(re.findall(pattern, body)) for name, pattern in
+            (("lines", r"\n"), ("global_loads", r"ld\.global"), ("barriers", r"bar\.sync"), ("shuffles", r"shfl"),
+             ("shared_stores", r"st\.shared"))}
 
 
 def list_gathers(sms: int) -> list[dict]:
     """The list design's gather launch at each product: its programs, registers, residency and waves."""
     block_m, block_k, warps, stages, planned, chunk_cap = masked_kernels.gather_config()
     masked_kernels._multiprocessors = lambda device: sms  # _list_splits sizes the launch for this GPU
+    at_end = masked_kernels.gather_sums_at_end()
     print(f"\nlist gather, config {block_m}-{block_k}-{warps}-{stages}-{planned} (BLOCK_M-BLOCK_K-warps-stages-"
-          f"programs per SM planned)")
-    print(f"{'product':<26}{'splits':>8}{'programs':>10}{'registers':>11}{'per SM':>8}{'waves':>7}")
+          f"programs per SM planned), rows summed {'at the end' if at_end else 'every step'} (RANA_GATHER_SUM)")
+    print(f"{'product':<26}{'splits':>8}{'programs':>10}{'registers':>11}{'per SM':>8}{'waves':>7}"
+          f"   loop: {'PTX lines':>9}{'barriers':>9}{'shuffles':>9}")
     rows = []
     for product, (K, M, groups, _) in PRODUCTS.items():
         chunk = min(chunk_cap, triton.next_power_of_2(K))
         chunks = math.ceil(K / chunk)
         splits = masked_kernels._list_splits(K, M, groups, None)
+        loop: dict = {}
         used = registers(masked_kernels._gather_kernel, {}, dict(
             SPLITS=splits, CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k,
-            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True), warps, stages, GATHER_SIGNATURE)
+            BLOCK_M=block_m, WIDE=False, INTERPRET=False, SUM_AT_END=at_end, PDL=True), warps, stages,
+            GATHER_SIGNATURE, loop)
         programs = math.ceil(M / block_m) * splits * groups
         per_sm = REGISTERS_PER_SM // (used * 32 * warps)
         waves = math.ceil(programs / (per_sm * sms))
-        print(f"{product:<26}{splits:>8}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}", flush=True)
+        print(f"{product:<26}{splits:>8}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}"
+              f"         {loop['lines']:>9}{loop['barriers']:>9}{loop['shuffles']:>9}", flush=True)
         rows.append({"product": product, "K": K, "M": M, "groups": groups, "splits": splits, "programs": programs,
-                     "registers": used, "programs_per_sm": per_sm, "waves": waves})
+                     "registers": used, "programs_per_sm": per_sm, "waves": waves, "loop": loop})
     return rows
 
 
