@@ -81,8 +81,14 @@ def test_gemv_matches_float64(device, dtype):
         g = torch.Generator().manual_seed(N + K)
         weight = torch.randn(N, K, generator=g).to(device, dtype)
         x = torch.randn(K, generator=g).to(device, dtype)
-        out = gemv(weight, x, poisoned(N, dtype=dtype, device=device))
-        assert relative_error(out.float().cpu(), weight.double().cpu() @ x.double().cpu()) < tolerance(dtype)
+        for config in gpu_and_default_tiles(device, K):
+            out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), config)
+            assert relative_error(out.float().cpu(), weight.double().cpu() @ x.double().cpu()) < tolerance(dtype)
+
+
+def gpu_and_default_tiles(device: str, K: int, swiglu: bool = False) -> list:
+    """The GPU's tiles for rows of K columns (gemv_config), and on the CPU also the interpreter's default (None)."""
+    return [gemv_config(K, swiglu)] + ([None] if device == "cpu" else [])
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
@@ -282,10 +288,11 @@ def test_gemv_with_the_swiglu_epilogue(device, dtype):
         g = torch.Generator().manual_seed(N)
         weight = (torch.randn(2 * N, K, generator=g) / K ** 0.5).to(device, dtype)
         x = torch.randn(K, generator=g).to(device, dtype)
-        out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=True)
         gate, up = (weight.double().cpu() @ x.double().cpu()).chunk(2)
-        # gate and up rounded to dtype, silu(gate) rounded, the product rounded: four roundings
-        assert relative_error(out.float().cpu(), (F.silu(gate) * up).float()) < tolerance(dtype, 4), (N, K)
+        for config in gpu_and_default_tiles(device, K, swiglu=True):
+            out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), config, swiglu=True)
+            # gate and up rounded to dtype, silu(gate) rounded, the product rounded: four roundings
+            assert relative_error(out.float().cpu(), (F.silu(gate) * up).float()) < tolerance(dtype, 4), (N, K)
 
 
 def test_gemv_config_by_row_length_and_its_overrides(monkeypatch):
