@@ -43,7 +43,6 @@ PRODUCTS = {  # name: (K per group, M, groups, column norms)
     "SmolLM2 down (neurons)": (1536, 576, 1, True),
 }
 REGISTERS_PER_SM = 65536
-POINTERS = ["rows_ptr", "coeff_ptr", "scale_ptr", "threshold_ptr", "partial_ptr", "source_ptr"]
 
 
 WIDE_SIGNATURE = {"rows_ptr": "*fp16", "coeff_ptr": "*fp16", "scale_ptr": "*fp32", "threshold_ptr": "*fp32",

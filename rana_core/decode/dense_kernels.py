@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from rana_core.decode.masked_kernels import _interpreting, pdl, triton, use_triton
+from rana_core.decode.masked_kernels import _interpreting, launch_ints, pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -280,16 +280,15 @@ def gemv_config(K: int, swiglu: bool = False) -> dict:
     if not text:
         return {**(GEMV_SHORT_CONFIG if not long_rows else GEMV_SWIGLU_CONFIG if swiglu else GEMV_CONFIG),
                 "EARLY_MIN_K": EARLY_MIN_K}
+    expected = "BLOCK_N-BLOCK_K-warps-stages (e.g. 8-1024-4-4), or two of them joined by / (plain/gate-up)"
     sides = text.split("/")
-    try:
-        block_n, block_k, warps, stages = (int(v) for v in sides[min(int(swiglu), len(sides) - 1)].split("-"))
-        if len(sides) > 2:
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"{name}={text}: expected BLOCK_N-BLOCK_K-warps-stages (e.g. 8-1024-4-4), or two of them "
-                         "joined by / (plain/gate-up)") from None
+    if len(sides) > 2:
+        raise ValueError(f"{name}={text}: expected {expected}")
+    side = sides[1] if swiglu and len(sides) == 2 else sides[0]
+    block_n, block_k, warps, stages = launch_ints(name, side, (4,), expected)
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "EARLY_MIN_K": EARLY_MIN_K}
+
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None) -> torch.Tensor:

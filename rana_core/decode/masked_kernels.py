@@ -73,20 +73,27 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
+def launch_ints(name: str, text: str, lengths: tuple[int, ...], expected: str) -> tuple[int, ...]:
+    """A launch configuration the benches give as dash-separated integers in environment variable `name`, or a
+    ValueError naming the variable."""
+    try:
+        values = tuple(int(v) for v in text.split("-"))
+    except ValueError:
+        values = ()
+    if len(values) not in lengths:
+        raise ValueError(f"{name}={text}: expected {expected}")
+    return values
+
+
 def gather_config() -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_K, warps, stages, programs per multiprocessor, compaction chunk) of the list design;
     RANA_GATHER_CONFIG="64-128-2-3-16[-2048]" overrides the module's constants (for bench/engine_ab.py's sweeps)."""
     text = os.environ.get("RANA_GATHER_CONFIG", "")
     if not text:
         return BLOCK_M, BLOCK_K, GATHER_WARPS, GATHER_STAGES, PROGRAMS_PER_SM, COMPACT_CHUNK
-    try:
-        values = [int(v) for v in text.split("-")]
-        if len(values) not in (5, 6):
-            raise ValueError
-    except ValueError:
-        raise ValueError(f"RANA_GATHER_CONFIG={text}: expected BLOCK_M-BLOCK_K-warps-stages-programs per "
-                         "multiprocessor[-compaction chunk], e.g. 64-128-2-3-16") from None
-    return (*values, COMPACT_CHUNK) if len(values) == 5 else tuple(values)
+    values = launch_ints("RANA_GATHER_CONFIG", text, (5, 6), "BLOCK_M-BLOCK_K-warps-stages-programs per "
+                         "multiprocessor[-compaction chunk], e.g. 64-128-2-3-16")
+    return (*values, COMPACT_CHUNK) if len(values) == 5 else values
 
 
 def gather_sums_at_end() -> bool:
@@ -277,9 +284,8 @@ if triton is not None:
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
                                                  rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE, SUM_AT_END)
         if SUM_AT_END:
-            tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, tl.sum(acc, axis=0), mask=m_ok)
-        else:
-            tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
+            acc = tl.sum(acc, axis=0)
+        tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
     def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
