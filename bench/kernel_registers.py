@@ -108,14 +108,15 @@ def main(argv=None) -> int:
     gather_rows = list_gathers(args.sms)
     write_results({"target": "sm_90a", "config": args.config, "multiprocessors": args.sms, "rows": rows,
                    "list_gather": {"config": masked_kernels.gather_config(),
-                                   "rows_summed": "end" if masked_kernels.gather_sums_at_end() else "step",
+                                   "loop": masked_kernels.gather_loop(),
                                    "rows": gather_rows}}, args.out, "kernel-registers", "sm90a")
     return 0
 
 
 def loop_counts(ptx: str) -> dict:
     """In the longest loop of the PTX (a label to the branch back to it): its lines, global loads, barriers
-    (bar.sync), warp shuffles and shared-memory stores: what one step costs beside its loads."""
+    (bar.sync), warp shuffles, shared-memory stores and asynchronous copies (cp.async, Triton's pipeliner): what one
+    step costs beside its loads."""
     body = ""
     for label in re.findall(r"^(\$L__BB\d+_\d+):", ptx, re.M):
         start = ptx.index(label + ":")
@@ -124,16 +125,16 @@ def loop_counts(ptx: str) -> dict:
             body = ptx[start:start + back.end()]
     return {name: len(re.findall(pattern, body)) for name, pattern in
             (("lines", r"\n"), ("global_loads", r"ld\.global"), ("barriers", r"bar\.sync"), ("shuffles", r"shfl"),
-             ("shared_stores", r"st\.shared"))}
+             ("shared_stores", r"st\.shared"), ("async_copies", r"cp\.async\.c[ag]"))}
 
 
 def list_gathers(sms: int) -> list[dict]:
     """The list design's gather launch at each product: its programs, registers, residency and waves."""
     block_m, block_k, warps, stages, planned, chunk_cap = masked_kernels.gather_config()
     masked_kernels._multiprocessors = lambda device: sms  # _list_splits sizes the launch for this GPU
-    at_end = masked_kernels.gather_sums_at_end()
+    pipeline = stages if masked_kernels.gather_loop() == "pipelined" and stages >= 2 else 0
     print(f"\nlist gather, config {block_m}-{block_k}-{warps}-{stages}-{planned} (BLOCK_M-BLOCK_K-warps-stages-"
-          f"programs per SM planned), rows summed {'at the end' if at_end else 'every step'} (RANA_GATHER_SUM)")
+          f"programs per SM planned), {'pipelined' if pipeline else 'prefetching'} loop (RANA_GATHER_LOOP)")
     print(f"{'product':<26}{'splits':>8}{'programs':>10}{'registers':>11}{'per SM':>8}{'waves':>7}"
           f"   loop: {'PTX lines':>9}{'barriers':>9}{'shuffles':>9}")
     rows = []
@@ -144,7 +145,7 @@ def list_gathers(sms: int) -> list[dict]:
         loop: dict = {}
         used = registers(masked_kernels._gather_kernel, {}, dict(
             SPLITS=splits, CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k,
-            BLOCK_M=block_m, WIDE=False, INTERPRET=False, SUM_AT_END=at_end, PDL=True), warps, stages,
+            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PIPELINE=pipeline, PDL=True), warps, stages,
             GATHER_SIGNATURE, loop)
         programs = math.ceil(M / block_m) * splits * groups
         per_sm = REGISTERS_PER_SM // (used * 32 * warps)
