@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     gather_rows = list_gathers(args.sms)
     write_results({"target": "sm_90a", "config": args.config, "multiprocessors": args.sms, "rows": rows,
                    "list_gather": {"config": masked_kernels.gather_config(),
-                                   "loop": masked_kernels.gather_loop(),
+                                   
                                    "rows": gather_rows}}, args.out, "kernel-registers", "sm90a")
     return 0
 
@@ -132,9 +132,8 @@ def list_gathers(sms: int) -> list[dict]:
     """The list design's gather launch at each product: its programs, registers, residency and waves."""
     block_m, block_k, warps, stages, planned, chunk_cap = masked_kernels.gather_config()
     masked_kernels._multiprocessors = lambda device: sms  # _list_splits sizes the launch for this GPU
-    pipeline = stages if masked_kernels.gather_loop() == "pipelined" and stages >= 2 else 0
     print(f"\nlist gather, config {block_m}-{block_k}-{warps}-{stages}-{planned} (BLOCK_M-BLOCK_K-warps-stages-"
-          f"programs per SM planned), {'pipelined' if pipeline else 'prefetching'} loop (RANA_GATHER_LOOP)")
+          f"programs per SM planned)")
     print(f"{'product':<26}{'splits':>8}{'programs':>10}{'registers':>11}{'per SM':>8}{'waves':>7}"
           f"   loop: {'PTX lines':>9}{'barriers':>9}{'shuffles':>9}")
     rows = []
@@ -145,7 +144,7 @@ def list_gathers(sms: int) -> list[dict]:
         loop: dict = {}
         used = registers(masked_kernels._gather_kernel, {}, dict(
             SPLITS=splits, CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k,
-            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PIPELINE=pipeline, PDL=True), warps, stages,
+            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True), warps, stages,
             GATHER_SIGNATURE, loop)
         programs = math.ceil(M / block_m) * splits * groups
         per_sm = REGISTERS_PER_SM // (used * 32 * warps)

@@ -1,10 +1,8 @@
-"""The masked product's designs, product by product (GPU): the list (compaction, then gather, then the sum)
-against the one-launch wide design (rana_core/decode/masked_wide.py) and the one-launch local design
-(rana_core/decode/masked_local.py), beside the dense GEMV of the same matrix.
+"""The masked product's two designs, product by product (GPU): the list (compaction, then gather, then the sum)
+against the one-launch wide design (rana_core/decode/masked_wide.py), beside the dense GEMV of the same matrix.
 
     python bench/masked_designs.py [--densities 0,0.35,0.5,1] [--configs 64,64,2,1,16/64,64,2,1,8]
-                                   [--local-configs 64-128-2-1-16/…] [--products "qkv A-part,down (neurons)"]
-                                   [--out PATH]
+                                   [--products "qkv A-part,down (neurons)"] [--out PATH]
 
 Llama-2-7B's products at a 44% cut (the reference engine's ranks): qkv's A-part (3,441 ranks → 12,288), gate's
 and up's A-parts as two groups (3,082 ranks each → 11,008), down (11,008 neurons → 4,096, with its column
@@ -29,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from rana_core.decode import latency, masked_local, masked_wide  # noqa: E402
+from rana_core.decode import latency, masked_wide  # noqa: E402
 from rana_core.decode.dense_kernels import gemv  # noqa: E402
 from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials  # noqa: E402
 
@@ -58,16 +56,12 @@ def main(argv=None) -> int:
     parser.add_argument("--densities", default="0,0.35,0.5,1")
     parser.add_argument("--configs", default=",".join(map(str, masked_wide.CONFIG)),
                         help="the wide design's (BLOCK_M,BLOCK_K,warps,stages,programs per SM), joined by '/'")
-    parser.add_argument("--local-configs", default="-".join(map(str, masked_local.CONFIG)),
-                        help="the local design's BLOCK_M-BLOCK_K-warps-stages-programs per SM, joined by '/' "
-                             "('' for none)")
     parser.add_argument("--products", default=",".join(PRODUCTS), help="names of PRODUCTS, joined by commas")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     name, dtype = torch.cuda.get_device_name(), torch.float16
     g = torch.Generator(device="cuda").manual_seed(0)
-    designs = (["list"] + [f"wide {c}" for c in args.configs.split("/") if c]
-               + [f"local {c}" for c in args.local_configs.split("/") if c])
+    designs = ["list"] + [f"wide {c}" for c in args.configs.split("/") if c]
     print(f"{name}, fp16, µs per call (active rows' TB/s), the next of at least 64 MB of copies per call")
     for i, design in enumerate(designs):
         print(f"  design {i}: {design}")
@@ -98,7 +92,7 @@ def main(argv=None) -> int:
                 kind, *setting = design.split()
                 os.environ["RANA_MASKED_PRODUCT"] = kind
                 if setting:
-                    os.environ[{"wide": "RANA_WIDE_CONFIG", "local": "RANA_LOCAL_CONFIG"}[kind]] = setting[0]
+                    os.environ["RANA_WIDE_CONFIG"] = setting[0]
 
                 def call(i):
                     partial, splits = masked_rows_partials(copies[i % count], coeff, threshold, scale,

@@ -11,20 +11,16 @@ DENSITIES = [0.0, 0.1, 0.5, 0.9, 1.0]
 
 # The masked product's designs (launch options). "wide, small tiles": 4-row tiles, about 8 programs per
 # multiprocessor, so that programs of 2 tiles (unrolled) and of many (masked_wide's loop kernel) run on the CPU's
-# small shapes too, where the default shape gives every program one tile. "list, pipelined": the gather's loop
-# left to Triton's software pipeliner (RANA_GATHER_LOOP; the interpreter runs the same step without it).
+# small shapes too, where the default shape gives every program one tile.
 DESIGNS = {
     "list": {"RANA_MASKED_PRODUCT": "list"},
-    "list, pipelined": {"RANA_MASKED_PRODUCT": "list", "RANA_GATHER_LOOP": "pipelined"},
     "wide": {"RANA_MASKED_PRODUCT": "wide"},
     "wide, small tiles": {"RANA_MASKED_PRODUCT": "wide", "RANA_WIDE_CONFIG": "16,4,1,1,8"},
-    "local": {"RANA_MASKED_PRODUCT": "local"},
 }
 
 
 def use_design(design: str, monkeypatch) -> None:
     monkeypatch.delenv("RANA_WIDE_CONFIG", raising=False)
-    monkeypatch.delenv("RANA_GATHER_LOOP", raising=False)
     for variable, value in DESIGNS[design].items():
         monkeypatch.setenv(variable, value)
 
@@ -95,33 +91,28 @@ def check(K, M, dtype, device, density, with_scale, generator):
 @pytest.mark.parametrize("with_scale", [False, True])
 @pytest.mark.parametrize("design", DESIGNS)
 def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale, design, monkeypatch):
-    """The list design (compaction, gather, the reduction launch), the one-launch wide design (masked_wide), whose
-    row tiles are dealt to more programs than some shapes have tiles (those programs must still write their zero
-    partial sums), and the one-launch local design (masked_local), whose programs list their own rows in a scratch
-    buffer (an entry read past the program's list, or a stale one from the call before, would show)."""
+    """The list design (compaction, gather, the reduction launch) and the one-launch wide design (masked_wide),
+    whose row tiles are dealt to more programs than some shapes have tiles (those programs must still write their
+    zero partial sums)."""
     require_triton("cpu")  # the kernel itself runs, not a fallback
     use_design(design, monkeypatch)
     generator = torch.Generator().manual_seed(int(density * 100) + 7 * with_scale)
-    from rana_core.decode import masked_local, masked_wide
+    from rana_core.decode import masked_wide
     from rana_core.decode.masked_kernels import _BUFFERS
 
     launched = set()
-    for module, name in ((masked_wide, "_wide_kernel"), (masked_wide, "_wide_loop_kernel"),
-                         (masked_local, "_local_kernel")):
-        monkeypatch.setattr(module, name, Launches(getattr(module, name), name, launched))
+    for name in ("_wide_kernel", "_wide_loop_kernel"):
+        monkeypatch.setattr(masked_wide, name, Launches(getattr(masked_wide, name), name, launched))
     for K, M in ((40, 200), (64, 128), (7, 33), (24, 200)):  # ragged shapes exercise every mask edge
         check(K, M, torch.float32, "cpu", density, with_scale, generator)
-        if design != "list":  # a partial sum left unwritten, or a stale list entry read, shows as NaN next call
+        if design != "list":  # a partial sum left unwritten shows as NaN in the next call
             for (name, *_), buffer in _BUFFERS.items():
-                if name in ("wide partial", "local partial", "local value"):
+                if name == "wide partial":
                     buffer.fill_(float("nan"))
-                elif name == "local list":
-                    buffer.fill_(2**30)
             check(K, M, torch.float32, "cpu", density, with_scale, generator)
     # which kernels ran: small tiles give programs of 1-2 tiles (unrolled) and of 5-8 (the loop kernel)
-    assert launched == {"list": set(), "list, pipelined": set(), "wide": {"_wide_kernel"},
-                        "wide, small tiles": {"_wide_kernel", "_wide_loop_kernel"},
-                        "local": {"_local_kernel"}}[design]
+    assert launched == {"list": set(), "wide": {"_wide_kernel"},
+                        "wide, small tiles": {"_wide_kernel", "_wide_loop_kernel"}}[design]
 
 
 class Launches:
@@ -149,7 +140,7 @@ def test_batches_use_the_dense_product_of_masked_coefficients():
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("K, M, with_scale", [(4096, 11008, False), (11008, 4096, True), (3440, 12288, False),
                                               (1536, 576, True)])
-@pytest.mark.parametrize("design", ["list", "list, pipelined", "wide", "local"])
+@pytest.mark.parametrize("design", ["list", "wide"])
 def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_scale, design, monkeypatch):
     use_design(design, monkeypatch)
     generator = torch.Generator().manual_seed(K + M)
@@ -158,12 +149,12 @@ def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_sc
 
 
 @pytest.mark.parametrize("density", [0.0, 0.2, 0.7, 1.0])
-@pytest.mark.parametrize("via", ["constants", "RANA_GATHER_CONFIG", "RANA_GATHER_CONFIG, pipelined"])
+@pytest.mark.parametrize("via", ["constants", "RANA_GATHER_CONFIG"])
 def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density, via):
     """With chunks of 16 coefficients, a list of 100 rows is written by 7 compaction programs and read back
     across chunk boundaries by gather programs whose shares straddle them (set by the module's constants, or by
     the bench's override with narrower column blocks and one warp), in steps of 8 rows: a share takes several
-    steps, each loading its entries a step ahead (prefetch) or in the step itself (pipelined)."""
+    steps, each loading the next step's entries."""
     from rana_core.decode import masked_kernels as kernels
 
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "list")  # small products take the wide design by default
@@ -171,21 +162,8 @@ def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density, via
         monkeypatch.setattr(kernels, "COMPACT_CHUNK", 16)
         monkeypatch.setattr(kernels, "BLOCK_K", 8)
     else:
-        monkeypatch.setenv("RANA_GATHER_CONFIG", "16-8-1-3-8-16")
-        monkeypatch.setenv("RANA_GATHER_LOOP", "pipelined" if via.endswith("pipelined") else "prefetch")
+        monkeypatch.setenv("RANA_GATHER_CONFIG", "16-8-1-1-8-16")
     check(100, 48, torch.float32, "cpu", density, True, torch.Generator().manual_seed(int(density * 10)))
-
-
-def test_gather_loop_option_is_checked(monkeypatch):
-    from rana_core.decode.masked_kernels import gather_loop
-
-    monkeypatch.delenv("RANA_GATHER_LOOP", raising=False)
-    assert gather_loop() == "prefetch"
-    monkeypatch.setenv("RANA_GATHER_LOOP", "pipelined")
-    assert gather_loop() == "pipelined"
-    monkeypatch.setenv("RANA_GATHER_LOOP", "async")
-    with pytest.raises(ValueError, match="RANA_GATHER_LOOP=async"):
-        gather_loop()
 
 
 def test_gather_config_override_is_checked(monkeypatch):
@@ -212,8 +190,6 @@ def test_small_products_take_the_one_launch_design_by_default(monkeypatch):
     assert masked_wide.design(small) == "list"
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "wide")
     assert masked_wide.design(large) == "wide"
-    monkeypatch.setenv("RANA_MASKED_PRODUCT", "local")
-    assert masked_wide.design(small) == "local"
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "wider")
-    with pytest.raises(ValueError, match="expected auto, list, wide or local"):
+    with pytest.raises(ValueError, match="expected auto, list or wide"):
         masked_wide.design(small)

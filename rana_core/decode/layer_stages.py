@@ -205,7 +205,7 @@ if triton is not None:
         while item < blocks_m * SPLITS * GROUPS:
             gather_share(item % blocks_m, (item // blocks_m) % SPLITS, item // (blocks_m * SPLITS), rows_ptr,
                          index_ptr, value_ptr, count_ptr, partial_ptr, KC, M, M, SPLITS, chunks, chunks_p2, CHUNK,
-                         BLOCK_K, BLOCK_M, False, INTERPRET, 0)
+                         BLOCK_K, BLOCK_M, False, INTERPRET)
             item += programs
 
     @triton.jit

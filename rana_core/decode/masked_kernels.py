@@ -96,17 +96,6 @@ def gather_config() -> tuple[int, int, int, int, int, int]:
     return (*values, COMPACT_CHUNK) if len(values) == 5 else values
 
 
-def gather_loop() -> str:
-    """RANA_GATHER_LOOP = "prefetch" (the default: each step loads the next step's list entries while its rows are
-    in flight, the rows in registers) or "pipelined" (Triton's software pipeliner streams the entries and rows
-    into shared memory with cp.async, up to `stages` − 1 steps ahead of the sum: bytes in flight no longer held
-    in registers; not yet timed on a GPU)."""
-    choice = os.environ.get("RANA_GATHER_LOOP", "prefetch")
-    if choice not in ("prefetch", "pipelined"):
-        raise ValueError(f"RANA_GATHER_LOOP={choice}: expected prefetch or pipelined")
-    return choice
-
-
 def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
     """Gather programs per (column block, group): enough to fill the GPU, never more than the list can feed."""
     block_m, block_k, _, _, per_sm, _ = gather_config()
@@ -243,36 +232,20 @@ if triton is not None:
                      m_ok, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
         """acc + the rows of this step's list entries; the next step's entries are loaded while this step's rows
         are in flight (the two loads would otherwise wait on each other, step after step)."""
-        tile = _listed_rows(row, j_ok, rows_ptr, stride_k, offs_m, m_ok, WIDE)
+        if WIDE:  # 64-bit offsets only where the matrix needs them: a tile of them costs twice the registers
+            row = row.to(tl.int64)
+        tile = tl.load(rows_ptr + row[:, None] * stride_k + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
+                       other=0.0)
         next_row, next_c, next_ok = _list_entries(j0 + BLOCK_K, stop, ends, starts, index_ptr, value_ptr, CHUNK,
                                                   BLOCK_K)
         return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0), next_row, next_c, next_ok
 
     @triton.jit
-    def _whole_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m, m_ok,
-                    CHUNK: tl.constexpr, BLOCK_K: tl.constexpr, WIDE: tl.constexpr):
-        """acc + the rows of list positions j0… with their entries loaded in the same step: no load carried from
-        one step to the next, the form Triton's pipeliner takes (the entries a stage ahead of their rows)."""
-        row, c, j_ok = _list_entries(j0, stop, ends, starts, index_ptr, value_ptr, CHUNK, BLOCK_K)
-        tile = _listed_rows(row, j_ok, rows_ptr, stride_k, offs_m, m_ok, WIDE)
-        return acc + tl.sum(tile.to(tl.float32) * c[:, None], axis=0)
-
-    @triton.jit
-    def _listed_rows(row, j_ok, rows_ptr, stride_k, offs_m, m_ok, WIDE: tl.constexpr):
-        """The BLOCK_K × BLOCK_M tile of the listed rows' columns offs_m."""
-        if WIDE:  # 64-bit offsets only where the matrix needs them: a tile of them costs twice the registers
-            row = row.to(tl.int64)
-        return tl.load(rows_ptr + row[:, None] * stride_k + offs_m[None, :], mask=j_ok[:, None] & m_ok[None, :],
-                       other=0.0)
-
-    @triton.jit
     def gather_share(pid_m, pid_s, g, rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                      SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
-                     PIPELINE: tl.constexpr):
+                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr):
         """Columns pid_m·BLOCK_M… of Σ value·rows[index] over share pid_s of group g's list, into
-        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`. PIPELINE ≥ 2: the loop's loads are left
-        to Triton's software pipeliner with that many stages (gather_loop); 0: _gather_step's own prefetch."""
+        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         ends, starts, begin, stop = list_share(count_ptr + g * CHUNKS, pid_s, CHUNKS, CHUNKS_P2, SPLITS, BLOCK_K)
@@ -280,25 +253,14 @@ if triton is not None:
         value_ptr += g * K
         rows_ptr += g * K * stride_k
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if INTERPRET and PIPELINE >= 2:  # a loaded range bound: the interpreter takes a while loop, not tl.range
-            j0 = begin
-            while j0 < stop:
-                acc = _whole_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m, m_ok,
-                                  CHUNK, BLOCK_K, WIDE)
-                j0 += BLOCK_K
-        elif PIPELINE >= 2:
-            for j0 in tl.range(begin, stop, BLOCK_K, num_stages=PIPELINE):
-                acc = _whole_step(acc, j0, stop, ends, starts, index_ptr, value_ptr, rows_ptr, stride_k, offs_m, m_ok,
-                                  CHUNK, BLOCK_K, WIDE)
-        elif INTERPRET:
-            row, c, j_ok = _list_entries(begin, stop, ends, starts, index_ptr, value_ptr, CHUNK, BLOCK_K)
+        row, c, j_ok = _list_entries(begin, stop, ends, starts, index_ptr, value_ptr, CHUNK, BLOCK_K)
+        if INTERPRET:  # the interpreter cannot take a loaded value as a range bound; a while loop it can
             j0 = begin
             while j0 < stop:
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
                                                  rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE)
                 j0 += BLOCK_K
         else:
-            row, c, j_ok = _list_entries(begin, stop, ends, starts, index_ptr, value_ptr, CHUNK, BLOCK_K)
             for j0 in range(begin, stop, BLOCK_K):
                 acc, row, c, j_ok = _gather_step(acc, j0, stop, ends, starts, row, c, j_ok, index_ptr, value_ptr,
                                                  rows_ptr, stride_k, offs_m, m_ok, CHUNK, BLOCK_K, WIDE)
@@ -308,13 +270,13 @@ if triton is not None:
     def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                        SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
-                       PIPELINE: tl.constexpr, PDL: tl.constexpr):
+                       PDL: tl.constexpr):
         """Program (m, s, g): gather_share. (Session 13 let the last program of each column block also sum the
         partials, saving the reduction launch; timed in session 14, ±0.5% on a step: removed.)"""
         await_inputs(PDL)
         gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
                      count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
-                     WIDE, INTERPRET, PIPELINE)
+                     WIDE, INTERPRET)
 
     @triton.jit
     def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -378,15 +340,11 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     if rows.stride(1) != 1:
         raise ValueError("rows must be row-major (contiguous along M)")
     source, source_splits = swiglu_of if swiglu_of is not None else (coeff, 0)
-    from rana_core.decode import masked_local, masked_wide  # they import this module
+    from rana_core.decode import masked_wide  # imports this module
 
-    design = masked_wide.design(rows)
-    if design == "local" and source_splits:  # each of its programs would make its coefficients from the sums
-        design = "list"
-    if design != "list":
-        partials = masked_wide.wide_partials if design == "wide" else masked_local.local_partials
-        return partials(rows, coeff, threshold, scale, groups, source if source_splits else None, source_splits,
-                        shared_coeff)
+    if masked_wide.design(rows) == "wide":
+        return masked_wide.wide_partials(rows, coeff, threshold, scale, groups, source if source_splits else None,
+                                         source_splits, shared_coeff)
     device = rows.device
     block_m, block_k, warps, stages, _, compact_chunk = gather_config()
     chunk = min(compact_chunk, triton.next_power_of_2(K))
@@ -405,8 +363,7 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     _gather_kernel[(math.ceil(M / block_m), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m,
-        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(),
-        PIPELINE=stages if gather_loop() == "pipelined" and stages >= 2 else 0, PDL=p,
+        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p,
         num_warps=warps, num_stages=stages, launch_pdl=p)
     return partial, splits
 

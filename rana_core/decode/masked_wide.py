@@ -51,13 +51,12 @@ WIDE_MAX_BYTES = 16 * 2**20
 
 def design(rows: torch.Tensor) -> str:
     """Which masked product runs on `rows`: RANA_MASKED_PRODUCT = "list" (compaction, then gather), "wide" (one
-    launch), "local" (one launch, each program listing its own rows: masked_local), or "auto" (the default: wide up
-    to WIDE_MAX_BYTES of rows, the list above)."""
+    launch), or "auto" (the default: wide up to WIDE_MAX_BYTES of rows)."""
     choice = os.environ.get("RANA_MASKED_PRODUCT", "auto")
     if choice == "auto":
         return "wide" if rows.numel() * rows.element_size() <= WIDE_MAX_BYTES else "list"
-    if choice not in ("list", "wide", "local"):
-        raise ValueError(f"RANA_MASKED_PRODUCT={choice}: expected auto, list, wide or local")
+    if choice not in ("list", "wide"):
+        raise ValueError(f"RANA_MASKED_PRODUCT={choice}: expected auto, list or wide")
     return choice
 
 
