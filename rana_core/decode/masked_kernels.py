@@ -214,11 +214,12 @@ if triton is not None:
     @triton.jit
     def list_slots(j0, stop, ends, starts, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
         """(slots, valid) of list positions j0… (< stop). Position j lies in chunk q = #(chunk ends ≤ j), at slot
-        q·CHUNK + j − (q's start)."""
+        q·CHUNK + j − (q's start) = j + Σ over the chunks q' that end at or before j of (CHUNK − q''s count): one
+        sum over a BLOCK_K × chunks tile (finding q first and then its start took two, the second waiting on the
+        first)."""
         j = j0 + tl.arange(0, BLOCK_K)
-        chunk = tl.sum((j[:, None] >= ends[None, :]).to(tl.int32), axis=1)
-        start = tl.sum(tl.where(tl.arange(0, ends.shape[0])[None, :] == chunk[:, None], starts[None, :], 0), axis=1)
-        return chunk * CHUNK + j - start, j < stop
+        gaps = CHUNK - (ends - starts)  # each chunk's unused slots
+        return j + tl.sum(tl.where(j[:, None] >= ends[None, :], gaps[None, :], 0), axis=1), j < stop
 
     @triton.jit
     def _list_entries(j0, stop, ends, starts, index_ptr, value_ptr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
