@@ -8,9 +8,10 @@ several copies (64 MB in all) so that the L2 does not hold them. The compaction 
 an instrumented copy of the gather kernel (the engine's helpers list_share, _list_entries and _gather_step, the
 engine's launch shape) stamps, per program: its start, when its share is known (the chunk counts loaded), when its
 first list entries have arrived, and when its rows are summed; each stamp waits for the value it follows, so it
-marks that value's arrival. Per product: the gather's span (first start to last sum) and the active rows' TB/s
-over it, how the programs' starts spread (waves), the phases' medians, and how many programs a multiprocessor
-held at once. Prints a table and writes bench/results/gather-timeline-<device>.json.
+marks that value's arrival (on the H200 the timer ticks in steps of ~0.26 µs: read the phases as multiples of
+that). Per product: the gather's span (first start to last sum) and the active rows' TB/s over it, how the
+programs' starts spread (waves), the phases' medians, and how many programs a multiprocessor held at once.
+Prints a table and writes bench/results/gather-timeline-<device>.json.
 """
 
 from __future__ import annotations
