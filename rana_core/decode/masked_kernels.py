@@ -104,6 +104,11 @@ def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
 
 
 if triton is not None:
+    # bench/step_timeline.py puts a device address in RANA_STEP_STAMPS before this module is imported: every kernel
+    # then stamps the GPU's timer there as its wait for the launch before releases (into at most STEP_STAMP_SLOTS
+    # slots after a counter). 0 (always, elsewhere): no code.
+    STEP_STAMPS = tl.constexpr(int(os.environ.get("RANA_STEP_STAMPS", "0")))
+    STEP_STAMP_SLOTS = tl.constexpr(1 << 14)
 
     @triton.jit
     def await_inputs(PDL: tl.constexpr):
@@ -112,6 +117,19 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        if STEP_STAMPS != 0:
+            _stamp_release()
+
+    @triton.jit
+    def _stamp_release():
+        """Program (0, 0, 0) takes the next slot of the stamp buffer (a counter, then the stamps) and writes the
+        GPU's nanosecond timer to it: the launches of a step, in order, with when each could start its work."""
+        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
+            counter = tl.full([], STEP_STAMPS, tl.int64).to(tl.pointer_type(tl.int64))
+            slot = tl.atomic_add(counter, 1)
+            now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
+                                            pack=1)
+            tl.store(counter + 1 + slot, now, mask=slot < STEP_STAMP_SLOTS)  # warm-ups count on; never overflow
 
     @triton.jit
     def arrives_last(counter_ptr, ARRIVALS: tl.constexpr):

@@ -1,0 +1,133 @@
+"""What each kernel of a replayed decode step costs on the step's critical path (GPU).
+
+    python bench/step_timeline.py [--models llama2-7b-shape,smollm2-135m-shape] [--cuts 0,0.44] [--steps 16]
+                                  [--out PATH]
+
+A profiler's kernel durations miss what a step pays between kernels, and inside a CUDA graph with programmatic
+dependent launch a kernel's programs start early and wait, so its measured duration includes the kernel before.
+Here every Triton kernel's first program stamps the GPU's timer when its wait for the launch before releases
+(masked_kernels.await_inputs, compiled with RANA_STEP_STAMPS, which this script sets before importing the
+engine). Launches run in stream order, so the stamps of one replayed step are the launches in order, and the
+time from one stamp to the next is what that kernel cost the step: its work after the wait, its completion, and
+the hand-over to the next launch. The kernels' names and order come from one eager step under torch.profiler;
+the step's last kernel (no stamp after it) is left out. Prints the cost by kernel name (µs per step and per
+launch, against the profiler's own duration of the same kernels) and writes
+bench/results/step-timeline-<device>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+SLOTS = 1 << 14  # masked_kernels.STEP_STAMP_SLOTS
+STAMPS = torch.zeros(1 + SLOTS, dtype=torch.int64, device="cuda")  # a counter, then the stamps
+os.environ["RANA_STEP_STAMPS"] = str(STAMPS.data_ptr())  # before the kernels' module is imported
+
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+from rana_core.decode import attention_kernels, dense_kernels, masked_kernels, masked_wide  # noqa: E402
+from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
+
+from shown_path import write_results  # noqa: E402
+
+
+def stamping_kernels() -> set[str]:
+    """Names of the Triton kernels that wait through await_inputs (and so stamp)."""
+    names = set()
+    for module in (attention_kernels, dense_kernels, masked_kernels, masked_wide):
+        for name, value in vars(module).items():
+            if isinstance(value, JITFunction) and "await_inputs(" in value.src and name != "await_inputs":
+                names.add(name)
+    return names
+
+
+def eager_order(engine, kernels: set[str]) -> tuple[list[str], dict[str, float]]:
+    """The stamping kernels of one eager step, in launch order, and each name's profiled GPU µs per step."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        engine.step()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                     and e.name in kernels), key=lambda e: e.time_range.start)
+    durations = collections.Counter()
+    for event in events:
+        durations[event.name] += event.device_time_total
+    return [e.name for e in events], dict(durations)
+
+
+def replayed_stamps(graph, steps: int) -> list[list[int]]:
+    """Each replayed step's stamps (ns), one replay at a time."""
+    runs = []
+    for _ in range(steps):
+        STAMPS.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        count = int(STAMPS[0])
+        runs.append(STAMPS[1:1 + count].tolist())
+    return runs
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="llama2-7b-shape,smollm2-135m-shape")
+    parser.add_argument("--cuts", default="0,0.44")
+    parser.add_argument("--steps", type=int, default=16)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args(argv)
+    name = torch.cuda.get_device_name()
+    kernels = stamping_kernels()
+    report = {"device_name": name, "dtype": "float16", "runs": []}
+    for model in args.models.split(","):
+        for cut in [float(c) for c in args.cuts.split(",")]:
+            engine = DecodeEngine(SHAPES[model], torch.float16, "cuda", flop_reduction=cut, gemv="triton")
+            engine.calibrate()
+            engine.allocate(600)
+            engine.prefill(torch.randint(0, engine.shape.vocab, (64,), device="cuda"))
+            for _ in range(3):
+                engine.step()
+            order, profiled = eager_order(engine, kernels)
+            engine.capture()
+            runs = replayed_stamps(engine.graph, args.steps)
+            if any(len(run) != len(order) for run in runs):
+                print(f"{model} {cut}: {len(order)} stamping launches in the eager step, "
+                      f"{sorted({len(r) for r in runs})} stamps in the replays: not aligned, skipped")
+                continue
+            costs = collections.defaultdict(list)  # name → per step, the sum of its launches' costs (ns)
+            for run in runs:
+                per_step = collections.Counter()
+                for i in range(len(run) - 1):
+                    per_step[order[i]] += run[i + 1] - run[i]
+                for kernel, ns in per_step.items():
+                    costs[kernel].append(ns)
+            launches = collections.Counter(order[:-1])
+            span = statistics.median((run[-1] - run[0]) / 1e3 for run in runs)
+            table = sorted(((kernel, statistics.median(ns) / 1e3) for kernel, ns in costs.items()),
+                           key=lambda row: -row[1])
+            print(f"\n{name}, {model}, cut {cut}: {len(order)} launches a step, first to last stamp {span:.0f} µs "
+                  f"(median of {args.steps} replays)")
+            print(f"{'kernel':<34}{'launches':>9}{'µs/step':>10}{'µs each':>9}{'profiled µs/step':>18}")
+            rows = []
+            for kernel, us in table:
+                print(f"{kernel:<34}{launches[kernel]:>9}{us:>10.0f}{us / launches[kernel]:>9.2f}"
+                      f"{profiled.get(kernel, 0.0):>18.0f}", flush=True)
+                rows.append({"kernel": kernel, "launches": launches[kernel], "us_per_step": us,
+                             "profiled_us_per_step": profiled.get(kernel)})
+            report["runs"].append({"model": model, "cut": cut, "launches": len(order), "span_us": span,
+                                   "last_kernel": order[-1], "rows": rows})
+            del engine
+            torch.cuda.empty_cache()
+    write_results(report, args.out, "step-timeline", name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
