@@ -107,16 +107,14 @@ def main(argv=None) -> int:
                      "waves": waves})
     gather_rows = list_gathers(args.sms)
     write_results({"target": "sm_90a", "config": args.config, "multiprocessors": args.sms, "rows": rows,
-                   "list_gather": {"config": masked_kernels.gather_config(),
-                                   
-                                   "rows": gather_rows}}, args.out, "kernel-registers", "sm90a")
+                   "list_gather": {"config": masked_kernels.gather_config(), "rows": gather_rows}},
+                  args.out, "kernel-registers", "sm90a")
     return 0
 
 
 def loop_counts(ptx: str) -> dict:
     """In the longest loop of the PTX (a label to the branch back to it): its lines, global loads, barriers
-    (bar.sync), warp shuffles, shared-memory stores and asynchronous copies (cp.async, Triton's pipeliner): what one
-    step costs beside its loads."""
+    (bar.sync), warp shuffles and shared-memory stores: what one step costs beside its loads."""
     body = ""
     for label in re.findall(r"^(\$L__BB\d+_\d+):", ptx, re.M):
         start = ptx.index(label + ":")
@@ -125,7 +123,7 @@ def loop_counts(ptx: str) -> dict:
             body = ptx[start:start + back.end()]
     return {name: len(re.findall(pattern, body)) for name, pattern in
             (("lines", r"\n"), ("global_loads", r"ld\.global"), ("barriers", r"bar\.sync"), ("shuffles", r"shfl"),
-             ("shared_stores", r"st\.shared"), ("async_copies", r"cp\.async\.c[ag]"))}
+             ("shared_stores", r"st\.shared"))}
 
 
 def list_gathers(sms: int) -> list[dict]:
@@ -133,7 +131,7 @@ def list_gathers(sms: int) -> list[dict]:
     block_m, block_k, warps, stages, planned, chunk_cap = masked_kernels.gather_config()
     masked_kernels._multiprocessors = lambda device: sms  # _list_splits sizes the launch for this GPU
     print(f"\nlist gather, config {block_m}-{block_k}-{warps}-{stages}-{planned} (BLOCK_M-BLOCK_K-warps-stages-"
-          f"programs per SM planned)")
+          "programs per SM planned)")
     print(f"{'product':<26}{'splits':>8}{'programs':>10}{'registers':>11}{'per SM':>8}{'waves':>7}"
           f"   loop: {'PTX lines':>9}{'barriers':>9}{'shuffles':>9}")
     rows = []
