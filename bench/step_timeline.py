@@ -36,8 +36,8 @@ os.environ["RANA_STEP_STAMPS"] = str(STAMPS.data_ptr())  # before the kernels' m
 from triton.runtime.jit import JITFunction  # noqa: E402
 
 from rana_core.decode import attention_kernels, dense_kernels, masked_kernels, masked_wide  # noqa: E402
-from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
 
+from masked_profile import warm_engine  # noqa: E402  (bench/ is the script's folder)
 from shown_path import write_results  # noqa: E402
 
 
@@ -88,12 +88,7 @@ def main(argv=None) -> int:
     report = {"device_name": name, "dtype": "float16", "runs": []}
     for model in args.models.split(","):
         for cut in [float(c) for c in args.cuts.split(",")]:
-            engine = DecodeEngine(SHAPES[model], torch.float16, "cuda", flop_reduction=cut, gemv="triton")
-            engine.calibrate()
-            engine.allocate(600)
-            engine.prefill(torch.randint(0, engine.shape.vocab, (64,), device="cuda"))
-            for _ in range(3):
-                engine.step()
+            engine = warm_engine(model, cut)
             order, profiled = eager_order(engine, kernels)
             engine.capture()
             runs = replayed_stamps(engine.graph, args.steps)
