@@ -11,7 +11,8 @@ engine). Launches run in stream order, so the stamps of one replayed step are th
 time from one stamp to the next is what that kernel cost the step: its work after the wait, its completion, and
 the hand-over to the next launch. The kernels' names and order come from one eager step under torch.profiler;
 the step's last kernel (no stamp after it) is left out. Prints the cost by kernel name (µs per step and per
-launch, against the profiler's own duration of the same kernels) and writes
+launch, against the profiler's own duration of the same kernels), then one layer launch by launch (the period the
+launch order repeats with), and writes
 bench/results/step-timeline-<device>.json.
 """
 
@@ -76,6 +77,44 @@ def replayed_stamps(graph, steps: int) -> list[list[int]]:
     return runs
 
 
+def layer_period(order: list[str]) -> int:
+    """The launches a decoder layer takes: the shortest period that the eager order repeats almost everywhere."""
+    for period in range(2, len(order) // 2):
+        same = sum(order[i] == order[i + period] for i in range(len(order) - period))
+        if same >= 0.9 * (len(order) - period):
+            return period
+    return len(order)
+
+
+def by_position(order: list[str], runs: list[list[int]]) -> list[tuple[str, float]]:
+    """Each launch of a layer (its place in the layer and kernel name) with its median µs per layer: the launches
+    that repeat with the layer's period, the ones before the first layer and after the last left out."""
+    period = layer_period(order)
+    repeating = [i for i in range(len(order) - 1)
+                 if (i + period < len(order) and order[i] == order[i + period])
+                 or (i >= period and order[i] == order[i - period])]
+    start = repeating[0] if repeating else 0
+    positions = collections.defaultdict(list)
+    for run in runs:
+        per_step = collections.defaultdict(list)
+        for i in repeating:
+            per_step[(i - start) % period].append(run[i + 1] - run[i])
+        for place, ns in per_step.items():
+            positions[place].append(statistics.median(ns) / 1e3)
+    return [(f"{place:>2} {order[start + place]}", statistics.median(us)) for place, us in sorted(positions.items())]
+
+
+def replay_ms(graph, steps: int) -> float:
+    """The stamped graph's replay time (ms a step, CUDA events): what the stamps cost, against latency.py."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="llama2-7b-shape,smollm2-135m-shape")
@@ -107,8 +146,9 @@ def main(argv=None) -> int:
             span = statistics.median((run[-1] - run[0]) / 1e3 for run in runs)
             table = sorted(((kernel, statistics.median(ns) / 1e3) for kernel, ns in costs.items()),
                            key=lambda row: -row[1])
+            replayed = replay_ms(engine.graph, 64)
             print(f"\n{name}, {model}, cut {cut}: {len(order)} launches a step, first to last stamp {span:.0f} µs "
-                  f"(median of {args.steps} replays)")
+                  f"(median of {args.steps} replays); the stamped step replays in {replayed:.3f} ms")
             print(f"{'kernel':<34}{'launches':>9}{'µs/step':>10}{'µs each':>9}{'profiled µs/step':>18}")
             rows = []
             for kernel, us in table:
@@ -116,8 +156,13 @@ def main(argv=None) -> int:
                       f"{profiled.get(kernel, 0.0):>18.0f}", flush=True)
                 rows.append({"kernel": kernel, "launches": launches[kernel], "us_per_step": us,
                              "profiled_us_per_step": profiled.get(kernel)})
+            layer = by_position(order, runs)
+            print(f"one layer, launch by launch (median µs; {sum(us for _, us in layer):.1f} µs a layer):")
+            for place, us in layer:
+                print(f"  {place:<40}{us:>8.2f}")
             report["runs"].append({"model": model, "cut": cut, "launches": len(order), "span_us": span,
-                                   "last_kernel": order[-1], "rows": rows})
+                                   "replay_ms": replayed, "last_kernel": order[-1], "rows": rows,
+                                   "layer": [{"launch": place, "us": us} for place, us in layer]})
             del engine
             torch.cuda.empty_cache()
     write_results(report, args.out, "step-timeline", name)
