@@ -158,11 +158,11 @@ def attention_dot(group: int) -> bool:
 
 def rope_attention(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, out: torch.Tensor,
-                   splits: int = 0, ahead: torch.Tensor | None = None) -> torch.Tensor:
+                   splits: int = 0) -> torch.Tensor:
     """One token's attention section: rope_into_cache (rotary and both cache writes), then decode_attention into
-    out (heads, d); `qkv`, `splits` and `ahead` as rope_into_cache takes them."""
+    out (heads, d); `qkv` and `splits` as rope_into_cache takes them."""
     q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, heads, kv_heads,
-                        torch.empty(heads, k_cache.shape[-1], dtype=out.dtype, device=out.device), splits, ahead)
+                        torch.empty(heads, k_cache.shape[-1], dtype=out.dtype, device=out.device), splits)
     return decode_attention(q, k_cache, v_cache, pos, out)
 
 

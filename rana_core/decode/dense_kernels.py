@@ -87,42 +87,11 @@ if triton is not None:
             tl.store(v_cache_ptr + (j * max_seq + pos) * 2 * HALF + d, value.to(dtype))
 
     @triton.jit
-    def warm_l2(base_ptr, nbytes, part, parts, LANES: tl.constexpr):
-        """Start bringing program `part`'s share (of `parts`) of a tensor's `nbytes` from HBM into L2: each of the
-        LANES threads one bulk prefetch (Hopper's cp.async.bulk.prefetch.L2, 16-byte multiples), which nothing
-        waits for. For weights a later launch will read, while this launch leaves the memory idle."""
-        share = tl.cdiv(tl.cdiv(nbytes, parts * LANES), 16) * 16
-        start = (part * LANES + tl.arange(0, LANES)).to(tl.int64) * share
-        size = tl.minimum(tl.maximum(nbytes - start, 0), share).to(tl.int32)
-        address = (base_ptr.to(tl.pointer_type(tl.int8)) + start).to(tl.int64, bitcast=True)
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.s32 p, $2, 0; "
-                                  "@p cp.async.bulk.prefetch.L2.global [$1], $2; mov.u32 $0, 0; }",
-                                  "=r,l,r", [address, size], dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
-    def warm_l2_lines(base_ptr, nbytes, part, parts, LANES: tl.constexpr):
-        """warm_l2 with one prefetch.global.L2 per 128-byte line (the load unit's prefetch, not the bulk copier)."""
-        lines = tl.cdiv(nbytes, 128)
-        per_lane = tl.cdiv(lines, parts * LANES)
-        lane = (part * LANES + tl.arange(0, LANES)).to(tl.int64)
-        for i in range(0, per_lane):
-            line = i * (parts * LANES) + lane
-            address = (base_ptr.to(tl.pointer_type(tl.int8)) + line * 128).to(tl.int64, bitcast=True)
-            tl.inline_asm_elementwise("{ .reg .pred p; setp.lt.s64 p, $2, $3; @p prefetch.global.L2 [$1]; "
-                                      "mov.u32 $0, 0; }", "=r,l,l,l", [address, line, lines.to(tl.int64)],
-                                      dtype=tl.int32, is_pure=False, pack=1)
-
-    @triton.jit
     def _rope_into_cache_kernel(qkv_ptr, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq,
-                                ahead_ptr, ahead_bytes, HEADS: tl.constexpr, KV_HEADS: tl.constexpr,
-                                HALF: tl.constexpr, SPLITS: tl.constexpr, AHEAD: tl.constexpr, PDL: tl.constexpr):
-        """Program h: rope_head h; with AHEAD, its share of the `ahead` weights (o_proj's) warmed into L2 first,
-        to arrive while rotary and attention leave the memory idle."""
+                                HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr,
+                                SPLITS: tl.constexpr, PDL: tl.constexpr):
+        """Program h: rope_head h."""
         await_inputs(PDL)
-        if AHEAD == 1:
-            warm_l2(ahead_ptr, ahead_bytes, tl.program_id(0), tl.num_programs(0), 32)
-        if AHEAD == 2:
-            warm_l2_lines(ahead_ptr, ahead_bytes, tl.program_id(0), tl.num_programs(0), 32)
         rope_head(tl.program_id(0), qkv_ptr, cos_ptr, sin_ptr, tl.load(pos_ptr), q_ptr, k_cache_ptr, v_cache_ptr,
                   max_seq, HEADS, KV_HEADS, HALF, SPLITS)
 
@@ -252,10 +221,9 @@ def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,
                     k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
-                    q_out: torch.Tensor, splits: int = 0, ahead: torch.Tensor | None = None) -> torch.Tensor:
+                    q_out: torch.Tensor, splits: int = 0) -> torch.Tensor:
     """One token: qkv (1, (heads + 2·kv_heads)·d) → q_out (heads, d) rotated at position pos (a (1,) tensor);
-    k rotated and v written into k_cache/v_cache (kv_heads, max_seq, d) at pos. Returns q_out. `ahead` (the
-    weights the next product reads) is warmed into L2 on the way where warm_l2_ahead() says so.
+    k rotated and v written into k_cache/v_cache (kv_heads, max_seq, d) at pos. Returns q_out.
 
     With `splits` > 0, qkv is instead the float32 partial sums of the masked product that makes it
     (rana_core.decode.masked_kernels.masked_rows_partials: splits rows), added up here in the model's dtype."""
@@ -274,19 +242,10 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
         v_cache.index_copy_(1, pos, v.transpose(0, 1))
         return q_out
     p = pdl(qkv)
-    warm = warm_l2_ahead() if ahead is not None and p else 0
     _rope_into_cache_kernel[(heads + kv_heads,)](qkv, cos_table, sin_table, pos, q_out, k_cache, v_cache,
-                                                 k_cache.shape[1], ahead if warm else qkv,
-                                                 ahead.numel() * ahead.element_size() if warm else 0,
-                                                 HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2, SPLITS=splits,
-                                                 AHEAD=warm, PDL=p, num_warps=1, launch_pdl=p)
+                                                 k_cache.shape[1], HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2,
+                                                 SPLITS=splits, PDL=p, num_warps=1, launch_pdl=p)
     return q_out
-
-
-def warm_l2_ahead() -> int:
-    """RANA_WARM_L2=1: the rotary launch warms the next product's weights into L2 with bulk prefetches (Hopper;
-    warm_l2); 2: with one line prefetch each 128 bytes (warm_l2_lines)."""
-    return {"1": 1, "2": 2}.get(os.environ.get("RANA_WARM_L2", "0"), 0)
 
 
 # EARLY_MIN_K: from this many columns on, each program loads its first weight chunk before waiting for the launch

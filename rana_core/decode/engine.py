@@ -81,7 +81,7 @@ class Block(nn.Module):
         if T == 1:  # rotary and both cache writes, then attention over the prefix only (1 to 3 launches)
             attended = rope_attention(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
                                       torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device),
-                                      splits, ahead=self.wo.weight).view(1, s.hidden)
+                                      splits).view(1, s.hidden)
         else:
             q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
             cos, sin = cos_table[pos], sin_table[pos]
