@@ -105,10 +105,9 @@ def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
 
 if triton is not None:
     # bench/step_timeline.py puts a device address in RANA_STEP_STAMPS before this module is imported: every kernel
-    # then stamps the GPU's timer there as its wait for the launch before releases (into at most STEP_STAMP_SLOTS
-    # slots after a counter). 0 (always, elsewhere): no code.
+    # then stamps the GPU's timer there as its wait for the launch before releases. 0 (always, elsewhere): no code.
     STEP_STAMPS = tl.constexpr(int(os.environ.get("RANA_STEP_STAMPS", "0")))
-    STEP_STAMP_SLOTS = tl.constexpr(1 << 14)
+    STEP_STAMP_SLOTS = tl.constexpr(1 << 20)  # × 256 ns: a 268 ms ring, far beyond a step
 
     @triton.jit
     def await_inputs(PDL: tl.constexpr):
@@ -122,16 +121,16 @@ if triton is not None:
 
     @triton.jit
     def _stamp_release():
-        """Program (0, 0, 0) takes the next slot of the stamp buffer (a counter, then the stamps) and writes the
-        GPU's nanosecond timer to it: the launches of a step, in order, with when each could start its work."""
-        if (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0):
-            now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False,
-                                            pack=1)
-            counter = tl.full([], STEP_STAMPS, tl.int64).to(tl.pointer_type(tl.int64))
-            # relaxed: atomic_add's default (acq_rel) fences, so the program would first wait for every load it
-            # issued before its PDL wait (a GEMV's first weights); that made a stamped dense step 30% slower
-            slot = tl.atomic_add(counter, 1, sem="relaxed")
-            tl.store(counter + 1 + slot, now, mask=slot < STEP_STAMP_SLOTS)  # warm-ups count on; never overflow
+        """Program (0, 0, 0) writes the GPU's nanosecond timer into the stamp buffer at the slot of its 256 ns
+        bucket: the launches of a step are the nonzero slots in time order (two launches never release within
+        256 ns: each waits for the one before to finish). A store and nothing else: a counter taken with an atomic
+        (its value broadcast through shared memory, a barrier) changed how ptxas scheduled the GEMV's loop (105
+        registers instead of 122, its next chunk's loads no longer issued together) and made a stamped 7B dense
+        step 30% slower."""
+        first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0)
+        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+        stamps = tl.full([], STEP_STAMPS, tl.int64).to(tl.pointer_type(tl.int64))
+        tl.store(stamps + ((now >> 8) & (STEP_STAMP_SLOTS - 1)), now, mask=first)
 
     @triton.jit
     def arrives_last(counter_ptr, ARRIVALS: tl.constexpr):
