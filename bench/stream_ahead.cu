@@ -1,0 +1,207 @@
+// A chain of dependent GEMVs (y_{l+1} = W_l y_l, fp16 weights and activations, fp32 sums) in ONE persistent
+// launch, each block's weights streamed ahead of the activations they meet: the question bench/stream_ahead.py
+// asks before anyone writes a decode megakernel (issue 18). Weights never depend on the token, so nothing stops
+// a block from copying layer l+1's rows into shared memory while layer l's input is still being computed
+// elsewhere; only the activations carry the chain, through one counter a layer in global memory.
+//
+// Block b owns rows b·ROWS … b·ROWS + ROWS − 1 of every layer (gridDim.x · ROWS = hidden). Warp 0 is the
+// producer: one lane walks (layer, column chunk) in order and bulk-copies the block's ROWS × KC tile of each into
+// a ring of STAGES shared-memory slots (cp.async.bulk, completing on the slot's `full` mbarrier), waiting only for
+// a slot to be handed back (`empty`). Warps 1 … CONSUMERS wait for layer l's input (ready[l] == gridDim.x), then
+// for each chunk read their x columns from L2, wait for the tile, add up their rows, hand the slot back; at the
+// layer's end they write their rows of y_{l+1} and the block counts itself into ready[l + 1].
+//
+// Every block must be resident at once (they wait on each other): the launcher checks the occupancy.
+// Built by bench/stream_ahead.py with nvcc for sm_90a and called through ctypes (no PyTorch headers needed).
+
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace {
+
+__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
+    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
+}
+
+__device__ __forceinline__ void barrier_init(uint64_t* barrier, uint32_t arrivals) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(barrier)), "r"(arrivals));
+}
+
+__device__ __forceinline__ void barrier_expect_bytes(uint64_t* barrier, uint32_t bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)),
+                 "r"(bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void barrier_arrive(uint64_t* barrier) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(barrier)) : "memory");
+}
+
+// Wait until the barrier's phase of this parity has completed. A fresh barrier counts its phase "before the
+// first" (parity 1) as complete, so a producer waiting on `empty` with parity 1 passes at once.
+__device__ __forceinline__ void barrier_wait(uint64_t* barrier, uint32_t parity) {
+    uint32_t done = 0;
+    do {
+        asm volatile(
+            "{\n .reg .pred complete;\n"
+            " mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
+            " selp.u32 %0, 1, 0, complete;\n}"
+            : "=r"(done)
+            : "r"(shared_address(barrier)), "r"(parity)
+            : "memory");
+    } while (!done);
+}
+
+__device__ __forceinline__ void bulk_copy(void* destination, const void* source, uint32_t bytes,
+                                          uint64_t* barrier) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                     shared_address(destination)),
+                 "l"(source), "r"(bytes), "r"(shared_address(barrier))
+                 : "memory");
+}
+
+__device__ __forceinline__ int load_acquire(const int* pointer) {
+    int value;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(value) : "l"(pointer) : "memory");
+    return value;
+}
+
+template <int ROWS, int KC, int STAGES, int CONSUMERS>
+__global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
+    chain_kernel(const __half* __restrict__ weights, __half* ys, int* ready, int layers, int hidden) {
+    static_assert(ROWS % CONSUMERS == 0, "each consumer warp takes ROWS / CONSUMERS rows");
+    static_assert(KC % 256 == 0, "a lane takes KC / 32 columns, in 16-byte vectors");
+    constexpr int ROWS_PER_WARP = ROWS / CONSUMERS;
+    constexpr int PER_LANE = KC / 32;
+    constexpr int VECTORS = PER_LANE / 8;
+    constexpr uint32_t TILE_BYTES = ROWS * KC * sizeof(__half);
+
+    extern __shared__ __align__(128) unsigned char shared[];
+    __half* tiles = reinterpret_cast<__half*>(shared);  // STAGES × ROWS × KC
+    uint64_t* full = reinterpret_cast<uint64_t*>(shared + STAGES * TILE_BYTES);
+    uint64_t* empty = full + STAGES;
+
+    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+    const int first_row = blockIdx.x * ROWS;
+    const int chunks = hidden / KC;
+    if (threadIdx.x == 0) {
+        for (int s = 0; s < STAGES; ++s) {
+            barrier_init(&full[s], 1);
+            barrier_init(&empty[s], CONSUMERS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp == 0) {  // the producer: as far ahead as the ring allows, whatever the activations are doing
+        if (lane == 0) {
+            int step = 0;
+            for (int layer = 0; layer < layers; ++layer) {
+                for (int chunk = 0; chunk < chunks; ++chunk, ++step) {
+                    const int slot = step % STAGES;
+                    barrier_wait(&empty[slot], ((step / STAGES) & 1) ^ 1);
+                    barrier_expect_bytes(&full[slot], TILE_BYTES);
+                    const __half* source =
+                        weights + ((size_t)layer * hidden + first_row) * hidden + (size_t)chunk * KC;
+                    for (int row = 0; row < ROWS; ++row)
+                        bulk_copy(tiles + (slot * ROWS + row) * KC, source + (size_t)row * hidden,
+                                  KC * sizeof(__half), &full[slot]);
+                }
+            }
+        }
+        return;
+    }
+
+    const int consumer = warp - 1;
+    int step = 0;
+    for (int layer = 0; layer < layers; ++layer) {
+        const __half* x = ys + (size_t)layer * hidden;
+        if (layer > 0) {  // every block's rows of this layer's input written
+            if (lane == 0)
+                while (load_acquire(&ready[layer]) < (int)gridDim.x) {
+                }
+            __syncwarp();
+        }
+        float sums[ROWS_PER_WARP];
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_WARP; ++r) sums[r] = 0.0f;
+        for (int chunk = 0; chunk < chunks; ++chunk, ++step) {
+            const int slot = step % STAGES;
+            // this lane's columns of x, from L2 (other blocks wrote them: not through L1); vector v of lane l is
+            // columns (v·32 + l)·8 …: a warp's 16-byte accesses are contiguous, free of bank conflicts in the tile
+            float xs[PER_LANE];
+            const uint4* x_vectors = reinterpret_cast<const uint4*>(x + chunk * KC) + lane;
+#pragma unroll
+            for (int v = 0; v < VECTORS; ++v) {
+                const uint4 packed = __ldcg(x_vectors + v * 32);
+                const __half* halves = reinterpret_cast<const __half*>(&packed);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) xs[v * 8 + e] = __half2float(halves[e]);
+            }
+            barrier_wait(&full[slot], (step / STAGES) & 1);
+#pragma unroll
+            for (int r = 0; r < ROWS_PER_WARP; ++r) {
+                const uint4* w_vectors =
+                    reinterpret_cast<const uint4*>(tiles + (slot * ROWS + consumer * ROWS_PER_WARP + r) * KC) + lane;
+#pragma unroll
+                for (int v = 0; v < VECTORS; ++v) {
+                    const uint4 packed = w_vectors[v * 32];
+                    const __half* halves = reinterpret_cast<const __half*>(&packed);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) sums[r] += __half2float(halves[e]) * xs[v * 8 + e];
+                }
+            }
+            __syncwarp();
+            if (lane == 0) barrier_arrive(&empty[slot]);
+        }
+        __half* y = ys + (size_t)(layer + 1) * hidden + first_row + consumer * ROWS_PER_WARP;
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_WARP; ++r) {
+            float total = sums[r];
+#pragma unroll
+            for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+            if (lane == 0) y[r] = __float2half(total);
+        }
+        __threadfence();  // this warp's rows visible GPU-wide before the block counts itself
+        asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS * 32) : "memory");
+        if (threadIdx.x == 32) atomicAdd(&ready[layer + 1], 1);
+    }
+}
+
+template <int ROWS, int KC, int STAGES, int CONSUMERS>
+int launch(const __half* weights, __half* ys, int* ready, int layers, int hidden, cudaStream_t stream) {
+    if (hidden % KC != 0 || hidden % ROWS != 0) return 1;
+    const int blocks = hidden / ROWS;
+    const size_t shared_bytes = STAGES * ROWS * KC * sizeof(__half) + 2 * STAGES * sizeof(uint64_t);
+    auto kernel = chain_kernel<ROWS, KC, STAGES, CONSUMERS>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)shared_bytes) != cudaSuccess)
+        return 2;
+    int device = 0, multiprocessors = 0, per_multiprocessor = 0;
+    cudaGetDevice(&device);
+    cudaDeviceGetAttribute(&multiprocessors, cudaDevAttrMultiProcessorCount, device);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, (CONSUMERS + 1) * 32, shared_bytes);
+    if (blocks > multiprocessors * per_multiprocessor) return 3;  // not all resident: the waits would deadlock
+    if (cudaMemsetAsync(ready, 0, (layers + 1) * sizeof(int), stream) != cudaSuccess) return 4;
+    kernel<<<blocks, (CONSUMERS + 1) * 32, shared_bytes, stream>>>(weights, ys, ready, layers, hidden);
+    return cudaGetLastError() == cudaSuccess ? 0 : 5;
+}
+
+}  // namespace
+
+// The shapes bench/stream_ahead.py times: 128 blocks (one a multiprocessor of an H100/H200), four consumer warps.
+// 0 on success; 1 a hidden size the shape cannot tile, 2-5 a CUDA error (attribute, residency, memset, launch).
+extern "C" int stream_ahead_chain(const void* weights, void* ys, int* ready, int layers, int hidden, int stages,
+                                  void* stream) {
+    const __half* w = static_cast<const __half*>(weights);
+    __half* y = static_cast<__half*>(ys);
+    cudaStream_t s = static_cast<cudaStream_t>(stream);
+    if (hidden == 4096 && stages == 4) return launch<32, 512, 4, 4>(w, y, ready, layers, hidden, s);
+    if (hidden == 4096 && stages == 6) return launch<32, 512, 6, 4>(w, y, ready, layers, hidden, s);
+    if (hidden == 2048 && stages == 4) return launch<16, 512, 4, 4>(w, y, ready, layers, hidden, s);
+    if (hidden == 2048 && stages == 8) return launch<16, 512, 8, 4>(w, y, ready, layers, hidden, s);
+    if (hidden == 512 && stages == 4) return launch<4, 256, 4, 4>(w, y, ready, layers, hidden, s);
+    if (hidden == 512 && stages == 16) return launch<4, 256, 16, 4>(w, y, ready, layers, hidden, s);
+    return 1;
+}
