@@ -1,7 +1,8 @@
 """Weights streamed ahead of the activations: a chain of dependent GEMVs in one persistent CUDA launch against the
 engine's launch-per-product chain (GPU with nvcc; the question before a decode megakernel, issue 18).
 
-    python bench/stream_ahead.py [--cases 4096x32,2048x64,512x240] [--out PATH]
+    python bench/stream_ahead.py [--cases 4096x32,2048x64,512x240] [--masked-cases 4096x3072x32,512x384x240]
+                                 [--density 0.35] [--out PATH]
 
 A decode step is a chain of products, each waiting for the one before; the engine runs each as its own launch
 (Triton GEMVs in a CUDA graph with programmatic dependent launch), so every product starts its weight reads only
@@ -15,6 +16,11 @@ do not fit in L2) is timed, in µs per layer, as:
 - `triton`: the engine's GEMV (rana_core.decode.dense_kernels.gemv), one launch a layer, in a CUDA graph;
 - `cublas`: torch.mv, one launch a layer, in a CUDA graph;
 - `floor`: the weights' bytes at the device's copy bandwidth.
+
+Then the same for a chain of RaNA rank adapters (`--masked-cases`, hidden × rank × layers; `--density` of the ranks
+active): z = B_l y_l streamed ahead as above, then y_{l+1} from the active ranks' rows of A_l, each block listing
+the active ranks itself from the published z (no compaction launch) and reading its columns of their rows;
+against the engine's GEMV and `masked_rows_gemv` (compaction, gather, reduction), one set of launches a layer.
 
 Every layer the persistent launch computes is checked against PyTorch's product of the same input (fp32 sums
 rounded to fp16: within 1e-3 of it, the rounding alone allows 4.9e-4).
@@ -38,6 +44,7 @@ import torch  # noqa: E402
 
 from rana_core.decode import latency  # noqa: E402
 from rana_core.decode.dense_kernels import gemv  # noqa: E402
+from rana_core.decode.masked_kernels import masked_rows_gemv  # noqa: E402
 
 from shown_path import write_results  # noqa: E402
 
@@ -45,8 +52,8 @@ SOURCE = Path(__file__).with_suffix(".cu")
 STAGES = {4096: (4, 6), 2048: (4, 8), 512: (4, 16)}  # the ring depths stream_ahead_chain is built for
 
 
-def build() -> ctypes.CDLL:
-    """Compile stream_ahead.cu for sm_90a into a temporary shared library and load it."""
+def build():
+    """Compile stream_ahead.cu for sm_90a into a temporary shared library; its two entry points."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         raise SystemExit("stream_ahead: nvcc not found (CUDA's compiler is needed to build the persistent kernel)")
@@ -56,11 +63,13 @@ def build() -> ctypes.CDLL:
                            capture_output=True, text=True)
     if built.returncode != 0:
         raise SystemExit(f"stream_ahead: nvcc failed: {built.stderr.strip().splitlines()[-1]}")
-    chain = ctypes.CDLL(str(library)).stream_ahead_chain
+    loaded = ctypes.CDLL(str(library))
+    chain, masked = loaded.stream_ahead_chain, loaded.stream_ahead_masked
     chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
                       ctypes.c_void_p]
-    chain.restype = ctypes.c_int
-    return chain
+    masked.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    chain.restype = masked.restype = ctypes.c_int
+    return chain, masked
 
 
 def layer_errors(weights: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
@@ -72,6 +81,91 @@ def layer_errors(weights: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
         expected = (w.float() @ ys[layer].float()).half().float()
         errors.append((ys[layer + 1].float() - expected).norm() / expected.norm())
     return torch.stack(errors)
+
+
+def rank_chain(hidden: int, rank: int, layers: int, density: float, seed: int):
+    """B (layers, rank, hidden), A's rows (layers, rank, hidden), one threshold on |z| a layer and y_0, for a chain
+    of rank adapters y_{l+1} = Σ_{|z_k| ≥ τ_l} z_k A_l[k] with z = B_l y_l: τ_l keeps `density` of the ranks of
+    the chain's own z, and A_l is scaled so that y keeps the norm of y_0 (240 layers would drift out of fp16)."""
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    b = (torch.randn(layers, rank, hidden, device="cuda", generator=generator) / hidden ** 0.5).half()
+    a = torch.randn(layers, rank, hidden, device="cuda", generator=generator).half()
+    y = y0 = torch.randn(hidden, device="cuda", generator=generator).half()
+    thresholds = torch.empty(layers, device="cuda")
+    first = y.float().norm()
+    for layer in range(layers):
+        z = (b[layer].float() @ y.float()).half().float()
+        thresholds[layer] = torch.quantile(z.abs(), 1.0 - density)
+        active = z.abs() >= thresholds[layer]
+        out = a[layer][active].float().T @ z[active]
+        a[layer] = (a[layer].float() * (first / out.norm())).half()
+        y = (a[layer][active].float().T @ z[active]).half()
+    return b, a, thresholds, y0
+
+
+def rank_chain_errors(b, a, thresholds, ys, zs) -> tuple[float, float, float]:
+    """(worst z error, worst y error, mean active share) of each layer against PyTorch's product of the same
+    inputs: z from the kernel's y_l; y_{l+1} from the kernel's own z_l and its mask (so a coefficient at the
+    threshold, rounded the other way, cannot flip a rank between the two)."""
+    z_errors, y_errors, shares = [], [], []
+    for layer in range(len(b)):
+        z = (b[layer].float() @ ys[layer].float()).half().float()
+        z_errors.append(float((zs[layer].float() - z).norm() / z.norm()))
+        active = zs[layer].float().abs() >= thresholds[layer]
+        y = (a[layer][active].float().T @ zs[layer][active].float()).half().float()
+        y_errors.append(float((ys[layer + 1].float() - y).norm() / y.norm()))
+        shares.append(float(active.float().mean()))
+    return max(z_errors), max(y_errors), sum(shares) / len(shares)
+
+
+def masked_cases(masked, cases: str, density: float, bandwidth: float) -> list[dict]:
+    """The rank-adapter chain: the persistent launch against the engine's launches a layer (its GEMV for z, then
+    masked_rows_gemv: compaction, gather, reduction), in µs per layer; the floor is B's bytes plus the active
+    rows' bytes of A."""
+    print(f"\nrank-adapter chain, {density:.2f} of the ranks active: µs per layer")
+    print(f"{'hidden × rank × layers':<26}{'stream':>9}{'engine':>9}{'floor':>8}{'stream/floor':>14}"
+          f"{'engine/stream':>15}{'z error':>10}{'y error':>10}{'active':>8}")
+    rows = []
+    for case in cases.split(","):
+        hidden, rank, layers = (int(v) for v in case.split("x"))
+        b, a, thresholds, y0 = rank_chain(hidden, rank, layers, density, hidden + rank + layers)
+        ys = torch.zeros(layers + 1, hidden, device="cuda", dtype=torch.float16)
+        ys[0] = y0
+        zs = torch.zeros(layers, rank, device="cuda", dtype=torch.float16)
+        ready = torch.zeros(2 * layers + 1, device="cuda", dtype=torch.int32)
+        stream = torch.cuda.current_stream().cuda_stream
+
+        def run():
+            code = masked(b.data_ptr(), a.data_ptr(), thresholds.data_ptr(), ys.data_ptr(), zs.data_ptr(),
+                          ready.data_ptr(), layers, hidden, rank, stream)
+            if code:
+                raise SystemExit(f"stream_ahead: masked launch failed with code {code} ({hidden} × {rank})")
+        run()
+        torch.cuda.synchronize()
+        z_error, y_error, share = rank_chain_errors(b, a, thresholds, ys, zs)
+        row = {"hidden": hidden, "rank": rank, "layers": layers, "active_share": share, "z_error": z_error,
+               "y_error": y_error, "stream_us": events_us(run) / layers}
+        z_buffer = torch.empty(layers, rank, device="cuda", dtype=torch.float16)
+        out = torch.empty_like(ys)
+        limits = [thresholds[layer:layer + 1] for layer in range(layers)]
+
+        def engine_chain():  # the kernel's own y_l as inputs: the same masks, so the same rows read
+            for layer in range(layers):
+                gemv(b[layer], ys[layer], z_buffer[layer])
+                masked_rows_gemv(a[layer], z_buffer[layer], limits[layer], None, out=out[layer + 1])
+        row["engine_us"] = 1e3 * latency.graph_ms(engine_chain, calls=1) / layers
+        row["floor_us"] = (rank * hidden + share * rank * hidden) * 2 / bandwidth * 1e6
+        print(f"{f'{hidden} × {rank} × {layers}':<26}{row['stream_us']:>9.2f}{row['engine_us']:>9.2f}"
+              f"{row['floor_us']:>8.2f}{row['stream_us'] / row['floor_us']:>13.2f}×"
+              f"{row['engine_us'] / row['stream_us']:>14.2f}×{z_error:>10.1e}{y_error:>10.1e}{share:>8.3f}",
+              flush=True)
+        if max(z_error, y_error) > 1e-3:
+            print(f"  the persistent chain disagrees with PyTorch's ({max(z_error, y_error):.1e}): "
+                  "its times do not count")
+        rows.append(row)
+        b = a = ys = zs = out = z_buffer = None
+        torch.cuda.empty_cache()
+    return rows
 
 
 def events_us(fn, calls: int = 20) -> float:
@@ -91,9 +185,12 @@ def events_us(fn, calls: int = 20) -> float:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", default="4096x32,2048x64,512x240", help="hidden×layers, comma-separated")
+    parser.add_argument("--masked-cases", default="4096x3072x32,512x384x240",
+                        help="hidden×rank×layers of the rank-adapter chain (the shapes the .cu is built for)")
+    parser.add_argument("--density", type=float, default=0.35, help="share of ranks active in each layer")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    chain = build()
+    chain, masked = build()
     name = latency.device_name("cuda")
     bandwidth = latency.copy_bandwidth()
     print(f"{name}: copy {bandwidth / 1e9:.0f} GB/s; float16, µs per layer")
@@ -136,8 +233,9 @@ def main(argv=None) -> int:
         rows.append(row)
         weights = ys = out = None
         torch.cuda.empty_cache()
-    write_results({"device_name": name, "dtype": "float16", "copy_bandwidth": bandwidth, "rows": rows}, args.out,
-                  "stream-ahead", name)
+    masked_rows = masked_cases(masked, args.masked_cases, args.density, bandwidth)
+    write_results({"device_name": name, "dtype": "float16", "copy_bandwidth": bandwidth, "rows": rows,
+                   "masked_rows": masked_rows}, args.out, "stream-ahead", name)
     return 0
 
 
