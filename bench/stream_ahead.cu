@@ -62,6 +62,16 @@ __device__ __forceinline__ void bulk_copy(void* destination, const void* source,
                  : "memory");
 }
 
+// Block 0's first consumer thread writes the GPU's timer at each stage boundary of each layer (stamps may be null):
+// where a layer's time goes inside the persistent launch, as bench/stream_ahead.py prints it.
+__device__ __forceinline__ void stamp(long long* stamps, int index, int thread) {
+    if (stamps != nullptr && blockIdx.x == 0 && thread == 0) {
+        long long now;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+        stamps[index] = now;
+    }
+}
+
 __device__ __forceinline__ int load_acquire(const int* pointer) {
     int value;
     asm volatile("ld.acquire.gpu.global.b32 %0, [%1];" : "=r"(value) : "l"(pointer) : "memory");
@@ -70,7 +80,8 @@ __device__ __forceinline__ int load_acquire(const int* pointer) {
 
 template <int ROWS, int KC, int STAGES, int CONSUMERS>
 __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
-    chain_kernel(const __half* __restrict__ weights, __half* ys, int* ready, int layers, int hidden) {
+    chain_kernel(const __half* __restrict__ weights, __half* ys, int* ready, int layers, int hidden,
+                 long long* stamps) {
     static_assert(ROWS % CONSUMERS == 0, "each consumer warp takes ROWS / CONSUMERS rows");
     static_assert(KC % 256 == 0, "a lane takes KC / 32 columns, in 16-byte vectors");
     constexpr int ROWS_PER_WARP = ROWS / CONSUMERS;
@@ -118,12 +129,14 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
     int step = 0;
     for (int layer = 0; layer < layers; ++layer) {
         const __half* x = ys + (size_t)layer * hidden;
+        stamp(stamps, layer * 3, threadIdx.x - 32);
         if (layer > 0) {  // every block's rows of this layer's input written
             if (lane == 0)
                 while (load_acquire(&ready[layer]) < (int)gridDim.x) {
                 }
             __syncwarp();
         }
+        stamp(stamps, layer * 3 + 1, threadIdx.x - 32);
         float sums[ROWS_PER_WARP];
 #pragma unroll
         for (int r = 0; r < ROWS_PER_WARP; ++r) sums[r] = 0.0f;
@@ -167,6 +180,7 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
         __threadfence();  // this warp's rows visible GPU-wide before the block counts itself
         asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS * 32) : "memory");
         if (threadIdx.x == 32) atomicAdd(&ready[layer + 1], 1);
+        stamp(stamps, layer * 3 + 2, threadIdx.x - 32);
     }
 }
 
@@ -183,7 +197,7 @@ template <int RB, int C, int KC, int STAGES>
 __global__ void __launch_bounds__(160, 1)
     masked_chain_kernel(const __half* __restrict__ b_weights, const __half* __restrict__ a_rows,
                         const float* __restrict__ thresholds, __half* ys, __half* zs, int* ready, int layers,
-                        int hidden, int rank) {
+                        int hidden, int rank, long long* stamps) {
     constexpr int CONSUMERS = 4, THREADS = CONSUMERS * 32, UNROLL = 16;
     constexpr int GROUPS = C / 8;                 // 16-byte column groups of the block's columns
     constexpr int RANK_LANES = THREADS / GROUPS;  // threads on one column group, each taking its own ranks
@@ -240,12 +254,14 @@ __global__ void __launch_bounds__(160, 1)
     for (int layer = 0; layer < layers; ++layer) {
         // 1. this block's ranks of z = B_l y_l, from the streamed tiles
         const __half* x = ys + (size_t)layer * hidden;
+        stamp(stamps, layer * 6, thread);
         if (layer > 0) {
             if (thread == 0)
                 while (load_acquire(&ready[layers + layer]) < blocks) {
                 }
             consumers_sync();
         }
+        stamp(stamps, layer * 6 + 1, thread);
         float sums[ROWS_PER_WARP];
 #pragma unroll
         for (int r = 0; r < ROWS_PER_WARP; ++r) sums[r] = 0.0f;
@@ -289,12 +305,14 @@ __global__ void __launch_bounds__(160, 1)
         __threadfence();
         consumers_sync();
         if (thread == 0) atomicAdd(&ready[layer], 1);
+        stamp(stamps, layer * 6 + 2, thread);
 
         // 2. every block's z in: list this layer's active ranks (each thread a run of rank / THREADS of them)
         if (thread == 0)
             while (load_acquire(&ready[layer]) < blocks) {
             }
         consumers_sync();
+        stamp(stamps, layer * 6 + 3, thread);
         const float threshold = thresholds[layer];
         const unsigned short* z = reinterpret_cast<const unsigned short*>(zs + (size_t)layer * rank);
         const int run = rank / THREADS, begin = thread * run;
@@ -324,6 +342,7 @@ __global__ void __launch_bounds__(160, 1)
             }
         }
         consumers_sync();
+        stamp(stamps, layer * 6 + 4, thread);
 
         // 3. this block's C columns of the listed rows of A_l: UNROLL 16-byte loads in flight per thread
         const int group = thread % GROUPS, rank_lane = thread / GROUPS;
@@ -361,12 +380,13 @@ __global__ void __launch_bounds__(160, 1)
         __threadfence();
         consumers_sync();
         if (thread == 0) atomicAdd(&ready[layers + layer + 1], 1);
+        stamp(stamps, layer * 6 + 5, thread);
     }
 }
 
 template <int RB, int C, int KC, int STAGES>
 int launch_masked(const __half* b_weights, const __half* a_rows, const float* thresholds, __half* ys, __half* zs,
-                  int* ready, int layers, int hidden, int rank, cudaStream_t stream) {
+                  int* ready, int layers, int hidden, int rank, long long* stamps, cudaStream_t stream) {
     const int blocks = hidden / C;
     if (hidden % C != 0 || hidden % KC != 0 || rank != blocks * RB || rank % 128 != 0) return 1;
     const size_t shared_bytes = STAGES * RB * KC * sizeof(__half) + 2 * STAGES * sizeof(uint64_t) +
@@ -380,12 +400,14 @@ int launch_masked(const __half* b_weights, const __half* a_rows, const float* th
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, 160, shared_bytes);
     if (blocks > multiprocessors * per_multiprocessor) return 3;
     if (cudaMemsetAsync(ready, 0, (2 * layers + 1) * sizeof(int), stream) != cudaSuccess) return 4;
-    kernel<<<blocks, 160, shared_bytes, stream>>>(b_weights, a_rows, thresholds, ys, zs, ready, layers, hidden, rank);
+    kernel<<<blocks, 160, shared_bytes, stream>>>(b_weights, a_rows, thresholds, ys, zs, ready, layers, hidden, rank,
+                                                  stamps);
     return cudaGetLastError() == cudaSuccess ? 0 : 5;
 }
 
 template <int ROWS, int KC, int STAGES, int CONSUMERS>
-int launch(const __half* weights, __half* ys, int* ready, int layers, int hidden, cudaStream_t stream) {
+int launch(const __half* weights, __half* ys, int* ready, int layers, int hidden, long long* stamps,
+           cudaStream_t stream) {
     if (hidden % KC != 0 || hidden % ROWS != 0) return 1;
     const int blocks = hidden / ROWS;
     const size_t shared_bytes = STAGES * ROWS * KC * sizeof(__half) + 2 * STAGES * sizeof(uint64_t);
@@ -398,7 +420,7 @@ int launch(const __half* weights, __half* ys, int* ready, int layers, int hidden
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_multiprocessor, kernel, (CONSUMERS + 1) * 32, shared_bytes);
     if (blocks > multiprocessors * per_multiprocessor) return 3;  // not all resident: the waits would deadlock
     if (cudaMemsetAsync(ready, 0, (layers + 1) * sizeof(int), stream) != cudaSuccess) return 4;
-    kernel<<<blocks, (CONSUMERS + 1) * 32, shared_bytes, stream>>>(weights, ys, ready, layers, hidden);
+    kernel<<<blocks, (CONSUMERS + 1) * 32, shared_bytes, stream>>>(weights, ys, ready, layers, hidden, stamps);
     return cudaGetLastError() == cudaSuccess ? 0 : 5;
 }
 
@@ -407,31 +429,33 @@ int launch(const __half* weights, __half* ys, int* ready, int layers, int hidden
 // The shapes bench/stream_ahead.py times: 128 blocks (one a multiprocessor of an H100/H200), four consumer warps.
 // 0 on success; 1 a hidden size the shape cannot tile, 2-5 a CUDA error (attribute, residency, memset, launch).
 extern "C" int stream_ahead_chain(const void* weights, void* ys, int* ready, int layers, int hidden, int stages,
+                                  long long* stamps,
                                   void* stream) {
     const __half* w = static_cast<const __half*>(weights);
     __half* y = static_cast<__half*>(ys);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (hidden == 4096 && stages == 4) return launch<32, 512, 4, 4>(w, y, ready, layers, hidden, s);
-    if (hidden == 4096 && stages == 6) return launch<32, 512, 6, 4>(w, y, ready, layers, hidden, s);
-    if (hidden == 2048 && stages == 4) return launch<16, 512, 4, 4>(w, y, ready, layers, hidden, s);
-    if (hidden == 2048 && stages == 8) return launch<16, 512, 8, 4>(w, y, ready, layers, hidden, s);
-    if (hidden == 512 && stages == 4) return launch<4, 256, 4, 4>(w, y, ready, layers, hidden, s);
-    if (hidden == 512 && stages == 16) return launch<4, 256, 16, 4>(w, y, ready, layers, hidden, s);
+    if (hidden == 4096 && stages == 4) return launch<32, 512, 4, 4>(w, y, ready, layers, hidden, stamps, s);
+    if (hidden == 4096 && stages == 6) return launch<32, 512, 6, 4>(w, y, ready, layers, hidden, stamps, s);
+    if (hidden == 2048 && stages == 4) return launch<16, 512, 4, 4>(w, y, ready, layers, hidden, stamps, s);
+    if (hidden == 2048 && stages == 8) return launch<16, 512, 8, 4>(w, y, ready, layers, hidden, stamps, s);
+    if (hidden == 512 && stages == 4) return launch<4, 256, 4, 4>(w, y, ready, layers, hidden, stamps, s);
+    if (hidden == 512 && stages == 16) return launch<4, 256, 16, 4>(w, y, ready, layers, hidden, stamps, s);
     return 1;
 }
 
 // The masked chain at the shapes bench/stream_ahead.py times: hidden 4,096 with 3,072 ranks (128 blocks of 32
 // columns and 24 ranks), hidden 512 with 384 ranks (64 blocks of 8 columns and 6 ranks). Codes as above.
 extern "C" int stream_ahead_masked(const void* b_weights, const void* a_rows, const float* thresholds, void* ys,
-                                   void* zs, int* ready, int layers, int hidden, int rank, void* stream) {
+                                   void* zs, int* ready, int layers, int hidden, int rank, long long* stamps,
+                                   void* stream) {
     const __half* b = static_cast<const __half*>(b_weights);
     const __half* a = static_cast<const __half*>(a_rows);
     __half* y = static_cast<__half*>(ys);
     __half* z = static_cast<__half*>(zs);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
     if (hidden == 4096 && rank == 3072)
-        return launch_masked<24, 32, 512, 6>(b, a, thresholds, y, z, ready, layers, hidden, rank, s);
+        return launch_masked<24, 32, 512, 6>(b, a, thresholds, y, z, ready, layers, hidden, rank, stamps, s);
     if (hidden == 512 && rank == 384)
-        return launch_masked<6, 8, 256, 8>(b, a, thresholds, y, z, ready, layers, hidden, rank, s);
+        return launch_masked<6, 8, 256, 8>(b, a, thresholds, y, z, ready, layers, hidden, rank, stamps, s);
     return 1;
 }

@@ -22,6 +22,9 @@ active): z = B_l y_l streamed ahead as above, then y_{l+1} from the active ranks
 the active ranks itself from the published z (no compaction launch) and reading its columns of their rows;
 against the engine's GEMV and `masked_rows_gemv` (compaction, gather, reduction), one set of launches a layer.
 
+Block 0's stage times (its wait for the layer's input, its rows, and for the rank chain the wait for z, the list
+and the gather; the GPU's timer at each boundary) are printed under each case, median µs a layer.
+
 Every layer the persistent launch computes is checked against PyTorch's product of the same input (fp32 sums
 rounded to fp16: within 1e-3 of it, the rounding alone allows 4.9e-4).
 Prints a table and writes bench/results/stream-ahead-<device>.json.
@@ -65,9 +68,8 @@ def build():
         raise SystemExit(f"stream_ahead: nvcc failed: {built.stderr.strip().splitlines()[-1]}")
     loaded = ctypes.CDLL(str(library))
     chain, masked = loaded.stream_ahead_chain, loaded.stream_ahead_masked
-    chain.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-                      ctypes.c_void_p]
-    masked.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_void_p]
+    chain.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2
+    masked.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2
     chain.restype = masked.restype = ctypes.c_int
     return chain, masked
 
@@ -135,16 +137,21 @@ def masked_cases(masked, cases: str, density: float, bandwidth: float) -> list[d
         ready = torch.zeros(2 * layers + 1, device="cuda", dtype=torch.int32)
         stream = torch.cuda.current_stream().cuda_stream
 
-        def run():
+        stamps = torch.zeros(layers, 6, device="cuda", dtype=torch.int64)
+
+        def run(stamps=None):
             code = masked(b.data_ptr(), a.data_ptr(), thresholds.data_ptr(), ys.data_ptr(), zs.data_ptr(),
-                          ready.data_ptr(), layers, hidden, rank, stream)
+                          ready.data_ptr(), layers, hidden, rank, None if stamps is None else stamps.data_ptr(),
+                          stream)
             if code:
                 raise SystemExit(f"stream_ahead: masked launch failed with code {code} ({hidden} × {rank})")
-        run()
+        run(stamps=stamps)
         torch.cuda.synchronize()
         z_error, y_error, share = rank_chain_errors(b, a, thresholds, ys, zs)
         row = {"hidden": hidden, "rank": rank, "layers": layers, "active_share": share, "z_error": z_error,
-               "y_error": y_error, "stream_us": events_us(run) / layers}
+               "y_error": y_error, "stream_us": events_us(run) / layers,
+               "stream_stages": stage_times(stamps, ("wait for y", "z rows and publish", "wait for z", "list",
+                                                     "gather and publish", "end"))}
         z_buffer = torch.empty(layers, rank, device="cuda", dtype=torch.float16)
         out = torch.empty_like(ys)
         limits = [thresholds[layer:layer + 1] for layer in range(layers)]
@@ -159,6 +166,7 @@ def masked_cases(masked, cases: str, density: float, bandwidth: float) -> list[d
               f"{row['floor_us']:>8.2f}{row['stream_us'] / row['floor_us']:>13.2f}×"
               f"{row['engine_us'] / row['stream_us']:>14.2f}×{z_error:>10.1e}{y_error:>10.1e}{share:>8.3f}",
               flush=True)
+        print_stages(row["stream_stages"])
         if max(z_error, y_error) > 1e-3:
             print(f"  the persistent chain disagrees with PyTorch's ({max(z_error, y_error):.1e}): "
                   "its times do not count")
@@ -166,6 +174,19 @@ def masked_cases(masked, cases: str, density: float, bandwidth: float) -> list[d
         b = a = ys = zs = out = z_buffer = None
         torch.cuda.empty_cache()
     return rows
+
+
+def stage_times(stamps: torch.Tensor, names: tuple[str, ...]) -> dict:
+    """Block 0's stage boundaries (layers × stamps a layer, ns) → median µs of each stage a layer, layer 0 (no
+    wait) left out; the stage after the last stamp runs to the next layer's first."""
+    ns = stamps[1:].double()
+    spans = {name: float((ns[:, i + 1] - ns[:, i]).median()) / 1e3 for i, name in enumerate(names[:-1])}
+    spans["layer"] = float((ns[1:, 0] - ns[:-1, 0]).median()) / 1e3
+    return spans
+
+
+def print_stages(spans: dict) -> None:
+    print("  block 0, median µs a layer: " + ", ".join(f"{name} {us:.2f}" for name, us in spans.items()))
 
 
 def events_us(fn, calls: int = 20) -> float:
@@ -207,16 +228,19 @@ def main(argv=None) -> int:
         stream = torch.cuda.current_stream().cuda_stream
         row = {"hidden": hidden, "layers": layers, "MB": weights.numel() * 2 / 1e6}
         errors = []
+        stamps = torch.zeros(layers, 3, device="cuda", dtype=torch.int64)
         for label, stages in zip(("stream_ring4_us", "stream_deep_us"), STAGES[hidden]):
-            def run(stages=stages):
-                code = chain(weights.data_ptr(), ys.data_ptr(), ready.data_ptr(), layers, hidden, stages, stream)
+            def run(stages=stages, stamps=None):
+                code = chain(weights.data_ptr(), ys.data_ptr(), ready.data_ptr(), layers, hidden, stages,
+                             None if stamps is None else stamps.data_ptr(), stream)
                 if code:
                     raise SystemExit(f"stream_ahead: launch failed with code {code} ({hidden}, ring {stages})")
             ys[1:].zero_()
-            run()
+            run(stamps=stamps)
             torch.cuda.synchronize()
             errors.append(float(layer_errors(weights, ys).max()))
             row[label] = events_us(run) / layers
+            row[label.replace("_us", "_stages")] = stage_times(stamps, ("wait for x", "rows and publish", "end"))
         out = torch.empty_like(ys)
         row["triton_us"] = 1e3 * latency.graph_ms(
             lambda: [gemv(weights[i], ys[i], out[i + 1]) for i in range(layers)], calls=1) / layers
@@ -228,6 +252,7 @@ def main(argv=None) -> int:
         print(f"{f'{hidden} × {layers}':<18}{row['stream_ring4_us']:>17.2f}{row['stream_deep_us']:>15.2f}"
               f"{row['triton_us']:>9.2f}{row['cublas_us']:>9.2f}{row['floor_us']:>8.2f}"
               f"{best / row['floor_us']:>13.2f}×{row['triton_us'] / best:>14.2f}×{max(errors):>11.1e}", flush=True)
+        print_stages(row["stream_ring4_stages"])
         if max(errors) > 1e-3:
             print(f"  the persistent chain disagrees with PyTorch's ({max(errors):.1e}): its times do not count")
         rows.append(row)
