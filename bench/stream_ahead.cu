@@ -78,25 +78,29 @@ __device__ __forceinline__ int load_acquire(const int* pointer) {
     return value;
 }
 
-template <int ROWS, int KC, int STAGES, int CONSUMERS>
-__global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
-    chain_kernel(const __half* __restrict__ weights, __half* ys, int* ready, int layers, int hidden,
-                 long long* stamps) {
-    static_assert(ROWS % CONSUMERS == 0, "each consumer warp takes ROWS / CONSUMERS rows");
-    static_assert(KC % 256 == 0, "a lane takes KC / 32 columns, in 16-byte vectors");
-    constexpr int ROWS_PER_WARP = ROWS / CONSUMERS;
-    constexpr int PER_LANE = KC / 32;
-    constexpr int VECTORS = PER_LANE / 8;
-    constexpr uint32_t TILE_BYTES = ROWS * KC * sizeof(__half);
+__device__ __forceinline__ void consumers_sync() {  // the four consumer warps only (named barrier 1)
+    asm volatile("bar.sync 1, 128;" ::: "memory");
+}
 
-    extern __shared__ __align__(128) unsigned char shared[];
-    __half* tiles = reinterpret_cast<__half*>(shared);  // STAGES × ROWS × KC
-    uint64_t* full = reinterpret_cast<uint64_t*>(shared + STAGES * TILE_BYTES);
-    uint64_t* empty = full + STAGES;
+// Every block counted into `counter` (one consumer thread polls, the others wait at the barrier), so what they
+// wrote before counting themselves is visible.
+__device__ __forceinline__ void await_blocks(const int* counter, int thread) {
+    if (thread == 0)
+        while (load_acquire(counter) < (int)gridDim.x) {
+        }
+    consumers_sync();
+}
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int first_row = blockIdx.x * ROWS;
-    const int chunks = hidden / KC;
+// This block's writes visible GPU-wide, then the block counts itself into `counter`.
+__device__ __forceinline__ void publish(int* counter, int thread) {
+    __threadfence();
+    consumers_sync();
+    if (thread == 0) atomicAdd(counter, 1);
+}
+
+// The ring's mbarriers: `full` completes when a slot's bulk copies land, `empty` when every consumer warp is done.
+template <int STAGES, int CONSUMERS>
+__device__ __forceinline__ void init_ring(uint64_t* full, uint64_t* empty) {
     if (threadIdx.x == 0) {
         for (int s = 0; s < STAGES; ++s) {
             barrier_init(&full[s], 1);
@@ -105,59 +109,61 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
         asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
     }
     __syncthreads();
+}
 
-    if (warp == 0) {  // the producer: as far ahead as the ring allows, whatever the activations are doing
-        if (lane == 0) {
-            int step = 0;
-            for (int layer = 0; layer < layers; ++layer) {
-                for (int chunk = 0; chunk < chunks; ++chunk, ++step) {
-                    const int slot = step % STAGES;
-                    barrier_wait(&empty[slot], ((step / STAGES) & 1) ^ 1);
-                    barrier_expect_bytes(&full[slot], TILE_BYTES);
-                    const __half* source =
-                        weights + ((size_t)layer * hidden + first_row) * hidden + (size_t)chunk * KC;
-                    for (int row = 0; row < ROWS; ++row)
-                        bulk_copy(tiles + (slot * ROWS + row) * KC, source + (size_t)row * hidden,
-                                  KC * sizeof(__half), &full[slot]);
-                }
-            }
-        }
-        return;
-    }
-
-    const int consumer = warp - 1;
+// The producer (one lane): rows first_row … first_row + ROWS − 1 of every layer of `weights` (layers ×
+// layer_rows × hidden), chunk by chunk, into the ring, as far ahead as the consumers hand slots back.
+template <int ROWS, int KC, int STAGES>
+__device__ __forceinline__ void stream_rows(const __half* weights, int layer_rows, int first_row, int layers,
+                                            int hidden, __half* tiles, uint64_t* full, uint64_t* empty) {
+    constexpr uint32_t TILE_BYTES = ROWS * KC * sizeof(__half);
     int step = 0;
     for (int layer = 0; layer < layers; ++layer) {
-        const __half* x = ys + (size_t)layer * hidden;
-        stamp(stamps, layer * 3, threadIdx.x - 32);
-        if (layer > 0) {  // every block's rows of this layer's input written
-            if (lane == 0)
-                while (load_acquire(&ready[layer]) < (int)gridDim.x) {
-                }
-            __syncwarp();
-        }
-        stamp(stamps, layer * 3 + 1, threadIdx.x - 32);
-        float sums[ROWS_PER_WARP];
-#pragma unroll
-        for (int r = 0; r < ROWS_PER_WARP; ++r) sums[r] = 0.0f;
-        for (int chunk = 0; chunk < chunks; ++chunk, ++step) {
+        for (int chunk = 0; chunk < hidden / KC; ++chunk, ++step) {
             const int slot = step % STAGES;
-            // this lane's columns of x, from L2 (other blocks wrote them: not through L1); vector v of lane l is
-            // columns (v·32 + l)·8 …: a warp's 16-byte accesses are contiguous, free of bank conflicts in the tile
-            float xs[PER_LANE];
-            const uint4* x_vectors = reinterpret_cast<const uint4*>(x + chunk * KC) + lane;
+            barrier_wait(&empty[slot], ((step / STAGES) & 1) ^ 1);
+            barrier_expect_bytes(&full[slot], TILE_BYTES);
+            const __half* source = weights + ((size_t)layer * layer_rows + first_row) * hidden + (size_t)chunk * KC;
+            for (int row = 0; row < ROWS; ++row)
+                bulk_copy(tiles + (slot * ROWS + row) * KC, source + (size_t)row * hidden, KC * sizeof(__half),
+                          &full[slot]);
+        }
+    }
+}
+
+// One layer's rows from the ring (consumer warp `consumer` takes rows consumer, consumer + CONSUMERS, …): each
+// row's dot product with x (read from L2: other blocks wrote it), rounded to fp16 into out[row]. `step` counts
+// the ring's slots across layers, as the producer does.
+template <int ROWS, int KC, int STAGES, int CONSUMERS>
+__device__ __forceinline__ void ring_rows(const __half* x, __half* out, int hidden, const __half* tiles,
+                                          uint64_t* full, uint64_t* empty, int& step) {
+    static_assert(KC % 256 == 0, "a lane takes KC / 32 columns, in 16-byte vectors");
+    constexpr int ROWS_PER_WARP = (ROWS + CONSUMERS - 1) / CONSUMERS;
+    constexpr int PER_LANE = KC / 32;
+    constexpr int VECTORS = PER_LANE / 8;
+    const int consumer = threadIdx.x / 32 - 1, lane = threadIdx.x % 32;
+    float sums[ROWS_PER_WARP];
 #pragma unroll
-            for (int v = 0; v < VECTORS; ++v) {
-                const uint4 packed = __ldcg(x_vectors + v * 32);
-                const __half* halves = reinterpret_cast<const __half*>(&packed);
+    for (int r = 0; r < ROWS_PER_WARP; ++r) sums[r] = 0.0f;
+    for (int chunk = 0; chunk < hidden / KC; ++chunk, ++step) {
+        const int slot = step % STAGES;
+        // vector v of lane l is columns (v·32 + l)·8 …: a warp's 16-byte accesses are contiguous, free of bank
+        // conflicts in the tile
+        float xs[PER_LANE];
+        const uint4* x_vectors = reinterpret_cast<const uint4*>(x + chunk * KC) + lane;
 #pragma unroll
-                for (int e = 0; e < 8; ++e) xs[v * 8 + e] = __half2float(halves[e]);
-            }
-            barrier_wait(&full[slot], (step / STAGES) & 1);
+        for (int v = 0; v < VECTORS; ++v) {
+            const uint4 packed = __ldcg(x_vectors + v * 32);
+            const __half* halves = reinterpret_cast<const __half*>(&packed);
 #pragma unroll
-            for (int r = 0; r < ROWS_PER_WARP; ++r) {
-                const uint4* w_vectors =
-                    reinterpret_cast<const uint4*>(tiles + (slot * ROWS + consumer * ROWS_PER_WARP + r) * KC) + lane;
+            for (int e = 0; e < 8; ++e) xs[v * 8 + e] = __half2float(halves[e]);
+        }
+        barrier_wait(&full[slot], (step / STAGES) & 1);
+#pragma unroll
+        for (int r = 0; r < ROWS_PER_WARP; ++r) {
+            const int row = consumer + r * CONSUMERS;
+            if (row < ROWS) {
+                const uint4* w_vectors = reinterpret_cast<const uint4*>(tiles + (slot * ROWS + row) * KC) + lane;
 #pragma unroll
                 for (int v = 0; v < VECTORS; ++v) {
                     const uint4 packed = w_vectors[v * 32];
@@ -166,26 +172,48 @@ __global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
                     for (int e = 0; e < 8; ++e) sums[r] += __half2float(halves[e]) * xs[v * 8 + e];
                 }
             }
-            __syncwarp();
-            if (lane == 0) barrier_arrive(&empty[slot]);
         }
-        __half* y = ys + (size_t)(layer + 1) * hidden + first_row + consumer * ROWS_PER_WARP;
+        __syncwarp();
+        if (lane == 0) barrier_arrive(&empty[slot]);
+    }
 #pragma unroll
-        for (int r = 0; r < ROWS_PER_WARP; ++r) {
-            float total = sums[r];
+    for (int r = 0; r < ROWS_PER_WARP; ++r) {
+        const int row = consumer + r * CONSUMERS;
+        float total = sums[r];
 #pragma unroll
-            for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
-            if (lane == 0) y[r] = __float2half(total);
-        }
-        __threadfence();  // this warp's rows visible GPU-wide before the block counts itself
-        asm volatile("bar.sync 1, %0;" ::"n"(CONSUMERS * 32) : "memory");
-        if (threadIdx.x == 32) atomicAdd(&ready[layer + 1], 1);
-        stamp(stamps, layer * 3 + 2, threadIdx.x - 32);
+        for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
+        if (lane == 0 && row < ROWS) out[row] = __float2half(total);
     }
 }
 
-__device__ __forceinline__ void consumers_sync() {  // the four consumer warps only (named barrier 1)
-    asm volatile("bar.sync 1, 128;" ::: "memory");
+template <int ROWS, int KC, int STAGES, int CONSUMERS>
+__global__ void __launch_bounds__((CONSUMERS + 1) * 32, 1)
+    chain_kernel(const __half* __restrict__ weights, __half* ys, int* ready, int layers, int hidden,
+                 long long* stamps) {
+    static_assert(CONSUMERS == 4, "consumers_sync is a barrier of four warps");
+    extern __shared__ __align__(128) unsigned char shared[];
+    __half* tiles = reinterpret_cast<__half*>(shared);  // STAGES × ROWS × KC
+    uint64_t* full = reinterpret_cast<uint64_t*>(shared + STAGES * ROWS * KC * sizeof(__half));
+    uint64_t* empty = full + STAGES;
+    const int first_row = blockIdx.x * ROWS;
+    init_ring<STAGES, CONSUMERS>(full, empty);
+    if (threadIdx.x < 32) {  // the producer: as far ahead as the ring allows, whatever the activations are doing
+        if (threadIdx.x == 0)
+            stream_rows<ROWS, KC, STAGES>(weights, hidden, first_row, layers, hidden, tiles, full, empty);
+        return;
+    }
+    const int thread = threadIdx.x - 32;
+    int step = 0;
+    for (int layer = 0; layer < layers; ++layer) {
+        stamp(stamps, layer * 3, thread);
+        if (layer > 0) await_blocks(&ready[layer], thread);  // every block's rows of this layer's input
+        stamp(stamps, layer * 3 + 1, thread);
+        ring_rows<ROWS, KC, STAGES, CONSUMERS>(ys + (size_t)layer * hidden,
+                                               ys + (size_t)(layer + 1) * hidden + first_row, hidden, tiles, full,
+                                               empty, step);
+        publish(&ready[layer + 1], thread);
+        stamp(stamps, layer * 3 + 2, thread);
+    }
 }
 
 // The same chain with RaNA's rank adapter as the product: z = B_l y_l (B: rank × hidden, streamed ahead as above),
@@ -201,12 +229,8 @@ __global__ void __launch_bounds__(160, 1)
     constexpr int CONSUMERS = 4, THREADS = CONSUMERS * 32, UNROLL = 16;
     constexpr int GROUPS = C / 8;                 // 16-byte column groups of the block's columns
     constexpr int RANK_LANES = THREADS / GROUPS;  // threads on one column group, each taking its own ranks
-    constexpr int ROWS_PER_WARP = (RB + CONSUMERS - 1) / CONSUMERS;
-    constexpr int PER_LANE = KC / 32;
-    constexpr int VECTORS = PER_LANE / 8;
     constexpr uint32_t TILE_BYTES = RB * KC * sizeof(__half);
     static_assert(C % 8 == 0 && THREADS % GROUPS == 0 && C <= THREADS, "columns in 16-byte groups");
-    static_assert(KC % 256 == 0, "a lane takes KC / 32 columns of B, in 16-byte vectors");
 
     extern __shared__ __align__(128) unsigned char shared[];
     __half* tiles = reinterpret_cast<__half*>(shared);  // STAGES × RB × KC
@@ -217,101 +241,29 @@ __global__ void __launch_bounds__(160, 1)
     float* list_coeff = reinterpret_cast<float*>(list_rank + rank);
     float* partial = list_coeff + rank;  // THREADS × 8 column sums
 
-    const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-    const int blocks = gridDim.x;
+    const int lane = threadIdx.x % 32;
     const int first_rank = blockIdx.x * RB, first_column = blockIdx.x * C;
-    const int chunks = hidden / KC;
-    if (threadIdx.x == 0) {
-        for (int s = 0; s < STAGES; ++s) {
-            barrier_init(&full[s], 1);
-            barrier_init(&empty[s], CONSUMERS);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-    }
-    __syncthreads();
-
-    if (warp == 0) {  // the producer: this block's rows of every B_l, as far ahead as the ring allows
-        if (lane == 0) {
-            int step = 0;
-            for (int layer = 0; layer < layers; ++layer) {
-                for (int chunk = 0; chunk < chunks; ++chunk, ++step) {
-                    const int slot = step % STAGES;
-                    barrier_wait(&empty[slot], ((step / STAGES) & 1) ^ 1);
-                    barrier_expect_bytes(&full[slot], TILE_BYTES);
-                    const __half* source =
-                        b_weights + ((size_t)layer * rank + first_rank) * hidden + (size_t)chunk * KC;
-                    for (int row = 0; row < RB; ++row)
-                        bulk_copy(tiles + (slot * RB + row) * KC, source + (size_t)row * hidden,
-                                  KC * sizeof(__half), &full[slot]);
-                }
-            }
-        }
+    init_ring<STAGES, CONSUMERS>(full, empty);
+    if (threadIdx.x < 32) {  // the producer: this block's rows of every B_l, as far ahead as the ring allows
+        if (threadIdx.x == 0)
+            stream_rows<RB, KC, STAGES>(b_weights, rank, first_rank, layers, hidden, tiles, full, empty);
         return;
     }
 
-    const int consumer = warp - 1, thread = threadIdx.x - 32;
+    const int consumer = threadIdx.x / 32 - 1, thread = threadIdx.x - 32;
     int step = 0;
     for (int layer = 0; layer < layers; ++layer) {
         // 1. this block's ranks of z = B_l y_l, from the streamed tiles
-        const __half* x = ys + (size_t)layer * hidden;
         stamp(stamps, layer * 6, thread);
-        if (layer > 0) {
-            if (thread == 0)
-                while (load_acquire(&ready[layers + layer]) < blocks) {
-                }
-            consumers_sync();
-        }
+        if (layer > 0) await_blocks(&ready[layers + layer], thread);
         stamp(stamps, layer * 6 + 1, thread);
-        float sums[ROWS_PER_WARP];
-#pragma unroll
-        for (int r = 0; r < ROWS_PER_WARP; ++r) sums[r] = 0.0f;
-        for (int chunk = 0; chunk < chunks; ++chunk, ++step) {
-            const int slot = step % STAGES;
-            float xs[PER_LANE];
-            const uint4* x_vectors = reinterpret_cast<const uint4*>(x + chunk * KC) + lane;
-#pragma unroll
-            for (int v = 0; v < VECTORS; ++v) {
-                const uint4 packed = __ldcg(x_vectors + v * 32);
-                const __half* halves = reinterpret_cast<const __half*>(&packed);
-#pragma unroll
-                for (int e = 0; e < 8; ++e) xs[v * 8 + e] = __half2float(halves[e]);
-            }
-            barrier_wait(&full[slot], (step / STAGES) & 1);
-#pragma unroll
-            for (int r = 0; r < ROWS_PER_WARP; ++r) {
-                const int row = consumer + r * CONSUMERS;
-                if (row < RB) {
-                    const uint4* w_vectors = reinterpret_cast<const uint4*>(tiles + (slot * RB + row) * KC) + lane;
-#pragma unroll
-                    for (int v = 0; v < VECTORS; ++v) {
-                        const uint4 packed = w_vectors[v * 32];
-                        const __half* halves = reinterpret_cast<const __half*>(&packed);
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) sums[r] += __half2float(halves[e]) * xs[v * 8 + e];
-                    }
-                }
-            }
-            __syncwarp();
-            if (lane == 0) barrier_arrive(&empty[slot]);
-        }
-#pragma unroll
-        for (int r = 0; r < ROWS_PER_WARP; ++r) {
-            const int row = consumer + r * CONSUMERS;
-            float total = sums[r];
-#pragma unroll
-            for (int offset = 16; offset > 0; offset /= 2) total += __shfl_xor_sync(0xffffffffu, total, offset);
-            if (lane == 0 && row < RB) zs[(size_t)layer * rank + first_rank + row] = __float2half(total);
-        }
-        __threadfence();
-        consumers_sync();
-        if (thread == 0) atomicAdd(&ready[layer], 1);
+        ring_rows<RB, KC, STAGES, CONSUMERS>(ys + (size_t)layer * hidden, zs + (size_t)layer * rank + first_rank,
+                                             hidden, tiles, full, empty, step);
+        publish(&ready[layer], thread);
         stamp(stamps, layer * 6 + 2, thread);
 
         // 2. every block's z in: list this layer's active ranks (each thread a run of rank / THREADS of them)
-        if (thread == 0)
-            while (load_acquire(&ready[layer]) < blocks) {
-            }
-        consumers_sync();
+        await_blocks(&ready[layer], thread);
         stamp(stamps, layer * 6 + 3, thread);
         const float threshold = thresholds[layer];
         const unsigned short* z = reinterpret_cast<const unsigned short*>(zs + (size_t)layer * rank);
@@ -377,9 +329,7 @@ __global__ void __launch_bounds__(160, 1)
             for (int q = 0; q < RANK_LANES; ++q) sum += partial[(q * GROUPS + column_group) * 8 + element];
             ys[(size_t)(layer + 1) * hidden + first_column + thread] = __float2half(sum);
         }
-        __threadfence();
-        consumers_sync();
-        if (thread == 0) atomicAdd(&ready[layers + layer + 1], 1);
+        publish(&ready[layers + layer + 1], thread);
         stamp(stamps, layer * 6 + 5, thread);
     }
 }
