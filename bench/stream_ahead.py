@@ -34,10 +34,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import shutil
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -49,6 +46,7 @@ from rana_core.decode import latency  # noqa: E402
 from rana_core.decode.dense_kernels import gemv  # noqa: E402
 from rana_core.decode.masked_kernels import masked_rows_gemv  # noqa: E402
 
+from cuda_library import compile_library  # noqa: E402
 from shown_path import write_results  # noqa: E402
 
 SOURCE = Path(__file__).with_suffix(".cu")
@@ -56,17 +54,8 @@ STAGES = {4096: (4, 6), 2048: (4, 8), 512: (4, 16)}  # the ring depths stream_ah
 
 
 def build():
-    """Compile stream_ahead.cu for sm_90a into a temporary shared library; its two entry points."""
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        raise SystemExit("stream_ahead: nvcc not found (CUDA's compiler is needed to build the persistent kernel)")
-    library = Path(tempfile.mkdtemp()) / "stream_ahead.so"
-    built = subprocess.run([nvcc, "-O3", "-shared", "-Xcompiler", "-fPIC", "-gencode",
-                            "arch=compute_90a,code=sm_90a", "-o", str(library), str(SOURCE)],
-                           capture_output=True, text=True)
-    if built.returncode != 0:
-        raise SystemExit(f"stream_ahead: nvcc failed: {built.stderr.strip().splitlines()[-1]}")
-    loaded = ctypes.CDLL(str(library))
+    """stream_ahead.cu built for sm_90a; its two entry points."""
+    loaded = compile_library(SOURCE)
     chain, masked = loaded.stream_ahead_chain, loaded.stream_ahead_masked
     chain.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2
     masked.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2
