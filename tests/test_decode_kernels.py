@@ -399,3 +399,49 @@ def test_gemv_with_its_first_weight_chunk_loaded_early_gives_the_same_bits(devic
                      swiglu=swiglu) for min_k in (K + 1, 0)]  # after the wait, then early
         assert torch.isfinite(outs[1].float()).all()
         assert torch.equal(outs[0], outs[1]), (N, K)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("density", [0.0, 0.4, 1.0])
+@pytest.mark.parametrize("form", ["plain", "swiglu, own coefficients", "swiglu, shared input"])
+@pytest.mark.parametrize("with_scale", [False, True], ids=["scores |x|", "scores |x|·scale"])
+def test_gemv_with_an_input_mask_is_the_masked_product_over_every_row(device, dtype, density, form, with_scale):
+    """gemv's input_mask: the product of every row with the dropped inputs zeroed, i.e. the masked product
+    Σ_{kept k} x_k W[:, k] (small models' MLP chain, parts.swiglu_chain); swiglu's up rows masked by their own
+    threshold (and scale), on their own coefficients or on the same input; nothing kept gives exact zeros."""
+    require_triton(device)
+    swiglu, split = form != "plain", form == "swiglu, own coefficients"
+    groups = 2 if swiglu else 1
+    for N, K in [(1536, 360), (576, 1536)] if device == "cuda" else [(24, 40), (6, 2100)]:
+        g = torch.Generator().manual_seed(N + K)
+        weight = (torch.randn(groups * N, K, generator=g) / K ** 0.5).to(device, dtype)
+        x = torch.randn((2 if split else 1) * K, generator=g).to(device, dtype)
+        scale = (torch.rand(groups * K, generator=g) + 0.5).to(device) if with_scale else None
+        inputs = x.double().cpu().view(-1, K)  # each group's own coefficients, or one row both read
+        kept_inputs, thresholds = [], []
+        for group in range(groups):
+            coefficients = inputs[group if split else 0]
+            score = coefficients.abs() * (scale.double().cpu().view(groups, K)[group] if with_scale else 1.0)
+            threshold = threshold_for_density(score.float(), min(1.0, density * (1 + 0.5 * group)))
+            thresholds.append(threshold)
+            kept_inputs.append(torch.where(score.float() >= threshold, coefficients, 0.0))
+        threshold = torch.cat(thresholds).float().to(device)
+        products = [w @ kept for w, kept in zip(weight.double().cpu().chunk(groups), kept_inputs)]
+        expected = (F.silu(products[0]) * products[1]) if swiglu else products[0]
+        out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=swiglu,
+                   input_mask=(threshold, scale, split))
+        assert torch.isfinite(out).all()
+        if density == 0.0:
+            assert torch.count_nonzero(out) == 0
+        else:  # plain: one rounding; swiglu: gate and up, silu(gate) and the product rounded
+            assert relative_error(out.float().cpu(), expected.float()) < tolerance(dtype, 4 if swiglu else 1), (N, K)
+
+
+def test_gemv_input_mask_arguments_are_checked():
+    weight, x = torch.zeros(8, 4), torch.zeros(4)
+    with pytest.raises(ValueError, match="input mask"):
+        gemv(weight, x, torch.zeros(4), swiglu=True, input_mask=(torch.zeros(1), None, False))
+    with pytest.raises(ValueError, match="input mask"):
+        gemv(weight, x, torch.zeros(4), swiglu=True, input_mask=(torch.zeros(2), None, True))
+    with pytest.raises(ValueError, match="input mask"):
+        gemv(weight, x, torch.zeros(8), input_mask=(torch.zeros(1), torch.ones(3), False))

@@ -191,5 +191,25 @@ def test_small_products_take_the_one_launch_design_by_default(monkeypatch):
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "wide")
     assert masked_wide.design(large) == "wide"
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "wider")
-    with pytest.raises(ValueError, match="expected auto, list or wide"):
+    with pytest.raises(ValueError, match="expected auto, list, wide or gemv"):
         masked_wide.design(small)
+
+
+def test_small_mlps_take_the_two_gemvs_by_default(monkeypatch):
+    """A masked SwiGLU MLP whose rows (gate/up's and down's together) take at most GEMV_MAX_BYTES runs as two
+    GEMVs over masked inputs under RANA_MASKED_PRODUCT=auto; "gemv" asks for it at any size, "list" and "wide" for
+    the masked products; a product alone under "gemv" takes auto's design."""
+    from rana_core.decode import masked_wide
+
+    monkeypatch.delenv("RANA_MASKED_PRODUCT", raising=False)
+    monkeypatch.setattr(masked_wide, "GEMV_MAX_BYTES", 1000)
+    monkeypatch.setattr(masked_wide, "WIDE_MAX_BYTES", 1000)
+    gate_up, down, more = torch.zeros(10, 15), torch.zeros(10, 10), torch.zeros(10, 11)  # 600, 400, 440 bytes
+    assert masked_wide.chain_design(gate_up, down) == "gemv"
+    assert masked_wide.chain_design(gate_up, more) == "products"
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", "gemv")
+    assert masked_wide.chain_design(gate_up, more) == "gemv"
+    assert (masked_wide.design(down), masked_wide.design(torch.zeros(10, 26))) == ("wide", "list")
+    for other in ("list", "wide"):
+        monkeypatch.setenv("RANA_MASKED_PRODUCT", other)
+        assert masked_wide.chain_design(gate_up, down) == "products"

@@ -28,7 +28,7 @@ from rana_core.decode.masked_kernels import _interpreting, launch_ints, pdl, tri
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.masked_kernels import await_inputs, swiglu
+    from rana_core.decode.masked_kernels import active_of, await_inputs, swiglu
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, delta_ptr, weight_ptr, normed_ptr, N, eps, HAS_DELTA: tl.constexpr,
@@ -103,10 +103,11 @@ if triton is not None:
 
     @triton.jit
     def _input_chunk(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
-                     HAS_DELTA: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
         """x[offs_k] in float32; with NORM, x is the residual and the chunk is RMSNorm(x + delta)[offs_k] as
         add_rmsnorm stores it (the sum rounded to x's dtype, the normed value rounded before and after the
-        weight), from the factor inv_rms of the whole row."""
+        weight), from the factor inv_rms of the whole row. With MASK_IN, 0 where group g's mask drops the input
+        (|x| · scale below its threshold, decided as the masked products decide it: active_of)."""
         ok = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
         if NORM:
@@ -115,23 +116,27 @@ if triton is not None:
                 x = (x + tl.load(delta_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
             weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
             x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        if MASK_IN:
+            x = tl.where(active_of(x, offs_k, ok, g, scale_ptr, tl.load(tau_ptr + g), K, HAS_SCALE), x, 0.0)
         return x
 
     @triton.jit
     def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
-                  HAS_DELTA: tl.constexpr):
+                  HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
         """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded;
-        with NORM, x is normed on the way in (_input_chunk)."""
+        with NORM, x is normed on the way in, with MASK_IN masked by group g's threshold (_input_chunk)."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         start: tl.constexpr = BLOCK_K if EARLY else 0
         if EARLY:
-            x = _input_chunk(x_ptr, tl.arange(0, BLOCK_K), K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA)
+            x = _input_chunk(x_ptr, tl.arange(0, BLOCK_K), K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA,
+                             MASK_IN, g, tau_ptr, scale_ptr, HAS_SCALE)
             acc += first.to(tl.float32) * x[None, :]
         for k0 in range(start, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K, BLOCK_K)
-            x = _input_chunk(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA)
+            x = _input_chunk(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, g, tau_ptr,
+                             scale_ptr, HAS_SCALE)
             acc += w.to(tl.float32) * x[None, :]
         return tl.sum(acc, axis=1)
 
@@ -153,16 +158,20 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
+                     in_tau_ptr, in_scale_ptr,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
-                     HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     UP_X_OFFSET: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
         the rows' first chunk is loaded before waiting for the launch before
         (weights are never written during a step): under PDL its memory latency overlaps that launch's tail.
         With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
-        every program for itself (_norm_prologue): the add and the norm need no launch of their own."""
+        every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
+        MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
+        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
@@ -177,10 +186,11 @@ if triton is not None:
             inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
         dtype = out_ptr.dtype.element_ty
         y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
-                      norm_w_ptr, inv_rms, HAS_DELTA)
+                      norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE)
         if SWIGLU:
-            up = _row_dots(w_ptr + N * stride_n, x_ptr, offs_n, n_ok, stride_n, first_up, K, BLOCK_N, BLOCK_K,
-                           EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA)
+            up = _row_dots(w_ptr + N * stride_n, x_ptr + UP_X_OFFSET, offs_n, n_ok, stride_n, first_up, K, BLOCK_N,
+                           BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 1, in_tau_ptr,
+                           in_scale_ptr, HAS_SCALE)
             if MASKED:  # CATS: silu(gate) as the unfused ops round it decides the neuron
                 gate = y.to(dtype).to(tl.float32)
                 kept = tl.abs((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)) >= tau
@@ -291,29 +301,50 @@ def gemv_config(K: int, swiglu: bool = False) -> dict:
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
-         swiglu: bool = False, norm: tuple | None = None, tau: float | None = None) -> torch.Tensor:
+         swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
+         input_mask: tuple | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
 
     `norm` = (delta, norm_weight, eps, res_out): x is then the residual stream and the product's input is
     RMSNorm(x + delta) · norm_weight, made inside the GEMV (delta None: RMSNorm(x)); x + delta is written to
-    res_out (K,), which must not be x. What add_rmsnorm followed by this GEMV computes, in one launch."""
+    res_out (K,), which must not be x. What add_rmsnorm followed by this GEMV computes, in one launch.
+
+    `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
+    scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
+    threshold[1] and scale[K:], and with `split` x is (2K,) and the up rows read x[K:] (gate's and up's own
+    coefficients); without, both read the same x."""
     if norm is not None:
         delta, norm_weight, eps, res_out = norm
         if delta is not None and res_out.data_ptr() == x.data_ptr():
             raise ValueError("the residual's new value must go to another buffer: the GEMV's programs read x")
+    N, K = weight.shape
+    split = input_mask is not None and swiglu and input_mask[2]
+    if input_mask is not None:
+        threshold, scale, _ = input_mask
+        groups = 2 if swiglu else 1
+        if threshold.numel() != groups or x.numel() != (2 * K if split else K) or (
+                scale is not None and scale.numel() != groups * K):
+            raise ValueError(f"input mask: {groups} threshold(s), x of {2 * K if split else K} and a scale of "
+                             f"{groups * K} for rows of {K}; got {threshold.numel()}, {x.numel()} and "
+                             f"{None if scale is None else scale.numel()}")
     if not use_triton(weight):
         if norm is not None:
             residual = x if delta is None else res_out.copy_(x + delta)
             x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
         if swiglu:
-            gate, up = torch.mv(weight, x).chunk(2)
-            gate = torch.nn.functional.silu(gate)
+            gate_w, up_w = weight.chunk(2)
+            gate_x, up_x = (x[:K], x[K:]) if split else (x, x)
+            if input_mask is not None:
+                gate_x, up_x = _masked_input(gate_x, input_mask, 0), _masked_input(up_x, input_mask, 1)
+            gate = torch.nn.functional.silu(torch.mv(gate_w, gate_x))
+            up = torch.mv(up_w, up_x)
             kept = gate.float().abs() >= tau if tau is not None else True
             return out.copy_(gate * up * kept)
+        if input_mask is not None:
+            x = _masked_input(x, input_mask, 0)
         return torch.mv(weight, x, out=out)
-    N, K = weight.shape
     base = gemv_config(K, swiglu)
     if config is None and _interpreting():
         base = {**base, **INTERPRETER_CONFIG}
@@ -322,13 +353,27 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     p = pdl(weight)
     early = K >= c["EARLY_MIN_K"] and os.environ.get("RANA_EARLY_WEIGHTS") != "0"
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
+    in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
                                                    delta if delta is not None else x, norm_weight, res_out, eps,
-                                                   0.0 if tau is None else float(tau), K=K,
+                                                   0.0 if tau is None else float(tau),
+                                                   in_tau if in_tau is not None else x,
+                                                   in_scale if in_scale is not None else x, K=K,
                                                    K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
                                                    MASKED=swiglu and tau is not None, EARLY=early,
                                                    NORM=norm is not None, HAS_DELTA=delta is not None,
+                                                   MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
+                                                   UP_X_OFFSET=K if split else 0,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out
+
+
+def _masked_input(x: torch.Tensor, input_mask: tuple, group: int) -> torch.Tensor:
+    """x with group `group`'s dropped inputs zeroed (the PyTorch form of the GEMV's MASK_IN)."""
+    threshold, scale, _ = input_mask
+    score = x.float().abs()
+    if scale is not None:
+        score = score * scale.float().reshape(-1, x.numel())[group]
+    return torch.where(score >= threshold.reshape(-1)[group], x, torch.zeros_like(x))

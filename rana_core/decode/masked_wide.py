@@ -49,14 +49,35 @@ UNROLLED_TILES = 2  # programs of more tiles take the loop kernel (registers: _w
 WIDE_MAX_BYTES = 16 * 2**20
 
 
+# Below this many bytes of rows (gate/up's and down's together) a masked SwiGLU MLP runs as two GEMVs over every
+# row with the masks on their inputs (parts.swiglu_chain): at a small model's sizes a step is bound by launches,
+# not bytes, and the GEMVs need neither a compaction nor a reduction launch. Llama-2-7B's (140 MB) never do.
+GEMV_MAX_BYTES = 8 * 2**20
+
+
 def design(rows: torch.Tensor) -> str:
     """Which masked product runs on `rows`: RANA_MASKED_PRODUCT = "list" (compaction, then gather), "wide" (one
-    launch), or "auto" (the default: wide up to WIDE_MAX_BYTES of rows)."""
-    choice = os.environ.get("RANA_MASKED_PRODUCT", "auto")
-    if choice == "auto":
+    launch), or "auto" (the default: wide up to WIDE_MAX_BYTES of rows); "gemv" is auto's for a product that
+    cannot run as a GEMV (chain_design)."""
+    choice = _choice()
+    if choice in ("auto", "gemv"):
         return "wide" if rows.numel() * rows.element_size() <= WIDE_MAX_BYTES else "list"
-    if choice not in ("list", "wide"):
-        raise ValueError(f"RANA_MASKED_PRODUCT={choice}: expected auto, list or wide")
+    return choice
+
+
+def chain_design(*rows: torch.Tensor) -> str:
+    """How a masked SwiGLU MLP of these rows runs at one token: "gemv" (two GEMVs over every row, the masks on
+    their inputs) where RANA_MASKED_PRODUCT is "gemv", or "auto" and the rows take at most GEMV_MAX_BYTES; else
+    "products" (masked products as design() picks them)."""
+    choice = _choice()
+    total = sum(r.numel() * r.element_size() for r in rows)
+    return "gemv" if choice == "gemv" or (choice == "auto" and total <= GEMV_MAX_BYTES) else "products"
+
+
+def _choice() -> str:
+    choice = os.environ.get("RANA_MASKED_PRODUCT", "auto")
+    if choice not in ("auto", "list", "wide", "gemv"):
+        raise ValueError(f"RANA_MASKED_PRODUCT={choice}: expected auto, list, wide or gemv")
     return choice
 
 

@@ -133,13 +133,38 @@ class NeuronPart(RankPart):
 def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_threshold: torch.Tensor,
                  down: NeuronPart, h: torch.Tensor, scale: torch.Tensor | None = None,
                  shared_coeff: bool = False) -> torch.Tensor:
-    """One token's masked SwiGLU MLP in the fewest launches: gate's and up's masked products as two groups of one
-    compaction and one gather (rows stacked, one threshold each; `shared_coeff`: both read the same coefficients),
-    then down's compaction makes h = silu(gate)·up from their partial sums (written to `h`) and lists its neurons,
-    its gather and one reduction: (1, M)."""
+    """One token's masked SwiGLU MLP in the fewest launches: (1, M).
+
+    Large rows (masked_wide.chain_design): gate's and up's masked products as two groups of one compaction and one
+    gather (rows stacked, one threshold each; `shared_coeff`: both read the same coefficients), then down's
+    compaction makes h = silu(gate)·up from their partial sums (written to `h`) and lists its neurons, its gather
+    and one reduction. Small rows: two GEMVs over every row of the parts' matrices (cached transposes of their
+    rows), the masks applied to their inputs: h from gate/up, then down; the same sums, two launches."""
+    from rana_core.decode import masked_wide  # imports masked_kernels, as this module does
+
+    if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
+        gemv(_columns(gate_up_rows, 2), coeff, h, swiglu=True,
+             input_mask=(gate_up_threshold, scale, not shared_coeff))
+        return gemv(_columns(down.rows, 1), h, down.out, input_mask=(down.threshold, down.scale, False))[None]
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
     return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out, swiglu_of=(partial, splits))[None]
+
+
+def _columns(rows: torch.Tensor, groups: int) -> torch.Tensor:
+    """The matrices whose rows `rows` stacks transposed, as one row-major GEMV weight: rows (groups·K, M) → (groups·M,
+    K), group by group, each row starting on 128 bytes (the row stride padded to 64 elements: Triton vectorises the
+    GEMV's loads only for a stride divisible by 16, and ranks such as 360 are not; measured on an H200, session
+    19). Made once per weight (first at a warm-up step, before a graph is captured) and kept while the weight
+    lives: weights do not change during decoding."""
+    columns = getattr(rows, "_rana_columns", None)  # kept on the weight itself: it lives and dies with it
+    if columns is None:
+        K = rows.shape[0] // groups
+        padded = torch.zeros(groups * rows.shape[1], -(-K // 64) * 64, dtype=rows.dtype, device=rows.device)
+        columns = padded[:, :K]
+        columns.copy_(torch.cat([part.t() for part in rows.chunk(groups)]))
+        rows._rana_columns = columns
+    return columns
 
 
 def _set_threshold(threshold: torch.Tensor, scores: torch.Tensor, target_active: float) -> None:
