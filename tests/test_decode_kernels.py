@@ -445,28 +445,3 @@ def test_gemv_input_mask_arguments_are_checked():
         gemv(weight, x, torch.zeros(4), swiglu=True, input_mask=(torch.zeros(2), None, True))
     with pytest.raises(ValueError, match="input mask"):
         gemv(weight, x, torch.zeros(8), input_mask=(torch.zeros(1), torch.ones(3), False))
-
-
-@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
-@pytest.mark.parametrize("density", [0.0, 0.5, 1.0])
-@pytest.mark.parametrize("with_scale", [False, True], ids=["scores |y|", "scores |y|·scale"])
-def test_gemv_output_mask_zeroes_what_the_next_products_mask_drops(device, dtype, density, with_scale):
-    """gemv's output_mask: the result as stored, with 0 wherever its score (|y| as stored, · scale) is under the
-    threshold: down's neuron mask made in the gate/up GEMV's epilogue, decided on the same values as down's own
-    input mask would be (the unmasked GEMV's output)."""
-    require_triton(device)
-    for N, K in [(1536, 576)] if device == "cuda" else [(24, 40), (6, 2100)]:
-        g = torch.Generator().manual_seed(N + K)
-        weight = (torch.randn(2 * N, K, generator=g) / K ** 0.5).to(device, dtype)
-        x = torch.randn(K, generator=g).to(device, dtype)
-        scale = (torch.rand(N, generator=g) + 0.5).to(device) if with_scale else None
-        plain = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=True)
-        score = plain.float().abs() * (scale if with_scale else 1.0)
-        threshold = threshold_for_density(score, density).float().to(device)
-        out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=True,
-                   output_mask=(threshold, scale))
-        kept = score >= threshold
-        assert torch.equal(out[kept], plain[kept])  # the same bits where kept: the same kernel, same sums
-        assert torch.count_nonzero(out[~kept]) == 0
-        if density == 1.0:
-            assert bool(kept.all())

@@ -281,9 +281,8 @@ MLP_DESIGNS = {**DESIGNS, "gemv": {"RANA_MASKED_PRODUCT": "gemv"}}
 def test_every_masked_product_design_decodes_the_same(monkeypatch):
     """Every masked product made in one launch (masked_wide; with small tiles, programs of many tiles take its loop
     kernel), and the MLP as two GEMVs over masked inputs: three steps' logits equal the list design's to float32
-    rounding (the sums are taken in another order), the tokens the same. The shape with every head its own K/V
-    head: QKV's product is masked too, and its partial sums go to the rotary kernel; the MLP's through SwiGLU into
-    down's product."""
+    rounding (the sums are taken in another order), the tokens the same. The shape with every head its own K/V head: QKV's product is masked too, and
+    its partial sums go to the rotary kernel; the MLP's through SwiGLU into down's product."""
     require_triton("cpu")
     shape = TINY_MHA
     engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=0.44, gemv="triton")

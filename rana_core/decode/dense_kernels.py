@@ -158,12 +158,11 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
-                     in_tau_ptr, in_scale_ptr, out_tau_ptr, out_scale_ptr,
+                     in_tau_ptr, in_scale_ptr,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     UP_X_OFFSET: tl.constexpr, MASK_OUT: tl.constexpr, HAS_OUT_SCALE: tl.constexpr,
-                     PDL: tl.constexpr):
+                     UP_X_OFFSET: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -172,9 +171,7 @@ if triton is not None:
         With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
         every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
         MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
-        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With MASK_OUT, 0 where the
-        result as stored scores under the next product's threshold (|y| · out_scale below it: that product's input
-        mask, made here where its input is made)."""
+        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
@@ -200,11 +197,6 @@ if triton is not None:
             y = swiglu(y, up, dtype)
             if MASKED:
                 y = tl.where(kept, y, 0.0)
-        if MASK_OUT:
-            score = tl.abs(y.to(dtype).to(tl.float32))
-            if HAS_OUT_SCALE:
-                score = score * tl.load(out_scale_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-            y = tl.where(score >= tl.load(out_tau_ptr), y, 0.0)
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
 
@@ -310,7 +302,7 @@ def gemv_config(K: int, swiglu: bool = False) -> dict:
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
-         input_mask: tuple | None = None, output_mask: tuple | None = None) -> torch.Tensor:
+         input_mask: tuple | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
@@ -322,10 +314,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
     scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
     threshold[1] and scale[K:], and with `split` x is (2K,) and the up rows read x[K:] (gate's and up's own
-    coefficients); without, both read the same x.
-
-    `output_mask` = (threshold, scale): out_n ← 0 where |out_n| (as stored) · scale_n (scale None: 1) <
-    threshold: the next product's input mask (a neuron adapter's), made where its input is made."""
+    coefficients); without, both read the same x."""
     if norm is not None:
         delta, norm_weight, eps, res_out = norm
         if delta is not None and res_out.data_ptr() == x.data_ptr():
@@ -340,15 +329,22 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
             raise ValueError(f"input mask: {groups} threshold(s), x of {2 * K if split else K} and a scale of "
                              f"{groups * K} for rows of {K}; got {threshold.numel()}, {x.numel()} and "
                              f"{None if scale is None else scale.numel()}")
-    if output_mask is not None and output_mask[1] is not None and output_mask[1].numel() != (N // 2 if swiglu else N):
-        raise ValueError(f"output mask: a scale of {N // 2 if swiglu else N}, got {output_mask[1].numel()}")
     if not use_triton(weight):
-        result = _gemv_reference(weight, x, out, swiglu, norm, tau, input_mask, split)
-        if output_mask is not None:
-            threshold, scale = output_mask
-            score = result.float().abs() * (1.0 if scale is None else scale.float())
-            result.mul_((score >= threshold.reshape(-1)[0]).to(result.dtype))
-        return result
+        if norm is not None:
+            residual = x if delta is None else res_out.copy_(x + delta)
+            x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
+        if swiglu:
+            gate_w, up_w = weight.chunk(2)
+            gate_x, up_x = (x[:K], x[K:]) if split else (x, x)
+            if input_mask is not None:
+                gate_x, up_x = _masked_input(gate_x, input_mask, 0), _masked_input(up_x, input_mask, 1)
+            gate = torch.nn.functional.silu(torch.mv(gate_w, gate_x))
+            up = torch.mv(up_w, up_x)
+            kept = gate.float().abs() >= tau if tau is not None else True
+            return out.copy_(gate * up * kept)
+        if input_mask is not None:
+            x = _masked_input(x, input_mask, 0)
+        return torch.mv(weight, x, out=out)
     base = gemv_config(K, swiglu)
     if config is None and _interpreting():
         base = {**base, **INTERPRETER_CONFIG}
@@ -358,45 +354,20 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     early = K >= c["EARLY_MIN_K"] and os.environ.get("RANA_EARLY_WEIGHTS") != "0"
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
-    out_tau, out_scale = output_mask if output_mask is not None else (x, None)
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
                                                    delta if delta is not None else x, norm_weight, res_out, eps,
                                                    0.0 if tau is None else float(tau),
                                                    in_tau if in_tau is not None else x,
-                                                   in_scale if in_scale is not None else x, out_tau,
-                                                   out_scale if out_scale is not None else x,
-                                                   K=K,
+                                                   in_scale if in_scale is not None else x, K=K,
                                                    K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
                                                    MASKED=swiglu and tau is not None, EARLY=early,
                                                    NORM=norm is not None, HAS_DELTA=delta is not None,
                                                    MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
-                                                   UP_X_OFFSET=K if split else 0, MASK_OUT=output_mask is not None,
-                                                   HAS_OUT_SCALE=out_scale is not None,
+                                                   UP_X_OFFSET=K if split else 0,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out
-
-
-def _gemv_reference(weight, x, out, swiglu, norm, tau, input_mask, split) -> torch.Tensor:
-    """gemv's PyTorch form (no Triton: a CPU without the interpreter)."""
-    K = weight.shape[1]
-    if norm is not None:
-        delta, norm_weight, eps, res_out = norm
-        residual = x if delta is None else res_out.copy_(x + delta)
-        x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
-    if swiglu:
-        gate_w, up_w = weight.chunk(2)
-        gate_x, up_x = (x[:K], x[K:]) if split else (x, x)
-        if input_mask is not None:
-            gate_x, up_x = _masked_input(gate_x, input_mask, 0), _masked_input(up_x, input_mask, 1)
-        gate = torch.nn.functional.silu(torch.mv(gate_w, gate_x))
-        up = torch.mv(up_w, up_x)
-        kept = gate.float().abs() >= tau if tau is not None else True
-        return out.copy_(gate * up * kept)
-    if input_mask is not None:
-        x = _masked_input(x, input_mask, 0)
-    return torch.mv(weight, x, out=out)
 
 
 def _masked_input(x: torch.Tensor, input_mask: tuple, group: int) -> torch.Tensor:

@@ -139,15 +139,13 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     gather (rows stacked, one threshold each; `shared_coeff`: both read the same coefficients), then down's
     compaction makes h = silu(gate)·up from their partial sums (written to `h`) and lists its neurons, its gather
     and one reduction. Small rows: two GEMVs over every row of the parts' matrices (cached transposes of their
-    rows): h from gate/up with their masks on its inputs and down's mask on its outputs, then down; the same
-    sums, two launches."""
+    rows), the masks applied to their inputs: h from gate/up, then down; the same sums, two launches."""
     from rana_core.decode import masked_wide  # imports masked_kernels, as this module does
 
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
-        # down's mask is made on h where h is made (the gate/up GEMV's epilogue), so down is a plain GEMV
-        gemv(_columns(gate_up_rows, 2), coeff, h, swiglu=True, input_mask=(gate_up_threshold, scale, not shared_coeff),
-             output_mask=(down.threshold, down.scale))
-        return gemv(_columns(down.rows, 1), h, down.out)[None]
+        gemv(_columns(gate_up_rows, 2), coeff, h, swiglu=True,
+             input_mask=(gate_up_threshold, scale, not shared_coeff))
+        return gemv(_columns(down.rows, 1), h, down.out, input_mask=(down.threshold, down.scale, False))[None]
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
     return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out, swiglu_of=(partial, splits))[None]
