@@ -180,3 +180,26 @@ def test_rana_mlp_chain_with_unequal_ranks_computes_the_masked_mlp(ranks):
     batched = BatchDecoder.__new__(BatchDecoder)
     batched.product, batched.masked = BatchDecoder.PRODUCTS["triton"], BatchDecoder.MASKED["dense"]
     assert torch.allclose(batched.mlp(mlp, x), mlp(x), atol=1e-5 * float(expected.abs().max()))
+
+
+@pytest.mark.parametrize("model_name, method, allocation, unfolded", [
+    ("tiny", "teal", "greedy", 0), ("tiny", "wina", "greedy", 0), ("tiny", "hybrid", "exact-loss", 0),
+    ("tiny-qwen2", "teal", "uniform", 2)])
+def test_input_masks_as_gemvs_fold_the_norms_and_decode_the_same(model_name, method, allocation, unfolded,
+                                                                 tmp_path, monkeypatch):
+    """RANA_MASKED_PRODUCT=gemv on the engine of a stored run: TEAL's and WINA's masked QKV and gate/up run as GEMVs
+    over every row with the mask on their input, so they make the residual add and the norm themselves (norms
+    folded: `unfolded` add_rmsnorm launches a step remain, Qwen2's QKV biases keep theirs). Logits of four steps
+    equal those of the default designs with unfolded norms to float32 rounding, the tokens the same."""
+    from test_engine import decode_steps
+
+    require_triton("cpu")
+    loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
+    engine = engine_from_model(loaded.model, adapters)
+    prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
+    plain, _ = decode_steps(engine, prompt, 4, False, monkeypatch)
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", "gemv")
+    folded, calls = decode_steps(engine, prompt, 4, True, monkeypatch)
+    assert calls == 4 * unfolded
+    assert (folded - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert torch.equal(folded.argmax(-1), plain.argmax(-1))

@@ -24,10 +24,11 @@ from torch import nn
 
 from rana_core.architecture import Shape
 from rana_core.decode.attention_kernels import rope_attention
+from rana_core.decode import masked_wide
 from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials
-from rana_core.decode.parts import (GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random, matvec,
-                                    swiglu_chain)
+from rana_core.decode.parts import (GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random,
+                                    masked_gemv, matvec, swiglu_chain)
 from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms
 
 SHAPES = {
@@ -112,14 +113,21 @@ class Block(nn.Module):
         if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
             z = matvec(self.qkv.B, normed, self.gemv)
             if fuse and self.qkv.fusable(z) and self.qkv_bias is None:
-                qkv, splits = masked_rows_partials(self.qkv.rows, z[0], self.qkv.threshold, self.qkv.scale)
+                if masked_wide.product_design(self.qkv.rows) == "gemv":
+                    qkv = masked_gemv(self.qkv.rows, z, self.qkv.threshold, self.qkv.scale)
+                else:
+                    qkv, splits = masked_rows_partials(self.qkv.rows, z[0], self.qkv.threshold, self.qkv.scale)
             else:
                 qkv = self.qkv.expand(z)
         elif isinstance(self.qkv, nn.Linear):
             qkv = matvec(self.qkv.weight, normed, self.gemv)
         elif isinstance(self.qkv, NeuronPart) and fuse and self.qkv.fusable(normed) and self.qkv_bias is None:
-            # TEAL's or WINA's input mask: the normed input is the coefficients; partial sums as above
-            qkv, splits = masked_rows_partials(self.qkv.rows, normed[0], self.qkv.threshold, self.qkv.scale)
+            # TEAL's or WINA's input mask: the normed input is the coefficients; partial sums as above, or one GEMV
+            # over every row that may make the norm itself (reads_normed_once)
+            if masked_wide.product_design(self.qkv.rows) == "gemv":
+                qkv = masked_gemv(self.qkv.rows, normed, self.qkv.threshold, self.qkv.scale)
+            else:
+                qkv, splits = masked_rows_partials(self.qkv.rows, normed[0], self.qkv.threshold, self.qkv.scale)
         else:  # another part of a block built from a model (a static low rank, masked inputs with a bias)
             qkv = self.qkv(normed)
         if self.qkv_bias is not None:
@@ -155,15 +163,20 @@ def _no_mark(layer: int, section: str) -> None:
 
 def reads_normed_once(block, section: str) -> bool:
     """Whether a section's normed input is read by one GEMV only, which can then make the residual add and the
-    norm itself (residual.PendingNorm): the stacked QKV or RaNA's B for "attention" (not TEAL's input masks,
-    svd's or A3's parts), the stacked gate/up (dense SwiGLU or RaNA's B) for "mlp" (not CATS or mixed MLPs)."""
+    norm itself (residual.PendingNorm): the stacked QKV or RaNA's B for "attention" (TEAL's or WINA's input mask
+    only as one GEMV over every row, masked_wide.product_design; not svd's or A3's parts), the stacked gate/up
+    (dense SwiGLU, RaNA's B, or masked gate/up as such a GEMV) for "mlp" (not CATS or mixed MLPs)."""
     if section == "attention":
         qkv = block.qkv
-        return isinstance(qkv, nn.Linear) or (isinstance(qkv, RankPart) and not isinstance(qkv, NeuronPart))
+        if isinstance(qkv, NeuronPart):  # an input mask: only its GEMV over every row makes the norm itself
+            return (block.qkv_bias is None and not (qkv.calibrating or qkv.counting)
+                    and masked_wide.product_design(qkv.rows) == "gemv")
+        return isinstance(qkv, nn.Linear) or isinstance(qkv, RankPart)
     mlp = getattr(block, "mlp_part", None)  # a block built from a model keeps its MLP as a part
     if mlp is None:  # the synthetic block: dense SwiGLU or RaNA, each starting with one GEMV of stacked weights
         return True
-    return hasattr(mlp, "gate_up_B") or getattr(mlp, "fused", None) is not None
+    return (hasattr(mlp, "gate_up_B") or getattr(mlp, "fused", None) is not None
+            or bool(getattr(mlp, "reads_pending", lambda: False)()))
 
 
 class DecodeEngine(nn.Module):

@@ -38,11 +38,12 @@ from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit
 from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_attention, layer_mlp, mlp_parts,
                                    shape_of)
-from rana_core.decode import dense_kernels
+from rana_core.decode import dense_kernels, masked_wide
 from rana_core.decode.engine import Block, DecodeEngine
-from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, matvec, swiglu_chain
+from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, masked_gemv, matvec, swiglu_chain
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
 from rana_core.decode.narrow import A3AttentionPart
+from rana_core.decode.residual import PendingNorm
 from rana_core.errors import RanaError
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary frequencies that do not change with the length
@@ -112,10 +113,19 @@ class ProjectionMLP(nn.Module):
             self.gate_up_threshold = _join(gate, up, "threshold")
             self.gate_up_scale = None if gate.scale is None else _join(gate, up, "norms")
 
+    def reads_pending(self) -> bool:
+        """Whether one token's input may come as a norm still owed (engine.reads_normed_once): gate and up masked
+        on it as one GEMV over every row (masked_wide.product_design), which makes the norm itself."""
+        return (self.chained and masked_wide.product_design(self.gate_up_rows) == "gemv"
+                and not any(p.calibrating or p.counting for p in (self.gate, self.up, self.down)))
+
     def forward(self, x):
         if self.fused is not None:
             return self.down(matvec(self.fused, x, self.gemv, swiglu=True))
         if self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down)):
+            if isinstance(x, PendingNorm):  # reads_pending: h from the normed, masked input in one GEMV
+                h = masked_gemv(self.gate_up_rows, x, self.gate_up_threshold, self.gate_up_scale, groups=2)
+                return masked_gemv(self.down.rows, h, self.down.threshold, self.down.scale, out=self.down.out)
             return swiglu_chain(self.gate_up_rows, x[0], self.gate_up_threshold, self.down,
                                 torch.empty_like(self.gate.out), self.gate_up_scale, shared_coeff=True)
         return self.down(self.act(self.gate(x)) * self.up(x))

@@ -74,6 +74,13 @@ def chain_design(*rows: torch.Tensor) -> str:
     return "gemv" if choice == "gemv" or (choice == "auto" and total <= GEMV_MAX_BYTES) else "products"
 
 
+def product_design(rows: torch.Tensor) -> str:
+    """How one token's masked product over `rows` runs where a GEMV can take it (a masked QKV product): "gemv"
+    (every row, the mask on the input, a residual norm still owed folded in) only where RANA_MASKED_PRODUCT is
+    "gemv" (built in session 19, not yet timed against auto's choice), else design()'s."""
+    return "gemv" if _choice() == "gemv" else design(rows)
+
+
 def _choice() -> str:
     choice = os.environ.get("RANA_MASKED_PRODUCT", "auto")
     if choice not in ("auto", "list", "wide", "gemv"):

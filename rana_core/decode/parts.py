@@ -151,6 +151,20 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out, swiglu_of=(partial, splits))[None]
 
 
+def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+    """One token's masked product(s) over `rows` (groups·K, M) as a GEMV over every row, the mask on the input:
+    (1, M), or with two groups silu(gate)·up of gate's and up's products of the same input. `x` (1, K) or a
+    norm still owed (residual.PendingNorm), which the GEMV then makes itself."""
+    columns = _columns(rows, groups)
+    input_mask = (threshold, scale, False)
+    if isinstance(x, PendingNorm):
+        return x.gemv(columns, swiglu=groups == 2, input_mask=input_mask)
+    if out is None:
+        out = torch.empty(columns.shape[0] // groups, dtype=x.dtype, device=x.device)
+    return gemv(columns, x.reshape(-1), out, swiglu=groups == 2, input_mask=input_mask)[None]
+
+
 def _columns(rows: torch.Tensor, groups: int) -> torch.Tensor:
     """The matrices whose rows `rows` stacks transposed, as one row-major GEMV weight: rows (groups·K, M) → (groups·M,
     K), group by group, each row starting on 128 bytes (the row stride padded to 64 elements: Triton vectorises the
