@@ -4,13 +4,15 @@ adapters (rana_core.decode.from_model), against the dense model in the same engi
     python bench/run_latency.py [--model smollm2-135m] [--label NAME] [--budget 0.44]
                                 [--methods dense,svd,cats,teal,wina,rana-greedy,a3,hybrid] [--contexts 1,512]
                                 [--new-tokens 256] [--dtype bfloat16] [--calib-tokens 8192] [--eval-tokens 8192]
-                                [--layers reference,persistent] [--batches 4,8] [--out PATH]
+                                [--layers reference,persistent] [--masked-products auto,gemv] [--batches 4,8]
+                                [--out PATH]
 
 Each run is compressed in this process on the GPU (rana_core.pipeline.compress, its adapters saved and loaded back
 as a worker would), then measured by rana_core.decode.run_latency.measure_run: median ms per token over
 `new-tokens` graph-replayed steps after a prompt of each context, the dense engine's beside it, the floor (bytes a
 step reads over the copy bandwidth), the FLOP reduction counted from the engine's masks on held-out windows;
-with --batches, tokens per second of that many sequences decoding together, run and dense (batch_rows).
+with --batches, tokens per second of that many sequences decoding together, run and dense (batch_rows); with
+--masked-products, each run under each RANA_MASKED_PRODUCT value (a row each).
 A model that is not installed is skipped with its reason. Prints a table and writes
 bench/results/run-latency-<label>-<device>.json.
 """
@@ -18,6 +20,7 @@ bench/results/run-latency-<label>-<device>.json.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -55,10 +58,13 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default="reference",
                         help="how the engine runs a layer: reference (a launch per operation), persistent (one "
                              "launch), or both comma-separated (each run timed both ways in this process)")
+    parser.add_argument("--masked-products", default="auto",
+                        help="RANA_MASKED_PRODUCT values to time each run under, comma-separated (e.g. auto,gemv: "
+                             "each run timed both ways in this process)")
     parser.add_argument("--batches", default="", help="batch sizes (2-16) also timed at each context, e.g. 4,8")
     parser.add_argument("--out", type=Path, help="the JSON's path (default: bench/results/run-latency-…)")
     args = parser.parse_args(argv)
-    modes = args.layers.split(",")
+    modes, designs = args.layers.split(","), args.masked_products.split(",")
     if set(modes) - {"reference", "persistent"}:
         parser.error(f"--layers {args.layers}: use reference, persistent or both")
     if not torch.cuda.is_available():
@@ -85,14 +91,19 @@ def main(argv=None) -> int:
                 result = compress(config, loaded=loaded, artifact_path=Path(folder) / "adapters.safetensors")
                 unload(loaded.layers)
                 adapters = load_adapters(loaded, result.artifact["path"], result.artifact["sha256"])
-                reports = {mode: measure_run(loaded.model, adapters, contexts, args.new_tokens, args.dtype, "cuda",
-                                             text, layers=mode, batches=batches) for mode in modes}
+                reports = {}
+                for mode in modes:
+                    for design in designs:
+                        os.environ["RANA_MASKED_PRODUCT"] = design  # read where each product is launched
+                        reports[mode, design] = measure_run(loaded.model, adapters, contexts, args.new_tokens,
+                                                            args.dtype, "cuda", text, layers=mode, batches=batches)
             except RanaError as exc:  # e.g. a family or adapter the engine cannot run: one line, the row says so
                 rows.append({"method": name, "error": str(exc)})
                 print(f"{name}: {exc}", file=sys.stderr)
                 continue
-        for mode, report in reports.items():
-            rows.append({"method": name, "layer_mode": mode, "perplexity": result.perplexity,
+        for (mode, design), report in reports.items():
+            rows.append({"method": name, "layer_mode": mode, "masked_product": design,
+                         "perplexity": result.perplexity,
                          "measured_flop_reduction": result.measured_flop_reduction,
                          "engine_flop_reduction": report["measured_flop_reduction"],
                          "device_name": report["device_name"], "per_context": report["rows"],
@@ -100,7 +111,7 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name(0)
     print(f"\n{label} on {device}, {args.dtype}, batch 1, {args.new_tokens} new tokens")
-    print(f"{'method':<14}{'layers':>11}{'ppl':>9}{'cut':>7}{'engine cut':>11}" + "".join(
+    print(f"{'method':<14}{'layers':>11}{'masked':>8}{'ppl':>9}{'cut':>7}{'engine cut':>11}" + "".join(
         f"{f'ms@{c}':>9}{'× dense':>9}{'floor':>8}" for c in contexts))
     for row in rows:
         if "error" in row:
@@ -108,19 +119,21 @@ def main(argv=None) -> int:
             continue
         cells = "".join(f"{r['ms_per_token']:>9.4f}{r['dense_ms_per_token'] / r['ms_per_token']:>9.2f}"
                         f"{r['floor_ms']:>8.4f}" for r in row["per_context"])
-        print(f"{row['method']:<14}{row['layer_mode']:>11}{row['perplexity']:>9.2f}"
+        print(f"{row['method']:<14}{row['layer_mode']:>11}{row['masked_product']:>8}{row['perplexity']:>9.2f}"
               f"{row['measured_flop_reduction']:>7.3f}"
               f"{row['engine_flop_reduction']:>11.3f}{cells}")
     if batches:
         print("\nbatches: tokens/s of the run (and × dense at the same batch)")
-        print(f"{'method':<14}{'layers':>11}{'context':>9}" + "".join(f"{f'B={b}':>18}" for b in [1] + batches))
+        print(f"{'method':<14}{'layers':>11}{'masked':>8}{'context':>9}"
+              + "".join(f"{f'B={b}':>18}" for b in [1] + batches))
         for row in rows:
             for r in row.get("per_context", []):
                 cells = [(1e3 / r["ms_per_token"], r["dense_ms_per_token"] / r["ms_per_token"])] + [
                     (b["tokens_per_s"], b["tokens_per_s"] / b["dense_tokens_per_s"]) for b in r["batches"]]
-                print(f"{row['method']:<14}{row['layer_mode']:>11}{r['context_tokens']:>9}"
+                print(f"{row['method']:<14}{row['layer_mode']:>11}{row['masked_product']:>8}{r['context_tokens']:>9}"
                       + "".join(f"{f'{t:,.0f} ({x:.2f}×)':>18}" for t, x in cells))
-    mode = "" if modes == ["reference"] else "-" + "-".join(modes)
+    mode = ("" if modes == ["reference"] else "-" + "-".join(modes)) + (
+        "" if designs == ["auto"] else "-masked-" + "-".join(designs))
     out = args.out or RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}{mode}.json"
     write_results({"model": label, "device": device, "args": {**vars(args), "out": str(out)}, "rows": rows}, out,
                   "run-latency", device)
