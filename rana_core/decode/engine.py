@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.architecture import Shape
-from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode import masked_wide
+from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials
 from rana_core.decode.parts import (GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random,

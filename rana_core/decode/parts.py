@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rana_core.decode import masked_wide
 from rana_core.decode.dense_kernels import gemv, rmsnorm_reference
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
                                              masked_rows_reduced, use_triton)
@@ -140,8 +141,6 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     compaction makes h = silu(gate)·up from their partial sums (written to `h`) and lists its neurons, its gather
     and one reduction. Small rows: two GEMVs over every row of the parts' matrices (cached transposes of their
     rows), the masks applied to their inputs: h from gate/up, then down; the same sums, two launches."""
-    from rana_core.decode import masked_wide  # imports masked_kernels, as this module does
-
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
         gemv(_columns(gate_up_rows, 2), coeff, h, swiglu=True,
              input_mask=(gate_up_threshold, scale, not shared_coeff))
@@ -171,13 +170,14 @@ def _columns(rows: torch.Tensor, groups: int) -> torch.Tensor:
     GEMV's loads only for a stride divisible by 16, and ranks such as 360 are not; measured on an H200, session
     19). Made once per weight (first at a warm-up step, before a graph is captured) and kept while the weight
     lives: weights do not change during decoding."""
-    columns = getattr(rows, "_rana_columns", None)  # kept on the weight itself: it lives and dies with it
+    name = f"_rana_columns_{groups}"  # kept on the weight itself: it lives and dies with it
+    columns = getattr(rows, name, None)
     if columns is None:
         K = rows.shape[0] // groups
         padded = torch.zeros(groups * rows.shape[1], -(-K // 64) * 64, dtype=rows.dtype, device=rows.device)
         columns = padded[:, :K]
         columns.copy_(torch.cat([part.t() for part in rows.chunk(groups)]))
-        rows._rana_columns = columns
+        setattr(rows, name, columns)
     return columns
 
 
