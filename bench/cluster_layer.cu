@@ -232,7 +232,7 @@ __device__ __forceinline__ void hand_over(const float* values, int count, int of
 template <int CLUSTER, int STAGES>
 __global__ void __launch_bounds__(THREADS, 1)
     layer_chain_kernel(Layer shape, const __half* __restrict__ norm_weights, const __half* __restrict__ x0,
-                       float* __restrict__ residuals, int layers, int ahead, long long* stamps) {
+                       float* __restrict__ residuals, int layers, int ahead, int ring_only, long long* stamps) {
     extern __shared__ __align__(128) unsigned char shared[];
     unsigned char* ring = shared;
     uint64_t* full = reinterpret_cast<uint64_t*>(shared + STAGES * SLOT_BYTES);
@@ -260,55 +260,70 @@ __global__ void __launch_bounds__(THREADS, 1)
     } else {
         const int t = threadIdx.x - 32;
         const bool leader = rank == 0 && t == 0;
-        for (int i = t; i < HIDDEN; i += CONSUMERS * 32) r[i] = __half2float(x0[i]);
-        consumers_sync();
-        int step = 0, handovers = 0;
-        const int qkv_rows = QKV / CLUSTER, o_rows = HIDDEN / CLUSTER, gu_rows = 2 * INTER / CLUSTER;
-        for (int layer = 0; layer < layers; ++layer) {
-            long long* s = stamps == nullptr ? nullptr : stamps + layer * STAMPS;
-            stamp(s, 0, leader);
-            rmsnorm(r, norm_weights + (size_t)(2 * layer) * HIDDEN, act, scratch, t);
-            product<HIDDEN, STAGES>(qkv_rows, shape.p[0].slot_rows, act, out, ring, full, empty, step);
-            consumers_sync();
-            stamp(s, 1, leader);
-            float* box = inbox + (handovers % 2) * INTER;
-            hand_over<CLUSTER>(out, qkv_rows, rank * qkv_rows, box, handed, handovers++, t);
-            stamp(s, 2, leader);
-            for (int i = t; i < HIDDEN; i += CONSUMERS * 32) act[i] = box[i];  // q: attention's stand-in
-            consumers_sync();
-            product<HIDDEN, STAGES>(o_rows, shape.p[1].slot_rows, act, out, ring, full, empty, step);
-            consumers_sync();
-            stamp(s, 3, leader);
-            box = inbox + (handovers % 2) * INTER;
-            hand_over<CLUSTER>(out, o_rows, rank * o_rows, box, handed, handovers++, t);
-            stamp(s, 4, leader);
-            for (int i = t; i < HIDDEN; i += CONSUMERS * 32) r[i] += box[i];
-            consumers_sync();
-            rmsnorm(r, norm_weights + (size_t)(2 * layer + 1) * HIDDEN, act, scratch, t);
-            product<HIDDEN, STAGES>(gu_rows, shape.p[2].slot_rows, act, out, ring, full, empty, step);
-            consumers_sync();
-            for (int j = t; j < gu_rows / 2; j += CONSUMERS * 32) {  // h_j = silu(g_j) · u_j, in place
-                const float g = out[2 * j], u = out[2 * j + 1];
-                out[gu_rows + j] = g / (1.0f + __expf(-g)) * u;
+        if (ring_only) {  // the ring alone: every slot waited for and handed back, no sums, no hand-overs
+            const int lane = t % 32;
+            int slots = 0;
+            for (int q = 0; q < 4; ++q) {
+                const int mine = shape.p[q].rows / CLUSTER;
+                slots += (mine + shape.p[q].slot_rows - 1) / shape.p[q].slot_rows;
             }
-            consumers_sync();
-            stamp(s, 5, leader);
-            box = inbox + (handovers % 2) * INTER;
-            hand_over<CLUSTER>(out + gu_rows, gu_rows / 2, rank * (gu_rows / 2), box, handed, handovers++, t);
-            stamp(s, 6, leader);
-            for (int i = t; i < INTER; i += CONSUMERS * 32) act[i] = box[i];
-            consumers_sync();
-            product<INTER, STAGES>(o_rows, shape.p[3].slot_rows, act, out, ring, full, empty, step);
-            consumers_sync();
-            stamp(s, 7, leader);
-            box = inbox + (handovers % 2) * INTER;
-            hand_over<CLUSTER>(out, o_rows, rank * o_rows, box, handed, handovers++, t);
-            stamp(s, 8, leader);
-            for (int i = t; i < HIDDEN; i += CONSUMERS * 32) {
-                r[i] += box[i];
-                if (rank == 0) residuals[(size_t)layer * HIDDEN + i] = r[i];
+            for (int step = 0; step < layers * slots; ++step) {
+                const int slot = step % STAGES;
+                barrier_wait<false>(&full[slot], (step / STAGES) & 1);
+                __syncwarp();
+                if (lane == 0) barrier_arrive(&empty[slot]);
             }
+        } else {
+            for (int i = t; i < HIDDEN; i += CONSUMERS * 32) r[i] = __half2float(x0[i]);
             consumers_sync();
+            int step = 0, handovers = 0;
+            const int qkv_rows = QKV / CLUSTER, o_rows = HIDDEN / CLUSTER, gu_rows = 2 * INTER / CLUSTER;
+            for (int layer = 0; layer < layers; ++layer) {
+                long long* s = stamps == nullptr ? nullptr : stamps + layer * STAMPS;
+                stamp(s, 0, leader);
+                rmsnorm(r, norm_weights + (size_t)(2 * layer) * HIDDEN, act, scratch, t);
+                product<HIDDEN, STAGES>(qkv_rows, shape.p[0].slot_rows, act, out, ring, full, empty, step);
+                consumers_sync();
+                stamp(s, 1, leader);
+                float* box = inbox + (handovers % 2) * INTER;
+                hand_over<CLUSTER>(out, qkv_rows, rank * qkv_rows, box, handed, handovers++, t);
+                stamp(s, 2, leader);
+                for (int i = t; i < HIDDEN; i += CONSUMERS * 32) act[i] = box[i];  // q: attention's stand-in
+                consumers_sync();
+                product<HIDDEN, STAGES>(o_rows, shape.p[1].slot_rows, act, out, ring, full, empty, step);
+                consumers_sync();
+                stamp(s, 3, leader);
+                box = inbox + (handovers % 2) * INTER;
+                hand_over<CLUSTER>(out, o_rows, rank * o_rows, box, handed, handovers++, t);
+                stamp(s, 4, leader);
+                for (int i = t; i < HIDDEN; i += CONSUMERS * 32) r[i] += box[i];
+                consumers_sync();
+                rmsnorm(r, norm_weights + (size_t)(2 * layer + 1) * HIDDEN, act, scratch, t);
+                product<HIDDEN, STAGES>(gu_rows, shape.p[2].slot_rows, act, out, ring, full, empty, step);
+                consumers_sync();
+                for (int j = t; j < gu_rows / 2; j += CONSUMERS * 32) {  // h_j = silu(g_j) · u_j, in place
+                    const float g = out[2 * j], u = out[2 * j + 1];
+                    out[gu_rows + j] = g / (1.0f + __expf(-g)) * u;
+                }
+                consumers_sync();
+                stamp(s, 5, leader);
+                box = inbox + (handovers % 2) * INTER;
+                hand_over<CLUSTER>(out + gu_rows, gu_rows / 2, rank * (gu_rows / 2), box, handed, handovers++, t);
+                stamp(s, 6, leader);
+                for (int i = t; i < INTER; i += CONSUMERS * 32) act[i] = box[i];
+                consumers_sync();
+                product<INTER, STAGES>(o_rows, shape.p[3].slot_rows, act, out, ring, full, empty, step);
+                consumers_sync();
+                stamp(s, 7, leader);
+                box = inbox + (handovers % 2) * INTER;
+                hand_over<CLUSTER>(out, o_rows, rank * o_rows, box, handed, handovers++, t);
+                stamp(s, 8, leader);
+                for (int i = t; i < HIDDEN; i += CONSUMERS * 32) {
+                    r[i] += box[i];
+                    if (rank == 0) residuals[(size_t)layer * HIDDEN + i] = r[i];
+                }
+                consumers_sync();
+            }
         }
     }
     // no block leaves while another may still write into its shared memory (the producer lane arrives late:
@@ -318,7 +333,7 @@ __global__ void __launch_bounds__(THREADS, 1)
 
 template <int CLUSTER, int STAGES>
 int launch(const Layer& shape, const __half* norm_weights, const __half* x0, float* residuals, int layers,
-           int ahead, long long* stamps, cudaStream_t stream) {
+           int ahead, int ring_only, long long* stamps, cudaStream_t stream) {
     const size_t shared_bytes = STAGES * SLOT_BYTES + (2 * STAGES + 2) * sizeof(uint64_t) +
                                 (2 * INTER + HIDDEN + INTER + 3 * INTER / CLUSTER + 32) * sizeof(float);
     auto kernel = layer_chain_kernel<CLUSTER, STAGES>;
@@ -340,7 +355,7 @@ int launch(const Layer& shape, const __half* norm_weights, const __half* x0, flo
     config.numAttrs = 1;
     int clusters = 0;
     if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &config) != cudaSuccess || clusters < 1) return 4;
-    if (cudaLaunchKernelEx(&config, kernel, shape, norm_weights, x0, residuals, layers, ahead, stamps) !=
+    if (cudaLaunchKernelEx(&config, kernel, shape, norm_weights, x0, residuals, layers, ahead, ring_only, stamps) !=
         cudaSuccess)
         return 5;
     return cudaGetLastError() == cudaSuccess ? 0 : 6;
@@ -348,13 +363,16 @@ int launch(const Layer& shape, const __half* norm_weights, const __half* x0, flo
 
 }  // namespace
 
-// One cluster of `cluster` blocks (8 or 16) runs `layers` layers. Weights: qkv (layers × 960 × 576), o (layers ×
-// 576 × 576), gate/up interleaved (layers × 3,072 × 576), down (layers × 576 × 1,536); norm weights (layers × 2 ×
-// 576); x0 (576); residuals (layers × 576, fp32) receives r after each layer; stamps (layers × 9) or null.
-// 0 on success; 1 an unbuilt cluster size, 2-6 a CUDA error (attribute, cluster size, residency, launch).
+// One cluster of `cluster` blocks (8 or 16) with a ring of `stages` slots (6 or 8) runs `layers` layers. Weights:
+// qkv (layers × 960 × 576), o (layers × 576 × 576), gate/up interleaved (layers × 3,072 × 576), down (layers × 576
+// × 1,536); norm weights (layers × 2 × 576); x0 (576); residuals (layers × 576, fp32) receives r after each layer;
+// stamps (layers × 9) or null. With ring_only, the consumers only wait for each slot and hand it back: the weights'
+// stream alone, no sums. 0 on success; 1 an unbuilt cluster size or ring, 2-6 a CUDA error (attribute, cluster
+// size, residency, launch).
 extern "C" int cluster_layer_chain(const void* qkv, const void* o, const void* gate_up, const void* down,
                                    const void* norm_weights, const void* x0, float* residuals, int layers,
-                                   int cluster, int ahead, long long* stamps, void* stream) {
+                                   int cluster, int stages, int ahead, int ring_only, long long* stamps,
+                                   void* stream) {
     Layer shape;
     shape.p[0] = {static_cast<const __half*>(qkv), QKV, HIDDEN, 16};
     shape.p[1] = {static_cast<const __half*>(o), HIDDEN, HIDDEN, 16};
@@ -363,7 +381,13 @@ extern "C" int cluster_layer_chain(const void* qkv, const void* o, const void* g
     const __half* norms = static_cast<const __half*>(norm_weights);
     const __half* x = static_cast<const __half*>(x0);
     cudaStream_t s = static_cast<cudaStream_t>(stream);
-    if (cluster == 8) return launch<8, 6>(shape, norms, x, residuals, layers, ahead, stamps, s);
-    if (cluster == 16) return launch<16, 6>(shape, norms, x, residuals, layers, ahead, stamps, s);
+    if (cluster == 8 && stages == 6)
+        return launch<8, 6>(shape, norms, x, residuals, layers, ahead, ring_only, stamps, s);
+    if (cluster == 8 && stages == 8)
+        return launch<8, 8>(shape, norms, x, residuals, layers, ahead, ring_only, stamps, s);
+    if (cluster == 16 && stages == 6)
+        return launch<16, 6>(shape, norms, x, residuals, layers, ahead, ring_only, stamps, s);
+    if (cluster == 16 && stages == 8)
+        return launch<16, 8>(shape, norms, x, residuals, layers, ahead, ring_only, stamps, s);
     return 1;
 }

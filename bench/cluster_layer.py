@@ -1,7 +1,7 @@
 """A SmolLM2-shaped layer's products in one thread-block cluster, chained over every layer in one launch, against
 the engine's launch per product (GPU with nvcc; issue 18's small-model question).
 
-    python bench/cluster_layer.py [--layers 30] [--clusters 8,16] [--ahead 0,1,2,4] [--out PATH]
+    python bench/cluster_layer.py [--layers 30] [--clusters 8,16] [--stages 6,8] [--ahead 0,1,2,4] [--out PATH]
 
 bench/stream_ahead measured that a hand-over between products through global memory over the whole GPU costs
 ~2 µs on an H200, more than a PDL launch in a CUDA graph. A SmolLM2 layer's products are small (7 MB of fp16
@@ -15,12 +15,14 @@ Per layer, with r the residual stream (every block keeps a copy and makes the no
     a = RMSNorm(r)·w2; h = silu(W_g a)·(W_u a); r += W_down h
 
 Timed, µs per layer (ratios within one run):
-- `cluster C, ahead A`: the one launch, C blocks, L2 prefetch A layers ahead (0: none);
+- `cluster C, ring R, ahead A`: the one launch, C blocks, R ring slots of 24 KB, L2 prefetch A layers ahead (0: none);
 - `engine`: the same layer as the engine's Triton GEMVs run it at this shape (the norms folded into the qkv and
   gate/up GEMVs, SwiGLU in the gate/up GEMV): four launches a layer in a CUDA graph with PDL;
 - `floor`: the layer's weight bytes at the device's copy bandwidth.
 Rank 0's stage times (globaltimer at each product's end and each hand-over's end; mean over layers 1…) say where a
-cluster layer goes. Each layer's residual is checked against PyTorch's float32 chain (≤ 1e-4 relative).
+cluster layer goes, and the same launch with the consumers only handing each ring slot back (no sums, no
+hand-overs) says what the weights' stream alone takes: whether a block's bulk-copy ring or its sums set the pace.
+Each layer's residual is checked against PyTorch's float32 chain (≤ 1e-4 relative).
 Prints a table and writes bench/results/cluster-layer-<device>.json.
 """
 
@@ -51,7 +53,7 @@ EPS = 1e-5
 
 def build():
     chain = compile_library(Path(__file__).with_suffix(".cu")).cluster_layer_chain
-    chain.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 3 + [ctypes.c_void_p] * 2
+    chain.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int] * 5 + [ctypes.c_void_p] * 2
     chain.restype = ctypes.c_int
     return chain
 
@@ -135,6 +137,7 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--clusters", default="8,16")
     parser.add_argument("--ahead", default="0,1,2,4")
+    parser.add_argument("--stages", default="6,8", help="ring slots of 24 KB a block (6 or 8)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     chain = build()
@@ -148,32 +151,40 @@ def main(argv=None) -> int:
     print(f"{name}: copy {bandwidth / 1e9:.0f} GB/s; SmolLM2-shaped layer products, {layer_bytes / 1e6:.2f} MB "
           f"a layer, {args.layers} layers; µs per layer")
     print(f"engine (4 Triton launches a layer): {engine_us:.2f}   floor: {floor_us:.2f}")
-    print(f"{'cluster':>8}{'ahead':>7}{'µs/layer':>10}{'engine/this':>13}{'this/floor':>12}{'max error':>11}")
+    print(f"{'cluster':>8}{'ring':>6}{'ahead':>7}{'µs/layer':>10}{'engine/this':>13}{'this/floor':>12}"
+          f"{'max error':>11}")
     stream = torch.cuda.current_stream().cuda_stream
     rows = []
-    for cluster in (int(c) for c in args.clusters.split(",")):
-        for ahead in (int(a) for a in args.ahead.split(",")):
-            residuals = torch.zeros(args.layers, HIDDEN, device="cuda")
-            stamps = torch.zeros(args.layers, 9, device="cuda", dtype=torch.int64)
+    cases = [(int(c), int(st), int(a)) for c in args.clusters.split(",") for st in args.stages.split(",")
+             for a in args.ahead.split(",")]
+    for cluster, stages, ahead in cases:
+        residuals = torch.zeros(args.layers, HIDDEN, device="cuda")
+        stamps = torch.zeros(args.layers, 9, device="cuda", dtype=torch.int64)
 
-            def run(stamps=None, cluster=cluster, ahead=ahead, residuals=residuals):
-                code = chain(*(w[k].data_ptr() for k in ("qkv", "o", "gate_up", "down", "norms", "x0")),
-                             residuals.data_ptr(), args.layers, cluster, ahead,
-                             None if stamps is None else stamps.data_ptr(), stream)
-                if code:
-                    raise SystemExit(f"cluster_layer: launch failed with code {code} (cluster {cluster})")
-            run(stamps)
-            torch.cuda.synchronize()
-            error = float(((residuals - expected).norm(dim=1) / expected.norm(dim=1)).max())
-            us = events_us(run) / args.layers
-            row = {"cluster": cluster, "ahead": ahead, "us_per_layer": us, "max_relative_error": error,
-                   "stages_us": stage_means(stamps)}
-            rows.append(row)
-            print(f"{cluster:>8}{ahead:>7}{us:>10.2f}{engine_us / us:>12.2f}×{us / floor_us:>11.2f}×"
-                  f"{error:>11.1e}", flush=True)
-            print("   rank 0, mean µs: " + ", ".join(f"{k} {v:.2f}" for k, v in row["stages_us"].items()))
-            if error > 1e-4:
-                print(f"   the cluster chain disagrees with PyTorch's ({error:.1e}): its time does not count")
+        def run(stamps=None, cluster=cluster, stages=stages, ahead=ahead, residuals=residuals, ring_only=0):
+            code = chain(*(w[k].data_ptr() for k in ("qkv", "o", "gate_up", "down", "norms", "x0")),
+                         residuals.data_ptr(), args.layers, cluster, stages, ahead, ring_only,
+                         None if stamps is None else stamps.data_ptr(), stream)
+            if code:
+                raise SystemExit(f"cluster_layer: launch failed with code {code} (cluster {cluster}, "
+                                 f"ring {stages})")
+        run(stamps)
+        torch.cuda.synchronize()
+        error = float(((residuals - expected).norm(dim=1) / expected.norm(dim=1)).max())
+        us = events_us(run) / args.layers
+        ring_us = events_us(lambda: run(ring_only=1)) / args.layers  # the weights' stream alone
+        row = {"cluster": cluster, "stages": stages, "ahead": ahead, "us_per_layer": us,
+               "max_relative_error": error,
+               "stages_us": stage_means(stamps), "ring_only_us_per_layer": ring_us,
+               "ring_only_gb_per_s_per_block": layer_bytes / cluster / ring_us / 1e3}
+        rows.append(row)
+        print(f"{cluster:>8}{stages:>6}{ahead:>7}{us:>10.2f}{engine_us / us:>12.2f}×{us / floor_us:>11.2f}×"
+              f"{error:>11.1e}", flush=True)
+        print("   rank 0, mean µs: " + ", ".join(f"{k} {v:.2f}" for k, v in row["stages_us"].items()))
+        print(f"   the ring alone (no sums, no hand-overs): {ring_us:.2f} µs a layer, "
+              f"{row['ring_only_gb_per_s_per_block']:.0f} GB/s a block")
+        if error > 1e-4:
+            print(f"   the cluster chain disagrees with PyTorch's ({error:.1e}): its time does not count")
     write_results({"device_name": name, "dtype": "float16", "copy_bandwidth": bandwidth, "layers": args.layers,
                    "layer_bytes": layer_bytes, "floor_us": floor_us, "engine_us": engine_us, "rows": rows},
                   args.out, "cluster-layer", name)
