@@ -142,21 +142,21 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     and one reduction. Small rows: two GEMVs over every row of the parts' matrices (cached transposes of their
     rows), the masks applied to their inputs: h from gate/up, then down; the same sums, two launches."""
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
-        gemv(_columns(gate_up_rows, 2), coeff, h, swiglu=True,
-             input_mask=(gate_up_threshold, scale, not shared_coeff))
-        return gemv(_columns(down.rows, 1), h, down.out, input_mask=(down.threshold, down.scale, False))[None]
+        h = masked_gemv(gate_up_rows, coeff, gate_up_threshold, scale, groups=2, out=h, split=not shared_coeff)
+        return masked_gemv(down.rows, h, down.threshold, down.scale, out=down.out)
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
     return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out, swiglu_of=(partial, splits))[None]
 
 
 def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,
-                out: torch.Tensor | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, split: bool = False) -> torch.Tensor:
     """One token's masked product(s) over `rows` (groups·K, M) as a GEMV over every row, the mask on the input:
-    (1, M), or with two groups silu(gate)·up of gate's and up's products of the same input. `x` (1, K) or a
-    norm still owed (residual.PendingNorm), which the GEMV then makes itself."""
+    (1, M), or with two groups silu(gate)·up of gate's and up's products (of the same input, or with `split` of
+    x's two halves: their own coefficients). `x` holds K (2K) values, or is a norm still owed
+    (residual.PendingNorm), which the GEMV then makes itself."""
     columns = _columns(rows, groups)
-    input_mask = (threshold, scale, False)
+    input_mask = (threshold, scale, split)
     if isinstance(x, PendingNorm):
         return x.gemv(columns, swiglu=groups == 2, input_mask=input_mask)
     if out is None:
