@@ -22,6 +22,8 @@
 
 #include <cstdint>
 
+#include "mbarrier.cuh"
+
 namespace cg = cooperative_groups;
 
 namespace {
@@ -31,62 +33,12 @@ constexpr int CONSUMERS = 8, THREADS = (CONSUMERS + 1) * 32;
 constexpr int SLOT_BYTES = 24576;  // 16 rows of 576 or 8 rows of 1,536 (fp16)
 constexpr int STAMPS = 9;          // per layer: start, after each product, after each hand-over
 
-__device__ __forceinline__ uint32_t shared_address(const void* pointer) {
-    return static_cast<uint32_t>(__cvta_generic_to_shared(pointer));
-}
-
-__device__ __forceinline__ void barrier_init(uint64_t* barrier, uint32_t arrivals) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(shared_address(barrier)), "r"(arrivals));
-}
-
-__device__ __forceinline__ void barrier_expect_bytes(uint64_t* barrier, uint32_t bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(shared_address(barrier)),
-                 "r"(bytes)
-                 : "memory");
-}
-
-__device__ __forceinline__ void barrier_arrive(uint64_t* barrier) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(shared_address(barrier)) : "memory");
-}
-
 // Arrive on block `rank`'s copy of this barrier, releasing this thread's writes (and what it has seen) to the
 // cluster: the hand-over.
 __device__ __forceinline__ void barrier_arrive_remote(uint64_t* barrier, uint32_t rank) {
     uint32_t remote;
     asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(shared_address(barrier)), "r"(rank));
     asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-
-// Wait for a phase of this parity; `cluster` acquires what the arriving blocks released.
-template <bool CLUSTER>
-__device__ __forceinline__ void barrier_wait(uint64_t* barrier, uint32_t parity) {
-    uint32_t done = 0;
-    do {
-        if (CLUSTER)
-            asm volatile(
-                "{\n .reg .pred complete;\n"
-                " mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 complete, [%1], %2;\n"
-                " selp.u32 %0, 1, 0, complete;\n}"
-                : "=r"(done)
-                : "r"(shared_address(barrier)), "r"(parity)
-                : "memory");
-        else
-            asm volatile(
-                "{\n .reg .pred complete;\n"
-                " mbarrier.try_wait.parity.shared::cta.b64 complete, [%1], %2;\n"
-                " selp.u32 %0, 1, 0, complete;\n}"
-                : "=r"(done)
-                : "r"(shared_address(barrier)), "r"(parity)
-                : "memory");
-    } while (!done);
-}
-
-__device__ __forceinline__ void bulk_copy(void* destination, const void* source, uint32_t bytes,
-                                          uint64_t* barrier) {
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                     shared_address(destination)),
-                 "l"(source), "r"(bytes), "r"(shared_address(barrier))
-                 : "memory");
 }
 
 __device__ __forceinline__ void prefetch_l2(const __half* source, uint32_t bytes) {  // in pieces of ≤ 32 KB
@@ -146,7 +98,7 @@ __device__ void produce(const Layer& layer_shape, int layers, int ahead, uint32_
             for (int first = 0; first < mine; first += p.slot_rows, ++step) {
                 const int slot = step % STAGES, rows = min(p.slot_rows, mine - first);
                 const uint32_t bytes = rows * p.K * sizeof(__half);
-                barrier_wait<false>(&empty[slot], ((step / STAGES) & 1) ^ 1);
+                barrier_wait(&empty[slot], ((step / STAGES) & 1) ^ 1);
                 barrier_expect_bytes(&full[slot], bytes);
                 bulk_copy(ring + slot * SLOT_BYTES, source + (size_t)first * p.K, bytes, &full[slot]);
             }
@@ -170,7 +122,7 @@ __device__ __forceinline__ void product(int mine, int slot_rows, const float* ac
     }
     for (int first = 0; first < mine; first += slot_rows, ++step) {
         const int slot = step % STAGES, rows = min(slot_rows, mine - first);
-        barrier_wait<false>(&full[slot], (step / STAGES) & 1);
+        barrier_wait(&full[slot], (step / STAGES) & 1);
         for (int row = warp; row < rows; row += CONSUMERS) {
             const uint4* w = reinterpret_cast<const uint4*>(ring + slot * SLOT_BYTES + (size_t)row * K * 2);
             float sum = 0.0f;
@@ -269,7 +221,7 @@ __global__ void __launch_bounds__(THREADS, 1)
             }
             for (int step = 0; step < layers * slots; ++step) {
                 const int slot = step % STAGES;
-                barrier_wait<false>(&full[slot], (step / STAGES) & 1);
+                barrier_wait(&full[slot], (step / STAGES) & 1);
                 __syncwarp();
                 if (lane == 0) barrier_arrive(&empty[slot]);
             }

@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 from rana_core.decode import latency  # noqa: E402
 from rana_core.decode.dense_kernels import gemv  # noqa: E402
 
-from cuda_library import compile_library  # noqa: E402
+from cuda_library import compile_library, events_us  # noqa: E402
 from shown_path import write_results  # noqa: E402
 
 HIDDEN, QKV, INTER = 576, 960, 1536
@@ -107,20 +107,6 @@ def engine_chain(w: dict):
                  norm=(o, w["norms"][layer, 1], EPS, residuals[2 * layer + 2]))
             gemv(w["down"][layer], h, down)
     return run
-
-
-def events_us(fn, calls: int = 20) -> float:
-    """Median µs of one call of fn over rounds of back-to-back calls (CUDA events)."""
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def stage_means(stamps: torch.Tensor) -> dict:

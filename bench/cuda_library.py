@@ -1,11 +1,13 @@
 """How the CUDA benches (stream_ahead, cluster_layer) build their kernels: nvcc for sm_90a into a temporary shared
-library, loaded through ctypes (no PyTorch headers, no extension build)."""
+library, loaded through ctypes (no PyTorch headers, no extension build); and how they time one launch."""
 
 import ctypes
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+import torch
 
 
 def compile_library(source: Path) -> ctypes.CDLL:
@@ -20,3 +22,17 @@ def compile_library(source: Path) -> ctypes.CDLL:
     if built.returncode != 0:
         raise SystemExit(f"{source.stem}: nvcc failed: {built.stderr.strip().splitlines()[-1]}")
     return ctypes.CDLL(str(library))
+
+
+def events_us(fn, calls: int = 20) -> float:
+    """Median µs of one call of fn over five rounds of `calls` back-to-back calls (CUDA events)."""
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]

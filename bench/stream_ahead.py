@@ -46,7 +46,7 @@ from rana_core.decode import latency  # noqa: E402
 from rana_core.decode.dense_kernels import gemv  # noqa: E402
 from rana_core.decode.masked_kernels import masked_rows_gemv  # noqa: E402
 
-from cuda_library import compile_library  # noqa: E402
+from cuda_library import compile_library, events_us  # noqa: E402
 from shown_path import write_results  # noqa: E402
 
 SOURCE = Path(__file__).with_suffix(".cu")
@@ -176,20 +176,6 @@ def stage_times(stamps: torch.Tensor, names: tuple[str, ...]) -> dict:
 
 def print_stages(spans: dict) -> None:
     print("  block 0, median µs a layer: " + ", ".join(f"{name} {us:.2f}" for name, us in spans.items()))
-
-
-def events_us(fn, calls: int = 20) -> float:
-    """Median µs of one call of fn over several rounds of back-to-back calls (CUDA events)."""
-    times = []
-    for _ in range(5):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / calls)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv=None) -> int:
