@@ -1,6 +1,6 @@
 """A launch option of the reference engine, off against on, in one process (GPU).
 
-    python bench/engine_ab.py --env RANA_EARLY_WEIGHTS [--values 0,1] [--models llama2-7b-shape,smollm2-135m-shape]
+    python bench/engine_ab.py --env RANA_EARLY_WEIGHTS [--values long,all] [--models llama2-7b-shape,smollm2-135m-shape]
                               [--cuts 0,0.44] [--rounds 2] [--contexts 1]
     python bench/engine_ab.py --env RANA_FUSE_NORM:RANA_ATTENTION_LAUNCHES --values 0:3,1:2
     python bench/engine_ab.py --env RANA_GEMV_CONFIG --values ,8-1024-4-4,8-1024-4-2 --models llama2-7b-shape

@@ -383,11 +383,27 @@ def test_the_norm_prologue_refuses_to_write_the_residual_over_itself():
         gemv(torch.zeros(4, 8), x, torch.zeros(4), norm=(torch.ones(8), torch.ones(8), 1e-5, x))
 
 
+def test_early_weights_follow_their_option(monkeypatch):
+    """RANA_EARLY_WEIGHTS: every row length by default, rows of EARLY_MIN_K columns or more under "long", none under
+    "0"; anything else is refused with the values it takes."""
+    from rana_core.decode.dense_kernels import _early_weights
+
+    monkeypatch.delenv("RANA_EARLY_WEIGHTS", raising=False)
+    assert (_early_weights(576, 2048), _early_weights(4096, 2048)) == (True, True)
+    monkeypatch.setenv("RANA_EARLY_WEIGHTS", "long")
+    assert (_early_weights(576, 2048), _early_weights(2048, 2048)) == (False, True)
+    monkeypatch.setenv("RANA_EARLY_WEIGHTS", "0")
+    assert _early_weights(4096, 2048) is False
+    monkeypatch.setenv("RANA_EARLY_WEIGHTS", "1")
+    with pytest.raises(ValueError, match="all, long or 0"):
+        _early_weights(4096, 2048)
+
+
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
-def test_gemv_with_its_first_weight_chunk_loaded_early_gives_the_same_bits(device, dtype, swiglu):
-    """The first chunk of each program's rows loaded before the wait for the launch before (EARLY_MIN_K) enters the
-    sum exactly where the loop would have put it: the same output bit for bit, with K under one chunk, a whole
+def test_gemv_with_its_first_weight_chunk_loaded_early_gives_the_same_bits(device, dtype, swiglu, monkeypatch):
+    """The first chunk of each program's rows loaded before the wait for the launch before (RANA_EARLY_WEIGHTS) enters
+    the sum exactly where the loop would have put it: the same output bit for bit, with K under one chunk, a whole
     number of chunks and a ragged last chunk."""
     require_triton(device)
     block_k = 512 if device == "cuda" else 32
@@ -395,8 +411,10 @@ def test_gemv_with_its_first_weight_chunk_loaded_early_gives_the_same_bits(devic
         g = torch.Generator().manual_seed(N * K)
         weight = (torch.randn((2 if swiglu else 1) * N, K, generator=g) / K ** 0.5).to(device, dtype)
         x = torch.randn(K, generator=g).to(device, dtype)
-        outs = [gemv(weight, x, poisoned(N, dtype=dtype, device=device), {"EARLY_MIN_K": min_k, "BLOCK_K": block_k},
-                     swiglu=swiglu) for min_k in (K + 1, 0)]  # after the wait, then early
+        outs = []
+        for early in ("0", "all"):  # after the wait, then early
+            monkeypatch.setenv("RANA_EARLY_WEIGHTS", early)
+            outs.append(gemv(weight, x, poisoned(N, dtype=dtype, device=device), {"BLOCK_K": block_k}, swiglu=swiglu))
         assert torch.isfinite(outs[1].float()).all()
         assert torch.equal(outs[0], outs[1]), (N, K)
 

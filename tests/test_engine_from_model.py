@@ -118,19 +118,23 @@ def test_a_profiled_step_marks_each_layers_qkv_attention_and_mlp_in_order(model_
                      (2, "head"), (2, "end")]
 
 
-@pytest.mark.parametrize("model_name, method, allocation, unfolded", [
-    ("tiny", "dense", "uniform", 0), ("tiny", "rana", "greedy", 0), ("tiny-qwen2", "rana", "uniform", 0),
-    ("tiny", "cats", "uniform", 2), ("tiny", "a3", "uniform", 2), ("tiny", "hybrid", "exact-loss", 4)])
-def test_a_stored_runs_engine_with_norms_folded_decodes_the_same(model_name, method, allocation, unfolded,
+@pytest.mark.parametrize("model_name, method, allocation, masked, unfolded", [
+    ("tiny", "dense", "uniform", "auto", 0), ("tiny", "rana", "greedy", "auto", 0),
+    ("tiny-qwen2", "rana", "uniform", "auto", 0), ("tiny", "cats", "uniform", "auto", 2),
+    ("tiny", "a3", "uniform", "auto", 2), ("tiny", "hybrid", "exact-loss", "auto", 0),
+    ("tiny", "hybrid", "exact-loss", "wide", 4)])
+def test_a_stored_runs_engine_with_norms_folded_decodes_the_same(model_name, method, allocation, masked, unfolded,
                                                                  tmp_path, monkeypatch):
     """RANA_FUSE_NORM=1 on the engine of a stored run: where a section's first product is one GEMV (stacked QKV
-    with or without biases, RaNA's B, the stacked gate/up, the LM head) it adds and norms its input itself; where
-    another part reads the normed input (CATS's gate and up, A3's narrow q/k/v, the TEAL parts of hybrid's run)
-    add_rmsnorm still runs: `unfolded` launches a step in these two-layer models. Logits of four steps equal the
-    unfolded engine's to float32 rounding, the tokens the same."""
+    with or without biases, RaNA's B, the stacked gate/up, the LM head, and at these small sizes TEAL's masked QKV
+    and gate/up, masked_wide.product_design) it adds and norms its input itself; where another part reads the
+    normed input (CATS's gate and up, A3's narrow q/k/v, the TEAL parts of hybrid's run when their masked products
+    are made as products: RANA_MASKED_PRODUCT=wide) add_rmsnorm still runs: `unfolded` launches a step in these
+    two-layer models. Logits of four steps equal the unfolded engine's to float32 rounding, the tokens the same."""
     from test_engine import decode_steps
 
     require_triton("cpu")
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", masked)
     loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
     engine = engine_from_model(loaded.model, adapters)
     prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
@@ -187,15 +191,17 @@ def test_rana_mlp_chain_with_unequal_ranks_computes_the_masked_mlp(ranks):
 def test_input_masks_as_gemvs_fold_the_norms_and_decode_the_same(model_name, method, allocation, unfolded,
                                                                  tmp_path, monkeypatch):
     """RANA_MASKED_PRODUCT=gemv on the engine of a stored run: TEAL's and WINA's masked QKV and gate/up (WINA's
-    scores scaled, hybrid's TEAL parts among its others) run as GEMVs over every row with the mask on their input, so they make the residual add and the norm themselves (norms
-    folded: `unfolded` add_rmsnorm launches a step remain, Qwen2's QKV biases keep theirs). Logits of four steps
-    equal those of the default designs with unfolded norms to float32 rounding, the tokens the same."""
+    scores scaled, hybrid's TEAL parts among its others) run as GEMVs over every row with the mask on their input,
+    so they make the residual add and the norm themselves (norms folded: `unfolded` add_rmsnorm launches a step
+    remain, Qwen2's QKV biases keep theirs). Logits of four steps equal those of the wide design (masked products
+    over the active rows) with unfolded norms to float32 rounding, the tokens the same."""
     from test_engine import decode_steps
 
     require_triton("cpu")
     loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
     engine = engine_from_model(loaded.model, adapters)
     prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", "wide")
     plain, _ = decode_steps(engine, prompt, 4, False, monkeypatch)
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "gemv")
     folded, calls = decode_steps(engine, prompt, 4, True, monkeypatch)

@@ -213,3 +213,20 @@ def test_small_mlps_take_the_two_gemvs_by_default(monkeypatch):
     for other in ("list", "wide"):
         monkeypatch.setenv("RANA_MASKED_PRODUCT", other)
         assert masked_wide.chain_design(gate_up, down) == "products"
+
+
+def test_small_masked_products_take_the_gemv_by_default(monkeypatch):
+    """One masked product (QKV's) whose rows take at most GEMV_MAX_BYTES runs as a GEMV over the masked input under
+    auto; larger ones take design()'s choice; "gemv" asks for the GEMV at any size, "list" and "wide" never."""
+    from rana_core.decode import masked_wide
+
+    monkeypatch.delenv("RANA_MASKED_PRODUCT", raising=False)
+    monkeypatch.setattr(masked_wide, "GEMV_MAX_BYTES", 1000)
+    monkeypatch.setattr(masked_wide, "WIDE_MAX_BYTES", 2000)
+    small, middle, large = torch.zeros(10, 25), torch.zeros(10, 26), torch.zeros(10, 51)  # 1000, 1040, 2040 bytes
+    assert [masked_wide.product_design(r) for r in (small, middle, large)] == ["gemv", "wide", "list"]
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", "gemv")
+    assert masked_wide.product_design(large) == "gemv"
+    for other in ("list", "wide"):
+        monkeypatch.setenv("RANA_MASKED_PRODUCT", other)
+        assert masked_wide.product_design(small) == other

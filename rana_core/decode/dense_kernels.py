@@ -258,9 +258,11 @@ def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch
     return q_out
 
 
-# EARLY_MIN_K: from this many columns on, each program loads its first weight chunk before waiting for the launch
-# before (RANA_EARLY_WEIGHTS=0: never). On an H200 (bench/engine_ab.py --env RANA_EARLY_WEIGHTS) that took 3% off a
-# 7B-shape dense step and 1% off RaNA −44%, and made SmolLM2-shape steps (K = 576, 1536) 3-4% slower.
+# Each program loads its first weight chunk before waiting for the launch before (RANA_EARLY_WEIGHTS=all, the
+# default; =long: only rows of at least EARLY_MIN_K columns, session 11's choice; =0: never). On an H200
+# (bench/engine_ab.py --env RANA_EARLY_WEIGHTS) early loads took 3% off a 7B-shape dense step and 1% off RaNA −44%
+# (session 11); on SmolLM2's rows (576, 1,536 columns) they were 3-4% slower in session 11's tiles, and are 1.5% / 3%
+# faster (dense / RaNA −44%) in session 16's (engine-ab-early-weights-all-nvidia-h200.json, session 20).
 EARLY_MIN_K = 2048
 
 # Launch configurations by row length, chosen in whole graph-replayed steps on an H200 (bench/engine_ab.py --env
@@ -351,7 +353,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     c = {**base, **(config or {})}
     N = N // 2 if swiglu else N
     p = pdl(weight)
-    early = K >= c["EARLY_MIN_K"] and os.environ.get("RANA_EARLY_WEIGHTS") != "0"
+    early = _early_weights(K, c["EARLY_MIN_K"])
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
@@ -368,6 +370,14 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out
+
+
+def _early_weights(K: int, min_k: int) -> bool:
+    """Whether a GEMV over rows of K columns loads its first weight chunk before its PDL wait (RANA_EARLY_WEIGHTS)."""
+    choice = os.environ.get("RANA_EARLY_WEIGHTS", "all")
+    if choice not in ("all", "long", "0"):
+        raise ValueError(f"RANA_EARLY_WEIGHTS={choice}: expected all, long or 0")
+    return choice == "all" or (choice == "long" and K >= min_k)
 
 
 def _masked_input(x: torch.Tensor, input_mask: tuple, group: int) -> torch.Tensor:
