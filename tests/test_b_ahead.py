@@ -141,16 +141,20 @@ def test_b_ahead_decodes_what_b_after_the_norm_decodes(shape, monkeypatch):
     assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
 
 
-def test_b_ahead_in_a_stored_rana_run_decodes_the_same(tmp_path, monkeypatch):
-    """The same on the engine of a stored RaNA run (gate's and up's ranks padded to one slot in the stacked B):
-    four steps' logits equal to float32 rounding with B ahead and after the norm, the tokens the same."""
+@pytest.mark.parametrize("method, allocation", [("rana", "greedy"), ("hybrid", "exact-loss"), ("teal", "greedy")])
+def test_b_ahead_in_a_stored_run_decodes_the_same(method, allocation, tmp_path, monkeypatch):
+    """The same on the engine of a stored run: RaNA's MLPs (gate's and up's ranks padded to one slot in the stacked
+    B) take B ahead, every step, and nothing else does (hybrid's other parts, TEAL's masked MLP); four steps'
+    logits equal to float32 rounding with the option on and off, the tokens the same."""
     from rana_core.decode import b_ahead
-    from rana_core.decode.from_model import engine_from_model
+    from rana_core.decode.from_model import RanaMLP, engine_from_model
     from test_engine_from_model import stored_run
 
     require_triton("cpu")
-    loaded, adapters, _ = stored_run("tiny", "rana", "greedy", tmp_path)
+    loaded, adapters, _ = stored_run("tiny", method, allocation, tmp_path)
     engine = engine_from_model(loaded.model, adapters)
+    rana_layers = sum(isinstance(block.mlp_part, RanaMLP) for block in engine.blocks)
+    assert (rana_layers > 0) == (method == "rana")  # hybrid's tiny run picks other parts: it checks they keep out
     prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
     logits, ahead_mlps = {}, {}
     for ahead in ("0", "1"):
@@ -161,7 +165,7 @@ def test_b_ahead_in_a_stored_rana_run_decodes_the_same(tmp_path, monkeypatch):
             patch.setattr(b_ahead, "mlp", lambda *args: calls.append(1) or plain_mlp(*args))
             logits[ahead], _ = decode_steps(engine, prompt, 4, True, monkeypatch)
         ahead_mlps[ahead] = len(calls)
-    assert ahead_mlps == {"0": 0, "1": 4 * len(engine.blocks)}  # every layer's MLP, every step
+    assert ahead_mlps == {"0": 0, "1": 4 * rana_layers}
     assert (logits["1"] - logits["0"]).abs().max() <= 1e-5 * logits["0"].abs().max()
     assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
 

@@ -70,7 +70,9 @@ def rana_mlp(block):
     if not enabled():
         return None
     mlp = getattr(block, "mlp_part", block)
-    if not (isinstance(getattr(mlp, "gate", None), RankPart) and hasattr(mlp, "gate_up_rows")):
+    gate = getattr(mlp, "gate", None)  # a rank part; TEAL's and WINA's input masks (neuron parts) have no B
+    if not (isinstance(gate, RankPart) and not isinstance(gate, NeuronPart) and hasattr(mlp, "gate_up_B")
+            and hasattr(mlp, "gate_up_rows")):
         return None
     if any(part.calibrating or part.counting for part in (mlp.gate, mlp.up, mlp.down)):
         return None
