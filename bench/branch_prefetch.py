@@ -31,7 +31,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from rana_core.decode import latency  # noqa: E402
-from rana_core.decode.dense_kernels import gemv  # noqa: E402
+from rana_core.decode.gemv import gemv  # noqa: E402
 
 from shown_path import write_results  # noqa: E402
 

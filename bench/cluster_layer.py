@@ -40,7 +40,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from rana_core.decode import latency  # noqa: E402
-from rana_core.decode.dense_kernels import gemv  # noqa: E402
+from rana_core.decode.gemv import gemv  # noqa: E402
 
 from cuda_library import compile_library, events_us  # noqa: E402
 from shown_path import write_results  # noqa: E402

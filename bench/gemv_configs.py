@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rana_core.decode import latency  # noqa: E402
-from rana_core.decode.dense_kernels import gemv  # noqa: E402
+from rana_core.decode.gemv import gemv  # noqa: E402
 
 from shown_path import shown  # noqa: E402  (bench/ is the script's folder)
 

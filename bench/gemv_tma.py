@@ -4,7 +4,7 @@
 
 Why: Llama-2-7B's dense step moves its weights at 0.87 of the copy bandwidth on an H200 (docs/latency.md,
 session 11), and issue 18 asks for 1.15× the bandwidth floor, i.e. GEMVs at ~0.93 of it. The engine's GEMV
-(rana_core.decode.dense_kernels.gemv) loads each weight tile with per-thread loads; here each program's row block
+(rana_core.decode.gemv.gemv) loads each weight tile with per-thread loads; here each program's row block
 comes in as TMA copies of BLOCK_N × BLOCK_K boxes into shared memory, NUM_STAGES of them in flight (Triton's
 pipeliner over `tl.range`), so the loads cost no registers or address arithmetic. At the 7B decode shapes of
 bench/gemv_configs.py, each call reading the next of ≥ 64 MB of weight copies (no L2 reuse), calls captured in a
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rana_core.decode import latency  # noqa: E402
-from rana_core.decode.dense_kernels import gemv, gemv_config  # noqa: E402
+from rana_core.decode.gemv import gemv, gemv_config  # noqa: E402
 from rana_core.decode.masked_kernels import triton  # noqa: E402
 
 from gemv_configs import SHAPES  # noqa: E402  (bench/ is the script's folder)

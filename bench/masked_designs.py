@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rana_core.decode import latency, masked_wide  # noqa: E402
-from rana_core.decode.dense_kernels import gemv  # noqa: E402
+from rana_core.decode.gemv import gemv  # noqa: E402
 from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials  # noqa: E402
 
 from shown_path import write_results  # noqa: E402

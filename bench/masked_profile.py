@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from rana_core.decode import latency
 from rana_core.decode import masked_kernels as kernels  # noqa: E402
-from rana_core.decode.dense_kernels import gemv  # noqa: E402
+from rana_core.decode.gemv import gemv  # noqa: E402
 from rana_core.decode.engine import SHAPES, DecodeEngine  # noqa: E402
 
 from shown_path import write_results  # noqa: E402  (bench/ is the script's folder)

@@ -13,7 +13,7 @@ Llama-2-7B's o_proj, 2,048 as a 1B model's, 512 as SmolLM2's small products, wit
 do not fit in L2) is timed, in µs per layer, as:
 
 - `stream`: the persistent launch (ring of 4 slots, and a deeper one), launched back to back;
-- `triton`: the engine's GEMV (rana_core.decode.dense_kernels.gemv), one launch a layer, in a CUDA graph;
+- `triton`: the engine's GEMV (rana_core.decode.gemv.gemv), one launch a layer, in a CUDA graph;
 - `cublas`: torch.mv, one launch a layer, in a CUDA graph;
 - `floor`: the weights' bytes at the device's copy bandwidth.
 
@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from rana_core.decode import latency  # noqa: E402
-from rana_core.decode.dense_kernels import gemv  # noqa: E402
+from rana_core.decode.gemv import gemv  # noqa: E402
 from rana_core.decode.masked_kernels import masked_rows_gemv  # noqa: E402
 
 from cuda_library import compile_library, events_us  # noqa: E402

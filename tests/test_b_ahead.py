@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from rana_core.decode import engine as engine_module
-from rana_core.decode.dense_kernels import gemv
+from rana_core.decode.gemv import gemv
 from rana_core.decode.engine import DecodeEngine
 from test_decode_kernels import CPU_CASES, GPU_CASES, poisoned, tolerance
 from rana_core.decode.parts import RankPart

@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rana_core.decode.dense_kernels import (add_rmsnorm, gemv, gemv_config, rmsnorm_reference, rope_into_cache,
-                                      rotate_half_reference)
+from rana_core.decode.dense_kernels import add_rmsnorm, rmsnorm_reference, rope_into_cache, rotate_half_reference
+from rana_core.decode.gemv import gemv, gemv_config
 from rana_core.decode.masked_kernels import masked_rows_partials, reduce_partials, reference_masked_rows
 
 from test_kernels import (DESIGNS, TOLERANCE as SUMS, relative_error, require_triton, threshold_for_density,
@@ -386,7 +386,7 @@ def test_the_norm_prologue_refuses_to_write_the_residual_over_itself():
 def test_early_weights_follow_their_option(monkeypatch):
     """RANA_EARLY_WEIGHTS: every row length by default, rows of EARLY_MIN_K columns or more under "long", none under
     "0"; anything else is refused with the values it takes."""
-    from rana_core.decode.dense_kernels import _early_weights
+    from rana_core.decode.gemv import _early_weights
 
     monkeypatch.delenv("RANA_EARLY_WEIGHTS", raising=False)
     assert (_early_weights(576, 2048), _early_weights(4096, 2048)) == (True, True)

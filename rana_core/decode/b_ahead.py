@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from rana_core.decode import masked_wide
-from rana_core.decode.dense_kernels import gemv
+from rana_core.decode.gemv import gemv
 from rana_core.decode.masked_kernels import use_triton
 from rana_core.decode.parts import NeuronPart, RankPart, masked_gemv
 

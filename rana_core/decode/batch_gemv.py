@@ -1,7 +1,7 @@
 """Dense products for a small batch of tokens (1-16) decoding together: Y = X Wᵀ with each weight row read once.
 
 At a few rows a product is still a stream through the weights (a 7B layer's are 400 MB, the activations a few KB),
-so what matters is reading W at full bandwidth, as the batch-1 GEMV does (dense_kernels.gemv). cuBLAS picks
+so what matters is reading W at full bandwidth, as the batch-1 GEMV does (gemv.gemv). cuBLAS picks
 general matrix kernels at these shapes; measured at batch 1 inside the batched step they made a 7B step 1.7×
 slower than the batch-1 engine (docs/latency.md). Here each program streams BLOCK_N rows of W along K and
 multiplies every chunk by all B tokens' inputs in one small tensor-core product (the batch padded to 16 rows, the

@@ -38,8 +38,9 @@ from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit
 from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_attention, layer_mlp, mlp_parts,
                                    shape_of)
-from rana_core.decode import dense_kernels, masked_wide
+from rana_core.decode import masked_wide
 from rana_core.decode.engine import Block, DecodeEngine
+from rana_core.decode.gemv import gemv
 from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, masked_gemv, matvec, swiglu_chain
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
 from rana_core.decode.narrow import A3AttentionPart
@@ -187,8 +188,8 @@ class CatsPart(nn.Module):
 
     def forward(self, x):
         if self.silu and x.shape[0] == 1 and self.gemv == "triton" and use_triton(x) and not self.counting:
-            h = dense_kernels.gemv(self.gate_up, x[0], torch.empty(self.gate.shape[0], dtype=x.dtype,
-                                                                   device=x.device), swiglu=True, tau=self.tau)
+            h = gemv(self.gate_up, x[0], torch.empty(self.gate.shape[0], dtype=x.dtype, device=x.device),
+                     swiglu=True, tau=self.tau)
             return masked_rows_gemv(self.rows, h, self.threshold, out=self.out)[None]
         g = self.act(matvec(self.gate, x, self.gemv))
         mask = g.float().abs() >= self.tau

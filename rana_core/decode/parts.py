@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.decode import masked_wide
-from rana_core.decode.dense_kernels import gemv, rmsnorm_reference
+from rana_core.decode.dense_kernels import rmsnorm_reference
+from rana_core.decode.gemv import gemv
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
                                              masked_rows_reduced, use_triton)
 from rana_core.decode.residual import PendingNorm

@@ -1,5 +1,5 @@
 """One token's residual stream, with the residual add and RMSNorm owed to the next product folded into that
-product's GEMV (dense_kernels.gemv's norm prologue) instead of a launch of their own.
+product's GEMV (gemv.gemv's norm prologue) instead of a launch of their own.
 
 A decoder layer adds each section's output to the residual and norms the sum for the next section: add_rmsnorm,
 one launch, twice a layer, whose only reader is the next section's first GEMV (the stacked QKV, RaNA's B, the
@@ -19,7 +19,8 @@ import os
 
 import torch
 
-from rana_core.decode.dense_kernels import add_rmsnorm, gemv
+from rana_core.decode.dense_kernels import add_rmsnorm
+from rana_core.decode.gemv import gemv
 
 
 # Up to this hidden size one-token steps fold the norms by default. Measured on an H200 (bench/engine_ab.py,

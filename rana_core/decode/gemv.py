@@ -1,0 +1,332 @@
+"""The one-token GEMV of the decode engine: y = W x for a row-major W at batch 1, in Triton, with its PyTorch form.
+
+Every product of a step that reads all of its rows runs here: the dense projections, the LM head, RaNA's B, and
+at small models' sizes the masked products as GEMVs over masked inputs. Options fold the launches around a product
+into it (each a constexpr flag: a variant compiles only where it is used):
+
+- `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
+- `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when);
+- `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
+- `x_tail`, `tail_rows`, `input_rms`: the input read from two buffers, rows [W | I] made as W x + tail, and the
+  input scaled by another row's 1/rms (RaNA's B made ahead of its norm: b_ahead.py);
+- early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
+
+Rounding follows the unfused PyTorch code, as in dense_kernels. On a CPU without TRITON_INTERPRET=1 the PyTorch
+form runs. Faster than cuBLAS at batch 1 at every shape measured (bench/gemv_configs.py, bench/results/).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from rana_core.decode.dense_kernels import rmsnorm_reference
+from rana_core.decode.masked_kernels import _interpreting, launch_ints, pdl, triton, use_triton
+
+if triton is not None:
+    import triton.language as tl
+
+    from rana_core.decode.masked_kernels import active_of, await_inputs, swiglu
+
+    @triton.jit
+    def _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        return tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_n + offs_k[None, :],
+                       mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
+
+    @triton.jit
+    def _input_chunk(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
+                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr,
+                     tail_ptr, TAIL_FROM: tl.constexpr, RMS_IN: tl.constexpr):
+        """x[offs_k] in float32 (with TAIL_FROM > 0, columns from TAIL_FROM on read from tail_ptr); with NORM, x
+        is the residual and the chunk is RMSNorm(x + delta)[offs_k] as add_rmsnorm stores it (the sum rounded to
+        x's dtype, the normed value rounded before and after the weight), from the factor inv_rms of the whole
+        row; with RMS_IN, x times inv_rms (another row's, gemv's input_rms). With MASK_IN, 0 where group g's mask
+        drops the input (|x| · scale below its threshold, decided as the masked products decide it: active_of)."""
+        ok = offs_k < K
+        if TAIL_FROM > 0:
+            head = offs_k < TAIL_FROM
+            x = (tl.load(x_ptr + offs_k, mask=ok & head, other=0.0).to(tl.float32)
+                 + tl.load(tail_ptr + offs_k - TAIL_FROM, mask=ok & (offs_k >= TAIL_FROM), other=0.0).to(tl.float32))
+        else:
+            x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
+        if RMS_IN:
+            x = x * inv_rms
+        if NORM:
+            dtype = x_ptr.dtype.element_ty
+            if HAS_DELTA:
+                x = (x + tl.load(delta_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
+            x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        if MASK_IN:
+            if TAIL_FROM > 0:  # the mask is x's; its tail is kept whole
+                head = offs_k < TAIL_FROM
+                kept = active_of(x, offs_k, ok & head, g, scale_ptr, tl.load(tau_ptr + g), TAIL_FROM, HAS_SCALE)
+                x = tl.where(kept | (ok & ~head), x, 0.0)
+            else:
+                x = tl.where(active_of(x, offs_k, ok, g, scale_ptr, tl.load(tau_ptr + g), K, HAS_SCALE), x, 0.0)
+        return x
+
+    @triton.jit
+    def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
+                  HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr,
+                  tail_ptr, TAIL_FROM: tl.constexpr, RMS_IN: tl.constexpr):
+        """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded;
+        x as _input_chunk makes it (normed, scaled, masked, its tail from another buffer)."""
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        start: tl.constexpr = BLOCK_K if EARLY else 0
+        if EARLY:
+            x = _input_chunk(x_ptr, tl.arange(0, BLOCK_K), K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA,
+                             MASK_IN, g, tau_ptr, scale_ptr, HAS_SCALE, tail_ptr, TAIL_FROM, RMS_IN)
+            acc += first.to(tl.float32) * x[None, :]
+        for k0 in range(start, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            w = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K, BLOCK_K)
+            x = _input_chunk(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, g, tau_ptr,
+                             scale_ptr, HAS_SCALE, tail_ptr, TAIL_FROM, RMS_IN)
+            acc += w.to(tl.float32) * x[None, :]
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K: tl.constexpr, K_P2: tl.constexpr,
+                       HAS_DELTA: tl.constexpr):
+        """1/rms of the residual x (+ delta), the whole row in one program, summed as add_rmsnorm sums it;
+        program 0 also stores x + delta, rounded, as the new residual (to res_out: the other programs still
+        read x)."""
+        offs = tl.arange(0, K_P2)
+        ok = offs < K
+        dtype = x_ptr.dtype.element_ty
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if HAS_DELTA:
+            x = (x + tl.load(delta_ptr + offs, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
+            if tl.program_id(0) == 0:
+                tl.store(res_out_ptr + offs, x.to(dtype), mask=ok)
+        return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
+
+    @triton.jit
+    def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
+                     in_tau_ptr, in_scale_ptr, tail_ptr, rms_ptr,
+                     K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
+                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
+                     UP_X_OFFSET: tl.constexpr, TAIL_FROM: tl.constexpr, RMS_IN: tl.constexpr,
+                     RMS_K: tl.constexpr, RMS_K_P2: tl.constexpr, TAIL_ROWS: tl.constexpr, PDL: tl.constexpr):
+        """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
+        SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
+        the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
+        the rows' first chunk is loaded before waiting for the launch before
+        (weights are never written during a step): under PDL its memory latency overlaps that launch's tail.
+        With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
+        every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
+        MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
+        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With TAIL_FROM > 0, x's
+        columns from TAIL_FROM on come from tail_ptr; with RMS_IN, x is scaled by 1/rms of the RMS_K values at
+        rms_ptr (gemv's x_tail and input_rms). With TAIL_ROWS > 0 (the tail's length), the first TAIL_ROWS rows are
+        [W | I]: their programs read W's columns only and add the tail (a residual add), the identity never read."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
+        first_up = first
+        tail_rows = False
+        if TAIL_ROWS > 0:
+            tail_rows = tl.program_id(0) * BLOCK_N < TAIL_ROWS
+        if EARLY:
+            if tail_rows:
+                first = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, 0, TAIL_FROM, BLOCK_K)
+            else:
+                first = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
+            if SWIGLU:
+                first_up = _weight_chunk(w_ptr + N * stride_n, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
+        await_inputs(PDL)
+        inv_rms = 1.0
+        if NORM:
+            inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
+        if RMS_IN:
+            inv_rms = _norm_prologue(rms_ptr, rms_ptr, rms_ptr, rms_ptr, eps, RMS_K, RMS_K_P2, False)
+        dtype = out_ptr.dtype.element_ty
+        if tail_rows:
+            y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, TAIL_FROM, BLOCK_N, BLOCK_K, EARLY, NORM,
+                          delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE,
+                          tail_ptr, TAIL_FROM, RMS_IN)
+            y += tl.load(tail_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
+        else:
+            y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
+                          norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE, tail_ptr,
+                          TAIL_FROM, RMS_IN)
+        if SWIGLU:
+            up = _row_dots(w_ptr + N * stride_n, x_ptr + UP_X_OFFSET, offs_n, n_ok, stride_n, first_up, K, BLOCK_N,
+                           BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 1, in_tau_ptr,
+                           in_scale_ptr, HAS_SCALE, tail_ptr, 0, RMS_IN)
+            if MASKED:  # CATS: silu(gate) as the unfused ops round it decides the neuron
+                gate = y.to(dtype).to(tl.float32)
+                kept = tl.abs((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)) >= tau
+            y = swiglu(y, up, dtype)
+            if MASKED:
+                y = tl.where(kept, y, 0.0)
+        tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
+
+
+# Each program loads its first weight chunk before waiting for the launch before (RANA_EARLY_WEIGHTS=all, the
+# default; =long: only rows of at least EARLY_MIN_K columns, session 11's choice; =0: never). On an H200
+# (bench/engine_ab.py --env RANA_EARLY_WEIGHTS) early loads took 3% off a 7B-shape dense step and 1% off RaNA −44%
+# (session 11); on SmolLM2's rows (576, 1,536 columns) they were 3-4% slower in session 11's tiles, and are 1.5% / 3%
+# faster (dense / RaNA −44%) in session 16's (engine-ab-early-weights-all-nvidia-h200.json, session 20).
+EARLY_MIN_K = 2048
+
+# Launch configurations by row length, chosen in whole graph-replayed steps on an H200 (bench/engine_ab.py --env
+# RANA_GEMV_CONFIG / RANA_GEMV_SMALL_CONFIG; engine-ab-gemv-*-nvidia-h200.json). Against session 4's one
+# configuration for every shape (8 rows, 512 columns, 4 warps, 2 stages, tuned on an H100): Llama-2-7B's rows of
+# 4,096 and 11,008 columns in 1,024-column steps with 4 stages, dense step 0.95× (o_proj 12.8 → 8.5 µs, down 29.1 →
+# 21.4 µs alone: bench/gemv_tma.py), and its fused gate/up in 4 rows of 512 columns, another 0.99×; SmolLM2's
+# rows of 576 and 1,536 columns as 4 rows of 1,024 columns in one stage (twice the programs), dense step 0.87×,
+# RaNA −44% 0.96×.
+GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 4}  # rows of ≥ EARLY_MIN_K columns
+GEMV_SWIGLU_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}  # the fused gate/up of those
+GEMV_SHORT_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}  # shorter rows
+# Triton's interpreter (CI's CPU path) runs a launch's programs one after another in Python: the fewer, the
+# faster (an engine test 29 → 23 s against GEMV_SHORT_CONFIG). A program computes the same rows whatever its
+# tile; tests/test_decode_kernels.py runs the tables above in the interpreter too.
+INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
+
+
+def gemv_config(K: int, swiglu: bool = False) -> dict:
+    """The GEMV's launch configuration for rows of K columns (the tables above), unless overridden for
+    bench/engine_ab.py's sweeps by RANA_GEMV_CONFIG (rows of at least EARLY_MIN_K columns) or
+    RANA_GEMV_SMALL_CONFIG (shorter rows): "BLOCK_N-BLOCK_K-warps-stages", or two of them "PLAIN/SWIGLU" for the
+    plain and the fused gate/up products."""
+    long_rows = K >= EARLY_MIN_K
+    name = "RANA_GEMV_CONFIG" if long_rows else "RANA_GEMV_SMALL_CONFIG"
+    text = os.environ.get(name, "")
+    if not text:
+        return {**(GEMV_SHORT_CONFIG if not long_rows else GEMV_SWIGLU_CONFIG if swiglu else GEMV_CONFIG),
+                "EARLY_MIN_K": EARLY_MIN_K}
+    expected = "BLOCK_N-BLOCK_K-warps-stages (e.g. 8-1024-4-4), or two of them joined by / (plain/gate-up)"
+    sides = text.split("/")
+    if len(sides) > 2:
+        raise ValueError(f"{name}={text}: expected {expected}")
+    side = sides[1] if swiglu and len(sides) == 2 else sides[0]
+    block_n, block_k, warps, stages = launch_ints(name, side, (4,), expected)
+    return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
+            "EARLY_MIN_K": EARLY_MIN_K}
+
+
+def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
+         swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
+         input_mask: tuple | None = None, x_tail: torch.Tensor | None = None,
+         input_rms: tuple | None = None, tail_rows: bool = False) -> torch.Tensor:
+    """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
+    [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
+    (CATS's mask, decided on silu rounded to the dtype).
+
+    `norm` = (delta, norm_weight, eps, res_out): x is then the residual stream and the product's input is
+    RMSNorm(x + delta) · norm_weight, made inside the GEMV (delta None: RMSNorm(x)); x + delta is written to
+    res_out (K,), which must not be x. What add_rmsnorm followed by this GEMV computes, in one launch.
+
+    `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
+    scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
+    threshold[1] and scale[K:], and with `split` x is (2K,) and the up rows read x[K:] (gate's and up's own
+    coefficients); without, both read the same x.
+
+    `x_tail`: the input is x followed by x_tail (K = both lengths; not with swiglu), read from the two buffers;
+    an input_mask masks x only (its threshold and scale x's), the tail is read whole.
+    With `tail_rows` too, weight's first x_tail.numel() rows are [W | I] (W·x + x_tail: a residual add): their
+    programs skip the identity's columns and add x_tail instead (the same sums, fewer bytes).
+    `input_rms` = (residual, eps): the input is first multiplied by 1/rms(residual) = (mean(residual²) + eps)^-½,
+    RMSNorm's factor of another row (B's product moved ahead of the norm it reads: rana_core.decode.b_ahead)."""
+    if x_tail is not None and (swiglu or norm is not None or x.numel() + x_tail.numel() != weight.shape[1]):
+        raise ValueError(f"x and its tail ({x.numel()} + {x_tail.numel()}) must make one row of "
+                         f"{weight.shape[1]}, without swiglu or norm")
+    if input_rms is not None and norm is not None:
+        raise ValueError("input_rms scales an input that is not normed in the GEMV: not with norm")
+    if norm is not None:
+        delta, norm_weight, eps, res_out = norm
+        if delta is not None and res_out.data_ptr() == x.data_ptr():
+            raise ValueError("the residual's new value must go to another buffer: the GEMV's programs read x")
+    N, K = weight.shape
+    split = input_mask is not None and swiglu and input_mask[2]
+    if input_mask is not None:
+        threshold, scale, _ = input_mask
+        groups = 2 if swiglu else 1
+        masked = K if x_tail is None else x.numel()  # the masked columns: x's
+        if threshold.numel() != groups or x.numel() != (2 * masked if split else masked) or (
+                scale is not None and scale.numel() != groups * masked):
+            raise ValueError(f"input mask: {groups} threshold(s), x of {2 * masked if split else masked} and a "
+                             f"scale of {groups * masked} for rows of {masked}; got {threshold.numel()}, "
+                             f"{x.numel()} and {None if scale is None else scale.numel()}")
+    if not use_triton(weight):
+        if x_tail is not None:
+            x = torch.cat([x if input_mask is None else _masked_input(x, input_mask, 0), x_tail])
+            input_mask = None
+        if input_rms is not None:
+            x = (x.float() * torch.rsqrt(input_rms[0].float().square().mean() + input_rms[1])).to(x.dtype)
+        if norm is not None:
+            residual = x if delta is None else res_out.copy_(x + delta)
+            x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
+        if swiglu:
+            gate_w, up_w = weight.chunk(2)
+            gate_x, up_x = (x[:K], x[K:]) if split else (x, x)
+            if input_mask is not None:
+                gate_x, up_x = _masked_input(gate_x, input_mask, 0), _masked_input(up_x, input_mask, 1)
+            gate = torch.nn.functional.silu(torch.mv(gate_w, gate_x))
+            up = torch.mv(up_w, up_x)
+            kept = gate.float().abs() >= tau if tau is not None else True
+            return out.copy_(gate * up * kept)
+        if input_mask is not None:
+            x = _masked_input(x, input_mask, 0)
+        return torch.mv(weight, x, out=out)
+    base = gemv_config(K, swiglu)
+    if config is None and _interpreting():
+        base = {**base, **INTERPRETER_CONFIG}
+    c = {**base, **(config or {})}
+    N = N // 2 if swiglu else N
+    p = pdl(weight)
+    early = _early_weights(K, c["EARLY_MIN_K"])
+    delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
+    in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
+    rms_of, rms_eps = input_rms if input_rms is not None else (x, 0.0)
+    _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
+                                                   delta if delta is not None else x, norm_weight, res_out,
+                                                   rms_eps if input_rms is not None else eps,
+                                                   0.0 if tau is None else float(tau),
+                                                   in_tau if in_tau is not None else x,
+                                                   in_scale if in_scale is not None else x,
+                                                   x_tail if x_tail is not None else x, rms_of, K=K,
+                                                   K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
+                                                   BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
+                                                   MASKED=swiglu and tau is not None, EARLY=early,
+                                                   NORM=norm is not None, HAS_DELTA=delta is not None,
+                                                   MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
+                                                   UP_X_OFFSET=K if split else 0,
+                                                   TAIL_FROM=x.numel() if x_tail is not None else 0,
+                                                   RMS_IN=input_rms is not None, RMS_K=rms_of.numel(),
+                                                   RMS_K_P2=triton.next_power_of_2(rms_of.numel()),
+                                                   TAIL_ROWS=x_tail.numel() if _skips_identity(x_tail, tail_rows,
+                                                                                               c["BLOCK_N"]) else 0,
+                                                   num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
+                                                   launch_pdl=p)
+    return out
+
+
+def _skips_identity(x_tail: torch.Tensor | None, tail_rows: bool, block_n: int) -> bool:
+    """Whether the GEMV's [W | I] rows skip the identity (a program's rows all of that kind), else they read it."""
+    return x_tail is not None and tail_rows and x_tail.numel() % block_n == 0
+
+
+def _early_weights(K: int, min_k: int) -> bool:
+    """Whether a GEMV over rows of K columns loads its first weight chunk before its PDL wait (RANA_EARLY_WEIGHTS)."""
+    choice = os.environ.get("RANA_EARLY_WEIGHTS", "all")
+    if choice not in ("all", "long", "0"):
+        raise ValueError(f"RANA_EARLY_WEIGHTS={choice}: expected all, long or 0")
+    return choice == "all" or (choice == "long" and K >= min_k)
+
+
+def _masked_input(x: torch.Tensor, input_mask: tuple, group: int) -> torch.Tensor:
+    """x with group `group`'s dropped inputs zeroed (the PyTorch form of the GEMV's MASK_IN)."""
+    threshold, scale, _ = input_mask
+    score = x.float().abs()
+    if scale is not None:
+        score = score * scale.float().reshape(-1, x.numel())[group]
+    return torch.where(score >= threshold.reshape(-1)[group], x, torch.zeros_like(x))
