@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import importlib
 import os
+import pkgutil
 import statistics
 import sys
 from pathlib import Path
@@ -36,16 +38,18 @@ os.environ["RANA_STEP_STAMPS"] = str(STAMPS.data_ptr())  # before the kernels' m
 
 from triton.runtime.jit import JITFunction  # noqa: E402
 
-from rana_core.decode import attention_kernels, dense_kernels, masked_kernels, masked_wide  # noqa: E402
+import rana_core.decode  # noqa: E402
 
 from masked_profile import warm_engine  # noqa: E402  (bench/ is the script's folder)
 from shown_path import write_results  # noqa: E402
 
 
 def stamping_kernels() -> set[str]:
-    """Names of the Triton kernels that wait through await_inputs (and so stamp)."""
+    """Names of the Triton kernels that wait through await_inputs (and so stamp), in every module of the engine's
+    package (a kernel moved to a new module is still found)."""
     names = set()
-    for module in (attention_kernels, dense_kernels, masked_kernels, masked_wide):
+    for info in pkgutil.iter_modules(rana_core.decode.__path__):
+        module = importlib.import_module(f"rana_core.decode.{info.name}")
         for name, value in vars(module).items():
             if isinstance(value, JITFunction) and "await_inputs(" in value.src and name != "await_inputs":
                 names.add(name)

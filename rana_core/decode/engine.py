@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.architecture import Shape
-from rana_core.decode import b_ahead, masked_wide
+from rana_core.decode import masked_wide
 from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials
@@ -74,9 +74,8 @@ class Block(nn.Module):
             self.down = _linear(h, i, dtype, device, generator)
         self.wo = _linear(h, h, dtype, device, generator)
 
-    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed, ahead=None):
-        """o_proj(attention(normed)), this token's k and v written into the cache. With `ahead` = (RaNA MLP,
-        residual stream), one token's o_proj launch also makes the MLP's B coefficients (b_ahead.Ahead)."""
+    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
+        """o_proj(attention(normed)), this token's k and v written into the cache."""
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
         qkv, splits = self.qkv_product(normed)
@@ -93,8 +92,6 @@ class Block(nn.Module):
             attended = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None],
                                                       attn_mask=allowed[None, None], enable_gqa=s.kv_heads != s.heads)
             attended = attended[0].transpose(0, 1).reshape(T, s.hidden)
-        if ahead is not None and T == 1:
-            return b_ahead.o_proj(self, ahead[0], attended, ahead[1])
         return matvec(self.wo.weight, attended, self.gemv)
 
     def mlp(self, normed):
@@ -113,9 +110,7 @@ class Block(nn.Module):
         """(qkv, splits): the stacked q/k/v of `normed`, biases added. With `fuse`, one token through a rank part
         leaves the masked product's partial sums instead (splits > 0), which the rotary kernel adds up."""
         splits = 0
-        if isinstance(normed, b_ahead.Ahead):  # B made by the launch before (b_ahead): the masked A-part only
-            qkv = b_ahead.qkv(self, self.qkv, normed)
-        elif isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
+        if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
             z = matvec(self.qkv.B, normed, self.gemv)
             if fuse and self.qkv.fusable(z) and self.qkv_bias is None:
                 if masked_wide.product_design(self.qkv.rows) == "gemv":
@@ -285,17 +280,10 @@ class DecodeEngine(nn.Module):
         owed = PendingNorm(stream, None, norms[0])
         for index, block in enumerate(self.blocks):
             mark(index, "qkv")  # the block marks "attention" once its QKV product is issued
-            rana_mlp = b_ahead.rana_mlp(block) if fold else None
-            section_input = owed if isinstance(owed, b_ahead.Ahead) else normed(owed, block, "attention")
-            attended = block.attention(section_input, pos, self.k_cache[index], self.v_cache[index], self.cos,
-                                       self.sin, allowed, ahead=None if rana_mlp is None else (rana_mlp, stream))
-            mark(index, "mlp")
-            if isinstance(attended, b_ahead.Ahead):  # the residual added and B made in the o_proj launch
-                following = self.blocks[index + 1] if index + 1 < len(self.blocks) else None
-                out = b_ahead.mlp(block, rana_mlp, attended, stream, following, b_ahead.rana_qkv(following))
-                owed = out if isinstance(out, b_ahead.Ahead) else PendingNorm(stream, out, norms[2 * index + 2])
-                continue
+            attended = block.attention(normed(owed, block, "attention"), pos, self.k_cache[index],
+                                       self.v_cache[index], self.cos, self.sin, allowed)
             owed = PendingNorm(stream, attended, norms[2 * index + 1])
+            mark(index, "mlp")
             owed = PendingNorm(stream, block.mlp(normed(owed, block, "mlp")), norms[2 * index + 2])
         mark(len(self.blocks), "head")
         logits = matvec(self.lm_head.weight, owed if fold else owed.materialize(), self.gemv)

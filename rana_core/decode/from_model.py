@@ -238,10 +238,10 @@ class ModelBlock(Block):
         qkv = self.qkv.elements_per_token() if hasattr(self.qkv, "elements_per_token") else self.qkv.weight.numel()
         return qkv + self.mlp_part.elements_per_token() + self.wo.weight.numel()
 
-    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed, ahead=None):
-        if isinstance(self.qkv, A3AttentionPart):  # A3's narrower q/k/v/o and cache (B never ahead of its o_proj)
+    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
+        if isinstance(self.qkv, A3AttentionPart):  # A3's narrower q/k/v/o and cache
             return self.qkv.attention(self.shape, normed, pos, k_cache, v_cache, cos_table, sin_table, self.mark)
-        return super().attention(normed, pos, k_cache, v_cache, cos_table, sin_table, allowed, ahead)
+        return super().attention(normed, pos, k_cache, v_cache, cos_table, sin_table, allowed)
 
     def kv_features(self) -> int:
         if isinstance(self.qkv, A3AttentionPart):

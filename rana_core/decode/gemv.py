@@ -7,8 +7,6 @@ into it (each a constexpr flag: a variant compiles only where it is used):
 - `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
 - `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when);
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
-- `x_tail`, `tail_rows`, `input_rms`: the input read from two buffers, rows [W | I] made as W x + tail, and the
-  input scaled by another row's 1/rms (RaNA's B made ahead of its norm: b_ahead.py);
 - early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
 
 Rounding follows the unfused PyTorch code, as in dense_kernels. On a CPU without TRITON_INTERPRET=1 the PyTorch
@@ -38,22 +36,13 @@ if triton is not None:
 
     @triton.jit
     def _input_chunk(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
-                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr,
-                     tail_ptr, TAIL_FROM: tl.constexpr, RMS_IN: tl.constexpr):
-        """x[offs_k] in float32 (with TAIL_FROM > 0, columns from TAIL_FROM on read from tail_ptr); with NORM, x
-        is the residual and the chunk is RMSNorm(x + delta)[offs_k] as add_rmsnorm stores it (the sum rounded to
-        x's dtype, the normed value rounded before and after the weight), from the factor inv_rms of the whole
-        row; with RMS_IN, x times inv_rms (another row's, gemv's input_rms). With MASK_IN, 0 where group g's mask
-        drops the input (|x| · scale below its threshold, decided as the masked products decide it: active_of)."""
+                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
+        """x[offs_k] in float32; with NORM, x is the residual and the chunk is RMSNorm(x + delta)[offs_k] as
+        add_rmsnorm stores it (the sum rounded to x's dtype, the normed value rounded before and after the
+        weight), from the factor inv_rms of the whole row. With MASK_IN, 0 where group g's mask drops the input
+        (|x| · scale below its threshold, decided as the masked products decide it: active_of)."""
         ok = offs_k < K
-        if TAIL_FROM > 0:
-            head = offs_k < TAIL_FROM
-            x = (tl.load(x_ptr + offs_k, mask=ok & head, other=0.0).to(tl.float32)
-                 + tl.load(tail_ptr + offs_k - TAIL_FROM, mask=ok & (offs_k >= TAIL_FROM), other=0.0).to(tl.float32))
-        else:
-            x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
-        if RMS_IN:
-            x = x * inv_rms
+        x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
         if NORM:
             dtype = x_ptr.dtype.element_ty
             if HAS_DELTA:
@@ -61,32 +50,26 @@ if triton is not None:
             weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
             x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
         if MASK_IN:
-            if TAIL_FROM > 0:  # the mask is x's; its tail is kept whole
-                head = offs_k < TAIL_FROM
-                kept = active_of(x, offs_k, ok & head, g, scale_ptr, tl.load(tau_ptr + g), TAIL_FROM, HAS_SCALE)
-                x = tl.where(kept | (ok & ~head), x, 0.0)
-            else:
-                x = tl.where(active_of(x, offs_k, ok, g, scale_ptr, tl.load(tau_ptr + g), K, HAS_SCALE), x, 0.0)
+            x = tl.where(active_of(x, offs_k, ok, g, scale_ptr, tl.load(tau_ptr + g), K, HAS_SCALE), x, 0.0)
         return x
 
     @triton.jit
     def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
-                  HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr,
-                  tail_ptr, TAIL_FROM: tl.constexpr, RMS_IN: tl.constexpr):
+                  HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
         """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded;
-        x as _input_chunk makes it (normed, scaled, masked, its tail from another buffer)."""
+        with NORM, x is normed on the way in, with MASK_IN masked by group g's threshold (_input_chunk)."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         start: tl.constexpr = BLOCK_K if EARLY else 0
         if EARLY:
             x = _input_chunk(x_ptr, tl.arange(0, BLOCK_K), K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA,
-                             MASK_IN, g, tau_ptr, scale_ptr, HAS_SCALE, tail_ptr, TAIL_FROM, RMS_IN)
+                             MASK_IN, g, tau_ptr, scale_ptr, HAS_SCALE)
             acc += first.to(tl.float32) * x[None, :]
         for k0 in range(start, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K, BLOCK_K)
             x = _input_chunk(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, g, tau_ptr,
-                             scale_ptr, HAS_SCALE, tail_ptr, TAIL_FROM, RMS_IN)
+                             scale_ptr, HAS_SCALE)
             acc += w.to(tl.float32) * x[None, :]
         return tl.sum(acc, axis=1)
 
@@ -108,12 +91,11 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
-                     in_tau_ptr, in_scale_ptr, tail_ptr, rms_ptr,
+                     in_tau_ptr, in_scale_ptr,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     UP_X_OFFSET: tl.constexpr, TAIL_FROM: tl.constexpr, RMS_IN: tl.constexpr,
-                     RMS_K: tl.constexpr, RMS_K_P2: tl.constexpr, TAIL_ROWS: tl.constexpr, PDL: tl.constexpr):
+                     UP_X_OFFSET: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -122,44 +104,26 @@ if triton is not None:
         With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
         every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
         MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
-        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With TAIL_FROM > 0, x's
-        columns from TAIL_FROM on come from tail_ptr; with RMS_IN, x is scaled by 1/rms of the RMS_K values at
-        rms_ptr (gemv's x_tail and input_rms). With TAIL_ROWS > 0 (the tail's length), the first TAIL_ROWS rows are
-        [W | I]: their programs read W's columns only and add the tail (a residual add), the identity never read."""
+        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
         first_up = first
-        tail_rows = False
-        if TAIL_ROWS > 0:
-            tail_rows = tl.program_id(0) * BLOCK_N < TAIL_ROWS
         if EARLY:
-            if tail_rows:
-                first = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, 0, TAIL_FROM, BLOCK_K)
-            else:
-                first = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
+            first = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
             if SWIGLU:
                 first_up = _weight_chunk(w_ptr + N * stride_n, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
         await_inputs(PDL)
         inv_rms = 1.0
         if NORM:
             inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
-        if RMS_IN:
-            inv_rms = _norm_prologue(rms_ptr, rms_ptr, rms_ptr, rms_ptr, eps, RMS_K, RMS_K_P2, False)
         dtype = out_ptr.dtype.element_ty
-        if tail_rows:
-            y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, TAIL_FROM, BLOCK_N, BLOCK_K, EARLY, NORM,
-                          delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE,
-                          tail_ptr, TAIL_FROM, RMS_IN)
-            y += tl.load(tail_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        else:
-            y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
-                          norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE, tail_ptr,
-                          TAIL_FROM, RMS_IN)
+        y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
+                      norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE)
         if SWIGLU:
             up = _row_dots(w_ptr + N * stride_n, x_ptr + UP_X_OFFSET, offs_n, n_ok, stride_n, first_up, K, BLOCK_N,
                            BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 1, in_tau_ptr,
-                           in_scale_ptr, HAS_SCALE, tail_ptr, 0, RMS_IN)
+                           in_scale_ptr, HAS_SCALE)
             if MASKED:  # CATS: silu(gate) as the unfused ops round it decides the neuron
                 gate = y.to(dtype).to(tl.float32)
                 kept = tl.abs((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)) >= tau
@@ -215,8 +179,7 @@ def gemv_config(K: int, swiglu: bool = False) -> dict:
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
-         input_mask: tuple | None = None, x_tail: torch.Tensor | None = None,
-         input_rms: tuple | None = None, tail_rows: bool = False) -> torch.Tensor:
+         input_mask: tuple | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
@@ -228,19 +191,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
     scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
     threshold[1] and scale[K:], and with `split` x is (2K,) and the up rows read x[K:] (gate's and up's own
-    coefficients); without, both read the same x.
-
-    `x_tail`: the input is x followed by x_tail (K = both lengths; not with swiglu), read from the two buffers;
-    an input_mask masks x only (its threshold and scale x's), the tail is read whole.
-    With `tail_rows` too, weight's first x_tail.numel() rows are [W | I] (W·x + x_tail: a residual add): their
-    programs skip the identity's columns and add x_tail instead (the same sums, fewer bytes).
-    `input_rms` = (residual, eps): the input is first multiplied by 1/rms(residual) = (mean(residual²) + eps)^-½,
-    RMSNorm's factor of another row (B's product moved ahead of the norm it reads: rana_core.decode.b_ahead)."""
-    if x_tail is not None and (swiglu or norm is not None or x.numel() + x_tail.numel() != weight.shape[1]):
-        raise ValueError(f"x and its tail ({x.numel()} + {x_tail.numel()}) must make one row of "
-                         f"{weight.shape[1]}, without swiglu or norm")
-    if input_rms is not None and norm is not None:
-        raise ValueError("input_rms scales an input that is not normed in the GEMV: not with norm")
+    coefficients); without, both read the same x."""
     if norm is not None:
         delta, norm_weight, eps, res_out = norm
         if delta is not None and res_out.data_ptr() == x.data_ptr():
@@ -250,18 +201,12 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     if input_mask is not None:
         threshold, scale, _ = input_mask
         groups = 2 if swiglu else 1
-        masked = K if x_tail is None else x.numel()  # the masked columns: x's
-        if threshold.numel() != groups or x.numel() != (2 * masked if split else masked) or (
-                scale is not None and scale.numel() != groups * masked):
-            raise ValueError(f"input mask: {groups} threshold(s), x of {2 * masked if split else masked} and a "
-                             f"scale of {groups * masked} for rows of {masked}; got {threshold.numel()}, "
-                             f"{x.numel()} and {None if scale is None else scale.numel()}")
+        if threshold.numel() != groups or x.numel() != (2 * K if split else K) or (
+                scale is not None and scale.numel() != groups * K):
+            raise ValueError(f"input mask: {groups} threshold(s), x of {2 * K if split else K} and a scale of "
+                             f"{groups * K} for rows of {K}; got {threshold.numel()}, {x.numel()} and "
+                             f"{None if scale is None else scale.numel()}")
     if not use_triton(weight):
-        if x_tail is not None:
-            x = torch.cat([x if input_mask is None else _masked_input(x, input_mask, 0), x_tail])
-            input_mask = None
-        if input_rms is not None:
-            x = (x.float() * torch.rsqrt(input_rms[0].float().square().mean() + input_rms[1])).to(x.dtype)
         if norm is not None:
             residual = x if delta is None else res_out.copy_(x + delta)
             x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
@@ -286,33 +231,20 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     early = _early_weights(K, c["EARLY_MIN_K"])
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
-    rms_of, rms_eps = input_rms if input_rms is not None else (x, 0.0)
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
-                                                   delta if delta is not None else x, norm_weight, res_out,
-                                                   rms_eps if input_rms is not None else eps,
+                                                   delta if delta is not None else x, norm_weight, res_out, eps,
                                                    0.0 if tau is None else float(tau),
                                                    in_tau if in_tau is not None else x,
-                                                   in_scale if in_scale is not None else x,
-                                                   x_tail if x_tail is not None else x, rms_of, K=K,
+                                                   in_scale if in_scale is not None else x, K=K,
                                                    K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
                                                    MASKED=swiglu and tau is not None, EARLY=early,
                                                    NORM=norm is not None, HAS_DELTA=delta is not None,
                                                    MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
                                                    UP_X_OFFSET=K if split else 0,
-                                                   TAIL_FROM=x.numel() if x_tail is not None else 0,
-                                                   RMS_IN=input_rms is not None, RMS_K=rms_of.numel(),
-                                                   RMS_K_P2=triton.next_power_of_2(rms_of.numel()),
-                                                   TAIL_ROWS=x_tail.numel() if _skips_identity(x_tail, tail_rows,
-                                                                                               c["BLOCK_N"]) else 0,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out
-
-
-def _skips_identity(x_tail: torch.Tensor | None, tail_rows: bool, block_n: int) -> bool:
-    """Whether the GEMV's [W | I] rows skip the identity (a program's rows all of that kind), else they read it."""
-    return x_tail is not None and tail_rows and x_tail.numel() % block_n == 0
 
 
 def _early_weights(K: int, min_k: int) -> bool:

@@ -151,19 +151,18 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
 
 
 def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,
-                out: torch.Tensor | None = None, split: bool = False,
-                input_rms: tuple | None = None) -> torch.Tensor:
+                out: torch.Tensor | None = None, split: bool = False) -> torch.Tensor:
     """One token's masked product(s) over `rows` (groups·K, M) as a GEMV over every row, the mask on the input:
     (1, M), or with two groups silu(gate)·up of gate's and up's products (of the same input, or with `split` of
     x's two halves: their own coefficients). `x` holds K (2K) values, or is a norm still owed
-    (residual.PendingNorm), which the GEMV then makes itself; `input_rms` as gemv takes it (x scaled first)."""
+    (residual.PendingNorm), which the GEMV then makes itself."""
     columns = _columns(rows, groups)
     input_mask = (threshold, scale, split)
     if isinstance(x, PendingNorm):
         return x.gemv(columns, swiglu=groups == 2, input_mask=input_mask)
     if out is None:
         out = torch.empty(columns.shape[0] // groups, dtype=x.dtype, device=x.device)
-    return gemv(columns, x.reshape(-1), out, swiglu=groups == 2, input_mask=input_mask, input_rms=input_rms)[None]
+    return gemv(columns, x.reshape(-1), out, swiglu=groups == 2, input_mask=input_mask)[None]
 
 
 def _columns(rows: torch.Tensor, groups: int) -> torch.Tensor:
