@@ -7,6 +7,8 @@ into it (each a constexpr flag: a variant compiles only where it is used):
 - `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
 - `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when);
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
+- `combine`: the input is one token's attention output still in its chunks' partials (attention_kernels.
+  PendingCombine), combined by every program as it loads it: o_proj without the combine's launch;
 - early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
 
 Rounding follows the unfused PyTorch code, as in dense_kernels. On a CPU without TRITON_INTERPRET=1 the PyTorch
@@ -20,6 +22,7 @@ import os
 
 import torch
 
+from rana_core.decode.attention_kernels import ATTENTION_CHUNK, COMBINE_IN_O_MAX
 from rana_core.decode.dense_kernels import rmsnorm_reference
 from rana_core.decode.masked_kernels import _interpreting, launch_ints, pdl, triton, use_triton
 
@@ -90,12 +93,44 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
 
     @triton.jit
+    def _combined_heads(acc_ptr, m_ptr, l_ptr, pos_ptr, dtype, K: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr):
+        """One token's attention output (heads · D = K columns, K ≤ BLOCK_K) from its chunks' partials, as the
+        combine launch makes it (attention_kernels.combine_group: each head's chunks rescaled to their common max
+        and added, divided by the rescaled denominators, rounded to dtype), but only the chunks up to pos, TILE
+        at a time with a running max (a tile's loads in flight together), so the sums may round apart from the
+        launch's in float32."""
+        k = tl.arange(0, BLOCK_K)
+        ok = k < K
+        first = (k // D) * SPLITS  # each column's head's first chunk
+        chunks = tl.load(pos_ptr) // CHUNK + 1
+        top = tl.full([BLOCK_K], -1e30, tl.float32)  # finite: the first tile's rescale is exp(-huge) = 0
+        total = tl.zeros([BLOCK_K], dtype=tl.float32)
+        out = tl.zeros([BLOCK_K], dtype=tl.float32)
+        s0 = 0
+        while s0 < chunks:  # a loaded bound: the interpreter takes it in a while loop, not in a range
+            s = s0 + tl.arange(0, TILE)
+            live = (s < chunks)[:, None] & ok[None, :]
+            at = first[None, :] + s[:, None]
+            m = tl.load(m_ptr + at, mask=live, other=float("-inf"))
+            new_top = tl.maximum(top, tl.max(m, axis=0))
+            rescale = tl.exp(top - new_top)
+            weight = tl.where(live, tl.exp(m - new_top[None, :]), 0.0)
+            total = total * rescale + tl.sum(weight * tl.load(l_ptr + at, mask=live, other=0.0), axis=0)
+            values = tl.load(acc_ptr + at * D + (k % D)[None, :], mask=live, other=0.0)
+            out = out * rescale + tl.sum(weight * values, axis=0)
+            top = new_top
+            s0 += TILE
+        return tl.where(ok, out / tl.where(ok, total, 1.0), 0.0).to(dtype).to(tl.float32)
+
+    @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
-                     in_tau_ptr, in_scale_ptr,
+                     in_tau_ptr, in_scale_ptr, m_ptr, l_ptr, pos_ptr,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     UP_X_OFFSET: tl.constexpr, PDL: tl.constexpr):
+                     UP_X_OFFSET: tl.constexpr, COMBINE: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
+                     HEAD_D: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -104,7 +139,8 @@ if triton is not None:
         With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
         every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
         MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
-        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on."""
+        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With COMBINE (rows of one
+        chunk), x is attention's partial sums and the input their combine (_combined_heads)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
@@ -118,8 +154,16 @@ if triton is not None:
         if NORM:
             inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
         dtype = out_ptr.dtype.element_ty
-        y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
-                      norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE)
+        if COMBINE:  # the rows are one chunk: the combined input times it, summed as _row_dots sums one chunk
+            if not EARLY:
+                first = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
+            x = _combined_heads(x_ptr, m_ptr, l_ptr, pos_ptr, dtype, K, BLOCK_K, SPLITS, CHUNK, HEAD_D, TILE)
+            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+            acc += first.to(tl.float32) * x[None, :]
+            y = tl.sum(acc, axis=1)
+        else:
+            y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM,
+                          delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE)
         if SWIGLU:
             up = _row_dots(w_ptr + N * stride_n, x_ptr + UP_X_OFFSET, offs_n, n_ok, stride_n, first_up, K, BLOCK_N,
                            BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 1, in_tau_ptr,
@@ -154,6 +198,9 @@ GEMV_SHORT_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages"
 # faster (an engine test 29 → 23 s against GEMV_SHORT_CONFIG). A program computes the same rows whatever its
 # tile; tests/test_decode_kernels.py runs the tables above in the interpreter too.
 INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
+# Attention chunks a combining GEMV program loads at once (_combined_heads): 4 × 1,024 float32 of partial sums in
+# registers beside the weights' chunk; SmolLM2 at context 1,000 (16 chunks) takes 4 rounds.
+COMBINE_TILE = 4
 
 
 def gemv_config(K: int, swiglu: bool = False) -> dict:
@@ -179,7 +226,7 @@ def gemv_config(K: int, swiglu: bool = False) -> dict:
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
-         input_mask: tuple | None = None) -> torch.Tensor:
+         input_mask: tuple | None = None, combine=None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
@@ -191,7 +238,18 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
     scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
     threshold[1] and scale[K:], and with `split` x is (2K,) and the up rows read x[K:] (gate's and up's own
-    coefficients); without, both read the same x."""
+    coefficients); without, both read the same x.
+
+    `combine`: an attention_kernels.PendingCombine whose output (heads · d = K) is the input, combined by every
+    program from the chunks' partials (x is ignored: pass combine.acc); rows of at most COMBINE_IN_O_MAX columns,
+    not with the other options."""
+    if combine is not None:
+        if swiglu or norm is not None or tau is not None or input_mask is not None:
+            raise ValueError("combine makes the input of a plain GEMV: not with swiglu, norm, tau or input_mask")
+        if combine.heads * combine.d != weight.shape[1] or weight.shape[1] > COMBINE_IN_O_MAX:
+            raise ValueError(f"combine: {combine.heads} heads of {combine.d} must make the rows' "
+                             f"{weight.shape[1]} columns, at most {COMBINE_IN_O_MAX}")
+        x = combine.acc
     if norm is not None:
         delta, norm_weight, eps, res_out = norm
         if delta is not None and res_out.data_ptr() == x.data_ptr():
@@ -207,6 +265,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
                              f"{groups * K} for rows of {K}; got {threshold.numel()}, {x.numel()} and "
                              f"{None if scale is None else scale.numel()}")
     if not use_triton(weight):
+        if combine is not None:
+            x = combine.materialize()[0]
         if norm is not None:
             residual = x if delta is None else res_out.copy_(x + delta)
             x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
@@ -226,6 +286,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     if config is None and _interpreting():
         base = {**base, **INTERPRETER_CONFIG}
     c = {**base, **(config or {})}
+    if combine is not None:  # every program's rows are one chunk (_combined_heads)
+        c["BLOCK_K"] = max(c["BLOCK_K"], triton.next_power_of_2(K))
     N = N // 2 if swiglu else N
     p = pdl(weight)
     early = _early_weights(K, c["EARLY_MIN_K"])
@@ -235,13 +297,19 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
                                                    delta if delta is not None else x, norm_weight, res_out, eps,
                                                    0.0 if tau is None else float(tau),
                                                    in_tau if in_tau is not None else x,
-                                                   in_scale if in_scale is not None else x, K=K,
+                                                   in_scale if in_scale is not None else x,
+                                                   *((combine.m, combine.l, combine.pos) if combine is not None
+                                                     else (x, x, x)), K=K,
                                                    K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
                                                    MASKED=swiglu and tau is not None, EARLY=early,
                                                    NORM=norm is not None, HAS_DELTA=delta is not None,
                                                    MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
-                                                   UP_X_OFFSET=K if split else 0,
+                                                   UP_X_OFFSET=K if split else 0, COMBINE=combine is not None,
+                                                   SPLITS=combine.splits if combine is not None else 1,
+                                                   CHUNK=ATTENTION_CHUNK,
+                                                   HEAD_D=combine.d if combine is not None else 1,
+                                                   TILE=COMBINE_TILE,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out
