@@ -76,7 +76,7 @@ def test_gemv_matches_float64(device, dtype):
     require_triton(device)
     # rows shorter and longer than EARLY_MIN_K take different launch configurations (gemv_config)
     shapes = ([(12288, 4096), (4096, 11008), (3441, 4096), (576, 576), (576, 1536)] if device == "cuda"
-              else [(40, 70), (9, 512), (12, 2100)])
+              else [(40, 70), (9, 512), (10, 1100), (12, 2100)])  # 1,100: one 2,048-column chunk
     for N, K in shapes:
         g = torch.Generator().manual_seed(N + K)
         weight = torch.randn(N, K, generator=g).to(device, dtype)
@@ -266,70 +266,6 @@ def test_attention_in_two_launches_equals_three_bit_for_bit(device, dtype, split
         assert all(torch.equal(a, b) for a, b in zip(results["2"], results["3"])), pos
 
 
-@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
-@pytest.mark.parametrize("pos", [0, 64, 300, 329])
-def test_gemv_combining_attention_chunks_is_attention_then_the_gemv(device, dtype, pos):
-    """gemv(combine=…): the o_proj GEMV over one token's attention left in its chunks' partials (decode_attention
-    with combine_later) equals float64 softmax attention over positions 0..pos followed by the product, the
-    attention output rounded to dtype as the combine launch stores it; in one chunk, at a chunk's first position,
-    and over several tiles of the combining loop (4 chunks a tile: pos 300 reads 5 chunks, 329 all 6). The
-    partials of chunks past pos are NaN: they must not be read. Materialized by a launch, the partials give what
-    decode_attention's own combine gives, bit for bit."""
-    require_triton(device)
-    from rana_core.decode.attention_kernels import PendingCombine, decode_attention
-
-    heads, kv_heads, d, max_seq, N = (9, 3, 64, 384, 576) if device == "cuda" else (4, 2, 16, 330, 40)
-    g = torch.Generator().manual_seed(pos + 1)
-    q = torch.randn(heads, d, generator=g).to(device, dtype)
-    k_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
-    v_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
-    weight = torch.randn(N, heads * d, generator=g).to(device, dtype)
-    pending = decode_attention(q, k_cache, v_cache, torch.tensor([pos], device=device),
-                               poisoned(heads, d, dtype=dtype, device=device), combine_later=True)
-    assert isinstance(pending, PendingCombine)
-    launched = decode_attention(q, k_cache, v_cache, torch.tensor([pos], device=device),
-                                poisoned(heads, d, dtype=dtype, device=device))
-    assert torch.equal(pending.materialize(), launched.view(1, -1))  # its combine launch, for other readers
-    past = torch.arange(pending.splits, device=device) > pos // 64  # chunks holding no position ≤ pos
-    for partial in (pending.m, pending.l, pending.acc):
-        partial.view(heads, pending.splits, -1)[:, past] = float("nan")
-    out = gemv(weight, pending.acc, poisoned(N, dtype=dtype, device=device), combine=pending)
-    group = heads // kv_heads
-    keys = k_cache[:, : pos + 1].double().cpu().repeat_interleave(group, dim=0)
-    values = v_cache[:, : pos + 1].double().cpu().repeat_interleave(group, dim=0)
-    weights = torch.softmax(torch.einsum("hd,htd->ht", q.double().cpu(), keys) / d ** 0.5, dim=-1)
-    attended = torch.einsum("ht,htd->hd", weights, values).reshape(-1).to(dtype).double()
-    expected = weight.double().cpu() @ attended
-    assert torch.isfinite(out.float()).all()
-    # the attention output's rounding (its float32 sums may round an element the other way) and the output's
-    assert relative_error(out.float().cpu(), expected.float()) < tolerance(dtype, 2)
-
-
-def test_gemv_combine_arguments_are_checked(monkeypatch):
-    """A combining GEMV makes a plain product's input: swiglu or a norm with it, heads that do not make the rows'
-    columns, or rows wider than COMBINE_IN_O_MAX are each one ValueError; RANA_COMBINE_IN_O is 0 (off) by default,
-    1 applies up to COMBINE_IN_O_MAX columns, anything else is refused."""
-    from rana_core.decode.attention_kernels import PendingCombine, combine_in_o_proj
-
-    def pending(heads, d):
-        return PendingCombine(torch.zeros(heads), torch.zeros(heads), torch.zeros(heads * d), torch.zeros(1),
-                              heads, d, 1, torch.float32)
-
-    with pytest.raises(ValueError, match="not with swiglu"):
-        gemv(torch.zeros(16, 8), torch.zeros(8), torch.zeros(8), swiglu=True, combine=pending(2, 4))
-    with pytest.raises(ValueError, match="must make the rows"):
-        gemv(torch.zeros(8, 8), torch.zeros(8), torch.zeros(8), combine=pending(3, 4))
-    with pytest.raises(ValueError, match="at most 1024"):
-        gemv(torch.zeros(8, 2048), torch.zeros(2048), torch.zeros(8), combine=pending(16, 128))
-    monkeypatch.delenv("RANA_COMBINE_IN_O", raising=False)
-    assert not combine_in_o_proj(9, 64)
-    monkeypatch.setenv("RANA_COMBINE_IN_O", "1")
-    assert combine_in_o_proj(9, 64) and combine_in_o_proj(4, 256) and not combine_in_o_proj(32, 128)
-    monkeypatch.setenv("RANA_COMBINE_IN_O", "yes")
-    with pytest.raises(ValueError, match="RANA_COMBINE_IN_O"):
-        combine_in_o_proj(9, 64)
-
-
 def test_attention_launches_follow_the_heads_per_kv_head(monkeypatch):
     """auto (the default): the last chunk program combines where each KV head has one query head (measured
     faster on Llama-2-7B's shape), a combine launch where it has several (SmolLM2's); 2 and 3 force it; anything
@@ -368,13 +304,18 @@ def test_gemv_config_by_row_length_and_its_overrides(monkeypatch):
     assert shape(gemv_config(4096)) == (8, 1024, 4, 4)
     assert shape(gemv_config(4096, swiglu=True)) == (4, 512, 4, 2)
     assert shape(gemv_config(576)) == shape(gemv_config(576, swiglu=True)) == (4, 1024, 4, 1)
+    # a plain short row in one chunk (SmolLM2's down: 1,536 columns in a 2,048-column tile); gate/up keep 1,024
+    assert shape(gemv_config(1536)) == shape(gemv_config(1025)) == (4, 2048, 4, 1)
+    assert shape(gemv_config(1024)) == shape(gemv_config(1536, swiglu=True)) == (4, 1024, 4, 1)
     monkeypatch.setenv("RANA_GEMV_CONFIG", "2-64-4-1/16-32-2-3")
     assert shape(gemv_config(2048)) == (2, 64, 4, 1)
     assert shape(gemv_config(2048, swiglu=True)) == (16, 32, 2, 3)
-    assert shape(gemv_config(2047)) == (4, 1024, 4, 1)  # short rows keep theirs
+    assert shape(gemv_config(2047)) == (4, 2048, 4, 1)  # short rows keep theirs (one chunk)
     monkeypatch.setenv("RANA_GEMV_SMALL_CONFIG", "2-128-2-2")
     assert shape(gemv_config(576, swiglu=True)) == (2, 128, 2, 2)  # one configuration serves both
-    for bad in ("8-1024", "8-1024-4-4/4-512-4-2/1-1-1-1", "a-b-c-d"):
+    monkeypatch.setenv("RANA_GEMV_SMALL_CONFIG", "4-row-4-1")  # a program's rows in one chunk
+    assert shape(gemv_config(1536)) == (4, 2048, 4, 1) and shape(gemv_config(576)) == (4, 1024, 4, 1)
+    for bad in ("8-1024", "8-1024-4-4/4-512-4-2/1-1-1-1", "a-b-c-d", "row-1024-4-4"):
         monkeypatch.setenv("RANA_GEMV_CONFIG", bad)
         with pytest.raises(ValueError, match="RANA_GEMV_CONFIG"):
             gemv_config(4096)

@@ -214,46 +214,6 @@ def test_attention_in_two_launches_decodes_the_same_bits(flop_reduction, shape, 
     assert torch.equal(logits["2"], logits["3"])
 
 
-@pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY_MHA)], ids=["dense", "rana-qkv-and-mlp"])
-def test_attention_combined_by_the_o_proj_gemv_decodes_what_the_combine_launch_decodes(flop_reduction, shape,
-                                                                                       monkeypatch):
-    """RANA_COMBINE_IN_O=1: each layer's o_proj GEMV combines the attention chunks itself (one GEMV a layer takes
-    a PendingCombine, none without the option); after a 140-token prompt every step reads three chunks of 64, the
-    logits of five steps equal the combine launch's to float32 rounding (the chunks are summed in another order)."""
-    require_triton("cpu")
-    import rana_core.decode.parts as parts
-
-    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
-    engine.calibrate(tokens=256)
-    prompt = torch.randint(0, shape.vocab, (140,), generator=torch.Generator().manual_seed(2))
-    logits, combined = {}, {}
-    for option in ("0", "1"):
-        monkeypatch.setenv("RANA_COMBINE_IN_O", option)
-        calls, real = [], parts.gemv
-        with monkeypatch.context() as patch:
-            patch.setattr(parts, "gemv", lambda *a, **k: calls.append(k.get("combine") is not None) or real(*a, **k))
-            engine.allocate(160)
-            engine.prefill(prompt)
-            logits[option] = torch.stack([engine.step()[0].clone() for _ in range(5)])
-        combined[option] = sum(calls)
-    assert combined == {"0": 0, "1": 5 * shape.layers}
-    assert (logits["1"] - logits["0"]).abs().max() <= 1e-5 * logits["0"].abs().max()
-    assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
-def test_attention_combined_by_the_o_proj_gemv_in_replayed_steps_on_the_gpu(flop_reduction, monkeypatch):
-    """RANA_COMBINE_IN_O=1 in a replayed graph with PDL (the o_proj GEMV reading the chunk launch's partials after
-    its wait, its first weight chunk before), at context 200 (four chunks: two tiles of the combine's loop): 16
-    steps' logits within fp16 rounding of the combine launch's (as graph replay against eager steps), masks
-    keeping every row (see the norm-fold test above)."""
-    logits = {option: replayed_logits({"RANA_COMBINE_IN_O": option}, monkeypatch, flop_reduction, seed=3,
-                                      context=200, max_seq=300, every_row=True) for option in ("0", "1")}
-    error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
-    assert error < 1e-2, error
-
-
 @pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY), (0.44, TINY_MHA)],
                          ids=["dense", "rana-mlp", "rana-qkv-and-mlp"])
 def test_norms_folded_into_the_next_gemv_decode_what_add_rmsnorm_decodes(flop_reduction, shape, monkeypatch):

@@ -5,9 +5,7 @@
   past it. The combine is a launch of its own, or made by the last chunk program of each KV head to arrive (an
   arrival counter per head, reset by that program for the next launch);
 - `rope_attention`: the whole attention section of a decoder layer: rotary on q and k and the cache writes
-  (dense_kernels.rope_into_cache), then decode_attention;
-- `PendingCombine`: the chunks' partials left uncombined (`combine_in_o_proj`), for the o_proj GEMV to combine as
-  it loads its input (gemv's `combine`): one launch a layer fewer where a head row fits one GEMV chunk.
+  (dense_kernels.rope_into_cache), then decode_attention.
 
 How many launches (`attention_launches`, RANA_ATTENTION_LAUNCHES) follows what was measured per shape: fewer
 launches are fewer gaps in the step's graph, and more work that waits on one program (the combine). Both forms
@@ -18,7 +16,6 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 
 import torch
 
@@ -159,54 +156,14 @@ def attention_dot(group: int) -> bool:
     return group > 1 and os.environ.get("RANA_ATTENTION_DOT", "1") != "0"
 
 
-# The widest attention output (heads · head_dim) whose combine the o_proj GEMV makes: rows that fit one chunk of
-# the GEMV's short-row tile (gemv.GEMV_SHORT_CONFIG), so every program combines its input once.
-COMBINE_IN_O_MAX = 1024
-
-
-def combine_in_o_proj(heads: int, d: int) -> bool:
-    """Whether one token's attention leaves its chunks uncombined for the o_proj GEMV (PendingCombine):
-    RANA_COMBINE_IN_O = 0 (the default until timed) never, 1 wherever heads · d ≤ COMBINE_IN_O_MAX."""
-    choice = os.environ.get("RANA_COMBINE_IN_O", "0")
-    if choice not in ("0", "1"):
-        raise ValueError(f"RANA_COMBINE_IN_O={choice!r}: use 0 or 1")
-    return choice == "1" and heads * d <= COMBINE_IN_O_MAX
-
-
-@dataclass
-class PendingCombine:
-    """One token's attention before its combine: for head h and chunk s, the running max m[h·splits + s],
-    softmax denominator l[…] and weighted value sum acc[(h·splits + s)·d …] (float32, attention_chunk's
-    partials), and the position, which says how many chunks hold any (pos // ATTENTION_CHUNK + 1). The o_proj
-    GEMV combines them as it loads its input (gemv's `combine`); anything else asks for `materialize`."""
-
-    m: torch.Tensor
-    l: torch.Tensor  # noqa: E741 (the softmax denominator, as flash-decoding names it)
-    acc: torch.Tensor
-    pos: torch.Tensor
-    heads: int
-    d: int
-    splits: int
-    dtype: torch.dtype
-
-    def materialize(self) -> torch.Tensor:
-        """The attention output (1, heads · d) in self.dtype: the combine launch, head by head."""
-        out = torch.empty(self.heads, self.d, dtype=self.dtype, device=self.acc.device)
-        p = pdl(out)
-        _attention_combine_kernel[(self.heads,)](self.m, self.l, self.acc, out, SPLITS=self.splits,
-                                                 SPLITS_P2=triton.next_power_of_2(self.splits), GROUP=1,
-                                                 GROUP_P2=1, D=self.d, PDL=p, num_warps=4, launch_pdl=p)
-        return out.view(1, -1)
-
-
 def rope_attention(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,
                    k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int, out: torch.Tensor,
-                   splits: int = 0, combine_later: bool = False) -> torch.Tensor | PendingCombine:
+                   splits: int = 0) -> torch.Tensor:
     """One token's attention section: rope_into_cache (rotary and both cache writes), then decode_attention into
-    out (heads, d) (with `combine_later`, its PendingCombine); `qkv` and `splits` as rope_into_cache takes them."""
+    out (heads, d); `qkv` and `splits` as rope_into_cache takes them."""
     q = rope_into_cache(qkv, cos_table, sin_table, pos, k_cache, v_cache, heads, kv_heads,
                         torch.empty(heads, k_cache.shape[-1], dtype=out.dtype, device=out.device), splits)
-    return decode_attention(q, k_cache, v_cache, pos, out, combine_later)
+    return decode_attention(q, k_cache, v_cache, pos, out)
 
 
 def _arrivals(kv_heads: int, device: torch.device) -> torch.Tensor:
@@ -216,12 +173,11 @@ def _arrivals(kv_heads: int, device: torch.device) -> torch.Tensor:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     out: torch.Tensor, combine_later: bool = False) -> torch.Tensor | PendingCombine:
+                     out: torch.Tensor) -> torch.Tensor:
     """One token's attention over cached positions 0..pos (pos read from device memory, so a captured graph
     follows it): q (heads, d), k_cache/v_cache (kv_heads, max_seq, d), out (heads, d); softmax scale 1/√d.
     Only the chunks up to pos are read, not the whole static cache. Two launches (the chunks, then their
-    combine), or one where attention_launches() is 2 (the last chunk program of each KV head combines), or with
-    `combine_later` the chunks alone, their partials returned uncombined (PendingCombine; Triton only)."""
+    combine), or one where attention_launches() is 2 (the last chunk program of each KV head combines)."""
     heads, d = q.shape
     kv_heads, max_seq, _ = k_cache.shape
     if not use_triton(q):
@@ -237,11 +193,6 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     group = heads // kv_heads
     options = dict(GROUP=group, SPLITS=splits, D=d, PDL=p, num_warps=4, launch_pdl=p)
     combine = dict(SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group))
-    if combine_later:  # the chunks alone: the o_proj GEMV combines them
-        _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq,
-                                                    1.0 / math.sqrt(d), CHUNK=ATTENTION_CHUNK,
-                                                    DOT=attention_dot(group), **options)
-        return PendingCombine(m, l, acc, pos, heads, d, splits, out.dtype)
     if attention_launches(heads, kv_heads) == 2:  # the last chunk program of each KV head combines
         _attention_last_combines_kernel[(kv_heads, splits)](
             q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device), max_seq, 1.0 / math.sqrt(d),

@@ -24,7 +24,7 @@ from torch import nn
 
 from rana_core.architecture import Shape
 from rana_core.decode import masked_wide
-from rana_core.decode.attention_kernels import PendingCombine, combine_in_o_proj, rope_attention
+from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import add_rmsnorm, rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials
 from rana_core.decode.parts import (GEMV_BACKENDS, NeuronPart, RankPart, RMSNorm, _join, _linear, _random,
@@ -79,14 +79,10 @@ class Block(nn.Module):
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
         qkv, splits = self.qkv_product(normed)
-        if T == 1:  # rotary and both cache writes, then attention over the prefix only (1 to 3 launches; or
-            # the combine left to the o_proj GEMV: a PendingCombine)
-            later = self.gemv == "triton" and combine_in_o_proj(s.heads, hd)
+        if T == 1:  # rotary and both cache writes, then attention over the prefix only (1 to 3 launches)
             attended = rope_attention(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
                                       torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device),
-                                      splits, combine_later=later)
-            if not isinstance(attended, PendingCombine):
-                attended = attended.view(1, s.hidden)
+                                      splits).view(1, s.hidden)
         else:
             q, k, v = qkv.split([s.heads * hd, s.kv_heads * hd, s.kv_heads * hd], dim=-1)
             cos, sin = cos_table[pos], sin_table[pos]

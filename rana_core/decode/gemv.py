@@ -7,8 +7,6 @@ into it (each a constexpr flag: a variant compiles only where it is used):
 - `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
 - `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when);
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
-- `combine`: the input is one token's attention output still in its chunks' partials (attention_kernels.
-  PendingCombine), combined by every program as it loads it: o_proj without the combine's launch;
 - early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
 
 Rounding follows the unfused PyTorch code, as in dense_kernels. On a CPU without TRITON_INTERPRET=1 the PyTorch
@@ -22,7 +20,6 @@ import os
 
 import torch
 
-from rana_core.decode.attention_kernels import ATTENTION_CHUNK, COMBINE_IN_O_MAX
 from rana_core.decode.dense_kernels import rmsnorm_reference
 from rana_core.decode.masked_kernels import _interpreting, launch_ints, pdl, triton, use_triton
 
@@ -93,44 +90,12 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
 
     @triton.jit
-    def _combined_heads(acc_ptr, m_ptr, l_ptr, pos_ptr, dtype, K: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr, TILE: tl.constexpr):
-        """One token's attention output (heads · D = K columns, K ≤ BLOCK_K) from its chunks' partials, as the
-        combine launch makes it (attention_kernels.combine_group: each head's chunks rescaled to their common max
-        and added, divided by the rescaled denominators, rounded to dtype), but only the chunks up to pos, TILE
-        at a time with a running max (a tile's loads in flight together), so the sums may round apart from the
-        launch's in float32."""
-        k = tl.arange(0, BLOCK_K)
-        ok = k < K
-        first = (k // D) * SPLITS  # each column's head's first chunk
-        chunks = tl.load(pos_ptr) // CHUNK + 1
-        top = tl.full([BLOCK_K], -1e30, tl.float32)  # finite: the first tile's rescale is exp(-huge) = 0
-        total = tl.zeros([BLOCK_K], dtype=tl.float32)
-        out = tl.zeros([BLOCK_K], dtype=tl.float32)
-        s0 = 0
-        while s0 < chunks:  # a loaded bound: the interpreter takes it in a while loop, not in a range
-            s = s0 + tl.arange(0, TILE)
-            live = (s < chunks)[:, None] & ok[None, :]
-            at = first[None, :] + s[:, None]
-            m = tl.load(m_ptr + at, mask=live, other=float("-inf"))
-            new_top = tl.maximum(top, tl.max(m, axis=0))
-            rescale = tl.exp(top - new_top)
-            weight = tl.where(live, tl.exp(m - new_top[None, :]), 0.0)
-            total = total * rescale + tl.sum(weight * tl.load(l_ptr + at, mask=live, other=0.0), axis=0)
-            values = tl.load(acc_ptr + at * D + (k % D)[None, :], mask=live, other=0.0)
-            out = out * rescale + tl.sum(weight * values, axis=0)
-            top = new_top
-            s0 += TILE
-        return tl.where(ok, out / tl.where(ok, total, 1.0), 0.0).to(dtype).to(tl.float32)
-
-    @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
-                     in_tau_ptr, in_scale_ptr, m_ptr, l_ptr, pos_ptr,
+                     in_tau_ptr, in_scale_ptr,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     UP_X_OFFSET: tl.constexpr, COMBINE: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr,
-                     HEAD_D: tl.constexpr, TILE: tl.constexpr, PDL: tl.constexpr):
+                     UP_X_OFFSET: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -139,8 +104,7 @@ if triton is not None:
         With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
         every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
         MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
-        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With COMBINE (rows of one
-        chunk), x is attention's partial sums and the input their combine (_combined_heads)."""
+        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
@@ -154,16 +118,8 @@ if triton is not None:
         if NORM:
             inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
         dtype = out_ptr.dtype.element_ty
-        if COMBINE:  # the rows are one chunk: the combined input times it, summed as _row_dots sums one chunk
-            if not EARLY:
-                first = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
-            x = _combined_heads(x_ptr, m_ptr, l_ptr, pos_ptr, dtype, K, BLOCK_K, SPLITS, CHUNK, HEAD_D, TILE)
-            acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-            acc += first.to(tl.float32) * x[None, :]
-            y = tl.sum(acc, axis=1)
-        else:
-            y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM,
-                          delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE)
+        y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
+                      norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE)
         if SWIGLU:
             up = _row_dots(w_ptr + N * stride_n, x_ptr + UP_X_OFFSET, offs_n, n_ok, stride_n, first_up, K, BLOCK_N,
                            BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 1, in_tau_ptr,
@@ -190,43 +146,52 @@ EARLY_MIN_K = 2048
 # 4,096 and 11,008 columns in 1,024-column steps with 4 stages, dense step 0.95× (o_proj 12.8 → 8.5 µs, down 29.1 →
 # 21.4 µs alone: bench/gemv_tma.py), and its fused gate/up in 4 rows of 512 columns, another 0.99×; SmolLM2's
 # rows of 576 and 1,536 columns as 4 rows of 1,024 columns in one stage (twice the programs), dense step 0.87×,
-# RaNA −44% 0.96×.
+# RaNA −44% 0.96×. Since early weights on every row (session 20), a short plain row is one chunk whatever its
+# length (WHOLE_ROW_MAX_K): every weight a program reads is loaded before its wait, none after; SmolLM2's down
+# (1,536 columns, 2,048-column tiles) took dense steps to 0.92× and RaNA −44% to 0.955× (session 21,
+# engine-ab-gemv-whole-row-nvidia-h200.json). The fused gate/up keeps 1,024 (two tiles of registers; untimed).
 GEMV_CONFIG = {"BLOCK_N": 8, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 4}  # rows of ≥ EARLY_MIN_K columns
 GEMV_SWIGLU_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 512, "num_warps": 4, "num_stages": 2}  # the fused gate/up of those
 GEMV_SHORT_CONFIG = {"BLOCK_N": 4, "BLOCK_K": 1024, "num_warps": 4, "num_stages": 1}  # shorter rows
+WHOLE_ROW_MAX_K = EARLY_MIN_K  # plain short rows up to this length are one chunk (BLOCK_K the next power of two)
 # Triton's interpreter (CI's CPU path) runs a launch's programs one after another in Python: the fewer, the
 # faster (an engine test 29 → 23 s against GEMV_SHORT_CONFIG). A program computes the same rows whatever its
 # tile; tests/test_decode_kernels.py runs the tables above in the interpreter too.
 INTERPRETER_CONFIG = {"BLOCK_N": 32, "BLOCK_K": 256, "num_warps": 4, "num_stages": 1}
-# Attention chunks a combining GEMV program loads at once (_combined_heads): 4 × 1,024 float32 of partial sums in
-# registers beside the weights' chunk; SmolLM2 at context 1,000 (16 chunks) takes 4 rounds.
-COMBINE_TILE = 4
 
 
 def gemv_config(K: int, swiglu: bool = False) -> dict:
     """The GEMV's launch configuration for rows of K columns (the tables above), unless overridden for
     bench/engine_ab.py's sweeps by RANA_GEMV_CONFIG (rows of at least EARLY_MIN_K columns) or
     RANA_GEMV_SMALL_CONFIG (shorter rows): "BLOCK_N-BLOCK_K-warps-stages", or two of them "PLAIN/SWIGLU" for the
-    plain and the fused gate/up products."""
+    plain and the fused gate/up products; BLOCK_K may be "row", the row's length rounded up to a power of two (a
+    program's rows in one chunk, loaded before its wait)."""
     long_rows = K >= EARLY_MIN_K
     name = "RANA_GEMV_CONFIG" if long_rows else "RANA_GEMV_SMALL_CONFIG"
     text = os.environ.get(name, "")
     if not text:
-        return {**(GEMV_SHORT_CONFIG if not long_rows else GEMV_SWIGLU_CONFIG if swiglu else GEMV_CONFIG),
+        if long_rows:
+            return {**(GEMV_SWIGLU_CONFIG if swiglu else GEMV_CONFIG), "EARLY_MIN_K": EARLY_MIN_K}
+        whole_row = 1 << max(K - 1, 1).bit_length() if not swiglu and K <= WHOLE_ROW_MAX_K else 0
+        return {**GEMV_SHORT_CONFIG, "BLOCK_K": max(GEMV_SHORT_CONFIG["BLOCK_K"], whole_row),
                 "EARLY_MIN_K": EARLY_MIN_K}
-    expected = "BLOCK_N-BLOCK_K-warps-stages (e.g. 8-1024-4-4), or two of them joined by / (plain/gate-up)"
+    expected = ("BLOCK_N-BLOCK_K-warps-stages (e.g. 8-1024-4-4; BLOCK_K may be row), or two of them joined by / "
+                "(plain/gate-up)")
     sides = text.split("/")
     if len(sides) > 2:
         raise ValueError(f"{name}={text}: expected {expected}")
     side = sides[1] if swiglu and len(sides) == 2 else sides[0]
-    block_n, block_k, warps, stages = launch_ints(name, side, (4,), expected)
+    fields = side.split("-")
+    if len(fields) == 4 and fields[1] == "row":
+        fields[1] = str(max(16, triton.next_power_of_2(K)) if triton is not None else K)
+    block_n, block_k, warps, stages = launch_ints(name, "-".join(fields), (4,), expected)
     return {"BLOCK_N": block_n, "BLOCK_K": block_k, "num_warps": warps, "num_stages": stages,
             "EARLY_MIN_K": EARLY_MIN_K}
 
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
-         input_mask: tuple | None = None, combine=None) -> torch.Tensor:
+         input_mask: tuple | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
@@ -238,18 +203,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
     scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
     threshold[1] and scale[K:], and with `split` x is (2K,) and the up rows read x[K:] (gate's and up's own
-    coefficients); without, both read the same x.
-
-    `combine`: an attention_kernels.PendingCombine whose output (heads · d = K) is the input, combined by every
-    program from the chunks' partials (x is ignored: pass combine.acc); rows of at most COMBINE_IN_O_MAX columns,
-    not with the other options."""
-    if combine is not None:
-        if swiglu or norm is not None or tau is not None or input_mask is not None:
-            raise ValueError("combine makes the input of a plain GEMV: not with swiglu, norm, tau or input_mask")
-        if combine.heads * combine.d != weight.shape[1] or weight.shape[1] > COMBINE_IN_O_MAX:
-            raise ValueError(f"combine: {combine.heads} heads of {combine.d} must make the rows' "
-                             f"{weight.shape[1]} columns, at most {COMBINE_IN_O_MAX}")
-        x = combine.acc
+    coefficients); without, both read the same x."""
     if norm is not None:
         delta, norm_weight, eps, res_out = norm
         if delta is not None and res_out.data_ptr() == x.data_ptr():
@@ -265,8 +219,6 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
                              f"{groups * K} for rows of {K}; got {threshold.numel()}, {x.numel()} and "
                              f"{None if scale is None else scale.numel()}")
     if not use_triton(weight):
-        if combine is not None:
-            x = combine.materialize()[0]
         if norm is not None:
             residual = x if delta is None else res_out.copy_(x + delta)
             x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
@@ -286,8 +238,6 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     if config is None and _interpreting():
         base = {**base, **INTERPRETER_CONFIG}
     c = {**base, **(config or {})}
-    if combine is not None:  # every program's rows are one chunk (_combined_heads)
-        c["BLOCK_K"] = max(c["BLOCK_K"], triton.next_power_of_2(K))
     N = N // 2 if swiglu else N
     p = pdl(weight)
     early = _early_weights(K, c["EARLY_MIN_K"])
@@ -297,19 +247,13 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
                                                    delta if delta is not None else x, norm_weight, res_out, eps,
                                                    0.0 if tau is None else float(tau),
                                                    in_tau if in_tau is not None else x,
-                                                   in_scale if in_scale is not None else x,
-                                                   *((combine.m, combine.l, combine.pos) if combine is not None
-                                                     else (x, x, x)), K=K,
+                                                   in_scale if in_scale is not None else x, K=K,
                                                    K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
                                                    MASKED=swiglu and tau is not None, EARLY=early,
                                                    NORM=norm is not None, HAS_DELTA=delta is not None,
                                                    MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
-                                                   UP_X_OFFSET=K if split else 0, COMBINE=combine is not None,
-                                                   SPLITS=combine.splits if combine is not None else 1,
-                                                   CHUNK=ATTENTION_CHUNK,
-                                                   HEAD_D=combine.d if combine is not None else 1,
-                                                   TILE=COMBINE_TILE,
+                                                   UP_X_OFFSET=K if split else 0,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from rana_core.decode import masked_wide
-from rana_core.decode.attention_kernels import PendingCombine
 from rana_core.decode.dense_kernels import rmsnorm_reference
 from rana_core.decode.gemv import gemv
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
@@ -231,13 +230,7 @@ GEMV_BACKENDS = ("cublas", "triton")  # torch's product, or rana_core.decode_ker
 def matvec(weight: torch.Tensor, x: torch.Tensor, backend: str = "cublas", swiglu: bool = False) -> torch.Tensor:
     """x Wᵀ: at one token through the chosen GEMV backend, else one batched product. With `swiglu`, W is
     [gate; up] and the result silu(x gateᵀ) · (x upᵀ) (fused into the Triton GEMV). `x` may be a norm still owed
-    (residual.PendingNorm), or attention not yet combined (attention_kernels.PendingCombine): the Triton GEMV
-    then makes it itself."""
-    if isinstance(x, PendingCombine):
-        if backend == "triton" and use_triton(weight) and not swiglu:
-            return gemv(weight, x.acc, torch.empty(weight.shape[0], dtype=x.dtype, device=x.acc.device),
-                        combine=x)[None]
-        x = x.materialize()
+    (residual.PendingNorm): the Triton GEMV then makes it itself."""
     if isinstance(x, PendingNorm):
         if backend == "triton" and use_triton(weight):
             return x.gemv(weight, swiglu)
