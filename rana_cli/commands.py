@@ -78,24 +78,18 @@ def cmd_compress(args) -> int:
         gpu.cap_memory(config.device, args.max_gpu_memory)
     if args.json and args.json != "-":
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)  # fail on an unwritable path before the work
-    from tqdm import tqdm
-
     from db.session import data_dir
+    from rana_cli.progress import progress_reporter
     from rana_core.pipeline import compress
 
-    with tqdm(total=1000, file=sys.stderr, bar_format="{l_bar}{bar}| {elapsed}<{remaining}",
-              disable=None) as bar:
-        def progress(fraction: float, message: str) -> None:
-            bar.set_description_str(message[:60], refresh=False)
-            bar.update(round(fraction * 1000) - bar.n)
-
+    with progress_reporter(sys.stderr) as (progress, doing):
         try:
             result = compress(config, progress=progress, cache_dir=data_dir() / "curves").to_json()
         except Exception as exc:
             from jobs import gpu
 
             if config.device.startswith("cuda") and gpu.is_out_of_memory(exc):  # one line, as a worker says it
-                raise RanaError(gpu.out_of_memory_line(exc, bar.desc or "", config.device,
+                raise RanaError(gpu.out_of_memory_line(exc, doing(), config.device,
                                                        args.max_gpu_memory)) from None
             raise
     _print_summary(result, stream=sys.stderr if args.json == "-" else sys.stdout)

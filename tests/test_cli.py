@@ -40,6 +40,10 @@ def test_compress_writes_json_and_a_table(tmp_path, env):
     assert result["eval_tokens"] == 512 and result["calib_tokens"] == 1024
     assert len(result["layers"]) == 8
     assert not (tmp_path / "cli.db").exists()  # compress runs in-process, without the database
+    # stderr is a pipe here, as in a log: progress as plain lines (no bar's carriage returns), the last at 100%
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert "\r" not in proc.stderr and len(lines) >= 3, proc.stderr
+    assert lines[-1].startswith("[100%]") and all("elapsed" in line for line in lines)
 
 
 @pytest.mark.parametrize("args, message", [
