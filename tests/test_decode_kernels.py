@@ -234,6 +234,39 @@ def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, launche
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("pos", [0, 70, 129])
+def test_live_chunks_leave_the_chunks_past_pos_alone_and_give_the_same_bits(device, dtype, pos, monkeypatch):
+    """RANA_LIVE_CHUNKS=1: the chunk programs past pos end without writing, and the combine reads the chunks up to
+    pos only. With the partial buffers poisoned (NaN) before the launches, the chunks past pos are still NaN after
+    them, those up to pos written, and the output equals the combine over every chunk bit for bit."""
+    require_triton(device)
+    import rana_core.decode.attention_kernels as attention
+    from rana_core.decode.attention_kernels import decode_attention
+
+    monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", "3")
+    heads, kv_heads, d, max_seq = (24, 8, 128, 160) if device == "cuda" else (8, 2, 16, 130)
+    g = torch.Generator().manual_seed(pos + 3)
+    q = torch.randn(heads, d, generator=g).to(device, dtype)
+    k_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
+    v_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
+    position = torch.tensor([pos], device=device)
+    every = decode_attention(q, k_cache, v_cache, position, poisoned(heads, d, dtype=dtype, device=device))
+    made = []
+    real = attention._partials
+    monkeypatch.setattr(attention, "_partials", lambda *args: made.append([b.fill_(float("nan")) for b in real(*args)])
+                        or made[-1])
+    monkeypatch.setenv("RANA_LIVE_CHUNKS", "1")
+    live = decode_attention(q, k_cache, v_cache, position, poisoned(heads, d, dtype=dtype, device=device))
+    assert torch.equal(live, every)
+    (m, l, acc), = made
+    splits = m.numel() // heads
+    past = torch.arange(splits, device=device) > pos // 64  # chunks holding no position <= pos
+    for partial in (m, l, acc):
+        by_chunk = partial.view(heads, splits, -1)
+        assert torch.isnan(by_chunk[:, past]).all() and not torch.isnan(by_chunk[:, ~past]).any()
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("splits", [0, 3], ids=["qkv", "qkv-partial-sums"])
 def test_attention_in_two_launches_equals_three_bit_for_bit(device, dtype, splits, monkeypatch):
     """rope_attention in 2 launches (the last chunk program of each KV head combines) against 3 (rotary, chunks,

@@ -179,6 +179,17 @@ def test_attention_in_fewer_launches_changes_no_bit_in_replayed_steps(flop_reduc
     assert torch.equal(logits["2"], logits["3"])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
+def test_live_chunks_change_no_bit_in_replayed_steps(flop_reduction, monkeypatch):
+    """RANA_LIVE_CHUNKS=1 in a replayed graph with PDL (chunk programs past pos reading the position before their
+    wait and ending there; the combine reading the chunks up to pos): 16 steps' logits at context 200 equal the
+    combine over every chunk bit for bit."""
+    logits = {live: replayed_logits({"RANA_LIVE_CHUNKS": live, "RANA_ATTENTION_LAUNCHES": "3"}, monkeypatch,
+                                    flop_reduction, seed=3, context=200, max_seq=300) for live in ("0", "1")}
+    assert torch.equal(logits["1"], logits["0"])
+
+
 def count_norm_launches(monkeypatch) -> list:
     """Calls of add_rmsnorm made for the engine's sections from now on (residual.PendingNorm.materialize)."""
     import rana_core.decode.residual as residual

@@ -100,11 +100,21 @@ if triton is not None:
     @triton.jit
     def _attention_chunk_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, max_seq, scale,
                                 GROUP: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                                DOT: tl.constexpr, PDL: tl.constexpr):
-        """Program (j, s): attention_chunk (j, s); chunks past pos come out empty."""
-        await_inputs(PDL)
-        attention_chunk(tl.program_id(0), tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr),
-                        m_ptr, l_ptr, acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D, DOT)
+                                DOT: tl.constexpr, LIVE: tl.constexpr, PDL: tl.constexpr):
+        """Program (j, s): attention_chunk (j, s); chunks past pos come out empty, or with LIVE are left alone:
+        their programs end before the wait (the position is not what the launch before writes) and write
+        nothing, for a combine that reads the chunks up to pos only."""
+        j, s = tl.program_id(0), tl.program_id(1)
+        if LIVE:
+            pos = tl.load(pos_ptr)
+            if s * CHUNK <= pos:
+                await_inputs(PDL)
+                attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
+                                SPLITS, GROUP, CHUNK, D, DOT)
+        else:
+            await_inputs(PDL)
+            attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr, acc_ptr,
+                            max_seq, scale, SPLITS, GROUP, CHUNK, D, DOT)
 
     @triton.jit
     def _attention_last_combines_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
@@ -123,11 +133,17 @@ if triton is not None:
             tl.store(arrivals_ptr + j, 0)
 
     @triton.jit
-    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                                  GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
-        """Program j: combine_group j."""
+    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, pos_ptr, SPLITS: tl.constexpr,
+                                  SPLITS_P2: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
+                                  D: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr, PDL: tl.constexpr):
+        """Program j: combine_group j, over every chunk or with LIVE over those up to pos (the same bits: the
+        others are empty)."""
         await_inputs(PDL)
-        combine_group(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, GROUP, GROUP_P2,
+        if LIVE:
+            chunks = tl.load(pos_ptr) // CHUNK + 1
+        else:
+            chunks = SPLITS
+        combine_group(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, chunks, SPLITS, SPLITS_P2, GROUP, GROUP_P2,
                       D)
 
 
@@ -146,6 +162,16 @@ def attention_launches(heads: int, kv_heads: int) -> int:
     if launches not in ("2", "3"):
         raise ValueError(f"RANA_ATTENTION_LAUNCHES={launches!r}: use auto, 2 or 3")
     return int(launches)
+
+
+def live_chunks() -> bool:
+    """Whether the chunk programs past pos end at once, writing nothing, and the combine reads the chunks up to pos
+    only (the three-launch attention's LIVE): RANA_LIVE_CHUNKS = 0 (the default until timed) or 1. At context 1
+    with a cache of 2,048 positions, 1 chunk of 32 a KV head is live."""
+    choice = os.environ.get("RANA_LIVE_CHUNKS", "0")
+    if choice not in ("0", "1"):
+        raise ValueError(f"RANA_LIVE_CHUNKS={choice!r}: use 0 or 1")
+    return choice == "1"
 
 
 def attention_dot(group: int) -> bool:
@@ -186,9 +212,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q[None, :, None], k_cache[None], v_cache[None], attn_mask=allowed, enable_gqa=kv_heads != heads)
         return out.copy_(attended[0, :, 0])
     splits = math.ceil(max_seq / ATTENTION_CHUNK)
-    m = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
-    l = torch.empty_like(m)
-    acc = torch.empty(heads * splits * d, dtype=torch.float32, device=q.device)
+    m, l, acc = _partials(heads, splits, d, q.device)
     p = pdl(q)
     group = heads // kv_heads
     options = dict(GROUP=group, SPLITS=splits, D=d, PDL=p, num_warps=4, launch_pdl=p)
@@ -198,7 +222,16 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
             q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device), max_seq, 1.0 / math.sqrt(d),
             CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), **combine, **options)
         return out
+    live = live_chunks()
     _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
-                                                CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), **options)
-    _attention_combine_kernel[(kv_heads,)](m, l, acc, out, **combine, **options)
+                                                CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), LIVE=live,
+                                                **options)
+    _attention_combine_kernel[(kv_heads,)](m, l, acc, out, pos, CHUNK=ATTENTION_CHUNK, LIVE=live, **combine,
+                                           **options)
     return out
+
+
+def _partials(heads: int, splits: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The chunk programs' outputs for the combine: (m, l, acc), float32, uninitialised."""
+    m = torch.empty(heads * splits, dtype=torch.float32, device=device)
+    return m, torch.empty_like(m), torch.empty(heads * splits * d, dtype=torch.float32, device=device)

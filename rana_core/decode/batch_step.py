@@ -36,7 +36,8 @@ from rana_core.decode.batch_gemv import rows_product
 from rana_core.decode.batch_masked import MAX_BATCH, masked_rows_dense, masked_rows_union
 from rana_core.decode.batch_kernels import batch_decode_attention, batch_rope_into_cache
 from rana_core.decode.dense_kernels import add_rmsnorm
-from rana_core.decode.engine import Block, DecodeEngine, capture_step, replay_times
+from rana_core.decode.block import Block
+from rana_core.decode.engine import DecodeEngine, capture_step, replay_times
 from rana_core.decode.from_model import CatsPart, Dense, ModelBlock, ProjectionMLP, StaticLowRank
 from rana_core.decode.narrow import A3AttentionPart
 from rana_core.decode.parts import NeuronPart, RankPart

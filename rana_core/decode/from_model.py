@@ -39,7 +39,8 @@ from rana_core.adapters.mlp import CatsMLP, RaNAMLP
 from rana_core.architecture import (FAMILIES, attention_parts, family_of, layer_attention, layer_mlp, mlp_parts,
                                    shape_of)
 from rana_core.decode import masked_wide
-from rana_core.decode.engine import Block, DecodeEngine
+from rana_core.decode.block import Block
+from rana_core.decode.engine import DecodeEngine
 from rana_core.decode.gemv import gemv
 from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, masked_gemv, matvec, swiglu_chain
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
@@ -115,7 +116,7 @@ class ProjectionMLP(nn.Module):
             self.gate_up_scale = None if gate.scale is None else _join(gate, up, "norms")
 
     def reads_pending(self) -> bool:
-        """Whether one token's input may come as a norm still owed (engine.reads_normed_once): gate and up masked
+        """Whether one token's input may come as a norm still owed (block.reads_normed_once): gate and up masked
         on it as one GEMV over every row (masked_wide.product_design), which makes the norm itself."""
         return (self.chained and masked_wide.product_design(self.gate_up_rows) == "gemv"
                 and not any(p.calibrating or p.counting for p in (self.gate, self.up, self.down)))
@@ -141,7 +142,7 @@ class ProjectionMLP(nn.Module):
 class RanaMLP(nn.Module):
     """RaNA's MLP: rank parts on gate and up (one product for both B), the neuron part on down.
 
-    With SiLU, one token runs the synthetic engine's chain (engine.Block.mlp): gate's and up's masked A-parts as two
+    With SiLU, one token runs the synthetic engine's chain (block.Block.mlp): gate's and up's masked A-parts as two
     groups of one compaction and one gather, and down's compaction makes silu(gate)·up from their partial sums, so
     the MLP takes 6 launches, not 12. Groups need equal ranks: the smaller part is padded with zero rows in B and
     Aᵀ, whose coefficient is exactly 0 (no mask keeps it above a positive threshold, and a kept zero adds 0)."""

@@ -224,7 +224,7 @@ def _masked(part) -> tuple:
 
 def layer_weights(block) -> LayerWeights | str:
     """What the layer kernel reads from `block`, or why it cannot run it (one line)."""
-    from rana_core.decode.engine import Block
+    from rana_core.decode.block import Block
     from rana_core.decode.parts import NeuronPart, RankPart
     from rana_core.decode.from_model import Dense, ModelBlock, ProjectionMLP, RanaMLP, _is_silu
 

@@ -2,8 +2,8 @@
 computed from its own coefficients, the masked rows read by the Triton kernels of masked_kernels), the RMSNorm,
 and the one-token product `matvec`; with the helpers that build them from random weights of a shape.
 
-engine.py assembles them into Llama-shaped blocks and a CUDA-graphed decode step; from_model.py, gemma.py and
-narrow.py build the same parts from a stored run's weights and adapters.
+block.py assembles them into Llama-shaped blocks, engine.py those into a CUDA-graphed decode step; from_model.py,
+gemma.py and narrow.py build the same parts from a stored run's weights and adapters.
 """
 
 from __future__ import annotations
