@@ -328,6 +328,54 @@ def test_gemv_with_the_swiglu_epilogue(device, dtype):
             assert relative_error(out.float().cpu(), (F.silu(gate) * up).float()) < tolerance(dtype, 4), (N, K)
 
 
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("with_norm", [False, True], ids=["plain", "norm-prologue"])
+def test_gemv_with_the_rotary_epilogue_is_the_gemv_then_rope_into_cache_bit_for_bit(device, dtype, with_norm):
+    """gemv(rope=…) over the stacked QKV in rope_rows' order writes the rotated queries, and the rotated key and
+    the value into the caches at pos, bit for bit as the GEMV in the stacked order followed by rope_into_cache
+    (the same sums row by row, rotary by the same rotate_pair), with the norm made in the GEMV or not; the cache
+    rows at other positions (NaN here) are left alone. SmolLM2's heads (9 query, 3 key/value, 64 wide) and
+    Llama-2-7B's (32, 32, 128) on the GPU."""
+    require_triton(device)
+    from rana_core.decode.dense_kernels import RopeInto, rope_into_cache, rope_rows
+
+    shapes = [(9, 3, 64), (32, 32, 128)] if device == "cuda" else [(4, 2, 16)]
+    for heads, kv_heads, d in shapes:
+        K, N, max_seq, pos = heads * d, (heads + 2 * kv_heads) * d, 12, torch.tensor([7], device=device)
+        g = torch.Generator().manual_seed(heads + d)
+        weight = torch.randn(N, K, generator=g).to(device, dtype)
+        x = torch.randn(K, generator=g).to(device, dtype)
+        angles = torch.rand(max_seq, d // 2, generator=g) * 6
+        cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
+        norm = None
+        if with_norm:
+            delta = torch.randn(K, generator=g).to(device, dtype)
+            norm_weight = torch.rand(K, generator=g).to(device, dtype)
+            norm = (delta, norm_weight, 1e-5, poisoned(K, dtype=dtype, device=device))
+        caches = [poisoned(kv_heads, max_seq, d, dtype=dtype, device=device) for _ in range(4)]
+        qkv = gemv(weight, x, poisoned(N, dtype=dtype, device=device), norm=norm)
+        expected_q = rope_into_cache(qkv[None], cos, sin, pos, caches[0], caches[1], heads, kv_heads,
+                                     poisoned(heads, d, dtype=dtype, device=device))
+        rope = RopeInto(cos, sin, pos, poisoned(heads, d, dtype=dtype, device=device), caches[2], caches[3], heads,
+                        kv_heads)
+        rows = rope_rows(heads, kv_heads, d).to(device)
+        norm = None if norm is None else (*norm[:3], poisoned(K, dtype=dtype, device=device))
+        q = gemv(weight[rows].contiguous(), x, poisoned(N, dtype=dtype, device=device), norm=norm, rope=rope)
+        assert q is rope.q_out and torch.isfinite(q.float()).all()
+        assert torch.equal(q, expected_q), (heads, kv_heads, d)
+        for ours, theirs in zip(caches[2:], caches[:2]):  # NaN where nothing was written: compare as bits
+            assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)) if dtype != torch.float32 else \
+                torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
+
+
+def test_rope_rows_put_each_rotary_pair_side_by_side():
+    """rope_rows(2, 1, 4): query heads 0 and 1 and key head 0 interleave their halves (rows 0, 2, 1, 3 of each),
+    the value rows keep their order."""
+    from rana_core.decode.dense_kernels import rope_rows
+
+    assert rope_rows(2, 1, 4).tolist() == [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 13, 14, 15]
+
+
 def test_gemv_config_by_row_length_and_its_overrides(monkeypatch):
     """Long rows, their fused gate/up and short rows each take their own table; the bench's overrides replace
     only the side they name, and a malformed one is refused with the variable's name."""

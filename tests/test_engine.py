@@ -225,6 +225,43 @@ def test_attention_in_two_launches_decodes_the_same_bits(flop_reduction, shape, 
     assert torch.equal(logits["2"], logits["3"])
 
 
+@pytest.mark.parametrize("flop_reduction, fold", [(0.0, "1"), (0.0, "0"), (0.44, "1")],
+                         ids=["dense", "dense-unfolded", "rana-mlp"])
+def test_rotary_in_the_qkv_gemv_decodes_the_same_bits(flop_reduction, fold, monkeypatch):
+    """RANA_ROPE_IN_QKV=1: a dense QKV's GEMV rotates q and k and writes the caches itself (with the norm made in
+    it or not): the rotary launch is gone from every layer (rope_into_cache never called in a one-token step) and
+    the logits of five steps after a 70-token prompt (two attention chunks) equal the two launches' bit for bit."""
+    require_triton("cpu")
+    import rana_core.decode.attention_kernels as attention
+
+    engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
+    engine.calibrate(tokens=256)
+    prompt = torch.randint(0, TINY.vocab, (70,), generator=torch.Generator().manual_seed(4))
+    monkeypatch.setenv("RANA_FUSE_NORM", fold)
+    logits, rotary_calls = {}, {}
+    for option in ("0", "1"):
+        monkeypatch.setenv("RANA_ROPE_IN_QKV", option)
+        calls, real = [], attention.rope_into_cache
+        with monkeypatch.context() as patch:
+            patch.setattr(attention, "rope_into_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
+            engine.allocate(96)
+            engine.prefill(prompt)
+            logits[option] = torch.stack([engine.step()[0].clone() for _ in range(5)])
+        rotary_calls[option] = len(calls)
+    assert rotary_calls == {"0": 5 * TINY.layers, "1": 0}
+    assert torch.equal(logits["1"], logits["0"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
+def test_rotary_in_the_qkv_gemv_changes_no_bit_in_replayed_steps(flop_reduction, monkeypatch):
+    """RANA_ROPE_IN_QKV=1 in a replayed graph with PDL on the SmolLM2 shape (dense QKV; RaNA cuts its MLP): 16
+    steps' logits at context 200 equal the rotary launch's bit for bit."""
+    logits = {option: replayed_logits({"RANA_ROPE_IN_QKV": option}, monkeypatch, flop_reduction, seed=3,
+                                      context=200, max_seq=300) for option in ("0", "1")}
+    assert torch.equal(logits["1"], logits["0"])
+
+
 @pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY), (0.44, TINY_MHA)],
                          ids=["dense", "rana-mlp", "rana-qkv-and-mlp"])
 def test_norms_folded_into_the_next_gemv_decode_what_add_rmsnorm_decodes(flop_reduction, shape, monkeypatch):
