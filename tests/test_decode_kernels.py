@@ -235,13 +235,17 @@ def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, launche
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("pos", [0, 70, 129])
-def test_live_chunks_leave_the_chunks_past_pos_alone_and_give_the_same_bits(device, dtype, pos, monkeypatch):
-    """RANA_LIVE_CHUNKS=1: the chunk programs past pos end without writing, and the combine reads the chunks up to
-    pos only. With the partial buffers poisoned (NaN) before the launches, the chunks past pos are still NaN after
-    them, those up to pos written, and the output equals the combine over every chunk bit for bit."""
+@pytest.mark.parametrize("launches", ["3", "2"], ids=["combine-launch", "last-combines"])
+def test_live_chunks_leave_the_chunks_past_pos_alone_and_give_the_same_bits(device, dtype, pos, launches,
+                                                                            monkeypatch):
+    """RANA_LIVE_CHUNKS=1: the chunk programs past pos end without writing, and the combine (a launch, or the
+    last live chunk program of each KV head to arrive) reads the chunks up to pos only. With the partial buffers
+    poisoned (NaN) before the launches, the chunks past pos are still NaN after them, those up to pos written, the
+    output equals the three launches' combine over every chunk bit for bit, and the arrival counters are back at
+    zero."""
     require_triton(device)
     import rana_core.decode.attention_kernels as attention
-    from rana_core.decode.attention_kernels import decode_attention
+    from rana_core.decode.attention_kernels import _arrivals, decode_attention
 
     monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", "3")
     heads, kv_heads, d, max_seq = (24, 8, 128, 160) if device == "cuda" else (8, 2, 16, 130)
@@ -256,8 +260,10 @@ def test_live_chunks_leave_the_chunks_past_pos_alone_and_give_the_same_bits(devi
     monkeypatch.setattr(attention, "_partials", lambda *args: made.append([b.fill_(float("nan")) for b in real(*args)])
                         or made[-1])
     monkeypatch.setenv("RANA_LIVE_CHUNKS", "1")
+    monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
     live = decode_attention(q, k_cache, v_cache, position, poisoned(heads, d, dtype=dtype, device=device))
     assert torch.equal(live, every)
+    assert _arrivals(kv_heads, live.device).tolist() == [0] * kv_heads
     (m, l, acc), = made
     splits = m.numel() // heads
     past = torch.arange(splits, device=device) > pos // 64  # chunks holding no position <= pos

@@ -181,12 +181,38 @@ def test_attention_in_fewer_launches_changes_no_bit_in_replayed_steps(flop_reduc
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
-def test_live_chunks_change_no_bit_in_replayed_steps(flop_reduction, monkeypatch):
+@pytest.mark.parametrize("launches", ["3", "2"])
+def test_live_chunks_change_no_bit_in_replayed_steps(flop_reduction, launches, monkeypatch):
     """RANA_LIVE_CHUNKS=1 in a replayed graph with PDL (chunk programs past pos reading the position before their
-    wait and ending there; the combine reading the chunks up to pos): 16 steps' logits at context 200 equal the
-    combine over every chunk bit for bit."""
-    logits = {live: replayed_logits({"RANA_LIVE_CHUNKS": live, "RANA_ATTENTION_LAUNCHES": "3"}, monkeypatch,
-                                    flop_reduction, seed=3, context=200, max_seq=300) for live in ("0", "1")}
+    wait and ending there; the combine, a launch or the last live program of a KV head, reading the chunks up to
+    pos; with 2 launches the rotary made in the QKV GEMV too, so the attention section is one launch): 16 steps'
+    logits at context 200 equal the three launches' combine over every chunk bit for bit."""
+    base = {"RANA_LIVE_CHUNKS": "0", "RANA_ATTENTION_LAUNCHES": "3", "RANA_ROPE_IN_QKV": "0"}
+    option = {"RANA_LIVE_CHUNKS": "1", "RANA_ATTENTION_LAUNCHES": launches,
+              "RANA_ROPE_IN_QKV": "1" if launches == "2" else "0"}
+    logits = [replayed_logits(env, monkeypatch, flop_reduction, seed=3, context=200, max_seq=300)
+              for env in (base, option)]
+    assert torch.equal(logits[1], logits[0])
+
+
+@pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY_MHA)], ids=["dense", "rana-qkv-and-mlp"])
+def test_one_launch_attention_sections_decode_the_same_bits(flop_reduction, shape, monkeypatch):
+    """The attention section in one launch where QKV is dense (the rotary in the QKV GEMV, RANA_ROPE_IN_QKV=1; live
+    chunks whose last program combines, RANA_LIVE_CHUNKS=1 with 2 launches) against three (rotary, chunks,
+    combine over every chunk): five steps after a 140-token prompt (three chunks live) give the same logits bit
+    for bit; with RaNA's QKV adapted, the rotary keeps its launch and the chunks still go live."""
+    require_triton("cpu")
+    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
+    engine.calibrate(tokens=256)
+    prompt = torch.randint(0, shape.vocab, (140,), generator=torch.Generator().manual_seed(5))
+    logits = {}
+    for option in ("0", "1"):
+        monkeypatch.setenv("RANA_ROPE_IN_QKV", option)
+        monkeypatch.setenv("RANA_LIVE_CHUNKS", option)
+        monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", "2" if option == "1" else "3")
+        engine.allocate(160)
+        engine.prefill(prompt)
+        logits[option] = torch.stack([engine.step()[0].clone() for _ in range(5)])
     assert torch.equal(logits["1"], logits["0"])
 
 

@@ -28,6 +28,14 @@ if triton is not None:
     from rana_core.decode.masked_kernels import arrives_last, await_inputs
 
     @triton.jit
+    def arrives_last_of(counter_ptr, arrivals):
+        """masked_kernels.arrives_last for a number of arrivals known only at run time (the live chunks)."""
+        tl.debug_barrier()  # every thread's stores before the release
+        last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+        tl.debug_barrier()  # the acquire before any thread's loads
+        return last
+
+    @triton.jit
     def attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
                         STRIDE: tl.constexpr, GROUP: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
                         DOT: tl.constexpr):
@@ -120,17 +128,32 @@ if triton is not None:
     def _attention_last_combines_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
                                         arrivals_ptr, max_seq, scale, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
                                         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                                        D: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
+                                        D: tl.constexpr, DOT: tl.constexpr, LIVE: tl.constexpr,
+                                        PDL: tl.constexpr):
         """Program (j, s): attention_chunk (j, s); then the program that arrives last at KV head j's counter
         combines the group's heads (combine_group, reading every chunk in a fixed order whichever program runs
-        it) and sets the counter back to zero for the next launch (graph replays reuse it): one launch, not two."""
-        await_inputs(PDL)
-        j = tl.program_id(0)
-        attention_chunk(j, tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr,
-                        acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D, DOT)
-        if arrives_last(arrivals_ptr + j, SPLITS):
-            combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, GROUP, GROUP_P2, D)
-            tl.store(arrivals_ptr + j, 0)
+        it) and sets the counter back to zero for the next launch (graph replays reuse it): one launch, not two.
+        With LIVE, only the chunks up to pos run, arrive and are combined (at context ≤ 64, one program a KV head
+        that arrives alone)."""
+        j, s = tl.program_id(0), tl.program_id(1)
+        if LIVE:  # the chunks up to pos only: the others' programs end before the wait, and arrive nowhere
+            pos = tl.load(pos_ptr)
+            chunks = pos // CHUNK + 1
+            if s < chunks:
+                await_inputs(PDL)
+                attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
+                                SPLITS, GROUP, CHUNK, D, DOT)
+                if arrives_last_of(arrivals_ptr + j, chunks):
+                    combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, chunks, SPLITS, SPLITS_P2, GROUP, GROUP_P2,
+                                  D)
+                    tl.store(arrivals_ptr + j, 0)
+        else:
+            await_inputs(PDL)
+            attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr, acc_ptr, max_seq,
+                            scale, SPLITS, GROUP, CHUNK, D, DOT)
+            if arrives_last(arrivals_ptr + j, SPLITS):
+                combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, GROUP, GROUP_P2, D)
+                tl.store(arrivals_ptr + j, 0)
 
     @triton.jit
     def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, pos_ptr, SPLITS: tl.constexpr,
@@ -166,8 +189,9 @@ def attention_launches(heads: int, kv_heads: int) -> int:
 
 def live_chunks() -> bool:
     """Whether the chunk programs past pos end at once, writing nothing, and the combine reads the chunks up to pos
-    only (the three-launch attention's LIVE): RANA_LIVE_CHUNKS = 0 (the default until timed) or 1. At context 1
-    with a cache of 2,048 positions, 1 chunk of 32 a KV head is live."""
+    only (LIVE, in both attention forms; in the two-launch form only the live chunks arrive at the counter):
+    RANA_LIVE_CHUNKS = 0 (the default until timed) or 1. At context 1 with a cache of 2,048 positions, 1 chunk
+    of 32 a KV head is live."""
     choice = os.environ.get("RANA_LIVE_CHUNKS", "0")
     if choice not in ("0", "1"):
         raise ValueError(f"RANA_LIVE_CHUNKS={choice!r}: use 0 or 1")
@@ -220,7 +244,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if attention_launches(heads, kv_heads) == 2:  # the last chunk program of each KV head combines
         _attention_last_combines_kernel[(kv_heads, splits)](
             q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device), max_seq, 1.0 / math.sqrt(d),
-            CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), **combine, **options)
+            CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), LIVE=live_chunks(), **combine, **options)
         return out
     live = live_chunks()
     _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
