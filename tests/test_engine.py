@@ -195,27 +195,6 @@ def test_live_chunks_change_no_bit_in_replayed_steps(flop_reduction, launches, m
     assert torch.equal(logits[1], logits[0])
 
 
-@pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY_MHA)], ids=["dense", "rana-qkv-and-mlp"])
-def test_one_launch_attention_sections_decode_the_same_bits(flop_reduction, shape, monkeypatch):
-    """The attention section in one launch where QKV is dense (the rotary in the QKV GEMV, RANA_ROPE_IN_QKV=1; live
-    chunks whose last program combines, RANA_LIVE_CHUNKS=1 with 2 launches) against three (rotary, chunks,
-    combine over every chunk): five steps after a 140-token prompt (three chunks live) give the same logits bit
-    for bit; with RaNA's QKV adapted, the rotary keeps its launch and the chunks still go live."""
-    require_triton("cpu")
-    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
-    engine.calibrate(tokens=256)
-    prompt = torch.randint(0, shape.vocab, (140,), generator=torch.Generator().manual_seed(5))
-    logits = {}
-    for option in ("0", "1"):
-        monkeypatch.setenv("RANA_ROPE_IN_QKV", option)
-        monkeypatch.setenv("RANA_LIVE_CHUNKS", option)
-        monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", "2" if option == "1" else "3")
-        engine.allocate(160)
-        engine.prefill(prompt)
-        logits[option] = torch.stack([engine.step()[0].clone() for _ in range(5)])
-    assert torch.equal(logits["1"], logits["0"])
-
-
 def count_norm_launches(monkeypatch) -> list:
     """Calls of add_rmsnorm made for the engine's sections from now on (residual.PendingNorm.materialize)."""
     import rana_core.decode.residual as residual
@@ -225,10 +204,11 @@ def count_norm_launches(monkeypatch) -> list:
     return calls
 
 
-def decode_steps(engine: DecodeEngine, prompt: torch.Tensor, steps: int, fold: bool, monkeypatch):
+def decode_steps(engine: DecodeEngine, prompt: torch.Tensor, steps: int, fold: bool, monkeypatch,
+                 max_seq: int = 32):
     """(logits of `steps` eager one-token steps after the prompt, add_rmsnorm calls during them)."""
     monkeypatch.setenv("RANA_FUSE_NORM", "1" if fold else "0")
-    engine.allocate(32)
+    engine.allocate(max_seq)
     engine.prefill(prompt)
     with monkeypatch.context() as patch:
         calls = count_norm_launches(patch)
@@ -236,19 +216,33 @@ def decode_steps(engine: DecodeEngine, prompt: torch.Tensor, steps: int, fold: b
     return logits, len(calls)
 
 
+# The attention section in fewer launches than three (rotary, chunks, combine over every chunk): its options, the
+# prompt's length, and whether the norms fold into the GEMVs
+FEWER_LAUNCHES = {
+    # the last chunk program of each KV head combines, after a 6-token prompt (one chunk)
+    "two-launches": ({"RANA_ATTENTION_LAUNCHES": "2"}, 6, False),
+    # one launch where QKV is dense: the rotary in the QKV GEMV, the live chunks' last program combining; after a
+    # 140-token prompt (three chunks live). With RaNA's QKV adapted the rotary keeps its launch, the chunks go live
+    "one-launch": ({"RANA_ATTENTION_LAUNCHES": "2", "RANA_LIVE_CHUNKS": "1", "RANA_ROPE_IN_QKV": "1"}, 140, True),
+}
+
+
+@pytest.mark.parametrize("form", FEWER_LAUNCHES)
 @pytest.mark.parametrize("flop_reduction, shape", [(0.0, TINY), (0.44, TINY_MHA)], ids=["dense", "rana-qkv-and-mlp"])
-def test_attention_in_two_launches_decodes_the_same_bits(flop_reduction, shape, monkeypatch):
-    """The engine's one-token steps with the attention section in 2 launches against 3 (rotary, chunks, combine):
+def test_attention_in_fewer_launches_decodes_the_same_bits(form, flop_reduction, shape, monkeypatch):
+    """The engine's one-token steps with the attention section in fewer launches (FEWER_LAUNCHES) against three:
     the same logits bit for bit over five steps, from QKV's product or RaNA's partial sums."""
     require_triton("cpu")
+    options, prompt_tokens, fold = FEWER_LAUNCHES[form]
     engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
     engine.calibrate(tokens=256)
-    prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(2))
-    logits = {}
-    for launches in ("3", "2"):
-        monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
-        logits[launches], _ = decode_steps(engine, prompt, 5, False, monkeypatch)
-    assert torch.equal(logits["2"], logits["3"])
+    prompt = torch.randint(0, shape.vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for env in ({"RANA_ATTENTION_LAUNCHES": "3", "RANA_LIVE_CHUNKS": "0", "RANA_ROPE_IN_QKV": "0"}, options):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        logits.append(decode_steps(engine, prompt, 5, fold, monkeypatch, max_seq=prompt_tokens + 20)[0])
+    assert torch.equal(logits[1], logits[0])
 
 
 @pytest.mark.parametrize("flop_reduction, fold", [(0.0, "1"), (0.0, "0"), (0.44, "1")],
@@ -263,16 +257,13 @@ def test_rotary_in_the_qkv_gemv_decodes_the_same_bits(flop_reduction, fold, monk
     engine = DecodeEngine(TINY, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
     engine.calibrate(tokens=256)
     prompt = torch.randint(0, TINY.vocab, (70,), generator=torch.Generator().manual_seed(4))
-    monkeypatch.setenv("RANA_FUSE_NORM", fold)
     logits, rotary_calls = {}, {}
     for option in ("0", "1"):
         monkeypatch.setenv("RANA_ROPE_IN_QKV", option)
         calls, real = [], attention.rope_into_cache
         with monkeypatch.context() as patch:
             patch.setattr(attention, "rope_into_cache", lambda *a, **k: calls.append(1) or real(*a, **k))
-            engine.allocate(96)
-            engine.prefill(prompt)
-            logits[option] = torch.stack([engine.step()[0].clone() for _ in range(5)])
+            logits[option], _ = decode_steps(engine, prompt, 5, fold == "1", patch, max_seq=96)
         rotary_calls[option] = len(calls)
     assert rotary_calls == {"0": 5 * TINY.layers, "1": 0}
     assert torch.equal(logits["1"], logits["0"])

@@ -20,7 +20,7 @@ import os
 import torch
 
 from rana_core.decode.dense_kernels import rope_into_cache
-from rana_core.decode.masked_kernels import _buffer, pdl, triton, use_triton
+from rana_core.decode.masked_kernels import _buffer, launch_switch, pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -192,10 +192,7 @@ def live_chunks() -> bool:
     only (LIVE, in both attention forms; in the two-launch form only the live chunks arrive at the counter):
     RANA_LIVE_CHUNKS = 0 (the default until timed) or 1. At context 1 with a cache of 2,048 positions, 1 chunk
     of 32 a KV head is live."""
-    choice = os.environ.get("RANA_LIVE_CHUNKS", "0")
-    if choice not in ("0", "1"):
-        raise ValueError(f"RANA_LIVE_CHUNKS={choice!r}: use 0 or 1")
-    return choice == "1"
+    return launch_switch("RANA_LIVE_CHUNKS")
 
 
 def attention_dot(group: int) -> bool:

@@ -16,12 +16,11 @@ the plain engine agree to rounding. On a CPU without TRITON_INTERPRET=1 the PyTo
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 
-from rana_core.decode.masked_kernels import pdl, triton, use_triton
+from rana_core.decode.masked_kernels import launch_switch, pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -147,10 +146,7 @@ class RopeInto:
 def rope_in_qkv() -> bool:
     """Whether a dense stacked QKV product makes the rotary and the cache writes in its epilogue (gemv's `rope`),
     one launch a layer fewer: RANA_ROPE_IN_QKV = 0 (the default until timed) or 1."""
-    choice = os.environ.get("RANA_ROPE_IN_QKV", "0")
-    if choice not in ("0", "1"):
-        raise ValueError(f"RANA_ROPE_IN_QKV={choice!r}: use 0 or 1")
-    return choice == "1"
+    return launch_switch("RANA_ROPE_IN_QKV")
 
 
 def rope_rows(heads: int, kv_heads: int, d: int) -> torch.Tensor:
