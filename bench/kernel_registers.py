@@ -9,8 +9,8 @@ Llama-2-7B's and SmolLM2-135M's masked products (RaNA −44% ranks) is compiled 
 reports the registers; the table gives the programs a launch makes, how many fit on a multiprocessor, and the
 waves. The list design's gather (rana_core/decode/masked_kernels.py, its configuration as gather_config() gives
 it, RANA_GATHER_CONFIG included) follows in a second table, and the one-token GEMV (rana_core/decode/gemv.py, each
-product tiled as gemv_config tiles it, with the options the engine gives it: the norm made in it, SwiGLU, the
-rotary epilogue) in a third. Prints the three and writes bench/results/kernel-registers-sm90a.json.
+product tiled as gemv_config tiles it, with the options the engine gives it: the norm made in it, SwiGLU, a
+masked input) in a third. Prints the three and writes bench/results/kernel-registers-sm90a.json.
 """
 
 from __future__ import annotations
@@ -44,22 +44,19 @@ PRODUCTS = {  # name: (K per group, M, groups, column norms)
     "SmolLM2 down (neurons)": (1536, 576, 1, True),
 }
 REGISTERS_PER_SM = 65536
-GEMVS = {  # name: (rows, columns, options: swiglu, norm, rope (heads, kv_heads, head_dim))
+GEMVS = {  # name: (rows, columns, options: swiglu, norm, masked input)
     "SmolLM2 qkv + norm": (960, 576, dict(NORM=True)),
-    "SmolLM2 qkv + norm + rotary": (960, 576, dict(NORM=True, ROPE=(9, 3, 64))),
     "SmolLM2 o_proj": (576, 576, {}),
     "SmolLM2 gate/up + norm": (3072, 576, dict(SWIGLU=True, NORM=True)),
     "SmolLM2 down": (576, 1536, {}),
     "SmolLM2 masked down": (576, 1536, dict(MASK_IN=True)),
     "7B qkv": (12288, 4096, {}),
-    "7B qkv + rotary": (12288, 4096, dict(ROPE=(32, 32, 128))),
     "7B gate/up": (22016, 4096, dict(SWIGLU=True)),
     "7B down": (4096, 11008, {}),
 }
 GEMV_SIGNATURE = {"w_ptr": "*fp16", "x_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "stride_n": "i32",
                   "delta_ptr": "*fp16", "norm_w_ptr": "*fp16", "res_out_ptr": "*fp16", "eps": "fp32", "tau": "fp32",
-                  "in_tau_ptr": "*fp32", "in_scale_ptr": "*fp32", "cos_ptr": "*fp16", "sin_ptr": "*fp16",
-                  "pos_ptr": "*i64", "k_cache_ptr": "*fp16", "v_cache_ptr": "*fp16", "max_seq": "i32"}
+                  "in_tau_ptr": "*fp32", "in_scale_ptr": "*fp32"}
 
 
 WIDE_SIGNATURE = {"rows_ptr": "*fp16", "coeff_ptr": "*fp16", "scale_ptr": "*fp32", "threshold_ptr": "*fp32",
@@ -178,15 +175,14 @@ def gemvs(sms: int) -> list[dict]:
     print(f"{'product':<30}{'tile':>14}{'programs':>10}{'registers':>11}{'per SM':>8}{'waves':>7}")
     rows = []
     for product, (N, K, options) in GEMVS.items():
-        swiglu, rope = options.get("SWIGLU", False), options.get("ROPE")
+        swiglu = options.get("SWIGLU", False)
         c = gemv.gemv_config(K, swiglu)
-        heads, kv_heads, d = rope or (0, 0, 0)
         out_rows = N // 2 if swiglu else N
         used = registers(gemv._gemv_kernel, {}, dict(
             K=K, K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
             MASKED=False, EARLY=True, NORM=options.get("NORM", False), HAS_DELTA=options.get("NORM", False),
-            MASK_IN=options.get("MASK_IN", False), HAS_SCALE=False, UP_X_OFFSET=0, ROPE=rope is not None,
-            HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2, PDL=True), c["num_warps"], c["num_stages"], GEMV_SIGNATURE)
+            MASK_IN=options.get("MASK_IN", False), HAS_SCALE=False, UP_X_OFFSET=0, PDL=True), c["num_warps"],
+            c["num_stages"], GEMV_SIGNATURE)
         programs = math.ceil(out_rows / c["BLOCK_N"])
         per_sm = REGISTERS_PER_SM // (used * 32 * c["num_warps"])
         waves = math.ceil(programs / (per_sm * sms))

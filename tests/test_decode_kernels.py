@@ -234,42 +234,38 @@ def test_decode_attention_reads_the_prefix_up_to_pos(device, dtype, pos, launche
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
-@pytest.mark.parametrize("pos", [0, 70, 129])
+@pytest.mark.parametrize("config", ["32-2-1", "128-1-2"])
 @pytest.mark.parametrize("launches", ["3", "2"], ids=["combine-launch", "last-combines"])
-def test_live_chunks_leave_the_chunks_past_pos_alone_and_give_the_same_bits(device, dtype, pos, launches,
-                                                                            monkeypatch):
-    """RANA_LIVE_CHUNKS=1: the chunk programs past pos end without writing, and the combine (a launch, or the
-    last live chunk program of each KV head to arrive) reads the chunks up to pos only. With the partial buffers
-    poisoned (NaN) before the launches, the chunks past pos are still NaN after them, those up to pos written, the
-    output equals the three launches' combine over every chunk bit for bit, and the arrival counters are back at
-    zero."""
+def test_decode_attention_in_other_chunks_and_warps_reads_the_prefix(device, dtype, config, launches, monkeypatch):
+    """RANA_ATTENTION_CONFIG (bench sweeps: positions per chunk program, its warps, the combine's warps): at a
+    position inside the second chunk and one in the last, the output is softmax attention over 0..pos and never
+    reads past it (NaN there)."""
     require_triton(device)
-    import rana_core.decode.attention_kernels as attention
-    from rana_core.decode.attention_kernels import _arrivals, decode_attention
+    from rana_core.decode.attention_kernels import decode_attention
 
-    monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", "3")
-    heads, kv_heads, d, max_seq = (24, 8, 128, 160) if device == "cuda" else (8, 2, 16, 130)
-    g = torch.Generator().manual_seed(pos + 3)
-    q = torch.randn(heads, d, generator=g).to(device, dtype)
-    k_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
-    v_cache = torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype)
-    position = torch.tensor([pos], device=device)
-    every = decode_attention(q, k_cache, v_cache, position, poisoned(heads, d, dtype=dtype, device=device))
-    made = []
-    real = attention._partials
-    monkeypatch.setattr(attention, "_partials", lambda *args: made.append([b.fill_(float("nan")) for b in real(*args)])
-                        or made[-1])
-    monkeypatch.setenv("RANA_LIVE_CHUNKS", "1")
+    monkeypatch.setenv("RANA_ATTENTION_CONFIG", config)
     monkeypatch.setenv("RANA_ATTENTION_LAUNCHES", launches)
-    live = decode_attention(q, k_cache, v_cache, position, poisoned(heads, d, dtype=dtype, device=device))
-    assert torch.equal(live, every)
-    assert _arrivals(kv_heads, live.device).tolist() == [0] * kv_heads
-    (m, l, acc), = made
-    splits = m.numel() // heads
-    past = torch.arange(splits, device=device) > pos // 64  # chunks holding no position <= pos
-    for partial in (m, l, acc):
-        by_chunk = partial.view(heads, splits, -1)
-        assert torch.isnan(by_chunk[:, past]).all() and not torch.isnan(by_chunk[:, ~past]).any()
+    kv_heads, group, d, max_seq = (3, 3, 64, 300) if device == "cuda" else (2, 3, 16, 260)
+    for pos in (40, max_seq - 1):
+        g = torch.Generator().manual_seed(pos)
+        q = torch.randn(kv_heads * group, d, generator=g).to(device, dtype)
+        caches = [torch.randn(kv_heads, max_seq, d, generator=g).to(device, dtype) for _ in range(2)]
+        for cache in caches:
+            cache[:, pos + 1:] = float("nan")
+        out = decode_attention(q, *caches, torch.tensor([pos], device=device),
+                               poisoned(kv_heads * group, d, dtype=dtype, device=device))
+        keys, values = (c[:, : pos + 1].double().cpu().repeat_interleave(group, dim=0) for c in caches)
+        weights = torch.softmax(torch.einsum("hd,htd->ht", q.double().cpu(), keys) / d ** 0.5, dim=-1)
+        expected = torch.einsum("ht,htd->hd", weights, values)
+        assert relative_error(out.float().cpu(), expected.float()) < tolerance(dtype), (config, pos)
+
+
+def test_a_bad_attention_config_names_the_variable(monkeypatch):
+    from rana_core.decode.attention_kernels import attention_config
+
+    monkeypatch.setenv("RANA_ATTENTION_CONFIG", "64-4")
+    with pytest.raises(ValueError, match="RANA_ATTENTION_CONFIG=64-4: expected chunk-chunk warps-combine warps"):
+        attention_config(1)
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
@@ -332,54 +328,6 @@ def test_gemv_with_the_swiglu_epilogue(device, dtype):
             out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), config, swiglu=True)
             # gate and up rounded to dtype, silu(gate) rounded, the product rounded: four roundings
             assert relative_error(out.float().cpu(), (F.silu(gate) * up).float()) < tolerance(dtype, 4), (N, K)
-
-
-@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
-@pytest.mark.parametrize("with_norm", [False, True], ids=["plain", "norm-prologue"])
-def test_gemv_with_the_rotary_epilogue_is_the_gemv_then_rope_into_cache_bit_for_bit(device, dtype, with_norm):
-    """gemv(rope=…) over the stacked QKV in rope_rows' order writes the rotated queries, and the rotated key and
-    the value into the caches at pos, bit for bit as the GEMV in the stacked order followed by rope_into_cache
-    (the same sums row by row, rotary by the same rotate_pair), with the norm made in the GEMV or not; the cache
-    rows at other positions (NaN here) are left alone. SmolLM2's heads (9 query, 3 key/value, 64 wide) and
-    Llama-2-7B's (32, 32, 128) on the GPU."""
-    require_triton(device)
-    from rana_core.decode.dense_kernels import RopeInto, rope_into_cache, rope_rows
-
-    shapes = [(9, 3, 64), (32, 32, 128)] if device == "cuda" else [(4, 2, 16)]
-    for heads, kv_heads, d in shapes:
-        K, N, max_seq, pos = heads * d, (heads + 2 * kv_heads) * d, 12, torch.tensor([7], device=device)
-        g = torch.Generator().manual_seed(heads + d)
-        weight = torch.randn(N, K, generator=g).to(device, dtype)
-        x = torch.randn(K, generator=g).to(device, dtype)
-        angles = torch.rand(max_seq, d // 2, generator=g) * 6
-        cos, sin = angles.cos().to(device, dtype), angles.sin().to(device, dtype)
-        norm = None
-        if with_norm:
-            delta = torch.randn(K, generator=g).to(device, dtype)
-            norm_weight = torch.rand(K, generator=g).to(device, dtype)
-            norm = (delta, norm_weight, 1e-5, poisoned(K, dtype=dtype, device=device))
-        caches = [poisoned(kv_heads, max_seq, d, dtype=dtype, device=device) for _ in range(4)]
-        qkv = gemv(weight, x, poisoned(N, dtype=dtype, device=device), norm=norm)
-        expected_q = rope_into_cache(qkv[None], cos, sin, pos, caches[0], caches[1], heads, kv_heads,
-                                     poisoned(heads, d, dtype=dtype, device=device))
-        rope = RopeInto(cos, sin, pos, poisoned(heads, d, dtype=dtype, device=device), caches[2], caches[3], heads,
-                        kv_heads)
-        rows = rope_rows(heads, kv_heads, d).to(device)
-        norm = None if norm is None else (*norm[:3], poisoned(K, dtype=dtype, device=device))
-        q = gemv(weight[rows].contiguous(), x, poisoned(N, dtype=dtype, device=device), norm=norm, rope=rope)
-        assert q is rope.q_out and torch.isfinite(q.float()).all()
-        assert torch.equal(q, expected_q), (heads, kv_heads, d)
-        for ours, theirs in zip(caches[2:], caches[:2]):  # NaN where nothing was written: compare as bits
-            assert torch.equal(ours.view(torch.int16), theirs.view(torch.int16)) if dtype != torch.float32 else \
-                torch.equal(ours.view(torch.int32), theirs.view(torch.int32))
-
-
-def test_rope_rows_put_each_rotary_pair_side_by_side():
-    """rope_rows(2, 1, 4): query heads 0 and 1 and key head 0 interleave their halves (rows 0, 2, 1, 3 of each),
-    the value rows keep their order."""
-    from rana_core.decode.dense_kernels import rope_rows
-
-    assert rope_rows(2, 1, 4).tolist() == [0, 2, 1, 3, 4, 6, 5, 7, 8, 10, 9, 11, 12, 13, 14, 15]
 
 
 def test_gemv_config_by_row_length_and_its_overrides(monkeypatch):

@@ -20,20 +20,12 @@ import os
 import torch
 
 from rana_core.decode.dense_kernels import rope_into_cache
-from rana_core.decode.masked_kernels import _buffer, launch_switch, pdl, triton, use_triton
+from rana_core.decode.masked_kernels import _buffer, launch_ints, pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
     from rana_core.decode.masked_kernels import arrives_last, await_inputs
-
-    @triton.jit
-    def arrives_last_of(counter_ptr, arrivals):
-        """masked_kernels.arrives_last for a number of arrivals known only at run time (the live chunks)."""
-        tl.debug_barrier()  # every thread's stores before the release
-        last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
-        tl.debug_barrier()  # the acquire before any thread's loads
-        return last
 
     @triton.jit
     def attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
@@ -108,69 +100,53 @@ if triton is not None:
     @triton.jit
     def _attention_chunk_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, max_seq, scale,
                                 GROUP: tl.constexpr, SPLITS: tl.constexpr, CHUNK: tl.constexpr, D: tl.constexpr,
-                                DOT: tl.constexpr, LIVE: tl.constexpr, PDL: tl.constexpr):
-        """Program (j, s): attention_chunk (j, s); chunks past pos come out empty, or with LIVE are left alone:
-        their programs end before the wait (the position is not what the launch before writes) and write
-        nothing, for a combine that reads the chunks up to pos only."""
-        j, s = tl.program_id(0), tl.program_id(1)
-        if LIVE:
-            pos = tl.load(pos_ptr)
-            if s * CHUNK <= pos:
-                await_inputs(PDL)
-                attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
-                                SPLITS, GROUP, CHUNK, D, DOT)
-        else:
-            await_inputs(PDL)
-            attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr, acc_ptr,
-                            max_seq, scale, SPLITS, GROUP, CHUNK, D, DOT)
+                                DOT: tl.constexpr, PDL: tl.constexpr):
+        """Program (j, s): attention_chunk (j, s); chunks past pos come out empty."""
+        await_inputs(PDL)
+        attention_chunk(tl.program_id(0), tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr),
+                        m_ptr, l_ptr, acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D, DOT)
 
     @triton.jit
     def _attention_last_combines_kernel(q_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
                                         arrivals_ptr, max_seq, scale, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
                                         SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                                        D: tl.constexpr, DOT: tl.constexpr, LIVE: tl.constexpr,
-                                        PDL: tl.constexpr):
+                                        D: tl.constexpr, DOT: tl.constexpr, PDL: tl.constexpr):
         """Program (j, s): attention_chunk (j, s); then the program that arrives last at KV head j's counter
         combines the group's heads (combine_group, reading every chunk in a fixed order whichever program runs
-        it) and sets the counter back to zero for the next launch (graph replays reuse it): one launch, not two.
-        With LIVE, only the chunks up to pos run, arrive and are combined (at context ≤ 64, one program a KV head
-        that arrives alone)."""
-        j, s = tl.program_id(0), tl.program_id(1)
-        if LIVE:  # the chunks up to pos only: the others' programs end before the wait, and arrive nowhere
-            pos = tl.load(pos_ptr)
-            chunks = pos // CHUNK + 1
-            if s < chunks:
-                await_inputs(PDL)
-                attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
-                                SPLITS, GROUP, CHUNK, D, DOT)
-                if arrives_last_of(arrivals_ptr + j, chunks):
-                    combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, chunks, SPLITS, SPLITS_P2, GROUP, GROUP_P2,
-                                  D)
-                    tl.store(arrivals_ptr + j, 0)
-        else:
-            await_inputs(PDL)
-            attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr, acc_ptr, max_seq,
-                            scale, SPLITS, GROUP, CHUNK, D, DOT)
-            if arrives_last(arrivals_ptr + j, SPLITS):
-                combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, GROUP, GROUP_P2, D)
-                tl.store(arrivals_ptr + j, 0)
+        it) and sets the counter back to zero for the next launch (graph replays reuse it): one launch, not two."""
+        await_inputs(PDL)
+        j = tl.program_id(0)
+        attention_chunk(j, tl.program_id(1), q_ptr, k_cache_ptr, v_cache_ptr, tl.load(pos_ptr), m_ptr, l_ptr,
+                        acc_ptr, max_seq, scale, SPLITS, GROUP, CHUNK, D, DOT)
+        if arrives_last(arrivals_ptr + j, SPLITS):
+            combine_group(j, m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, GROUP, GROUP_P2, D)
+            tl.store(arrivals_ptr + j, 0)
 
     @triton.jit
-    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, pos_ptr, SPLITS: tl.constexpr,
-                                  SPLITS_P2: tl.constexpr, GROUP: tl.constexpr, GROUP_P2: tl.constexpr,
-                                  D: tl.constexpr, CHUNK: tl.constexpr, LIVE: tl.constexpr, PDL: tl.constexpr):
-        """Program j: combine_group j, over every chunk or with LIVE over those up to pos (the same bits: the
-        others are empty)."""
+    def _attention_combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                                  GROUP: tl.constexpr, GROUP_P2: tl.constexpr, D: tl.constexpr, PDL: tl.constexpr):
+        """Program j: combine_group j."""
         await_inputs(PDL)
-        if LIVE:
-            chunks = tl.load(pos_ptr) // CHUNK + 1
-        else:
-            chunks = SPLITS
-        combine_group(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, chunks, SPLITS, SPLITS_P2, GROUP, GROUP_P2,
+        combine_group(tl.program_id(0), m_ptr, l_ptr, acc_ptr, out_ptr, SPLITS, SPLITS, SPLITS_P2, GROUP, GROUP_P2,
                       D)
 
 
-ATTENTION_CHUNK = 64  # cached positions per attention program
+ATTENTION_CHUNK = 64  # cached positions per attention program (the batch and layer kernels' too)
+GROUPED_CHUNK = 32  # where a KV head has several query heads (measured on an H200, below)
+ATTENTION_WARPS = 4  # of a chunk program and of a combine program
+
+
+def attention_config(group: int) -> tuple[int, int, int]:
+    """(cached positions per chunk program, its warps, the combine's warps) for KV heads of `group` query heads.
+    Measured on an H200 (engine-ab-attention-config-*-nvidia-h200.json, session 22): on the SmolLM2 shape (3 query
+    heads a KV head) chunks of 32 took 1.3-3.1% off RaNA -44% steps and 0.2-1.8% off dense ones (contexts 1 and
+    1,000; 16 won at context 1, lost at 1,000); on the Llama-2-7B shape (one query head a KV head) 32 was 2.1%
+    slower at context 1,000, so it keeps 64. Fewer warps than 4 cost 10-20%, more 3-12%.
+    RANA_ATTENTION_CONFIG="64-4-4" overrides them (bench/engine_ab.py's sweeps)."""
+    text = os.environ.get("RANA_ATTENTION_CONFIG", "")
+    if not text:
+        return GROUPED_CHUNK if group > 1 else ATTENTION_CHUNK, ATTENTION_WARPS, ATTENTION_WARPS
+    return launch_ints("RANA_ATTENTION_CONFIG", text, (3,), "chunk-chunk warps-combine warps, e.g. 64-4-4")
 
 
 def attention_launches(heads: int, kv_heads: int) -> int:
@@ -185,14 +161,6 @@ def attention_launches(heads: int, kv_heads: int) -> int:
     if launches not in ("2", "3"):
         raise ValueError(f"RANA_ATTENTION_LAUNCHES={launches!r}: use auto, 2 or 3")
     return int(launches)
-
-
-def live_chunks() -> bool:
-    """Whether the chunk programs past pos end at once, writing nothing, and the combine reads the chunks up to pos
-    only (LIVE, in both attention forms; in the two-launch form only the live chunks arrive at the counter):
-    RANA_LIVE_CHUNKS = 0 (the default until timed) or 1. At context 1 with a cache of 2,048 positions, 1 chunk
-    of 32 a KV head is live."""
-    return launch_switch("RANA_LIVE_CHUNKS")
 
 
 def attention_dot(group: int) -> bool:
@@ -232,27 +200,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         attended = torch.nn.functional.scaled_dot_product_attention(
             q[None, :, None], k_cache[None], v_cache[None], attn_mask=allowed, enable_gqa=kv_heads != heads)
         return out.copy_(attended[0, :, 0])
-    splits = math.ceil(max_seq / ATTENTION_CHUNK)
-    m, l, acc = _partials(heads, splits, d, q.device)
-    p = pdl(q)
     group = heads // kv_heads
-    options = dict(GROUP=group, SPLITS=splits, D=d, PDL=p, num_warps=4, launch_pdl=p)
+    chunk, chunk_warps, combine_warps = attention_config(group)
+    splits = math.ceil(max_seq / chunk)
+    m = torch.empty(heads * splits, dtype=torch.float32, device=q.device)
+    l = torch.empty_like(m)
+    acc = torch.empty(heads * splits * d, dtype=torch.float32, device=q.device)
+    p = pdl(q)
+    options = dict(GROUP=group, SPLITS=splits, D=d, PDL=p, launch_pdl=p)
     combine = dict(SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group))
     if attention_launches(heads, kv_heads) == 2:  # the last chunk program of each KV head combines
         _attention_last_combines_kernel[(kv_heads, splits)](
             q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device), max_seq, 1.0 / math.sqrt(d),
-            CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), LIVE=live_chunks(), **combine, **options)
+            CHUNK=chunk, DOT=attention_dot(group), num_warps=chunk_warps, **combine, **options)
         return out
-    live = live_chunks()
     _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),
-                                                CHUNK=ATTENTION_CHUNK, DOT=attention_dot(group), LIVE=live,
+                                                CHUNK=chunk, DOT=attention_dot(group), num_warps=chunk_warps,
                                                 **options)
-    _attention_combine_kernel[(kv_heads,)](m, l, acc, out, pos, CHUNK=ATTENTION_CHUNK, LIVE=live, **combine,
-                                           **options)
+    _attention_combine_kernel[(kv_heads,)](m, l, acc, out, num_warps=combine_warps, **combine, **options)
     return out
-
-
-def _partials(heads: int, splits: int, d: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The chunk programs' outputs for the combine: (m, l, acc), float32, uninitialised."""
-    m = torch.empty(heads * splits, dtype=torch.float32, device=device)
-    return m, torch.empty_like(m), torch.empty(heads * splits * d, dtype=torch.float32, device=device)

@@ -11,11 +11,9 @@ from torch import nn
 
 from rana_core.architecture import Shape
 from rana_core.decode import masked_wide
-from rana_core.decode.attention_kernels import decode_attention, rope_attention
-from rana_core.decode.dense_kernels import RopeInto, rope_in_qkv, rope_rows, rotate_half_reference
-from rana_core.decode.gemv import gemv
-from rana_core.decode.masked_kernels import masked_rows_partials, use_triton
-from rana_core.decode.residual import PendingNorm
+from rana_core.decode.attention_kernels import rope_attention
+from rana_core.decode.dense_kernels import rotate_half_reference
+from rana_core.decode.masked_kernels import masked_rows_partials
 from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, _linear, masked_gemv, matvec, swiglu_chain
 
 
@@ -51,10 +49,6 @@ class Block(nn.Module):
         """o_proj(attention(normed)), this token's k and v written into the cache."""
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
-        if T == 1 and self.rotary_in_qkv():  # one GEMV makes q, k and v and rotates them into place
-            q = self.qkv_rotated(normed, pos, k_cache, v_cache, cos_table, sin_table)
-            attended = decode_attention(q, k_cache, v_cache, pos, torch.empty_like(q)).view(1, s.hidden)
-            return matvec(self.wo.weight, attended, self.gemv)
         qkv, splits = self.qkv_product(normed)
         if T == 1:  # rotary and both cache writes, then attention over the prefix only (1 to 3 launches)
             attended = rope_attention(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
@@ -70,28 +64,6 @@ class Block(nn.Module):
                                                       attn_mask=allowed[None, None], enable_gqa=s.kv_heads != s.heads)
             attended = attended[0].transpose(0, 1).reshape(T, s.hidden)
         return matvec(self.wo.weight, attended, self.gemv)
-
-    def rotary_in_qkv(self) -> bool:
-        """Whether one token's stacked dense QKV product makes the rotary and the cache writes in its epilogue
-        (dense_kernels.rope_in_qkv; not with QKV biases or adapted QKV, which keep their own paths)."""
-        return (self.gemv == "triton" and isinstance(self.qkv, nn.Linear) and self.qkv_bias is None
-                and use_triton(self.qkv.weight) and rope_in_qkv())
-
-    def qkv_rotated(self, normed, pos, k_cache, v_cache, cos_table, sin_table) -> torch.Tensor:
-        """The rotated queries (heads, d) of one token, its key and value written into the caches at pos, by one
-        GEMV over the QKV rows in rope_rows' order (a copy made at the first one-token step, before capture)."""
-        s = self.shape
-        if getattr(self, "qkv_rope_rows", None) is None:
-            rows = rope_rows(s.heads, s.kv_heads, s.head_dim).to(self.qkv.weight.device)
-            self.qkv_rope_rows = self.qkv.weight.detach()[rows].contiguous()
-        q = torch.empty(s.heads, s.head_dim, dtype=k_cache.dtype, device=k_cache.device)
-        rope = RopeInto(cos_table, sin_table, pos, q, k_cache, v_cache, s.heads, s.kv_heads)
-        if isinstance(normed, PendingNorm):
-            normed.gemv(self.qkv_rope_rows, rope=rope)
-        else:
-            gemv(self.qkv_rope_rows, normed.reshape(-1), q, rope=rope)
-        self.mark("attention")
-        return q
 
     def mlp(self, normed):
         if not isinstance(self.gate, RankPart):

@@ -16,11 +16,9 @@ the plain engine agree to rounding. On a CPU without TRITON_INTERPRET=1 the PyTo
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from rana_core.decode.masked_kernels import launch_switch, pdl, triton, use_triton
+from rana_core.decode.masked_kernels import pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
@@ -57,14 +55,6 @@ if triton is not None:
         return total.to(dtype).to(tl.float32)
 
     @triton.jit
-    def rotate_pair(x1, x2, cos, sin, dtype):
-        """Rotary on the pairs (x1, x2) (a head's two halves, float32 of dtype values), rounded to dtype as the
-        unfused PyTorch ops round: (x1·cos − x2·sin, x2·cos + x1·sin)."""
-        first = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
-        second = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
-        return first, second
-
-    @triton.jit
     def rope_head(h, qkv_ptr, cos_ptr, sin_ptr, pos, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, HEADS: tl.constexpr,
                   KV_HEADS: tl.constexpr, HALF: tl.constexpr, SPLITS: tl.constexpr):
         """Head h < HEADS: query head h rotated into q; HEADS + j: key head j rotated into the cache and value
@@ -77,7 +67,8 @@ if triton is not None:
         sin = tl.load(sin_ptr + pos * HALF + i).to(tl.float32)
         x1 = _qkv_values(qkv_ptr, h * 2 * HALF + i, SPLITS, N, dtype)
         x2 = _qkv_values(qkv_ptr, h * 2 * HALF + HALF + i, SPLITS, N, dtype)
-        first, second = rotate_pair(x1, x2, cos, sin, dtype)
+        first = ((x1 * cos).to(dtype).to(tl.float32) - (x2 * sin).to(dtype).to(tl.float32)).to(dtype)
+        second = ((x2 * cos).to(dtype).to(tl.float32) + (x1 * sin).to(dtype).to(tl.float32)).to(dtype)
         if h < HEADS:
             tl.store(q_ptr + h * 2 * HALF + i, first)
             tl.store(q_ptr + h * 2 * HALF + HALF + i, second)
@@ -126,37 +117,6 @@ def rotate_half_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     x1, x2 = x[..., :half], x[..., half:]
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
-
-
-@dataclass
-class RopeInto:
-    """Where one token's rotary goes when the QKV GEMV makes it in its epilogue (gemv's `rope`): the position's
-    cos/sin tables, the position (1,), the rotated query's buffer (heads, d) and the caches (kv_heads, max_seq, d)."""
-
-    cos_table: torch.Tensor
-    sin_table: torch.Tensor
-    pos: torch.Tensor
-    q_out: torch.Tensor
-    k_cache: torch.Tensor
-    v_cache: torch.Tensor
-    heads: int
-    kv_heads: int
-
-
-def rope_in_qkv() -> bool:
-    """Whether a dense stacked QKV product makes the rotary and the cache writes in its epilogue (gemv's `rope`),
-    one launch a layer fewer: RANA_ROPE_IN_QKV = 0 (the default until timed) or 1."""
-    return launch_switch("RANA_ROPE_IN_QKV")
-
-
-def rope_rows(heads: int, kv_heads: int, d: int) -> torch.Tensor:
-    """The stacked QKV rows in the order the rotary epilogue reads them: within each query and key head the two
-    halves interleaved (rows e and e + d/2 side by side, so one program holds both of a pair), values as they are.
-    Entry n is the original row of row n."""
-    half = torch.arange(d // 2)
-    within = torch.stack([half, half + d // 2], dim=1).reshape(-1)  # 0, d/2, 1, d/2 + 1, …
-    rotated = (torch.arange(heads + kv_heads)[:, None] * d + within[None, :]).reshape(-1)
-    return torch.cat([rotated, torch.arange((heads + kv_heads) * d, (heads + 2 * kv_heads) * d)])
 
 
 def rope_into_cache(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.Tensor, pos: torch.Tensor,

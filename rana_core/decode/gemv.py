@@ -7,8 +7,6 @@ into it (each a constexpr flag: a variant compiles only where it is used):
 - `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
 - `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when);
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
-- `rope`: the stacked QKV's rows in rope_rows' order, the epilogue rotating q and k and writing them (and v) where
-  dense_kernels.rope_into_cache would: the rotary launch goes (dense_kernels.RopeInto);
 - early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
 
 Rounding follows the unfused PyTorch code, as in dense_kernels. On a CPU without TRITON_INTERPRET=1 the PyTorch
@@ -22,13 +20,12 @@ import os
 
 import torch
 
-from rana_core.decode.dense_kernels import RopeInto, rmsnorm_reference, rope_into_cache, rope_rows
+from rana_core.decode.dense_kernels import rmsnorm_reference
 from rana_core.decode.masked_kernels import _interpreting, launch_ints, pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.dense_kernels import rotate_pair
     from rana_core.decode.masked_kernels import active_of, await_inputs, swiglu
 
     @triton.jit
@@ -93,42 +90,12 @@ if triton is not None:
         return 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / K + eps)
 
     @triton.jit
-    def _rope_epilogue(y, N, cos_ptr, sin_ptr, pos_ptr, q_ptr, k_cache_ptr, v_cache_ptr, max_seq, dtype,
-                       BLOCK_N: tl.constexpr, HEADS: tl.constexpr, KV_HEADS: tl.constexpr, HALF: tl.constexpr):
-        """This program's rows of the stacked QKV (rope_rows' order: a query or key head's rows e and e + HALF
-        side by side) rotated as rope_head rotates them (rotate_pair) and stored where it stores them: queries in
-        q, keys and values in the caches at pos. Rows come in pairs, BLOCK_N even."""
-        x1, x2 = tl.split(tl.reshape(y.to(dtype).to(tl.float32), [BLOCK_N // 2, 2]))  # as stored, then loaded
-        n = tl.program_id(0) * BLOCK_N + 2 * tl.arange(0, BLOCK_N // 2)  # each pair's first row
-        D: tl.constexpr = 2 * HALF
-        head, e = n // D, n % D
-        i = e // 2  # a rotated head's frequency: the pair is its rows i and i + HALF
-        pos = tl.load(pos_ptr)
-        live = n < N
-        rotated = live & (head < HEADS + KV_HEADS)
-        cos = tl.load(cos_ptr + pos * HALF + i, mask=rotated, other=0.0).to(tl.float32)
-        sin = tl.load(sin_ptr + pos * HALF + i, mask=rotated, other=0.0).to(tl.float32)
-        first, second = rotate_pair(x1, x2, cos, sin, dtype)
-        is_q = head < HEADS
-        tl.store(q_ptr + head * D + i, first, mask=is_q)
-        tl.store(q_ptr + head * D + HALF + i, second, mask=is_q)
-        key = k_cache_ptr + ((head - HEADS) * max_seq + pos) * D
-        is_k = rotated & ~is_q
-        tl.store(key + i, first, mask=is_k)
-        tl.store(key + HALF + i, second, mask=is_k)
-        value = v_cache_ptr + ((head - HEADS - KV_HEADS) * max_seq + pos) * D + e  # values in their own order
-        is_v = live & (head >= HEADS + KV_HEADS)
-        tl.store(value, x1.to(dtype), mask=is_v)
-        tl.store(value + 1, x2.to(dtype), mask=is_v)
-
-    @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
-                     in_tau_ptr, in_scale_ptr, cos_ptr, sin_ptr, pos_ptr, k_cache_ptr, v_cache_ptr, max_seq,
+                     in_tau_ptr, in_scale_ptr,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     UP_X_OFFSET: tl.constexpr, ROPE: tl.constexpr, HEADS: tl.constexpr,
-                     KV_HEADS: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
+                     UP_X_OFFSET: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -137,8 +104,7 @@ if triton is not None:
         With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
         every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
         MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
-        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With ROPE, W is the
-        stacked QKV in rope_rows' order and the epilogue writes q (to out_ptr) and the caches (_rope_epilogue)."""
+        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
@@ -164,11 +130,7 @@ if triton is not None:
             y = swiglu(y, up, dtype)
             if MASKED:
                 y = tl.where(kept, y, 0.0)
-        if ROPE:
-            _rope_epilogue(y, N, cos_ptr, sin_ptr, pos_ptr, out_ptr, k_cache_ptr, v_cache_ptr, max_seq, dtype, BLOCK_N,
-                           HEADS, KV_HEADS, HALF)
-        else:
-            tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
+        tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
 
 # Each program loads its first weight chunk before waiting for the launch before (RANA_EARLY_WEIGHTS=all, the
@@ -229,7 +191,7 @@ def gemv_config(K: int, swiglu: bool = False) -> dict:
 
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
-         input_mask: tuple | None = None, rope: RopeInto | None = None) -> torch.Tensor:
+         input_mask: tuple | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
@@ -241,16 +203,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
     scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
     threshold[1] and scale[K:], and with `split` x is (2K,) and the up rows read x[K:] (gate's and up's own
-    coefficients); without, both read the same x.
-
-    `rope` (dense_kernels.RopeInto): weight is the stacked QKV with its rows in rope_rows' order; the product is
-    rotated and stored as rope_into_cache stores it (q into rope.q_out, which is returned; k and v into the caches
-    at rope.pos), in the same launch. Not with swiglu or tau; `out` is not written."""
-    if rope is not None:
-        d = rope.k_cache.shape[-1]
-        if swiglu or tau is not None or weight.shape[0] != (rope.heads + 2 * rope.kv_heads) * d or d % 2:
-            raise ValueError(f"rope: rows of the stacked QKV ({rope.heads} + 2 × {rope.kv_heads} heads of {d}), "
-                             f"not {weight.shape[0]}; not with swiglu or tau")
+    coefficients); without, both read the same x."""
     if norm is not None:
         delta, norm_weight, eps, res_out = norm
         if delta is not None and res_out.data_ptr() == x.data_ptr():
@@ -280,41 +233,27 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
             return out.copy_(gate * up * kept)
         if input_mask is not None:
             x = _masked_input(x, input_mask, 0)
-        if rope is not None:  # the product in the stacked order, then rope_into_cache's PyTorch form
-            qkv = torch.mv(weight, x)
-            stacked = torch.empty_like(qkv).index_copy_(0, rope_rows(rope.heads, rope.kv_heads, d).to(x.device), qkv)
-            return rope_into_cache(stacked[None], rope.cos_table, rope.sin_table, rope.pos, rope.k_cache,
-                                   rope.v_cache, rope.heads, rope.kv_heads, rope.q_out)
         return torch.mv(weight, x, out=out)
     base = gemv_config(K, swiglu)
     if config is None and _interpreting():
         base = {**base, **INTERPRETER_CONFIG}
     c = {**base, **(config or {})}
-    if rope is not None and c["BLOCK_N"] % 2:
-        raise ValueError(f"rope: a program's rows come in pairs; BLOCK_N {c['BLOCK_N']} is odd")
     N = N // 2 if swiglu else N
     p = pdl(weight)
     early = _early_weights(K, c["EARLY_MIN_K"])
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
-    out = out if rope is None else rope.q_out  # the epilogue's queries
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
                                                    delta if delta is not None else x, norm_weight, res_out, eps,
                                                    0.0 if tau is None else float(tau),
                                                    in_tau if in_tau is not None else x,
-                                                   in_scale if in_scale is not None else x,
-                                                   *((rope.cos_table, rope.sin_table, rope.pos, rope.k_cache,
-                                                      rope.v_cache, rope.k_cache.shape[1]) if rope is not None
-                                                     else (x, x, x, x, x, 0)), K=K,
+                                                   in_scale if in_scale is not None else x, K=K,
                                                    K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
                                                    MASKED=swiglu and tau is not None, EARLY=early,
                                                    NORM=norm is not None, HAS_DELTA=delta is not None,
                                                    MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
-                                                   UP_X_OFFSET=K if split else 0, ROPE=rope is not None,
-                                                   HEADS=rope.heads if rope is not None else 0,
-                                                   KV_HEADS=rope.kv_heads if rope is not None else 0,
-                                                   HALF=rope.k_cache.shape[-1] // 2 if rope is not None else 0,
+                                                   UP_X_OFFSET=K if split else 0,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out

@@ -73,15 +73,6 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
 
 
-def launch_switch(name: str) -> bool:
-    """An opt-in launch option in environment variable `name`: 0 (off, the default) or 1, else a ValueError
-    naming the variable."""
-    choice = os.environ.get(name, "0")
-    if choice not in ("0", "1"):
-        raise ValueError(f"{name}={choice!r}: use 0 or 1")
-    return choice == "1"
-
-
 def launch_ints(name: str, text: str, lengths: tuple[int, ...], expected: str) -> tuple[int, ...]:
     """A launch configuration the benches give as dash-separated integers in environment variable `name`, or a
     ValueError naming the variable."""

@@ -78,16 +78,14 @@ class PendingNorm:
         stream = self._use()
         return add_rmsnorm(stream.x, self.delta, self.norm.weight, self.norm.eps, stream.normed)
 
-    def gemv(self, weight: torch.Tensor, swiglu: bool = False, input_mask: tuple | None = None,
-             rope=None) -> torch.Tensor:
+    def gemv(self, weight: torch.Tensor, swiglu: bool = False, input_mask: tuple | None = None) -> torch.Tensor:
         """weight @ the normed input, the add and the norm made inside the GEMV (1, N); with `input_mask`, the
-        normed input masked as gemv's input_mask says (a masked product over every row: TEAL's, WINA's); with
-        `rope`, the rotated queries (1, heads, d), k and v written into the caches (gemv's rope)."""
+        normed input masked as gemv's input_mask says (a masked product over every row: TEAL's, WINA's)."""
         stream = self._use()
         out = torch.empty(weight.shape[0] // 2 if swiglu else weight.shape[0], dtype=self.dtype, device=self.device)
-        out = gemv(weight, stream.x[0], out, swiglu=swiglu, input_mask=input_mask, rope=rope,
-                   norm=(None if self.delta is None else self.delta.reshape(-1), self.norm.weight, self.norm.eps,
-                         stream.spare[0]))
+        gemv(weight, stream.x[0], out, swiglu=swiglu, input_mask=input_mask,
+             norm=(None if self.delta is None else self.delta.reshape(-1), self.norm.weight, self.norm.eps,
+                   stream.spare[0]))
         if self.delta is not None:
             stream.x, stream.spare = stream.spare, stream.x
         return out[None]
