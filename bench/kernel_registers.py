@@ -44,7 +44,7 @@ PRODUCTS = {  # name: (K per group, M, groups, column norms)
     "SmolLM2 down (neurons)": (1536, 576, 1, True),
 }
 REGISTERS_PER_SM = 65536
-GEMVS = {  # name: (rows, columns, options: swiglu, norm, masked input)
+GEMVS = {  # name: (rows, columns, options: swiglu, norm, masked input, residual add / norm from its sums)
     "SmolLM2 qkv + norm": (960, 576, dict(NORM=True)),
     "SmolLM2 o_proj": (576, 576, {}),
     "SmolLM2 gate/up + norm": (3072, 576, dict(SWIGLU=True, NORM=True)),
@@ -53,10 +53,15 @@ GEMVS = {  # name: (rows, columns, options: swiglu, norm, masked input)
     "7B qkv": (12288, 4096, {}),
     "7B gate/up": (22016, 4096, dict(SWIGLU=True)),
     "7B down": (4096, 11008, {}),
+    "7B o_proj + residual sums": (4096, 4096, dict(ADD_RESIDUAL=True)),
+    "7B down + residual sums": (4096, 11008, dict(ADD_RESIDUAL=True)),
+    "7B qkv + norm from sums": (12288, 4096, dict(NORM=True, NORM_SUMS=True)),
+    "7B gate/up + norm from sums": (22016, 4096, dict(SWIGLU=True, NORM=True, NORM_SUMS=True)),
 }
 GEMV_SIGNATURE = {"w_ptr": "*fp16", "x_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "stride_n": "i32",
                   "delta_ptr": "*fp16", "norm_w_ptr": "*fp16", "res_out_ptr": "*fp16", "eps": "fp32", "tau": "fp32",
-                  "in_tau_ptr": "*fp32", "in_scale_ptr": "*fp32"}
+                  "in_tau_ptr": "*fp32", "in_scale_ptr": "*fp32", "res_in_ptr": "*fp16", "sums_ptr": "*fp32",
+                  "n_sums": "i32"}
 
 
 WIDE_SIGNATURE = {"rows_ptr": "*fp16", "coeff_ptr": "*fp16", "scale_ptr": "*fp32", "threshold_ptr": "*fp32",
@@ -180,8 +185,11 @@ def gemvs(sms: int) -> list[dict]:
         out_rows = N // 2 if swiglu else N
         used = registers(gemv._gemv_kernel, {}, dict(
             K=K, K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
-            MASKED=False, EARLY=True, NORM=options.get("NORM", False), HAS_DELTA=options.get("NORM", False),
-            MASK_IN=options.get("MASK_IN", False), HAS_SCALE=False, UP_X_OFFSET=0, PDL=True), c["num_warps"],
+            MASKED=False, EARLY=True, NORM=options.get("NORM", False),
+            HAS_DELTA=options.get("NORM", False) and not options.get("NORM_SUMS", False),
+            MASK_IN=options.get("MASK_IN", False), HAS_SCALE=False, UP_X_OFFSET=0,
+            ADD_RESIDUAL=options.get("ADD_RESIDUAL", False), NORM_SUMS=options.get("NORM_SUMS", False),
+            SUMS_P2=512, PDL=True), c["num_warps"],
             c["num_stages"], GEMV_SIGNATURE)
         programs = math.ceil(out_rows / c["BLOCK_N"])
         per_sm = REGISTERS_PER_SM // (used * 32 * c["num_warps"])

@@ -92,6 +92,33 @@ def gpu_and_default_tiles(device: str, K: int, swiglu: bool = False) -> list:
 
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("design", DESIGNS)
+def test_a_reduction_adding_the_residual_leaves_each_programs_sum_of_squares(device, dtype, design, monkeypatch):
+    """reduce_partials(residual=(r, sums)): out is r + the reduced product, the add rounded as add_rmsnorm rounds
+    it (bit for bit against the plain reduction then that add), and each program's entry of sums (NaN before) is
+    its columns' sum of squares, float32 against float64; Llama-2-7B's down (11,008 neurons, 4,096 wide) on the
+    GPU, at 30% density."""
+    require_triton(device)
+    from rana_core.decode.masked_kernels import reduce_block, reduce_programs
+
+    use_design(design, monkeypatch)
+    K, M = (11008, 4096) if device == "cuda" else (24, 40)
+    g = torch.Generator().manual_seed(K + M)
+    rows = torch.randn(K, M, generator=g).to(device, dtype) / K ** 0.5
+    coeff = torch.randn(K, generator=g).to(device, dtype)
+    r = torch.randn(M, generator=g).to(device, dtype)
+    partial, splits = masked_rows_partials(rows, coeff, threshold_for_density(coeff.float().abs(), 0.3))
+    plain = reduce_partials(partial, splits, poisoned(M, dtype=dtype, device=device))
+    sums = torch.full((reduce_programs(M, splits),), float("nan"), device=device)
+    out = reduce_partials(partial, splits, poisoned(M, dtype=dtype, device=device), residual=(r, sums))
+    assert torch.equal(out, (r.float() + plain.float()).to(dtype))
+    for total, block in zip(sums.cpu(), out.double().cpu().square().split(reduce_block(splits)), strict=True):
+        assert abs(float(total) - float(block.sum())) <= 1e-5 * float(block.sum())
+    with pytest.raises(ValueError, match="a residual reduction sums one group"):
+        reduce_partials(partial, splits, out, residual=(r, sums[1:]))
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("design", DESIGNS)
 def test_two_groups_in_one_launch_with_the_swiglu_epilogue(device, dtype, density, design, monkeypatch):
@@ -408,6 +435,13 @@ def test_gemv_with_the_norm_prologue_is_add_rmsnorm_then_the_gemv(device, dtype,
         assert torch.equal(res_out, residual)
     else:
         assert torch.isnan(res_out.float()).all()
+    assert_is_the_normed_product(out, weight, residual, norm_weight, swiglu, dtype)
+
+
+def assert_is_the_normed_product(out, weight, residual, norm_weight, swiglu: bool, dtype):
+    """out against float64 of weight @ RMSNorm(residual)·norm_weight (eps 1e-5; with `swiglu`, silu(gate)·up):
+    the normed input may differ from PyTorch's by one rounding where a float32 sum differs, then the GEMV's own
+    roundings (one, or four with SwiGLU)."""
     normed = rmsnorm_reference(residual[None], norm_weight, 1e-5)[0]
     product = weight.double().cpu() @ normed.double().cpu()
     if swiglu:
@@ -415,6 +449,69 @@ def test_gemv_with_the_norm_prologue_is_add_rmsnorm_then_the_gemv(device, dtype,
         product = F.silu(gate) * up
     assert torch.isfinite(out.float()).all()
     assert relative_error(out.float().cpu(), product.float()) < tolerance(dtype, 5 if swiglu else 2)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+def test_gemv_adding_the_residual_leaves_each_programs_sum_of_squares(device, dtype):
+    """gemv(residual=(r, sums)): out is r + W a with the product rounded as stored and the add rounded as
+    add_rmsnorm rounds it (bit for bit against the plain GEMV then that add; r untouched), and each program's
+    entry of sums (NaN before) is its rows' sum of squares of out, float32 against float64. The last program's
+    rows run past N (masked), and on the GPU the shapes are Llama-2-7B's o_proj and down."""
+    require_triton(device)
+    from rana_core.decode.gemv import INTERPRETER_CONFIG, gemv_programs
+
+    for N, K in ([(4096, 4096), (4096, 11008)] if device == "cuda" else [(72, 48)]):
+        g = torch.Generator().manual_seed(N + K)
+        weight = (torch.randn(N, K, generator=g) / K ** 0.5).to(device, dtype)
+        a, r = torch.randn(K, generator=g).to(device, dtype), torch.randn(N, generator=g).to(device, dtype)
+        before = r.clone()
+        programs = gemv_programs(N, K)
+        sums = torch.full((programs,), float("nan"), device=device)
+        out = gemv(weight, a, poisoned(N, dtype=dtype, device=device), residual=(r, sums))
+        assert torch.equal(r, before)
+        product = gemv(weight, a, poisoned(N, dtype=dtype, device=device))
+        assert torch.equal(out, (r.float() + product.float()).to(dtype))
+        expected = r.double().cpu() + weight.double().cpu() @ a.double().cpu()
+        assert relative_error(out.float().cpu(), expected.float()) < tolerance(dtype, 2)
+        rows = (INTERPRETER_CONFIG if device == "cpu" else gemv_config(K))["BLOCK_N"]  # each program's rows
+        by_program = out.double().cpu().square().split(rows)
+        assert len(by_program) == programs
+        for total, block in zip(sums.cpu(), by_program):
+            assert abs(float(total) - float(block.sum())) <= 1e-5 * float(block.sum()), (N, K)
+
+
+@pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
+@pytest.mark.parametrize("swiglu", [False, True], ids=["plain", "swiglu"])
+def test_gemv_normed_from_the_sums_is_rmsnorm_then_the_gemv(device, dtype, swiglu):
+    """gemv(norm=(None, w, eps, None), norm_sums=sums): the input is RMSNorm(x)·w with 1/rms from the sums a
+    residual GEMV left (not from x), against float64 of the PyTorch-normed x; a residual GEMV over the 7B shape
+    (4,096 rows: 512 programs' sums) makes x and its sums on the GPU. Without the sums' last entry (a program's
+    rows left out of the rms) it fails: the sums are all read."""
+    require_triton(device)
+    from rana_core.decode.gemv import gemv_programs
+
+    N, K = (4096, 4096) if device == "cuda" else (24, 72)
+    g = torch.Generator().manual_seed(K + swiglu)
+    producer = (torch.randn(K, K, generator=g) / K ** 0.5).to(device, dtype)
+    a, r = torch.randn(K, generator=g).to(device, dtype), torch.randn(K, generator=g).to(device, dtype)
+    sums = torch.empty(gemv_programs(K, K), device=device)
+    x = gemv(producer, a, torch.empty(K, dtype=dtype, device=device), residual=(r, sums))
+    weight = (torch.randn((2 if swiglu else 1) * N, K, generator=g) / K ** 0.5).to(device, dtype)
+    norm_weight = (torch.rand(K, generator=g) + 0.5).to(device, dtype)
+    out = gemv(weight, x, poisoned(N, dtype=dtype, device=device), swiglu=swiglu,
+               norm=(None, norm_weight, 1e-5, None), norm_sums=sums)
+    assert_is_the_normed_product(out, weight, x, norm_weight, swiglu, dtype)
+
+
+def test_the_residual_and_sums_options_refuse_what_they_cannot_make():
+    from rana_core.decode.gemv import gemv_programs
+
+    weight, x = torch.zeros(4, 8), torch.zeros(8)
+    with pytest.raises(ValueError, match="one sum of squares per program"):
+        gemv(weight, x, torch.zeros(4), residual=(torch.zeros(4), torch.zeros(gemv_programs(4, 8) + 1)))
+    with pytest.raises(ValueError, match="norm_sums: the residual is already added"):
+        gemv(weight, x, torch.zeros(4), norm=(torch.ones(8), torch.ones(8), 1e-5, torch.zeros(8)),
+             norm_sums=torch.zeros(1))
 
 
 def test_the_norm_prologue_refuses_to_write_the_residual_over_itself():

@@ -188,9 +188,10 @@ def count_norm_launches(monkeypatch) -> list:
     return calls
 
 
-def decode_steps(engine: DecodeEngine, prompt: torch.Tensor, steps: int, fold: bool, monkeypatch):
-    """(logits of `steps` eager one-token steps after the prompt, add_rmsnorm calls during them)."""
-    monkeypatch.setenv("RANA_FUSE_NORM", "1" if fold else "0")
+def decode_steps(engine: DecodeEngine, prompt: torch.Tensor, steps: int, fold: bool | str, monkeypatch):
+    """(logits of `steps` eager one-token steps after the prompt, add_rmsnorm calls during them); `fold` is
+    RANA_FUSE_NORM's value, or True / False for 1 / 0."""
+    monkeypatch.setenv("RANA_FUSE_NORM", fold if isinstance(fold, str) else "1" if fold else "0")
     engine.allocate(32)
     engine.prefill(prompt)
     with monkeypatch.context() as patch:
@@ -231,16 +232,47 @@ def test_norms_folded_into_the_next_gemv_decode_what_add_rmsnorm_decodes(flop_re
     assert torch.equal(folded.argmax(-1), plain.argmax(-1))
 
 
+@pytest.mark.parametrize("flop_reduction, shape, design", [
+    (0.0, TINY, "auto"), (0.44, TINY, "gemv"), (0.44, TINY, "list"), (0.44, TINY, "wide"),
+    (0.44, TINY_MHA, "auto")], ids=["dense", "rana-mlp-gemv", "rana-mlp-list", "rana-mlp-wide", "rana-qkv-and-mlp"])
+def test_last_products_adding_the_residual_decode_what_add_rmsnorm_decodes(flop_reduction, shape, design,
+                                                                          monkeypatch):
+    """RANA_FUSE_NORM=sums where the row fold is off (as on a 7B model; here FOLD_MAX_HIDDEN 0): each section's
+    last launch (o_proj's GEMV; down's GEMV, or the reduction of RaNA's masked down product, in each
+    RANA_MASKED_PRODUCT design) adds the residual and leaves its programs' sums of squares, from which the next
+    GEMV norms its input: two adds a layer, and of add_rmsnorm's launches only the first layer's norm is left
+    (the unfused engine makes 2 a layer and the head's). The logits of five steps equal the unfused engine's to
+    float32 rounding, the tokens the same."""
+    require_triton("cpu")
+    from rana_core.decode import residual
+
+    monkeypatch.setattr(residual, "FOLD_MAX_HIDDEN", 0)
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
+    engine = DecodeEngine(shape, torch.float32, "cpu", flop_reduction=flop_reduction, gemv="triton")
+    engine.calibrate(tokens=256)
+    prompt = torch.randint(0, shape.vocab, (6,), generator=torch.Generator().manual_seed(2))
+    plain, plain_calls = decode_steps(engine, prompt, 5, "0", monkeypatch)
+    adds, add_by = [], residual.ResidualStream.add_by
+    monkeypatch.setattr(residual.ResidualStream, "add_by", lambda *args: adds.append(1) or add_by(*args))
+    summed, summed_calls = decode_steps(engine, prompt, 5, "sums", monkeypatch)
+    assert len(adds) == 5 * 2 * shape.layers  # one-token steps only: the prompt's are batched
+    assert plain_calls == 5 * (2 * shape.layers + 1) and summed_calls == 5
+    assert (summed - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert torch.equal(summed.argmax(-1), plain.argmax(-1))
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("flop_reduction", [0.0, 0.44])
-def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction, monkeypatch):
-    """RANA_FUSE_NORM=1 in a replayed graph (PDL, EARLY weights, the residual flipping between two buffers): 16
+@pytest.mark.parametrize("fold", ["1", "sums"])
+def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction, fold, monkeypatch):
+    """RANA_FUSE_NORM=1 or sums in a replayed graph (PDL, EARLY weights, the residual flipping between two
+    buffers; with sums, the sections' last launches adding it and the next GEMVs norming from their sums): 16
     steps' logits within fp16 rounding of the unfolded engine's (relative error of the logits under 1e-2, as
     graph replay against eager steps). RaNA with masks that keep every row: with calibrated thresholds a last-bit
     difference flips mask entries and 30 random layers grow the flips (test_batch_step says so)."""
-    logits = {fold: replayed_logits({"RANA_FUSE_NORM": fold}, monkeypatch, flop_reduction, seed=3, every_row=True)
-              for fold in ("0", "1")}
-    error = float((logits["1"] - logits["0"]).norm() / logits["0"].norm())
+    logits = {option: replayed_logits({"RANA_FUSE_NORM": option}, monkeypatch, flop_reduction, seed=3,
+                                      every_row=True) for option in ("0", fold)}
+    error = float((logits[fold] - logits["0"]).norm() / logits["0"].norm())
     assert error < 1e-2, error
 
 
@@ -257,8 +289,10 @@ def test_norms_fold_by_default_on_small_models_only(monkeypatch):
     assert not fuse_norms(576)
     monkeypatch.setenv("RANA_FUSE_NORM", "1")
     assert fuse_norms(4096)
+    monkeypatch.setenv("RANA_FUSE_NORM", "sums")  # as auto, the producers' sums besides (sums_from_producers)
+    assert fuse_norms(576) and not fuse_norms(4096)
     monkeypatch.setenv("RANA_FUSE_NORM", "yes")
-    with pytest.raises(ValueError, match="expected auto, 0 or 1"):
+    with pytest.raises(ValueError, match="expected auto, 0, 1 or sums"):
         fuse_norms(576)
     require_triton("cpu")
     monkeypatch.delenv("RANA_FUSE_NORM")

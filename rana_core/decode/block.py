@@ -45,8 +45,9 @@ class Block(nn.Module):
             self.down = _linear(h, i, dtype, device, generator)
         self.wo = _linear(h, h, dtype, device, generator)
 
-    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
-        """o_proj(attention(normed)), this token's k and v written into the cache."""
+    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed, residual=None):
+        """o_proj(attention(normed)), this token's k and v written into the cache; or, given the residual stream
+        (residual.ResidualStream) and one token, None: o_proj's GEMV has added it to the stream."""
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
         qkv, splits = self.qkv_product(normed)
@@ -63,17 +64,30 @@ class Block(nn.Module):
             attended = F.scaled_dot_product_attention(q[None], k_cache[None], v_cache[None],
                                                       attn_mask=allowed[None, None], enable_gqa=s.kv_heads != s.heads)
             attended = attended[0].transpose(0, 1).reshape(T, s.hidden)
-        return matvec(self.wo.weight, attended, self.gemv)
+        return self.last_product(self.wo.weight, attended, residual)
 
-    def mlp(self, normed):
+    def last_product(self, weight: torch.Tensor, x: torch.Tensor, residual=None) -> torch.Tensor | None:
+        """A section's last product, weight @ x; with the residual stream, added to it by the GEMV where one
+        GEMV can (returning None), else returned for the next norm to add."""
+        if residual is not None and self.gemv == "triton" and residual.can_add(weight):
+            return residual.add(weight, x)
+        return matvec(weight, x, self.gemv)
+
+    def mlp(self, normed, residual=None):
+        """The MLP's output, or with the residual stream None where its down product's last launch added it
+        (last_product; RaNA's chain)."""
         if not isinstance(self.gate, RankPart):
-            return matvec(self.down.weight, matvec(self.gate_up, normed, self.gemv, swiglu=True), self.gemv)
+            return self.last_product(self.down.weight, matvec(self.gate_up, normed, self.gemv, swiglu=True),
+                                     residual)
         z = matvec(self.gate_up_B, normed, self.gemv)
         if self.gate.fusable(z) and self.down.fusable(z):
             # one token: gate's and up's masked products in one launch; their partial sums go straight into the
             # down product's compaction, which makes h = silu(gate)·up itself (no reduction launch between)
-            return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
-                                torch.empty_like(self.gate.out))
+            h = torch.empty_like(self.gate.out)
+            if residual is not None and residual.can_add(self.down.rows):  # down's last launch adds the residual
+                return residual.add_by(lambda r, out: swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold,
+                                                                   self.down, h, residual=(r, out)))
+            return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down, h)
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 

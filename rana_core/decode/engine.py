@@ -25,7 +25,7 @@ from rana_core.architecture import Shape
 from rana_core.decode.dense_kernels import add_rmsnorm
 from rana_core.decode.parts import GEMV_BACKENDS, RMSNorm, _linear, _random, matvec
 from rana_core.decode.block import Block, _no_mark, reads_normed_once
-from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms
+from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms, sums_from_producers
 
 SHAPES = {
     "llama2-7b-shape": Shape(hidden=4096, intermediate=11008, layers=32, heads=32, kv_heads=32, vocab=32000),
@@ -132,11 +132,14 @@ class DecodeEngine(nn.Module):
         allowed = None  # one token attends through decode_attention, which reads its position itself
         if tokens.numel() > 1:
             allowed = torch.arange(self.max_seq, device=self.device)[None, :] <= pos[:, None]
-        fold = tokens.numel() == 1 and self.gemv == "triton" and fuse_norms(self.shape.hidden)
+        one_token = tokens.numel() == 1 and self.gemv == "triton"
+        fold = one_token and fuse_norms(self.shape.hidden)
+        adds = stream if one_token and sums_from_producers() else None  # sections' last GEMVs add the residual
 
         def normed(owed: PendingNorm, block, section: str):
             """The section's input: the norm left owed to its first GEMV where that GEMV is its only reader."""
-            return owed if fold and reads_normed_once(block, section) else owed.materialize()
+            folds = fold or owed.sums is not None
+            return owed if folds and reads_normed_once(block, section) else owed.materialize()
 
         norms = [n for block in self.blocks for n in (block.attn_norm, block.mlp_norm)] + [self.norm]
         mark = self.marker or _no_mark
@@ -144,12 +147,13 @@ class DecodeEngine(nn.Module):
         for index, block in enumerate(self.blocks):
             mark(index, "qkv")  # the block marks "attention" once its QKV product is issued
             attended = block.attention(normed(owed, block, "attention"), pos, self.k_cache[index],
-                                       self.v_cache[index], self.cos, self.sin, allowed)
-            owed = PendingNorm(stream, attended, norms[2 * index + 1])
+                                       self.v_cache[index], self.cos, self.sin, allowed, adds)
+            owed = stream.owed(attended, norms[2 * index + 1])
             mark(index, "mlp")
-            owed = PendingNorm(stream, block.mlp(normed(owed, block, "mlp")), norms[2 * index + 2])
+            owed = stream.owed(block.mlp(normed(owed, block, "mlp"), adds), norms[2 * index + 2])
         mark(len(self.blocks), "head")
-        logits = matvec(self.lm_head.weight, owed if fold else owed.materialize(), self.gemv)
+        logits = matvec(self.lm_head.weight, owed if fold or owed.sums is not None else owed.materialize(),
+                        self.gemv)
         mark(len(self.blocks), "end")
         return logits
 

@@ -226,7 +226,7 @@ class ModelBlock(Block):
         self.wo = _linear(wo)
         self.marker = None
 
-    def mlp(self, normed):
+    def mlp(self, normed, residual=None):
         return self.mlp_part(normed)
 
     def flops_per_token(self) -> float:
@@ -239,10 +239,10 @@ class ModelBlock(Block):
         qkv = self.qkv.elements_per_token() if hasattr(self.qkv, "elements_per_token") else self.qkv.weight.numel()
         return qkv + self.mlp_part.elements_per_token() + self.wo.weight.numel()
 
-    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed):
+    def attention(self, normed, pos, k_cache, v_cache, cos_table, sin_table, allowed, residual=None):
         if isinstance(self.qkv, A3AttentionPart):  # A3's narrower q/k/v/o and cache
             return self.qkv.attention(self.shape, normed, pos, k_cache, v_cache, cos_table, sin_table, self.mark)
-        return super().attention(normed, pos, k_cache, v_cache, cos_table, sin_table, allowed)
+        return super().attention(normed, pos, k_cache, v_cache, cos_table, sin_table, allowed, residual)
 
     def kv_features(self) -> int:
         if isinstance(self.qkv, A3AttentionPart):

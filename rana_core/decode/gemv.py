@@ -5,7 +5,9 @@ at small models' sizes the masked products as GEMVs over masked inputs. Options 
 into it (each a constexpr flag: a variant compiles only where it is used):
 
 - `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
-- `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when);
+- `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when), or
+  RMSNorm(x) from the sums of squares a `residual` GEMV left (`norm_sums`: 4 bytes a program, not the whole row);
+- `residual`: the output is the residual's next value x + W a, each program leaving its rows' sum of squares;
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
 - early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
 
@@ -91,11 +93,12 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
-                     in_tau_ptr, in_scale_ptr,
+                     in_tau_ptr, in_scale_ptr, res_in_ptr, sums_ptr, n_sums,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
-                     UP_X_OFFSET: tl.constexpr, PDL: tl.constexpr):
+                     UP_X_OFFSET: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM_SUMS: tl.constexpr,
+                     SUMS_P2: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -104,7 +107,10 @@ if triton is not None:
         With NORM, x is the residual stream and the product's input is RMSNorm(x + delta) · norm_w, made by
         every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
         MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
-        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on."""
+        rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With NORM_SUMS, x is the
+        whole new residual and 1/rms comes from the n_sums sums of squares at sums_ptr. With ADD_RESIDUAL, the
+        output is the residual res_in + W x, rounded as add_rmsnorm rounds the add, and the program stores its
+        rows' sum of squares at sums_ptr + pid (for the next norm's NORM_SUMS)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
@@ -114,10 +120,17 @@ if triton is not None:
             if SWIGLU:
                 first_up = _weight_chunk(w_ptr + N * stride_n, offs_n, n_ok, stride_n, 0, K, BLOCK_K)
         await_inputs(PDL)
+        dtype = out_ptr.dtype.element_ty
+        residual = tl.zeros([BLOCK_N], dtype=tl.float32)
+        if ADD_RESIDUAL:  # issued before the rows' loads, so its latency hides behind theirs
+            residual = tl.load(res_in_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         inv_rms = 1.0
         if NORM:
-            inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
-        dtype = out_ptr.dtype.element_ty
+            if NORM_SUMS:
+                sums = tl.load(sums_ptr + tl.arange(0, SUMS_P2), mask=tl.arange(0, SUMS_P2) < n_sums, other=0.0)
+                inv_rms = 1.0 / tl.sqrt(tl.sum(sums, axis=0) / K + eps)
+            else:
+                inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
         y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
                       norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE)
         if SWIGLU:
@@ -130,6 +143,9 @@ if triton is not None:
             y = swiglu(y, up, dtype)
             if MASKED:
                 y = tl.where(kept, y, 0.0)
+        if ADD_RESIDUAL:  # the product as stored, added to the residual as add_rmsnorm adds it
+            y = (residual + y.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            tl.store(sums_ptr + tl.program_id(0), tl.sum(tl.where(n_ok, y * y, 0.0), axis=0))
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
 
 
@@ -189,9 +205,23 @@ def gemv_config(K: int, swiglu: bool = False) -> dict:
             "EARLY_MIN_K": EARLY_MIN_K}
 
 
+def _launch_config(K: int, swiglu: bool, config: dict | None) -> dict:
+    """The configuration a launch over rows of K columns takes (gemv_config, the interpreter's, an override)."""
+    base = gemv_config(K, swiglu)
+    if config is None and _interpreting():
+        base = {**base, **INTERPRETER_CONFIG}
+    return {**base, **(config or {})}
+
+
+def gemv_programs(N: int, K: int, config: dict | None = None) -> int:
+    """The programs of a plain GEMV of N rows of K columns: the length of a `residual` launch's sums."""
+    return math.ceil(N / _launch_config(K, False, config)["BLOCK_N"]) if triton is not None else 1
+
+
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
-         input_mask: tuple | None = None) -> torch.Tensor:
+         input_mask: tuple | None = None, residual: tuple | None = None,
+         norm_sums: torch.Tensor | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
@@ -203,7 +233,20 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
     scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
     threshold[1] and scale[K:], and with `split` x is (2K,) and the up rows read x[K:] (gate's and up's own
-    coefficients); without, both read the same x."""
+    coefficients); without, both read the same x.
+
+    `residual` = (r, sums): out ← r + weight @ x, the residual's next value (the add rounded as add_rmsnorm
+    rounds it), and sums[p] ← the sum of squares of program p's rows of it in float32 (gemv_programs(N, K) of
+    them; the PyTorch form puts the whole sum in sums[0]). `norm_sums` = such sums, with norm = (None,
+    norm_weight, eps, None): x is that new residual and 1/rms comes from the sums, not from x (which every
+    program would otherwise read whole)."""
+    if residual is not None:
+        programs = gemv_programs(weight.shape[0], weight.shape[1], config)
+        if swiglu or norm is not None or residual[1].numel() != programs:
+            raise ValueError(f"a residual GEMV is a plain product with one sum of squares per program ({programs} "
+                             f"here), got {residual[1].numel()}")
+    if norm_sums is not None and (norm is None or norm[0] is not None):
+        raise ValueError("norm_sums: the residual is already added, so norm = (None, weight, eps, None)")
     if norm is not None:
         delta, norm_weight, eps, res_out = norm
         if delta is not None and res_out.data_ptr() == x.data_ptr():
@@ -220,8 +263,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
                              f"{None if scale is None else scale.numel()}")
     if not use_triton(weight):
         if norm is not None:
-            residual = x if delta is None else res_out.copy_(x + delta)
-            x = rmsnorm_reference(residual[None], norm_weight, eps)[0]
+            stream = x if delta is None else res_out.copy_(x + delta)
+            x = rmsnorm_reference(stream[None], norm_weight, eps)[0]
         if swiglu:
             gate_w, up_w = weight.chunk(2)
             gate_x, up_x = (x[:K], x[K:]) if split else (x, x)
@@ -233,27 +276,34 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
             return out.copy_(gate * up * kept)
         if input_mask is not None:
             x = _masked_input(x, input_mask, 0)
+        if residual is not None:
+            out.copy_(residual[0] + torch.mv(weight, x))
+            residual[1].zero_()[0] = out.float().square().sum()
+            return out
         return torch.mv(weight, x, out=out)
-    base = gemv_config(K, swiglu)
-    if config is None and _interpreting():
-        base = {**base, **INTERPRETER_CONFIG}
-    c = {**base, **(config or {})}
+    c = _launch_config(K, swiglu, config)
     N = N // 2 if swiglu else N
     p = pdl(weight)
     early = _early_weights(K, c["EARLY_MIN_K"])
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
+    res_in, sums = residual if residual is not None else (x, norm_sums if norm_sums is not None else x)
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
-                                                   delta if delta is not None else x, norm_weight, res_out, eps,
+                                                   delta if delta is not None else x, norm_weight,
+                                                   res_out if res_out is not None else x, eps,
                                                    0.0 if tau is None else float(tau),
                                                    in_tau if in_tau is not None else x,
-                                                   in_scale if in_scale is not None else x, K=K,
+                                                   in_scale if in_scale is not None else x, res_in, sums,
+                                                   sums.numel(), K=K,
                                                    K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
                                                    BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
                                                    MASKED=swiglu and tau is not None, EARLY=early,
                                                    NORM=norm is not None, HAS_DELTA=delta is not None,
                                                    MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
                                                    UP_X_OFFSET=K if split else 0,
+                                                   ADD_RESIDUAL=residual is not None,
+                                                   NORM_SUMS=norm_sums is not None,
+                                                   SUMS_P2=triton.next_power_of_2(sums.numel()),
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out

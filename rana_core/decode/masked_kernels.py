@@ -299,13 +299,18 @@ if triton is not None:
                      WIDE, INTERPRET)
 
     @triton.jit
-    def _reduce_kernel(partial_ptr, out_ptr, M, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
-                       EPILOGUE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    def _reduce_kernel(partial_ptr, out_ptr, M, res_in_ptr, sums_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
+                       EPILOGUE: tl.constexpr, BLOCK: tl.constexpr, ADD_RESIDUAL: tl.constexpr, PDL: tl.constexpr):
         """out = epilogue(Σ_s partial[g, s, :]): EPILOGUE 0: group 0 as is (cast to out's dtype); 1: silu(group
         0) · group 1, rounded as the unfused ops would round. All of a column block's partials are loaded at once
-        (one tile), so the loads are in flight together."""
+        (one tile), so the loads are in flight together. With ADD_RESIDUAL (EPILOGUE 0), out is the residual
+        res_in + the sum, rounded as add_rmsnorm rounds the add, and sums_ptr + pid its block's sum of squares
+        (gemv.gemv's `residual`)."""
         await_inputs(PDL)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        residual = tl.zeros([BLOCK], dtype=tl.float32)
+        if ADD_RESIDUAL:
+            residual = tl.load(res_in_ptr + offs, mask=offs < M, other=0.0).to(tl.float32)
         split = tl.arange(0, SPLITS_P2)
         ok = (split[:, None] < SPLITS) & (offs[None, :] < M)
         tile = partial_ptr + split[:, None] * M + offs[None, :]
@@ -313,6 +318,10 @@ if triton is not None:
         if EPILOGUE == 1:
             second = tl.sum(tl.load(tile + SPLITS * M, mask=ok, other=0.0), axis=0)
             first = swiglu(first, second, out_ptr.dtype.element_ty)
+        if ADD_RESIDUAL:
+            dtype = out_ptr.dtype.element_ty
+            first = (residual + first.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+            tl.store(sums_ptr + tl.program_id(0), tl.sum(tl.where(offs < M, first * first, 0.0), axis=0))
         tl.store(out_ptr + offs, first.to(out_ptr.dtype.element_ty), mask=offs < M)
 
 
@@ -331,10 +340,16 @@ def _buffer(name: str, size: int, dtype, device: torch.device, zero: bool = Fals
 
 def masked_rows_reduced(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
                         scale: torch.Tensor | None, out: torch.Tensor,
-                        swiglu_of: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
-    """out = the masked product of one group, summed: masked_rows_partials, then reduce_partials."""
+                        swiglu_of: tuple[torch.Tensor, int] | None = None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+    """out = the masked product of one group, summed: masked_rows_partials, then reduce_partials. With
+    `residual` r, out = r + the product and what returns is the reduction's sums of squares (reduce_partials)."""
     partial, splits = masked_rows_partials(rows, coeff, threshold, scale, swiglu_of=swiglu_of)
-    return reduce_partials(partial, splits, out)
+    if residual is None:
+        return reduce_partials(partial, splits, out)
+    sums = torch.empty(reduce_programs(out.numel(), splits), dtype=torch.float32, device=out.device)
+    reduce_partials(partial, splits, out, residual=(residual, sums))
+    return sums
 
 
 def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
@@ -388,15 +403,31 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     return partial, splits
 
 
-def reduce_partials(partial: torch.Tensor, splits: int, out: torch.Tensor, epilogue: str = "sum") -> torch.Tensor:
-    """out = Σ of the partial sums, then the epilogue: "sum", or "swiglu" (silu of group 0 times group 1)."""
+def reduce_block(splits: int) -> int:
+    """The columns a reduce_partials program sums: at most 4096 partial sums a program."""
+    return max(16, min(256, 4096 // triton.next_power_of_2(splits)))
+
+
+def reduce_programs(M: int, splits: int) -> int:
+    """The programs of reduce_partials over M columns of `splits` partial sums: a `residual` call's sums."""
+    return math.ceil(M / reduce_block(splits))
+
+
+def reduce_partials(partial: torch.Tensor, splits: int, out: torch.Tensor, epilogue: str = "sum",
+                    residual: tuple | None = None) -> torch.Tensor:
+    """out = Σ of the partial sums, then the epilogue: "sum", or "swiglu" (silu of group 0 times group 1). With
+    `residual` = (r, sums) ("sum" only): out = r + the sum, and sums[p] the sum of squares of program p's
+    columns of it (reduce_programs of them), as gemv's `residual` leaves them for the next norm."""
     M = out.numel()
-    p2 = triton.next_power_of_2(splits)
-    block = max(16, min(256, 4096 // p2))  # a tile of at most 4096 partial sums per program
+    block = reduce_block(splits)
+    if residual is not None and (epilogue != "sum" or residual[1].numel() != reduce_programs(M, splits)):
+        raise ValueError(f"a residual reduction sums one group, with {reduce_programs(M, splits)} sums of squares")
+    res_in, sums = residual if residual is not None else (out, out)
     p = pdl(out)
-    _reduce_kernel[(math.ceil(M / block),)](partial, out, M, SPLITS=splits, SPLITS_P2=p2,
-                                            EPILOGUE={"sum": 0, "swiglu": 1}[epilogue], BLOCK=block, PDL=p,
-                                            launch_pdl=p)
+    _reduce_kernel[(math.ceil(M / block),)](partial, out, M, res_in, sums, SPLITS=splits,
+                                            SPLITS_P2=triton.next_power_of_2(splits),
+                                            EPILOGUE={"sum": 0, "swiglu": 1}[epilogue], BLOCK=block,
+                                            ADD_RESIDUAL=residual is not None, PDL=p, launch_pdl=p)
     return out
 
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from rana_core.decode import masked_wide
 from rana_core.decode.dense_kernels import rmsnorm_reference
-from rana_core.decode.gemv import gemv
+from rana_core.decode.gemv import gemv, gemv_programs
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
                                              masked_rows_reduced, use_triton)
 from rana_core.decode.residual import PendingNorm
@@ -134,20 +134,31 @@ class NeuronPart(RankPart):
 
 def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_threshold: torch.Tensor,
                  down: NeuronPart, h: torch.Tensor, scale: torch.Tensor | None = None,
-                 shared_coeff: bool = False) -> torch.Tensor:
+                 shared_coeff: bool = False, residual: tuple | None = None) -> torch.Tensor:
     """One token's masked SwiGLU MLP in the fewest launches: (1, M).
 
     Large rows (masked_wide.chain_design): gate's and up's masked products as two groups of one compaction and one
     gather (rows stacked, one threshold each; `shared_coeff`: both read the same coefficients), then down's
     compaction makes h = silu(gate)·up from their partial sums (written to `h`) and lists its neurons, its gather
     and one reduction. Small rows: two GEMVs over every row of the parts' matrices (cached transposes of their
-    rows), the masks applied to their inputs: h from gate/up, then down; the same sums, two launches."""
+    rows), the masks applied to their inputs: h from gate/up, then down; the same sums, two launches.
+
+    `residual` = (r, out): the down product's last launch adds the residual r, writing r + the MLP's output to
+    out, and what returns is that launch's sums of squares for the next norm (residual.ResidualStream.add_by)."""
+    r, out = residual if residual is not None else (None, down.out)
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
         h = masked_gemv(gate_up_rows, coeff, gate_up_threshold, scale, groups=2, out=h, split=not shared_coeff)
-        return masked_gemv(down.rows, h, down.threshold, down.scale, out=down.out)
+        if r is None:
+            return masked_gemv(down.rows, h, down.threshold, down.scale, out=out)
+        columns = _columns(down.rows, 1)
+        sums = torch.empty(gemv_programs(*columns.shape), dtype=torch.float32, device=out.device)
+        gemv(columns, h.reshape(-1), out, input_mask=(down.threshold, down.scale, False), residual=(r, sums))
+        return sums
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
-    return masked_rows_reduced(down.rows, h, down.threshold, down.scale, down.out, swiglu_of=(partial, splits))[None]
+    reduced = masked_rows_reduced(down.rows, h, down.threshold, down.scale, out, swiglu_of=(partial, splits),
+                                  residual=r)
+    return reduced if r is not None else reduced[None]
 
 
 def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,

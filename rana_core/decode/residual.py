@@ -8,6 +8,10 @@ programs each norm the row themselves while program 0 writes the new residual to
 (the programs still read the old one), and the stream flips. A reader that cannot take it asks for the normed
 tensor (`materialize`: add_rmsnorm, in place). Either way a pending norm is used once.
 
+Where the section's last product is one plain GEMV (o_proj; dense down), RANA_FUSE_NORM=sums has that GEMV add
+the residual itself (`ResidualStream.add`: gemv's `residual`), each of its programs leaving the sum of squares of
+its rows, so the next GEMV's programs read those sums (4 bytes a program) instead of the whole row for 1/rms.
+
     stream = ResidualStream(x)
     normed = PendingNorm(stream, delta, norm)        # x + delta, normed: owed
     qkv = matvec(weight, normed, "triton")           # one launch: add, norm and product
@@ -20,7 +24,8 @@ import os
 import torch
 
 from rana_core.decode.dense_kernels import add_rmsnorm
-from rana_core.decode.gemv import gemv
+from rana_core.decode.gemv import gemv, gemv_programs
+from rana_core.decode.masked_kernels import use_triton
 
 
 # Up to this hidden size one-token steps fold the norms by default. Measured on an H200 (bench/engine_ab.py,
@@ -31,13 +36,25 @@ FOLD_MAX_HIDDEN = 1024
 
 def fuse_norms(hidden: int) -> bool:
     """Whether one-token steps of a model of this hidden size fold the residual add and RMSNorm into the next
-    GEMV: RANA_FUSE_NORM = "1", "0", or "auto" (the default: up to FOLD_MAX_HIDDEN)."""
-    choice = os.environ.get("RANA_FUSE_NORM", "auto")
-    if choice == "auto":
+    GEMV: RANA_FUSE_NORM = "1", "0", "auto" (the default: up to FOLD_MAX_HIDDEN), or "sums" (as auto, and the
+    sections' last GEMVs add the residual: sums_from_producers)."""
+    choice = _fold_choice()
+    if choice in ("auto", "sums"):
         return hidden <= FOLD_MAX_HIDDEN
-    if choice not in ("0", "1"):
-        raise ValueError(f"RANA_FUSE_NORM={choice}: expected auto, 0 or 1")
     return choice == "1"
+
+
+def sums_from_producers() -> bool:
+    """RANA_FUSE_NORM=sums (opt-in until timed): a section's last GEMV adds the residual and leaves its rows' sums
+    of squares for the next norm, folded into the next GEMV (ResidualStream.add)."""
+    return _fold_choice() == "sums"
+
+
+def _fold_choice() -> str:
+    choice = os.environ.get("RANA_FUSE_NORM", "auto")
+    if choice not in ("auto", "0", "1", "sums"):
+        raise ValueError(f"RANA_FUSE_NORM={choice}: expected auto, 0, 1 or sums")
+    return choice
 
 
 class ResidualStream:
@@ -46,13 +63,41 @@ class ResidualStream:
     def __init__(self, x: torch.Tensor):
         self.x, self.spare = x, torch.empty_like(x)
         self.normed = torch.empty_like(x)
+        self.sums = None  # the sums of squares of x that the GEMV which made it left (add), until a norm takes them
+
+    def can_add(self, weight: torch.Tensor) -> bool:
+        """Whether `add` can make this product (one token, on the Triton GEMV)."""
+        return self.x.shape[0] == 1 and use_triton(weight)
+
+    def add(self, weight: torch.Tensor, a: torch.Tensor) -> None:
+        """x ← x + weight @ a by one GEMV (gemv's `residual`): add_by."""
+        def product(r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            sums = torch.empty(gemv_programs(*weight.shape), dtype=torch.float32, device=weight.device)
+            gemv(weight, a.reshape(-1), out, residual=(r, sums))
+            return sums
+        self.add_by(product)
+
+    def add_by(self, product) -> None:
+        """x ← product(x, out): a product whose last launch adds the residual x to its result, writes the sum to
+        out (the other buffer) and returns its programs' sums of squares, kept for the next norm (owed); the
+        stream flips."""
+        sums = product(self.x[0], self.spare[0])
+        self.x, self.spare, self.sums = self.spare, self.x, sums
+
+    def owed(self, delta: torch.Tensor | None, norm) -> "PendingNorm":
+        """The next norm, owed: of x + delta, or (delta None after add) of x from the sums add left."""
+        sums, self.sums = self.sums, None
+        if sums is not None and delta is not None:
+            raise RuntimeError("the residual was added by its product's GEMV: no delta is owed")
+        return PendingNorm(self, delta, norm, sums)
 
 
 class PendingNorm:
-    """RMSNorm(stream.x + delta) · norm.weight, not made yet (delta None: the norm alone)."""
+    """RMSNorm(stream.x + delta) · norm.weight, not made yet (delta None: the norm alone; with `sums`, of x whose
+    sums of squares the GEMV that made it left)."""
 
-    def __init__(self, stream: ResidualStream, delta: torch.Tensor | None, norm):
-        self.stream, self.delta, self.norm = stream, delta, norm
+    def __init__(self, stream: ResidualStream, delta: torch.Tensor | None, norm, sums: torch.Tensor | None = None):
+        self.stream, self.delta, self.norm, self.sums = stream, delta, norm, sums
         self.used = False
 
     @property
@@ -83,6 +128,10 @@ class PendingNorm:
         normed input masked as gemv's input_mask says (a masked product over every row: TEAL's, WINA's)."""
         stream = self._use()
         out = torch.empty(weight.shape[0] // 2 if swiglu else weight.shape[0], dtype=self.dtype, device=self.device)
+        if self.sums is not None:
+            gemv(weight, stream.x[0], out, swiglu=swiglu, input_mask=input_mask,
+                 norm=(None, self.norm.weight, self.norm.eps, None), norm_sums=self.sums)
+            return out[None]
         gemv(weight, stream.x[0], out, swiglu=swiglu, input_mask=input_mask,
              norm=(None if self.delta is None else self.delta.reshape(-1), self.norm.weight, self.norm.eps,
                    stream.spare[0]))
