@@ -8,9 +8,10 @@ programs each norm the row themselves while program 0 writes the new residual to
 (the programs still read the old one), and the stream flips. A reader that cannot take it asks for the normed
 tensor (`materialize`: add_rmsnorm, in place). Either way a pending norm is used once.
 
-Where the section's last product is one plain GEMV (o_proj; dense down), RANA_FUSE_NORM=sums has that GEMV add
-the residual itself (`ResidualStream.add`: gemv's `residual`), each of its programs leaving the sum of squares of
-its rows, so the next GEMV's programs read those sums (4 bytes a program) instead of the whole row for 1/rms.
+With RANA_FUSE_NORM=sums, the launch that ends a section adds the residual itself where it can: o_proj's or dense
+down's GEMV (`ResidualStream.add`: gemv's `residual`), or the reduction of RaNA's masked down product (`add_by`),
+each of its programs leaving the sum of squares of its rows, so the next GEMV's programs read those sums (4 bytes a
+program) instead of the whole row for 1/rms.
 
     stream = ResidualStream(x)
     normed = PendingNorm(stream, delta, norm)        # x + delta, normed: owed
@@ -45,8 +46,8 @@ def fuse_norms(hidden: int) -> bool:
 
 
 def sums_from_producers() -> bool:
-    """RANA_FUSE_NORM=sums (opt-in until timed): a section's last GEMV adds the residual and leaves its rows' sums
-    of squares for the next norm, folded into the next GEMV (ResidualStream.add)."""
+    """RANA_FUSE_NORM=sums (opt-in until timed): a section's last launch adds the residual and leaves its rows'
+    sums of squares for the next norm, folded into the next GEMV (ResidualStream.add, add_by)."""
     return _fold_choice() == "sums"
 
 
@@ -71,6 +72,7 @@ class ResidualStream:
 
     def add(self, weight: torch.Tensor, a: torch.Tensor) -> None:
         """x ← x + weight @ a by one GEMV (gemv's `residual`): add_by."""
+
         def product(r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
             sums = torch.empty(gemv_programs(*weight.shape), dtype=torch.float32, device=weight.device)
             gemv(weight, a.reshape(-1), out, residual=(r, sums))
