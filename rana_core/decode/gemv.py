@@ -37,35 +37,67 @@ if triton is not None:
                        mask=n_ok[:, None] & (offs_k < K)[None, :], other=0.0)
 
     @triton.jit
+    def _input_loads(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr,
+                     HAS_DELTA: tl.constexpr):
+        """The loads of _input_chunk: x[offs_k] in float32 (with NORM and HAS_DELTA, x + delta rounded to x's
+        dtype) and the norm's weights there (1 without NORM)."""
+        ok = offs_k < K
+        x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
+        weight = 1.0
+        if NORM:
+            if HAS_DELTA:
+                x = (x + tl.load(delta_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
+                x = x.to(tl.float32)
+            weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
+        return x, weight
+
+    @triton.jit
+    def _input_value(x, weight, offs_k, K: tl.constexpr, NORM: tl.constexpr, inv_rms, dtype, MASK_IN: tl.constexpr,
+                     g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
+        """The arithmetic of _input_chunk on its loads."""
+        if NORM:
+            x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        if MASK_IN:
+            ok = offs_k < K
+            x = tl.where(active_of(x, offs_k, ok, g, scale_ptr, tl.load(tau_ptr + g), K, HAS_SCALE), x, 0.0)
+        return x
+
+    @triton.jit
     def _input_chunk(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
         """x[offs_k] in float32; with NORM, x is the residual and the chunk is RMSNorm(x + delta)[offs_k] as
         add_rmsnorm stores it (the sum rounded to x's dtype, the normed value rounded before and after the
         weight), from the factor inv_rms of the whole row. With MASK_IN, 0 where group g's mask drops the input
         (|x| · scale below its threshold, decided as the masked products decide it: active_of)."""
-        ok = offs_k < K
-        x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
-        if NORM:
-            dtype = x_ptr.dtype.element_ty
-            if HAS_DELTA:
-                x = (x + tl.load(delta_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)).to(dtype).to(tl.float32)
-            weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
-            x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-        if MASK_IN:
-            x = tl.where(active_of(x, offs_k, ok, g, scale_ptr, tl.load(tau_ptr + g), K, HAS_SCALE), x, 0.0)
-        return x
+        x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA)
+        return _input_value(x, weight, offs_k, K, NORM, inv_rms, x_ptr.dtype.element_ty, MASK_IN, g, tau_ptr,
+                            scale_ptr, HAS_SCALE)
+
+    @triton.jit
+    def _rms_from_sums(sums, K: tl.constexpr, eps):
+        """1/rms of a row whose sums of squares by blocks are `sums` (as a residual GEMV or reduction left them)."""
+        return 1.0 / tl.sqrt(tl.sum(sums, axis=0) / K + eps)
 
     @triton.jit
     def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
-                  HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
+                  sums, eps, FROM_SUMS: tl.constexpr, HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr,
+                  scale_ptr, HAS_SCALE: tl.constexpr):
         """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded;
-        with NORM, x is normed on the way in, with MASK_IN masked by group g's threshold (_input_chunk)."""
+        with NORM, x is normed on the way in, with MASK_IN masked by group g's threshold (_input_chunk). With
+        FROM_SUMS, 1/rms comes from `sums` (loaded, not yet added), added up after the first chunk's loads are
+        issued, so that the two round trips overlap."""
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
         start: tl.constexpr = BLOCK_K if EARLY else 0
+        if FROM_SUMS and not EARLY:
+            inv_rms = _rms_from_sums(sums, K, eps)
         if EARLY:
-            x = _input_chunk(x_ptr, tl.arange(0, BLOCK_K), K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA,
-                             MASK_IN, g, tau_ptr, scale_ptr, HAS_SCALE)
+            offs_k = tl.arange(0, BLOCK_K)
+            x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA)
+            if FROM_SUMS:
+                inv_rms = _rms_from_sums(sums, K, eps)
+            x = _input_value(x, weight, offs_k, K, NORM, inv_rms, x_ptr.dtype.element_ty, MASK_IN, g, tau_ptr,
+                             scale_ptr, HAS_SCALE)
             acc += first.to(tl.float32) * x[None, :]
         for k0 in range(start, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -125,18 +157,19 @@ if triton is not None:
         if ADD_RESIDUAL:  # issued before the rows' loads, so its latency hides behind theirs
             residual = tl.load(res_in_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         inv_rms = 1.0
+        sums = tl.zeros([SUMS_P2], dtype=tl.float32)
         if NORM:
-            if NORM_SUMS:
+            if NORM_SUMS:  # added up in _row_dots once the first input chunk's loads are in flight
                 sums = tl.load(sums_ptr + tl.arange(0, SUMS_P2), mask=tl.arange(0, SUMS_P2) < n_sums, other=0.0)
-                inv_rms = 1.0 / tl.sqrt(tl.sum(sums, axis=0) / K + eps)
             else:
                 inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
         y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
-                      norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr, HAS_SCALE)
+                      norm_w_ptr, inv_rms, sums, eps, NORM_SUMS, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr,
+                      HAS_SCALE)
         if SWIGLU:
             up = _row_dots(w_ptr + N * stride_n, x_ptr + UP_X_OFFSET, offs_n, n_ok, stride_n, first_up, K, BLOCK_N,
-                           BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, 1, in_tau_ptr,
-                           in_scale_ptr, HAS_SCALE)
+                           BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, sums, eps, NORM_SUMS, HAS_DELTA,
+                           MASK_IN, 1, in_tau_ptr, in_scale_ptr, HAS_SCALE)
             if MASKED:  # CATS: silu(gate) as the unfused ops round it decides the neuron
                 gate = y.to(dtype).to(tl.float32)
                 kept = tl.abs((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)) >= tau
