@@ -69,7 +69,7 @@ class Block(nn.Module):
     def last_product(self, weight: torch.Tensor, x: torch.Tensor, residual=None) -> torch.Tensor | None:
         """A section's last product, weight @ x; with the residual stream, added to it by the GEMV where one
         GEMV can (returning None), else returned for the next norm to add."""
-        if residual is not None and self.gemv == "triton" and residual.can_add(weight):
+        if residual is not None and residual.can_add(weight):  # the engine passes it to Triton GEMVs only
             return residual.add(weight, x)
         return matvec(weight, x, self.gemv)
 

@@ -150,9 +150,9 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
         h = masked_gemv(gate_up_rows, coeff, gate_up_threshold, scale, groups=2, out=h, split=not shared_coeff)
         if r is None:
             return masked_gemv(down.rows, h, down.threshold, down.scale, out=out)
-        columns = _columns(down.rows, 1)
-        sums = torch.empty(gemv_programs(*columns.shape), dtype=torch.float32, device=out.device)
-        gemv(columns, h.reshape(-1), out, input_mask=(down.threshold, down.scale, False), residual=(r, sums))
+        K, M = down.rows.shape
+        sums = torch.empty(gemv_programs(M, K), dtype=torch.float32, device=out.device)
+        masked_gemv(down.rows, h, down.threshold, down.scale, out=out, residual=(r, sums))
         return sums
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
@@ -162,18 +162,18 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
 
 
 def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,
-                out: torch.Tensor | None = None, split: bool = False) -> torch.Tensor:
+                out: torch.Tensor | None = None, split: bool = False, residual: tuple | None = None) -> torch.Tensor:
     """One token's masked product(s) over `rows` (groups·K, M) as a GEMV over every row, the mask on the input:
     (1, M), or with two groups silu(gate)·up of gate's and up's products (of the same input, or with `split` of
     x's two halves: their own coefficients). `x` holds K (2K) values, or is a norm still owed
-    (residual.PendingNorm), which the GEMV then makes itself."""
+    (residual.PendingNorm), which the GEMV then makes itself. `residual` (one group, x a tensor): gemv's."""
     columns = _columns(rows, groups)
     input_mask = (threshold, scale, split)
     if isinstance(x, PendingNorm):
         return x.gemv(columns, swiglu=groups == 2, input_mask=input_mask)
     if out is None:
         out = torch.empty(columns.shape[0] // groups, dtype=x.dtype, device=x.device)
-    return gemv(columns, x.reshape(-1), out, swiglu=groups == 2, input_mask=input_mask)[None]
+    return gemv(columns, x.reshape(-1), out, swiglu=groups == 2, input_mask=input_mask, residual=residual)[None]
 
 
 def _columns(rows: torch.Tensor, groups: int) -> torch.Tensor:
