@@ -276,35 +276,39 @@ def test_norms_folded_into_the_gemv_in_replayed_steps_on_the_gpu(flop_reduction,
     assert error < 1e-2, error
 
 
-def test_norms_fold_by_default_on_small_models_only(monkeypatch):
-    """RANA_FUSE_NORM=auto (the default) folds the norms where it was measured to pay (SmolLM2's 576-wide rows,
-    FOLD_MAX_HIDDEN = 1024) and not on Llama-2-7B's 4096; 0 and 1 force it; anything else is one ValueError. The
-    engine asks with its own hidden size: a SmolLM2-shape step makes no add_rmsnorm launch, a wide one makes two
-    per layer and one for the head."""
-    from rana_core.decode.residual import fuse_norms
+def test_norms_fold_by_default_on_every_model_size(monkeypatch):
+    """RANA_FUSE_NORM=sums (the default): the row fold where it was measured to pay (SmolLM2's 576-wide rows,
+    FOLD_MAX_HIDDEN = 1024), and on wider models the sections' last launches adding the residual; "auto" is the
+    row fold alone, 0 and 1 force it; anything else is one ValueError. The engine asks with its own hidden size:
+    a SmolLM2-shape step makes no add_rmsnorm launch, a wide one only its first layer's (two a layer and one for
+    the head under auto)."""
+    from rana_core.decode.residual import fuse_norms, sums_from_producers
 
     monkeypatch.delenv("RANA_FUSE_NORM", raising=False)
-    assert fuse_norms(576) and fuse_norms(1024) and not fuse_norms(4096)
+    assert fuse_norms(576) and fuse_norms(1024) and not fuse_norms(4096) and sums_from_producers()
+    monkeypatch.setenv("RANA_FUSE_NORM", "auto")
+    assert fuse_norms(576) and not fuse_norms(4096) and not sums_from_producers()
     monkeypatch.setenv("RANA_FUSE_NORM", "0")
     assert not fuse_norms(576)
     monkeypatch.setenv("RANA_FUSE_NORM", "1")
     assert fuse_norms(4096)
-    monkeypatch.setenv("RANA_FUSE_NORM", "sums")  # as auto, the producers' sums besides (sums_from_producers)
-    assert fuse_norms(576) and not fuse_norms(4096)
     monkeypatch.setenv("RANA_FUSE_NORM", "yes")
     with pytest.raises(ValueError, match="expected auto, 0, 1 or sums"):
         fuse_norms(576)
     require_triton("cpu")
-    monkeypatch.delenv("RANA_FUSE_NORM")
-    wide = Shape(hidden=1152, intermediate=64, layers=1, heads=18, kv_heads=6, vocab=64)
-    for shape, launches in ((TINY, 0), (wide, 2 * wide.layers + 1)):
+    wide = Shape(hidden=1152, intermediate=64, layers=2, heads=18, kv_heads=6, vocab=64)
+    for choice, shape, launches in ((None, TINY, 0), (None, wide, 1), ("auto", wide, 2 * wide.layers + 1)):
+        if choice is None:
+            monkeypatch.delenv("RANA_FUSE_NORM", raising=False)
+        else:
+            monkeypatch.setenv("RANA_FUSE_NORM", choice)
         engine = DecodeEngine(shape, torch.float32, "cpu", gemv="triton")
         engine.allocate(16)
         engine.prefill(torch.arange(4))
         with monkeypatch.context() as patch:
             calls = count_norm_launches(patch)
             engine.step()
-        assert len(calls) == launches, shape
+        assert len(calls) == launches, (choice, shape)
 
 
 # The masked products' designs, and small models' MLP as two GEMVs over every row with masked inputs
