@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from rana_core.decode import latency  # noqa: E402
 from rana_core.decode.gemv import gemv, gemv_config  # noqa: E402
-from rana_core.decode.masked_kernels import triton  # noqa: E402
+from rana_core.decode.launch import triton  # noqa: E402
 
 from gemv_configs import SHAPES  # noqa: E402  (bench/ is the script's folder)
 from shown_path import write_results  # noqa: E402

@@ -100,7 +100,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     os.environ["RANA_WIDE_CONFIG"] = args.config
-    masked_wide._multiprocessors = lambda device: args.sms  # shape() sizes the launch for this GPU
+    masked_wide.multiprocessors = lambda device: args.sms  # shape() sizes the launch for this GPU
     print(f"sm_90a, config {args.config}, {args.sms} multiprocessors")
     print(f"{'product':<26}{'kernel':>8}{'tiles/program':>15}{'programs':>10}{'registers':>11}{'per SM':>8}"
           f"{'waves':>7}")
@@ -149,7 +149,7 @@ def loop_counts(ptx: str) -> dict:
 def list_gathers(sms: int) -> list[dict]:
     """The list design's gather launch at each product: its programs, registers, residency and waves."""
     block_m, block_k, warps, stages, planned, chunk_cap = masked_kernels.gather_config()
-    masked_kernels._multiprocessors = lambda device: sms  # _list_splits sizes the launch for this GPU
+    masked_kernels.multiprocessors = lambda device: sms  # _list_splits sizes the launch for this GPU
     print(f"\nlist gather, config {block_m}-{block_k}-{warps}-{stages}-{planned} (BLOCK_M-BLOCK_K-warps-stages-"
           "programs per SM planned)")
     print(f"{'product':<26}{'splits':>8}{'programs':>10}{'registers':>11}{'per SM':>8}{'waves':>7}"

@@ -6,7 +6,7 @@
 A profiler's kernel durations miss what a step pays between kernels, and inside a CUDA graph with programmatic
 dependent launch a kernel's programs start early and wait, so its measured duration includes the kernel before.
 Here every Triton kernel's first program stamps the GPU's timer when its wait for the launch before releases
-(masked_kernels.await_inputs, compiled with RANA_STEP_STAMPS, which this script sets before importing the
+(launch.await_inputs, compiled with RANA_STEP_STAMPS, which this script sets before importing the
 engine). Launches run in stream order, so the stamps of one replayed step are the launches in order, and the
 time from one stamp to the next is what that kernel cost the step: its work after the wait, its completion, and
 the hand-over to the next launch. The kernels' names and order come from one eager step under torch.profiler;
@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-SLOTS = 1 << 20  # masked_kernels.STEP_STAMP_SLOTS: one a 256 ns bucket of the GPU's timer
+SLOTS = 1 << 20  # launch.STEP_STAMP_SLOTS: one a 256 ns bucket of the GPU's timer
 STAMPS = torch.zeros(SLOTS, dtype=torch.int64, device="cuda")
 os.environ["RANA_STEP_STAMPS"] = str(STAMPS.data_ptr())  # before the kernels' module is imported
 

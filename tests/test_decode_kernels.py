@@ -118,6 +118,23 @@ def test_a_reduction_adding_the_residual_leaves_each_programs_sum_of_squares(dev
         reduce_partials(partial, splits, out, residual=(r, sums[1:]))
 
 
+def test_the_reductions_programs_follow_rana_reduce_partials(monkeypatch):
+    """RANA_REDUCE_PARTIALS (bench/engine_ab.py's sweeps) sets how many partial sums a reduction program adds: 33
+    splits (Llama-2-7B's down) pad to 64, so 4,096 (the default) gives 64 columns a program and 1,024 gives 16; a
+    value that is not a power of two is one ValueError naming the variable."""
+    require_triton("cpu")
+    from rana_core.decode.masked_kernels import reduce_block, reduce_programs
+
+    monkeypatch.delenv("RANA_REDUCE_PARTIALS", raising=False)
+    assert reduce_block(33) == 64 and reduce_programs(4096, 33) == 64
+    monkeypatch.setenv("RANA_REDUCE_PARTIALS", "1024")
+    assert reduce_block(33) == 16 and reduce_programs(4096, 33) == 256
+    for bad in ("3000", "lots"):
+        monkeypatch.setenv("RANA_REDUCE_PARTIALS", bad)
+        with pytest.raises(ValueError, match=f"RANA_REDUCE_PARTIALS={bad}: expected a power of two"):
+            reduce_block(33)
+
+
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 @pytest.mark.parametrize("density", [0.0, 0.3, 1.0])
 @pytest.mark.parametrize("design", DESIGNS)

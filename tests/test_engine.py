@@ -159,7 +159,7 @@ def test_programmatic_dependent_launch_changes_no_bit(flop_reduction, monkeypatc
     """With PDL a kernel's programs start before the previous kernel is done; every kernel must still read what
     the one before wrote. The kernels are deterministic (no atomics), so replayed graphs with and without PDL
     must give the same logits bit for bit, step after step: a missing wait would show as a difference."""
-    from rana_core.decode.masked_kernels import pdl
+    from rana_core.decode.launch import pdl
 
     if not pdl(torch.empty(1, device="cuda")):
         pytest.fail("this GPU cannot launch with PDL (needs compute capability 9.0, e.g. an H100)")

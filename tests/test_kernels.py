@@ -46,7 +46,7 @@ def require_triton(device: str) -> None:
         return
     from triton.runtime.interpreter import InterpretedFunction
 
-    if kernels._interpreting() and isinstance(kernels._gather_kernel, InterpretedFunction):
+    if kernels.interpreting() and isinstance(kernels._gather_kernel, InterpretedFunction):
         return
     if torch.cuda.is_available():
         pytest.skip("the Triton interpreter is off on this GPU machine: the CPU variant would run only the PyTorch "
@@ -98,7 +98,7 @@ def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale,
     use_design(design, monkeypatch)
     generator = torch.Generator().manual_seed(int(density * 100) + 7 * with_scale)
     from rana_core.decode import masked_wide
-    from rana_core.decode.masked_kernels import _BUFFERS
+    from rana_core.decode.launch import _BUFFERS
 
     launched = set()
     for name in ("_wide_kernel", "_wide_loop_kernel"):

@@ -20,12 +20,12 @@ import os
 import torch
 
 from rana_core.decode.dense_kernels import rope_into_cache
-from rana_core.decode.masked_kernels import _buffer, launch_ints, pdl, triton, use_triton
+from rana_core.decode.launch import launch_ints, pdl, triton, use_triton, work_buffer
 
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.masked_kernels import arrives_last, await_inputs
+    from rana_core.decode.launch import arrives_last, await_inputs
 
     @triton.jit
     def attention_chunk(j, s, q_ptr, k_cache_ptr, v_cache_ptr, pos, m_ptr, l_ptr, acc_ptr, max_seq, scale,
@@ -182,9 +182,9 @@ def rope_attention(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.
 
 
 def _arrivals(kv_heads: int, device: torch.device) -> torch.Tensor:
-    """Arrival counters of the one-launch attention, one per KV head (masked_kernels._buffer: zero between
+    """Arrival counters of the one-launch attention, one per KV head (launch.work_buffer: zero between
     launches, and the same memory for every captured graph)."""
-    return _buffer("attention arrivals", kv_heads, torch.int32, device, zero=True)
+    return work_buffer("attention arrivals", kv_heads, torch.int32, device, zero=True)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,

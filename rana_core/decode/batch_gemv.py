@@ -16,7 +16,7 @@ import math
 import torch
 
 from rana_core.decode.batch_masked import MAX_BATCH, check_batch  # the padded batch of both small products
-from rana_core.decode.masked_kernels import triton, use_triton
+from rana_core.decode.launch import triton, use_triton
 
 CONFIG = {"BLOCK_N": 16, "BLOCK_K": 256, "num_warps": 4, "num_stages": 3}
 

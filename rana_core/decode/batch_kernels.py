@@ -15,7 +15,7 @@ import torch
 
 from rana_core.decode.attention_kernels import ATTENTION_CHUNK
 from rana_core.decode.dense_kernels import rotate_half_reference
-from rana_core.decode.masked_kernels import triton, use_triton
+from rana_core.decode.launch import triton, use_triton
 
 if triton is not None:
     import triton.language as tl

@@ -26,7 +26,7 @@ import math
 
 import torch
 
-from rana_core.decode.masked_kernels import (BLOCK_K, BLOCK_M, COMPACT_CHUNK, _interpreting, _multiprocessors,
+from rana_core.decode.masked_kernels import (BLOCK_K, BLOCK_M, COMPACT_CHUNK, interpreting, multiprocessors,
                                              masked_rows_batched, reduce_partials, triton, use_triton)
 
 MAX_BATCH = 16  # the padded batch of the gather's matrix product
@@ -164,7 +164,7 @@ def masked_rows_dense(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.
         return out.copy_(masked_rows_batched(rows, coeff, threshold, scale))
     blocks_m = math.ceil(M / DENSE_BLOCK_M)
     steps = math.ceil(K / DENSE_BLOCK_K)
-    splits = max(1, min(steps, math.ceil(4 * _multiprocessors(rows.device) / blocks_m)))
+    splits = max(1, min(steps, math.ceil(4 * multiprocessors(rows.device) / blocks_m)))
     k_per = math.ceil(steps / splits) * DENSE_BLOCK_K
     splits = math.ceil(K / k_per)
     partial = torch.empty(splits * B * M, dtype=torch.float32, device=rows.device)
@@ -199,10 +199,10 @@ def masked_rows_union(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.
                                      B, K, HAS_SCALE=scale is not None, CHUNK=chunk, BLOCK_B=MAX_BATCH,
                                      num_warps=4 if chunk <= 1024 else 8)
     blocks_m = math.ceil(M / BLOCK_M)
-    splits = max(1, min(math.ceil(K / BLOCK_K), math.ceil(16 * _multiprocessors(device) / blocks_m)))
+    splits = max(1, min(math.ceil(K / BLOCK_K), math.ceil(16 * multiprocessors(device) / blocks_m)))
     partial = torch.empty(splits * B * M, dtype=torch.float32, device=device)
     _union_gather_kernel[(blocks_m, splits)](rows, index, value, count, partial, B, K, M, SPLITS=splits,
                                              CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk,
                                              BLOCK_K=BLOCK_K, BLOCK_M=BLOCK_M, BLOCK_B=MAX_BATCH,
-                                             INTERPRET=_interpreting(), num_warps=4)
+                                             INTERPRET=interpreting(), num_warps=4)
     return partial.view(splits, B, M).sum(0), count.sum()

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import torch
 
-from rana_core.decode.masked_kernels import pdl, triton, use_triton
+from rana_core.decode.launch import pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.masked_kernels import await_inputs
+    from rana_core.decode.launch import await_inputs
 
     @triton.jit
     def _add_rmsnorm_kernel(x_ptr, delta_ptr, weight_ptr, normed_ptr, N, eps, HAS_DELTA: tl.constexpr,

@@ -42,9 +42,10 @@ from rana_core.decode import masked_wide
 from rana_core.decode.block import Block
 from rana_core.decode.engine import DecodeEngine
 from rana_core.decode.gemv import gemv
-from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, masked_gemv, matvec, swiglu_chain
-from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv, use_triton
+from rana_core.decode.launch import use_triton
+from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv
 from rana_core.decode.narrow import A3AttentionPart
+from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, masked_gemv, matvec, swiglu_chain
 from rana_core.decode.residual import PendingNorm
 from rana_core.errors import RanaError
 

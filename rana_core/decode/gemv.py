@@ -23,12 +23,13 @@ import os
 import torch
 
 from rana_core.decode.dense_kernels import rmsnorm_reference
-from rana_core.decode.masked_kernels import _interpreting, launch_ints, pdl, triton, use_triton
+from rana_core.decode.launch import interpreting, launch_ints, pdl, triton, use_triton
 
 if triton is not None:
     import triton.language as tl
 
-    from rana_core.decode.masked_kernels import active_of, await_inputs, swiglu
+    from rana_core.decode.launch import await_inputs
+    from rana_core.decode.masked_kernels import active_of, swiglu
 
     @triton.jit
     def _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -241,7 +242,7 @@ def gemv_config(K: int, swiglu: bool = False) -> dict:
 def _launch_config(K: int, swiglu: bool, config: dict | None) -> dict:
     """The configuration a launch over rows of K columns takes (gemv_config, the interpreter's, an override)."""
     base = gemv_config(K, swiglu)
-    if config is None and _interpreting():
+    if config is None and interpreting():
         base = {**base, **INTERPRETER_CONFIG}
     return {**base, **(config or {})}
 

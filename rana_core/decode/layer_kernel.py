@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rana_core.decode.masked_kernels import _interpreting, triton
+from rana_core.decode.launch import interpreting, triton
 
 if triton is not None:
     import triton.language as tl
@@ -397,9 +397,9 @@ class LayerKernel:
                          UP_LIST=self.lists["up"]["chunk"], DOWN_LIST=self.lists["down"]["chunk"],
                          QKV_SPLITS=self.splits["qkv"], GU_SPLITS=self.splits["gu"], DOWN_SPLITS=self.splits["down"],
                          GATHER_K=c["GATHER_K"], BLOCK_M=c["BLOCK_M"], GEMV_FLAT=c["GEMV_FLAT"],
-                         LOAD_POLL=c["LOAD_POLL"], CLOCK=c["CLOCK"], INTERPRET=_interpreting(),
+                         LOAD_POLL=c["LOAD_POLL"], CLOCK=c["CLOCK"], INTERPRET=interpreting(),
                          num_warps=c["num_warps"])
-        if c["maxnreg"] and not _interpreting():
+        if c["maxnreg"] and not interpreting():
             constants["maxnreg"] = c["maxnreg"]
         if self.persistent:
             if self.grid is None:  # compiled once: how many programs fit at once depends on its registers

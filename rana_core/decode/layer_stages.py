@@ -6,7 +6,7 @@ between two stages.
 
 from __future__ import annotations
 
-from rana_core.decode.masked_kernels import triton
+from rana_core.decode.launch import triton
 
 if triton is not None:
     import triton.language as tl

@@ -29,11 +29,12 @@ import os
 
 import torch
 
-try:
-    import triton
+from rana_core.decode.launch import interpreting, launch_ints, multiprocessors, pdl, triton, use_triton, work_buffer
+
+if triton is not None:
     import triton.language as tl
-except ImportError:  # a CPU install without Triton: only the PyTorch path
-    triton = None
+
+    from rana_core.decode.launch import await_inputs
 
 # bench/masked_profile.py on an H100 (inside CUDA graphs): 128 rows of 128 bytes per step gather at 2.0-2.9 TB/s,
 # 32 rows of 256 bytes at 1.1-1.3 TB/s: more independent rows in flight per step is what pays.
@@ -43,46 +44,6 @@ PROGRAMS_PER_SM = 16  # the list is split until about this many gather programs 
 GATHER_WARPS, GATHER_STAGES = 2, 3  # 2 warps: 5-20% faster than 4 at every 7B size (more programs resident)
 COMPACT_CHUNK = 2048  # per compaction program: 2.6-3.2 µs at 7B sizes (one program: 3.4-8.5; 1024: 2.2-2.7 µs, but
 # the gather then maps positions over twice the chunks, and a 7B RaNA step spent 280 µs more in it)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
-_CAPABILITY: dict = {}
-
-
-def pdl(tensor: torch.Tensor) -> bool:
-    """Whether to launch with programmatic dependent launch (Hopper and later, not in the interpreter; RANA_PDL=0
-    turns it off): a launch's programs start while the launch before it drains, and every kernel here waits
-    (griddepcontrol.wait) for the one before it to finish, and its writes to land, before it reads or writes
-    anything. Every kernel waits before it can finish, so a kernel also sees what earlier launches wrote."""
-    if tensor.device.type != "cuda" or _interpreting() or os.environ.get("RANA_PDL", "1") == "0":
-        return False
-    if tensor.device not in _CAPABILITY:
-        _CAPABILITY[tensor.device] = torch.cuda.get_device_capability(tensor.device)[0] >= 9
-    return _CAPABILITY[tensor.device]
-
-
-def use_triton(tensor: torch.Tensor) -> bool:
-    """Triton runs on CUDA tensors, and on CPU tensors in its interpreter (CI's CPU path)."""
-    return triton is not None and (tensor.device.type == "cuda" or _interpreting())
-
-
-def _multiprocessors(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
-def launch_ints(name: str, text: str, lengths: tuple[int, ...], expected: str) -> tuple[int, ...]:
-    """A launch configuration the benches give as dash-separated integers in environment variable `name`, or a
-    ValueError naming the variable."""
-    try:
-        values = tuple(int(v) for v in text.split("-"))
-    except ValueError:
-        values = ()
-    if len(values) not in lengths:
-        raise ValueError(f"{name}={text}: expected {expected}")
-    return values
 
 
 def gather_config() -> tuple[int, int, int, int, int, int]:
@@ -100,49 +61,10 @@ def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
     """Gather programs per (column block, group): enough to fill the GPU, never more than the list can feed."""
     block_m, block_k, _, _, per_sm, _ = gather_config()
     programs = math.ceil(M / block_m) * groups
-    return max(1, min(math.ceil(K / block_k), math.ceil(per_sm * _multiprocessors(device) / programs)))
+    return max(1, min(math.ceil(K / block_k), math.ceil(per_sm * multiprocessors(device) / programs)))
 
 
 if triton is not None:
-    # bench/step_timeline.py puts a device address in RANA_STEP_STAMPS before this module is imported: every kernel
-    # then stamps the GPU's timer there as its wait for the launch before releases. 0 (always, elsewhere): no code.
-    STEP_STAMPS = tl.constexpr(int(os.environ.get("RANA_STEP_STAMPS", "0")))
-    STEP_STAMP_SLOTS = tl.constexpr(1 << 20)  # × 256 ns: a 268 ms ring, far beyond a step
-
-    @triton.jit
-    def await_inputs(PDL: tl.constexpr):
-        """With PDL: wait until the launch before has finished and its writes are visible, then let the next
-        launch's programs start (they too wait before touching memory, so starting them early is safe)."""
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        if STEP_STAMPS != 0:
-            _stamp_release()
-
-    @triton.jit
-    def _stamp_release():
-        """Program (0, 0, 0) writes the GPU's nanosecond timer into the stamp buffer at the slot of its 256 ns
-        bucket: the launches of a step are the nonzero slots in time order (two launches never release within
-        256 ns: each waits for the one before to finish). A store and nothing else: a counter taken with an atomic
-        (its value broadcast through shared memory, a barrier) changed how ptxas scheduled the GEMV's loop (105
-        registers instead of 122, its next chunk's loads no longer issued together) and made a stamped 7B dense
-        step 30% slower."""
-        first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0)
-        now = tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
-        stamps = tl.full([], STEP_STAMPS, tl.int64).to(tl.pointer_type(tl.int64))
-        tl.store(stamps + ((now >> 8) & (STEP_STAMP_SLOTS - 1)), now, mask=first)
-
-    @triton.jit
-    def arrives_last(counter_ptr, ARRIVALS: tl.constexpr):
-        """Count this program's arrival at a counter shared by ARRIVALS programs, after every thread's stores so
-        far (release), and whether it came last; the last one then sees every other program's stores (acquire;
-        read them with .cg loads, from L2) and must set the counter back to zero for the next launch (graph
-        replays reuse it)."""
-        tl.debug_barrier()  # every thread's stores before the release
-        last = tl.atomic_add(counter_ptr, 1, sem="acq_rel", scope="gpu") == ARRIVALS - 1
-        tl.debug_barrier()  # the acquire before any thread's loads
-        return last
-
     @triton.jit
     def swiglu(gate, up, dtype):
         """silu(gate) · up in float32 from float32 sums, each operand and the silu rounded to `dtype` on the way,
@@ -325,19 +247,6 @@ if triton is not None:
         tl.store(out_ptr + offs, first.to(out_ptr.dtype.element_ty), mask=offs < M)
 
 
-_BUFFERS: dict = {}
-
-
-def _buffer(name: str, size: int, dtype, device: torch.device, zero: bool = False) -> torch.Tensor:
-    """A reusable work buffer (allocated once per size and device, so that a captured CUDA graph keeps pointing
-    at live memory). Launches run in stream order, so one buffer serves every call of one size. `zero`: made of
-    zeros (arrival counters, which the kernels leave at zero)."""
-    key = (name, size, dtype, str(device))
-    if key not in _BUFFERS:
-        _BUFFERS[key] = (torch.zeros if zero else torch.empty)(size, dtype=dtype, device=device)
-    return _BUFFERS[key]
-
-
 def masked_rows_reduced(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tensor,
                         scale: torch.Tensor | None, out: torch.Tensor,
                         swiglu_of: tuple[torch.Tensor, int] | None = None,
@@ -384,9 +293,9 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     block_m, block_k, warps, stages, _, compact_chunk = gather_config()
     chunk = min(compact_chunk, triton.next_power_of_2(K))
     chunks = math.ceil(K / chunk)
-    index = _buffer("index", K_all, torch.int32, device)
-    value = _buffer("value", K_all, torch.float32, device)
-    count = _buffer("count", groups * chunks, torch.int32, device)
+    index = work_buffer("index", K_all, torch.int32, device)
+    value = work_buffer("value", K_all, torch.float32, device)
+    count = work_buffer("count", groups * chunks, torch.int32, device)
     p = pdl(rows)
     _compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
                                       source, K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,
@@ -394,18 +303,27 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
                                       num_warps=4 if chunk <= 1024 else 8,
                                       launch_pdl=p)
     splits = _list_splits(K, M, groups, device)
-    partial = _buffer("partial", groups * splits * M, torch.float32, device)
+    partial = work_buffer("partial", groups * splits * M, torch.float32, device)
     _gather_kernel[(math.ceil(M / block_m), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m,
-        WIDE=rows.numel() >= 2**31, INTERPRET=_interpreting(), PDL=p,
+        WIDE=rows.numel() >= 2**31, INTERPRET=interpreting(), PDL=p,
         num_warps=warps, num_stages=stages, launch_pdl=p)
     return partial, splits
 
 
+REDUCE_PARTIALS = 4096  # partial sums a reduce_partials program adds at most (RANA_REDUCE_PARTIALS overrides)
+
+
 def reduce_block(splits: int) -> int:
-    """The columns a reduce_partials program sums: at most 4096 partial sums a program."""
-    return max(16, min(256, 4096 // triton.next_power_of_2(splits)))
+    """The columns a reduce_partials program sums: at most REDUCE_PARTIALS partial sums a program, or as many as
+    RANA_REDUCE_PARTIALS says (a power of two; for bench/engine_ab.py's sweeps)."""
+    most, text = REDUCE_PARTIALS, os.environ.get("RANA_REDUCE_PARTIALS", "")
+    if text:
+        most = launch_ints("RANA_REDUCE_PARTIALS", text, (1,), "a power of two of partial sums, e.g. 4096")[0]
+        if most < 1 or most & (most - 1):
+            raise ValueError(f"RANA_REDUCE_PARTIALS={text}: expected a power of two of partial sums, e.g. 4096")
+    return max(16, min(256, most // triton.next_power_of_2(splits)))
 
 
 def reduce_programs(M: int, splits: int) -> int:

@@ -29,7 +29,7 @@ import os
 
 import torch
 
-from rana_core.decode.masked_kernels import _buffer, _interpreting, _multiprocessors, await_inputs, pdl, triton
+from rana_core.decode.launch import await_inputs, interpreting, multiprocessors, pdl, triton, work_buffer
 
 if triton is not None:
     import triton.language as tl
@@ -103,7 +103,7 @@ def shape(K: int, M: int, groups: int, device: torch.device) -> tuple[int, int, 
     block_m, block_k, warps, stages, per_sm = config()
     block_m = min(block_m, max(32, triton.next_power_of_2(M)))
     programs = math.ceil(M / block_m) * groups
-    fill = math.ceil(per_sm * _multiprocessors(device) / programs)
+    fill = math.ceil(per_sm * multiprocessors(device) / programs)
     tiles = math.ceil(K / block_k)
     return block_m, block_k, warps, stages, max(1, min(tiles, fill))
 
@@ -215,7 +215,7 @@ def wide_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tens
     K_all, M = rows.shape
     K = K_all // groups
     block_m, block_k, warps, stages, S = shape(K, M, groups, rows.device)
-    partial = _buffer("wide partial", groups * S * M, torch.float32, rows.device)
+    partial = work_buffer("wide partial", groups * S * M, torch.float32, rows.device)
     tiles = math.ceil(K / block_k)
     per_program = math.ceil(tiles / S)
     p = pdl(rows)
@@ -229,5 +229,5 @@ def wide_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: torch.Tens
         _wide_kernel[grid](*args, PER_PROGRAM=per_program, PER_PROGRAM_P2=triton.next_power_of_2(per_program),
                            **options)
     else:
-        _wide_loop_kernel[grid](*args, per_program, INTERPRET=_interpreting(), **options)
+        _wide_loop_kernel[grid](*args, per_program, INTERPRET=interpreting(), **options)
     return partial, S

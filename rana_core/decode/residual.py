@@ -28,7 +28,7 @@ import torch
 
 from rana_core.decode.dense_kernels import add_rmsnorm
 from rana_core.decode.gemv import gemv, gemv_programs
-from rana_core.decode.masked_kernels import use_triton
+from rana_core.decode.launch import use_triton
 
 
 # Up to this hidden size one-token steps fold the norms by default. Measured on an H200 (bench/engine_ab.py,
