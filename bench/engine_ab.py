@@ -9,7 +9,8 @@ Options read at launch time (RANA_EARLY_WEIGHTS: a GEMV's first weight chunk loa
 programmatic dependent launch) are A/B'd by recapturing the same engine's graph with each value, alternately,
 `rounds` times: machines of one kind differ by a few per cent, so only ratios within one run are compared.
 Several options at once: their names and each side's values joined by colons. More than two values: each
-against the first (the baseline).
+against the first (the baseline). Options read when the engine is built (RANA_FOLD_NORMS) take --build: one
+engine per value, built alike (same seed, same calibration), all kept and timed alternately.
 Median ms/token of graph-replayed steps. Prints a table and writes bench/results/engine-ab-<env>-<device>.json.
 """
 
@@ -44,6 +45,8 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--dtype", default="float16", choices=sorted(DTYPES))
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--build", action="store_true",
+                        help="the option is read when an engine is built: one engine per value")
     args = parser.parse_args(argv)
     values = args.values.split(",")
     names = args.env.split(":")
@@ -61,13 +64,18 @@ def main(argv=None) -> int:
           + "".join(f"{'ratio':>8}" for _ in options))
     for model in args.models.split(","):
         for cut in [float(c) for c in args.cuts.split(",")]:
-            engine = DecodeEngine(SHAPES[model], DTYPES[args.dtype], "cuda", flop_reduction=cut, gemv="triton")
-            engine.calibrate()
+            engines = {}
+            for value in (values if args.build else values[:1]):
+                os.environ.update(zip(names, value.split(":")))
+                engines[value] = DecodeEngine(SHAPES[model], DTYPES[args.dtype], "cuda", flop_reduction=cut,
+                                              gemv="triton")
+                engines[value].calibrate()
             for context in [int(c) for c in args.contexts.split(",")]:
                 times: dict[str, list[float]] = {value: [] for value in values}
                 for _ in range(args.rounds):
                     for value in values:
                         os.environ.update(zip(names, value.split(":")))
+                        engine = engines[value if args.build else base]
                         engine.graph = None  # recaptured with this value
                         times[value].append(statistics.median(engine.time_decode(context, args.new_tokens)))
                 ms = {value: statistics.median(times[value]) for value in values}
@@ -78,7 +86,7 @@ def main(argv=None) -> int:
                 rows.append(row)
                 print(f"{model:<22}{cut:>5.2f}{context:>8}" + "".join(f"{ms[v]:>{width}.3f}" for v in values)
                       + "".join(f"{r:>8.3f}" for r in ratios), flush=True)
-            del engine
+            del engine, engines
             torch.cuda.empty_cache()
     for variable in names:
         os.environ.pop(variable, None)

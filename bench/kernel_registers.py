@@ -57,6 +57,8 @@ GEMVS = {  # name: (rows, columns, options: swiglu, norm, masked input, residual
     "7B down + residual sums": (4096, 11008, dict(ADD_RESIDUAL=True)),
     "7B qkv + norm from sums": (12288, 4096, dict(NORM=True, NORM_SUMS=True)),
     "7B gate/up + norm from sums": (22016, 4096, dict(SWIGLU=True, NORM=True, NORM_SUMS=True)),
+    "7B qkv + folded norm from sums": (12288, 4096, dict(NORM=True, NORM_SUMS=True, NORM_WEIGHT=False)),
+    "7B gate/up + folded norm, sums": (22016, 4096, dict(SWIGLU=True, NORM=True, NORM_SUMS=True, NORM_WEIGHT=False)),
 }
 GEMV_SIGNATURE = {"w_ptr": "*fp16", "x_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "stride_n": "i32",
                   "delta_ptr": "*fp16", "norm_w_ptr": "*fp16", "res_out_ptr": "*fp16", "eps": "fp32", "tau": "fp32",
@@ -189,7 +191,7 @@ def gemvs(sms: int) -> list[dict]:
             HAS_DELTA=options.get("NORM", False) and not options.get("NORM_SUMS", False),
             MASK_IN=options.get("MASK_IN", False), HAS_SCALE=False, UP_X_OFFSET=0,
             ADD_RESIDUAL=options.get("ADD_RESIDUAL", False), NORM_SUMS=options.get("NORM_SUMS", False),
-            SUMS_P2=512, PDL=True), c["num_warps"],
+            SUMS_P2=512, PDL=True, NORM_WEIGHT=options.get("NORM_WEIGHT", True)), c["num_warps"],
             c["num_stages"], GEMV_SIGNATURE)
         programs = math.ceil(out_rows / c["BLOCK_N"])
         per_sm = REGISTERS_PER_SM // (used * 32 * c["num_warps"])

@@ -7,6 +7,7 @@ into it (each a constexpr flag: a variant compiles only where it is used):
 - `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
 - `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when), or
   RMSNorm(x) from the sums of squares a `residual` GEMV left (`norm_sums`: 4 bytes a program, not the whole row);
+  without the norm's weight where it was folded into W's columns (residual.fold_norm_weights): no weight loads;
 - `residual`: the output is the residual's next value x + W a, each program leaving its rows' sum of squares;
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
 - early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
@@ -39,9 +40,9 @@ if triton is not None:
 
     @triton.jit
     def _input_loads(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr,
-                     HAS_DELTA: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, NORM_WEIGHT: tl.constexpr):
         """The loads of _input_chunk: x[offs_k] in float32 (with NORM and HAS_DELTA, x + delta rounded to x's
-        dtype) and the norm's weights there (1 without NORM)."""
+        dtype) and the norm's weights there (1 without NORM or NORM_WEIGHT)."""
         ok = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
         weight = 1.0
@@ -49,15 +50,18 @@ if triton is not None:
             if HAS_DELTA:
                 x = (x + tl.load(delta_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
                 x = x.to(tl.float32)
-            weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
+            if NORM_WEIGHT:
+                weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
         return x, weight
 
     @triton.jit
     def _input_value(x, weight, offs_k, K: tl.constexpr, NORM: tl.constexpr, inv_rms, dtype, MASK_IN: tl.constexpr,
-                     g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
+                     g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr, NORM_WEIGHT: tl.constexpr):
         """The arithmetic of _input_chunk on its loads."""
-        if NORM:
+        if NORM and NORM_WEIGHT:
             x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
+        elif NORM:  # a weight of ones, as add_rmsnorm rounds it: once
+            x = (x * inv_rms).to(dtype).to(tl.float32)
         if MASK_IN:
             ok = offs_k < K
             x = tl.where(active_of(x, offs_k, ok, g, scale_ptr, tl.load(tau_ptr + g), K, HAS_SCALE), x, 0.0)
@@ -65,14 +69,15 @@ if triton is not None:
 
     @triton.jit
     def _input_chunk(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
-                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr,
+                     NORM_WEIGHT: tl.constexpr):
         """x[offs_k] in float32; with NORM, x is the residual and the chunk is RMSNorm(x + delta)[offs_k] as
         add_rmsnorm stores it (the sum rounded to x's dtype, the normed value rounded before and after the
         weight), from the factor inv_rms of the whole row. With MASK_IN, 0 where group g's mask drops the input
         (|x| · scale below its threshold, decided as the masked products decide it: active_of)."""
-        x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA)
+        x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA, NORM_WEIGHT)
         return _input_value(x, weight, offs_k, K, NORM, inv_rms, x_ptr.dtype.element_ty, MASK_IN, g, tau_ptr,
-                            scale_ptr, HAS_SCALE)
+                            scale_ptr, HAS_SCALE, NORM_WEIGHT)
 
     @triton.jit
     def _rms_from_sums(sums, K: tl.constexpr, eps):
@@ -83,7 +88,7 @@ if triton is not None:
     def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
                   sums, eps, FROM_SUMS: tl.constexpr, HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr,
-                  scale_ptr, HAS_SCALE: tl.constexpr):
+                  scale_ptr, HAS_SCALE: tl.constexpr, NORM_WEIGHT: tl.constexpr):
         """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded;
         with NORM, x is normed on the way in, with MASK_IN masked by group g's threshold (_input_chunk). With
         FROM_SUMS, 1/rms comes from `sums` (loaded, not yet added), added up after the first chunk's loads are
@@ -94,17 +99,17 @@ if triton is not None:
             inv_rms = _rms_from_sums(sums, K, eps)
         if EARLY:
             offs_k = tl.arange(0, BLOCK_K)
-            x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA)
+            x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA, NORM_WEIGHT)
             if FROM_SUMS:
                 inv_rms = _rms_from_sums(sums, K, eps)
             x = _input_value(x, weight, offs_k, K, NORM, inv_rms, x_ptr.dtype.element_ty, MASK_IN, g, tau_ptr,
-                             scale_ptr, HAS_SCALE)
+                             scale_ptr, HAS_SCALE, NORM_WEIGHT)
             acc += first.to(tl.float32) * x[None, :]
         for k0 in range(start, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K, BLOCK_K)
             x = _input_chunk(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, g, tau_ptr,
-                             scale_ptr, HAS_SCALE)
+                             scale_ptr, HAS_SCALE, NORM_WEIGHT)
             acc += w.to(tl.float32) * x[None, :]
         return tl.sum(acc, axis=1)
 
@@ -131,7 +136,7 @@ if triton is not None:
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
                      UP_X_OFFSET: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM_SUMS: tl.constexpr,
-                     SUMS_P2: tl.constexpr, PDL: tl.constexpr):
+                     SUMS_P2: tl.constexpr, PDL: tl.constexpr, NORM_WEIGHT: tl.constexpr = True):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -141,7 +146,8 @@ if triton is not None:
         every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
         MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
         rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With NORM_SUMS, x is the
-        whole new residual and 1/rms comes from the n_sums sums of squares at sums_ptr. With ADD_RESIDUAL, the
+        whole new residual and 1/rms comes from the n_sums sums of squares at sums_ptr; without NORM_WEIGHT the
+        norm's weight is 1 (folded into W), and no program loads it. With ADD_RESIDUAL, the
         output is the residual res_in + W x, rounded as add_rmsnorm rounds the add, and the program stores its
         rows' sum of squares at sums_ptr + pid (for the next norm's NORM_SUMS)."""
         offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,11 +172,11 @@ if triton is not None:
                 inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
         y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
                       norm_w_ptr, inv_rms, sums, eps, NORM_SUMS, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr,
-                      HAS_SCALE)
+                      HAS_SCALE, NORM_WEIGHT)
         if SWIGLU:
             up = _row_dots(w_ptr + N * stride_n, x_ptr + UP_X_OFFSET, offs_n, n_ok, stride_n, first_up, K, BLOCK_N,
                            BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, sums, eps, NORM_SUMS, HAS_DELTA,
-                           MASK_IN, 1, in_tau_ptr, in_scale_ptr, HAS_SCALE)
+                           MASK_IN, 1, in_tau_ptr, in_scale_ptr, HAS_SCALE, NORM_WEIGHT)
             if MASKED:  # CATS: silu(gate) as the unfused ops round it decides the neuron
                 gate = y.to(dtype).to(tl.float32)
                 kept = tl.abs((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)) >= tau
@@ -261,8 +267,9 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     (CATS's mask, decided on silu rounded to the dtype).
 
     `norm` = (delta, norm_weight, eps, res_out): x is then the residual stream and the product's input is
-    RMSNorm(x + delta) · norm_weight, made inside the GEMV (delta None: RMSNorm(x)); x + delta is written to
-    res_out (K,), which must not be x. What add_rmsnorm followed by this GEMV computes, in one launch.
+    RMSNorm(x + delta) · norm_weight, made inside the GEMV (delta None: RMSNorm(x); norm_weight None: a weight
+    of ones, folded into `weight`); x + delta is written to res_out (K,), which must not be x. What add_rmsnorm
+    followed by this GEMV computes, in one launch.
 
     `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
     scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
@@ -298,7 +305,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     if not use_triton(weight):
         if norm is not None:
             stream = x if delta is None else res_out.copy_(x + delta)
-            x = rmsnorm_reference(stream[None], norm_weight, eps)[0]
+            x = rmsnorm_reference(stream[None], 1.0 if norm_weight is None else norm_weight, eps)[0]
         if swiglu:
             gate_w, up_w = weight.chunk(2)
             gate_x, up_x = (x[:K], x[K:]) if split else (x, x)
@@ -323,7 +330,8 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
     res_in, sums = residual if residual is not None else (x, norm_sums if norm_sums is not None else x)
     _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
-                                                   delta if delta is not None else x, norm_weight,
+                                                   delta if delta is not None else x,
+                                                   norm_weight if norm_weight is not None else x,
                                                    res_out if res_out is not None else x, eps,
                                                    0.0 if tau is None else float(tau),
                                                    in_tau if in_tau is not None else x,
@@ -338,6 +346,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
                                                    ADD_RESIDUAL=residual is not None,
                                                    NORM_SUMS=norm_sums is not None,
                                                    SUMS_P2=triton.next_power_of_2(sums.numel()),
+                                                   NORM_WEIGHT=norm_weight is not None,
                                                    num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
                                                    launch_pdl=p)
     return out
