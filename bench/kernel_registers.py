@@ -59,11 +59,14 @@ GEMVS = {  # name: (rows, columns, options: swiglu, norm, masked input, residual
     "7B gate/up + norm from sums": (22016, 4096, dict(SWIGLU=True, NORM=True, NORM_SUMS=True)),
     "7B qkv + folded norm from sums": (12288, 4096, dict(NORM=True, NORM_SUMS=True, NORM_WEIGHT=False)),
     "7B gate/up + folded norm, sums": (22016, 4096, dict(SWIGLU=True, NORM=True, NORM_SUMS=True, NORM_WEIGHT=False)),
+    "7B qkv B, sums, lists": (3441, 4096, dict(NORM=True, NORM_SUMS=True, LISTS=True)),
+    "7B gate/up B, sums, lists": (6164, 4096, dict(NORM=True, NORM_SUMS=True, LISTS=True)),
 }
 GEMV_SIGNATURE = {"w_ptr": "*fp16", "x_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "stride_n": "i32",
                   "delta_ptr": "*fp16", "norm_w_ptr": "*fp16", "res_out_ptr": "*fp16", "eps": "fp32", "tau": "fp32",
                   "in_tau_ptr": "*fp32", "in_scale_ptr": "*fp32", "res_in_ptr": "*fp16", "sums_ptr": "*fp32",
-                  "n_sums": "i32"}
+                  "n_sums": "i32", "list_thr_ptr": "*fp32", "list_index_ptr": "*i32", "list_value_ptr": "*fp32",
+                  "list_count_ptr": "*i32", "group_rows": "i32"}
 
 
 WIDE_SIGNATURE = {"rows_ptr": "*fp16", "coeff_ptr": "*fp16", "scale_ptr": "*fp32", "threshold_ptr": "*fp32",
@@ -164,7 +167,7 @@ def list_gathers(sms: int) -> list[dict]:
         loop: dict = {}
         used = registers(masked_kernels._gather_kernel, {}, dict(
             SPLITS=splits, CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k,
-            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True), warps, stages,
+            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True, RANGE=0, RANGE_P2=1), warps, stages,
             GATHER_SIGNATURE, loop)
         programs = math.ceil(M / block_m) * splits * groups
         per_sm = REGISTERS_PER_SM // (used * 32 * warps)
@@ -173,6 +176,23 @@ def list_gathers(sms: int) -> list[dict]:
               f"         {loop['lines']:>9}{loop['barriers']:>9}{loop['shuffles']:>9}", flush=True)
         rows.append({"product": product, "K": K, "M": M, "groups": groups, "splits": splits, "programs": programs,
                      "registers": used, "programs_per_sm": per_sm, "waves": waves, "loop": loop})
+        if product.startswith("7B") and "A-part" in product:  # the same gather over lists a B GEMV made
+            chunk = gemv.gemv_config(4096)["BLOCK_N"]
+            chunks = math.ceil(K / chunk)
+            span = min(math.ceil(chunks / splits), masked_kernels.MAX_RANGE)  # as masked_rows_listed
+            loop = {}
+            used = registers(masked_kernels._gather_kernel, {}, dict(
+                SPLITS=math.ceil(chunks / span), CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks),
+                CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True, RANGE=span,
+                RANGE_P2=triton.next_power_of_2(span)), warps, stages, GATHER_SIGNATURE, loop)
+            programs = math.ceil(M / block_m) * math.ceil(chunks / span) * groups
+            per_sm = REGISTERS_PER_SM // (used * 32 * warps)
+            waves = math.ceil(programs / (per_sm * sms))
+            name = f"{product[:17]}, B-listed"
+            print(f"{name:<26}{math.ceil(chunks / span):>8}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}"
+                  f"         {loop['lines']:>9}{loop['barriers']:>9}{loop['shuffles']:>9}", flush=True)
+            rows.append({"product": name, "K": K, "M": M, "groups": groups, "range": span, "programs": programs,
+                         "registers": used, "programs_per_sm": per_sm, "waves": waves, "loop": loop})
     return rows
 
 
@@ -191,7 +211,8 @@ def gemvs(sms: int) -> list[dict]:
             HAS_DELTA=options.get("NORM", False) and not options.get("NORM_SUMS", False),
             MASK_IN=options.get("MASK_IN", False), HAS_SCALE=False, UP_X_OFFSET=0,
             ADD_RESIDUAL=options.get("ADD_RESIDUAL", False), NORM_SUMS=options.get("NORM_SUMS", False),
-            SUMS_P2=512, PDL=True, NORM_WEIGHT=options.get("NORM_WEIGHT", True)), c["num_warps"],
+            SUMS_P2=512, PDL=True, NORM_WEIGHT=options.get("NORM_WEIGHT", True),
+            LISTS=options.get("LISTS", False)), c["num_warps"],
             c["num_stages"], GEMV_SIGNATURE)
         programs = math.ceil(out_rows / c["BLOCK_N"])
         per_sm = REGISTERS_PER_SM // (used * 32 * c["num_warps"])

@@ -45,7 +45,8 @@ from rana_core.decode.gemv import gemv
 from rana_core.decode.launch import use_triton
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv
 from rana_core.decode.narrow import A3AttentionPart
-from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, masked_gemv, matvec, swiglu_chain
+from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, listed_by_b, masked_gemv, matvec,
+                                    swiglu_chain)
 from rana_core.decode.residual import PendingNorm
 from rana_core.errors import RanaError
 
@@ -159,10 +160,14 @@ class RanaMLP(nn.Module):
             self.gate_up_threshold = _join(gate, up, "threshold")
 
     def forward(self, x):
-        z = matvec(self.gate_up_B, x, self.gemv)
+        listed = None
+        if self.chained and masked_wide.chain_design(self.gate_up_rows, self.down.rows) != "gemv":
+            listed = listed_by_b(self.gate_up_B, self.gate_up_rows, self.gate_up_threshold, x, self.gate, self.up,
+                                 self.down)
+        z = matvec(self.gate_up_B, x, self.gemv, lists=None if listed is None else listed[0])
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
             return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
-                                torch.empty_like(self.gate.out))
+                                torch.empty_like(self.gate.out), listed=listed)
         gate = self.gate.expand(z[:, : self.gate.rank])
         return self.down(self.act(gate) * self.up.expand(z[:, self.rank: self.rank + self.up.rank]))
 

@@ -10,6 +10,8 @@ into it (each a constexpr flag: a variant compiles only where it is used):
   without the norm's weight where it was folded into W's columns (residual.fold_norm_weights): no weight loads;
 - `residual`: the output is the residual's next value x + W a, each program leaving its rows' sum of squares;
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
+- `lists`: RaNA's B, each program listing its rows whose |z| reaches the group's threshold as the masked product's
+  compaction lists them (chunks of BLOCK_N), so the gather reads them with no compaction launch between;
 - early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
 
 Rounding follows the unfused PyTorch code, as in dense_kernels. On a CPU without TRITON_INTERPRET=1 the PyTorch
@@ -131,12 +133,14 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
-                     in_tau_ptr, in_scale_ptr, res_in_ptr, sums_ptr, n_sums,
+                     in_tau_ptr, in_scale_ptr, res_in_ptr, sums_ptr, n_sums, list_thr_ptr, list_index_ptr,
+                     list_value_ptr, list_count_ptr, group_rows,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
                      UP_X_OFFSET: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM_SUMS: tl.constexpr,
-                     SUMS_P2: tl.constexpr, PDL: tl.constexpr, NORM_WEIGHT: tl.constexpr = True):
+                     SUMS_P2: tl.constexpr, PDL: tl.constexpr, NORM_WEIGHT: tl.constexpr = True,
+                     LISTS: tl.constexpr = False):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -149,9 +153,17 @@ if triton is not None:
         whole new residual and 1/rms comes from the n_sums sums of squares at sums_ptr; without NORM_WEIGHT the
         norm's weight is 1 (folded into W), and no program loads it. With ADD_RESIDUAL, the
         output is the residual res_in + W x, rounded as add_rmsnorm rounds the add, and the program stores its
-        rows' sum of squares at sums_ptr + pid (for the next norm's NORM_SUMS)."""
-        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows' sum of squares at sums_ptr + pid (for the next norm's NORM_SUMS). With LISTS, W stacks groups of
+        group_rows rows, each starting at a program of its own, and each program lists its rows as _list_rows says."""
+        pid = tl.program_id(0)
+        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
+        if LISTS:  # group g's rows from program g · (its programs) on: no program holds rows of two groups
+            group_programs = tl.cdiv(group_rows, BLOCK_N)
+            g = pid // group_programs
+            local = (pid - g * group_programs) * BLOCK_N + tl.arange(0, BLOCK_N)
+            offs_n = g * group_rows + local
+            n_ok = local < group_rows
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
         first_up = first
         if EARLY:
@@ -186,7 +198,23 @@ if triton is not None:
         if ADD_RESIDUAL:  # the product as stored, added to the residual as add_rmsnorm adds it
             y = (residual + y.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             tl.store(sums_ptr + tl.program_id(0), tl.sum(tl.where(n_ok, y * y, 0.0), axis=0))
+        if LISTS:
+            _list_rows(y.to(dtype), local, n_ok, pid, g, group_programs, group_rows, list_thr_ptr, list_index_ptr,
+                       list_value_ptr, list_count_ptr, BLOCK_N)
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
+
+    @triton.jit
+    def _list_rows(z, local, ok, pid, g, group_programs, group_rows, thr_ptr, index_ptr, value_ptr, count_ptr,
+                   BLOCK_N: tl.constexpr):
+        """The masked product's compaction of this program's coefficients z (as stored), done where they are made:
+        rows whose |z| reaches group g's threshold, in order, at index/value[g·group_rows + c·BLOCK_N…] for the
+        program's chunk c of its group, and their number at count[pid] (= count[g·chunks + c]): the list format of
+        masked_kernels.compact_chunk with chunks of BLOCK_N rows."""
+        active = ok & (tl.abs(z.to(tl.float32)) >= tl.load(thr_ptr + g))
+        slot = g * group_rows + (pid - g * group_programs) * BLOCK_N + tl.cumsum(active.to(tl.int32), axis=0) - 1
+        tl.store(index_ptr + slot, local, mask=active)
+        tl.store(value_ptr + slot, z.to(tl.float32), mask=active)
+        tl.store(count_ptr + pid, tl.sum(active.to(tl.int32), axis=0))
 
 
 # Each program loads its first weight chunk before waiting for the launch before (RANA_EARLY_WEIGHTS=all, the
@@ -258,10 +286,20 @@ def gemv_programs(N: int, K: int, config: dict | None = None) -> int:
     return math.ceil(N / _launch_config(K, False, config)["BLOCK_N"]) if triton is not None else 1
 
 
+def list_chunk(K: int) -> int:
+    """The rows a `lists` GEMV program lists (its BLOCK_N): the list's chunk."""
+    return _launch_config(K, False, None)["BLOCK_N"]
+
+
+def list_programs(N: int, K: int, groups: int) -> int:
+    """The programs of a `lists` GEMV over N rows (groups of N / groups) of K columns: its list's chunks."""
+    return groups * math.ceil(N // groups / list_chunk(K))
+
+
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
          input_mask: tuple | None = None, residual: tuple | None = None,
-         norm_sums: torch.Tensor | None = None) -> torch.Tensor:
+         norm_sums: torch.Tensor | None = None, lists: tuple | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
@@ -280,12 +318,23 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     rounds it), and sums[p] ← the sum of squares of program p's rows of it in float32 (gemv_programs(N, K) of
     them; the PyTorch form puts the whole sum in sums[0]). `norm_sums` = such sums, with norm = (None,
     norm_weight, eps, None): x is that new residual and 1/rms comes from the sums, not from x (which every
-    program would otherwise read whole)."""
+    program would otherwise read whole).
+
+    `lists` = (threshold, index, value, count): weight is RaNA's B of threshold.numel() groups stacked (equal
+    rows), and each program lists its rows whose |out| reaches its group's threshold, in masked_kernels' list
+    format with chunks of list_chunk(K) rows (masked_rows_listed gathers them): index and value of weight's rows,
+    count of list_programs(N, K, groups). Triton only (the engine asks for lists on its one-token path)."""
     if residual is not None:
         programs = gemv_programs(weight.shape[0], weight.shape[1], config)
         if swiglu or norm is not None or residual[1].numel() != programs:
             raise ValueError(f"a residual GEMV is a plain product with one sum of squares per program ({programs} "
                              f"here), got {residual[1].numel()}")
+    if lists is not None:
+        groups = lists[0].numel()
+        if swiglu or residual is not None or input_mask is not None or weight.shape[0] % groups or not use_triton(
+                weight) or lists[3].numel() != list_programs(weight.shape[0], weight.shape[1], groups):
+            raise ValueError("lists: a plain Triton GEMV of equal groups, with a count for each of its "
+                             f"{list_programs(weight.shape[0], weight.shape[1], groups)} programs")
     if norm_sums is not None and (norm is None or norm[0] is not None):
         raise ValueError("norm_sums: the residual is already added, so norm = (None, weight, eps, None)")
     if norm is not None:
@@ -329,26 +378,21 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
     res_in, sums = residual if residual is not None else (x, norm_sums if norm_sums is not None else x)
-    _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
-                                                   delta if delta is not None else x,
-                                                   norm_weight if norm_weight is not None else x,
-                                                   res_out if res_out is not None else x, eps,
-                                                   0.0 if tau is None else float(tau),
-                                                   in_tau if in_tau is not None else x,
-                                                   in_scale if in_scale is not None else x, res_in, sums,
-                                                   sums.numel(), K=K,
-                                                   K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
-                                                   BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
-                                                   MASKED=swiglu and tau is not None, EARLY=early,
-                                                   NORM=norm is not None, HAS_DELTA=delta is not None,
-                                                   MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
-                                                   UP_X_OFFSET=K if split else 0,
-                                                   ADD_RESIDUAL=residual is not None,
-                                                   NORM_SUMS=norm_sums is not None,
-                                                   SUMS_P2=triton.next_power_of_2(sums.numel()),
-                                                   NORM_WEIGHT=norm_weight is not None,
-                                                   num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
-                                                   launch_pdl=p)
+    thr, index, value, count = lists if lists is not None else (sums, x, x, sums)
+    programs = math.ceil(N / c["BLOCK_N"])
+    if lists is not None:
+        programs = thr.numel() * math.ceil(N // thr.numel() / c["BLOCK_N"])
+    _gemv_kernel[(programs,)](
+        weight, x, out, N, weight.stride(0), delta if delta is not None else x,
+        norm_weight if norm_weight is not None else x, res_out if res_out is not None else x, eps,
+        0.0 if tau is None else float(tau), in_tau if in_tau is not None else x,
+        in_scale if in_scale is not None else x, res_in, sums, sums.numel(), thr, index, value, count,
+        N // thr.numel() if lists is not None else N, K=K, K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
+        BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, MASKED=swiglu and tau is not None, EARLY=early, NORM=norm is not None,
+        HAS_DELTA=delta is not None, MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
+        UP_X_OFFSET=K if split else 0, ADD_RESIDUAL=residual is not None, NORM_SUMS=norm_sums is not None,
+        SUMS_P2=triton.next_power_of_2(sums.numel()), NORM_WEIGHT=norm_weight is not None, LISTS=lists is not None,
+        num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p, launch_pdl=p)
     return out
 
 
