@@ -12,7 +12,7 @@ from rana_core.decode.gemv import gemv, list_chunk, list_programs
 from rana_core.decode.masked_kernels import masked_rows_listed, reference_masked_rows
 
 from test_decode_kernels import CPU_CASES, GPU_CASES, poisoned
-from test_engine import TINY, TINY_MHA, decode_steps
+from test_engine import TINY_MHA, decode_steps
 from test_kernels import TOLERANCE, require_triton, threshold_for_density
 
 # Small chunks and many gather ranges on the CPU's small shapes: 4-row GEMV programs (16 of them a group below),
@@ -111,15 +111,15 @@ def test_lists_are_asked_of_a_plain_triton_gemv_only():
         gemv(B, x, torch.zeros(8), lists=(torch.ones(1), lists[1], lists[2], count[1:]))
 
 
-@pytest.mark.parametrize("shape", [TINY, TINY_MHA], ids=["rana-mlp", "rana-qkv-and-mlp"])
-def test_an_engine_whose_b_gemvs_list_decodes_what_the_compactions_decode(shape, monkeypatch):
-    """RANA_B_LISTS=1 on the list design: RaNA's QKV B and gate/up B list their coefficients and the compaction
-    launches left are down's alone (one a layer, against three where QKV is adapted, two where not); five steps'
+def test_an_engine_whose_b_gemvs_list_decodes_what_the_compactions_decode(monkeypatch):
+    """RANA_B_LISTS=1 on the list design, QKV and the MLP adapted: RaNA's QKV B and gate/up B list their
+    coefficients and the compaction launches left are down's alone (one a layer, against three); three steps'
     logits equal the compacting engine's to float32 rounding (the gather's shares sum in another order), the
     tokens the same."""
     require_triton("cpu")
     from rana_core.decode import masked_kernels
 
+    shape = TINY_MHA
     monkeypatch.setattr(gemv_module, "INTERPRETER_CONFIG", SMALL_CHUNKS)
     monkeypatch.setenv("RANA_GATHER_CONFIG", MANY_RANGES)
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "list")
@@ -138,11 +138,10 @@ def test_an_engine_whose_b_gemvs_list_decodes_what_the_compactions_decode(shape,
                 return real[grid]
         with monkeypatch.context() as patch:
             patch.setattr(masked_kernels, "_compact_kernel", Counted())
-            logits[choice], _ = decode_steps(engine, prompt, 5, "sums", monkeypatch)
+            logits[choice], _ = decode_steps(engine, prompt, 3, "sums", monkeypatch)
         compactions[choice] = len(launched)
-    adapted_qkv = shape.kv_heads == shape.heads
-    assert compactions["0"] == 5 * shape.layers * (3 if adapted_qkv else 2)
-    assert compactions["1"] == 5 * shape.layers
+    assert compactions["0"] == 3 * shape.layers * 3
+    assert compactions["1"] == 3 * shape.layers
     assert (logits["1"] - logits["0"]).abs().max() <= 1e-5 * logits["0"].abs().max()
     assert torch.equal(logits["1"].argmax(-1), logits["0"].argmax(-1))
     monkeypatch.setenv("RANA_B_LISTS", "yes")
