@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rana_core.decode import gemv, masked_kernels, masked_wide  # noqa: E402
+from rana_core.decode import gemv, listed_gather, masked_kernels, masked_wide  # noqa: E402
 
 from shown_path import write_results  # noqa: E402
 
@@ -167,7 +167,7 @@ def list_gathers(sms: int) -> list[dict]:
         loop: dict = {}
         used = registers(masked_kernels._gather_kernel, {}, dict(
             SPLITS=splits, CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k,
-            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True, RANGE=0, RANGE_P2=1), warps, stages,
+            BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True), warps, stages,
             GATHER_SIGNATURE, loop)
         programs = math.ceil(M / block_m) * splits * groups
         per_sm = REGISTERS_PER_SM // (used * 32 * warps)
@@ -176,23 +176,22 @@ def list_gathers(sms: int) -> list[dict]:
               f"         {loop['lines']:>9}{loop['barriers']:>9}{loop['shuffles']:>9}", flush=True)
         rows.append({"product": product, "K": K, "M": M, "groups": groups, "splits": splits, "programs": programs,
                      "registers": used, "programs_per_sm": per_sm, "waves": waves, "loop": loop})
-        if product.startswith("7B") and "A-part" in product:  # the same gather over lists a B GEMV made
+        if product.startswith("7B") and "A-part" in product:  # the gather of lists a B GEMV made (RANA_B_LISTS)
             chunk = gemv.gemv_config(4096)["BLOCK_N"]
-            chunks = math.ceil(K / chunk)
-            span = min(math.ceil(chunks / splits), masked_kernels.MAX_RANGE)  # as masked_rows_listed
+            chunks, step = math.ceil(K / chunk), block_k // chunk
+            span = math.ceil(math.ceil(chunks / splits) / step) * step  # as listed_gather.masked_rows_listed
             loop = {}
-            used = registers(masked_kernels._gather_kernel, {}, dict(
-                SPLITS=math.ceil(chunks / span), CHUNKS=chunks, CHUNKS_P2=triton.next_power_of_2(chunks),
-                CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m, WIDE=False, INTERPRET=False, PDL=True, RANGE=span,
-                RANGE_P2=triton.next_power_of_2(span)), warps, stages, GATHER_SIGNATURE, loop)
+            used = registers(listed_gather._listed_gather_kernel, {}, dict(
+                SPLITS=math.ceil(chunks / span), CHUNKS=chunks, SPAN=span, CHUNK=chunk, BLOCK_K=block_k,
+                BLOCK_M=block_m, WIDE=False, PDL=True), warps, stages, GATHER_SIGNATURE, loop)
             programs = math.ceil(M / block_m) * math.ceil(chunks / span) * groups
             per_sm = REGISTERS_PER_SM // (used * 32 * warps)
             waves = math.ceil(programs / (per_sm * sms))
             name = f"{product[:17]}, B-listed"
             print(f"{name:<26}{math.ceil(chunks / span):>8}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}"
-                  f"         {loop['lines']:>9}{loop['barriers']:>9}{loop['shuffles']:>9}", flush=True)
-            rows.append({"product": name, "K": K, "M": M, "groups": groups, "range": span, "programs": programs,
-                         "registers": used, "programs_per_sm": per_sm, "waves": waves, "loop": loop})
+                  f"   ({span // step} steps unrolled)", flush=True)
+            rows.append({"product": name, "K": K, "M": M, "groups": groups, "span": span, "programs": programs,
+                         "registers": used, "programs_per_sm": per_sm, "waves": waves})
     return rows
 
 

@@ -9,7 +9,8 @@ import torch
 from rana_core.decode import gemv as gemv_module
 from rana_core.decode.engine import DecodeEngine
 from rana_core.decode.gemv import gemv, list_chunk, list_programs
-from rana_core.decode.masked_kernels import masked_rows_listed, reference_masked_rows
+from rana_core.decode.listed_gather import masked_rows_listed
+from rana_core.decode.masked_kernels import reference_masked_rows
 
 from test_decode_kernels import CPU_CASES, GPU_CASES, poisoned
 from test_engine import TINY_MHA, decode_steps

@@ -13,7 +13,8 @@ from rana_core.architecture import Shape
 from rana_core.decode import masked_wide
 from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import rotate_half_reference
-from rana_core.decode.masked_kernels import masked_rows_listed, masked_rows_partials
+from rana_core.decode.listed_gather import masked_rows_listed
+from rana_core.decode.masked_kernels import masked_rows_partials
 from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, _linear, listed_by_b, masked_gemv, matvec,
                                     swiglu_chain)
 

@@ -153,17 +153,6 @@ if triton is not None:
         return ends, starts, begin, tl.minimum(begin + share, count)
 
     @triton.jit
-    def range_share(count_ptr, pid_s, CHUNKS: tl.constexpr, RANGE: tl.constexpr, RANGE_P2: tl.constexpr):
-        """list_share for lists of many small chunks (a B GEMV's programs listing their own rows): share pid_s is
-        the whole of chunks pid_s·RANGE… (fewer in the last), positions [0, its count) counted from its first
-        chunk's first slot, so a program maps positions over RANGE chunks, not all of them."""
-        q = tl.arange(0, RANGE_P2)
-        ok = (q < RANGE) & (pid_s * RANGE + q < CHUNKS)
-        counts = tl.load(count_ptr + pid_s * RANGE + q, mask=ok, other=0, cache_modifier=".cg")
-        ends = tl.where(ok, tl.cumsum(counts, axis=0), 1 << 30)
-        return ends, ends - counts, 0, tl.sum(counts, axis=0)
-
-    @triton.jit
     def list_slots(j0, stop, ends, starts, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr):
         """(slots, valid) of list positions j0… (< stop). Position j lies in chunk q = #(chunk ends ≤ j), at slot
         q·CHUNK + j − (q's start) = j + Σ over the chunks q' that end at or before j of (CHUNK − q''s count): one
@@ -196,21 +185,14 @@ if triton is not None:
     @triton.jit
     def gather_share(pid_m, pid_s, g, rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                      SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
-                     RANGE: tl.constexpr = 0, RANGE_P2: tl.constexpr = 1):
+                     BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr):
         """Columns pid_m·BLOCK_M… of Σ value·rows[index] over share pid_s of group g's list, into
-        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`. RANGE > 0: shares of RANGE whole chunks
-        (range_share) instead of equal parts of the list."""
+        partial[g, pid_s, :]. Group g's rows start at row g·K of `rows`."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        if RANGE > 0:
-            ends, starts, begin, stop = range_share(count_ptr + g * CHUNKS, pid_s, CHUNKS, RANGE, RANGE_P2)
-            index_ptr += g * K + pid_s * RANGE * CHUNK
-            value_ptr += g * K + pid_s * RANGE * CHUNK
-        else:
-            ends, starts, begin, stop = list_share(count_ptr + g * CHUNKS, pid_s, CHUNKS, CHUNKS_P2, SPLITS, BLOCK_K)
-            index_ptr += g * K
-            value_ptr += g * K
+        ends, starts, begin, stop = list_share(count_ptr + g * CHUNKS, pid_s, CHUNKS, CHUNKS_P2, SPLITS, BLOCK_K)
+        index_ptr += g * K
+        value_ptr += g * K
         rows_ptr += g * K * stride_k
         acc = tl.zeros([BLOCK_M], dtype=tl.float32)
         row, c, j_ok = _list_entries(begin, stop, ends, starts, index_ptr, value_ptr, CHUNK, BLOCK_K)
@@ -230,13 +212,13 @@ if triton is not None:
     def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                        SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
-                       PDL: tl.constexpr, RANGE: tl.constexpr = 0, RANGE_P2: tl.constexpr = 1):
+                       PDL: tl.constexpr):
         """Program (m, s, g): gather_share. (Session 13 let the last program of each column block also sum the
         partials, saving the reduction launch; timed in session 14, ±0.5% on a step: removed.)"""
         await_inputs(PDL)
         gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
                      count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
-                     WIDE, INTERPRET, RANGE, RANGE_P2)
+                     WIDE, INTERPRET)
 
     @triton.jit
     def _reduce_kernel(partial_ptr, out_ptr, M, res_in_ptr, sums_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -325,37 +307,8 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     _gather_kernel[(math.ceil(M / block_m), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m,
-        WIDE=rows.numel() >= 2**31, INTERPRET=interpreting(), PDL=p, RANGE=0, RANGE_P2=1,
+        WIDE=rows.numel() >= 2**31, INTERPRET=interpreting(), PDL=p,
         num_warps=warps, num_stages=stages, launch_pdl=p)
-    return partial, splits
-
-
-# Chunks a listed gather's share maps its positions over: ptxas (sm_90a, bench/kernel_registers.py) keeps the gather
-# at 128 registers (8 programs a multiprocessor) up to ranges of 32 chunks; 40 took 255 (4 a multiprocessor).
-MAX_RANGE = 32
-
-
-def masked_rows_listed(rows: torch.Tensor, lists: tuple, groups: int, chunk: int) -> tuple[torch.Tensor, int]:
-    """masked_rows_partials for coefficients a GEMV already listed (gemv's `lists`: chunks of `chunk` rows, the
-    list (threshold, index, value, count)): the gather alone, each share a range of whole chunks; (partials,
-    splits) as masked_rows_partials returns them."""
-    K_all, M = rows.shape
-    K = K_all // groups
-    _, index, value, count = lists
-    chunks = math.ceil(K / chunk)
-    if count.numel() != groups * chunks or index.numel() < K_all:
-        raise ValueError(f"lists of {groups} groups of {chunks} chunks of {chunk} rows for rows {tuple(rows.shape)}")
-    block_m, block_k, warps, stages, _, _ = gather_config()
-    splits = _list_splits(K, M, groups, rows.device)
-    span = min(math.ceil(chunks / splits), MAX_RANGE)  # chunks a share: one range a split, the last the rest
-    splits = math.ceil(chunks / span)
-    partial = work_buffer("partial", groups * splits * M, torch.float32, rows.device)
-    p = pdl(rows)
-    _gather_kernel[(math.ceil(M / block_m), splits, groups)](
-        rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
-        CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m,
-        WIDE=rows.numel() >= 2**31, INTERPRET=interpreting(), PDL=p, RANGE=span,
-        RANGE_P2=triton.next_power_of_2(span), num_warps=warps, num_stages=stages, launch_pdl=p)
     return partial, splits
 
 

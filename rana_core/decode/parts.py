@@ -19,8 +19,9 @@ from rana_core.decode import masked_wide
 from rana_core.decode.dense_kernels import rmsnorm_reference
 from rana_core.decode.gemv import gemv, gemv_programs, list_chunk, list_programs
 from rana_core.decode.launch import work_buffer
-from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_listed,
-                                             masked_rows_partials, masked_rows_reduced, use_triton)
+from rana_core.decode.listed_gather import masked_rows_listed
+from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
+                                             masked_rows_reduced, use_triton)
 from rana_core.decode.residual import PendingNorm
 
 def rank_plan(out_features: int, in_features: int, keep: float) -> tuple[int, float]:
