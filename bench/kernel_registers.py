@@ -178,18 +178,16 @@ def list_gathers(sms: int) -> list[dict]:
                      "registers": used, "programs_per_sm": per_sm, "waves": waves, "loop": loop})
         if product.startswith("7B") and "A-part" in product:  # the gather of lists a B GEMV made (RANA_B_LISTS)
             chunk = gemv.gemv_config(4096)["BLOCK_N"]
-            chunks, step = math.ceil(K / chunk), block_k // chunk
-            span = math.ceil(math.ceil(chunks / splits) / step) * step  # as listed_gather.masked_rows_listed
-            loop = {}
+            steps_k, span, listed_splits = listed_gather.listed_shape(K, M, groups, chunk, None)
             used = registers(listed_gather._listed_gather_kernel, {}, dict(
-                SPLITS=math.ceil(chunks / span), CHUNKS=chunks, SPAN=span, CHUNK=chunk, BLOCK_K=block_k,
-                BLOCK_M=block_m, WIDE=False, PDL=True), warps, stages, GATHER_SIGNATURE, loop)
-            programs = math.ceil(M / block_m) * math.ceil(chunks / span) * groups
+                SPLITS=listed_splits, CHUNKS=math.ceil(K / chunk), SPAN=span, CHUNK=chunk, BLOCK_K=steps_k,
+                BLOCK_M=block_m, WIDE=False, PDL=True), warps, stages, GATHER_SIGNATURE)
+            programs = math.ceil(M / block_m) * listed_splits * groups
             per_sm = REGISTERS_PER_SM // (used * 32 * warps)
             waves = math.ceil(programs / (per_sm * sms))
             name = f"{product[:17]}, B-listed"
-            print(f"{name:<26}{math.ceil(chunks / span):>8}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}"
-                  f"   ({span // step} steps unrolled)", flush=True)
+            print(f"{name:<26}{listed_splits:>8}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}"
+                  f"   ({span * chunk // steps_k} steps unrolled)", flush=True)
             rows.append({"product": name, "K": K, "M": M, "groups": groups, "span": span, "programs": programs,
                          "registers": used, "programs_per_sm": per_sm, "waves": waves})
     return rows

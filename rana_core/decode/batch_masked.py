@@ -26,8 +26,8 @@ import math
 
 import torch
 
-from rana_core.decode.masked_kernels import (BLOCK_K, BLOCK_M, COMPACT_CHUNK, interpreting, multiprocessors,
-                                             masked_rows_batched, reduce_partials, triton, use_triton)
+from rana_core.decode.launch import interpreting, multiprocessors, triton, use_triton
+from rana_core.decode.masked_kernels import BLOCK_K, BLOCK_M, COMPACT_CHUNK, masked_rows_batched, reduce_partials
 
 MAX_BATCH = 16  # the padded batch of the gather's matrix product
 

@@ -15,7 +15,7 @@ from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import rotate_half_reference
 from rana_core.decode.listed_gather import masked_rows_listed
 from rana_core.decode.masked_kernels import masked_rows_partials
-from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, _linear, listed_by_b, masked_gemv, matvec,
+from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, _linear, b_product, masked_gemv, matvec,
                                     swiglu_chain)
 
 
@@ -81,11 +81,9 @@ class Block(nn.Module):
         if not isinstance(self.gate, RankPart):
             return self.last_product(self.down.weight, matvec(self.gate_up, normed, self.gemv, swiglu=True),
                                      residual)
-        listed = None
-        if masked_wide.chain_design(self.gate_up_rows, self.down.rows) != "gemv":
-            listed = listed_by_b(self.gate_up_B, self.gate_up_rows, self.gate_up_threshold, normed, self.gate,
-                                 self.up, self.down)
-        z = matvec(self.gate_up_B, normed, self.gemv, lists=None if listed is None else listed[0])
+        z, listed = b_product(self.gate_up_B, normed, self.gemv, self.gate_up_rows, self.gate_up_threshold,
+                              (self.gate, self.up, self.down),
+                              masked_wide.chain_design(self.gate_up_rows, self.down.rows) != "gemv")
         if self.gate.fusable(z) and self.down.fusable(z):
             # one token: gate's and up's masked products in one launch; their partial sums go straight into the
             # down product's compaction, which makes h = silu(gate)·up itself (no reduction launch between)
@@ -102,10 +100,9 @@ class Block(nn.Module):
         leaves the masked product's partial sums instead (splits > 0), which the rotary kernel adds up."""
         splits = 0
         if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
-            listed = None
-            if fuse and self.qkv_bias is None and masked_wide.product_design(self.qkv.rows) != "gemv":
-                listed = listed_by_b(self.qkv.B, self.qkv.rows, self.qkv.threshold, normed, self.qkv)
-            z = matvec(self.qkv.B, normed, self.gemv, lists=None if listed is None else listed[0])
+            z, listed = b_product(self.qkv.B, normed, self.gemv, self.qkv.rows, self.qkv.threshold, (self.qkv,),
+                                  fuse and self.qkv_bias is None
+                                  and masked_wide.product_design(self.qkv.rows) != "gemv")
             if listed is not None:  # B listed its own coefficients: the gather alone
                 qkv, splits = masked_rows_listed(self.qkv.rows, listed[0], 1, listed[1])
             elif fuse and self.qkv.fusable(z) and self.qkv_bias is None:

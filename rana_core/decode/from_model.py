@@ -45,7 +45,7 @@ from rana_core.decode.gemv import gemv
 from rana_core.decode.launch import use_triton
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv
 from rana_core.decode.narrow import A3AttentionPart
-from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, listed_by_b, masked_gemv, matvec,
+from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, b_product, masked_gemv, matvec,
                                     swiglu_chain)
 from rana_core.decode.residual import PendingNorm
 from rana_core.errors import RanaError
@@ -160,11 +160,12 @@ class RanaMLP(nn.Module):
             self.gate_up_threshold = _join(gate, up, "threshold")
 
     def forward(self, x):
-        listed = None
-        if self.chained and masked_wide.chain_design(self.gate_up_rows, self.down.rows) != "gemv":
-            listed = listed_by_b(self.gate_up_B, self.gate_up_rows, self.gate_up_threshold, x, self.gate, self.up,
-                                 self.down)
-        z = matvec(self.gate_up_B, x, self.gemv, lists=None if listed is None else listed[0])
+        if self.chained:  # its stacked rows and thresholds exist
+            z, listed = b_product(self.gate_up_B, x, self.gemv, self.gate_up_rows, self.gate_up_threshold,
+                                  (self.gate, self.up, self.down),
+                                  masked_wide.chain_design(self.gate_up_rows, self.down.rows) != "gemv")
+        else:
+            z, listed = matvec(self.gate_up_B, x, self.gemv), None
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
             return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
                                 torch.empty_like(self.gate.out), listed=listed)

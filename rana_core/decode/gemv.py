@@ -7,7 +7,7 @@ into it (each a constexpr flag: a variant compiles only where it is used):
 - `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
 - `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when), or
   RMSNorm(x) from the sums of squares a `residual` GEMV left (`norm_sums`: 4 bytes a program, not the whole row);
-  without the norm's weight where it was folded into W's columns (residual.fold_norm_weights): no weight loads;
+  without the norm's weight where it was folded into W's columns (norm_fold.fold_norm_weights): no weight loads;
 - `residual`: the output is the residual's next value x + W a, each program leaving its rows' sum of squares;
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
 - `lists`: RaNA's B, each program listing its rows whose |z| reaches the group's threshold as the masked product's
@@ -329,12 +329,13 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
         if swiglu or norm is not None or residual[1].numel() != programs:
             raise ValueError(f"a residual GEMV is a plain product with one sum of squares per program ({programs} "
                              f"here), got {residual[1].numel()}")
+    list_groups = lists[0].numel() if lists is not None else 1  # a program never holds rows of two groups
     if lists is not None:
-        groups = lists[0].numel()
-        if swiglu or residual is not None or input_mask is not None or weight.shape[0] % groups or not use_triton(
-                weight) or lists[3].numel() != list_programs(weight.shape[0], weight.shape[1], groups):
-            raise ValueError("lists: a plain Triton GEMV of equal groups, with a count for each of its "
-                             f"{list_programs(weight.shape[0], weight.shape[1], groups)} programs")
+        programs = list_programs(weight.shape[0], weight.shape[1], list_groups)
+        plain = not swiglu and residual is None and input_mask is None and use_triton(weight)
+        if not plain or weight.shape[0] % list_groups or lists[3].numel() != programs:
+            raise ValueError(f"lists: a plain Triton GEMV of equal groups, with a count for each of its {programs} "
+                             "programs")
     if norm_sums is not None and (norm is None or norm[0] is not None):
         raise ValueError("norm_sums: the residual is already added, so norm = (None, weight, eps, None)")
     if norm is not None:
@@ -379,15 +380,13 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
     res_in, sums = residual if residual is not None else (x, norm_sums if norm_sums is not None else x)
     thr, index, value, count = lists if lists is not None else (sums, x, x, sums)
-    programs = math.ceil(N / c["BLOCK_N"])
-    if lists is not None:
-        programs = thr.numel() * math.ceil(N // thr.numel() / c["BLOCK_N"])
-    _gemv_kernel[(programs,)](
+    group_rows = N // list_groups
+    _gemv_kernel[(list_groups * math.ceil(group_rows / c["BLOCK_N"]),)](
         weight, x, out, N, weight.stride(0), delta if delta is not None else x,
         norm_weight if norm_weight is not None else x, res_out if res_out is not None else x, eps,
         0.0 if tau is None else float(tau), in_tau if in_tau is not None else x,
-        in_scale if in_scale is not None else x, res_in, sums, sums.numel(), thr, index, value, count,
-        N // thr.numel() if lists is not None else N, K=K, K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
+        in_scale if in_scale is not None else x, res_in, sums, sums.numel(), thr, index, value, count, group_rows,
+        K=K, K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
         BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, MASKED=swiglu and tau is not None, EARLY=early, NORM=norm is not None,
         HAS_DELTA=delta is not None, MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
         UP_X_OFFSET=K if split else 0, ADD_RESIDUAL=residual is not None, NORM_SUMS=norm_sums is not None,

@@ -66,6 +66,16 @@ if triton is not None:
         tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
 
+def listed_shape(K: int, M: int, groups: int, chunk: int, device: torch.device) -> tuple[int, int, int]:
+    """(slots a step, chunks a share, splits) of the listed gather over groups of K rows of M columns listed in
+    chunks of `chunk`: the list design's splits, each share whole steps of whole chunks."""
+    block_k = max(gather_config()[1], chunk)
+    step = block_k // chunk
+    splits = _list_splits(K, M, groups, device)
+    span = math.ceil(math.ceil(K / chunk) / splits / step) * step
+    return block_k, span, math.ceil(math.ceil(K / chunk) / span)
+
+
 def masked_rows_listed(rows: torch.Tensor, lists: tuple, groups: int, chunk: int) -> tuple[torch.Tensor, int]:
     """masked_rows_partials for coefficients a GEMV already listed (gemv's `lists`, chunks of `chunk` rows:
     (threshold, index, value, count)): the gather alone, a share a range of whole chunks; (partials, splits) as
@@ -76,12 +86,8 @@ def masked_rows_listed(rows: torch.Tensor, lists: tuple, groups: int, chunk: int
     chunks = math.ceil(K / chunk)
     if count.numel() != groups * chunks or index.numel() < K_all:
         raise ValueError(f"lists of {groups} groups of {chunks} chunks of {chunk} rows for rows {tuple(rows.shape)}")
-    block_m, block_k, warps, stages, _, _ = gather_config()
-    block_k = max(block_k, chunk)  # a step holds whole chunks
-    step = block_k // chunk
-    splits = _list_splits(K, M, groups, rows.device)
-    span = math.ceil(math.ceil(chunks / splits) / step) * step  # whole steps a share
-    splits = math.ceil(chunks / span)
+    block_m, _, warps, stages, _, _ = gather_config()
+    block_k, span, splits = listed_shape(K, M, groups, chunk, rows.device)
     partial = work_buffer("partial", groups * splits * M, torch.float32, rows.device)
     p = pdl(rows)
     _listed_gather_kernel[(math.ceil(M / block_m), splits, groups)](

@@ -149,7 +149,7 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
 
     `residual` = (r, out): the down product's last launch adds the residual r, writing r + the MLP's output to
     out, and what returns is that launch's sums of squares for the next norm (residual.ResidualStream.add_by).
-    `listed` = (lists, chunk): gate's and up's coefficients already listed by their B GEMV (listed_by_b): no
+    `listed` = (lists, chunk): gate's and up's coefficients already listed by their B GEMV (b_product): no
     compaction launch for them."""
     r, out = residual if residual is not None else (None, down.out)
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
@@ -170,23 +170,24 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     return reduced if r is not None else reduced[None]
 
 
-def listed_by_b(B: torch.Tensor, rows: torch.Tensor, threshold: torch.Tensor, x, *parts) -> tuple | None:
-    """(lists, chunk) for a RaNA B GEMV that lists its own coefficients (gemv's `lists`, then masked_rows_listed),
-    where RANA_B_LISTS=1 asks for it (opt-in until timed) and the masked product after B would be the list
-    design's compaction and gather (one token on Triton, parts neither calibrating nor counting); else None. Saves
-    the compaction launch between B and the gather."""
+def b_product(B: torch.Tensor, x, backend: str, rows: torch.Tensor, threshold: torch.Tensor, parts: tuple,
+              list_design: bool) -> tuple[torch.Tensor, tuple | None]:
+    """(z, listed): RaNA's z = B x (matvec), and with RANA_B_LISTS=1 (opt-in until timed) where the masked product
+    after B is the list design's compaction and gather (`list_design`, one token on Triton, `parts` neither
+    calibrating nor counting, no scale), B's programs list z themselves (gemv's `lists`): listed = (lists, chunk)
+    for masked_rows_listed, which then gathers with no compaction launch between; else None."""
     choice = os.environ.get("RANA_B_LISTS", "0")
     if choice not in ("0", "1"):
         raise ValueError(f"RANA_B_LISTS={choice}: expected 0 or 1")
-    groups = threshold.numel()
-    if (choice == "0" or not all(part.fusable(x) for part in parts) or masked_wide.design(rows) != "list"
-            or getattr(parts[0], "scale", None) is not None):
-        return None
+    if (choice == "0" or not list_design or not all(part.fusable(x) for part in parts)
+            or masked_wide.design(rows) != "list" or getattr(parts[0], "scale", None) is not None):
+        return matvec(B, x, backend), None
     N, K = B.shape
     index = work_buffer("index", rows.shape[0], torch.int32, B.device)
     value = work_buffer("value", rows.shape[0], torch.float32, B.device)
-    count = work_buffer("b list count", list_programs(N, K, groups), torch.int32, B.device)
-    return (threshold, index, value, count), list_chunk(K)
+    count = work_buffer("b list count", list_programs(N, K, threshold.numel()), torch.int32, B.device)
+    lists = (threshold, index, value, count)
+    return matvec(B, x, backend, lists=lists), (lists, list_chunk(K))
 
 
 def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,
@@ -270,7 +271,7 @@ def matvec(weight: torch.Tensor, x: torch.Tensor, backend: str = "cublas", swigl
            lists: tuple | None = None) -> torch.Tensor:
     """x Wᵀ: at one token through the chosen GEMV backend, else one batched product. With `swiglu`, W is
     [gate; up] and the result silu(x gateᵀ) · (x upᵀ) (fused into the Triton GEMV). `x` may be a norm still owed
-    (residual.PendingNorm): the Triton GEMV then makes it itself. `lists`: gemv's (one token, Triton: listed_by_b
+    (residual.PendingNorm): the Triton GEMV then makes it itself. `lists`: gemv's (one token, Triton: b_product
     says when)."""
     if isinstance(x, PendingNorm):
         if backend == "triton" and use_triton(weight):
