@@ -9,7 +9,7 @@ Options read at launch time (RANA_EARLY_WEIGHTS: a GEMV's first weight chunk loa
 programmatic dependent launch) are A/B'd by recapturing the same engine's graph with each value, alternately,
 `rounds` times: machines of one kind differ by a few per cent, so only ratios within one run are compared.
 Several options at once: their names and each side's values joined by colons. More than two values: each
-against the first (the baseline). Options read when the engine is built (RANA_FOLD_NORMS) take --build: one
+against the first (the baseline). Options read when an engine is built (its weights' layout, say) take --build: one
 engine per value, built alike (same seed, same calibration), all kept and timed alternately.
 Median ms/token of graph-replayed steps. Prints a table and writes bench/results/engine-ab-<env>-<device>.json.
 """

@@ -32,7 +32,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from rana_core.decode import gemv, listed_gather, masked_kernels, masked_wide  # noqa: E402
+from rana_core.decode import gemv, masked_kernels, masked_wide  # noqa: E402
 
 from shown_path import write_results  # noqa: E402
 
@@ -57,16 +57,11 @@ GEMVS = {  # name: (rows, columns, options: swiglu, norm, masked input, residual
     "7B down + residual sums": (4096, 11008, dict(ADD_RESIDUAL=True)),
     "7B qkv + norm from sums": (12288, 4096, dict(NORM=True, NORM_SUMS=True)),
     "7B gate/up + norm from sums": (22016, 4096, dict(SWIGLU=True, NORM=True, NORM_SUMS=True)),
-    "7B qkv + folded norm from sums": (12288, 4096, dict(NORM=True, NORM_SUMS=True, NORM_WEIGHT=False)),
-    "7B gate/up + folded norm, sums": (22016, 4096, dict(SWIGLU=True, NORM=True, NORM_SUMS=True, NORM_WEIGHT=False)),
-    "7B qkv B, sums, lists": (3441, 4096, dict(NORM=True, NORM_SUMS=True, LISTS=True)),
-    "7B gate/up B, sums, lists": (6164, 4096, dict(NORM=True, NORM_SUMS=True, LISTS=True)),
 }
 GEMV_SIGNATURE = {"w_ptr": "*fp16", "x_ptr": "*fp16", "out_ptr": "*fp16", "N": "i32", "stride_n": "i32",
                   "delta_ptr": "*fp16", "norm_w_ptr": "*fp16", "res_out_ptr": "*fp16", "eps": "fp32", "tau": "fp32",
                   "in_tau_ptr": "*fp32", "in_scale_ptr": "*fp32", "res_in_ptr": "*fp16", "sums_ptr": "*fp32",
-                  "n_sums": "i32", "list_thr_ptr": "*fp32", "list_index_ptr": "*i32", "list_value_ptr": "*fp32",
-                  "list_count_ptr": "*i32", "group_rows": "i32"}
+                  "n_sums": "i32"}
 
 
 WIDE_SIGNATURE = {"rows_ptr": "*fp16", "coeff_ptr": "*fp16", "scale_ptr": "*fp32", "threshold_ptr": "*fp32",
@@ -176,20 +171,6 @@ def list_gathers(sms: int) -> list[dict]:
               f"         {loop['lines']:>9}{loop['barriers']:>9}{loop['shuffles']:>9}", flush=True)
         rows.append({"product": product, "K": K, "M": M, "groups": groups, "splits": splits, "programs": programs,
                      "registers": used, "programs_per_sm": per_sm, "waves": waves, "loop": loop})
-        if product.startswith("7B") and "A-part" in product:  # the gather of lists a B GEMV made (RANA_B_LISTS)
-            chunk = gemv.gemv_config(4096)["BLOCK_N"]
-            steps_k, span, listed_splits = listed_gather.listed_shape(K, M, groups, chunk, None)
-            used = registers(listed_gather._listed_gather_kernel, {}, dict(
-                SPLITS=listed_splits, CHUNKS=math.ceil(K / chunk), SPAN=span, CHUNK=chunk, BLOCK_K=steps_k,
-                BLOCK_M=block_m, WIDE=False, PDL=True), warps, stages, GATHER_SIGNATURE)
-            programs = math.ceil(M / block_m) * listed_splits * groups
-            per_sm = REGISTERS_PER_SM // (used * 32 * warps)
-            waves = math.ceil(programs / (per_sm * sms))
-            name = f"{product[:17]}, B-listed"
-            print(f"{name:<26}{listed_splits:>8}{programs:>10}{used:>11}{per_sm:>8}{waves:>7}"
-                  f"   ({span * chunk // steps_k} steps unrolled)", flush=True)
-            rows.append({"product": name, "K": K, "M": M, "groups": groups, "span": span, "programs": programs,
-                         "registers": used, "programs_per_sm": per_sm, "waves": waves})
     return rows
 
 
@@ -208,8 +189,7 @@ def gemvs(sms: int) -> list[dict]:
             HAS_DELTA=options.get("NORM", False) and not options.get("NORM_SUMS", False),
             MASK_IN=options.get("MASK_IN", False), HAS_SCALE=False, UP_X_OFFSET=0,
             ADD_RESIDUAL=options.get("ADD_RESIDUAL", False), NORM_SUMS=options.get("NORM_SUMS", False),
-            SUMS_P2=512, PDL=True, NORM_WEIGHT=options.get("NORM_WEIGHT", True),
-            LISTS=options.get("LISTS", False)), c["num_warps"],
+            SUMS_P2=512, PDL=True), c["num_warps"],
             c["num_stages"], GEMV_SIGNATURE)
         programs = math.ceil(out_rows / c["BLOCK_N"])
         per_sm = REGISTERS_PER_SM // (used * 32 * c["num_warps"])

@@ -13,10 +13,8 @@ from rana_core.architecture import Shape
 from rana_core.decode import masked_wide
 from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import rotate_half_reference
-from rana_core.decode.listed_gather import masked_rows_listed
 from rana_core.decode.masked_kernels import masked_rows_partials
-from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, _linear, b_product, masked_gemv, matvec,
-                                    swiglu_chain)
+from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, _linear, masked_gemv, matvec, swiglu_chain
 
 
 class Block(nn.Module):
@@ -81,17 +79,15 @@ class Block(nn.Module):
         if not isinstance(self.gate, RankPart):
             return self.last_product(self.down.weight, matvec(self.gate_up, normed, self.gemv, swiglu=True),
                                      residual)
-        z, listed = b_product(self.gate_up_B, normed, self.gemv, self.gate_up_rows, self.gate_up_threshold,
-                              (self.gate, self.up, self.down),
-                              masked_wide.chain_design(self.gate_up_rows, self.down.rows) != "gemv")
+        z = matvec(self.gate_up_B, normed, self.gemv)
         if self.gate.fusable(z) and self.down.fusable(z):
             # one token: gate's and up's masked products in one launch; their partial sums go straight into the
             # down product's compaction, which makes h = silu(gate)·up itself (no reduction launch between)
             h = torch.empty_like(self.gate.out)
             if residual is not None and residual.can_add(self.down.rows):  # down's last launch adds the residual
                 return residual.add_by(lambda r, out: swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold,
-                                                                   self.down, h, residual=(r, out), listed=listed))
-            return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down, h, listed=listed)
+                                                                   self.down, h, residual=(r, out)))
+            return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down, h)
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 
@@ -100,12 +96,8 @@ class Block(nn.Module):
         leaves the masked product's partial sums instead (splits > 0), which the rotary kernel adds up."""
         splits = 0
         if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
-            z, listed = b_product(self.qkv.B, normed, self.gemv, self.qkv.rows, self.qkv.threshold, (self.qkv,),
-                                  fuse and self.qkv_bias is None
-                                  and masked_wide.product_design(self.qkv.rows) != "gemv")
-            if listed is not None:  # B listed its own coefficients: the gather alone
-                qkv, splits = masked_rows_listed(self.qkv.rows, listed[0], 1, listed[1])
-            elif fuse and self.qkv.fusable(z) and self.qkv_bias is None:
+            z = matvec(self.qkv.B, normed, self.gemv)
+            if fuse and self.qkv.fusable(z) and self.qkv_bias is None:
                 if masked_wide.product_design(self.qkv.rows) == "gemv":
                     qkv = masked_gemv(self.qkv.rows, z, self.qkv.threshold, self.qkv.scale)
                 else:

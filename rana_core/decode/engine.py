@@ -25,7 +25,6 @@ from rana_core.architecture import Shape
 from rana_core.decode.dense_kernels import add_rmsnorm
 from rana_core.decode.parts import GEMV_BACKENDS, RMSNorm, _linear, _random, matvec
 from rana_core.decode.block import Block, _no_mark, reads_normed_once
-from rana_core.decode.norm_fold import fold_norm_weights, fold_requested
 from rana_core.decode.residual import PendingNorm, ResidualStream, fuse_norms, sums_from_producers
 
 SHAPES = {
@@ -67,8 +66,6 @@ class DecodeEngine(nn.Module):
         self.graph = None
         self.marker = None  # called (layer, section) where each section of a step begins (rana_core.decode.run_latency)
         self.layer_mode = "reference"
-        if fold_requested():
-            fold_norm_weights(self)
 
     @classmethod
     def assemble(cls, shape: Shape, dtype, device, embed: torch.Tensor, blocks: list, norm: "RMSNorm",
@@ -88,8 +85,6 @@ class DecodeEngine(nn.Module):
         engine.inv_freq, engine.rope_scale = inv_freq.float().to(engine.device), rope_scale
         engine.max_seq, engine.graph, engine.marker = 0, None, None
         engine.layer_mode = "reference"
-        if fold_requested():
-            fold_norm_weights(engine)
         return engine
 
     LAYER_MODES = ("reference", "persistent", "staged")

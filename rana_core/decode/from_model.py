@@ -45,8 +45,7 @@ from rana_core.decode.gemv import gemv
 from rana_core.decode.launch import use_triton
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv
 from rana_core.decode.narrow import A3AttentionPart
-from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, b_product, masked_gemv, matvec,
-                                    swiglu_chain)
+from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, masked_gemv, matvec, swiglu_chain
 from rana_core.decode.residual import PendingNorm
 from rana_core.errors import RanaError
 
@@ -160,15 +159,10 @@ class RanaMLP(nn.Module):
             self.gate_up_threshold = _join(gate, up, "threshold")
 
     def forward(self, x):
-        if self.chained:  # its stacked rows and thresholds exist
-            z, listed = b_product(self.gate_up_B, x, self.gemv, self.gate_up_rows, self.gate_up_threshold,
-                                  (self.gate, self.up, self.down),
-                                  masked_wide.chain_design(self.gate_up_rows, self.down.rows) != "gemv")
-        else:
-            z, listed = matvec(self.gate_up_B, x, self.gemv), None
+        z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
             return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
-                                torch.empty_like(self.gate.out), listed=listed)
+                                torch.empty_like(self.gate.out))
         gate = self.gate.expand(z[:, : self.gate.rank])
         return self.down(self.act(gate) * self.up.expand(z[:, self.rank: self.rank + self.up.rank]))
 

@@ -7,11 +7,8 @@ into it (each a constexpr flag: a variant compiles only where it is used):
 - `swiglu`: W is [gate; up], the output silu(gate x)·(up x); with `tau`, CATS's neuron mask on silu(gate x);
 - `norm`: the input is RMSNorm(x + delta) of the residual x, made by every program (residual.py says when), or
   RMSNorm(x) from the sums of squares a `residual` GEMV left (`norm_sums`: 4 bytes a program, not the whole row);
-  without the norm's weight where it was folded into W's columns (norm_fold.fold_norm_weights): no weight loads;
 - `residual`: the output is the residual's next value x + W a, each program leaving its rows' sum of squares;
 - `input_mask`: the input masked by a threshold (and per-input scale) first, a masked product over every row;
-- `lists`: RaNA's B, each program listing its rows whose |z| reaches the group's threshold as the masked product's
-  compaction lists them (chunks of BLOCK_N), so the gather reads them with no compaction launch between;
 - early weights: each program's first weight chunk loaded before its wait for the launch before (PDL).
 
 Rounding follows the unfused PyTorch code, as in dense_kernels. On a CPU without TRITON_INTERPRET=1 the PyTorch
@@ -42,9 +39,9 @@ if triton is not None:
 
     @triton.jit
     def _input_loads(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr,
-                     HAS_DELTA: tl.constexpr, NORM_WEIGHT: tl.constexpr):
+                     HAS_DELTA: tl.constexpr):
         """The loads of _input_chunk: x[offs_k] in float32 (with NORM and HAS_DELTA, x + delta rounded to x's
-        dtype) and the norm's weights there (1 without NORM or NORM_WEIGHT)."""
+        dtype) and the norm's weights there (1 without NORM)."""
         ok = offs_k < K
         x = tl.load(x_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
         weight = 1.0
@@ -52,18 +49,15 @@ if triton is not None:
             if HAS_DELTA:
                 x = (x + tl.load(delta_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)).to(x_ptr.dtype.element_ty)
                 x = x.to(tl.float32)
-            if NORM_WEIGHT:
-                weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
+            weight = tl.load(norm_w_ptr + offs_k, mask=ok, other=0.0).to(tl.float32)
         return x, weight
 
     @triton.jit
     def _input_value(x, weight, offs_k, K: tl.constexpr, NORM: tl.constexpr, inv_rms, dtype, MASK_IN: tl.constexpr,
-                     g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr, NORM_WEIGHT: tl.constexpr):
+                     g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
         """The arithmetic of _input_chunk on its loads."""
-        if NORM and NORM_WEIGHT:
+        if NORM:
             x = ((x * inv_rms).to(dtype).to(tl.float32) * weight).to(dtype).to(tl.float32)
-        elif NORM:  # a weight of ones, as add_rmsnorm rounds it: once
-            x = (x * inv_rms).to(dtype).to(tl.float32)
         if MASK_IN:
             ok = offs_k < K
             x = tl.where(active_of(x, offs_k, ok, g, scale_ptr, tl.load(tau_ptr + g), K, HAS_SCALE), x, 0.0)
@@ -71,15 +65,14 @@ if triton is not None:
 
     @triton.jit
     def _input_chunk(x_ptr, offs_k, K: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
-                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr,
-                     NORM_WEIGHT: tl.constexpr):
+                     HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr, scale_ptr, HAS_SCALE: tl.constexpr):
         """x[offs_k] in float32; with NORM, x is the residual and the chunk is RMSNorm(x + delta)[offs_k] as
         add_rmsnorm stores it (the sum rounded to x's dtype, the normed value rounded before and after the
         weight), from the factor inv_rms of the whole row. With MASK_IN, 0 where group g's mask drops the input
         (|x| · scale below its threshold, decided as the masked products decide it: active_of)."""
-        x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA, NORM_WEIGHT)
+        x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA)
         return _input_value(x, weight, offs_k, K, NORM, inv_rms, x_ptr.dtype.element_ty, MASK_IN, g, tau_ptr,
-                            scale_ptr, HAS_SCALE, NORM_WEIGHT)
+                            scale_ptr, HAS_SCALE)
 
     @triton.jit
     def _rms_from_sums(sums, K: tl.constexpr, eps):
@@ -90,7 +83,7 @@ if triton is not None:
     def _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K: tl.constexpr, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr, delta_ptr, norm_w_ptr, inv_rms,
                   sums, eps, FROM_SUMS: tl.constexpr, HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, g, tau_ptr,
-                  scale_ptr, HAS_SCALE: tl.constexpr, NORM_WEIGHT: tl.constexpr):
+                  scale_ptr, HAS_SCALE: tl.constexpr):
         """Σ_k W[n, k] x[k] for the rows offs_n; with EARLY, `first` is the rows' first chunk, already loaded;
         with NORM, x is normed on the way in, with MASK_IN masked by group g's threshold (_input_chunk). With
         FROM_SUMS, 1/rms comes from `sums` (loaded, not yet added), added up after the first chunk's loads are
@@ -101,17 +94,17 @@ if triton is not None:
             inv_rms = _rms_from_sums(sums, K, eps)
         if EARLY:
             offs_k = tl.arange(0, BLOCK_K)
-            x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA, NORM_WEIGHT)
+            x, weight = _input_loads(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, HAS_DELTA)
             if FROM_SUMS:
                 inv_rms = _rms_from_sums(sums, K, eps)
             x = _input_value(x, weight, offs_k, K, NORM, inv_rms, x_ptr.dtype.element_ty, MASK_IN, g, tau_ptr,
-                             scale_ptr, HAS_SCALE, NORM_WEIGHT)
+                             scale_ptr, HAS_SCALE)
             acc += first.to(tl.float32) * x[None, :]
         for k0 in range(start, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             w = _weight_chunk(w_ptr, offs_n, n_ok, stride_n, k0, K, BLOCK_K)
             x = _input_chunk(x_ptr, offs_k, K, NORM, delta_ptr, norm_w_ptr, inv_rms, HAS_DELTA, MASK_IN, g, tau_ptr,
-                             scale_ptr, HAS_SCALE, NORM_WEIGHT)
+                             scale_ptr, HAS_SCALE)
             acc += w.to(tl.float32) * x[None, :]
         return tl.sum(acc, axis=1)
 
@@ -133,14 +126,12 @@ if triton is not None:
 
     @triton.jit
     def _gemv_kernel(w_ptr, x_ptr, out_ptr, N, stride_n, delta_ptr, norm_w_ptr, res_out_ptr, eps, tau,
-                     in_tau_ptr, in_scale_ptr, res_in_ptr, sums_ptr, n_sums, list_thr_ptr, list_index_ptr,
-                     list_value_ptr, list_count_ptr, group_rows,
+                     in_tau_ptr, in_scale_ptr, res_in_ptr, sums_ptr, n_sums,
                      K: tl.constexpr, K_P2: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      SWIGLU: tl.constexpr, MASKED: tl.constexpr, EARLY: tl.constexpr, NORM: tl.constexpr,
                      HAS_DELTA: tl.constexpr, MASK_IN: tl.constexpr, HAS_SCALE: tl.constexpr,
                      UP_X_OFFSET: tl.constexpr, ADD_RESIDUAL: tl.constexpr, NORM_SUMS: tl.constexpr,
-                     SUMS_P2: tl.constexpr, PDL: tl.constexpr, NORM_WEIGHT: tl.constexpr = True,
-                     LISTS: tl.constexpr = False):
+                     SUMS_P2: tl.constexpr, PDL: tl.constexpr):
         """Rows pid·BLOCK_N… of W x, each program streaming its rows along K, BLOCK_K columns per step. With
         SWIGLU, W is [gate; up] (2N rows) and the program writes silu(gate row) · (up row) instead, rounded as
         the unfused ops round; with MASKED too, 0 where |silu(gate row)| < tau (CATS's kept neurons). With EARLY,
@@ -150,20 +141,11 @@ if triton is not None:
         every program for itself (_norm_prologue): the add and the norm need no launch of their own. With
         MASK_IN, the input is masked first (a masked product run over every row: gemv's `input_mask`); the up
         rows of SWIGLU take group 1's threshold and scale, and x from UP_X_OFFSET on. With NORM_SUMS, x is the
-        whole new residual and 1/rms comes from the n_sums sums of squares at sums_ptr; without NORM_WEIGHT the
-        norm's weight is 1 (folded into W), and no program loads it. With ADD_RESIDUAL, the
+        whole new residual and 1/rms comes from the n_sums sums of squares at sums_ptr. With ADD_RESIDUAL, the
         output is the residual res_in + W x, rounded as add_rmsnorm rounds the add, and the program stores its
-        rows' sum of squares at sums_ptr + pid (for the next norm's NORM_SUMS). With LISTS, W stacks groups of
-        group_rows rows, each starting at a program of its own, and each program lists its rows as _list_rows says."""
-        pid = tl.program_id(0)
-        offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+        rows' sum of squares at sums_ptr + pid (for the next norm's NORM_SUMS)."""
+        offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        if LISTS:  # group g's rows from program g · (its programs) on: no program holds rows of two groups
-            group_programs = tl.cdiv(group_rows, BLOCK_N)
-            g = pid // group_programs
-            local = (pid - g * group_programs) * BLOCK_N + tl.arange(0, BLOCK_N)
-            offs_n = g * group_rows + local
-            n_ok = local < group_rows
         first = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
         first_up = first
         if EARLY:
@@ -184,11 +166,11 @@ if triton is not None:
                 inv_rms = _norm_prologue(x_ptr, delta_ptr, norm_w_ptr, res_out_ptr, eps, K, K_P2, HAS_DELTA)
         y = _row_dots(w_ptr, x_ptr, offs_n, n_ok, stride_n, first, K, BLOCK_N, BLOCK_K, EARLY, NORM, delta_ptr,
                       norm_w_ptr, inv_rms, sums, eps, NORM_SUMS, HAS_DELTA, MASK_IN, 0, in_tau_ptr, in_scale_ptr,
-                      HAS_SCALE, NORM_WEIGHT)
+                      HAS_SCALE)
         if SWIGLU:
             up = _row_dots(w_ptr + N * stride_n, x_ptr + UP_X_OFFSET, offs_n, n_ok, stride_n, first_up, K, BLOCK_N,
                            BLOCK_K, EARLY, NORM, delta_ptr, norm_w_ptr, inv_rms, sums, eps, NORM_SUMS, HAS_DELTA,
-                           MASK_IN, 1, in_tau_ptr, in_scale_ptr, HAS_SCALE, NORM_WEIGHT)
+                           MASK_IN, 1, in_tau_ptr, in_scale_ptr, HAS_SCALE)
             if MASKED:  # CATS: silu(gate) as the unfused ops round it decides the neuron
                 gate = y.to(dtype).to(tl.float32)
                 kept = tl.abs((gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)) >= tau
@@ -198,23 +180,7 @@ if triton is not None:
         if ADD_RESIDUAL:  # the product as stored, added to the residual as add_rmsnorm adds it
             y = (residual + y.to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
             tl.store(sums_ptr + tl.program_id(0), tl.sum(tl.where(n_ok, y * y, 0.0), axis=0))
-        if LISTS:
-            _list_rows(y.to(dtype), local, n_ok, pid, g, group_programs, group_rows, list_thr_ptr, list_index_ptr,
-                       list_value_ptr, list_count_ptr, BLOCK_N)
         tl.store(out_ptr + offs_n, y.to(dtype), mask=n_ok)
-
-    @triton.jit
-    def _list_rows(z, local, ok, pid, g, group_programs, group_rows, thr_ptr, index_ptr, value_ptr, count_ptr,
-                   BLOCK_N: tl.constexpr):
-        """The masked product's compaction of this program's coefficients z (as stored), done where they are made:
-        rows whose |z| reaches group g's threshold, in order, at index/value[g·group_rows + c·BLOCK_N…] for the
-        program's chunk c of its group, and their number at count[pid] (= count[g·chunks + c]): the list format of
-        masked_kernels.compact_chunk with chunks of BLOCK_N rows."""
-        active = ok & (tl.abs(z.to(tl.float32)) >= tl.load(thr_ptr + g))
-        slot = g * group_rows + (pid - g * group_programs) * BLOCK_N + tl.cumsum(active.to(tl.int32), axis=0) - 1
-        tl.store(index_ptr + slot, local, mask=active)
-        tl.store(value_ptr + slot, z.to(tl.float32), mask=active)
-        tl.store(count_ptr + pid, tl.sum(active.to(tl.int32), axis=0))
 
 
 # Each program loads its first weight chunk before waiting for the launch before (RANA_EARLY_WEIGHTS=all, the
@@ -286,28 +252,17 @@ def gemv_programs(N: int, K: int, config: dict | None = None) -> int:
     return math.ceil(N / _launch_config(K, False, config)["BLOCK_N"]) if triton is not None else 1
 
 
-def list_chunk(K: int) -> int:
-    """The rows a `lists` GEMV program lists (its BLOCK_N): the list's chunk."""
-    return _launch_config(K, False, None)["BLOCK_N"]
-
-
-def list_programs(N: int, K: int, groups: int) -> int:
-    """The programs of a `lists` GEMV over N rows (groups of N / groups) of K columns: its list's chunks."""
-    return groups * math.ceil(N // groups / list_chunk(K))
-
-
 def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict | None = None,
          swiglu: bool = False, norm: tuple | None = None, tau: float | None = None,
          input_mask: tuple | None = None, residual: tuple | None = None,
-         norm_sums: torch.Tensor | None = None, lists: tuple | None = None) -> torch.Tensor:
+         norm_sums: torch.Tensor | None = None) -> torch.Tensor:
     """out ← weight @ x for one token: weight (N, K) row-major, x (K,), out (N,). With `swiglu`, weight is
     [gate; up] (2N, K) and out ← silu(gate @ x) · (up @ x), (N,); with `tau` too, 0 where |silu(gate @ x)| < tau
     (CATS's mask, decided on silu rounded to the dtype).
 
     `norm` = (delta, norm_weight, eps, res_out): x is then the residual stream and the product's input is
-    RMSNorm(x + delta) · norm_weight, made inside the GEMV (delta None: RMSNorm(x); norm_weight None: a weight
-    of ones, folded into `weight`); x + delta is written to res_out (K,), which must not be x. What add_rmsnorm
-    followed by this GEMV computes, in one launch.
+    RMSNorm(x + delta) · norm_weight, made inside the GEMV (delta None: RMSNorm(x)); x + delta is written to
+    res_out (K,), which must not be x. What add_rmsnorm followed by this GEMV computes, in one launch.
 
     `input_mask` = (threshold, scale, split): a masked product over every row, input k kept where |x_k| ·
     scale_k ≥ threshold[0] (scale None: |x_k|), as the masked products decide it. With `swiglu` the up rows use
@@ -318,24 +273,12 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     rounds it), and sums[p] ← the sum of squares of program p's rows of it in float32 (gemv_programs(N, K) of
     them; the PyTorch form puts the whole sum in sums[0]). `norm_sums` = such sums, with norm = (None,
     norm_weight, eps, None): x is that new residual and 1/rms comes from the sums, not from x (which every
-    program would otherwise read whole).
-
-    `lists` = (threshold, index, value, count): weight is RaNA's B of threshold.numel() groups stacked (equal
-    rows), and each program lists its rows whose |out| reaches its group's threshold, in masked_kernels' list
-    format with chunks of list_chunk(K) rows (masked_rows_listed gathers them): index and value of weight's rows,
-    count of list_programs(N, K, groups). Triton only (the engine asks for lists on its one-token path)."""
+    program would otherwise read whole)."""
     if residual is not None:
         programs = gemv_programs(weight.shape[0], weight.shape[1], config)
         if swiglu or norm is not None or residual[1].numel() != programs:
             raise ValueError(f"a residual GEMV is a plain product with one sum of squares per program ({programs} "
                              f"here), got {residual[1].numel()}")
-    list_groups = lists[0].numel() if lists is not None else 1  # a program never holds rows of two groups
-    if lists is not None:
-        programs = list_programs(weight.shape[0], weight.shape[1], list_groups)
-        plain = not swiglu and residual is None and input_mask is None and use_triton(weight)
-        if not plain or weight.shape[0] % list_groups or lists[3].numel() != programs:
-            raise ValueError(f"lists: a plain Triton GEMV of equal groups, with a count for each of its {programs} "
-                             "programs")
     if norm_sums is not None and (norm is None or norm[0] is not None):
         raise ValueError("norm_sums: the residual is already added, so norm = (None, weight, eps, None)")
     if norm is not None:
@@ -355,7 +298,7 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     if not use_triton(weight):
         if norm is not None:
             stream = x if delta is None else res_out.copy_(x + delta)
-            x = rmsnorm_reference(stream[None], 1.0 if norm_weight is None else norm_weight, eps)[0]
+            x = rmsnorm_reference(stream[None], norm_weight, eps)[0]
         if swiglu:
             gate_w, up_w = weight.chunk(2)
             gate_x, up_x = (x[:K], x[K:]) if split else (x, x)
@@ -379,19 +322,24 @@ def gemv(weight: torch.Tensor, x: torch.Tensor, out: torch.Tensor, config: dict 
     delta, norm_weight, eps, res_out = norm if norm is not None else (None, x, 0.0, x)
     in_tau, in_scale = (input_mask[0], input_mask[1]) if input_mask is not None else (None, None)
     res_in, sums = residual if residual is not None else (x, norm_sums if norm_sums is not None else x)
-    thr, index, value, count = lists if lists is not None else (sums, x, x, sums)
-    group_rows = N // list_groups
-    _gemv_kernel[(list_groups * math.ceil(group_rows / c["BLOCK_N"]),)](
-        weight, x, out, N, weight.stride(0), delta if delta is not None else x,
-        norm_weight if norm_weight is not None else x, res_out if res_out is not None else x, eps,
-        0.0 if tau is None else float(tau), in_tau if in_tau is not None else x,
-        in_scale if in_scale is not None else x, res_in, sums, sums.numel(), thr, index, value, count, group_rows,
-        K=K, K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
-        BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu, MASKED=swiglu and tau is not None, EARLY=early, NORM=norm is not None,
-        HAS_DELTA=delta is not None, MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
-        UP_X_OFFSET=K if split else 0, ADD_RESIDUAL=residual is not None, NORM_SUMS=norm_sums is not None,
-        SUMS_P2=triton.next_power_of_2(sums.numel()), NORM_WEIGHT=norm_weight is not None, LISTS=lists is not None,
-        num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p, launch_pdl=p)
+    _gemv_kernel[(math.ceil(N / c["BLOCK_N"]),)](weight, x, out, N, weight.stride(0),
+                                                   delta if delta is not None else x, norm_weight,
+                                                   res_out if res_out is not None else x, eps,
+                                                   0.0 if tau is None else float(tau),
+                                                   in_tau if in_tau is not None else x,
+                                                   in_scale if in_scale is not None else x, res_in, sums,
+                                                   sums.numel(), K=K,
+                                                   K_P2=triton.next_power_of_2(K), BLOCK_N=c["BLOCK_N"],
+                                                   BLOCK_K=c["BLOCK_K"], SWIGLU=swiglu,
+                                                   MASKED=swiglu and tau is not None, EARLY=early,
+                                                   NORM=norm is not None, HAS_DELTA=delta is not None,
+                                                   MASK_IN=input_mask is not None, HAS_SCALE=in_scale is not None,
+                                                   UP_X_OFFSET=K if split else 0,
+                                                   ADD_RESIDUAL=residual is not None,
+                                                   NORM_SUMS=norm_sums is not None,
+                                                   SUMS_P2=triton.next_power_of_2(sums.numel()),
+                                                   num_warps=c["num_warps"], num_stages=c["num_stages"], PDL=p,
+                                                   launch_pdl=p)
     return out
 
 

@@ -9,7 +9,6 @@ gemma.py and narrow.py build the same parts from a stored run's weights and adap
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
@@ -17,9 +16,7 @@ from torch import nn
 
 from rana_core.decode import masked_wide
 from rana_core.decode.dense_kernels import rmsnorm_reference
-from rana_core.decode.gemv import gemv, gemv_programs, list_chunk, list_programs
-from rana_core.decode.launch import work_buffer
-from rana_core.decode.listed_gather import masked_rows_listed
+from rana_core.decode.gemv import gemv, gemv_programs
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
                                              masked_rows_reduced, use_triton)
 from rana_core.decode.residual import PendingNorm
@@ -137,8 +134,7 @@ class NeuronPart(RankPart):
 
 def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_threshold: torch.Tensor,
                  down: NeuronPart, h: torch.Tensor, scale: torch.Tensor | None = None,
-                 shared_coeff: bool = False, residual: tuple | None = None,
-                 listed: tuple | None = None) -> torch.Tensor:
+                 shared_coeff: bool = False, residual: tuple | None = None) -> torch.Tensor:
     """One token's masked SwiGLU MLP in the fewest launches: (1, M).
 
     Large rows (masked_wide.chain_design): gate's and up's masked products as two groups of one compaction and one
@@ -148,9 +144,7 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     rows), the masks applied to their inputs: h from gate/up, then down; the same sums, two launches.
 
     `residual` = (r, out): the down product's last launch adds the residual r, writing r + the MLP's output to
-    out, and what returns is that launch's sums of squares for the next norm (residual.ResidualStream.add_by).
-    `listed` = (lists, chunk): gate's and up's coefficients already listed by their B GEMV (b_product): no
-    compaction launch for them."""
+    out, and what returns is that launch's sums of squares for the next norm (residual.ResidualStream.add_by)."""
     r, out = residual if residual is not None else (None, down.out)
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
         h = masked_gemv(gate_up_rows, coeff, gate_up_threshold, scale, groups=2, out=h, split=not shared_coeff)
@@ -160,34 +154,11 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
         sums = torch.empty(gemv_programs(M, K), dtype=torch.float32, device=out.device)
         masked_gemv(down.rows, h, down.threshold, down.scale, out=out, residual=(r, sums))
         return sums
-    if listed is not None:
-        partial, splits = masked_rows_listed(gate_up_rows, listed[0], 2, listed[1])
-    else:
-        partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
-                                               shared_coeff=shared_coeff)
+    partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
+                                           shared_coeff=shared_coeff)
     reduced = masked_rows_reduced(down.rows, h, down.threshold, down.scale, out, swiglu_of=(partial, splits),
                                   residual=r)
     return reduced if r is not None else reduced[None]
-
-
-def b_product(B: torch.Tensor, x, backend: str, rows: torch.Tensor, threshold: torch.Tensor, parts: tuple,
-              list_design: bool) -> tuple[torch.Tensor, tuple | None]:
-    """(z, listed): RaNA's z = B x (matvec), and with RANA_B_LISTS=1 (opt-in until timed) where the masked product
-    after B is the list design's compaction and gather (`list_design`, one token on Triton, `parts` neither
-    calibrating nor counting, no scale), B's programs list z themselves (gemv's `lists`): listed = (lists, chunk)
-    for masked_rows_listed, which then gathers with no compaction launch between; else None."""
-    choice = os.environ.get("RANA_B_LISTS", "0")
-    if choice not in ("0", "1"):
-        raise ValueError(f"RANA_B_LISTS={choice}: expected 0 or 1")
-    if (choice == "0" or not list_design or not all(part.fusable(x) for part in parts)
-            or masked_wide.design(rows) != "list" or getattr(parts[0], "scale", None) is not None):
-        return matvec(B, x, backend), None
-    N, K = B.shape
-    index = work_buffer("index", rows.shape[0], torch.int32, B.device)
-    value = work_buffer("value", rows.shape[0], torch.float32, B.device)
-    count = work_buffer("b list count", list_programs(N, K, threshold.numel()), torch.int32, B.device)
-    lists = (threshold, index, value, count)
-    return matvec(B, x, backend, lists=lists), (lists, list_chunk(K))
 
 
 def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,
@@ -267,19 +238,17 @@ def _join(first: nn.Module, second: nn.Module, name: str) -> torch.Tensor:
 
 GEMV_BACKENDS = ("cublas", "triton")  # torch's product, or rana_core.decode_kernels.gemv; bench/latency.py compares
 
-def matvec(weight: torch.Tensor, x: torch.Tensor, backend: str = "cublas", swiglu: bool = False,
-           lists: tuple | None = None) -> torch.Tensor:
+def matvec(weight: torch.Tensor, x: torch.Tensor, backend: str = "cublas", swiglu: bool = False) -> torch.Tensor:
     """x Wᵀ: at one token through the chosen GEMV backend, else one batched product. With `swiglu`, W is
     [gate; up] and the result silu(x gateᵀ) · (x upᵀ) (fused into the Triton GEMV). `x` may be a norm still owed
-    (residual.PendingNorm): the Triton GEMV then makes it itself. `lists`: gemv's (one token, Triton: b_product
-    says when)."""
+    (residual.PendingNorm): the Triton GEMV then makes it itself."""
     if isinstance(x, PendingNorm):
         if backend == "triton" and use_triton(weight):
-            return x.gemv(weight, swiglu, lists=lists)
+            return x.gemv(weight, swiglu)
         x = x.materialize()
     if x.shape[0] == 1 and backend == "triton" and use_triton(weight):
         out = torch.empty(weight.shape[0] // 2 if swiglu else weight.shape[0], dtype=x.dtype, device=x.device)
-        return gemv(weight, x[0], out, swiglu=swiglu, lists=lists)[None]
+        return gemv(weight, x[0], out, swiglu=swiglu)[None]
     if swiglu:
         gate, up = F.linear(x, weight).chunk(2, dim=-1)
         return F.silu(gate) * up

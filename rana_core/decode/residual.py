@@ -128,20 +128,18 @@ class PendingNorm:
         stream = self._use()
         return add_rmsnorm(stream.x, self.delta, self.norm.weight, self.norm.eps, stream.normed)
 
-    def gemv(self, weight: torch.Tensor, swiglu: bool = False, input_mask: tuple | None = None,
-             lists: tuple | None = None) -> torch.Tensor:
+    def gemv(self, weight: torch.Tensor, swiglu: bool = False, input_mask: tuple | None = None) -> torch.Tensor:
         """weight @ the normed input, the add and the norm made inside the GEMV (1, N); with `input_mask`, the
         normed input masked as gemv's input_mask says (a masked product over every row: TEAL's, WINA's)."""
         stream = self._use()
         out = torch.empty(weight.shape[0] // 2 if swiglu else weight.shape[0], dtype=self.dtype, device=self.device)
-        norm_weight = None if getattr(self.norm, "folded", False) else self.norm.weight  # norm_fold: ones, not read
         if self.sums is not None:
             gemv(weight, stream.x[0], out, swiglu=swiglu, input_mask=input_mask,
-                 norm=(None, norm_weight, self.norm.eps, None), norm_sums=self.sums, lists=lists)
+                 norm=(None, self.norm.weight, self.norm.eps, None), norm_sums=self.sums)
             return out[None]
         gemv(weight, stream.x[0], out, swiglu=swiglu, input_mask=input_mask,
-             norm=(None if self.delta is None else self.delta.reshape(-1), norm_weight, self.norm.eps,
-                   stream.spare[0]), lists=lists)
+             norm=(None if self.delta is None else self.delta.reshape(-1), self.norm.weight, self.norm.eps,
+                   stream.spare[0]))
         if self.delta is not None:
             stream.x, stream.spare = stream.spare, stream.x
         return out[None]
