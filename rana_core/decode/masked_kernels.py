@@ -57,11 +57,12 @@ def gather_config() -> tuple[int, int, int, int, int, int]:
     return (*values, COMPACT_CHUNK) if len(values) == 5 else values
 
 
-def _list_splits(K: int, M: int, groups: int, device: torch.device) -> int:
-    """Gather programs per (column block, group): enough to fill the GPU, never more than the list can feed."""
+def _list_splits(K: int, M: int, groups: int, device: torch.device, share: int = 1) -> int:
+    """Gather programs per (column block, group): enough to fill the GPU (1/share of it), never more than the list
+    can feed."""
     block_m, block_k, _, _, per_sm, _ = gather_config()
     programs = math.ceil(M / block_m) * groups
-    return max(1, min(math.ceil(K / block_k), math.ceil(per_sm * multiprocessors(device) / programs)))
+    return max(1, min(math.ceil(K / block_k), math.ceil(per_sm * multiprocessors(device) / share / programs)))
 
 
 if triton is not None:
@@ -289,25 +290,48 @@ def masked_rows_partials(rows: torch.Tensor, coeff: torch.Tensor, threshold: tor
     if masked_wide.design(rows) == "wide":
         return masked_wide.wide_partials(rows, coeff, threshold, scale, groups, source if source_splits else None,
                                          source_splits, shared_coeff)
-    device = rows.device
-    block_m, block_k, warps, stages, _, compact_chunk = gather_config()
-    chunk = min(compact_chunk, triton.next_power_of_2(K))
+    lists = compact_list(coeff, threshold, scale, K, groups, source, source_splits, shared_coeff)
+    return gather_list(rows, lists)
+
+
+def compact_list(coeff: torch.Tensor, threshold: torch.Tensor, scale: torch.Tensor | None, K: int, groups: int,
+                 source: torch.Tensor | None = None, source_splits: int = 0, shared_coeff: bool = False,
+                 tag: str = "") -> tuple:
+    """The compaction launch of the list design: each group's active rows of K, chunk by chunk, in work buffers
+    named by `tag` (lists that must live at the same time take different tags). Returns the lists as
+    gather_list takes them: (index, value, count, chunk, chunks, groups, K)."""
+    device = coeff.device
+    chunk = min(gather_config()[5], triton.next_power_of_2(K))
     chunks = math.ceil(K / chunk)
-    index = work_buffer("index", K_all, torch.int32, device)
-    value = work_buffer("value", K_all, torch.float32, device)
-    count = work_buffer("count", groups * chunks, torch.int32, device)
-    p = pdl(rows)
+    index = work_buffer("index" + tag, groups * K, torch.int32, device)
+    value = work_buffer("value" + tag, groups * K, torch.float32, device)
+    count = work_buffer("count" + tag, groups * chunks, torch.int32, device)
+    p = pdl(coeff)
     _compact_kernel[(chunks, groups)](coeff, scale if scale is not None else coeff, threshold, index, value, count,
-                                      source, K=K, CHUNKS=chunks, HAS_SCALE=scale is not None, CHUNK=chunk,
-                                      SOURCE_SPLITS=source_splits, SHARED_COEFF=shared_coeff, PDL=p,
-                                      num_warps=4 if chunk <= 1024 else 8,
+                                      source if source is not None else coeff, K=K, CHUNKS=chunks,
+                                      HAS_SCALE=scale is not None, CHUNK=chunk, SOURCE_SPLITS=source_splits,
+                                      SHARED_COEFF=shared_coeff, PDL=p, num_warps=4 if chunk <= 1024 else 8,
                                       launch_pdl=p)
-    splits = _list_splits(K, M, groups, device)
-    partial = work_buffer("partial", groups * splits * M, torch.float32, device)
+    return index, value, count, chunk, chunks, groups, K
+
+
+def gather_list(rows: torch.Tensor, lists: tuple, share: int = 1, partial: torch.Tensor | None = None,
+                tag: str = "") -> tuple[torch.Tensor, int]:
+    """The gather launch of the list design over compact_list's `lists`: (partials, splits), partials
+    (groups · splits, M) in float32. `rows` may be a block of columns of the listed matrix (its row stride kept);
+    `share`: the launch sized for 1/share of the GPU (gathers that run side by side); `partial`: where to write
+    (a view of a larger buffer), else a work buffer named by `tag`."""
+    index, value, count, chunk, chunks, groups, K = lists
+    M = rows.shape[1]
+    block_m, block_k, warps, stages, _, _ = gather_config()
+    splits = _list_splits(K, M, groups, rows.device, share)
+    if partial is None:
+        partial = work_buffer("partial" + tag, groups * splits * M, torch.float32, rows.device)
+    p = pdl(rows)
     _gather_kernel[(math.ceil(M / block_m), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m,
-        WIDE=rows.numel() >= 2**31, INTERPRET=interpreting(), PDL=p,
+        WIDE=rows.shape[0] * rows.stride(0) >= 2**31, INTERPRET=interpreting(), PDL=p,
         num_warps=warps, num_stages=stages, launch_pdl=p)
     return partial, splits
 

@@ -19,6 +19,7 @@ from rana_core.decode.dense_kernels import rmsnorm_reference
 from rana_core.decode.gemv import gemv, gemv_programs
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
                                              masked_rows_reduced, use_triton)
+from rana_core.decode.mlp_branches import branched_swiglu_chain, mlp_branches
 from rana_core.decode.residual import PendingNorm
 
 def rank_plan(out_features: int, in_features: int, keep: float) -> tuple[int, float]:
@@ -144,7 +145,8 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     rows), the masks applied to their inputs: h from gate/up, then down; the same sums, two launches.
 
     `residual` = (r, out): the down product's last launch adds the residual r, writing r + the MLP's output to
-    out, and what returns is that launch's sums of squares for the next norm (residual.ResidualStream.add_by)."""
+    out, and what returns is that launch's sums of squares for the next norm (residual.ResidualStream.add_by).
+    RANA_MLP_BRANCHES > 1: the list design's chain in branches side by side (mlp_branches)."""
     r, out = residual if residual is not None else (None, down.out)
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
         h = masked_gemv(gate_up_rows, coeff, gate_up_threshold, scale, groups=2, out=h, split=not shared_coeff)
@@ -154,6 +156,10 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
         sums = torch.empty(gemv_programs(M, K), dtype=torch.float32, device=out.device)
         masked_gemv(down.rows, h, down.threshold, down.scale, out=out, residual=(r, sums))
         return sums
+    branches = mlp_branches()
+    if branches > 1 and masked_wide.design(gate_up_rows) == masked_wide.design(down.rows) == "list":
+        return branched_swiglu_chain(gate_up_rows, coeff, gate_up_threshold, down, h, scale, shared_coeff,
+                                     residual, branches)
     partial, splits = masked_rows_partials(gate_up_rows, coeff, gate_up_threshold, scale, groups=2,
                                            shared_coeff=shared_coeff)
     reduced = masked_rows_reduced(down.rows, h, down.threshold, down.scale, out, swiglu_of=(partial, splits),

@@ -1,0 +1,91 @@
+"""RaNA's masked SwiGLU MLP of the list design in branches that run side by side, so that the hand-overs of one
+branch overlap the bytes of another (RANA_MLP_BRANCHES; opt-in until timed).
+
+parts.swiglu_chain runs the MLP as one chain of dependent launches: rank compaction, gate/up gather, down's
+compaction (h = silu(gate)·up, its neurons listed), down's gather, the reduction. Each hand-over costs a 7B layer
+2-4 µs in which no weight bytes move (docs/latency.md, session 23's step timeline). Here the neurons are split in
+`branches` ranges of whole column blocks: after the rank compaction (shared), each range's gate/up gather (its
+columns of Aᵀ), down compaction (its neurons) and down gather (its rows of W_downᵀ) run on a CUDA stream of their
+own, captured as parallel branches of the step's graph, each launch sized for its share of the GPU; their partial
+sums land in one buffer, and one reduction adds them up (and the residual). The branches compute what the chain
+computes, with the sums split differently: the same products to float32 rounding."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from rana_core.decode.launch import work_buffer
+from rana_core.decode.masked_kernels import (_list_splits, compact_list, gather_config, gather_list,
+                                             reduce_partials, reduce_programs)
+
+
+def mlp_branches() -> int:
+    """How many branches the list design's masked MLP runs in (RANA_MLP_BRANCHES, default 1: the single chain)."""
+    text = os.environ.get("RANA_MLP_BRANCHES", "1")
+    if text not in ("1", "2", "3", "4"):
+        raise ValueError(f"RANA_MLP_BRANCHES={text}: expected 1 to 4 branches")
+    return int(text)
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def side_streams(device: torch.device, count: int) -> list:
+    """`count` CUDA streams kept for the branches (the same ones every step, so a captured graph forks and joins
+    them the same way each time); none off CUDA, where the branches run one after another."""
+    if device.type != "cuda":
+        return [None] * count
+    streams = _SIDE_STREAMS.setdefault(device, [])
+    while len(streams) < count:
+        streams.append(torch.cuda.Stream(device))
+    return streams[:count]
+
+
+def neuron_ranges(M: int, branches: int) -> list[tuple[int, int]]:
+    """[lo, hi) of each branch's neurons: near-equal ranges of whole gather column blocks."""
+    block = gather_config()[0]
+    blocks = -(-M // block)
+    cuts = [min(M, round(blocks * b / branches) * block) for b in range(branches + 1)]
+    return [(lo, hi) for lo, hi in zip(cuts, cuts[1:]) if hi > lo]
+
+
+def branched_swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_threshold: torch.Tensor,
+                          down, h: torch.Tensor, scale: torch.Tensor | None = None, shared_coeff: bool = False,
+                          residual: tuple | None = None, branches: int = 2) -> torch.Tensor:
+    """parts.swiglu_chain's list design in `branches` branches (see the module): (1, M) of down's outputs, or with
+    `residual` = (r, out) the reduction's sums of squares for the next norm, r + the MLP written to out."""
+    K = gate_up_rows.shape[0] // 2
+    M = gate_up_rows.shape[1]
+    r, out = residual if residual is not None else (None, down.out)
+    device = gate_up_rows.device
+    ranges = neuron_ranges(M, branches)
+    out_columns = down.rows.shape[1]
+    splits = [_list_splits(hi - lo, out_columns, 1, device, len(ranges)) for lo, hi in ranges]
+    partial = work_buffer("branch partial", sum(splits) * out_columns, torch.float32, device)
+    ranks = compact_list(coeff, gate_up_threshold, scale, K, 2, shared_coeff=shared_coeff)
+    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
+    streams = side_streams(device, len(ranges) - 1) + [None]  # the last branch stays on the step's stream
+    offset = 0
+    for b, ((lo, hi), stream) in enumerate(zip(ranges, streams)):
+        if stream is not None:
+            stream.wait_stream(main)  # after the rank compaction
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            tag = f" branch {b}"
+            gate_up, gate_up_splits = gather_list(gate_up_rows[:, lo:hi], ranks, share=len(ranges), tag=tag)
+            neurons = compact_list(h[lo:hi], down.threshold, None if down.scale is None else down.scale[lo:hi],
+                                   hi - lo, 1, source=gate_up, source_splits=gate_up_splits, tag=tag)
+            written = gather_list(down.rows[lo:hi], neurons, share=len(ranges),
+                                  partial=partial[offset * out_columns:(offset + splits[b]) * out_columns])[1]
+            assert written == splits[b], "the buffer was sized for another split of the list"
+        offset += splits[b]
+    for stream in streams[:-1]:
+        if stream is not None:
+            main.wait_stream(stream)  # the reduction after every branch
+    if r is None:
+        return reduce_partials(partial, offset, out)[None]
+    sums = torch.empty(reduce_programs(out.numel(), offset), dtype=torch.float32, device=device)
+    reduce_partials(partial, offset, out, residual=(r, sums))
+    return sums
