@@ -1,5 +1,5 @@
 """RaNA's masked SwiGLU MLP of the list design in branches that run side by side, so that the hand-overs of one
-branch overlap the bytes of another (RANA_MLP_BRANCHES; opt-in until timed).
+branch overlap the bytes of another (RANA_MLP_BRANCHES).
 
 parts.swiglu_chain runs the MLP as one chain of dependent launches: rank compaction, gate/up gather, down's
 compaction (h = silu(gate)·up, its neurons listed), down's gather, the reduction. Each hand-over costs a 7B layer
@@ -8,7 +8,8 @@ compaction (h = silu(gate)·up, its neurons listed), down's gather, the reductio
 columns of Aᵀ), down compaction (its neurons) and down gather (its rows of W_downᵀ) run on a CUDA stream of their
 own, captured as parallel branches of the step's graph, each launch sized for its share of the GPU; their partial
 sums land in one buffer, and one reduction adds them up (and the residual). The branches compute what the chain
-computes, with the sums split differently: the same products to float32 rounding."""
+computes, with the sums split differently: the same products to float32 rounding. Two branches are the default
+(MLP_BRANCHES, measured on an H200); RANA_MLP_BRANCHES=1 runs the single chain."""
 
 from __future__ import annotations
 
@@ -22,9 +23,13 @@ from rana_core.decode.masked_kernels import (_list_splits, compact_list, gather_
                                              reduce_partials, reduce_programs)
 
 
+MLP_BRANCHES = 2  # on an H200, 7B-shape RaNA steps at -44% and -50% 3.5-4.1% faster than the chain; 3 no better
+
+
 def mlp_branches() -> int:
-    """How many branches the list design's masked MLP runs in (RANA_MLP_BRANCHES, default 1: the single chain)."""
-    text = os.environ.get("RANA_MLP_BRANCHES", "1")
+    """How many branches the list design's masked MLP runs in: RANA_MLP_BRANCHES (1 the single chain, for A/Bs)
+    or MLP_BRANCHES (bench/results/engine-ab-mlp-branches-nvidia-h200.json, session 24)."""
+    text = os.environ.get("RANA_MLP_BRANCHES", str(MLP_BRANCHES))
     if text not in ("1", "2", "3", "4"):
         raise ValueError(f"RANA_MLP_BRANCHES={text}: expected 1 to 4 branches")
     return int(text)
