@@ -10,7 +10,8 @@ Here every Triton kernel's first program stamps the GPU's timer when its wait fo
 engine). Launches run in stream order, so the stamps of one replayed step are the launches in order, and the
 time from one stamp to the next is what that kernel cost the step: its work after the wait, its completion, and
 the hand-over to the next launch. The kernels' names and order come from one eager step under torch.profiler;
-the step's last kernel (no stamp after it) is left out. Prints the cost by kernel name (µs per step and per
+the step's last kernel (no stamp after it) is left out. RaNA's MLP runs as the single chain here (its two
+branches would interleave their stamps). Prints the cost by kernel name (µs per step and per
 launch, against the profiler's own duration of the same kernels), then one layer launch by launch (the period the
 launch order repeats with), and writes
 bench/results/step-timeline-<device>.json.
@@ -35,6 +36,9 @@ import torch  # noqa: E402
 SLOTS = 1 << 20  # launch.STEP_STAMP_SLOTS: one a 256 ns bucket of the GPU's timer
 STAMPS = torch.zeros(SLOTS, dtype=torch.int64, device="cuda")
 os.environ["RANA_STEP_STAMPS"] = str(STAMPS.data_ptr())  # before the kernels' module is imported
+# The stamps read one stream's launches in order; the MLP's branches (mlp_branches) run two streams at once, so a
+# timeline takes the single chain unless told otherwise (RANA_MLP_BRANCHES=2: the stamps then interleave).
+os.environ.setdefault("RANA_MLP_BRANCHES", "1")
 
 from triton.runtime.jit import JITFunction  # noqa: E402
 
