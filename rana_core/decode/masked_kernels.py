@@ -254,7 +254,13 @@ def masked_rows_reduced(rows: torch.Tensor, coeff: torch.Tensor, threshold: torc
                         residual: torch.Tensor | None = None) -> torch.Tensor:
     """out = the masked product of one group, summed: masked_rows_partials, then reduce_partials. With
     `residual` r, out = r + the product and what returns is the reduction's sums of squares (reduce_partials)."""
-    partial, splits = masked_rows_partials(rows, coeff, threshold, scale, swiglu_of=swiglu_of)
+    return reduce_to(*masked_rows_partials(rows, coeff, threshold, scale, swiglu_of=swiglu_of), out, residual)
+
+
+def reduce_to(partial: torch.Tensor, splits: int, out: torch.Tensor,
+              residual: torch.Tensor | None = None) -> torch.Tensor:
+    """reduce_partials into out, returning out; with `residual` r, out = r + the sum and what returns is the
+    reduction's sums of squares for the next norm."""
     if residual is None:
         return reduce_partials(partial, splits, out)
     sums = torch.empty(reduce_programs(out.numel(), splits), dtype=torch.float32, device=out.device)

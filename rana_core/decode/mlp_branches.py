@@ -19,8 +19,7 @@ import os
 import torch
 
 from rana_core.decode.launch import work_buffer
-from rana_core.decode.masked_kernels import (_list_splits, compact_list, gather_config, gather_list,
-                                             reduce_partials, reduce_programs)
+from rana_core.decode.masked_kernels import _list_splits, compact_list, gather_config, gather_list, reduce_to
 
 
 MLP_BRANCHES = 2  # on an H200, 7B-shape RaNA steps at -44% and -50% 3.5-4.1% faster than the chain; 3 no better
@@ -89,8 +88,5 @@ def branched_swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_
     for stream in streams[:-1]:
         if stream is not None:
             main.wait_stream(stream)  # the reduction after every branch
-    if r is None:
-        return reduce_partials(partial, offset, out)[None]
-    sums = torch.empty(reduce_programs(out.numel(), offset), dtype=torch.float32, device=device)
-    reduce_partials(partial, offset, out, residual=(r, sums))
-    return sums
+    reduced = reduce_to(partial, offset, out, r)
+    return reduced if r is not None else reduced[None]
