@@ -12,15 +12,14 @@ fewer heads. This mirrors the MLP's branches (mlp_branches)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
 from rana_core.decode.attention_kernels import decode_attention
+from rana_core.decode.branches import run_in_branches
 from rana_core.decode.dense_kernels import rope_into_cache
 from rana_core.decode.masked_kernels import compact_list, gather_list
-from rana_core.decode.mlp_branches import side_streams
 
 
 def qkv_branches() -> int:
@@ -56,25 +55,19 @@ def branched_attention(part, z: torch.Tensor, rows: torch.Tensor, ranges: list, 
     """One token's attention section from RaNA's QKV coefficients z (K,): the active ranks listed once, then each
     branch gathers its columns of `rows` (branch_major's copy of part's Aᵀ), rotates its heads into the cache and
     attends, into its rows of out (heads, d); returns out once every branch is done."""
-    device = z.device
     d = k_cache.shape[-1]
     ranks = compact_list(z, part.threshold, part.scale, z.numel(), 1, tag=" qkv")
     q = torch.empty_like(out)
-    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    streams = side_streams(device, len(ranges) - 1) + [None]  # the last branch stays on the step's stream
-    column = 0
-    for b, ((h0, h1, kv0, kv1), stream) in enumerate(zip(ranges, streams)):
-        width = (h1 - h0 + 2 * (kv1 - kv0)) * d
-        if stream is not None:
-            stream.wait_stream(main)  # after the rank compaction
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            partial, splits = gather_list(rows[:, column:column + width], ranks, share=len(ranges),
-                                          tag=f" qkv branch {b}")
-            k, v = k_cache[kv0:kv1], v_cache[kv0:kv1]
-            rope_into_cache(partial, cos_table, sin_table, pos, k, v, h1 - h0, kv1 - kv0, q[h0:h1], splits)
-            decode_attention(q[h0:h1], k, v, pos, out[h0:h1], tag=f" branch {b}")
-        column += width
-    for stream in streams[:-1]:
-        if stream is not None:
-            main.wait_stream(stream)  # o_proj after every branch
+    widths = [(h1 - h0 + 2 * (kv1 - kv0)) * d for h0, h1, kv0, kv1 in ranges]
+    columns = [sum(widths[:b]) for b in range(len(ranges))]
+
+    def branch(b: int) -> None:
+        h0, h1, kv0, kv1 = ranges[b]
+        partial, splits = gather_list(rows[:, columns[b]:columns[b] + widths[b]], ranks, share=len(ranges),
+                                      tag=f" qkv branch {b}")
+        k, v = k_cache[kv0:kv1], v_cache[kv0:kv1]
+        rope_into_cache(partial, cos_table, sin_table, pos, k, v, h1 - h0, kv1 - kv0, q[h0:h1], splits)
+        decode_attention(q[h0:h1], k, v, pos, out[h0:h1], tag=f" branch {b}")
+
+    run_in_branches(z.device, len(ranges), branch)  # o_proj after every branch
     return out

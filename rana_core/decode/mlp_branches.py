@@ -13,11 +13,11 @@ computes, with the sums split differently: the same products to float32 rounding
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import torch
 
+from rana_core.decode.branches import run_in_branches
 from rana_core.decode.launch import work_buffer
 from rana_core.decode.masked_kernels import _list_splits, compact_list, gather_config, gather_list, reduce_to
 
@@ -32,20 +32,6 @@ def mlp_branches() -> int:
     if text not in ("1", "2", "3", "4"):
         raise ValueError(f"RANA_MLP_BRANCHES={text}: expected 1 to 4 branches")
     return int(text)
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def side_streams(device: torch.device, count: int) -> list:
-    """`count` CUDA streams kept for the branches (the same ones every step, so a captured graph forks and joins
-    them the same way each time); none off CUDA, where the branches run one after another."""
-    if device.type != "cuda":
-        return [None] * count
-    streams = _SIDE_STREAMS.setdefault(device, [])
-    while len(streams) < count:
-        streams.append(torch.cuda.Stream(device))
-    return streams[:count]
 
 
 def neuron_ranges(M: int, branches: int) -> list[tuple[int, int]]:
@@ -70,23 +56,17 @@ def branched_swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_
     splits = [_list_splits(hi - lo, out_columns, 1, device, len(ranges)) for lo, hi in ranges]
     partial = work_buffer("branch partial", sum(splits) * out_columns, torch.float32, device)
     ranks = compact_list(coeff, gate_up_threshold, scale, K, 2, shared_coeff=shared_coeff)
-    main = torch.cuda.current_stream(device) if device.type == "cuda" else None
-    streams = side_streams(device, len(ranges) - 1) + [None]  # the last branch stays on the step's stream
-    offset = 0
-    for b, ((lo, hi), stream) in enumerate(zip(ranges, streams)):
-        if stream is not None:
-            stream.wait_stream(main)  # after the rank compaction
-        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-            tag = f" branch {b}"
-            gate_up, gate_up_splits = gather_list(gate_up_rows[:, lo:hi], ranks, share=len(ranges), tag=tag)
-            neurons = compact_list(h[lo:hi], down.threshold, None if down.scale is None else down.scale[lo:hi],
-                                   hi - lo, 1, source=gate_up, source_splits=gate_up_splits, tag=tag)
-            written = gather_list(down.rows[lo:hi], neurons, share=len(ranges),
-                                  partial=partial[offset * out_columns:(offset + splits[b]) * out_columns])[1]
-            assert written == splits[b], "the buffer was sized for another split of the list"
-        offset += splits[b]
-    for stream in streams[:-1]:
-        if stream is not None:
-            main.wait_stream(stream)  # the reduction after every branch
-    reduced = reduce_to(partial, offset, out, r)
+    offsets = [sum(splits[:b]) for b in range(len(ranges) + 1)]
+
+    def branch(b: int) -> None:
+        (lo, hi), tag = ranges[b], f" branch {b}"
+        gate_up, gate_up_splits = gather_list(gate_up_rows[:, lo:hi], ranks, share=len(ranges), tag=tag)
+        neurons = compact_list(h[lo:hi], down.threshold, None if down.scale is None else down.scale[lo:hi], hi - lo,
+                               1, source=gate_up, source_splits=gate_up_splits, tag=tag)
+        written = gather_list(down.rows[lo:hi], neurons, share=len(ranges),
+                              partial=partial[offsets[b] * out_columns:offsets[b + 1] * out_columns])[1]
+        assert written == splits[b], "the buffer was sized for another split of the list"
+
+    run_in_branches(device, len(ranges), branch)
+    reduced = reduce_to(partial, offsets[-1], out, r)
     return reduced if r is not None else reduced[None]
