@@ -31,8 +31,9 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = RMSNorm(h, dtype, device), RMSNorm(h, dtype, device)
         if qkv_keep < 1.0:
             self.qkv = RankPart(shape.qkv_out, h, qkv_keep, dtype, device, generator)
-            if qkv_branches() > 1:
-                ranges = head_ranges(shape.heads, shape.kv_heads, qkv_branches())
+            branches = qkv_branches()
+            if branches > 1:
+                ranges = head_ranges(shape.heads, shape.kv_heads, branches)
                 self.qkv_branched = (ranges, branch_major(self.qkv.rows, shape.heads, shape.kv_heads, ranges))
         else:
             self.qkv = _linear(shape.qkv_out, h, dtype, device, generator)
