@@ -181,20 +181,18 @@ def rope_attention(qkv: torch.Tensor, cos_table: torch.Tensor, sin_table: torch.
     return decode_attention(q, k_cache, v_cache, pos, out)
 
 
-def _arrivals(kv_heads: int, device: torch.device, tag: str = "") -> torch.Tensor:
+def _arrivals(kv_heads: int, device: torch.device) -> torch.Tensor:
     """Arrival counters of the one-launch attention, one per KV head (launch.work_buffer: zero between
-    launches, and the same memory for every captured graph); `tag`: a set of its own for attentions that run
-    side by side (attention_branches)."""
-    return work_buffer("attention arrivals" + tag, kv_heads, torch.int32, device, zero=True)
+    launches, and the same memory for every captured graph)."""
+    return work_buffer("attention arrivals", kv_heads, torch.int32, device, zero=True)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: torch.Tensor,
-                     out: torch.Tensor, tag: str = "") -> torch.Tensor:
+                     out: torch.Tensor) -> torch.Tensor:
     """One token's attention over cached positions 0..pos (pos read from device memory, so a captured graph
     follows it): q (heads, d), k_cache/v_cache (kv_heads, max_seq, d), out (heads, d); softmax scale 1/√d.
     Only the chunks up to pos are read, not the whole static cache. Two launches (the chunks, then their
-    combine), or one where attention_launches() is 2 (the last chunk program of each KV head combines; `tag`
-    names its arrival counters where attentions run side by side)."""
+    combine), or one where attention_launches() is 2 (the last chunk program of each KV head combines)."""
     heads, d = q.shape
     kv_heads, max_seq, _ = k_cache.shape
     if not use_triton(q):
@@ -213,7 +211,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     combine = dict(SPLITS_P2=triton.next_power_of_2(splits), GROUP_P2=triton.next_power_of_2(group))
     if attention_launches(heads, kv_heads) == 2:  # the last chunk program of each KV head combines
         _attention_last_combines_kernel[(kv_heads, splits)](
-            q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device, tag), max_seq, 1.0 / math.sqrt(d),
+            q, k_cache, v_cache, pos, m, l, acc, out, _arrivals(kv_heads, q.device), max_seq, 1.0 / math.sqrt(d),
             CHUNK=chunk, DOT=attention_dot(group), num_warps=chunk_warps, **combine, **options)
         return out
     _attention_chunk_kernel[(kv_heads, splits)](q, k_cache, v_cache, pos, m, l, acc, max_seq, 1.0 / math.sqrt(d),

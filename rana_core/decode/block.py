@@ -11,7 +11,6 @@ from torch import nn
 
 from rana_core.architecture import Shape
 from rana_core.decode import masked_wide
-from rana_core.decode.attention_branches import branch_major, branched_attention, head_ranges, qkv_branches
 from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials
@@ -19,8 +18,6 @@ from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, _linear
 
 
 class Block(nn.Module):
-    qkv_branched = None  # (head ranges, Aᵀ laid out branch by branch) where QKV runs in branches (attention_branches)
-
     def __init__(self, shape: Shape, keeps: tuple[float, float], dtype, device, generator, gemv: str):
         super().__init__()
         self.shape, self.gemv = shape, gemv
@@ -31,10 +28,6 @@ class Block(nn.Module):
         self.attn_norm, self.mlp_norm = RMSNorm(h, dtype, device), RMSNorm(h, dtype, device)
         if qkv_keep < 1.0:
             self.qkv = RankPart(shape.qkv_out, h, qkv_keep, dtype, device, generator)
-            branches = qkv_branches()
-            if branches > 1:
-                ranges = head_ranges(shape.heads, shape.kv_heads, branches)
-                self.qkv_branched = (ranges, branch_major(self.qkv.rows, shape.heads, shape.kv_heads, ranges))
         else:
             self.qkv = _linear(shape.qkv_out, h, dtype, device, generator)
         if mlp_keep < 1.0:
@@ -57,16 +50,7 @@ class Block(nn.Module):
         (residual.ResidualStream) and one token, None: o_proj's GEMV has added it to the stream."""
         s = self.shape
         T, hd = normed.shape[0], s.head_dim
-        z = None
-        if T == 1 and self.qkv_branched is not None:  # the QKV product and attention in branches side by side
-            z = matvec(self.qkv.B, normed, self.gemv)
-            if self.qkv.fusable(z) and masked_wide.product_design(self.qkv.rows) == "list":
-                self.mark("attention")
-                attended = branched_attention(self.qkv, z[0], self.qkv_branched[1], self.qkv_branched[0], pos,
-                                              k_cache, v_cache, cos_table, sin_table,
-                                              torch.empty(s.heads, hd, dtype=z.dtype, device=z.device))
-                return self.last_product(self.wo.weight, attended.view(1, s.hidden), residual)
-        qkv, splits = self.qkv_product(normed, z=z)
+        qkv, splits = self.qkv_product(normed)
         if T == 1:  # rotary and both cache writes, then attention over the prefix only (1 to 3 launches)
             attended = rope_attention(qkv, cos_table, sin_table, pos, k_cache, v_cache, s.heads, s.kv_heads,
                                       torch.empty(s.heads, hd, dtype=normed.dtype, device=normed.device),
@@ -107,14 +91,12 @@ class Block(nn.Module):
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 
-    def qkv_product(self, normed: torch.Tensor, fuse: bool = True, z: torch.Tensor | None = None
-                    ) -> tuple[torch.Tensor, int]:
+    def qkv_product(self, normed: torch.Tensor, fuse: bool = True) -> tuple[torch.Tensor, int]:
         """(qkv, splits): the stacked q/k/v of `normed`, biases added. With `fuse`, one token through a rank part
-        leaves the masked product's partial sums instead (splits > 0), which the rotary kernel adds up. `z`: B's
-        product, already made (attention, where its branches could not take the token)."""
+        leaves the masked product's partial sums instead (splits > 0), which the rotary kernel adds up."""
         splits = 0
         if isinstance(self.qkv, RankPart) and not isinstance(self.qkv, NeuronPart):  # B, then the masked A-part
-            z = matvec(self.qkv.B, normed, self.gemv) if z is None else z  # `z`: B's product, already made
+            z = matvec(self.qkv.B, normed, self.gemv)
             if fuse and self.qkv.fusable(z) and self.qkv_bias is None:
                 if masked_wide.product_design(self.qkv.rows) == "gemv":
                     qkv = masked_gemv(self.qkv.rows, z, self.qkv.threshold, self.qkv.scale)

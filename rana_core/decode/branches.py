@@ -1,6 +1,6 @@
 """Work that runs as branches side by side: each branch on a CUDA stream of its own, forked after what the current
 stream has queued and joined before what it queues next, so that a captured graph holds them as parallel branches
-(mlp_branches, attention_branches). Off CUDA the branches run one after another."""
+(mlp_branches). Off CUDA the branches run one after another."""
 
 from __future__ import annotations
 
