@@ -5,7 +5,7 @@ adapters (rana_core.decode.from_model), against the dense model in the same engi
                                 [--methods dense,svd,cats,teal,wina,rana-greedy,a3,hybrid] [--contexts 1,512]
                                 [--new-tokens 256] [--dtype bfloat16] [--calib-tokens 8192] [--eval-tokens 8192]
                                 [--layers reference,persistent] [--masked-products auto,gemv] [--batches 4,8]
-                                [--out PATH]
+                                [--layer-by-layer] [--out PATH]
 
 Each run is compressed in this process on the GPU (rana_core.pipeline.compress, its adapters saved and loaded back
 as a worker would), then measured by rana_core.decode.run_latency.measure_run: median ms per token over
@@ -62,6 +62,9 @@ def main(argv=None) -> int:
                         help="RANA_MASKED_PRODUCT values to time each run under, comma-separated (e.g. auto,gemv: "
                              "each run timed both ways in this process)")
     parser.add_argument("--batches", default="", help="batch sizes (2-16) also timed at each context, e.g. 4,8")
+    parser.add_argument("--layer-by-layer", action=argparse.BooleanOptionalAction, default=None,
+                        help="compress with the decoder layers resting in CPU memory (default: decided by the "
+                             "model's size, as load_model decides)")
     parser.add_argument("--out", type=Path, help="the JSON's path (default: bench/results/run-latency-…)")
     args = parser.parse_args(argv)
     modes, designs = args.layers.split(","), args.masked_products.split(",")
@@ -74,7 +77,7 @@ def main(argv=None) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     batches = [int(b) for b in args.batches.split(",") if b]
     try:
-        loaded = load_model(args.model, device="cuda", dtype=args.dtype)
+        loaded = load_model(args.model, device="cuda", dtype=args.dtype, layer_by_layer=args.layer_by_layer)
     except ModelNotFound as exc:
         print(f"bench/run_latency.py: {label} skipped: {exc}", file=sys.stderr)
         return 0

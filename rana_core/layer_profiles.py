@@ -6,7 +6,10 @@ outputs): 51 GB for 32 layers, and parking them in CPU memory between uses took 
 only each layer's calibration statistics are parked (a gram and rows: 0.27 GB), and ``layer(index)`` rebuilds the
 layer's profiles on the device for the block, handing over everything already measured on it (plans, splits,
 curve points), so that a rebuild never changes an answer and never repeats a search. While the model is resident
-the profiles are built once and kept, as before.
+the profiles are built once and kept, where they fit: a 7B model fits an H200 (13 GB of weights) but its kept
+profiles and greedy RaNA's curve points did not (out of memory at 130 GB, session 25), so the first layer's profiles
+measure what a layer holds once first used, and where every layer's twice over would not fit in what the device
+has left, a resident model's statistics are parked as a resting model's are.
 
     store = LayerProfiles(loaded, windows, progress)
     with store.layer(3) as (qkv, mlp):
@@ -28,15 +31,33 @@ from rana_core.profiles import MLPProfile, QKVProfile
 from rana_core.progress import ProgressFn
 from rana_core.residency import resting_device
 
+KEEP_HEADROOM = 2.0  # what one layer's profiles hold after their first use, times this, per layer: room for the
+# curve points an allocation measures on them later
+
+
+def fits(nbytes: float, device: torch.device) -> bool:
+    """Whether this process may still allocate `nbytes` on `device` (always on the CPU)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    allowed = torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
+    return nbytes <= allowed - torch.cuda.memory_allocated(index)
+
+
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if torch.device(device).type == "cuda" else 0
+
 
 class LayerProfiles:
     def __init__(self, loaded, windows: torch.Tensor, progress: ProgressFn, rows: int,
-                 on_layer: Callable[[int, QKVProfile, MLPProfile], None] | None = None):
-        """`on_layer(index, qkv, mlp)` is called with each layer's profiles as soon as they are built (a uniform
-        allocation builds its adapters there, sparing a rebuild of every layer)."""
+                 on_layer: Callable[[int, QKVProfile, MLPProfile, bool], None] | None = None):
+        """`on_layer(index, qkv, mlp, parks)` is called with each layer's profiles as soon as they are built (a
+        uniform allocation builds its adapters there, sparing a rebuild of every layer); `parks`: whether they will
+        be rebuilt for each later use (so what is measured on them is best measured now)."""
         self.layers = loaded.layers
         self.device = loaded.device
-        self.resting = resting_device(loaded.model) is not None
+        self.parks = resting_device(loaded.model) is not None
         self.kept: dict[int, tuple[QKVProfile, MLPProfile]] = {}
         self.parked: dict[int, tuple[InputStats, InputStats]] = {}
         self.memos: dict[int, tuple[dict, dict]] = {}
@@ -44,10 +65,14 @@ class LayerProfiles:
         # Down's neuron adapter needs no decomposition, so its (wide) input is not captured.
         for index, stats in each_layer_inputs(loaded, windows, lambda f, m: progress(0.5 * f, f"calibration {m}"),
                                               row_stride=stride, inputs=("attention", "mlp")):
+            before = allocated(self.device)
             profiles = self._build(index, stats["attention"], stats["mlp"])
             if on_layer is not None:
-                on_layer(index, *profiles)
-            if self.resting:
+                on_layer(index, *profiles, self.parks)
+            if index == 0 and not self.parks:  # keep every layer's profiles only where they fit
+                self.parks = not fits(KEEP_HEADROOM * (allocated(self.device) - before) * len(self.layers),
+                                      self.device)
+            if self.parks:
                 self.parked[index] = (stats["attention"].to("cpu"), stats["mlp"].to("cpu"))
                 self._keep_memos(index, profiles)
             else:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+from rana_core import layer_profiles
 from rana_core.architecture import family_of
 from rana_core.calibration import capture_input_stats, capture_module_inputs
 from rana_core.config import CompressConfig
@@ -71,6 +72,37 @@ def test_parked_statistics_and_rebuilt_profiles_give_the_resident_answer(method,
         again = compress(config, loaded=loaded)
         assert again.perplexity == pytest.approx(resident.perplexity, rel=1e-6)
         assert again.measured_flop_reduction == pytest.approx(resident.measured_flop_reduction, abs=1e-9)
+
+
+@pytest.mark.parametrize("allocation", ["uniform", "greedy"])
+def test_a_resident_model_whose_profiles_would_not_fit_parks_them_and_gets_the_same_answer(allocation, monkeypatch):
+    """A 7B model fits an H200 but its kept profiles did not (out of memory at 130 GB): where they would not fit,
+    a resident model's statistics are parked and its profiles rebuilt, as a resting model's are."""
+    config = CompressConfig(model="tiny", method="rana", allocation=allocation, flop_reduction=0.4,
+                            calib_tokens=2048, eval_tokens=1024, seq_len=128)
+    kept_loaded = load_model("tiny")
+    kept = compress(config, loaded=kept_loaded)
+    store = next(value for key, value in kept_loaded.cache.items() if key[0] == "rana profiles")
+    assert len(store.kept) == len(kept_loaded.layers) and not store.parked  # on the CPU everything fits
+    monkeypatch.setattr(layer_profiles, "fits", lambda nbytes, device: False)
+    loaded = load_model("tiny")
+    parked = compress(config, loaded=loaded)
+    store = next(value for key, value in loaded.cache.items() if key[0] == "rana profiles")
+    assert not store.kept and len(store.parked) == len(loaded.layers)
+    assert parked.perplexity == pytest.approx(kept.perplexity, rel=1e-6)
+    assert parked.measured_flop_reduction == pytest.approx(kept.measured_flop_reduction, abs=1e-9)
+    assert [(r.adapter, r.rank) for r in parked.layers] == [(r.adapter, r.rank) for r in kept.layers]
+
+
+@pytest.mark.gpu
+@cuda
+def test_what_fits_on_the_gpu_is_what_the_process_may_still_allocate():
+    allowed = torch.cuda.get_device_properties(0).total_memory * torch.cuda.get_per_process_memory_fraction(0)
+    room = allowed - torch.cuda.memory_allocated(0)
+    assert layer_profiles.fits(room - (1 << 20), "cuda") and not layer_profiles.fits(room + (1 << 20), "cuda")
+    held = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")  # the room shrinks by what is allocated
+    assert not layer_profiles.fits(room - (1 << 29), "cuda") and layer_profiles.fits(room - (1 << 31), "cuda")
+    del held
 
 
 @pytest.mark.gpu

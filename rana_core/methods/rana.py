@@ -31,7 +31,6 @@ from rana_core.methods.calibration_check import calibration_slices, least_loss
 from rana_core.layer_profiles import LayerProfiles, layer_dense_flops
 from rana_core.profiles import MLPProfile, QKVProfile
 from rana_core.progress import ProgressFn, no_progress
-from rana_core.residency import resting_device
 from rana_core.sensitivity import fisher_diagonals
 
 SEARCH_TOKENS = 1024  # calibration rows kept per module input for plans and split searches
@@ -52,7 +51,7 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
         keeps = uniform_keeps(loaded.layers, config.flop_reduction, adapt_qkv)
         adapters = []
 
-        def build_layer(index: int, qkv: QKVProfile, mlp: MLPProfile) -> None:
+        def build_layer(index: int, qkv: QKVProfile, mlp: MLPProfile, parks: bool) -> None:
             adapters.extend(_layer_adapters(loaded.layers[index], index, qkv, mlp, keeps[(index, "qkv")],
                                             keeps[(index, "mlp")], None))
 
@@ -65,16 +64,16 @@ def build(loaded, calib_windows, config, progress, cache_dir=None):
         slice_, validation = calibration_slices(calib_windows, SENSITIVITY_TOKENS, VALIDATION_TOKENS)
         loss = loaded.cached(("loss model", windows_digest(slice_)),
                              lambda: LossModel(loaded, slice_, lambda f, m: progress(0.1 * f, m)))
-        # A resting model's layers visit the GPU once for their profiles, probes and curve points, and once for
-        # the adapters: each visit rebuilds the layer's profiles (bases, factors), the bulk of the time.
-        resting = resting_device(loaded.model) is not None
+        # Where the profiles are parked (a resting model, or one whose profiles do not fit the GPU), a layer
+        # visits the GPU once for its profiles, probes and curve points, and once for the adapters: each visit
+        # rebuilds the layer's profiles (bases, factors), the bulk of the time.
         store = loaded.cached(key, lambda: LayerProfiles(
             loaded, calib_windows, lambda f, m: progress(0.1 + 0.8 * f, m), SEARCH_TOKENS,
-            on_layer=lambda index, qkv, mlp: loss.measure(index, qkv, mlp, curves=resting)))
+            on_layer=lambda index, qkv, mlp, parks: loss.measure(index, qkv, mlp, curves=parks)))
         for index in range(len(store)):  # profiles made before, by another allocation: visit what is missing
-            if not loss.measured(index, curves=resting):
+            if not loss.measured(index, curves=store.parks):
                 with store.layer(index) as (qkv, mlp):
-                    loss.measure(index, qkv, mlp, curves=resting)
+                    loss.measure(index, qkv, mlp, curves=store.parks)
                 progress(0.5, f"probes of layer {index + 1}/{len(store)}")
         loss.measure_scales(loaded, lambda f, m: progress(0.5, m))
         plans = {
