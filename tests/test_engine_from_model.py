@@ -145,6 +145,51 @@ def test_a_stored_runs_engine_with_norms_folded_decodes_the_same(model_name, met
     assert torch.equal(folded.argmax(-1), plain.argmax(-1))
 
 
+@pytest.mark.parametrize("model_name, method, allocation, design, norms_left", [
+    ("tiny", "dense", "uniform", "auto", "first"), ("tiny", "rana", "greedy", "list", "first"),
+    ("tiny", "rana", "greedy", "gemv", "first"), ("tiny", "teal", "greedy", "list", "every"),
+    ("tiny", "teal", "greedy", "gemv", "first"), ("tiny-qwen2", "rana", "uniform", "auto", "first")])
+def test_a_stored_runs_mlp_adds_the_residual_in_its_last_launch(model_name, method, allocation, design, norms_left,
+                                                                tmp_path, monkeypatch):
+    """RANA_RUN_MLP_ADDS=1 with RANA_FUSE_NORM=sums (the default) where the row fold is off (as on a 7B model; here
+    FOLD_MAX_HIDDEN 0): the MLP of a stored run (dense down's GEMV, RaNA's chain, TEAL's masked gate/up/down
+    chain, as the list design's reduction or the GEMV over every row) adds the residual like o_proj does: two adds
+    a layer a step. Of add_rmsnorm's launches only the first layer's norm is left, except where a section's first
+    product masks its own normed input as a list (TEAL's list design), which still norms it in a launch: every
+    section's. Logits of four steps equal the unfused engine's to float32 rounding, the tokens the same."""
+    from rana_core.decode import residual
+    from test_engine import decode_steps
+
+    require_triton("cpu")
+    monkeypatch.setattr(residual, "FOLD_MAX_HIDDEN", 0)
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
+    monkeypatch.setenv("RANA_RUN_MLP_ADDS", "1")
+    loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
+    engine = engine_from_model(loaded.model, adapters)
+    layers = len(engine.blocks)
+    prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
+    plain, plain_calls = decode_steps(engine, prompt, 4, "0", monkeypatch)
+    adds, add_by = [], residual.ResidualStream.add_by
+    monkeypatch.setattr(residual.ResidualStream, "add_by", lambda *args: adds.append(1) or add_by(*args))
+    summed, summed_calls = decode_steps(engine, prompt, 4, "sums", monkeypatch)
+    assert len(adds) == 4 * 2 * layers
+    assert plain_calls == 4 * (2 * layers + 1) and summed_calls == 4 * (1 if norms_left == "first" else 2 * layers)
+    assert (summed - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert torch.equal(summed.argmax(-1), plain.argmax(-1))
+
+
+def test_the_run_mlp_adds_option_reads_its_variable(monkeypatch):
+    from rana_core.decode.from_model import run_mlp_adds
+
+    monkeypatch.delenv("RANA_RUN_MLP_ADDS", raising=False)
+    assert not run_mlp_adds()
+    monkeypatch.setenv("RANA_RUN_MLP_ADDS", "1")
+    assert run_mlp_adds()
+    monkeypatch.setenv("RANA_RUN_MLP_ADDS", "yes")
+    with pytest.raises(ValueError, match="RANA_RUN_MLP_ADDS=yes: expected 0 or 1"):
+        run_mlp_adds()
+
+
 @pytest.mark.parametrize("ranks", [(12, 7), (5, 12), (9, 9)], ids=["gate-larger", "up-larger", "equal"])
 def test_rana_mlp_chain_with_unequal_ranks_computes_the_masked_mlp(ranks):
     """A stored run's RaNA MLP at one token runs gate and up as two groups of one launch, their ranks padded to the

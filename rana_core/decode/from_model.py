@@ -27,6 +27,7 @@ run raises a RanaError that says so in one line, never a wrong number.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -45,7 +46,8 @@ from rana_core.decode.gemv import gemv
 from rana_core.decode.launch import use_triton
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv
 from rana_core.decode.narrow import A3AttentionPart
-from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, masked_gemv, matvec, swiglu_chain
+from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, masked_down_adding, masked_gemv, matvec,
+                                    swiglu_chain)
 from rana_core.decode.residual import PendingNorm
 from rana_core.errors import RanaError
 
@@ -53,6 +55,16 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary frequencies that
 # |h| > 0 marks CATS' kept neurons (h is zero off the mask); the smallest positive float32 lets the masked product
 # read exactly those rows
 NONZERO = torch.finfo(torch.float32).tiny
+
+
+def run_mlp_adds() -> bool:
+    """Whether a stored run's MLP adds the residual in its last launch, as the synthetic engine's does
+    (RANA_RUN_MLP_ADDS=1; session 25, opt-in until it is timed and its GPU tests pass). Off, the MLP's output goes
+    to the next norm's add_rmsnorm launch (o_proj adds its own either way)."""
+    text = os.environ.get("RANA_RUN_MLP_ADDS", "0")
+    if text not in ("0", "1"):
+        raise ValueError(f"RANA_RUN_MLP_ADDS={text}: expected 0 or 1")
+    return text == "1"
 
 
 class EngineUnsupported(RanaError):
@@ -75,6 +87,13 @@ class Dense(nn.Module):
 
     def elements_per_token(self) -> float:
         return self.weight.numel()
+
+
+def _last_adding(part: nn.Module, h: torch.Tensor, residual=None) -> torch.Tensor | None:
+    """part(h), or with the residual stream None where `part` is dense and its GEMV added its product to it."""
+    if residual is not None and isinstance(part, Dense) and residual.can_add(part.weight):
+        return residual.add(part.weight, h)
+    return part(h)
 
 
 class StaticLowRank(nn.Module):
@@ -122,16 +141,24 @@ class ProjectionMLP(nn.Module):
         return (self.chained and masked_wide.product_design(self.gate_up_rows) == "gemv"
                 and not any(p.calibrating or p.counting for p in (self.gate, self.up, self.down)))
 
-    def forward(self, x):
+    adds_residual = True  # forward's last launch may add the residual (ModelBlock.mlp)
+
+    def forward(self, x, residual=None):
+        """The MLP's output, or with the residual stream (one token) None where its last launch added it."""
         if self.fused is not None:
-            return self.down(matvec(self.fused, x, self.gemv, swiglu=True))
+            return _last_adding(self.down, matvec(self.fused, x, self.gemv, swiglu=True), residual)
         if self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down)):
+            adds = residual is not None and residual.can_add(self.down.rows)
             if isinstance(x, PendingNorm):  # reads_pending: h from the normed, masked input in one GEMV
                 h = masked_gemv(self.gate_up_rows, x, self.gate_up_threshold, self.gate_up_scale, groups=2)
+                if adds:
+                    return residual.add_by(lambda r, out: masked_down_adding(self.down, h, r, out))
                 return masked_gemv(self.down.rows, h, self.down.threshold, self.down.scale, out=self.down.out)
-            return swiglu_chain(self.gate_up_rows, x[0], self.gate_up_threshold, self.down,
-                                torch.empty_like(self.gate.out), self.gate_up_scale, shared_coeff=True)
-        return self.down(self.act(self.gate(x)) * self.up(x))
+            chain = lambda residual=None: swiglu_chain(  # noqa: E731
+                self.gate_up_rows, x[0], self.gate_up_threshold, self.down, torch.empty_like(self.gate.out),
+                self.gate_up_scale, shared_coeff=True, residual=residual)
+            return residual.add_by(lambda r, out: chain((r, out))) if adds else chain()
+        return _last_adding(self.down, self.act(self.gate(x)) * self.up(x), residual)
 
     def flops_per_token(self) -> float:
         return sum(p.flops_per_token() for p in (self.gate, self.up, self.down))
@@ -158,11 +185,18 @@ class RanaMLP(nn.Module):
             self.gate_up_rows = _join(gate, up, "rows")
             self.gate_up_threshold = _join(gate, up, "threshold")
 
-    def forward(self, x):
+    adds_residual = True  # forward's last launch may add the residual (ModelBlock.mlp)
+
+    def forward(self, x, residual=None):
+        """The MLP's output, or with the residual stream (one token) None where its last launch added it."""
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
-            return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
-                                torch.empty_like(self.gate.out))
+            chain = lambda residual=None: swiglu_chain(  # noqa: E731
+                self.gate_up_rows, z[0], self.gate_up_threshold, self.down, torch.empty_like(self.gate.out),
+                residual=residual)
+            if residual is not None and residual.can_add(self.down.rows):
+                return residual.add_by(lambda r, out: chain((r, out)))
+            return chain()
         gate = self.gate.expand(z[:, : self.gate.rank])
         return self.down(self.act(gate) * self.up.expand(z[:, self.rank: self.rank + self.up.rank]))
 
@@ -228,6 +262,11 @@ class ModelBlock(Block):
         self.marker = None
 
     def mlp(self, normed, residual=None):
+        """The MLP part's output, or with the residual stream None where the part's last launch added it (parts
+        that can: `adds_residual`, where run_mlp_adds(); the others' outputs go to the next norm, which adds
+        them)."""
+        if residual is not None and run_mlp_adds() and getattr(self.mlp_part, "adds_residual", False):
+            return self.mlp_part(normed, residual)
         return self.mlp_part(normed)
 
     def flops_per_token(self) -> float:

@@ -152,10 +152,7 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
         h = masked_gemv(gate_up_rows, coeff, gate_up_threshold, scale, groups=2, out=h, split=not shared_coeff)
         if r is None:
             return masked_gemv(down.rows, h, down.threshold, down.scale, out=out)
-        K, M = down.rows.shape
-        sums = torch.empty(gemv_programs(M, K), dtype=torch.float32, device=out.device)
-        masked_gemv(down.rows, h, down.threshold, down.scale, out=out, residual=(r, sums))
-        return sums
+        return masked_down_adding(down, h, r, out)
     branches = mlp_branches()
     if branches > 1 and masked_wide.design(gate_up_rows) == masked_wide.design(down.rows) == "list":
         return branched_swiglu_chain(gate_up_rows, coeff, gate_up_threshold, down, h, scale, shared_coeff,
@@ -165,6 +162,15 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     reduced = masked_rows_reduced(down.rows, h, down.threshold, down.scale, out, swiglu_of=(partial, splits),
                                   residual=r)
     return reduced if r is not None else reduced[None]
+
+
+def masked_down_adding(down: NeuronPart, h: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Down's masked product of h as one GEMV over every row that adds the residual r, writing r + down(h) to out;
+    returns its programs' sums of squares (residual.ResidualStream.add_by)."""
+    K, M = down.rows.shape
+    sums = torch.empty(gemv_programs(M, K), dtype=torch.float32, device=out.device)
+    masked_gemv(down.rows, h, down.threshold, down.scale, out=out, residual=(r, sums))
+    return sums
 
 
 def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,
