@@ -5,14 +5,16 @@ adapters (rana_core.decode.from_model), against the dense model in the same engi
                                 [--methods dense,svd,cats,teal,wina,rana-greedy,a3,hybrid] [--contexts 1,512]
                                 [--new-tokens 256] [--dtype bfloat16] [--calib-tokens 8192] [--eval-tokens 8192]
                                 [--layers reference,persistent] [--masked-products auto,gemv] [--batches 4,8]
-                                [--layer-by-layer] [--out PATH]
+                                [--layer-by-layer] [--env NAME --values A,B] [--out PATH]
 
 Each run is compressed in this process on the GPU (rana_core.pipeline.compress, its adapters saved and loaded back
 as a worker would), then measured by rana_core.decode.run_latency.measure_run: median ms per token over
 `new-tokens` graph-replayed steps after a prompt of each context, the dense engine's beside it, the floor (bytes a
 step reads over the copy bandwidth), the FLOP reduction counted from the engine's masks on held-out windows;
 with --batches, tokens per second of that many sequences decoding together, run and dense (batch_rows); with
---masked-products, each run under each RANA_MASKED_PRODUCT value (a row each).
+--masked-products, each run under each RANA_MASKED_PRODUCT value (a row each); with --env and --values, each run
+(and its dense engine) under each value of that launch option, in one process (a row each: an A/B of an option on
+real runs, e.g. --env RANA_RUN_MLP_ADDS --values 0,1).
 A model that is not installed is skipped with its reason. Prints a table and writes
 bench/results/run-latency-<label>-<device>.json.
 """
@@ -65,9 +67,14 @@ def main(argv=None) -> int:
     parser.add_argument("--layer-by-layer", action=argparse.BooleanOptionalAction, default=None,
                         help="compress with the decoder layers resting in CPU memory (default: decided by the "
                              "model's size, as load_model decides)")
+    parser.add_argument("--env", help="a launch option's environment variable, timed at each of --values")
+    parser.add_argument("--values", default="", help="the option's values, comma-separated (the baseline first)")
     parser.add_argument("--out", type=Path, help="the JSON's path (default: bench/results/run-latency-…)")
     args = parser.parse_args(argv)
     modes, designs = args.layers.split(","), args.masked_products.split(",")
+    values = args.values.split(",") if args.env else [None]
+    if args.env and not args.values:
+        parser.error("--env needs --values")
     if set(modes) - {"reference", "persistent"}:
         parser.error(f"--layers {args.layers}: use reference, persistent or both")
     if not torch.cuda.is_available():
@@ -97,15 +104,20 @@ def main(argv=None) -> int:
                 reports = {}
                 for mode in modes:
                     for design in designs:
-                        os.environ["RANA_MASKED_PRODUCT"] = design  # read where each product is launched
-                        reports[mode, design] = measure_run(loaded.model, adapters, contexts, args.new_tokens,
-                                                            args.dtype, "cuda", text, layers=mode, batches=batches)
+                        for value in values:
+                            os.environ["RANA_MASKED_PRODUCT"] = design  # read where each product is launched
+                            if args.env:
+                                os.environ[args.env] = value  # read when a step is captured
+                            reports[mode, design, value] = measure_run(loaded.model, adapters, contexts,
+                                                                       args.new_tokens, args.dtype, "cuda", text,
+                                                                       layers=mode, batches=batches)
             except RanaError as exc:  # e.g. a family or adapter the engine cannot run: one line, the row says so
                 rows.append({"method": name, "error": str(exc)})
                 print(f"{name}: {exc}", file=sys.stderr)
                 continue
-        for (mode, design), report in reports.items():
+        for (mode, design, value), report in reports.items():
             rows.append({"method": name, "layer_mode": mode, "masked_product": design,
+                         **({"option": f"{args.env}={value}"} if args.env else {}),
                          "perplexity": result.perplexity,
                          "measured_flop_reduction": result.measured_flop_reduction,
                          "engine_flop_reduction": report["measured_flop_reduction"],
@@ -114,15 +126,17 @@ def main(argv=None) -> int:
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name(0)
     print(f"\n{label} on {device}, {args.dtype}, batch 1, {args.new_tokens} new tokens")
-    print(f"{'method':<14}{'layers':>11}{'masked':>8}{'ppl':>9}{'cut':>7}{'engine cut':>11}" + "".join(
-        f"{f'ms@{c}':>9}{'× dense':>9}{'floor':>8}" for c in contexts))
+    print(f"{'method':<14}{'layers':>11}{'masked':>8}{'option':>24}{'ppl':>9}{'cut':>7}{'engine cut':>11}" + "".join(
+        f"{f'dense@{c}':>9}{f'ms@{c}':>9}{'× dense':>9}{'floor':>8}" for c in contexts))
     for row in rows:
         if "error" in row:
             print(f"{row['method']:<14}  not run: {row['error']}")
             continue
-        cells = "".join(f"{r['ms_per_token']:>9.4f}{r['dense_ms_per_token'] / r['ms_per_token']:>9.2f}"
-                        f"{r['floor_ms']:>8.4f}" for r in row["per_context"])
-        print(f"{row['method']:<14}{row['layer_mode']:>11}{row['masked_product']:>8}{row['perplexity']:>9.2f}"
+        cells = "".join(f"{r['dense_ms_per_token']:>9.4f}{r['ms_per_token']:>9.4f}"
+                        f"{r['dense_ms_per_token'] / r['ms_per_token']:>9.2f}{r['floor_ms']:>8.4f}"
+                        for r in row["per_context"])
+        print(f"{row['method']:<14}{row['layer_mode']:>11}{row['masked_product']:>8}{row.get('option', '-'):>24}"
+              f"{row['perplexity']:>9.2f}"
               f"{row['measured_flop_reduction']:>7.3f}"
               f"{row['engine_flop_reduction']:>11.3f}{cells}")
     if batches:
@@ -136,7 +150,8 @@ def main(argv=None) -> int:
                 print(f"{row['method']:<14}{row['layer_mode']:>11}{row['masked_product']:>8}{r['context_tokens']:>9}"
                       + "".join(f"{f'{t:,.0f} ({x:.2f}×)':>18}" for t, x in cells))
     mode = ("" if modes == ["reference"] else "-" + "-".join(modes)) + (
-        "" if designs == ["auto"] else "-masked-" + "-".join(designs))
+        "" if designs == ["auto"] else "-masked-" + "-".join(designs)) + (
+        f"-{args.env.lower().replace('_', '-')}" if args.env else "")
     out = args.out or RESULTS / f"run-latency-{label}-{device.lower().replace(' ', '-')}{mode}.json"
     write_results({"model": label, "device": device, "args": {**vars(args), "out": str(out)}, "rows": rows}, out,
                   "run-latency", device)
