@@ -29,6 +29,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
@@ -154,10 +155,9 @@ class ProjectionMLP(nn.Module):
                 if adds:
                     return residual.add_by(lambda r, out: masked_down_adding(self.down, h, r, out))
                 return masked_gemv(self.down.rows, h, self.down.threshold, self.down.scale, out=self.down.out)
-            chain = lambda residual=None: swiglu_chain(  # noqa: E731
-                self.gate_up_rows, x[0], self.gate_up_threshold, self.down, torch.empty_like(self.gate.out),
-                self.gate_up_scale, shared_coeff=True, residual=residual)
-            return residual.add_by(lambda r, out: chain((r, out))) if adds else chain()
+            chain = partial(swiglu_chain, self.gate_up_rows, x[0], self.gate_up_threshold, self.down,
+                            torch.empty_like(self.gate.out), self.gate_up_scale, shared_coeff=True)
+            return residual.add_by(lambda r, out: chain(residual=(r, out))) if adds else chain()
         return _last_adding(self.down, self.act(self.gate(x)) * self.up(x), residual)
 
     def flops_per_token(self) -> float:
@@ -191,11 +191,10 @@ class RanaMLP(nn.Module):
         """The MLP's output, or with the residual stream (one token) None where its last launch added it."""
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
-            chain = lambda residual=None: swiglu_chain(  # noqa: E731
-                self.gate_up_rows, z[0], self.gate_up_threshold, self.down, torch.empty_like(self.gate.out),
-                residual=residual)
+            chain = partial(swiglu_chain, self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
+                            torch.empty_like(self.gate.out))
             if residual is not None and residual.can_add(self.down.rows):
-                return residual.add_by(lambda r, out: chain((r, out)))
+                return residual.add_by(lambda r, out: chain(residual=(r, out)))
             return chain()
         gate = self.gate.expand(z[:, : self.gate.rank])
         return self.down(self.act(gate) * self.up.expand(z[:, self.rank: self.rank + self.up.rank]))
