@@ -148,7 +148,7 @@ def test_a_stored_runs_engine_with_norms_folded_decodes_the_same(model_name, met
 @pytest.mark.parametrize("model_name, method, allocation, design, norms_left", [
     ("tiny", "dense", "uniform", "auto", "first"), ("tiny", "rana", "greedy", "list", "first"),
     ("tiny", "rana", "greedy", "gemv", "first"), ("tiny", "teal", "greedy", "list", "every"),
-    ("tiny", "teal", "greedy", "gemv", "first"), ("tiny-qwen2", "rana", "uniform", "auto", "first")])
+    ("tiny", "teal", "greedy", "gemv", "first")])
 def test_a_stored_runs_mlp_adds_the_residual_in_its_last_launch(model_name, method, allocation, design, norms_left,
                                                                 tmp_path, monkeypatch):
     """RANA_RUN_MLP_ADDS=1 with RANA_FUSE_NORM=sums (the default) where the row fold is off (as on a 7B model; here
