@@ -72,6 +72,8 @@ class LayerProfiles:
             if index == 0 and not self.parks:  # keep every layer's profiles only where they fit
                 self.parks = not fits(KEEP_HEADROOM * (allocated(self.device) - before) * len(self.layers),
                                       self.device)
+                if self.parks:
+                    progress(0.5 / len(self.layers), "profiles rebuilt for each use: every layer's would not fit")
             if self.parks:
                 self.parked[index] = (stats["attention"].to("cpu"), stats["mlp"].to("cpu"))
                 self._keep_memos(index, profiles)

@@ -80,15 +80,18 @@ def test_a_resident_model_whose_profiles_would_not_fit_parks_them_and_gets_the_s
     a resident model's statistics are parked and its profiles rebuilt, as a resting model's are."""
     config = CompressConfig(model="tiny", method="rana", allocation=allocation, flop_reduction=0.4,
                             calib_tokens=2048, eval_tokens=1024, seq_len=128)
+    said = {"kept": [], "parked": []}
     kept_loaded = load_model("tiny")
-    kept = compress(config, loaded=kept_loaded)
+    kept = compress(config, loaded=kept_loaded, progress=lambda f, m: said["kept"].append(m))
     store = next(value for key, value in kept_loaded.cache.items() if key[0] == "rana profiles")
     assert len(store.kept) == len(kept_loaded.layers) and not store.parked  # on the CPU everything fits
     monkeypatch.setattr(layer_profiles, "fits", lambda nbytes, device: False)
     loaded = load_model("tiny")
-    parked = compress(config, loaded=loaded)
+    parked = compress(config, loaded=loaded, progress=lambda f, m: said["parked"].append(m))
     store = next(value for key, value in loaded.cache.items() if key[0] == "rana profiles")
     assert not store.kept and len(store.parked) == len(loaded.layers)
+    for run, expected in (("kept", False), ("parked", True)):  # the run's progress says why it rebuilds
+        assert any("every layer's would not fit" in m for m in said[run]) == expected
     assert parked.perplexity == pytest.approx(kept.perplexity, rel=1e-6)
     assert parked.measured_flop_reduction == pytest.approx(kept.measured_flop_reduction, abs=1e-9)
     assert [(r.adapter, r.rank) for r in parked.layers] == [(r.adapter, r.rank) for r in kept.layers]
