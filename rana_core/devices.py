@@ -31,6 +31,15 @@ def cuda_index(device) -> int:
     return torch.cuda.current_device() if index is None else index
 
 
+def process_memory_limit(device) -> float:
+    """Bytes this process may allocate on CUDA `device`: its memory times the process's fraction of it (a worker's
+    or `rana compress`'s cap). Imports torch."""
+    import torch
+
+    index = cuda_index(device)
+    return torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
+
+
 def check_device_present(device: str) -> str:
     """`device` if this machine has it, else a RanaError saying what it has. Imports torch unless it is "cpu"."""
     check_device_name(device)

@@ -26,6 +26,7 @@ import torch
 from rana_core.adapters.base import layer_members
 from rana_core.architecture import layer_mlp, mlp_parts
 from rana_core.calibration import InputStats, each_layer_inputs
+from rana_core.devices import cuda_index, process_memory_limit
 from rana_core.flops import linear_flops
 from rana_core.profiles import MLPProfile, QKVProfile
 from rana_core.progress import ProgressFn
@@ -37,12 +38,9 @@ KEEP_HEADROOM = 2.0  # what one layer's profiles hold after their first use, tim
 
 def fits(nbytes: float, device: torch.device) -> bool:
     """Whether this process may still allocate `nbytes` on `device` (always on the CPU)."""
-    device = torch.device(device)
-    if device.type != "cuda":
+    if torch.device(device).type != "cuda":
         return True
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    allowed = torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
-    return nbytes <= allowed - torch.cuda.memory_allocated(index)
+    return nbytes <= process_memory_limit(device) - torch.cuda.memory_allocated(cuda_index(device))
 
 
 def allocated(device: torch.device) -> int:

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from rana_core.architecture import TINY_CONFIG, family_named, family_of, shape_of
-from rana_core.devices import cuda_index
+from rana_core.devices import process_memory_limit
 from rana_core.errors import ModelNotFound
 from rana_core.model_source import GEMMA3_PACKAGE, ModelSource, hub_off, resolve_model
 from rana_core.residency import rest_layers
@@ -179,9 +179,7 @@ LAYER_BY_LAYER_SHARE = 0.4  # of the GPU memory a process may use: above it the 
 def _needs_layer_by_layer(device: str, weight_bytes: int) -> bool:
     if not device.startswith("cuda"):
         return False
-    index = cuda_index(device)
-    allowed = torch.cuda.get_device_properties(index).total_memory * torch.cuda.get_per_process_memory_fraction(index)
-    return weight_bytes > LAYER_BY_LAYER_SHARE * allowed
+    return weight_bytes > LAYER_BY_LAYER_SHARE * process_memory_limit(device)
 
 
 def _assemble_gemma3() -> tuple[str, str]:
