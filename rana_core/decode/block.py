@@ -5,6 +5,8 @@ and a run's adapters subclass it (from_model.ModelBlock)."""
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -14,7 +16,8 @@ from rana_core.decode import masked_wide
 from rana_core.decode.attention_kernels import rope_attention
 from rana_core.decode.dense_kernels import rotate_half_reference
 from rana_core.decode.masked_kernels import masked_rows_partials
-from rana_core.decode.parts import NeuronPart, RankPart, RMSNorm, _join, _linear, masked_gemv, matvec, swiglu_chain
+from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, _linear, adding_residual, masked_gemv, matvec,
+                                    swiglu_chain)
 
 
 class Block(nn.Module):
@@ -83,11 +86,9 @@ class Block(nn.Module):
         if self.gate.fusable(z) and self.down.fusable(z):
             # one token: gate's and up's masked products in one launch; their partial sums go straight into the
             # down product's compaction, which makes h = silu(gate)·up itself (no reduction launch between)
-            h = torch.empty_like(self.gate.out)
-            if residual is not None and residual.can_add(self.down.rows):  # down's last launch adds the residual
-                return residual.add_by(lambda r, out: swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold,
-                                                                   self.down, h, residual=(r, out)))
-            return swiglu_chain(self.gate_up_rows, z[0], self.gate_up_threshold, self.down, h)
+            return adding_residual(residual, self.down.rows, partial(  # down's last launch adds the residual
+                swiglu_chain, self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
+                torch.empty_like(self.gate.out)))
         h = F.silu(self.gate.expand(z[:, : self.gate.rank])) * self.up.expand(z[:, self.gate.rank:])
         return self.down(h)
 

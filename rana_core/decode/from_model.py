@@ -47,8 +47,8 @@ from rana_core.decode.gemv import gemv
 from rana_core.decode.launch import use_triton
 from rana_core.decode.masked_kernels import masked_rows_batched, masked_rows_gemv
 from rana_core.decode.narrow import A3AttentionPart
-from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, masked_down_adding, masked_gemv, matvec,
-                                    swiglu_chain)
+from rana_core.decode.parts import (NeuronPart, RankPart, RMSNorm, _join, adding_residual, masked_down, masked_gemv,
+                                    matvec, swiglu_chain)
 from rana_core.decode.residual import PendingNorm
 from rana_core.errors import RanaError
 
@@ -149,15 +149,12 @@ class ProjectionMLP(nn.Module):
         if self.fused is not None:
             return _last_adding(self.down, matvec(self.fused, x, self.gemv, swiglu=True), residual)
         if self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down)):
-            adds = residual is not None and residual.can_add(self.down.rows)
             if isinstance(x, PendingNorm):  # reads_pending: h from the normed, masked input in one GEMV
                 h = masked_gemv(self.gate_up_rows, x, self.gate_up_threshold, self.gate_up_scale, groups=2)
-                if adds:
-                    return residual.add_by(lambda r, out: masked_down_adding(self.down, h, r, out))
-                return masked_gemv(self.down.rows, h, self.down.threshold, self.down.scale, out=self.down.out)
-            chain = partial(swiglu_chain, self.gate_up_rows, x[0], self.gate_up_threshold, self.down,
-                            torch.empty_like(self.gate.out), self.gate_up_scale, shared_coeff=True)
-            return residual.add_by(lambda r, out: chain(residual=(r, out))) if adds else chain()
+                return adding_residual(residual, self.down.rows, partial(masked_down, self.down, h))
+            return adding_residual(residual, self.down.rows, partial(
+                swiglu_chain, self.gate_up_rows, x[0], self.gate_up_threshold, self.down,
+                torch.empty_like(self.gate.out), self.gate_up_scale, shared_coeff=True))
         return _last_adding(self.down, self.act(self.gate(x)) * self.up(x), residual)
 
     def flops_per_token(self) -> float:
@@ -191,11 +188,9 @@ class RanaMLP(nn.Module):
         """The MLP's output, or with the residual stream (one token) None where its last launch added it."""
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
-            chain = partial(swiglu_chain, self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
-                            torch.empty_like(self.gate.out))
-            if residual is not None and residual.can_add(self.down.rows):
-                return residual.add_by(lambda r, out: chain(residual=(r, out)))
-            return chain()
+            return adding_residual(residual, self.down.rows, partial(
+                swiglu_chain, self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
+                torch.empty_like(self.gate.out)))
         gate = self.gate.expand(z[:, : self.gate.rank])
         return self.down(self.act(gate) * self.up.expand(z[:, self.rank: self.rank + self.up.rank]))
 

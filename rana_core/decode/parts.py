@@ -150,9 +150,7 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     r, out = residual if residual is not None else (None, down.out)
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
         h = masked_gemv(gate_up_rows, coeff, gate_up_threshold, scale, groups=2, out=h, split=not shared_coeff)
-        if r is None:
-            return masked_gemv(down.rows, h, down.threshold, down.scale, out=out)
-        return masked_down_adding(down, h, r, out)
+        return masked_down(down, h, residual)
     branches = mlp_branches()
     if branches > 1 and masked_wide.design(gate_up_rows) == masked_wide.design(down.rows) == "list":
         return branched_swiglu_chain(gate_up_rows, coeff, gate_up_threshold, down, h, scale, shared_coeff,
@@ -164,13 +162,25 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
     return reduced if r is not None else reduced[None]
 
 
-def masked_down_adding(down: NeuronPart, h: torch.Tensor, r: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Down's masked product of h as one GEMV over every row that adds the residual r, writing r + down(h) to out;
-    returns its programs' sums of squares (residual.ResidualStream.add_by)."""
+def masked_down(down: NeuronPart, h: torch.Tensor, residual: tuple | None = None) -> torch.Tensor:
+    """Down's masked product of h as one GEMV over every row: (1, M) in down.out, or with `residual` = (r, out)
+    r + down(h) written to out and its programs' sums of squares returned (residual.ResidualStream.add_by)."""
+    if residual is None:
+        return masked_gemv(down.rows, h, down.threshold, down.scale, out=down.out)
+    r, out = residual
     K, M = down.rows.shape
     sums = torch.empty(gemv_programs(M, K), dtype=torch.float32, device=out.device)
     masked_gemv(down.rows, h, down.threshold, down.scale, out=out, residual=(r, sums))
     return sums
+
+
+def adding_residual(residual, rows: torch.Tensor, product) -> torch.Tensor | None:
+    """product(): a section's output; or, where the residual stream `residual` (None off the one-token path) can
+    add a product over `rows`, product(residual=(r, out)) through its add_by: the product's last launch adds the
+    residual and leaves the sums for the next norm, and None returns."""
+    if residual is not None and residual.can_add(rows):
+        return residual.add_by(lambda r, out: product(residual=(r, out)))
+    return product()
 
 
 def masked_gemv(rows: torch.Tensor, x, threshold: torch.Tensor, scale: torch.Tensor | None, groups: int = 1,
