@@ -178,15 +178,46 @@ def test_a_stored_runs_mlp_adds_the_residual_in_its_last_launch(model_name, meth
     assert torch.equal(summed.argmax(-1), plain.argmax(-1))
 
 
+@pytest.mark.parametrize("method, design, mlp_adds", [("rana", "list", True), ("rana", "gemv", False),
+                                                       ("teal", "gemv", False)])
+def test_by_default_a_masked_mlp_chain_adds_the_residual_only_as_lists(method, design, mlp_adds, tmp_path,
+                                                                       monkeypatch):
+    """RANA_RUN_MLP_ADDS unset (auto): dense down's GEMV and a masked MLP chain that runs as products over lists of
+    rows add the residual in their last launch; a chain that runs as GEMVs over every row (small MLPs, here forced
+    by RANA_MASKED_PRODUCT=gemv) leaves its output to the next norm's add_rmsnorm launch, as RANA_RUN_MLP_ADDS=0
+    does. Counted: o_proj's add every layer, the MLP's where it adds; one more norm launch a layer where it does
+    not. Logits as the unfused engine's to float32 rounding."""
+    from rana_core.decode import residual
+    from test_engine import decode_steps
+
+    require_triton("cpu")
+    monkeypatch.setattr(residual, "FOLD_MAX_HIDDEN", 0)
+    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
+    monkeypatch.delenv("RANA_RUN_MLP_ADDS", raising=False)
+    loaded, adapters, _ = stored_run("tiny", method, "greedy", tmp_path)
+    engine = engine_from_model(loaded.model, adapters)
+    layers = len(engine.blocks)
+    prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
+    plain, _ = decode_steps(engine, prompt, 4, "0", monkeypatch)
+    adds, add_by = [], residual.ResidualStream.add_by
+    monkeypatch.setattr(residual.ResidualStream, "add_by", lambda *args: adds.append(1) or add_by(*args))
+    summed, summed_calls = decode_steps(engine, prompt, 4, "sums", monkeypatch)
+    assert len(adds) == 4 * layers * (2 if mlp_adds else 1)
+    assert summed_calls == 4 * (1 if mlp_adds else 1 + layers)
+    assert (summed - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert torch.equal(summed.argmax(-1), plain.argmax(-1))
+
+
 def test_the_run_mlp_adds_option_reads_its_variable(monkeypatch):
     from rana_core.decode.from_model import run_mlp_adds
 
     monkeypatch.delenv("RANA_RUN_MLP_ADDS", raising=False)
-    assert not run_mlp_adds()
-    monkeypatch.setenv("RANA_RUN_MLP_ADDS", "1")
-    assert run_mlp_adds()
+    assert run_mlp_adds() == "auto"
+    for value in ("0", "1", "auto"):
+        monkeypatch.setenv("RANA_RUN_MLP_ADDS", value)
+        assert run_mlp_adds() == value
     monkeypatch.setenv("RANA_RUN_MLP_ADDS", "yes")
-    with pytest.raises(ValueError, match="RANA_RUN_MLP_ADDS=yes: expected 0 or 1"):
+    with pytest.raises(ValueError, match="RANA_RUN_MLP_ADDS=yes: expected 0, 1 or auto"):
         run_mlp_adds()
 
 

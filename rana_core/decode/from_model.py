@@ -58,14 +58,24 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # rotary frequencies that
 NONZERO = torch.finfo(torch.float32).tiny
 
 
-def run_mlp_adds() -> bool:
-    """Whether a stored run's MLP adds the residual in its last launch, as the synthetic engine's does
-    (RANA_RUN_MLP_ADDS=1; session 25, opt-in until it is timed and its GPU tests pass). Off, the MLP's output goes
-    to the next norm's add_rmsnorm launch (o_proj adds its own either way)."""
-    text = os.environ.get("RANA_RUN_MLP_ADDS", "0")
-    if text not in ("0", "1"):
-        raise ValueError(f"RANA_RUN_MLP_ADDS={text}: expected 0 or 1")
-    return text == "1"
+def run_mlp_adds() -> str:
+    """Which of a stored run's MLP parts add the residual in their last launch, as the synthetic engine's do
+    (RANA_RUN_MLP_ADDS): "auto" (the default) dense down's GEMV and the masked chains that run as products over
+    lists of rows (large MLPs), "1" every part that can, "0" none, the reference path, where the MLP's output goes to
+    the next norm's add_rmsnorm launch (o_proj adds its own either way). Timed in session 26 on an H200 under "1": a
+    7B-shaped real run's dense and RaNA steps 2.1% and 1.4% faster; SmolLM2's dense 1.3% faster, its greedy RaNA 1.3%
+    slower, where the masked chain runs as GEMVs over every row and its adding down GEMV took ~0.4 µs a layer more
+    than the norm launch it saved (docs/latency.md)."""
+    text = os.environ.get("RANA_RUN_MLP_ADDS", "auto")
+    if text not in ("0", "1", "auto"):
+        raise ValueError(f"RANA_RUN_MLP_ADDS={text}: expected 0, 1 or auto")
+    return text
+
+
+def _chain_adds(every: bool, *rows: torch.Tensor) -> bool:
+    """Whether a masked MLP chain over `rows` adds the residual: under RANA_RUN_MLP_ADDS=1, or under auto where it
+    runs as products over lists of rows (masked_wide.chain_design), not as GEMVs over every row."""
+    return every or masked_wide.chain_design(*rows) != "gemv"
 
 
 class EngineUnsupported(RanaError):
@@ -144,11 +154,14 @@ class ProjectionMLP(nn.Module):
 
     adds_residual = True  # forward's last launch may add the residual (ModelBlock.mlp)
 
-    def forward(self, x, residual=None):
-        """The MLP's output, or with the residual stream (one token) None where its last launch added it."""
+    def forward(self, x, residual=None, every_adds: bool = True):
+        """The MLP's output, or with the residual stream (one token) None where its last launch added it (a masked
+        chain only where `every_adds` or _chain_adds says so)."""
         if self.fused is not None:
             return _last_adding(self.down, matvec(self.fused, x, self.gemv, swiglu=True), residual)
         if self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down)):
+            if residual is not None and not _chain_adds(every_adds, self.gate_up_rows, self.down.rows):
+                residual = None  # the next norm's launch adds the output
             if isinstance(x, PendingNorm):  # reads_pending: h from the normed, masked input in one GEMV
                 h = masked_gemv(self.gate_up_rows, x, self.gate_up_threshold, self.gate_up_scale, groups=2)
                 return adding_residual(residual, self.down.rows, partial(masked_down, self.down, h))
@@ -184,10 +197,13 @@ class RanaMLP(nn.Module):
 
     adds_residual = True  # forward's last launch may add the residual (ModelBlock.mlp)
 
-    def forward(self, x, residual=None):
-        """The MLP's output, or with the residual stream (one token) None where its last launch added it."""
+    def forward(self, x, residual=None, every_adds: bool = True):
+        """The MLP's output, or with the residual stream (one token) None where its chain's last launch added it
+        (where `every_adds` or _chain_adds says so)."""
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
+            if residual is not None and not _chain_adds(every_adds, self.gate_up_rows, self.down.rows):
+                residual = None  # the next norm's launch adds the output
             return adding_residual(residual, self.down.rows, partial(
                 swiglu_chain, self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
                 torch.empty_like(self.gate.out)))
@@ -257,10 +273,11 @@ class ModelBlock(Block):
 
     def mlp(self, normed, residual=None):
         """The MLP part's output, or with the residual stream None where the part's last launch added it (parts
-        that can: `adds_residual`, where run_mlp_adds(); the others' outputs go to the next norm, which adds
+        that can: `adds_residual`, as run_mlp_adds() chooses; the others' outputs go to the next norm, which adds
         them)."""
-        if residual is not None and run_mlp_adds() and getattr(self.mlp_part, "adds_residual", False):
-            return self.mlp_part(normed, residual)
+        mode = run_mlp_adds() if residual is not None else "0"
+        if mode != "0" and getattr(self.mlp_part, "adds_residual", False):
+            return self.mlp_part(normed, residual, every_adds=mode == "1")
         return self.mlp_part(normed)
 
     def flops_per_token(self) -> float:
