@@ -53,21 +53,30 @@ def test_a_backward_pass_through_resting_layers_gives_the_same_loss_gradients():
 
 
 @pytest.mark.parametrize("method, allocation", [("rana", "uniform"), ("rana", "greedy"), ("hybrid", "exact-loss")])
-def test_parked_statistics_and_rebuilt_profiles_give_the_resident_answer(method, allocation):
+def test_parked_statistics_and_rebuilt_profiles_give_the_resident_answer(method, allocation, monkeypatch):
     """On the CPU the resting layers do not move, but everything kept for all layers is parked and rebuilt as on
-    a GPU (rana's profiles rebuilt from parked statistics with their memos handed over, hybrid's bases parked)."""
+    a GPU (rana's profiles rebuilt from parked statistics with their memos handed over, hybrid's bases parked).
+    Hybrid's inputs and bases are parked too beside a resident model where every layer's would not fit (a 7B
+    model on an 80 GB GPU: ~47 GB), and the run says so."""
     config = CompressConfig(model="tiny", method=method, allocation=allocation, flop_reduction=0.4,
                             calib_tokens=2048, eval_tokens=1024, seq_len=128)
-    resident = compress(config)
+    said = []
+    resident = compress(config, progress=lambda f, m: said.append(m))
+    assert not any("inputs and bases kept in CPU memory" in m for m in said)
     loaded = load_model("tiny")
     rest_layers(loaded.model, loaded.layers, "cpu")
-    resting = compress(config, loaded=loaded)
+    runs = {"resting": compress(config, loaded=loaded)}
     if method == "rana":  # the profiles were rebuilt, not kept
         store = next(value for key, value in loaded.cache.items() if key[0] == "rana profiles")
         assert not store.kept and len(store.parked) == len(loaded.layers)
-    assert resting.perplexity == pytest.approx(resident.perplexity, rel=1e-6)
-    assert resting.measured_flop_reduction == pytest.approx(resident.measured_flop_reduction, abs=1e-9)
-    assert [(r.adapter, r.rank) for r in resting.layers] == [(r.adapter, r.rank) for r in resident.layers]
+    if method == "hybrid":
+        monkeypatch.setattr(layer_profiles, "fits", lambda nbytes, device: False)
+        runs["parked beside a resident model"] = compress(config, progress=lambda f, m: said.append(m))
+        assert any("inputs and bases kept in CPU memory" in m for m in said)
+    for run in runs.values():
+        assert run.perplexity == pytest.approx(resident.perplexity, rel=1e-6)
+        assert run.measured_flop_reduction == pytest.approx(resident.measured_flop_reduction, abs=1e-9)
+        assert [(r.adapter, r.rank) for r in run.layers] == [(r.adapter, r.rank) for r in resident.layers]
     if allocation == "uniform":  # the first run built its adapters during profiling; a second rebuilds profiles
         again = compress(config, loaded=loaded)
         assert again.perplexity == pytest.approx(resident.perplexity, rel=1e-6)
@@ -95,6 +104,23 @@ def test_a_resident_model_whose_profiles_would_not_fit_parks_them_and_gets_the_s
     assert parked.perplexity == pytest.approx(kept.perplexity, rel=1e-6)
     assert parked.measured_flop_reduction == pytest.approx(kept.measured_flop_reduction, abs=1e-9)
     assert [(r.adapter, r.rank) for r in parked.layers] == [(r.adapter, r.rank) for r in kept.layers]
+
+
+def test_hybrid_counts_what_it_keeps_for_a_7b_model():
+    """Llama-2-7B's shape (hidden 4096, MLP 11008, 32 layers), built on the meta device: per layer two inputs of a
+    4096² float64 gram and 2,048 float32 rows, and float64 output bases of QKV (12288 × 4096), gate and up
+    (11008 × 4096 each)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rana_core.methods.hybrid import kept_bytes
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=32, vocab_size=32000)
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    inputs = 2 * (4096 * 4096 * 8 + 2048 * 4096 * 4)
+    bases = (12288 * 4096 + 2 * 11008 * 4096) * 8
+    assert kept_bytes(model.model.layers) == 32 * (inputs + bases)  # 10.7 GB and 36.1 GB
 
 
 @pytest.mark.gpu

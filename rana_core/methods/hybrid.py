@@ -38,6 +38,7 @@ from types import SimpleNamespace
 
 import torch
 
+from rana_core import layer_profiles
 from rana_core.adapters.base import inject, layer_members, unload
 from rana_core.adapters.input_sparse import InputMaskedUnit
 from rana_core.adapters.low_rank import LowRankUnit, RankMaskedUnit, RankPlan
@@ -56,6 +57,7 @@ from rana_core.methods.calibration_check import calibration_slices, least_loss
 from rana_core.residency import resting_device
 
 ROWS = 2048  # calibration rows kept per module input: half fit the thresholds, half check error and FLOPs
+KEEP_ROOM = 1.25  # what a resident model's kept inputs and bases hold, times this: room for a layer's working copies
 SENSITIVITY_TOKENS = 2048  # calibration tokens whose loss gradients weight the modules, and that probe the scales
 PROBE_KEEP = 0.7
 KNAPSACK_UNITS = 20000  # budget steps of the exact solver: rounding loses at most 60/20000 of the budget here
@@ -143,6 +145,22 @@ def allocate(curves: dict, dense_flops: dict, weight: str, scales: dict, flop_re
     return {key: points[key][option.choice] for key, option in picked.items()}
 
 
+def kept_bytes(layers) -> int:
+    """What HybridState keeps for all `layers` at most: each layer's attention and MLP inputs (a float64 gram and
+    ROWS float32 rows each) and the float64 output bases of its QKV, gate and up (out × min(out, in) each; the loss
+    probes build them for every layer). Llama-2-7B's shape: 10.7 GB of inputs and 36 GB of bases."""
+    total = 0
+    for layer in layers:
+        qkv = layer_members(layer, "qkv")
+        gate, up, _, _ = mlp_parts(layer_mlp(layer))
+        hidden = qkv[0].in_features
+        total += 2 * (hidden * hidden * 8 + ROWS * hidden * 4)
+        outputs = ((sum(m.out_features for m in qkv), hidden), (gate.out_features, gate.in_features),
+                   (up.out_features, up.in_features))
+        total += sum(out * min(out, inputs) * 8 for out, inputs in outputs)
+    return total
+
+
 class HybridState:
     """What building a hybrid model needs from the calibration data, computed lazily: module inputs (grams and
     rows), Fisher diagonals, curves (from the disk cache when present) and the output bases of chosen modules.
@@ -158,8 +176,12 @@ class HybridState:
         self.memory = loaded.cached(("hybrid", self.digest), dict)  # inputs, fisher, bases, curves
         # With the layers resting on the CPU (a model larger than the GPU allows), what is kept for all layers
         # (inputs, bases) is parked in CPU memory too, and each layer's share visits the device when it is used.
+        # A resident model parks them too where every layer's would not fit beside it (a 7B model keeps ~47 GB).
         self.device = loaded.device
         self.park = torch.device("cpu") if resting_device(loaded.model) is not None else None
+        if self.park is None and not layer_profiles.fits(KEEP_ROOM * kept_bytes(loaded.layers), self.device):
+            self.park = torch.device("cpu")
+            progress(0.0, "inputs and bases kept in CPU memory: every layer's would not fit on the GPU")
 
     def inputs(self) -> dict:
         if "inputs" not in self.memory:
