@@ -145,26 +145,35 @@ def test_a_stored_runs_engine_with_norms_folded_decodes_the_same(model_name, met
     assert torch.equal(folded.argmax(-1), plain.argmax(-1))
 
 
-@pytest.mark.parametrize("model_name, method, allocation, design, norms_left", [
-    ("tiny", "dense", "uniform", "auto", "first"), ("tiny", "rana", "greedy", "list", "first"),
-    ("tiny", "rana", "greedy", "gemv", "first"), ("tiny", "teal", "greedy", "list", "every"),
-    ("tiny", "teal", "greedy", "gemv", "first")])
-def test_a_stored_runs_mlp_adds_the_residual_in_its_last_launch(model_name, method, allocation, design, norms_left,
+NORM_LAUNCHES = {"first": lambda layers: 1, "every": lambda layers: 2 * layers, "after mlp": lambda layers: 1 + layers}
+
+
+@pytest.mark.parametrize("method, design, option, mlp_adds, norms_left", [
+    ("dense", "auto", "1", True, "first"), ("rana", "list", "1", True, "first"), ("rana", "gemv", "1", True, "first"),
+    ("teal", "list", "1", True, "every"), ("teal", "gemv", "1", True, "first"),
+    ("rana", "list", "auto", True, "first"), ("rana", "gemv", "auto", False, "after mlp"),
+    ("teal", "gemv", "auto", False, "after mlp")])
+def test_a_stored_runs_mlp_adds_the_residual_in_its_last_launch(method, design, option, mlp_adds, norms_left,
                                                                 tmp_path, monkeypatch):
-    """RANA_RUN_MLP_ADDS=1 with RANA_FUSE_NORM=sums (the default) where the row fold is off (as on a 7B model; here
-    FOLD_MAX_HIDDEN 0): the MLP of a stored run (dense down's GEMV, RaNA's chain, TEAL's masked gate/up/down
+    """RANA_FUSE_NORM=sums (the default) where the row fold is off (as on a 7B model; here FOLD_MAX_HIDDEN 0):
+    under RANA_RUN_MLP_ADDS=1 the MLP of a stored run (dense down's GEMV, RaNA's chain, TEAL's masked gate/up/down
     chain, as the list design's reduction or the GEMV over every row) adds the residual like o_proj does: two adds
-    a layer a step. Of add_rmsnorm's launches only the first layer's norm is left, except where a section's first
-    product masks its own normed input as a list (TEAL's list design), which still norms it in a launch: every
-    section's. Logits of four steps equal the unfused engine's to float32 rounding, the tokens the same."""
+    a layer a step, and of add_rmsnorm's launches only the first layer's norm is left, except where a section's
+    first product masks its own normed input as a list (TEAL's list design), which still norms it in a launch:
+    every section's. Under auto (the default) a masked chain that runs as GEMVs over every row (small MLPs, here
+    forced by RANA_MASKED_PRODUCT=gemv) leaves its output to the next norm's launch: one add and one more norm
+    launch a layer. Logits of four steps equal the unfused engine's to float32 rounding, the tokens the same."""
     from rana_core.decode import residual
     from test_engine import decode_steps
 
     require_triton("cpu")
     monkeypatch.setattr(residual, "FOLD_MAX_HIDDEN", 0)
     monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
-    monkeypatch.setenv("RANA_RUN_MLP_ADDS", "1")
-    loaded, adapters, _ = stored_run(model_name, method, allocation, tmp_path)
+    if option == "auto":
+        monkeypatch.delenv("RANA_RUN_MLP_ADDS", raising=False)
+    else:
+        monkeypatch.setenv("RANA_RUN_MLP_ADDS", option)
+    loaded, adapters, _ = stored_run("tiny", method, "uniform" if method == "dense" else "greedy", tmp_path)
     engine = engine_from_model(loaded.model, adapters)
     layers = len(engine.blocks)
     prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
@@ -172,38 +181,8 @@ def test_a_stored_runs_mlp_adds_the_residual_in_its_last_launch(model_name, meth
     adds, add_by = [], residual.ResidualStream.add_by
     monkeypatch.setattr(residual.ResidualStream, "add_by", lambda *args: adds.append(1) or add_by(*args))
     summed, summed_calls = decode_steps(engine, prompt, 4, "sums", monkeypatch)
-    assert len(adds) == 4 * 2 * layers
-    assert plain_calls == 4 * (2 * layers + 1) and summed_calls == 4 * (1 if norms_left == "first" else 2 * layers)
-    assert (summed - plain).abs().max() <= 1e-5 * plain.abs().max()
-    assert torch.equal(summed.argmax(-1), plain.argmax(-1))
-
-
-@pytest.mark.parametrize("method, design, mlp_adds", [("rana", "list", True), ("rana", "gemv", False),
-                                                       ("teal", "gemv", False)])
-def test_by_default_a_masked_mlp_chain_adds_the_residual_only_as_lists(method, design, mlp_adds, tmp_path,
-                                                                       monkeypatch):
-    """RANA_RUN_MLP_ADDS unset (auto): dense down's GEMV and a masked MLP chain that runs as products over lists of
-    rows add the residual in their last launch; a chain that runs as GEMVs over every row (small MLPs, here forced
-    by RANA_MASKED_PRODUCT=gemv) leaves its output to the next norm's add_rmsnorm launch, as RANA_RUN_MLP_ADDS=0
-    does. Counted: o_proj's add every layer, the MLP's where it adds; one more norm launch a layer where it does
-    not. Logits as the unfused engine's to float32 rounding."""
-    from rana_core.decode import residual
-    from test_engine import decode_steps
-
-    require_triton("cpu")
-    monkeypatch.setattr(residual, "FOLD_MAX_HIDDEN", 0)
-    monkeypatch.setenv("RANA_MASKED_PRODUCT", design)
-    monkeypatch.delenv("RANA_RUN_MLP_ADDS", raising=False)
-    loaded, adapters, _ = stored_run("tiny", method, "greedy", tmp_path)
-    engine = engine_from_model(loaded.model, adapters)
-    layers = len(engine.blocks)
-    prompt = torch.randint(0, 256, (6,), generator=torch.Generator().manual_seed(4))
-    plain, _ = decode_steps(engine, prompt, 4, "0", monkeypatch)
-    adds, add_by = [], residual.ResidualStream.add_by
-    monkeypatch.setattr(residual.ResidualStream, "add_by", lambda *args: adds.append(1) or add_by(*args))
-    summed, summed_calls = decode_steps(engine, prompt, 4, "sums", monkeypatch)
     assert len(adds) == 4 * layers * (2 if mlp_adds else 1)
-    assert summed_calls == 4 * (1 if mlp_adds else 1 + layers)
+    assert plain_calls == 4 * (2 * layers + 1) and summed_calls == 4 * NORM_LAUNCHES[norms_left](layers)
     assert (summed - plain).abs().max() <= 1e-5 * plain.abs().max()
     assert torch.equal(summed.argmax(-1), plain.argmax(-1))
 
