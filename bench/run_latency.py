@@ -37,7 +37,7 @@ from rana_core.adapters.artifacts import load_adapters  # noqa: E402
 from rana_core.adapters.base import unload  # noqa: E402
 from rana_core.config import CompressConfig  # noqa: E402
 from rana_core.corpus import token_windows  # noqa: E402
-from rana_core.decode.run_latency import measure_run  # noqa: E402
+from rana_core.decode.run_latency import measure_run, section_costs  # noqa: E402
 from rana_core.errors import ModelNotFound, RanaError  # noqa: E402
 from rana_core.loading import load_model  # noqa: E402
 from rana_core.methods import parse_method_label  # noqa: E402
@@ -122,7 +122,8 @@ def main(argv=None) -> int:
                          "measured_flop_reduction": result.measured_flop_reduction,
                          "engine_flop_reduction": report["measured_flop_reduction"],
                          "device_name": report["device_name"], "per_context": report["rows"],
-                         "layers": report["layers"], "seconds": round(time.perf_counter() - started, 1)})
+                         "layers": report["layers"], "section_costs": section_costs(report["layers"]),
+                         "seconds": round(time.perf_counter() - started, 1)})
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name(0)
     print(f"\n{label} on {device}, {args.dtype}, batch 1, {args.new_tokens} new tokens")
@@ -139,6 +140,11 @@ def main(argv=None) -> int:
               f"{row['perplexity']:>9.2f}"
               f"{row['measured_flop_reduction']:>7.3f}"
               f"{row['engine_flop_reduction']:>11.3f}{cells}")
+    print("\nwhere a step goes (profiled sections at the last context, µs; each carries its timing events' cost):"
+          " whole sections' mean, cut ones' fixed + per-kept·k where their kept shares k spread, else their mean")
+    for row in rows:
+        if "section_costs" in row:
+            print(f"{row['method']:<14}{row.get('option', ''):>24}  {describe_costs(row['section_costs'])}")
     if batches:
         print("\nbatches: tokens/s of the run (and × dense at the same batch)")
         print(f"{'method':<14}{'layers':>11}{'masked':>8}{'context':>9}"
@@ -156,6 +162,23 @@ def main(argv=None) -> int:
     write_results({"model": label, "device": device, "args": {**vars(args), "out": str(out)}, "rows": rows}, out,
                   "run-latency", device)
     return 0
+
+
+def describe_costs(costs: dict) -> str:
+    """One line of section_costs in µs: e.g. "mlp whole 75.5 (7), cut 26.2 + 59.0·k (25); … attention 23.8"."""
+    parts = []
+    for kind in ("qkv", "mlp"):
+        c, pieces = costs[kind], []
+        if c["whole_layers"]:
+            pieces.append(f"whole {1e3 * c['whole_ms']:.1f} ({c['whole_layers']})")
+        if c["fixed_ms"] is not None:
+            pieces.append(f"cut {1e3 * c['fixed_ms']:.1f} + {1e3 * c['per_kept_ms']:.1f}·k ({c['cut_layers']})")
+        elif c["cut_layers"]:
+            low, high = c["kept_range"]
+            pieces.append(f"cut {1e3 * c['cut_ms']:.1f} at k {low:.2f}-{high:.2f} ({c['cut_layers']})")
+        parts.append(f"{kind} " + ", ".join(pieces))
+    attention = costs["attention_ms"]
+    return "; ".join(parts) + ("" if attention is None else f"; attention {1e3 * attention:.1f}")
 
 
 if __name__ == "__main__":

@@ -147,3 +147,29 @@ def section_times(engine: DecodeEngine, context: int, new_tokens: int) -> dict[t
             samples.setdefault((layer, section), []).append(start.elapsed_time(end))
     engine.graph = None  # the timed graph is captured again without events
     return {key: statistics.median(values) for key, values in samples.items()}
+
+
+LINE_SPAN = 0.2  # kept shares must spread this far for a line through them to say anything
+
+
+def section_costs(layers: list[dict]) -> dict:
+    """Where a run's step goes, from its profiled sections (measure_run's `layers` rows, ms): for "qkv" and "mlp",
+    the mean of the layers that keep the section whole and of those cut, and where the cut ones' kept shares of
+    their FLOPs spread over LINE_SPAN, a least-squares line ms = fixed_ms + per_kept_ms · kept: the slope is what
+    the kept bytes cost, the intercept what a masked section costs whatever it keeps (its extra launches; the
+    timing events' own cost sits in every section, whole or cut). "attention_ms": the attention sections' mean."""
+    costs = {}
+    for kind in ("qkv", "mlp"):
+        whole = [row[f"{kind}_ms"] for row in layers if row[f"{kind}_kept"] >= 1.0]
+        cut = [(row[f"{kind}_kept"], row[f"{kind}_ms"]) for row in layers if row[f"{kind}_kept"] < 1.0]
+        kept = [k for k, _ in cut]
+        entry = {"whole_layers": len(whole), "whole_ms": statistics.fmean(whole) if whole else None,
+                 "cut_layers": len(cut), "cut_ms": statistics.fmean(ms for _, ms in cut) if cut else None,
+                 "kept_range": (min(kept), max(kept)) if cut else None, "fixed_ms": None, "per_kept_ms": None}
+        if cut and max(kept) - min(kept) >= LINE_SPAN:
+            slope, intercept = statistics.linear_regression(kept, [ms for _, ms in cut])
+            entry.update(fixed_ms=intercept, per_kept_ms=slope)
+        costs[kind] = entry
+    attention = [row["attention_ms"] for row in layers if row.get("attention_ms") is not None]
+    costs["attention_ms"] = statistics.fmean(attention) if attention else None
+    return costs
