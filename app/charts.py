@@ -190,6 +190,30 @@ def batch_figure(batches: pd.DataFrame) -> go.Figure:
     return fig
 
 
+SECTION_KINDS = {"qkv": "QKV product", "mlp": "MLP"}
+
+
+def section_costs_figure(layers: pd.DataFrame, costs: dict | None) -> go.Figure:
+    """Each layer's QKV and MLP section time (µs, profiled replay) against the share of its FLOPs the masks kept,
+    one colour per kind; where the worker fitted a line to the cut sections (costs: section_costs), it is drawn
+    dashed from k = 0 to 1: its height at 0 is what a cut section costs whatever it keeps."""
+    fig = go.Figure()
+    for index, (kind, label) in enumerate(SECTION_KINDS.items()):
+        colour = qualitative.D3[index]
+        fig.add_trace(go.Scatter(x=layers[f"{kind}_kept"], y=1e3 * layers[f"{kind}_ms"], mode="markers",
+                                 name=f"{label} · layers", marker={"color": colour},
+                                 text=[f"layer {i}" for i in layers["layer"]]))
+        fit = (costs or {}).get(kind) or {}
+        if fit.get("fixed_ms") is not None:
+            fixed, slope = 1e3 * fit["fixed_ms"], 1e3 * fit["per_kept_ms"]
+            fig.add_trace(go.Scatter(x=[0.0, 1.0], y=[fixed, fixed + slope], mode="lines",
+                                     name=f"{label} · cut: {fixed:.1f} + {slope:.1f}·k µs",
+                                     line={"color": colour, "dash": "dash"}))
+    fig.update_layout(xaxis_title="FLOPs kept / dense (k)", yaxis_title="µs per section (profiled replay)",
+                      xaxis_range=[0, 1.05], height=360, margin={"t": 30})
+    return fig
+
+
 CURVE_SHARES = (0.5, 0.7, 0.8, 0.9, 0.95, 0.99)  # rana_core.adapters.base.SPARSITY_CURVE_SHARES (app does not import it)
 
 

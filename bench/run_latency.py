@@ -37,7 +37,7 @@ from rana_core.adapters.artifacts import load_adapters  # noqa: E402
 from rana_core.adapters.base import unload  # noqa: E402
 from rana_core.config import CompressConfig  # noqa: E402
 from rana_core.corpus import token_windows  # noqa: E402
-from rana_core.decode.run_latency import measure_run, section_costs  # noqa: E402
+from rana_core.decode.run_latency import measure_run  # noqa: E402
 from rana_core.errors import ModelNotFound, RanaError  # noqa: E402
 from rana_core.loading import load_model  # noqa: E402
 from rana_core.methods import parse_method_label  # noqa: E402
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
                          "measured_flop_reduction": result.measured_flop_reduction,
                          "engine_flop_reduction": report["measured_flop_reduction"],
                          "device_name": report["device_name"], "per_context": report["rows"],
-                         "layers": report["layers"], "section_costs": section_costs(report["layers"]),
+                         "layers": report["layers"], "section_costs": report["section_costs"],
                          "seconds": round(time.perf_counter() - started, 1)})
         torch.cuda.empty_cache()
     device = torch.cuda.get_device_name(0)

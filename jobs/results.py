@@ -115,7 +115,7 @@ def store_run_latency(session, run_id: int, report: dict, job_id: int | None = N
              "dense_ms_per_token": row["dense_ms_per_token"],
              "shapes": {"floor_ms": row["floor_ms"], "dense_floor_ms": row["dense_floor_ms"],
                         "copy_bandwidth_gbs": report["copy_bandwidth_gbs"], "head_ms": report.get("head_ms"),
-                        "batches": row.get("batches", [])}}
+                        "batches": row.get("batches", []), "section_costs": report.get("section_costs")}}
             for row in report["rows"]]
     return store_latency(session, rows, job_id=job_id, run_id=run_id, layers=report["layers"])
 

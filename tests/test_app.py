@@ -423,7 +423,9 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
                                          "tokens_per_s": 2000.0, "dense_tokens_per_s": 2500.0}] if c == 1 else []}
                            for c in (1, 512)],
                   "layers": [{"layer": i, "qkv_kept": 1.0, "mlp_kept": 0.4 + 0.1 * i, "qkv_ms": 0.01,
-                              "attention_ms": 0.02 + i / 100, "mlp_ms": 0.03} for i in range(2)]}
+                              "attention_ms": 0.02 + i / 100, "mlp_ms": 0.03} for i in range(2)],
+                  "section_costs": {"qkv": {"fixed_ms": None, "per_kept_ms": None},
+                                    "mlp": {"fixed_ms": 0.026, "per_kept_ms": 0.059}}}
         with session_scope() as session:
             store_run_latency(session, run_id, report)
 
@@ -439,6 +441,16 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
     assert times["y"] == ["QKV product", "rest of attention", "MLP"]
     assert np.allclose(np.array(_decode(times["z"])), [[0.01, 0.01], [0.02, 0.03], [0.03, 0.03]])
     assert np.allclose(np.array(_decode(maps["FLOPs kept / dense (engine's masks)"]["z"])), [[1.0, 1.0], [0.4, 0.5]])
+    # where a step goes: the layers' sections as points (µs against the share kept), the worker's line for the
+    # MLP's cut sections from 26 µs at k = 0 to 26 + 59 at k = 1, none for QKV (no line was fitted)
+    costs_chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")
+                       if json.loads(c.proto.spec)["layout"]["xaxis"]["title"]["text"] == "FLOPs kept / dense (k)")
+    traces = {t["name"]: (_decode(t["x"]), _decode(t["y"])) for t in costs_chart["data"]}
+    assert set(traces) == {"QKV product · layers", "MLP · layers", "MLP · cut: 26.0 + 59.0·k µs"}
+    assert np.allclose(traces["MLP · layers"][0], [0.4, 0.5]) and np.allclose(traces["MLP · layers"][1], [30, 30])
+    assert np.allclose(traces["QKV product · layers"][1], [10, 10])
+    assert np.allclose(traces["MLP · cut: 26.0 + 59.0·k µs"][0], [0, 1])
+    assert np.allclose(traces["MLP · cut: 26.0 + 59.0·k µs"][1], [26, 85])
     # batches were timed at context 1 only: batch 1 from the one-token engine (1000/0.8008 and 1000/1.001), batch 4
     # as stored; run solid, dense dashed
     batch_chart = next(json.loads(c.proto.spec) for c in at.get("plotly_chart")

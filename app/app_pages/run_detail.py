@@ -76,8 +76,8 @@ else:
         col.metric(f"{row.device_name} · {row.dtype} · context {row.context_tokens}",
                    f"{row.ms_per_token:.3f} ms/token",
                    f"{row.speedup:.2f}× dense ({row.dense_ms_per_token:.3f} ms)", delta_color="off", delta_arrow="off")
-    if sections:
-        by_layer = pd.DataFrame(sections).set_index("layer")
+    if sections["layers"]:
+        by_layer = pd.DataFrame(sections["layers"]).set_index("layer")
         times = by_layer[["qkv_ms", "attention_ms", "mlp_ms"]].T.rename(
             index={"qkv_ms": "QKV product", "attention_ms": "rest of attention", "mlp_ms": "MLP"})
         kept = by_layer[["qkv_kept", "mlp_kept"]].T.rename(index={"qkv_kept": "qkv", "mlp_kept": "MLP"})
@@ -86,6 +86,12 @@ else:
                           key="detail_speed_times")
         right.plotly_chart(charts.grid_heatmap(kept, "keep", "FLOPs kept / dense (engine's masks)"),
                            key="detail_speed_kept")
+        st.caption("Where a step goes: each layer's section time against the FLOPs its masks kept. A dashed line "
+                   "is fitted to the cut sections: its slope is what the kept bytes cost, its height at 0 what a "
+                   "cut section costs whatever it keeps (its extra launches). Timing events sit in every section, "
+                   "so each carries a few µs of their own.")
+        st.plotly_chart(charts.section_costs_figure(by_layer.reset_index(), sections["costs"]),
+                        key="detail_speed_costs")
     batches = data.run_batches(data.url(), run_id)
     if not batches.empty:
         st.caption("Sequences decoding together: tokens/s of all of them, the run beside the dense model on the same "

@@ -79,7 +79,7 @@ def measure_run(model, adapters: list, contexts: list[int], new_tokens: int, dty
     return {"device_name": device_name(device), "dtype": dtype,
             "engine": "graphs+triton" if layers == "reference" else f"{layers}+triton",
             "measured_flop_reduction": measured, "copy_bandwidth_gbs": bandwidth / 1e9, "rows": rows,
-            "layers": layers, "head_ms": sections.get((len(layers), "head"))}
+            "layers": layers, "section_costs": section_costs(layers), "head_ms": sections.get((len(layers), "head"))}
 
 
 def batch_rows(dense: DecodeEngine, adapted: DecodeEngine, batches: list[int], context: int,
