@@ -72,10 +72,11 @@ def run_mlp_adds() -> str:
     return text
 
 
-def _chain_adds(every: bool, *rows: torch.Tensor) -> bool:
+def _chain_adds(every: bool, x, *rows: torch.Tensor) -> bool:
     """Whether a masked MLP chain over `rows` adds the residual: under RANA_RUN_MLP_ADDS=1, or under auto where it
-    runs as products over lists of rows (masked_wide.chain_design), not as GEMVs over every row."""
-    return every or masked_wide.chain_design(*rows) != "gemv"
+    runs as products over lists of rows (masked_wide.chain_design), not as GEMVs over every row (as it always does
+    on an input whose norm is still owed)."""
+    return every or not (isinstance(x, PendingNorm) or masked_wide.chain_design(*rows) == "gemv")
 
 
 class EngineUnsupported(RanaError):
@@ -160,7 +161,7 @@ class ProjectionMLP(nn.Module):
         if self.fused is not None:
             return _last_adding(self.down, matvec(self.fused, x, self.gemv, swiglu=True), residual)
         if self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down)):
-            if residual is not None and not _chain_adds(every_adds, self.gate_up_rows, self.down.rows):
+            if residual is not None and not _chain_adds(every_adds, x, self.gate_up_rows, self.down.rows):
                 residual = None  # the next norm's launch adds the output
             if isinstance(x, PendingNorm):  # reads_pending: h from the normed, masked input in one GEMV
                 h = masked_gemv(self.gate_up_rows, x, self.gate_up_threshold, self.gate_up_scale, groups=2)
@@ -202,7 +203,7 @@ class RanaMLP(nn.Module):
         (where `every_adds` or _chain_adds says so)."""
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
-            if residual is not None and not _chain_adds(every_adds, self.gate_up_rows, self.down.rows):
+            if residual is not None and not _chain_adds(every_adds, z, self.gate_up_rows, self.down.rows):
                 residual = None  # the next norm's launch adds the output
             return adding_residual(residual, self.down.rows, partial(
                 swiglu_chain, self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
