@@ -248,16 +248,18 @@ def submit_evaluate(run_id: int, tasks: str, author: str | None = None, corpus: 
 def run_speed(db_url: str, run_id: int) -> tuple[pd.DataFrame, dict]:
     """The decode speed measured for a run (one row per device, dtype and context; the latest measurement), and
     the per-layer sections of the latest one with what the worker fitted to them: {"layers": [...], "costs": the
-    section_costs dict, or None for measurements stored before it existed}."""
+    section_costs dict, or None for measurements stored before it existed, "context": the context they were
+    profiled at (a measurement's last, whose row is stored last)}."""
     frame = latency(db_url)
     rows = frame[frame["run_id"] == run_id].sort_values("created_at")
     latest = rows.drop_duplicates(["device_name", "dtype", "context_tokens"], keep="last")
     with session_scope(db_url) as session:
-        last = session.execute(select(LatencyResult.layers, LatencyResult.shapes).where(LatencyResult.run_id == run_id)
+        last = session.execute(select(LatencyResult.layers, LatencyResult.shapes, LatencyResult.context_tokens)
+                               .where(LatencyResult.run_id == run_id)
                                .order_by(LatencyResult.id.desc()).limit(1)).first()
-    layers, shapes = last if last is not None else (None, None)
-    return latest.sort_values(["device_name", "context_tokens"]), {"layers": layers or [],
-                                                                   "costs": (shapes or {}).get("section_costs")}
+    layers, shapes, context = last if last is not None else (None, None, None)
+    return latest.sort_values(["device_name", "context_tokens"]), {
+        "layers": layers or [], "costs": (shapes or {}).get("section_costs"), "context": context}
 
 
 BATCH_COLUMNS = ["series", "batch", "tokens_per_s", "dense_tokens_per_s"]

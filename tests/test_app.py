@@ -437,7 +437,7 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
     assert speed == {"NVIDIA H200 · bfloat16 · context 1": ("0.801 ms/token", "1.25× dense (1.001 ms)"),
                      "NVIDIA H200 · bfloat16 · context 512": ("1.210 ms/token", "1.25× dense (1.512 ms)")}
     maps = heatmaps(at)
-    times = maps["ms per layer section (profiled replay)"]
+    times = maps["ms per layer section (profiled replay, context 512)"]  # a measurement's last context
     assert times["y"] == ["QKV product", "rest of attention", "MLP"]
     assert np.allclose(np.array(_decode(times["z"])), [[0.01, 0.01], [0.02, 0.03], [0.03, 0.03]])
     assert np.allclose(np.array(_decode(maps["FLOPs kept / dense (engine's masks)"]["z"])), [[1.0, 1.0], [0.4, 0.5]])

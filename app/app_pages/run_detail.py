@@ -82,7 +82,8 @@ else:
             index={"qkv_ms": "QKV product", "attention_ms": "rest of attention", "mlp_ms": "MLP"})
         kept = by_layer[["qkv_kept", "mlp_kept"]].T.rename(index={"qkv_kept": "qkv", "mlp_kept": "MLP"})
         left, right = st.columns(2)
-        left.plotly_chart(charts.grid_heatmap(times, "time", "ms per layer section (profiled replay)"),
+        left.plotly_chart(charts.grid_heatmap(times, "time", f"ms per layer section (profiled replay, context "
+                                                             f"{sections['context']})"),
                           key="detail_speed_times")
         right.plotly_chart(charts.grid_heatmap(kept, "keep", "FLOPs kept / dense (engine's masks)"),
                            key="detail_speed_kept")
