@@ -158,14 +158,16 @@ def test_a_stored_runs_report_on_the_cpu_with_fixed_step_times(monkeypatch, tmp_
 
 def test_section_costs_split_a_masked_section_into_a_fixed_cost_and_a_cost_per_kept_share():
     """Layers whose cut MLP sections take 20 µs + 60 µs·k (k 0.2, 0.5, 0.8) and whose whole ones take 75 and 77 µs;
-    QKV cut at one share only (no line to fit: their mean) and whole in the rest; attention 24 and 26 µs."""
+    QKV cut at one share only (no line to fit: their mean) and whole in the rest; attention 24 and 26 µs; and a
+    layer the replay did not time, left out."""
     from rana_core.decode.run_latency import section_costs
 
     rows = [{"qkv_kept": 1.0, "qkv_ms": 0.031, "attention_ms": 0.024, "mlp_kept": 1.0, "mlp_ms": 0.075},
             {"qkv_kept": 1.0, "qkv_ms": 0.033, "attention_ms": 0.026, "mlp_kept": 1.0, "mlp_ms": 0.077},
             {"qkv_kept": 0.5, "qkv_ms": 0.020, "attention_ms": 0.024, "mlp_kept": 0.2, "mlp_ms": 0.032},
             {"qkv_kept": 0.5, "qkv_ms": 0.021, "attention_ms": 0.026, "mlp_kept": 0.5, "mlp_ms": 0.050},
-            {"qkv_kept": 1.0, "qkv_ms": 0.032, "attention_ms": 0.024, "mlp_kept": 0.8, "mlp_ms": 0.068}]
+            {"qkv_kept": 1.0, "qkv_ms": 0.032, "attention_ms": 0.024, "mlp_kept": 0.8, "mlp_ms": 0.068},
+            {"qkv_kept": 0.3, "qkv_ms": None, "attention_ms": None, "mlp_kept": 0.3, "mlp_ms": None}]  # untimed
     costs = section_costs(rows)
     mlp, qkv = costs["mlp"], costs["qkv"]
     assert (mlp["whole_layers"], mlp["cut_layers"]) == (2, 3)

@@ -157,11 +157,13 @@ def section_costs(layers: list[dict]) -> dict:
     the mean of the layers that keep the section whole and of those cut, and where the cut ones' kept shares of
     their FLOPs spread over LINE_SPAN, a least-squares line ms = fixed_ms + per_kept_ms · kept: the slope is what
     the kept bytes cost, the intercept what a masked section costs whatever it keeps (its extra launches; the
-    timing events' own cost sits in every section, whole or cut). "attention_ms": the attention sections' mean."""
+    timing events' own cost sits in every section, whole or cut). "attention_ms": the attention sections' mean.
+    Sections the replay did not time (None: a layer run as one persistent launch has no marks inside) are left out."""
     costs = {}
     for kind in ("qkv", "mlp"):
-        whole = [row[f"{kind}_ms"] for row in layers if row[f"{kind}_kept"] >= 1.0]
-        cut = [(row[f"{kind}_kept"], row[f"{kind}_ms"]) for row in layers if row[f"{kind}_kept"] < 1.0]
+        timed = [row for row in layers if row.get(f"{kind}_ms") is not None]
+        whole = [row[f"{kind}_ms"] for row in timed if row[f"{kind}_kept"] >= 1.0]
+        cut = [(row[f"{kind}_kept"], row[f"{kind}_ms"]) for row in timed if row[f"{kind}_kept"] < 1.0]
         kept = [k for k, _ in cut]
         entry = {"whole_layers": len(whole), "whole_ms": statistics.fmean(whole) if whole else None,
                  "cut_layers": len(cut), "cut_ms": statistics.fmean(ms for _, ms in cut) if cut else None,
