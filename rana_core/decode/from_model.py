@@ -72,11 +72,13 @@ def run_mlp_adds() -> str:
     return text
 
 
-def _chain_adds(every: bool, x, *rows: torch.Tensor) -> bool:
-    """Whether a masked MLP chain over `rows` adds the residual: under RANA_RUN_MLP_ADDS=1, or under auto where it
-    runs as products over lists of rows (masked_wide.chain_design), not as GEMVs over every row (as it always does
-    on an input whose norm is still owed)."""
-    return every or not (isinstance(x, PendingNorm) or masked_wide.chain_design(*rows) == "gemv")
+def _chain_residual(residual, every: bool, x, *rows: torch.Tensor):
+    """The residual stream a masked MLP chain over `rows` adds to, or None where the next norm's launch adds its
+    output: it adds under RANA_RUN_MLP_ADDS=1 (`every`), or under auto where it runs as products over lists of rows
+    (masked_wide.chain_design), not as GEMVs over every row (as it always does on an input whose norm is owed)."""
+    if every or not (isinstance(x, PendingNorm) or masked_wide.chain_design(*rows) == "gemv"):
+        return residual
+    return None
 
 
 class EngineUnsupported(RanaError):
@@ -157,12 +159,11 @@ class ProjectionMLP(nn.Module):
 
     def forward(self, x, residual=None, every_adds: bool = True):
         """The MLP's output, or with the residual stream (one token) None where its last launch added it (a masked
-        chain only where `every_adds` or _chain_adds says so)."""
+        chain only where _chain_residual keeps it)."""
         if self.fused is not None:
             return _last_adding(self.down, matvec(self.fused, x, self.gemv, swiglu=True), residual)
         if self.chained and all(part.fusable(x) for part in (self.gate, self.up, self.down)):
-            if residual is not None and not _chain_adds(every_adds, x, self.gate_up_rows, self.down.rows):
-                residual = None  # the next norm's launch adds the output
+            residual = _chain_residual(residual, every_adds, x, self.gate_up_rows, self.down.rows)
             if isinstance(x, PendingNorm):  # reads_pending: h from the normed, masked input in one GEMV
                 h = masked_gemv(self.gate_up_rows, x, self.gate_up_threshold, self.gate_up_scale, groups=2)
                 return adding_residual(residual, self.down.rows, partial(masked_down, self.down, h))
@@ -200,11 +201,10 @@ class RanaMLP(nn.Module):
 
     def forward(self, x, residual=None, every_adds: bool = True):
         """The MLP's output, or with the residual stream (one token) None where its chain's last launch added it
-        (where `every_adds` or _chain_adds says so)."""
+        (where _chain_residual keeps it)."""
         z = matvec(self.gate_up_B, x, self.gemv)
         if self.chained and all(part.fusable(z) for part in (self.gate, self.up, self.down)):
-            if residual is not None and not _chain_adds(every_adds, z, self.gate_up_rows, self.down.rows):
-                residual = None  # the next norm's launch adds the output
+            residual = _chain_residual(residual, every_adds, z, self.gate_up_rows, self.down.rows)
             return adding_residual(residual, self.down.rows, partial(
                 swiglu_chain, self.gate_up_rows, z[0], self.gate_up_threshold, self.down,
                 torch.empty_like(self.gate.out)))
