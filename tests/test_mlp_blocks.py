@@ -54,9 +54,10 @@ def test_blocks_add_the_residual_and_leave_its_sums_of_squares(device, dtype, mo
 
 @pytest.mark.parametrize("device, dtype", CPU_CASES + GPU_CASES)
 def test_blocks_mask_shared_coefficients_with_scales(device, dtype, monkeypatch):
-    """TEAL's or WINA's MLP: gate and up read the same input, each with its own threshold and per-row scales."""
+    """TEAL's or WINA's MLP: gate and up read the same input, each with its own threshold and per-row scales (the
+    rank list asked for: shared inputs are predicated all the same)."""
     require_triton(device)
-    monkeypatch.setenv("RANA_MLP_BLOCKS", config(device, 0))
+    monkeypatch.setenv("RANA_MLP_BLOCKS", config(device, 1))
     K, M, H = (4096, 11008, 4096) if device == "cuda" else (72, 100, 40)
     g = torch.Generator().manual_seed(8)
     rows = (torch.randn(2 * K, M, generator=g) / K ** 0.5).to(device, dtype)

@@ -183,8 +183,7 @@ def blocks_partials(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thr
     if down.rows.shape[0] != M or coeff.numel() != (K if shared_coeff else K2) or gate_up_threshold.numel() != 2:
         raise ValueError(f"gate/up rows {tuple(gate_up_rows.shape)}, {coeff.numel()} coefficients, "
                          f"{gate_up_threshold.numel()} thresholds and down rows {tuple(down.rows.shape)} do not fit")
-    if rank_list and shared_coeff:
-        raise ValueError("the rank list serves split coefficients (RaNA's ranks), not shared ones")
+    rank_list = rank_list and not shared_coeff  # a list serves RaNA's own ranks; shared inputs stay predicated
     blocks = math.ceil(M / nb)
     d_cols = math.ceil(D / d_splits / bd) * bd
     partial = work_buffer("blocks partial", blocks * D, torch.float32, coeff.device)
