@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rana_core.decode import masked_wide, mlp_blocks
+from rana_core.decode import masked_wide
 from rana_core.decode.dense_kernels import rmsnorm_reference
 from rana_core.decode.gemv import gemv, gemv_programs
 from rana_core.decode.masked_kernels import (masked_rows_batched, masked_rows_gemv, masked_rows_partials,
@@ -146,15 +146,11 @@ def swiglu_chain(gate_up_rows: torch.Tensor, coeff: torch.Tensor, gate_up_thresh
 
     `residual` = (r, out): the down product's last launch adds the residual r, writing r + the MLP's output to
     out, and what returns is that launch's sums of squares for the next norm (residual.ResidualStream.add_by).
-    RANA_MLP_BRANCHES > 1: the list design's chain in branches side by side (mlp_branches); RANA_MLP_BLOCKS: in
-    one launch by blocks of neurons, then the reduction (mlp_blocks; h is then not written)."""
+    RANA_MLP_BRANCHES > 1: the list design's chain in branches side by side (mlp_branches)."""
     r, out = residual if residual is not None else (None, down.out)
     if masked_wide.chain_design(gate_up_rows, down.rows) == "gemv":
         h = masked_gemv(gate_up_rows, coeff, gate_up_threshold, scale, groups=2, out=h, split=not shared_coeff)
         return masked_down(down, h, residual)
-    if mlp_blocks.blocks_config() is not None and masked_wide.design(gate_up_rows) == "list":
-        return mlp_blocks.blocked_swiglu_chain(gate_up_rows, coeff, gate_up_threshold, down, scale, shared_coeff,
-                                               residual)
     branches = mlp_branches()
     if branches > 1 and masked_wide.design(gate_up_rows) == masked_wide.design(down.rows) == "list":
         return branched_swiglu_chain(gate_up_rows, coeff, gate_up_threshold, down, h, scale, shared_coeff,
