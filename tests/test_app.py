@@ -436,6 +436,8 @@ def test_a_runs_decode_speed_on_its_page_on_pareto_and_the_measure_button(seeded
     speed = {m.label: (m.value, m.delta) for m in at.metric if "context" in m.label}
     assert speed == {"NVIDIA H200 · bfloat16 · context 1": ("0.801 ms/token", "1.25× dense (1.001 ms)"),
                      "NVIDIA H200 · bfloat16 · context 512": ("1.210 ms/token", "1.25× dense (1.512 ms)")}
+    # the reading of context 1: dense's 1.001 ms against its stored floor of 0.12 is 8.3× (launch-bound)
+    assert any(c.value.startswith("Dense decodes at 8.3× its bandwidth floor") for c in at.caption)
     maps = heatmaps(at)
     times = maps["ms per layer section (profiled replay, context 512)"]  # a measurement's last context
     assert times["y"] == ["QKV product", "rest of attention", "MLP"]
@@ -673,3 +675,24 @@ def test_a_viewer_gets_no_form_and_a_runner_cannot_cancel_an_admins_job(team_mod
     assert queue.list_jobs(url=team_mode)[0].status == "queued"
     viewer_jobs = signed_in(AppTest.from_file(str(PAGES / "job_list.py"), default_timeout=30), "vera", "viewer").run()
     assert not viewer_jobs.button  # no cancel or retry for a viewer
+
+
+def test_the_speed_reading_says_whether_a_step_waits_on_launches_or_on_bytes():
+    """A SmolLM2-like measurement (dense far above its floor) is read as launch-bound, slower than dense; a
+    7B-like one by the bytes its masks leave and the cut MLP sections' fixed cost; none without floors."""
+    from app.data import speed_reading
+
+    small = {"ms_per_token": 0.4626, "dense_ms_per_token": 0.4057, "floor_ms": 0.04, "dense_floor_ms": 0.08}
+    assert speed_reading(small, None) == (
+        "Dense decodes at 5.1× its bandwidth floor on this GPU: a step of this model waits on kernel launches, not "
+        "on its weights' bytes. The 50% of the bytes this run's masks leave unread buy little there, and its masked "
+        "sections' extra launches cost more: 0.88× dense (slower). A cut pays in speed where dense runs near its "
+        "floor: on larger models.")
+    large = {"ms_per_token": 2.746, "dense_ms_per_token": 3.515, "floor_ms": 1.9, "dense_floor_ms": 3.153}
+    costs = {"mlp": {"fixed_ms": 0.02, "cut_layers": 25}, "qkv": {"fixed_ms": None, "cut_layers": 0}}
+    assert speed_reading(large, costs) == (
+        "The masks leave 60% of dense's bytes to read, so at most 1.66× dense; the run decodes at 1.28×, 77% of "
+        "that. The cut MLP sections cost ~20 µs each whatever they keep (their extra launches), ~0.50 ms of the "
+        "2.75 ms step (the profiled replay's timing events add a few µs a section).")
+    assert speed_reading(large, {"mlp": {"fixed_ms": None}}).endswith("77% of that.")
+    assert speed_reading({**large, "floor_ms": None}, costs) is None

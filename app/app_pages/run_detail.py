@@ -76,6 +76,9 @@ else:
         col.metric(f"{row.device_name} · {row.dtype} · context {row.context_tokens}",
                    f"{row.ms_per_token:.3f} ms/token",
                    f"{row.speedup:.2f}× dense ({row.dense_ms_per_token:.3f} ms)", delta_color="off", delta_arrow="off")
+    reading = data.speed_reading(speed.iloc[0].to_dict(), sections["costs"])  # the first GPU's shortest context
+    if reading:
+        st.caption(reading)
     if sections["layers"]:
         by_layer = pd.DataFrame(sections["layers"]).set_index("layer")
         times = by_layer[["qkv_ms", "attention_ms", "mlp_ms"]].T.rename(
