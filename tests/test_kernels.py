@@ -14,7 +14,6 @@ DENSITIES = [0.0, 0.1, 0.5, 0.9, 1.0]
 # small shapes too, where the default shape gives every program one tile.
 DESIGNS = {
     "list": {"RANA_MASKED_PRODUCT": "list"},
-    "list, slot shares": {"RANA_MASKED_PRODUCT": "list", "RANA_GATHER_SLOTS": "1"},
     "wide": {"RANA_MASKED_PRODUCT": "wide"},
     "wide, small tiles": {"RANA_MASKED_PRODUCT": "wide", "RANA_WIDE_CONFIG": "16,4,1,1,8"},
 }
@@ -112,7 +111,7 @@ def test_interpreted_kernel_matches_float64_on_small_shapes(density, with_scale,
                     buffer.fill_(float("nan"))
             check(K, M, torch.float32, "cpu", density, with_scale, generator)
     # which kernels ran: small tiles give programs of 1-2 tiles (unrolled) and of 5-8 (the loop kernel)
-    assert launched == {"list": set(), "list, slot shares": set(), "wide": {"_wide_kernel"},
+    assert launched == {"list": set(), "wide": {"_wide_kernel"},
                         "wide, small tiles": {"_wide_kernel", "_wide_loop_kernel"}}[design]
 
 
@@ -141,7 +140,7 @@ def test_batches_use_the_dense_product_of_masked_coefficients():
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("K, M, with_scale", [(4096, 11008, False), (11008, 4096, True), (3440, 12288, False),
                                               (1536, 576, True)])
-@pytest.mark.parametrize("design", ["list", "list, slot shares", "wide"])
+@pytest.mark.parametrize("design", ["list", "wide"])
 def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_scale, design, monkeypatch):
     use_design(design, monkeypatch)
     generator = torch.Generator().manual_seed(K + M)
@@ -151,42 +150,20 @@ def test_gpu_kernel_matches_float64_at_model_sizes(dtype, density, K, M, with_sc
 
 @pytest.mark.parametrize("density", [0.0, 0.2, 0.7, 1.0])
 @pytest.mark.parametrize("via", ["constants", "RANA_GATHER_CONFIG"])
-@pytest.mark.parametrize("slots", ["0", "1"], ids=["position shares", "slot shares"])
-def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density, via, slots):
+def test_lists_compacted_in_several_chunks_read_as_one(monkeypatch, density, via):
     """With chunks of 16 coefficients, a list of 100 rows is written by 7 compaction programs and read back
     across chunk boundaries by gather programs whose shares straddle them (set by the module's constants, or by
     the bench's override with narrower column blocks and one warp), in steps of 8 rows: a share takes several
-    steps, each loading the next step's entries. With slot shares (RANA_GATHER_SLOTS) each program reads 8 slots
-    of one chunk, most past its count: the list buffers are poisoned between two calls (NaN coefficients, rows
-    far outside the matrix), and no slot past a count may be read."""
+    steps, each loading the next step's entries."""
     from rana_core.decode import masked_kernels as kernels
-    from rana_core.decode.launch import _BUFFERS
 
     monkeypatch.setenv("RANA_MASKED_PRODUCT", "list")  # small products take the wide design by default
-    monkeypatch.setenv("RANA_GATHER_SLOTS", slots)
     if via == "constants":
         monkeypatch.setattr(kernels, "COMPACT_CHUNK", 16)
         monkeypatch.setattr(kernels, "BLOCK_K", 8)
     else:
         monkeypatch.setenv("RANA_GATHER_CONFIG", "16-8-1-1-8-16")
-    generator = torch.Generator().manual_seed(int(density * 10))
-    check(100, 48, torch.float32, "cpu", density, True, generator)
-    for (name, *_), buffer in _BUFFERS.items():
-        if name in ("index", "value"):
-            buffer.fill_(float("nan") if buffer.is_floating_point() else 10**6)
-    check(100, 48, torch.float32, "cpu", density, True, generator)
-
-
-def test_slot_shares_read_their_variable(monkeypatch):
-    from rana_core.decode.masked_kernels import _list_splits, slot_shares
-
-    monkeypatch.delenv("RANA_GATHER_SLOTS", raising=False)
-    assert not slot_shares()  # off by default
-    monkeypatch.setenv("RANA_GATHER_SLOTS", "1")
-    assert slot_shares() and _list_splits(3082, 11008, 2, torch.device("cpu")) == 25  # one per 128 slots
-    monkeypatch.setenv("RANA_GATHER_SLOTS", "yes")
-    with pytest.raises(ValueError, match="RANA_GATHER_SLOTS=yes: expected 0 or 1"):
-        slot_shares()
+    check(100, 48, torch.float32, "cpu", density, True, torch.Generator().manual_seed(int(density * 10)))
 
 
 def test_gather_config_override_is_checked(monkeypatch):

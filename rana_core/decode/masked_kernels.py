@@ -57,23 +57,10 @@ def gather_config() -> tuple[int, int, int, int, int, int]:
     return (*values, COMPACT_CHUNK) if len(values) == 5 else values
 
 
-def slot_shares() -> bool:
-    """RANA_GATHER_SLOTS=1: a gather program takes BLOCK_K *slots* of the chunked list rather than an equal share of
-    its positions, so it loads its entries with its chunk's count (one round trip, not two: the share of positions
-    needs the counts first) and the programs past a chunk's count store zeros. Read at each launch (A/B'd by
-    bench/engine_ab.py)."""
-    text = os.environ.get("RANA_GATHER_SLOTS", "0")
-    if text not in ("0", "1"):
-        raise ValueError(f"RANA_GATHER_SLOTS={text}: expected 0 or 1")
-    return text == "1"
-
-
 def _list_splits(K: int, M: int, groups: int, device: torch.device, share: int = 1) -> int:
     """Gather programs per (column block, group): enough to fill the GPU (1/share of it), never more than the list
-    can feed; with slot shares one per BLOCK_K slots of the list."""
+    can feed."""
     block_m, block_k, _, _, per_sm, _ = gather_config()
-    if slot_shares():
-        return math.ceil(K / block_k)
     programs = math.ceil(M / block_m) * groups
     return max(1, min(math.ceil(K / block_k), math.ceil(per_sm * multiprocessors(device) / share / programs)))
 
@@ -223,44 +210,16 @@ if triton is not None:
         tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, acc, mask=m_ok)
 
     @triton.jit
-    def gather_slots(pid_m, pid_s, g, rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
-                     SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_K: tl.constexpr,
-                     BLOCK_M: tl.constexpr, WIDE: tl.constexpr):
-        """Columns pid_m·BLOCK_M… of Σ value·rows[index] over slots pid_s·BLOCK_K… of group g's chunked list (a
-        chunk's first `count` slots hold its entries; CHUNK a multiple of BLOCK_K, or one chunk), into
-        partial[g, pid_s, :]. The entries load beside their chunk's count, and the slots past it are masked."""
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < M
-        slot = pid_s * BLOCK_K + tl.arange(0, BLOCK_K)
-        chunk = (pid_s * BLOCK_K) // CHUNK
-        count = tl.load(count_ptr + g * CHUNKS + chunk, cache_modifier=".cg")
-        row = tl.load(index_ptr + g * K + slot, mask=slot < K, other=0, cache_modifier=".cg")
-        c = tl.load(value_ptr + g * K + slot, mask=slot < K, other=0.0, cache_modifier=".cg")
-        j_ok = (slot < K) & (slot - chunk * CHUNK < count)
-        c = tl.where(j_ok, c, 0.0)  # a slot past the count holds an earlier token's entry, or never-written bits
-        if WIDE:
-            row = row.to(tl.int64)
-        tile = tl.load(rows_ptr + g * K * stride_k + row[:, None] * stride_k + offs_m[None, :],
-                       mask=j_ok[:, None] & m_ok[None, :], other=0.0)
-        tl.store(partial_ptr + (g * SPLITS + pid_s) * M + offs_m, tl.sum(tile.to(tl.float32) * c[:, None], axis=0),
-                 mask=m_ok)
-
-    @triton.jit
     def _gather_kernel(rows_ptr, index_ptr, value_ptr, count_ptr, partial_ptr, K, M, stride_k,
                        SPLITS: tl.constexpr, CHUNKS: tl.constexpr, CHUNKS_P2: tl.constexpr, CHUNK: tl.constexpr,
                        BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, WIDE: tl.constexpr, INTERPRET: tl.constexpr,
-                       SLOTS: tl.constexpr, PDL: tl.constexpr):
-        """Program (m, s, g): gather_share, or with SLOTS gather_slots. (Session 13 let the last program of each
-        column block also sum the partials, saving the reduction launch; timed in session 14, ±0.5% on a step:
-        removed.)"""
+                       PDL: tl.constexpr):
+        """Program (m, s, g): gather_share. (Session 13 let the last program of each column block also sum the
+        partials, saving the reduction launch; timed in session 14, ±0.5% on a step: removed.)"""
         await_inputs(PDL)
-        if SLOTS:
-            gather_slots(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
-                         count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNK, BLOCK_K, BLOCK_M, WIDE)
-        else:
-            gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
-                         count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K,
-                         BLOCK_M, WIDE, INTERPRET)
+        gather_share(tl.program_id(0), tl.program_id(1), tl.program_id(2), rows_ptr, index_ptr, value_ptr,
+                     count_ptr, partial_ptr, K, M, stride_k, SPLITS, CHUNKS, CHUNKS_P2, CHUNK, BLOCK_K, BLOCK_M,
+                     WIDE, INTERPRET)
 
     @triton.jit
     def _reduce_kernel(partial_ptr, out_ptr, M, res_in_ptr, sums_ptr, SPLITS: tl.constexpr, SPLITS_P2: tl.constexpr,
@@ -372,16 +331,13 @@ def gather_list(rows: torch.Tensor, lists: tuple, share: int = 1, partial: torch
     M = rows.shape[1]
     block_m, block_k, warps, stages, _, _ = gather_config()
     splits = _list_splits(K, M, groups, rows.device, share)
-    slots = slot_shares()
-    if slots and chunks > 1 and chunk % block_k:
-        raise ValueError(f"slot shares need compaction chunks of whole gather steps: {chunk} by {block_k}")
     if partial is None:
         partial = work_buffer("partial" + tag, groups * splits * M, torch.float32, rows.device)
     p = pdl(rows)
     _gather_kernel[(math.ceil(M / block_m), splits, groups)](
         rows, index, value, count, partial, K, M, rows.stride(0), SPLITS=splits, CHUNKS=chunks,
         CHUNKS_P2=triton.next_power_of_2(chunks), CHUNK=chunk, BLOCK_K=block_k, BLOCK_M=block_m,
-        WIDE=rows.shape[0] * rows.stride(0) >= 2**31, INTERPRET=interpreting(), SLOTS=slots, PDL=p,
+        WIDE=rows.shape[0] * rows.stride(0) >= 2**31, INTERPRET=interpreting(), PDL=p,
         num_warps=warps, num_stages=stages, launch_pdl=p)
     return partial, splits
 
