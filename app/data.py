@@ -279,6 +279,9 @@ def speed_reading(row: dict, costs: dict | None) -> str | None:
     speedup = row["dense_ms_per_token"] / row["ms_per_token"]
     allowed = dense_floor / floor
     dense_over = row["dense_ms_per_token"] / dense_floor
+    if allowed <= 1:
+        return (f"This run reads {1 / allowed:.0%} of dense's bytes a step (its adapters' factors outweigh what its "
+                f"masks skip), so its bytes allow no speedup; it decodes at {speedup:.2f}× dense.")
     if dense_over >= LAUNCH_BOUND:
         return (f"Dense decodes at {dense_over:.1f}× its bandwidth floor on this GPU: a step of this model waits on "
                 f"kernel launches, not on its weights' bytes. The {1 - 1 / allowed:.0%} of the bytes this run's masks "
@@ -288,7 +291,7 @@ def speed_reading(row: dict, costs: dict | None) -> str | None:
     text = (f"The masks leave {1 / allowed:.0%} of dense's bytes to read, so at most {allowed:.2f}× dense; the run "
             f"decodes at {speedup:.2f}×, {speedup / allowed:.0%} of that.")
     mlp = (costs or {}).get("mlp") or {}
-    if mlp.get("fixed_ms") and mlp.get("cut_layers"):
+    if (mlp.get("fixed_ms") or 0) > 0 and mlp.get("cut_layers"):  # a fitted line through 0 or below says nothing
         text += (f" The cut MLP sections cost ~{1e3 * mlp['fixed_ms']:.0f} µs each whatever they keep (their extra "
                  f"launches), ~{mlp['fixed_ms'] * mlp['cut_layers']:.2f} ms of the {row['ms_per_token']:.2f} ms step "
                  f"(the profiled replay's timing events add a few µs a section).")

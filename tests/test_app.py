@@ -695,4 +695,9 @@ def test_the_speed_reading_says_whether_a_step_waits_on_launches_or_on_bytes():
         "that. The cut MLP sections cost ~20 µs each whatever they keep (their extra launches), ~0.50 ms of the "
         "2.75 ms step (the profiled replay's timing events add a few µs a section).")
     assert speed_reading(large, {"mlp": {"fixed_ms": None}}).endswith("77% of that.")
+    assert speed_reading(large, {"mlp": {"fixed_ms": -0.002, "cut_layers": 25}}).endswith("77% of that.")
+    more_bytes = {**large, "floor_ms": 3.5}  # factors heavier than the masks' savings (a static low rank, say)
+    assert speed_reading(more_bytes, costs) == (
+        "This run reads 111% of dense's bytes a step (its adapters' factors outweigh what its masks skip), so its "
+        "bytes allow no speedup; it decodes at 1.28× dense.")
     assert speed_reading({**large, "floor_ms": None}, costs) is None
