@@ -680,7 +680,7 @@ def test_a_viewer_gets_no_form_and_a_runner_cannot_cancel_an_admins_job(team_mod
 def test_the_speed_reading_says_whether_a_step_waits_on_launches_or_on_bytes():
     """A SmolLM2-like measurement (dense far above its floor) is read as launch-bound, slower than dense; a
     7B-like one by the bytes its masks leave and the cut MLP sections' fixed cost; none without floors."""
-    from app.data import speed_reading
+    from app.readings import speed_reading
 
     small = {"ms_per_token": 0.4626, "dense_ms_per_token": 0.4057, "floor_ms": 0.04, "dense_floor_ms": 0.08}
     assert speed_reading(small, None) == (

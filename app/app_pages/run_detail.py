@@ -6,7 +6,7 @@ run's LoRA recoveries (per-layer ranks by strategy, perplexity before and after)
 import pandas as pd
 import streamlit as st
 
-from app import charts, data
+from app import charts, data, readings
 
 data.page("Run detail")
 
@@ -76,7 +76,7 @@ else:
         col.metric(f"{row.device_name} · {row.dtype} · context {row.context_tokens}",
                    f"{row.ms_per_token:.3f} ms/token",
                    f"{row.speedup:.2f}× dense ({row.dense_ms_per_token:.3f} ms)", delta_color="off", delta_arrow="off")
-    reading = data.speed_reading(speed.iloc[0].to_dict(), sections["costs"])  # the first GPU's shortest context
+    reading = readings.speed_reading(speed.iloc[0].to_dict(), sections["costs"])  # the first GPU's shortest context
     if reading:
         st.caption(reading)
     if sections["layers"]:
