@@ -18,15 +18,16 @@ def speed_reading(row: dict, costs: dict | None) -> str | None:
     allowed = dense_floor / floor
     dense_over = row["dense_ms_per_token"] / dense_floor
     if allowed <= 1:
-        return (f"This run reads {1 / allowed:.0%} of dense's bytes a step (its adapters' factors outweigh what its "
-                f"masks skip), so its bytes allow no speedup; it decodes at {speedup:.2f}× dense.")
+        return (f"This run reads {1 / allowed:.0%} of dense's bytes a step (its factors outweigh what its masks "
+                f"skip), so its bytes allow no speedup; it decodes at {speedup:.2f}× dense.")
     if dense_over >= LAUNCH_BOUND:
         return (f"Dense decodes at {dense_over:.1f}× its bandwidth floor on this GPU: a step of this model waits on "
-                f"kernel launches, not on its weights' bytes. The {1 - 1 / allowed:.0%} of the bytes this run's masks "
-                f"leave unread buy little there, and its masked sections' extra launches cost more: "
-                f"{speedup:.2f}× dense{' (slower)' if speedup < 1 else ''}. A cut pays in speed where dense runs near "
-                f"its floor: on larger models.")
-    text = (f"The masks leave {1 / allowed:.0%} of dense's bytes to read, so at most {allowed:.2f}× dense; the run "
+                f"kernel launches, not on its weights' bytes. The {1 - 1 / allowed:.0%} of the bytes this run leaves "
+                f"unread buy little there"
+                + (f", and its adapted sections' extra launches cost more: {speedup:.2f}× dense (slower)."
+                   if speedup < 1 else f": {speedup:.2f}× dense.")
+                + " A cut pays in speed where dense runs near its floor: on larger models.")
+    text = (f"The run reads {1 / allowed:.0%} of dense's bytes a step, so at most {allowed:.2f}× dense; it "
             f"decodes at {speedup:.2f}×, {speedup / allowed:.0%} of that.")
     mlp = (costs or {}).get("mlp") or {}
     if (mlp.get("fixed_ms") or 0) > 0 and mlp.get("cut_layers"):  # a fitted line through 0 or below says nothing

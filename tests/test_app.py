@@ -685,19 +685,21 @@ def test_the_speed_reading_says_whether_a_step_waits_on_launches_or_on_bytes():
     small = {"ms_per_token": 0.4626, "dense_ms_per_token": 0.4057, "floor_ms": 0.04, "dense_floor_ms": 0.08}
     assert speed_reading(small, None) == (
         "Dense decodes at 5.1× its bandwidth floor on this GPU: a step of this model waits on kernel launches, not "
-        "on its weights' bytes. The 50% of the bytes this run's masks leave unread buy little there, and its masked "
+        "on its weights' bytes. The 50% of the bytes this run leaves unread buy little there, and its adapted "
         "sections' extra launches cost more: 0.88× dense (slower). A cut pays in speed where dense runs near its "
         "floor: on larger models.")
+    assert speed_reading({**small, "ms_per_token": 0.4}, None).split(". ")[1] == (
+        "The 50% of the bytes this run leaves unread buy little there: 1.01× dense")
     large = {"ms_per_token": 2.746, "dense_ms_per_token": 3.515, "floor_ms": 1.9, "dense_floor_ms": 3.153}
     costs = {"mlp": {"fixed_ms": 0.02, "cut_layers": 25}, "qkv": {"fixed_ms": None, "cut_layers": 0}}
     assert speed_reading(large, costs) == (
-        "The masks leave 60% of dense's bytes to read, so at most 1.66× dense; the run decodes at 1.28×, 77% of "
+        "The run reads 60% of dense's bytes a step, so at most 1.66× dense; it decodes at 1.28×, 77% of "
         "that. The cut MLP sections cost ~20 µs each whatever they keep (their extra launches), ~0.50 ms of the "
         "2.75 ms step (the profiled replay's timing events add a few µs a section).")
     assert speed_reading(large, {"mlp": {"fixed_ms": None}}).endswith("77% of that.")
     assert speed_reading(large, {"mlp": {"fixed_ms": -0.002, "cut_layers": 25}}).endswith("77% of that.")
     more_bytes = {**large, "floor_ms": 3.5}  # factors heavier than the masks' savings (a static low rank, say)
     assert speed_reading(more_bytes, costs) == (
-        "This run reads 111% of dense's bytes a step (its adapters' factors outweigh what its masks skip), so its "
+        "This run reads 111% of dense's bytes a step (its factors outweigh what its masks skip), so its "
         "bytes allow no speedup; it decodes at 1.28× dense.")
     assert speed_reading({**large, "floor_ms": None}, costs) is None
