@@ -267,6 +267,29 @@ def run_speed(db_url: str, run_id: int) -> tuple[pd.DataFrame, dict]:
 
 
 
+@st.cache_data(ttl=5, show_spinner=False)
+def model_speed_history(db_url: str, model: str) -> list[dict]:
+    """What the stored runs of `model` measured of decode speed, per GPU: dense's time over its bandwidth floor
+    (the median over measurements that stored a floor; None if none did) and the fastest run against dense, with
+    its method, budget and context."""
+    with session_scope(db_url) as session:
+        rows = session.execute(select(LatencyResult.device_name, LatencyResult.context_tokens,
+                                      LatencyResult.ms_per_token, LatencyResult.dense_ms_per_token,
+                                      LatencyResult.shapes, Run.method, Run.target_flop_reduction)
+                               .join(Run, Run.id == LatencyResult.run_id)
+                               .where(Run.model == model, LatencyResult.dense_ms_per_token.is_not(None))).all()
+    history = []
+    for device in sorted({row.device_name for row in rows}):
+        mine = [row for row in rows if row.device_name == device]
+        over = [row.dense_ms_per_token / row.shapes["dense_floor_ms"] for row in mine
+                if (row.shapes or {}).get("dense_floor_ms")]
+        best = max(mine, key=lambda row: row.dense_ms_per_token / row.ms_per_token)
+        history.append({"device_name": device, "dense_over_floor": float(pd.Series(over).median()) if over else None,
+                        "best_speedup": best.dense_ms_per_token / best.ms_per_token, "best_method": best.method,
+                        "best_budget": best.target_flop_reduction, "best_context": best.context_tokens})
+    return history
+
+
 BATCH_COLUMNS = ["series", "batch", "tokens_per_s", "dense_tokens_per_s"]
 
 

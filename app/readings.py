@@ -35,3 +35,19 @@ def speed_reading(row: dict, costs: dict | None) -> str | None:
                  f"launches), ~{mlp['fixed_ms'] * mlp['cut_layers']:.2f} ms of the {row['ms_per_token']:.2f} ms step "
                  f"(the profiled replay's timing events add a few µs a section).")
     return text
+
+
+def prior_speed(model: str, history: list[dict]) -> str | None:
+    """What the decode speed measured before on `model` (data.model_speed_history) says about a new run's, one
+    sentence a GPU; None where nothing was measured."""
+    sentences = []
+    for h in history:
+        text = f"On {h['device_name']}"
+        if h["dense_over_floor"] is not None:
+            text += f", dense {model} decoded at {h['dense_over_floor']:.1f}× its bandwidth floor"
+            if h["dense_over_floor"] >= LAUNCH_BOUND:
+                text += " (a step waits on kernel launches: expect little or no speedup from a cut)"
+            text += ";"
+        sentences.append(f"{text} the fastest run measured so far decodes at {h['best_speedup']:.2f}× dense "
+                         f"({h['best_method']} at {h['best_budget']:.2f}, context {h['best_context']}).")
+    return " ".join(sentences) or None

@@ -703,3 +703,43 @@ def test_the_speed_reading_says_whether_a_step_waits_on_launches_or_on_bytes():
         "This run reads 111% of dense's bytes a step (its factors outweigh what its masks skip), so its "
         "bytes allow no speedup; it decodes at 1.28× dense.")
     assert speed_reading({**large, "floor_ms": None}, costs) is None
+
+
+def test_new_run_says_what_decode_speed_was_measured_before_on_the_chosen_model(seeded):
+    """Two measurements of SmolLM2 runs on one GPU (as a worker stores them): the new-run page names dense's
+    median time over its floor and the fastest run, for that model only; nothing for a model never measured."""
+    from db.models import Run
+    from jobs.results import store_run_latency
+
+    with session_scope() as session:
+        run_ids = {(r.model, r.method, r.target_flop_reduction): r.id for r in session.query(Run)}
+    for (method, budget), (ms, dense_ms) in {("svd", 0.3): (0.46, 0.40), ("rana", 0.3): (0.39, 0.41)}.items():
+        report = {"device_name": "NVIDIA H200", "dtype": "bfloat16", "engine": "graphs+triton",
+                  "measured_flop_reduction": budget, "copy_bandwidth_gbs": 4270.0, "head_ms": None,
+                  "rows": [{"context_tokens": 1, "new_tokens": 128, "ms_per_token": ms, "dense_ms_per_token": dense_ms,
+                            "floor_ms": 0.05, "dense_floor_ms": 0.0625}], "layers": [], "section_costs": None}
+        with session_scope() as session:
+            store_run_latency(session, run_ids[("smollm2-135m", method, budget)], report)
+    at = run_page("new_run.py")
+    at.selectbox(key="new_run_model").set_value("smollm2-135m").run()
+    # dense over its floor: 0.40 / 0.0625 = 6.4 and 0.41 / 0.0625 = 6.56, median 6.48; fastest 0.41 / 0.39
+    assert [c.value for c in at.caption if c.value.startswith("Decode speed measured before")] == [
+        "Decode speed measured before on this model. On NVIDIA H200, dense smollm2-135m decoded at 6.5× its "
+        "bandwidth floor (a step waits on kernel launches: expect little or no speedup from a cut); the fastest run "
+        "measured so far decodes at 1.05× dense (rana at 0.30, context 1)."]
+    at.selectbox(key="new_run_model").set_value("tiny").run()
+    assert not [c for c in at.caption if c.value.startswith("Decode speed measured before")]
+
+
+def test_prior_speed_without_floors_names_only_the_fastest_run():
+    from app.readings import prior_speed
+
+    history = [{"device_name": "NVIDIA H100", "dense_over_floor": None, "best_speedup": 1.3, "best_method": "hybrid",
+                "best_budget": 0.44, "best_context": 512},
+               {"device_name": "NVIDIA H200", "dense_over_floor": 1.12, "best_speedup": 1.32,
+                "best_method": "rana-greedy", "best_budget": 0.44, "best_context": 1}]
+    assert prior_speed("llama", history) == (
+        "On NVIDIA H100 the fastest run measured so far decodes at 1.30× dense (hybrid at 0.44, context 512). On "
+        "NVIDIA H200, dense llama decoded at 1.1× its bandwidth floor; the fastest run measured so far decodes at "
+        "1.32× dense (rana-greedy at 0.44, context 1).")
+    assert prior_speed("llama", []) is None

@@ -4,7 +4,7 @@ anything is queued: a bad request is one message and no row."""
 import numpy as np
 import streamlit as st
 
-from app import auth, data
+from app import auth, data, readings
 
 data.page("New run")
 me = auth.actor()  # team mode: the signed-in user, who queues under their own name
@@ -60,6 +60,10 @@ tasks = left.text_input("Accuracy on tasks (optional)", key="new_run_tasks", pla
                         help="cloze: last words of held-out Brown sentences; or multiple-choice JSON-lines files "
                              "({context, choices, gold}) the worker can read. Adapted and dense are both scored.")
 speed = right.checkbox("Then measure each run's decode speed (a GPU worker)", key="new_run_speed")
+chosen = model_other.strip() if model_choice == OTHER else model_choice
+measured_before = readings.prior_speed(chosen, data.model_speed_history(data.url(), chosen)) if chosen else None
+if measured_before:
+    st.caption("Decode speed measured before on this model. " + measured_before)
 left, right = st.columns(2)
 corpus = left.text_input("Calibration text", "brown", key="new_run_corpus",
                          help="its training split sets the adapters: brown (bundled), a .txt/.jsonl/.json/.csv/"
