@@ -266,7 +266,6 @@ def run_speed(db_url: str, run_id: int) -> tuple[pd.DataFrame, dict]:
         "layers": layers or [], "costs": (shapes or {}).get("section_costs"), "context": context}
 
 
-
 @st.cache_data(ttl=5, show_spinner=False)
 def model_speed_history(db_url: str, model: str) -> list[dict]:
     """What the stored runs of `model` measured of decode speed, per GPU: dense's time over its bandwidth floor
