@@ -5,6 +5,8 @@ Reads go through SQLAlchemy here; writes (enqueueing) go through `jobs.queue`, n
 
 from __future__ import annotations
 
+import statistics
+
 import pandas as pd
 import streamlit as st
 from sqlalchemy import select
@@ -254,14 +256,16 @@ def run_speed(db_url: str, run_id: int) -> tuple[pd.DataFrame, dict]:
     rows = frame[frame["run_id"] == run_id].sort_values("created_at")
     latest = rows.drop_duplicates(["device_name", "dtype", "context_tokens"], keep="last")
     with session_scope(db_url) as session:
-        stored = session.execute(select(LatencyResult.device_name, LatencyResult.dtype, LatencyResult.context_tokens,
-                                        LatencyResult.shapes, LatencyResult.layers)
+        stored = session.execute(select(LatencyResult.id, LatencyResult.device_name, LatencyResult.dtype,
+                                        LatencyResult.context_tokens, LatencyResult.shapes)
                                  .where(LatencyResult.run_id == run_id).order_by(LatencyResult.id)).all()
-    shapes_of = {(device, dtype, context): shapes or {} for device, dtype, context, shapes, _ in stored}  # last wins
+        # every row of a measurement repeats its sections: only the last row's are read
+        layers = session.get(LatencyResult, stored[-1].id).layers if stored else None
+    shapes_of = {(device, dtype, context): shapes or {} for _, device, dtype, context, shapes in stored}  # last wins
     keys = list(zip(latest["device_name"], latest["dtype"], latest["context_tokens"]))
     latest = latest.assign(**{column: [shapes_of.get(key, {}).get(column) for key in keys]
                               for column in ("floor_ms", "dense_floor_ms")})
-    _, _, context, shapes, layers = stored[-1] if stored else (None, None, None, None, None)
+    _, _, _, context, shapes = stored[-1] if stored else (None, None, None, None, None)
     return latest.sort_values(["device_name", "context_tokens"]), {
         "layers": layers or [], "costs": (shapes or {}).get("section_costs"), "context": context}
 
@@ -283,7 +287,7 @@ def model_speed_history(db_url: str, model: str) -> list[dict]:
         over = [row.dense_ms_per_token / row.shapes["dense_floor_ms"] for row in mine
                 if (row.shapes or {}).get("dense_floor_ms")]
         best = max(mine, key=lambda row: row.dense_ms_per_token / row.ms_per_token)
-        history.append({"device_name": device, "dense_over_floor": float(pd.Series(over).median()) if over else None,
+        history.append({"device_name": device, "dense_over_floor": statistics.median(over) if over else None,
                         "best_speedup": best.dense_ms_per_token / best.ms_per_token, "best_method": best.method,
                         "best_budget": best.target_flop_reduction, "best_context": best.context_tokens})
     return history
